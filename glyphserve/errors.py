@@ -88,3 +88,10 @@ class NotFoundError(GlyphserveError):
 class QueueFullError(GlyphserveError):
     http_status = 429
     code = "queue_full"
+
+
+class RemoteBackendError(GlyphserveError):
+    """A remote OpenAI-compatible server could not be reached, timed out, or refused the request."""
+
+    http_status = 502
+    code = "backend_error"

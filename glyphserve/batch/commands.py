@@ -1,0 +1,118 @@
+"""``glyphserve batch``: answer a list of questions about every document of a folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "batch",
+        help="answer questions about many documents, resumably, into a JSONL file",
+        description=(
+            "Answer questions about every document of a folder, a glob or a JSONL manifest "
+            '({"id", "path" or "text", "questions": [...]} per line). Results are appended to '
+            "OUTPUT as they finish; rerunning with the same OUTPUT skips what is done."
+        ),
+    )
+    parser.add_argument("input", metavar="INPUT", help="a folder, a glob (quote it), a file, or a .jsonl manifest")
+    parser.add_argument("--questions", metavar="FILE",
+                        help="questions for every document: one per line, or a JSON list")
+    parser.add_argument("-o", "--output", required=True, metavar="RESULTS.jsonl", help="results file (appended to)")
+
+    engine = parser.add_argument_group("engine")
+    source = engine.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint directory or Hugging Face id (e.g. zai-org/Glyph)")
+    source.add_argument("--random-weights", choices=["glm-4.1v-9b"],
+                        help="full-size architecture with random weights (benchmarks)")
+    engine.add_argument("--backend", choices=("local", "openai"), default="local",
+                        help="local: load the model here; openai: send requests to --endpoint servers")
+    engine.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                        help="OpenAI-compatible server (vLLM, SGLang, glyphserve serve); repeat to spread the load")
+    engine.add_argument("--remote-model", metavar="NAME",
+                        help="model name sent to the servers (default: from /v1/models)")
+    engine.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                        help="bearer token for the servers (default: $OPENAI_API_KEY)")
+    engine.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                        help="weights dtype (auto: bfloat16 on GPU)")
+    engine.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    engine.add_argument("--no-cache", action="store_true",
+                        help="bypass the engine's vision and prefix caches (by default a document's questions "
+                             "share one vision encode and the document prefix)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=4, metavar="N",
+                     help="questions answered together (halved automatically on GPU out-of-memory); default 4")
+    run.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
+    run.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)), metavar="N",
+                     help="render processes working ahead of the model (0: render in this process)")
+    run.add_argument("--prefetch", type=int, metavar="N",
+                     help="documents rendered ahead (default 2 x batch size + workers)")
+    run.add_argument("--truncate-pages", action="store_true",
+                     help="read the first pages that fit the model's context instead of failing long documents")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="also retry items recorded with an error (server-side errors are always retried)")
+
+    render = parser.add_argument_group("rendering")
+    render.add_argument("--preset", default="auto", help="glyph-en, glyph-zh, or auto (by the text's script)")
+    render.add_argument("--dpi", type=float, help="override the preset's DPI")
+    render.add_argument("--newline", help="override the preset's newline markup")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from glyphserve.batch.inputs import collect_documents, load_questions
+    from glyphserve.batch.prefetch import RenderOptions
+    from glyphserve.batch.results import ResultLog
+    from glyphserve.batch.runner import BatchOptions, BatchRunner
+    from glyphserve.render import resolve_config
+
+    resolve_config("", args.preset, dpi=args.dpi, newline=args.newline)  # bad settings fail now, not per document
+    options = BatchOptions(
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        workers=args.workers,
+        prefetch=args.prefetch,
+        use_cache=not args.no_cache,
+        truncate_pages=args.truncate_pages,
+        render=RenderOptions(preset=args.preset, dpi=args.dpi, newline=args.newline),
+    )
+    load_engine = engine_loader(args, max_batch_size=args.batch_size)
+    documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None)
+    with ResultLog(args.output, retry_failed=args.retry_failed) as log:
+        if log.torn_bytes:
+            print(f"batch: removed a torn last line ({log.torn_bytes} bytes) from {log.path}", file=sys.stderr)
+        if log.retrying:
+            print(f"batch: retrying {log.retrying} questions that failed last time", file=sys.stderr)
+        summary = BatchRunner(load_engine, log, options).run(documents)
+    print(summary.text())
+    return 130 if summary.interrupted else 1 if summary.stopped else 0
+
+
+def engine_loader(args: argparse.Namespace, *, max_batch_size: int):
+    """A function that loads the engine the arguments ask for (checked now, loaded later)."""
+    from glyphserve.errors import ConfigError
+
+    if args.backend == "openai":
+        if not args.endpoint:
+            raise ConfigError("--backend openai needs at least one --endpoint URL")
+        if args.model or args.random_weights:
+            raise ConfigError("--model/--random-weights are for --backend local; the servers choose their model")
+        from glyphserve.engine.remote import RemoteConfig, RemoteEngine
+
+        config = RemoteConfig(args.endpoint, model=args.remote_model, api_key=args.api_key,
+                              max_concurrency=max(16, max_batch_size))
+        return lambda: RemoteEngine.load(config)
+    if args.endpoint:
+        raise ConfigError("--endpoint needs --backend openai")
+    if not (args.model or args.random_weights):
+        raise ConfigError(
+            "choose a model: --model PATH_OR_ID, --random-weights glm-4.1v-9b, or --backend openai --endpoint URL"
+        )
+    from glyphserve.engine import Engine, EngineConfig
+
+    config = EngineConfig(model=args.model, random_weights=args.random_weights, dtype=args.dtype,
+                          device=args.device, max_batch_size=max_batch_size)
+    return lambda: Engine.load(config)

@@ -1,0 +1,119 @@
+"""The results file: one JSON line per (document, question), durable and resumable.
+
+Each line is flushed and fsynced as soon as it is written, so a crash loses at most the
+items in flight. Reopening the file finds what is already done; a line torn by a crash
+mid-write is cut off, and failures that may pass on a retry (server-side errors such as
+out-of-memory, or every failure with ``retry_failed``) are dropped so they run again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from glyphserve.errors import ConfigError
+
+Key = tuple[str, str]
+
+
+def record_key(record: dict[str, Any]) -> Key:
+    return (record["id"], record["question"])
+
+
+class ResultLog:
+    """Append-only JSONL writer holding an exclusive lock on the file while open."""
+
+    def __init__(self, path: str | Path, *, retry_failed: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = _open_locked(self.path)
+        self.done: dict[Key, dict[str, Any]] = {}
+        self.torn_bytes = 0
+        self.retrying = 0
+        self._load(retry_failed)
+
+    def _load(self, retry_failed: bool) -> None:
+        self._file.seek(0)
+        data = self._file.read()
+        complete, _, tail = data.rpartition(b"\n")
+        self.torn_bytes = len(tail)
+        kept: list[bytes] = []
+        rewrite = False
+        for line in complete.split(b"\n") if complete else []:
+            record = _parse(line)
+            if record is None or (record.get("error") and (retry_failed or record["error"].get("retryable"))):
+                rewrite = True
+                self.retrying += record is not None
+                continue
+            kept.append(line)
+            self.done[record_key(record)] = record
+        if rewrite:
+            self._rewrite(kept)
+        elif tail:
+            os.ftruncate(self._file.fileno(), len(data) - len(tail))
+            os.fsync(self._file.fileno())
+
+    def _rewrite(self, lines: list[bytes]) -> None:
+        # Write a new file and rename it over the old one, so a crash leaves either.
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as out:
+            out.write(b"".join(line + b"\n" for line in lines))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._file.close()
+        self._file = _open_locked(self.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+        self._file.seek(0, os.SEEK_END)
+        self._file.write(line)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.done[record_key(record)] = record
+
+    def close(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+
+    def __enter__(self) -> ResultLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_locked(path: Path):
+    file = open(path, "a+b")  # noqa: SIM115 (closed by ResultLog.close)
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise ConfigError(f"{path} is being written by another batch run") from None
+    return file
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete, valid record of a results file (a torn last line is ignored)."""
+    data = Path(path).read_bytes()
+    complete = data.rpartition(b"\n")[0]
+    return [r for r in (_parse(line) for line in complete.split(b"\n") if line) if r is not None]
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("question"), str):
+        return record
+    return None

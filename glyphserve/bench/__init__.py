@@ -1,0 +1,1 @@
+"""Benchmarks: deterministic workloads and the drivers behind ``glyphserve bench``."""

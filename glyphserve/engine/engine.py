@@ -1,0 +1,531 @@
+"""The engine: rendered pages and a conversation in, streamed thinking and answer out."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from glyphserve.engine import loading
+from glyphserve.engine.caches import PrefixCache, PrefixEntry, VisionCache
+from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams, check_page, page_digests
+from glyphserve.engine.prompt import PromptBuilder, PromptTokens, conversation
+from glyphserve.engine.runner import LMRunner, VisionRunner
+from glyphserve.engine.textstream import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    IncrementalDecoder,
+    ReasoningParser,
+)
+from glyphserve.engine.tiny import STOP_TOKENS
+from glyphserve.engine.types import (
+    Answer,
+    AnswerRequest,
+    CacheReport,
+    EngineConfig,
+    GenerationSettings,
+    StageTimings,
+    StreamEvent,
+)
+from glyphserve.errors import ConfigError, ContextOverflowError, EngineOutOfMemoryError, GlyphserveError
+
+DEFAULT_MAX_CONTEXT = 32768
+GRAPH_BATCH_SIZES = (1, 2, 4, 8)
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request on its way through the engine."""
+
+    request: AnswerRequest
+    settings: GenerationSettings
+    pages: list[np.ndarray]
+    prompt: PromptTokens
+    positions: torch.Tensor  # [3, 1, L] M-RoPE positions of the whole prompt (CPU)
+    rope_delta: int
+    started: float
+    doc_key: str | None = None
+    digests: list[str] | None = None
+    prefix: PrefixEntry | None = None
+    features: list[torch.Tensor] | None = None
+    row: int = 0
+    cache_pos: int = 0  # next KV position a decode step writes for this row
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    timings: StageTimings = field(default_factory=StageTimings)
+    cache: CacheReport = field(default_factory=CacheReport)
+    decoder: IncrementalDecoder | None = None
+    parser: ReasoningParser = field(default_factory=ReasoningParser)
+    generator: torch.Generator | None = None
+    peak_gpu_bytes: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.settings.temperature <= 0
+
+
+class Engine:
+    """GLM-4.1V (Glyph) inference with vision-feature and document-prefix caches, static-cache decode and batching.
+
+    One request (or one batch) runs at a time; calls from several threads queue on a lock.
+    """
+
+    def __init__(self, loaded: loading.LoadedModel, config: EngineConfig):
+        self.config = config
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.name = loaded.name
+        mcfg = self.model.config
+        self.params = PreprocessParams.from_image_processor(loaded.image_processor)
+        self._vision_key_prefix = f"{self.name}|{self.dtype}|{self.params.fingerprint()}|"
+        self.preprocessor = PagePreprocessor(self.params, self.device, self.dtype)
+        self.prompts = PromptBuilder(
+            self.tokenizer, loaded.chat_template, mcfg.image_token_id, mcfg.image_end_token_id, self.params.merge_size
+        )
+        limit = mcfg.text_config.max_position_embeddings
+        self.max_context = min(config.max_context or min(limit, DEFAULT_MAX_CONTEXT), limit)
+        cuda = self.device.type == "cuda"
+        self.runner = LMRunner(
+            self.model,
+            config.max_batch_size,
+            self.max_context,
+            self.device,
+            self.dtype,
+            compile=config.compile_decode and config.cuda_graphs and cuda,
+        )
+        self.vision = VisionRunner(self.model, config.vision_batch_pages, config.compile_vision and cuda)
+        self.vision_cache = VisionCache(config.vision_cache_bytes, config.vision_cache_cpu_bytes, self.device)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
+        self.stop_ids = self._stop_ids()
+        tags = {self.tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)}
+        special = {i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special}
+        self.hidden_ids = (special | set(self.stop_ids)) - tags
+        self._stop_bias = torch.zeros(self.runner.vocab, device=self.device)
+        self._stop_bias[self.stop_ids] = float("-inf")
+        self._lock = threading.Lock()
+        self._counters = {"requests": 0, "batches": 0, "new_tokens": 0, "prompt_tokens": 0, "oom_recoveries": 0}
+        self._host_next = None
+        self._launches = 0
+        if self.device.type == "cuda":
+            self._host_next = [torch.zeros(config.max_batch_size, dtype=torch.long).pin_memory() for _ in range(2)]
+        self._warm_up()
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> Engine:
+        """Load the checkpoint (or random weights), capture decode graphs and warm up; raises ModelLoadError."""
+        if config.max_batch_size < 1:
+            raise ConfigError("max_batch_size must be at least 1")
+        return cls(loading.load(config), config)
+
+    # --- public API ----------------------------------------------------------------------------------------
+
+    def answer(self, request: AnswerRequest) -> Answer:
+        result = None
+        for event in self.stream(request):
+            if event.channel == "done":
+                result = event.result
+        return result
+
+    def stream(self, request: AnswerRequest) -> Iterator[StreamEvent]:
+        """Text deltas on the "thinking" and "answer" channels, then a "done" event carrying the Answer."""
+        job = self._plan(request)
+        events = self._run([job])
+        try:
+            for _, channel, text in events:
+                yield StreamEvent(channel=channel, text=text)
+        finally:
+            events.close()  # a consumer that stops early releases the engine at once
+        yield StreamEvent(channel="done", result=self._answer(job))
+
+    def answer_batch(self, requests: list[AnswerRequest]) -> list[Answer]:
+        """Answer several requests together: one vision batch, decode rows advanced together."""
+        jobs = [self._plan(r) for r in requests]
+        size = self.config.max_batch_size
+        for start in range(0, len(jobs), size):
+            for _ in self._run(jobs[start : start + size]):
+                pass
+        return [self._answer(job) for job in jobs]
+
+    def stats(self) -> dict:
+        return {
+            "model": self.name,
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_context": self.max_context,
+            "max_batch_size": self.config.max_batch_size,
+            "cuda_graphs": len(self.runner.graphs),
+            "compiled_vision": self.config.compile_vision and self.device.type == "cuda",
+            **self._counters,
+            "vision_cache": self.vision_cache.stats(),
+            "prefix_cache": self.prefix_cache.stats(),
+            "gpu_allocated_bytes": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None,
+        }
+
+    def clear_caches(self, vision: bool = True, prefix: bool = True) -> None:
+        with self._lock:
+            if vision:
+                self.vision_cache.clear()
+            if prefix:
+                self.prefix_cache.clear()
+
+    def vision_tokens(self, page_shape: tuple[int, int]) -> int:
+        """Tokens the model spends on a page of (height, width) pixels."""
+        return self.params.vision_tokens(*page_shape)
+
+    # --- planning ------------------------------------------------------------------------------------------
+
+    def _stop_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set([ids] if isinstance(ids, int) else ids or [])
+        for token in STOP_TOKENS:
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        return sorted(ids)
+
+    def _plan(self, request: AnswerRequest) -> _Job:
+        started = time.perf_counter()
+        settings = request.settings
+        if not request.question or not request.question.strip():
+            raise GlyphserveError("the question is empty")
+        if settings.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be at least 1")
+        if settings.temperature < 0 or not 0 < settings.top_p <= 1:
+            raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+        for i, page in enumerate(request.pages):
+            check_page(page, i)
+        pages = list(request.pages)
+        grids = [self.params.grid(*p.shape[:2]) for p in pages]
+        prompt = self.prompts.build(conversation(request.history, request.question, len(pages)), grids)
+        budget = self.max_context - settings.max_new_tokens
+        if len(prompt.ids) > budget:
+            fit = self._pages_that_fit(prompt, budget)
+            if fit == 0 or not settings.truncate_pages:
+                raise self._overflow(prompt, fit, settings)
+            pages, grids = pages[:fit], grids[:fit]
+            prompt = self.prompts.build(conversation(request.history, request.question, fit), grids)
+        positions, delta = self._positions(prompt)
+        job = _Job(request, settings, pages, prompt, positions, delta, started)
+        job.decoder = IncrementalDecoder(self.tokenizer, self.hidden_ids)
+        if not job.greedy:
+            job.generator = torch.Generator(self.device)
+            job.generator.manual_seed(
+                settings.seed if settings.seed is not None else int.from_bytes(np.random.bytes(4))
+            )
+        return job
+
+    def _page_tokens(self, prompt: PromptTokens) -> list[int]:
+        # Each page costs its vision tokens plus <|begin_of_image|> and <|end_of_image|>.
+        return [self.vision.tokens_per_page(g) + 2 for g in prompt.image_grids]
+
+    def _pages_that_fit(self, prompt: PromptTokens, budget: int) -> int:
+        per_page = self._page_tokens(prompt)
+        total = len(prompt.ids) - sum(per_page)
+        fit = 0
+        for cost in per_page:
+            if total + cost > budget:
+                break
+            total += cost
+            fit += 1
+        return fit if len(prompt.ids) - sum(per_page) <= budget else 0
+
+    def _overflow(self, prompt: PromptTokens, fit: int, settings: GenerationSettings) -> ContextOverflowError:
+        n = len(prompt.image_grids)
+        need = len(prompt.ids) + settings.max_new_tokens
+        head = (
+            f"the prompt needs {len(prompt.ids)} tokens ({n} pages) plus {settings.max_new_tokens} new tokens "
+            f"= {need}, but the context holds {self.max_context}"
+        )
+        if fit == 0:
+            return ContextOverflowError(
+                f"{head}: not even the first page fits; shorten the conversation or max_new_tokens"
+            )
+        return ContextOverflowError(
+            f"{head}: only the first {fit} of {n} pages fit. Ask about fewer pages, or set truncate_pages "
+            f"(--truncate-pages) to keep the first {fit}"
+        )
+
+    def _positions(self, prompt: PromptTokens) -> tuple[torch.Tensor, int]:
+        """M-RoPE positions of the full prompt, exactly as the HF model computes them (on CPU)."""
+        ids = torch.tensor([prompt.ids], dtype=torch.long)
+        image_id = self.model.config.image_token_id
+        mm = (ids == image_id).long()
+        grids = torch.tensor(prompt.image_grids, dtype=torch.long) if prompt.image_grids else None
+        positions, delta = self.model.model.get_rope_index(ids, mm, image_grid_thw=grids)
+        return positions, int(delta[0, 0])
+
+    # --- running -------------------------------------------------------------------------------------------
+
+    def _run(self, jobs: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
+        with self._lock:
+            self._counters["batches"] += 1
+            self._counters["requests"] += len(jobs)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                for row, job in enumerate(jobs):
+                    job.row = row
+                yield from self._prefill(jobs)
+                yield from self._decode(jobs)
+            except torch.OutOfMemoryError as exc:
+                self._recover()
+                raise EngineOutOfMemoryError(
+                    "the GPU ran out of memory on this request (caches were cleared; try fewer pages or a "
+                    "shorter answer)"
+                ) from exc
+            finally:
+                self._sync()
+                for job in jobs:
+                    if self.device.type == "cuda":
+                        job.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)
+                    job.timings.total = time.perf_counter() - job.started
+
+    def _recover(self) -> None:
+        self._counters["oom_recoveries"] += 1
+        self.vision_cache.clear()
+        self.prefix_cache.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _keys(self, job: _Job) -> None:
+        if not job.settings.use_cache:
+            return
+        job.digests = page_digests(job.pages)
+        base = job.request.document_key or hashlib.blake2b("".join(job.digests).encode(), digest_size=16).hexdigest()
+        job.doc_key = f"{base}#{len(job.pages)}"
+
+    def _vision_key(self, digest: str) -> str:
+        return self._vision_key_prefix + digest
+
+    def _encode_pages(self, jobs: list[_Job]) -> None:
+        """Vision features for the jobs' pages: cache hits, the misses encoded together in one batch."""
+        t0 = time.perf_counter()
+        wanted: dict[str, tuple[np.ndarray, tuple[int, int, int], bool]] = {}
+        found: dict[str, torch.Tensor] = {}
+        for job in jobs:
+            for i, page in enumerate(job.pages):
+                if job.digests is None:
+                    wanted[f"{id(job)}:{i}"] = (page, job.prompt.image_grids[i], False)
+                    continue
+                key = self._vision_key(job.digests[i])
+                if key in found or key in wanted:
+                    job.cache.vision_hits += 1
+                    continue
+                hit = self.vision_cache.get(key)
+                if hit is None:
+                    job.cache.vision_misses += 1
+                    wanted[key] = (page, job.prompt.image_grids[i], True)
+                else:
+                    job.cache.vision_hits += 1
+                    found[key] = hit
+        keys = list(wanted)
+        if keys:
+            patches = self.preprocessor([wanted[k][0] for k in keys])
+            self._sync()
+            t1 = time.perf_counter()
+            feats = self.vision.encode(patches, [wanted[k][1] for k in keys])
+            for key, feat in zip(keys, feats):
+                if wanted[key][2]:
+                    feat = feat.clone()
+                    self.vision_cache.put(key, feat)
+                found[key] = feat
+            self._sync()
+            t2 = time.perf_counter()
+        else:
+            t1 = t2 = time.perf_counter()
+        for job in jobs:
+            job.features = [
+                found[self._vision_key(job.digests[i]) if job.digests is not None else f"{id(job)}:{i}"]
+                for i in range(len(job.pages))
+            ]
+            job.timings.preprocess += t1 - t0
+            job.timings.vision_encode += t2 - t1
+
+    def _prefill(self, jobs: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
+        t0 = time.perf_counter()
+        planned: dict[str, tuple[int, ...]] = {}  # prefixes that an earlier job of this batch will store
+        deferred: set[int] = set()
+        for job in jobs:
+            self._keys(job)
+            p = job.prompt.prefix_len
+            if job.doc_key is None or p == 0:
+                continue
+            ids = tuple(job.prompt.ids[:p])
+            if planned.get(job.doc_key) == ids:
+                deferred.add(id(job))  # same document as an earlier job: reuse its prefix once stored
+                continue
+            job.prefix = self.prefix_cache.lookup(job.doc_key, ids)
+            if job.prefix is None:
+                planned[job.doc_key] = ids
+        hashing = time.perf_counter() - t0
+        for job in jobs:
+            job.timings.preprocess += hashing
+        self._encode_pages([j for j in jobs if j.prefix is None and j.pages and id(j) not in deferred])
+        for job in jobs:
+            if id(job) in deferred:
+                job.prefix = self.prefix_cache.lookup(job.doc_key, tuple(job.prompt.ids[: job.prompt.prefix_len]))
+                if job.prefix is None:  # not stored after all (cache too small)
+                    self._encode_pages([job])
+            t1 = time.perf_counter()
+            logits = self._prefill_one(job)
+            if job.settings.ignore_eos:
+                logits = logits + self._stop_bias
+            token = self._sample(job, logits)
+            self._sync()
+            job.timings.prefill = time.perf_counter() - t1
+            job.timings.time_to_first_token = time.perf_counter() - job.started
+            n = len(job.prompt.ids)
+            bias = self._stop_bias if job.settings.ignore_eos else None
+            self.runner.start_row(job.row, token, n, n + job.rope_delta, bias)
+            job.cache_pos = n
+            yield from self._accept(job, token)
+
+    def _prefill_one(self, job: _Job) -> torch.Tensor:
+        ids = job.prompt.ids
+        start = 0
+        if job.prefix is not None:
+            start = job.prefix.length
+            self.runner.write_kv(job.row, job.prefix.kv)
+            job.cache.prefix_reused_tokens = start
+        ids_dev = torch.tensor([ids[start:]], device=self.device)
+        with torch.inference_mode():
+            embeds = self.runner.embed(ids_dev)
+            if start == 0 and job.features:
+                mask = ids_dev[0] == self.model.config.image_token_id
+                embeds[0, mask] = torch.cat(job.features).to(embeds.dtype)
+            positions = job.positions[:, :, start:].to(self.device)
+            logits = self.runner.prefill(job.row, embeds, positions, start)
+        p = job.prompt.prefix_len
+        if job.prefix is None and job.doc_key is not None and p > 0:
+            self.prefix_cache.store(job.doc_key, PrefixEntry(tuple(ids[:p]), self.runner.read_kv(job.row, p)))
+        job.features = None
+        return logits
+
+    def _sample(self, job: _Job, logits: torch.Tensor) -> int:
+        """Next token from one row of logits (stop-token bias already applied)."""
+        if job.greedy:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / job.settings.temperature, dim=-1)
+        if job.settings.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(-1) - sorted_probs < job.settings.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=job.generator))
+
+    def _accept(self, job: _Job, token: int) -> Iterator[tuple[_Job, str, str]]:
+        """Record a generated token; yields the text it completes per channel; marks the job finished."""
+        job.tokens.append(token)
+        stop = token in self.stop_ids and not job.settings.ignore_eos
+        if stop:
+            job.finish_reason = "stop"
+        elif len(job.tokens) >= job.settings.max_new_tokens:
+            job.finish_reason = "length"
+        delta = "" if stop else job.decoder.push(token)
+        if job.finish_reason is not None:
+            delta += job.decoder.flush()
+        events = job.parser.feed(delta) if delta else []
+        if job.finish_reason is not None:
+            events += job.parser.finish()
+        for channel, text in events:
+            yield job, channel, text
+
+    def _decode(self, jobs: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
+        runner = self.runner
+        b = len(jobs)
+        runner.active[b:] = 0
+        runner.cache_pos[b:] = 0
+        for job in jobs:
+            if job.finish_reason is not None:
+                runner.active[job.row] = 0
+        live = [j for j in jobs if j.finish_reason is None]
+        t0 = time.perf_counter()
+        greedy = all(j.greedy for j in jobs)
+        pipelined = greedy and self._host_next is not None
+        in_flight: deque = deque()
+        while live:
+            if pipelined:
+                if not in_flight:
+                    in_flight.append(self._launch(b, live))
+                host, event = in_flight.popleft()
+                # Enqueue the next step before reading this one, so the GPU never waits for Python.
+                if any(len(j.tokens) + 1 + len(in_flight) < j.settings.max_new_tokens for j in live):
+                    in_flight.append(self._launch(b, live))
+                event.synchronize()
+                tokens = host[:b].tolist()
+            else:
+                self._advance(b, live)
+                if greedy:
+                    tokens = runner.next[:b].tolist()
+                else:
+                    tokens = [self._sample(job, runner.logits[job.row]) for job in jobs]
+                    runner.tokens[:b, 0] = torch.tensor(tokens, device=self.device)
+            for job in list(live):
+                yield from self._accept(job, tokens[job.row])
+                if job.finish_reason is not None:
+                    live.remove(job)
+                    runner.active[job.row] = 0
+        self._sync()
+        elapsed = time.perf_counter() - t0
+        for job in jobs:
+            job.timings.decode = elapsed
+
+    def _advance(self, b: int, live: list[_Job]) -> None:
+        self.runner.step(b, max(j.cache_pos for j in live))
+        for j in live:
+            j.cache_pos += 1
+
+    def _launch(self, b: int, live: list[_Job]) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Enqueue one decode step and the copy of its tokens into a pinned host buffer."""
+        self._advance(b, live)
+        self._launches += 1
+        host = self._host_next[self._launches % 2]
+        host[:b].copy_(self.runner.next[:b], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def _answer(self, job: _Job) -> Answer:
+        self._counters["new_tokens"] += len(job.tokens)
+        self._counters["prompt_tokens"] += len(job.prompt.ids)
+        return Answer(
+            text=job.parser.answer_text,
+            thinking=job.parser.thinking_text,
+            token_ids=list(job.tokens),
+            finish_reason=job.finish_reason or "length",
+            timings=job.timings,
+            prompt_tokens=len(job.prompt.ids),
+            new_tokens=len(job.tokens),
+            vision_tokens=sum(self.vision.tokens_per_page(g) for g in job.prompt.image_grids),
+            pages_used=len(job.pages),
+            cache=job.cache,
+            peak_gpu_bytes=job.peak_gpu_bytes,
+        )
+
+    # --- warm-up -------------------------------------------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        if self.device.type != "cuda":
+            return
+        if self.config.compile_vision:
+            for height, width in self.config.warmup_page_shapes:
+                page = np.full((height, width, 3), 255, dtype=np.uint8)
+                grid = self.params.grid(height, width)
+                for n in sorted({1, self.config.vision_batch_pages}):
+                    self.vision.encode(self.preprocessor([page] * n), [grid] * n)
+        if self.config.cuda_graphs:
+            self.runner.capture_graphs(list(GRAPH_BATCH_SIZES))
+        self._sync()

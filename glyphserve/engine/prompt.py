@@ -1,0 +1,65 @@
+"""Conversation to prompt tokens, the way Glyph is used: the pages open the first user turn, then the text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glyphserve.engine.types import ChatMessage
+from glyphserve.errors import GlyphserveError
+
+
+@dataclass
+class PromptTokens:
+    ids: list[int]
+    prefix_len: int  # tokens up to the last page's <|end_of_image|> (0 without pages): the document prefix
+    image_grids: list[tuple[int, int, int]]
+
+
+def conversation(history: list[ChatMessage], question: str, n_pages: int) -> list[dict]:
+    """Messages in the HF chat format; the pages belong to the first user turn."""
+    images = [{"type": "image"} for _ in range(n_pages)]
+    messages: list[dict] = []
+    placed = False
+    for msg in history:
+        if msg.role not in ("system", "user", "assistant"):
+            raise GlyphserveError(f"unknown chat role {msg.role!r} (use system, user or assistant)")
+        if msg.role == "user" and not placed:
+            messages.append({"role": "user", "content": [*images, {"type": "text", "text": msg.content}]})
+            placed = True
+        else:
+            messages.append({"role": msg.role, "content": msg.content})
+    last = [] if placed else images
+    messages.append({"role": "user", "content": [*last, {"type": "text", "text": question}]})
+    return messages
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, chat_template: str, image_token_id: int, image_end_token_id: int, merge_size: int):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_token_id = image_token_id
+        self.image_end_token_id = image_end_token_id
+        self.merge_size = merge_size
+
+    def text(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def build(self, messages: list[dict], grids: list[tuple[int, int, int]]) -> PromptTokens:
+        """Tokenise the rendered template and expand each <|image|> into one token per merged patch."""
+        raw = self.tokenizer(self.text(messages), add_special_tokens=False)["input_ids"]
+        if sum(1 for t in raw if t == self.image_token_id) != len(grids):
+            raise GlyphserveError("the conversation text contains the reserved image marker <|image|>")
+        ids: list[int] = []
+        images = iter(grids)
+        for t in raw:
+            if t == self.image_token_id:
+                _, gh, gw = next(images)
+                ids.extend([t] * (gh * gw // self.merge_size**2))
+            else:
+                ids.append(t)
+        prefix_len = 0
+        if grids:
+            prefix_len = len(ids) - ids[::-1].index(self.image_end_token_id)
+        return PromptTokens(ids=ids, prefix_len=prefix_len, image_grids=list(grids))

@@ -1,0 +1,451 @@
+"""An engine that answers through OpenAI-compatible chat-completions servers.
+
+``RemoteEngine`` has the same public methods and result types as ``Engine``
+(``answer``, ``stream``, ``answer_batch``, ``stats``), so batch, serve and eval can run
+against ``vllm serve zai-org/Glyph``, SGLang or another glyphserve instead of a local model.
+Pages travel as PNG data URLs, encoded once per ``document_key``; answers stream over SSE.
+Requests that fail before any token arrived (connection errors, 429 and 5xx replies) are
+retried with exponential backoff, on the least busy endpoint that has not just failed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from glyphserve.engine.textstream import ReasoningParser
+from glyphserve.engine.types import (
+    Answer,
+    AnswerRequest,
+    CacheReport,
+    ChatMessage,
+    StageTimings,
+    StreamEvent,
+)
+from glyphserve.errors import ContextOverflowError, GlyphserveError, RemoteBackendError
+
+# GLM-4.1V's turn markers: generation must stop before the model starts another turn.
+STOP_SEQUENCES = ("<|user|>", "<|endoftext|>", "<|observation|>")
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass
+class RemoteConfig:
+    """Where and how to reach the servers."""
+
+    # Base URLs (``http://host:8000``, ``.../v1`` or the full ``.../v1/chat/completions``).
+    endpoints: list[str]
+    # Model name sent with each request; None asks each server's /v1/models once.
+    model: str | None = None
+    api_key: str | None = None
+    connect_timeout_s: float = 10.0
+    # Longest silence allowed while waiting for the next streamed chunk (the first one included).
+    read_timeout_s: float = 600.0
+    max_retries: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    # Requests in flight at once over all endpoints (answer_batch concurrency).
+    max_concurrency: int = 16
+    # Budget for cached PNG data URLs (per document_key).
+    image_cache_bytes: int = 256 * 2**20
+
+
+@dataclass
+class _Endpoint:
+    url: str  # .../v1/chat/completions
+    model: str | None
+    in_flight: int = 0
+    requests: int = 0
+    failures: int = 0
+
+    @property
+    def base(self) -> str:
+        return self.url.removesuffix("/chat/completions")
+
+
+@dataclass
+class _EncodedPages:
+    signature: tuple
+    urls: list[str] = field(default_factory=list)
+    nbytes: int = 0
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+def chat_completions_url(endpoint: str) -> str:
+    url = endpoint.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+
+
+def png_data_url(page: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    # Level 1: rendered text pages are mostly flat, so it compresses nearly as well as 6, much faster.
+    Image.fromarray(page).save(buffer, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class RemoteEngine:
+    """Client for one or more OpenAI-compatible chat-completions servers."""
+
+    def __init__(self, config: RemoteConfig):
+        if not config.endpoints:
+            raise GlyphserveError("the openai backend needs at least one --endpoint URL")
+        self.config = config
+        self._endpoints = [_Endpoint(chat_completions_url(e), config.model) for e in config.endpoints]
+        timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
+        limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._client = httpx.Client(timeout=timeout, limits=limits, headers=headers)
+        self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="remote-engine")
+        self._lock = threading.Lock()
+        self._images: OrderedDict[str, _EncodedPages] = OrderedDict()
+        self._image_bytes = 0
+        self._counters = {"requests": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "new_tokens": 0}
+        self._image_hits = 0
+        self._image_misses = 0
+
+    @classmethod
+    def load(cls, config: RemoteConfig) -> RemoteEngine:
+        """Connect, learn each server's model name, and fail early if no endpoint answers."""
+        engine = cls(config)
+        errors = []
+        for endpoint in engine._endpoints:
+            try:
+                engine._model_for(endpoint, probe=True)
+            except (RemoteBackendError, httpx.HTTPError) as exc:
+                errors.append(getattr(exc, "message", None) or f"{endpoint.base}: {exc or type(exc).__name__}")
+        if len(errors) == len(engine._endpoints):
+            engine.close()
+            raise RemoteBackendError("no endpoint is reachable: " + "; ".join(errors))
+        return engine
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    def __enter__(self) -> RemoteEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public surface (same as Engine) --------------------------------------------------
+
+    def answer(self, request: AnswerRequest) -> Answer:
+        for event in self.stream(request):
+            if event.channel == "done":
+                return event.result
+        raise RemoteBackendError("the stream ended without a result")  # stream() always ends with "done"
+
+    def answer_batch(self, requests: list[AnswerRequest]) -> list[Answer]:
+        """Answers concurrently (the servers batch them); raises the first failure, like ``Engine``."""
+        futures = [self._pool.submit(self.answer, request) for request in requests]
+        return [future.result() for future in futures]
+
+    def stream(self, request: AnswerRequest) -> Iterator[StreamEvent]:
+        start = time.perf_counter()
+        urls = self._page_urls(request)
+        encoded = time.perf_counter()
+        payload = self._payload(request, urls)
+        parser = ReasoningParser()  # for servers that send <think>…</think> inside the content
+        reasoning: list[str] = []  # for servers that send it apart (vLLM/SGLang reasoning parsers, glyphserve)
+        usage: dict = {}
+        finish_reason = "stop"
+        first_token_at = None
+        for chunk in self._chunks(payload):
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") or {}
+                thinking = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                reasoning.append(thinking)
+                events = [("thinking", thinking)] if thinking else []
+                for channel, text in events + parser.feed(delta.get("content") or ""):
+                    first_token_at = first_token_at or time.perf_counter()
+                    yield StreamEvent(channel, text)
+                if choice.get("finish_reason"):
+                    finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
+        for channel, text in parser.finish():
+            yield StreamEvent(channel, text)
+        end = time.perf_counter()
+        first_token_at = first_token_at or end
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        new_tokens = int(usage.get("completion_tokens") or 0)
+        with self._lock:
+            self._counters["prompt_tokens"] += prompt_tokens
+            self._counters["new_tokens"] += new_tokens
+        result = Answer(
+            text=parser.answer_text,
+            thinking=("".join(reasoning) + parser.thinking_text).strip(),
+            token_ids=[],  # servers return text, not ids
+            finish_reason=finish_reason,
+            timings=StageTimings(
+                preprocess=encoded - start,
+                time_to_first_token=first_token_at - start,
+                decode=end - first_token_at,
+                total=end - start,
+            ),
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            vision_tokens=_vision_tokens(request.pages),
+            pages_used=len(request.pages),
+            cache=CacheReport(),
+        )
+        yield StreamEvent("done", result=result)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "backend": "openai",
+                **self._counters,
+                "endpoints": [
+                    {
+                        "url": e.url,
+                        "model": e.model,
+                        "in_flight": e.in_flight,
+                        "requests": e.requests,
+                        "failures": e.failures,
+                    }
+                    for e in self._endpoints
+                ],
+                "image_cache": {
+                    "documents": len(self._images),
+                    "bytes": self._image_bytes,
+                    "hits": self._image_hits,
+                    "misses": self._image_misses,
+                },
+            }
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _payload(self, request: AnswerRequest, urls: list[str]) -> dict:
+        images = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+        history = list(request.history) + [ChatMessage("user", request.question)]
+        messages = []
+        for message in history:
+            content: str | list = message.content
+            if images and message.role == "user":  # the pages belong to the first user turn
+                content = [*images, {"type": "text", "text": message.content}]
+                images = []
+            messages.append({"role": message.role, "content": content})
+        settings = request.settings
+        payload = {
+            "messages": messages,
+            "max_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "stop": list(STOP_SEQUENCES),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if settings.seed is not None:
+            payload["seed"] = settings.seed
+        if settings.ignore_eos:
+            payload["ignore_eos"] = True  # a vLLM/SGLang extension, used by benchmarks
+        return payload
+
+    def _chunks(self, payload: dict) -> Iterator[dict]:
+        """The parsed SSE chunks of one completion, retrying while no token has arrived."""
+        failed: set[int] = set()
+        attempt = 0
+        while True:
+            endpoint = self._acquire(failed)
+            got_token = False
+            retry_after = None
+            try:
+                model = self._model_for(endpoint)
+                with self._client.stream("POST", endpoint.url, json={"model": model, **payload}) as response:
+                    if response.status_code != 200:
+                        body = response.read().decode("utf-8", "replace")
+                        error = _http_error(response.status_code, body, endpoint.url)
+                        if response.status_code not in _RETRY_STATUSES or attempt >= self.config.max_retries:
+                            raise error
+                        self._failed(endpoint)
+                        failed.add(id(endpoint))
+                        retry_after = _retry_after(response.headers.get("retry-after"))
+                    else:
+                        complete = False
+                        for chunk in _sse_chunks(response):
+                            if chunk is None:  # [DONE]
+                                complete = True
+                                break
+                            got_token = got_token or _has_token(chunk)
+                            complete = complete or any(c.get("finish_reason") for c in chunk.get("choices") or [])
+                            yield chunk
+                        if not complete:
+                            raise httpx.RemoteProtocolError("the stream ended before the answer was complete")
+                        return
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                self._failed(endpoint)
+                if got_token:
+                    raise RemoteBackendError(f"{endpoint.url}: the connection broke mid-answer ({exc})") from None
+                if attempt >= self.config.max_retries:
+                    raise RemoteBackendError(
+                        f"{endpoint.url} is unreachable after {attempt + 1} attempts: {exc or type(exc).__name__}"
+                    ) from None
+                failed.add(id(endpoint))
+            except httpx.TimeoutException:
+                self._failed(endpoint)
+                raise RemoteBackendError(
+                    f"{endpoint.url} sent nothing for {self.config.read_timeout_s:g} s (read timeout)"
+                ) from None
+            except GlyphserveError:
+                self._failed(endpoint)
+                raise
+            finally:
+                with self._lock:
+                    endpoint.in_flight -= 1
+            attempt += 1
+            with self._lock:
+                self._counters["retries"] += 1
+            delay = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** (attempt - 1))
+            time.sleep(retry_after if retry_after is not None else delay * random.uniform(0.5, 1.0))
+
+    def _acquire(self, failed: set[int]) -> _Endpoint:
+        with self._lock:
+            candidates = [e for e in self._endpoints if id(e) not in failed] or self._endpoints
+            endpoint = min(candidates, key=lambda e: (e.in_flight, e.requests))
+            endpoint.in_flight += 1
+            endpoint.requests += 1
+            self._counters["requests"] += 1
+            return endpoint
+
+    def _failed(self, endpoint: _Endpoint) -> None:
+        with self._lock:
+            endpoint.failures += 1
+            self._counters["failures"] += 1
+
+    def _model_for(self, endpoint: _Endpoint, probe: bool = False) -> str:
+        """The model name to send, asked from /v1/models the first time (connection errors propagate)."""
+        if endpoint.model is None or probe:
+            response = self._client.get(endpoint.base + "/models")
+            if endpoint.model is not None:
+                return endpoint.model  # reachable; the name was given, whatever /models says
+            try:
+                response.raise_for_status()
+                served = response.json()["data"][0]["id"]
+            except (httpx.HTTPStatusError, ValueError, KeyError, IndexError, TypeError) as exc:
+                raise RemoteBackendError(
+                    f"{endpoint.base}/models did not name a model ({exc}); pass --remote-model"
+                ) from None
+            endpoint.model = served
+        return endpoint.model
+
+    # -- page images ------------------------------------------------------------------------
+
+    def _page_urls(self, request: AnswerRequest) -> list[str]:
+        """PNG data URLs of the pages, encoded once per document_key (concurrent askers wait)."""
+        key = request.document_key
+        if key is None:
+            return [png_data_url(page) for page in request.pages]
+        signature = tuple(page.shape for page in request.pages)
+        with self._lock:
+            entry = self._images.get(key)
+            owner = entry is None or entry.signature != signature
+            if owner:
+                if entry is not None:
+                    self._image_bytes -= entry.nbytes
+                entry = self._images[key] = _EncodedPages(signature)
+                self._image_misses += 1
+            else:
+                self._images.move_to_end(key)
+                self._image_hits += 1
+        if not owner:
+            entry.ready.wait()
+            if entry.urls or not request.pages:
+                return entry.urls
+            return [png_data_url(page) for page in request.pages]  # the owner failed to encode
+        try:
+            entry.urls = [png_data_url(page) for page in request.pages]
+        finally:
+            entry.ready.set()
+        with self._lock:
+            entry.nbytes = sum(len(url) for url in entry.urls)
+            if self._images.get(key) is entry:
+                self._image_bytes += entry.nbytes
+                while self._image_bytes > self.config.image_cache_bytes and len(self._images) > 1:
+                    _, evicted = self._images.popitem(last=False)
+                    self._image_bytes -= evicted.nbytes
+        return entry.urls
+
+
+def _vision_tokens(pages: list[np.ndarray]) -> int:
+    from glyphserve.render import glm4v_vision_tokens
+
+    return sum(glm4v_vision_tokens(page.shape[1], page.shape[0]) for page in pages)
+
+
+def _sse_chunks(response: httpx.Response) -> Iterator[dict | None]:
+    """The JSON chunks of a server-sent event stream, then None for ``data: [DONE]``."""
+    for line in response.iter_lines():
+        if not line.startswith("data:"):
+            continue  # comments, event names, keep-alives
+        data = line[5:].strip()
+        if data == "[DONE]":
+            yield None
+            return
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError:
+            raise RemoteBackendError(f"{response.url} sent a malformed stream chunk: {data[:200]!r}") from None
+        if "error" in chunk and "choices" not in chunk:
+            raise _error_from_body(chunk, 502, str(response.url))
+        yield chunk
+
+
+def _has_token(chunk: dict) -> bool:
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+            return True
+    return False
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _http_error(status: int, body: str, url: str) -> GlyphserveError:
+    try:
+        parsed = json.loads(body)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        return _error_from_body(parsed, status, url)
+    return RemoteBackendError(f"{url} answered HTTP {status}: {body.strip()[:300]}")
+
+
+def _error_from_body(body: dict, status: int, url: str) -> GlyphserveError:
+    """Turn a server's error reply into the matching typed error where it names one."""
+    error = body.get("error")
+    if isinstance(error, str):  # glyphserve: {"error": code, "message": ...}
+        code, message = error, str(body.get("message", ""))
+    elif isinstance(error, dict):  # OpenAI: {"error": {"message", "type", "code"}}
+        code, message = str(error.get("code") or error.get("type") or ""), str(error.get("message", ""))
+    else:  # vLLM: {"object": "error", "message", "type", "code"}
+        code, message = str(body.get("type") or ""), str(body.get("message", ""))
+    error_class = {cls.code: cls for cls in reversed(_subclasses(GlyphserveError))}.get(code)
+    if error_class is not None:
+        return error_class(message)
+    if status == 400 and "context length" in message.lower():
+        return ContextOverflowError(message)
+    return RemoteBackendError(f"{url} answered HTTP {status}: {message or code}")
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]

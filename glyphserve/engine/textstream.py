@@ -1,0 +1,110 @@
+"""Generated token ids to text deltas, split into Glyph's "thinking" and "answer" channels."""
+
+from __future__ import annotations
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+
+class IncrementalDecoder:
+    """Decodes one token at a time; text is released only once its UTF-8 bytes are complete."""
+
+    def __init__(self, tokenizer, skip_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.skip_ids = skip_ids
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        if token_id in self.skip_ids:
+            return ""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        if text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix) :]
+
+    def flush(self) -> str:
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :]
+
+
+def _partial_tag_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+class ReasoningParser:
+    """Incremental parser for ``<think>...</think><answer>...</answer>``; both tags are optional."""
+
+    def __init__(self):
+        self.state = "start"  # start -> think -> between -> answer -> done
+        self.buffer = ""
+        self.thinking: list[str] = []
+        self.answer: list[str] = []
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        self.buffer += text
+        out: list[tuple[str, str]] = []
+        while self.buffer:
+            if self.state in ("start", "between"):
+                head = self.buffer.lstrip()
+                opener = ANSWER_OPEN if self.state == "between" else None
+                for tag in (opener,) if opener else (THINK_OPEN, ANSWER_OPEN):
+                    if head.startswith(tag):
+                        self.buffer = head[len(tag) :]
+                        self.state = "think" if tag == THINK_OPEN else "answer"
+                        break
+                    if tag.startswith(head):
+                        return out  # could still become the tag
+                else:
+                    self.state = "answer"
+                    self.buffer = head
+                continue
+            if self.state == "done":
+                self.buffer = ""
+                break
+            channel, close = ("thinking", THINK_CLOSE) if self.state == "think" else ("answer", ANSWER_CLOSE)
+            at = self.buffer.find(close)
+            if at >= 0:
+                self._emit(out, channel, self.buffer[:at])
+                self.buffer = self.buffer[at + len(close) :]
+                self.state = "between" if self.state == "think" else "done"
+                continue
+            keep = _partial_tag_suffix(self.buffer, close)
+            self._emit(out, channel, self.buffer[: len(self.buffer) - keep])
+            self.buffer = self.buffer[len(self.buffer) - keep :]
+            break
+        return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        """Release what was held back waiting for a tag that never came."""
+        out: list[tuple[str, str]] = []
+        if self.buffer and self.state != "done":
+            self._emit(out, "thinking" if self.state == "think" else "answer", self.buffer)
+        self.buffer = ""
+        return out
+
+    def _emit(self, out: list, channel: str, text: str) -> None:
+        if text:
+            (self.thinking if channel == "thinking" else self.answer).append(text)
+            out.append((channel, text))
+
+    @property
+    def thinking_text(self) -> str:
+        return "".join(self.thinking).strip()
+
+    @property
+    def answer_text(self) -> str:
+        return "".join(self.answer).strip()

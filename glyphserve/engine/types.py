@@ -1,0 +1,114 @@
+"""Public data types of the engine: configuration, requests, stream events and answers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+
+
+@dataclass
+class EngineConfig:
+    """How to load and run the model.
+
+    ``model`` is a local directory or a Hugging Face id (e.g. ``zai-org/Glyph``); alternatively
+    ``random_weights="glm-4.1v-9b"`` builds the full-size architecture with random weights
+    (benchmarks without a checkpoint).
+    """
+
+    model: str | None = None
+    random_weights: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Longest sequence (prompt + answer) in tokens; None = the model's limit, capped at 32768.
+    max_context: int | None = None
+    # Rows of the static KV cache: the most requests answer_batch decodes together.
+    max_batch_size: int = 4
+    vision_cache_bytes: int = 2 * 2**30
+    vision_cache_cpu_bytes: int = 0
+    prefix_cache_bytes: int = 4 * 2**30
+    # Capture the decode step as CUDA graphs at load time, its elementwise work fused by torch.compile (CUDA only).
+    cuda_graphs: bool = True
+    compile_decode: bool = True
+    # torch.compile the vision encoder (CUDA only) and warm it up for these page shapes (height, width).
+    compile_vision: bool = False
+    warmup_page_shapes: tuple[tuple[int, int], ...] = ()
+    # Pages encoded per vision forward.
+    vision_batch_pages: int = 8
+    seed: int = 0
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    use_cache: bool = True  # vision-feature and document-prefix caches
+    ignore_eos: bool = False  # stop tokens are suppressed until max_new_tokens
+    truncate_pages: bool = False  # keep the first pages that fit the context instead of failing
+    seed: int | None = None
+
+
+@dataclass
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass
+class AnswerRequest:
+    """A question about rendered pages. ``history`` holds earlier turns (the pages belong to the first user turn)."""
+
+    pages: list[np.ndarray]  # HxWx3 uint8 RGB
+    question: str
+    history: list[ChatMessage] = field(default_factory=list)
+    document_key: str | None = None  # stable id of the pages; defaults to a hash of the pixels
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+@dataclass
+class StageTimings:
+    """Seconds per stage. ``render`` is filled by callers that rendered the pages."""
+
+    render: float = 0.0
+    preprocess: float = 0.0
+    vision_encode: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    time_to_first_token: float = 0.0
+    total: float = 0.0
+
+
+@dataclass
+class CacheReport:
+    vision_hits: int = 0
+    vision_misses: int = 0
+    prefix_reused_tokens: int = 0
+
+
+@dataclass
+class Answer:
+    text: str
+    thinking: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+    timings: StageTimings
+    prompt_tokens: int
+    new_tokens: int
+    vision_tokens: int
+    pages_used: int
+    cache: CacheReport
+    peak_gpu_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    """A text delta on the "thinking" or "answer" channel; the last event has channel "done" and the Answer."""
+
+    channel: Literal["thinking", "answer", "done"]
+    text: str = ""
+    result: Answer | None = None

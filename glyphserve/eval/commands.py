@@ -1,0 +1,188 @@
+"""``glyphserve eval``: accuracy per suite and document length, and rendering legibility."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from glyphserve.errors import ConfigError
+
+SUITES = ("niah", "niah-multi", "mdqa", "freqword", "longbench", "mrcr", "ocr")
+DATA_SUITES = ("longbench", "mrcr")
+DEFAULT_LENGTHS = "4k,8k,16k,32k"
+DEFAULT_SAMPLES = 5
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="measure answer accuracy against document length and rendering legibility",
+        description=(
+            "Generate seeded test suites (or load LongBench/MRCR files), render each document, ask a backend, "
+            "and report accuracy, text and vision tokens, compression and latency per suite and length "
+            "(results.json, report.md, accuracy.png). The ocr suite reads rendered pages back with Tesseract."
+        ),
+    )
+    p.add_argument("--suite", default="niah",
+                   help=f"comma-separated suites: {', '.join(SUITES)}, or all (default: niah). "
+                        "all = the generated suites and ocr, plus longbench or mrcr when --data is given")
+    p.add_argument("--lengths", default=DEFAULT_LENGTHS,
+                   help=f"document lengths in text tokens, e.g. 4k,8k,128k (k = 1024; default {DEFAULT_LENGTHS}); "
+                        "for --data files these are the length buckets")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"samples per suite and length (default {DEFAULT_SAMPLES}; --data files: all)")
+    p.add_argument("--ocr-pages", type=int, default=2, help="pages the ocr suite reads per preset and dpi (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated suites (default 0)")
+    p.add_argument("--data", type=Path, help="LongBench or MRCR file (JSON Lines) for --suite longbench|mrcr")
+    p.add_argument("--backend", choices=("extractive", "local", "openai"),
+                   help="who answers (default: openai with --endpoint, local with --model/--random-weights, "
+                        "else the embedded extractive search)")
+    p.add_argument("--model", help="local model directory or Hugging Face id, e.g. zai-org/Glyph")
+    p.add_argument("--random-weights", metavar="ARCH", help="full-size model with random weights (glm-4.1v-9b)")
+    p.add_argument("--endpoint", help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--remote-model", help="model name to send to --endpoint (default: what /v1/models names)")
+    p.add_argument("--api-key", help="bearer token for --endpoint (default: $OPENAI_API_KEY)")
+    p.add_argument("--max-new-tokens", type=int, default=1024,
+                   help="answer length limit for model backends, thinking included (default 1024)")
+    p.add_argument("--max-context", type=int,
+                   help="local model: longest prompt + answer in tokens (default: the engine's, at most 32768); "
+                        "documents that do not fit are scored 0 and reported")
+    p.add_argument("--preset", default=None,
+                   help="comma-separated render presets: auto, glyph-en, glyph-zh "
+                        "(default: auto for accuracy suites, glyph-en,glyph-zh for ocr)")
+    p.add_argument("--dpi", default=None,
+                   help="comma-separated dpi values (default: the preset's for accuracy suites, 72,96 for ocr)")
+    p.add_argument("-o", "--output", type=Path, default=Path("eval-results"),
+                   help="output folder (default eval-results)")
+    p.set_defaults(func=run)
+
+
+def parse_lengths(value: str) -> list[int]:
+    """``4k,8k,100`` -> [4096, 8192, 100]."""
+    lengths = []
+    for part in value.split(","):
+        part = part.strip().lower()
+        try:
+            tokens = int(float(part[:-1]) * 1024) if part.endswith("k") else int(part)
+        except ValueError:
+            raise ConfigError(f"--lengths takes token counts like 4k,8k,32k, not {part!r}") from None
+        if tokens < 256:
+            raise ConfigError(f"--lengths: {part!r} is too short; use at least 256 tokens")
+        lengths.append(tokens)
+    return sorted(set(lengths))
+
+
+def parse_suites(value: str, data: Path | None) -> list[str]:
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    if "all" in names:
+        names = ["niah", "niah-multi", "mdqa", "freqword", "ocr"]
+        if data is not None:
+            from glyphserve.eval.loaders import detect_format
+
+            names.insert(4, detect_format(data))
+    unknown = [s for s in names if s not in SUITES]
+    if unknown or not names:
+        raise ConfigError(f"--suite: unknown {', '.join(unknown) or 'empty'}; choose from {', '.join(SUITES)}, all")
+    data_suites = [s for s in names if s in DATA_SUITES]
+    if data_suites and data is None:
+        raise ConfigError(f"--suite {data_suites[0]} needs --data FILE.jsonl with the benchmark's records")
+    if len(data_suites) > 1:
+        raise ConfigError("--data is one file: run longbench and mrcr separately")
+    return list(dict.fromkeys(names))
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _parse_dpis(value: str | None) -> list[int]:
+    try:
+        return [int(v) for v in _split(value)]
+    except ValueError:
+        raise ConfigError(f"--dpi takes whole numbers like 72,96, not {value!r}") from None
+
+
+def make_backend(args: argparse.Namespace):
+    import os
+
+    from glyphserve.eval import backends
+
+    kind = args.backend or (
+        "openai" if args.endpoint else "local" if (args.model or args.random_weights) else "extractive"
+    )
+    if kind == "local":
+        if not (args.model or args.random_weights):
+            raise ConfigError(
+                "--backend local needs --model PATH|ID (e.g. zai-org/Glyph) or --random-weights glm-4.1v-9b"
+            )
+        return backends.LocalBackend(args.model, args.random_weights, args.max_new_tokens, args.max_context)
+    if kind == "openai":
+        if not args.endpoint:
+            raise ConfigError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
+        api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        return backends.OpenAIBackend(args.endpoint, args.remote_model, api_key, args.max_new_tokens)
+    return backends.ExtractiveBackend()
+
+
+def run(args: argparse.Namespace) -> int:
+    from glyphserve.eval import loaders, ocr, report, suites
+    from glyphserve.eval.runner import RenderSetting, evaluate, summarize
+    from glyphserve.render import count_text_tokens
+
+    names = parse_suites(args.suite, args.data)
+    lengths = parse_lengths(args.lengths)
+    if (args.samples is not None and args.samples < 1) or args.ocr_pages < 1:
+        raise ConfigError("--samples and --ocr-pages must be at least 1")
+    presets, dpis = _split(args.preset), _parse_dpis(args.dpi)
+    accuracy_suites = [s for s in names if s != "ocr"]
+    meta: dict = {"suites": ",".join(names), "seed": args.seed, "notes": []}
+    if "ocr" in names:  # checked first: the accuracy suites may run for a long time
+        ocr_presets = presets if presets and presets != ["auto"] else list(ocr.OCR_LANGUAGES)
+        unknown = [p for p in ocr_presets if p not in ocr.OCR_LANGUAGES]
+        if unknown:
+            raise ConfigError(
+                f"--preset {unknown[0]} has no OCR language; the ocr suite reads {', '.join(ocr.OCR_LANGUAGES)}"
+            )
+        ocr.require_tesseract({ocr.OCR_LANGUAGES[p] for p in ocr_presets})
+
+    results, legibility = [], []
+    if accuracy_suites:
+        backend = make_backend(args)
+        meta["backend"] = backend.name
+        meta["lengths"] = args.lengths
+        settings = [RenderSetting(p, d) for p in (presets or ["auto"]) for d in (dpis or [None])]
+
+        def progress(r) -> None:
+            print(f"{r.suite} {report.format_length(r.length)} #{r.index} [{r.setting}]: score {r.score:.2f}, "
+                  f"{r.pages} pages, answer {r.answer_s:.2f} s", file=sys.stderr)
+
+        for name in accuracy_suites:
+            if name in DATA_SUITES:
+                load = loaders.load_longbench if name == "longbench" else loaders.load_mrcr
+                samples, too_long = loaders.bucket_by_length(
+                    load(args.data), lengths, lambda text: count_text_tokens(text, backend.tokenizer)[0], args.samples
+                )
+                if too_long:
+                    meta["notes"].append(
+                        f"{name}: {too_long} record(s) longer than {lengths[-1]:,} tokens were skipped"
+                    )
+            else:
+                samples = list(suites.generate(name, lengths, args.samples or DEFAULT_SAMPLES, args.seed))
+            for setting in settings:
+                results += evaluate(samples, backend, setting, progress)
+    else:
+        meta["backend"] = "none (ocr only)"
+
+    if "ocr" in names:
+        for preset in ocr_presets:
+            for dpi in dpis or [72, 96]:
+                row = ocr.legibility(preset, dpi, pages=args.ocr_pages, seed=args.seed)
+                print(f"ocr {preset} @ {dpi} dpi: CER {row.cer:.1%} (2x: {row.cer_upscaled:.1%})", file=sys.stderr)
+                legibility.append(row)
+
+    rows = summarize(results)
+    written = report.write_report(args.output, meta, rows, results, legibility)
+    print(report.markdown(meta, rows, legibility))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,324 @@
+"""The fast renderer: text -> page images in memory, matching Glyph's official pipeline.
+
+Layout runs in the calling process (it is sequential by nature: every page starts where
+the previous one ended) and is cheap; painting pages is the numpy-heavy part and is shared
+with worker processes (``workers``) when the document is long enough to repay it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from glyphserve.errors import EmptyDocumentError
+from glyphserve.render.config import RenderConfig, has_cjk
+from glyphserve.render.document import PageLine, RenderedDocument, RenderedPage, RenderStats
+from glyphserve.render.fonts import CharTable, FontFace, ResolvedFont, WidthMap, resolve_font
+from glyphserve.render.layout import PageLayout, paginate
+from glyphserve.render.lines import LayoutContext
+from glyphserve.render.raster import DrawList, GlyphAtlas, RasterContext, draw_list, page_pixels, paint
+from glyphserve.render.text import PreparedText, prepare
+from glyphserve.render.tokens import count_text_tokens, glm4v_vision_tokens
+from glyphserve.render.workers import BLOCKS, WorkerPool, attached, worker_pool
+
+PARALLEL_MIN_PAGES = 6  # below this, a process pool costs more than it saves
+_BATCH = 1  # pages per task sent to a worker
+
+
+@lru_cache(maxsize=8)
+def _char_table(face: FontFace) -> CharTable:
+    return CharTable(face)
+
+
+@lru_cache(maxsize=16)
+def _atlas(face: FontFace, size_px: float) -> GlyphAtlas:
+    return GlyphAtlas(_char_table(face), size_px)
+
+
+@lru_cache(maxsize=16)
+def _raster_context(config: RenderConfig, face: FontFace) -> RasterContext:
+    return RasterContext(config, _char_table(face), _atlas(face, config.font_size * config.scale))
+
+
+@dataclass
+class _Setup:
+    config: RenderConfig
+    font: ResolvedFont
+    layout: LayoutContext
+    raster: RasterContext
+
+
+def _setup(text: str, config: RenderConfig) -> _Setup:
+    font = resolve_font(config.font_path)
+    table = _char_table(font.face)
+    layout = LayoutContext(config, WidthMap(table), has_cjk(text))
+    return _Setup(config, font, layout, _raster_context(config, font.face))
+
+
+def _page_layouts(prepared: PreparedText, setup: _Setup) -> Iterator[tuple[PageLayout, bool]]:
+    """Pages with a flag telling whether each is the last one (the crop treats it apart)."""
+    pending: PageLayout | None = None
+    for page in paginate(prepared, setup.layout):
+        if pending is not None:
+            yield pending, False
+        pending = page
+    if pending is not None:
+        yield pending, True
+
+
+def _paint_batch(config: RenderConfig, face: FontFace, jobs: list[tuple[DrawList, bool]], shm_name: str,
+                 slot: int) -> list[tuple[int, ...]]:
+    """Worker task: paint and crop a few pages into the caller's shared memory (``slot``
+    bytes apart); returns their shapes."""
+    rc = _raster_context(config, face)
+    shm = attached(shm_name)
+    shapes = []
+    for i, (dl, last) in enumerate(jobs):
+        def alloc(shape, dtype, offset=i * slot):
+            return np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=offset)
+
+        shapes.append(paint(dl, rc, last=last, alloc=alloc).shape)
+    return shapes
+
+
+class _SharedBatch:
+    """One batch of pages a worker paints into a shared block."""
+
+    def __init__(self, numbers: list[int], config: RenderConfig):
+        w, h = page_pixels(config)
+        self.numbers = numbers
+        self.slot = h * math.ceil(w * max(1.0, config.horizontal_scale)) * 3
+        self.shm = BLOCKS.take(len(numbers) * self.slot)
+
+    def images(self, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+        return [np.ndarray(shape, dtype=np.uint8, buffer=self.shm.buf, offset=i * self.slot).copy()
+                for i, shape in enumerate(shapes)]
+
+
+class _Spans:
+    """Page char spans: consecutive, covering the whole text; each page ends after its last line."""
+
+    def __init__(self, prepared: PreparedText, base: int):
+        self.prepared = prepared
+        self.base = base
+        self.end = 0
+
+    def next(self, page: PageLayout, last: bool) -> tuple[int, int]:
+        start = self.end
+        if last:
+            end = self.prepared.original_length
+        else:
+            end = start
+            for para in reversed(page.paragraphs):  # the last line that drew source text
+                hi = next((e for e in (ln.source_end() for ln in reversed(para.lines)) if e >= 0), -1)
+                if hi >= 0:
+                    end = self.prepared.to_original(hi)
+                    break
+        self.end = max(end, start)
+        return start + self.base, self.end + self.base
+
+
+def _page_lines(page: PageLayout, dl: DrawList) -> list[PageLine]:
+    return [PageLine(line.text.rstrip(" "), y) for (_p, _i, line), y in zip(page.lines, dl.line_y)]
+
+
+def iter_pages(text: str, config: RenderConfig, *, first_number: int = 1, offset: int = 0) -> Iterator[RenderedPage]:
+    """Render page by page in this process, holding one page at a time (for long texts).
+
+    ``offset`` is added to the char spans (for text that is part of a larger document).
+    """
+    if not text.strip():
+        raise EmptyDocumentError("there is no text to render")
+    setup = _setup(text, config)
+    prepared = prepare(text)
+    spans = _Spans(prepared, offset)
+    rc = setup.raster
+    for number, (page, last) in enumerate(_page_layouts(prepared, setup), first_number):
+        dl = draw_list(page, rc)
+        image = paint(dl, rc, last=last)
+        h, w = image.shape[:2]
+        yield RenderedPage(number, image, spans.next(page, last), _page_lines(page, dl), glm4v_vision_tokens(w, h))
+
+
+def render_text(
+    text: str,
+    config: RenderConfig,
+    *,
+    workers: int | None = None,
+    tokenizer: Any = None,
+    progress: Callable[[int], None] | None = None,
+) -> RenderedDocument:
+    """Render ``text`` into pages exactly like Glyph's official renderer, fast.
+
+    ``workers``: processes used to paint pages (None: all cores when the text is long,
+    1: this process only). ``progress`` is called with the number of pages done.
+    """
+    t0 = time.perf_counter()
+    pages = list(_render_pages(text, config, workers, progress, first_number=1, offset=0))
+    return _document(text, config, pages, tokenizer, time.perf_counter() - t0)
+
+
+def _render_pages(text: str, config: RenderConfig, workers: int | None, progress, *, first_number: int,
+                  offset: int) -> Iterator[RenderedPage]:
+    if not text.strip():
+        raise EmptyDocumentError("there is no text to render")
+    n_workers = _worker_count(workers, text, config)
+    if n_workers <= 1:
+        for page in iter_pages(text, config, first_number=first_number, offset=offset):
+            yield page
+            if progress:
+                progress(page.number - first_number + 1)
+        return
+    pool = worker_pool(n_workers - 1)
+    if not pool.lock.acquire(blocking=False):  # another render has the pool: do this one here
+        yield from _render_pages(text, config, 1, progress, first_number=first_number, offset=offset)
+        return
+    try:
+        yield from _render_pooled(text, config, pool, progress, first_number, offset)
+    finally:
+        pool.lock.release()
+
+
+def _render_pooled(text: str, config: RenderConfig, pool: WorkerPool, progress, first_number: int,
+                   offset: int) -> Iterator[RenderedPage]:
+    """Lay out here; the workers paint while this process lays out, and this process paints
+    too whenever every worker already has two pages queued, so all cores stay busy."""
+    setup = _setup(text, config)
+    prepared = prepare(text)
+    spans = _Spans(prepared, offset)
+    rc = setup.raster
+    queued: list[deque[_SharedBatch]] = [deque() for _ in range(len(pool))]
+    images: dict[int, np.ndarray] = {}
+    meta: dict[int, tuple[tuple[int, int], list[PageLine]]] = {}
+    batch: list[tuple[DrawList, bool]] = []
+    numbers: list[int] = []
+    next_out = first_number
+
+    def collect(block: bool) -> None:
+        for worker, waiting in enumerate(queued):
+            while waiting and (block or pool.ready(worker)):
+                shared = waiting.popleft()
+                try:
+                    images.update(zip(shared.numbers, shared.images(pool.receive(worker))))
+                finally:
+                    BLOCKS.give(shared.shm)
+
+    def finished() -> Iterator[RenderedPage]:
+        nonlocal next_out
+        while next_out in images:
+            image = images.pop(next_out)
+            span, lines = meta.pop(next_out)
+            h, w = image.shape[:2]
+            yield RenderedPage(next_out, image, span, lines, glm4v_vision_tokens(w, h))
+            if progress:
+                progress(next_out - first_number + 1)
+            next_out += 1
+
+    try:
+        for number, (page, last) in enumerate(_page_layouts(prepared, setup), first_number):
+            dl = draw_list(page, rc)
+            meta[number] = (spans.next(page, last), _page_lines(page, dl))
+            batch.append((dl, last))
+            numbers.append(number)
+            if len(batch) == _BATCH or last:
+                worker = min(range(len(pool)), key=lambda w: len(queued[w]))
+                if len(queued[worker]) < 2:
+                    shared = _SharedBatch(numbers, config)
+                    queued[worker].append(shared)
+                    pool.send(worker, _paint_batch, config, setup.font.face, batch, shared.shm.name, shared.slot)
+                else:
+                    images.update(zip(numbers, (paint(d, rc, last=lst) for d, lst in batch)))
+                batch, numbers = [], []
+                collect(block=False)
+                yield from finished()
+        collect(block=True)
+        yield from finished()
+    finally:
+        pool.drain()  # replies still owed after an error or an abandoned iteration
+        for waiting in queued:
+            for shared in waiting:
+                BLOCKS.give(shared.shm)
+
+
+def _document(text: str, config: RenderConfig, pages: list[RenderedPage], tokenizer, seconds: float,
+              font: ResolvedFont | None = None) -> RenderedDocument:
+    tokens, method = count_text_tokens(text, tokenizer)
+    stats = RenderStats(len(text), tokens, method, sum(p.vision_tokens for p in pages), seconds)
+    return RenderedDocument(config, pages, stats, font or resolve_font(config.font_path))
+
+
+def render_document(doc: Any, config: RenderConfig, *, workers: int | None = None, tokenizer: Any = None,
+                    progress: Callable[[int], None] | None = None) -> RenderedDocument:
+    """Render a ``glyphserve.ingest.Document``: text parts become pages, image parts (pages
+    without a text layer) pass through as ``scan`` pages scaled to fit the page size.
+
+    Char spans index ``doc.text`` (text parts joined with a blank line).
+    """
+    from glyphserve.ingest.document import PART_SEPARATOR
+
+    t0 = time.perf_counter()
+    pages: list[RenderedPage] = []
+    offset = 0
+    first_text = True
+    for part in doc.parts:
+        if hasattr(part, "text"):
+            if not first_text:
+                offset += len(PART_SEPARATOR)  # Document.text joins text parts with it
+            first_text = False
+            if part.text.strip():
+                done = len(pages)
+                part_progress = (lambda n, done=done: progress(done + n)) if progress else None
+                pages.extend(_render_pages(part.text, config, workers, part_progress, first_number=done + 1,
+                                           offset=offset))
+            offset += len(part.text)
+        else:
+            pages.append(_scan_page(part.image, config, len(pages) + 1, offset))
+    if not pages:
+        raise EmptyDocumentError("the document has no text or page images to render")
+    text = doc.text
+    result = _document(text, config, pages, tokenizer, time.perf_counter() - t0)
+    result.source_name = getattr(doc, "source_name", None)
+    return result
+
+
+def _scan_page(image: np.ndarray, config: RenderConfig, number: int, offset: int) -> RenderedPage:
+    from PIL import Image
+
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    img = img[..., :3].astype(np.uint8, copy=False)
+    max_w, max_h = page_pixels(config)
+    h, w = img.shape[:2]
+    scale = min(max_w / w, max_h / h, 1.0)
+    if scale < 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img = np.asarray(Image.fromarray(img).resize(size, Image.LANCZOS))
+    h, w = img.shape[:2]
+    return RenderedPage(number, np.ascontiguousarray(img), (offset, offset), [], glm4v_vision_tokens(w, h), "scan")
+
+
+def _worker_count(workers: int | None, text: str, config: RenderConfig) -> int:
+    if workers is not None:
+        return max(1, int(workers))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores <= 1:
+        return 1
+    # ~ characters per page, from the frame size; small documents stay in-process.
+    est_pages = len(text) / max(1.0, _chars_per_page(config))
+    return cores if est_pages >= PARALLEL_MIN_PAGES else 1
+
+
+def _chars_per_page(config: RenderConfig) -> float:
+    lines = (config.page_size[1] - 2 * config.margin_y - 12) / config.line_height
+    per_line = (config.page_size[0] - 2 * config.margin_x - 12) / (0.5 * config.font_size)
+    return lines * per_line
+

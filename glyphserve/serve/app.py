@@ -1,0 +1,220 @@
+"""The FastAPI application: API routes, JSON errors, auth, upload limits, metrics, and the UI at ``/``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glyphserve.errors import FileTooLargeError, GlyphserveError, QueueFullError
+from glyphserve.serve.api import build_router, validation_message
+from glyphserve.serve.config import ServeConfig
+from glyphserve.serve.errors import InternalError, UnauthorizedError
+from glyphserve.serve.service import GlyphService
+
+if TYPE_CHECKING:
+    from glyphserve.engine import Engine
+
+log = logging.getLogger("glyphserve.serve")
+
+# Multipart framing around an upload; the file itself is checked against the exact limit.
+_BODY_SLACK = 64 * 1024
+# Past this, an oversized body is not drained before answering 413; the connection is closed.
+_DRAIN_LIMIT = 256 * 2**20
+
+
+def _is_api(path: str) -> bool:
+    return path == "/metrics" or path == "/v1" or path.startswith("/v1/")
+
+
+class ServiceMiddleware:
+    """Pure ASGI (so streaming and disconnects pass through untouched): bearer auth and body
+    limits on API routes, and request/error/latency metrics by route template."""
+
+    def __init__(self, app, service: GlyphService):
+        self.app = app
+        self.service = service
+        self.limit = service.config.max_upload_bytes + _BODY_SLACK
+        key = service.config.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not (_is_api(scope["path"]) or scope["path"] == "/health"):
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_tracked(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await self._drain(receive)
+                await _send_error(send_tracked, refusal, scope)
+                return
+            await self.app(scope, self._limited(receive), send_tracked)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            metrics = self.service.metrics
+            metrics.requests.labels(label, scope["method"], str(status["code"])).inc()
+            metrics.latency.labels(label).observe(time.perf_counter() - started)
+            if status["code"] >= 400:
+                code = scope.get("state", {}).get("error_code", "http_error")
+                metrics.errors.labels(label, str(status["code"]), code).inc()
+
+    def _refusal(self, scope) -> GlyphserveError | None:
+        headers = dict(scope["headers"])
+        if self.expected is not None and _is_api(scope["path"]):
+            if not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
+                return UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> FileTooLargeError:
+        return FileTooLargeError(
+            f"the request body is larger than this server's {self.service.config.max_upload_mb:g} MiB upload limit "
+            "(--max-upload-mb)"
+        )
+
+    def _limited(self, receive):
+        """Counts body bytes of chunked requests that announced no length."""
+        seen = 0
+
+        async def wrapped():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise self._too_large()
+            return message
+
+        return wrapped
+
+    @staticmethod
+    async def _drain(receive) -> None:
+        """Read (and drop) the request body, so the client sees the answer instead of a reset."""
+        total = 0
+        while total <= _DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            total += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+
+async def _send_error(send, error: GlyphserveError, scope) -> None:
+    scope.setdefault("state", {})["error_code"] = error.code
+    body = json.dumps(error.to_dict()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if isinstance(error, UnauthorizedError):
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+OPENAI_ROUTES = ("/v1/chat/completions",)
+
+
+def error_response(request: Request, error: GlyphserveError, service: GlyphService) -> JSONResponse:
+    """``{"error": code, "message": ...}``; on OpenAI routes OpenAI's shape, which its clients read."""
+    request.state.error_code = error.code
+    headers = {}
+    if isinstance(error, QueueFullError):
+        headers["Retry-After"] = str(service.scheduler.retry_after())
+    body = error.to_dict()
+    if request.url.path in OPENAI_ROUTES:
+        body = {"error": {"message": error.message, "type": error.code, "code": error.code}}
+    return JSONResponse(body, status_code=error.http_status, headers=headers)
+
+
+def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: str | None = None) -> FastAPI:
+    """Build the service; ``engine`` (already loaded) answers questions, else the extractive backend does."""
+    service = GlyphService(config, engine, model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.close()
+
+    app = FastAPI(title="glyphserve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(GlyphserveError)
+    async def on_glyphserve_error(request: Request, exc: GlyphserveError):
+        return error_response(request, exc, service)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        from glyphserve.serve.errors import InvalidRequestError
+
+        return error_response(request, InvalidRequestError(validation_message(exc)), service)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        error = GlyphserveError(str(exc.detail))
+        error.http_status, error.code = exc.status_code, "not_found" if exc.status_code == 404 else "http_error"
+        return error_response(request, error, service)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(request, InternalError("internal error; the server log has the details"), service)
+
+    app.include_router(build_router(service))
+    app.add_middleware(ServiceMiddleware, service=service)
+    if config.ui:
+        from glyphserve.serve.ui import mount_ui
+
+        app = mount_ui(app, service)
+    return app
+
+
+def load_engine(config: ServeConfig) -> tuple["Engine | None", str | None]:
+    """Load the model named by ``--model`` / ``--random-weights`` (None, None without one)."""
+    if not config.has_model:
+        return None, None
+    from glyphserve.engine import Engine, EngineConfig
+
+    engine_config = EngineConfig(model=config.model, random_weights=config.random_weights,
+                                 dtype=config.dtype, device=config.device, max_batch_size=config.max_batch)
+    name = config.model or f"random-{config.random_weights}"
+    print(f"glyphserve: loading {name} ...", flush=True)
+    started = time.perf_counter()
+    engine = Engine.load(engine_config)
+    print(f"glyphserve: model loaded in {time.perf_counter() - started:.1f} s", flush=True)
+    return engine, name
+
+
+def run(config: ServeConfig) -> int:
+    """Load the model (if any) and serve until interrupted."""
+    import uvicorn
+
+    config.validate()
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    engine, name = load_engine(config)
+    app = create_app(config, engine, name)
+    info = app.state.service.describe()
+    base = f"http://{config.host}:{config.port}"
+    ui = f"web UI {base}/  " if config.ui else ""
+    print(f"glyphserve: {ui}API {base}/v1  data {config.data_dir}", flush=True)
+    if info["notice"]:
+        print(f"glyphserve: {info['notice']}", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0

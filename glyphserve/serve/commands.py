@@ -1,0 +1,68 @@
+"""``glyphserve serve`` and ``glyphserve doctor``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="web UI + OpenAI-compatible API in one process",
+        description="Start the web UI (at /) and the HTTP API (at /v1) in one process. Without --model, "
+                    "documents are rendered and answered extractively (BM25 passages with their pages).",
+    )
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; any other address requires --api-key)")
+    serve.add_argument("--port", type=int, default=7860)
+    _model_arguments(serve)
+    serve.add_argument("--data-dir", type=Path, default=None,
+                       help="documents, pages and the SQLite index (default ~/.local/share/glyphserve, or ./data)")
+    serve.add_argument("--api-key", default=os.environ.get("GLYPHSERVE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on the API and this password in the UI "
+                            "(default: $GLYPHSERVE_API_KEY)")
+    serve.add_argument("--max-upload-mb", type=float, default=50, help="largest upload accepted (default 50)")
+    serve.add_argument("--max-pages", type=int, default=500, help="most rendered pages per document (default 500)")
+    serve.add_argument("--queue-size", type=int, default=64,
+                       help="requests allowed to wait for the model; past it, 429 (default 64)")
+    serve.add_argument("--max-batch", type=int, default=4, help="requests answered together (default 4)")
+    serve.add_argument("--request-timeout", type=float, default=300,
+                       help="seconds before a request is answered 504 (default 300)")
+    serve.add_argument("--no-ui", action="store_true", help="serve the API only")
+    serve.set_defaults(func=_serve)
+
+    doctor = subparsers.add_parser("doctor", help="check GPU, libraries, fonts and model weights",
+                                   description="Print what `glyphserve serve` will find on this machine.")
+    _model_arguments(doctor)
+    doctor.set_defaults(func=_doctor)
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="model directory or Hugging Face id (e.g. zai-org/Glyph); none: extractive answers")
+    parser.add_argument("--random-weights", default=None, choices=["glm-4.1v-9b"],
+                        help="full-size architecture with random weights (benchmarks, no checkpoint needed)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from glyphserve.serve.app import run
+    from glyphserve.serve.config import ServeConfig, default_data_dir
+
+    config = ServeConfig(
+        host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(), model=args.model,
+        random_weights=args.random_weights, dtype=args.dtype, device=args.device, api_key=args.api_key or None,
+        max_upload_mb=args.max_upload_mb, max_pages=args.max_pages, queue_size=args.queue_size,
+        max_batch=args.max_batch, request_timeout=args.request_timeout, ui=not args.no_ui,
+    )
+    return run(config)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from glyphserve.serve.doctor import report
+
+    text, ok = report(model=args.model, random_weights=args.random_weights, device=args.device)
+    print(text)
+    return 0 if ok else 1

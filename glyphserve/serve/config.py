@@ -1,0 +1,78 @@
+"""Settings of one ``glyphserve serve`` process."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from glyphserve.errors import ConfigError
+
+LOCAL_HOSTS = {"localhost", "ip6-localhost"}
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/glyphserve`` (``~/.local/share/glyphserve``), or ``./data`` without a usable home."""
+    base = os.environ.get("XDG_DATA_HOME") or (Path.home() / ".local" / "share")
+    candidate = Path(base) / "glyphserve"
+    try:
+        candidate.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return Path("data")
+    return candidate if os.access(candidate, os.W_OK) else Path("data")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOCAL_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    data_dir: Path = Path("data")
+    model: str | None = None
+    random_weights: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    api_key: str | None = None
+    max_upload_mb: float = 50.0
+    max_pages: int = 500
+    queue_size: int = 64
+    max_batch: int = 8
+    request_timeout: float = 300.0
+    ui: bool = True
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def has_model(self) -> bool:
+        return bool(self.model or self.random_weights)
+
+    def validate(self) -> None:
+        """Refuse settings that would make the service unsafe or unusable."""
+        if not is_loopback(self.host) and not self.api_key:
+            raise ConfigError(
+                f"--host {self.host} exposes the service beyond this machine; "
+                "set --api-key KEY (or GLYPHSERVE_API_KEY) so clients must send 'Authorization: Bearer KEY', "
+                "or bind to 127.0.0.1"
+            )
+        for name, value in (
+            ("--max-upload-mb", self.max_upload_mb),
+            ("--max-pages", self.max_pages),
+            ("--queue-size", self.queue_size),
+            ("--max-batch", self.max_batch),
+            ("--request-timeout", self.request_timeout),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")

@@ -1,0 +1,258 @@
+"""The one owner of the backend: a worker thread fed by a bounded queue.
+
+Request handlers (asyncio) submit jobs; the worker drains up to ``max_batch`` waiting
+non-streaming jobs into one ``answer_batch`` call, runs streaming jobs (and lone
+non-streaming ones) one at a time through the backend's stream, and hands results back to
+the event loop with ``call_soon_threadsafe``. A job whose client went away or whose deadline
+passed is skipped if still queued, and stops at the next token if it runs alone (the engine
+offers no way to stop one row of a running batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from glyphserve.errors import GlyphserveError, QueueFullError
+from glyphserve.serve.backends import Backend, ChatJob, Delta, Reply
+from glyphserve.serve.errors import InternalError, RequestTimeoutError
+
+log = logging.getLogger("glyphserve.serve")
+
+_END = object()
+
+
+class Cancelled(Exception):
+    """The job was cancelled before it produced a result."""
+
+
+@dataclass
+class _Ticket:
+    job: ChatJob
+    streaming: bool
+    loop: asyncio.AbstractEventLoop
+    deadline: float
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: asyncio.Future | None = None
+    events: asyncio.Queue | None = None
+
+    def deliver(self, item) -> None:
+        """Thread-safe: resolve the future, or push ``item`` onto the event queue."""
+        self.loop.call_soon_threadsafe(self._deliver, item)
+
+    def _deliver(self, item) -> None:
+        if self.events is not None:
+            self.events.put_nowait(item)
+        elif not self.future.done():
+            if isinstance(item, BaseException):
+                self.future.set_exception(item)
+            else:
+                self.future.set_result(item)
+
+
+@dataclass
+class SchedulerHooks:
+    """Callbacks for metrics; all optional."""
+
+    queue_depth: Callable[[int], None] = lambda depth: None
+    batch: Callable[[int], None] = lambda size: None
+    reply: Callable[[Reply], None] = lambda reply: None
+    cancelled: Callable[[], None] = lambda: None
+
+
+class Scheduler:
+    def __init__(self, backend: Backend, *, queue_size: int, max_batch: int, timeout: float,
+                 hooks: SchedulerHooks | None = None):
+        self.backend = backend
+        self.queue_size = queue_size
+        self.max_batch = max_batch
+        self.timeout = timeout
+        self.hooks = hooks or SchedulerHooks()
+        self._queue: deque[_Ticket] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._running: list[_Ticket] = []
+        self._seconds_per_job = 1.0  # moving average, for Retry-After
+        self._thread = threading.Thread(target=self._work, name="glyphserve-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def retry_after(self) -> int:
+        """Seconds a client should wait before retrying a refused request."""
+        return max(1, math.ceil(self._seconds_per_job * (len(self._queue) + 1) / self.max_batch))
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            for ticket in self._queue:
+                ticket.cancel.set()
+                ticket.deliver(Cancelled())
+            self._queue.clear()
+            for ticket in self._running:  # a lone job stops at its next token
+                ticket.cancel.set()
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    # -- asyncio side ---------------------------------------------------------------------
+
+    def _submit(self, job: ChatJob, streaming: bool) -> _Ticket:
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(job, streaming, loop, time.monotonic() + self.timeout)
+        if streaming:
+            ticket.events = asyncio.Queue()
+        else:
+            ticket.future = loop.create_future()
+        with self._cond:
+            if self._stopping:
+                raise QueueFullError("the service is shutting down")
+            if len(self._queue) >= self.queue_size:
+                raise QueueFullError(
+                    f"the request queue is full ({self.queue_size} waiting); retry in {self.retry_after()} s"
+                )
+            self._queue.append(ticket)
+            self.hooks.queue_depth(len(self._queue))
+            self._cond.notify()
+        return ticket
+
+    def _timeout_error(self) -> RequestTimeoutError:
+        return RequestTimeoutError(f"the request took longer than the {self.timeout:g} s limit (--request-timeout)")
+
+    async def answer(self, job: ChatJob) -> Reply:
+        """Queue ``job`` and wait for its reply; cancelling the awaiting task cancels the job."""
+        ticket = self._submit(job, streaming=False)
+        try:
+            return await asyncio.wait_for(asyncio.shield(ticket.future), self.timeout)
+        except asyncio.TimeoutError:
+            raise self._timeout_error() from None
+        finally:
+            if not ticket.future.done():
+                ticket.cancel.set()
+                ticket.future.cancel()  # nobody waits for it any more
+
+    async def stream(self, job: ChatJob) -> AsyncIterator[Delta | Reply]:
+        """Queue a streaming ``job``; the first item is awaited before this returns, so
+        errors raised before the first token surface as exceptions, not as a broken stream.
+        Closing the returned iterator cancels the job."""
+        ticket = self._submit(job, streaming=True)
+        try:
+            first = await self._next(ticket)
+        except BaseException:
+            ticket.cancel.set()
+            raise
+        return self._iterate(ticket, first)
+
+    async def _next(self, ticket: _Ticket):
+        remaining = ticket.deadline - time.monotonic()
+        try:
+            item = await asyncio.wait_for(ticket.events.get(), max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            ticket.cancel.set()
+            raise self._timeout_error() from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def _iterate(self, ticket: _Ticket, first) -> AsyncIterator[Delta | Reply]:
+        try:
+            item = first
+            while item is not _END:
+                yield item
+                item = await self._next(ticket)
+        finally:
+            ticket.cancel.set()
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def _take(self) -> list[_Ticket]:
+        """Block until work arrives; return one streaming ticket or a batch of non-streaming ones."""
+        with self._cond:
+            while not self._stopping:
+                while self._queue and self._queue[0].cancel.is_set():
+                    self._queue.popleft().deliver(Cancelled())
+                    self.hooks.cancelled()
+                if self._queue:
+                    break
+                self._cond.wait()
+            if self._stopping:
+                return []
+            first = self._queue.popleft()
+            batch = [first]
+            if not first.streaming:
+                for ticket in list(self._queue):
+                    if len(batch) >= self.max_batch:
+                        break
+                    if not ticket.streaming and not ticket.cancel.is_set():
+                        self._queue.remove(ticket)
+                        batch.append(ticket)
+            self.hooks.queue_depth(len(self._queue))
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                return
+            self._running = batch
+            started = time.monotonic()
+            self.hooks.batch(len(batch))
+            try:
+                if len(batch) == 1:
+                    self._run_single(batch[0])
+                else:
+                    self._run_batch(batch)
+            except Exception:  # never let the worker die; each ticket already got its error
+                log.exception("scheduler worker error")
+            self._running = []
+            per_job = (time.monotonic() - started) / len(batch)
+            self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * per_job
+
+    def _run_batch(self, batch: list[_Ticket]) -> None:
+        try:
+            replies = self.backend.answer_batch([t.job for t in batch])
+        except Exception:
+            # Answer one by one so an error reaches only the request that caused it.
+            for ticket in batch:
+                self._run_single(ticket)
+            return
+        for ticket, reply in zip(batch, replies):
+            self.hooks.reply(reply)
+            ticket.deliver(reply)
+
+    def _run_single(self, ticket: _Ticket) -> None:
+        """One job through the backend's stream, so it stops at the next token once cancelled
+        or past its deadline; a non-streaming ticket gets only the final Reply."""
+        items = self.backend.stream(ticket.job)
+        try:
+            for item in items:
+                if ticket.cancel.is_set() or time.monotonic() > ticket.deadline:
+                    self.hooks.cancelled()
+                    ticket.deliver(Cancelled() if ticket.cancel.is_set() else self._timeout_error())
+                    return
+                if isinstance(item, Reply):
+                    self.hooks.reply(item)
+                    if not ticket.streaming:
+                        ticket.deliver(item)
+                        return
+                if ticket.streaming:
+                    ticket.deliver(item)
+            ticket.deliver(_END if ticket.streaming else InternalError("the backend gave no answer"))
+        except Exception as exc:
+            ticket.deliver(_user_error(exc))
+        finally:
+            items.close()
+
+
+def _user_error(exc: Exception) -> Exception:
+    if isinstance(exc, GlyphserveError):
+        return exc
+    log.error("backend failure", exc_info=exc)
+    return InternalError(f"the backend failed ({type(exc).__name__}); the server log has the details")

@@ -1,0 +1,205 @@
+"""The service behind both the HTTP API and the web UI: documents in, answers out."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator
+
+import numpy as np
+from PIL import Image
+
+from glyphserve.errors import FileTooLargeError, TooManyPagesError
+from glyphserve.serve.backends import ChatJob, Delta, EngineBackend, ExtractiveBackend, Reply
+from glyphserve.serve.config import ServeConfig
+from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
+from glyphserve.serve.metrics import Metrics
+from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
+from glyphserve.serve.store import DocumentRecord, DocumentStore
+
+if TYPE_CHECKING:
+    from glyphserve.engine import Engine
+
+PRESETS = ("auto", "glyph-en", "glyph-zh")
+DPIS = (72, 96)
+NEWLINES = ("br", "marker")
+
+
+@dataclass
+class RenderOptions:
+    preset: str = "auto"
+    dpi: int | None = None  # None: the preset's
+    newline: str | None = None  # None: the preset's
+
+    def check(self) -> "RenderOptions":
+        if self.preset not in PRESETS:
+            raise InvalidRequestError(f"preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
+        if self.dpi is not None and self.dpi not in DPIS:
+            raise InvalidRequestError(f"dpi must be 72 or 96, not {self.dpi!r}")
+        if self.newline is not None and self.newline not in NEWLINES:
+            raise InvalidRequestError(f"newline must be br or marker, not {self.newline!r}")
+        return self
+
+
+class GlyphService:
+    def __init__(self, config: ServeConfig, engine: "Engine | None" = None, model_name: str | None = None):
+        self.config = config
+        self.store = DocumentStore(config.data_dir)
+        self.metrics = Metrics(documents=self.store.count)
+        if engine is None:
+            self.backend = ExtractiveBackend(self.store)
+            self.model_name = "glyphserve-extractive"
+        else:
+            self.backend = EngineBackend(engine, model_name or "glyph")
+            self.model_name = model_name or "glyph"
+        hooks = SchedulerHooks(
+            queue_depth=self.metrics.queue_depth.set,
+            batch=self.metrics.batch_size.observe,
+            reply=self.metrics.observe_reply,
+            cancelled=self.metrics.cancelled.inc,
+        )
+        self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_batch,
+                                   timeout=config.request_timeout, hooks=hooks)
+        self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")
+        self._pages: OrderedDict[str, list[np.ndarray]] = OrderedDict()  # decoded pages for the engine
+        self._pages_lock = threading.Lock()
+
+    @property
+    def has_model(self) -> bool:
+        return isinstance(self.backend, EngineBackend)
+
+    def describe(self) -> dict:
+        """What answers questions, for /health, /v1/models and the UI."""
+        if self.has_model:
+            return {"backend": "engine", "model": self.model_name, "notice": None}
+        return {"backend": "extractive", "model": self.model_name, "notice": NO_MODEL_HINT}
+
+    def close(self) -> None:
+        from glyphserve.render import shutdown_pool
+
+        self.scheduler.close()
+        self._render_pool.shutdown(wait=False, cancel_futures=True)
+        shutdown_pool()
+        self.store.close()
+
+    # -- documents ------------------------------------------------------------------------
+
+    async def add_document(self, *, data: bytes | None = None, filename: str | None = None,
+                           text: str | None = None, name: str | None = None,
+                           options: RenderOptions | None = None) -> DocumentRecord:
+        """Ingest, render and store a file (``data``) or pasted ``text``."""
+        options = (options or RenderOptions()).check()
+        size = len(data) if data is not None else len((text or "").encode("utf-8"))
+        if size > self.config.max_upload_bytes:
+            raise FileTooLargeError(
+                f"the upload is {size / 2**20:.1f} MiB; this server accepts at most "
+                f"{self.config.max_upload_mb:g} MiB (--max-upload-mb)"
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._render_pool, self._add_document, data, filename, text, name, options)
+
+    def _add_document(self, data, filename, text, name, options: RenderOptions) -> DocumentRecord:
+        from glyphserve.ingest import ingest_bytes, ingest_text
+        from glyphserve.render import render_document, resolve_config, write_rendered
+
+        if data is not None:
+            document = ingest_bytes(data, filename, max_bytes=self.config.max_upload_bytes)
+        else:
+            document = ingest_text(text or "", max_bytes=self.config.max_upload_bytes)
+        config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
+        rendered = render_document(document, config, progress=self._page_counter())
+        self.metrics.stages.labels("render").observe(rendered.stats.seconds)
+        return self.store.add(
+            name=name or document.source_name, kind=document.kind, text=document.text, pages=len(rendered.pages),
+            summary=compression_summary(rendered, options.preset), write_pages=lambda folder: write_rendered(rendered, folder),
+        )
+
+    def _page_counter(self):
+        """A render progress callback that stops rendering once past ``--max-pages``."""
+        done = 0
+
+        def count(_):
+            nonlocal done
+            done += 1
+            if done > self.config.max_pages:
+                raise TooManyPagesError(
+                    f"the document renders to more than {self.config.max_pages} pages, this server's limit "
+                    "(--max-pages)"
+                )
+
+        return count
+
+    def delete_document(self, document_id: str) -> None:
+        self.store.delete(document_id)
+        with self._pages_lock:
+            self._pages.pop(document_id, None)
+        if isinstance(self.backend, ExtractiveBackend):
+            self.backend.forget(document_id)
+
+    def page_png(self, document_id: str, number: int, rows: tuple[int, int] | None = None) -> bytes | Path:
+        """The page file, or PNG bytes of the band of pixel ``rows`` (top, bottom) of it."""
+        path = self.store.page_path(document_id, number)
+        if rows is None:
+            return path
+        top, bottom = rows
+        with Image.open(path) as image:
+            if not 0 <= top < bottom <= image.height:
+                raise InvalidRequestError(f"top and bottom must satisfy 0 <= top < bottom <= {image.height}")
+            band = image.crop((0, top, image.width, bottom))
+            out = io.BytesIO()
+            band.save(out, format="PNG")
+        return out.getvalue()
+
+    def _page_arrays(self, document_id: str) -> list[np.ndarray]:
+        with self._pages_lock:
+            cached = self._pages.get(document_id)
+        if cached is None:
+            record = self.store.get(document_id)
+            cached = []
+            for number in range(1, record.pages + 1):
+                with Image.open(self.store.page_path(document_id, number)) as image:
+                    cached.append(np.asarray(image.convert("RGB")))
+        with self._pages_lock:
+            self._pages[document_id] = cached
+            self._pages.move_to_end(document_id)
+            while len(self._pages) > 4:
+                self._pages.popitem(last=False)
+        return cached
+
+    # -- answers --------------------------------------------------------------------------
+
+    async def prepare(self, job: ChatJob) -> ChatJob:
+        """Check the document exists and, for the model, load its pages (off the event loop)."""
+        if job.document_id is not None:
+            self.store.get(job.document_id)
+            if self.has_model:
+                job.pages = await asyncio.get_running_loop().run_in_executor(
+                    self._render_pool, self._page_arrays, job.document_id)
+        return job
+
+    async def answer(self, job: ChatJob) -> Reply:
+        return await self.scheduler.answer(await self.prepare(job))
+
+    async def stream(self, job: ChatJob) -> AsyncIterator[Delta | Reply]:
+        return await self.scheduler.stream(await self.prepare(job))
+
+
+def compression_summary(rendered, preset: str) -> dict:
+    """Characters, text tokens, vision tokens and their ratio, plus the render settings used."""
+    stats, config = rendered.stats, rendered.config
+    font = rendered.font.manifest()["name"] if rendered.font else Path(config.font_path).name
+    return {
+        "characters": stats.characters,
+        "text_tokens": stats.text_tokens,
+        "text_token_method": stats.text_token_method,
+        "vision_tokens": stats.vision_tokens,
+        "compression_ratio": round(stats.compression_ratio, 3),
+        "scan_pages": sum(1 for p in rendered.pages if p.kind == "scan"),
+        "render_seconds": round(stats.seconds, 3),
+        "render": {"preset": preset, "dpi": config.dpi, "newline": config.newline_mode, "font": font},
+    }

@@ -1,0 +1,162 @@
+"""Documents on disk: an SQLite index plus one folder per document.
+
+``<data>/index.sqlite3`` lists the documents; ``<data>/docs/<id>/`` holds what
+``glyphserve.render.write_rendered`` writes (``page_001.png`` ..., ``manifest.json`` with each
+page's character span and line baselines) and ``source.txt``, the text the pages were rendered from.
+A document folder is written under a temporary name and renamed into place before its row
+is inserted, so a crash never leaves a listed document half written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from glyphserve.errors import NotFoundError
+from glyphserve.render.document import page_filename
+from glyphserve.serve.errors import InvalidRequestError
+from glyphserve.serve.retrieval import PageLayout
+
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    name TEXT,
+    kind TEXT NOT NULL,
+    created REAL NOT NULL,
+    pages INTEGER NOT NULL,
+    summary TEXT NOT NULL
+)
+"""
+
+
+def check_id(document_id: str) -> str:
+    """Return ``document_id`` if it is a well-formed id (32 hex digits), else refuse it."""
+    if not isinstance(document_id, str) or not ID_PATTERN.fullmatch(document_id):
+        raise InvalidRequestError("a document id is 32 lowercase hex digits")
+    return document_id
+
+
+@dataclass
+class DocumentRecord:
+    id: str
+    name: str | None
+    kind: str
+    created: float
+    pages: int
+    summary: dict  # compression figures and render settings
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "name": self.name, "kind": self.kind, "created": self.created,
+                "pages": self.pages, **self.summary}
+
+
+class DocumentStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.docs = self.root / "docs"
+        self.docs.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Drop leftovers of interrupted writes: temporary folders and rows without a folder."""
+        for leftover in self.docs.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        with self._lock:
+            ids = [row[0] for row in self._db.execute("SELECT id FROM documents")]
+            for document_id in ids:
+                if not (self.docs / document_id / "manifest.json").is_file():
+                    self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
+        listed = set(ids)
+        for folder in self.docs.iterdir():
+            if ID_PATTERN.fullmatch(folder.name) and folder.name not in listed:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, *, name: str | None, kind: str, text: str, pages: int, summary: dict,
+            write_pages: Callable[[Path], None]) -> DocumentRecord:
+        """Store a rendered document; ``write_pages(folder)`` writes its page PNGs and manifest."""
+        document_id = uuid.uuid4().hex
+        staging = self.docs / f".tmp-{document_id}"
+        staging.mkdir()
+        try:
+            write_pages(staging)
+            (staging / "source.txt").write_text(text, encoding="utf-8")
+            staging.rename(self.docs / document_id)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        record = DocumentRecord(document_id, name, kind, time.time(), pages, summary)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO documents (id, name, kind, created, pages, summary) VALUES (?, ?, ?, ?, ?, ?)",
+                (record.id, record.name, record.kind, record.created, record.pages, json.dumps(summary)),
+            )
+        return record
+
+    def get(self, document_id: str) -> DocumentRecord:
+        check_id(document_id)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, name, kind, created, pages, summary FROM documents WHERE id = ?", (document_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no document with id {document_id}")
+        return DocumentRecord(*row[:5], json.loads(row[5]))
+
+    def list(self) -> list[DocumentRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, name, kind, created, pages, summary FROM documents ORDER BY created DESC"
+            ).fetchall()
+        return [DocumentRecord(*row[:5], json.loads(row[5])) for row in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+
+    def delete(self, document_id: str) -> None:
+        self.get(document_id)
+        with self._lock:
+            self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
+        shutil.rmtree(self.docs / document_id, ignore_errors=True)
+
+    def folder(self, document_id: str) -> Path:
+        self.get(document_id)
+        return self.docs / document_id
+
+    def manifest(self, document_id: str) -> dict:
+        return json.loads((self.folder(document_id) / "manifest.json").read_text(encoding="utf-8"))
+
+    def text(self, document_id: str) -> str:
+        return (self.folder(document_id) / "source.txt").read_text(encoding="utf-8")
+
+    def layouts(self, document_id: str) -> list[PageLayout]:
+        return [
+            PageLayout(p["number"], tuple(p["char_span"]), [(ln["text"], ln["y"]) for ln in p["lines"]], p["height"])
+            for p in self.manifest(document_id)["pages"]
+        ]
+
+    def page_path(self, document_id: str, number: int) -> Path:
+        record = self.get(document_id)
+        if not 1 <= number <= record.pages:
+            raise NotFoundError(f"document {document_id} has pages 1 to {record.pages}, not {number}")
+        return self.docs / document_id / page_filename(number)
+

@@ -1,0 +1,213 @@
+"""``glyphserve batch`` end to end with the tiny model on CPU: good and bad files, a run
+killed half way and resumed, a JSONL manifest, out-of-memory back-off, a remote backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from glyphserve.batch import BatchOptions, BatchRunner, ResultLog, collect_documents, read_results
+from glyphserve.errors import EngineOutOfMemoryError
+from tests.batch.chat_server import ChatServer
+
+REPO = Path(__file__).resolve().parents[2]
+QUESTIONS = ["What is this document about?", "Who is mentioned?"]
+MAX_NEW_TOKENS = 6
+BAD = {"corrupt.pdf": "corrupt_file", "empty.txt": "empty_document", "page.png": "unsupported_type"}
+
+PARAGRAPH = (
+    "The river port of Alderney handled {n} barges in the spring of the year, most of them carrying grain "
+    "and timber downstream to the estuary. Harbour master Ines Calloway kept the ledgers herself."
+)
+
+
+def _write_pdf(path: Path, text: str) -> None:
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfgen import canvas
+
+    pdf = canvas.Canvas(str(path), pagesize=A4)
+    y = 800
+    for line in text.split(". "):
+        pdf.drawString(40, y, line)
+        y -= 16
+    pdf.save()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("batch-docs")
+    for i in range(6):
+        text = "\n\n".join(PARAGRAPH.format(n=i * 10 + k) for k in range(3))
+        (root / f"report{i}.txt").write_text(text, encoding="utf-8")
+    (root / "notes.md").write_text("# Notes\n\n" + PARAGRAPH.format(n=7) + "\n\n- one\n- two\n", encoding="utf-8")
+    _write_pdf(root / "letter.pdf", PARAGRAPH.format(n=99))
+    (root / "corrupt.pdf").write_bytes(b"%PDF-1.7\n1 0 obj << /Type /Catalog >> garbage without xref\n")
+    (root / "empty.txt").write_bytes(b"")
+    Image.new("RGB", (40, 30), "white").save(root / "page.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def questions_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("questions") / "questions.txt"
+    path.write_text("\n".join(QUESTIONS) + "\n", encoding="utf-8")
+    return path
+
+
+def _batch_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "glyphserve.cli", "batch", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _reference_answers(model_dir: Path, folder: Path) -> dict[tuple[str, str], str]:
+    """Each good (document, question) answered alone, greedily, the way ``glyphserve ask`` does."""
+    from glyphserve.batch.prefetch import RenderOptions, prepare_document
+    from glyphserve.engine import AnswerRequest, Engine, EngineConfig, GenerationSettings
+
+    engine = Engine.load(EngineConfig(model=str(model_dir), max_batch_size=1))
+    answers = {}
+    for document in collect_documents(str(folder), QUESTIONS):
+        if document.id in BAD:
+            continue
+        prepared = prepare_document(document, RenderOptions())
+        assert prepared.error is None, prepared.error
+        for question in QUESTIONS:
+            settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+            answer = engine.answer(AnswerRequest(prepared.pages, question, settings=settings))
+            answers[(document.id, question)] = answer.text
+    return answers
+
+
+def test_killed_run_resumes_every_item_answered_once(tiny_model_dir, folder, questions_file, tmp_path):
+    output = tmp_path / "results.jsonl"
+    args = _batch_cmd(str(folder), "--questions", str(questions_file), "-o", str(output),
+                      "--model", str(tiny_model_dir), "--batch-size", "2", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                      "--workers", "1")
+    first = subprocess.Popen(args, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None:
+        if output.exists() and output.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    written = read_results(output)
+    total = len(list(folder.iterdir())) * len(QUESTIONS)
+    assert 3 <= len(written) < total, "the run should have been killed half way"
+    with open(output, "ab") as f:
+        f.write(b'{"id": "report9.txt", "question": "Who')  # as if killed mid-write
+
+    second = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stderr
+    assert "removed a torn last line" in second.stderr
+    assert "batch: " in second.stderr  # plain progress lines when not on a terminal
+    assert f"{len(written)} skipped" in second.stdout and "finished" in second.stdout
+
+    records = read_results(output)
+    keys = [(r["id"], r["question"]) for r in records]
+    assert len(keys) == len(set(keys)) == total  # every item exactly once
+    by_key = {(r["id"], r["question"]): r for r in records}
+    for name, code in BAD.items():
+        for question in QUESTIONS:
+            record = by_key[(name, question)]
+            assert record["answer"] is None and record["error"]["code"] == code
+    good = {k: r for k, r in by_key.items() if k[0] not in BAD}
+    for record in good.values():
+        assert record["error"] is None and record["pages"] >= 1 and record["vision_tokens"] > 0
+        assert record["new_tokens"] >= 1 and record["timings"]["render"] > 0 and record["timings"]["total"] > 0
+    assert {k: r["answer"] for k, r in good.items()} == _reference_answers(tiny_model_dir, folder)
+
+    # And the CLI one by one gives the same answer.
+    doc_id, question = sorted(good)[0]
+    ask = subprocess.run(
+        [sys.executable, "-m", "glyphserve.cli", "ask", str(folder / doc_id), question, "--model", str(tiny_model_dir),
+         "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"],
+        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert ask.returncode == 0, ask.stderr
+    assert json.loads(ask.stdout.strip().splitlines()[-1])["text"] == good[(doc_id, question)]["answer"]
+
+    third = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and f"{total} skipped" in third.stdout
+    assert len(read_results(output)) == total
+
+
+class OutOfMemoryAbove:
+    """The real engine, except that batches larger than ``limit`` raise the engine's OOM error."""
+
+    def __init__(self, engine, limit: int):
+        self.engine = engine
+        self.limit = limit
+        self.sizes: list[int] = []
+
+    def answer_batch(self, requests):
+        self.sizes.append(len(requests))
+        if len(requests) > self.limit:
+            raise EngineOutOfMemoryError(f"out of GPU memory with {len(requests)} requests")
+        return self.engine.answer_batch(requests)
+
+
+def test_manifest_input_and_out_of_memory_back_off(tiny_model_dir, folder, tmp_path):
+    from glyphserve.engine import AnswerRequest, Engine, EngineConfig, GenerationSettings
+
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [{"id": f"inline-{i}", "text": PARAGRAPH.format(n=i), "questions": [f"How many barges, case {i}?"]}
+             for i in range(6)]
+    lines.append({"id": "letter", "path": str(folder / "letter.pdf"), "questions": ["Who kept the ledgers?", "Where?"]})
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    documents = collect_documents(str(manifest))
+
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), max_batch_size=8))
+    flaky = OutOfMemoryAbove(engine, limit=2)
+    options = BatchOptions(batch_size=8, max_new_tokens=MAX_NEW_TOKENS, workers=0)
+    with ResultLog(tmp_path / "out.jsonl") as log:
+        summary = BatchRunner(lambda: flaky, log, options).run(documents)
+    assert summary.done == 8 and summary.failed == 0 and summary.batch_size == 2
+    assert flaky.sizes[:3] == [8, 4, 2]  # halved and retried the same items; never failed the run
+    assert max(flaky.sizes[3:]) <= 2
+
+    records = {(r["id"], r["question"]): r for r in read_results(tmp_path / "out.jsonl")}
+    assert len(records) == 8
+    by_id = {d.id: d for d in documents}
+    from glyphserve.batch.prefetch import RenderOptions, prepare_document
+
+    for (doc_id, question), record in records.items():
+        pages = prepare_document(by_id[doc_id], RenderOptions()).pages
+        settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+        alone = engine.answer(AnswerRequest(pages, question, settings=settings))
+        assert record["answer"] == alone.text and record["error"] is None
+
+
+def test_batch_through_the_openai_backend(folder, questions_file, tmp_path):
+    server = ChatServer()
+    try:
+        output = tmp_path / "remote.jsonl"
+        run = subprocess.run(
+            _batch_cmd(str(folder), "--questions", str(questions_file), "-o", str(output), "--backend", "openai",
+                       "--endpoint", server.url + "/v1", "--batch-size", "4", "--workers", "1"),
+            env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        server.close()
+    assert run.returncode == 0, run.stderr
+    records = read_results(output)
+    assert len(records) == len(list(folder.iterdir())) * len(QUESTIONS)
+    for record in records:
+        if record["id"] in BAD:
+            assert record["error"]["code"] == BAD[record["id"]]
+        else:
+            assert record["answer"] == f"answer to: {record['question']}"
+            assert record["thinking"] == f"{record['pages']} pages to read"
+    # One request per good (document, question); nothing sent for the documents that failed to ingest.
+    assert len(server.requests) == (len(list(folder.iterdir())) - len(BAD)) * len(QUESTIONS)

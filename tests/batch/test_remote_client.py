@@ -1,0 +1,161 @@
+"""The OpenAI-compatible remote engine against a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glyphserve.engine.remote import STOP_SEQUENCES, RemoteConfig, RemoteEngine
+from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings
+from glyphserve.errors import ContextOverflowError, EngineOutOfMemoryError, RemoteBackendError
+from tests.batch.chat_server import ChatServer
+
+
+@pytest.fixture
+def server():
+    chat = ChatServer()
+    yield chat
+    chat.close()
+
+
+def _engine(*urls, **overrides) -> RemoteEngine:
+    settings = {"backoff_s": 0.01, "max_backoff_s": 0.05, "connect_timeout_s": 2.0, "read_timeout_s": 5.0} | overrides
+    return RemoteEngine.load(RemoteConfig(list(urls), **settings))
+
+
+def _pages(n: int = 2, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(56 + 28 * i, 84, 3), dtype=np.uint8) for i in range(n)]
+
+
+def _free_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_stream_sends_pages_and_splits_thinking(server):
+    pages = _pages()
+    request = AnswerRequest(pages, "Who signed?", document_key="doc-1",
+                            settings=GenerationSettings(max_new_tokens=64, temperature=0.5, top_p=0.9))
+    with _engine(server.url + "/v1") as engine:
+        events = list(engine.stream(request))
+    body = server.requests[0]
+    assert body["model"] == "stub-glyph" and body["stream"] is True
+    assert body["max_tokens"] == 64 and body["temperature"] == 0.5 and body["top_p"] == 0.9
+    assert body["stop"] == list(STOP_SEQUENCES)
+    [message] = body["messages"]
+    *images, text = message["content"]
+    assert text == {"type": "text", "text": "Who signed?"}
+    for page, part in zip(pages, images, strict=True):
+        url = part["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,")
+        decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+        assert np.array_equal(decoded, page)  # lossless
+    assert "".join(e.text for e in events if e.channel == "thinking") == "2 pages to read"
+    assert "".join(e.text for e in events if e.channel == "answer") == "answer to: Who signed?"
+    result = events[-1].result
+    assert events[-1].channel == "done" and result.text == "answer to: Who signed?"
+    assert result.thinking == "2 pages to read" and result.finish_reason == "stop"
+    assert result.prompt_tokens == 100 and result.new_tokens > 0 and result.pages_used == 2
+    assert result.vision_tokens > 0 and result.timings.total >= result.timings.time_to_first_token > 0
+
+
+def test_reasoning_content_and_history(server):
+    server.plan.append("reasoning")
+    history = [ChatMessage("user", "First?"), ChatMessage("assistant", "One.")]
+    with _engine(server.url) as engine:
+        answer = engine.answer(AnswerRequest(_pages(1), "Second?", history=history))
+    user, assistant, last = server.requests[0]["messages"]
+    assert [p["type"] for p in user["content"]] == ["image_url", "text"]  # pages in the first user turn
+    assert assistant == {"role": "assistant", "content": "One."} and last == {"role": "user", "content": "Second?"}
+    assert answer.thinking == "1 pages to read" and answer.text == "answer to: Second?"
+
+
+def test_pages_encoded_once_per_document(server):
+    pages = _pages(3)
+    with _engine(server.url) as engine:
+        engine.answer_batch([AnswerRequest(pages, q, document_key="same") for q in ("A?", "B?", "C?")])
+        cache = engine.stats()["image_cache"]
+    assert cache["misses"] == 1 and cache["hits"] == 2 and cache["documents"] == 1
+    urls = [[p["image_url"]["url"] for p in r["messages"][0]["content"][:-1]] for r in server.requests]
+    assert urls[0] == urls[1] == urls[2]
+
+
+def test_retries_before_the_first_token(server):
+    server.plan.extend(["status:503", "drop", "status:429", "ok"])
+    with _engine(server.url, max_retries=3) as engine:
+        answer = engine.answer(AnswerRequest(_pages(1), "Q?"))
+        stats = engine.stats()
+    assert answer.text == "answer to: Q?"
+    assert len(server.requests) == 4 and stats["retries"] == 3 and stats["failures"] == 3
+
+
+def test_gives_up_with_the_servers_typed_error(server):
+    oom = '{"error": "out_of_memory", "message": "GPU out of memory"}'
+    server.plan.extend([f"status:503:{oom}"] * 3)
+    with _engine(server.url, max_retries=2) as engine, pytest.raises(EngineOutOfMemoryError, match="GPU out of memory"):
+        engine.answer(AnswerRequest(_pages(1), "Q?"))
+    assert len(server.requests) == 3
+
+
+def test_client_errors_are_not_retried(server):
+    message = "This model's maximum context length is 8192 tokens."
+    vllm = json.dumps({"object": "error", "message": message, "type": "BadRequestError", "code": 400})
+    server.plan.append(f"status:400:{vllm}")
+    with _engine(server.url) as engine, pytest.raises(ContextOverflowError):
+        engine.answer(AnswerRequest(_pages(1), "Q?"))
+    assert len(server.requests) == 1
+
+
+def test_no_retry_once_tokens_arrived(server):
+    server.plan.append("partial")
+    with _engine(server.url) as engine:
+        events = engine.stream(AnswerRequest(_pages(1), "Q?"))
+        with pytest.raises(RemoteBackendError, match="mid-answer"):
+            list(events)
+    assert len(server.requests) == 1
+
+
+def test_read_timeout(server):
+    server.plan.append("sleep:3")
+    started = time.monotonic()
+    with _engine(server.url, read_timeout_s=0.5) as engine, pytest.raises(RemoteBackendError, match="read timeout"):
+        engine.answer(AnswerRequest(_pages(1), "Q?"))
+    assert time.monotonic() - started < 2.5
+    assert len(server.requests) == 1  # a slow server is not sent the same work again
+
+
+def test_answer_batch_is_concurrent_and_ordered():
+    slow = ChatServer(delay_s=0.3)
+    try:
+        questions = [f"Q{i}?" for i in range(6)]
+        with _engine(slow.url) as engine:
+            answers = engine.answer_batch([AnswerRequest(_pages(1, seed=i), q) for i, q in enumerate(questions)])
+        assert [a.text for a in answers] == [f"answer to: {q}" for q in questions]
+        assert slow.max_active > 1
+    finally:
+        slow.close()
+
+
+def test_spreads_over_endpoints_and_skips_a_dead_one(server):
+    other = ChatServer()
+    dead = _free_port_url()
+    try:
+        with _engine(dead, server.url, other.url) as engine:
+            answers = engine.answer_batch([AnswerRequest(_pages(1), f"Q{i}?") for i in range(8)])
+            stats = engine.stats()
+        assert all(a.text.startswith("answer to: Q") for a in answers)
+        assert server.requests and other.requests
+        assert stats["endpoints"][0]["requests"] == stats["endpoints"][0]["failures"]
+    finally:
+        other.close()
+    with pytest.raises(RemoteBackendError, match="no endpoint is reachable"):
+        _engine(dead)

@@ -1,0 +1,88 @@
+"""``glyphserve make-tiny-model`` and ``glyphserve ask``."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from glyphserve.cli import main
+
+
+def test_make_tiny_model_command(tmp_path, capsys):
+    assert main(["make-tiny-model", str(tmp_path / "tiny")]) == 0
+    assert (tmp_path / "tiny" / "model.safetensors").exists()
+    assert str(tmp_path / "tiny") in capsys.readouterr().out
+
+
+def test_ask_needs_a_question_or_chat(tiny_model_dir, tmp_path, capsys):
+    doc = tmp_path / "story.txt"
+    doc.write_text("Little Red Riding Hood met a wolf.")
+    assert main(["ask", str(doc), "--model", str(tiny_model_dir)]) == 2
+    assert "give a QUESTION" in capsys.readouterr().err
+
+
+def _render_available() -> bool:
+    try:
+        from glyphserve.render import render_document, resolve_config  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_render = pytest.mark.skipif(not _render_available(), reason="glyphserve.render is not available yet")
+
+
+@pytest.fixture
+def story(tmp_path):
+    doc = tmp_path / "story.txt"
+    doc.write_text("Little Red Riding Hood walked to her grandmother's house. The wolf ran ahead. " * 20)
+    return doc
+
+
+@needs_render
+def test_ask_streams_and_reports_json(tiny_model_dir, story, capsys):
+    args = [
+        "ask",
+        str(story),
+        "Who ran ahead?",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+    ]
+    assert main(args) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["new_tokens"] == 12 and result["pages_used"] >= 1
+    assert result["timings"]["render"] > 0 and result["timings"]["total"] > 0
+    assert result["engine"]["vision_cache"]["misses"] >= 1
+
+
+@needs_render
+def test_ask_chat_reads_follow_ups_until_eof(tiny_model_dir, story, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Why?\n\nWhere?\n"))
+    args = [
+        "ask",
+        str(story),
+        "Who ran ahead?",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "--chat",
+        "--json",
+    ]
+    assert main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3
+    assert lines[1]["cache"]["prefix_reused_tokens"] > 0 and lines[2]["cache"]["prefix_reused_tokens"] > 0
+    assert lines[2]["prompt_tokens"] > lines[1]["prompt_tokens"] > lines[0]["prompt_tokens"] - 10

@@ -1,0 +1,60 @@
+"""Streaming, answers, statistics and cache bounds of the Engine API."""
+
+from __future__ import annotations
+
+from glyphserve.engine import AnswerRequest, GenerationSettings
+from glyphserve.engine.textstream import ReasoningParser
+from tests.engine.conftest import make_pages
+
+PAGES = make_pages([(112, 140), (140, 112)], seed=11)
+
+
+def test_stream_yields_deltas_then_the_answer(load_engine):
+    engine = load_engine()
+    events = list(
+        engine.stream(AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(max_new_tokens=30)))
+    )
+    assert events[-1].channel == "done" and all(e.channel in ("thinking", "answer") for e in events[:-1])
+    answer = events[-1].result
+    streamed = "".join(e.text for e in events[:-1] if e.channel == "answer")
+    assert streamed.strip() == answer.text
+    assert answer.new_tokens == len(answer.token_ids) <= 30
+    assert answer.vision_tokens == 40 and answer.pages_used == 2
+    assert answer.prompt_tokens == 4 + 2 * (20 + 2) + len(engine.tokenizer("Who?")["input_ids"]) + 2
+    t = answer.timings
+    assert 0 < t.time_to_first_token <= t.total and t.prefill > 0 and t.vision_encode > 0
+    assert answer.peak_gpu_bytes is None  # CPU
+    # the answer text is what the reasoning parser makes of the decoded tokens
+    parser = ReasoningParser()
+    hidden = engine.hidden_ids
+    parser.feed(engine.tokenizer.decode([i for i in answer.token_ids if i not in hidden]))
+    parser.finish()
+    assert parser.answer_text == answer.text
+
+
+def test_sampling_is_seeded(load_engine):
+    engine = load_engine()
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    a = engine.answer(AnswerRequest(pages=PAGES, question="Who?", settings=settings))
+    b = engine.answer(AnswerRequest(pages=PAGES, question="Who?", settings=settings))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 12
+    greedy = engine.answer(
+        AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(max_new_tokens=12, ignore_eos=True))
+    )
+    assert greedy.token_ids != a.token_ids
+
+
+def test_stats_and_byte_bounded_vision_cache(load_engine):
+    feature_bytes = 20 * 128 * 4  # one page: 20 tokens x hidden 128 x float32
+    engine = load_engine(vision_cache_bytes=feature_bytes * 2, prefix_cache_bytes=0)
+    pages = make_pages([(112, 140)] * 3, seed=12)
+    engine.answer(AnswerRequest(pages=pages, question="Who?", settings=GenerationSettings(max_new_tokens=2)))
+    stats = engine.stats()
+    assert stats["vision_cache"]["device"]["entries"] == 2 and stats["vision_cache"]["device"]["evictions"] == 1
+    assert stats["vision_cache"]["device"]["bytes"] <= feature_bytes * 2
+    assert stats["prefix_cache"]["entries"] == 0
+    assert stats["requests"] == 1 and stats["device"] == "cpu" and stats["dtype"] == "float32"
+    again = engine.answer(
+        AnswerRequest(pages=pages[1:], question="Who?", settings=GenerationSettings(max_new_tokens=2))
+    )
+    assert (again.cache.vision_hits, again.cache.vision_misses) == (2, 0)

@@ -1,0 +1,204 @@
+"""Greedy output of every fast path equals the plain Hugging Face path (processor + generate), token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
+from tests.engine.conftest import make_pages
+
+N = 24
+SHAPES = [(112, 140), (168, 196), (140, 112)]
+
+
+def request(pages, question, history=(), n=N, **settings):
+    return AnswerRequest(
+        pages=pages,
+        question=question,
+        history=[ChatMessage(role, content) for role, content in history],
+        settings=GenerationSettings(max_new_tokens=n, ignore_eos=True, **settings),
+    )
+
+
+@pytest.fixture(scope="module")
+def pages():
+    return make_pages(SHAPES, seed=1)
+
+
+def test_prompt_ids_equal_the_processor(load_engine, reference, pages):
+    from glyphserve.engine.prompt import conversation
+
+    engine = load_engine()
+    history = [ChatMessage("user", "Who is the wolf?"), ChatMessage("assistant", "<think>hm</think>The wolf.")]
+    prompt = engine.prompts.build(
+        conversation(history, "And the girl?", 3), [engine.params.grid(*p.shape[:2]) for p in pages]
+    )
+    ref = reference.inputs(pages, "And the girl?", [(m.role, m.content) for m in history])
+    assert prompt.ids == ref["input_ids"][0].tolist()
+    ids = ref["input_ids"][0].tolist()
+    end = engine.model.config.image_end_token_id
+    assert prompt.prefix_len == len(ids) - ids[::-1].index(end)
+
+
+def test_tiny_model_output_is_not_degenerate(reference, pages):
+    tokens, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
+    assert len(set(tokens)) >= N // 2
+
+
+def test_cold_request_static_cache_decode_matches_generate(load_engine, reference, pages):
+    engine = load_engine()
+    expected, logits = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
+    answer = engine.answer(request(pages, "Who is the wolf?"))
+    assert answer.token_ids == expected
+    assert answer.cache.vision_misses == 3 and answer.cache.prefix_reused_tokens == 0
+
+
+def test_stop_tokens_end_generation_like_generate(load_engine, reference, pages):
+    engine = load_engine()
+    for question in ("Who?", "Where does the grandmother live?", "Why did the wolf run?"):
+        expected, _ = reference.generate(pages[:1], question, max_new_tokens=40)
+        answer = engine.answer(
+            AnswerRequest(pages=pages[:1], question=question, settings=GenerationSettings(max_new_tokens=40))
+        )
+        assert answer.token_ids == expected
+        assert answer.finish_reason == ("stop" if expected[-1] in engine.stop_ids else "length")
+
+
+def test_first_decode_step_logits_match(load_engine, reference, pages):
+    engine = load_engine()
+    _, logits = reference.generate(pages, "Who is the wolf?", max_new_tokens=2, ignore_eos=True)
+    engine.answer(request(pages, "Who is the wolf?", n=2))
+    # HF's second raw logits are the first decode step's; ours carry -inf on the stop tokens (ignore_eos).
+    ours = engine.runner.logits[0]
+    kept = torch.isfinite(ours)
+    assert (~kept).nonzero().flatten().tolist() == engine.stop_ids
+    assert (ours[kept] - logits[1][0][kept]).abs().max().item() < 1e-4
+
+
+def test_vision_cache_hit_matches(load_engine, reference, pages):
+    engine = load_engine(prefix_cache_bytes=0)
+    engine.answer(request(pages, "Who is the wolf?"))
+    expected, _ = reference.generate(pages, "What did the girl carry?", max_new_tokens=N, ignore_eos=True)
+    answer = engine.answer(request(pages, "What did the girl carry?"))
+    assert answer.cache.vision_hits == 3 and answer.cache.vision_misses == 0
+    assert answer.cache.prefix_reused_tokens == 0
+    assert answer.token_ids == expected
+
+
+def test_prefix_kv_reuse_for_a_follow_up_question_matches(load_engine, reference, pages):
+    engine = load_engine()
+    engine.answer(request(pages, "Who is the wolf?"))
+    expected, _ = reference.generate(pages, "What did the girl carry?", max_new_tokens=N, ignore_eos=True)
+    answer = engine.answer(request(pages, "What did the girl carry?"))
+    # [gMASK]<sop><|user|>\n, then per page <|begin_of_image|> + vision tokens + <|end_of_image|>
+    prefix = 4 + sum(engine.vision_tokens(p.shape[:2]) + 2 for p in pages)
+    assert answer.cache.prefix_reused_tokens == prefix
+    assert answer.cache.vision_hits == answer.cache.vision_misses == 0  # no vision work at all
+    assert answer.token_ids == expected
+
+
+def test_multi_turn_continuation_reuses_the_prefix_and_matches(load_engine, reference, pages):
+    engine = load_engine()
+    first = engine.answer(request(pages, "Who is the wolf?"))
+    history = [("user", "Who is the wolf?"), ("assistant", first.text)]
+    expected, _ = reference.generate(pages, "And the grandmother?", history, max_new_tokens=N, ignore_eos=True)
+    answer = engine.answer(request(pages, "And the grandmother?", history))
+    assert answer.cache.prefix_reused_tokens > 0
+    assert answer.token_ids == expected
+
+
+def test_document_key_selects_the_prefix(load_engine, reference, pages):
+    engine = load_engine()
+    keyed = request(pages, "Who is the wolf?")
+    keyed.document_key = "doc-1"
+    engine.answer(keyed)
+    follow = request(pages, "Where?")
+    follow.document_key = "doc-1"
+    expected, _ = reference.generate(pages, "Where?", max_new_tokens=N, ignore_eos=True)
+    answer = engine.answer(follow)
+    assert answer.cache.prefix_reused_tokens > 0
+    assert answer.token_ids == expected
+
+
+def test_use_cache_false_bypasses_both_caches(load_engine, reference, pages):
+    engine = load_engine()
+    engine.answer(request(pages, "Who is the wolf?"))
+    expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
+    answer = engine.answer(request(pages, "Who is the wolf?", use_cache=False))
+    assert answer.cache.vision_hits == answer.cache.prefix_reused_tokens == 0
+    assert answer.token_ids == expected
+
+
+def test_batched_requests_match_one_by_one(load_engine, reference, pages):
+    engine = load_engine()
+    cases = [
+        (pages[:1], "Who?"),
+        (pages, "Who pretended to be the grandmother in the story?"),
+        (pages[1:], "Where does the grandmother live, and why did the wolf run ahead of the girl?"),
+    ]
+    expected = [reference.generate(p, q, max_new_tokens=N, ignore_eos=True)[0] for p, q in cases]
+    answers = engine.answer_batch([request(p, q) for p, q in cases])
+    assert [a.token_ids for a in answers] == expected
+    # the shared pages were encoded once for the whole batch
+    assert sum(a.cache.vision_misses for a in answers) == 3
+
+
+def test_batched_requests_with_stop_tokens_and_different_lengths(load_engine, reference, pages):
+    engine = load_engine()
+    cases = [
+        (pages[:1], "Why did the wolf run?", 40),
+        (pages[2:], "Where does the grandmother live?", 40),
+        (pages, "Who?", 30),
+    ]
+    expected = [reference.generate(p, q, max_new_tokens=n)[0] for p, q, n in cases]
+    answers = engine.answer_batch(
+        [AnswerRequest(pages=p, question=q, settings=GenerationSettings(max_new_tokens=n)) for p, q, n in cases]
+    )
+    assert [a.token_ids for a in answers] == expected
+    assert [a.finish_reason for a in answers] == ["stop", "stop", "length"]
+
+
+def test_more_requests_than_rows_are_split(load_engine, reference, pages):
+    engine = load_engine(max_batch_size=2)
+    cases = [(pages[i : i + 1], f"Question number {i}?") for i in range(3)]
+    expected = [reference.generate(p, q, max_new_tokens=8, ignore_eos=True)[0] for p, q in cases]
+    answers = engine.answer_batch([request(p, q, n=8) for p, q in cases])
+    assert [a.token_ids for a in answers] == expected
+
+
+def test_pages_needing_resize_match(load_engine, reference):
+    engine = load_engine()
+    pages = make_pages([(100, 150), (842, 595)], seed=3)
+    expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=8, ignore_eos=True)
+    assert engine.answer(request(pages, "Who is the wolf?", n=8)).token_ids == expected
+
+
+def test_vision_features_equal_hf(load_engine, reference, pages):
+    engine = load_engine()
+    ref_inputs = reference.processor.image_processor(images=pages, return_tensors="pt")
+    with torch.inference_mode():
+        ref = reference.model.get_image_features(ref_inputs["pixel_values"], ref_inputs["image_grid_thw"]).pooler_output
+    grids = [tuple(g) for g in ref_inputs["image_grid_thw"].tolist()]
+    ours = engine.vision.encode(engine.preprocessor(pages), grids)
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max().item() < 1e-5
+
+
+def test_text_only_question_matches(load_engine, reference):
+    engine = load_engine()
+    expected, _ = reference.generate([], "Tell me a story.", max_new_tokens=N, ignore_eos=True)
+    assert engine.answer(request([], "Tell me a story.")).token_ids == expected
+
+
+@pytest.mark.parametrize("prefix_cache_bytes", [2**30, 0])
+def test_batch_of_questions_about_one_document_shares_its_prefix(load_engine, reference, pages, prefix_cache_bytes):
+    engine = load_engine(prefix_cache_bytes=prefix_cache_bytes)
+    questions = ["Who?", "Who pretended to be the grandmother?", "Where?"]
+    expected = [reference.generate(pages, q, max_new_tokens=N, ignore_eos=True)[0] for q in questions]
+    answers = engine.answer_batch([request(pages, q) for q in questions])
+    assert [a.token_ids for a in answers] == expected
+    first, *rest = [a.cache.prefix_reused_tokens for a in answers]
+    assert first == 0
+    assert all(r > 0 for r in rest) if prefix_cache_bytes else rest == [0, 0]
+    assert sum(a.cache.vision_misses for a in answers) == 3

@@ -1,0 +1,56 @@
+"""Pages to patches equal the Hugging Face image processor's output bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams, page_digest, page_digests
+from tests.engine.conftest import make_pages
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    return Glm4vImageProcessorPil.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(112, 140), (112, 140)],  # multiples of 28: resize is the identity
+        [(100, 150), (842, 595), (140, 112)],  # resized (PIL bicubic), mixed shapes
+        [(30, 40)],  # below the minimum area: upscaled
+    ],
+)
+def test_patches_equal_the_hf_processor(processor, shapes):
+    params = PreprocessParams.from_image_processor(processor)
+    pages = make_pages(shapes, seed=len(shapes))
+    ref = processor(images=pages, return_tensors="pt")
+    ours = PagePreprocessor(params, torch.device("cpu"), torch.float32)(pages)
+    assert torch.equal(ours, ref["pixel_values"])
+    assert [list(params.grid(*s)) for s in shapes] == ref["image_grid_thw"].tolist()
+
+
+def test_vision_tokens_of_a_glyph_page(processor):
+    params = PreprocessParams.from_image_processor(processor)
+    assert params.resized_shape(842, 595) == (840, 588)
+    assert params.vision_tokens(842, 595) == 60 * 42 // 4
+
+
+def test_read_only_pages_are_accepted(processor):
+    page = make_pages([(112, 140)])[0]
+    page.flags.writeable = False
+    pp = PagePreprocessor(PreprocessParams.from_image_processor(processor), torch.device("cpu"), torch.float32)
+    assert pp([page]).shape == (80, 3 * 2 * 14 * 14)
+
+
+def test_digests_depend_on_pixels_and_shape():
+    a, b = make_pages([(112, 140), (112, 140)], seed=9)
+    assert page_digest(a) == page_digest(a.copy())
+    assert page_digest(a) != page_digest(b)
+    flat = np.zeros((112, 140, 3), np.uint8)
+    assert page_digest(flat) != page_digest(np.zeros((140, 112, 3), np.uint8))
+    assert page_digests([a, b, a]) == [page_digest(a), page_digest(b), page_digest(a)]

@@ -1,0 +1,179 @@
+"""The public surface: documents, manifests, streaming, fonts, tokens and user errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFont
+
+from glyphserve.errors import ConfigError, EmptyDocumentError
+from glyphserve.render import (
+    count_text_tokens,
+    glm4v_vision_tokens,
+    iter_pages,
+    preset,
+    render_document,
+    render_text,
+    resolve_config,
+    write_rendered,
+)
+from glyphserve.render.fonts import CharTable, resolve_font
+
+EN = preset("glyph-en")
+
+
+def long_text(n_lines: int = 200) -> str:
+    return "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(n_lines))
+
+
+def test_manifest_records_everything(tmp_path):
+    text = long_text()
+    doc = render_text(text, EN)
+    m = doc.manifest()
+    assert m["config"]["page-size"] == "595,842" and m["config"]["font-path"] == "Verdana.ttf"
+    assert m["font"]["requested"] == "Verdana" and m["font"]["substitute"] is True
+    assert m["font"]["used"].endswith("DejaVuSans.ttf")
+    totals = m["totals"]
+    assert totals["pages"] == len(doc.pages) >= 2
+    assert totals["characters"] == len(text)
+    assert totals["text_token_method"].startswith("estimate")
+    assert totals["vision_tokens"] == sum(p["vision_tokens"] for p in m["pages"])
+    assert totals["compression_ratio"] == pytest.approx(totals["text_tokens"] / totals["vision_tokens"], rel=1e-3)
+    first = m["pages"][0]
+    assert first["file"] == "page_001.png" and first["kind"] == "text"
+    assert first["lines"][0] == {"text": text.split("\n")[0], "y": 25.0}
+    # char spans tile the text: each page starts where the previous ended
+    spans = [p["char_span"] for p in m["pages"]]
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert text[spans[1][0]:].lstrip("\n").startswith(m["pages"][1]["lines"][1]["text"][:20])
+    json.dumps(m)  # serialisable
+
+    out = write_rendered(doc, tmp_path / "out")
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["manifest.json"] + [f"page_{i:03d}.png" for i in range(1, len(doc.pages) + 1)]
+    img = np.asarray(Image.open(out / "page_001.png"))
+    assert np.array_equal(img, doc.pages[0].image)
+    assert json.loads((out / "manifest.json").read_text())["totals"]["pages"] == len(doc.pages)
+
+
+def test_vision_tokens_follow_glm4v():
+    assert glm4v_vision_tokens(595, 842) == 630
+    from transformers.models.glm4v.image_processing_pil_glm4v import smart_resize
+
+    rng = random.Random(0)
+    for _ in range(300):
+        w, h = rng.randint(10, 8192), rng.randint(10, 8192)
+        if max(w, h) / min(w, h) > 150:
+            continue
+        rh, rw = smart_resize(2, h, w, temporal_factor=2, factor=28, min_pixels=112 * 112, max_pixels=28 * 28 * 15000)
+        assert glm4v_vision_tokens(w, h) == (rh // 28) * (rw // 28)
+
+
+def test_text_tokens_estimate_or_tokenizer():
+    n, method = count_text_tokens("a" * 400 + "中" * 30)
+    assert n == 100 + 20 and "estimate" in method
+    assert count_text_tokens("one two three", lambda s: s.split())[0] == 3
+
+    class Tok:
+        name_or_path = "toy"
+
+        def encode(self, text, add_special_tokens=False):
+            return list(text)
+
+    assert count_text_tokens("abcd", Tok()) == (4, "tokenizer: toy")
+    doc = render_text("one two three", EN, tokenizer=lambda s: s.split())
+    assert doc.stats.text_tokens == 3 and doc.manifest()["totals"]["text_token_method"].startswith("tokenizer")
+
+
+def test_iter_pages_streams_the_same_pages():
+    text = long_text(250)
+    full = render_text(text, EN, workers=1)
+    streamed = list(iter_pages(text, EN))
+    assert [p.char_span for p in streamed] == [p.char_span for p in full.pages]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(streamed, full.pages))
+
+
+def test_pool_and_single_process_agree():
+    text = long_text(700)
+    one = render_text(text, EN, workers=1)
+    two = render_text(text, EN, workers=2)
+    assert len(one.pages) == len(two.pages) >= 6
+    for a, b in zip(one.pages, two.pages):
+        assert a.number == b.number and a.char_span == b.char_span
+        assert np.array_equal(a.image, b.image)
+
+
+def test_render_document_with_text_and_scanned_pages():
+    from glyphserve.ingest import Document, ImagePart, TextPart
+
+    scan = np.full((3000, 2000, 3), 200, dtype=np.uint8)
+    doc = Document(kind="pdf", parts=[TextPart("First page text."), ImagePart(scan, 2), TextPart("Third page.")],
+                   source_name="x.pdf", source_bytes=1, encoding=None)
+    rendered = render_document(doc, EN)
+    kinds = [p.kind for p in rendered.pages]
+    assert kinds == ["text", "scan", "text"]
+    assert [p.number for p in rendered.pages] == [1, 2, 3]
+    scan_page = rendered.pages[1]
+    assert scan_page.image.shape[0] <= 842 and scan_page.image.shape[1] <= 595
+    assert scan_page.image.shape[0] / scan_page.image.shape[1] == pytest.approx(1.5, rel=0.01)
+    # spans index Document.text (text parts joined with a blank line)
+    start, end = rendered.pages[2].char_span
+    assert doc.text[start:end] == "Third page."
+    assert rendered.manifest()["source"] == "x.pdf"
+
+
+def test_render_ingested_file(tmp_path):
+    from glyphserve.ingest import ingest_path
+
+    path = tmp_path / "notes.md"
+    path.write_text("# Title\n\nSome *markdown* text.\n", encoding="utf-8")
+    rendered = render_document(ingest_path(path), EN)
+    assert rendered.pages[0].lines[0].text == "# Title"
+
+
+def test_fallback_fonts_cover_what_the_main_font_lacks():
+    en = CharTable(resolve_font(EN.font_path).face)
+    zh = CharTable(resolve_font(preset("glyph-zh").font_path).face)
+    assert en["a"][1] == 0 and en["中"][1] > 0 and en["中"][0] > 0  # Han in English text -> Noto CJK
+    assert zh["中"][1] == 0 and zh["✈"][1] > 0 and zh["𝔸"][1] > 0  # symbols Noto CJK lacks -> DejaVu
+    # drawn with the fallback's glyphs, not as missing-glyph boxes: "中" in English text
+    # comes out exactly as with the Chinese preset, whose main font is that fallback
+    fallback = render_text("中文", EN, workers=1).pages[0].image
+    native = render_text("中文", preset("glyph-zh"), workers=1).pages[0].image
+    assert np.array_equal(fallback, native)
+
+
+def test_zh_substitute_is_the_half_width_noto_face():
+    font = resolve_font(preset("glyph-zh").font_path)
+    assert font.substitute and font.manifest()["name"] == "Noto Sans Mono CJK SC"
+    pil = ImageFont.truetype(font.face.path, 12, index=font.face.index)
+    assert pil.getname()[0] == "Noto Sans Mono CJK SC"
+
+
+def test_widths_equal_reportlab_string_width():
+    pytest.importorskip("reportlab")
+    from reportlab.pdfbase.pdfmetrics import registerFont, stringWidth
+    from reportlab.pdfbase.ttfonts import TTFont
+
+    from glyphserve.render.fonts import metrics
+
+    face = resolve_font(EN.font_path).face
+    registerFont(TTFont("test-dejavu", face.path))
+    m = metrics(face)
+    sample = "The quick brown fox, 1234567890 — ¿Qué? «ça» \xa0ẞ"
+    for ch in sample:
+        assert 0.001 * 9 * m.widths.get(ord(ch), m.default_width) == stringWidth(ch, "test-dejavu", 9)
+
+
+def test_user_errors():
+    with pytest.raises(EmptyDocumentError):
+        render_text("  \n\t ", EN)
+    with pytest.raises(ConfigError, match="font file not found"):
+        render_text("hello", EN.replace(font_path="/no/such/font.ttf"))
+    with pytest.raises(ConfigError, match="not a readable"):
+        bad = resolve_config("x", font=__file__)
+        render_text("hello", bad)

@@ -1,0 +1,71 @@
+"""``glyphserve render`` end to end, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def glyphserve(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "glyphserve.cli", *args], input=stdin, capture_output=True,
+                          env=env, cwd=REPO, timeout=180)
+
+
+def test_render_a_file_with_options(tmp_path):
+    src = tmp_path / "story.txt"
+    src.write_text("\n".join(f"Paragraph {i}. " + "Words of the story go here. " * 9 for i in range(160)),
+                   encoding="utf-8")
+    out = tmp_path / "pages"
+    proc = glyphserve("render", str(src), "-o", str(out), "--dpi", "96", "--newline", "marker", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    manifest = json.loads(proc.stdout)
+    assert manifest == json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["config"]["dpi"] == 96 and "\\n" in manifest["config"]["newline-markup"]
+    assert manifest["source"] == "story.txt" and manifest["totals"]["pages"] >= 2
+    for page in manifest["pages"]:
+        assert (out / page["file"]).is_file()
+    assert any("\\n" in ln["text"] for ln in manifest["pages"][0]["lines"])  # the red marker, inline
+
+
+def test_render_stdin_chinese_with_config(tmp_path):
+    cfg = tmp_path / "config_zh.json"
+    cfg.write_text(json.dumps({"font-size": 10, "line-height": 12}), encoding="utf-8")
+    out = tmp_path / "zh"
+    proc = glyphserve("render", "-", "-o", str(out), "--config", str(cfg),
+                      stdin="长文本压缩：把文字渲染成图片。\n第二行。".encode())
+    assert proc.returncode == 0, proc.stderr.decode()
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["font"]["requested"] == "Source Han Sans HW SC"
+    assert manifest["config"]["font-size"] == 10
+    assert "pages" in proc.stderr.decode()  # the one-line summary
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--font", "/no/such.ttf"], "font file not found"),
+        (["--preset", "glyph-en", "--dpi", "2000"], "lower dpi"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message(tmp_path, args, message):
+    src = tmp_path / "a.txt"
+    src.write_text("hello", encoding="utf-8")
+    proc = glyphserve("render", str(src), "-o", str(tmp_path / "o"), *args)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().startswith("error: ") and message in proc.stderr.decode()
+    assert "Traceback" not in proc.stderr.decode()
+
+
+def test_missing_input_and_empty_input(tmp_path):
+    proc = glyphserve("render", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and proc.stderr.decode().startswith("error: ")
+    proc = glyphserve("render", "-", "-o", str(tmp_path / "o"), stdin=b"   \n")
+    assert proc.returncode == 2 and proc.stderr.decode().startswith("error: ")

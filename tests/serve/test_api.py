@@ -1,0 +1,268 @@
+"""The HTTP API of a real server process with the embedded (extractive) backend."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.serve.conftest import REPO, STORY, Server, free_port, make_docx, make_pdf, make_png
+
+
+def upload_text(client: httpx.Client, text: str = STORY, **fields) -> dict:
+    response = client.post("/v1/documents", json={"text": text, **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+@pytest.fixture
+def client(extractive_server):
+    with extractive_server.client() as c:
+        yield c
+
+
+def test_health_and_models_say_no_model_is_loaded(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["backend"] == "extractive"
+    assert "--model zai-org/Glyph" in health["notice"]
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "glyphserve-extractive"
+
+
+def test_document_lifecycle(client):
+    created = upload_text(client, name="story.txt", preset="glyph-en", dpi=96, newline="marker")
+    doc_id, manifest = created["id"], created["manifest"]
+    assert len(doc_id) == 32 and manifest["pages"]
+    info = created["document"]
+    assert info["name"] == "story.txt" and info["characters"] == len(STORY)
+    assert info["vision_tokens"] > 0 and info["text_tokens"] > 0 and info["compression_ratio"] > 0
+    assert info["render"]["dpi"] == 96 and info["render"]["newline"] == "marker"
+
+    assert client.get(f"/v1/documents/{doc_id}").json()["manifest"] == manifest
+    assert doc_id in [d["id"] for d in client.get("/v1/documents").json()["documents"]]
+    page = client.get(f"/v1/documents/{doc_id}/pages/1.png")
+    assert page.status_code == 200 and page.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(page.content)).size[0] > 100
+
+    assert client.delete(f"/v1/documents/{doc_id}").json()["deleted"] is True
+    assert client.get(f"/v1/documents/{doc_id}").status_code == 404
+    assert client.get(f"/v1/documents/{doc_id}/pages/1.png").status_code == 404
+
+
+@pytest.mark.parametrize("name, data, kind", [
+    ("story.txt", STORY.encode(), "txt"),
+    ("story.md", ("# The keeper\n\n" + STORY).encode(), "markdown"),
+    ("story.pdf", make_pdf(STORY), "pdf"),
+    ("story.docx", make_docx(STORY), "docx"),
+])
+def test_upload_each_format_and_ask(client, name, data, kind):
+    response = client.post("/v1/documents", files={"file": (name, data)}, data={"preset": "auto"})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["document"]["kind"] == kind and body["document"]["pages"] >= 1
+    answer = client.post(f"/v1/documents/{body['id']}/chat", json={"question": "What did the harbour master give?"})
+    assert answer.status_code == 200, answer.text
+    assert "silver compass" in answer.json()["answer"]
+
+
+def test_extractive_chat_cites_pages_with_crops(client):
+    doc_id = upload_text(client)["id"]
+    body = client.post(f"/v1/documents/{doc_id}/chat", json={"question": "Which schooner hit the rocks?"}).json()
+    assert body["backend"] == "extractive" and "no vision-language model" in body["notice"].lower()
+    top = body["citations"][0]
+    assert "schooner Albatross" in top["text"] and top["page"] == 1
+    assert body["answer"].startswith("[page 1] In the winter of 1887")
+    page = Image.open(io.BytesIO(client.get(f"/v1/documents/{doc_id}/pages/1.png").content))
+    crop = client.get(top["crop_url"])
+    assert crop.status_code == 200
+    crop_image = Image.open(io.BytesIO(crop.content))
+    assert crop_image.width == page.width and 0 < crop_image.height < page.height
+    assert body["timings"]["total"] >= 0
+
+
+def test_streamed_document_chat(client):
+    doc_id = upload_text(client)["id"]
+    with client.stream("POST", f"/v1/documents/{doc_id}/chat",
+                       json={"question": "How many steps did Edwin Marsh climb?", "stream": True,
+                             "history": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+                       ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    deltas = [e for e in events[:-1] if e["type"] == "delta"]
+    done = events[-2]
+    assert done["type"] == "done" and "ninety-seven steps" in done["answer"]
+    assert "".join(d["text"] for d in deltas) == done["answer"]
+    assert all(d["channel"] == "answer" for d in deltas)
+
+
+def test_openai_client_works_unchanged(extractive_server, client):
+    oc = openai.OpenAI(base_url=f"{extractive_server.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in oc.models.list()] == ["glyphserve-extractive"]
+    messages = [{"role": "user", "content": [{"type": "text", "text": STORY},
+                                             {"type": "text", "text": "What was engraved on the compass?"}]}]
+    result = oc.chat.completions.create(model="glyph", messages=messages, max_tokens=64, temperature=0)
+    assert "for courage at sea" in result.choices[0].message.content
+    assert result.choices[0].finish_reason == "stop"
+    chunks = list(oc.chat.completions.create(model="glyph", messages=messages, stream=True,
+                                             stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == result.choices[0].message.content
+    assert chunks[-1].usage is not None
+
+    # A stored document, through the `document` extension field.
+    doc_id = upload_text(client)["id"]
+    by_document = oc.chat.completions.create(
+        model="glyph", messages=[{"role": "user", "content": "Who was rescued by Marsh?"}],
+        extra_body={"document": doc_id})
+    assert "eleven sailors" in by_document.choices[0].message.content
+
+    # Page images cannot be read without a model: a clear 503.
+    data_url = "data:image/png;base64," + __import__("base64").b64encode(make_png()).decode()
+    with pytest.raises(openai.APIStatusError) as info:
+        oc.chat.completions.create(model="glyph", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": "What is here?"}]}])
+    assert info.value.status_code == 503 and "--model zai-org/Glyph" in info.value.message
+
+
+def test_openai_requests_never_fetch_urls(client):
+    for url in ("http://127.0.0.1:1/x.png", "file:///etc/passwd", "/etc/passwd"):
+        response = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Read it"}]}]})
+        assert response.status_code in (422, 503)
+    response = client.post("/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "What is the capital?"}]})
+    assert response.status_code == 422 and "text to search" in response.json()["error"]["message"]
+
+
+BAD_UPLOADS = [
+    ("corrupt.pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\n" + b"\x00garbage" * 50, 422, "corrupt_file"),
+    ("locked.pdf", make_pdf(STORY, password="secret"), 422, "encrypted_file"),
+    ("empty.txt", b"", 422, "empty_document"),
+    ("program.bin", b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 8, 415, "unsupported_type"),
+    ("picture.png", make_png(), 415, "unsupported_type"),
+]
+
+
+@pytest.mark.parametrize("name, data, status, code", BAD_UPLOADS, ids=[b[0] for b in BAD_UPLOADS])
+def test_bad_uploads_get_clear_errors(client, name, data, status, code):
+    response = client.post("/v1/documents", files={"file": (name, data)})
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == code and body["message"] and "Traceback" not in response.text
+    assert client.get("/health").status_code == 200
+
+
+def test_limits(client):
+    too_big = client.post("/v1/documents", files={"file": ("big.txt", b"word " * 300_000)})
+    assert too_big.status_code == 413 and "1 MiB" in too_big.json()["message"]
+    too_big_json = client.post("/v1/documents", json={"text": "word " * 300_000})
+    assert too_big_json.status_code == 413
+    many_pages = client.post("/v1/documents", json={"text": "\n".join(f"line {i}" for i in range(40 * 90))})
+    assert many_pages.status_code == 422 and many_pages.json()["error"] == "too_many_pages"
+    assert "--max-pages" in many_pages.json()["message"]
+    upload_text(client)  # still serving
+
+
+def test_ids_and_routes_are_validated(client):
+    assert client.get("/v1/documents/0123456789abcdef0123456789abcdef").status_code == 404
+    for bad in ("..%2F..%2Fetc%2Fpasswd", "ABC", "0123456789abcdef0123456789abcdeg", "%2e%2e"):
+        response = client.get(f"/v1/documents/{bad}")
+        assert response.status_code in (404, 422), bad
+        assert response.headers["content-type"].startswith("application/json")
+    assert client.get("/v1/documents/../../etc/passwd").status_code in (404, 422)
+    assert client.get("/v1/documents/0123456789abcdef0123456789abcdef/pages/x.png").status_code in (404, 422)
+    assert client.get("/v1/nothing-here").json()["error"] == "not_found"
+
+
+def test_malformed_requests(client):
+    doc_id = upload_text(client)["id"]
+    cases = [
+        ("/v1/documents", b"{not json", {"content-type": "application/json"}),
+        ("/v1/documents", b'{"text": 5}', {"content-type": "application/json"}),
+        ("/v1/documents", b'{"text": "x", "dpi": 300}', {"content-type": "application/json"}),
+        (f"/v1/documents/{doc_id}/chat", b"[1, 2", {"content-type": "application/json"}),
+        (f"/v1/documents/{doc_id}/chat", b'{"question": ""}', {"content-type": "application/json"}),
+        (f"/v1/documents/{doc_id}/chat", b'{"question": "q", "max_tokens": -1}', {"content-type": "application/json"}),
+        ("/v1/chat/completions", b'{"messages": []}', {"content-type": "application/json"}),
+        ("/v1/chat/completions", b"\xff\xfe", {"content-type": "application/json"}),
+        ("/v1/documents", b"--x\r\n", {"content-type": "multipart/form-data; boundary=x"}),
+    ]
+    for path, body, headers in cases:
+        response = client.post(path, content=body, headers=headers)
+        assert response.status_code in (400, 422), (path, body, response.text)
+        error = response.json()
+        if path == "/v1/chat/completions":  # OpenAI's error shape
+            error = {"error": error["error"]["code"], "message": error["error"]["message"]}
+        assert set(error) == {"error", "message"} and error["message"]
+    assert client.post(f"/v1/documents/{doc_id}/chat", json={"question": "Who kept the lighthouse?"}).status_code == 200
+
+
+def test_metrics_count_requests_errors_and_stages(client):
+    upload_text(client)
+    client.get("/v1/documents/ffffffffffffffffffffffffffffffff")
+    text = client.get("/metrics").text
+    assert 'glyphserve_http_requests_total{method="POST",route="/v1/documents",status="201"}' in text
+    assert 'glyphserve_http_errors_total{code="not_found",route="/v1/documents/{document_id}",status="404"}' in text
+    assert 'glyphserve_stage_seconds_count{stage="render"}' in text
+    assert "glyphserve_queue_depth" in text and "glyphserve_documents_stored" in text
+
+
+def test_api_key_is_enforced(tmp_path):
+    server = Server(tmp_path / "data", "--no-ui", api_key="s3cret").start()
+    try:
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert httpx.get(f"{server.url}/v1/documents").status_code == 401
+        wrong = httpx.get(f"{server.url}/v1/documents", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
+        assert httpx.get(f"{server.url}/metrics").status_code == 401
+        with server.client() as c:
+            assert c.get("/v1/documents").status_code == 200
+            oc = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+            assert oc.models.list().data
+    finally:
+        server.stop()
+
+
+def test_non_local_bind_requires_an_api_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "glyphserve.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port()),
+         "--data-dir", str(tmp_path)],
+        cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--api-key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_documents_survive_a_restart(tmp_path):
+    server = Server(tmp_path / "data", "--no-ui").start()
+    try:
+        with server.client() as c:
+            doc_id = upload_text(c)["id"]
+            page = c.get(f"/v1/documents/{doc_id}/pages/1.png").content
+    finally:
+        server.stop()
+    server = Server(tmp_path / "data", "--no-ui").start()
+    try:
+        with server.client() as c:
+            assert [d["id"] for d in c.get("/v1/documents").json()["documents"]] == [doc_id]
+            assert c.get(f"/v1/documents/{doc_id}/pages/1.png").content == page
+            answer = c.post(f"/v1/documents/{doc_id}/chat", json={"question": "What was engraved?"}).json()
+            assert "for courage at sea" in answer["answer"]
+    finally:
+        server.stop()

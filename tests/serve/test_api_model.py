@@ -1,0 +1,186 @@
+"""The HTTP API of a real server process answering with the tiny random GLM-4.1V on the CPU."""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.serve.conftest import Server
+from tests.serve.test_api import sse_events, upload_text
+
+TEXTS = [
+    "Edwin Marsh kept the lighthouse at Carrow Point for thirty years.",
+    "The schooner Albatross struck the rocks in the winter storm of 1887.",
+    "Eleven sailors were rescued before dawn by a single rowing boat.",
+    "The harbour master gave a silver compass engraved: for courage at sea.",
+]
+QUESTIONS = ["Who kept the lighthouse?", "What happened in 1887?"]
+
+
+@pytest.fixture(scope="module")
+def documents(model_server) -> list[str]:
+    with model_server.client() as client:
+        return [upload_text(client, text)["id"] for text in TEXTS]
+
+
+@pytest.fixture
+def client(model_server):
+    with model_server.client() as c:
+        yield c
+
+
+def ask(client: httpx.Client, document_id: str, question: str, **settings) -> dict:
+    response = client.post(f"/v1/documents/{document_id}/chat",
+                           json={"question": question, "max_tokens": 12, **settings})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_health_names_the_model(client):
+    health = client.get("/health").json()
+    assert health["backend"] == "engine" and health["notice"] is None
+
+
+def test_streamed_answer_with_timings_and_cache(client, documents):
+    doc_id = documents[0]
+    with client.stream("POST", f"/v1/documents/{doc_id}/chat",
+                       json={"question": "Who kept it?", "max_tokens": 10, "stream": True}) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    done = events[-2]
+    assert done["type"] == "done" and done["backend"] == "engine" and done["notice"] is None
+    streamed = "".join(e["text"] for e in events if isinstance(e, dict) and e.get("channel") == "answer")
+    assert streamed.strip() == done["answer"]  # the engine trims the final answer's edges
+    assert done["usage"]["completion_tokens"] <= 10 and done["usage"]["vision_tokens"] > 0
+    for stage in ("prefill", "decode", "ttft", "total"):
+        assert done["timings"][stage] > 0
+    again = ask(client, doc_id, "Who kept it?", max_tokens=10)
+    assert done["cache"]["vision_misses"] + done["cache"]["vision_hits"] >= 1
+    # The document's pages are now a cached prefix: neither encoded nor prefilled again.
+    assert again["cache"]["prefix_reused_tokens"] > 0 and again["cache"]["vision_misses"] == 0
+    assert again["answer"] == done["answer"]
+    metrics = client.get("/metrics").text
+    assert re.search(r'glyphserve_cache_hit_ratio\{cache="prefix"\} 0\.\d*[1-9]', metrics)
+    assert 'glyphserve_stage_seconds_count{stage="decode"}' in metrics
+
+
+def test_openai_client_with_page_images(model_server, client, documents):
+    png = client.get(f"/v1/documents/{documents[1]}/pages/1.png").content
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+    messages = [{"role": "user", "content": [image, {"type": "text", "text": "What struck the rocks?"}]}]
+    oc = openai.OpenAI(base_url=f"{model_server.url}/v1", api_key="unused", max_retries=0)
+    result = oc.chat.completions.create(model="glyph", messages=messages, max_tokens=8, temperature=0)
+    assert result.usage.completion_tokens <= 8 and result.usage.prompt_tokens > 0
+    chunks = list(oc.chat.completions.create(model="glyph", messages=messages, max_completion_tokens=8,
+                                             stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == result.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == result.usage.completion_tokens
+    # The same pages as a stored document give the same answer.
+    by_document = oc.chat.completions.create(
+        model="glyph", messages=[{"role": "user", "content": "What struck the rocks?"}], max_tokens=8,
+        extra_body={"document": documents[1]})
+    assert by_document.choices[0].message.content == result.choices[0].message.content
+    with pytest.raises(openai.UnprocessableEntityError):
+        oc.chat.completions.create(model="glyph", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/page.png"}},
+            {"type": "text", "text": "Read it"}]}])
+
+
+def cancelled_count(client: httpx.Client) -> float:
+    match = re.search(r"^glyphserve_requests_cancelled_total (\S+)", client.get("/metrics").text, re.M)
+    return float(match.group(1))
+
+
+def wait_for_cancel(client: httpx.Client, before: float, seconds: float = 60) -> None:
+    """The worker counts a cancellation when it stops the generation (at the next streamed text)."""
+    deadline = time.monotonic() + seconds
+    while cancelled_count(client) <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled_count(client) > before
+
+
+def test_client_disconnect_stops_the_generation(model_server, client, documents):
+    before = cancelled_count(client)
+    body = {"model": "glyph", "messages": [{"role": "user", "content": "Tell a long story"}],
+            "document": documents[2], "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=model_server.url, timeout=60) as streaming:
+        with streaming.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+    wait_for_cancel(client, before)
+    assert ask(client, documents[2], "Who was rescued?", max_tokens=4)["answer"] is not None
+
+
+def test_concurrent_clients_get_their_own_answers(model_server, client, documents):
+    """32 concurrent clients over 4 documents: nothing lost, nothing mixed up."""
+    reference = {(d, q): ask(client, d, q)["answer"] for d in documents for q in QUESTIONS}
+    work = [(documents[i % 4], QUESTIONS[(i // 4) % 2], i % 4 == 3) for i in range(32)]
+    barrier = threading.Barrier(len(work))
+
+    def one(item):
+        doc_id, question, stream = item
+        with httpx.Client(base_url=model_server.url, timeout=180) as c:
+            barrier.wait(timeout=30)
+            payload = {"question": question, "max_tokens": 12, "stream": stream}
+            if not stream:
+                response = c.post(f"/v1/documents/{doc_id}/chat", json=payload)
+                assert response.status_code == 200, response.text
+                return response.json()["answer"]
+            with c.stream("POST", f"/v1/documents/{doc_id}/chat", json=payload) as response:
+                assert response.status_code == 200
+                return sse_events(response)[-2]["answer"]
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(work)) as pool:
+        answers = list(pool.map(one, work, timeout=240))
+    assert len(answers) == 32
+    for (doc_id, question, _), answer in zip(work, answers):
+        assert answer == reference[(doc_id, question)]
+    assert time.monotonic() - started < 240
+    batches = re.search(r'^glyphserve_batch_size_bucket\{le="1.0"\} (\S+)', client.get("/metrics").text, re.M)
+    total = re.search(r"^glyphserve_batch_size_count (\S+)", client.get("/metrics").text, re.M)
+    assert float(total.group(1)) > float(batches.group(1))  # some requests were batched together
+
+
+def test_flood_past_the_queue_gets_429_then_recovers(tmp_path, tiny_model_dir):
+    server = Server(tmp_path / "data", "--model", str(tiny_model_dir), "--device", "cpu", "--no-ui",
+                    "--queue-size", "2", "--max-batch", "1", "--request-timeout", "2").start()
+    try:
+        with server.client() as c:
+            doc_id = upload_text(c, TEXTS[0])["id"]
+            ask(c, doc_id, "Who?", max_tokens=4)  # warm the vision cache
+
+            def one(_):
+                with httpx.Client(base_url=server.url, timeout=60) as fresh:
+                    return fresh.post(f"/v1/documents/{doc_id}/chat", json={"question": "Who?", "max_tokens": 4})
+
+            with ThreadPoolExecutor(24) as pool:
+                responses = list(pool.map(one, range(24)))
+            statuses = [r.status_code for r in responses]
+            assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) >= 3
+            refused = next(r for r in responses if r.status_code == 429)
+            assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"] == "queue_full"
+            assert ask(c, doc_id, "Who?", max_tokens=4)["answer"] is not None
+
+            # Past --request-timeout: 504, and the generation is stopped, not left running.
+            before = cancelled_count(c)
+            slow = c.post("/v1/chat/completions", json={
+                "model": "glyph", "messages": [{"role": "user", "content": "Go on"}], "document": doc_id,
+                "max_tokens": 3000, "ignore_eos": True})
+            assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
+            wait_for_cancel(c, before)
+            assert ask(c, doc_id, "Who?", max_tokens=4)["answer"] is not None
+    finally:
+        server.stop()

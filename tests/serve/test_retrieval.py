@@ -1,0 +1,78 @@
+"""BM25 passages and their place on the rendered pages."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from glyphserve.serve.retrieval import BM25Index, PageLayout, crop_rows, pages_for_span, split_passages, tokenize
+from tests.serve.conftest import STORY
+
+
+def test_passages_keep_exact_spans_and_bounded_length():
+    text = STORY + "\n\n" + ("A long sentence without an end " * 40) + "\n\n  Trailing paragraph.  "
+    passages = split_passages(text, max_chars=200)
+    assert [p.text for p in passages[:3]] == STORY.split("\n\n")
+    for p in passages:
+        assert text[p.start:p.end] == p.text
+        assert 0 < len(p.text) <= 200
+    assert passages[-1].text == "Trailing paragraph."
+
+
+def test_long_paragraphs_are_cut_at_sentence_ends():
+    sentences = [f"Sentence number {i} talks about topic {i}." for i in range(40)]
+    passages = split_passages(" ".join(sentences), max_chars=150)
+    assert len(passages) > 5
+    assert all(p.text.endswith(".") for p in passages)
+
+
+def test_bm25_ranks_the_matching_passage_first():
+    index = BM25Index.from_text(STORY)
+    (best, score), *_ = index.search("Which ship hit the rocks in the storm?")
+    assert "schooner Albatross" in best.text and score > 0
+    assert index.search("completely unrelated zebra") == []
+
+
+def test_chinese_text_is_searchable():
+    text = "北京是中国的首都，有很多名胜古迹。\n\n上海是一座国际化的大都市，位于长江入海口。"
+    assert "上海" in tokenize(text)  # character bigrams
+    (best, _), *_ = BM25Index.from_text(text).search("长江入海口在哪里")
+    assert best.text.startswith("上海")
+
+
+def test_pages_for_span_and_crop_rows_on_a_synthetic_page():
+    source = "alpha beta\ngamma delta\nepsilon zeta\neta theta"
+    lines = [("alpha beta", 20.0), ("gamma delta", 40.0), ("epsilon zeta", 60.0), ("eta theta", 80.0)]
+    pages = [PageLayout(1, (0, 23), lines[:2], 50), PageLayout(2, (23, len(source)), lines[2:], 100)]
+    start = source.index("epsilon")
+    assert pages_for_span(pages, start, start + 12) == [2]
+    assert pages_for_span(pages, 0, len(source)) == [1, 2]
+    page = PageLayout(1, (0, len(source)), lines, 100)
+    top, bottom = crop_rows(page, source, start, start + len("epsilon zeta"))
+    assert top < 60 < bottom < 80 and top > 40
+
+
+@pytest.mark.skipif(shutil.which("tesseract") is None, reason="tesseract-ocr is not installed")
+def test_crop_of_a_rendered_page_shows_the_passage(tmp_path):
+    from PIL import Image
+
+    from glyphserve.render import render_text, resolve_config
+
+    text = "\n\n".join(f"Paragraph {i}: " + "filler words about nothing much " * 6 for i in range(30))
+    text += "\n\nThe secret harbour code is LIGHTHOUSE.\n\n" + "\n\n".join(f"Tail {i} " * 30 for i in range(10))
+    rendered = render_text(text, resolve_config(text, preset="glyph-en", dpi=96))
+    pages = [PageLayout(p.number, tuple(p.char_span), [(ln.text, ln.y) for ln in p.lines], p.image.shape[0])
+             for p in rendered.pages]
+    start = text.index("The secret harbour")
+    end = start + len("The secret harbour code is LIGHTHOUSE.")
+    (number, *_) = pages_for_span(pages, start, end)
+    top, bottom = crop_rows(pages[number - 1], text, start, end)
+    assert bottom - top < 80  # a row or two, not the page
+    crop = Image.fromarray(rendered.pages[number - 1].image[top:bottom])
+    crop = crop.resize((crop.width * 2, crop.height * 2))
+    crop.save(tmp_path / "crop.png")
+    ocr = subprocess.run(["tesseract", str(tmp_path / "crop.png"), "-", "--psm", "6"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "LIGHTHOUSE" in ocr

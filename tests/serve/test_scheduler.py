@@ -1,0 +1,72 @@
+"""The scheduler with the extractive backend: ordering, batching, streaming and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from glyphserve.errors import QueueFullError
+from glyphserve.serve.backends import ChatJob, Delta, ExtractiveBackend, Reply
+from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
+
+CONTEXTS = [f"Document {i} says the secret word is word{i}.\n\nIt also mentions filler." for i in range(40)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_jobs_get_their_own_replies_in_batches():
+    sizes: list[int] = []
+    scheduler = Scheduler(ExtractiveBackend(None), queue_size=64, max_batch=8, timeout=30,
+                          hooks=SchedulerHooks(batch=sizes.append))
+
+    async def main():
+        jobs = [ChatJob(question=f"What is the secret word of document {i}?", context=c) for i, c in enumerate(CONTEXTS)]
+        return await asyncio.gather(*(scheduler.answer(job) for job in jobs))
+
+    try:
+        replies = run(main())
+    finally:
+        scheduler.close()
+    for i, reply in enumerate(replies):
+        assert f"word{i}." in reply.text
+    assert sum(sizes) == len(CONTEXTS) and max(sizes) <= 8
+
+
+def test_stream_yields_deltas_then_the_reply():
+    scheduler = Scheduler(ExtractiveBackend(None), queue_size=4, max_batch=4, timeout=30)
+
+    async def main():
+        items = await scheduler.stream(ChatJob(question="secret word", context=CONTEXTS[3]))
+        return [item async for item in items]
+
+    try:
+        items = run(main())
+    finally:
+        scheduler.close()
+    assert isinstance(items[-1], Reply) and all(isinstance(i, Delta) for i in items[:-1])
+    assert "".join(i.text for i in items[:-1]) == items[-1].text
+
+
+def test_errors_reach_only_their_request_and_full_queue_refuses():
+    scheduler = Scheduler(ExtractiveBackend(None), queue_size=64, max_batch=8, timeout=30)
+
+    async def main():
+        good = ChatJob(question="secret word", context=CONTEXTS[0])
+        bad = ChatJob(question="secret word", context="   ")  # nothing to search: a user error
+        return await asyncio.gather(scheduler.answer(good), scheduler.answer(bad), scheduler.answer(good),
+                                    return_exceptions=True)
+
+    try:
+        first, second, third = run(main())
+    finally:
+        scheduler.close()
+    assert "word0" in first.text and "word0" in third.text
+    assert getattr(second, "code", None) == "invalid_request"
+
+    closed = Scheduler(ExtractiveBackend(None), queue_size=1, max_batch=1, timeout=30)
+    closed.close()
+    with pytest.raises(QueueFullError):
+        run(closed.answer(ChatJob(question="q", context="c")))
