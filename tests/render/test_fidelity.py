@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from render_helpers import corpus_excerpt, ssim
+from tests.render.render_helpers import corpus_excerpt, ssim
 
 from glyphserve.bench.workloads import make_workload_text
 from glyphserve.render import MARKER_MARKUP, load_glyph_config, preset, render_text
