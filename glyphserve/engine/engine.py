@@ -87,7 +87,7 @@ class Engine:
         mcfg = self.model.config
         self.params = PreprocessParams.from_image_processor(loaded.image_processor)
         self._vision_key_prefix = f"{self.name}|{self.dtype}|{self.params.fingerprint()}|"
-        self.preprocessor = PagePreprocessor(self.params, self.device, self.dtype)
+        self.preprocessor = PagePreprocessor(self.params, self.device, self.dtype, pinned=config.pinned_copies)
         self.prompts = PromptBuilder(
             self.tokenizer, loaded.chat_template, mcfg.image_token_id, mcfg.image_end_token_id, self.params.merge_size
         )
@@ -115,7 +115,7 @@ class Engine:
         self._counters = {"requests": 0, "batches": 0, "new_tokens": 0, "prompt_tokens": 0, "oom_recoveries": 0}
         self._host_next = None
         self._launches = 0
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and config.pinned_copies:
             self._host_next = [torch.zeros(config.max_batch_size, dtype=torch.long).pin_memory() for _ in range(2)]
         self._warm_up()
 
@@ -474,7 +474,10 @@ class Engine:
                     tokens = [self._sample(job, runner.logits[job.row]) for job in jobs]
                     runner.tokens[:b, 0] = torch.tensor(tokens, device=self.device)
             for job in list(live):
-                yield from self._accept(job, tokens[job.row])
+                if job.request.cancel is not None and job.request.cancel():
+                    job.finish_reason = "cancelled"
+                else:
+                    yield from self._accept(job, tokens[job.row])
                 if job.finish_reason is not None:
                     live.remove(job)
                     runner.active[job.row] = 0

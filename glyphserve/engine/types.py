@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -36,6 +37,9 @@ class EngineConfig:
     warmup_page_shapes: tuple[tuple[int, int], ...] = ()
     # Pages encoded per vision forward.
     vision_batch_pages: int = 8
+    # CUDA: pages go up through pinned memory on a side stream, and decode reads its tokens back through pinned
+    # buffers one step behind the GPU. False: plain synchronous copies (the benchmark ladder's row without them).
+    pinned_copies: bool = True
     seed: int = 0
 
 
@@ -65,6 +69,8 @@ class AnswerRequest:
     history: list[ChatMessage] = field(default_factory=list)
     document_key: str | None = None  # stable id of the pages; defaults to a hash of the pixels
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    # Polled once per decode step; returning True ends this request's generation (finish_reason "cancelled").
+    cancel: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -49,6 +49,8 @@ class ChatJob:
     document_id: str | None = None
     pages: list[np.ndarray] = field(default_factory=list)  # what the engine reads
     context: str | None = None  # inline text the extractive backend searches (no document)
+    # Polled by the engine every decode step: True stops this job (client gone, deadline passed).
+    should_stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -117,7 +119,7 @@ class EngineBackend:
         history = [ChatMessage(role=t.role, content=t.content) for t in job.history]
         return AnswerRequest(
             pages=job.pages, question=job.question, history=history,
-            document_key=job.document_id, settings=settings,
+            document_key=job.document_id, settings=settings, cancel=job.should_stop,
         )
 
     def answer_batch(self, jobs: list[ChatJob]) -> list[Reply]:

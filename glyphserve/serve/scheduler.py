@@ -107,6 +107,7 @@ class Scheduler:
     def _submit(self, job: ChatJob, streaming: bool) -> _Ticket:
         loop = asyncio.get_running_loop()
         ticket = _Ticket(job, streaming, loop, time.monotonic() + self.timeout)
+        job.should_stop = lambda: ticket.cancel.is_set() or time.monotonic() > ticket.deadline
         if streaming:
             ticket.events = asyncio.Queue()
         else:

@@ -58,3 +58,24 @@ def test_stats_and_byte_bounded_vision_cache(load_engine):
         AnswerRequest(pages=pages[1:], question="Who?", settings=GenerationSettings(max_new_tokens=2))
     )
     assert (again.cache.vision_hits, again.cache.vision_misses) == (2, 0)
+
+
+def test_cancel_stops_one_row_of_a_batch_and_spares_the_others(load_engine):
+    engine = load_engine()
+    settings = GenerationSettings(max_new_tokens=20, ignore_eos=True)
+    polls = []
+
+    def stop_after_five_steps() -> bool:
+        polls.append(1)
+        return len(polls) > 5
+
+    cancelled, kept = engine.answer_batch(
+        [
+            AnswerRequest(pages=PAGES, question="Who?", settings=settings, cancel=stop_after_five_steps),
+            AnswerRequest(pages=PAGES, question="Where?", settings=settings),
+        ]
+    )
+    # the first token comes from the prefill; each of the five decode steps before the stop adds one
+    assert cancelled.finish_reason == "cancelled" and len(cancelled.token_ids) == 6
+    alone = engine.answer(AnswerRequest(pages=PAGES, question="Where?", settings=settings))
+    assert kept.finish_reason == "length" and kept.token_ids == alone.token_ids
