@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ("glyphserve.bench.render",)
+BENCH_MODULES = ("glyphserve.bench.render", "glyphserve.bench.engine", "glyphserve.bench.serve")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

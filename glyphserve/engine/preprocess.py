@@ -133,19 +133,22 @@ def _as_tensor(page: np.ndarray) -> torch.Tensor:
 class PagePreprocessor:
     """uint8 pages to flattened patches [sum(gh*gw), 3*T*P*P] on ``device``, in the model's dtype."""
 
-    def __init__(self, params: PreprocessParams, device: torch.device, dtype: torch.dtype):
+    def __init__(self, params: PreprocessParams, device: torch.device, dtype: torch.dtype, pinned: bool = True):
         self.params = params
         self.device = device
         self.dtype = dtype
         self.lut = torch.from_numpy(params.lookup_table()).to(device)
         self.channel_index = torch.arange(3, device=device).view(1, 3, 1, 1)
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pinned = pinned and device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.pinned else None
 
     def upload(self, pages: list[np.ndarray]) -> list[torch.Tensor]:
         """Resize where needed and move the uint8 pages to the device (pinned, non-blocking on a side stream)."""
         host = [_as_tensor(resize_page(p, self.params)) for p in pages]
-        if self.copy_stream is None:
+        if self.device.type != "cuda":
             return host
+        if not self.pinned:
+            return [t.to(self.device) for t in host]
         main = torch.cuda.current_stream(self.device)
         self.copy_stream.wait_stream(main)
         out = []

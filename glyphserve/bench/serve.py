@@ -1,0 +1,256 @@
+"""``glyphserve bench serve``: the real server under a bounded loopback load.
+
+Starts ``glyphserve serve --no-ui`` as a child process, stores ``--documents`` W50 documents through the API,
+asks one warm-up question per document, then runs ``--sessions`` chat sessions (session i reads document
+i mod documents and asks ``--questions`` questions in turn, each with the conversation so far) twice: one
+request at a time, then all sessions at once. Every answer is exactly ``--new-tokens`` tokens (EOS ignored), so
+both phases do the same work. Reports answers per minute and p50/p95 latency of each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TARGET_SPEEDUP = 6.0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="throughput and latency of the server under concurrent sessions",
+                              description=__doc__.split("\n\n")[0])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint directory or Hugging Face id")
+    source.add_argument("--random-weights", metavar="ARCH", help="e.g. glm-4.1v-9b (no checkpoint needed)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--workload", default="W50", help="document size (W50, W150, W200 or characters)")
+    p.add_argument("--documents", type=int, default=4)
+    p.add_argument("--sessions", type=int, default=16)
+    p.add_argument("--questions", type=int, default=3, help="questions per session")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    p.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the server")
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for serve-<card>.json/.md")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Phase:
+    name: str
+    latencies_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def summary(self) -> dict:
+        lat = sorted(self.latencies_s)
+        return {
+            "answers": len(lat),
+            "wall_s": self.wall_s,
+            "answers_per_min": len(lat) / self.wall_s * 60,
+            "p50_s": statistics.median(lat),
+            "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
+            "mean_s": statistics.fmean(lat),
+        }
+
+
+class Server:
+    """``glyphserve serve`` in a child process on a free loopback port; its output goes to ``log``."""
+
+    def __init__(self, args: argparse.Namespace, data_dir: Path, log: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        model = ["--model", args.model] if args.model else ["--random-weights", args.random_weights]
+        command = [sys.executable, "-m", "glyphserve.cli", "serve", "--no-ui", "--port", str(self.port),
+                   "--data-dir", str(data_dir), "--max-batch", str(args.max_batch), "--device", args.device,
+                   "--dtype", args.dtype, "--queue-size", str(max(64, 2 * args.sessions)), *model]
+        self.log = log
+        self._log_file = log.open("w")
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait(self, client, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.process.returncode}):\n{self.tail()}")
+            try:
+                reply = client.get(f"{self.base}/health", timeout=5)
+                if reply.status_code == 200:
+                    return reply.json()
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, n: int = 30) -> str:
+        self._log_file.flush()
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log_file.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    import httpx
+
+    from glyphserve.bench.engine import card_slug, workload_chars
+    from glyphserve.bench.workloads import make_workload_text
+
+    with tempfile.TemporaryDirectory(prefix="glyphserve-bench-serve-") as tmp:
+        server = Server(args, Path(tmp) / "data", Path(tmp) / "server.log")
+        timeout = httpx.Timeout(600.0)
+        limits = httpx.Limits(max_connections=args.sessions + 4)
+        try:
+            with httpx.Client(timeout=timeout, limits=limits) as client:
+                started = time.perf_counter()
+                health = server.wait(client, args.startup_timeout)
+                startup_s = time.perf_counter() - started
+                print(f"server up in {startup_s:.1f} s: {json.dumps(health)}", flush=True)
+                if not health.get("model"):
+                    raise RuntimeError("the server reports no model")
+                doc_ids = []
+                for i in range(args.documents):
+                    text = make_workload_text(workload_chars(args.workload), seed=100 + i)
+                    reply = client.post(f"{server.base}/v1/documents",
+                                        json={"text": text, "name": f"bench-{i}", "preset": "glyph-en"})
+                    reply.raise_for_status()
+                    doc_ids.append(reply.json()["id"])
+                pages = client.get(f"{server.base}/v1/documents/{doc_ids[0]}").json()["document"]
+
+                def ask(doc: str, messages: list[dict]) -> tuple[float, str]:
+                    t0 = time.perf_counter()
+                    reply = client.post(f"{server.base}/v1/chat/completions", json={
+                        "document": doc, "messages": messages, "max_tokens": args.new_tokens,
+                        "ignore_eos": True, "temperature": 0})
+                    latency = time.perf_counter() - t0
+                    if reply.status_code != 200:
+                        raise RuntimeError(f"HTTP {reply.status_code}: {reply.text[:500]}")
+                    body = reply.json()
+                    if body["usage"]["completion_tokens"] != args.new_tokens:
+                        raise RuntimeError(f"expected {args.new_tokens} tokens: {body['usage']}")
+                    return latency, body["choices"][0]["message"]["content"] or ""
+
+                def session(phase: Phase, s: int, lock: threading.Lock) -> None:
+                    doc = doc_ids[s % len(doc_ids)]
+                    messages: list[dict] = []
+                    for q in range(args.questions):
+                        messages.append({"role": "user", "content":
+                                         f"[{phase.name} s{s:02d} q{q}] Which names and numbers appear most "
+                                         "often in the text, and where?"})
+                        latency, text = ask(doc, messages)
+                        messages.append({"role": "assistant", "content": text})
+                        with lock:
+                            phase.latencies_s.append(latency)
+
+                lock = threading.Lock()
+                warm = Phase("warm-up")
+                for doc in doc_ids:  # pages rendered, vision features and document prefixes cached
+                    warm.latencies_s.append(ask(doc, [{"role": "user", "content": "What is the text about?"}])[0])
+                sequential = Phase("sequential")
+                t0 = time.perf_counter()
+                for s in range(args.sessions):
+                    session(sequential, s, lock)
+                sequential.wall_s = time.perf_counter() - t0
+                print("sequential", json.dumps(sequential.summary()), flush=True)
+
+                concurrent = Phase("concurrent")
+                errors: list[BaseException] = []
+
+                def guarded(s: int) -> None:
+                    try:
+                        session(concurrent, s, lock)
+                    except BaseException as exc:  # reported after join
+                        errors.append(exc)
+
+                threads = [threading.Thread(target=guarded, args=(s,)) for s in range(args.sessions)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                concurrent.wall_s = time.perf_counter() - t0
+                if errors:
+                    raise errors[0]
+                print("concurrent", json.dumps(concurrent.summary()), flush=True)
+                metrics = client.get(f"{server.base}/metrics").text
+        except Exception:
+            print(server.tail(), file=sys.stderr)
+            raise
+        finally:
+            server.stop()
+
+    import torch
+    import transformers
+
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"  # asked once the server is gone
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "server": {"model": health.get("model"), "backend": health.get("backend"), "dtype": args.dtype},
+        "startup_s": startup_s,
+        "workload": args.workload,
+        "pages_per_document": pages.get("pages"),
+        "documents": args.documents,
+        "sessions": args.sessions,
+        "questions_per_session": args.questions,
+        "new_tokens": args.new_tokens,
+        "max_batch": args.max_batch,
+        "warm_up_latencies_s": warm.latencies_s,
+        "sequential": sequential.summary(),
+        "concurrent": concurrent.summary(),
+        "metrics_excerpt": [line for line in metrics.splitlines() if line.startswith("glyphserve_") and
+                            ("cache" in line or "batch" in line)][:20],
+    }
+    result["speedup"] = result["concurrent"]["answers_per_min"] / result["sequential"]["answers_per_min"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"serve-{card_slug(device)}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    markdown = to_markdown(result)
+    stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    return 0
+
+
+def to_markdown(r: dict) -> str:
+    seq, con = r["sequential"], r["concurrent"]
+    met = "met" if r["speedup"] >= TARGET_SPEEDUP else "missed"
+    lines = [
+        f"# Server under load: {r['device']}",
+        "",
+        f"`glyphserve bench serve`, {r['date']}: torch {r['torch']}, transformers {r['transformers']}; server {r['server'].get('model')} ({r['server'].get('dtype')}), "
+        f"`--max-batch {r['max_batch']}`, up in {r['startup_s']:.1f} s.",
+        f"{r['documents']} {r['workload']} documents ({r['pages_per_document']} pages each) stored through the "
+        f"API; {r['sessions']} chat sessions, session i on document i mod {r['documents']}, "
+        f"{r['questions_per_session']} questions each with the conversation so far; answers of exactly "
+        f"{r['new_tokens']} tokens (EOS ignored) through `/v1/chat/completions` over loopback. One warm-up "
+        "question per document first, so both phases find pages, vision features and document prefixes cached.",
+        "",
+        "| phase | answers | wall s | answers/min | p50 latency s | p95 latency s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, p in (("one at a time", seq), (f"{r['sessions']} sessions at once", con)):
+        lines.append(f"| {name} | {p['answers']} | {p['wall_s']:.1f} | {p['answers_per_min']:.1f} | "
+                     f"{p['p50_s']:.3f} | {p['p95_s']:.3f} |")
+    lines += ["", f"Throughput {r['speedup']:.1f}x the sequential rate (target >= {TARGET_SPEEDUP:.0f}x: {met}).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""CPU smoke runs of ``glyphserve bench engine`` and ``glyphserve bench serve`` on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+from glyphserve.cli import main
+
+
+def test_engine_ladder_writes_every_row(tiny_model_dir, tmp_path):
+    code = main(["bench", "engine", "--model", str(tiny_model_dir), "--device", "cpu", "--workload", "1000",
+                 "--grow", "", "--new-tokens", "3", "--repeats", "1", "--hf-repeats", "1", "--fp32-repeats", "1",
+                 "--max-context", "2048", "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "engine-ladder-cpu.json").read_text())
+    rows = {r["key"]: r for r in result["rows"]}
+    assert list(rows) == ["0", "1", "2", "3", "4", "5", "6", "6b", "6c", "text"]
+    assert rows["4"]["vision_hits"] > 0 and rows["4"]["vision_misses"] == 0
+    assert rows["6b"]["vision_hits"] > 0 and rows["6b"]["vision_misses"] == 0
+    assert rows["5"]["prefix_reused_tokens"] > 0 and rows["6c"]["prefix_reused_tokens"] > 0
+    assert rows["3"]["prefix_reused_tokens"] == 0 and rows["6"]["vision_misses"] > 0
+    assert rows["text"]["prompt_tokens"] > rows["6"]["prompt_tokens"]
+    assert all(r["wall_s"] > 0 for r in rows.values())
+    markdown = (tmp_path / "engine-ladder-cpu.md").read_text()
+    assert "| 6c | all on, prefix-KV follow-up |" in markdown and "## Targets" in markdown
+    assert (tmp_path / "engine-ladder-cpu.png").stat().st_size > 0
+
+
+def test_serve_bench_counts_every_answer(tiny_model_dir, tmp_path):
+    code = main(["bench", "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--workload", "1000",
+                 "--documents", "2", "--sessions", "3", "--questions", "2", "--new-tokens", "3", "--max-batch", "2",
+                 "--startup-timeout", "120", "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "serve-cpu.json").read_text())
+    assert result["sequential"]["answers"] == result["concurrent"]["answers"] == 6
+    assert result["concurrent"]["p95_s"] >= result["concurrent"]["p50_s"] > 0
+    assert "answers/min" in (tmp_path / "serve-cpu.md").read_text()
