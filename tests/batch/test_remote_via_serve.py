@@ -3,52 +3,21 @@ the same answers as the local engine, streamed and batched."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from glyphserve.engine import AnswerRequest, ChatMessage, Engine, EngineConfig, GenerationSettings
 from glyphserve.engine.remote import RemoteConfig, RemoteEngine
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.servers import Server
 
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "glyphserve.cli", "serve", "--model", str(tiny_model_dir), "--no-ui",
-         "--port", str(port), "--data-dir", str(tmp_path_factory.mktemp("serve-data")), "--max-batch", "4"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"glyphserve serve did not start:\n{log.read()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+    server = Server(tmp_path_factory.mktemp("serve") / "data", "--model", str(tiny_model_dir), "--device", "cpu",
+                    "--no-ui", "--max-batch", "4").start()
+    yield server.url
+    server.stop()
 
 
 def test_same_answers_as_the_local_engine(served, tiny_model_dir):

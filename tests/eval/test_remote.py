@@ -3,50 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 
 from glyphserve.cli import main
 from glyphserve.eval import LocalBackend, RenderSetting, evaluate, generate
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.servers import Server
 
 
 @pytest.fixture(scope="module")
 def server_url(tiny_model_dir, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "glyphserve.cli", "serve", "--model", str(tiny_model_dir), "--no-ui",
-             "--port", str(port), "--data-dir", str(tmp_path_factory.mktemp("serve-data"))],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"glyphserve serve did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    server = Server(tmp_path_factory.mktemp("serve") / "data", "--model", str(tiny_model_dir), "--device", "cpu",
+                    "--no-ui").start()
+    yield server.url
+    server.stop()
 
 
 def test_openai_backend_answers_like_the_local_model(server_url, tiny_model_dir, tmp_path):
