@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from glyphserve.engine.probe import hf_inputs
+
 
 def make_pages(shapes, seed=0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -22,20 +24,7 @@ class Reference:
     processor: object
 
     def inputs(self, pages, question, history=()):
-        from PIL import Image
-
-        images = [{"type": "image", "image": Image.fromarray(p)} for p in pages]
-        messages, placed = [], False
-        for role, content in history:
-            if role == "user" and not placed:
-                messages.append({"role": role, "content": [*images, {"type": "text", "text": content}]})
-                placed = True
-            else:
-                messages.append({"role": role, "content": content})
-        messages.append({"role": "user", "content": [*([] if placed else images), {"type": "text", "text": question}]})
-        return self.processor.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
-        )
+        return hf_inputs(self.processor, pages, question, history, device="cpu")
 
     def generate(self, pages, question, history=(), max_new_tokens=16, ignore_eos=False):
         """(generated ids incl. a stop token, per-step logits)."""
