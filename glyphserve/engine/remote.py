@@ -6,11 +6,15 @@ against ``vllm serve zai-org/Glyph``, SGLang or another glyphserve instead of a 
 Pages travel as PNG data URLs, encoded once per ``document_key``; answers stream over SSE.
 Requests that fail before any token arrived (connection errors, 429 and 5xx replies) are
 retried with exponential backoff, on the least busy endpoint that has not just failed.
+With a ``router`` (``glyphserve.serve.routing.Router``) the endpoint is chosen by document
+instead, and with ``resume_greedy`` a greedy answer cut off mid-stream is finished by another
+endpoint, the part already passed on dropped from its stream.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import random
@@ -20,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import httpx
 import numpy as np
@@ -39,6 +44,7 @@ from glyphserve.errors import ContextOverflowError, GlyphserveError, RemoteBacke
 # GLM-4.1V's turn markers: generation must stop before the model starts another turn.
 STOP_SEQUENCES = ("<|user|>", "<|endoftext|>", "<|observation|>")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 
 
 @dataclass
@@ -60,6 +66,19 @@ class RemoteConfig:
     max_concurrency: int = 16
     # Budget for cached PNG data URLs (per document_key).
     image_cache_bytes: int = 256 * 2**20
+    # Finish a greedy (temperature 0) answer whose stream broke on another endpoint: greedy
+    # decoding of the same model repeats the part already sent, which is checked and dropped.
+    resume_greedy: bool = False
+
+
+class EndpointRouter(Protocol):
+    """Chooses endpoints by request key (see ``glyphserve.serve.routing.Router``)."""
+
+    def candidates(self, key: str) -> list[str]:
+        """Chat-completions URLs to try for ``key``, best first."""
+
+    def mark_down(self, url: str, reason: str) -> None:
+        """``url`` could not be reached: take it out until it is healthy again."""
 
 
 @dataclass
@@ -100,10 +119,11 @@ def png_data_url(page: np.ndarray) -> str:
 class RemoteEngine:
     """Client for one or more OpenAI-compatible chat-completions servers."""
 
-    def __init__(self, config: RemoteConfig):
+    def __init__(self, config: RemoteConfig, router: EndpointRouter | None = None):
         if not config.endpoints:
             raise GlyphserveError("the openai backend needs at least one --endpoint URL")
         self.config = config
+        self.router = router
         self._endpoints = [_Endpoint(chat_completions_url(e), config.model) for e in config.endpoints]
         timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
         limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
@@ -113,14 +133,15 @@ class RemoteEngine:
         self._lock = threading.Lock()
         self._images: OrderedDict[str, _EncodedPages] = OrderedDict()
         self._image_bytes = 0
-        self._counters = {"requests": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "new_tokens": 0}
+        self._counters = {"requests": 0, "retries": 0, "resumed": 0, "failures": 0, "prompt_tokens": 0,
+                          "new_tokens": 0}
         self._image_hits = 0
         self._image_misses = 0
 
     @classmethod
-    def load(cls, config: RemoteConfig) -> RemoteEngine:
+    def load(cls, config: RemoteConfig, router: EndpointRouter | None = None) -> RemoteEngine:
         """Connect, learn each server's model name, and fail early if no endpoint answers."""
-        engine = cls(config)
+        engine = cls(config, router)
         errors = []
         for endpoint in engine._endpoints:
             try:
@@ -165,7 +186,8 @@ class RemoteEngine:
         usage: dict = {}
         finish_reason = "stop"
         first_token_at = None
-        for chunk in self._chunks(payload):
+        key = _routing_key(request, urls) if self.router is not None else None
+        for chunk in self._chunks(payload, key):
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
@@ -256,14 +278,18 @@ class RemoteEngine:
             payload["ignore_eos"] = True  # a vLLM/SGLang extension, used by benchmarks
         return payload
 
-    def _chunks(self, payload: dict) -> Iterator[dict]:
-        """The parsed SSE chunks of one completion, retrying while no token has arrived."""
+    def _chunks(self, payload: dict, key: str | None) -> Iterator[dict]:
+        """The parsed SSE chunks of one completion, retrying while no token has arrived (or, for
+        greedy answers with ``resume_greedy``, after tokens arrived too)."""
         failed: set[int] = set()
         attempt = 0
+        resume = _Resume() if self.config.resume_greedy and payload["temperature"] == 0 else None
         while True:
-            endpoint = self._acquire(failed)
+            endpoint = self._acquire(failed, key)
             got_token = False
             retry_after = None
+            if resume is not None:
+                resume.restart()
             try:
                 model = self._model_for(endpoint)
                 with self._client.stream("POST", endpoint.url, json={"model": model, **payload}) as response:
@@ -283,14 +309,21 @@ class RemoteEngine:
                                 break
                             got_token = got_token or _has_token(chunk)
                             complete = complete or any(c.get("finish_reason") for c in chunk.get("choices") or [])
+                            if resume is not None:
+                                resume.trim(chunk, endpoint.url)
                             yield chunk
                         if not complete:
                             raise httpx.RemoteProtocolError("the stream ended before the answer was complete")
                         return
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 self._failed(endpoint)
-                if got_token:
+                if self.router is not None:
+                    self.router.mark_down(endpoint.url, f"{type(exc).__name__}: {exc}")
+                if got_token and resume is None:
                     raise RemoteBackendError(f"{endpoint.url}: the connection broke mid-answer ({exc})") from None
+                if got_token:
+                    with self._lock:
+                        self._counters["resumed"] += 1
                 if attempt >= self.config.max_retries:
                     raise RemoteBackendError(
                         f"{endpoint.url} is unreachable after {attempt + 1} attempts: {exc or type(exc).__name__}"
@@ -313,10 +346,16 @@ class RemoteEngine:
             delay = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** (attempt - 1))
             time.sleep(retry_after if retry_after is not None else delay * random.uniform(0.5, 1.0))
 
-    def _acquire(self, failed: set[int]) -> _Endpoint:
+    def _acquire(self, failed: set[int], key: str | None) -> _Endpoint:
+        preferred = self.router.candidates(key) if self.router is not None else None
         with self._lock:
-            candidates = [e for e in self._endpoints if id(e) not in failed] or self._endpoints
-            endpoint = min(candidates, key=lambda e: (e.in_flight, e.requests))
+            if preferred is not None:
+                by_url = {e.url: e for e in self._endpoints}
+                ordered = [by_url[url] for url in preferred]
+                endpoint = next((e for e in ordered if id(e) not in failed), ordered[0])
+            else:
+                candidates = [e for e in self._endpoints if id(e) not in failed] or self._endpoints
+                endpoint = min(candidates, key=lambda e: (e.in_flight, e.requests))
             endpoint.in_flight += 1
             endpoint.requests += 1
             self._counters["requests"] += 1
@@ -379,6 +418,50 @@ class RemoteEngine:
                     _, evicted = self._images.popitem(last=False)
                     self._image_bytes -= evicted.nbytes
         return entry.urls
+
+
+class _Resume:
+    """The text of one answer already passed on, per delta field, and what a retried stream
+    must repeat before its text is new."""
+
+    def __init__(self):
+        self.sent: dict[str, str] = {}
+        self.pending: dict[str, str] = {}
+
+    def restart(self) -> None:
+        self.pending = dict(self.sent)
+
+    def trim(self, chunk: dict, url: str) -> None:
+        """Drop from ``chunk`` (in place) what was already sent; record the rest."""
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            for name in _TEXT_FIELDS:
+                text = delta.get(name)
+                if not text:
+                    continue
+                pending = self.pending.get(name, "")
+                if pending.startswith(text):
+                    self.pending[name] = pending[len(text):]
+                    delta[name] = ""
+                    continue
+                if not text.startswith(pending):
+                    raise RemoteBackendError(
+                        f"{url}: the connection broke mid-answer and the retried answer differs from the part "
+                        "already sent (are the servers running the same model?)"
+                    )
+                self.pending[name] = ""
+                delta[name] = text[len(pending):]
+                self.sent[name] = self.sent.get(name, "") + delta[name]
+
+
+def _routing_key(request: AnswerRequest, urls: list[str]) -> str:
+    """What a router keeps together: the document (its key, else its pages), else the conversation's start."""
+    if request.document_key is not None:
+        return request.document_key
+    digest = hashlib.blake2b(digest_size=16)
+    for part in urls or [(request.history[0].content if request.history else request.question)]:
+        digest.update(part.encode())
+    return digest.hexdigest()
 
 
 def _vision_tokens(pages: list[np.ndarray]) -> int:

@@ -187,7 +187,12 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: 
 
 
 def load_engine(config: ServeConfig) -> tuple["Engine | None", str | None]:
-    """Load the model named by ``--model`` / ``--random-weights`` (None, None without one)."""
+    """Load the model named by ``--model`` / ``--random-weights`` (None, None without one), or
+    connect to the replicas (``--backend openai``, ``--gpus``)."""
+    if config.routed:
+        from glyphserve.serve.routing import load_routed
+
+        return load_routed(config)
     if not config.has_model:
         return None, None
     from glyphserve.engine import Engine, EngineConfig

@@ -30,6 +30,22 @@ def register(subparsers) -> None:
     serve.add_argument("--request-timeout", type=float, default=300,
                        help="seconds before a request is answered 504 (default 300)")
     serve.add_argument("--no-ui", action="store_true", help="serve the API only")
+    scale = serve.add_argument_group("scale-out", "answer on other engines: this server ingests, renders, stores "
+                                     "and routes each document's questions to one replica")
+    scale.add_argument("--backend", choices=("local", "openai"), default="local",
+                       help="local: the model in this process; openai: the --endpoint servers")
+    scale.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                       help="OpenAI-compatible replica (vLLM, SGLang, glyphserve serve); repeat for more")
+    scale.add_argument("--remote-model", metavar="NAME", help="model name sent to the replicas (default: /v1/models)")
+    scale.add_argument("--remote-api-key", default=os.environ.get("OPENAI_API_KEY"), metavar="KEY",
+                       help="bearer token for the replicas (default: $OPENAI_API_KEY)")
+    scale.add_argument("--gpus", type=_gpu_list, default=[], metavar="0,1,...",
+                       help="start one engine process per local GPU (with --model) and route over them")
+    scale.add_argument("--replica-concurrency", type=int, default=8, metavar="N",
+                       help="requests each replica takes at once; the queue follows healthy replicas x this "
+                            "(default 8)")
+    scale.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
+                       help="seconds between health checks of the replicas (default 2)")
     serve.set_defaults(func=_serve)
 
     doctor = subparsers.add_parser("doctor", help="check GPU, libraries, fonts and model weights",
@@ -47,6 +63,13 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
 
 
+def _gpu_list(value: str) -> list[str]:
+    gpus = [g.strip() for g in value.split(",") if g.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"expected distinct GPU indices like 0,1 (got {value!r})")
+    return gpus
+
+
 def _serve(args: argparse.Namespace) -> int:
     from glyphserve.serve.app import run
     from glyphserve.serve.config import ServeConfig, default_data_dir
@@ -56,6 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
         random_weights=args.random_weights, dtype=args.dtype, device=args.device, api_key=args.api_key or None,
         max_upload_mb=args.max_upload_mb, max_pages=args.max_pages, queue_size=args.queue_size,
         max_batch=args.max_batch, request_timeout=args.request_timeout, ui=not args.no_ui,
+        backend=args.backend, endpoints=args.endpoint, remote_model=args.remote_model,
+        remote_api_key=args.remote_api_key or None, gpus=args.gpus, replica_concurrency=args.replica_concurrency,
+        health_interval=args.health_interval,
     )
     return run(config)
 

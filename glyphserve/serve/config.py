@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from glyphserve.errors import ConfigError
@@ -48,6 +48,18 @@ class ServeConfig:
     max_batch: int = 8
     request_timeout: float = 300.0
     ui: bool = True
+    # Scale-out (glyphserve.serve.routing): answers come from OpenAI-compatible replicas.
+    backend: str = "local"  # "local" | "openai"
+    endpoints: list[str] = field(default_factory=list)
+    remote_model: str | None = None
+    remote_api_key: str | None = None
+    gpus: list[str] = field(default_factory=list)  # one local replica per GPU index
+    replica_concurrency: int = 8
+    health_interval: float = 2.0
+
+    @property
+    def routed(self) -> bool:
+        return self.backend == "openai" or bool(self.gpus)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -71,8 +83,18 @@ class ServeConfig:
             ("--queue-size", self.queue_size),
             ("--max-batch", self.max_batch),
             ("--request-timeout", self.request_timeout),
+            ("--replica-concurrency", self.replica_concurrency),
+            ("--health-interval", self.health_interval),
         ):
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if self.endpoints and self.backend != "openai":
+            raise ConfigError("--endpoint needs --backend openai")
+        if self.backend == "openai" and not (self.endpoints or self.gpus):
+            raise ConfigError("--backend openai needs at least one --endpoint URL (or --gpus to start local replicas)")
+        if self.backend == "openai" and self.has_model and not self.gpus:
+            raise ConfigError("--model/--random-weights are for --backend local or --gpus; the servers choose their model")
+        if self.gpus and not self.has_model:
+            raise ConfigError("--gpus starts one engine per GPU: give --model PATH_OR_ID or --random-weights")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")

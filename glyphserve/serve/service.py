@@ -24,6 +24,7 @@ from glyphserve.serve.store import DocumentRecord, DocumentStore
 
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
+    from glyphserve.engine.remote import RemoteEngine
 
 PRESETS = ("auto", "glyph-en", "glyph-zh")
 DPIS = (72, 96)
@@ -47,8 +48,11 @@ class RenderOptions:
 
 
 class GlyphService:
-    def __init__(self, config: ServeConfig, engine: "Engine | None" = None, model_name: str | None = None):
+    def __init__(self, config: ServeConfig, engine: "Engine | RemoteEngine | None" = None,
+                 model_name: str | None = None):
         self.config = config
+        self.engine = engine
+        self.router = getattr(engine, "router", None)  # a RemoteEngine routing over replicas
         self.store = DocumentStore(config.data_dir)
         self.metrics = Metrics(documents=self.store.count)
         if engine is None:
@@ -63,8 +67,14 @@ class GlyphService:
             reply=self.metrics.observe_reply,
             cancelled=self.metrics.cancelled.inc,
         )
-        self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_batch,
-                                   timeout=config.request_timeout, hooks=hooks)
+        if self.router is not None:
+            from glyphserve.serve.routing import RoutedScheduler
+
+            self.scheduler = RoutedScheduler(self.backend, self.router, queue_size=config.queue_size,
+                                             timeout=config.request_timeout, hooks=hooks)
+        else:
+            self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_batch,
+                                       timeout=config.request_timeout, hooks=hooks)
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")
         self._pages: OrderedDict[str, list[np.ndarray]] = OrderedDict()  # decoded pages for the engine
         self._pages_lock = threading.Lock()
@@ -75,6 +85,14 @@ class GlyphService:
 
     def describe(self) -> dict:
         """What answers questions, for /health, /v1/models and the UI."""
+        if self.router is not None:
+            stats = self.engine.stats()
+            requests = {e["url"]: e for e in stats["endpoints"]}
+            replicas = [{**r, **{k: requests[r["url"]][k] for k in ("requests", "in_flight", "failures")}}
+                        for r in self.router.snapshot()]
+            return {"backend": "openai", "model": self.model_name, "notice": None,
+                    "capacity": self.router.capacity(), "replicas": replicas,
+                    "retries": stats["retries"], "resumed": stats["resumed"]}
         if self.has_model:
             return {"backend": "engine", "model": self.model_name, "notice": None}
         return {"backend": "extractive", "model": self.model_name, "notice": NO_MODEL_HINT}
@@ -83,6 +101,9 @@ class GlyphService:
         from glyphserve.render import shutdown_pool
 
         self.scheduler.close()
+        if self.router is not None:
+            self.router.close()
+            self.engine.close()
         self._render_pool.shutdown(wait=False, cancel_futures=True)
         shutdown_pool()
         self.store.close()
