@@ -40,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--questions", type=int, default=3, help="questions per session")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    p.add_argument("--gpus", help="serve through one engine process per listed GPU (e.g. 0,1) behind the router")
     p.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the server")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for serve-<card>.json/.md")
     p.set_defaults(func=run)
@@ -75,6 +76,8 @@ class Server:
         command = [sys.executable, "-m", "glyphserve.cli", "serve", "--no-ui", "--port", str(self.port),
                    "--data-dir", str(data_dir), "--max-batch", str(args.max_batch), "--device", args.device,
                    "--dtype", args.dtype, "--queue-size", str(max(64, 2 * args.sessions)), *model]
+        if args.gpus:
+            command += ["--gpus", args.gpus]
         self.log = log
         self._log_file = log.open("w")
         self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT,
@@ -126,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"server up in {startup_s:.1f} s: {json.dumps(health)}", flush=True)
                 if not health.get("model"):
                     raise RuntimeError("the server reports no model")
+                while not all(r["healthy"] for r in health.get("replicas", [])):
+                    if time.perf_counter() - started > args.startup_timeout:
+                        raise RuntimeError(f"replicas not healthy: {health['replicas']}")
+                    time.sleep(1)
+                    health = client.get(f"{server.base}/health").json()
                 doc_ids = []
                 for i in range(args.documents):
                     text = make_workload_text(workload_chars(args.workload), seed=100 + i)
@@ -224,7 +232,9 @@ def run(args: argparse.Namespace) -> int:
     }
     result["speedup"] = result["concurrent"]["answers_per_min"] / result["sequential"]["answers_per_min"]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"serve-{card_slug(device)}"
+    result["gpus"] = args.gpus
+    gpus_suffix = f"-{len(args.gpus.split(','))}gpu" if args.gpus else ""
+    stem = args.out / f"serve-{card_slug(device)}{gpus_suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     markdown = to_markdown(result)
     stem.with_suffix(".md").write_text(markdown, encoding="utf-8")

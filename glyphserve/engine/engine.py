@@ -148,12 +148,28 @@ class Engine:
 
     def answer_batch(self, requests: list[AnswerRequest]) -> list[Answer]:
         """Answer several requests together: one vision batch, decode rows advanced together."""
+        answers: list[Answer | None] = [None] * len(requests)
+        for index, event in self.stream_batch(requests):
+            if event.channel == "done":
+                answers[index] = event.result
+        return answers
+
+    def stream_batch(self, requests: list[AnswerRequest]) -> Iterator[tuple[int, StreamEvent]]:
+        """``stream`` for several requests decoded together: (request index, event) pairs. The "done"
+        events, with final timings, come when the rows decoded together have all finished."""
         jobs = [self._plan(r) for r in requests]
+        index = {id(job): i for i, job in enumerate(jobs)}
         size = self.config.max_batch_size
         for start in range(0, len(jobs), size):
-            for _ in self._run(jobs[start : start + size]):
-                pass
-        return [self._answer(job) for job in jobs]
+            chunk = jobs[start : start + size]
+            events = self._run(chunk)
+            try:
+                for job, channel, text in events:
+                    yield index[id(job)], StreamEvent(channel=channel, text=text)
+            finally:
+                events.close()
+            for job in chunk:
+                yield index[id(job)], StreamEvent(channel="done", result=self._answer(job))
 
     def stats(self) -> dict:
         return {

@@ -1,8 +1,9 @@
 """What answers questions: the model engine, or the embedded extractive backend.
 
 Both expose the same two calls, made only from the scheduler's worker thread:
-``answer_batch(jobs) -> list[Reply]`` and ``stream(job) -> Iterator[Delta | Reply]`` (the
-last item is the Reply).
+``stream(job) -> Iterator[Delta | Reply]`` (the last item is the Reply) and
+``stream_batch(jobs) -> Iterator[tuple[int, Delta | Reply]]`` (the same, for jobs answered
+together, each item tagged with its job's index).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
 from glyphserve.serve.retrieval import BM25Index, PageLayout, crop_rows, pages_for_span
 
 if TYPE_CHECKING:
-    from glyphserve.engine import Answer, Engine
+    from glyphserve.engine import Answer, Engine, StreamEvent
     from glyphserve.serve.store import DocumentStore
 
 
@@ -89,9 +90,9 @@ class Delta:
 class Backend(Protocol):
     name: str
 
-    def answer_batch(self, jobs: list[ChatJob]) -> list[Reply]: ...
-
     def stream(self, job: ChatJob) -> Iterator[Delta | Reply]: ...
+
+    def stream_batch(self, jobs: list[ChatJob]) -> Iterator[tuple[int, Delta | Reply]]: ...
 
 
 class EngineBackend:
@@ -122,21 +123,30 @@ class EngineBackend:
             document_key=job.document_id, settings=settings, cancel=job.should_stop,
         )
 
-    def answer_batch(self, jobs: list[ChatJob]) -> list[Reply]:
-        requests = [self._request(job) for job in jobs]
-        answers = self.engine.answer_batch(requests) if len(requests) > 1 else [self.engine.answer(requests[0])]
-        return [self._reply(answer) for answer in answers]
-
     def stream(self, job: ChatJob) -> Iterator[Delta | Reply]:
         events = self.engine.stream(self._request(job))
         try:
             for event in events:
-                if event.channel == "done":
-                    yield self._reply(event.result)
-                elif event.text:
-                    yield Delta(event.channel, event.text)
+                item = self._item(event)
+                if item is not None:
+                    yield item
         finally:
             events.close()  # stops the engine's generation when the consumer stops early
+
+    def stream_batch(self, jobs: list[ChatJob]) -> Iterator[tuple[int, Delta | Reply]]:
+        events = self.engine.stream_batch([self._request(job) for job in jobs])
+        try:
+            for index, event in events:
+                item = self._item(event)
+                if item is not None:
+                    yield index, item
+        finally:
+            events.close()
+
+    def _item(self, event: "StreamEvent") -> Delta | Reply | None:
+        if event.channel == "done":
+            return self._reply(event.result)
+        return Delta(event.channel, event.text) if event.text else None
 
     @staticmethod
     def _reply(answer: "Answer") -> Reply:
@@ -232,8 +242,10 @@ class ExtractiveBackend:
             completion_tokens=0, citations=citations,
         )
 
-    def answer_batch(self, jobs: list[ChatJob]) -> list[Reply]:
-        return [self.answer(job) for job in jobs]
+    def stream_batch(self, jobs: list[ChatJob]) -> Iterator[tuple[int, Delta | Reply]]:
+        for index, job in enumerate(jobs):
+            for item in self.stream(job):
+                yield index, item
 
     def stream(self, job: ChatJob) -> Iterator[Delta | Reply]:
         reply = self.answer(job)

@@ -25,7 +25,7 @@ class Metrics:
         self.stages = Histogram("glyphserve_stage_seconds", "Time per answering stage", ["stage"],
                                 buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("glyphserve_queue_depth", "Requests waiting for the scheduler", registry=r)
-        self.batch_size = Histogram("glyphserve_batch_size", "Requests per answer_batch call",
+        self.batch_size = Histogram("glyphserve_batch_size", "Requests answered together",
                                     buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.cancelled = Counter("glyphserve_requests_cancelled", "Generations stopped early "
                                  "(client gone or deadline passed)", registry=r)

@@ -1,11 +1,10 @@
 """The one owner of the backend: a worker thread fed by a bounded queue.
 
-Request handlers (asyncio) submit jobs; the worker drains up to ``max_batch`` waiting
-non-streaming jobs into one ``answer_batch`` call, runs streaming jobs (and lone
-non-streaming ones) one at a time through the backend's stream, and hands results back to
-the event loop with ``call_soon_threadsafe``. A job whose client went away or whose deadline
-passed is skipped if still queued, and stops at the next token if it runs alone (the engine
-offers no way to stop one row of a running batch).
+Request handlers (asyncio) submit jobs; the worker drains up to ``max_batch`` waiting jobs,
+streaming or not, into one ``stream_batch`` call (a lone job goes through ``stream``), and
+hands deltas and results back to the event loop with ``call_soon_threadsafe``. A job whose
+client went away or whose deadline passed is skipped if still queued, and stops at its next
+token if running (the engine polls ``ChatJob.should_stop`` every decode step).
 """
 
 from __future__ import annotations
@@ -107,7 +106,7 @@ class Scheduler:
     def _submit(self, job: ChatJob, streaming: bool) -> _Ticket:
         loop = asyncio.get_running_loop()
         ticket = _Ticket(job, streaming, loop, time.monotonic() + self.timeout)
-        job.should_stop = lambda: ticket.cancel.is_set() or time.monotonic() > ticket.deadline
+        job.should_stop = lambda: self._stopped(ticket)
         if streaming:
             ticket.events = asyncio.Queue()
         else:
@@ -174,7 +173,7 @@ class Scheduler:
     # -- worker side ----------------------------------------------------------------------
 
     def _take(self) -> list[_Ticket]:
-        """Block until work arrives; return one streaming ticket or a batch of non-streaming ones."""
+        """Block until work arrives; return up to ``max_batch`` waiting tickets."""
         with self._cond:
             while not self._stopping:
                 while self._queue and self._queue[0].cancel.is_set():
@@ -187,13 +186,12 @@ class Scheduler:
                 return []
             first = self._queue.popleft()
             batch = [first]
-            if not first.streaming:
-                for ticket in list(self._queue):
-                    if len(batch) >= self.max_batch:
-                        break
-                    if not ticket.streaming and not ticket.cancel.is_set():
-                        self._queue.remove(ticket)
-                        batch.append(ticket)
+            for ticket in list(self._queue):
+                if len(batch) >= self.max_batch:
+                    break
+                if not ticket.cancel.is_set():
+                    self._queue.remove(ticket)
+                    batch.append(ticket)
             self.hooks.queue_depth(len(self._queue))
             return batch
 
@@ -217,16 +215,40 @@ class Scheduler:
             self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * per_job
 
     def _run_batch(self, batch: list[_Ticket]) -> None:
+        """Jobs answered together; streaming tickets get their deltas as they come."""
+        streamed: set[int] = set()
+        finished: set[int] = set()
         try:
-            replies = self.backend.answer_batch([t.job for t in batch])
-        except Exception:
-            # Answer one by one so an error reaches only the request that caused it.
-            for ticket in batch:
-                self._run_single(ticket)
+            for index, item in self.backend.stream_batch([t.job for t in batch]):
+                ticket = batch[index]
+                if isinstance(item, Reply):
+                    finished.add(index)
+                    self._finish(ticket, item)
+                elif ticket.streaming and not self._stopped(ticket):
+                    streamed.add(index)
+                    ticket.deliver(item)
+        except Exception as exc:
+            for index, ticket in enumerate(batch):
+                if index in streamed - finished:
+                    ticket.deliver(_user_error(exc))
+                elif index not in finished:  # one by one, so an error reaches only the request that caused it
+                    self._run_single(ticket)
             return
-        for ticket, reply in zip(batch, replies):
-            self.hooks.reply(reply)
-            ticket.deliver(reply)
+        for index in set(range(len(batch))) - finished:
+            batch[index].deliver(InternalError("the backend gave no answer"))
+
+    def _stopped(self, ticket: _Ticket) -> bool:
+        return ticket.cancel.is_set() or time.monotonic() > ticket.deadline
+
+    def _finish(self, ticket: _Ticket, reply: Reply) -> None:
+        if self._stopped(ticket):
+            self.hooks.cancelled()
+            ticket.deliver(Cancelled() if ticket.cancel.is_set() else self._timeout_error())
+            return
+        self.hooks.reply(reply)
+        ticket.deliver(reply)
+        if ticket.streaming:
+            ticket.deliver(_END)
 
     def _run_single(self, ticket: _Ticket) -> None:
         """One job through the backend's stream, so it stops at the next token once cancelled
@@ -234,7 +256,7 @@ class Scheduler:
         items = self.backend.stream(ticket.job)
         try:
             for item in items:
-                if ticket.cancel.is_set() or time.monotonic() > ticket.deadline:
+                if self._stopped(ticket):
                     self.hooks.cancelled()
                     ticket.deliver(Cancelled() if ticket.cancel.is_set() else self._timeout_error())
                     return

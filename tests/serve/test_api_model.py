@@ -184,3 +184,35 @@ def test_flood_past_the_queue_gets_429_then_recovers(tmp_path, tiny_model_dir):
             assert ask(c, doc_id, "Who?", max_tokens=4)["answer"] is not None
     finally:
         server.stop()
+
+
+def test_concurrent_streams_are_decoded_together(model_server, client, documents):
+    """Streaming clients are batched too, and each stream carries its own answer."""
+
+    def batched_runs() -> float:
+        text = client.get("/metrics").text
+        singles = re.search(r'^glyphserve_batch_size_bucket\{le="1.0"\} (\S+)', text, re.M)
+        total = re.search(r"^glyphserve_batch_size_count (\S+)", text, re.M)
+        return float(total.group(1)) - float(singles.group(1))
+
+    reference = {d: ask(client, d, QUESTIONS[0])["answer"] for d in documents}
+    before = batched_runs()
+    barrier = threading.Barrier(8)
+
+    def one(doc_id):
+        with httpx.Client(base_url=model_server.url, timeout=180) as c:
+            barrier.wait(timeout=30)
+            payload = {"question": QUESTIONS[0], "max_tokens": 12, "stream": True}
+            with c.stream("POST", f"/v1/documents/{doc_id}/chat", json=payload) as response:
+                assert response.status_code == 200
+                events = sse_events(response)
+        deltas = [e for e in events[:-1] if e["type"] == "delta" and e["channel"] == "answer"]
+        streamed = "".join(e["text"] for e in deltas)
+        return streamed.strip(), events[-2]["answer"]
+
+    work = [documents[i % 4] for i in range(8)]
+    with ThreadPoolExecutor(len(work)) as pool:
+        results = list(pool.map(one, work, timeout=240))
+    for doc_id, (streamed, final) in zip(work, results):
+        assert final == reference[doc_id] and streamed == final.strip()
+    assert batched_runs() > before
