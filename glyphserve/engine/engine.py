@@ -6,7 +6,7 @@ import hashlib
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +57,7 @@ class _Job:
     prefix: PrefixEntry | None = None
     features: list[torch.Tensor] | None = None
     row: int = 0
+    decode_started: float = 0.0
     cache_pos: int = 0  # next KV position a decode step writes for this row
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -141,7 +142,8 @@ class Engine:
         events = self._run([job])
         try:
             for _, channel, text in events:
-                yield StreamEvent(channel=channel, text=text)
+                if channel != "done":
+                    yield StreamEvent(channel=channel, text=text)
         finally:
             events.close()  # a consumer that stops early releases the engine at once
         yield StreamEvent(channel="done", result=self._answer(job))
@@ -154,22 +156,49 @@ class Engine:
                 answers[index] = event.result
         return answers
 
-    def stream_batch(self, requests: list[AnswerRequest]) -> Iterator[tuple[int, StreamEvent]]:
-        """``stream`` for several requests decoded together: (request index, event) pairs. The "done"
-        events, with final timings, come when the rows decoded together have all finished."""
+    def stream_batch(
+        self, requests: list[AnswerRequest], admit: Callable[[int], list[AnswerRequest]] | None = None
+    ) -> Iterator[tuple[int, StreamEvent]]:
+        """``stream`` for several requests decoded together: (request index, event) pairs, a request's "done"
+        event as soon as its row finishes. Requests beyond ``max_batch_size`` wait for a free row.
+
+        Continuous batching: with ``admit``, whenever rows are free between decode steps, ``admit(n)`` is asked
+        for up to ``n`` more requests (numbered after the ones before); they are prefilled and join the rows
+        already decoding. A request that ``admit`` hands over but that cannot run (too long for the context, no
+        question) gets an "error" event instead of failing the others.
+        """
         jobs = [self._plan(r) for r in requests]
         index = {id(job): i for i, job in enumerate(jobs)}
-        size = self.config.max_batch_size
-        for start in range(0, len(jobs), size):
-            chunk = jobs[start : start + size]
-            events = self._run(chunk)
-            try:
-                for job, channel, text in events:
-                    yield index[id(job)], StreamEvent(channel=channel, text=text)
-            finally:
-                events.close()
-            for job in chunk:
-                yield index[id(job)], StreamEvent(channel="done", result=self._answer(job))
+        numbered = len(jobs)
+        refused: deque[tuple[int, GlyphserveError]] = deque()
+
+        def admit_jobs(free: int) -> list[_Job]:
+            nonlocal numbered
+            planned = []
+            for request in admit(free):
+                try:
+                    job = self._plan(request)
+                except GlyphserveError as exc:
+                    refused.append((numbered, exc))
+                else:
+                    index[id(job)] = numbered
+                    planned.append(job)
+                numbered += 1
+            return planned
+
+        events = self._run(jobs, admit_jobs if admit is not None else None)
+        try:
+            for job, channel, text in events:
+                while refused:
+                    i, error = refused.popleft()
+                    yield i, StreamEvent(channel="error", error=error)
+                result = self._answer(job) if channel == "done" else None
+                yield index[id(job)], StreamEvent(channel=channel, text=text, result=result)
+        finally:
+            events.close()
+        while refused:
+            i, error = refused.popleft()
+            yield i, StreamEvent(channel="error", error=error)
 
     def stats(self) -> dict:
         return {
@@ -282,17 +311,35 @@ class Engine:
 
     # --- running -------------------------------------------------------------------------------------------
 
-    def _run(self, jobs: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
+    def _run(
+        self, jobs: list[_Job], admit: Callable[[int], list[_Job]] | None = None
+    ) -> Iterator[tuple[_Job, str, str]]:
+        """Prefill and decode ``jobs`` in the static cache's rows, taking more from ``admit`` while rows are free.
+        Yields (job, channel, text) deltas and (job, "done", "") when a job's row is finished."""
         with self._lock:
             self._counters["batches"] += 1
-            self._counters["requests"] += len(jobs)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+            runner = self.runner
+            runner.active.zero_()
+            waiting: deque[_Job] = deque(jobs)
+            live: list[_Job] = []
+            in_flight: deque = deque()  # decode steps launched but not yet read back
             try:
-                for row, job in enumerate(jobs):
-                    job.row = row
-                yield from self._prefill(jobs)
-                yield from self._decode(jobs)
+                while True:
+                    free = runner.max_batch - len(live)
+                    if admit is not None and free > len(waiting):
+                        waiting.extend(admit(free - len(waiting)))
+                    if waiting and free:
+                        # The rows' next tokens must be settled before new rows start.
+                        while in_flight:
+                            yield from self._collect(live, self._read(in_flight.popleft()))
+                        joining = [waiting.popleft() for _ in range(min(runner.max_batch - len(live), len(waiting)))]
+                        yield from self._join(joining, live)
+                        continue
+                    if not live:
+                        break
+                    yield from self._collect(live, self._step(live, in_flight))
             except torch.OutOfMemoryError as exc:
                 self._recover()
                 raise EngineOutOfMemoryError(
@@ -301,10 +348,6 @@ class Engine:
                 ) from exc
             finally:
                 self._sync()
-                for job in jobs:
-                    if self.device.type == "cuda":
-                        job.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)
-                    job.timings.total = time.perf_counter() - job.started
 
     def _recover(self) -> None:
         self._counters["oom_recoveries"] += 1
@@ -459,55 +502,70 @@ class Engine:
         for channel, text in events:
             yield job, channel, text
 
-    def _decode(self, jobs: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
-        runner = self.runner
-        b = len(jobs)
-        runner.active[b:] = 0
-        runner.cache_pos[b:] = 0
-        for job in jobs:
-            if job.finish_reason is not None:
-                runner.active[job.row] = 0
-        live = [j for j in jobs if j.finish_reason is None]
-        t0 = time.perf_counter()
-        greedy = all(j.greedy for j in jobs)
-        pipelined = greedy and self._host_next is not None
-        in_flight: deque = deque()
-        while live:
-            if pipelined:
-                if not in_flight:
-                    in_flight.append(self._launch(b, live))
-                host, event = in_flight.popleft()
-                # Enqueue the next step before reading this one, so the GPU never waits for Python.
-                if any(len(j.tokens) + 1 + len(in_flight) < j.settings.max_new_tokens for j in live):
-                    in_flight.append(self._launch(b, live))
-                event.synchronize()
-                tokens = host[:b].tolist()
+    def _join(self, joining: list[_Job], live: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
+        """Give the jobs free rows (lowest first, so decode covers few rows), prefill them and start decoding."""
+        taken = {j.row for j in live}
+        free_rows = [r for r in range(self.runner.max_batch) if r not in taken]
+        for job, row in zip(joining, free_rows):
+            job.row = row
+        self._counters["requests"] += len(joining)
+        yield from self._prefill(joining)
+        now = time.perf_counter()
+        for job in joining:
+            job.decode_started = now
+            if job.finish_reason is None:
+                live.append(job)
             else:
-                self._advance(b, live)
-                if greedy:
-                    tokens = runner.next[:b].tolist()
-                else:
-                    tokens = [self._sample(job, runner.logits[job.row]) for job in jobs]
-                    runner.tokens[:b, 0] = torch.tensor(tokens, device=self.device)
-            for job in list(live):
-                if job.request.cancel is not None and job.request.cancel():
-                    job.finish_reason = "cancelled"
-                else:
-                    yield from self._accept(job, tokens[job.row])
-                if job.finish_reason is not None:
-                    live.remove(job)
-                    runner.active[job.row] = 0
-        self._sync()
-        elapsed = time.perf_counter() - t0
-        for job in jobs:
-            job.timings.decode = elapsed
+                self.runner.active[job.row] = 0
+                yield from self._finish(job)
+
+    def _step(self, live: list[_Job], in_flight: deque) -> list[int]:
+        """One decode step over the rows up to the highest live one; the next token of each of those rows.
+        Greedy rows on CUDA run one step ahead: the next step is enqueued before this one's tokens are read."""
+        runner = self.runner
+        b = max(j.row for j in live) + 1
+        greedy = all(j.greedy for j in live)
+        if greedy and self._host_next is not None:
+            if not in_flight:
+                in_flight.append(self._launch(b, live))
+            step = in_flight.popleft()
+            if any(len(j.tokens) + 1 + len(in_flight) < j.settings.max_new_tokens for j in live):
+                in_flight.append(self._launch(b, live))
+            return self._read(step)
+        self._advance(b, live)
+        tokens = runner.next[:b].tolist()
+        if not greedy:
+            for job in live:
+                tokens[job.row] = self._sample(job, runner.logits[job.row])
+            runner.tokens[:b, 0] = torch.tensor(tokens, device=self.device)
+        return tokens
+
+    def _collect(self, live: list[_Job], tokens: list[int]) -> Iterator[tuple[_Job, str, str]]:
+        """Accept each live row's token (or its cancellation); finished rows leave ``live``."""
+        for job in list(live):
+            if job.request.cancel is not None and job.request.cancel():
+                job.finish_reason = "cancelled"
+            else:
+                yield from self._accept(job, tokens[job.row])
+            if job.finish_reason is not None:
+                live.remove(job)
+                self.runner.active[job.row] = 0
+                yield from self._finish(job)
+
+    def _finish(self, job: _Job) -> Iterator[tuple[_Job, str, str]]:
+        now = time.perf_counter()
+        job.timings.decode = now - job.decode_started
+        job.timings.total = now - job.started
+        if self.device.type == "cuda":
+            job.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)
+        yield job, "done", ""
 
     def _advance(self, b: int, live: list[_Job]) -> None:
         self.runner.step(b, max(j.cache_pos for j in live))
         for j in live:
             j.cache_pos += 1
 
-    def _launch(self, b: int, live: list[_Job]) -> tuple[torch.Tensor, torch.cuda.Event]:
+    def _launch(self, b: int, live: list[_Job]) -> tuple[torch.Tensor, torch.cuda.Event, int]:
         """Enqueue one decode step and the copy of its tokens into a pinned host buffer."""
         self._advance(b, live)
         self._launches += 1
@@ -515,7 +573,13 @@ class Engine:
         host[:b].copy_(self.runner.next[:b], non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return host, event
+        return host, event, b
+
+    @staticmethod
+    def _read(step: tuple[torch.Tensor, torch.cuda.Event, int]) -> list[int]:
+        host, event, b = step
+        event.synchronize()
+        return host[:b].tolist()
 
     def _answer(self, job: _Job) -> Answer:
         self._counters["new_tokens"] += len(job.tokens)

@@ -98,7 +98,7 @@ class Answer:
     text: str
     thinking: str
     token_ids: list[int]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "cancelled"]
     timings: StageTimings
     prompt_tokens: int
     new_tokens: int
@@ -113,8 +113,10 @@ class Answer:
 
 @dataclass
 class StreamEvent:
-    """A text delta on the "thinking" or "answer" channel; the last event has channel "done" and the Answer."""
+    """A text delta on the "thinking" or "answer" channel; the last event has channel "done" and the Answer, or
+    (for a request admitted into a running batch that could not run) channel "error" and the error."""
 
-    channel: Literal["thinking", "answer", "done"]
+    channel: Literal["thinking", "answer", "done", "error"]
     text: str = ""
     result: Answer | None = None
+    error: Exception | None = None

@@ -2,8 +2,10 @@
 
 Both expose the same two calls, made only from the scheduler's worker thread:
 ``stream(job) -> Iterator[Delta | Reply]`` (the last item is the Reply) and
-``stream_batch(jobs) -> Iterator[tuple[int, Delta | Reply]]`` (the same, for jobs answered
-together, each item tagged with its job's index).
+``stream_batch(jobs, admit) -> Iterator[tuple[int, Delta | Reply | GlyphserveError]]`` (the same,
+for jobs answered together, each item tagged with its job's index). A backend with ``admits`` set
+calls ``admit(free)`` while it runs for more jobs to take in, numbered after the ones before; one
+of those that cannot run yields its error instead of a Reply.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
+from glyphserve.errors import GlyphserveError
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
 from glyphserve.serve.retrieval import BM25Index, PageLayout, crop_rows, pages_for_span
 
@@ -92,13 +95,16 @@ class Backend(Protocol):
 
     def stream(self, job: ChatJob) -> Iterator[Delta | Reply]: ...
 
-    def stream_batch(self, jobs: list[ChatJob]) -> Iterator[tuple[int, Delta | Reply]]: ...
+    def stream_batch(
+        self, jobs: list[ChatJob], admit: Callable[[int], list[ChatJob]] | None = None
+    ) -> Iterator[tuple[int, Delta | Reply | GlyphserveError]]: ...
 
 
 class EngineBackend:
     """Answers with the vision-language model (``glyphserve.engine.Engine``)."""
 
     name = "engine"
+    admits = True  # stream_batch takes jobs into the running batch (continuous batching)
 
     def __init__(self, engine: "Engine", model_name: str):
         from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
@@ -133,11 +139,17 @@ class EngineBackend:
         finally:
             events.close()  # stops the engine's generation when the consumer stops early
 
-    def stream_batch(self, jobs: list[ChatJob]) -> Iterator[tuple[int, Delta | Reply]]:
-        events = self.engine.stream_batch([self._request(job) for job in jobs])
+    def stream_batch(
+        self, jobs: list[ChatJob], admit: Callable[[int], list[ChatJob]] | None = None
+    ) -> Iterator[tuple[int, Delta | Reply | GlyphserveError]]:
+        requests = [self._request(job) for job in jobs]
+        if admit is None:
+            events = self.engine.stream_batch(requests)
+        else:
+            events = self.engine.stream_batch(requests, admit=lambda free: [self._request(j) for j in admit(free)])
         try:
             for index, event in events:
-                item = self._item(event)
+                item = event.error if event.channel == "error" else self._item(event)
                 if item is not None:
                     yield index, item
         finally:
@@ -242,7 +254,9 @@ class ExtractiveBackend:
             completion_tokens=0, citations=citations,
         )
 
-    def stream_batch(self, jobs: list[ChatJob]) -> Iterator[tuple[int, Delta | Reply]]:
+    def stream_batch(
+        self, jobs: list[ChatJob], admit: Callable[[int], list[ChatJob]] | None = None
+    ) -> Iterator[tuple[int, Delta | Reply]]:
         for index, job in enumerate(jobs):
             for item in self.stream(job):
                 yield index, item

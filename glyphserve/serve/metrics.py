@@ -29,6 +29,8 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.cancelled = Counter("glyphserve_requests_cancelled", "Generations stopped early "
                                  "(client gone or deadline passed)", registry=r)
+        self.joined = Counter("glyphserve_requests_joined", "Requests that joined a batch already decoding "
+                              "(continuous batching)", registry=r)
         self.tokens = Counter("glyphserve_generated_tokens", "Tokens generated", registry=r)
         self.cache_lookups = Counter("glyphserve_cache_lookups", "Cache lookups by cache and result",
                                      ["cache", "result"], registry=r)

@@ -1,8 +1,10 @@
 """The one owner of the backend: a worker thread fed by a bounded queue.
 
 Request handlers (asyncio) submit jobs; the worker drains up to ``max_batch`` waiting jobs,
-streaming or not, into one ``stream_batch`` call (a lone job goes through ``stream``), and
-hands deltas and results back to the event loop with ``call_soon_threadsafe``. A job whose
+streaming or not, into one ``stream_batch`` call, and hands deltas and results back to the event
+loop with ``call_soon_threadsafe``. With a backend that admits jobs into a running batch (the
+engine: continuous batching), jobs that arrive while it decodes join as rows free up; with
+other backends a lone job goes through ``stream``. A job whose
 client went away or whose deadline passed is skipped if still queued, and stops at its next
 token if running (the engine polls ``ChatJob.should_stop`` every decode step).
 """
@@ -63,6 +65,7 @@ class SchedulerHooks:
     batch: Callable[[int], None] = lambda size: None
     reply: Callable[[Reply], None] = lambda reply: None
     cancelled: Callable[[], None] = lambda: None
+    joined: Callable[[int], None] = lambda count: None  # jobs admitted into a running batch
 
 
 class Scheduler:
@@ -204,7 +207,7 @@ class Scheduler:
             started = time.monotonic()
             self.hooks.batch(len(batch))
             try:
-                if len(batch) == 1:
+                if len(batch) == 1 and not getattr(self.backend, "admits", False):
                     self._run_single(batch[0])
                 else:
                     self._run_batch(batch)
@@ -219,9 +222,13 @@ class Scheduler:
         streamed: set[int] = set()
         finished: set[int] = set()
         try:
-            for index, item in self.backend.stream_batch([t.job for t in batch]):
+            admit = (lambda free: self._admit(batch, free)) if getattr(self.backend, "admits", False) else None
+            for index, item in self.backend.stream_batch([t.job for t in batch], admit=admit):
                 ticket = batch[index]
-                if isinstance(item, Reply):
+                if isinstance(item, Exception):  # an admitted job that could not run
+                    finished.add(index)
+                    ticket.deliver(_user_error(item))
+                elif isinstance(item, Reply):
                     finished.add(index)
                     self._finish(ticket, item)
                 elif ticket.streaming and not self._stopped(ticket):
@@ -236,6 +243,23 @@ class Scheduler:
             return
         for index in set(range(len(batch))) - finished:
             batch[index].deliver(InternalError("the backend gave no answer"))
+
+    def _admit(self, batch: list[_Ticket], free: int) -> list[ChatJob]:
+        """Up to ``free`` waiting jobs, appended to the running ``batch``."""
+        joined: list[_Ticket] = []
+        with self._cond:
+            while self._queue and len(joined) < free and not self._stopping:
+                ticket = self._queue.popleft()
+                if ticket.cancel.is_set():
+                    ticket.deliver(Cancelled())
+                    self.hooks.cancelled()
+                    continue
+                joined.append(ticket)
+            if joined:
+                batch.extend(joined)  # batch is self._running: close() cancels them too
+                self.hooks.queue_depth(len(self._queue))
+                self.hooks.joined(len(joined))
+        return [t.job for t in joined]
 
     def _stopped(self, ticket: _Ticket) -> bool:
         return ticket.cancel.is_set() or time.monotonic() > ticket.deadline

@@ -66,6 +66,7 @@ class GlyphService:
             batch=self.metrics.batch_size.observe,
             reply=self.metrics.observe_reply,
             cancelled=self.metrics.cancelled.inc,
+            joined=self.metrics.joined.inc,
         )
         if self.router is not None:
             from glyphserve.serve.routing import RoutedScheduler

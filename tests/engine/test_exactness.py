@@ -202,3 +202,47 @@ def test_batch_of_questions_about_one_document_shares_its_prefix(load_engine, re
     assert first == 0
     assert all(r > 0 for r in rest) if prefix_cache_bytes else rest == [0, 0]
     assert sum(a.cache.vision_misses for a in answers) == 3
+
+
+def test_requests_admitted_while_decoding_match_generate(load_engine, reference, pages):
+    """Continuous batching: requests join rows freed or unused while others decode."""
+    engine = load_engine(max_batch_size=2)
+    first = (pages, "Who pretended to be the grandmother in the story?", 20)
+    joining = [(pages[:1], "Who?", 6), (pages[1:], "Where does the grandmother live?", 12),
+               (pages[2:], "Why did the wolf run?", 9)]
+    expected = [reference.generate(p, q, max_new_tokens=n, ignore_eos=True)[0] for p, q, n in [first, *joining]]
+    offered = list(joining)
+    calls = []
+
+    def admit(free: int) -> list[AnswerRequest]:
+        calls.append(free)
+        if len(calls) < 3 or not offered:  # join after a few decode steps
+            return []
+        taken, offered[:] = offered[:free], offered[free:]
+        return [request(p, q, n=n) for p, q, n in taken]
+
+    done_order, tokens = [], {}
+    for index, event in engine.stream_batch([request(first[0], first[1], n=first[2])], admit=admit):
+        if event.channel == "done":
+            done_order.append(index)
+            tokens[index] = event.result.token_ids
+    assert [tokens[i] for i in range(4)] == expected
+    assert calls[:3] == [1, 1, 1] and not offered  # one row was busy: the joiners took turns on the other
+    # done events come per row: the 6-token joiner finished while the first request still decoded
+    assert done_order.index(1) < done_order.index(0)
+
+
+def test_an_admitted_request_that_cannot_run_gets_an_error_event(load_engine, reference, pages):
+    engine = load_engine()
+    expected, _ = reference.generate(pages[:1], "Who?", max_new_tokens=8, ignore_eos=True)
+    offered = [request(pages[:1], "   ", n=8), request(pages[:1], "Who?", n=8)]
+
+    def admit(free: int) -> list[AnswerRequest]:
+        taken, offered[:] = offered[:free], offered[free:]
+        return taken
+
+    events = list(engine.stream_batch([request(pages[:1], "Who?", n=8)], admit=admit))
+    errors = [(i, e.error) for i, e in events if e.channel == "error"]
+    assert len(errors) == 1 and errors[0][0] == 1 and "question is empty" in str(errors[0][1])
+    done = {i: e.result.token_ids for i, e in events if e.channel == "done"}
+    assert done == {0: expected, 2: expected}

@@ -123,6 +123,15 @@ def test_client_disconnect_stops_the_generation(model_server, client, documents)
     assert ask(client, documents[2], "Who was rescued?", max_tokens=4)["answer"] is not None
 
 
+def decoded_with_others(client: httpx.Client) -> float:
+    """Requests that started in a batch of several or joined one already decoding (from /metrics)."""
+    text = client.get("/metrics").text
+    value = {name: float(re.search(rf"^{name} (\S+)", text, re.M).group(1))
+             for name in ("glyphserve_batch_size_count", "glyphserve_requests_joined_total")}
+    singles = float(re.search(r'^glyphserve_batch_size_bucket\{le="1.0"\} (\S+)', text, re.M).group(1))
+    return value["glyphserve_batch_size_count"] - singles + value["glyphserve_requests_joined_total"]
+
+
 def test_concurrent_clients_get_their_own_answers(model_server, client, documents):
     """32 concurrent clients over 4 documents: nothing lost, nothing mixed up."""
     reference = {(d, q): ask(client, d, q)["answer"] for d in documents for q in QUESTIONS}
@@ -149,9 +158,7 @@ def test_concurrent_clients_get_their_own_answers(model_server, client, document
     for (doc_id, question, _), answer in zip(work, answers):
         assert answer == reference[(doc_id, question)]
     assert time.monotonic() - started < 240
-    batches = re.search(r'^glyphserve_batch_size_bucket\{le="1.0"\} (\S+)', client.get("/metrics").text, re.M)
-    total = re.search(r"^glyphserve_batch_size_count (\S+)", client.get("/metrics").text, re.M)
-    assert float(total.group(1)) > float(batches.group(1))  # some requests were batched together
+    assert decoded_with_others(client) > 0
 
 
 def test_flood_past_the_queue_gets_429_then_recovers(tmp_path, tiny_model_dir):
@@ -189,14 +196,8 @@ def test_flood_past_the_queue_gets_429_then_recovers(tmp_path, tiny_model_dir):
 def test_concurrent_streams_are_decoded_together(model_server, client, documents):
     """Streaming clients are batched too, and each stream carries its own answer."""
 
-    def batched_runs() -> float:
-        text = client.get("/metrics").text
-        singles = re.search(r'^glyphserve_batch_size_bucket\{le="1.0"\} (\S+)', text, re.M)
-        total = re.search(r"^glyphserve_batch_size_count (\S+)", text, re.M)
-        return float(total.group(1)) - float(singles.group(1))
-
     reference = {d: ask(client, d, QUESTIONS[0])["answer"] for d in documents}
-    before = batched_runs()
+    before = decoded_with_others(client)
     barrier = threading.Barrier(8)
 
     def one(doc_id):
@@ -215,4 +216,23 @@ def test_concurrent_streams_are_decoded_together(model_server, client, documents
         results = list(pool.map(one, work, timeout=240))
     for doc_id, (streamed, final) in zip(work, results):
         assert final == reference[doc_id] and streamed == final.strip()
-    assert batched_runs() > before
+    assert decoded_with_others(client) > before
+
+
+def test_a_short_question_joins_a_long_answer_and_finishes_first(model_server, client, documents):
+    """Continuous batching: a request arriving mid-generation does not wait for the running answer."""
+    reference = ask(client, documents[1], QUESTIONS[1], max_tokens=4)["answer"]
+    before = decoded_with_others(client)
+    body = {"model": "glyph", "messages": [{"role": "user", "content": "Tell a long story"}],
+            "document": documents[0], "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=model_server.url, timeout=120) as streaming:
+        with streaming.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            for _ in range(6):  # the long answer is decoding
+                next(lines)
+            short = ask(client, documents[1], QUESTIONS[1], max_tokens=4)
+            assert short["answer"] == reference
+            rest = list(lines)  # the long answer was still streaming after the short one finished
+    assert sum(line.startswith("data: {") for line in rest) > 20 and "data: [DONE]" in rest
+    assert decoded_with_others(client) > before
