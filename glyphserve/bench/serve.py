@@ -5,6 +5,10 @@ asks one warm-up question per document, then runs ``--sessions`` chat sessions (
 i mod documents and asks ``--questions`` questions in turn, each with the conversation so far) twice: one
 request at a time, then all sessions at once. Every answer is exactly ``--new-tokens`` tokens (EOS ignored), so
 both phases do the same work. Reports answers per minute and p50/p95 latency of each phase.
+
+``--scale-gpus 0,1`` measures scale-out in one run: the same load on one GPU (an engine in the server's
+process, on the first listed GPU), then on all listed GPUs behind the router (``serve --gpus``), and reports
+the ratio of their concurrent throughputs (target ``TARGET_SCALING`` x the number of GPUs / 2).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TARGET_SPEEDUP = 6.0
+TARGET_SCALING = 1.8  # two GPUs behind the router against one
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     p.add_argument("--gpus", help="serve through one engine process per listed GPU (e.g. 0,1) behind the router")
+    p.add_argument("--scale-gpus", metavar="0,1,...", help="one GPU, then these GPUs behind the router, in one run")
+    p.add_argument("--no-sequential", action="store_true", help="skip the one-request-at-a-time phase")
     p.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the server")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for serve-<card>.json/.md")
     p.set_defaults(func=run)
@@ -67,7 +74,8 @@ class Phase:
 class Server:
     """``glyphserve serve`` in a child process on a free loopback port; its output goes to ``log``."""
 
-    def __init__(self, args: argparse.Namespace, data_dir: Path, log: Path):
+    def __init__(self, args: argparse.Namespace, data_dir: Path, log: Path, gpus: str | None,
+                 visible: str | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -76,12 +84,14 @@ class Server:
         command = [sys.executable, "-m", "glyphserve.cli", "serve", "--no-ui", "--port", str(self.port),
                    "--data-dir", str(data_dir), "--max-batch", str(args.max_batch), "--device", args.device,
                    "--dtype", args.dtype, "--queue-size", str(max(64, 2 * args.sessions)), *model]
-        if args.gpus:
-            command += ["--gpus", args.gpus]
+        if gpus:
+            command += ["--gpus", gpus]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
         self.log = log
         self._log_file = log.open("w")
-        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
 
     def wait(self, client, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -112,13 +122,49 @@ class Server:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    from glyphserve.bench.engine import card_slug
+
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.scale_gpus:
+        gpus = args.scale_gpus.split(",")
+        one = measure(args, gpus=None, visible=gpus[0])
+        many = measure(args, gpus=args.scale_gpus)
+        device = torch.cuda.get_device_name(0) if cuda else "cpu"  # asked once the servers are gone
+        result = {**meta, "device": device, "gpus": gpus, "one_gpu": one, "routed": many,
+                  "scaling": many["concurrent"]["answers_per_min"] / one["concurrent"]["answers_per_min"]}
+        stem = args.out / f"serve-{card_slug(device)}-scale{len(gpus)}"
+        markdown = scale_markdown(result)
+    else:
+        measured = measure(args, gpus=args.gpus)
+        device = torch.cuda.get_device_name(0) if cuda else "cpu"
+        result = {**meta, "device": device, **measured}
+        gpus_suffix = f"-{len(args.gpus.split(','))}gpu" if args.gpus else ""
+        stem = args.out / f"serve-{card_slug(device)}{gpus_suffix}"
+        markdown = to_markdown(result)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    return 0
+
+
+def measure(args: argparse.Namespace, gpus: str | None, visible: str | None = None) -> dict:
+    """Start a server (``gpus``: behind the router; ``visible``: the CUDA devices it sees), load it, stop it."""
     import httpx
 
-    from glyphserve.bench.engine import card_slug, workload_chars
+    from glyphserve.bench.engine import workload_chars
     from glyphserve.bench.workloads import make_workload_text
 
     with tempfile.TemporaryDirectory(prefix="glyphserve-bench-serve-") as tmp:
-        server = Server(args, Path(tmp) / "data", Path(tmp) / "server.log")
+        server = Server(args, Path(tmp) / "data", Path(tmp) / "server.log", gpus, visible)
         timeout = httpx.Timeout(600.0)
         limits = httpx.Limits(max_connections=args.sessions + 4)
         try:
@@ -172,12 +218,14 @@ def run(args: argparse.Namespace) -> int:
                 warm = Phase("warm-up")
                 for doc in doc_ids:  # pages rendered, vision features and document prefixes cached
                     warm.latencies_s.append(ask(doc, [{"role": "user", "content": "What is the text about?"}])[0])
-                sequential = Phase("sequential")
-                t0 = time.perf_counter()
-                for s in range(args.sessions):
-                    session(sequential, s, lock)
-                sequential.wall_s = time.perf_counter() - t0
-                print("sequential", json.dumps(sequential.summary()), flush=True)
+                sequential = None
+                if not args.no_sequential:
+                    sequential = Phase("sequential")
+                    t0 = time.perf_counter()
+                    for s in range(args.sessions):
+                        session(sequential, s, lock)
+                    sequential.wall_s = time.perf_counter() - t0
+                    print("sequential", json.dumps(sequential.summary()), flush=True)
 
                 concurrent = Phase("concurrent")
                 errors: list[BaseException] = []
@@ -199,22 +247,14 @@ def run(args: argparse.Namespace) -> int:
                     raise errors[0]
                 print("concurrent", json.dumps(concurrent.summary()), flush=True)
                 metrics = client.get(f"{server.base}/metrics").text
+                replicas = client.get(f"{server.base}/health").json().get("replicas")
         except Exception:
             print(server.tail(), file=sys.stderr)
             raise
         finally:
             server.stop()
 
-    import torch
-    import transformers
-
-    cuda = args.device != "cpu" and torch.cuda.is_available()
-    device = torch.cuda.get_device_name(0) if cuda else "cpu"  # asked once the server is gone
     result = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "server": {"model": health.get("model"), "backend": health.get("backend"), "dtype": args.dtype},
         "startup_s": startup_s,
         "workload": args.workload,
@@ -225,42 +265,83 @@ def run(args: argparse.Namespace) -> int:
         "new_tokens": args.new_tokens,
         "max_batch": args.max_batch,
         "warm_up_latencies_s": warm.latencies_s,
-        "sequential": sequential.summary(),
+        "sequential": sequential.summary() if sequential else None,
         "concurrent": concurrent.summary(),
+        "gpus": gpus,
+        "replicas": replicas,
         "metrics_excerpt": [line for line in metrics.splitlines() if line.startswith("glyphserve_") and
-                            ("cache" in line or "batch" in line)][:20],
+                            ("cache" in line or "batch" in line or "joined" in line)][:24],
     }
-    result["speedup"] = result["concurrent"]["answers_per_min"] / result["sequential"]["answers_per_min"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    result["gpus"] = args.gpus
-    gpus_suffix = f"-{len(args.gpus.split(','))}gpu" if args.gpus else ""
-    stem = args.out / f"serve-{card_slug(device)}{gpus_suffix}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    markdown = to_markdown(result)
-    stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
-    print(markdown)
-    return 0
+    if sequential:
+        result["speedup"] = result["concurrent"]["answers_per_min"] / result["sequential"]["answers_per_min"]
+    return result
 
 
-def to_markdown(r: dict) -> str:
-    seq, con = r["sequential"], r["concurrent"]
-    met = "met" if r["speedup"] >= TARGET_SPEEDUP else "missed"
-    lines = [
-        f"# Server under load: {r['device']}",
-        "",
-        f"`glyphserve bench serve`, {r['date']}: torch {r['torch']}, transformers {r['transformers']}; server {r['server'].get('model')} ({r['server'].get('dtype')}), "
-        f"`--max-batch {r['max_batch']}`, up in {r['startup_s']:.1f} s.",
+def _load_description(r: dict) -> str:
+    return (
         f"{r['documents']} {r['workload']} documents ({r['pages_per_document']} pages each) stored through the "
         f"API; {r['sessions']} chat sessions, session i on document i mod {r['documents']}, "
         f"{r['questions_per_session']} questions each with the conversation so far; answers of exactly "
         f"{r['new_tokens']} tokens (EOS ignored) through `/v1/chat/completions` over loopback. One warm-up "
-        "question per document first, so both phases find pages, vision features and document prefixes cached.",
+        "question per document first, so both phases find pages, vision features and document prefixes cached."
+    )
+
+
+def _phase_row(name: str, p: dict) -> str:
+    return (f"| {name} | {p['answers']} | {p['wall_s']:.1f} | {p['answers_per_min']:.1f} | "
+            f"{p['p50_s']:.3f} | {p['p95_s']:.3f} |")
+
+
+PHASE_HEADER = ["| phase | answers | wall s | answers/min | p50 latency s | p95 latency s |",
+                "|---|---:|---:|---:|---:|---:|"]
+
+
+def to_markdown(r: dict) -> str:
+    seq, con = r["sequential"], r["concurrent"]
+    lines = [
+        f"# Server under load: {r['device']}",
         "",
-        "| phase | answers | wall s | answers/min | p50 latency s | p95 latency s |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"`glyphserve bench serve`, {r['date']}: torch {r['torch']}, transformers {r['transformers']}; server "
+        f"{r['server'].get('model')} ({r['server'].get('dtype')}), `--max-batch {r['max_batch']}`, up in "
+        f"{r['startup_s']:.1f} s.",
+        _load_description(r),
+        "",
+        *PHASE_HEADER,
     ]
-    for name, p in (("one at a time", seq), (f"{r['sessions']} sessions at once", con)):
-        lines.append(f"| {name} | {p['answers']} | {p['wall_s']:.1f} | {p['answers_per_min']:.1f} | "
-                     f"{p['p50_s']:.3f} | {p['p95_s']:.3f} |")
-    lines += ["", f"Throughput {r['speedup']:.1f}x the sequential rate (target >= {TARGET_SPEEDUP:.0f}x: {met}).", ""]
+    if seq:
+        lines.append(_phase_row("one at a time", seq))
+    lines.append(_phase_row(f"{r['sessions']} sessions at once", con))
+    if seq:
+        met = "met" if r["speedup"] >= TARGET_SPEEDUP else "missed"
+        lines += ["", f"Throughput {r['speedup']:.1f}x the sequential rate (target >= {TARGET_SPEEDUP:.0f}x: {met})."]
+    return "\n".join(lines + [""])
+
+
+def scale_markdown(r: dict) -> str:
+    one, many = r["one_gpu"], r["routed"]
+    n = len(r["gpus"])
+    target = TARGET_SCALING * n / 2
+    met = "met" if r["scaling"] >= target else "missed"
+    lines = [
+        f"# Scale-out: {n} x {r['device']} behind the router against one",
+        "",
+        f"`glyphserve bench serve --scale-gpus {','.join(r['gpus'])}`, {r['date']}: torch {r['torch']}, "
+        f"transformers {r['transformers']}; {one['server'].get('model')}, `--max-batch {one['max_batch']}`; both "
+        "rows in one run. One GPU: the engine in the server's process. Routed: the front plus one engine process "
+        "per GPU (`serve --gpus`), pages sent to the replicas as PNG data URLs.",
+        _load_description(one),
+        "",
+        *PHASE_HEADER,
+    ]
+    for name, m in ((f"one GPU ({r['gpus'][0]})", one), (f"{n} GPUs behind the router", many)):
+        if m["sequential"]:
+            lines.append(_phase_row(f"{name}, one at a time", m["sequential"]))
+        lines.append(_phase_row(f"{name}, {m['sessions']} sessions at once", m["concurrent"]))
+    lines += ["", f"Scaling: {r['scaling']:.2f}x one GPU (target >= {target:.1f}x: {met}).", ""]
+    if many.get("replicas"):
+        lines += ["| replica | requests | of them spilled in (owner full) | failures |", "|---|---:|---:|---:|"]
+        for replica in many["replicas"]:
+            lines.append(f"| {replica['url']} | {replica.get('requests', 0)} | {replica.get('spilled_in', 0)} | "
+                         f"{replica.get('failures', 0)} |")
+        lines.append("")
     return "\n".join(lines)

@@ -361,10 +361,14 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def _keys(self, job: _Job) -> None:
+        """The job's prefix-cache key: its document key, else a hash of its pixels (page digests are computed
+        only then, or when its pages must be encoded)."""
         if not job.settings.use_cache:
             return
-        job.digests = page_digests(job.pages)
-        base = job.request.document_key or hashlib.blake2b("".join(job.digests).encode(), digest_size=16).hexdigest()
+        base = job.request.document_key
+        if base is None:
+            job.digests = page_digests(job.pages)
+            base = hashlib.blake2b("".join(job.digests).encode(), digest_size=16).hexdigest()
         job.doc_key = f"{base}#{len(job.pages)}"
 
     def _vision_key(self, digest: str) -> str:
@@ -376,6 +380,8 @@ class Engine:
         wanted: dict[str, tuple[np.ndarray, tuple[int, int, int], bool]] = {}
         found: dict[str, torch.Tensor] = {}
         for job in jobs:
+            if job.settings.use_cache and job.digests is None:
+                job.digests = page_digests(job.pages)
             for i, page in enumerate(job.pages):
                 if job.digests is None:
                     wanted[f"{id(job)}:{i}"] = (page, job.prompt.image_grids[i], False)

@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -74,8 +74,9 @@ class RemoteConfig:
 class EndpointRouter(Protocol):
     """Chooses endpoints by request key (see ``glyphserve.serve.routing.Router``)."""
 
-    def candidates(self, key: str) -> list[str]:
-        """Chat-completions URLs to try for ``key``, best first."""
+    def choose(self, key: str, in_flight: Mapping[str, int], exclude: Collection[str] = ()) -> str:
+        """The chat-completions URL for a request about ``key``, given each URL's requests in flight and
+        the URLs that just failed it."""
 
     def mark_down(self, url: str, reason: str) -> None:
         """``url`` could not be reached: take it out until it is healthy again."""
@@ -347,12 +348,11 @@ class RemoteEngine:
             time.sleep(retry_after if retry_after is not None else delay * random.uniform(0.5, 1.0))
 
     def _acquire(self, failed: set[int], key: str | None) -> _Endpoint:
-        preferred = self.router.candidates(key) if self.router is not None else None
         with self._lock:
-            if preferred is not None:
+            if self.router is not None:
                 by_url = {e.url: e for e in self._endpoints}
-                ordered = [by_url[url] for url in preferred]
-                endpoint = next((e for e in ordered if id(e) not in failed), ordered[0])
+                in_flight = {e.url: e.in_flight for e in self._endpoints}
+                endpoint = by_url[self.router.choose(key, in_flight, {e.url for e in self._endpoints if id(e) in failed})]
             else:
                 candidates = [e for e in self._endpoints if id(e) not in failed] or self._endpoints
                 endpoint = min(candidates, key=lambda e: (e.in_flight, e.requests))

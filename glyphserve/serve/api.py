@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from glyphserve.errors import GlyphserveError, NotFoundError
@@ -232,7 +233,7 @@ def build_router(service: GlyphService) -> APIRouter:
             raise InvalidRequestError(validation_message(exc)) from None
         if body.document is not None:
             check_id(body.document)
-        job = oai.to_job(body, has_model=service.has_model)
+        job = await run_in_threadpool(oai.to_job, body, has_model=service.has_model, images=service.images)
         model = service.model_name
         if not body.stream:
             reply = await unless_disconnected(request, service.answer(job))

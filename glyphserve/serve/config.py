@@ -54,7 +54,7 @@ class ServeConfig:
     remote_model: str | None = None
     remote_api_key: str | None = None
     gpus: list[str] = field(default_factory=list)  # one local replica per GPU index
-    replica_concurrency: int = 8
+    replica_concurrency: int = 16
     health_interval: float = 2.0
 
     @property

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import threading
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 from typing import Any, Literal
 
 import numpy as np
@@ -87,6 +90,36 @@ def decode_image(url: str) -> np.ndarray:
         raise InvalidRequestError("image_url does not hold a readable image") from None
 
 
+class DecodedImages:
+    """Decoded data-URL images by a hash of the URL, the least recently used dropped past ``max_bytes``:
+    a front that sends a document's pages with every question costs one decode per page, and the
+    pages' hash is the engine's cache key (no second hash of the pixels)."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, url: str) -> tuple[np.ndarray, str]:
+        """The RGB array of ``url`` (see ``decode_image``) and the URL's digest."""
+        digest = hashlib.sha256(url.encode()).hexdigest()
+        with self._lock:
+            hit = self._entries.get(digest)
+            if hit is not None:
+                self._entries.move_to_end(digest)
+                return hit, digest
+        array = decode_image(url)
+        with self._lock:
+            if digest not in self._entries and array.nbytes <= self.max_bytes:
+                self._entries[digest] = array
+                self._bytes += array.nbytes
+                while self._bytes > self.max_bytes:
+                    _, dropped = self._entries.popitem(last=False)
+                    self._bytes -= dropped.nbytes
+        return array, digest
+
+
 def _texts(message: Message) -> list[str]:
     if message.content is None:
         return []
@@ -101,11 +134,11 @@ def _images(message: Message) -> list[str]:
     return []
 
 
-def to_job(request: ChatCompletionRequest, *, has_model: bool) -> ChatJob:
+def to_job(request: ChatCompletionRequest, *, has_model: bool, images: DecodedImages | None = None) -> ChatJob:
     """Map messages to a job the way vLLM builds Glyph's prompt: the images are the pages
     (they belong to the first user turn), the last user message is the question and the
     earlier messages are the history. Without a model, the last text part is the question and
-    all other text is what the extractive backend searches."""
+    all other text is what the extractive backend searches. ``images`` decodes repeated pages once."""
     *earlier, last = request.messages
     if last.role != "user":
         raise InvalidRequestError("the last message must come from the user")
@@ -130,8 +163,15 @@ def to_job(request: ChatCompletionRequest, *, has_model: bool) -> ChatJob:
     )
     if has_model:
         history = [Turn(_role(m.role), "\n".join(_texts(m))) for m in earlier]
-        return ChatJob(question="\n".join(question_parts), history=history, settings=settings,
-                       document_id=request.document, pages=[decode_image(url) for url in image_urls])
+        job = ChatJob(question="\n".join(question_parts), history=history, settings=settings,
+                      document_id=request.document)
+        if images is None:
+            job.pages = [decode_image(url) for url in image_urls]
+        elif image_urls:
+            decoded = [images.get(url) for url in image_urls]
+            job.pages = [array for array, _ in decoded]
+            job.pages_key = "images:" + hashlib.blake2b("".join(d for _, d in decoded).encode(), digest_size=16).hexdigest()
+        return job
     context = [text for m in earlier for text in _texts(m)] + question_parts[:-1]
     return ChatJob(question=question_parts[-1], settings=settings, document_id=request.document,
                    context="\n\n".join(context) if request.document is None else None)

@@ -4,7 +4,11 @@
 replica joining or leaving moves about 1/N of the documents) and the follow-up questions about
 a document reach the replica whose prefix cache holds it. ``Router`` keeps the replicas' health
 (``GET /health`` from a background thread; a replica that fails a request is taken out at once
-and rejoins when its health check passes) and orders them for ``RemoteEngine``.
+and rejoins when its health check passes) and chooses the replica of each request for
+``RemoteEngine``: the document's owner unless all its ``concurrency`` slots are taken while a
+replica further along the document's ring order has one free (consistent hashing with bounded
+loads: a few busy documents cannot pile onto one GPU while another idles; the spill always goes to
+the same next replica, so its prefix cache serves the document from then on too).
 ``RoutedScheduler`` runs requests concurrently, as many as the healthy replicas take, and
 refuses (429) past the queue that capacity allows. ``LocalReplicas`` starts one engine process
 per local GPU for ``glyphserve serve --gpus``.
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +115,11 @@ class ReplicaState:
     last_error: str | None = None
     checked_at: float = 0.0
     downs: int = 0  # times it was taken out
+    spilled_in: int = 0  # requests it took because the document's owner was full
 
     def to_dict(self) -> dict:
-        return {"url": self.url, "healthy": self.healthy, "last_error": self.last_error, "downs": self.downs}
+        return {"url": self.url, "healthy": self.healthy, "last_error": self.last_error, "downs": self.downs,
+                "spilled_in": self.spilled_in}
 
 
 def health_url(endpoint: str) -> str:
@@ -160,6 +167,21 @@ class Router:
         order = self.ring.preference(key)
         with self._lock:
             return [u for u in order if self.replicas[u].healthy] + [u for u in order if not self.replicas[u].healthy]
+
+    def choose(self, key: str, in_flight: Mapping[str, int], exclude: Collection[str] = ()) -> str:
+        """The replica for a request about ``key``, given the requests each replica has in flight: the first
+        healthy, not excluded replica in the key's ring order with a free slot; if all are full, the first of
+        them (its queue); if none is healthy, the first not excluded."""
+        order = self.candidates(key)
+        usable = [u for u in order if u not in exclude] or order
+        with self._lock:
+            healthy = [u for u in usable if self.replicas[u].healthy]
+            if not healthy:
+                return usable[0]
+            chosen = next((u for u in healthy if in_flight.get(u, 0) < self.concurrency), healthy[0])
+            if chosen != healthy[0]:
+                self.replicas[chosen].spilled_in += 1
+            return chosen
 
     def mark_down(self, url: str, reason: str) -> None:
         with self._lock:

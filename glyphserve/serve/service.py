@@ -19,6 +19,7 @@ from glyphserve.serve.backends import ChatJob, Delta, EngineBackend, ExtractiveB
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
 from glyphserve.serve.metrics import Metrics
+from glyphserve.serve.openai_compat import DecodedImages
 from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
 from glyphserve.serve.store import DocumentRecord, DocumentStore
 
@@ -55,6 +56,7 @@ class GlyphService:
         self.router = getattr(engine, "router", None)  # a RemoteEngine routing over replicas
         self.store = DocumentStore(config.data_dir)
         self.metrics = Metrics(documents=self.store.count)
+        self.images = DecodedImages()  # pages sent as data URLs (by a front, or any client)
         if engine is None:
             self.backend = ExtractiveBackend(self.store)
             self.model_name = "glyphserve-extractive"

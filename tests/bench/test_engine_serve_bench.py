@@ -35,3 +35,18 @@ def test_serve_bench_counts_every_answer(tiny_model_dir, tmp_path):
     assert result["sequential"]["answers"] == result["concurrent"]["answers"] == 6
     assert result["concurrent"]["p95_s"] >= result["concurrent"]["p50_s"] > 0
     assert "answers/min" in (tmp_path / "serve-cpu.md").read_text()
+
+
+def test_scale_run_compares_one_engine_with_replicas_behind_the_router(tiny_model_dir, tmp_path):
+    code = main(["bench", "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--workload", "1000",
+                 "--documents", "2", "--sessions", "4", "--questions", "1", "--new-tokens", "3", "--max-batch", "2",
+                 "--no-sequential", "--scale-gpus", "0,1", "--startup-timeout", "180", "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "serve-cpu-scale2.json").read_text())
+    assert result["one_gpu"]["concurrent"]["answers"] == result["routed"]["concurrent"]["answers"] == 4
+    assert result["one_gpu"]["sequential"] is None and result["one_gpu"]["replicas"] is None
+    replicas = result["routed"]["replicas"]
+    assert len(replicas) == 2 and sum(r["requests"] for r in replicas) >= 4 + 2  # answers and warm-ups
+    assert result["scaling"] > 0
+    markdown = (tmp_path / "serve-cpu-scale2.md").read_text()
+    assert "Scaling:" in markdown and "2 GPUs behind the router, 4 sessions at once" in markdown

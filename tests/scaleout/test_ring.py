@@ -73,7 +73,28 @@ def test_router_puts_unhealthy_replicas_last_and_counts_capacity():
         assert router.candidates(key) == order[1:] + order[:1]
         assert router.capacity() == 8
         down = next(r for r in router.snapshot() if r["url"] == order[0])
-        assert down == {"url": order[0], "healthy": False, "last_error": "ConnectError", "downs": 1}
+        assert down == {"url": order[0], "healthy": False, "last_error": "ConnectError", "downs": 1, "spilled_in": 0}
+    finally:
+        router.close()
+
+
+def test_a_full_owner_spills_to_the_next_replica_in_ring_order():
+    router = Router(NODES[:3], concurrency=2)
+    try:
+        for state in router.replicas.values():
+            state.healthy = True
+        key = KEYS[11]
+        owner, second, third = router.candidates(key)
+        assert router.choose(key, {}) == owner
+        assert router.choose(key, {owner: 1, second: 0}) == owner  # a free slot: affinity holds
+        assert router.choose(key, {owner: 2}) == second  # full: the same next replica every time
+        assert router.choose(key, {owner: 2, second: 2}) == third
+        assert router.choose(key, {owner: 2, second: 2, third: 5}) == owner  # all full: queue at the owner
+        assert router.choose(key, {}, exclude={owner}) == second  # it just failed this request
+        router.mark_down(second, "ConnectError")
+        assert router.choose(key, {owner: 2}) == third
+        spilled = {r["url"]: r["spilled_in"] for r in router.snapshot()}
+        assert spilled == {owner: 0, second: 1, third: 2}  # a retry elsewhere is no spill
     finally:
         router.close()
 

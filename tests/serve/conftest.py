@@ -66,9 +66,9 @@ def make_docx(text: str) -> bytes:
     return out.getvalue()
 
 
-def make_png() -> bytes:
+def make_png(color: str | tuple[int, int, int] = "white") -> bytes:
     from PIL import Image
 
     out = io.BytesIO()
-    Image.new("RGB", (64, 64), "white").save(out, format="PNG")
+    Image.new("RGB", (64, 64), color).save(out, format="PNG")
     return out.getvalue()

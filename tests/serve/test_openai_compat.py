@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from glyphserve.errors import GlyphserveError
-from glyphserve.serve.openai_compat import ChatCompletionRequest, StopFilter, decode_image, to_job
+from glyphserve.serve.openai_compat import ChatCompletionRequest, DecodedImages, StopFilter, decode_image, to_job
 from tests.serve.conftest import make_png
 
 PNG_URL = "data:image/png;base64," + base64.b64encode(make_png()).decode()
@@ -66,3 +66,25 @@ def test_stop_filter_cuts_across_deltas():
     assert out == "Hello " and stop.stopped
     plain = StopFilter(None)
     assert plain.feed("abc") == "abc" and plain.flush() == "" and not plain.stopped
+
+
+def test_repeated_pages_are_decoded_once_and_keyed_by_content():
+    other_url = "data:image/png;base64," + base64.b64encode(make_png(color=(10, 20, 30))).decode()
+
+    def pages_job(*urls):
+        return request(messages=[{"role": "user", "content": [
+            *({"type": "image_url", "image_url": {"url": u}} for u in urls), {"type": "text", "text": "Q?"}]}])
+
+    images = DecodedImages()
+    first = to_job(pages_job(PNG_URL, other_url), has_model=True, images=images)
+    again = to_job(pages_job(PNG_URL, other_url), has_model=True, images=images)
+    assert again.pages[0] is first.pages[0] and again.pages[1] is first.pages[1]  # no second decode
+    assert (again.pages[1] == decode_image(other_url)).all()
+    assert first.pages_key == again.pages_key and first.pages_key.startswith("images:")
+    assert to_job(pages_job(other_url, PNG_URL), has_model=True, images=images).pages_key != first.pages_key
+    assert to_job(pages_job(PNG_URL), has_model=True).pages_key is None  # without the cache: the engine hashes
+
+    small = DecodedImages(max_bytes=64 * 64 * 3)  # room for one page
+    a, _ = small.get(PNG_URL)
+    small.get(other_url)
+    assert small.get(PNG_URL)[0] is not a  # evicted, decoded again
