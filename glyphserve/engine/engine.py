@@ -39,6 +39,8 @@ from glyphserve.errors import ConfigError, ContextOverflowError, EngineOutOfMemo
 
 DEFAULT_MAX_CONTEXT = 32768
 GRAPH_BATCH_SIZES = (1, 2, 4, 8)
+# Prompt tokens prefilled together in one pass (follow-up questions on cached prefixes, short text prompts).
+PREFILL_GROUP_TOKENS = 2048
 
 
 @dataclass(eq=False)
@@ -440,24 +442,77 @@ class Engine:
         for job in jobs:
             job.timings.preprocess += hashing
         self._encode_pages([j for j in jobs if j.prefix is None and j.pages and id(j) not in deferred])
+        # Cold documents first, one by one (their prompts are long and store the prefixes that jobs about the
+        # same document wait for); then the short rest (follow-ups on cached prefixes, short text-only
+        # prompts) together, so the weights are read once for all of them.
+        together = []
         for job in jobs:
+            if id(job) in deferred or self._short(job):
+                together.append(job)
+            else:
+                yield from self._first_token([job])
+        for job in together:
             if id(job) in deferred:
                 job.prefix = self.prefix_cache.lookup(job.doc_key, tuple(job.prompt.ids[: job.prompt.prefix_len]))
                 if job.prefix is None:  # not stored after all (cache too small)
                     self._encode_pages([job])
-            t1 = time.perf_counter()
-            logits = self._prefill_one(job)
-            if job.settings.ignore_eos:
-                logits = logits + self._stop_bias
-            token = self._sample(job, logits)
+        group: list[_Job] = []
+        for job in together + [None]:
+            if job is not None and not self._short(job):
+                yield from self._first_token([job])
+                continue
+            tokens = sum(len(j.prompt.ids) - self._start_of(j) for j in group)
+            if group and (job is None or tokens + len(job.prompt.ids) - self._start_of(job) > PREFILL_GROUP_TOKENS):
+                yield from self._first_token(group)
+                group = []
+            if job is not None:
+                group.append(job)
+
+    @staticmethod
+    def _start_of(job: _Job) -> int:
+        return job.prefix.length if job.prefix is not None else 0
+
+    def _short(self, job: _Job) -> bool:
+        """Whether the job's prefill can join others': no page features to place (its pages' prefix is
+        cached, or it has none) and a short remainder."""
+        return (job.prefix is not None or not job.pages) and len(job.prompt.ids) - self._start_of(job) <= PREFILL_GROUP_TOKENS
+
+    def _first_token(self, group: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
+        """Prefill ``group``, sample each job's first token and start its decode row."""
+        t1 = time.perf_counter()
+        for member, row_logits in zip(group, self._prefill_group(group)):
+            if member.settings.ignore_eos:
+                row_logits = row_logits + self._stop_bias
+            token = self._sample(member, row_logits)
             self._sync()
-            job.timings.prefill = time.perf_counter() - t1
-            job.timings.time_to_first_token = time.perf_counter() - job.started
-            n = len(job.prompt.ids)
-            bias = self._stop_bias if job.settings.ignore_eos else None
-            self.runner.start_row(job.row, token, n, n + job.rope_delta, bias)
-            job.cache_pos = n
-            yield from self._accept(job, token)
+            member.timings.prefill = time.perf_counter() - t1
+            member.timings.time_to_first_token = time.perf_counter() - member.started
+            n = len(member.prompt.ids)
+            bias = self._stop_bias if member.settings.ignore_eos else None
+            self.runner.start_row(member.row, token, n, n + member.rope_delta, bias)
+            member.cache_pos = n
+            yield from self._accept(member, token)
+
+    def _prefill_group(self, group: list[_Job]) -> torch.Tensor:
+        """Last-token logits [jobs, vocab]: one job alone, several short remainders in one pass
+        (``LMRunner.prefill_rows``)."""
+        if len(group) == 1:
+            return self._prefill_one(group[0]).unsqueeze(0)
+        starts, ids, positions = [], [], []
+        for job in group:
+            start = self._start_of(job)
+            if job.prefix is not None:
+                self.runner.write_kv(job.row, job.prefix.kv)
+                job.cache.prefix_reused_tokens = start
+            starts.append(start)
+            ids.extend(job.prompt.ids[start:])
+            positions.append(job.positions[:, :, start:])
+        lengths = [len(job.prompt.ids) - start for job, start in zip(group, starts)]
+        with torch.inference_mode():
+            embeds = self.runner.embed(torch.tensor([ids], device=self.device))
+            return self.runner.prefill_rows(
+                [job.row for job in group], embeds, torch.cat(positions, dim=2).to(self.device), starts, lengths
+            )
 
     def _prefill_one(self, job: _Job) -> torch.Tensor:
         ids = job.prompt.ids

@@ -225,6 +225,41 @@ class LMRunner:
                 x = _post_attention(x, out.transpose(1, 2).reshape(1, s, -1), o_w, *post, self.eps)
         return self.lm_head(self.norm(x[:, -1])).float()[0]
 
+    @torch.inference_mode()
+    def prefill_rows(
+        self, rows: list[int], embeds: torch.Tensor, positions: torch.Tensor, starts: list[int], lengths: list[int]
+    ) -> torch.Tensor:
+        """Several rows' prompts (or prompt suffixes after their cached prefixes) in one pass: ``embeds``
+        [1, sum(lengths), D] holds them one after another, row i's at cache positions starts[i]... The
+        token-wise work (projections, MLP, norms) runs once over all of them, so the weights are read once
+        instead of once per row; attention runs per row. Returns each row's last-token logits [rows, vocab]."""
+        cos, sin = self.rotary(embeds, positions)
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        masks = [
+            None if start == 0 else self.positions[: start + n].view(1, start + n) <= self.positions[start : start + n].view(n, 1)
+            for start, n in zip(starts, lengths)
+        ]
+        x = embeds
+        total = embeds.shape[1]
+        for li, (norm_w, qkv_w, qkv_b, o_w, *post) in enumerate(self.layer_weights):
+            q, k, v = _pre_attention(x, norm_w, qkv_w, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads, self.head_dim)
+            outs = []
+            for row, start, n, off, mask in zip(rows, starts, lengths, offsets, masks):
+                end = start + n
+                self.k[li][row, :, start:end] = k[0, :, off : off + n]
+                self.v[li][row, :, start:end] = v[0, :, off : off + n]
+                keys = repeat_kv(self.k[li][row : row + 1, :, :end], self.n_rep)
+                values = repeat_kv(self.v[li][row : row + 1, :, :end], self.n_rep)
+                outs.append(F.scaled_dot_product_attention(
+                    q[:, :, off : off + n], keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scaling
+                ))
+            out = torch.cat(outs, dim=2)
+            x = _post_attention(x, out.transpose(1, 2).reshape(1, total, -1), o_w, *post, self.eps)
+        last = torch.tensor([off + n - 1 for off, n in zip(offsets, lengths)], device=x.device)
+        return self.lm_head(self.norm(x[0, last])).float()
+
     # --- prefix KV ---------------------------------------------------------------------------------------
 
     def read_kv(self, row: int, length: int) -> torch.Tensor:

@@ -41,10 +41,10 @@ def register(subparsers) -> None:
                        help="bearer token for the replicas (default: $OPENAI_API_KEY)")
     scale.add_argument("--gpus", type=_gpu_list, default=[], metavar="0,1,...",
                        help="start one engine process per local GPU (with --model) and route over them")
-    scale.add_argument("--replica-concurrency", type=int, default=16, metavar="N",
-                       help="requests in flight per replica (its batch plus a queue that refills it; a document's "
-                            "questions go to the next replica while its own has none free); the front's queue "
-                            "follows healthy replicas x this (default 16)")
+    scale.add_argument("--replica-concurrency", type=int, default=None, metavar="N",
+                       help="requests in flight per replica; past N/2 a document's questions go to the next replica "
+                            "on its ring that has fewer; the front's queue follows healthy replicas x N "
+                            "(default: twice --max-batch with --gpus, else 16)")
     scale.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
                        help="seconds between health checks of the replicas (default 2)")
     serve.set_defaults(func=_serve)

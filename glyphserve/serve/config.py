@@ -54,12 +54,17 @@ class ServeConfig:
     remote_model: str | None = None
     remote_api_key: str | None = None
     gpus: list[str] = field(default_factory=list)  # one local replica per GPU index
-    replica_concurrency: int = 16
+    replica_concurrency: int | None = None  # None: twice --max-batch with --gpus, else 16
     health_interval: float = 2.0
 
     @property
     def routed(self) -> bool:
         return self.backend == "openai" or bool(self.gpus)
+
+    @property
+    def concurrency_per_replica(self) -> int:
+        """Requests in flight per replica: a local replica's batch decoding plus as many waiting."""
+        return self.replica_concurrency or (2 * self.max_batch if self.gpus else 16)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -83,7 +88,7 @@ class ServeConfig:
             ("--queue-size", self.queue_size),
             ("--max-batch", self.max_batch),
             ("--request-timeout", self.request_timeout),
-            ("--replica-concurrency", self.replica_concurrency),
+            ("--replica-concurrency", 1 if self.replica_concurrency is None else self.replica_concurrency),
             ("--health-interval", self.health_interval),
         ):
             if value <= 0:

@@ -5,10 +5,12 @@ replica joining or leaving moves about 1/N of the documents) and the follow-up q
 a document reach the replica whose prefix cache holds it. ``Router`` keeps the replicas' health
 (``GET /health`` from a background thread; a replica that fails a request is taken out at once
 and rejoins when its health check passes) and chooses the replica of each request for
-``RemoteEngine``: the document's owner unless all its ``concurrency`` slots are taken while a
-replica further along the document's ring order has one free (consistent hashing with bounded
-loads: a few busy documents cannot pile onto one GPU while another idles; the spill always goes to
-the same next replica, so its prefix cache serves the document from then on too).
+``RemoteEngine``: the document's owner while it has fewer than half its ``concurrency`` requests in
+flight (a glyphserve replica's batch: by default ``concurrency`` is twice the batch, one batch
+decoding and one waiting), else the next replica along the document's ring order that has; when all
+have that many, the first with a free slot, the owner first (consistent hashing with bounded loads:
+a few busy documents cannot pile onto one GPU while another idles, and a spill always goes to the
+same next replica, whose prefix cache then serves the document too).
 ``RoutedScheduler`` runs requests concurrently, as many as the healthy replicas take, and
 refuses (429) past the queue that capacity allows. ``LocalReplicas`` starts one engine process
 per local GPU for ``glyphserve serve --gpus``.
@@ -137,6 +139,7 @@ class Router:
         from glyphserve.engine.remote import chat_completions_url
 
         self.concurrency = concurrency
+        self.spill_at = max(1, concurrency // 2)
         self.health_interval_s = health_interval_s
         self.replicas = {chat_completions_url(e): ReplicaState(chat_completions_url(e), health_url(e))
                          for e in endpoints}
@@ -169,16 +172,17 @@ class Router:
             return [u for u in order if self.replicas[u].healthy] + [u for u in order if not self.replicas[u].healthy]
 
     def choose(self, key: str, in_flight: Mapping[str, int], exclude: Collection[str] = ()) -> str:
-        """The replica for a request about ``key``, given the requests each replica has in flight: the first
-        healthy, not excluded replica in the key's ring order with a free slot; if all are full, the first of
-        them (its queue); if none is healthy, the first not excluded."""
+        """The replica for a request about ``key``, given the requests each replica has in flight: among the
+        healthy, not excluded replicas in the key's ring order, the first with fewer than ``spill_at`` in flight,
+        else the first with a free slot, else the first; if none is healthy, the first not excluded."""
         order = self.candidates(key)
         usable = [u for u in order if u not in exclude] or order
         with self._lock:
             healthy = [u for u in usable if self.replicas[u].healthy]
             if not healthy:
                 return usable[0]
-            chosen = next((u for u in healthy if in_flight.get(u, 0) < self.concurrency), healthy[0])
+            chosen = next((u for u in healthy if in_flight.get(u, 0) < self.spill_at), None) or next(
+                (u for u in healthy if in_flight.get(u, 0) < self.concurrency), healthy[0])
             if chosen != healthy[0]:
                 self.replicas[chosen].spilled_in += 1
             return chosen
@@ -407,11 +411,12 @@ def load_routed(config: "ServeConfig") -> tuple["RemoteEngine", str]:
         print(f"glyphserve: starting {len(config.gpus)} replica(s) ...", flush=True)
         endpoints += children.start()
         api_key = children.api_key
-    router = Router(endpoints, concurrency=config.replica_concurrency, health_interval_s=config.health_interval)
+    concurrency = config.concurrency_per_replica
+    router = Router(endpoints, concurrency=concurrency, health_interval_s=config.health_interval)
     router.replica_processes = children
     try:
         remote = RemoteConfig(endpoints, model=config.remote_model, api_key=api_key, resume_greedy=True,
-                              max_concurrency=len(endpoints) * config.replica_concurrency)
+                              max_concurrency=len(endpoints) * concurrency)
         engine = RemoteEngine.load(remote, router)
         router.start()
     except BaseException:

@@ -246,3 +246,20 @@ def test_an_admitted_request_that_cannot_run_gets_an_error_event(load_engine, re
     assert len(errors) == 1 and errors[0][0] == 1 and "question is empty" in str(errors[0][1])
     done = {i: e.result.token_ids for i, e in events if e.channel == "done"}
     assert done == {0: expected, 2: expected}
+
+
+def test_follow_ups_on_cached_documents_are_prefilled_together_and_match(load_engine, reference, pages):
+    engine = load_engine()
+    docs = [pages[:1], pages[1:], pages]
+    for doc in docs:  # cache each document's prefix
+        engine.answer(request(doc, "What is this?", n=2))
+    cases = [(docs[0], "Who?"), (docs[1], "Where does the grandmother live?"), (docs[2], "Why did the wolf run?"),
+             ([], "Tell me a story.")]
+    expected = [reference.generate(p, q, max_new_tokens=N, ignore_eos=True)[0] for p, q in cases]
+    passes = []
+    prefill_rows = engine.runner.prefill_rows
+    engine.runner.prefill_rows = lambda rows, *rest: passes.append(list(rows)) or prefill_rows(rows, *rest)
+    answers = engine.answer_batch([request(p, q) for p, q in cases])
+    assert [a.token_ids for a in answers] == expected
+    assert passes == [[0, 1, 2, 3]]  # one pass for all four
+    assert all(a.cache.prefix_reused_tokens > 0 for a in answers[:3])
