@@ -42,8 +42,8 @@ def register(subparsers) -> None:
     scale.add_argument("--gpus", type=_gpu_list, default=[], metavar="0,1,...",
                        help="start one engine process per local GPU (with --model) and route over them")
     scale.add_argument("--replica-concurrency", type=int, default=None, metavar="N",
-                       help="requests in flight per replica; past N/2 a document's questions go to the next replica "
-                            "on its ring that has fewer; the front's queue follows healthy replicas x N "
+                       help="requests in flight per replica; with N in flight a document's questions go to the next "
+                            "replica on its ring with fewer; the front's queue follows healthy replicas x N "
                             "(default: twice --max-batch with --gpus, else 16)")
     scale.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
                        help="seconds between health checks of the replicas (default 2)")

@@ -63,7 +63,9 @@ class ServeConfig:
 
     @property
     def concurrency_per_replica(self) -> int:
-        """Requests in flight per replica: a local replica's batch decoding plus as many waiting."""
+        """Requests in flight per replica: for a local replica, one batch decoding and one waiting to join it
+        (measured faster than holding the queue here: requests that trickle in one by one make a replica
+        stall its batch for one prefill each, where a waiting batch joins in one pass)."""
         return self.replica_concurrency or (2 * self.max_batch if self.gpus else 16)
 
     @property

@@ -5,12 +5,11 @@ replica joining or leaving moves about 1/N of the documents) and the follow-up q
 a document reach the replica whose prefix cache holds it. ``Router`` keeps the replicas' health
 (``GET /health`` from a background thread; a replica that fails a request is taken out at once
 and rejoins when its health check passes) and chooses the replica of each request for
-``RemoteEngine``: the document's owner while it has fewer than half its ``concurrency`` requests in
-flight (a glyphserve replica's batch: by default ``concurrency`` is twice the batch, one batch
-decoding and one waiting), else the next replica along the document's ring order that has; when all
-have that many, the first with a free slot, the owner first (consistent hashing with bounded loads:
-a few busy documents cannot pile onto one GPU while another idles, and a spill always goes to the
-same next replica, whose prefix cache then serves the document too).
+``RemoteEngine``: the document's owner while it has fewer than ``concurrency`` requests in flight
+(for local replicas: a batch decoding and one waiting), else the next replica along the document's
+ring order that has (consistent hashing with bounded loads: a few busy documents cannot pile onto one
+GPU while another idles, and a spill always goes to the same next replica, whose prefix cache then
+serves the document too). Requests beyond every replica's slots wait here.
 ``RoutedScheduler`` runs requests concurrently, as many as the healthy replicas take, and
 refuses (429) past the queue that capacity allows. ``LocalReplicas`` starts one engine process
 per local GPU for ``glyphserve serve --gpus``.
@@ -139,7 +138,6 @@ class Router:
         from glyphserve.engine.remote import chat_completions_url
 
         self.concurrency = concurrency
-        self.spill_at = max(1, concurrency // 2)
         self.health_interval_s = health_interval_s
         self.replicas = {chat_completions_url(e): ReplicaState(chat_completions_url(e), health_url(e))
                          for e in endpoints}
@@ -173,16 +171,15 @@ class Router:
 
     def choose(self, key: str, in_flight: Mapping[str, int], exclude: Collection[str] = ()) -> str:
         """The replica for a request about ``key``, given the requests each replica has in flight: among the
-        healthy, not excluded replicas in the key's ring order, the first with fewer than ``spill_at`` in flight,
-        else the first with a free slot, else the first; if none is healthy, the first not excluded."""
+        healthy, not excluded replicas in the key's ring order, the first with a free slot, else the first;
+        if none is healthy, the first not excluded."""
         order = self.candidates(key)
         usable = [u for u in order if u not in exclude] or order
         with self._lock:
             healthy = [u for u in usable if self.replicas[u].healthy]
             if not healthy:
                 return usable[0]
-            chosen = next((u for u in healthy if in_flight.get(u, 0) < self.spill_at), None) or next(
-                (u for u in healthy if in_flight.get(u, 0) < self.concurrency), healthy[0])
+            chosen = next((u for u in healthy if in_flight.get(u, 0) < self.concurrency), healthy[0])
             if chosen != healthy[0]:
                 self.replicas[chosen].spilled_in += 1
             return chosen
@@ -338,6 +335,8 @@ class LocalReplicas:
     def start(self, timeout_s: float = 900) -> list[str]:
         """Start every child and wait until all answer /health; their URLs."""
         base_env = {**os.environ, "GLYPHSERVE_API_KEY": self.api_key, "PYTHONUNBUFFERED": "1"}
+        # Each child's torch would otherwise start one CPU thread per core: N engines on one host oversubscribe it.
+        base_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.gpus))))
         for gpu in self.gpus:
             port = _free_port()
             folder = self.data_dir / "replicas" / f"gpu-{gpu}"

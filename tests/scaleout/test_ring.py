@@ -78,25 +78,23 @@ def test_router_puts_unhealthy_replicas_last_and_counts_capacity():
         router.close()
 
 
-def test_a_busy_owner_spills_to_the_next_replica_in_ring_order():
-    router = Router(NODES[:3], concurrency=4)  # spills past 2 in flight, queues up to 4
+def test_a_full_owner_spills_to_the_next_replica_in_ring_order():
+    router = Router(NODES[:3], concurrency=2)
     try:
         for state in router.replicas.values():
             state.healthy = True
         key = KEYS[11]
         owner, second, third = router.candidates(key)
         assert router.choose(key, {}) == owner
-        assert router.choose(key, {owner: 1}) == owner  # affinity while the owner has room in its batch
-        assert router.choose(key, {owner: 2}) == second  # busy: the same next replica every time
+        assert router.choose(key, {owner: 1, second: 0}) == owner  # a free slot: affinity holds
+        assert router.choose(key, {owner: 2}) == second  # full: the same next replica every time
         assert router.choose(key, {owner: 2, second: 2}) == third
-        assert router.choose(key, {owner: 2, second: 2, third: 3}) == owner  # all busy: queue at the owner
-        assert router.choose(key, {owner: 4, second: 2, third: 3}) == second  # owner full: next with a slot
-        assert router.choose(key, {owner: 4, second: 4, third: 4}) == owner  # all full: the owner anyway
+        assert router.choose(key, {owner: 2, second: 2, third: 5}) == owner  # all full: the owner
         assert router.choose(key, {}, exclude={owner}) == second  # it just failed this request
         router.mark_down(second, "ConnectError")
         assert router.choose(key, {owner: 2}) == third
         spilled = {r["url"]: r["spilled_in"] for r in router.snapshot()}
-        assert spilled == {owner: 0, second: 2, third: 2}  # a retry elsewhere is no spill
+        assert spilled == {owner: 0, second: 1, third: 2}  # a retry elsewhere is no spill
     finally:
         router.close()
 
