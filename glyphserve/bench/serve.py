@@ -333,11 +333,16 @@ def scale_markdown(r: dict) -> str:
         "",
         *PHASE_HEADER,
     ]
-    for name, m in ((f"one GPU ({r['gpus'][0]})", one), (f"{n} GPUs behind the router", many)):
+    routed = f"{n} GPUs behind the router" if n > 1 else "1 GPU behind the router"
+    for name, m in ((f"one GPU ({r['gpus'][0]})", one), (routed, many)):
         if m["sequential"]:
             lines.append(_phase_row(f"{name}, one at a time", m["sequential"]))
         lines.append(_phase_row(f"{name}, {m['sessions']} sessions at once", m["concurrent"]))
-    lines += ["", f"Scaling: {r['scaling']:.2f}x one GPU (target >= {target:.1f}x: {met}).", ""]
+    if n == 1:
+        lines += ["", f"One GPU behind the router: {r['scaling']:.2f}x the in-process server (what the front, HTTP and "
+                  "data URLs cost).", ""]
+    else:
+        lines += ["", f"Scaling: {r['scaling']:.2f}x one GPU (target >= {target:.1f}x: {met}).", ""]
     if many.get("replicas"):
         lines += ["| replica | requests | of them spilled in (owner full) | failures |", "|---|---:|---:|---:|"]
         for replica in many["replicas"]:
