@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -109,16 +111,24 @@ def wait_for_cancel(client: httpx.Client, before: float, seconds: float = 60) ->
     assert cancelled_count(client) > before
 
 
-def test_client_disconnect_stops_the_generation(model_server, client, documents):
-    before = cancelled_count(client)
+@contextlib.contextmanager
+def long_answer(server: Server, document_id: str, max_tokens: int, lines_read: int) -> Iterator[Iterator[str]]:
+    """A streamed answer of ``max_tokens`` tokens, open once ``lines_read`` SSE lines arrived; yields the rest."""
     body = {"model": "glyph", "messages": [{"role": "user", "content": "Tell a long story"}],
-            "document": documents[2], "max_tokens": 3000, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=model_server.url, timeout=60) as streaming:
+            "document": document_id, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=120) as streaming:
         with streaming.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
-            for _ in range(3):
+            for _ in range(lines_read):
                 next(lines)
+            yield lines
+
+
+def test_client_disconnect_stops_the_generation(model_server, client, documents):
+    before = cancelled_count(client)
+    with long_answer(model_server, documents[2], 3000, lines_read=3):
+        pass  # the client goes away mid-answer
     wait_for_cancel(client, before)
     assert ask(client, documents[2], "Who was rescued?", max_tokens=4)["answer"] is not None
 
@@ -223,16 +233,9 @@ def test_a_short_question_joins_a_long_answer_and_finishes_first(model_server, c
     """Continuous batching: a request arriving mid-generation does not wait for the running answer."""
     reference = ask(client, documents[1], QUESTIONS[1], max_tokens=4)["answer"]
     before = decoded_with_others(client)
-    body = {"model": "glyph", "messages": [{"role": "user", "content": "Tell a long story"}],
-            "document": documents[0], "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=model_server.url, timeout=120) as streaming:
-        with streaming.stream("POST", "/v1/chat/completions", json=body) as response:
-            assert response.status_code == 200
-            lines = response.iter_lines()
-            for _ in range(6):  # the long answer is decoding
-                next(lines)
-            short = ask(client, documents[1], QUESTIONS[1], max_tokens=4)
-            assert short["answer"] == reference
-            rest = list(lines)  # the long answer was still streaming after the short one finished
+    with long_answer(model_server, documents[0], 400, lines_read=6) as lines:  # the long answer is decoding
+        short = ask(client, documents[1], QUESTIONS[1], max_tokens=4)
+        assert short["answer"] == reference
+        rest = list(lines)  # the long answer was still streaming after the short one finished
     assert sum(line.startswith("data: {") for line in rest) > 20 and "data: [DONE]" in rest
     assert decoded_with_others(client) > before
