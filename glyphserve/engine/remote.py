@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import random
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -44,6 +45,10 @@ from glyphserve.errors import ContextOverflowError, GlyphserveError, RemoteBacke
 # GLM-4.1V's turn markers: generation must stop before the model starts another turn.
 STOP_SEQUENCES = ("<|user|>", "<|endoftext|>", "<|observation|>")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_JSON = {"content-type": "application/json"}
+# Stands in for the pages' content parts until the body is serialized (unique, so no text can contain it).
+_PAGES = f"glyphserve-pages-{secrets.token_hex(16)}"
+_PAGES_JSON = json.dumps(_PAGES)
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 
 
@@ -99,8 +104,15 @@ class _Endpoint:
 class _EncodedPages:
     signature: tuple
     urls: list[str] = field(default_factory=list)
+    # The pages as JSON content parts, comma-separated: spliced into each request body as is (encoding
+    # megabytes of data URLs per question would cost the front more than the rest of the request).
+    parts_json: str = ""
     nbytes: int = 0
     ready: threading.Event = field(default_factory=threading.Event)
+
+    def encode(self, pages: list[np.ndarray]) -> None:
+        self.urls = [png_data_url(page) for page in pages]
+        self.parts_json = ", ".join(json.dumps({"type": "image_url", "image_url": {"url": url}}) for url in self.urls)
 
 
 def chat_completions_url(endpoint: str) -> str:
@@ -179,16 +191,16 @@ class RemoteEngine:
 
     def stream(self, request: AnswerRequest) -> Iterator[StreamEvent]:
         start = time.perf_counter()
-        urls = self._page_urls(request)
+        pages = self._encoded_pages(request)
         encoded = time.perf_counter()
-        payload = self._payload(request, urls)
+        payload = self._payload(request, bool(pages.urls))
         parser = ReasoningParser()  # for servers that send <think>…</think> inside the content
         reasoning: list[str] = []  # for servers that send it apart (vLLM/SGLang reasoning parsers, glyphserve)
         usage: dict = {}
         finish_reason = "stop"
         first_token_at = None
-        key = _routing_key(request, urls) if self.router is not None else None
-        for chunk in self._chunks(payload, key):
+        key = _routing_key(request, pages.urls) if self.router is not None else None
+        for chunk in self._chunks(payload, pages.parts_json, key):
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
@@ -253,15 +265,15 @@ class RemoteEngine:
 
     # -- requests -------------------------------------------------------------------------
 
-    def _payload(self, request: AnswerRequest, urls: list[str]) -> dict:
-        images = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    def _payload(self, request: AnswerRequest, has_pages: bool) -> dict:
+        """The request body, the pages' content parts stood in for by ``_PAGES`` (see ``_body``)."""
         history = list(request.history) + [ChatMessage("user", request.question)]
         messages = []
         for message in history:
             content: str | list = message.content
-            if images and message.role == "user":  # the pages belong to the first user turn
-                content = [*images, {"type": "text", "text": message.content}]
-                images = []
+            if has_pages and message.role == "user":  # the pages belong to the first user turn
+                content = [_PAGES, {"type": "text", "text": message.content}]
+                has_pages = False
             messages.append({"role": message.role, "content": content})
         settings = request.settings
         payload = {
@@ -279,7 +291,12 @@ class RemoteEngine:
             payload["ignore_eos"] = True  # a vLLM/SGLang extension, used by benchmarks
         return payload
 
-    def _chunks(self, payload: dict, key: str | None) -> Iterator[dict]:
+    @staticmethod
+    def _body(payload: dict, model: str, parts_json: str) -> bytes:
+        body = json.dumps({"model": model, **payload})
+        return (body.replace(_PAGES_JSON, parts_json, 1) if parts_json else body).encode()
+
+    def _chunks(self, payload: dict, parts_json: str, key: str | None) -> Iterator[dict]:
         """The parsed SSE chunks of one completion, retrying while no token has arrived (or, for
         greedy answers with ``resume_greedy``, after tokens arrived too)."""
         failed: set[int] = set()
@@ -293,7 +310,8 @@ class RemoteEngine:
                 resume.restart()
             try:
                 model = self._model_for(endpoint)
-                with self._client.stream("POST", endpoint.url, json={"model": model, **payload}) as response:
+                body = self._body(payload, model, parts_json)
+                with self._client.stream("POST", endpoint.url, content=body, headers=_JSON) as response:
                     if response.status_code != 200:
                         body = response.read().decode("utf-8", "replace")
                         error = _http_error(response.status_code, body, endpoint.url)
@@ -384,12 +402,14 @@ class RemoteEngine:
 
     # -- page images ------------------------------------------------------------------------
 
-    def _page_urls(self, request: AnswerRequest) -> list[str]:
-        """PNG data URLs of the pages, encoded once per document_key (concurrent askers wait)."""
+    def _encoded_pages(self, request: AnswerRequest) -> _EncodedPages:
+        """The pages as PNG data URLs, encoded once per document_key (concurrent askers wait)."""
         key = request.document_key
-        if key is None:
-            return [png_data_url(page) for page in request.pages]
         signature = tuple(page.shape for page in request.pages)
+        if key is None:
+            fresh = _EncodedPages(signature)
+            fresh.encode(request.pages)
+            return fresh
         with self._lock:
             entry = self._images.get(key)
             owner = entry is None or entry.signature != signature
@@ -404,20 +424,22 @@ class RemoteEngine:
         if not owner:
             entry.ready.wait()
             if entry.urls or not request.pages:
-                return entry.urls
-            return [png_data_url(page) for page in request.pages]  # the owner failed to encode
+                return entry
+            fresh = _EncodedPages(signature)  # the owner failed to encode
+            fresh.encode(request.pages)
+            return fresh
         try:
-            entry.urls = [png_data_url(page) for page in request.pages]
+            entry.encode(request.pages)
         finally:
             entry.ready.set()
         with self._lock:
-            entry.nbytes = sum(len(url) for url in entry.urls)
+            entry.nbytes = sum(len(url) for url in entry.urls) + len(entry.parts_json)
             if self._images.get(key) is entry:
                 self._image_bytes += entry.nbytes
                 while self._image_bytes > self.config.image_cache_bytes and len(self._images) > 1:
                     _, evicted = self._images.popitem(last=False)
                     self._image_bytes -= evicted.nbytes
-        return entry.urls
+        return entry
 
 
 class _Resume:
