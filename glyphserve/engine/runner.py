@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb, apply_rotary_pos_emb_vision, repeat_kv
 from transformers.vision_utils import get_vision_position_ids
 
@@ -208,20 +209,13 @@ class LMRunner:
             cos, sin = self.rotary(x, positions[:, :, c : c + PREFILL_CHUNK])
             s, begin = x.shape[1], start + c
             end = begin + s
-            mask = None
-            if begin > 0:
-                mask = self.positions[:end].view(1, end) <= self.positions[begin:end].view(s, 1)
             for li, (norm_w, qkv_w, qkv_b, o_w, *post) in enumerate(self.layer_weights):
                 q, k, v = _pre_attention(
                     x, norm_w, qkv_w, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads, self.head_dim
                 )
                 self.k[li][row, :, begin:end] = k[0]
                 self.v[li][row, :, begin:end] = v[0]
-                keys = repeat_kv(self.k[li][row : row + 1, :, :end], self.n_rep)
-                values = repeat_kv(self.v[li][row : row + 1, :, :end], self.n_rep)
-                out = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scaling
-                )
+                out = self._causal_attention(q, row, li, end)
                 x = _post_attention(x, out.transpose(1, 2).reshape(1, s, -1), o_w, *post, self.eps)
         return self.lm_head(self.norm(x[:, -1])).float()[0]
 
@@ -237,28 +231,30 @@ class LMRunner:
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
-        masks = [
-            None if start == 0 else self.positions[: start + n].view(1, start + n) <= self.positions[start : start + n].view(n, 1)
-            for start, n in zip(starts, lengths)
-        ]
         x = embeds
         total = embeds.shape[1]
         for li, (norm_w, qkv_w, qkv_b, o_w, *post) in enumerate(self.layer_weights):
             q, k, v = _pre_attention(x, norm_w, qkv_w, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads, self.head_dim)
             outs = []
-            for row, start, n, off, mask in zip(rows, starts, lengths, offsets, masks):
+            for row, start, n, off in zip(rows, starts, lengths, offsets):
                 end = start + n
                 self.k[li][row, :, start:end] = k[0, :, off : off + n]
                 self.v[li][row, :, start:end] = v[0, :, off : off + n]
-                keys = repeat_kv(self.k[li][row : row + 1, :, :end], self.n_rep)
-                values = repeat_kv(self.v[li][row : row + 1, :, :end], self.n_rep)
-                outs.append(F.scaled_dot_product_attention(
-                    q[:, :, off : off + n], keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scaling
-                ))
+                outs.append(self._causal_attention(q[:, :, off : off + n], row, li, end))
             out = torch.cat(outs, dim=2)
             x = _post_attention(x, out.transpose(1, 2).reshape(1, total, -1), o_w, *post, self.eps)
         last = torch.tensor([off + n - 1 for off, n in zip(offsets, lengths)], device=x.device)
         return self.lm_head(self.norm(x[0, last])).float()
+
+    def _causal_attention(self, q: torch.Tensor, row: int, layer: int, end: int) -> torch.Tensor:
+        """Queries for cache positions end - len(q)..end-1 of ``row`` over its keys 0..end-1, causally. The
+        lower-right causal bias lets SDPA pick a flash kernel even when the queries follow a cached prefix (a
+        materialized mask would force a kernel that reads it for every head)."""
+        s = q.shape[2]
+        mask = None if s == end else causal_lower_right(s, end)
+        keys = repeat_kv(self.k[layer][row : row + 1, :, :end], self.n_rep)
+        values = repeat_kv(self.v[layer][row : row + 1, :, :end], self.n_rep)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scaling)
 
     # --- prefix KV ---------------------------------------------------------------------------------------
 

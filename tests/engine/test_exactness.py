@@ -263,3 +263,13 @@ def test_follow_ups_on_cached_documents_are_prefilled_together_and_match(load_en
     assert [a.token_ids for a in answers] == expected
     assert passes == [[0, 1, 2, 3]]  # one pass for all four
     assert all(a.cache.prefix_reused_tokens > 0 for a in answers[:3])
+
+
+def test_a_prompt_prefilled_in_chunks_matches(load_engine, reference, pages, monkeypatch):
+    """Long prompts are prefilled in chunks, each attending to the cache before it (lower-right causal)."""
+    import glyphserve.engine.runner as runner
+
+    engine = load_engine(prefix_cache_bytes=0)
+    expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
+    monkeypatch.setattr(runner, "PREFILL_CHUNK", 37)  # several chunks, cut inside the pages' tokens
+    assert engine.answer(request(pages, "Who is the wolf?")).token_ids == expected
