@@ -239,3 +239,17 @@ def test_a_short_question_joins_a_long_answer_and_finishes_first(model_server, c
         rest = list(lines)  # the long answer was still streaming after the short one finished
     assert sum(line.startswith("data: {") for line in rest) > 20 and "data: [DONE]" in rest
     assert decoded_with_others(client) > before
+
+
+def test_a_question_too_long_for_the_context_is_refused_without_harming_the_running_answer(
+        model_server, client, documents):
+    reference = ask(client, documents[1], QUESTIONS[1], max_tokens=4)["answer"]
+    with long_answer(model_server, documents[0], 300, lines_read=6) as lines:  # joins the running decode
+        refused = client.post(f"/v1/documents/{documents[1]}/chat",
+                              json={"question": "why " * 6000, "max_tokens": 4})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"] == "context_overflow" and "context holds" in refused.json()["message"]
+        rest = list(lines)
+    assert sum(line.startswith("data: {") for line in rest) > 20 and "data: [DONE]" in rest
+    assert not any('"error"' in line for line in rest)
+    assert ask(client, documents[1], QUESTIONS[1], max_tokens=4)["answer"] == reference
