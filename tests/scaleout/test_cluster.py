@@ -164,6 +164,27 @@ def test_answers_equal_a_single_servers_and_each_document_stays_on_one_replica(c
     assert all(r["healthy"] for r in health["replicas"])
 
 
+def test_a_busy_document_spills_to_the_next_replica_on_its_ring(cluster, documents):
+    front, replicas = cluster
+    document = documents[1]
+    ring = HashRing([r.url + "/v1/chat/completions" for r in replicas])
+    owner, second, _ = (next(r for r in replicas if url.startswith(r.url)) for url in ring.preference(document["id"]))
+    spilled_before = {r["url"]: r["spilled_in"] for r in _health(front)["replicas"]}
+    chats = [_chats(owner), _chats(second)]
+
+    def ask(_):
+        with front.client() as client:
+            return _complete(client, document["id"], stream=False)
+
+    with ThreadPoolExecutor(4) as pool:  # the owner takes 2 at once (--replica-concurrency 2)
+        answers = list(pool.map(ask, range(4)))
+    assert answers == [document["expected_long"]] * 4  # same answers wherever they were computed
+    spilled = {r["url"]: r["spilled_in"] - spilled_before[r["url"]] for r in _health(front)["replicas"]}
+    assert spilled[second.url + "/v1/chat/completions"] >= 1 and sum(spilled.values()) >= 1
+    grown = _grown([owner, second], chats, 4)
+    assert grown[0] >= 1 and grown[1] >= 1, grown
+
+
 def test_past_the_replicas_capacity_the_front_answers_429(cluster, documents):
     front, _ = cluster
     # Capacity 3 replicas x 2; as many may wait: of 40 requests at once, some must be refused.
