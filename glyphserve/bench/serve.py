@@ -237,12 +237,14 @@ def measure(args: argparse.Namespace, gpus: str | None, visible: str | None = No
                         errors.append(exc)
 
                 threads = [threading.Thread(target=guarded, args=(s,)) for s in range(args.sessions)]
+                counters_before = engine_counters(client, server.base)
                 t0 = time.perf_counter()
                 for t in threads:
                     t.start()
                 for t in threads:
                     t.join()
                 concurrent.wall_s = time.perf_counter() - t0
+                engines = engine_activity(counters_before, engine_counters(client, server.base), concurrent.wall_s)
                 if errors:
                     raise errors[0]
                 print("concurrent", json.dumps(concurrent.summary()), flush=True)
@@ -269,12 +271,44 @@ def measure(args: argparse.Namespace, gpus: str | None, visible: str | None = No
         "concurrent": concurrent.summary(),
         "gpus": gpus,
         "replicas": replicas,
+        "engines": engines,
         "metrics_excerpt": [line for line in metrics.splitlines() if line.startswith("glyphserve_") and
                             ("cache" in line or "batch" in line or "joined" in line)][:24],
     }
     if sequential:
         result["speedup"] = result["concurrent"]["answers_per_min"] / result["sequential"]["answers_per_min"]
     return result
+
+
+def engine_counters(client, base: str) -> dict[str, dict]:
+    """The engine counters (``/health``) of the server at ``base``, or of each replica behind it."""
+    health = client.get(f"{base}/health").json()
+    if not health.get("replicas"):
+        return {base: health.get("engine") or {}}
+    bases = [r["url"].removesuffix("/v1/chat/completions") for r in health["replicas"]]
+    return {b: client.get(f"{b}/health").json().get("engine") or {} for b in bases}
+
+
+def engine_activity(before: dict[str, dict], after: dict[str, dict], wall_s: float) -> list[dict]:
+    """Per engine over a phase: requests, decode steps per second, rows busy per step, prefill passes."""
+    out = []
+    for base, end in after.items():
+        start = before.get(base, {})
+        delta = {k: end.get(k, 0) - start.get(k, 0) for k in end}
+        steps = delta.get("decode_steps", 0)
+        out.append({"engine": base, "requests": delta.get("requests", 0), "decode_steps": steps,
+                    "steps_per_s": steps / wall_s if wall_s else 0.0,
+                    "rows_per_step": delta.get("decode_rows", 0) / steps if steps else 0.0,
+                    "prefill_passes": delta.get("prefill_passes", 0)})
+    return out
+
+
+def _engines_table(engines: list[dict]) -> list[str]:
+    lines = ["| engine | requests | decode steps/s | rows busy per step | prefill passes |", "|---|---:|---:|---:|---:|"]
+    for e in engines:
+        lines.append(f"| {e['engine']} | {e['requests']} | {e['steps_per_s']:.1f} | {e['rows_per_step']:.2f} | "
+                     f"{e['prefill_passes']} |")
+    return lines + [""]
 
 
 def _load_description(r: dict) -> str:
@@ -314,7 +348,8 @@ def to_markdown(r: dict) -> str:
     if seq:
         met = "met" if r["speedup"] >= TARGET_SPEEDUP else "missed"
         lines += ["", f"Throughput {r['speedup']:.1f}x the sequential rate (target >= {TARGET_SPEEDUP:.0f}x: {met})."]
-    return "\n".join(lines + [""])
+    lines += ["", "During the concurrent phase:", "", *_engines_table(r.get("engines") or [])]
+    return "\n".join(lines)
 
 
 def scale_markdown(r: dict) -> str:
@@ -349,4 +384,6 @@ def scale_markdown(r: dict) -> str:
             lines.append(f"| {replica['url']} | {replica.get('requests', 0)} | {replica.get('spilled_in', 0)} | "
                          f"{replica.get('failures', 0)} |")
         lines.append("")
+    lines += ["Engines during the concurrent phases (one GPU, then the replicas):", "",
+              *_engines_table((one.get("engines") or []) + (many.get("engines") or []))]
     return "\n".join(lines)

@@ -115,7 +115,9 @@ class Engine:
         self._stop_bias = torch.zeros(self.runner.vocab, device=self.device)
         self._stop_bias[self.stop_ids] = float("-inf")
         self._lock = threading.Lock()
-        self._counters = {"requests": 0, "batches": 0, "new_tokens": 0, "prompt_tokens": 0, "oom_recoveries": 0}
+        # decode_rows / decode_steps: rows busy per decode step (batch occupancy); prefill_passes: prompt passes.
+        self._counters = {"requests": 0, "batches": 0, "new_tokens": 0, "prompt_tokens": 0, "oom_recoveries": 0,
+                          "decode_steps": 0, "decode_rows": 0, "prefill_passes": 0}
         self._host_next = None
         self._launches = 0
         if self.device.type == "cuda" and config.pinned_copies:
@@ -480,6 +482,7 @@ class Engine:
     def _first_token(self, group: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
         """Prefill ``group``, sample each job's first token and start its decode row."""
         t1 = time.perf_counter()
+        self._counters["prefill_passes"] += 1
         for member, row_logits in zip(group, self._prefill_group(group)):
             if member.settings.ignore_eos:
                 row_logits = row_logits + self._stop_bias
@@ -586,6 +589,8 @@ class Engine:
         runner = self.runner
         b = max(j.row for j in live) + 1
         greedy = all(j.greedy for j in live)
+        self._counters["decode_steps"] += 1
+        self._counters["decode_rows"] += len(live)
         if greedy and self._host_next is not None:
             if not in_flight:
                 in_flight.append(self._launch(b, live))

@@ -48,6 +48,10 @@ class RenderOptions:
         return self
 
 
+# Engine counters in /health: requests, and decode occupancy (decode_rows / decode_steps rows per step).
+ENGINE_COUNTERS = ("requests", "new_tokens", "decode_steps", "decode_rows", "prefill_passes")
+
+
 class GlyphService:
     def __init__(self, config: ServeConfig, engine: "Engine | RemoteEngine | None" = None,
                  model_name: str | None = None):
@@ -97,7 +101,9 @@ class GlyphService:
                     "capacity": self.router.capacity(), "replicas": replicas,
                     "retries": stats["retries"], "resumed": stats["resumed"]}
         if self.has_model:
-            return {"backend": "engine", "model": self.model_name, "notice": None}
+            stats = self.engine.stats()
+            return {"backend": "engine", "model": self.model_name, "notice": None,
+                    "engine": {k: stats[k] for k in ENGINE_COUNTERS}}
         return {"backend": "extractive", "model": self.model_name, "notice": NO_MODEL_HINT}
 
     def close(self) -> None:

@@ -48,5 +48,8 @@ def test_scale_run_compares_one_engine_with_replicas_behind_the_router(tiny_mode
     replicas = result["routed"]["replicas"]
     assert len(replicas) == 2 and sum(r["requests"] for r in replicas) >= 4 + 2  # answers and warm-ups
     assert result["scaling"] > 0
+    engines = result["routed"]["engines"]  # each replica's engine counters over the concurrent phase
+    assert len(engines) == 2 and sum(e["requests"] for e in engines) == 4
+    assert all(e["decode_steps"] > 0 and 1 <= e["rows_per_step"] <= 2 for e in engines if e["requests"])
     markdown = (tmp_path / "serve-cpu-scale2.md").read_text()
     assert "Scaling:" in markdown and "2 GPUs behind the router, 4 sessions at once" in markdown

@@ -45,9 +45,14 @@ def ask(client: httpx.Client, document_id: str, question: str, **settings) -> di
     return response.json()
 
 
-def test_health_names_the_model(client):
+def test_health_names_the_model(client, documents):
     health = client.get("/health").json()
     assert health["backend"] == "engine" and health["notice"] is None
+    before = health["engine"]
+    ask(client, documents[3], QUESTIONS[0], max_tokens=5)
+    after = client.get("/health").json()["engine"]
+    assert after["requests"] == before["requests"] + 1 and after["new_tokens"] >= before["new_tokens"] + 4
+    assert after["decode_steps"] > before["decode_steps"] and after["prefill_passes"] == before["prefill_passes"] + 1
 
 
 def test_streamed_answer_with_timings_and_cache(client, documents):
