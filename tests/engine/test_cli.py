@@ -41,20 +41,14 @@ def story(tmp_path):
     return doc
 
 
+def ask_args(model_dir, story, new_tokens: int) -> list[str]:
+    return ["ask", str(story), "Who ran ahead?", "--model", str(model_dir), "--device", "cpu",
+            "--max-new-tokens", str(new_tokens), "--ignore-eos"]
+
+
 @needs_render
 def test_ask_streams_and_reports_json(tiny_model_dir, story, capsys):
-    args = [
-        "ask",
-        str(story),
-        "Who ran ahead?",
-        "--model",
-        str(tiny_model_dir),
-        "--device",
-        "cpu",
-        "--max-new-tokens",
-        "12",
-        "--ignore-eos",
-    ]
+    args = ask_args(tiny_model_dir, story, 12)
     assert main(args) == 0
     assert capsys.readouterr().out.endswith("\n")
     assert main([*args, "--json"]) == 0
@@ -67,20 +61,7 @@ def test_ask_streams_and_reports_json(tiny_model_dir, story, capsys):
 @needs_render
 def test_ask_chat_reads_follow_ups_until_eof(tiny_model_dir, story, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Why?\n\nWhere?\n"))
-    args = [
-        "ask",
-        str(story),
-        "Who ran ahead?",
-        "--model",
-        str(tiny_model_dir),
-        "--device",
-        "cpu",
-        "--max-new-tokens",
-        "6",
-        "--ignore-eos",
-        "--chat",
-        "--json",
-    ]
+    args = [*ask_args(tiny_model_dir, story, 6), "--chat", "--json"]
     assert main(args) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 3
