@@ -105,7 +105,6 @@ class EngineBackend:
     """Answers with the vision-language model (``glyphserve.engine.Engine``)."""
 
     name = "engine"
-    admits = True  # stream_batch takes jobs into the running batch (continuous batching)
 
     def __init__(self, engine: "Engine", model_name: str):
         from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
@@ -113,6 +112,11 @@ class EngineBackend:
         self.engine = engine
         self.model_name = model_name
         self._types = AnswerRequest, ChatMessage, GenerationSettings
+
+    @property
+    def admits(self) -> bool:
+        """Whether stream_batch takes jobs into the running batch (the local engine's continuous batching)."""
+        return hasattr(self.engine, "stream_batch")
 
     def _request(self, job: ChatJob):
         AnswerRequest, ChatMessage, GenerationSettings = self._types
