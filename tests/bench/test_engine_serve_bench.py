@@ -40,16 +40,20 @@ def test_serve_bench_counts_every_answer(tiny_model_dir, tmp_path):
 def test_scale_run_compares_one_engine_with_replicas_behind_the_router(tiny_model_dir, tmp_path):
     code = main(["bench", "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--workload", "1000",
                  "--documents", "2", "--sessions", "4", "--questions", "1", "--new-tokens", "3", "--max-batch", "2",
-                 "--no-sequential", "--scale-gpus", "0,1", "--startup-timeout", "180", "--out", str(tmp_path)])
+                 "--no-sequential", "--repeats", "3", "--scale-gpus", "0,1", "--startup-timeout", "180",
+                 "--out", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "serve-cpu-scale2.json").read_text())
     assert result["one_gpu"]["concurrent"]["answers"] == result["routed"]["concurrent"]["answers"] == 4
+    rates = result["routed"]["concurrent_rounds_answers_per_min"]
+    assert len(rates) == 3 and result["routed"]["concurrent"]["answers_per_min"] == sorted(rates)[1]  # the median
     assert result["one_gpu"]["sequential"] is None and result["one_gpu"]["replicas"] is None
     replicas = result["routed"]["replicas"]
     assert len(replicas) == 2 and sum(r["requests"] for r in replicas) >= 4 + 2  # answers and warm-ups
     assert result["scaling"] > 0
     engines = result["routed"]["engines"]  # each replica's engine counters over the concurrent phase
-    assert len(engines) == 2 and sum(e["requests"] for e in engines) == 4
+    assert len(engines) == 2 and sum(e["requests"] for e in engines) == 4  # of the median round
     assert all(e["decode_steps"] > 0 and 1 <= e["rows_per_step"] <= 2 for e in engines if e["requests"])
     markdown = (tmp_path / "serve-cpu-scale2.md").read_text()
     assert "Scaling:" in markdown and "2 GPUs behind the router, 4 sessions at once" in markdown
+    assert "3 rounds of the concurrent phase" in markdown
