@@ -41,6 +41,9 @@ DEFAULT_MAX_CONTEXT = 32768
 GRAPH_BATCH_SIZES = (1, 2, 4, 8)
 # Prompt tokens prefilled together in one pass (follow-up questions on cached prefixes, short text prompts).
 PREFILL_GROUP_TOKENS = 2048
+# While other rows decode, a long prompt is prefilled this many tokens at a time between their decode steps, so
+# their streams pause for one slice at most, not for the whole document.
+INTERLEAVED_PREFILL_TOKENS = 2048
 
 
 @dataclass(eq=False)
@@ -73,6 +76,18 @@ class _Job:
     @property
     def greedy(self) -> bool:
         return self.settings.temperature <= 0
+
+
+@dataclass(eq=False)
+class _Prefilling:
+    """A long prompt prefilled a slice at a time between other rows' decode steps."""
+
+    job: _Job
+    embeds: torch.Tensor  # [1, S, D]: what remains after the cached prefix, page features in place
+    positions: torch.Tensor  # [3, 1, S]
+    start: int  # cache position of embeds[:, 0]
+    started: float
+    done: int = 0
 
 
 class Engine:
@@ -328,22 +343,25 @@ class Engine:
             runner.active.zero_()
             waiting: deque[_Job] = deque(jobs)
             live: list[_Job] = []
+            prefilling: deque[_Prefilling] = deque()  # long prompts joining while rows decode
             in_flight: deque = deque()  # decode steps launched but not yet read back
             try:
                 while True:
-                    free = runner.max_batch - len(live)
+                    free = runner.max_batch - len(live) - len(prefilling)
                     if admit is not None and free > len(waiting):
                         waiting.extend(admit(free - len(waiting)))
                     if waiting and free:
-                        # The rows' next tokens must be settled before new rows start.
-                        while in_flight:
-                            yield from self._collect(live, self._read(in_flight.popleft()))
-                        joining = [waiting.popleft() for _ in range(min(runner.max_batch - len(live), len(waiting)))]
-                        yield from self._join(joining, live)
+                        yield from self._settle(in_flight, live)  # before new rows start
+                        free = runner.max_batch - len(live) - len(prefilling)
+                        joining = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                        yield from self._join(joining, live, prefilling)
                         continue
-                    if not live:
+                    if prefilling:
+                        yield from self._prefill_slice(prefilling, live, in_flight)
+                    if live:
+                        yield from self._collect(live, self._step(live, in_flight))
+                    elif not prefilling:
                         break
-                    yield from self._collect(live, self._step(live, in_flight))
             except torch.OutOfMemoryError as exc:
                 self._recover()
                 raise EngineOutOfMemoryError(
@@ -424,7 +442,8 @@ class Engine:
             job.timings.preprocess += t1 - t0
             job.timings.vision_encode += t2 - t1
 
-    def _prefill(self, jobs: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
+    def _prefill(self, jobs: list[_Job], sliced: list[_Prefilling] | None = None) -> Iterator[tuple[_Job, str, str]]:
+        """Prefill the jobs and start their rows; with ``sliced``, long prompts are only begun and listed there."""
         t0 = time.perf_counter()
         planned: dict[str, tuple[int, ...]] = {}  # prefixes that an earlier job of this batch will store
         deferred: set[int] = set()
@@ -448,9 +467,13 @@ class Engine:
         # same document wait for); then the short rest (follow-ups on cached prefixes, short text-only
         # prompts) together, so the weights are read once for all of them.
         together = []
+        awaited = {job.doc_key for job in jobs if id(job) in deferred}  # prefixes other jobs wait for
         for job in jobs:
             if id(job) in deferred or self._short(job):
                 together.append(job)
+            elif (sliced is not None and job.doc_key not in awaited
+                  and len(job.prompt.ids) - self._start_of(job) > INTERLEAVED_PREFILL_TOKENS):
+                sliced.append(self._begin_slices(job))
             else:
                 yield from self._first_token([job])
         for job in together:
@@ -483,7 +506,17 @@ class Engine:
         """Prefill ``group``, sample each job's first token and start its decode row."""
         t1 = time.perf_counter()
         self._counters["prefill_passes"] += 1
-        for member, row_logits in zip(group, self._prefill_group(group)):
+        yield from self._start_decoding(group, self._prefill_group(group), t1)
+
+    def _begin_slices(self, job: _Job) -> _Prefilling:
+        embeds, positions, start = self._prefill_inputs(job)
+        job.features = None
+        self.runner.park_row(job.row)
+        return _Prefilling(job, embeds, positions, start, started=time.perf_counter())
+
+    def _start_decoding(self, group: list[_Job], logits: torch.Tensor, t1: float) -> Iterator[tuple[_Job, str, str]]:
+        """Sample each job's first token from its row of ``logits`` and start its decode row."""
+        for member, row_logits in zip(group, logits):
             if member.settings.ignore_eos:
                 row_logits = row_logits + self._stop_bias
             token = self._sample(member, row_logits)
@@ -518,6 +551,14 @@ class Engine:
             )
 
     def _prefill_one(self, job: _Job) -> torch.Tensor:
+        embeds, positions, start = self._prefill_inputs(job)
+        logits = self.runner.prefill(job.row, embeds, positions, start)
+        self._prefill_done(job)
+        return logits
+
+    def _prefill_inputs(self, job: _Job) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Write the job's cached prefix to its row; the embeddings (page features in place) and positions of the
+        rest, and the cache position where the rest starts."""
         ids = job.prompt.ids
         start = 0
         if job.prefix is not None:
@@ -530,13 +571,14 @@ class Engine:
             if start == 0 and job.features:
                 mask = ids_dev[0] == self.model.config.image_token_id
                 embeds[0, mask] = torch.cat(job.features).to(embeds.dtype)
-            positions = job.positions[:, :, start:].to(self.device)
-            logits = self.runner.prefill(job.row, embeds, positions, start)
+        return embeds, job.positions[:, :, start:].to(self.device), start
+
+    def _prefill_done(self, job: _Job) -> None:
+        """Keep the document prefix the job's prefill computed."""
         p = job.prompt.prefix_len
         if job.prefix is None and job.doc_key is not None and p > 0:
-            self.prefix_cache.store(job.doc_key, PrefixEntry(tuple(ids[:p]), self.runner.read_kv(job.row, p)))
+            self.prefix_cache.store(job.doc_key, PrefixEntry(tuple(job.prompt.ids[:p]), self.runner.read_kv(job.row, p)))
         job.features = None
-        return logits
 
     def _sample(self, job: _Job, logits: torch.Tensor) -> int:
         """Next token from one row of logits (stop-token bias already applied)."""
@@ -566,22 +608,62 @@ class Engine:
         for channel, text in events:
             yield job, channel, text
 
-    def _join(self, joining: list[_Job], live: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
-        """Give the jobs free rows (lowest first, so decode covers few rows), prefill them and start decoding."""
-        taken = {j.row for j in live}
+    def _join(
+        self, joining: list[_Job], live: list[_Job], prefilling: deque[_Prefilling]
+    ) -> Iterator[tuple[_Job, str, str]]:
+        """Give the jobs free rows (lowest first, so decode covers few rows), prefill them and start decoding; while
+        rows decode, long prompts are only begun here and go on a slice at a time (``_prefill_slice``)."""
+        taken = {j.row for j in live} | {p.job.row for p in prefilling}
         free_rows = [r for r in range(self.runner.max_batch) if r not in taken]
         for job, row in zip(joining, free_rows):
             job.row = row
         self._counters["requests"] += len(joining)
-        yield from self._prefill(joining)
+        sliced: list[_Prefilling] | None = [] if live else None
+        yield from self._prefill(joining, sliced)
+        prefilling.extend(sliced or [])
+        pending = {id(p.job) for p in sliced or []}
+        yield from self._enter_decode([j for j in joining if id(j) not in pending], live)
+
+    def _enter_decode(self, jobs: list[_Job], live: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
+        """Jobs with their first token decode from now on (or are done already)."""
         now = time.perf_counter()
-        for job in joining:
+        for job in jobs:
             job.decode_started = now
             if job.finish_reason is None:
                 live.append(job)
             else:
                 self.runner.active[job.row] = 0
                 yield from self._finish(job)
+
+    def _settle(self, in_flight: deque, live: list[_Job]) -> Iterator[tuple[_Job, str, str]]:
+        """Read back the decode steps already launched (their tokens belong to the rows as they were)."""
+        while in_flight:
+            yield from self._collect(live, self._read(in_flight.popleft()))
+
+    def _prefill_slice(
+        self, prefilling: deque[_Prefilling], live: list[_Job], in_flight: deque
+    ) -> Iterator[tuple[_Job, str, str]]:
+        """The next slice of the first long prompt; after its last slice the job starts decoding."""
+        slot = prefilling[0]
+        job = slot.job
+        if job.request.cancel is not None and job.request.cancel():
+            prefilling.popleft()
+            job.finish_reason = "cancelled"
+            job.decode_started = time.perf_counter()
+            yield from self._finish(job)
+            return
+        end = slot.done + INTERLEAVED_PREFILL_TOKENS
+        self._counters["prefill_passes"] += 1
+        logits = self.runner.prefill(job.row, slot.embeds[:, slot.done : end], slot.positions[:, :, slot.done : end],
+                                     slot.start + slot.done)
+        slot.done = end
+        if slot.done < slot.embeds.shape[1]:
+            return
+        prefilling.popleft()
+        self._prefill_done(job)
+        yield from self._settle(in_flight, live)  # its row starts with the next step launched
+        yield from self._start_decoding([job], logits.unsqueeze(0), slot.started)
+        yield from self._enter_decode([job], live)
 
     def _step(self, live: list[_Job], in_flight: deque) -> list[int]:
         """One decode step over the rows up to the highest live one; the next token of each of those rows.

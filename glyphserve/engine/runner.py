@@ -276,6 +276,12 @@ class LMRunner:
 
     # --- decode --------------------------------------------------------------------------------------------
 
+    def park_row(self, row: int) -> None:
+        """Keep decode steps off a row whose prompt is being prefilled in slices: inactive, and its (ignored) KV
+        writes aimed at the last cache position, which no prompt or answer reaches (see ``capacity``)."""
+        self.cache_pos[row] = self.capacity - 1
+        self.active[row] = 0
+
     def start_row(self, row: int, token: int, cache_pos: int, rope_pos: int, bias: torch.Tensor | None) -> None:
         self.tokens[row, 0] = token
         self.cache_pos[row] = cache_pos

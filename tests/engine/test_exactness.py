@@ -273,3 +273,57 @@ def test_a_prompt_prefilled_in_chunks_matches(load_engine, reference, pages, mon
     expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
     monkeypatch.setattr(runner, "PREFILL_CHUNK", 37)  # several chunks, cut inside the pages' tokens
     assert engine.answer(request(pages, "Who is the wolf?")).token_ids == expected
+
+
+def test_a_long_prompt_joining_running_rows_is_prefilled_in_slices_between_their_steps(
+        load_engine, reference, pages, monkeypatch):
+    import glyphserve.engine.engine as engine_module
+
+    engine = load_engine(max_batch_size=2)
+    running = (pages[:1], "Who?", 24)
+    joiner = (pages, "Who pretended to be the grandmother in the story?", 12)
+    expected = [reference.generate(p, q, max_new_tokens=n, ignore_eos=True)[0] for p, q, n in (running, joiner)]
+    monkeypatch.setattr(engine_module, "INTERLEAVED_PREFILL_TOKENS", 29)
+    calls: list[str] = []
+    for name in ("prefill", "step"):
+        original = getattr(engine.runner, name)
+        monkeypatch.setattr(engine.runner, name,
+                            lambda *a, _name=name, _f=original, **k: calls.append(_name) or _f(*a, **k))
+    offered = [request(*joiner[:2], n=joiner[2])]
+    asked = []
+
+    def admit(free: int) -> list[AnswerRequest]:
+        asked.append(free)
+        if len(asked) < 3 or not offered:  # join once the running row decodes
+            return []
+        return [offered.pop()]
+
+    tokens = {i: e.result.token_ids for i, e in engine.stream_batch([request(*running[:2], n=running[2])], admit=admit)
+              if e.channel == "done"}
+    assert [tokens[0], tokens[1]] == expected
+    joined_at = calls.index("prefill", 1)  # the first prefill is the running request's own
+    pattern = calls[joined_at:]
+    n_slices = pattern.count("prefill")
+    assert n_slices >= 3  # the joiner's prompt went in several slices...
+    assert pattern[: 2 * n_slices] == ["prefill", "step"] * n_slices  # ...each followed by a step of the running row
+
+
+def test_a_long_prompt_cancelled_between_its_slices_frees_its_row(load_engine, reference, pages, monkeypatch):
+    import glyphserve.engine.engine as engine_module
+
+    engine = load_engine(max_batch_size=2)
+    expected, _ = reference.generate(pages[:1], "Who?", max_new_tokens=24, ignore_eos=True)
+    monkeypatch.setattr(engine_module, "INTERLEAVED_PREFILL_TOKENS", 29)
+    joiner = request(pages, "Who pretended to be the grandmother in the story?", n=12)
+    before = engine.stats()["prefill_passes"]
+    joiner.cancel = lambda: engine.stats()["prefill_passes"] - before >= 3  # after two slices of its prompt
+    offered, asked = [joiner], []
+
+    def admit(free: int) -> list[AnswerRequest]:
+        asked.append(free)
+        return [offered.pop()] if len(asked) >= 3 and offered else []  # once the first row decodes
+
+    events = list(engine.stream_batch([request(pages[:1], "Who?", n=24)], admit=admit))
+    done = {i: e.result for i, e in events if e.channel == "done"}
+    assert done[0].token_ids == expected
+    assert done[1].finish_reason == "cancelled" and done[1].token_ids == []
