@@ -205,19 +205,20 @@ class Engine:
                 numbered += 1
             return planned
 
+        def refusals() -> Iterator[tuple[int, StreamEvent]]:
+            while refused:
+                i, error = refused.popleft()
+                yield i, StreamEvent(channel="error", error=error)
+
         events = self._run(jobs, admit_jobs if admit is not None else None)
         try:
             for job, channel, text in events:
-                while refused:
-                    i, error = refused.popleft()
-                    yield i, StreamEvent(channel="error", error=error)
+                yield from refusals()
                 result = self._answer(job) if channel == "done" else None
                 yield index[id(job)], StreamEvent(channel=channel, text=text, result=result)
         finally:
             events.close()
-        while refused:
-            i, error = refused.popleft()
-            yield i, StreamEvent(channel="error", error=error)
+        yield from refusals()
 
     def stats(self) -> dict:
         return {
@@ -481,17 +482,20 @@ class Engine:
                 job.prefix = self.prefix_cache.lookup(job.doc_key, tuple(job.prompt.ids[: job.prompt.prefix_len]))
                 if job.prefix is None:  # not stored after all (cache too small)
                     self._encode_pages([job])
-        group: list[_Job] = []
-        for job in together + [None]:
-            if job is not None and not self._short(job):
+        for job in together:
+            if not self._short(job):  # a deferred job whose prefix was not stored after all
                 yield from self._first_token([job])
-                continue
-            tokens = sum(len(j.prompt.ids) - self._start_of(j) for j in group)
-            if group and (job is None or tokens + len(job.prompt.ids) - self._start_of(job) > PREFILL_GROUP_TOKENS):
+        group: list[_Job] = []
+        tokens = 0
+        for job in filter(self._short, together):
+            n = len(job.prompt.ids) - self._start_of(job)
+            if group and tokens + n > PREFILL_GROUP_TOKENS:
                 yield from self._first_token(group)
-                group = []
-            if job is not None:
-                group.append(job)
+                group, tokens = [], 0
+            group.append(job)
+            tokens += n
+        if group:
+            yield from self._first_token(group)
 
     @staticmethod
     def _start_of(job: _Job) -> int:
@@ -536,10 +540,7 @@ class Engine:
             return self._prefill_one(group[0]).unsqueeze(0)
         starts, ids, positions = [], [], []
         for job in group:
-            start = self._start_of(job)
-            if job.prefix is not None:
-                self.runner.write_kv(job.row, job.prefix.kv)
-                job.cache.prefix_reused_tokens = start
+            start = self._load_prefix(job)
             starts.append(start)
             ids.extend(job.prompt.ids[start:])
             positions.append(job.positions[:, :, start:])
@@ -559,19 +560,22 @@ class Engine:
     def _prefill_inputs(self, job: _Job) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Write the job's cached prefix to its row; the embeddings (page features in place) and positions of the
         rest, and the cache position where the rest starts."""
-        ids = job.prompt.ids
-        start = 0
-        if job.prefix is not None:
-            start = job.prefix.length
-            self.runner.write_kv(job.row, job.prefix.kv)
-            job.cache.prefix_reused_tokens = start
-        ids_dev = torch.tensor([ids[start:]], device=self.device)
+        start = self._load_prefix(job)
+        ids_dev = torch.tensor([job.prompt.ids[start:]], device=self.device)
         with torch.inference_mode():
             embeds = self.runner.embed(ids_dev)
             if start == 0 and job.features:
                 mask = ids_dev[0] == self.model.config.image_token_id
                 embeds[0, mask] = torch.cat(job.features).to(embeds.dtype)
         return embeds, job.positions[:, :, start:].to(self.device), start
+
+    def _load_prefix(self, job: _Job) -> int:
+        """Write the job's cached prefix (if any) to its row; the cache position where its prefill starts."""
+        if job.prefix is None:
+            return 0
+        self.runner.write_kv(job.row, job.prefix.kv)
+        job.cache.prefix_reused_tokens = job.prefix.length
+        return job.prefix.length
 
     def _prefill_done(self, job: _Job) -> None:
         """Keep the document prefix the job's prefill computed."""

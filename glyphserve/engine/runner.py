@@ -202,22 +202,12 @@ class LMRunner:
 
     @torch.inference_mode()
     def prefill(self, row: int, embeds: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
-        """Run ``embeds`` [1, S, D] at cache positions start.. of ``row``; returns the last token's logits."""
-        total = embeds.shape[1]
-        for c in range(0, total, PREFILL_CHUNK):
+        """Run ``embeds`` [1, S, D] at cache positions start.. of ``row``, ``PREFILL_CHUNK`` tokens at a time (each
+        chunk attends to the ones before it in the cache); returns the last token's logits."""
+        for c in range(0, embeds.shape[1], PREFILL_CHUNK):
             x = embeds[:, c : c + PREFILL_CHUNK]
-            cos, sin = self.rotary(x, positions[:, :, c : c + PREFILL_CHUNK])
-            s, begin = x.shape[1], start + c
-            end = begin + s
-            for li, (norm_w, qkv_w, qkv_b, o_w, *post) in enumerate(self.layer_weights):
-                q, k, v = _pre_attention(
-                    x, norm_w, qkv_w, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads, self.head_dim
-                )
-                self.k[li][row, :, begin:end] = k[0]
-                self.v[li][row, :, begin:end] = v[0]
-                out = self._causal_attention(q, row, li, end)
-                x = _post_attention(x, out.transpose(1, 2).reshape(1, s, -1), o_w, *post, self.eps)
-        return self.lm_head(self.norm(x[:, -1])).float()[0]
+            logits = self.prefill_rows([row], x, positions[:, :, c : c + PREFILL_CHUNK], [start + c], [x.shape[1]])
+        return logits[0]
 
     @torch.inference_mode()
     def prefill_rows(
@@ -241,7 +231,7 @@ class LMRunner:
                 self.k[li][row, :, start:end] = k[0, :, off : off + n]
                 self.v[li][row, :, start:end] = v[0, :, off : off + n]
                 outs.append(self._causal_attention(q[:, :, off : off + n], row, li, end))
-            out = torch.cat(outs, dim=2)
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
             x = _post_attention(x, out.transpose(1, 2).reshape(1, total, -1), o_w, *post, self.eps)
         last = torch.tensor([off + n - 1 for off, n in zip(offsets, lengths)], device=x.device)
         return self.lm_head(self.norm(x[0, last])).float()

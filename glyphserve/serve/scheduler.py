@@ -72,6 +72,7 @@ class Scheduler:
     def __init__(self, backend: Backend, *, queue_size: int, max_batch: int, timeout: float,
                  hooks: SchedulerHooks | None = None):
         self.backend = backend
+        self._admits = getattr(backend, "admits", False)  # continuous batching
         self.queue_size = queue_size
         self.max_batch = max_batch
         self.timeout = timeout
@@ -207,7 +208,7 @@ class Scheduler:
             started = time.monotonic()
             self.hooks.batch(len(batch))
             try:
-                if len(batch) == 1 and not getattr(self.backend, "admits", False):
+                if len(batch) == 1 and not self._admits:
                     self._run_single(batch[0])
                 else:
                     self._run_batch(batch)
@@ -222,7 +223,7 @@ class Scheduler:
         streamed: set[int] = set()
         finished: set[int] = set()
         try:
-            admit = (lambda free: self._admit(batch, free)) if getattr(self.backend, "admits", False) else None
+            admit = (lambda free: self._admit(batch, free)) if self._admits else None
             for index, item in self.backend.stream_batch([t.job for t in batch], admit=admit):
                 ticket = batch[index]
                 if isinstance(item, Exception):  # an admitted job that could not run
