@@ -14,7 +14,7 @@ import torch
 
 from glyphserve.engine import loading
 from glyphserve.engine.caches import PrefixCache, PrefixEntry, VisionCache
-from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams, check_page, page_digests
+from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams, check_page, decode_pages, page_digests
 from glyphserve.engine.prompt import PromptBuilder, PromptTokens, conversation
 from glyphserve.engine.runner import LMRunner, VisionRunner
 from glyphserve.engine.textstream import (
@@ -32,6 +32,7 @@ from glyphserve.engine.types import (
     CacheReport,
     EngineConfig,
     GenerationSettings,
+    Page,
     StageTimings,
     StreamEvent,
 )
@@ -52,7 +53,7 @@ class _Job:
 
     request: AnswerRequest
     settings: GenerationSettings
-    pages: list[np.ndarray]
+    pages: list[Page]
     prompt: PromptTokens
     positions: torch.Tensor  # [3, 1, L] M-RoPE positions of the whole prompt (CPU)
     rope_delta: int
@@ -390,9 +391,15 @@ class Engine:
             return
         base = job.request.document_key
         if base is None:
-            job.digests = page_digests(job.pages)
+            self._digest(job)
             base = hashlib.blake2b("".join(job.digests).encode(), digest_size=16).hexdigest()
         job.doc_key = f"{base}#{len(job.pages)}"
+
+    @staticmethod
+    def _digest(job: _Job) -> None:
+        """Digests of the job's pixels (vision-cache keys); encoded pages are decoded once, here."""
+        job.pages = decode_pages(job.pages)
+        job.digests = page_digests(job.pages)
 
     def _vision_key(self, digest: str) -> str:
         return self._vision_key_prefix + digest
@@ -404,7 +411,7 @@ class Engine:
         found: dict[str, torch.Tensor] = {}
         for job in jobs:
             if job.settings.use_cache and job.digests is None:
-                job.digests = page_digests(job.pages)
+                self._digest(job)
             for i, page in enumerate(job.pages):
                 if job.digests is None:
                     wanted[f"{id(job)}:{i}"] = (page, job.prompt.image_grids[i], False)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from glyphserve.engine.types import EncodedPage, Page
 from glyphserve.errors import GlyphserveError
 
 
@@ -90,8 +91,10 @@ class PreprocessParams:
         return (values - mean) / std
 
 
-def check_page(page: np.ndarray, index: int) -> None:
-    if not isinstance(page, np.ndarray) or page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8:
+def check_page(page: Page, index: int) -> None:
+    if not isinstance(page, EncodedPage) and (
+        not isinstance(page, np.ndarray) or page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8
+    ):
         shape = getattr(page, "shape", None)
         dtype = getattr(page, "dtype", type(page).__name__)
         raise GlyphserveError(f"page {index + 1} must be an HxWx3 uint8 RGB array, got shape {shape} of {dtype}")
@@ -108,12 +111,24 @@ def page_digest(page: np.ndarray) -> str:
     return h.hexdigest()[:32]
 
 
-def page_digests(pages: list[np.ndarray]) -> list[str]:
-    """Digests of the pages, hashed in parallel (hashlib releases the GIL)."""
+def _parallel(function, pages: list[Page]) -> list:
+    """``function`` over the pages in threads (hashlib and PIL's decoders release the GIL)."""
     if len(pages) < 2:
-        return [page_digest(p) for p in pages]
+        return [function(p) for p in pages]
     with ThreadPoolExecutor(max_workers=min(8, len(pages))) as pool:
-        return list(pool.map(page_digest, pages))
+        return list(pool.map(function, pages))
+
+
+def page_digests(pages: list[np.ndarray]) -> list[str]:
+    """Digests of the pages, hashed in parallel."""
+    return _parallel(page_digest, pages)
+
+
+def decode_pages(pages: list[Page]) -> list[np.ndarray]:
+    """The pages' pixels: encoded pages decoded (in parallel), arrays as they are."""
+    if not any(isinstance(p, EncodedPage) for p in pages):
+        return list(pages)
+    return _parallel(lambda p: p.pixels() if isinstance(p, EncodedPage) else p, pages)
 
 
 def resize_page(page: np.ndarray, params: PreprocessParams) -> np.ndarray:
@@ -142,9 +157,10 @@ class PagePreprocessor:
         self.pinned = pinned and device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.pinned else None
 
-    def upload(self, pages: list[np.ndarray]) -> list[torch.Tensor]:
-        """Resize where needed and move the uint8 pages to the device (pinned, non-blocking on a side stream)."""
-        host = [_as_tensor(resize_page(p, self.params)) for p in pages]
+    def upload(self, pages: list[Page]) -> list[torch.Tensor]:
+        """Decode encoded pages, resize where needed and move the uint8 pages to the device (pinned, non-blocking
+        on a side stream)."""
+        host = [_as_tensor(resize_page(p, self.params)) for p in decode_pages(pages)]
         if self.device.type != "cuda":
             return host
         if not self.pinned:
@@ -178,5 +194,5 @@ class PagePreprocessor:
                 chunks[i] = x[j]
         return torch.cat(chunks, dim=0)
 
-    def __call__(self, pages: list[np.ndarray]) -> torch.Tensor:
+    def __call__(self, pages: list[Page]) -> torch.Tensor:
         return self.patchify(self.upload(pages))

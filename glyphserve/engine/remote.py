@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
-import numpy as np
 from PIL import Image
 
 from glyphserve.engine.textstream import ReasoningParser
@@ -37,6 +36,8 @@ from glyphserve.engine.types import (
     AnswerRequest,
     CacheReport,
     ChatMessage,
+    EncodedPage,
+    Page,
     StageTimings,
     StreamEvent,
 )
@@ -110,8 +111,8 @@ class _EncodedPages:
     nbytes: int = 0
     ready: threading.Event = field(default_factory=threading.Event)
 
-    def encode(self, pages: list[np.ndarray]) -> None:
-        self.urls = [png_data_url(page) for page in pages]
+    def encode(self, pages: list[Page]) -> None:
+        self.urls = [page_data_url(page) for page in pages]
         self.parts_json = ", ".join(json.dumps({"type": "image_url", "image_url": {"url": url}}) for url in self.urls)
 
 
@@ -122,7 +123,10 @@ def chat_completions_url(endpoint: str) -> str:
     return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
 
 
-def png_data_url(page: np.ndarray) -> str:
+def page_data_url(page: Page) -> str:
+    """A ``data:`` URL of the page: an encoded page's own bytes, pixels as PNG."""
+    if isinstance(page, EncodedPage):
+        return f"data:{page.mime};base64," + base64.b64encode(page.data).decode("ascii")
     buffer = io.BytesIO()
     # Level 1: rendered text pages are mostly flat, so it compresses nearly as well as 6, much faster.
     Image.fromarray(page).save(buffer, format="PNG", compress_level=1)
@@ -486,7 +490,7 @@ def _routing_key(request: AnswerRequest, urls: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _vision_tokens(pages: list[np.ndarray]) -> int:
+def _vision_tokens(pages: list[Page]) -> int:
     from glyphserve.render import glm4v_vision_tokens
 
     return sum(glm4v_vision_tokens(page.shape[1], page.shape[0]) for page in pages)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
+from PIL import Image
+
+from glyphserve.errors import GlyphserveError
 
 
 @dataclass
@@ -60,11 +64,51 @@ class ChatMessage:
     content: str
 
 
+@dataclass(frozen=True, eq=False)
+class EncodedPage:
+    """A page as the bytes of its image file (PNG, JPEG, ...). An engine decodes it only when the page's
+    vision features are not cached; a remote engine sends the bytes as they are."""
+
+    data: bytes
+    height: int
+    width: int
+    mime: str = "image/png"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> EncodedPage:
+        """Reads only the image header (size and format)."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return cls(data, image.height, image.width, Image.MIME.get(image.format, "image/png"))
+        except Exception:
+            raise GlyphserveError("the page is not a readable image") from None
+
+    def pixels(self) -> np.ndarray:
+        """HxWx3 uint8 RGB."""
+        try:
+            with Image.open(io.BytesIO(self.data)) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        except Exception:
+            raise GlyphserveError("the page is not a readable image") from None
+        if pixels.shape != self.shape:
+            raise GlyphserveError(f"the page decodes to {pixels.shape[1]}x{pixels.shape[0]} px, "
+                                  f"not the {self.width}x{self.height} px it was given as")
+        return pixels
+
+
+# What an engine reads: HxWx3 uint8 RGB pixels, or an encoded image of them.
+Page = Union[np.ndarray, EncodedPage]
+
+
 @dataclass
 class AnswerRequest:
     """A question about rendered pages. ``history`` holds earlier turns (the pages belong to the first user turn)."""
 
-    pages: list[np.ndarray]  # HxWx3 uint8 RGB
+    pages: list[Page]
     question: str
     history: list[ChatMessage] = field(default_factory=list)
     document_key: str | None = None  # stable id of the pages; defaults to a hash of the pixels

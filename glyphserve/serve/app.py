@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("glyphserve.serve")
 
+ENGINE_SWITCH_INTERVAL_S = 0.0005  # GIL hand-over in a process that runs an engine
 # Multipart framing around an upload; the file itself is checked against the exact limit.
 _BODY_SLACK = 64 * 1024
 # Past this, an oversized body is not drained before answering 413; the connection is closed.
@@ -204,6 +206,9 @@ def load_engine(config: ServeConfig) -> tuple["Engine | None", str | None]:
     started = time.perf_counter()
     engine = Engine.load(engine_config)
     print(f"glyphserve: model loaded in {time.perf_counter() - started:.1f} s", flush=True)
+    # The engine's thread waits on the GPU every decode step; when it wakes while the event loop holds the GIL
+    # (encoding streamed chunks, reading uploads) it would wait up to the default 5 ms switch interval.
+    sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
     return engine, name
 
 

@@ -16,14 +16,12 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
-import numpy as np
-
 from glyphserve.errors import GlyphserveError
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
 from glyphserve.serve.retrieval import BM25Index, PageLayout, crop_rows, pages_for_span
 
 if TYPE_CHECKING:
-    from glyphserve.engine import Answer, Engine, StreamEvent
+    from glyphserve.engine import Answer, Engine, Page, StreamEvent
     from glyphserve.serve.store import DocumentStore
 
 
@@ -51,7 +49,7 @@ class ChatJob:
     history: list[Turn] = field(default_factory=list)
     settings: ChatSettings = field(default_factory=ChatSettings)
     document_id: str | None = None
-    pages: list[np.ndarray] = field(default_factory=list)  # what the engine reads
+    pages: list["Page"] = field(default_factory=list)  # what the engine reads
     pages_key: str | None = None  # content hash of ``pages`` when already known (the engine's cache key)
     context: str | None = None  # inline text the extractive backend searches (no document)
     # Polled by the engine every decode step: True stops this job (client gone, deadline passed).

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
-import numpy as np
 from PIL import Image
 
+from glyphserve.engine.types import EncodedPage
 from glyphserve.errors import FileTooLargeError, TooManyPagesError
 from glyphserve.serve.backends import ChatJob, Delta, EngineBackend, ExtractiveBackend, Reply
 from glyphserve.serve.config import ServeConfig
@@ -83,8 +81,6 @@ class GlyphService:
             self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_batch,
                                        timeout=config.request_timeout, hooks=hooks)
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")
-        self._pages: OrderedDict[str, list[np.ndarray]] = OrderedDict()  # decoded pages for the engine
-        self._pages_lock = threading.Lock()
 
     @property
     def has_model(self) -> bool:
@@ -166,8 +162,6 @@ class GlyphService:
 
     def delete_document(self, document_id: str) -> None:
         self.store.delete(document_id)
-        with self._pages_lock:
-            self._pages.pop(document_id, None)
         if isinstance(self.backend, ExtractiveBackend):
             self.backend.forget(document_id)
 
@@ -185,21 +179,12 @@ class GlyphService:
             band.save(out, format="PNG")
         return out.getvalue()
 
-    def _page_arrays(self, document_id: str) -> list[np.ndarray]:
-        with self._pages_lock:
-            cached = self._pages.get(document_id)
-        if cached is None:
-            record = self.store.get(document_id)
-            cached = []
-            for number in range(1, record.pages + 1):
-                with Image.open(self.store.page_path(document_id, number)) as image:
-                    cached.append(np.asarray(image.convert("RGB")))
-        with self._pages_lock:
-            self._pages[document_id] = cached
-            self._pages.move_to_end(document_id)
-            while len(self._pages) > 4:
-                self._pages.popitem(last=False)
-        return cached
+    def _stored_pages(self, document_id: str) -> list[EncodedPage]:
+        """The document's page files as they are: the engine decodes them only on a vision-cache miss, and a
+        front sends them on without decoding them at all."""
+        record = self.store.get(document_id)
+        return [EncodedPage.from_bytes(self.store.page_path(document_id, number).read_bytes())
+                for number in range(1, record.pages + 1)]
 
     # -- answers --------------------------------------------------------------------------
 
@@ -209,7 +194,7 @@ class GlyphService:
             self.store.get(job.document_id)
             if self.has_model:
                 job.pages = await asyncio.get_running_loop().run_in_executor(
-                    self._render_pool, self._page_arrays, job.document_id)
+                    self._render_pool, self._stored_pages, job.document_id)
         return job
 
     async def answer(self, job: ChatJob) -> Reply:

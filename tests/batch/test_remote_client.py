@@ -79,6 +79,19 @@ def test_reasoning_content_and_history(server):
     assert answer.thinking == "1 pages to read" and answer.text == "answer to: Second?"
 
 
+def test_encoded_pages_are_sent_as_they_are(server):
+    from glyphserve.engine.types import EncodedPage
+
+    buffer = io.BytesIO()
+    Image.fromarray(_pages(1)[0]).convert("L").save(buffer, format="PNG", optimize=True)
+    page = EncodedPage.from_bytes(buffer.getvalue())
+    with _engine(server.url) as engine:
+        answer = engine.answer(AnswerRequest([page], "Who?", document_key="file-doc"))
+    [part, _] = server.requests[0]["messages"][0]["content"]
+    assert part["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    assert answer.pages_used == 1 and answer.vision_tokens > 0
+
+
 def test_pages_encoded_once_per_document(server):
     pages = _pages(3)
     with _engine(server.url) as engine:

@@ -54,6 +54,30 @@ def test_cold_request_static_cache_decode_matches_generate(load_engine, referenc
     assert answer.cache.vision_misses == 3 and answer.cache.prefix_reused_tokens == 0
 
 
+def test_encoded_pages_answer_like_their_pixels(load_engine, reference, pages):
+    import io
+
+    from PIL import Image
+
+    from glyphserve.engine import EncodedPage
+
+    def encoded(page):
+        buffer = io.BytesIO()
+        Image.fromarray(page).save(buffer, format="PNG")
+        return EncodedPage.from_bytes(buffer.getvalue())
+
+    engine = load_engine()
+    expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
+    files = [encoded(p) for p in pages]
+    cold = engine.answer(request(files, "Who is the wolf?"))
+    assert cold.token_ids == expected and cold.cache.vision_misses == 3
+    again = engine.answer(request(files, "Who is the wolf?"))
+    assert again.token_ids == expected and again.cache.prefix_reused_tokens > 0
+    # The caches are keyed by pixels: the same pages as arrays, in another order, hit them too.
+    swapped = engine.answer(request(pages[::-1], "Who is the wolf?"))
+    assert swapped.cache.vision_hits == 3 and swapped.cache.vision_misses == 0
+
+
 def test_stop_tokens_end_generation_like_generate(load_engine, reference, pages):
     engine = load_engine()
     for question in ("Who?", "Where does the grandmother live?", "Why did the wolf run?"):

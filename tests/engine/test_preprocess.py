@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams, page_digest, page_digests
+from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams, decode_pages, page_digest, page_digests
 from tests.engine.conftest import make_pages
 
 
@@ -54,3 +54,37 @@ def test_digests_depend_on_pixels_and_shape():
     flat = np.zeros((112, 140, 3), np.uint8)
     assert page_digest(flat) != page_digest(np.zeros((140, 112, 3), np.uint8))
     assert page_digests([a, b, a]) == [page_digest(a), page_digest(b), page_digest(a)]
+
+
+def _png(page: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(page).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_encoded_pages_patch_like_their_pixels(processor):
+    from glyphserve.engine import EncodedPage
+
+    pages = make_pages([(100, 150), (112, 140)], seed=4)
+    encoded = [EncodedPage.from_bytes(_png(p)) for p in pages]
+    assert [e.shape for e in encoded] == [p.shape for p in pages] and encoded[0].mime == "image/png"
+    pp = PagePreprocessor(PreprocessParams.from_image_processor(processor), torch.device("cpu"), torch.float32)
+    assert torch.equal(pp(encoded), pp(pages))
+    assert all(np.array_equal(a, b) for a, b in zip(decode_pages([encoded[0], pages[1]]), pages, strict=True))
+
+
+def test_unreadable_encoded_pages_are_refused():
+    from glyphserve.engine import EncodedPage
+    from glyphserve.errors import GlyphserveError
+
+    with pytest.raises(GlyphserveError, match="not a readable image"):
+        EncodedPage.from_bytes(b"not an image")
+    data = _png(make_pages([(112, 140)])[0])
+    with pytest.raises(GlyphserveError, match="not a readable image"):
+        EncodedPage(data[: len(data) // 2], 112, 140).pixels()  # header intact, pixels cut off
+    with pytest.raises(GlyphserveError, match="decodes to 140x112 px, not the 112x112"):
+        EncodedPage(data, 112, 112).pixels()

@@ -50,6 +50,25 @@ def test_stream_yields_deltas_then_the_reply():
     assert "".join(i.text for i in items[:-1]) == items[-1].text
 
 
+def test_deltas_that_pile_up_reach_a_slow_reader_merged():
+    scheduler = Scheduler(ExtractiveBackend(None), queue_size=4, max_batch=4, timeout=30)
+    context = "\n\n".join(f"Passage {i}: the secret word is word{i}." for i in range(6))
+
+    async def main():
+        items = await scheduler.stream(ChatJob(question="secret word", context=context))
+        await asyncio.sleep(0.3)  # the worker sends the rest meanwhile
+        return [item async for item in items]
+
+    try:
+        items = run(main())
+    finally:
+        scheduler.close()
+    reply = items[-1]
+    assert reply.text.count("secret word") == 3  # three passages, sent as three deltas
+    assert [type(i) for i in items] == [Delta, Reply]  # they waited for the reader together: one delta
+    assert "".join(i.text for i in items[:-1]) == reply.text
+
+
 def test_errors_reach_only_their_request_and_full_queue_refuses():
     scheduler = Scheduler(ExtractiveBackend(None), queue_size=64, max_batch=8, timeout=30)
 
