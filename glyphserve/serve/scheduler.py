@@ -39,7 +39,7 @@ class _Outbox:
     every row of a decode step go over together instead of one ``call_soon_threadsafe`` each."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        self._loop = weakref.ref(loop)  # the scheduler keys its outboxes weakly by loop
         self._items: list[tuple[_Ticket, object]] = []
         self._lock = threading.Lock()
 
@@ -48,7 +48,9 @@ class _Outbox:
             self._items.append((ticket, item))
             if len(self._items) > 1:  # a flush is already scheduled
                 return
-        self.loop.call_soon_threadsafe(self._flush)
+        loop = self._loop()
+        if loop is not None:
+            loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         with self._lock:
