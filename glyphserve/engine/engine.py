@@ -487,11 +487,9 @@ class Engine:
         for job in together:
             if id(job) in deferred:
                 job.prefix = self.prefix_cache.lookup(job.doc_key, tuple(job.prompt.ids[: job.prompt.prefix_len]))
-                if job.prefix is None:  # not stored after all (cache too small)
+                if job.prefix is None:  # not stored after all (cache too small): a cold prefill of its own
                     self._encode_pages([job])
-        for job in together:
-            if not self._short(job):  # a deferred job whose prefix was not stored after all
-                yield from self._first_token([job])
+                    yield from self._first_token([job])
         group: list[_Job] = []
         tokens = 0
         for job in filter(self._short, together):

@@ -186,12 +186,15 @@ class Router:
 
     def mark_down(self, url: str, reason: str) -> None:
         with self._lock:
-            replica = self.replicas[url]
-            if replica.healthy:
-                replica.downs += 1
-                log.warning("replica %s taken out: %s", url, reason)
-            replica.healthy = False
-            replica.last_error = reason
+            self._take_out(self.replicas[url], reason)
+
+    @staticmethod
+    def _take_out(replica: ReplicaState, reason: str) -> None:
+        """(Hold ``_lock``.)"""
+        if replica.healthy:
+            replica.downs += 1
+            log.warning("replica %s taken out: %s", replica.url, reason)
+        replica.healthy, replica.last_error = False, reason
 
     def healthy_count(self) -> int:
         with self._lock:
@@ -222,10 +225,7 @@ class Router:
                     log.warning("replica %s is healthy", replica.url)
                 replica.healthy, replica.last_error = True, None
             else:
-                if replica.healthy:
-                    replica.downs += 1
-                    log.warning("replica %s taken out: %s", replica.url, error)
-                replica.healthy, replica.last_error = False, error
+                self._take_out(replica, error)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.health_interval_s):

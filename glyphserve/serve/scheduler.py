@@ -2,7 +2,7 @@
 
 Request handlers (asyncio) submit jobs; the worker drains up to ``max_batch`` waiting jobs,
 streaming or not, into one ``stream_batch`` call, and hands deltas and results back to the event
-loop with ``call_soon_threadsafe``. With a backend that admits jobs into a running batch (the
+loop (``_Outbox``: one ``call_soon_threadsafe`` per burst). With a backend that admits jobs into a running batch (the
 engine: continuous batching), jobs that arrive while it decodes join as rows free up; with
 other backends a lone job goes through ``stream``. A job whose
 client went away or whose deadline passed is skipped if still queued, and stops at its next
@@ -223,24 +223,27 @@ class Scheduler:
         """Block until work arrives; return up to ``max_batch`` waiting tickets."""
         with self._cond:
             while not self._stopping:
-                while self._queue and self._queue[0].cancel.is_set():
-                    self._queue.popleft().deliver(Cancelled())
-                    self.hooks.cancelled()
-                if self._queue:
-                    break
+                batch = self._pull(self.max_batch)
+                if batch:
+                    return batch
                 self._cond.wait()
-            if self._stopping:
-                return []
-            first = self._queue.popleft()
-            batch = [first]
-            for ticket in list(self._queue):
-                if len(batch) >= self.max_batch:
-                    break
-                if not ticket.cancel.is_set():
-                    self._queue.remove(ticket)
-                    batch.append(ticket)
+            return []
+
+    def _pull(self, limit: int) -> list[_Ticket]:
+        """Up to ``limit`` waiting tickets, oldest first; cancelled ones on the way are dropped (hold ``_cond``)."""
+        taken: list[_Ticket] = []
+        popped = False
+        while self._queue and len(taken) < limit:
+            ticket = self._queue.popleft()
+            popped = True
+            if ticket.cancel.is_set():
+                ticket.deliver(Cancelled())
+                self.hooks.cancelled()
+            else:
+                taken.append(ticket)
+        if popped:
             self.hooks.queue_depth(len(self._queue))
-            return batch
+        return taken
 
     def _work(self) -> None:
         while True:
@@ -290,18 +293,10 @@ class Scheduler:
 
     def _admit(self, batch: list[_Ticket], free: int) -> list[ChatJob]:
         """Up to ``free`` waiting jobs, appended to the running ``batch``."""
-        joined: list[_Ticket] = []
         with self._cond:
-            while self._queue and len(joined) < free and not self._stopping:
-                ticket = self._queue.popleft()
-                if ticket.cancel.is_set():
-                    ticket.deliver(Cancelled())
-                    self.hooks.cancelled()
-                    continue
-                joined.append(ticket)
+            joined = [] if self._stopping else self._pull(free)
             if joined:
                 batch.extend(joined)  # batch is self._running: close() cancels them too
-                self.hooks.queue_depth(len(self._queue))
                 self.hooks.joined(len(joined))
         return [t.job for t in joined]
 

@@ -179,22 +179,21 @@ class GlyphService:
             band.save(out, format="PNG")
         return out.getvalue()
 
-    def _stored_pages(self, document_id: str) -> list[EncodedPage]:
+    def _stored_pages(self, document_id: str, pages: int) -> list[EncodedPage]:
         """The document's page files as they are: the engine decodes them only on a vision-cache miss, and a
         front sends them on without decoding them at all."""
-        record = self.store.get(document_id)
         return [EncodedPage.from_bytes(self.store.page_path(document_id, number).read_bytes())
-                for number in range(1, record.pages + 1)]
+                for number in range(1, pages + 1)]
 
     # -- answers --------------------------------------------------------------------------
 
     async def prepare(self, job: ChatJob) -> ChatJob:
         """Check the document exists and, for the model, load its pages (off the event loop)."""
         if job.document_id is not None:
-            self.store.get(job.document_id)
+            record = self.store.get(job.document_id)
             if self.has_model:
                 job.pages = await asyncio.get_running_loop().run_in_executor(
-                    self._render_pool, self._stored_pages, job.document_id)
+                    self._render_pool, self._stored_pages, job.document_id, record.pages)
         return job
 
     async def answer(self, job: ChatJob) -> Reply:
