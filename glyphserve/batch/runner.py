@@ -222,7 +222,7 @@ class BatchRunner:
             question=item.question,
             document_key=f"batch:{item.prepared.document.id}",
             settings=GenerationSettings(
-                max_new_tokens=self.options.max_new_tokens,
+                max_tokens=self.options.max_new_tokens,
                 use_cache=self.options.use_cache,
                 ignore_eos=self.options.ignore_eos,
                 truncate_pages=self.options.truncate_pages,

@@ -260,7 +260,7 @@ class Ladder:
     # --- ceilings and floors ---------------------------------------------------------------------------------
 
     def ceilings(self) -> None:
-        from glyphserve.engine.probe import copy_bandwidth
+        from glyphserve.bench.probe import copy_bandwidth
 
         if not self.cuda:
             return
@@ -295,7 +295,7 @@ class Ladder:
     def hf_row(self, key: str, label: str, model, processor, docs: list[Document], repeats: int,
                vision=None) -> dict:
         """Processor + generate, timed whole (64 tokens) and to the first token; vision encode alone."""
-        from glyphserve.engine.probe import hf_generate, hf_inputs
+        from glyphserve.bench.probe import hf_generate, hf_inputs
 
         n = self.args.new_tokens
         grids = None
@@ -355,7 +355,7 @@ class Ladder:
         is asked (untimed) right before each timed one."""
         from glyphserve.engine import AnswerRequest, GenerationSettings
 
-        settings = GenerationSettings(max_new_tokens=self.args.new_tokens, ignore_eos=True, use_cache=use_cache)
+        settings = GenerationSettings(max_tokens=self.args.new_tokens, ignore_eos=True, use_cache=use_cache)
 
         def ask(doc):
             question = doc.text + self.questions()

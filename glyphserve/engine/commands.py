@@ -87,7 +87,7 @@ def _ask(args: argparse.Namespace) -> int:
         )
     )
     settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
+        max_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,

@@ -25,7 +25,7 @@ from glyphserve.engine.textstream import (
     IncrementalDecoder,
     ReasoningParser,
 )
-from glyphserve.engine.tiny import STOP_TOKENS
+from glyphserve.glm4v import STOP_TOKENS
 from glyphserve.engine.types import (
     Answer,
     AnswerRequest,
@@ -264,8 +264,8 @@ class Engine:
         settings = request.settings
         if not request.question or not request.question.strip():
             raise GlyphserveError("the question is empty")
-        if settings.max_new_tokens < 1:
-            raise ConfigError("max_new_tokens must be at least 1")
+        if settings.max_tokens < 1:
+            raise ConfigError("max_tokens must be at least 1")
         if settings.temperature < 0 or not 0 < settings.top_p <= 1:
             raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
         for i, page in enumerate(request.pages):
@@ -273,7 +273,7 @@ class Engine:
         pages = list(request.pages)
         grids = [self.params.grid(*p.shape[:2]) for p in pages]
         prompt = self.prompts.build(conversation(request.history, request.question, len(pages)), grids)
-        budget = self.max_context - settings.max_new_tokens
+        budget = self.max_context - settings.max_tokens
         if len(prompt.ids) > budget:
             fit = self._pages_that_fit(prompt, budget)
             if fit == 0 or not settings.truncate_pages:
@@ -307,14 +307,14 @@ class Engine:
 
     def _overflow(self, prompt: PromptTokens, fit: int, settings: GenerationSettings) -> ContextOverflowError:
         n = len(prompt.image_grids)
-        need = len(prompt.ids) + settings.max_new_tokens
+        need = len(prompt.ids) + settings.max_tokens
         head = (
-            f"the prompt needs {len(prompt.ids)} tokens ({n} pages) plus {settings.max_new_tokens} new tokens "
+            f"the prompt needs {len(prompt.ids)} tokens ({n} pages) plus {settings.max_tokens} new tokens "
             f"= {need}, but the context holds {self.max_context}"
         )
         if fit == 0:
             return ContextOverflowError(
-                f"{head}: not even the first page fits; shorten the conversation or max_new_tokens"
+                f"{head}: not even the first page fits; shorten the conversation or max_tokens"
             )
         return ContextOverflowError(
             f"{head}: only the first {fit} of {n} pages fit. Ask about fewer pages, or set truncate_pages "
@@ -606,7 +606,7 @@ class Engine:
         stop = token in self.stop_ids and not job.settings.ignore_eos
         if stop:
             job.finish_reason = "stop"
-        elif len(job.tokens) >= job.settings.max_new_tokens:
+        elif len(job.tokens) >= job.settings.max_tokens:
             job.finish_reason = "length"
         delta = "" if stop else job.decoder.push(token)
         if job.finish_reason is not None:
@@ -686,7 +686,7 @@ class Engine:
             if not in_flight:
                 in_flight.append(self._launch(b, live))
             step = in_flight.popleft()
-            if any(len(j.tokens) + 1 + len(in_flight) < j.settings.max_new_tokens for j in live):
+            if any(len(j.tokens) + 1 + len(in_flight) < j.settings.max_tokens for j in live):
                 in_flight.append(self._launch(b, live))
             return self._read(step)
         self._advance(b, live)

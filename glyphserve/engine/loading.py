@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from glyphserve.engine.tiny import RANDOM_WEIGHT_CONFIGS, build_image_processor, build_tokenizer, chat_template
+from glyphserve.engine.tiny import RANDOM_WEIGHT_CONFIGS, build_image_processor, build_tokenizer
+from glyphserve.glm4v import chat_template
 from glyphserve.engine.types import EngineConfig
 from glyphserve.errors import ConfigError, ModelLoadError
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from glyphserve.engine.types import EncodedPage, Page
 from glyphserve.errors import GlyphserveError
+from glyphserve.glm4v import smart_resize
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,8 @@ class PreprocessParams:
         return hashlib.blake2b(json.dumps(asdict(self), sort_keys=True).encode(), digest_size=8).hexdigest()
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
-        from transformers.models.glm4v.image_processing_pil_glm4v import smart_resize
-
-        return smart_resize(
-            num_frames=self.temporal_patch_size,
-            height=height,
-            width=width,
-            temporal_factor=self.temporal_patch_size,
-            factor=self.factor,
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
-        )
+        return smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels, temporal=self.temporal_patch_size)
 
     def grid(self, height: int, width: int) -> tuple[int, int, int]:
         """(t, h, w) patch grid of a page, as ``image_grid_thw``."""

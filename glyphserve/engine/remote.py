@@ -42,9 +42,9 @@ from glyphserve.engine.types import (
     StreamEvent,
 )
 from glyphserve.errors import ContextOverflowError, GlyphserveError, RemoteBackendError
+from glyphserve.glm4v import STOP_TOKENS, vision_tokens
 
 # GLM-4.1V's turn markers: generation must stop before the model starts another turn.
-STOP_SEQUENCES = ("<|user|>", "<|endoftext|>", "<|observation|>")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _JSON = {"content-type": "application/json"}
 # Stands in for the pages' content parts until the body is serialized (unique, so no text can contain it).
@@ -282,10 +282,10 @@ class RemoteEngine:
         settings = request.settings
         payload = {
             "messages": messages,
-            "max_tokens": settings.max_new_tokens,
+            "max_tokens": settings.max_tokens,
             "temperature": settings.temperature,
             "top_p": settings.top_p,
-            "stop": list(STOP_SEQUENCES),
+            "stop": list(STOP_TOKENS),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -491,9 +491,7 @@ def _routing_key(request: AnswerRequest, urls: list[str]) -> str:
 
 
 def _vision_tokens(pages: list[Page]) -> int:
-    from glyphserve.render import glm4v_vision_tokens
-
-    return sum(glm4v_vision_tokens(page.shape[1], page.shape[0]) for page in pages)
+    return sum(vision_tokens(page.shape[1], page.shape[0]) for page in pages)
 
 
 def _sse_chunks(response: httpx.Response) -> Iterator[dict | None]:

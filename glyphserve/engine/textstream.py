@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+from glyphserve.glm4v import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
 
 class IncrementalDecoder:

@@ -8,33 +8,9 @@ the real Glyph checkpoint.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
-# GLM-4.1V's control tokens, in the order of the real vocabulary (ids 151329 onwards there).
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-    "<|begin_of_image|>",
-    "<|end_of_image|>",
-    "<|begin_of_video|>",
-    "<|end_of_video|>",
-    "<|image|>",
-    "<|video|>",
-    "<|begin_of_box|>",
-    "<|end_of_box|>",
-)
-# Reasoning markers: plain added tokens, so they survive decoding like the real tokenizer's.
-TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
-STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+from glyphserve.glm4v import SPECIAL_TOKENS, STOP_TOKENS, TAG_TOKENS, chat_template
 
 FULL_SIZE_VOCAB = 151552
 
@@ -47,10 +23,6 @@ Answer: the wolf. Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 2024 3.14; dates, name
 Chapter one. It was the best of times, it was the worst of times, it was the age of wisdom.
 The report shows revenue of 42 million dollars in the third quarter, up 7 percent from last year.
 """
-
-
-def chat_template() -> str:
-    return resources.files("glyphserve.engine").joinpath("chat_template.jinja").read_text(encoding="utf-8")
 
 
 def build_tokenizer():

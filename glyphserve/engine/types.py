@@ -49,13 +49,27 @@ class EngineConfig:
 
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = 512
+    """How one answer is generated. Names and meanings follow vLLM's ``SamplingParams`` (and OpenAI's API)."""
+
+    max_tokens: int = 512  # new tokens at most
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    use_cache: bool = True  # vision-feature and document-prefix caches
-    ignore_eos: bool = False  # stop tokens are suppressed until max_new_tokens
+    top_k: int = 0  # 0 = all tokens
+    min_p: float = 0.0  # tokens below min_p times the most likely token's probability are dropped
+    # Hugging Face's rule over prompt and answer tokens: a seen token's logit is divided by the penalty when
+    # positive and multiplied by it when negative (1 = off).
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already in the answer
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per occurrence in the answer
+    stop: tuple[str, ...] = ()  # the answer ends before (or with, see below) the first of these strings
+    stop_token_ids: tuple[int, ...] = ()  # extra stop tokens beside the model's own
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # special tokens are left out of the text
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely (at most 20)
+    use_cache: bool = True  # vision-feature and prefix caches
+    ignore_eos: bool = False  # stop tokens are suppressed until max_tokens
     truncate_pages: bool = False  # keep the first pages that fit the context instead of failing
-    seed: int | None = None
+    seed: int | None = None  # sampling seed (0 <= seed < 2**64): the same seed gives the same answer
 
 
 @dataclass

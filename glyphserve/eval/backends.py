@@ -48,7 +48,7 @@ class _PageReadingBackend:
 
         self.engine = engine
         self.tokenizer = tokenizer
-        self._settings = GenerationSettings(max_new_tokens=max_new_tokens)
+        self._settings = GenerationSettings(max_tokens=max_new_tokens)
 
     def answer(self, doc_text: str, rendered: "RenderedDocument", question: str) -> str:
         from glyphserve.engine import AnswerRequest

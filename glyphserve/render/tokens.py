@@ -7,15 +7,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-# GLM-4.1V's image processor (transformers.models.glm4v): 14 px patches merged 2x2, so one
-# token per 28x28 block; the image is resized to multiples of 28 between these pixel
-# bounds (its defaults; the temporal patch of 2 counts a still image twice).
-PATCH = 14
-MERGE = 2
-FACTOR = PATCH * MERGE
-TEMPORAL = 2
-MIN_PIXELS = 112 * 112
-MAX_PIXELS = 28 * 28 * 15000
+from glyphserve.glm4v import vision_tokens
 
 TEXT_TOKEN_ESTIMATE = "estimate: 4 characters per token for non-CJK text, 1.5 CJK characters per token"
 _CJK_RE = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]")
@@ -23,22 +15,7 @@ _CJK_RE = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00
 
 def glm4v_vision_tokens(width: int, height: int) -> int:
     """Visual tokens GLM-4.1V spends on a ``width`` x ``height`` image (its ``smart_resize``)."""
-    if width <= 0 or height <= 0:
-        raise ValueError("image size must be positive")
-    if height < FACTOR or width < FACTOR:
-        scale = max(FACTOR / height, FACTOR / width)
-        height, width = int(height * scale), int(width * scale)
-    h_bar = round(height / FACTOR) * FACTOR
-    w_bar = round(width / FACTOR) * FACTOR
-    if TEMPORAL * h_bar * w_bar > MAX_PIXELS:
-        beta = math.sqrt(TEMPORAL * height * width / MAX_PIXELS)
-        h_bar = max(FACTOR, math.floor(height / beta / FACTOR) * FACTOR)
-        w_bar = max(FACTOR, math.floor(width / beta / FACTOR) * FACTOR)
-    elif TEMPORAL * h_bar * w_bar < MIN_PIXELS:
-        beta = math.sqrt(MIN_PIXELS / (TEMPORAL * height * width))
-        h_bar = math.ceil(height * beta / FACTOR) * FACTOR
-        w_bar = math.ceil(width * beta / FACTOR) * FACTOR
-    return (h_bar // FACTOR) * (w_bar // FACTOR)
+    return vision_tokens(width, height)
 
 
 Tokenizer = Callable[[str], Any] | Any

@@ -119,7 +119,7 @@ class EngineBackend:
     def _request(self, job: ChatJob):
         AnswerRequest, ChatMessage, GenerationSettings = self._types
         settings = GenerationSettings(
-            max_new_tokens=job.settings.max_tokens,
+            max_tokens=job.settings.max_tokens,
             temperature=job.settings.temperature,
             top_p=job.settings.top_p,
             use_cache=job.settings.use_cache,

@@ -83,7 +83,7 @@ def _reference_answers(model_dir: Path, folder: Path) -> dict[tuple[str, str], s
         prepared = prepare_document(document, RenderOptions())
         assert prepared.error is None, prepared.error
         for question in QUESTIONS:
-            settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+            settings = GenerationSettings(max_tokens=MAX_NEW_TOKENS)
             answer = engine.answer(AnswerRequest(prepared.pages, question, settings=settings))
             answers[(document.id, question)] = answer.text
     return answers
@@ -184,7 +184,7 @@ def test_manifest_input_and_out_of_memory_back_off(tiny_model_dir, folder, tmp_p
 
     for (doc_id, question), record in records.items():
         pages = prepare_document(by_id[doc_id], RenderOptions()).pages
-        settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+        settings = GenerationSettings(max_tokens=MAX_NEW_TOKENS)
         alone = engine.answer(AnswerRequest(pages, question, settings=settings))
         assert record["answer"] == alone.text and record["error"] is None
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glyphserve.engine.remote import STOP_SEQUENCES, RemoteConfig, RemoteEngine
+from glyphserve.engine.remote import RemoteConfig, RemoteEngine
+from glyphserve.glm4v import STOP_TOKENS as STOP_SEQUENCES
 from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings
 from glyphserve.errors import ContextOverflowError, EngineOutOfMemoryError, RemoteBackendError
 from tests.batch.chat_server import ChatServer
@@ -44,7 +45,7 @@ def _free_port_url() -> str:
 def test_stream_sends_pages_and_splits_thinking(server):
     pages = _pages()
     request = AnswerRequest(pages, "Who signed?", document_key="doc-1",
-                            settings=GenerationSettings(max_new_tokens=64, temperature=0.5, top_p=0.9))
+                            settings=GenerationSettings(max_tokens=64, temperature=0.5, top_p=0.9))
     with _engine(server.url + "/v1") as engine:
         events = list(engine.stream(request))
     body = server.requests[0]

@@ -23,7 +23,7 @@ def served(tiny_model_dir, tmp_path_factory):
 def test_same_answers_as_the_local_engine(served, tiny_model_dir):
     rng = np.random.default_rng(1)
     pages = [np.full((112, 140, 3), 255, np.uint8), rng.integers(0, 256, (84, 168, 3), dtype=np.uint8)]
-    settings = GenerationSettings(max_new_tokens=12)
+    settings = GenerationSettings(max_tokens=12)
     requests = [
         AnswerRequest(pages, "What is it?", document_key="d", settings=settings),
         AnswerRequest(pages, "Who wrote it?", document_key="d", settings=settings),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from glyphserve.engine.probe import hf_inputs
+from glyphserve.bench.probe import hf_inputs
 
 
 def make_pages(shapes, seed=0) -> list[np.ndarray]:

@@ -12,7 +12,7 @@ PAGES = make_pages([(112, 140), (140, 112)], seed=11)
 def test_stream_yields_deltas_then_the_answer(load_engine):
     engine = load_engine()
     events = list(
-        engine.stream(AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(max_new_tokens=30)))
+        engine.stream(AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(max_tokens=30)))
     )
     assert events[-1].channel == "done" and all(e.channel in ("thinking", "answer") for e in events[:-1])
     answer = events[-1].result
@@ -34,12 +34,12 @@ def test_stream_yields_deltas_then_the_answer(load_engine):
 
 def test_sampling_is_seeded(load_engine):
     engine = load_engine()
-    settings = GenerationSettings(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    settings = GenerationSettings(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
     a = engine.answer(AnswerRequest(pages=PAGES, question="Who?", settings=settings))
     b = engine.answer(AnswerRequest(pages=PAGES, question="Who?", settings=settings))
     assert a.token_ids == b.token_ids and len(a.token_ids) == 12
     greedy = engine.answer(
-        AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(max_new_tokens=12, ignore_eos=True))
+        AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(max_tokens=12, ignore_eos=True))
     )
     assert greedy.token_ids != a.token_ids
 
@@ -48,21 +48,21 @@ def test_stats_and_byte_bounded_vision_cache(load_engine):
     feature_bytes = 20 * 128 * 4  # one page: 20 tokens x hidden 128 x float32
     engine = load_engine(vision_cache_bytes=feature_bytes * 2, prefix_cache_bytes=0)
     pages = make_pages([(112, 140)] * 3, seed=12)
-    engine.answer(AnswerRequest(pages=pages, question="Who?", settings=GenerationSettings(max_new_tokens=2)))
+    engine.answer(AnswerRequest(pages=pages, question="Who?", settings=GenerationSettings(max_tokens=2)))
     stats = engine.stats()
     assert stats["vision_cache"]["device"]["entries"] == 2 and stats["vision_cache"]["device"]["evictions"] == 1
     assert stats["vision_cache"]["device"]["bytes"] <= feature_bytes * 2
     assert stats["prefix_cache"]["entries"] == 0
     assert stats["requests"] == 1 and stats["device"] == "cpu" and stats["dtype"] == "float32"
     again = engine.answer(
-        AnswerRequest(pages=pages[1:], question="Who?", settings=GenerationSettings(max_new_tokens=2))
+        AnswerRequest(pages=pages[1:], question="Who?", settings=GenerationSettings(max_tokens=2))
     )
     assert (again.cache.vision_hits, again.cache.vision_misses) == (2, 0)
 
 
 def test_cancel_stops_one_row_of_a_batch_and_spares_the_others(load_engine):
     engine = load_engine()
-    settings = GenerationSettings(max_new_tokens=20, ignore_eos=True)
+    settings = GenerationSettings(max_tokens=20, ignore_eos=True)
     polls = []
 
     def stop_after_five_steps() -> bool:

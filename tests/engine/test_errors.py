@@ -40,14 +40,14 @@ def test_unknown_role_and_bad_settings(load_engine):
     engine = load_engine()
     with pytest.raises(GlyphserveError, match="unknown chat role"):
         engine.answer(AnswerRequest(pages=PAGES[:1], question="Who?", history=[ChatMessage("tool", "x")]))
-    with pytest.raises(ConfigError, match="max_new_tokens"):
-        engine.answer(AnswerRequest(pages=PAGES[:1], question="Who?", settings=GenerationSettings(max_new_tokens=0)))
+    with pytest.raises(ConfigError, match="max_tokens"):
+        engine.answer(AnswerRequest(pages=PAGES[:1], question="Who?", settings=GenerationSettings(max_tokens=0)))
 
 
 def test_context_overflow_says_how_many_pages_fit_and_truncation_keeps_them(load_engine, reference):
     # 6 pages x 22 tokens + ~12 text tokens + 16 new tokens; a 100-token context holds 3 pages.
     engine = load_engine(max_context=100)
-    settings = GenerationSettings(max_new_tokens=16, ignore_eos=True)
+    settings = GenerationSettings(max_tokens=16, ignore_eos=True)
     with pytest.raises(ContextOverflowError, match=r"only the first 3 of 6 pages fit") as err:
         engine.answer(AnswerRequest(pages=PAGES, question="Who is the wolf?", settings=settings))
     assert err.value.http_status == 422 and "truncate_pages" in err.value.message
@@ -60,7 +60,7 @@ def test_context_overflow_says_how_many_pages_fit_and_truncation_keeps_them(load
 
 def test_no_page_fits(load_engine):
     engine = load_engine(max_context=30)
-    settings = GenerationSettings(max_new_tokens=16, truncate_pages=True)
+    settings = GenerationSettings(max_tokens=16, truncate_pages=True)
     with pytest.raises(ContextOverflowError, match="not even the first page fits"):
         engine.answer(AnswerRequest(pages=PAGES, question="Who is the wolf?", settings=settings))
 
@@ -118,7 +118,7 @@ def test_out_of_memory_inside_the_forward_is_recovered(load_engine, reference, l
 
     # A real layer of the real model raises from inside its forward pass.
     hook = layer(engine.model).register_forward_hook(fail_once)
-    request = AnswerRequest(pages=pages, question="Who pretended?", settings=GenerationSettings(max_new_tokens=8))
+    request = AnswerRequest(pages=pages, question="Who pretended?", settings=GenerationSettings(max_tokens=8))
     try:
         with pytest.raises(EngineOutOfMemoryError) as err:
             engine.answer(AnswerRequest(pages=pages, question="Where?", settings=GenerationSettings(use_cache=False)))

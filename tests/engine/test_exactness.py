@@ -17,7 +17,7 @@ def request(pages, question, history=(), n=N, **settings):
         pages=pages,
         question=question,
         history=[ChatMessage(role, content) for role, content in history],
-        settings=GenerationSettings(max_new_tokens=n, ignore_eos=True, **settings),
+        settings=GenerationSettings(max_tokens=n, ignore_eos=True, **settings),
     )
 
 
@@ -83,7 +83,7 @@ def test_stop_tokens_end_generation_like_generate(load_engine, reference, pages)
     for question in ("Who?", "Where does the grandmother live?", "Why did the wolf run?"):
         expected, _ = reference.generate(pages[:1], question, max_new_tokens=40)
         answer = engine.answer(
-            AnswerRequest(pages=pages[:1], question=question, settings=GenerationSettings(max_new_tokens=40))
+            AnswerRequest(pages=pages[:1], question=question, settings=GenerationSettings(max_tokens=40))
         )
         assert answer.token_ids == expected
         assert answer.finish_reason == ("stop" if expected[-1] in engine.stop_ids else "length")
@@ -177,7 +177,7 @@ def test_batched_requests_with_stop_tokens_and_different_lengths(load_engine, re
     ]
     expected = [reference.generate(p, q, max_new_tokens=n)[0] for p, q, n in cases]
     answers = engine.answer_batch(
-        [AnswerRequest(pages=p, question=q, settings=GenerationSettings(max_new_tokens=n)) for p, q, n in cases]
+        [AnswerRequest(pages=p, question=q, settings=GenerationSettings(max_tokens=n)) for p, q, n in cases]
     )
     assert [a.token_ids for a in answers] == expected
     assert [a.finish_reason for a in answers] == ["stop", "stop", "length"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from glyphserve.engine.tiny import SPECIAL_TOKENS, STOP_TOKENS, TAG_TOKENS
+from glyphserve.glm4v import SPECIAL_TOKENS, STOP_TOKENS, TAG_TOKENS
 
 
 def test_files_and_config_structure(tiny_model_dir):

@@ -1,4 +1,4 @@
-"""First GPU measurements of the engine: ``python -m glyphserve.engine.probe --out DIR``.
+"""First GPU measurements of the engine: ``python -m glyphserve.bench.probe --out DIR``.
 
 1. Exactness on the device: the tiny checkpoint in float32 on CUDA (CUDA graphs, pipelined decode, batching)
    against processor + ``generate``, token for token.
@@ -132,7 +132,7 @@ def check_tiny(results: dict) -> None:
             pages=p,
             question=q,
             history=[ChatMessage(r, c) for r, c in history],
-            settings=GenerationSettings(max_new_tokens=n, ignore_eos=True, **kw),
+            settings=GenerationSettings(max_tokens=n, ignore_eos=True, **kw),
         )
 
     checks = {}
@@ -164,7 +164,7 @@ def check_tiny(results: dict) -> None:
         hf_generate(model, hf_inputs(processor, p, q), n) for p, q in cases
     ]
     stops = [
-        engine.answer(AnswerRequest(pages=pages[:1], question=q, settings=GenerationSettings(max_new_tokens=40)))
+        engine.answer(AnswerRequest(pages=pages[:1], question=q, settings=GenerationSettings(max_tokens=40)))
         for q in ("Who?", "Why did the wolf run?")
     ]
     checks["stop_tokens"] = [a.token_ids for a in stops] == [
@@ -251,7 +251,7 @@ def full_size(results: dict, n_pages: int, new_tokens: int, compile_vision: bool
     results["decode_floor_ms"] = lm_bytes / results["copy_bandwidth_Bps"] * 1e3
     pages = synthetic_pages(n_pages)
     grids = [engine.params.grid(*p.shape[:2]) for p in pages]
-    settings = GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True)
+    settings = GenerationSettings(max_tokens=new_tokens, ignore_eos=True)
     questions = [
         f"Question {i}: who pretended to be the grandmother, and why did the wolf run ahead?" for i in range(8)
     ]
@@ -259,7 +259,7 @@ def full_size(results: dict, n_pages: int, new_tokens: int, compile_vision: bool
     def ask(q, **kw):
         return engine.answer(
             AnswerRequest(
-                pages=pages, question=q, settings=GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True, **kw)
+                pages=pages, question=q, settings=GenerationSettings(max_tokens=new_tokens, ignore_eos=True, **kw)
             )
         )
 
