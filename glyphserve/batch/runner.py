@@ -220,7 +220,7 @@ class BatchRunner:
         return AnswerRequest(
             pages=item.prepared.pages,
             question=item.question,
-            document_key=f"batch:{item.prepared.document.id}",
+            page_keys=[f"batch:{item.prepared.document.id}:{n}" for n in range(1, len(item.prepared.pages) + 1)],
             settings=GenerationSettings(
                 max_tokens=self.options.max_new_tokens,
                 use_cache=self.options.use_cache,

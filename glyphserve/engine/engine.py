@@ -385,14 +385,16 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def _keys(self, job: _Job) -> None:
-        """The job's prefix-cache key: its document key, else a hash of its pixels (page digests are computed
+        """The job's prefix-cache key: its pages' keys, else a hash of its pixels (page digests are computed
         only then, or when its pages must be encoded)."""
         if not job.settings.use_cache:
             return
-        base = job.request.document_key
+        base = job.request.pages_key()
         if base is None:
             self._digest(job)
             base = hashlib.blake2b("".join(job.digests).encode(), digest_size=16).hexdigest()
+        else:
+            job.digests = list(job.request.page_keys[: len(job.pages)])
         job.doc_key = f"{base}#{len(job.pages)}"
 
     @staticmethod

@@ -3,7 +3,7 @@
 ``RemoteEngine`` has the same public methods and result types as ``Engine``
 (``answer``, ``stream``, ``answer_batch``, ``stats``), so batch, serve and eval can run
 against ``vllm serve zai-org/Glyph``, SGLang or another glyphserve instead of a local model.
-Pages travel as PNG data URLs, encoded once per ``document_key``; answers stream over SSE.
+Pages travel as PNG data URLs, encoded once per set of page keys; answers stream over SSE.
 Requests that fail before any token arrived (connection errors, 429 and 5xx replies) are
 retried with exponential backoff, on the least busy endpoint that has not just failed.
 With a ``router`` (``glyphserve.serve.routing.Router``) the endpoint is chosen by document
@@ -70,7 +70,7 @@ class RemoteConfig:
     max_backoff_s: float = 8.0
     # Requests in flight at once over all endpoints (answer_batch concurrency).
     max_concurrency: int = 16
-    # Budget for cached PNG data URLs (per document_key).
+    # Budget for cached PNG data URLs (per set of page keys).
     image_cache_bytes: int = 256 * 2**20
     # Finish a greedy (temperature 0) answer whose stream broke on another endpoint: greedy
     # decoding of the same model repeats the part already sent, which is checked and dropped.
@@ -407,8 +407,8 @@ class RemoteEngine:
     # -- page images ------------------------------------------------------------------------
 
     def _encoded_pages(self, request: AnswerRequest) -> _EncodedPages:
-        """The pages as PNG data URLs, encoded once per document_key (concurrent askers wait)."""
-        key = request.document_key
+        """The pages as PNG data URLs, encoded once per set of page keys (concurrent askers wait)."""
+        key = request.pages_key()
         signature = tuple(page.shape for page in request.pages)
         if key is None:
             fresh = _EncodedPages(signature)
@@ -482,8 +482,9 @@ class _Resume:
 
 def _routing_key(request: AnswerRequest, urls: list[str]) -> str:
     """What a router keeps together: the document (its key, else its pages), else the conversation's start."""
-    if request.document_key is not None:
-        return request.document_key
+    key = request.pages_key()
+    if key is not None:
+        return key
     digest = hashlib.blake2b(digest_size=16)
     for part in urls or [(request.history[0].content if request.history else request.question)]:
         digest.update(part.encode())

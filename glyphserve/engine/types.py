@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
@@ -125,10 +126,21 @@ class AnswerRequest:
     pages: list[Page]
     question: str
     history: list[ChatMessage] = field(default_factory=list)
-    document_key: str | None = None  # stable id of the pages; defaults to a hash of the pixels
+    # Stable identity of each page (e.g. "<document content hash>:<page number>"), the key of its vision features
+    # and of the prefix blocks that hold it: a page whose features are cached is then never decoded. Default: a
+    # hash of the encoded bytes or of the pixels.
+    page_keys: list[str] | None = None
+    # Text placed just before each page in the prompt (e.g. which document of a collection it belongs to).
+    page_labels: list[str] | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     # Polled once per decode step; returning True ends this request's generation (finish_reason "cancelled").
     cancel: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
+
+    def pages_key(self) -> str | None:
+        """One key for all the pages, when their keys are given."""
+        if not self.page_keys:
+            return None
+        return hashlib.blake2b("\x1f".join(self.page_keys).encode(), digest_size=16).hexdigest()
 
 
 @dataclass
@@ -148,7 +160,18 @@ class StageTimings:
 class CacheReport:
     vision_hits: int = 0
     vision_misses: int = 0
-    prefix_reused_tokens: int = 0
+    prefix_reused_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's cached_tokens)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before sampling settings), and the most likely
+    alternatives when asked for (``GenerationSettings.logprobs``)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token id, text, logprob), most likely first
 
 
 @dataclass
@@ -164,6 +187,8 @@ class Answer:
     pages_used: int
     cache: CacheReport
     peak_gpu_bytes: int | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended the answer
+    logprobs: list[TokenLogprob] | None = None  # one per generated token when asked for
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,3 +203,4 @@ class StreamEvent:
     text: str = ""
     result: Answer | None = None
     error: Exception | None = None
+    logprobs: list[TokenLogprob] | None = None  # of the tokens this delta's text came from, when asked for

@@ -50,7 +50,7 @@ class ChatJob:
     settings: ChatSettings = field(default_factory=ChatSettings)
     document_id: str | None = None
     pages: list["Page"] = field(default_factory=list)  # what the engine reads
-    pages_key: str | None = None  # content hash of ``pages`` when already known (the engine's cache key)
+    page_keys: list[str] | None = None  # stable identity of each page (the engine's cache keys), when known
     context: str | None = None  # inline text the extractive backend searches (no document)
     # Polled by the engine every decode step: True stops this job (client gone, deadline passed).
     should_stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
@@ -129,7 +129,7 @@ class EngineBackend:
         history = [ChatMessage(role=t.role, content=t.content) for t in job.history]
         return AnswerRequest(
             pages=job.pages, question=job.question, history=history,
-            document_key=job.document_id or job.pages_key, settings=settings, cancel=job.should_stop,
+            page_keys=job.page_keys, settings=settings, cancel=job.should_stop,
         )
 
     def stream(self, job: ChatJob) -> Iterator[Delta | Reply]:

@@ -170,7 +170,7 @@ def to_job(request: ChatCompletionRequest, *, has_model: bool, images: DecodedIm
         elif image_urls:
             decoded = [images.get(url) for url in image_urls]
             job.pages = [array for array, _ in decoded]
-            job.pages_key = "images:" + hashlib.blake2b("".join(d for _, d in decoded).encode(), digest_size=16).hexdigest()
+            job.page_keys = [f"image:{digest}" for _, digest in decoded]
         return job
     context = [text for m in earlier for text in _texts(m)] + question_parts[:-1]
     return ChatJob(question=question_parts[-1], settings=settings, document_id=request.document,

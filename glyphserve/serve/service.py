@@ -194,6 +194,7 @@ class GlyphService:
             if self.has_model:
                 job.pages = await asyncio.get_running_loop().run_in_executor(
                     self._render_pool, self._stored_pages, job.document_id, record.pages)
+                job.page_keys = [f"{job.document_id}:{n}" for n in range(1, record.pages + 1)]
         return job
 
     async def answer(self, job: ChatJob) -> Reply:

@@ -44,7 +44,7 @@ def _free_port_url() -> str:
 
 def test_stream_sends_pages_and_splits_thinking(server):
     pages = _pages()
-    request = AnswerRequest(pages, "Who signed?", document_key="doc-1",
+    request = AnswerRequest(pages, "Who signed?", page_keys=[f"doc-1:{n}" for n in range(1, len(pages) + 1)],
                             settings=GenerationSettings(max_tokens=64, temperature=0.5, top_p=0.9))
     with _engine(server.url + "/v1") as engine:
         events = list(engine.stream(request))
@@ -87,7 +87,7 @@ def test_encoded_pages_are_sent_as_they_are(server):
     Image.fromarray(_pages(1)[0]).convert("L").save(buffer, format="PNG", optimize=True)
     page = EncodedPage.from_bytes(buffer.getvalue())
     with _engine(server.url) as engine:
-        answer = engine.answer(AnswerRequest([page], "Who?", document_key="file-doc"))
+        answer = engine.answer(AnswerRequest([page], "Who?", page_keys=["file-doc:1"]))
     [part, _] = server.requests[0]["messages"][0]["content"]
     assert part["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     assert answer.pages_used == 1 and answer.vision_tokens > 0
@@ -96,7 +96,8 @@ def test_encoded_pages_are_sent_as_they_are(server):
 def test_pages_encoded_once_per_document(server):
     pages = _pages(3)
     with _engine(server.url) as engine:
-        engine.answer_batch([AnswerRequest(pages, q, document_key="same") for q in ("A?", "B?", "C?")])
+        keys = [f"same:{n}" for n in range(len(pages))]
+        engine.answer_batch([AnswerRequest(pages, q, page_keys=keys) for q in ("A?", "B?", "C?")])
         cache = engine.stats()["image_cache"]
     assert cache["misses"] == 1 and cache["hits"] == 2 and cache["documents"] == 1
     urls = [[p["image_url"]["url"] for p in r["messages"][0]["content"][:-1]] for r in server.requests]

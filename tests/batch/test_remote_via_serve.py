@@ -25,10 +25,10 @@ def test_same_answers_as_the_local_engine(served, tiny_model_dir):
     pages = [np.full((112, 140, 3), 255, np.uint8), rng.integers(0, 256, (84, 168, 3), dtype=np.uint8)]
     settings = GenerationSettings(max_tokens=12)
     requests = [
-        AnswerRequest(pages, "What is it?", document_key="d", settings=settings),
-        AnswerRequest(pages, "Who wrote it?", document_key="d", settings=settings),
+        AnswerRequest(pages, "What is it?", page_keys=[f"d:{n}" for n in range(len(pages))], settings=settings),
+        AnswerRequest(pages, "Who wrote it?", page_keys=[f"d:{n}" for n in range(len(pages))], settings=settings),
         AnswerRequest(pages, "And then?", history=[ChatMessage("user", "First?"), ChatMessage("assistant", "Yes.")],
-                      document_key="d", settings=settings),
+                      page_keys=[f"d:{n}" for n in range(len(pages))], settings=settings),
     ]
     local = Engine.load(EngineConfig(model=str(tiny_model_dir)))
     expected = [local.answer(r) for r in requests]

@@ -132,13 +132,13 @@ def test_multi_turn_continuation_reuses_the_prefix_and_matches(load_engine, refe
     assert answer.token_ids == expected
 
 
-def test_document_key_selects_the_prefix(load_engine, reference, pages):
+def test_page_keys_select_the_prefix(load_engine, reference, pages):
     engine = load_engine()
     keyed = request(pages, "Who is the wolf?")
-    keyed.document_key = "doc-1"
+    keyed.page_keys = [f"doc-1:{n}" for n in range(1, len(pages) + 1)]
     engine.answer(keyed)
     follow = request(pages, "Where?")
-    follow.document_key = "doc-1"
+    follow.page_keys = [f"doc-1:{n}" for n in range(1, len(pages) + 1)]
     expected, _ = reference.generate(pages, "Where?", max_new_tokens=N, ignore_eos=True)
     answer = engine.answer(follow)
     assert answer.cache.prefix_reused_tokens > 0
