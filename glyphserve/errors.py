@@ -47,6 +47,13 @@ class FileTooLargeError(GlyphserveError):
     code = "file_too_large"
 
 
+class IngestTimeoutError(GlyphserveError):
+    """Reading an upload took longer than its wall-clock budget."""
+
+    http_status = 422
+    code = "ingest_timeout"
+
+
 class ConfigError(GlyphserveError):
     """A rendering or engine setting is invalid (names the setting to change)."""
 

@@ -1,26 +1,32 @@
 """Files to text: PDF, DOCX, plain text and Markdown, with the type sniffed from content.
 
-PDF pages without a text layer (scans) are kept as page images in reading order.
+PDF pages without a text layer (scans) are kept as page images in reading order. Every read is
+bounded by :class:`IngestLimits`; with a timeout set, PDF and DOCX files are parsed in child processes.
 """
 
 from glyphserve.ingest.api import (
-    DEFAULT_MAX_BYTES,
+    clean_filename,
     ingest_bytes,
     ingest_path,
     ingest_text,
     normalize_text,
 )
 from glyphserve.ingest.document import Document, ImagePart, TextPart
+from glyphserve.ingest.limits import DEFAULT_MAX_BYTES, IngestLimits
+from glyphserve.ingest.parsing import shutdown as shutdown_parsers
 from glyphserve.ingest.sniff import sniff_type
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "Document",
     "ImagePart",
+    "IngestLimits",
     "TextPart",
+    "clean_filename",
     "ingest_bytes",
     "ingest_path",
     "ingest_text",
     "normalize_text",
+    "shutdown_parsers",
     "sniff_type",
 ]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 from glyphserve.errors import (
-    CorruptFileError,
     EmptyDocumentError,
     EncryptedFileError,
     FileTooLargeError,
@@ -16,45 +16,46 @@ from glyphserve.errors import (
     UnsupportedTypeError,
 )
 from glyphserve.ingest.document import Document, ImagePart, TextPart
-from glyphserve.ingest.pdf import read_pdf
+from glyphserve.ingest.limits import IngestLimits
+from glyphserve.ingest.parsing import parse_file
 from glyphserve.ingest.sniff import DESCRIPTIONS, SUPPORTED, sniff
-from glyphserve.ingest.word import read_docx
 
-DEFAULT_MAX_BYTES = 50 * 2**20
 MARKDOWN_SUFFIXES = (".md", ".markdown", ".mdown", ".mkd", ".mkdn")
+MAX_NAME_CHARS = 200
 
 _NEWLINES = re.compile(r"\r\n?")
 _LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+_UNNAMED = {"Cc", "Cs", "Co", "Cn"}  # controls (NUL, newlines, escapes), surrogates, private use, unassigned
+_BIDI_CONTROLS = set("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # "gpj.exe" tricks
 
 
 def ingest_bytes(
     data: bytes | bytearray | memoryview,
     filename: str | None = None,
     *,
-    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    limits: IngestLimits = IngestLimits(),
 ) -> Document:
     """Read a PDF, DOCX, text or Markdown file; its type is sniffed from the content.
 
-    ``filename`` only tells Markdown from plain text and names the file in messages.
-    ``max_bytes=None`` lifts the size limit. Raises a :class:`GlyphserveError` subclass
-    for anything the user can fix (unsupported, corrupt, encrypted, empty, too large).
+    ``filename`` only tells Markdown from plain text and names the file in messages (cleaned by
+    :func:`clean_filename`). Raises a :class:`GlyphserveError` subclass for anything the user can fix
+    (unsupported, corrupt, encrypted, empty, over ``limits``).
     """
     data = bytes(data)  # also accepts bytearray and memoryview
-    source_name = (re.split(r"[\\/]", filename)[-1] or None) if filename else None  # drop folders
+    source_name = clean_filename(filename)
     label = f"'{source_name}'" if source_name else "the file"
-    _check_size(len(data), max_bytes, label)
-    sniffed = sniff(data)
+    _check_size(len(data), limits.max_bytes, label)
+    sniffed = sniff(data, label)
     encoding = None
     if sniffed.kind == "text":
         kind = "markdown" if _is_markdown(source_name) else "txt"
         encoding = sniffed.decoded.encoding
         parts = [TextPart(normalize_text(sniffed.decoded.text))]
-    elif sniffed.kind == "pdf":
-        kind = "pdf"
-        parts = _parse(read_pdf, data, label, "PDF")
-    elif sniffed.kind == "docx":
-        kind = "docx"
-        parts = [TextPart(normalize_text(_parse(read_docx, data, label, "Word document")))]
+    elif sniffed.kind in ("pdf", "docx"):
+        kind = sniffed.kind
+        parts = parse_file(kind, data, label, limits)
+        if kind == "docx":
+            parts = [TextPart(normalize_text(part.text)) for part in parts]
     elif sniffed.kind == "empty":
         raise EmptyDocumentError(f"{label} is empty")
     elif sniffed.kind == "encrypted-office":
@@ -75,9 +76,10 @@ def ingest_bytes(
     )
 
 
-def ingest_path(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Document:
+def ingest_path(path: str | os.PathLike, *, limits: IngestLimits = IngestLimits()) -> Document:
     """Read a file from disk; the size limit is checked before any of it is read."""
     path = Path(path)
+    max_bytes = limits.max_bytes
     try:
         if path.is_dir():
             raise UnsupportedTypeError(f"'{path}' is a directory; give a file")
@@ -89,14 +91,14 @@ def ingest_path(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_
         raise NotFoundError(f"no such file: '{path}'") from exc
     except OSError as exc:
         raise GlyphserveError(f"cannot read '{path}': {exc.strerror or exc}") from exc
-    return ingest_bytes(data, path.name, max_bytes=max_bytes)
+    return ingest_bytes(data, path.name, limits=limits)
 
 
-def ingest_text(text: str, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Document:
+def ingest_text(text: str, *, limits: IngestLimits = IngestLimits()) -> Document:
     """Pasted text, newline-normalised; raises :class:`EmptyDocumentError` when blank."""
     text = normalize_text(text)
     size = len(text.encode("utf-8"))
-    _check_size(size, max_bytes, "the text")
+    _check_size(size, limits.max_bytes, "the text")
     if not text.strip():
         raise EmptyDocumentError("the text is empty")
     return Document(kind="text", parts=[TextPart(text)], source_bytes=size)
@@ -109,17 +111,22 @@ def normalize_text(text: str) -> str:
     return _LONE_SURROGATES.sub("\ufffd", text)
 
 
-def _parse(reader, data: bytes, label: str, what: str):
-    """Run a parser; any failure that is not already a user error means a damaged file."""
-    try:
-        return reader(data, label)
-    except (GlyphserveError, MemoryError):
-        raise
-    except Exception as exc:  # parsers fail in many ways on damaged input
-        raise CorruptFileError(
-            f"{label} looks like a {what} but could not be read (damaged or truncated): "
-            f"{type(exc).__name__}: {str(exc)[:200]}"
-        ) from exc
+def clean_filename(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str | None:
+    """A file name fit to show and to store: the last path component only (``/`` and ``\\`` both separate),
+    control, private-use and direction-override characters removed, surrounding whitespace and dots dropped, at most ``max_chars``
+    (the extension kept). None when nothing is left."""
+    if not name:
+        return None
+    name = re.split(r"[\\/]", name)[-1]
+    name = "".join(c for c in name if unicodedata.category(c) not in _UNNAMED and c not in _BIDI_CONTROLS)
+    name = name.strip().strip(".").strip()
+    if len(name) > max_chars:
+        stem, dot, suffix = name.rpartition(".")
+        if dot and 0 < len(suffix) <= 16 and stem:
+            name = stem[: max_chars - len(suffix) - 1].rstrip() + "." + suffix
+        else:
+            name = name[:max_chars].rstrip()
+    return name or None
 
 
 def _check_size(size: int, max_bytes: int | None, label: str) -> None:

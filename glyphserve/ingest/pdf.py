@@ -2,7 +2,8 @@
 
 A page with a usable text layer becomes text; a page without one (a scan, or text drawn
 as outlines) is rendered to an image so the model can read it directly; blank pages are
-dropped. Consecutive text pages merge into one :class:`TextPart`.
+dropped (a page with no content and no annotations without rendering it). Consecutive text pages
+merge into one :class:`TextPart`. The page count is checked against the limit before any page is opened.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from glyphserve.errors import (
     CorruptFileError,
     EmptyDocumentError,
     EncryptedFileError,
+    FileTooLargeError,
     TooManyPagesError,
 )
 from glyphserve.ingest.document import PART_SEPARATOR, ImagePart, TextPart
+from glyphserve.ingest.limits import IngestLimits
 
 RENDER_DPI = 144
 MAX_IMAGE_SIDE = 2000  # px; larger pages are rendered at a lower resolution
-MAX_IMAGE_PAGES = 100  # scanned pages kept as images (about 6 MB of pixels each)
 
-_LOCK = threading.Lock()  # PDFium is not thread-safe
+_LOCK = threading.Lock()  # PDFium is not thread-safe (in a parser process only one file is read at a time)
 _PARAGRAPH_GAP = 0.3  # extra space between lines, in line heights, that starts a paragraph
 _SHORT_TEXT = 50  # chars: a page with less text than this that is mostly images is a scan
 _IMAGE_COVERAGE = 0.5
@@ -46,12 +48,19 @@ class _Line:
     last: _Box | None  # ... and of its last (another visual line when PDFium joined a hyphen)
 
 
-def read_pdf(data: bytes, name: str) -> list[TextPart | ImagePart]:
-    """The parts of a PDF in page order; raises on encrypted, corrupt or empty files."""
+def read_pdf(data: bytes, name: str, limits: IngestLimits = IngestLimits()) -> list[TextPart | ImagePart]:
+    """The parts of a PDF in page order; raises on encrypted, corrupt or empty files, and on files over
+    ``limits`` (the page count is checked before any page is opened)."""
     with _LOCK:
         pdf = _open(data, name)
         try:
-            return _read_pages(pdf, name)
+            pages = len(pdf)
+            if pages > limits.max_pdf_pages:
+                raise TooManyPagesError(
+                    f"{name} has {pages:,} pages, over this server's limit of {limits.max_pdf_pages:,} "
+                    "(--max-pdf-pages); split it into smaller files"
+                )
+            return _read_pages(pdf, name, limits)
         finally:
             pdf.close()
 
@@ -69,10 +78,10 @@ def _open(data: bytes, name: str) -> pdfium.PdfDocument:
         raise CorruptFileError(f"{name} is not a readable PDF (damaged or truncated)") from exc
 
 
-def _read_pages(pdf: pdfium.PdfDocument, name: str) -> list[TextPart | ImagePart]:
+def _read_pages(pdf: pdfium.PdfDocument, name: str, limits: IngestLimits) -> list[TextPart | ImagePart]:
     parts: list[TextPart | ImagePart] = []
     texts: list[str] = []  # the current run of text pages
-    images = 0
+    images = characters = 0
     for index in range(len(pdf)):
         page = pdf[index]
         try:
@@ -82,13 +91,19 @@ def _read_pages(pdf: pdfium.PdfDocument, name: str) -> list[TextPart | ImagePart
         finally:
             page.close()
         if isinstance(content, str):
+            characters += len(content)
+            if characters > limits.max_characters:
+                raise FileTooLargeError(
+                    f"{name} holds more than {limits.max_characters:,} characters of text, this server's "
+                    "limit (--max-characters)"
+                )
             texts.append(content)
         elif isinstance(content, ImagePart):
             images += 1
-            if images > MAX_IMAGE_PAGES:
+            if images > limits.max_scan_pages:
                 raise TooManyPagesError(
-                    f"{name} has more than {MAX_IMAGE_PAGES} pages without a text layer "
-                    "(scans); run OCR on it or split it into smaller files"
+                    f"{name} has more than {limits.max_scan_pages} pages without a text layer "
+                    "(scans), this server's limit (--max-scan-pages); run OCR on it or split it into smaller files"
                 )
             if texts:
                 parts.append(TextPart(PART_SEPARATOR.join(texts)))
@@ -103,6 +118,8 @@ def _read_pages(pdf: pdfium.PdfDocument, name: str) -> list[TextPart | ImagePart
 
 def _read_page(page: pdfium.PdfPage, number: int) -> str | ImagePart | None:
     """The page's text, its image when it has no usable text layer, or None when blank."""
+    if _empty(page):
+        return None
     textpage = page.get_textpage()
     try:
         text = _page_text(textpage)
@@ -115,6 +132,12 @@ def _read_page(page: pdfium.PdfPage, number: int) -> str | ImagePart | None:
     if not _is_blank(image):
         return ImagePart(image=image, source_page=number)
     return text if usable else None  # e.g. a page of invisible text
+
+
+def _empty(page: pdfium.PdfPage) -> bool:
+    """No content (no page objects) and no annotations: blank without rendering it."""
+    raw = page.raw
+    return pdfium_c.FPDFPage_CountObjects(raw) == 0 and pdfium_c.FPDFPage_GetAnnotCount(raw) == 0
 
 
 def _page_text(textpage: pdfium.PdfTextPage) -> str:

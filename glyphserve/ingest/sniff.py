@@ -8,6 +8,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from glyphserve.ingest.archive import check_entry_count
 from glyphserve.ingest.textenc import DecodedText, decode_text
 
 SUPPORTED = "PDF, DOCX, plain text and Markdown"
@@ -86,8 +87,9 @@ def sniff_type(data: bytes) -> str:
     return sniff(data).kind
 
 
-def sniff(data: bytes) -> Sniffed:
-    """Like :func:`sniff_type`, keeping the decoded text so it is decoded only once."""
+def sniff(data: bytes, label: str = "the file") -> Sniffed:
+    """Like :func:`sniff_type`, keeping the decoded text so it is decoded only once (``label`` names the
+    file in the error for a zip archive too large to inspect)."""
     if not data:
         return Sniffed("empty")
     head = data[:_PDF_SEARCH_BYTES]
@@ -101,6 +103,7 @@ def sniff(data: bytes) -> Sniffed:
             return Sniffed("pdf")
         return Sniffed("text", decoded)
     if data.startswith(_ZIP_MAGICS):
+        check_entry_count(data, label)
         return Sniffed(_zip_kind(data))
     if data.startswith(_OLE2_MAGIC):
         return Sniffed(_ole2_kind(data))

@@ -1,111 +1,246 @@
-"""DOCX body to text: paragraphs and tables in reading order.
+"""DOCX body to text: paragraphs and tables in reading order, read as the XML streams.
 
 Each paragraph is a line; runs of empty paragraphs become one blank line. A table is set
 off by blank lines and gives one line per row, cells joined with " | "; a nested table
 is flattened into its cell. Headers, footers, footnotes, text boxes and images are not read.
+
+The main document part is inflated in chunks (counted against the unpacked-size budget, whatever
+the zip's headers declare) and fed to a streaming XML parser that builds no tree: memory follows the
+text kept, and paragraphs and characters are counted as they arrive, so a small file that unpacks
+to millions of paragraphs is refused after reading only as many as the limit allows. DTDs are
+refused outright (Word never writes one), which rules out entity expansion and external entities.
 """
 
 from __future__ import annotations
 
 import io
+import posixpath
 import zipfile
+from xml.parsers import expat
 
-import docx
-from docx.oxml.ns import qn
-
-from glyphserve.errors import FileTooLargeError, UnsupportedTypeError
+from glyphserve.errors import CorruptFileError, FileTooLargeError, UnsupportedTypeError
+from glyphserve.ingest.archive import InflateBudget
+from glyphserve.ingest.limits import IngestLimits
 
 CELL_SEPARATOR = " | "
-MAX_UNPACKED_BYTES = 2**30  # a zip bomb guard: total uncompressed size of all parts
+WORD_MAIN = "application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"
 
-_P, _TBL, _TR, _TC, _R = qn("w:p"), qn("w:tbl"), qn("w:tr"), qn("w:tc"), qn("w:r")
+_W = "http://schemas.openxmlformats.org/wordprocessingml/2006/main "  # expat joins namespace and name with " "
+_RELS = "http://schemas.openxmlformats.org/package/2006/relationships "
+_TYPES = "http://schemas.openxmlformats.org/package/2006/content-types "
+_OFFICE_DOCUMENT = "http://schemas.openxmlformats.org/officeDocument/2006/relationships/officeDocument"
+_SMALL_PART = 4 * 2**20  # relationships and content types: a few KB in any real file
+
 # Elements that wrap body blocks, or runs inside a paragraph, without changing their meaning.
-_BLOCK_WRAPPERS = frozenset(map(qn, ("w:sdt", "w:sdtContent", "w:customXml")))
+_BLOCK_WRAPPERS = frozenset(_W + tag for tag in ("sdt", "sdtContent", "customXml"))
 _RUN_WRAPPERS = frozenset(
-    qn(tag)
-    for tag in (
-        "w:hyperlink", "w:ins", "w:moveTo", "w:smartTag", "w:fldSimple",
-        "w:sdt", "w:sdtContent", "w:customXml", "w:dir", "w:bdo",
-    )
+    _W + tag
+    for tag in ("hyperlink", "ins", "moveTo", "smartTag", "fldSimple", "sdt", "sdtContent", "customXml", "dir", "bdo")
 )
+# Run content with a fixed text (w:t carries its own; w:br depends on its type).
+_RUN_SYMBOLS = {_W + "tab": "\t", _W + "ptab": "\t", _W + "cr": "\n", _W + "noBreakHyphen": "-"}
 
 
-def read_docx(data: bytes, name: str) -> str:
+def read_docx(data: bytes, name: str, limits: IngestLimits = IngestLimits()) -> str:
     """The document body as text ("" when it has none)."""
+    budget = InflateBudget(limits.max_unpacked_bytes, name)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        unpacked = sum(info.file_size for info in archive.infolist())
-    if unpacked > MAX_UNPACKED_BYTES:
-        raise FileTooLargeError(
-            f"{name} unpacks to {unpacked / 2**20:.0f} MiB, over the "
-            f"{MAX_UNPACKED_BYTES / 2**20:.0f} MiB limit for Word documents"
-        )
-    try:
-        document = docx.Document(io.BytesIO(data))
-    except ValueError as exc:
-        if "not a Word file" not in str(exc):
-            raise
+        main = _main_part(archive, budget, name)
+        reader = _BodyReader(name, limits)
+        parser = _parser()
+        reader.attach(parser)
+        for chunk in budget.chunks(archive, main):
+            parser.Parse(chunk, False)
+        parser.Parse(b"", True)
+    return _squeeze_blank_lines(reader.lines)
+
+
+def _parser() -> expat.XMLParserType:
+    parser = expat.ParserCreate(namespace_separator=" ")
+    parser.buffer_text = True
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartDoctypeDeclHandler = _refuse_dtd
+    parser.EntityDeclHandler = _refuse_dtd
+    return parser
+
+
+def _refuse_dtd(*_args) -> None:
+    raise CorruptFileError("the Word document's XML declares a DTD, which Word never writes")
+
+
+def _main_part(archive: zipfile.ZipFile, budget: InflateBudget, name: str) -> str:
+    """The zip member holding the document body (the package's officeDocument relationship),
+    refused unless it is a plain Word document (not a template or macro-enabled)."""
+    target = None
+
+    def relationship(tag, attrs):
+        nonlocal target
+        if tag == _RELS + "Relationship" and attrs.get("Type") == _OFFICE_DOCUMENT and target is None:
+            target = attrs.get("Target", "")
+
+    _parse_small(archive, "_rels/.rels", budget, relationship)
+    if not target:
+        raise CorruptFileError(f"{name} names no main document part")
+    part = posixpath.normpath(target.lstrip("/"))
+    defaults: dict[str, str] = {}
+    overrides: dict[str, str] = {}
+
+    def content_type(tag, attrs):
+        if tag == _TYPES + "Default":
+            defaults[attrs.get("Extension", "").lower()] = attrs.get("ContentType", "")
+        elif tag == _TYPES + "Override":
+            overrides[attrs.get("PartName", "").lstrip("/")] = attrs.get("ContentType", "")
+
+    _parse_small(archive, "[Content_Types].xml", budget, content_type)
+    kind = overrides.get(part) or defaults.get(posixpath.splitext(part)[1].lstrip(".").lower())
+    if kind != WORD_MAIN:
         raise UnsupportedTypeError(
             f"{name} is a Word template or macro-enabled document; save it as DOCX or PDF"
-        ) from exc
-    lines: list[str] = []
-    for block in _blocks(document.element.body):
-        if isinstance(block, str):
-            lines.append(block if block.strip() else "")
-        else:
-            lines.extend(["", *(CELL_SEPARATOR.join(row) for row in block), ""])
-    return _squeeze_blank_lines(lines)
+        )
+    return part
 
 
-def _blocks(container):
-    """Paragraph texts (str) and tables (rows of cell texts) in document order."""
-    for child in container.iterchildren():
-        if child.tag == _P:
-            yield _paragraph_text(child)
-        elif child.tag == _TBL:
-            yield _table_rows(child)
-        elif child.tag in _BLOCK_WRAPPERS:
-            yield from _blocks(child)
+def _parse_small(archive: zipfile.ZipFile, member: str, budget: InflateBudget, start) -> None:
+    if archive.getinfo(member).file_size > _SMALL_PART:
+        raise CorruptFileError(f"the package part {member} is implausibly large")
+    parser = _parser()
+    parser.StartElementHandler = start
+    parser.Parse(budget.read(archive, member), True)
 
 
-def _paragraph_text(element) -> str:
-    parts = []
-    for child in element.iterchildren():
-        if child.tag == _R:
-            parts.append(child.text)  # python-docx maps w:tab, w:br, ... to \t, \n
-        elif child.tag in _RUN_WRAPPERS:
-            parts.append(_paragraph_text(child))
-    return "".join(parts)
+def _children(roles: dict[str, str], wrappers: frozenset[str], wrapper_role: str) -> dict[str, str]:
+    return {**{_W + tag: role for tag, role in roles.items()}, **dict.fromkeys(wrappers, wrapper_role)}
 
 
-def _table_rows(table) -> list[list[str]]:
-    rows = []
-    for row in _children(table, _TR):
-        cells = [
-            "" if cell.vMerge == "continue" else _cell_text(cell)  # covered by the cell above
-            for cell in _children(row, _TC)
-        ]
-        if any(cells):
-            rows.append(cells)
-    return rows
+# For each role, the roles of the children that are read; any other child is skipped with its subtree.
+_BLOCKS = _children({"p": "paragraph", "tbl": "table"}, _BLOCK_WRAPPERS, "blocks")
+_CHILD_ROLES = {
+    "start": {_W + "document": "document"},
+    "document": {_W + "body": "body"},
+    "body": _BLOCKS,
+    "blocks": _BLOCKS,
+    "cell": {**_BLOCKS, _W + "tcPr": "cell-properties"},
+    "paragraph": _children({"r": "run"}, _RUN_WRAPPERS, "runs"),
+    "runs": _children({"r": "run"}, _RUN_WRAPPERS, "runs"),
+    "run": {_W + "t": "text"},
+    "table": _children({"tr": "row"}, _BLOCK_WRAPPERS, "rows"),
+    "rows": _children({"tr": "row"}, _BLOCK_WRAPPERS, "rows"),
+    "row": _children({"tc": "cell"}, _BLOCK_WRAPPERS, "row-cells"),
+    "row-cells": _children({"tc": "cell"}, _BLOCK_WRAPPERS, "row-cells"),
+    "cell-properties": {},
+    "text": {},
+}
 
 
-def _cell_text(cell) -> str:
-    pieces = []
-    for block in _blocks(cell):
-        if isinstance(block, str):
-            pieces.append(" ".join(block.split()))
-        else:
-            pieces.append("; ".join(", ".join(row) for row in block))
-    return " ".join(piece for piece in pieces if piece)
+class _Frame:
+    """One open element that is read: its role, and what it collects."""
+
+    __slots__ = ("role", "children", "texts", "rows", "cells", "merged")
+
+    def __init__(self, role: str):
+        self.role = role
+        self.children = _CHILD_ROLES[role]
+        self.texts: list[str] = []  # paragraph: its text pieces; cell: its blocks' texts
+        self.rows: list[list[str]] = []  # table
+        self.cells: list[str] = []  # row
+        self.merged = False  # cell: covered by the cell above (vMerge "continue")
 
 
-def _children(element, tag: str):
-    """Child elements with ``tag``, looking through content controls and custom XML."""
-    for child in element.iterchildren():
-        if child.tag == tag:
-            yield child
-        elif child.tag in _BLOCK_WRAPPERS:
-            yield from _children(child, tag)
+class _BodyReader:
+    """Expat callbacks that keep the body's text and nothing else: a stack of the open elements that are
+    read (document, body, table, row, cell, paragraph, run, text, and the wrappers between them); any
+    other element is skipped with everything inside it."""
+
+    def __init__(self, name: str, limits: IngestLimits):
+        self.name = name
+        self.limits = limits
+        self.stack = [_Frame("start")]
+        self.paragraph: _Frame | None = None  # the open paragraph (paragraphs do not nest)
+        self.cells: list[_Frame] = []  # open table cells, innermost last
+        self.skipping = 0  # depth inside an element that is not read
+        self.lines: list[str] = []
+        self.paragraphs = 0
+        self.characters = 0
+
+    def attach(self, parser: expat.XMLParserType) -> None:
+        parser.StartElementHandler = self.start
+        parser.EndElementHandler = self.end
+        parser.CharacterDataHandler = self.text
+
+    def start(self, tag: str, attrs: dict) -> None:
+        if self.skipping:
+            self.skipping += 1
+            return
+        parent = self.stack[-1]
+        role = parent.children.get(tag)
+        if role is None:
+            self.skipping = 1
+            if parent.role == "run":
+                self._run_symbol(tag, attrs)
+            elif parent.role == "cell-properties" and tag == _W + "vMerge":
+                self.cells[-1].merged = attrs.get(_W + "val", "continue") == "continue"
+            return
+        frame = _Frame(role)
+        self.stack.append(frame)
+        if role == "paragraph":
+            self.paragraph = frame
+        elif role == "cell":
+            self.cells.append(frame)
+
+    def _run_symbol(self, tag: str, attrs: dict) -> None:
+        symbol = _RUN_SYMBOLS.get(tag)
+        if tag == _W + "br":  # a line break; page and column breaks have no text
+            symbol = "\n" if attrs.get(_W + "type", "textWrapping") == "textWrapping" else None
+        if symbol is not None:
+            self.paragraph.texts.append(symbol)
+
+    def text(self, data: str) -> None:
+        if not self.skipping and self.stack[-1].role == "text":
+            self.characters += len(data)
+            if self.characters > self.limits.max_characters:
+                raise FileTooLargeError(
+                    f"{self.name} holds more than {self.limits.max_characters:,} characters of text, this "
+                    "server's limit (--max-characters)"
+                )
+            self.paragraph.texts.append(data)
+
+    def end(self, _tag: str) -> None:
+        if self.skipping:
+            self.skipping -= 1
+            return
+        frame = self.stack.pop()
+        role = frame.role
+        if role == "paragraph":
+            self.paragraph = None
+            self.paragraphs += 1
+            if self.paragraphs > self.limits.max_paragraphs:
+                raise FileTooLargeError(
+                    f"{self.name} has more than {self.limits.max_paragraphs:,} paragraphs, this server's limit "
+                    "(--max-docx-paragraphs)"
+                )
+            text = "".join(frame.texts)
+            if self.cells:
+                self.cells[-1].texts.append(" ".join(text.split()))
+            else:
+                self.lines.append(text if text.strip() else "")
+        elif role == "table":
+            if self.cells:
+                self.cells[-1].texts.append("; ".join(", ".join(row) for row in frame.rows))
+            else:
+                self.lines.extend(["", *(CELL_SEPARATOR.join(row) for row in frame.rows), ""])
+        elif role == "row":
+            if any(frame.cells):
+                self._open("table").rows.append(frame.cells)
+        elif role == "cell":
+            self.cells.pop()
+            self._open("row").cells.append("" if frame.merged else " ".join(p for p in frame.texts if p))
+
+    def _open(self, role: str) -> _Frame:
+        """The innermost open element with ``role`` (a row's table, a cell's row: only wrappers between)."""
+        for frame in reversed(self.stack):
+            if frame.role == role:
+                return frame
+        raise AssertionError(f"no open {role}")  # rows open only inside tables, cells only inside rows
 
 
 def _squeeze_blank_lines(lines: list[str]) -> str:

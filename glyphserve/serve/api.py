@@ -12,7 +12,6 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from glyphserve.errors import GlyphserveError, NotFoundError
 from glyphserve.serve import openai_compat as oai
@@ -21,6 +20,7 @@ from glyphserve.serve.errors import InvalidRequestError
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import GlyphService, RenderOptions
 from glyphserve.serve.store import check_id
+from glyphserve.serve.uploads import read_upload
 
 log = logging.getLogger("glyphserve.serve")
 
@@ -134,18 +134,14 @@ def build_router(service: GlyphService) -> APIRouter:
     async def create_document(request: Request):
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=8)
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise InvalidRequestError("multipart uploads carry the document in a file field named 'file'")
-            fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v != ""}
+            upload = await read_upload(request)
+            fields = {k: v for k, v in upload.fields.items() if v != ""}
             try:
-                options = DocumentText(text="", **fields)
+                options = DocumentText.model_validate({**fields, "text": ""})
             except ValidationError as exc:
                 raise InvalidRequestError(validation_message(exc)) from None
-            data = await upload.read()
             record = await service.add_document(
-                data=data, filename=upload.filename, name=options.name or upload.filename,
+                data=upload.data, filename=upload.filename, name=options.name or upload.filename,
                 options=RenderOptions(options.preset, options.dpi, options.newline))
         else:
             try:

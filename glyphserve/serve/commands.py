@@ -24,6 +24,22 @@ def register(subparsers) -> None:
                             "(default: $GLYPHSERVE_API_KEY)")
     serve.add_argument("--max-upload-mb", type=float, default=50, help="largest upload accepted (default 50)")
     serve.add_argument("--max-pages", type=int, default=500, help="most rendered pages per document (default 500)")
+    limits = serve.add_argument_group("upload limits", "each checked before (or while) doing the work it bounds")
+    limits.add_argument("--max-pdf-pages", type=int, default=2000,
+                        help="most pages in an uploaded PDF, read from its page count (default 2000)")
+    limits.add_argument("--max-scan-pages", type=int, default=100,
+                        help="most PDF pages without a text layer, kept as images (default 100)")
+    limits.add_argument("--max-characters", type=int, default=20_000_000,
+                        help="most characters of text read from a PDF or DOCX (default 20000000)")
+    limits.add_argument("--max-docx-paragraphs", type=int, default=200_000,
+                        help="most paragraphs in a DOCX, counted while it streams (default 200000)")
+    limits.add_argument("--max-unpacked-mb", type=float, default=128,
+                        help="most MiB inflated from a DOCX, whatever its zip headers declare (default 128)")
+    limits.add_argument("--max-parser-memory-mb", type=float, default=2048,
+                        help="address space of the process that parses one PDF or DOCX (default 2048)")
+    limits.add_argument("--ingest-timeout", type=float, default=60,
+                        help="seconds to read and render one upload; its parser process is killed past it "
+                             "(default 60)")
     serve.add_argument("--queue-size", type=int, default=64,
                        help="requests allowed to wait for the model; past it, 429 (default 64)")
     serve.add_argument("--max-batch", type=int, default=4, help="requests answered together (default 4)")
@@ -78,7 +94,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(
         host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(), model=args.model,
         random_weights=args.random_weights, dtype=args.dtype, device=args.device, api_key=args.api_key or None,
-        max_upload_mb=args.max_upload_mb, max_pages=args.max_pages, queue_size=args.queue_size,
+        max_upload_mb=args.max_upload_mb, max_pages=args.max_pages, max_pdf_pages=args.max_pdf_pages,
+        max_scan_pages=args.max_scan_pages, max_characters=args.max_characters,
+        max_docx_paragraphs=args.max_docx_paragraphs, max_unpacked_mb=args.max_unpacked_mb,
+        max_parser_memory_mb=args.max_parser_memory_mb, ingest_timeout=args.ingest_timeout, queue_size=args.queue_size,
         max_batch=args.max_batch, request_timeout=args.request_timeout, ui=not args.no_ui,
         backend=args.backend, endpoints=args.endpoint, remote_model=args.remote_model,
         remote_api_key=args.remote_api_key or None, gpus=args.gpus, replica_concurrency=args.replica_concurrency,

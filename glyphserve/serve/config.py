@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from glyphserve.errors import ConfigError
+from glyphserve.ingest.limits import IngestLimits
 
 LOCAL_HOSTS = {"localhost", "ip6-localhost"}
 
@@ -44,6 +45,14 @@ class ServeConfig:
     api_key: str | None = None
     max_upload_mb: float = 50.0
     max_pages: int = 500
+    # What reading one upload may cost (glyphserve.ingest.IngestLimits); the budget covers rendering too.
+    max_pdf_pages: int = 2_000
+    max_scan_pages: int = 100
+    max_characters: int = 20_000_000
+    max_docx_paragraphs: int = 200_000
+    max_unpacked_mb: float = 128.0
+    max_parser_memory_mb: float = 2048.0
+    ingest_timeout: float = 60.0
     queue_size: int = 64
     max_batch: int = 8
     request_timeout: float = 300.0
@@ -73,6 +82,15 @@ class ServeConfig:
         return int(self.max_upload_mb * 2**20)
 
     @property
+    def ingest_limits(self) -> IngestLimits:
+        return IngestLimits(
+            max_bytes=self.max_upload_bytes, max_pdf_pages=self.max_pdf_pages, max_scan_pages=self.max_scan_pages,
+            max_characters=self.max_characters, max_paragraphs=self.max_docx_paragraphs,
+            max_unpacked_bytes=int(self.max_unpacked_mb * 2**20), timeout=self.ingest_timeout,
+            max_parser_memory=int(self.max_parser_memory_mb * 2**20),
+        )
+
+    @property
     def has_model(self) -> bool:
         return bool(self.model or self.random_weights)
 
@@ -87,6 +105,13 @@ class ServeConfig:
         for name, value in (
             ("--max-upload-mb", self.max_upload_mb),
             ("--max-pages", self.max_pages),
+            ("--max-pdf-pages", self.max_pdf_pages),
+            ("--max-scan-pages", self.max_scan_pages),
+            ("--max-characters", self.max_characters),
+            ("--max-docx-paragraphs", self.max_docx_paragraphs),
+            ("--max-unpacked-mb", self.max_unpacked_mb),
+            ("--max-parser-memory-mb", self.max_parser_memory_mb),
+            ("--ingest-timeout", self.ingest_timeout),
             ("--queue-size", self.queue_size),
             ("--max-batch", self.max_batch),
             ("--request-timeout", self.request_timeout),

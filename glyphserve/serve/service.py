@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import TYPE_CHECKING, AsyncIterator
 from PIL import Image
 
 from glyphserve.engine.types import EncodedPage
-from glyphserve.errors import FileTooLargeError, TooManyPagesError
+from glyphserve.errors import FileTooLargeError, IngestTimeoutError, TooManyPagesError
+from glyphserve.ingest import Document, clean_filename
 from glyphserve.serve.backends import ChatJob, Delta, EngineBackend, ExtractiveBackend, Reply
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
@@ -45,6 +47,11 @@ class RenderOptions:
             raise InvalidRequestError(f"newline must be br or marker, not {self.newline!r}")
         return self
 
+
+# Uploads read at once: each thread waits on a parser process (PDF, DOCX) or decodes text, so a few slow files
+# never hold up a pasted text, and rendering has threads of its own.
+INGEST_THREADS = 4
+MAX_ORIGINAL_NAME = 4096  # characters of a raw upload name kept as metadata
 
 # Engine counters in /health: requests, and decode occupancy (decode_rows / decode_steps rows per step).
 ENGINE_COUNTERS = ("requests", "new_tokens", "decode_steps", "decode_rows", "prefill_passes")
@@ -80,6 +87,7 @@ class GlyphService:
         else:
             self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_batch,
                                        timeout=config.request_timeout, hooks=hooks)
+        self._ingest_pool = ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="glyphserve-ingest")
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")
 
     @property
@@ -103,13 +111,16 @@ class GlyphService:
         return {"backend": "extractive", "model": self.model_name, "notice": NO_MODEL_HINT}
 
     def close(self) -> None:
+        from glyphserve.ingest import shutdown_parsers
         from glyphserve.render import shutdown_pool
 
         self.scheduler.close()
         if self.router is not None:
             self.router.close()
             self.engine.close()
+        self._ingest_pool.shutdown(wait=False, cancel_futures=True)
         self._render_pool.shutdown(wait=False, cancel_futures=True)
+        shutdown_parsers()
         shutdown_pool()
         self.store.close()
 
@@ -118,7 +129,11 @@ class GlyphService:
     async def add_document(self, *, data: bytes | None = None, filename: str | None = None,
                            text: str | None = None, name: str | None = None,
                            options: RenderOptions | None = None) -> DocumentRecord:
-        """Ingest, render and store a file (``data``) or pasted ``text``."""
+        """Ingest, render and store a file (``data``) or pasted ``text``, within the upload budget
+        (``--ingest-timeout``). The shown name is cleaned (``clean_filename``); a raw file name that differs
+        is kept in the record's summary as ``original_name``."""
+        from glyphserve.ingest import ingest_bytes, ingest_text
+
         options = (options or RenderOptions()).check()
         size = len(data) if data is not None else len((text or "").encode("utf-8"))
         if size > self.config.max_upload_bytes:
@@ -126,27 +141,35 @@ class GlyphService:
                 f"the upload is {size / 2**20:.1f} MiB; this server accepts at most "
                 f"{self.config.max_upload_mb:g} MiB (--max-upload-mb)"
             )
+        deadline = time.monotonic() + self.config.ingest_timeout
+        limits = self.config.ingest_limits
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._render_pool, self._add_document, data, filename, text, name, options)
+        if data is not None:
+            document = await loop.run_in_executor(self._ingest_pool, lambda: ingest_bytes(data, filename, limits=limits))
+        else:
+            document = await loop.run_in_executor(self._ingest_pool, lambda: ingest_text(text or "", limits=limits))
+        shown = clean_filename(name) or document.source_name
+        original = name if name and name != shown else None
+        return await loop.run_in_executor(self._render_pool, self._render_and_store, document, shown, original,
+                                          options, deadline)
 
-    def _add_document(self, data, filename, text, name, options: RenderOptions) -> DocumentRecord:
-        from glyphserve.ingest import ingest_bytes, ingest_text
+    def _render_and_store(self, document: Document, name: str | None, original: str | None, options: RenderOptions,
+                          deadline: float) -> DocumentRecord:
         from glyphserve.render import render_document, resolve_config, write_rendered
 
-        if data is not None:
-            document = ingest_bytes(data, filename, max_bytes=self.config.max_upload_bytes)
-        else:
-            document = ingest_text(text or "", max_bytes=self.config.max_upload_bytes)
         config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
-        rendered = render_document(document, config, progress=self._page_counter())
+        rendered = render_document(document, config, progress=self._page_counter(deadline))
         self.metrics.stages.labels("render").observe(rendered.stats.seconds)
+        summary = compression_summary(rendered, options.preset)
+        if original is not None:
+            summary["original_name"] = original[:MAX_ORIGINAL_NAME]
         return self.store.add(
-            name=name or document.source_name, kind=document.kind, text=document.text, pages=len(rendered.pages),
-            summary=compression_summary(rendered, options.preset), write_pages=lambda folder: write_rendered(rendered, folder),
+            name=name, kind=document.kind, text=document.text, pages=len(rendered.pages),
+            summary=summary, write_pages=lambda folder: write_rendered(rendered, folder),
         )
 
-    def _page_counter(self):
-        """A render progress callback that stops rendering once past ``--max-pages``."""
+    def _page_counter(self, deadline: float):
+        """A render progress callback that stops rendering once past ``--max-pages`` or the upload's budget."""
         done = 0
 
         def count(_):
@@ -156,6 +179,11 @@ class GlyphService:
                 raise TooManyPagesError(
                     f"the document renders to more than {self.config.max_pages} pages, this server's limit "
                     "(--max-pages)"
+                )
+            if time.monotonic() > deadline:
+                raise IngestTimeoutError(
+                    f"reading and rendering the upload took longer than this server's {self.config.ingest_timeout:g} s "
+                    "budget (--ingest-timeout)"
                 )
 
         return count

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from glyphserve.errors import FileTooLargeError, NotFoundError, UnsupportedTypeError
-from glyphserve.ingest import DEFAULT_MAX_BYTES, ingest_bytes, ingest_path, ingest_text
+from glyphserve.ingest import DEFAULT_MAX_BYTES, IngestLimits, ingest_bytes, ingest_path, ingest_text
 
 
 def test_default_limit_is_50_mib():
@@ -16,7 +16,7 @@ def test_default_limit_is_50_mib():
 
 def test_bytes_over_the_limit():
     with pytest.raises(FileTooLargeError) as info:
-        ingest_bytes(b"x" * 2048, "big.txt", max_bytes=1024)
+        ingest_bytes(b"x" * 2048, "big.txt", limits=IngestLimits(max_bytes=1024))
     message = info.value.message
     assert "'big.txt' is 2.0 KiB" in message and "limit of 1.0 KiB" in message
     assert "--max-upload-mb" in message
@@ -24,7 +24,7 @@ def test_bytes_over_the_limit():
 
 
 def test_limit_can_be_lifted():
-    assert ingest_bytes(b"x" * 2048, max_bytes=None).text == "x" * 2048
+    assert ingest_bytes(b"x" * 2048, limits=IngestLimits(max_bytes=None)).text == "x" * 2048
 
 
 def test_path_size_is_checked_before_reading(tmp_path):
@@ -60,4 +60,4 @@ def test_source_name_drops_directories():
 
 def test_pasted_text_limit():
     with pytest.raises(FileTooLargeError, match="the text"):
-        ingest_text("é" * 600, max_bytes=1000)
+        ingest_text("é" * 600, limits=IngestLimits(max_bytes=1000))

@@ -1,0 +1,228 @@
+"""PDF and DOCX parsing, in this process or in a child process killed past its wall-clock budget.
+
+With ``IngestLimits.timeout`` set, each file is parsed by a fresh child process: a slow or hostile file
+never holds a lock or a thread of the caller longer than the budget (PDFium is single-threaded; a child
+each lets several files be read at once), and whatever memory the parser took goes back to the system
+when the child exits. One spare child is kept started, its imports done, so a file does not wait for
+Python to start. The child's address space (``max_parser_memory``) and CPU time are capped too, so one
+left running by a parent killed outright still ends. The child answers in a framed format (one JSON
+line, then the raw pixels of scanned pages), never pickle: a parser subverted by a crafted file still
+cannot run code in the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from glyphserve import errors
+from glyphserve.errors import CorruptFileError, GlyphserveError, IngestTimeoutError
+from glyphserve.ingest.document import ImagePart, TextPart
+from glyphserve.ingest.limits import IngestLimits
+
+Parts = list[TextPart | ImagePart]
+KINDS = {"pdf": "PDF", "docx": "Word document"}
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the glyphserve package
+_CHILD = "from glyphserve.ingest.parsing import child_main; child_main()"
+_MAX_HEADER = 1 << 31
+
+
+def parse_file(kind: str, data: bytes, label: str, limits: IngestLimits) -> Parts:
+    """The parts of a "pdf" or "docx" file; a :class:`GlyphserveError` for anything wrong with it."""
+    if limits.timeout is None:
+        return parse_here(kind, data, label, limits)
+    return _CHILDREN.parse(kind, data, label, limits)
+
+
+def parse_here(kind: str, data: bytes, label: str, limits: IngestLimits) -> Parts:
+    """Parse in this process; any failure that is not already a user error means a damaged file."""
+    from glyphserve.ingest.pdf import read_pdf
+    from glyphserve.ingest.word import read_docx
+
+    try:
+        if kind == "pdf":
+            return read_pdf(data, label, limits)
+        return [TextPart(read_docx(data, label, limits))]
+    except (GlyphserveError, MemoryError):
+        raise
+    except Exception as exc:  # parsers fail in many ways on damaged input
+        raise CorruptFileError(
+            f"{label} looks like a {KINDS[kind]} but could not be read (damaged or truncated): "
+            f"{type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
+
+
+class _Children:
+    """Starts parser processes, one per file, keeping one spare started."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._spare: subprocess.Popen | None = None
+
+    def _start(self) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(_PACKAGE_ROOT),
+                                                                          os.environ.get("PYTHONPATH")))),
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        return subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    def _take(self) -> subprocess.Popen:
+        with self._lock:
+            child, self._spare = self._spare, None
+            if child is None or child.poll() is not None:
+                child = self._start()
+            self._spare = self._start()
+        return child
+
+    def close(self) -> None:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.kill()
+            spare.wait()
+
+    def parse(self, kind: str, data: bytes, label: str, limits: IngestLimits) -> Parts:
+        child = self._take()
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            child.kill()
+
+        timer = threading.Timer(limits.timeout, expire)
+        timer.start()
+        reply = parts = None
+        try:
+            header = json.dumps({"kind": kind, "label": label, "size": len(data), "limits": _limits_dict(limits)})
+            try:
+                child.stdin.write(header.encode() + b"\n")
+                child.stdin.write(data)
+                child.stdin.close()
+                answer = child.stdout.readline(_MAX_HEADER)
+                reply = json.loads(answer.decode("utf-8", "surrogatepass")) if answer.endswith(b"\n") else None
+                parts = None if reply is None or "error" in reply else _read_parts(child.stdout, reply["parts"])
+            except (OSError, ValueError, KeyError, TypeError):
+                reply = parts = None
+        finally:
+            timer.cancel()
+            if child.poll() is None and (reply is None or parts is None):
+                child.kill()
+            child.stdout.close()
+            child.wait()
+        if expired.is_set():
+            raise _timeout_error(label, limits)
+        if reply is None or (parts is None and "error" not in reply):
+            raise _crash_error(child.returncode, kind, label, limits)
+        if "error" in reply:
+            raise _error_from(reply["error"], kind, label)
+        return parts
+
+
+def _limits_dict(limits: IngestLimits) -> dict:
+    return {name: getattr(limits, name) for name in limits.__dataclass_fields__}
+
+
+def _read_parts(stream, described: list[dict]) -> Parts:
+    parts: Parts = []
+    for part in described:
+        if "text" in part:
+            parts.append(TextPart(part["text"]))
+            continue
+        height, width = (int(v) for v in part["image"])
+        image = np.empty((height, width, 3), dtype=np.uint8)
+        view = memoryview(image).cast("B")
+        filled = 0
+        while filled < len(view):
+            read = stream.readinto(view[filled:])
+            if not read:
+                raise ValueError("the parser's answer ended early")
+            filled += read
+        parts.append(ImagePart(image=image, source_page=int(part["page"])))
+    return parts
+
+
+_ERROR_TYPES = {cls.__name__: cls for cls in vars(errors).values()
+                if isinstance(cls, type) and issubclass(cls, GlyphserveError)}
+
+
+def _error_from(error: dict, kind: str, label: str) -> GlyphserveError:
+    cls = _ERROR_TYPES.get(error.get("type"))
+    if cls is None:
+        return CorruptFileError(f"{label} looks like a {KINDS[kind]} but could not be read")
+    return cls(str(error.get("message", "")))
+
+
+def _timeout_error(label: str, limits: IngestLimits) -> IngestTimeoutError:
+    return IngestTimeoutError(
+        f"reading {label} took longer than this server's {limits.timeout:g} s budget (--ingest-timeout); "
+        "split it into smaller files"
+    )
+
+
+def _crash_error(returncode: int | None, kind: str, label: str, limits: IngestLimits) -> GlyphserveError:
+    if returncode == -signal.SIGXCPU:  # its CPU time ran out before the wall clock did
+        return _timeout_error(label, limits)
+    # Out of address space PDFium aborts or faults rather than failing an allocation cleanly.
+    return CorruptFileError(
+        f"{label} looks like a {KINDS[kind]} but could not be read: the parser stopped (a damaged file, or one "
+        "that needs more memory than this server allows, --max-parser-memory-mb)"
+    )
+
+
+_CHILDREN = _Children()
+
+
+def shutdown() -> None:
+    """Stop the spare parser process (a new one starts with the next file)."""
+    _CHILDREN.close()
+
+
+# -- the child ------------------------------------------------------------------------------
+
+
+def child_main() -> None:
+    """Read one request from stdin, answer on stdout, exit."""
+    import resource
+
+    from glyphserve.ingest import pdf, word  # noqa: F401 (imported before the request: the spare's head start)
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    line = stdin.readline()
+    if not line:
+        return  # the parent went away before giving a file
+    request = json.loads(line)
+    limits = IngestLimits(**request["limits"])
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = int(used.ru_utime + used.ru_stime + limits.timeout) + 2
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    if limits.max_parser_memory is not None:
+        resource.setrlimit(resource.RLIMIT_AS, (limits.max_parser_memory, limits.max_parser_memory))
+    data = stdin.read(request["size"])
+    try:
+        parts = parse_here(request["kind"], data, request["label"], limits)
+    except GlyphserveError as exc:
+        reply, images = {"error": {"type": type(exc).__name__, "message": exc.message}}, []
+    except MemoryError:
+        reply, images = {"error": {"type": "FileTooLargeError", "message": (
+            f"reading {request['label']} needs more memory than this server allows for one file "
+            "(--max-parser-memory-mb); split it into smaller files")}}, []
+    else:
+        described, images = [], []
+        for part in parts:
+            if isinstance(part, TextPart):
+                described.append({"text": part.text})
+            else:
+                described.append({"image": list(part.image.shape[:2]), "page": part.source_page})
+                images.append(np.ascontiguousarray(part.image, dtype=np.uint8))
+        reply = {"parts": described}
+    stdout.write(json.dumps(reply, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+    for image in images:
+        stdout.write(memoryview(image).cast("B"))
+    stdout.flush()

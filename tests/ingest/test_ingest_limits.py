@@ -1,0 +1,111 @@
+"""Limits checked before (or while) the work they bound, on hostile files built by hand, and parsing in child
+processes that are killed past their budget."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from glyphserve.bench import hostile_files
+from glyphserve.errors import (
+    CorruptFileError,
+    EmptyDocumentError,
+    FileTooLargeError,
+    IngestTimeoutError,
+    TooManyPagesError,
+)
+from glyphserve.ingest import ImagePart, IngestLimits, TextPart, clean_filename, ingest_bytes
+
+ISOLATED = IngestLimits(timeout=30)
+WHITE_BOX = b"1 1 1 rg 0 0 612 792 re f"  # drawn, so the page must be rendered to see it is blank
+
+
+def test_docx_paragraphs_are_counted_while_the_xml_streams():
+    data = hostile_files.docx_of_paragraphs(8)  # ~250,000 paragraphs in a ~25 KB file
+    with pytest.raises(FileTooLargeError, match="more than 1,000 paragraphs.*--max-docx-paragraphs"):
+        ingest_bytes(data, "many.docx", limits=IngestLimits(max_paragraphs=1000))
+    text = "<w:p><w:r><w:t>abcdefghij</w:t></w:r></w:p>"
+    with pytest.raises(FileTooLargeError, match="more than 5,000 characters.*--max-characters"):
+        ingest_bytes(hostile_files.docx_of_paragraphs(1, text), "long.docx", limits=IngestLimits(max_characters=5000))
+
+
+def test_a_declared_size_over_the_limit_is_refused_without_inflating():
+    data = hostile_files.docx_of_paragraphs(250)  # 250 MiB of XML in ~0.8 MB
+    with pytest.raises(FileTooLargeError, match="unpacks to more than 128 MiB.*--max-unpacked-mb"):
+        ingest_bytes(data, "bomb.docx")
+
+
+def test_a_member_inflating_past_its_declared_size_stops_there():
+    data = hostile_files.docx_with_lying_size(64, declared=1000)  # declares 1,000 bytes, holds 64 MiB
+    with pytest.raises(CorruptFileError, match="CRC"):
+        ingest_bytes(data, "liar.docx")
+
+
+def test_dtds_and_oversized_directories_are_refused():
+    with pytest.raises(CorruptFileError, match="DTD"):
+        ingest_bytes(hostile_files.docx_with_entity_expansion(), "laughs.docx")
+    with pytest.raises(FileTooLargeError, match="more than 10,000 entries"):
+        ingest_bytes(hostile_files.zip_of_many_entries(10_001), "entries.docx")
+
+
+def test_pdf_page_count_is_checked_before_any_page_is_read():
+    data = hostile_files.pdf_of_pages(10_000)
+    with pytest.raises(TooManyPagesError, match="10,000 pages.*limit of 2,000 \\(--max-pdf-pages\\)"):
+        ingest_bytes(data, "long.pdf")
+    # Allowed, its pages have no content at all: blank without rendering them.
+    with pytest.raises(EmptyDocumentError, match="only blank pages"):
+        ingest_bytes(data, "long.pdf", limits=IngestLimits(max_pdf_pages=10_000))
+
+
+def test_pdf_text_is_counted(make_pdf):
+    data = make_pdf([("text", ["word " * 200]), ("text", ["word " * 200])])
+    with pytest.raises(FileTooLargeError, match="more than 1,500 characters"):
+        ingest_bytes(data, "wordy.pdf", limits=IngestLimits(max_characters=1500))
+
+
+def test_a_child_process_reads_what_this_process_reads(make_pdf, make_docx):
+    pdf = make_pdf([("text", ["Before the scan."]), ("scan", ["scanned words"]), ("blank", []), ("text", ["After."])])
+    here, there = ingest_bytes(pdf, "mixed.pdf"), ingest_bytes(pdf, "mixed.pdf", limits=ISOLATED)
+    assert [type(p) for p in there.parts] == [TextPart, ImagePart, TextPart]
+    assert there.text == here.text
+    assert np.array_equal(there.parts[1].image, here.parts[1].image) and there.parts[1].source_page == 2
+    docx = make_docx(lambda document: document.add_paragraph("Grüße \U0001f600 from a child"))
+    assert ingest_bytes(docx, limits=ISOLATED).text == "Grüße \U0001f600 from a child"
+    with pytest.raises(TooManyPagesError, match="--max-pdf-pages"):  # errors keep their type
+        ingest_bytes(hostile_files.pdf_of_pages(50), "long.pdf", limits=IngestLimits(timeout=30, max_pdf_pages=10))
+
+
+def test_a_slow_file_is_killed_at_its_budget_and_blocks_no_other(make_pdf):
+    slow = hostile_files.pdf_of_pages(5_000, WHITE_BOX)  # every page rendered to find it blank: minutes
+    outcome = {}
+
+    def read_slow():
+        try:
+            ingest_bytes(slow, "slow.pdf", limits=IngestLimits(timeout=2, max_pdf_pages=5_000))
+        except IngestTimeoutError as exc:
+            outcome["slow"] = exc
+
+    thread = threading.Thread(target=read_slow)
+    thread.start()
+    quick = ingest_bytes(make_pdf([("text", ["Quick."])]), "quick.pdf", limits=ISOLATED)
+    outcome["quick_done_first"] = thread.is_alive()
+    thread.join(timeout=60)
+    assert quick.text == "Quick." and outcome["quick_done_first"]
+    assert "2 s budget (--ingest-timeout)" in outcome["slow"].message and outcome["slow"].http_status == 422
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("report.pdf", "report.pdf"),
+    ("../../etc/passwd", "passwd"),
+    ("C:\\Users\\me\\notes.md", "notes.md"),
+    ("a\x00b\x1fc\nd.txt", "abcd.txt"),
+    ("\u202egpj.exe", "gpj.exe"),
+    ("  ..hidden.txt ", "hidden.txt"),
+    ("/", None),
+    ("x" * 5000 + ".docx", "x" * 195 + ".docx"),
+    ("y" * 5000, "y" * 200),
+])
+def test_file_names_are_cleaned(raw, clean):
+    assert clean_filename(raw) == clean
