@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ("glyphserve.bench.render", "glyphserve.bench.engine", "glyphserve.bench.serve")
+BENCH_MODULES = ("glyphserve.bench.render", "glyphserve.bench.engine", "glyphserve.bench.serve",
+                 "glyphserve.bench.attention")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,0 +1,333 @@
+"""Paged attention: the queries of many sequences against one layer's pool of K/V blocks.
+
+Layout
+------
+``k_cache`` / ``v_cache`` hold one layer's pool, ``[num_blocks, block_size, kv_heads, head_dim]``. Token ``p`` of
+sequence ``i`` sits in physical block ``block_tables[i, p // block_size]`` at slot ``p % block_size``; blocks may be
+shared between sequences and may lie anywhere in the pool. The queries of ``S`` sequences are packed one after
+another in ``q`` (``[T, n_heads, head_dim]``): sequence ``i`` owns rows ``query_start[i]:query_start[i + 1]``,
+which are the last ``q_len`` positions of its ``seq_lens[i]`` keys (their K/V are already in the pool), and query
+``j`` sees keys ``0 .. seq_len - q_len + j``. Decode is ``q_len == 1``; a follow-up question after a cached
+prefix is a short ``q_len`` with a long ``seq_len``. Rows of ``q`` past ``query_start[S]`` and rows that see no key
+(``seq_len`` 0) come out as zeros.
+
+CUDA path (Triton), two launches whose grids depend only on static shapes, so a CUDA graph can hold them:
+
+1. ``_attend_kernel``, grid ``(S * query_tiles, kv_heads, splits)``. A program owns one KV head and a tile of
+   ``BLOCK_M`` rows, each row one (query token, query head of that KV head's GQA group) pair: the group's heads (16 for
+   GLM-4.1V) share every K/V tile the program loads (read once from memory, not 16 times) and fill the M side of
+   ``tl.dot``, which needs at least 16 rows (smaller groups are padded). It walks its split of the sequence's
+   keys ``BLOCK_N`` at a time: each key's block number is read from the block table and the key's
+   ``head_dim`` values are one contiguous 2 x 128 = 256-byte row, loaded as 16-byte vectors, so pages need not
+   be adjacent. Online softmax (exp2, scale folded in) keeps a running max, sum and fp32 accumulator per row;
+   the causal mask ``key <= query position`` also cuts the key range's tail. It writes these three as a
+   partial result per split.
+2. ``_combine_kernel``, grid ``(T, n_heads)``: rescales the splits' partials to their common max, sums them
+   and writes the normalised row in ``q``'s dtype (zeros where no key was seen).
+
+Splits (flash-decoding): decode gives only ``S * kv_heads`` programs (2 for one GLM-4.1V row), far too few to
+stream a long context through 132 SMs, so each sequence's keys are divided among ``splits`` programs. The count
+comes from static numbers only (``plan_launch``): about ``_PROGRAMS_PER_SM`` programs per SM, rounded down, but no
+more splits than loop steps in the block table's capacity, and at most ``_MAX_SPLITS``. Measured on an
+H200 (GLM shapes, 4,096 keys a row, every split count from 1 to 64 tried): the best counts were 32 for 1 row, 16
+for 8, 4 for 32, 2 for 64 and 1 for 128 rows, i.e. ~256 programs for 132 SMs, with 8-25% lost one step away
+(consistent with waves: more programs leave a tail, fewer leave SMs idle); 1 row of 16k or 32k keys ran
+fastest with 128 splits (of 64, 128, 256). Inside the kernel a split's share is
+cut from the sequence's *actual* length (``seq_lens`` is read on the device), so one launch spreads a 4k-token
+and a 30k-token row evenly over its programs; a split with no keys writes only an empty max/sum, and the combine
+step skips its accumulator. Decode loop steps of 128 keys with 4 warps and 3 pipeline stages were the fastest
+of 18 tried (32/64/128 keys x 4/8 warps x 2/3/4 stages). Short prefills use tiles of 64 rows (4 query tokens x
+16 heads) and steps of 64 keys (1 x 4,096 + 128 queries: 56 us against 71 with 128-key steps and 102 with
+16-row tiles); the same split rule picked the best count there too. ``max_query_len`` sets the query tiles per
+sequence (programs past a sequence's own queries exit at once) and so lowers the split count: a decode-only
+step should use ``max_query_len=1``. It must bound every sequence's query count.
+
+Elsewhere (CPU, or no Triton) the op runs ``paged_attention_reference``: plain PyTorch, one sequence at a time,
+softmax in fp32. It reads ``seq_lens`` on the host, so it is not for CUDA graphs.
+
+The op is ``torch.ops.glyphserve.paged_attention`` (a ``torch.library.custom_op`` that mutates ``out``, with a
+fake implementation), so ``torch.compile`` treats it as one opaque call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS, Arm: the reference path only
+    triton = None
+
+_PROGRAMS_PER_SM = 2  # attention programs per SM that the split count aims for (measured best, see above)
+_MAX_SPLITS = 128
+_DECODE_BLOCK_N = 128  # keys per loop step with one query per sequence
+_PREFILL_BLOCK_M = 64  # rows (query tokens x group heads) per program when sequences bring several queries
+_PREFILL_BLOCK_N = 64  # keys per loop step then (measured faster than 128 with 64-row tiles)
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                    query_start: Tensor, scale: float, max_query_len: int, out: Tensor | None = None) -> Tensor:
+    """Causal attention of each sequence's queries over its paged K/V; returns ``out`` ``[T, n_heads, head_dim]``.
+
+    Triton on CUDA tensors where Triton imports, else ``paged_attention_reference``. No host synchronisation
+    on the Triton path (safe inside CUDA graph capture).
+    """
+    _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be like q {tuple(q.shape)} {q.dtype} with contiguous rows")
+    torch.ops.glyphserve.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start,
+                                         float(scale), int(max_query_len), out)
+    return out
+
+
+def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                              query_start: Tensor, scale: float, max_query_len: int,
+                              out: Tensor | None = None) -> Tensor:
+    """Plain PyTorch version of ``paged_attention``: gather each sequence's blocks, causal softmax in fp32."""
+    _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out.zero_()
+    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    starts, lengths = query_start.tolist(), seq_lens.tolist()
+    for i, seq_len in enumerate(lengths):
+        q_len = starts[i + 1] - starts[i]
+        if q_len > max_query_len:
+            raise ValueError(f"sequence {i} has {q_len} queries, more than max_query_len={max_query_len}")
+        if q_len == 0 or seq_len == 0:
+            continue
+        blocks = block_tables[i, : -(-seq_len // block_size)].long()
+        keys = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)  # [L, H, D]
+        values = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
+        queries = q[starts[i] : starts[i + 1]].float()  # [q_len, H, D]
+        scores = torch.einsum("qhd,khd->hqk", queries, keys) * scale
+        positions = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= positions[:, None]  # [q_len, L]
+        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        weights = weights.nan_to_num(0.0)  # queries before position 0 (seq_len < q_len) see no key
+        out[starts[i] : starts[i + 1]] = torch.einsum("hqk,khd->qhd", weights, values).to(out.dtype)
+    return out
+
+
+def _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len) -> None:
+    """Static-shape checks (no device values read)."""
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"q must be [T, heads, dim] and k/v caches [blocks, block_size, kv_heads, dim] alike; "
+                         f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}: head_dim differs or "
+                         "query heads are not a multiple of KV heads")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q is {q.dtype} but the caches are {k_cache.dtype}/{v_cache.dtype}")
+    n_seqs = block_tables.shape[0]
+    if block_tables.dim() != 2 or seq_lens.shape != (n_seqs,) or query_start.shape != (n_seqs + 1,):
+        raise ValueError(f"block_tables must be [S, max_blocks], seq_lens [S], query_start [S + 1]; got "
+                         f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}, {tuple(query_start.shape)}")
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start", query_start)):
+        if t.dtype != torch.int32 or t.device != q.device:
+            raise ValueError(f"{name} must be int32 on {q.device}, got {t.dtype} on {t.device}")
+    if max_query_len < 1:
+        raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
+
+
+@torch.library.custom_op("glyphserve::paged_attention", mutates_args=("out",))
+def _paged_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                        query_start: Tensor, scale: float, max_query_len: int, out: Tensor) -> None:
+    if q.is_cuda and triton is not None:
+        paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len, out)
+    else:
+        paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len,
+                                  out)
+
+
+@_paged_attention_op.register_fake
+def _(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len, out) -> None:
+    return None
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # Triton's interpreter on the CPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """The Triton path's grid for a batch, from static shapes only."""
+
+    block_m: int  # rows per program: query tokens x the GQA group's heads (padded to a power of two)
+    block_n: int  # keys per loop step
+    group_pad: int
+    query_tiles: int  # programs per sequence and KV head along its queries
+    splits: int  # programs per sequence and KV head along its keys
+
+
+def plan_launch(n_seqs: int, n_heads: int, kv_heads: int, max_query_len: int, key_capacity: int,
+                sm_count: int) -> LaunchPlan:
+    """``key_capacity``: keys a block table can address (its width x block size); bounds useful splits."""
+    group_pad = _next_power_of_2(n_heads // kv_heads)
+    if max_query_len == 1:
+        block_m, block_n = max(16, group_pad), _DECODE_BLOCK_N
+    else:
+        block_m, block_n = max(_PREFILL_BLOCK_M, group_pad), _PREFILL_BLOCK_N
+    query_tiles = -(-max_query_len // (block_m // group_pad))
+    programs = max(1, n_seqs * query_tiles * kv_heads)
+    splits = max(1, min(_PROGRAMS_PER_SM * sm_count // programs, -(-key_capacity // block_n), _MAX_SPLITS))
+    return LaunchPlan(block_m, block_n, group_pad, query_tiles, splits)
+
+
+def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                           query_start: Tensor, scale: float, max_query_len: int, out: Tensor,
+                           splits: int | None = None) -> None:
+    """The Triton path into ``out`` (also on CPU tensors under ``TRITON_INTERPRET=1``); ``splits`` overrides
+    the plan's (tests)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    n_tokens, n_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"the Triton path needs a power-of-two head_dim >= 16, got {head_dim}")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or block_tables.stride(1) != 1:
+        raise ValueError("q, the caches and block_tables need a contiguous last dimension")
+    n_seqs = block_tables.shape[0]
+    plan = plan_launch(n_seqs, n_heads, kv_heads, max_query_len, block_tables.shape[1] * block_size,
+                       _sm_count(q.device))
+    if splits is not None:
+        plan = dataclasses.replace(plan, splits=splits)
+    splits = plan.splits
+
+    partial_max = torch.empty((n_tokens, n_heads, splits), dtype=torch.float32, device=q.device)
+    partial_sum = torch.empty_like(partial_max)
+    partial_acc = torch.empty((n_tokens, n_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+    if n_seqs:
+        _attend_kernel[(n_seqs * plan.query_tiles, kv_heads, splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, query_start,
+            partial_max, partial_sum, partial_acc,
+            scale * math.log2(math.e),
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0), plan.query_tiles, splits, n_heads,
+            GROUP=n_heads // kv_heads, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, PAGE=block_size,
+            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=4, num_stages=3,
+        )
+    if n_tokens:
+        _combine_kernel[(n_tokens, n_heads)](
+            partial_max, partial_sum, partial_acc, out, query_start, n_seqs,
+            out.stride(0), out.stride(1), n_heads, splits,
+            HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_2(splits)),
+            num_warps=4,
+        )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_kernel(
+        q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
+        part_max_ptr, part_sum_ptr, part_acc_ptr,
+        qk_scale,  # softmax scale * log2(e): the kernel works in exp2
+        q_stride_t, q_stride_h,
+        k_stride_b, k_stride_s, k_stride_h,
+        v_stride_b, v_stride_s, v_stride_h,
+        tables_stride, query_tiles, splits, n_heads,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
+        seq = tl.program_id(0) // query_tiles
+        tile = tl.program_id(0) % query_tiles
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        q_begin = tl.load(query_start_ptr + seq)
+        q_len = tl.load(query_start_ptr + seq + 1) - q_begin
+        if tile * TOKENS >= q_len:
+            return
+        seq_len = tl.load(seq_lens_ptr + seq)
+
+        rows = tl.arange(0, BLOCK_M)
+        token = tile * TOKENS + rows // GROUP_PAD  # query index within the sequence
+        head = kv_head * GROUP + rows % GROUP_PAD
+        live = (token < q_len) & (rows % GROUP_PAD < GROUP)
+        position = tl.where(live, seq_len - q_len + token, -1)  # last key this row may see
+
+        # This split's share of the sequence's keys, ending at the tile's last query position (causal).
+        per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), splits) * BLOCK_N
+        start = split * per_split
+        end = tl.minimum(start + per_split, seq_len - q_len + tl.minimum(tile * TOKENS + TOKENS, q_len))
+
+        part = ((q_begin + token) * n_heads + head) * splits + split
+        if start >= end:  # nothing to see here (a short sequence in a launch sized for long ones): no accumulator
+            tl.store(part_max_ptr + part, tl.full([BLOCK_M], -1e30, tl.float32), mask=live)
+            tl.store(part_sum_ptr + part, tl.zeros([BLOCK_M], tl.float32), mask=live)
+            return
+
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + (q_begin + token)[:, None] * q_stride_t + head[:, None] * q_stride_h + dims[None, :],
+                    mask=live[:, None], other=0.0)
+        # A finite floor, not -inf: a row that sees no key in this split keeps max -1e30 and sum 0, no NaN.
+        row_max = tl.full([BLOCK_M], -1e30, tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        table = tables_ptr + seq * tables_stride
+        k_base = k_ptr + kv_head * k_stride_h
+        v_base = v_ptr + kv_head * v_stride_h
+        for first in range(start, end, BLOCK_N):
+            keys = first + tl.arange(0, BLOCK_N)
+            inside = keys < end
+            block = tl.load(table + keys // PAGE, mask=inside, other=0).to(tl.int64)
+            slot = keys % PAGE
+            k = tl.load(k_base + block[None, :] * k_stride_b + slot[None, :] * k_stride_s + dims[:, None],
+                        mask=inside[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+            scores = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            scores = tl.where(keys[None, :] <= position[:, None], scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            rescale = tl.exp2(row_max - new_max)
+            p = tl.exp2(scores - new_max[:, None])
+            row_sum = row_sum * rescale + tl.sum(p, 1)
+            v = tl.load(v_base + block[:, None] * v_stride_b + slot[:, None] * v_stride_s + dims[None, :],
+                        mask=inside[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            row_max = new_max
+
+        tl.store(part_max_ptr + part, row_max, mask=live)
+        tl.store(part_sum_ptr + part, row_sum, mask=live)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=live[:, None])
+
+    @triton.jit
+    def _combine_kernel(
+        part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, query_start_ptr, n_seqs,
+        out_stride_t, out_stride_h, n_heads, splits,
+        HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    ):
+        token = tl.program_id(0)
+        head = tl.program_id(1)
+        dims = tl.arange(0, HEAD_DIM)
+        parts = tl.arange(0, SPLITS_PAD)
+        # Rows past the last sequence's queries (padding) have no partials: they combine to zeros.
+        ok = (parts < splits) & (token < tl.load(query_start_ptr + n_seqs))
+        base = (token * n_heads + head) * splits
+        maxes = tl.load(part_max_ptr + base + parts, mask=ok, other=-1e30)
+        sums = tl.load(part_sum_ptr + base + parts, mask=ok, other=0.0)
+        weights = tl.exp2(maxes - tl.max(maxes, 0))
+        total = tl.sum(weights * sums, 0)
+        seen = ok & (sums > 0)  # empty splits wrote no accumulator
+        accs = tl.load(part_acc_ptr + (base + parts)[:, None] * HEAD_DIM + dims[None, :], mask=seen[:, None],
+                       other=0.0)
+        row = tl.sum(accs * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + token * out_stride_t + head * out_stride_h + dims, row.to(out_ptr.dtype.element_ty))

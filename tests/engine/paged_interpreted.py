@@ -1,0 +1,50 @@
+"""Runs the Triton paged-attention kernel under Triton's CPU interpreter against the reference; prints one JSON
+line of per-case results. Started by tests/engine/test_attention.py in a subprocess with TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import triton.runtime.interpreter as interpreter
+
+from tests.engine.paged_cases import CASES, make_case
+
+
+def _fix_scalar_index() -> None:
+    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with int(array), which
+    numpy >= 2.4 refuses; fixed upstream after 3.6 (triton-lang/triton#9171)."""
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    _fix_scalar_index()
+    from glyphserve.engine.attention import paged_attention_reference, paged_attention_triton
+
+    results = []
+    for case in CASES:
+        if not case.interpreted:
+            continue
+        inputs = make_case(case, seed=5)
+        out = torch.full_like(inputs.q, float("nan"))
+        paged_attention_triton(*inputs.args, out, splits=case.splits)
+        expected = paged_attention_reference(*inputs.args)
+        results.append({
+            "name": case.name,
+            "unwritten": int(out.isnan().sum()),
+            "max_error": float((out.float() - expected.float()).abs().nan_to_num(float("inf")).max()),
+            "tolerance": 1e-5 if case.dtype == torch.float32 else 2e-3,
+        })
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Paged attention: the PyTorch reference against a naive dense oracle, the custom op, and the Triton kernel
+under Triton's CPU interpreter (in a subprocess: TRITON_INTERPRET must be set before Triton is imported)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glyphserve.engine.attention import paged_attention, paged_attention_reference
+from tests.engine.paged_cases import CASES, make_case
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def dense_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale):
+    """Token by token: gather each sequence's K/V by position, then per query head a causal softmax in float64."""
+    n_heads, kv_heads = q.shape[1], k_cache.shape[2]
+    block_size = k_cache.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i in range(block_tables.shape[0]):
+        seq_len, first, last = int(seq_lens[i]), int(query_start[i]), int(query_start[i + 1])
+        keys = torch.stack([k_cache[block_tables[i, p // block_size], p % block_size] for p in range(seq_len)]) \
+            if seq_len else torch.zeros(0, kv_heads, q.shape[2])
+        values = torch.stack([v_cache[block_tables[i, p // block_size], p % block_size] for p in range(seq_len)]) \
+            if seq_len else torch.zeros(0, kv_heads, q.shape[2])
+        for j in range(last - first):
+            position = seq_len - (last - first) + j
+            if position < 0:
+                continue
+            for h in range(n_heads):
+                kv = h // (n_heads // kv_heads)
+                scores = keys[: position + 1, kv].double() @ q[first + j, h].double() * scale
+                out[first + j, h] = torch.softmax(scores, 0) @ values[: position + 1, kv].double()
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_reference_matches_dense_attention(case):
+    inputs = make_case(case, seed=1)
+    out = torch.full_like(inputs.q, float("nan"))
+    paged_attention_reference(*inputs.args, out=out)
+    assert not out.isnan().any(), "every element of out is written"
+    expected = dense_attention(inputs.q, inputs.k_cache, inputs.v_cache, inputs.block_tables, inputs.seq_lens,
+                               inputs.query_start, inputs.scale)
+    tolerance = 1e-5 if case.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+    assert (out[inputs.zero_rows] == 0).all()
+
+
+def test_op_on_cpu_runs_the_reference_and_fills_out():
+    inputs = make_case(CASES[0], seed=2)
+    out = torch.full_like(inputs.q, float("nan"))
+    returned = paged_attention(*inputs.args, out=out)
+    assert returned is out
+    torch.testing.assert_close(out, paged_attention_reference(*inputs.args), rtol=0, atol=0)
+    fresh = paged_attention(*inputs.args)
+    torch.testing.assert_close(fresh, out, rtol=0, atol=0)
+
+
+def test_op_is_a_registered_custom_op():
+    inputs = make_case(CASES[0], seed=3)
+    out = torch.empty_like(inputs.q)
+    torch.library.opcheck(torch.ops.glyphserve.paged_attention, (*inputs.args, out),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_shapes_are_refused_before_any_work():
+    inputs = make_case(CASES[0], seed=4)
+    q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len = inputs.args
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        paged_attention(q[:, :3], k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len)
+    with pytest.raises(ValueError, match="int32"):
+        paged_attention(q, k_cache, v_cache, block_tables.long(), seq_lens, query_start, scale, max_query_len)
+    with pytest.raises(ValueError, match=r"query_start \[S \+ 1\]"):
+        paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start[:-1], scale, max_query_len)
+    with pytest.raises(ValueError, match="caches are"):
+        paged_attention(q, k_cache.double(), v_cache, block_tables, seq_lens, query_start, scale, max_query_len)
+    mixed = make_case(next(c for c in CASES if c.name == "mixed-prefill-decode"), seed=4)
+    with pytest.raises(ValueError, match="more than max_query_len"):
+        paged_attention_reference(*mixed.args[:-1], 1)
+
+
+def test_triton_kernel_under_the_interpreter_matches_the_reference():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-m", "tests.engine.paged_interpreted"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["name"] for r in results} >= {c.name for c in CASES if c.interpreted}
+    for r in results:
+        assert r["unwritten"] == 0, r
+        assert r["max_error"] <= r["tolerance"], r
