@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
 
         config = EngineConfig(model=args.model, random_weights=args.random_weights, dtype=args.dtype,
-                              max_batch_size=max(sizes))
+                              max_num_seqs=max(sizes))
         started = time.perf_counter()
         engine = Engine.load(config)
         load_s = time.perf_counter() - started

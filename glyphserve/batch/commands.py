@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
         truncate_pages=args.truncate_pages,
         render=RenderOptions(preset=args.preset, dpi=args.dpi, newline=args.newline),
     )
-    load_engine = engine_loader(args, max_batch_size=args.batch_size)
+    load_engine = engine_loader(args, max_num_seqs=args.batch_size)
     documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None)
     with ResultLog(args.output, retry_failed=args.retry_failed) as log:
         if log.torn_bytes:
@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
     return 130 if summary.interrupted else 1 if summary.stopped else 0
 
 
-def engine_loader(args: argparse.Namespace, *, max_batch_size: int):
+def engine_loader(args: argparse.Namespace, *, max_num_seqs: int):
     """A function that loads the engine the arguments ask for (checked now, loaded later)."""
     from glyphserve.errors import ConfigError
 
@@ -103,7 +103,7 @@ def engine_loader(args: argparse.Namespace, *, max_batch_size: int):
         from glyphserve.engine.remote import RemoteConfig, RemoteEngine
 
         config = RemoteConfig(args.endpoint, model=args.remote_model, api_key=args.api_key,
-                              max_concurrency=max(16, max_batch_size))
+                              max_concurrency=max(16, max_num_seqs))
         return lambda: RemoteEngine.load(config)
     if args.endpoint:
         raise ConfigError("--endpoint needs --backend openai")
@@ -114,5 +114,5 @@ def engine_loader(args: argparse.Namespace, *, max_batch_size: int):
     from glyphserve.engine import Engine, EngineConfig
 
     config = EngineConfig(model=args.model, random_weights=args.random_weights, dtype=args.dtype,
-                          device=args.device, max_batch_size=max_batch_size)
+                          device=args.device, max_num_seqs=max_num_seqs)
     return lambda: Engine.load(config)

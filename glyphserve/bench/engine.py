@@ -425,7 +425,7 @@ class Ladder:
                                 args.hf_repeats))
 
         engine_config = dataclasses.replace(
-            config, max_context=args.max_context, max_batch_size=1, compile_vision=True,
+            config, max_context=args.max_context, max_num_seqs=1, compile_vision=True,
             vision_batch_pages=len(docs[0].pages), pinned_copies=False,
         )
         t1 = time.perf_counter()

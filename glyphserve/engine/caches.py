@@ -1,10 +1,9 @@
-"""Byte-bounded LRU caches: vision features per page and KV of document prefixes."""
+"""Byte-bounded LRU caches: vision features per page (document prefixes live in the KV pool)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -118,42 +117,3 @@ class VisionCache:
         if self.cpu is not None:
             out["cpu"] = self.cpu.stats()
         return out
-
-
-@dataclass
-class PrefixEntry:
-    """KV of a document prefix: ``kv`` is [layers, 2, kv_heads, tokens, head_dim]."""
-
-    token_ids: tuple[int, ...]
-    kv: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return len(self.token_ids)
-
-
-class PrefixCache:
-    """Document prefix KV keyed by document; an entry is used only when its tokens equal the new prefix."""
-
-    def __init__(self, capacity_bytes: int):
-        self.lru = ByteLRU(capacity_bytes)
-        self.reused_tokens = 0
-
-    def lookup(self, key: str, prefix_ids: tuple[int, ...]) -> PrefixEntry | None:
-        entry = self.lru.get(key)
-        if entry is not None and entry.token_ids != prefix_ids:
-            self.lru.hits -= 1
-            self.lru.misses += 1
-            return None
-        if entry is not None:
-            self.reused_tokens += entry.length
-        return entry
-
-    def store(self, key: str, entry: PrefixEntry) -> None:
-        self.lru.put(key, entry, tensor_bytes(entry.kv))
-
-    def clear(self) -> None:
-        self.lru.clear()
-
-    def stats(self) -> dict:
-        return {**self.lru.stats(), "reused_tokens": self.reused_tokens}

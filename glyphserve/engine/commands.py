@@ -83,7 +83,7 @@ def _ask(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=args.device,
             max_context=args.max_context,
-            max_batch_size=1,
+            max_num_seqs=1,
         )
     )
     settings = GenerationSettings(

@@ -1,39 +1,8 @@
-"""Generated token ids to text deltas, split into Glyph's "thinking" and "answer" channels."""
+"""Glyph's answers split into their "thinking" and "answer" channels, however the text arrives in pieces."""
 
 from __future__ import annotations
 
 from glyphserve.glm4v import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
-
-
-class IncrementalDecoder:
-    """Decodes one token at a time; text is released only once its UTF-8 bytes are complete."""
-
-    def __init__(self, tokenizer, skip_ids: set[int]):
-        self.tokenizer = tokenizer
-        self.skip_ids = skip_ids
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def push(self, token_id: int) -> str:
-        if token_id in self.skip_ids:
-            return ""
-        self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset :])
-        if text.endswith("\ufffd"):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return text[len(prefix) :]
-
-    def flush(self) -> str:
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset :])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix) :]
 
 
 def _partial_tag_suffix(text: str, tag: str) -> int:

@@ -29,11 +29,21 @@ class EngineConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # Longest sequence (prompt + answer) in tokens; None = the model's limit, capped at 32768.
     max_context: int | None = None
-    # Rows of the static KV cache: the most requests answer_batch decodes together.
-    max_batch_size: int = 4
+    # Sequences decoded together at most (vLLM's max_num_seqs); a CUDA graph is captured per power-of-two bucket.
+    max_num_seqs: int = 256
+    # CUDA: the share of the GPU's memory the process may use; the KV pool gets what the weights, the largest
+    # prefill's activations and the vision cache leave of it (vLLM's gpu_memory_utilization).
+    gpu_memory_utilization: float = 0.9
+    kv_block_size: int = 16  # tokens per KV block (the granularity of prefix sharing)
+    num_kv_blocks: int | None = None  # a fixed pool size instead of the memory budget
+    cpu_kv_cache_bytes: int = 1 << 30  # the pool's size on CPU
+    enable_prefix_caching: bool = True  # share KV blocks of equal prefixes (documents, earlier turns)
+    # Tokens per step while sequences decode (a joining document is prefilled this much at a time between their
+    # steps), and per step when none decodes (a long prompt prefilled in one causal pass).
+    max_num_batched_tokens: int = 2048
+    max_prefill_tokens: int = 16384
     vision_cache_bytes: int = 2 * 2**30
     vision_cache_cpu_bytes: int = 0
-    prefix_cache_bytes: int = 4 * 2**30
     # Capture the decode step as CUDA graphs at load time, its elementwise work fused by torch.compile (CUDA only).
     cuda_graphs: bool = True
     compile_decode: bool = True
@@ -132,6 +142,9 @@ class AnswerRequest:
     page_keys: list[str] | None = None
     # Text placed just before each page in the prompt (e.g. which document of a collection it belongs to).
     page_labels: list[str] | None = None
+    # Only compute and keep the pages' vision features and prefix KV, at low priority (a document made ready at
+    # upload); nothing is generated and the question may be empty.
+    warm: bool = False
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     # Polled once per decode step; returning True ends this request's generation (finish_reason "cancelled").
     cancel: Callable[[], bool] | None = field(default=None, compare=False, repr=False)

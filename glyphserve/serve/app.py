@@ -200,7 +200,7 @@ def load_engine(config: ServeConfig) -> tuple["Engine | None", str | None]:
     from glyphserve.engine import Engine, EngineConfig
 
     engine_config = EngineConfig(model=config.model, random_weights=config.random_weights,
-                                 dtype=config.dtype, device=config.device, max_batch_size=config.max_batch)
+                                 dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs)
     name = config.model or f"random-{config.random_weights}"
     print(f"glyphserve: loading {name} ...", flush=True)
     started = time.perf_counter()

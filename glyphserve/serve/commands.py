@@ -42,7 +42,9 @@ def register(subparsers) -> None:
                              "(default 60)")
     serve.add_argument("--queue-size", type=int, default=64,
                        help="requests allowed to wait for the model; past it, 429 (default 64)")
-    serve.add_argument("--max-batch", type=int, default=4, help="requests answered together (default 4)")
+    serve.add_argument("--max-num-seqs", "--max-batch", dest="max_num_seqs", type=int, default=256,
+                       help="requests decoded together at most (default 256; the KV pool's free blocks decide "
+                            "how many run at once)")
     serve.add_argument("--request-timeout", type=float, default=300,
                        help="seconds before a request is answered 504 (default 300)")
     serve.add_argument("--no-ui", action="store_true", help="serve the API only")
@@ -60,7 +62,7 @@ def register(subparsers) -> None:
     scale.add_argument("--replica-concurrency", type=int, default=None, metavar="N",
                        help="requests in flight per replica; with N in flight a document's questions go to the next "
                             "replica on its ring with fewer; the front's queue follows healthy replicas x N "
-                            "(default: twice --max-batch with --gpus, else 16)")
+                            "(default: twice --max-num-seqs with --gpus, else 16)")
     scale.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
                        help="seconds between health checks of the replicas (default 2)")
     serve.set_defaults(func=_serve)
@@ -98,7 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_scan_pages=args.max_scan_pages, max_characters=args.max_characters,
         max_docx_paragraphs=args.max_docx_paragraphs, max_unpacked_mb=args.max_unpacked_mb,
         max_parser_memory_mb=args.max_parser_memory_mb, ingest_timeout=args.ingest_timeout, queue_size=args.queue_size,
-        max_batch=args.max_batch, request_timeout=args.request_timeout, ui=not args.no_ui,
+        max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout, ui=not args.no_ui,
         backend=args.backend, endpoints=args.endpoint, remote_model=args.remote_model,
         remote_api_key=args.remote_api_key or None, gpus=args.gpus, replica_concurrency=args.replica_concurrency,
         health_interval=args.health_interval,

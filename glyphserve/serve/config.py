@@ -54,7 +54,8 @@ class ServeConfig:
     max_parser_memory_mb: float = 2048.0
     ingest_timeout: float = 60.0
     queue_size: int = 64
-    max_batch: int = 8
+    # Sequences the engine decodes together (its KV pool decides how many fit; vLLM's --max-num-seqs).
+    max_num_seqs: int = 256
     request_timeout: float = 300.0
     ui: bool = True
     # Scale-out (glyphserve.serve.routing): answers come from OpenAI-compatible replicas.
@@ -63,7 +64,7 @@ class ServeConfig:
     remote_model: str | None = None
     remote_api_key: str | None = None
     gpus: list[str] = field(default_factory=list)  # one local replica per GPU index
-    replica_concurrency: int | None = None  # None: twice --max-batch with --gpus, else 16
+    replica_concurrency: int | None = None  # None: twice --max-num-seqs with --gpus, else 16
     health_interval: float = 2.0
 
     @property
@@ -75,7 +76,7 @@ class ServeConfig:
         """Requests in flight per replica: for a local replica, one batch decoding and one waiting to join it
         (measured faster than holding the queue here: requests that trickle in one by one make a replica
         stall its batch for one prefill each, where a waiting batch joins in one pass)."""
-        return self.replica_concurrency or (2 * self.max_batch if self.gpus else 16)
+        return self.replica_concurrency or (2 * self.max_num_seqs if self.gpus else 16)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -113,7 +114,7 @@ class ServeConfig:
             ("--max-parser-memory-mb", self.max_parser_memory_mb),
             ("--ingest-timeout", self.ingest_timeout),
             ("--queue-size", self.queue_size),
-            ("--max-batch", self.max_batch),
+            ("--max-num-seqs", self.max_num_seqs),
             ("--request-timeout", self.request_timeout),
             ("--replica-concurrency", 1 if self.replica_concurrency is None else self.replica_concurrency),
             ("--health-interval", self.health_interval),

@@ -389,7 +389,7 @@ class LocalReplicas:
 
 def replica_args(config: "ServeConfig") -> list[str]:
     """The ``glyphserve serve`` arguments of a local replica: this server's model settings."""
-    args = ["--dtype", config.dtype, "--device", config.device, "--max-batch", str(config.max_batch),
+    args = ["--dtype", config.dtype, "--device", config.device, "--max-num-seqs", str(config.max_num_seqs),
             "--queue-size", str(config.queue_size), "--request-timeout", str(config.request_timeout)]
     if config.model:
         args += ["--model", config.model]

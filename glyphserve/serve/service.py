@@ -85,7 +85,7 @@ class GlyphService:
             self.scheduler = RoutedScheduler(self.backend, self.router, queue_size=config.queue_size,
                                              timeout=config.request_timeout, hooks=hooks)
         else:
-            self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_batch,
+            self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_num_seqs,
                                        timeout=config.request_timeout, hooks=hooks)
         self._ingest_pool = ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="glyphserve-ingest")
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")

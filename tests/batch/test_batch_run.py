@@ -75,7 +75,7 @@ def _reference_answers(model_dir: Path, folder: Path) -> dict[tuple[str, str], s
     from glyphserve.batch.prefetch import RenderOptions, prepare_document
     from glyphserve.engine import AnswerRequest, Engine, EngineConfig, GenerationSettings
 
-    engine = Engine.load(EngineConfig(model=str(model_dir), max_batch_size=1))
+    engine = Engine.load(EngineConfig(model=str(model_dir), max_num_seqs=1))
     answers = {}
     for document in collect_documents(str(folder), QUESTIONS):
         if document.id in BAD:
@@ -168,7 +168,7 @@ def test_manifest_input_and_out_of_memory_back_off(tiny_model_dir, folder, tmp_p
     manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
     documents = collect_documents(str(manifest))
 
-    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), max_batch_size=8))
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), max_num_seqs=8))
     flaky = OutOfMemoryAbove(engine, limit=2)
     options = BatchOptions(batch_size=8, max_new_tokens=MAX_NEW_TOKENS, workers=0)
     with ResultLog(tmp_path / "out.jsonl") as log:

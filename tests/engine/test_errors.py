@@ -107,7 +107,7 @@ def test_out_of_memory_inside_the_forward_is_recovered(load_engine, reference, l
     engine = load_engine()
     pages = PAGES[:2]
     engine.answer(AnswerRequest(pages=pages, question="Who?"))
-    assert engine.stats()["prefix_cache"]["entries"] == 1
+    assert engine.stats()["kv_pool"]["cached"] > 0
 
     calls = {"n": 0}
 
@@ -125,9 +125,60 @@ def test_out_of_memory_inside_the_forward_is_recovered(load_engine, reference, l
         assert err.value.http_status == 503
         stats = engine.stats()
         assert stats["oom_recoveries"] == 1
-        assert stats["prefix_cache"]["entries"] == 0 and stats["vision_cache"]["device"]["entries"] == 0
+        assert stats["kv_pool"]["cached"] == 0 and stats["kv_pool"]["in_use"] == 0
+        assert stats["vision_cache"]["device"]["entries"] == 0
         answer = engine.answer(request)  # the next request succeeds, and is right
     finally:
         hook.remove()
     expected, _ = reference.generate(pages, "Who pretended?", max_new_tokens=8)
     assert answer.token_ids == expected
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1e-300 * 0), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(presence_penalty=3.0), "presence_penalty"), (dict(frequency_penalty=float("inf")), "frequency_penalty"),
+    (dict(logprobs=21), "logprobs"), (dict(seed=2**64), "seed"), (dict(stop_token_ids=(10**9,)), "stop_token_ids"),
+])
+def test_settings_that_cannot_be_honoured_are_refused(load_engine, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        load_engine().answer(AnswerRequest(pages=PAGES[:1], question="Who?", settings=GenerationSettings(**bad)))
+
+
+def test_extreme_but_valid_settings_answer(load_engine):
+    """Tiny temperatures mean greedy; tiny top_p keeps the most likely token; the largest seed works."""
+    engine = load_engine()
+    greedy = engine.answer(AnswerRequest(pages=PAGES[:1], question="Who?",
+                                         settings=GenerationSettings(max_tokens=6, ignore_eos=True)))
+    for settings in (dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, seed=2**64 - 1)):
+        answer = engine.answer(AnswerRequest(pages=PAGES[:1], question="Who?",
+                                             settings=GenerationSettings(max_tokens=6, ignore_eos=True, **settings)))
+        assert len(answer.token_ids) == 6
+        if "seed" not in settings:
+            assert answer.token_ids == greedy.token_ids
+
+
+def test_a_failure_in_one_row_ends_only_that_request(load_engine):
+    """A request whose own code fails mid-answer (here its cancel callback raises) gets an error; the rows decoding
+    beside it finish exactly as they would alone."""
+    engine = load_engine()
+    settings = GenerationSettings(max_tokens=16, ignore_eos=True)
+    polls = []
+
+    def broken() -> bool:
+        polls.append(1)
+        if len(polls) > 4:
+            raise RuntimeError("the client's connection object is gone")
+        return False
+
+    requests = [AnswerRequest(pages=PAGES[:1], question="Who?", settings=settings),
+                AnswerRequest(pages=PAGES[1:2], question="Where?", settings=settings, cancel=broken),
+                AnswerRequest(pages=PAGES[2:3], question="Why?", settings=settings)]
+    events = list(engine.stream_batch(requests))
+    errors = {i: e.error for i, e in events if e.channel == "error"}
+    done = {i: e.result for i, e in events if e.channel == "done"}
+    assert list(errors) == [1] and "connection object is gone" in str(errors[1])
+    alone = [engine.answer(requests[i]) for i in (0, 2)]
+    assert [done[0].token_ids, done[2].token_ids] == [a.token_ids for a in alone]
+    assert engine.stats()["kv_pool"]["in_use"] == 0

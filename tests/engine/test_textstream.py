@@ -1,11 +1,11 @@
-"""Incremental decoding and the thinking / answer split, however the text is cut into deltas."""
+"""The thinking / answer split, however the text is cut into deltas."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glyphserve.engine.textstream import IncrementalDecoder, ReasoningParser
+from glyphserve.engine.textstream import ReasoningParser
 
 
 def run(chunks):
@@ -52,15 +52,3 @@ def test_nothing_is_emitted_before_it_is_certain():
     assert parser.feed("<thi") == []
     assert parser.feed("nk>abc</th") == [("thinking", "abc")]
     assert parser.feed("ink><answer>Hi") == [("answer", "Hi")]
-
-
-def test_decoder_waits_for_complete_utf8(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    text = "Grand-mère 奶奶 🐺 <think>x</think>"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    decoder = IncrementalDecoder(tok, skip_ids={tok.convert_tokens_to_ids("<|user|>")})
-    deltas = [decoder.push(i) for i in ids] + [decoder.push(tok.convert_tokens_to_ids("<|user|>")), decoder.flush()]
-    assert "".join(deltas) == text
-    assert all("\ufffd" not in d for d in deltas)

@@ -20,9 +20,9 @@ def extractive_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_server(tmp_path_factory, tiny_model_dir):
-    """The tiny random GLM-4.1V on the CPU, batching up to 4 requests."""
+    """The tiny random GLM-4.1V on the CPU, with the default batching (up to 256 sequences in the KV pool)."""
     server = Server(tmp_path_factory.mktemp("model") / "data", "--model", str(tiny_model_dir), "--device", "cpu",
-                    "--max-batch", "4", "--queue-size", "64", "--no-ui")
+                    "--queue-size", "64", "--no-ui")
     server.start()
     yield server
     server.stop()

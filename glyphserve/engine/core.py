@@ -1,0 +1,319 @@
+"""The engine's loop: schedule a step, launch it on the device, then read back the step launched before it.
+
+Decode runs one step ahead of the host: the tokens a step samples stay on the device as the next step's inputs,
+so step N+1 is launched before step N's tokens are read, and the host work of a step (detokenizing, stop strings,
+cancellation, delivery) overlaps the device's work on the next one. A sequence that finished at step N has one
+wasted row in step N+1, whose token is dropped. Preemption needs the host to know every token, so the scheduler
+asks for the launched steps to be read back first.
+
+Per-row work on the host is the sequence's own bookkeeping and text; a failure there (a cancel callback that
+raises, a token the detokenizer rejects) ends that request with an error event and leaves the others alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from glyphserve.engine.model_runner import PAGED_CHUNK_TOKENS, DenseChunk, ModelRunner, StepInputs
+from glyphserve.engine.output import Delta
+from glyphserve.engine.sampler import Sampler
+from glyphserve.engine.scheduler import Chunk, NeedsDrain, Scheduler, StepPlan
+from glyphserve.engine.sequence import Sequence, Status
+from glyphserve.engine.types import TokenLogprob
+from glyphserve.engine.vision import VisionEncoder
+from glyphserve.errors import GlyphserveError
+
+
+@dataclass
+class Event:
+    """What the loop reports about a sequence: a text delta, its end ("done"), or its failure ("error")."""
+
+    seq: Sequence
+    channel: str  # "thinking" | "answer" | "done" | "error"
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class Launched:
+    """A step on the device: the sequences its sampled rows belong to, and where their tokens will land."""
+
+    sampled: list[Sequence]
+    tokens: torch.Tensor  # host [R]
+    logprobs: tuple[torch.Tensor, ...] | None  # host: chosen [R], top values [R, k], top ids [R, k]
+    event: torch.cuda.Event | None
+    warmed: list[Sequence] = field(default_factory=list)  # warm sequences whose last chunk ran in this step
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler, vision: VisionEncoder,
+                 image_token_id: int, device: torch.device):
+        self.runner = runner
+        self.sampler = sampler
+        self.scheduler = scheduler
+        self.vision = vision
+        self.image_token_id = image_token_id
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.in_flight: deque[Launched] = deque()
+        self.counters = {"steps": 0, "decode_steps": 0, "decode_rows": 0, "graph_steps": 0, "prefill_passes": 0,
+                         "prefill_tokens": 0}
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or bool(self.in_flight)
+
+    def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    # --- the loop --------------------------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """Launch the next step and read back the one before it; the events that produced."""
+        events: list[Event] = []
+        self._poll_cancels(events)
+        idle = not self.in_flight and not self.scheduler.running
+        try:
+            plan = self.scheduler.schedule(in_flight=bool(self.in_flight))
+        except NeedsDrain:
+            events += self.drain()
+            plan = self.scheduler.schedule(in_flight=False)
+        if not plan.empty:
+            self.in_flight.append(self._launch(plan))
+        while self.in_flight and (len(self.in_flight) > 1 or plan.empty):
+            events += self._read(self.in_flight.popleft())
+        if plan.empty and idle and self.scheduler.waiting:
+            for seq in list(self.scheduler.waiting):  # nothing can ever run them (a bug, not a user error)
+                events.append(self._fail(seq, RuntimeError("the scheduler could not place this request")))
+        return events
+
+    def drain(self) -> list[Event]:
+        events: list[Event] = []
+        while self.in_flight:
+            events += self._read(self.in_flight.popleft())
+        return events
+
+    def abort(self, seq: Sequence, reason: str = "cancelled") -> list[Event]:
+        if seq.status is Status.FINISHED:
+            return []
+        return self._finish(seq, reason)
+
+    # --- launching -------------------------------------------------------------------------------------------
+
+    def _launch(self, plan: StepPlan) -> Launched:
+        for seq in plan.admitted:
+            self.sampler.admit(seq.slot, seq.settings, seq.prompt.ids, seq.seed, seq.greedy)
+            seq.prefill_started = seq.prefill_started or time.perf_counter()
+            if seq.cache.prefix_reused_tokens == 0:
+                seq.cache.prefix_reused_tokens = seq.num_cached
+        sched = self.scheduler
+        if sched.dirty:
+            self.runner.sync_block_tables(sched.block_tables, sorted(sched.dirty))
+            sched.dirty.clear()
+        self.counters["steps"] += 1
+        if plan.decode:
+            self.counters["decode_steps"] += 1
+            self.counters["decode_rows"] += len(plan.decode)
+        decode = self._decode_rows(plan.decode)
+        if plan.chunks:
+            self.counters["prefill_passes"] += 1
+            self.counters["prefill_tokens"] += sum(c.end - c.start for c in plan.chunks)
+            inputs, sampled = self._step_inputs(plan, decode)
+            logits = self.runner.forward(inputs)
+            greedy = None
+        else:
+            sampled = plan.decode
+            self.runner.decode(torch.from_numpy(decode), len(plan.decode), self.sampler)
+            self.counters["graph_steps"] += bool(self.runner.graphs)
+            logits, greedy = self.runner.logits[: len(sampled)], self.runner.next[: len(sampled)]
+        slots = np.fromiter((s.slot for s in sampled), dtype=np.int64, count=len(sampled))
+        answer_pos = np.fromiter((s.scheduled_outputs - 1 for s in sampled), dtype=np.int64, count=len(sampled))
+        warmed = [c.seq for c in plan.chunks if c.seq.request.warm and c.end == c.seq.total_tokens]
+        if not sampled:
+            return Launched([], torch.empty(0, dtype=torch.long), None, self._record(), warmed)
+        slots_dev = self._to_device(slots)
+        tokens, logprobs = self.sampler(logits, slots_dev, self._to_device(answer_pos), self.sampler.rows(slots),
+                                        tokens=greedy)
+        self.runner.last_token.index_copy_(0, slots_dev, tokens)
+        return Launched(sampled, self._to_host(tokens), None if logprobs is None else
+                        tuple(self._to_host(t) for t in logprobs), self._record(), warmed)
+
+    def _decode_rows(self, decode: list[Sequence]) -> np.ndarray:
+        """[5, n] per decode row: slot, rope position, KV slot, KV length, answer position (the scheduler has
+        already counted the fed token in ``num_computed``)."""
+        n = len(decode)
+        out = np.empty((5, n), dtype=np.int64)
+        if not n:
+            return out
+        out[0] = np.fromiter((s.slot for s in decode), dtype=np.int64, count=n)
+        length = np.fromiter((s.num_computed for s in decode), dtype=np.int64, count=n)
+        pos = length - 1
+        out[1] = pos + np.fromiter((s.rope_delta for s in decode), dtype=np.int64, count=n)
+        bs = self.scheduler.block_size
+        out[2] = self.scheduler.block_tables[out[0], pos // bs] * bs + pos % bs
+        out[3] = length
+        out[4] = np.fromiter((s.scheduled_outputs - 1 for s in decode), dtype=np.int64, count=n)
+        return out
+
+    def _step_inputs(self, plan: StepPlan, decode: np.ndarray) -> tuple[StepInputs, list[Sequence]]:
+        """A flat batch: decode rows, then short chunks (paged attention), then long chunks (SDPA)."""
+        short = [c for c in plan.chunks if c.end - c.start <= PAGED_CHUNK_TOKENS]
+        long = [c for c in plan.chunks if c.end - c.start > PAGED_CHUNK_TOKENS]
+        self.vision.provide([(c.seq, run[0]) for c in plan.chunks for run in c.seq.image_runs(c.start, c.end)])
+        bs = self.scheduler.block_size
+        tables = self.scheduler.block_tables
+        n_dec = len(plan.decode)
+        ids: list[int] = []
+        kv_slots = [decode[2]]
+        positions = [torch.from_numpy(decode[1]).expand(3, -1)]
+        logits_index = list(range(n_dec))
+        sampled = list(plan.decode)
+        offset = n_dec
+        placed: list[tuple[int, torch.Tensor]] = []
+        dense: list[DenseChunk] = []
+        for chunk in short + long:
+            seq, n = chunk.seq, chunk.end - chunk.start
+            ids.extend(seq.token_ids(chunk.start, chunk.end))
+            pos = np.arange(chunk.start, chunk.end)
+            kv_slots.append(tables[seq.slot, pos // bs] * bs + pos % bs)
+            positions.append(seq.positions_of(chunk.start, chunk.end))
+            for page, row0, rows, at in seq.image_runs(chunk.start, chunk.end):
+                placed.append((offset + at - chunk.start, seq.features[page][row0 : row0 + rows]))
+            if chunk.end - chunk.start > PAGED_CHUNK_TOKENS:
+                blocks = None
+                if chunk.start:
+                    blocks = self.runner.block_tables[seq.slot, : -(-chunk.end // bs)].long()
+                dense.append(DenseChunk(offset, n, chunk.start, blocks))
+            if chunk.samples:
+                logits_index.append(offset + n - 1)
+                sampled.append(seq)
+            offset += n
+            if seq.num_computed >= seq.image_end:
+                seq.features.clear()  # every vision token is in the pool now
+        dev = self.device
+        tokens = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        if n_dec:
+            tokens = torch.cat([self.runner.last_token[self._to_device(decode[0])], tokens])
+        with torch.inference_mode():
+            embeds = self.runner.embed(tokens)
+            for at, feats in placed:
+                embeds[at : at + feats.shape[0]] = feats.to(embeds.dtype)
+        paged = plan.decode + [c.seq for c in short]
+        inputs = StepInputs(
+            embeds=embeds,
+            positions=torch.cat(positions, dim=1).to(dev, non_blocking=True),
+            slot_mapping=self._to_device(np.concatenate(kv_slots)),
+            dense=dense,
+            logits_index=torch.tensor(logits_index, dtype=torch.long).to(dev, non_blocking=True),
+        )
+        if paged:
+            lens = [1] * n_dec + [c.end - c.start for c in short]
+            inputs.paged_tokens = sum(lens)
+            slots = self._to_device(np.fromiter((s.slot for s in paged), dtype=np.int64, count=len(paged)))
+            inputs.block_tables = self.runner.block_tables[slots]
+            seq_lens = list(decode[3]) + [c.end for c in short]
+            inputs.seq_lens = torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True)
+            inputs.query_start = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32).to(dev)
+            inputs.max_query_len = max(lens)
+        return inputs, sampled
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.cuda:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return t.clone()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def _record(self) -> torch.cuda.Event | None:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    # --- reading back ----------------------------------------------------------------------------------------
+
+    def _read(self, step: Launched) -> list[Event]:
+        if step.event is not None:
+            step.event.synchronize()
+        events: list[Event] = []
+        now = time.perf_counter()
+        tokens = step.tokens.tolist()
+        chosen = top_values = top_ids = None
+        if step.logprobs is not None:
+            chosen, top_values, top_ids = (t.tolist() for t in step.logprobs)
+        for i, seq in enumerate(step.sampled):
+            if seq.status is not Status.RUNNING:
+                continue  # finished (or preempted, to be recomputed) after this step was launched
+            try:
+                if not seq.output:
+                    seq.timings.prefill = now - seq.prefill_started
+                    seq.timings.time_to_first_token = now - seq.arrived
+                    seq.decode_started = now
+                logprob = None
+                if seq.out.logprobs is not None:
+                    k = seq.settings.logprobs
+                    logprob = TokenLogprob(tokens[i], seq.out.token_text(tokens[i]), chosen[i],
+                                           [(t, seq.out.token_text(t), v)
+                                            for t, v in zip(top_ids[i][:k], top_values[i][:k])])
+                seq.output.append(tokens[i])
+                outcome = seq.out.push(tokens[i], logprob)
+                events.extend(self._deltas(seq, outcome.deltas))
+                if outcome.stop_reason is not None:
+                    seq.stop_reason = outcome.stop_reason
+                    events += self._finish(seq, "stop")
+                elif len(seq.output) >= seq.settings.max_tokens:
+                    events += self._finish(seq, "length")
+            except Exception as exc:  # this request's own failure: the others go on
+                events.append(self._fail(seq, exc))
+        for seq in step.warmed:
+            if seq.status is Status.RUNNING:
+                events += self._finish(seq, "stop")
+        return events
+
+    def _poll_cancels(self, events: list[Event]) -> None:
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            cancel = seq.request.cancel
+            if cancel is None:
+                continue
+            try:
+                if cancel():
+                    events += self._finish(seq, "cancelled")
+            except Exception as exc:
+                events.append(self._fail(seq, exc))
+
+    @staticmethod
+    def _deltas(seq: Sequence, deltas: list[Delta]) -> list[Event]:
+        return [Event(seq, d.channel, d.text, d.logprobs) for d in deltas]
+
+    def _finish(self, seq: Sequence, reason: str) -> list[Event]:
+        self.scheduler.finish(seq, reason)
+        seq.features.clear()
+        events = self._deltas(seq, seq.out.finish())
+        now = time.perf_counter()
+        if not seq.output:
+            seq.decode_started = now
+        seq.timings.decode = now - seq.decode_started
+        seq.timings.total = now - seq.arrived
+        if self.cuda:
+            seq.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)
+        events.append(Event(seq, "done"))
+        return events
+
+    def _fail(self, seq: Sequence, exc: Exception) -> Event:
+        self.scheduler.finish(seq, "error")
+        seq.features.clear()
+        if not isinstance(exc, GlyphserveError):
+            exc = GlyphserveError(f"this request failed inside the engine ({type(exc).__name__}: {exc})")
+        return Event(seq, "error", error=exc)

@@ -1,0 +1,308 @@
+"""The language model's forward passes over the paged KV pool, with the decode step captured as CUDA graphs.
+
+The layers run over the HF model's weights with the same arithmetic as its modules (the rotary embedding, token
+embedding, final norm and head are the HF modules; q/k/v are fused into one projection whose slices the HF
+modules keep as views). A step is a flat batch of tokens from several sequences: decoding sequences (one token
+each) and prompt chunks. Every token's K/V goes to its slot in the pool; attention then reads each sequence's
+blocks through its block table (``paged_attention``), except long prompt chunks, which run PyTorch's SDPA
+(a prompt's first chunk over its own K/V with plain causal attention, cuDNN's fastest path on Hopper; a later
+chunk over its earlier blocks gathered, with the lower-right causal bias).
+
+A step of decoding sequences only is replayed from a CUDA graph captured per batch-size bucket (1, 2, 4, ...,
+``max_num_seqs``): its inputs are written to static buffers first (one host-to-device copy), padding rows write
+their K/V to the pool's trash block. Each slot's last sampled token stays on the device (``last_token``), so the
+next step is built without reading tokens back: decode runs a step ahead of the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb, repeat_kv
+
+from glyphserve.engine.attention import paged_attention
+from glyphserve.engine.kv_pool import TRASH_BLOCK
+from glyphserve.engine.sampler import Sampler
+from glyphserve.errors import ModelLoadError
+
+# Prompt chunks up to this many tokens attend through the paged kernel (follow-up questions after a cached
+# prefix: no gather of the prefix); longer ones through SDPA.
+PAGED_CHUNK_TOKENS = 64
+# Staged per-row inputs of a decode step: sequence slot, rope position, KV slot, KV length, answer position.
+META_ROWS = 5
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Glm4vRMSNorm's arithmetic: statistics in float32, scale applied in the input dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """One [q; k; v] weight and bias for a layer; the HF projections become views into it (no extra memory)."""
+    if not hasattr(attn, "glyph_qkv"):
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        weight = torch.cat([p.weight.data for p in projections])
+        bias = torch.cat([p.bias.data for p in projections])
+        start = 0
+        for p in projections:
+            rows = p.weight.shape[0]
+            p.weight.data = weight[start : start + rows]
+            p.bias.data = bias[start : start + rows]
+            start += rows
+        attn.glyph_qkv = (weight, bias)
+    return attn.glyph_qkv
+
+
+def _pre_attention(x, norm_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, kv_heads: int, head_dim: int):
+    """Input norm, fused QKV projection and rotary embedding: x [T, D] to q [T, H, d], k and v [T, KV, d]."""
+    t = x.shape[0]
+    qkv = F.linear(rms_norm(x, norm_w, eps), qkv_w, qkv_b)
+    q, k, v = qkv.split([n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = apply_rotary_pos_emb(q.view(t, n_heads, head_dim), k.view(t, kv_heads, head_dim), cos, sin)
+    return q, k, v.view(t, kv_heads, head_dim)
+
+
+def _post_attention(x, attn_out, o_w, post_attn_w, pre_mlp_w, gate_up_w, down_w, post_mlp_w, eps: float):
+    """Output projection, the layer's three other norms, the gated MLP and both residuals."""
+    x = x + rms_norm(F.linear(attn_out, o_w), post_attn_w, eps)
+    gate, up = F.linear(rms_norm(x, pre_mlp_w, eps), gate_up_w).chunk(2, dim=-1)
+    return x + rms_norm(F.linear(up * F.silu(gate), down_w), post_mlp_w, eps)
+
+
+@dataclass
+class DenseChunk:
+    """A long prompt chunk: tokens [offset, offset + n) of the step, at KV positions [start, start + n)."""
+
+    offset: int
+    n: int
+    start: int
+    blocks: torch.Tensor | None = None  # device ids of the blocks holding positions < start + n (start > 0)
+
+
+@dataclass
+class StepInputs:
+    """A flat batch of tokens: those attending through the paged kernel first, then the dense chunks."""
+
+    embeds: torch.Tensor  # [T, D]
+    positions: torch.Tensor  # [3, T]
+    slot_mapping: torch.Tensor  # [T] pool slot (block * block_size + offset) of each token's K/V
+    paged_tokens: int = 0
+    block_tables: torch.Tensor | None = None  # [S, max_blocks] int32 of the paged sequences
+    seq_lens: torch.Tensor | None = None  # [S] int32
+    query_start: torch.Tensor | None = None  # [S + 1] int32
+    max_query_len: int = 1
+    dense: list[DenseChunk] = field(default_factory=list)
+    logits_index: torch.Tensor | None = None  # [R] tokens whose next-token logits are wanted
+
+
+class ModelRunner:
+    """The language model over a pool of ``num_blocks`` KV blocks of ``block_size`` tokens."""
+
+    def __init__(self, model, *, block_size: int, max_num_seqs: int, max_blocks: int, device: torch.device,
+                 dtype: torch.dtype, compile: bool = False):
+        tc = model.config.text_config
+        if tc.hidden_act != "silu":
+            raise ModelLoadError(f"unsupported activation {tc.hidden_act!r} in the text config (GLM-4.1V uses silu)")
+        lm = model.model.language_model
+        self.layers = list(lm.layers)
+        self.embed = lm.embed_tokens
+        self.norm = lm.norm
+        self.rotary = lm.rotary_emb
+        self.lm_head = model.lm_head
+        self.device, self.dtype = device, dtype
+        self.n_heads = tc.num_attention_heads
+        self.kv_heads = tc.num_key_value_heads
+        self.head_dim = tc.hidden_size // tc.num_attention_heads
+        self.n_rep = self.n_heads // self.kv_heads
+        self.vocab = tc.vocab_size
+        self.eps = tc.rms_norm_eps
+        self.scaling = self.layers[0].self_attn.scaling
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.pad_slot = max_num_seqs  # the extra slot padding rows of a graph batch use
+        self.num_blocks = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.layer_weights = [
+            (
+                layer.input_layernorm.weight,
+                *fuse_qkv(layer.self_attn),
+                layer.self_attn.o_proj.weight,
+                layer.post_self_attn_layernorm.weight,
+                layer.post_attention_layernorm.weight,
+                layer.mlp.gate_up_proj.weight,
+                layer.mlp.down_proj.weight,
+                layer.post_mlp_layernorm.weight,
+            )
+            for layer in self.layers
+        ]
+        ikw = dict(device=device, dtype=torch.long)
+        # Per-slot state on the device: each sequence's block table and last sampled token.
+        self.block_tables = torch.full((max_num_seqs + 1, max_blocks), TRASH_BLOCK, device=device, dtype=torch.int32)
+        self.last_token = torch.zeros(max_num_seqs + 1, **ikw)
+        # Static inputs and outputs of the captured decode steps.
+        self.meta = torch.zeros(META_ROWS, max_num_seqs, **ikw)
+        self.query_start = torch.arange(max_num_seqs + 1, device=device, dtype=torch.int32)
+        self.logits = torch.zeros(max_num_seqs, self.vocab, device=device, dtype=torch.float32)
+        self.next = torch.zeros(max_num_seqs, **ikw)
+        # On CUDA the per-layer pieces around attention are compiled (their elementwise work fused) for the decode
+        # graphs; the weights are arguments, so all layers share one compiled graph, and the batch size is dynamic.
+        wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
+        self._pre = wrap(_pre_attention)
+        self._post = wrap(_post_attention)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.buckets: list[int] = []
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        """(Re)allocate the pool's tensors: per layer, K and V of [num_blocks, block_size, kv_heads, head_dim].
+        Left uninitialised (no position is read before it is written; on CPU the memory is committed as used)."""
+        self.k, self.v = [], []
+        shape = (num_blocks, self.block_size, self.kv_heads, self.head_dim)
+        self.k = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.v = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.num_blocks = num_blocks
+
+    @staticmethod
+    def bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
+        tc = model_config.text_config
+        head_dim = tc.hidden_size // tc.num_attention_heads
+        return 2 * tc.num_hidden_layers * block_size * tc.num_key_value_heads * head_dim * dtype.itemsize
+
+    # --- per-slot state --------------------------------------------------------------------------------------
+
+    def sync_block_tables(self, host: np.ndarray, slots: list[int]) -> None:
+        """Copy the host block-table rows of ``slots`` (changed since the last step) to the device."""
+        if slots:
+            rows = torch.from_numpy(host[slots])
+            index = torch.tensor(slots, dtype=torch.long)
+            if self.device.type == "cuda":
+                rows, index = rows.pin_memory(), index.pin_memory()
+            self.block_tables.index_copy_(0, index.to(self.device, non_blocking=True),
+                                          rows.to(self.device, non_blocking=True))
+
+    # --- an eager step -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """Write every token's K/V, attend, and return the wanted rows' next-token logits [R, V] (float32)."""
+        x = inp.embeds
+        cos, sin = self.rotary(x.unsqueeze(0), inp.positions.unsqueeze(1))
+        cos, sin = cos[0], sin[0]
+        for li, (norm_w, qkv_w, qkv_b, o_w, *post) in enumerate(self.layer_weights):
+            q, k, v = _pre_attention(x, norm_w, qkv_w, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads,
+                                     self.head_dim)
+            self._write_kv(li, inp.slot_mapping, k, v)
+            out = self._attend(li, inp, q, k, v)
+            x = _post_attention(x, out.reshape(x.shape[0], -1), o_w, *post, self.eps)
+        return self.lm_head(self.norm(x[inp.logits_index])).float()
+
+    def _write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k)
+        self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v)
+
+    def _attend(self, layer: int, inp: StepInputs, q, k, v) -> torch.Tensor:
+        out = torch.empty_like(q)
+        p = inp.paged_tokens
+        if p:
+            paged_attention(q[:p], self.k[layer], self.v[layer], inp.block_tables, inp.seq_lens, inp.query_start,
+                            self.scaling, inp.max_query_len, out=out[:p])
+        for c in inp.dense:
+            qc = q[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
+            if c.start == 0:
+                keys = k[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)
+                values = v[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)
+                mask = None
+            else:
+                end = c.start + c.n
+                keys = self.k[layer][c.blocks].view(-1, self.kv_heads, self.head_dim)[:end].transpose(0, 1)[None]
+                values = self.v[layer][c.blocks].view(-1, self.kv_heads, self.head_dim)[:end].transpose(0, 1)[None]
+                mask = causal_lower_right(c.n, end)
+            res = F.scaled_dot_product_attention(qc, repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep),
+                                                 attn_mask=mask, is_causal=mask is None, scale=self.scaling)
+            out[c.offset : c.offset + c.n] = res[0].transpose(0, 1)
+        return out
+
+    # --- captured decode steps ---------------------------------------------------------------------------------
+
+    def bucket(self, rows: int) -> int | None:
+        return next((b for b in self.buckets if b >= rows), None)
+
+    def _decode_body(self, b: int, sampler: Sampler) -> None:
+        slots = self.meta[0, :b]
+        x = self.embed(self.last_token[slots])
+        cos, sin = self.rotary(x.unsqueeze(0), self.meta[1, :b].view(1, 1, b).expand(3, 1, b))
+        cos, sin = cos[0], sin[0]
+        block_tables = self.block_tables[slots]
+        seq_lens = self.meta[3, :b].to(torch.int32)
+        kv_slots = self.meta[2, :b]
+        for li, (norm_w, qkv_w, qkv_b, o_w, *post) in enumerate(self.layer_weights):
+            q, k, v = self._pre(x, norm_w, qkv_w, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads,
+                                self.head_dim)
+            self._write_kv(li, kv_slots, k, v)
+            out = torch.empty_like(q)
+            paged_attention(q, self.k[li], self.v[li], block_tables, seq_lens, self.query_start[: b + 1],
+                            self.scaling, 1, out=out)
+            x = self._post(x, out.reshape(b, -1), o_w, *post, self.eps)
+        logits = self.lm_head(self.norm(x)).float()
+        self.logits[:b].copy_(logits)
+        nxt = sampler.greedy(logits, slots)
+        self.next[:b].copy_(nxt)
+        self.last_token.index_copy_(0, slots, nxt)
+
+    @torch.inference_mode()
+    def decode(self, meta: torch.Tensor, rows: int, sampler: Sampler) -> int:
+        """One decode step over ``rows`` sequences whose staged inputs are ``meta`` [META_ROWS, rows] (host,
+        pinned on CUDA); the greedy tokens land in ``next`` and ``last_token``, the logits in ``logits``. Returns
+        the batch size the step ran at (its bucket, or ``rows`` when no graph covers it)."""
+        b = self.bucket(rows) or rows
+        if b > rows:  # padding rows: a slot of their own, the trash block, one key
+            pad = torch.tensor([self.pad_slot, 0, TRASH_BLOCK * self.block_size, 1, 0], dtype=torch.long)
+            meta = torch.cat([meta, pad.view(-1, 1).expand(-1, b - rows)], dim=1)
+        if self.device.type == "cuda":
+            meta = meta.pin_memory()
+        self.meta[:, :b].copy_(meta, non_blocking=True)
+        graph = self.graphs.get(b)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._decode_body(b, sampler)
+        return b
+
+    @torch.inference_mode()
+    def warm_attention(self, seq_counts: list[int], query_lens: list[int]) -> None:
+        """Run the attention op once per launch shape a step can have, so Triton compiles its kernel variants at
+        load rather than on a user's request (the first short prefill took 1.6 s on an H200 before this)."""
+        for s in seq_counts:
+            for n in query_lens:
+                q = torch.zeros(s * n, self.n_heads, self.head_dim, device=self.device, dtype=self.dtype)
+                tables = self.block_tables[torch.full((s,), self.pad_slot, device=self.device)]
+                lens = torch.full((s,), n, device=self.device, dtype=torch.int32)
+                starts = torch.arange(0, s * n + 1, n, device=self.device, dtype=torch.int32)
+                paged_attention(q, self.k[0], self.v[0], tables, lens, starts, self.scaling, n)
+
+    @torch.inference_mode()
+    def capture(self, buckets: list[int], sampler: Sampler) -> None:
+        """Capture the decode step for each batch-size bucket (CUDA)."""
+        self.buckets = sorted(b for b in set(buckets) if b <= self.max_num_seqs)
+        pad = torch.tensor([self.pad_slot, 0, TRASH_BLOCK * self.block_size, 1, 0], device=self.device)
+        self.meta.copy_(pad.view(-1, 1).expand(-1, self.max_num_seqs))
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: compilation, kernels, cuBLAS workspaces
+                for b in self.buckets:
+                    self._decode_body(b, sampler)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for b in reversed(self.buckets):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._decode_body(b, sampler)
+            self.graphs[b] = graph
+        torch.cuda.synchronize(self.device)

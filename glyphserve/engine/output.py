@@ -1,0 +1,112 @@
+"""Generated token ids to what a caller sees: text deltas per channel, stop strings, log-probabilities.
+
+Text is decoded incrementally by the tokenizer library's ``DecodeStream`` (a few microseconds a token; it holds
+back incomplete UTF-8), cut at the first stop string (held back while it could still be the start of one, so a
+stream never shows text it later takes back), then split into Glyph's "thinking" and "answer" channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenizers.decoders import DecodeStream
+
+from glyphserve.engine.textstream import ReasoningParser
+from glyphserve.engine.types import GenerationSettings, TokenLogprob
+
+
+@dataclass
+class Delta:
+    channel: str  # "thinking" | "answer"
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class TokenOutcome:
+    deltas: list[Delta] = field(default_factory=list)
+    stop_reason: str | int | None = None  # a stop string or token ended the answer here
+
+
+class OutputState:
+    """One sequence's decoding state."""
+
+    def __init__(self, tokenizer, settings: GenerationSettings, stop_ids: frozenset[int]):
+        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer
+        self.settings = settings
+        self.stream = DecodeStream(skip_special_tokens=settings.skip_special_tokens)
+        self.stop_ids = stop_ids  # the model's stop tokens (unless ignore_eos) and the request's stop_token_ids
+        self.stops = [s for s in settings.stop if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""  # decoded text not yet released (could be the start of a stop string)
+        self.parser = ReasoningParser()
+        self.logprobs: list[TokenLogprob] | None = [] if settings.logprobs is not None else None
+        self._unreleased: list[TokenLogprob] = []
+
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> TokenOutcome:
+        """Take one generated token; returns the text it releases and whether the answer ends here."""
+        outcome = TokenOutcome()
+        if logprob is not None:
+            self.logprobs.append(logprob)
+            self._unreleased.append(logprob)
+        if token in self.stop_ids:
+            outcome.stop_reason = token
+            self._release(self.pending, outcome)
+            self.pending = ""
+            return outcome
+        piece = self.stream.step(self.backend, token)
+        if piece:
+            self.pending += piece
+            self._cut(outcome)
+        return outcome
+
+    def finish(self) -> list[Delta]:
+        """The answer ended (length, stop, cancel): release everything held back."""
+        outcome = TokenOutcome()
+        self._release(self.pending, outcome)
+        self.pending = ""
+        for channel, text in self.parser.finish():
+            outcome.deltas.append(Delta(channel, text, self._take_logprobs()))
+        return outcome.deltas
+
+    def _cut(self, outcome: TokenOutcome) -> None:
+        if self.stops:
+            hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
+            if hits:
+                at, stop = min(hits)
+                end = at + len(stop) if self.settings.include_stop_str_in_output else at
+                self._release(self.pending[:end], outcome)
+                self.pending = ""
+                outcome.stop_reason = stop
+                return
+            keep = self.hold
+        else:
+            keep = 0
+        cut = len(self.pending) - keep
+        if cut > 0:
+            self._release(self.pending[:cut], outcome)
+            self.pending = self.pending[cut:]
+
+    def _release(self, text: str, outcome: TokenOutcome) -> None:
+        if not text:
+            return
+        for channel, part in self.parser.feed(text):
+            outcome.deltas.append(Delta(channel, part, self._take_logprobs()))
+
+    def _take_logprobs(self) -> list[TokenLogprob] | None:
+        if self.logprobs is None:
+            return None
+        taken, self._unreleased = self._unreleased, []
+        return taken
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    @property
+    def answer_text(self) -> str:
+        return self.parser.answer_text
+
+    @property
+    def thinking_text(self) -> str:
+        return self.parser.thinking_text

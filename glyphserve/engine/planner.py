@@ -1,0 +1,176 @@
+"""Requests to sequences: settings checked, the prompt built and fitted to the context, pages identified.
+
+Everything a request needs before it can be scheduled is computed here, once: the prompt tokens (the chat
+template with one vision token per merged patch), their M-RoPE positions exactly as the HF model computes them,
+each page's identity (its key when the caller gives one; otherwise a hash of the encoded bytes or of the
+pixels, so no page is decoded here), and the content hashes of the prompt's full KV blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+
+import torch
+
+from glyphserve.engine.kv_pool import block_hashes
+from glyphserve.engine.output import OutputState
+from glyphserve.engine.preprocess import PreprocessParams, check_page, page_digest
+from glyphserve.engine.prompt import PromptBuilder, PromptTokens, conversation
+from glyphserve.engine.sampler import MAX_LOGPROBS
+from glyphserve.engine.sequence import Sequence
+from glyphserve.engine.types import AnswerRequest, EncodedPage, GenerationSettings, Page
+from glyphserve.errors import ConfigError, ContextOverflowError, GlyphserveError
+from glyphserve.glm4v import PAGE_MARKER_TOKENS
+
+
+def _conversation(history, question: str, n_pages: int, labels: list[str] | None) -> list[dict]:
+    if labels is None:
+        return conversation(history, question, n_pages)
+    return conversation(history, question, n_pages, labels=labels)
+
+
+def check_settings(s: GenerationSettings, vocab: int) -> None:
+    """vLLM's rules for sampling parameters; a ConfigError names the first one that cannot be honoured."""
+    def bad(message: str) -> None:
+        raise ConfigError(message)
+
+    if not isinstance(s.max_tokens, int) or s.max_tokens < 1:
+        bad("max_tokens must be at least 1")
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        bad("temperature must be a finite number >= 0")
+    if not math.isfinite(s.top_p) or not 0 < s.top_p <= 1:
+        bad("top_p must be in (0, 1]")
+    if s.top_k < 0:
+        bad("top_k must be >= 0 (0 keeps every token)")
+    if not math.isfinite(s.min_p) or not 0 <= s.min_p <= 1:
+        bad("min_p must be in [0, 1]")
+    if not math.isfinite(s.repetition_penalty) or s.repetition_penalty <= 0:
+        bad("repetition_penalty must be a finite number > 0")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        if not math.isfinite(value) or not -2 <= value <= 2:
+            bad(f"{name} must be in [-2, 2]")
+    if s.logprobs is not None and not 0 <= s.logprobs <= MAX_LOGPROBS:
+        bad(f"logprobs must be between 0 and {MAX_LOGPROBS}")
+    if s.seed is not None and not -(2**63) <= s.seed < 2**64:
+        bad("seed must be a 64-bit integer")
+    if any(not 0 <= t < vocab for t in s.stop_token_ids):
+        bad(f"stop_token_ids must be token ids below {vocab}")
+
+
+def encoded_key(page: EncodedPage) -> str:
+    return "bytes:" + hashlib.blake2b(page.data, digest_size=16).hexdigest()
+
+
+def page_key(page: Page) -> str:
+    """A page's identity when the caller gave none: its encoded bytes' hash, else its pixels' (never decoded)."""
+    return encoded_key(page) if isinstance(page, EncodedPage) else "pixels:" + page_digest(page)
+
+
+class Planner:
+    def __init__(self, model, tokenizer, prompts: PromptBuilder, params: PreprocessParams, *, max_context: int,
+                 block_size: int, pool_tokens: int, stop_ids: list[int], prefix_caching: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.params = params
+        self.max_context = max_context
+        self.block_size = block_size
+        self.pool_tokens = pool_tokens
+        self.stop_ids = frozenset(stop_ids)
+        self.prefix_caching = prefix_caching
+        self.vocab = model.config.text_config.vocab_size
+        self._next_id = 0
+
+    def plan(self, request: AnswerRequest) -> Sequence:
+        settings = request.settings
+        if request.warm:
+            if not settings.use_cache:
+                raise ConfigError("warming a document needs the caches (use_cache)")
+        else:
+            if not isinstance(request.question, str) or not request.question.strip():
+                raise GlyphserveError("the question is empty")
+            check_settings(settings, self.vocab)
+        for i, page in enumerate(request.pages):
+            check_page(page, i)
+        if request.page_keys is not None and len(request.page_keys) != len(request.pages):
+            raise GlyphserveError("page_keys must name every page")
+        pages = list(request.pages)
+        keys = list(request.page_keys) if request.page_keys is not None else [page_key(p) for p in pages]
+        grids = [self.params.grid(*p.shape[:2]) for p in pages]
+        question = "" if request.warm else request.question
+        labels = request.page_labels
+        prompt = self.prompts.build(_conversation(request.history, question, len(pages), labels), grids)
+        new_tokens = 0 if request.warm else settings.max_tokens
+        budget = self.max_context - new_tokens
+        if len(prompt.ids) > budget:
+            fit = self._pages_that_fit(prompt, budget)
+            if fit == 0 or not settings.truncate_pages:
+                raise self._overflow(prompt, fit, new_tokens)
+            pages, keys, grids = pages[:fit], keys[:fit], grids[:fit]
+            labels = labels[:fit] if labels is not None else None
+            prompt = self.prompts.build(_conversation(request.history, question, fit, labels), grids)
+        if request.warm:  # only the document prefix is computed
+            prompt = PromptTokens(prompt.ids[: prompt.prefix_len], prompt.prefix_len, prompt.image_grids)
+        need = -(-(len(prompt.ids) + new_tokens + 1) // self.block_size) * self.block_size
+        if need > self.pool_tokens:
+            raise ContextOverflowError(
+                f"this request needs {len(prompt.ids)} prompt tokens plus {new_tokens} new tokens, but the KV "
+                f"pool holds {self.pool_tokens} tokens in all (raise --gpu-memory-utilization, or ask about "
+                "fewer pages)")
+        positions, delta = self._positions(prompt)
+        page_tokens = [self.params.vision_tokens(*p.shape[:2]) for p in pages]
+        image_id = self.model.config.image_token_id
+        offsets, i = [], 0
+        for count in page_tokens:
+            i = prompt.ids.index(image_id, i)
+            offsets.append(i)
+            i += count
+        seq = Sequence(self._next_id, request, pages, keys, prompt, positions, delta, page_tokens, offsets)
+        self._next_id += 1
+        if settings.use_cache and self.prefix_caching:
+            seq.hashes = block_hashes(seq.identities(), self.block_size)
+        stops = set() if settings.ignore_eos else set(self.stop_ids)
+        seq.out = OutputState(self.tokenizer, settings, frozenset(stops | set(settings.stop_token_ids)))
+        seed = settings.seed if settings.seed is not None else secrets.randbits(63)
+        seq.seed = seed - 2**64 if seed >= 2**63 else seed  # as a signed 64-bit integer
+        return seq
+
+    def _pages_that_fit(self, prompt: PromptTokens, budget: int) -> int:
+        merge = self.params.merge_size**2
+        per_page = [g[0] * g[1] * g[2] // merge + PAGE_MARKER_TOKENS for g in prompt.image_grids]
+        total = len(prompt.ids) - sum(per_page)
+        if total > budget:
+            return 0
+        fit = 0
+        for cost in per_page:
+            if total + cost > budget:
+                break
+            total += cost
+            fit += 1
+        return fit
+
+    def _overflow(self, prompt: PromptTokens, fit: int, new_tokens: int) -> ContextOverflowError:
+        n = len(prompt.image_grids)
+        need = len(prompt.ids) + new_tokens
+        head = (f"the prompt needs {len(prompt.ids)} tokens ({n} pages) plus max_tokens {new_tokens} "
+                f"= {need}, but the context holds {self.max_context}")
+        if len(prompt.ids) <= self.max_context:
+            return ContextOverflowError(f"{head}: lower max_tokens to at most {self.max_context - len(prompt.ids)}"
+                                        + (f", or ask about the first {fit} of {n} pages (truncate_pages)"
+                                           if 0 < fit < n else ""))
+        if fit == 0:
+            return ContextOverflowError(f"{head}: not even the first page fits; shorten the conversation")
+        return ContextOverflowError(
+            f"{head}: only the first {fit} of {n} pages fit. Ask about fewer pages, or set truncate_pages "
+            f"(--truncate-pages) to keep the first {fit}")
+
+    def _positions(self, prompt: PromptTokens) -> tuple[torch.Tensor, int]:
+        """M-RoPE positions [3, L] of the prompt, exactly as the HF model computes them (on CPU)."""
+        ids = torch.tensor([prompt.ids], dtype=torch.long)
+        mm = (ids == self.model.config.image_token_id).long()
+        grids = torch.tensor(prompt.image_grids, dtype=torch.long) if prompt.image_grids else None
+        positions, delta = self.model.model.get_rope_index(ids, mm, image_grid_thw=grids)
+        return positions[:, 0], int(delta[0, 0])

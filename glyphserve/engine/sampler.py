@@ -1,0 +1,190 @@
+"""Next tokens for a batch of rows, each with its own generation settings, computed on the device in a few batched
+operations (no per-row Python, no host synchronisation).
+
+Per-sequence settings live in tensors indexed by the sequence's slot, written once when it is admitted. A step
+passes the raw logits of its rows with their slots and answer positions:
+
+- greedy rows without penalties take ``argmax`` (plus -inf on the stop tokens for ``ignore_eos``): the same
+  arithmetic as Hugging Face's greedy ``generate``, so those answers stay token for token equal;
+- penalties follow Hugging Face's repetition rule over prompt and answer tokens (a seen token's logit divided by
+  the penalty when positive, multiplied when negative) and OpenAI's presence/frequency rule over answer tokens;
+- sampled rows apply temperature, then top-k, top-p and min-p masks, and draw with the Gumbel-max trick from
+  noise that is a hash of (seed, answer position, token id): a seeded answer is the same whatever else shares
+  its batch, and the draw needs no generator object per row.
+Log-probabilities are those of the raw model distribution (before penalties and sampling settings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from glyphserve.engine.types import GenerationSettings
+
+MAX_LOGPROBS = 20
+# Below this a temperature means greedy decoding (as vLLM's sampling parameters treat it).
+GREEDY_BELOW = 1e-5
+# splitmix64's constants, as signed 64-bit integers (torch has no uint64 arithmetic on every device).
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, vocab] float32 in (0, 1): splitmix64 of (seed, position, token id), wrapping int64 arithmetic."""
+    token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    x = seeds.view(-1, 1) * _GOLDEN + positions.view(-1, 1) * _MIX1 + token.view(1, -1)
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    x = x ^ _shr(x, 31)
+    return (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass
+class SampleRows:
+    """Which rows of a step need more than greedy argmax (host-side facts about the step's sequences)."""
+
+    special: torch.Tensor | None  # rows with penalties or sampling (device indices), None when all are plain greedy
+    penalised: torch.Tensor | None  # rows whose token statistics must be updated
+    logprobs: int | None  # most top logprobs any row asked for; None: no row asked
+    sorted_masks: bool = False  # some sampled row uses top-k or top-p
+    min_p: bool = False  # some sampled row uses min-p
+
+
+class Sampler:
+    """Per-slot settings and token statistics, and the batched sampling step."""
+
+    def __init__(self, vocab: int, slots: int, stop_ids: list[int], device: torch.device):
+        self.vocab = vocab
+        self.device = device
+        f32 = dict(device=device, dtype=torch.float32)
+        self.temperature = torch.ones(slots, **f32)  # 1 for greedy rows (their division is then exact)
+        self.sampled = torch.zeros(slots, device=device, dtype=torch.bool)
+        self.top_p = torch.ones(slots, **f32)
+        self.top_k = torch.zeros(slots, device=device, dtype=torch.int64)
+        self.min_p = torch.zeros(slots, **f32)
+        self.repetition = torch.ones(slots, **f32)
+        self.presence = torch.zeros(slots, **f32)
+        self.frequency = torch.zeros(slots, **f32)
+        self.seed = torch.zeros(slots, device=device, dtype=torch.int64)
+        self.eos_bias = torch.zeros(slots, **f32)  # -inf: stop tokens suppressed (ignore_eos)
+        self.stop_ids = torch.tensor(stop_ids, device=device, dtype=torch.int64)
+        # Host mirrors of what decides a row's path, read when a step is built (no device reads).
+        self.special_host = np.zeros(slots, dtype=bool)
+        self.penalised_host = np.zeros(slots, dtype=bool)
+        self.sorted_host = np.zeros(slots, dtype=bool)
+        self.min_p_host = np.zeros(slots, dtype=bool)
+        self.logprobs_host = np.full(slots, -1, dtype=np.int64)
+        # Token statistics for penalties, allocated on first use ([slots, vocab] each).
+        self.counts: torch.Tensor | None = None  # answer tokens
+        self.seen: torch.Tensor | None = None  # prompt and answer tokens
+
+    def admit(self, slot: int, settings: GenerationSettings, prompt_ids: list[int], seed: int, greedy: bool) -> None:
+        """Write a sequence's settings to its slot; ``seed`` as a signed 64-bit integer."""
+        s = settings
+        penalised = s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0
+        self.temperature[slot] = 1.0 if greedy else s.temperature
+        self.sampled[slot] = not greedy
+        self.top_p[slot] = s.top_p
+        self.top_k[slot] = s.top_k
+        self.min_p[slot] = s.min_p
+        self.repetition[slot] = s.repetition_penalty
+        self.presence[slot] = s.presence_penalty
+        self.frequency[slot] = s.frequency_penalty
+        self.seed[slot] = seed
+        self.eos_bias[slot] = float("-inf") if s.ignore_eos else 0.0
+        self.special_host[slot] = penalised or not greedy
+        self.penalised_host[slot] = penalised
+        self.sorted_host[slot] = not greedy and (s.top_k > 0 or s.top_p < 1)
+        self.min_p_host[slot] = not greedy and s.min_p > 0
+        self.logprobs_host[slot] = -1 if s.logprobs is None else min(s.logprobs, MAX_LOGPROBS)
+        if penalised:
+            if self.counts is None:
+                shape = (len(self.temperature), self.vocab)
+                self.counts = torch.zeros(shape, device=self.device, dtype=torch.int32)
+                self.seen = torch.zeros(shape, device=self.device, dtype=torch.bool)
+            self.counts[slot].zero_()
+            self.seen[slot].zero_()
+            self.seen[slot, torch.tensor(prompt_ids, device=self.device, dtype=torch.int64)] = True
+
+    def rows(self, slots: np.ndarray) -> SampleRows:
+        """The step's row classes from the host mirrors (vectorised over the rows)."""
+        special = np.flatnonzero(self.special_host[slots])
+        penalised = np.flatnonzero(self.penalised_host[slots])
+        top = self.logprobs_host[slots].max(initial=-1)
+        return SampleRows(
+            special=torch.from_numpy(special).to(self.device) if len(special) else None,
+            penalised=torch.from_numpy(penalised).to(self.device) if len(penalised) else None,
+            logprobs=None if top < 0 else int(top),
+            sorted_masks=bool(self.sorted_host[slots].any()),
+            min_p=bool(self.min_p_host[slots].any()),
+        )
+
+    def greedy(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """argmax with the stop tokens suppressed for ``ignore_eos`` rows (graph-capturable)."""
+        biased = logits.clone()
+        biased[:, self.stop_ids] += self.eos_bias[slots].unsqueeze(1)
+        return biased.argmax(dim=-1)
+
+    def __call__(self, logits: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, rows: SampleRows,
+                 tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Tokens [R] for raw ``logits`` [R, V] of sequences in ``slots`` drawing answer token ``positions``, and
+        with ``rows.logprobs``: (chosen logprob [R], top logprobs [R, k], top ids [R, k]). ``tokens`` may carry the
+        greedy choice already made (inside a captured decode step)."""
+        if tokens is None:
+            tokens = self.greedy(logits, slots)
+        if rows.special is not None:
+            idx = rows.special
+            tokens[idx] = self._special(logits[idx], slots[idx], positions[idx], rows)
+        if rows.penalised is not None:
+            idx = rows.penalised
+            chosen_slots, chosen = slots[idx], tokens[idx]
+            self.counts[chosen_slots, chosen] += 1
+            self.seen[chosen_slots, chosen] = True
+        logprobs = None
+        if rows.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            top = lp.topk(max(rows.logprobs, 1), dim=-1)
+            logprobs = (lp.gather(1, tokens.view(-1, 1)).view(-1), top.values, top.indices)
+        return tokens, logprobs
+
+    def _special(self, logits: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 rows: SampleRows) -> torch.Tensor:
+        x = logits.float()
+        if self.counts is not None:
+            counts, seen = self.counts[slots], self.seen[slots]
+            penalty = self.repetition[slots].unsqueeze(1)
+            x = torch.where(seen, torch.where(x < 0, x * penalty, x / penalty), x)
+            x = x - self.presence[slots].unsqueeze(1) * (counts > 0) - self.frequency[slots].unsqueeze(1) * counts
+        x[:, self.stop_ids] += self.eos_bias[slots].unsqueeze(1)
+        # Greedy rows (temperature 1 here) keep their argmax: every mask below keeps the most likely token.
+        x = x / self.temperature[slots].unsqueeze(1)
+        if rows.sorted_masks:
+            x = self._top_k_top_p(x, slots)
+        if rows.min_p:
+            probs = torch.softmax(x, dim=-1)
+            floor = self.min_p[slots].unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            x = x.masked_fill(probs < floor, float("-inf"))
+        gumbel = -torch.log(-torch.log(uniform_noise(self.seed[slots], positions, x.shape[1])))
+        return (x + gumbel * self.sampled[slots].unsqueeze(1)).argmax(dim=-1)
+
+    def _top_k_top_p(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Keep each row's ``top_k`` most likely tokens (0: all), then the smallest set whose probability reaches
+        ``top_p`` (ties at the cut are kept)."""
+        ordered = x.sort(dim=-1, descending=True).values
+        k = self.top_k[slots]
+        kth = ordered.gather(1, (k - 1).clamp(min=0).view(-1, 1))
+        cut = torch.where(k.view(-1, 1) > 0, kth, torch.full_like(kth, float("-inf")))
+        ordered = ordered.masked_fill(ordered < cut, float("-inf"))
+        probs = torch.softmax(ordered, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+        keep = (before < self.top_p[slots].unsqueeze(1)).sum(dim=-1, keepdim=True).clamp(min=1)
+        cut = torch.maximum(cut, ordered.gather(1, keep - 1))
+        return x.masked_fill(x < cut, float("-inf"))

@@ -1,0 +1,144 @@
+"""The vision tower: pages (patches) to merged vision features, equal to ``get_image_features`` of the HF model.
+
+It runs batched over pages of one shape (one attention call for all pages) with per-shape constants precomputed,
+so it can be compiled for the fixed page shapes of a preset.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_position_ids
+
+
+class VisionRunner:
+    """Pages (patches) to merged vision features, equal to ``get_image_features`` of the HF model."""
+
+    def __init__(self, model, batch_pages: int, compile: bool):
+        self.visual = model.model.visual
+        self.batch_pages = max(1, batch_pages)
+        self.merge = self.visual.spatial_merge_size
+        self._constants: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._forward = torch.compile(self._pages_forward, dynamic=False) if compile else self._pages_forward
+
+    def tokens_per_page(self, grid: tuple[int, int, int]) -> int:
+        return grid[0] * grid[1] * grid[2] // self.merge**2
+
+    def _shape_constants(self, gh: int, gw: int):
+        """Position embedding (interpolated) and rotary cos/sin of one page: they depend only on the grid."""
+        key = (gh, gw)
+        if key not in self._constants:
+            visual = self.visual
+            weight = visual.embeddings.position_embedding.weight
+            grid = torch.tensor([[1, gh, gw]], device=weight.device)
+            pos = get_vision_position_ids(grid, self.merge)
+            zeros = torch.zeros(gh * gw, visual.config.hidden_size, device=weight.device, dtype=weight.dtype)
+            seqlens = torch.tensor([gh * gw], device=weight.device)
+            pos_embed = visual.embeddings(zeros, seqlens, grid, pos[:, 0], pos[:, 1])
+            cos, sin = visual.rotary_pos_emb(zeros, pos)
+            self._constants[key] = (pos_embed, cos, sin)
+        return self._constants[key]
+
+    def _pages_forward(self, patches: torch.Tensor, pos_embed, cos, sin, n: int) -> torch.Tensor:
+        visual = self.visual
+        seq = pos_embed.shape[0]
+        h = visual.post_conv_layernorm(visual.patch_embed(patches))
+        h = (h.view(n, seq, -1) + pos_embed).view(n * seq, -1)
+        cos, sin = cos.repeat(n, 1), sin.repeat(n, 1)
+        for blk in visual.blocks:
+            attn = blk.attn
+            x = blk.norm1(h)
+            q, k, v = attn.qkv(x).reshape(n * seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+            q, k, v = (t.reshape(n, seq, attn.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+            h = h + attn.proj(out.transpose(1, 2).reshape(n * seq, -1))
+            h = h + blk.mlp(blk.norm2(h))
+        h = visual.post_layernorm(h)
+        h = h.view(-1, self.merge, self.merge, h.shape[-1]).permute(0, 3, 1, 2)
+        h = visual.downsample(h).view(-1, visual.config.out_hidden_size)
+        return visual.merger(h)
+
+    @torch.inference_mode()
+    def encode(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """Features [tokens, hidden] per page; ``patches`` holds the pages' patches in order."""
+        offsets = [0]
+        for _, gh, gw in grids:
+            offsets.append(offsets[-1] + gh * gw)
+        out: list[torch.Tensor | None] = [None] * len(grids)
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for i, (_, gh, gw) in enumerate(grids):
+            by_grid.setdefault((gh, gw), []).append(i)
+        for (gh, gw), idx in by_grid.items():
+            pos_embed, cos, sin = self._shape_constants(gh, gw)
+            for start in range(0, len(idx), self.batch_pages):
+                chunk = idx[start : start + self.batch_pages]
+                px = torch.cat([patches[offsets[i] : offsets[i + 1]] for i in chunk])
+                feats = self._forward(px, pos_embed, cos, sin, len(chunk))
+                per_page = feats.shape[0] // len(chunk)
+                for j, i in enumerate(chunk):
+                    out[i] = feats[j * per_page : (j + 1) * per_page]
+        return out
+
+
+class VisionEncoder:
+    """Vision features of the pages a step needs: cache hits by page identity (a hit never decodes the page), the
+    misses decoded, preprocessed and encoded together."""
+
+    def __init__(self, runner: VisionRunner, preprocessor, cache, key_prefix: str, sync):
+        self.runner = runner
+        self.preprocessor = preprocessor
+        self.cache = cache
+        self.key_prefix = key_prefix
+        self._sync = sync
+
+    def provide(self, wanted: list[tuple[object, int]]) -> None:
+        """Make ``seq.features[page]`` available for every (sequence, page index) in ``wanted``."""
+        t0 = time.perf_counter()
+        missing: dict[str, tuple[object, tuple[int, int, int]]] = {}
+        waiting: list[tuple[object, int, str, bool]] = []
+        found: dict[str, torch.Tensor] = {}
+        for seq, page in wanted:
+            if page in seq.features:
+                continue
+            cached = seq.settings.use_cache
+            key = self.key_prefix + seq.page_keys[page] if cached else f"{id(seq)}:{page}"
+            hit = found.get(key)
+            if hit is None and cached and key not in missing:
+                hit = self.cache.get(key)
+                if hit is not None:
+                    found[key] = hit
+            if hit is not None:
+                seq.cache.vision_hits += 1
+                seq.features[page] = hit
+                continue
+            if key in missing:
+                seq.cache.vision_hits += 1  # encoded once for all the sequences of this step that show it
+            else:
+                seq.cache.vision_misses += 1
+                missing[key] = (seq.pages[page], seq.prompt.image_grids[page])
+            waiting.append((seq, page, key, cached))
+        t1 = t2 = time.perf_counter()
+        if missing:
+            keys = list(missing)
+            patches = self.preprocessor([missing[k][0] for k in keys])
+            self._sync()
+            t1 = time.perf_counter()
+            for key, feat in zip(keys, self.runner.encode(patches, [missing[k][1] for k in keys])):
+                found[key] = feat
+            self._sync()
+            t2 = time.perf_counter()
+        stored: set[str] = set()
+        for seq, page, key, cached in waiting:
+            feat = found[key]
+            if cached and key not in stored:
+                feat = found[key] = feat.clone()  # a slice of the batch output would pin the whole batch
+                self.cache.put(key, feat)
+                stored.add(key)
+            seq.features[page] = feat
+        for seq in {id(s): s for s, _ in wanted}.values():
+            seq.timings.preprocess += t1 - t0
+            seq.timings.vision_encode += t2 - t1

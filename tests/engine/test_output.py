@@ -1,0 +1,64 @@
+"""Generated tokens to text: complete UTF-8 only, stop strings cut (and never half shown), logprobs kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from glyphserve.engine.output import OutputState
+from glyphserve.engine.types import GenerationSettings, TokenLogprob
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def run(tok, text, **settings):
+    state = OutputState(tok, GenerationSettings(**settings), frozenset({tok.convert_tokens_to_ids("<|user|>")}))
+    deltas, stop = [], None
+    for token in tok(text, add_special_tokens=False)["input_ids"]:
+        outcome = state.push(token)
+        deltas += outcome.deltas
+        if outcome.stop_reason is not None:
+            stop = outcome.stop_reason
+            break
+    deltas += state.finish()
+    return state, deltas, stop
+
+
+def test_text_is_released_only_as_complete_utf8(tok):
+    text = "Grand-mère 奶奶 🐺 said so."
+    state, deltas, stop = run(tok, text)
+    assert "".join(d.text for d in deltas) == text and stop is None
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert state.answer_text == text
+
+
+def test_a_stop_string_ends_the_answer_and_is_never_shown(tok):
+    text = "The wolf ran. STOP here and more"
+    state, deltas, stop = run(tok, text, stop=("STOP", "never"))
+    assert stop == "STOP"
+    shown = "".join(d.text for d in deltas)
+    assert shown == "The wolf ran. " and "ST" not in shown
+    _, deltas, _ = run(tok, text, stop=("STOP",), include_stop_str_in_output=True)
+    assert "".join(d.text for d in deltas) == "The wolf ran. STOP"
+
+
+def test_stop_tokens_end_the_answer(tok):
+    state = OutputState(tok, GenerationSettings(), frozenset({7}))
+    assert state.push(7).stop_reason == 7
+
+
+def test_logprobs_ride_with_the_text_they_made(tok):
+    state = OutputState(tok, GenerationSettings(logprobs=2), frozenset())
+    ids = tok("Hello there", add_special_tokens=False)["input_ids"]
+    delivered = []
+    for i in ids:
+        for delta in state.push(i, TokenLogprob(i, tok.decode([i]), -0.5, [])).deltas:
+            delivered += delta.logprobs
+    for delta in state.finish():
+        delivered += delta.logprobs
+    assert [lp.token_id for lp in state.logprobs] == ids
+    assert [lp.token_id for lp in delivered] == ids
