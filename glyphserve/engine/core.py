@@ -22,7 +22,7 @@ import torch
 from glyphserve.engine.model_runner import PAGED_CHUNK_TOKENS, DenseChunk, ModelRunner, StepInputs
 from glyphserve.engine.output import Delta
 from glyphserve.engine.sampler import Sampler
-from glyphserve.engine.scheduler import Chunk, NeedsDrain, Scheduler, StepPlan
+from glyphserve.engine.scheduler import NeedsDrain, Scheduler, StepPlan
 from glyphserve.engine.sequence import Sequence, Status
 from glyphserve.engine.types import TokenLogprob
 from glyphserve.engine.vision import VisionEncoder

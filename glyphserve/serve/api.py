@@ -229,7 +229,7 @@ def build_router(service: GlyphService) -> APIRouter:
             raise InvalidRequestError(validation_message(exc)) from None
         if body.document is not None:
             check_id(body.document)
-        job = await run_in_threadpool(oai.to_job, body, has_model=service.has_model, images=service.images)
+        job = await run_in_threadpool(oai.to_job, body, has_model=service.has_model)
         model = service.model_name
         if not body.stream:
             reply = await unless_disconnected(request, service.answer(job))

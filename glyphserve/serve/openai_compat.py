@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import io
-import threading
 import time
 import uuid
-import warnings
-from collections import OrderedDict
 from typing import Any, Literal
 
-import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from glyphserve.engine.types import EncodedPage
+from glyphserve.errors import GlyphserveError
 from glyphserve.serve.backends import ChatJob, ChatSettings, Reply, Turn
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotLoadedError
 
@@ -64,8 +59,10 @@ class ChatCompletionRequest(BaseModel):
     use_cache: bool = True
 
 
-def decode_image(url: str) -> np.ndarray:
-    """An RGB array from a ``data:image/...;base64,`` URL; nothing is ever fetched or opened."""
+def encoded_image(url: str) -> EncodedPage:
+    """The page in a ``data:image/...;base64,`` URL, as its encoded bytes: only the header is read here (size and
+    format, checked against the pixel limit); the engine decodes it only if its vision features are not cached.
+    Nothing is ever fetched or opened."""
     if not url.startswith("data:"):
         raise InvalidRequestError(
             "image_url must be a data: URL (data:image/png;base64,...); this server never fetches URLs or opens paths"
@@ -78,46 +75,12 @@ def decode_image(url: str) -> np.ndarray:
     except (binascii.Error, ValueError):
         raise InvalidRequestError("image_url holds invalid base64") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise InvalidRequestError(f"an image has more than {MAX_IMAGE_PIXELS} pixels")
-                return np.asarray(image.convert("RGB"))
-    except InvalidRequestError:
-        raise
-    except Exception:
+        page = EncodedPage.from_bytes(raw)
+    except GlyphserveError:
         raise InvalidRequestError("image_url does not hold a readable image") from None
-
-
-class DecodedImages:
-    """Decoded data-URL images by a hash of the URL, the least recently used dropped past ``max_bytes``:
-    a front that sends a document's pages with every question costs one decode per page, and the
-    pages' hash is the engine's cache key (no second hash of the pixels)."""
-
-    def __init__(self, max_bytes: int = 512 * 2**20):
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, url: str) -> tuple[np.ndarray, str]:
-        """The RGB array of ``url`` (see ``decode_image``) and the URL's digest."""
-        digest = hashlib.sha256(url.encode()).hexdigest()
-        with self._lock:
-            hit = self._entries.get(digest)
-            if hit is not None:
-                self._entries.move_to_end(digest)
-                return hit, digest
-        array = decode_image(url)
-        with self._lock:
-            if digest not in self._entries and array.nbytes <= self.max_bytes:
-                self._entries[digest] = array
-                self._bytes += array.nbytes
-                while self._bytes > self.max_bytes:
-                    _, dropped = self._entries.popitem(last=False)
-                    self._bytes -= dropped.nbytes
-        return array, digest
+    if page.width * page.height > MAX_IMAGE_PIXELS:
+        raise InvalidRequestError(f"an image has more than {MAX_IMAGE_PIXELS} pixels")
+    return page
 
 
 def _texts(message: Message) -> list[str]:
@@ -134,11 +97,11 @@ def _images(message: Message) -> list[str]:
     return []
 
 
-def to_job(request: ChatCompletionRequest, *, has_model: bool, images: DecodedImages | None = None) -> ChatJob:
+def to_job(request: ChatCompletionRequest, *, has_model: bool) -> ChatJob:
     """Map messages to a job the way vLLM builds Glyph's prompt: the images are the pages
     (they belong to the first user turn), the last user message is the question and the
     earlier messages are the history. Without a model, the last text part is the question and
-    all other text is what the extractive backend searches. ``images`` decodes repeated pages once."""
+    all other text is what the extractive backend searches. Images stay encoded (see ``encoded_image``)."""
     *earlier, last = request.messages
     if last.role != "user":
         raise InvalidRequestError("the last message must come from the user")
@@ -165,12 +128,7 @@ def to_job(request: ChatCompletionRequest, *, has_model: bool, images: DecodedIm
         history = [Turn(_role(m.role), "\n".join(_texts(m))) for m in earlier]
         job = ChatJob(question="\n".join(question_parts), history=history, settings=settings,
                       document_id=request.document)
-        if images is None:
-            job.pages = [decode_image(url) for url in image_urls]
-        elif image_urls:
-            decoded = [images.get(url) for url in image_urls]
-            job.pages = [array for array, _ in decoded]
-            job.page_keys = [f"image:{digest}" for _, digest in decoded]
+        job.pages = [encoded_image(url) for url in image_urls]
         return job
     context = [text for m in earlier for text in _texts(m)] + question_parts[:-1]
     return ChatJob(question=question_parts[-1], settings=settings, document_id=request.document,

@@ -19,7 +19,6 @@ from glyphserve.serve.backends import ChatJob, Delta, EngineBackend, ExtractiveB
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
 from glyphserve.serve.metrics import Metrics
-from glyphserve.serve.openai_compat import DecodedImages
 from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
 from glyphserve.serve.store import DocumentRecord, DocumentStore
 
@@ -65,7 +64,6 @@ class GlyphService:
         self.router = getattr(engine, "router", None)  # a RemoteEngine routing over replicas
         self.store = DocumentStore(config.data_dir)
         self.metrics = Metrics(documents=self.store.count)
-        self.images = DecodedImages()  # pages sent as data URLs (by a front, or any client)
         if engine is None:
             self.backend = ExtractiveBackend(self.store)
             self.model_name = "glyphserve-extractive"
@@ -222,7 +220,6 @@ class GlyphService:
             if self.has_model:
                 job.pages = await asyncio.get_running_loop().run_in_executor(
                     self._render_pool, self._stored_pages, job.document_id, record.pages)
-                job.page_keys = [f"{job.document_id}:{n}" for n in range(1, record.pages + 1)]
         return job
 
     async def answer(self, job: ChatJob) -> Reply:

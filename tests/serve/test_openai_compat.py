@@ -7,7 +7,8 @@ import base64
 import pytest
 
 from glyphserve.errors import GlyphserveError
-from glyphserve.serve.openai_compat import ChatCompletionRequest, DecodedImages, StopFilter, decode_image, to_job
+from glyphserve.engine.types import EncodedPage
+from glyphserve.serve.openai_compat import ChatCompletionRequest, StopFilter, encoded_image, to_job
 from tests.serve.conftest import make_png
 
 PNG_URL = "data:image/png;base64," + base64.b64encode(make_png()).decode()
@@ -46,9 +47,9 @@ def test_without_a_model_text_before_the_question_is_searched():
 @pytest.mark.parametrize("url", ["http://example.invalid/a.png", "file:///etc/passwd", "/etc/passwd",
                                  "data:text/plain;base64,aGk=", "data:image/png;base64,!!!",
                                  "data:image/png;base64," + base64.b64encode(b"not a png").decode()])
-def test_only_data_urls_of_images_are_decoded(url):
+def test_only_data_urls_of_images_are_read(url):
     with pytest.raises(GlyphserveError) as info:
-        decode_image(url)
+        encoded_image(url)
     assert info.value.http_status == 422
 
 
@@ -68,23 +69,11 @@ def test_stop_filter_cuts_across_deltas():
     assert plain.feed("abc") == "abc" and plain.flush() == "" and not plain.stopped
 
 
-def test_repeated_pages_are_decoded_once_and_keyed_by_content():
-    other_url = "data:image/png;base64," + base64.b64encode(make_png(color=(10, 20, 30))).decode()
-
-    def pages_job(*urls):
-        return request(messages=[{"role": "user", "content": [
-            *({"type": "image_url", "image_url": {"url": u}} for u in urls), {"type": "text", "text": "Q?"}]}])
-
-    images = DecodedImages()
-    first = to_job(pages_job(PNG_URL, other_url), has_model=True, images=images)
-    again = to_job(pages_job(PNG_URL, other_url), has_model=True, images=images)
-    assert again.pages[0] is first.pages[0] and again.pages[1] is first.pages[1]  # no second decode
-    assert (again.pages[1] == decode_image(other_url)).all()
-    assert first.page_keys == again.page_keys and all(k.startswith("image:") for k in first.page_keys)
-    assert to_job(pages_job(other_url, PNG_URL), has_model=True, images=images).page_keys == first.page_keys[::-1]
-    assert to_job(pages_job(PNG_URL), has_model=True).page_keys is None  # without the cache: the engine hashes
-
-    small = DecodedImages(max_bytes=64 * 64 * 3)  # room for one page
-    a, _ = small.get(PNG_URL)
-    small.get(other_url)
-    assert small.get(PNG_URL)[0] is not a  # evicted, decoded again
+def test_pages_stay_encoded_and_are_keyed_by_their_bytes():
+    """A data-URL page is handed on as its file: not decoded here (the engine decodes it only on a vision-cache
+    miss), its identity the hash of its bytes, so the same file sent again or stored hits the same caches."""
+    job = to_job(request(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": PNG_URL}}, {"type": "text", "text": "Q?"}]}]), has_model=True)
+    [page] = job.pages
+    assert isinstance(page, EncodedPage) and page.data == base64.b64decode(PNG_URL.partition(",")[2])
+    assert job.page_keys is None  # the engine keys it by its bytes
