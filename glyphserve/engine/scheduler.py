@@ -6,7 +6,7 @@ in arrival order), so a long document joining running answers is prefilled a chu
 steps. A sequence is admitted only when the pool has blocks for its whole prompt (after taking its cached prefix
 blocks by reference), and only while no other running sequence is still writing the blocks its prefix needs
 (it then waits and shares them instead of computing a copy). Requests that only warm a document's caches run
-when nothing else waits. When a decoding sequence needs a block and none is free, the most recently admitted
+only while no question waits or runs. When a decoding sequence needs a block and none is free, the most recently admitted
 sequence is preempted: its blocks are released (its prompt's published blocks stay cached) and it waits to be
 recomputed, prompt and answer so far, then continues; a preempted sequence's answer is unchanged.
 """
@@ -110,12 +110,13 @@ class Scheduler:
                 plan.decode.append(seq)
         budget = (self.config.max_num_batched_tokens if plan.decode else self.config.max_prefill_tokens)
         budget -= len(plan.decode)
-        urgent = any(not s.request.warm for s in self.waiting)
+        # Warming runs only while no question waits or runs: it never slows a live answer.
+        urgent = any(not s.request.warm for s in self.waiting) or any(not s.request.warm for s in self.running)
         for seq in self.running:  # sequences part-way through their prompt (or recomputation)
             if budget <= 0:
                 break
             if urgent and seq.request.warm:
-                continue  # warming pauses while a question waits
+                continue
             if not seq.decoding and seq.num_computed < seq.total_tokens:
                 budget -= self._chunk(plan, seq, budget)
         self._admit(plan, budget, urgent)
@@ -144,7 +145,7 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
             if urgent and seq.request.warm:
-                continue  # documents are warmed only while no question waits
+                continue
             admitted = self._allocate(seq)
             if admitted is None:
                 continue  # its prefix is being written by a running sequence: wait and share it

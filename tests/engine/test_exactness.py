@@ -422,3 +422,33 @@ def test_repetition_penalty_matches_hugging_face(load_engine, reference, pages):
     plain = engine.answer(request(pages[:1], "Who is the wolf?"))
     penalised = engine.answer(request(pages[:1], "Who is the wolf?", repetition_penalty=2.0))
     assert penalised.token_ids == expected and plain.token_ids != expected
+
+
+def test_a_warmed_document_is_answered_like_a_follow_up_and_exactly(load_engine, reference, pages):
+    """Ready at upload: a warm request computes the pages' features and prefix blocks and answers nothing; the
+    first question then reuses them (the same tokens as a cold question)."""
+    engine = load_engine()
+    warmed = engine.answer(AnswerRequest(pages=pages, question="", warm=True))
+    assert warmed.token_ids == [] and warmed.cache.vision_misses == 3
+    expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
+    first = engine.answer(request(pages, "Who is the wolf?"))
+    assert first.token_ids == expected
+    block = engine.pool.block_size
+    prefix = 4 + sum(engine.vision_tokens(p.shape[:2]) + 2 for p in pages)
+    assert first.cache.prefix_reused_tokens == prefix // block * block and first.cache.vision_misses == 0
+
+
+def test_warming_waits_for_questions_and_can_be_cancelled(load_engine, reference, pages):
+    engine = load_engine()
+    expected, _ = reference.generate(pages[:1], "Who?", max_new_tokens=N, ignore_eos=True)
+    events = []
+    answered = lambda: any(i == 1 and e.channel == "done" for i, e in events)  # noqa: E731
+    cancelled = AnswerRequest(pages=pages[1:], question="", warm=True, cancel=answered)  # deleted meanwhile
+    warm = AnswerRequest(pages=pages[2:], question="", warm=True)
+    for index, event in engine.stream_batch([warm, request(pages[:1], "Who?"), cancelled]):
+        events.append((index, event))
+    done = {i: e.result for i, e in events if e.channel == "done"}
+    assert done[1].token_ids == expected
+    assert done[2].finish_reason == "cancelled"
+    assert [i for i, e in events if e.channel == "done"].index(1) < [i for i, e in events if e.channel == "done"].index(0)
+    assert engine.stats()["kv_pool"]["in_use"] == 0
