@@ -1,45 +1,50 @@
-"""``glyphserve bench engine``: the optimization ladder, one GPU, one process.
+"""``glyphserve bench engine``: latency, batching and memory of the engine on one GPU, next to their floors.
 
-Each row adds one optimization to the one above, on the same W50 document workload (a deterministic
-50,000-character English text rendered with ``glyph-en``; one question; a 64-token answer, EOS ignored):
+On deterministic W50 documents (50,000 characters rendered with glyph-en) and 64-token answers (EOS ignored):
 
-0. processor + ``generate``, float32;  1. the same in bfloat16;  2. + the compiled vision encoder;
-3. + the engine's static-cache CUDA-graph decode (caches off);  4. + vision-feature cache (same document, new
-question);  5. + document-prefix KV cache (follow-up question);  6. + pinned-memory async copies and overlapped
-preprocessing (everything on). Beside them: the same language model prefilling the document as text tokens, and
-W200 (200,000 characters) for how cost grows. Every row is warmed up, then timed over several repeats (median);
-documents and questions rotate so that caches are hit only where a row means to. Next to each stage stands its
-floor from ceilings measured on the same card in the same run (weight bytes / copy bandwidth; FLOPs / matmul rate).
+- single requests: a cold question (vision and prefix caches empty), a follow-up (the document's blocks in the KV
+  pool), the first question after the document was warmed at upload, and the same on W200 (``--grow``);
+- the decode step with 1, 8, 32, 64, 128 rows busy (follow-ups over several cached documents, all decoding
+  together), each next to its floor: the weights plus the KV each row reads, over the copy bandwidth measured in
+  the same run;
+- the KV pool's blocks in use for 1 and for 16 sessions on one document (its prefix is held once);
+- with ``--quantize fp8``: the same single-request rows with FP8 weights, and how far their logits move from bf16.
+
+``--baseline-tree PATH`` runs the same measurements with the glyphserve at PATH (an older checkout, in a child
+process), so baseline and candidate come from one run. Every figure is a median over ``--repeats``; documents
+and questions rotate so caches are hit only where a row means to.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as dt
 import gc
 import itertools
 import json
+import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-TARGETS = {
-    "row6_cold_s": 0.8,
-    "row6_speedup_over_row0": 7.0,
-    "follow_up_s": 0.5,
-    "follow_up_ttft_s": 0.05,
-    "decode_over_floor": 1.3,
-    "peak_gib": 22.0,
+TARGETS = {  # issues 13 and 14 (seconds, milliseconds, ratios)
+    "w50_cold_s": 0.8,
+    "w50_decode_ms": 7.0,
+    "step_32_rows_over_1_row": 1.5,
+    "step_64_rows_over_1_row": 2.0,
+    "w50_followup_ttft_s": 0.025,
+    "first_question_ttft_after_upload_s": 0.06,
+    "w200_cold_s": 1.0,
+    "decode_bf16_over_floor": 1.3,
 }
-DOCUMENTS = 4  # W50 documents the rows rotate through
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("engine", help="optimization ladder of the engine on one GPU",
+    p = subparsers.add_parser("engine", help="latency, batching and memory of the engine on one GPU",
                               description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="checkpoint directory or Hugging Face id")
@@ -48,30 +53,50 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workload", default="W50", help="main document size (W50, W150, W200 or characters)")
     p.add_argument("--grow", default="W200", help="larger document for how cost grows ('' to skip)")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats of each engine row")
-    p.add_argument("--hf-repeats", type=int, default=3, help="timed repeats of the generate rows")
-    p.add_argument("--fp32-repeats", type=int, default=2, help="timed repeats of row 0 (0 skips it)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rows", default="1,8,32,64,128", help="decode batch sizes to time")
     p.add_argument("--max-context", type=int, default=16384)
+    p.add_argument("--quantize", choices=["fp8"], help="also measure with quantized language-model weights")
+    p.add_argument("--baseline-tree", type=Path, help="a glyphserve checkout to measure the same way (child process)")
     p.add_argument("--font", help="font file for rendering (default: glyph-en's font or its free substitute)")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"),
-                   help="folder for engine-ladder-<card>.json/.md/.png")
-    p.add_argument("--report-from", type=Path, metavar="JSON",
-                   help="only rewrite the Markdown and chart from a saved JSON")
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for engine-<card>.json/.md")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from glyphserve.errors import ConfigError
 
-    if args.report_from is not None:
-        results = json.loads(args.report_from.read_text())
-        write_reports(results, args.report_from.with_suffix(""))
-        return 0
     if (args.model is None) == (args.random_weights is None):
         raise ConfigError("give --model or --random-weights")
-    Ladder(args).run()
+    results = measure(args)
+    if args.baseline_tree is not None:
+        results["baseline"] = baseline(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"engine-{results['card']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(to_markdown(results), encoding="utf-8")
+    print(f"wrote {stem}.json and .md")
     return 0
 
+
+def baseline(args: argparse.Namespace) -> dict:
+    """The same measurements by the glyphserve at ``--baseline-tree``, in a child process whose ``glyphserve`` is
+    that tree's (this file runs there as a script; it only uses the public engine and render calls)."""
+    out = args.out / "engine-baseline.json"
+    command = [sys.executable, __file__, "--child", str(out), *child_arguments(args)]
+    env = {**os.environ, "PYTHONPATH": str(args.baseline_tree.resolve())}
+    subprocess.run(command, check=True, env=env)
+    return json.loads(out.read_text())
+
+
+def child_arguments(args: argparse.Namespace) -> list[str]:
+    source = ["--model", args.model] if args.model else ["--random-weights", args.random_weights]
+    return [*source, "--device", args.device, "--workload", args.workload, "--grow", args.grow, "--new-tokens",
+            str(args.new_tokens), "--repeats", str(args.repeats), "--rows", args.rows, "--max-context",
+            str(args.max_context), *(["--font", args.font] if args.font else [])]
+
+
+# --- the measurements ----------------------------------------------------------------------------------------
 
 def card_slug(device_name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100'; 'cpu' stays."""
@@ -85,556 +110,279 @@ def workload_chars(name: str) -> int:
     return WORKLOADS[name] if name in WORKLOADS else int(name)
 
 
-@dataclasses.dataclass
-class Document:
-    name: str
-    pages: list  # HxWx3 uint8
-    text_tokens: int  # estimated tokens of the same text fed as text
-    vision_tokens: int
-    text: str = ""  # prepended to the question (the text-only row)
-
-
-def render_documents(n_chars: int, seeds: range, font: str | None) -> list[Document]:
-    """Rendered with glyph-en, the last page left uncropped so that every page has one shape (one compiled
-    vision graph instead of one per last-page height)."""
+def render_documents(n_chars: int, seeds, font: str | None) -> list[list]:
+    """Pages of documents rendered with glyph-en (last page uncropped: one page shape for the vision tower)."""
     from glyphserve.bench.workloads import make_workload_text
-    from glyphserve.render import count_text_tokens, preset, render_text
+    from glyphserve.render import preset, render_text
 
     config = dataclasses.replace(preset("glyph-en"), auto_crop_last_page=False)
     if font:
         config = dataclasses.replace(config, font_path=font)
-    docs = []
-    for seed in seeds:
-        text = make_workload_text(n_chars, seed, "en")
-        rendered = render_text(text, config)
-        docs.append(Document(f"{n_chars // 1000}k#{seed}", [p.image for p in rendered.pages],
-                             count_text_tokens(text)[0], rendered.stats.vision_tokens))
-    return docs
+    return [[p.image for p in render_text(make_workload_text(n_chars, seed, "en"), config).pages] for seed in seeds]
 
 
-class Questions:
-    """A new question each call, all of the same length in tokens."""
+class Api:
+    """The engine's public calls, under this tree's names or an older tree's (the baseline)."""
 
     def __init__(self):
-        self._n = itertools.count()
+        import glyphserve.engine as engine
 
-    def __call__(self) -> str:
-        return f"Question {next(self._n):04d}: which names and numbers appear most often in the text, and where?"
+        self.engine = engine
+        fields = {f.name for f in dataclasses.fields(engine.GenerationSettings)}
+        self.tokens_field = "max_tokens" if "max_tokens" in fields else "max_new_tokens"
+        config_fields = {f.name for f in dataclasses.fields(engine.EngineConfig)}
+        self.rows_field = "max_num_seqs" if "max_num_seqs" in config_fields else "max_batch_size"
 
+    def config(self, args, rows: int, **extra):
+        return self.engine.EngineConfig(model=args.model, random_weights=args.random_weights, device=args.device,
+                                        max_context=args.max_context, **{self.rows_field: rows}, **extra)
 
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def matmul_rate(dtype, device, n: int = 8192) -> float:
-    """FLOP/s of an n x n x n matrix product on random data."""
-    import torch
-
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a @ b
-    end.record()
-    end.synchronize()
-    return 2 * n**3 * 10 / (start.elapsed_time(end) / 1e3)
+    def request(self, pages, question: str, new_tokens: int, **extra):
+        settings = self.engine.GenerationSettings(ignore_eos=True, **{self.tokens_field: new_tokens})
+        return self.engine.AnswerRequest(pages=pages, question=question, settings=settings, **extra)
 
 
-def vision_flops(model, grids) -> float:
-    """Patch embedding and blocks per patch, downsample and merger per merged token, attention within a page."""
-    visual = model.model.visual
-    merge = visual.spatial_merge_size
-    tail = ("merger.", "downsample.")
-    per_patch = sum(p.numel() for n, p in visual.named_parameters()
-                    if not n.startswith(tail) and not n.startswith("embeddings."))
-    per_token = sum(p.numel() for n, p in visual.named_parameters() if n.startswith(tail))
-    width, depth = visual.config.hidden_size, len(visual.blocks)
-    total = 0.0
-    for t, gh, gw in grids:
-        n = t * gh * gw
-        total += 2 * per_patch * n + 2 * per_token * n / merge**2 + 4 * n * n * width * depth
-    return total
-
-
-def prefill_flops(model, tokens: int, cached: int = 0) -> float:
-    """Layer weights per new token, causal attention over the cached + new positions, one row of logits."""
-    cfg = model.config.text_config
-    lm = model.model.language_model
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    layers = sum(p.numel() for p in lm.layers.parameters())
-    attention = 2 * tokens * (tokens + 2 * cached) * cfg.num_attention_heads * head_dim * cfg.num_hidden_layers
-    return 2 * layers * tokens + attention + 2 * model.lm_head.weight.numel()
-
-
-def hf_processor(tokenizer, image_processor):
-    """The HF Glm4vProcessor for images; it insists on a video processor, which needs torchvision."""
-    from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
-
-    class ImageOnlyProcessor(Glm4vProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name != "video_processor":
-                return super().check_argument_for_proper_class(argument_name, argument)
-
-    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                              chat_template=tokenizer.chat_template)
-
-
-def decode_bytes(model) -> int:
-    """Weights one decode step reads: the language model and head, one embedding row."""
-    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n)
-    embed = model.model.language_model.embed_tokens.weight
-    return total - embed.numel() * embed.element_size()
-
-
-class Ladder:
+class Bench:
     def __init__(self, args: argparse.Namespace):
         import torch
-        import transformers
 
+        self.args, self.torch = args, torch
+        self.api = Api()
         from glyphserve.engine.loading import resolve_device
 
-        self.args = args
-        self.torch = torch
         self.device = resolve_device(args.device)
         self.cuda = self.device.type == "cuda"
-        name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
-        self.questions = Questions()
-        self.results = {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": name,
-            "card": card_slug(name),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": sys.version.split()[0],
-            "model": args.model or f"random weights ({args.random_weights})",
-            "new_tokens": args.new_tokens,
-            "rows": [],
-            "grow": [],
-        }
-        args.out.mkdir(parents=True, exist_ok=True)
-        self.path = args.out / f"engine-ladder-{self.results['card']}.json"
+        self.counter = itertools.count()
 
-    # --- plumbing --------------------------------------------------------------------------------------------
-
-    def log(self, *parts) -> None:
-        print(*parts, flush=True)
-
-    def save(self) -> None:
-        self.path.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+    def question(self) -> str:
+        return f"Question {next(self.counter):04d}: which names and numbers appear most often in the text, and where?"
 
     def sync(self) -> None:
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
 
-    def reset_peak(self) -> None:
-        if self.cuda:
+    def ask(self, engine, pages, **extra):
+        return engine.answer(self.api.request(pages, self.question(), self.args.new_tokens, **extra))
+
+    def single(self, engine, docs: list[list], mode: str) -> dict:
+        """Median timings of one question at a time: ``cold`` (caches cleared), ``follow`` (a question on the same
+        document just before) or ``warm`` (the document warmed at upload just before)."""
+        answers, walls = [], []
+        for i in range(self.args.repeats):
+            pages = docs[i % len(docs)]
+            engine.clear_caches()
+            if mode == "follow":
+                self.ask(engine, pages)
+            elif mode == "warm":
+                engine.answer(self.api.engine.AnswerRequest(pages=pages, question="", warm=True))
+            if self.cuda:
+                self.torch.cuda.reset_peak_memory_stats(self.device)
             self.sync()
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_gib(self) -> float | None:
-        return self.torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else None
-
-    def clock(self, fn):
-        self.sync()
-        t0 = time.perf_counter()
-        out = fn()
-        self.sync()
-        return time.perf_counter() - t0, out
-
-    def load(self, dtype: str):
-        from glyphserve.engine import EngineConfig
-        from glyphserve.engine.loading import load
-
-        config = EngineConfig(model=self.args.model, random_weights=self.args.random_weights, dtype=dtype,
-                              device=self.args.device)
-        return config, load(config)
-
-    def free(self) -> None:
-        gc.collect()
-        if self.cuda:
-            self.torch.cuda.empty_cache()
-
-    # --- ceilings and floors ---------------------------------------------------------------------------------
-
-    def ceilings(self) -> None:
-        from glyphserve.bench.probe import copy_bandwidth
-
-        if not self.cuda:
-            return
-        torch = self.torch
-        self.results["copy_bandwidth_Bps"] = copy_bandwidth(self.device)
-        self.results["matmul_flops"] = {
-            "bfloat16": matmul_rate(torch.bfloat16, self.device),
-            "float32": matmul_rate(torch.float32, self.device, 4096),
-        }
-        self.free()
-        self.log("ceilings", json.dumps({k: self.results[k] for k in ("copy_bandwidth_Bps", "matmul_flops")}))
-
-    def floors(self, model, doc: Document, grids, prompt_tokens: int, cached: int = 0) -> dict:
-        if not self.cuda:
-            return {}
-        dtype = str(model.dtype).removeprefix("torch.")
-        rate = self.results["matmul_flops"]["float32" if dtype == "float32" else "bfloat16"]
-        return {
-            "vision_s": vision_flops(model, grids) / rate,
-            "prefill_s": prefill_flops(model, prompt_tokens - cached, cached) / rate,
-            "decode_ms": decode_bytes(model) / self.results["copy_bandwidth_Bps"] * 1e3,
-        }
-
-    # --- rows ------------------------------------------------------------------------------------------------
-
-    def record(self, row: dict, into: str = "rows") -> None:
-        self.results[into].append(row)
-        self.save()
-        show = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "walls_s"}
-        self.log(json.dumps(show))
-
-    def hf_row(self, key: str, label: str, model, processor, docs: list[Document], repeats: int,
-               vision=None) -> dict:
-        """Processor + generate, timed whole (64 tokens) and to the first token; vision encode alone."""
-        from glyphserve.bench.probe import hf_generate, hf_inputs
-
-        n = self.args.new_tokens
-        grids = None
-        with self.vision_through(model, vision):
-            self.clock(lambda: hf_generate(model, hf_inputs(processor, docs[0].pages, self.questions(),
-                                                            device=self.device), 2))
-            self.reset_peak()
-            walls, ttfts, preps, visions, prompt = [], [], [], [], 0
-            for i in range(repeats):
-                doc = docs[i % len(docs)]
-                question = self.questions()
-                wall, _ = self.clock(lambda: hf_generate(
-                    model, hf_inputs(processor, doc.pages, question, device=self.device), n))
-                prep, inputs = self.clock(lambda: hf_inputs(processor, doc.pages, question, device=self.device))
-                first, _ = self.clock(lambda: hf_generate(model, inputs, 1))
-                with self.torch.inference_mode():
-                    seconds, _ = self.clock(lambda: model.model.get_image_features(
-                        inputs["pixel_values"], inputs["image_grid_thw"]))
-                walls.append(wall)
-                ttfts.append(prep + first)
-                preps.append(prep)
-                visions.append(seconds)
-                prompt = int(inputs["input_ids"].shape[1])
-                grids = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
-        wall, ttft, vis = median(walls), median(ttfts), median(visions)
-        row = {
-            "key": key, "label": label, "document": docs[0].name, "repeats": repeats, "walls_s": walls,
-            "wall_s": wall, "ttft_s": ttft, "preprocess_s": median(preps), "vision_s": vis,
-            "prefill_s": ttft - median(preps) - vis, "decode_ms": (wall - ttft) / (n - 1) * 1e3,
-            "prompt_tokens": prompt, "peak_gib": self.peak_gib(),
-            "floors": self.floors(model, docs[0], grids, prompt),
-        }
-        return row
-
-    @contextlib.contextmanager
-    def vision_through(self, model, vision):
-        """generate with ``get_image_features`` answered by the engine's (compiled) vision runner."""
-        if vision is None:
-            yield
-            return
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        def features(pixel_values, image_grid_thw=None, **_):
-            grids = [tuple(g) for g in image_grid_thw.tolist()]
-            return BaseModelOutputWithPooling(pooler_output=tuple(vision.encode(pixel_values.to(model.dtype), grids)))
-
-        model.model.get_image_features = features
-        try:
-            yield
-        finally:
-            del model.model.get_image_features
-
-    def engine_row(self, key: str, label: str, engine, docs: list[Document], setup, repeats: int,
-                   use_cache: bool = True, warm_all: bool = False, follow_up: bool = False) -> dict:
-        """engine.answer timed per repeat; ``setup(doc)`` runs untimed before each (cache state). ``warm_all``:
-        every document is asked about once before the repeats; ``follow_up``: a first question about the document
-        is asked (untimed) right before each timed one."""
-        from glyphserve.engine import AnswerRequest, GenerationSettings
-
-        settings = GenerationSettings(max_tokens=self.args.new_tokens, ignore_eos=True, use_cache=use_cache)
-
-        def ask(doc):
-            question = doc.text + self.questions()
-            return engine.answer(AnswerRequest(pages=doc.pages, question=question, settings=settings))
-
-        setup(docs[0])
-        for doc in docs if warm_all else docs[:1]:  # warm-up
-            ask(doc)
-        self.reset_peak()
-        walls, answers = [], []
-        for i in range(repeats):
-            doc = docs[i % len(docs)]
-            setup(doc)
-            if follow_up:
-                ask(doc)
-            wall, answer = self.clock(lambda: ask(doc))
-            walls.append(wall)
+            t0 = time.perf_counter()
+            answer = self.ask(engine, pages)
+            self.sync()
+            walls.append(time.perf_counter() - t0)
             answers.append(answer)
         t = [a.timings for a in answers]
-        last = answers[-1]
-        grids = [engine.params.grid(*p.shape[:2]) for p in docs[0].pages]
-        row = {
-            "key": key, "label": label, "document": docs[0].name, "repeats": repeats, "walls_s": walls,
-            "wall_s": median(walls), "ttft_s": median([x.time_to_first_token for x in t]),
-            "preprocess_s": median([x.preprocess for x in t]), "vision_s": median([x.vision_encode for x in t]),
-            "prefill_s": median([x.prefill for x in t]),
-            "decode_ms": median([x.decode / max(1, a.new_tokens - 1) * 1e3 for x, a in zip(t, answers)]),
-            "prompt_tokens": last.prompt_tokens, "peak_gib": self.peak_gib(),
-            "vision_hits": last.cache.vision_hits, "vision_misses": last.cache.vision_misses,
-            "prefix_reused_tokens": last.cache.prefix_reused_tokens,
-            "floors": self.floors(engine.model, docs[0], grids, last.prompt_tokens,
-                                  last.cache.prefix_reused_tokens),
+        med = lambda xs: statistics.median(xs)  # noqa: E731
+        return {
+            "wall_s": med(walls), "walls_s": walls,
+            "ttft_s": med([x.time_to_first_token for x in t]), "preprocess_s": med([x.preprocess for x in t]),
+            "vision_s": med([x.vision_encode for x in t]), "prefill_s": med([x.prefill for x in t]),
+            "decode_ms": med([x.decode / max(1, a.new_tokens - 1) * 1e3 for x, a in zip(t, answers)]),
+            "prompt_tokens": answers[-1].prompt_tokens, "prefix_reused_tokens": answers[-1].cache.prefix_reused_tokens,
+            "vision_misses": answers[-1].cache.vision_misses,
+            "peak_gib": self.torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else None,
         }
-        return row
 
-    # --- the run ---------------------------------------------------------------------------------------------
+    def step_rows(self, engine, docs: list[list], rows: int) -> dict:
+        """Decode step time with ``rows`` follow-ups decoding together (documents cached beforehand)."""
+        requests = [self.api.request(docs[i % len(docs)], self.question(), self.args.new_tokens)
+                    for i in range(rows)]
+        steps = []
+        for _ in range(max(1, self.args.repeats - 1)):
+            answers = engine.answer_batch(requests)
+            steps.append(statistics.median(a.timings.decode / max(1, a.new_tokens - 1) * 1e3 for a in answers))
+            requests = [self.api.request(r.pages, self.question(), self.args.new_tokens) for r in requests]
+        return {"rows": rows, "step_ms": statistics.median(steps), "steps_ms": steps,
+                "context_tokens": answers[0].prompt_tokens + self.args.new_tokens // 2}
 
-    def run(self) -> None:
-        from glyphserve.engine import Engine
+    def pool_blocks(self, engine, pages, sessions: int) -> int | None:
+        """Most KV blocks in use while ``sessions`` questions about one document run (None: no pool)."""
+        if "kv_pool" not in engine.stats():
+            return None
+        engine.clear_caches()
+        peak = 0
 
-        args, torch = self.args, self.torch
-        t0 = time.perf_counter()
-        docs = render_documents(workload_chars(args.workload), range(DOCUMENTS), args.font)
-        grow = render_documents(workload_chars(args.grow), range(2), args.font) if args.grow else []
-        self.results["workload"] = {
-            "name": args.workload, "characters": workload_chars(args.workload), "pages": len(docs[0].pages),
-            "vision_tokens": docs[0].vision_tokens, "text_tokens_estimate": docs[0].text_tokens,
-            "render_s": time.perf_counter() - t0,
-        }
-        self.log("workload", json.dumps(self.results["workload"]))
-        self.ceilings()
-        self.save()
+        def watch(_room: int) -> list:
+            nonlocal peak
+            peak = max(peak, engine.stats()["kv_pool"]["in_use"])
+            return []
 
-        if args.fp32_repeats > 0:
-            _, loaded = self.load("float32")
-            processor = hf_processor(loaded.tokenizer, loaded.image_processor)
-            self.record(self.hf_row("0", "processor + generate, float32, eager", loaded.model, processor, docs,
-                                    args.fp32_repeats))
-            del loaded, processor
-            self.free()
-
-        config, loaded = self.load("auto")
-        model = loaded.model
-        processor = hf_processor(loaded.tokenizer, loaded.image_processor)
-        self.results["dtype"] = str(loaded.dtype).removeprefix("torch.")
-        self.record(self.hf_row("1", f"processor + generate, {self.results['dtype']}", model, processor, docs,
-                                args.hf_repeats))
-
-        engine_config = dataclasses.replace(
-            config, max_context=args.max_context, max_num_seqs=1, compile_vision=True,
-            vision_batch_pages=len(docs[0].pages), pinned_copies=False,
-        )
-        t1 = time.perf_counter()
-        engine = Engine(loaded, engine_config)
-        self.results["engine_load_s"] = time.perf_counter() - t1
-        self.results["engine_config"] = dataclasses.asdict(engine_config)
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            engine.vision.encode(engine.preprocessor(docs[0].pages), [engine.params.grid(*p.shape[:2])
-                                                                       for p in docs[0].pages])
-        self.sync()
-        self.results["vision_compile_s"] = time.perf_counter() - t1
-        self.record(self.hf_row("2", "+ compiled vision encoder (generate)", model, processor, docs,
-                                args.hf_repeats, vision=engine.vision))
-
-        def clear_all(_doc):
-            engine.clear_caches()
-
-        def clear_prefix(_doc):
-            engine.clear_caches(vision=False, prefix=True)
-
-        def nothing(_doc):
+        requests = [self.api.request(pages, self.question(), 2) for _ in range(sessions)]
+        for _ in engine.stream_batch(requests, admit=watch):
             pass
+        return peak
 
-        self.record(self.engine_row("3", "+ static-cache CUDA-graph decode (engine, caches off)", engine, docs,
-                                    clear_all, args.repeats, use_cache=False))
-        # warm_all: the vision features of every document are cached before the timed repeats
-        self.record(self.engine_row("4", "+ vision-feature cache (same document, new question)", engine, docs,
-                                    clear_prefix, args.repeats, warm_all=True))
-        self.record(self.engine_row("5", "+ document-prefix KV cache (follow-up question)", engine, docs, nothing,
-                                    args.repeats, follow_up=True))
-        vision = engine.vision
+
+def measure(args: argparse.Namespace) -> dict:
+    import torch
+    import transformers
+
+    from glyphserve.engine import Engine
+
+    bench = Bench(args)
+    name = torch.cuda.get_device_name(bench.device) if bench.cuda else "cpu"
+    rows = [int(r) for r in args.rows.split(",") if r]
+    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": name,
+           "card": card_slug(name), "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": sys.version.split()[0], "model": args.model or f"random weights ({args.random_weights})",
+           "new_tokens": args.new_tokens, "repeats": args.repeats}
+    docs = render_documents(workload_chars(args.workload), range(8), args.font)
+    grow = render_documents(workload_chars(args.grow), range(2), args.font) if args.grow else []
+    res["workload"] = {"name": args.workload, "pages": len(docs[0]), "grow_pages": len(grow[0]) if grow else 0}
+    if bench.cuda:
+        res["copy_bandwidth_Bps"] = copy_bandwidth(bench.device)
+    t0 = time.perf_counter()
+    engine = Engine.load(bench.api.config(args, max(rows)))
+    res["load_s"] = time.perf_counter() - t0
+    res["engine"] = {k: v for k, v in engine.stats().items() if not isinstance(v, dict)}
+    bench.ask(engine, docs[0])  # warm-up
+    res["cold"] = bench.single(engine, docs, "cold")
+    res["follow"] = bench.single(engine, docs, "follow")
+    if hasattr(bench.api.engine.AnswerRequest, "pages_key"):  # this tree: warming at upload exists
+        res["warm"] = bench.single(engine, docs, "warm")
+    if grow:
+        res["grow_cold"] = bench.single(engine, grow, "cold")
+        res["grow_follow"] = bench.single(engine, grow, "follow")
+    weights = decode_bytes(engine.model)
+    kv_per_token = kv_bytes_per_token(engine.model)
+    res["rows"] = []
+    for n in rows:
+        row = bench.step_rows(engine, docs, n)
+        if bench.cuda:
+            row["floor_ms"] = (weights + n * row["context_tokens"] * kv_per_token) / res["copy_bandwidth_Bps"] * 1e3
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    res["pool_blocks"] = {str(s): bench.pool_blocks(engine, docs[0], s) for s in (1, 16)}
+    if bench.cuda:
+        res["decode_floor_ms"] = weights / res["copy_bandwidth_Bps"] * 1e3
+    res["stats"] = engine.stats()
+    if args.quantize:
         del engine
-        self.free()
-
-        # Row 6: everything on. The compiled vision encoder is handed over (compiling again costs ~17 s).
-        engine = Engine(loaded, dataclasses.replace(engine_config, pinned_copies=True))
-        engine.vision = vision
-        self.results["engine_config"]["pinned_copies"] = True
-        self.record(self.engine_row("6", "+ pinned async copies, overlapped preprocessing (cold)", engine, docs,
-                                    lambda _d: engine.clear_caches(), args.repeats))
-        self.record(self.engine_row("6b", "all on, vision-cache hit + new question", engine, docs,
-                                    lambda _d: engine.clear_caches(vision=False, prefix=True), args.repeats,
-                                    warm_all=True))
-        self.record(self.engine_row("6c", "all on, prefix-KV follow-up", engine, docs, nothing, args.repeats,
-                                    follow_up=True))
-        self.record(self.engine_row("text", "text-only: the same LM prefilling the document as text tokens",
-                                    engine, [self.as_text(d) for d in docs], clear_all, args.repeats,
-                                    use_cache=False))
-
-        if grow:
-            self.record(self.engine_row("6", "all on, cold", engine, grow, lambda _d: engine.clear_caches(),
-                                        max(2, args.repeats // 2)), "grow")
-            self.record(self.engine_row("6c", "all on, prefix-KV follow-up", engine, grow, nothing,
-                                        max(2, args.repeats // 2), follow_up=True), "grow")
-            del engine, vision
-            self.free()
-            self.record(self.hf_row("1", f"processor + generate, {self.results['dtype']}", model, processor,
-                                    grow, 2), "grow")
-            self.results["grow_workload"] = {"name": args.grow, "pages": len(grow[0].pages),
-                                             "vision_tokens": grow[0].vision_tokens}
-        self.save()
-        write_reports(self.results, self.path.with_suffix(""))
-
-    def as_text(self, doc: Document) -> Document:
-        """The document as text tokens. Random weights come with a small byte-level tokenizer that would split the
-        text into far more tokens than GLM's; there the estimated count of filler tokens stands in (the cost of
-        prefill depends on the count only)."""
-        if self.args.model:
-            from glyphserve.bench.workloads import make_workload_text
-
-            seed = int(doc.name.split("#")[1])
-            text = make_workload_text(workload_chars(self.args.workload), seed, "en")
-        else:
-            text = " the" * doc.text_tokens
-        return dataclasses.replace(doc, pages=[], text=text + "\n\n")
+        gc.collect()
+        torch.cuda.empty_cache() if bench.cuda else None
+        quantized = Engine.load(bench.api.config(args, 8, quantize=args.quantize))
+        bench.ask(quantized, docs[0])
+        res["quantized"] = {"mode": args.quantize, "cold": bench.single(quantized, docs, "cold"),
+                            "follow": bench.single(quantized, docs, "follow")}
+    return res
 
 
-def write_reports(results: dict, stem: Path) -> None:
-    """Markdown table (and a PNG chart where matplotlib imports) next to the JSON."""
-    stem.with_suffix(".md").write_text(to_markdown(results), encoding="utf-8")
-    try:
-        write_chart(results, stem.with_suffix(".png"))
-    except ImportError:
-        print("matplotlib missing: no chart (rerun with --report-from on a machine that has it)", file=sys.stderr)
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (median of 10)."""
+    import torch
+
+    src = torch.randn(2**28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 2**30 / statistics.median(times)
 
 
-def _fmt(value, digits: int = 3, floor=None) -> str:
-    if value is None:
-        return "-"
-    text = f"{value:.{digits}f}"
-    return f"{text} ({floor:.{digits}f})" if floor is not None else text
+def decode_bytes(model) -> int:
+    """Weights one decode step reads: the language model and head, not the embedding table (one row a token)."""
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n)
+    embed = model.model.language_model.embed_tokens.weight
+    return total - embed.numel() * embed.element_size()
 
 
-def targets(results: dict) -> list[tuple[str, str, bool | None]]:
-    """(target, measured, met) for issue 5's goals; met is None where a row is missing."""
-    rows = {r["key"]: r for r in results["rows"]}
-    out = []
-    cold, base, follow = rows.get("6"), rows.get("0"), rows.get("6c")
-    if cold:
-        out.append((f"row 6 cold <= {TARGETS['row6_cold_s']} s", f"{cold['wall_s']:.3f} s",
-                    cold["wall_s"] <= TARGETS["row6_cold_s"]))
-        if base:
-            speedup = base["wall_s"] / cold["wall_s"]
-            out.append((f"row 6 >= {TARGETS['row6_speedup_over_row0']:.0f}x faster than row 0", f"{speedup:.1f}x",
-                        speedup >= TARGETS["row6_speedup_over_row0"]))
-        floor = cold["floors"].get("decode_ms")
-        if floor:
-            ratio = cold["decode_ms"] / floor
-            out.append((f"decode <= {TARGETS['decode_over_floor']}x floor",
-                        f"{cold['decode_ms']:.2f} ms = {ratio:.2f}x {floor:.2f} ms", ratio <= TARGETS["decode_over_floor"]))
-    if follow:
-        ok = follow["wall_s"] <= TARGETS["follow_up_s"] and follow["ttft_s"] <= TARGETS["follow_up_ttft_s"]
-        out.append((f"follow-up <= {TARGETS['follow_up_s']} s, TTFT <= {TARGETS['follow_up_ttft_s'] * 1e3:.0f} ms",
-                    f"{follow['wall_s']:.3f} s, TTFT {follow['ttft_s'] * 1e3:.0f} ms", ok))
-    peaks = [rows[k]["peak_gib"] for k in ("6", "6b", "6c") if k in rows and rows[k]["peak_gib"] is not None]
-    if peaks:
-        out.append((f"peak GPU memory <= {TARGETS['peak_gib']:.0f} GiB ({results.get('dtype')})",
-                    f"{max(peaks):.2f} GiB", max(peaks) <= TARGETS["peak_gib"]))
-    return out
+def kv_bytes_per_token(model) -> int:
+    tc = model.config.text_config
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    return 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * model.dtype.itemsize
 
 
-def _table(rows: list[dict], base: dict | None) -> list[str]:
-    lines = [
-        "| # | configuration | end-to-end s | TTFT s | vision encode s (floor) | prefill s (floor) "
-        "| decode ms/token (floor) | prompt tokens | peak GiB | speed-up vs row 0 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        f = r.get("floors") or {}
-        speedup = f"{base['wall_s'] / r['wall_s']:.1f}x" if base else "-"
-        lines.append(
-            f"| {r['key']} | {r['label']} | {_fmt(r['wall_s'])} | {_fmt(r['ttft_s'])} | "
-            f"{_fmt(r['vision_s'], 3, f.get('vision_s'))} | {_fmt(r['prefill_s'], 3, f.get('prefill_s'))} | "
-            f"{_fmt(r['decode_ms'], 2, f.get('decode_ms'))} | {r['prompt_tokens']} | {_fmt(r['peak_gib'], 2)} | "
-            f"{speedup} |"
-        )
-    return lines
+# --- the report ----------------------------------------------------------------------------------------------
 
-
-def to_markdown(results: dict) -> str:
-    rows = results["rows"]
-    base = next((r for r in rows if r["key"] == "0"), None)
-    w = results["workload"]
-    lines = [
-        f"# Engine optimization ladder: {results['device']}",
-        "",
-        f"`glyphserve bench engine`, {results['date']}: torch {results['torch']}, transformers "
-        f"{results['transformers']}, Python {results['python']}; model: {results['model']}, "
-        f"{results.get('dtype', '?')} from row 1 on.",
-        f"Workload {w['name']}: {w['characters']:,} characters of deterministic English "
-        f"(`make_workload_text`, seeds 0-{DOCUMENTS - 1} rotated), glyph-en, last page uncropped: {w['pages']} pages, "
-        f"{w['vision_tokens']:,} vision tokens (~{w['text_tokens_estimate']:,} tokens as text); one question; "
-        f"{results['new_tokens']} answer tokens, EOS ignored. Rendering (not in the times) took "
-        f"{w['render_s']:.2f} s for all documents.",
-        "Each row warmed up, then the median of its repeats (documents and questions rotate; caches are cleared "
-        "or filled before each repeat as the row says). Stages: TTFT includes preprocessing; decode ms/token = "
-        "(end-to-end - TTFT) / (tokens - 1) for generate rows.",
-    ]
-    if "copy_bandwidth_Bps" in results:
-        m = results["matmul_flops"]
-        lines.append(
-            f"Floors from ceilings measured in the same run: copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} "
-            f"TB/s (decode floor = weight bytes / it), matmul {m['bfloat16'] / 1e12:.0f} TFLOP/s bf16 and "
-            f"{m['float32'] / 1e12:.0f} TFLOP/s fp32 (vision and prefill floor = FLOPs / it)."
-        )
-    lines += ["", *_table(rows, base), ""]
-    if results.get("grow"):
-        g = results.get("grow_workload", {})
-        lines += [f"## How cost grows: {g.get('name')} ({g.get('pages')} pages, {g.get('vision_tokens', 0):,} "
-                  "vision tokens)", "", *_table(results["grow"], None), ""]
-    met = targets(results)
-    if met:
-        lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in met]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_chart(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["rows"]
-    base = next((r for r in rows if r["key"] == "0"), None)
-    labels = [f"{r['key']}: {r['label']}" for r in rows][::-1]
-    parts = {
-        "preprocess + other": [max(0.0, r["ttft_s"] - r["vision_s"] - r["prefill_s"]) for r in rows],
-        "vision encode": [r["vision_s"] for r in rows],
-        "prefill": [r["prefill_s"] for r in rows],
-        "decode": [r["wall_s"] - r["ttft_s"] for r in rows],
+def targets(res: dict) -> list[tuple[str, float | None, float, bool | None]]:
+    """(name, measured, target, met) for the named targets this run measures."""
+    by_rows = {r["rows"]: r["step_ms"] for r in res.get("rows", [])}
+    out = {
+        "w50_cold_s": res.get("cold", {}).get("wall_s"),
+        "w50_decode_ms": res.get("cold", {}).get("decode_ms"),
+        "w50_followup_ttft_s": res.get("follow", {}).get("ttft_s"),
+        "first_question_ttft_after_upload_s": res.get("warm", {}).get("ttft_s"),
+        "w200_cold_s": res.get("grow_cold", {}).get("wall_s"),
+        "step_32_rows_over_1_row": by_rows[32] / by_rows[1] if 32 in by_rows and 1 in by_rows else None,
+        "step_64_rows_over_1_row": by_rows[64] / by_rows[1] if 64 in by_rows and 1 in by_rows else None,
+        "decode_bf16_over_floor": (res["cold"]["decode_ms"] / res["decode_floor_ms"]
+                                   if "decode_floor_ms" in res and "cold" in res else None),
     }
-    fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.6))
-    left = [0.0] * len(rows)
-    for (name, values), color in zip(parts.items(), ("#bbbbbb", "#4c72b0", "#dd8452", "#55a868")):
-        values = values[::-1]
-        ax.barh(labels, values, left=left[: len(values)], label=name, color=color)
-        left = [a + b for a, b in zip(left, values)]
-    for y, r in enumerate(rows[::-1]):
-        note = f" {r['wall_s']:.2f} s" + (f"  ({base['wall_s'] / r['wall_s']:.1f}x)" if base else "")
-        ax.text(r["wall_s"], y, note, va="center", fontsize=8)
-    ax.set_xlabel("seconds, end to end")
-    ax.set_xlim(0, max(r["wall_s"] for r in rows) * 1.25)
-    ax.set_title(f"{results['workload']['name']} question, {results['new_tokens']} tokens: {results['device']}, "
-                 f"torch {results['torch']}, transformers {results['transformers']}, {results['date'][:10]}",
-                 fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return [(k, v, TARGETS[k], None if v is None else v <= TARGETS[k]) for k, v in out.items()]
+
+
+def _f(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def to_markdown(res: dict) -> str:
+    base = res.get("baseline", {})
+    lines = [
+        f"# Engine benchmark: {res['device']}",
+        "",
+        f"{res['date']}; torch {res['torch']}, transformers {res['transformers']}, Python {res['python']}; "
+        f"{res['model']}; {res['workload']['name']} ({res['workload']['pages']} pages), answers of "
+        f"{res['new_tokens']} tokens (EOS ignored); medians of {res['repeats']} repeats.",
+        "",
+        "| row | candidate wall s | TTFT s | decode ms/token | peak GiB | baseline wall s | baseline TTFT s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in (("cold", "W50 cold"), ("follow", "W50 follow-up"), ("warm", "W50 first question after warm-up"),
+                       ("grow_cold", "W200 cold"), ("grow_follow", "W200 follow-up")):
+        row, old = res.get(key), base.get(key, {})
+        if row:
+            lines.append(f"| {label} | {_f(row['wall_s'])} | {_f(row['ttft_s'])} | {_f(row['decode_ms'], 2)} | "
+                         f"{_f(row['peak_gib'], 1)} | {_f(old.get('wall_s'))} | {_f(old.get('ttft_s'))} |")
+    lines += ["", "| rows decoding | step ms | floor ms | x 1-row step | baseline step ms |", "|---:|---:|---:|---:|---:|"]
+    one = next((r["step_ms"] for r in res.get("rows", []) if r["rows"] == 1), None)
+    old_rows = {r["rows"]: r["step_ms"] for r in base.get("rows", [])}
+    for r in res.get("rows", []):
+        lines.append(f"| {r['rows']} | {_f(r['step_ms'], 2)} | {_f(r.get('floor_ms'), 2)} | "
+                     f"{_f(r['step_ms'] / one if one else None, 2)} | {_f(old_rows.get(r['rows']), 2)} |")
+    blocks = res.get("pool_blocks", {})
+    if blocks.get("1") is not None:
+        lines += ["", f"KV pool blocks in use: {blocks['1']} for 1 session, {blocks['16']} for 16 sessions on one "
+                      "document (its prefix held once)."]
+    if "quantized" in res:
+        q = res["quantized"]
+        lines += ["", f"With {q['mode']} weights: W50 cold {_f(q['cold']['wall_s'])} s, decode "
+                      f"{_f(q['cold']['decode_ms'], 2)} ms/token, peak {_f(q['cold']['peak_gib'], 1)} GiB; follow-up "
+                      f"TTFT {_f(q['follow']['ttft_s'])} s."]
+    lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
+    for name, value, goal, met in targets(res):
+        lines.append(f"| {name} | {_f(value)} | {goal} | {'-' if met is None else ('yes' if met else 'no')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _child(argv: list[str]) -> int:
+    """Entry point of the baseline child process: measure with whatever glyphserve is on PYTHONPATH."""
+    out = Path(argv[0])
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_parser(sub)
+    args = parser.parse_args(["engine", *argv[1:]])
+    out.write_text(json.dumps(measure(args), indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--child":
+    sys.exit(_child(sys.argv[2:]))

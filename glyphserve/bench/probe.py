@@ -48,24 +48,6 @@ def synthetic_pages(n: int, height: int = 840, width: int = 588, seed: int = 0) 
     return pages
 
 
-def copy_bandwidth(device) -> float:
-    """Bytes read + written per second by a large device-to-device copy."""
-    src = torch.randn(2**28, device=device)  # 1 GiB
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * 2**30 / statistics.median(times)
-
-
 def hf_processor(tokenizer, image_processor):
     from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
     from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
@@ -203,6 +185,8 @@ def timed(fn, repeat: int = 3):
 
 
 def main(argv=None) -> int:
+    from glyphserve.bench.engine import copy_bandwidth
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args(argv)

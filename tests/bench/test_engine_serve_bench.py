@@ -3,32 +3,30 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from glyphserve.cli import main
 
 
-def test_engine_ladder_writes_every_row(tiny_model_dir, tmp_path):
+def test_engine_bench_measures_every_row_and_a_baseline_tree(tiny_model_dir, tmp_path):
+    repo = Path(__file__).resolve().parents[2]
     code = main(["bench", "engine", "--model", str(tiny_model_dir), "--device", "cpu", "--workload", "1000",
-                 "--grow", "", "--new-tokens", "3", "--repeats", "1", "--hf-repeats", "1", "--fp32-repeats", "1",
-                 "--max-context", "2048", "--out", str(tmp_path)])
+                 "--grow", "2000", "--new-tokens", "3", "--repeats", "1", "--rows", "1,2", "--max-context", "2048",
+                 "--baseline-tree", str(repo), "--out", str(tmp_path)])
     assert code == 0
-    result = json.loads((tmp_path / "engine-ladder-cpu.json").read_text())
-    rows = {r["key"]: r for r in result["rows"]}
-    assert list(rows) == ["0", "1", "2", "3", "4", "5", "6", "6b", "6c", "text"]
-    assert rows["4"]["vision_hits"] > 0 and rows["4"]["vision_misses"] == 0
-    assert rows["6b"]["vision_hits"] > 0 and rows["6b"]["vision_misses"] == 0
-    assert rows["5"]["prefix_reused_tokens"] > 0 and rows["6c"]["prefix_reused_tokens"] > 0
-    assert rows["3"]["prefix_reused_tokens"] == 0 and rows["6"]["vision_misses"] > 0
-    assert rows["text"]["prompt_tokens"] > rows["6"]["prompt_tokens"]
-    assert all(r["wall_s"] > 0 for r in rows.values())
-    markdown = (tmp_path / "engine-ladder-cpu.md").read_text()
-    assert "| 6c | all on, prefix-KV follow-up |" in markdown and "## Targets" in markdown
-    assert (tmp_path / "engine-ladder-cpu.png").stat().st_size > 0
+    result = json.loads((tmp_path / "engine-cpu.json").read_text())
+    assert result["cold"]["vision_misses"] > 0 and result["cold"]["prefix_reused_tokens"] == 0
+    assert result["follow"]["prefix_reused_tokens"] > 0 and result["warm"]["prefix_reused_tokens"] > 0
+    assert [r["rows"] for r in result["rows"]] == [1, 2] and all(r["step_ms"] > 0 for r in result["rows"])
+    assert result["pool_blocks"]["16"] < 16 * result["pool_blocks"]["1"]  # the document's prefix held once
+    assert result["baseline"]["cold"]["wall_s"] > 0  # measured again by the child process
+    markdown = (tmp_path / "engine-cpu.md").read_text()
+    assert "| W200 cold |" in markdown and "## Targets" in markdown
 
 
 def test_serve_bench_counts_every_answer(tiny_model_dir, tmp_path):
     code = main(["bench", "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--workload", "1000",
-                 "--documents", "2", "--sessions", "3", "--questions", "2", "--new-tokens", "3", "--max-batch", "2",
+                 "--documents", "2", "--sessions", "3", "--questions", "2", "--new-tokens", "3", "--max-num-seqs", "2",
                  "--startup-timeout", "120", "--out", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "serve-cpu.json").read_text())
@@ -39,7 +37,7 @@ def test_serve_bench_counts_every_answer(tiny_model_dir, tmp_path):
 
 def test_scale_run_compares_one_engine_with_replicas_behind_the_router(tiny_model_dir, tmp_path):
     code = main(["bench", "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--workload", "1000",
-                 "--documents", "2", "--sessions", "4", "--questions", "1", "--new-tokens", "3", "--max-batch", "2",
+                 "--documents", "2", "--sessions", "4", "--questions", "1", "--new-tokens", "3", "--max-num-seqs", "2",
                  "--no-sequential", "--repeats", "3", "--scale-gpus", "0,1", "--startup-timeout", "180",
                  "--out", str(tmp_path)])
     assert code == 0
