@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 PRESET_CHOICES = ("auto", "glyph-en", "glyph-zh")
 
@@ -33,13 +34,29 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--font", metavar="PATH", help="font file (e.g. the official Verdana.ttf); PATH#N picks face N")
     p.add_argument("--newline", choices=("br", "marker"),
                    help="source line breaks as <br/> (default) or Glyph's inline red \\n marker")
+    p.add_argument("--glyph-repo", metavar="PATH",
+                   help="a clone of github.com/thu-coai/Glyph: its config/config_en.json, config_zh.json and fonts "
+                        "are used unchanged for the presets (default: $GLYPHSERVE_GLYPH_REPO)")
+    p.add_argument("--fallback-fonts", action="store_true",
+                   help="draw characters the font lacks from installed fonts that have them, instead of the "
+                        "missing-glyph box Glyph's renderer draws (pages then differ from Glyph's)")
+    p.add_argument("--allow-font-substitute", action="store_true",
+                   help="render with a free substitute when the configured font file is missing (a warning) "
+                        "instead of stopping with an error")
 
 
 def config_from_args(args: argparse.Namespace, text: str):
+    """The settings the flags ask for; a font substitution is reported on stderr."""
     from glyphserve.render import resolve_config
 
-    return resolve_config(text, preset=args.preset, config=args.config, dpi=args.dpi, font=args.font,
-                          newline=args.newline)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = resolve_config(text, preset=args.preset, config=args.config, dpi=args.dpi, font=args.font,
+                                newline=args.newline, fallback_fonts=args.fallback_fonts or None,
+                                glyph_repo=args.glyph_repo, allow_font_substitute=args.allow_font_substitute)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    return config
 
 
 def _read_document(source: str):
@@ -69,7 +86,7 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    from glyphserve.render import render_document, write_rendered
+    from glyphserve.render import missing_glyphs_warning, render_document, write_rendered
 
     doc = _read_document(args.input)
     config = config_from_args(args, doc.text)
@@ -79,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     out = write_rendered(rendered, args.output)
+    note = missing_glyphs_warning(rendered)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(rendered.manifest(), ensure_ascii=False, indent=1))
     else:

@@ -1,9 +1,11 @@
 """Rendering settings in Glyph's own configuration format.
 
 :class:`RenderConfig` holds exactly the keys of the official ``config_en.json`` /
-``config_zh.json`` (plus ``para-border-color``, which the official renderer also reads),
-so a Glyph config file can be passed unchanged. ``load_glyph_config`` reads one,
-``RenderConfig.to_glyph_json`` writes one back.
+``config_zh.json`` (plus ``para-border-color``, which the official renderer also reads, and
+glyphserve's one extension, ``fallback-fonts``), so a Glyph config file can be passed
+unchanged. ``load_glyph_config`` reads one, ``RenderConfig.to_glyph_json`` writes one back.
+A clone of the official repository (``GLYPHSERVE_GLYPH_REPO`` or ``glyph_repo=``) supplies
+the presets from its own ``config/config_en.json`` and ``config/config_zh.json``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,9 @@ ALIGNMENTS = ("LEFT", "CENTER", "RIGHT", "JUSTIFY")
 # Fonts of the released Glyph configs (not redistributable; substitutes are used when absent).
 OFFICIAL_EN_FONT = "Verdana.ttf"
 OFFICIAL_ZH_FONT = "SourceHanSansHWSC-VF.ttf"
+# A clone of https://github.com/thu-coai/Glyph: its config/ folder holds the configs and fonts.
+GLYPH_REPO_ENV = "GLYPHSERVE_GLYPH_REPO"
+OFFICIAL_CONFIGS = {"glyph-en": "config_en.json", "glyph-zh": "config_zh.json"}
 
 MAX_PAGE_SIDE = 8192
 MAX_PAGE_PIXELS = 36_000_000
@@ -62,6 +69,9 @@ class RenderConfig:
     auto_crop_width: bool = True
     auto_crop_last_page: bool = True
     newline_markup: str = BR_MARKUP
+    # glyphserve's extension: draw characters the main font lacks from installed fonts that have
+    # them, instead of the font's missing-glyph box (what the official pipeline draws)
+    fallback_fonts: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -101,6 +111,23 @@ def preset(name: str) -> RenderConfig:
         raise ConfigError(f"unknown preset {name!r}: choose one of auto, {', '.join(PRESETS)}") from None
 
 
+class FontSubstituteWarning(UserWarning):
+    """A configured font file is missing and a free substitute renders in its place."""
+
+
+def glyph_repo(path: str | Path | None = None) -> Path | None:
+    """The clone of the official Glyph repository: ``path``, else ``$GLYPHSERVE_GLYPH_REPO``, else None."""
+    value = path if path is not None else os.environ.get(GLYPH_REPO_ENV) or None
+    if value is None:
+        return None
+    repo = Path(value).expanduser()
+    if not (repo / "config").is_dir():
+        source = "--glyph-repo" if path is not None else GLYPH_REPO_ENV
+        raise ConfigError(f"{source} {value} is not a clone of https://github.com/thu-coai/Glyph "
+                          "(it has no config/ folder with config_en.json, config_zh.json and the fonts)")
+    return repo
+
+
 def has_cjk(text: str) -> bool:
     """Whether Glyph would wrap this text the CJK way (any character in U+4E00..U+9FFF)."""
     return _CJK.search(text) is not None
@@ -110,8 +137,8 @@ def load_glyph_config(source: str | Path | dict[str, Any], base: RenderConfig | 
     """Read a Glyph config (a JSON file path or a dict with the official keys).
 
     Keys that are absent keep the value of ``base`` (default: the ``glyph-en`` preset).
-    A relative ``font-path`` in a file is resolved later against the working directory
-    and the file's folder (the official script runs from its own folder).
+    A relative ``font-path`` in a file is the one in the working directory if there is one,
+    else the one read from the file's folder.
     """
     config_dir: Path | None = None
     if isinstance(source, dict):
@@ -143,14 +170,27 @@ def resolve_config(
     dpi: float | None = None,
     font: str | None = None,
     newline: str | None = None,
+    *,
+    fallback_fonts: bool | None = None,
+    glyph_repo: str | Path | None = None,
+    allow_font_substitute: bool = False,
 ) -> RenderConfig:
-    """Pick the settings for ``text``: a preset (``auto`` = zh when the text has CJK),
-    overlaid with a config file/dict, then the single overrides (``dpi``, ``font``, ``newline``)."""
+    """Pick the settings for ``text``: a preset (``auto`` = zh when the text has CJK; read from
+    the Glyph repository clone when there is one), overlaid with a config file/dict, then the
+    single overrides (``dpi``, ``font``, ``newline``, ``fallback_fonts``).
+
+    A font file that does not exist is a :class:`ConfigError` naming it; with
+    ``allow_font_substitute`` a free substitute renders instead, with a
+    :class:`FontSubstituteWarning`.
+    """
     if preset == "auto":
         name = "glyph-zh" if has_cjk(text) else "glyph-en"
     else:
         name = preset
     cfg = globals()["preset"](name)
+    repo = globals()["glyph_repo"](glyph_repo)
+    if repo is not None:
+        cfg = load_glyph_config(repo / "config" / OFFICIAL_CONFIGS[name], base=cfg)
     if isinstance(config, RenderConfig):
         cfg = config
     elif config is not None:
@@ -164,7 +204,25 @@ def resolve_config(
         if newline not in NEWLINE_MODES:
             raise ConfigError(f"--newline must be one of {', '.join(NEWLINE_MODES)}, not {newline!r}")
         changes["newline_markup"] = NEWLINE_MODES[newline]
-    return cfg.replace(**changes) if changes else cfg
+    if fallback_fonts is not None:
+        changes["fallback_fonts"] = bool(fallback_fonts)
+    cfg = cfg.replace(**changes) if changes else cfg
+    return _check_font(cfg, text, allow_font_substitute)
+
+
+def _check_font(cfg: RenderConfig, text: str, allow_substitute: bool) -> RenderConfig:
+    """Refuse a font file that is not there, or (when allowed) swap in a free substitute, loudly."""
+    from glyphserve.render.fonts import font_available, missing_font_message, substitute_for
+
+    if font_available(cfg.font_path):
+        return cfg
+    if not allow_substitute:
+        raise ConfigError(missing_font_message(cfg.font_path))
+    stand_in = substitute_for(cfg.font_path, has_cjk(text))
+    warnings.warn(FontSubstituteWarning(
+        f"font file not found: {cfg.font_path}; rendering with the free substitute for {stand_in} instead "
+        "(--allow-font-substitute): pages differ from the ones Glyph was trained on"), stacklevel=3)
+    return cfg.replace(font_path=stand_in)
 
 
 def parse_color(value: str, key: str = "color") -> tuple[int, int, int]:
@@ -186,7 +244,7 @@ def _coerce(key: str, value: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f'page-size must be "width,height" in points (e.g. "595,842"), not {value!r}') from None
         return (w, h)
-    if name in ("auto_crop_width", "auto_crop_last_page"):
+    if name in ("auto_crop_width", "auto_crop_last_page", "fallback_fonts"):
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, not {value!r}")
         return value
@@ -249,12 +307,12 @@ def _validate(cfg: RenderConfig) -> None:
 
 
 def _anchor_font_path(font_path: str, config_dir: Path) -> str:
-    """Keep the path if it exists from the working directory, else anchor it at the config's folder."""
+    """Keep the path if it exists from the working directory, else read it from the config's
+    folder (the official script runs from its own folder), whether or not it is there."""
     p = Path(font_path).expanduser()
     if p.is_absolute() or p.exists():
         return str(p)
-    candidate = config_dir / p
-    return str(candidate) if candidate.exists() else font_path
+    return os.path.normpath(config_dir / p)
 
 
 def _num_text(v: float) -> str:

@@ -1,9 +1,16 @@
-"""Fonts: finding the configured face (or its free substitute) and reading advance widths.
+"""Fonts: finding the configured face (the official file, or a free substitute) and reading
+advance widths.
 
 Widths follow reportlab's ``stringWidth`` exactly (hmtx advance * 1000/unitsPerEm per
 character, ``U+00A0`` measured as a space, unknown characters as glyph 0), because the
-official renderer breaks lines with those numbers. Characters the main font lacks fall
-back to the first installed font that has them.
+official renderer breaks lines with those numbers. A character the main font lacks is drawn
+as the official pipeline draws it: the font's missing-glyph box (glyph 0) with its advance
+width. With ``fallback-fonts`` it is drawn from the first installed font that has it instead,
+as if that glyph were part of the main font.
+
+Glyph's fonts (Verdana, Source Han Sans HW SC) are not redistributable. A clone of the
+official repository (``GLYPHSERVE_GLYPH_REPO`` or ``--glyph-repo``) provides them as
+``config/Verdana.ttf`` and ``config/SourceHanSansHWSC-VF.ttf``.
 """
 
 from __future__ import annotations
@@ -11,13 +18,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import unicodedata
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 
 from glyphserve.errors import ConfigError
-from glyphserve.render.config import OFFICIAL_EN_FONT, OFFICIAL_ZH_FONT
+from glyphserve.render.config import GLYPH_REPO_ENV, OFFICIAL_EN_FONT, OFFICIAL_ZH_FONT, glyph_repo
 
 DEJAVU_SANS = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 NOTO_CJK = "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"
@@ -28,6 +34,7 @@ SUBSTITUTES: dict[str, tuple[str, list[tuple[str, str]]]] = {
     # The Mono face of Noto Sans CJK is Source Han Sans HW ("half-width") under another name.
     OFFICIAL_ZH_FONT.lower(): ("Source Han Sans HW SC", [(NOTO_CJK, "Noto Sans Mono CJK SC")]),
 }
+OFFICIAL_NAMES = {name.lower(): name for name in (OFFICIAL_EN_FONT, OFFICIAL_ZH_FONT)}
 # Tried in order for characters the main font lacks (symbols, then CJK, then anything).
 FALLBACKS: list[tuple[str, str]] = [
     (DEJAVU_SANS, "DejaVu Sans"),
@@ -58,10 +65,12 @@ class ResolvedFont:
 
 
 def resolve_font(font_path: str) -> ResolvedFont:
-    """The face to render with: the file itself, or a free substitute for Glyph's official fonts.
+    """The face to render with.
 
-    ``PATH#N`` picks face N of a collection. A missing file that is not one of the official
-    fonts is a :class:`ConfigError`.
+    A path to a file is that file (``PATH#N`` picks face N of a collection). A bare official
+    font name (what the presets name: ``Verdana.ttf``, ``SourceHanSansHWSC-VF.ttf``) is the
+    file in the Glyph repository clone when there is one, else its installed free substitute.
+    Any other missing file is a :class:`ConfigError` naming it.
     """
     path, index = _split_face_suffix(font_path)
     p = Path(path).expanduser()
@@ -69,22 +78,67 @@ def resolve_font(font_path: str) -> ResolvedFont:
         face = FontFace(str(p.resolve()), index)
         _check_readable(face, font_path)
         return ResolvedFont(font_path, face, substitute=False)
-    known = SUBSTITUTES.get(p.name.lower())
-    if known is None:
-        raise ConfigError(
-            f"font file not found: {font_path} (set font-path in the config or pass --font PATH "
-            "to a .ttf/.otf/.ttc file)"
-        )
-    requested, candidates = known
+    if not is_bare_official(path):
+        raise ConfigError(missing_font_message(font_path))
+    official = official_font_file(path)
+    if official is not None:
+        face = FontFace(str(official.resolve()), index)
+        _check_readable(face, str(official))
+        return ResolvedFont(font_path, face, substitute=False)
+    requested, candidates = SUBSTITUTES[path.lower()]
     for cand_path, name in candidates:
         face = find_face(cand_path, name) if os.path.exists(cand_path) else None
         face = face or _fc_match(name)
         if face is not None:
             return ResolvedFont(requested, face, substitute=True)
     raise ConfigError(
-        f"{requested} ({p.name}) is not installed and neither is its free substitute "
+        f"{requested} ({path}) is not installed and neither is its free substitute "
         f"{candidates[0][1]}; install it (Debian: fonts-dejavu-core / fonts-noto-cjk) or pass --font PATH"
     )
+
+
+def is_bare_official(font_path: str) -> bool:
+    """Whether ``font_path`` is just the file name of one of Glyph's fonts: the presets' way
+    of asking for the official font, or its free substitute when it is not at hand."""
+    return font_path.lower() in SUBSTITUTES
+
+
+def official_font_file(name: str) -> Path | None:
+    """``config/<name>`` of the Glyph repository clone, if there is one and it holds the file."""
+    repo = glyph_repo()
+    canonical = OFFICIAL_NAMES.get(name.lower())
+    if repo is None or canonical is None:
+        return None
+    path = repo / "config" / canonical
+    return path if path.is_file() else None
+
+
+def missing_font_message(font_path: str) -> str:
+    """Why a font file cannot be used, and what to do about it."""
+    name = Path(_split_face_suffix(font_path)[0]).name
+    known = SUBSTITUTES.get(name.lower())
+    if known is None:
+        return (f"font file not found: {font_path} (set font-path in the config or pass --font PATH "
+                "to a .ttf/.otf/.ttc file; --allow-font-substitute renders with a free font instead)")
+    repo = glyph_repo()
+    where = (f"the Glyph repository at {repo} has no config/{OFFICIAL_NAMES[name.lower()]}" if repo is not None
+             else f"Glyph's fonts are not redistributable: clone https://github.com/thu-coai/Glyph (it ships "
+                  f"config/{OFFICIAL_NAMES[name.lower()]}) and pass --glyph-repo PATH or set {GLYPH_REPO_ENV}")
+    return (f"font file not found: {font_path} ({known[0]}); {where}; or pass --allow-font-substitute to "
+            f"render with {known[1][0][1]} instead (pages then differ from Glyph's)")
+
+
+def substitute_for(font_path: str, cjk: bool) -> str:
+    """The bare official name whose free substitute stands in for a missing ``font_path``:
+    its own when it names an official font, else the one for the text's script."""
+    name = Path(_split_face_suffix(font_path)[0]).name
+    return OFFICIAL_NAMES.get(name.lower()) or (OFFICIAL_ZH_FONT if cjk else OFFICIAL_EN_FONT)
+
+
+def font_available(font_path: str) -> bool:
+    """Whether ``font_path`` is a file, or a bare official name (which always resolves)."""
+    path, _ = _split_face_suffix(font_path)
+    return is_bare_official(path) or Path(path).expanduser().is_file()
 
 
 @cache
@@ -103,6 +157,7 @@ def face_name(face: FontFace) -> str:
 
 @cache
 def fallback_faces(main: FontFace) -> tuple[FontFace, ...]:
+    """Installed fonts tried, in order, for characters ``main`` lacks (``fallback-fonts``)."""
     faces = []
     for path, name in FALLBACKS:
         if os.path.exists(path):
@@ -127,25 +182,21 @@ class FontMetrics:
             self.is_cff = "CFF " in tt or "CFF2" in tt
         except Exception as exc:  # fontTools raises many types for broken files
             raise ConfigError(f"cannot read font {face.path}: {exc}") from None
-        # reportlab: width = advance * (1000/unitsPerEm), left exact when unitsPerEm == 1000.
-        mult = 1000 / upm
-
-        def scale(aw: int) -> float:
-            return aw if upm == 1000 else aw * mult
-
         glyph0 = order[0]
-        self.default_width = scale(hmtx[glyph0][0])
-        widths: dict[int, float] = {}
-        for code, glyph in cmap.items():
-            if glyph != glyph0:
-                widths[code] = scale(hmtx[glyph][0])
-        if 0x20 in widths:
-            widths[0xA0] = widths[0x20]
-        elif 0xA0 in widths:
-            widths[0x20] = widths[0xA0]
+        units: dict[int, int] = {code: hmtx[glyph][0] for code, glyph in cmap.items() if glyph != glyph0}
+        if 0x20 in units:
+            units[0xA0] = units[0x20]
+        elif 0xA0 in units:
+            units[0x20] = units[0xA0]
         self.face = face
         self.units_per_em = upm
-        self.widths = widths
+        self.units = units  # advance widths in font units
+        self.default_width = self.scale(hmtx[glyph0][0])
+        self.widths = {code: self.scale(aw) for code, aw in units.items()}
+
+    def scale(self, advance: int) -> float:
+        """Font units -> 1/1000 em, as reportlab computes it (exact when unitsPerEm is 1000)."""
+        return advance if self.units_per_em == 1000 else advance * (1000 / self.units_per_em)
 
     def has(self, code: int) -> bool:
         return code in self.widths
@@ -157,15 +208,16 @@ def metrics(face: FontFace) -> FontMetrics:
 
 
 class CharTable(dict):
-    """char -> (width in 1/1000 em, font slot) for one main font plus fallbacks.
+    """char -> (width in 1/1000 em, font slot) for one main font, with or without fallbacks.
 
-    Slot 0 is the main font, 1.. the fallbacks, -1 an invisible character (controls and
-    format characters no font has). Filled lazily: ``table[ch]`` always answers.
+    Slot 0 is the main font, 1.. the fallbacks. A character no font has is the main font's
+    glyph 0 (its missing-glyph box), as reportlab draws it. Filled lazily: ``table[ch]``
+    always answers. Two tables with the same ``faces`` give the same answers.
     """
 
-    def __init__(self, main: FontFace):
+    def __init__(self, main: FontFace, fallback: bool = False):
         super().__init__()
-        self.faces: tuple[FontFace, ...] = (main, *fallback_faces(main))
+        self.faces: tuple[FontFace, ...] = (main, *fallback_faces(main)) if fallback else (main,)
         self._metrics = [metrics(main)]
 
     def _metrics_of(self, slot: int) -> FontMetrics:
@@ -179,18 +231,21 @@ class CharTable(dict):
         entry = None
         if main.has(code):
             entry = (main.widths[code], 0)
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            entry = (0.0, -1)
         else:
             for slot in range(1, len(self.faces)):
                 m = self._metrics_of(slot)
                 if m.has(code):
-                    entry = (m.widths[code], slot)
+                    # the advance the glyph gets once copied into the main font (its units per em)
+                    entry = (main.scale(round(m.units[code] * main.units_per_em / m.units_per_em)), slot)
                     break
         if entry is None:
             entry = (main.default_width, 0)  # drawn as the main font's .notdef, as reportlab would
         self[ch] = entry
         return entry
+
+    def lacks(self, ch: str) -> bool:
+        """Whether the main font has no glyph for ``ch`` (U+00A0 is drawn as a space)."""
+        return not self._metrics[0].has(ord(ch))
 
 
 class WidthMap(dict):

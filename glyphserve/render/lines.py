@@ -67,8 +67,8 @@ class LayoutContext:
         self.first_width = self.avail_width - (cfg.left_indent + cfg.first_line_indent) - cfg.right_indent
         self.later_width = self.avail_width - cfg.left_indent - cfg.right_indent
         self.marker = cfg.newline_markup == MARKER_MARKUP
-        self._word_widths = _word_width_cache(self.widths.table.faces[0], cfg.font_size)
-        self.char_widths = _char_width_cache(self.widths.table.faces[0], cfg.font_size, self.widths)
+        self._word_widths = _word_width_cache(self.widths.table.faces, cfg.font_size)
+        self.char_widths = _char_width_cache(self.widths.table.faces, cfg.font_size, self.widths)
         self._limits = {simple: {w: [self.line_limit(w, k, simple) for k in range(_LIMIT_TABLE)]
                                  for w in {self.first_width, self.later_width}}
                         for simple in (True, False)}
@@ -109,8 +109,8 @@ class LayoutContext:
 
 
 @lru_cache(maxsize=16)
-def _word_width_cache(face: FontFace, font_size: float) -> dict[str, float]:
-    """Word widths are pure functions of the font and size: shared by every layout."""
+def _word_width_cache(faces: tuple[FontFace, ...], font_size: float) -> dict[str, float]:
+    """Word widths are pure functions of the fonts and size: shared by every layout."""
     return {}
 
 
@@ -126,14 +126,14 @@ class _CharWidths(dict):
         return value
 
 
-_CHAR_WIDTHS: dict[tuple[FontFace, float], _CharWidths] = {}
+_CHAR_WIDTHS: dict[tuple[tuple[FontFace, ...], float], _CharWidths] = {}
 
 
-def _char_width_cache(face: FontFace, font_size: float, widths: WidthMap) -> _CharWidths:
-    """Shared by every layout with this font and size (widths never change)."""
-    cache = _CHAR_WIDTHS.get((face, font_size))
+def _char_width_cache(faces: tuple[FontFace, ...], font_size: float, widths: WidthMap) -> _CharWidths:
+    """Shared by every layout with these fonts and size (widths never change)."""
+    cache = _CHAR_WIDTHS.get((faces, font_size))
     if cache is None:
-        cache = _CHAR_WIDTHS[(face, font_size)] = _CharWidths(widths, 0.001 * font_size)
+        cache = _CHAR_WIDTHS[(faces, font_size)] = _CharWidths(widths, 0.001 * font_size)
     return cache
 
 

@@ -133,7 +133,8 @@ class RasterContext:
         self.pad = 2 * math.ceil(cfg.font_size * self.s) + 8
         self.canvas_w = self.width + 2 * self.pad
         self.canvas_h = self.height + 2 * self.pad
-        self.page_bg = np.array(parse_color(cfg.page_bg_color), dtype=np.float64)
+        self.page_rgb = parse_color(cfg.page_bg_color)
+        self.page_bg = np.array(self.page_rgb, dtype=np.float64)
         self.para_bg = parse_color(cfg.para_bg_color)
         self.border = parse_color(cfg.para_border_color)
         self.fg = np.array(parse_color(cfg.font_color), dtype=np.float64)
@@ -198,8 +199,8 @@ class RasterContext:
         # advance as poppler computes it from the PDF's widths array
         self._adv.append((pdf_number(width) * 0.001) * self.font_size)
         self._slot.append(slot)
-        self._inked.append(slot >= 0 and ch not in " \xa0")
-        self._phased.append(slot < 0 or self.atlas.phased(slot))
+        self._inked.append(ch not in " \xa0")
+        self._phased.append(self.atlas.phased(slot))
         if ord(ch) < 0x10000:
             self._bmp[ord(ch)] = i
         else:
@@ -255,7 +256,10 @@ class DrawList:
     y_dev: list[float]  # baseline in device pixels (before Splash floors it)
     word_space: list[float]  # Tw of the line
     red_spans: list[tuple[int, int]]  # [start, end) into "".join(texts) drawn in the marker colour
-    rects: list[tuple[float, float, float, float, tuple[int, int, int]]]  # paragraph backgrounds/borders
+    line_para: list[int]  # index on the page of each inked line's paragraph
+    # paragraph backgrounds and borders, painted in order, each before its paragraph's text:
+    # (x, y, width, height in points from the bottom left, colour, paragraph index)
+    rects: list[tuple[float, float, float, float, tuple[int, int, int], int]]
     line_y: list[float]  # baseline of every laid-out line, inked or not
 
 
@@ -265,15 +269,15 @@ def draw_list(page: PageLayout, rc: RasterContext) -> DrawList:
     cfg = rc.config
     s = rc.s
     base5 = s * cfg.page_size[1]
-    out = DrawList([], [], [], [], [], [], [], [])
+    out = DrawList([], [], [], [], [], [], [], [], [])
     pos = 0
     tm_x = pdf_number(cfg.left_indent)
     left = cfg.alignment == "LEFT"
-    for para in page.paragraphs:
+    for index, para in enumerate(page.paragraphs):
         cm_x, cm_y = pdf_number(para.x), pdf_number(para.y)
         ctm4 = cm_x * s
         ctm5 = cm_y * (-s) + base5
-        _para_rects(para, rc, cm_x, cm_y, out.rects)
+        _para_rects(para, rc, cm_x, cm_y, index, out.rects)
         tm_y = pdf_number(para.height - cfg.font_size)
         line_y = 0.0
         last = len(para.lines) - 1
@@ -294,6 +298,7 @@ def draw_list(page: PageLayout, rc: RasterContext) -> DrawList:
             out.x_ctm.append(ctm4)
             out.y_dev.append(y)
             out.word_space.append(tw)
+            out.line_para.append(index)
             if line.red:
                 out.red_spans.extend((pos + a, pos + b) for a, b in line.red)
             pos += len(line.text)
@@ -321,12 +326,15 @@ def paint(dl: DrawList, rc: RasterContext, *, last: bool,
     """The page as poppler renders the PDF, auto-cropped like the official script:
     HxWx3 uint8 RGB, in an array from ``alloc(shape)`` (e.g. shared memory)."""
     layers = _glyph_layers(dl, rc) if dl.texts else []
+    # rects in the page's colour change nothing but the ink they cover (dropped from the layers)
+    visible = any(color != rc.page_rgb for *_, color, _ in dl.rects)
     try:
-        if rc.fast_gray and not dl.rects and len(layers) <= 1 and not (layers and layers[0][0]):
+        if rc.fast_gray and not visible and len(layers) <= 1 and not (layers and layers[0][0]):
             return _paint_gray(layers[0][1] if layers else None, rc, last, alloc)
         canvas = np.empty((rc.height, rc.width, 3), dtype=np.float64)
         canvas[...] = rc.page_bg
-        _fill_rects(canvas, rc, dl.rects)
+        if visible:
+            _fill_rects(canvas, rc, dl.rects)
         for red, through, _ in layers:
             color = rc.red if red else rc.fg
             cover = _page_region(through, rc)[..., None]
@@ -413,8 +421,8 @@ def _glyph_layers(dl: DrawList, rc: RasterContext) -> list[tuple[bool, np.ndarra
         adv_c, inked_c, phased_c = rc.char_arrays()
         adv = adv_c[ci]
         tws = np.asarray(dl.word_space)
-        if tws.any():
-            adv = adv + np.where(codes == 32, tws[line_id], 0.0)
+        if tws.any():  # word spacing: reportlab draws U+00A0 as the space (code 32) it applies to
+            adv = adv + np.where((codes == 32) | (codes == 0xA0), tws[line_id], 0.0)
 
         # poppler's text position: the line origin plus the advances before it, added one
         # by one; then the CTM: s * x + translation.
@@ -437,6 +445,8 @@ def _glyph_layers(dl: DrawList, rc: RasterContext) -> list[tuple[bool, np.ndarra
     # glyphs that would leave the padded canvas are off the page: skip them
     ok = (col >= 0) & (row >= 0) & (col + meta[entries, 3] <= rc.canvas_w) & (row + meta[entries, 2] <= rc.canvas_h)
     base = row * rc.canvas_w + col
+    para = np.asarray(dl.line_para, dtype=np.int64)[line_id[sel]]
+    covers = _later_rects(dl, rc, para, row, col, meta[entries, 2], meta[entries, 3])
 
     ws = rc.workspace()
 
@@ -449,10 +459,14 @@ def _glyph_layers(dl: DrawList, rc: RasterContext) -> list[tuple[bool, np.ndarra
         px = pixels[first]
         idx = np.repeat(base[m], counts)
         idx += px["offset"]
+        through = px["through"]
+        if covers is not None and covers[0][m].any():
+            idx, through = _uncovered(idx, through, np.repeat(para[m], counts),
+                                      np.repeat(covers[0][m], counts), covers[1], rc.canvas_w)
         # Splash draws glyph after glyph with "over": the light let through multiplies.
-        through = rc.scratch()
-        np.multiply.at(through, idx, px["through"])
-        return through, idx
+        canvas = rc.scratch()
+        np.multiply.at(canvas, idx, through)
+        return canvas, idx
 
     if not dl.red_spans:
         return [(False, *layer(ok))]
@@ -463,32 +477,63 @@ def _glyph_layers(dl: DrawList, rc: RasterContext) -> list[tuple[bool, np.ndarra
     return [(False, *layer(ok & ~is_red)), (True, *layer(ok & is_red))]
 
 
-def _para_rects(para, rc: RasterContext, cm_x: float, cm_y: float, rects: list) -> None:
-    """reportlab paints each paragraph's background (and border) before its text."""
+def _para_rects(para, rc: RasterContext, cm_x: float, cm_y: float, index: int, rects: list) -> None:
+    """reportlab paints each paragraph's background (the official style always sets one, white
+    by default) and border before its text, so it covers the descenders of the paragraph above."""
     cfg = rc.config
-    bg_visible = cfg.para_bg_color.lower() != cfg.page_bg_color.lower()
-    border = cfg.border_width > 0 and cfg.para_border_color.lower() != cfg.page_bg_color.lower()
-    if not (bg_visible or border):
-        return
     bp = cfg.border_padding
     x = cm_x + cfg.left_indent - bp
     y = cm_y - bp
     w = rc.avail_width - (cfg.left_indent + cfg.right_indent) + 2 * bp
     h = para.height + 2 * bp
-    if bg_visible:
-        rects.append((x, y, w, h, rc.para_bg))
-    if border:
+    rects.append((x, y, w, h, rc.para_bg, index))
+    if cfg.border_width > 0:
         bw = cfg.border_width
         for rx, ry, rw, rh in ((x - bw / 2, y - bw / 2, w + bw, bw), (x - bw / 2, y + h - bw / 2, w + bw, bw),
                                (x - bw / 2, y - bw / 2, bw, h + bw), (x + w - bw / 2, y - bw / 2, bw, h + bw)):
-            rects.append((rx, ry, rw, rh, rc.border))
+            rects.append((rx, ry, rw, rh, rc.border, index))
+
+
+def _rect_pixels(rect: tuple, rc: RasterContext) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) pixel bounds a rectangle fills: Splash snaps its edges to
+    whole pixels (stroke adjustment)."""
+    x, y, w, h = rect[:4]
+    s = rc.s
+    page_h = rc.config.page_size[1]
+    c0, c1 = math.floor(x * s + 0.5), math.floor((x + w) * s + 0.5)
+    r0, r1 = math.floor((page_h - y - h) * s + 0.5), math.floor((page_h - y) * s + 0.5)
+    return max(r0, 0), max(r1, 0), max(c0, 0), max(c1, 0)
 
 
 def _fill_rects(canvas: np.ndarray, rc: RasterContext, rects: list) -> None:
-    s = rc.s
-    page_h = rc.config.page_size[1]
-    for x, y, w, h, color in rects:
-        # Splash snaps rectangle edges to whole pixels (stroke adjustment).
-        c0, c1 = math.floor(x * s + 0.5), math.floor((x + w) * s + 0.5)
-        r0, r1 = math.floor((page_h - y - h) * s + 0.5), math.floor((page_h - y) * s + 0.5)
-        canvas[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] = color
+    for rect in rects:
+        r0, r1, c0, c1 = _rect_pixels(rect, rc)
+        canvas[r0:r1, c0:c1] = rect[4]
+
+
+def _later_rects(dl: DrawList, rc: RasterContext, para: np.ndarray, row: np.ndarray, col: np.ndarray,
+                 rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Glyphs that a later paragraph's rectangle partly paints over (in practice the
+    descenders of a paragraph's last line), and those rectangles in padded-canvas pixels
+    (top, bottom, left, right, paragraph); None when there are none."""
+    if not dl.rects or dl.rects[-1][5] == 0:  # rects come in paragraph order
+        return None
+    boxes = np.array([(*_rect_pixels(r, rc), r[5]) for r in dl.rects], dtype=np.int64)
+    boxes[:, :4] += rc.pad
+    hit = np.zeros(len(para), dtype=bool)
+    for r0, r1, c0, c1, owner in boxes:
+        hit |= (para < owner) & (row < r1) & (row + rows > r0) & (col < c1) & (col + cols > c0)
+    return (hit, boxes) if hit.any() else None
+
+
+def _uncovered(idx: np.ndarray, through: np.ndarray, para: np.ndarray, suspect: np.ndarray, boxes: np.ndarray,
+               width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Glyph pixels minus those a later paragraph's rectangle paints over."""
+    where = np.flatnonzero(suspect)
+    r, c = np.divmod(idx[where], width)
+    gone = np.zeros(len(where), dtype=bool)
+    for r0, r1, c0, c1, owner in boxes:
+        gone |= (para[where] < owner) & (r >= r0) & (r < r1) & (c >= c0) & (c < c1)
+    keep = np.ones(len(idx), dtype=bool)
+    keep[where[gone]] = False
+    return idx[keep], through[keep]

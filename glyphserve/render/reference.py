@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import os
 import re
 import tempfile
 import time
@@ -27,6 +29,7 @@ from glyphserve.render.fonts import FontFace, resolve_font
 from glyphserve.render.text import LINES_PER_PARAGRAPH
 
 RASTER_BATCH = 20  # the official script rasterises 20 pages per pdftoppm call
+_ASCII = frozenset(map(chr, range(0x20, 0x7F))) | {"\xa0"}
 
 
 @dataclass
@@ -57,7 +60,7 @@ def render_reference(text: str, config: RenderConfig, *, font_face: FontFace | N
 
     t0 = time.perf_counter()
     face = font_face or resolve_font(config.font_path).face
-    font_name, font_file = _register_font(face, text)
+    font_name, font_file = _register_font(face, text, config.fallback_fonts)
     page_w, page_h = config.page_size
     story = _paragraphs(text, config, font_name)
 
@@ -107,7 +110,7 @@ def reference_line_breaks(text: str, config: RenderConfig) -> list[list[str]]:
     page were endless: line breaking alone, without pagination, PDF or rasteriser."""
     from glyphserve.render.lines import frame_geometry
 
-    name, _ = _register_font(resolve_font(config.font_path).face, text)
+    name, _ = _register_font(resolve_font(config.font_path).face, text, config.fallback_fonts)
     width = frame_geometry(config)[3]
     out = []
     for para in _paragraphs(text, config, name):
@@ -160,15 +163,21 @@ def _line_text(line) -> str:
     return text.rstrip(" ")
 
 
-def _register_font(face: FontFace, text: str) -> tuple[str, str]:
-    """Register ``face`` with reportlab; CFF-outline fonts become a TrueType subset first."""
+def _register_font(face: FontFace, text: str, fallback: bool = False) -> tuple[str, str]:
+    """Register ``face`` with reportlab. CFF-outline fonts become a TrueType subset first, and
+    with ``fallback`` the glyphs other fonts lend it are copied in (what the fast renderer's
+    ``fallback-fonts`` means: as if the main font had them)."""
     from reportlab.pdfbase import pdfmetrics
     from reportlab.pdfbase.ttfonts import TTFont
 
-    from glyphserve.render.fonts import metrics
+    from glyphserve.render.fonts import CharTable, metrics
 
-    if metrics(face).is_cff:
-        path, index = str(_truetype_subset(face, frozenset(text) | frozenset(" \xa0\\n"))), 0
+    main = metrics(face)
+    chars = frozenset(text) | _ASCII  # printable ASCII always: fewer distinct subsets to build
+    borrowed = frozenset(ch for ch in chars if CharTable(face, True)[ch][1] > 0) if fallback else frozenset()
+    if main.is_cff or borrowed:
+        chars = frozenset(ch for ch in chars if main.has(ord(ch)))  # the cache key: what the subset holds
+        path, index = str(_truetype_font(face, chars, borrowed)), 0
     else:
         path, index = face.path, face.index
     name = "gs-" + hashlib.sha1(f"{path}#{index}".encode()).hexdigest()[:12]
@@ -178,17 +187,25 @@ def _register_font(face: FontFace, text: str) -> tuple[str, str]:
 
 
 @lru_cache(maxsize=32)
-def _truetype_subset(face: FontFace, chars: frozenset[str]) -> Path:
-    """A TrueType-outline (glyf) copy of ``face`` holding just ``chars``.
+def _truetype_font(face: FontFace, chars: frozenset[str], borrowed: frozenset[str]) -> Path:
+    """A TrueType-outline (glyf) copy of ``face`` holding just ``chars``, plus the ``borrowed``
+    characters' glyphs from the fallback fonts, scaled to its units per em.
 
-    reportlab only embeds TrueType outlines; Noto Sans CJK is CFF. The cubic outlines are
+    reportlab only embeds TrueType outlines; Noto Sans CJK is CFF. Cubic outlines are
     converted to quadratic ones with cu2qu (error under 1/1000 em), metrics kept as they are.
+    The file is named by its contents and kept in the temporary folder for later runs.
     """
+    digest = hashlib.sha1(("v2|" + "".join(sorted(chars)) + "|" + "".join(sorted(borrowed))
+                           + f"|{face.path}#{face.index}").encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"glyphserve-ref-{digest}.ttf"
+    if out.is_file():
+        return out
     from fontTools import subset
-    from fontTools.pens.cu2quPen import Cu2QuPen
-    from fontTools.pens.ttGlyphPen import TTGlyphPen
     from fontTools.ttLib import TTFont, newTable
 
+    from glyphserve.render.fonts import CharTable
+
+    logging.getLogger("fontTools.subset").setLevel(logging.ERROR)  # it reports each table it drops
     font = TTFont(face.path, fontNumber=face.index)
     options = subset.Options()
     options.notdef_outline = True
@@ -197,40 +214,98 @@ def _truetype_subset(face: FontFace, chars: frozenset[str]) -> Path:
     options.hinting = False
     options.desubroutinize = True
     subsetter = subset.Subsetter(options)
-    subsetter.populate(unicodes={ord(c) for c in chars})
+    subsetter.populate(unicodes={ord(c) for c in chars - borrowed})
     subsetter.subset(font)
 
-    glyph_set = font.getGlyphSet()
     order = font.getGlyphOrder()
+    if "glyf" in font:
+        glyphs = {name: font["glyf"][name] for name in order}
+    else:
+        glyph_set = font.getGlyphSet()
+        glyphs = {name: _quadratic(glyph_set, name, 1.0, cubic=True) for name in order}
+    metrics = dict(font["hmtx"].metrics)
+    cmap = dict(font.getBestCmap() or {})
+    upm = font["head"].unitsPerEm
+    table = CharTable(face, True)
+    lenders: dict[int, TTFont] = {}
+    for ch in sorted(borrowed):
+        slot = table[ch][1]
+        if slot not in lenders:
+            lender_face = table.faces[slot]
+            lenders[slot] = TTFont(lender_face.path, fontNumber=lender_face.index, lazy=True)
+        lender = lenders[slot]
+        source = lender.getBestCmap()[ord(ch)]
+        scale = upm / lender["head"].unitsPerEm
+        name = f"borrowed{ord(ch):x}"
+        glyph = _quadratic(lender.getGlyphSet(), source, scale, cubic="glyf" not in lender)
+        glyphs[name] = glyph
+        order.append(name)
+        metrics[name] = (round(lender["hmtx"][source][0] * scale), 0)
+        cmap[ord(ch)] = name
+
     glyf = newTable("glyf")
     glyf.glyphOrder = order
-    glyf.glyphs = {}
-    for name in order:
-        pen = TTGlyphPen(glyph_set)
-        glyph_set[name].draw(Cu2QuPen(pen, max_err=1.0, reverse_direction=True))
-        glyf.glyphs[name] = pen.glyph()
-    del font["CFF "]
-    if "VORG" in font:
-        del font["VORG"]
+    glyf.glyphs = glyphs
+    font.setGlyphOrder(order)
+    for name in ("CFF ", "VORG", "vhea", "vmtx", "glyf", "loca"):  # horizontal text only
+        if name in font:
+            del font[name]
     font["glyf"] = glyf
     font["loca"] = newTable("loca")
+    for name, glyph in glyphs.items():
+        glyph.recalcBounds(glyf)
+        metrics[name] = (metrics[name][0], getattr(glyph, "xMin", 0))
+    font["hmtx"].metrics = metrics
+    _set_cmap(font, cmap)
     maxp = font["maxp"]
     maxp.tableVersion = 0x00010000
     for attr in ("maxZones", "maxTwilightPoints", "maxStorage", "maxFunctionDefs", "maxInstructionDefs",
-                 "maxStackElements", "maxSizeOfInstructions", "maxComponentElements"):
+                 "maxStackElements", "maxSizeOfInstructions", "maxComponentElements", "maxComponentDepth"):
         setattr(maxp, attr, 0)
     maxp.maxZones = 1
-    maxp.maxComponentDepth = 0
     font["head"].glyphDataFormat = 0
-    post = font["post"]
-    post.formatType = 3.0
+    font["post"].formatType = 3.0
     font.sfntVersion = "\x00\x01\x00\x00"
-    digest = hashlib.sha1(("".join(sorted(chars)) + f"{face.path}#{face.index}").encode()).hexdigest()[:16]
     # reportlab shares one font object between all files with the same PostScript name:
     # give every subset its own, or later subsets would silently use the first one's glyphs.
     font["name"].setName(f"GlyphserveRef-{digest}", 6, 3, 1, 0x409)
     font["name"].setName(f"GlyphserveRef-{digest}", 6, 1, 0, 0)
-    out = Path(tempfile.gettempdir()) / f"glyphserve-ref-{digest}.ttf"
-    font.save(out)
+    partial = out.with_suffix(f".{os.getpid()}.tmp")
+    font.save(partial)
+    partial.replace(out)
     return out
 
+
+def _quadratic(glyph_set, name: str, scale: float, cubic: bool):
+    """One glyph as a simple TrueType glyph: components drawn in, scaled, cubic curves
+    converted (and turned to TrueType's winding)."""
+    from fontTools.pens.cu2quPen import Cu2QuPen
+    from fontTools.pens.recordingPen import DecomposingRecordingPen
+    from fontTools.pens.transformPen import TransformPen
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    recording = DecomposingRecordingPen(glyph_set)
+    glyph_set[name].draw(recording)
+    pen = TTGlyphPen(None)
+    target = Cu2QuPen(pen, max_err=1.0, reverse_direction=True) if cubic else pen
+    recording.replay(TransformPen(target, (scale, 0, 0, scale, 0, 0)) if scale != 1 else target)
+    return pen.glyph()
+
+
+def _set_cmap(font, cmap: dict[int, str]) -> None:
+    """A Windows Unicode cmap: format 4 for the BMP, plus format 12 when there is more."""
+    from fontTools.ttLib import newTable
+    from fontTools.ttLib.tables._c_m_a_p import CmapSubtable
+
+    table = newTable("cmap")
+    table.tableVersion = 0
+    bmp = CmapSubtable.newSubtable(4)
+    bmp.platformID, bmp.platEncID, bmp.language = 3, 1, 0
+    bmp.cmap = {code: name for code, name in cmap.items() if code <= 0xFFFF}
+    table.tables = [bmp]
+    if any(code > 0xFFFF for code in cmap):
+        full = CmapSubtable.newSubtable(12)
+        full.platformID, full.platEncID, full.language = 3, 10, 0
+        full.cmap = dict(cmap)
+        table.tables.append(full)
+    font["cmap"] = table

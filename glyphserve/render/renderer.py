@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,7 +25,7 @@ from glyphserve.render.fonts import CharTable, FontFace, ResolvedFont, WidthMap,
 from glyphserve.render.layout import PageLayout, paginate
 from glyphserve.render.lines import LayoutContext
 from glyphserve.render.raster import DrawList, GlyphAtlas, RasterContext, draw_list, page_pixels, paint
-from glyphserve.render.text import PreparedText, prepare
+from glyphserve.render.text import WHITESPACE, PreparedText, prepare
 from glyphserve.render.tokens import count_text_tokens, glm4v_vision_tokens
 from glyphserve.render.workers import BLOCKS, WorkerPool, attached, worker_pool
 
@@ -34,18 +34,19 @@ _BATCH = 1  # pages per task sent to a worker
 
 
 @lru_cache(maxsize=8)
-def _char_table(face: FontFace) -> CharTable:
-    return CharTable(face)
+def _char_table(face: FontFace, fallback: bool) -> CharTable:
+    return CharTable(face, fallback)
 
 
 @lru_cache(maxsize=16)
-def _atlas(face: FontFace, size_px: float) -> GlyphAtlas:
-    return GlyphAtlas(_char_table(face), size_px)
+def _atlas(face: FontFace, fallback: bool, size_px: float) -> GlyphAtlas:
+    return GlyphAtlas(_char_table(face, fallback), size_px)
 
 
 @lru_cache(maxsize=16)
 def _raster_context(config: RenderConfig, face: FontFace) -> RasterContext:
-    return RasterContext(config, _char_table(face), _atlas(face, config.font_size * config.scale))
+    fallback = config.fallback_fonts
+    return RasterContext(config, _char_table(face, fallback), _atlas(face, fallback, config.font_size * config.scale))
 
 
 @dataclass
@@ -58,7 +59,7 @@ class _Setup:
 
 def _setup(text: str, config: RenderConfig) -> _Setup:
     font = resolve_font(config.font_path)
-    table = _char_table(font.face)
+    table = _char_table(font.face, config.fallback_fonts)
     layout = LayoutContext(config, WidthMap(table), has_cjk(text))
     return _Setup(config, font, layout, _raster_context(config, font.face))
 
@@ -130,6 +131,19 @@ def _page_lines(page: PageLayout, dl: DrawList) -> list[PageLine]:
     return [PageLine(line.text.rstrip(" "), y) for (_p, _i, line), y in zip(page.lines, dl.line_y)]
 
 
+class _Lacking:
+    """The characters of a text that its main font has no glyph for, counted page by page."""
+
+    def __init__(self, prepared: PreparedText, table: CharTable):
+        self.chars = frozenset(ch for ch in set(prepared.text) if ch not in WHITESPACE and table.lacks(ch))
+
+    def count(self, lines: list[PageLine]) -> int:
+        if not self.chars:
+            return 0
+        chars = self.chars
+        return sum(1 for line in lines for ch in line.text if ch in chars)
+
+
 def iter_pages(text: str, config: RenderConfig, *, first_number: int = 1, offset: int = 0) -> Iterator[RenderedPage]:
     """Render page by page in this process, holding one page at a time (for long texts).
 
@@ -140,12 +154,15 @@ def iter_pages(text: str, config: RenderConfig, *, first_number: int = 1, offset
     setup = _setup(text, config)
     prepared = prepare(text)
     spans = _Spans(prepared, offset)
+    lacking = _Lacking(prepared, setup.raster.table)
     rc = setup.raster
     for number, (page, last) in enumerate(_page_layouts(prepared, setup), first_number):
         dl = draw_list(page, rc)
         image = paint(dl, rc, last=last)
         h, w = image.shape[:2]
-        yield RenderedPage(number, image, spans.next(page, last), _page_lines(page, dl), glm4v_vision_tokens(w, h))
+        lines = _page_lines(page, dl)
+        yield RenderedPage(number, image, spans.next(page, last), lines, glm4v_vision_tokens(w, h),
+                           missing_chars=lacking.count(lines))
 
 
 def render_text(
@@ -194,6 +211,7 @@ def _render_pooled(text: str, config: RenderConfig, pool: WorkerPool, progress, 
     setup = _setup(text, config)
     prepared = prepare(text)
     spans = _Spans(prepared, offset)
+    lacking = _Lacking(prepared, setup.raster.table)
     rc = setup.raster
     queued: list[deque[_SharedBatch]] = [deque() for _ in range(len(pool))]
     images: dict[int, np.ndarray] = {}
@@ -217,7 +235,8 @@ def _render_pooled(text: str, config: RenderConfig, pool: WorkerPool, progress, 
             image = images.pop(next_out)
             span, lines = meta.pop(next_out)
             h, w = image.shape[:2]
-            yield RenderedPage(next_out, image, span, lines, glm4v_vision_tokens(w, h))
+            yield RenderedPage(next_out, image, span, lines, glm4v_vision_tokens(w, h),
+                               missing_chars=lacking.count(lines))
             if progress:
                 progress(next_out - first_number + 1)
             next_out += 1
@@ -248,11 +267,19 @@ def _render_pooled(text: str, config: RenderConfig, pool: WorkerPool, progress, 
                 BLOCKS.give(shared.shm)
 
 
-def _document(text: str, config: RenderConfig, pages: list[RenderedPage], tokenizer, seconds: float,
-              font: ResolvedFont | None = None) -> RenderedDocument:
+def _document(text: str, config: RenderConfig, pages: list[RenderedPage], tokenizer, seconds: float) -> RenderedDocument:
     tokens, method = count_text_tokens(text, tokenizer)
-    stats = RenderStats(len(text), tokens, method, sum(p.vision_tokens for p in pages), seconds)
-    return RenderedDocument(config, pages, stats, font or resolve_font(config.font_path))
+    font = resolve_font(config.font_path)
+    missing = sum(p.missing_chars for p in pages)
+    stats = RenderStats(len(text), tokens, method, sum(p.vision_tokens for p in pages), seconds, missing,
+                        _most_missing(text, _char_table(font.face, False)) if missing else ())
+    return RenderedDocument(config, pages, stats, font)
+
+
+def _most_missing(text: str, table: CharTable, n: int = 8) -> tuple[str, ...]:
+    """The characters the main font lacks that the text uses most."""
+    counts = Counter(ch for ch in text if ch not in WHITESPACE and table.lacks(ch))
+    return tuple(ch for ch, _ in counts.most_common(n))
 
 
 def render_document(doc: Any, config: RenderConfig, *, workers: int | None = None, tokenizer: Any = None,

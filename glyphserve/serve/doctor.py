@@ -80,22 +80,33 @@ def check_libraries() -> list[Check]:
 
 
 def check_fonts() -> list[Check]:
-    from glyphserve.render import preset
+    """The font each preset renders with, and whether it is Glyph's own (from a clone of the
+    official repository named by GLYPHSERVE_GLYPH_REPO) or a free substitute."""
+    from glyphserve.errors import GlyphserveError
+    from glyphserve.render import GLYPH_REPO_ENV, resolve_config
     from glyphserve.render.fonts import resolve_font
 
     checks = []
-    for label, preset_name, sample in (("English font", "glyph-en", "Hello"), ("Chinese font", "glyph-zh", "你好")):
+    for label, preset_name, sample, official in (("English font", "glyph-en", "Hello", "Verdana"),
+                                                 ("Chinese font", "glyph-zh", "你好", "Source Han Sans HW SC")):
         try:
-            resolved = resolve_font(preset(preset_name).font_path)
-        except Exception as exc:
-            message = getattr(exc, "message", str(exc))
-            checks.append(Check(label, False, message, f"{preset_name} documents ({sample}…) cannot be rendered", True))
+            resolved = resolve_font(resolve_config(sample, preset=preset_name).font_path)
+        except GlyphserveError as exc:
+            checks.append(Check(label, False, exc.message, f"{preset_name} documents ({sample}…) cannot be rendered", True))
             continue
         used = resolved.manifest()
         detail = f"{preset_name}: {used['name']} ({used['used']})"
-        if resolved.substitute:
-            detail += f", a free substitute for {resolved.requested}"
-        checks.append(Check(label, True, detail))
+        if not resolved.substitute:
+            checks.append(Check(label, True, detail))
+            checks.append(Check(f"official {official}", True, f"present: {preset_name} pages are Glyph's own"))
+            continue
+        checks.append(Check(label, True, detail + f", a free substitute for {official}"))
+        checks.append(Check(
+            f"official {official}", False,
+            f"not present ({GLYPH_REPO_ENV} does not name a clone of https://github.com/thu-coai/Glyph, "
+            "whose config/ folder ships it)",
+            f"{preset_name} pages are set in {used['name']}: close to, not the same as, the pages Glyph was trained "
+            f"on; set {GLYPH_REPO_ENV}=/path/to/Glyph (or `glyphserve render --glyph-repo PATH`) to use it"))
     return checks
 
 

@@ -230,7 +230,10 @@ class GlyphService:
 
 
 def compression_summary(rendered, preset: str) -> dict:
-    """Characters, text tokens, vision tokens and their ratio, plus the render settings used."""
+    """Characters, text tokens, vision tokens and their ratio, plus the render settings used and
+    a warning when many characters are not in the font."""
+    from glyphserve.render import missing_glyphs_warning
+
     stats, config = rendered.stats, rendered.config
     font = rendered.font.manifest()["name"] if rendered.font else Path(config.font_path).name
     return {
@@ -242,4 +245,6 @@ def compression_summary(rendered, preset: str) -> dict:
         "scan_pages": sum(1 for p in rendered.pages if p.kind == "scan"),
         "render_seconds": round(stats.seconds, 3),
         "render": {"preset": preset, "dpi": config.dpi, "newline": config.newline_mode, "font": font},
+        "missing_chars": stats.missing_chars,
+        "warning": missing_glyphs_warning(rendered),
     }

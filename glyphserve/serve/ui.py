@@ -52,7 +52,7 @@ def _stats_markdown(record: DocumentRecord) -> str:
         f"| characters | text tokens | vision tokens | compression |\n|---:|---:|---:|---:|\n"
         f"| {s['characters']:,} | {s['text_tokens']:,} | {s['vision_tokens']:,} | {ratio} |\n\n"
         f"{record.pages} page(s) · {render.get('dpi', '?')} dpi · newline {render.get('newline', '?')} · "
-        f"font {render.get('font', '?')}"
+        f"font {render.get('font', '?')}" + (f"\n\n⚠️ {s['warning']}" if s.get("warning") else "")
     )
 
 

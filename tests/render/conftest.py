@@ -15,3 +15,10 @@ def reference_available() -> None:
     pytest.importorskip("fontTools")
     if not shutil.which("pdftoppm"):
         pytest.skip("poppler-utils (pdftoppm) is not installed")
+
+
+@pytest.fixture(autouse=True)
+def no_glyph_repo_from_the_environment(monkeypatch) -> None:
+    """Tests ask for a Glyph repository clone explicitly; one named in the environment (for the
+    official-script tests) must not change what the presets resolve to elsewhere."""
+    monkeypatch.delenv("GLYPHSERVE_GLYPH_REPO", raising=False)

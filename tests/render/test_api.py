@@ -136,13 +136,13 @@ def test_render_ingested_file(tmp_path):
 
 
 def test_fallback_fonts_cover_what_the_main_font_lacks():
-    en = CharTable(resolve_font(EN.font_path).face)
-    zh = CharTable(resolve_font(preset("glyph-zh").font_path).face)
+    en = CharTable(resolve_font(EN.font_path).face, fallback=True)
+    zh = CharTable(resolve_font(preset("glyph-zh").font_path).face, fallback=True)
     assert en["a"][1] == 0 and en["中"][1] > 0 and en["中"][0] > 0  # Han in English text -> Noto CJK
     assert zh["中"][1] == 0 and zh["✈"][1] > 0 and zh["𝔸"][1] > 0  # symbols Noto CJK lacks -> DejaVu
     # drawn with the fallback's glyphs, not as missing-glyph boxes: "中" in English text
     # comes out exactly as with the Chinese preset, whose main font is that fallback
-    fallback = render_text("中文", EN, workers=1).pages[0].image
+    fallback = render_text("中文", EN.replace(fallback_fonts=True), workers=1).pages[0].image
     native = render_text("中文", preset("glyph-zh"), workers=1).pages[0].image
     assert np.array_equal(fallback, native)
 

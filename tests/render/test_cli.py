@@ -69,3 +69,37 @@ def test_missing_input_and_empty_input(tmp_path):
     assert proc.returncode == 2 and proc.stderr.decode().startswith("error: ")
     proc = glyphserve("render", "-", "-o", str(tmp_path / "o"), stdin=b"   \n")
     assert proc.returncode == 2 and proc.stderr.decode().startswith("error: ")
+
+
+def test_a_config_whose_font_is_missing_stops_or_warns_when_substitutes_are_allowed(tmp_path):
+    cfg = tmp_path / "config_zh.json"
+    cfg.write_text(json.dumps({"font-path": "../config/SourceHanSansHWSC-VF.ttf"}), encoding="utf-8")
+    src = tmp_path / "a.txt"
+    src.write_text("长文本压缩", encoding="utf-8")
+    proc = glyphserve("render", str(src), "-o", str(tmp_path / "o"), "--config", str(cfg))
+    assert proc.returncode == 2
+    missing = tmp_path.parent / "config" / "SourceHanSansHWSC-VF.ttf"
+    assert f"font file not found: {missing}" in proc.stderr.decode()
+    proc = glyphserve("render", str(src), "-o", str(tmp_path / "o"), "--config", str(cfg), "--allow-font-substitute")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr.decode().startswith(f"warning: font file not found: {missing}")
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["font"]["substitute"] is True
+
+
+def test_many_characters_the_font_lacks_are_reported_with_advice(tmp_path):
+    src = tmp_path / "hindi.txt"
+    src.write_text("नमस्ते दुनिया " * 40, encoding="utf-8")  # Devanagari: in no installed font
+    proc = glyphserve("render", str(src), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    err = proc.stderr.decode()
+    assert "warning: " in err and "are not in the font" in err and "--fallback-fonts" in err
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["totals"]["missing_chars"] == sum(p["missing_chars"] for p in manifest["pages"]) > 100
+
+    src.write_text("长文本压缩把文字渲染成图片" * 20, encoding="utf-8")
+    proc = glyphserve("render", str(src), "-o", str(tmp_path / "o"), "--preset", "glyph-en")
+    assert "--preset glyph-zh" in proc.stderr.decode()
+    proc = glyphserve("render", str(src), "-o", str(tmp_path / "o"), "--preset", "glyph-en", "--fallback-fonts")
+    assert "warning" not in proc.stderr.decode()
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["config"]["fallback-fonts"] is True

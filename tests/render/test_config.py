@@ -1,22 +1,25 @@
-"""Glyph config files, presets, overrides and bad values."""
+"""Glyph config files, presets, overrides, bad values, and where the fonts come from."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from tests.render.render_helpers import OFFICIAL_ZH, fake_glyph_repo
 
 from glyphserve.errors import ConfigError, PageTooLargeError
-from glyphserve.render import MARKER_MARKUP, load_glyph_config, preset, resolve_config
+from glyphserve.render import (
+    GLYPH_REPO_ENV,
+    MARKER_MARKUP,
+    FontSubstituteWarning,
+    load_glyph_config,
+    preset,
+    render_text,
+    resolve_config,
+)
+from glyphserve.render.fonts import DEJAVU_SANS as DEJAVU
+from glyphserve.render.fonts import resolve_font
 
-OFFICIAL_ZH = {
-    "page-size": "595,842", "dpi": 72, "margin-x": 10, "margin-y": 10,
-    "font-path": "../config/SourceHanSansHWSC-VF.ttf", "font-size": 9, "line-height": 10,
-    "font-color": "#000000", "alignment": "LEFT", "horizontal-scale": 1.0, "first-line-indent": 0,
-    "left-indent": 0, "right-indent": 0, "space-after": 0, "space-before": 0, "border-width": 0,
-    "border-padding": 0, "page-bg-color": "#FFFFFF", "para-bg-color": "#FFFFFF",
-    "auto-crop-width": True, "auto-crop-last-page": True,
-}
 
 
 def test_presets_hold_the_released_values():
@@ -34,7 +37,7 @@ def test_official_config_file_loads_unchanged(tmp_path):
     path = tmp_path / "config_zh.json"
     path.write_text(json.dumps(OFFICIAL_ZH, indent=4), encoding="utf-8")
     cfg = load_glyph_config(path)
-    assert cfg == preset("glyph-zh").replace(font_path="../config/SourceHanSansHWSC-VF.ttf")
+    assert cfg == preset("glyph-zh").replace(font_path=str(tmp_path.parent / "config" / "SourceHanSansHWSC-VF.ttf"))
     assert load_glyph_config({**OFFICIAL_ZH, "page-size": [595, 842]}).page_size == (595.0, 842.0)
 
 
@@ -48,8 +51,8 @@ def test_to_glyph_json_round_trips():
 def test_resolve_config_auto_preset_and_overrides(tmp_path):
     assert resolve_config("plain English").font_path == "Verdana.ttf"
     assert resolve_config("English with 中文").font_path == "SourceHanSansHWSC-VF.ttf"
-    cfg = resolve_config("x", preset="glyph-zh", dpi=96, font="/some/font.ttf", newline="marker")
-    assert (cfg.dpi, cfg.font_path, cfg.newline_markup) == (96, "/some/font.ttf", MARKER_MARKUP)
+    cfg = resolve_config("x", preset="glyph-zh", dpi=96, font=DEJAVU, newline="marker", fallback_fonts=True)
+    assert (cfg.dpi, cfg.font_path, cfg.newline_markup, cfg.fallback_fonts) == (96, DEJAVU, MARKER_MARKUP, True)
     file_cfg = tmp_path / "c.json"
     file_cfg.write_text(json.dumps({"font-size": 12, "line-height": 14}), encoding="utf-8")
     cfg = resolve_config("x", config=file_cfg, dpi=96)
@@ -96,3 +99,48 @@ def test_pages_too_large_are_refused_naming_the_setting():
     with pytest.raises(PageTooLargeError, match="page-size"):
         load_glyph_config({"page-size": "6000,6500"})
     preset("glyph-en").replace(dpi=500)  # 4133 x 5848 px: allowed
+
+
+def test_a_missing_font_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "config_zh.json"
+    path.write_text(json.dumps(OFFICIAL_ZH), encoding="utf-8")
+    missing = tmp_path.parent / "config" / "SourceHanSansHWSC-VF.ttf"
+    with pytest.raises(ConfigError, match=f"font file not found: {missing} ") as err:
+        resolve_config("中文", config=path)
+    assert "--glyph-repo" in err.value.message and "--allow-font-substitute" in err.value.message
+    with pytest.raises(ConfigError, match="font file not found: /no/such.ttf"):
+        resolve_config("x", font="/no/such.ttf")
+    # loaded without resolve_config's check, rendering refuses it just the same
+    with pytest.raises(ConfigError, match="font file not found"):
+        render_text("中文", load_glyph_config(path))
+
+
+def test_allow_font_substitute_warns_and_renders_with_the_free_font(tmp_path):
+    path = tmp_path / "config_zh.json"
+    path.write_text(json.dumps(OFFICIAL_ZH), encoding="utf-8")
+    with pytest.warns(FontSubstituteWarning, match="SourceHanSansHWSC-VF.ttf"):
+        cfg = resolve_config("中文", config=path, allow_font_substitute=True)
+    assert cfg.font_path == "SourceHanSansHWSC-VF.ttf"
+    font = render_text("中文", cfg).manifest()["font"]
+    assert font["substitute"] is True and font["name"] == "Noto Sans Mono CJK SC"
+    with pytest.warns(FontSubstituteWarning):  # any missing file: the free font for the text's script
+        assert resolve_config("abc", font="/no/such.ttf", allow_font_substitute=True).font_path == "Verdana.ttf"
+
+
+def test_glyph_repo_configs_and_fonts_are_used_unchanged(tmp_path, monkeypatch):
+    repo = fake_glyph_repo(tmp_path)
+    cfg = resolve_config("English", glyph_repo=repo)
+    assert cfg == preset("glyph-en").replace(font_path=str(repo / "config" / "Verdana.ttf"))
+    font = render_text("English", cfg).manifest()["font"]
+    assert font["substitute"] is False and font["used"] == str((repo / "config" / "Verdana.ttf").resolve())
+    # the Chinese font is not in this clone: an error naming it, not a silent swap
+    with pytest.raises(ConfigError, match="SourceHanSansHWSC-VF.ttf"):
+        resolve_config("中文", glyph_repo=repo)
+    # the environment variable does the same, also for the presets' bare font names
+    monkeypatch.setenv(GLYPH_REPO_ENV, str(repo))
+    assert resolve_config("English").font_path == str(repo / "config" / "Verdana.ttf")
+    assert resolve_font("Verdana.ttf").substitute is False
+    assert resolve_font("SourceHanSansHWSC-VF.ttf").substitute is True
+    monkeypatch.setenv(GLYPH_REPO_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="not a clone of"):
+        resolve_config("English")

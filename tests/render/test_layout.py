@@ -125,7 +125,7 @@ def test_break_markup_edge_cases():
 
 
 def test_cjk_kinsoku_keeps_closing_punctuation_on_the_line():
-    ctx = layout_context("中")
+    ctx = layout_context("中", ZH)
     per_line = int(ctx.later_width // (ctx.k * ctx.widths["中"]))
     # "。" may not start a line (reportlab's list; "，" is not on it)
     lines = our_line_breaks("中" * per_line + "。後", ZH)[0]
