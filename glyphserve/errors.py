@@ -2,43 +2,57 @@
 
 Every error a user can cause derives from :class:`GlyphserveError`; its message is
 written for the user (no stack trace needed) and ``http_status`` tells the server
-which 4xx/5xx to answer with.
+which status to answer with. Statuses follow OpenAI's API: bad input of any kind is 400,
+and only what a client may sensibly retry (an overloaded or failing server) is 429 or 5xx.
 """
 
 from __future__ import annotations
 
 
+def openai_error_type(status: int) -> str:
+    """OpenAI's ``error.type`` for an HTTP status."""
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
 class GlyphserveError(Exception):
-    """Base class: a clear message for the user and the HTTP status it maps to."""
+    """Base class: a clear message for the user, the HTTP status it maps to and, when one request
+    field is at fault, its name (``param``)."""
 
     http_status: int = 400
     code: str = "bad_request"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
         self.message = message
+        self.param = param
 
-    def to_dict(self) -> dict[str, str]:
-        return {"error": self.code, "message": self.message}
+    def to_dict(self) -> dict[str, dict]:
+        """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {"error": {"message": self.message, "type": openai_error_type(self.http_status),
+                          "param": self.param, "code": self.code}}
 
 
 class UnsupportedTypeError(GlyphserveError):
-    http_status = 415
+    http_status = 400
     code = "unsupported_type"
 
 
 class CorruptFileError(GlyphserveError):
-    http_status = 422
+    http_status = 400
     code = "corrupt_file"
 
 
 class EncryptedFileError(GlyphserveError):
-    http_status = 422
+    http_status = 400
     code = "encrypted_file"
 
 
 class EmptyDocumentError(GlyphserveError):
-    http_status = 422
+    http_status = 400
     code = "empty_document"
 
 
@@ -50,14 +64,14 @@ class FileTooLargeError(GlyphserveError):
 class IngestTimeoutError(GlyphserveError):
     """Reading an upload took longer than its wall-clock budget."""
 
-    http_status = 422
+    http_status = 400
     code = "ingest_timeout"
 
 
 class ConfigError(GlyphserveError):
     """A rendering or engine setting is invalid (names the setting to change)."""
 
-    http_status = 422
+    http_status = 400
     code = "invalid_config"
 
 
@@ -66,15 +80,39 @@ class PageTooLargeError(ConfigError):
 
 
 class TooManyPagesError(GlyphserveError):
-    http_status = 422
+    http_status = 400
     code = "too_many_pages"
 
 
 class ContextOverflowError(GlyphserveError):
     """The document and question do not fit the model's context."""
 
-    http_status = 422
-    code = "context_overflow"
+    http_status = 400
+    code = "context_length_exceeded"
+
+    @classmethod
+    def for_request(cls, *, prompt_tokens: int, max_tokens: int, max_context: int, pages: int = 0,
+                    pages_that_fit: int = 0) -> ContextOverflowError:
+        """vLLM's wording, which names ``max_tokens`` when the prompt fits but the room asked for the answer
+        does not, plus how many of the pages would fit."""
+        if prompt_tokens >= max_context:
+            message = (f"This model's maximum context length is {max_context} tokens. However, your request has "
+                       f"{prompt_tokens} input tokens. Please reduce the length of the input messages.")
+        else:
+            message = (f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
+                       f"context length is {max_context} tokens and your request has {prompt_tokens} input tokens "
+                       f"({max_tokens} > {max_context} - {prompt_tokens}).")
+        if pages_that_fit:
+            message += (f" Only the first {pages_that_fit} of the {pages} pages fit: ask about fewer pages, lower "
+                        "max_tokens, or set truncate_pages.")
+        return cls(message, param="max_tokens" if prompt_tokens < max_context else "messages")
+
+
+class MissingExtraError(GlyphserveError):
+    """A command needs packages of an optional extra that is not installed (the message names the pip command)."""
+
+    http_status = 500
+    code = "missing_extra"
 
 
 class ModelLoadError(GlyphserveError):

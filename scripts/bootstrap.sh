@@ -42,8 +42,8 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==$TORCH_VERSION"
 fi
-extras="engine,serve"
-[ "$mode" = test ] && extras="engine,serve,test"
+extras="engine,serve,eval"
+[ "$mode" = test ] && extras="engine,serve,eval,test"
 "$PY" -m pip install -q -e ".[${extras}]"
 
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_DISABLE_TELEMETRY=1

@@ -283,7 +283,7 @@ def measure(args: argparse.Namespace, gpus: str | None, visible: str | None = No
         "gpus": gpus,
         "replicas": replicas,
         "engines": engines,
-        "metrics_excerpt": [line for line in metrics.splitlines() if line.startswith("glyphserve_") and
+        "metrics_excerpt": [line for line in metrics.splitlines() if line.startswith(("glyphserve_", "vllm:")) and
                             ("cache" in line or "batch" in line or "joined" in line)][:24],
     }
     if sequential:

@@ -37,9 +37,11 @@ from glyphserve.engine.types import (
     CacheReport,
     ChatMessage,
     EncodedPage,
+    GenerationSettings,
     Page,
     StageTimings,
     StreamEvent,
+    TokenLogprob,
 )
 from glyphserve.errors import ContextOverflowError, GlyphserveError, RemoteBackendError
 from glyphserve.glm4v import STOP_TOKENS, vision_tokens
@@ -51,6 +53,9 @@ _JSON = {"content-type": "application/json"}
 _PAGES = f"glyphserve-pages-{secrets.token_hex(16)}"
 _PAGES_JSON = json.dumps(_PAGES)
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
+# Settings sent under their own name (vLLM's extensions and OpenAI's), when not at their defaults.
+_FORWARDED = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop_token_ids",
+              "include_stop_str_in_output", "skip_special_tokens", "seed", "ignore_eos")
 
 
 @dataclass
@@ -201,7 +206,8 @@ class RemoteEngine:
         parser = ReasoningParser()  # for servers that send <think>…</think> inside the content
         reasoning: list[str] = []  # for servers that send it apart (vLLM/SGLang reasoning parsers, glyphserve)
         usage: dict = {}
-        finish_reason = "stop"
+        finish_reason, stop_reason = "stop", None
+        logprobs: list[TokenLogprob] | None = [] if request.settings.logprobs is not None else None
         first_token_at = None
         key = _routing_key(request, pages.urls) if self.router is not None else None
         for chunk in self._chunks(payload, pages.parts_json, key):
@@ -210,12 +216,17 @@ class RemoteEngine:
                 delta = choice.get("delta") or {}
                 thinking = delta.get("reasoning_content") or delta.get("reasoning") or ""
                 reasoning.append(thinking)
+                tokens = _logprobs(choice) if logprobs is not None else None
+                if tokens:
+                    logprobs += tokens
                 events = [("thinking", thinking)] if thinking else []
                 for channel, text in events + parser.feed(delta.get("content") or ""):
                     first_token_at = first_token_at or time.perf_counter()
-                    yield StreamEvent(channel, text)
+                    yield StreamEvent(channel, text, logprobs=tokens)
+                    tokens = None  # each token's logprob goes out once
                 if choice.get("finish_reason"):
                     finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
+                    stop_reason = choice.get("stop_reason")
         for channel, text in parser.finish():
             yield StreamEvent(channel, text)
         end = time.perf_counter()
@@ -240,7 +251,10 @@ class RemoteEngine:
             new_tokens=new_tokens,
             vision_tokens=_vision_tokens(request.pages),
             pages_used=len(request.pages),
-            cache=CacheReport(),
+            cache=CacheReport(prefix_reused_tokens=int((usage.get("prompt_tokens_details") or {}).get(
+                "cached_tokens") or 0)),
+            stop_reason=stop_reason,
+            logprobs=logprobs,
         )
         yield StreamEvent("done", result=result)
 
@@ -285,14 +299,20 @@ class RemoteEngine:
             "max_tokens": settings.max_tokens,
             "temperature": settings.temperature,
             "top_p": settings.top_p,
-            "stop": list(STOP_TOKENS),
+            "stop": list(STOP_TOKENS) + list(settings.stop),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if settings.seed is not None:
-            payload["seed"] = settings.seed
-        if settings.ignore_eos:
-            payload["ignore_eos"] = True  # a vLLM/SGLang extension, used by benchmarks
+        # The other settings only where they differ from the default: a server that does not know vLLM's
+        # extensions (top_k, repetition_penalty, ...) is asked for them only when the request needs them.
+        defaults = GenerationSettings()
+        for name in _FORWARDED:
+            value = getattr(settings, name)
+            if value != getattr(defaults, name):
+                payload[name] = list(value) if isinstance(value, tuple) else value
+        if settings.logprobs is not None:
+            payload["logprobs"] = True
+            payload["top_logprobs"] = settings.logprobs
         return payload
 
     @staticmethod
@@ -511,6 +531,14 @@ def _sse_chunks(response: httpx.Response) -> Iterator[dict | None]:
         if "error" in chunk and "choices" not in chunk:
             raise _error_from_body(chunk, 502, str(response.url))
         yield chunk
+
+
+def _logprobs(choice: dict) -> list[TokenLogprob]:
+    """OpenAI's ``choices[].logprobs.content`` of a chunk (servers send text, not token ids: id -1)."""
+    content = (choice.get("logprobs") or {}).get("content") or []
+    return [TokenLogprob(-1, item["token"], item["logprob"],
+                         [(-1, top["token"], top["logprob"]) for top in item.get("top_logprobs") or []])
+            for item in content]
 
 
 def _has_token(chunk: dict) -> bool:

@@ -181,7 +181,7 @@ class TokenLogprob:
     """A generated token's log-probability under the model (before sampling settings), and the most likely
     alternatives when asked for (``GenerationSettings.logprobs``)."""
 
-    token_id: int
+    token_id: int  # -1 where a remote server gave only the text
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (token id, text, logprob), most likely first

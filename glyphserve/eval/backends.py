@@ -31,13 +31,16 @@ class ExtractiveBackend:
     tokenizer = None
 
     def __init__(self, top_k: int = 3):
-        from glyphserve.serve.backends import ChatJob, ExtractiveBackend as _Extractive
+        from glyphserve.serve.backends import ExtractiveBackend as _Extractive
 
         self._backend = _Extractive(store=None, top_k=top_k)
-        self._job = ChatJob
 
     def answer(self, doc_text: str, rendered: "RenderedDocument", question: str) -> str:
-        return self._backend.answer(self._job(question=question, context=doc_text)).text
+        from glyphserve.engine import AnswerRequest
+        from glyphserve.serve.backends import ChatJob
+
+        job = ChatJob(AnswerRequest(pages=[], question=question), context=doc_text)
+        return self._backend.answer(job).answer.text
 
 
 class _PageReadingBackend:

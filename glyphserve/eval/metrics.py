@@ -1,20 +1,29 @@
 """Scoring functions: LongBench families, MRCR, RULER string match and OCR character error rate.
 
-Every score is a float in [0, 1]. The LongBench functions follow the published evaluation's
-behaviour (normalisation, best score over the reference answers); Chinese QA F1 works on
-characters instead of jieba words, and ROUGE-L is the LCS F1 computed here, so the Chinese
-and summarisation numbers are close to, not identical with, the official script's.
+Every score is a float in [0, 1]. The LongBench functions compute what the official evaluation script
+(``metrics.py`` of LongBench, shipped again in the Glyph repository) computes, through the packages it uses:
+``jieba`` words for Chinese, ``rouge``'s ROUGE-L, ``fuzzywuzzy``'s ratio for code, so the figures compare.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import string
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from difflib import SequenceMatcher
 
+import jieba
 import numpy as np
+from rouge import Rouge
+
+with warnings.catch_warnings():  # without python-Levenshtein it uses difflib, as the official environment does
+    warnings.simplefilter("ignore")
+    from fuzzywuzzy import fuzz
+
+jieba.setLogLevel(logging.WARNING)
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _EN_PUNCT = set(string.punctuation)
@@ -41,23 +50,8 @@ def _token_f1(pred: Sequence[str], ref: Sequence[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    row = [0] * (len(b) + 1)
-    for x in a:
-        diag = 0
-        for j, y in enumerate(b, 1):
-            diag, row[j] = row[j], (diag + 1 if x == y else max(row[j], row[j - 1]))
-    return row[-1]
-
-
-def _rouge_l(pred: Sequence[str], ref: Sequence[str]) -> float:
-    lcs = _lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+def _jieba_words(text: str) -> list[str]:
+    return list(jieba.cut(text, cut_all=False))
 
 
 def qa_f1(prediction: str, reference: str) -> float:
@@ -66,18 +60,25 @@ def qa_f1(prediction: str, reference: str) -> float:
 
 
 def qa_f1_zh(prediction: str, reference: str) -> float:
-    """Character-level F1 after Chinese normalisation."""
-    return _token_f1(list(normalize_zh(prediction)), list(normalize_zh(reference)))
+    """F1 over jieba words, each normalised (punctuation and whitespace dropped), empty ones left out."""
+
+    def words(text: str) -> list[str]:
+        return [w for w in (normalize_zh(w) for w in _jieba_words(text)) if w]
+
+    return _token_f1(words(prediction), words(reference))
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (longest common subsequence of lower-cased words)."""
-    return _rouge_l(prediction.lower().split(), reference.lower().split())
+    """The ``rouge`` package's ROUGE-L F score; 0 where it refuses the input (e.g. an empty prediction)."""
+    try:
+        return float(Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"])
+    except Exception:  # the official script scores anything rouge rejects (empty or word-less text) as 0
+        return 0.0
 
 
 def rouge_l_zh(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over characters, punctuation and whitespace removed."""
-    return _rouge_l(list(normalize_zh(prediction)), list(normalize_zh(reference)))
+    """ROUGE-L over jieba words."""
+    return rouge_l(" ".join(_jieba_words(prediction)), " ".join(_jieba_words(reference)))
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -88,10 +89,13 @@ def classification_score(prediction: str, reference: str, all_classes: Sequence[
     """1/k when the reference class is among the k class names found in the prediction.
 
     A found class that is only part of the reference's name (e.g. "ENTY" in "ENTY:other") does not
-    count against it.
+    count against it; as in the official script, it is removed while the list is walked, so the name after
+    each removed one is not looked at.
     """
     found = [c for c in all_classes if c in prediction]
-    found = [c for c in found if not (c in reference and c != reference)]
+    for name in found:
+        if name in reference and name != reference:
+            found.remove(name)
     return 1.0 / len(found) if reference in found else 0.0
 
 
@@ -111,16 +115,19 @@ def count_score(prediction: str, reference: str) -> float:
 
 
 def code_similarity(prediction: str, reference: str) -> float:
-    """SequenceMatcher ratio of the first line of code in the prediction against the reference."""
-    code_lines = [ln for ln in prediction.lstrip("\n").split("\n") if not ln.lstrip().startswith(("`", "#", "//"))]
-    return SequenceMatcher(None, code_lines[0] if code_lines else "", reference).ratio()
+    """``fuzz.ratio`` / 100 of the first line without a backtick, # or // against the reference."""
+    lines = prediction.lstrip("\n").split("\n")
+    line = next((ln for ln in lines if "`" not in ln and "#" not in ln and "//" not in ln), "")
+    return fuzz.ratio(line, reference) / 100
 
 
 def mrcr_score(response: str, answer: str, prefix: str) -> float:
-    """OpenAI MRCR grading: 0 without the required prefix, else the SequenceMatcher ratio."""
+    """MRCR grading as Glyph's script does it: 0 without the required prefix, else the SequenceMatcher ratio,
+    a ``<|user|>`` left in the response (a stop token sent back) removed first."""
     if not response.startswith(prefix):
         return 0.0
-    return SequenceMatcher(None, response.removeprefix(prefix), answer.removeprefix(prefix)).ratio()
+    return SequenceMatcher(None, response.removeprefix(prefix).replace("<|user|>", ""),
+                           answer.removeprefix(prefix)).ratio()
 
 
 def string_match_recall(prediction: str, references: Sequence[str]) -> float:

@@ -67,22 +67,12 @@ def _read_document(source: str):
     return ingest_path(source)
 
 
-class _Progress:
-    """A page counter on stderr, only when stderr is a terminal."""
+def _page_counter():
+    """A tqdm page counter on stderr, only when stderr is a terminal, and the render callback that moves it."""
+    from tqdm import tqdm
 
-    def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
-        self.shown = False
-
-    def __call__(self, pages: int) -> None:
-        if self.enabled:
-            sys.stderr.write(f"\rrendering: {pages} page{'s' if pages != 1 else ''}")
-            sys.stderr.flush()
-            self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
+    bar = tqdm(desc="rendering", unit="page", file=sys.stderr, disable=not sys.stderr.isatty())
+    return bar, lambda pages: bar.update(pages - bar.n)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,11 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
     doc = _read_document(args.input)
     config = config_from_args(args, doc.text)
-    progress = _Progress()
+    bar, progress = _page_counter()
     try:
         rendered = render_document(doc, config, workers=args.workers, progress=progress)
     finally:
-        progress.close()
+        bar.close()
     out = write_rendered(rendered, args.output)
     note = missing_glyphs_warning(rendered)
     if note:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
+from dataclasses import asdict
 from typing import Any, AsyncIterator, Awaitable, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -13,10 +13,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from glyphserve import __version__
+from glyphserve.engine.types import AnswerRequest, ChatMessage, StreamEvent
 from glyphserve.errors import GlyphserveError, NotFoundError
 from glyphserve.serve import openai_compat as oai
-from glyphserve.serve.backends import ChatJob, ChatSettings, Delta, Reply, Turn
-from glyphserve.serve.errors import InvalidRequestError
+from glyphserve.serve.backends import ChatJob, Reply
+from glyphserve.serve.errors import InternalError, InvalidRequestError
+from glyphserve.serve.sampling import SamplingParams
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import GlyphService, RenderOptions
 from glyphserve.serve.store import check_id
@@ -36,29 +39,44 @@ class DocumentText(BaseModel):
     name: str | None = Field(None, max_length=255)
 
 
+class DocumentName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=255)
+
+
 class HistoryTurn(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class DocumentChat(BaseModel):
+class DocumentChat(SamplingParams):
+    """A question about a stored document; the sampling parameters are the engine's (vLLM's names), and
+    ``logprobs`` is the engine's too (the number of alternatives per token; 0: only the chosen token's)."""
+
     model_config = ConfigDict(extra="forbid")
     question: str = Field(min_length=1)
     history: list[HistoryTurn] = []
-    max_tokens: int = Field(ChatSettings.max_tokens, ge=1, le=32768)
-    temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    use_cache: bool = True
+    logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool = False
 
+    def job(self, document_id: str) -> ChatJob:
+        history = [ChatMessage(t.role, t.content) for t in self.history]
+        settings = self.generation_settings(logprobs=self.logprobs)
+        return ChatJob(AnswerRequest(pages=[], question=self.question, history=history, settings=settings),
+                       document_id=document_id)
 
-def validation_message(exc: ValidationError | Any) -> str:
-    """One line naming each invalid field."""
-    parts = []
+
+def invalid_request(exc: ValidationError | Any) -> InvalidRequestError:
+    """One line naming each invalid field; ``param`` is the first of them."""
+    parts, fields = [], []
     for error in exc.errors():
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        fields.append(where)
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
+    return InvalidRequestError("invalid request: " + "; ".join(parts), param=fields[0] if fields else None)
+
+
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the stream is alive
 
 
 def sse(payload: Any) -> str:
@@ -72,10 +90,11 @@ def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 def error_event(exc: BaseException) -> dict:
-    if isinstance(exc, GlyphserveError):
-        return {"type": "error", **exc.to_dict()}
-    log.error("stream failed", exc_info=exc)
-    return {"type": "error", "error": "internal_error", "message": "the answer failed; the server log has details"}
+    """OpenAI's error body for a failure after a stream began (vLLM sends the same as an SSE event)."""
+    if not isinstance(exc, GlyphserveError):
+        log.error("stream failed", exc_info=exc)
+        exc = InternalError("the answer failed; the server log has details")
+    return exc.to_dict()
 
 
 async def unless_disconnected(request: Request, answer: Awaitable[Reply]) -> Reply | None:
@@ -110,14 +129,22 @@ def build_router(service: GlyphService) -> APIRouter:
         return out
 
     def reply_body(document_id: str | None, reply: Reply) -> dict:
+        """The answer under the engine's names (``Answer``, ``StageTimings``, ``CacheReport``)."""
+        answer = reply.answer
         return {
-            "answer": reply.text, "thinking": reply.thinking, "finish_reason": reply.finish_reason,
-            "backend": reply.backend, "notice": service.describe()["notice"],
-            "timings": reply.timings, "cache": reply.cache,
-            "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                      "vision_tokens": reply.vision_tokens},
+            "answer": answer.text, "thinking": answer.thinking, "finish_reason": answer.finish_reason,
+            "stop_reason": answer.stop_reason, "model": service.model_name, "backend": reply.backend,
+            "notice": service.describe()["notice"], "timings": asdict(answer.timings), "cache": asdict(answer.cache),
+            "usage": {**oai.usage(answer), "vision_tokens": answer.vision_tokens},
+            "logprobs": None if answer.logprobs is None else [asdict(t) for t in answer.logprobs],
             "citations": citations(document_id, reply),
         }
+
+    def delta_event(event: StreamEvent) -> dict:
+        item = {"type": "delta", "channel": event.channel, "text": event.text}
+        if event.logprobs is not None:
+            item["logprobs"] = [asdict(t) for t in event.logprobs]
+        return item
 
     @router.get("/health")
     async def health():
@@ -139,19 +166,20 @@ def build_router(service: GlyphService) -> APIRouter:
             try:
                 options = DocumentText.model_validate({**fields, "text": ""})
             except ValidationError as exc:
-                raise InvalidRequestError(validation_message(exc)) from None
-            record = await service.add_document(
+                raise invalid_request(exc) from None
+            record, duplicate = await service.add_document(
                 data=upload.data, filename=upload.filename, name=options.name or upload.filename,
                 options=RenderOptions(options.preset, options.dpi, options.newline))
         else:
             try:
                 body = DocumentText.model_validate_json(await request.body())
             except ValidationError as exc:
-                raise InvalidRequestError(validation_message(exc)) from None
-            record = await service.add_document(
+                raise invalid_request(exc) from None
+            record, duplicate = await service.add_document(
                 text=body.text, name=body.name, options=RenderOptions(body.preset, body.dpi, body.newline))
-        return JSONResponse({"id": record.id, "document": record.to_dict(),
-                             "manifest": service.store.manifest(record.id)}, status_code=201)
+        # The same content with the same settings is stored once: 200 and the stored document.
+        return JSONResponse({"id": record.id, "deduplicated": duplicate, "document": record.to_dict(),
+                             "manifest": service.store.manifest(record.id)}, status_code=200 if duplicate else 201)
 
     @router.get("/v1/documents")
     async def list_documents():
@@ -172,6 +200,15 @@ def build_router(service: GlyphService) -> APIRouter:
             return Response(result, media_type="image/png")
         return FileResponse(result, media_type="image/png")
 
+    @router.patch("/v1/documents/{document_id}")
+    async def rename_document(document_id: str, request: Request):
+        try:
+            body = DocumentName.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise invalid_request(exc) from None
+        record = service.rename_document(document_id, body.name)
+        return {"id": record.id, "document": record.to_dict()}
+
     @router.delete("/v1/documents/{document_id}")
     async def delete_document(document_id: str):
         service.delete_document(document_id)
@@ -183,30 +220,26 @@ def build_router(service: GlyphService) -> APIRouter:
         try:
             body = DocumentChat.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise InvalidRequestError(validation_message(exc)) from None
-        job = ChatJob(
-            question=body.question,
-            history=[Turn(t.role, t.content) for t in body.history],
-            settings=ChatSettings(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  use_cache=body.use_cache),
-            document_id=document_id,
-        )
+            raise invalid_request(exc) from None
+        job = body.job(document_id)
         if not body.stream:
             reply = await unless_disconnected(request, service.answer(job))
             return client_gone() if reply is None else reply_body(document_id, reply)
-        items = await service.stream(job)
+        items = await service.stream(job, service.config.sse_keepalive)
 
         async def events() -> AsyncIterator[str]:
             try:
                 async for item in items:
-                    if isinstance(item, Delta):
-                        yield sse({"type": "delta", "channel": item.channel, "text": item.text})
+                    if item is None:
+                        yield KEEPALIVE
+                    elif isinstance(item, StreamEvent):
+                        yield sse(delta_event(item))
                     else:
                         yield sse({"type": "done", **reply_body(document_id, item)})
             except Cancelled:
                 return
             except Exception as exc:
-                yield sse(error_event(exc))
+                yield sse({"type": "error", **error_event(exc)})
             finally:
                 await items.aclose()
             yield sse("[DONE]")
@@ -215,58 +248,56 @@ def build_router(service: GlyphService) -> APIRouter:
 
     # -- OpenAI-compatible ----------------------------------------------------------------
 
+    @router.get("/version")
+    async def version():
+        return {"version": __version__}
+
     @router.get("/v1/models")
     async def models():
-        info = service.describe()
-        return {"object": "list", "data": [{"id": info["model"], "object": "model", "created": 0,
-                                            "owned_by": "glyphserve", "backend": info["backend"]}]}
+        return {"object": "list", "data": service.model_cards()}
+
+    @router.get("/v1/models/{model:path}")
+    async def model(model: str):
+        service.check_model(model)
+        return next(card for card in service.model_cards() if card["id"] == model)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
             body = oai.ChatCompletionRequest.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise InvalidRequestError(validation_message(exc)) from None
+            raise invalid_request(exc) from None
+        service.check_model(body.model)
         if body.document is not None:
             check_id(body.document)
         job = await run_in_threadpool(oai.to_job, body, has_model=service.has_model)
         model = service.model_name
         if not body.stream:
             reply = await unless_disconnected(request, service.answer(job))
-            return client_gone() if reply is None else oai.completion(reply, model, body.stop)
-        items = await service.stream(job)
+            return client_gone() if reply is None else oai.completion(reply, model)
+        items = await service.stream(job, service.config.sse_keepalive)
         cid = oai.completion_id()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
-            stop = oai.StopFilter(body.stop)
             try:
                 yield sse(oai.chunk(cid, model, {"role": "assistant", "content": ""}))
                 async for item in items:
-                    if isinstance(item, Delta):
-                        if item.channel == "thinking":
-                            yield sse(oai.chunk(cid, model, {"reasoning_content": item.text}))
-                            continue
-                        text = stop.feed(item.text)
-                        if text:
-                            yield sse(oai.chunk(cid, model, {"content": text}))
-                        if stop.stopped:
-                            break
+                    if item is None:
+                        yield KEEPALIVE
                         continue
-                    tail = stop.flush()
-                    if tail:
-                        yield sse(oai.chunk(cid, model, {"content": tail}))
-                    finish = "stop" if stop.stopped else item.finish_reason
-                    yield sse(oai.chunk(cid, model, {}, finish))
+                    if isinstance(item, StreamEvent):
+                        key = "reasoning_content" if item.channel == "thinking" else "content"
+                        yield sse(oai.chunk(cid, model, {key: item.text}, tokens=item.logprobs))
+                        continue
+                    answer = item.answer
+                    yield sse(oai.chunk(cid, model, {}, answer.finish_reason, stop_reason=answer.stop_reason))
                     if include_usage:
-                        yield sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                   "model": model, "choices": [], "usage": oai.usage(item)})
-                if stop.stopped:
-                    yield sse(oai.chunk(cid, model, {}, "stop"))
+                        yield sse(oai.usage_chunk(cid, model, answer))
             except Cancelled:
                 return
             except Exception as exc:
-                yield sse({"error": {k: v for k, v in error_event(exc).items() if k != "type"}})
+                yield sse(error_event(exc))
             finally:
                 await items.aclose()
             yield sse("[DONE]")

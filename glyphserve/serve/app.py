@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -16,11 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glyphserve.errors import FileTooLargeError, GlyphserveError, QueueFullError
-from glyphserve.serve.api import build_router, validation_message
-from glyphserve.serve.config import ServeConfig
+from glyphserve import __version__
+from glyphserve.errors import ConfigError, FileTooLargeError, GlyphserveError, NotFoundError, QueueFullError
+from glyphserve.serve.api import build_router, invalid_request
+from glyphserve.serve.config import ServeConfig, model_id_name
 from glyphserve.serve.errors import InternalError, UnauthorizedError
 from glyphserve.serve.service import GlyphService
+from glyphserve.serve.weights import resolve_model
 
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
@@ -70,7 +73,7 @@ class ServiceMiddleware:
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
-            metrics = self.service.metrics
+            metrics = self.service.metrics.c
             metrics.requests.labels(label, scope["method"], str(status["code"])).inc()
             metrics.latency.labels(label).observe(time.perf_counter() - started)
             if status["code"] >= 400:
@@ -131,19 +134,31 @@ async def _send_error(send, error: GlyphserveError, scope) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-OPENAI_ROUTES = ("/v1/chat/completions",)
-
-
 def error_response(request: Request, error: GlyphserveError, service: GlyphService) -> JSONResponse:
-    """``{"error": code, "message": ...}``; on OpenAI routes OpenAI's shape, which its clients read."""
+    """OpenAI's error body and status; a 429 says when to retry."""
     request.state.error_code = error.code
     headers = {}
     if isinstance(error, QueueFullError):
         headers["Retry-After"] = str(service.scheduler.retry_after())
-    body = error.to_dict()
-    if request.url.path in OPENAI_ROUTES:
-        body = {"error": {"message": error.message, "type": error.code, "code": error.code}}
-    return JSONResponse(body, status_code=error.http_status, headers=headers)
+    return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
+
+
+def mount_docs(app: FastAPI) -> None:
+    """Swagger UI at ``/docs`` from the files of the swagger-ui-bundle package: no CDN, works offline."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    # The packaged Swagger UI (4.x) reads OpenAPI 3.0 documents; FastAPI's schema renders as one.
+    app.openapi_version = "3.0.3"
+    app.mount("/docs/static", StaticFiles(directory=swagger_ui_path), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="glyphserve API",
+                                   swagger_js_url="/docs/static/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/static/swagger-ui.css",
+                                   swagger_favicon_url="/docs/static/favicon-32x32.png")
 
 
 def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: str | None = None) -> FastAPI:
@@ -155,8 +170,9 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: 
         yield
         service.close()
 
-    app = FastAPI(title="glyphserve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="glyphserve", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
+    mount_docs(app)
 
     @app.exception_handler(GlyphserveError)
     async def on_glyphserve_error(request: Request, exc: GlyphserveError):
@@ -164,14 +180,14 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: 
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
-        from glyphserve.serve.errors import InvalidRequestError
-
-        return error_response(request, InvalidRequestError(validation_message(exc)), service)
+        return error_response(request, invalid_request(exc), service)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error_response(request, NotFoundError(f"no route {request.url.path}"), service)
         error = GlyphserveError(str(exc.detail))
-        error.http_status, error.code = exc.status_code, "not_found" if exc.status_code == 404 else "http_error"
+        error.http_status, error.code = exc.status_code, "http_error"
         return error_response(request, error, service)
 
     @app.exception_handler(Exception)
@@ -189,20 +205,24 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: 
 
 
 def load_engine(config: ServeConfig) -> tuple["Engine | None", str | None]:
-    """Load the model named by ``--model`` / ``--random-weights`` (None, None without one), or
-    connect to the replicas (``--backend openai``, ``--gpus``)."""
+    """Load the model named by MODEL / ``--random-weights`` (None, None without one), or connect to the
+    replicas (``--backend openai``, ``--gpus``); the name is the one served by default."""
     if config.routed:
         from glyphserve.serve.routing import load_routed
 
         return load_routed(config)
     if not config.has_model:
         return None, None
+    # Before torch is imported: a model that is neither here nor downloadable fails at once.
+    source = resolve_model(config.model) if config.model else None
     from glyphserve.engine import Engine, EngineConfig
 
-    engine_config = EngineConfig(model=config.model, random_weights=config.random_weights,
-                                 dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs)
-    name = config.model or f"random-{config.random_weights}"
-    print(f"glyphserve: loading {name} ...", flush=True)
+    engine_config = EngineConfig(model=source, random_weights=config.random_weights, dtype=config.dtype,
+                                 device=config.device, max_context=config.max_model_len,
+                                 max_num_seqs=config.max_num_seqs,
+                                 gpu_memory_utilization=config.gpu_memory_utilization)
+    name = model_id_name(config.model) if config.model else f"random-{config.random_weights}"
+    print(f"glyphserve: loading {config.model or name} ...", flush=True)
     started = time.perf_counter()
     engine = Engine.load(engine_config)
     print(f"glyphserve: model loaded in {time.perf_counter() - started:.1f} s", flush=True)
@@ -212,19 +232,40 @@ def load_engine(config: ServeConfig) -> tuple["Engine | None", str | None]:
     return engine, name
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads so a busy port is reported at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); another server may be "
+                          "running there: choose another --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(config: ServeConfig) -> int:
-    """Load the model (if any) and serve until interrupted."""
+    """Bind the port, load the model (if any) and serve until interrupted."""
     import uvicorn
 
     config.validate()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    engine, name = load_engine(config)
-    app = create_app(config, engine, name)
-    info = app.state.service.describe()
-    base = f"http://{config.host}:{config.port}"
-    ui = f"web UI {base}/  " if config.ui else ""
-    print(f"glyphserve: {ui}API {base}/v1  data {config.data_dir}", flush=True)
-    if info["notice"]:
-        print(f"glyphserve: {info['notice']}", flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+    sock = listen_socket(config.host, config.port)
+    try:
+        engine, name = load_engine(config)
+        app = create_app(config, engine, name)
+        info = app.state.service.describe()
+        base = f"http://{config.host}:{config.port}"
+        ui = f"web UI {base}/  " if config.ui else ""
+        print(f"glyphserve: {ui}API {base}/v1 (docs {base}/docs)  model {info['model']}  data {config.data_dir}",
+              flush=True)
+        if info["notice"]:
+            print(f"glyphserve: {info['notice']}", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

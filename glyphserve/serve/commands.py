@@ -4,19 +4,42 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import contextmanager
 from pathlib import Path
+
+from glyphserve.errors import ConfigError, MissingExtraError
+from glyphserve.serve import ask
+
+# Top-level modules of each optional extra (pyproject.toml), for a one-line error when one is missing.
+EXTRA_MODULES = {
+    "serve": {"fastapi", "starlette", "uvicorn", "gradio", "prometheus_client", "multipart", "python_multipart",
+              "httpx", "pydantic", "Stemmer", "swagger_ui_bundle"},
+    "engine": {"torch", "transformers", "tokenizers", "safetensors", "jinja2", "huggingface_hub"},
+}
 
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve", help="web UI + OpenAI-compatible API in one process",
-        description="Start the web UI (at /) and the HTTP API (at /v1) in one process. Without --model, "
-                    "documents are rendered and answered extractively (BM25 passages with their pages).",
+        description="Start the web UI (at /) and the HTTP API (at /v1) in one process, like `vllm serve MODEL`. "
+                    "Without a model, documents are rendered and answered extractively (BM25 passages with their "
+                    "pages).",
     )
+    _model_arguments(serve)
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="the model name(s) the API answers to and names in replies (default: the last part of "
+                            "the model id, e.g. Glyph for zai-org/Glyph; the official Glyph scripts send 'glyph')")
+    serve.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                       help="context length: prompt + answer tokens (default: the model's, at most 32768)")
+    serve.add_argument("--max-num-seqs", "--max-batch", dest="max_num_seqs", type=int, default=256, metavar="N",
+                       help="requests decoded together at most (default 256; the KV pool's free blocks decide "
+                            "how many run at once)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+                       help="the share of the GPU's memory this server may use; the KV pool gets what the weights "
+                            "and activations leave of it (default 0.9)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1; any other address requires --api-key)")
     serve.add_argument("--port", type=int, default=7860)
-    _model_arguments(serve)
     serve.add_argument("--data-dir", type=Path, default=None,
                        help="documents, pages and the SQLite index (default ~/.local/share/glyphserve, or ./data)")
     serve.add_argument("--api-key", default=os.environ.get("GLYPHSERVE_API_KEY"),
@@ -42,11 +65,11 @@ def register(subparsers) -> None:
                              "(default 60)")
     serve.add_argument("--queue-size", type=int, default=64,
                        help="requests allowed to wait for the model; past it, 429 (default 64)")
-    serve.add_argument("--max-num-seqs", "--max-batch", dest="max_num_seqs", type=int, default=256,
-                       help="requests decoded together at most (default 256; the KV pool's free blocks decide "
-                            "how many run at once)")
     serve.add_argument("--request-timeout", type=float, default=300,
                        help="seconds before a request is answered 504 (default 300)")
+    serve.add_argument("--sse-keepalive", type=float, default=10.0, metavar="SECONDS",
+                       help="a streamed answer still waiting for its first token gets an SSE comment this often, so "
+                            "proxies keep the connection (default 10)")
     serve.add_argument("--no-ui", action="store_true", help="serve the API only")
     scale = serve.add_argument_group("scale-out", "answer on other engines: this server ingests, renders, stores "
                                      "and routes each document's questions to one replica")
@@ -71,11 +94,13 @@ def register(subparsers) -> None:
                                    description="Print what `glyphserve serve` will find on this machine.")
     _model_arguments(doctor)
     doctor.set_defaults(func=_doctor)
+    ask.register(subparsers)
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                         help="model directory or Hugging Face id (e.g. zai-org/Glyph); none: extractive answers")
+    parser.add_argument("--model", default=None, help="the same as MODEL")
     parser.add_argument("--random-weights", default=None, choices=["glm-4.1v-9b"],
                         help="full-size architecture with random weights (benchmarks, no checkpoint needed)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
@@ -89,18 +114,47 @@ def _gpu_list(value: str) -> list[str]:
     return gpus
 
 
+def _model(args: argparse.Namespace) -> str | None:
+    """MODEL or --model (the same one if both are given)."""
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ConfigError(f"two models given: {args.model_tag} and --model {args.model}; give one")
+    return args.model_tag or args.model
+
+
+@contextmanager
+def needs_extras(command: str):
+    """Turns a missing package of an optional extra into one line that names the pip command."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        extra = next((name for name, modules in EXTRA_MODULES.items() if top in modules), None)
+        if extra is None:
+            raise
+        raise MissingExtraError(f"`glyphserve {command}` needs the {extra} extra ({top} is not installed): "
+                                f"pip install 'glyphserve[{extra}]'") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    with needs_extras("serve"):
+        return _run_server(args)
+
+
+def _run_server(args: argparse.Namespace) -> int:
     from glyphserve.serve.app import run
     from glyphserve.serve.config import ServeConfig, default_data_dir
 
     config = ServeConfig(
-        host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(), model=args.model,
+        host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(), model=_model(args),
         random_weights=args.random_weights, dtype=args.dtype, device=args.device, api_key=args.api_key or None,
+        served_model_name=args.served_model_name or [], max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_upload_mb=args.max_upload_mb, max_pages=args.max_pages, max_pdf_pages=args.max_pdf_pages,
         max_scan_pages=args.max_scan_pages, max_characters=args.max_characters,
         max_docx_paragraphs=args.max_docx_paragraphs, max_unpacked_mb=args.max_unpacked_mb,
         max_parser_memory_mb=args.max_parser_memory_mb, ingest_timeout=args.ingest_timeout, queue_size=args.queue_size,
-        max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout, ui=not args.no_ui,
+        max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout, sse_keepalive=args.sse_keepalive,
+        ui=not args.no_ui,
         backend=args.backend, endpoints=args.endpoint, remote_model=args.remote_model,
         remote_api_key=args.remote_api_key or None, gpus=args.gpus, replica_concurrency=args.replica_concurrency,
         health_interval=args.health_interval,
@@ -111,6 +165,6 @@ def _serve(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from glyphserve.serve.doctor import report
 
-    text, ok = report(model=args.model, random_weights=args.random_weights, device=args.device)
+    text, ok = report(model=_model(args), random_weights=args.random_weights, device=args.device)
     print(text)
     return 0 if ok else 1

@@ -24,6 +24,11 @@ def default_data_dir() -> Path:
     return candidate if os.access(candidate, os.W_OK) else Path("data")
 
 
+def model_id_name(model: str) -> str:
+    """The last part of a model id or folder (zai-org/Glyph -> Glyph): the name served by default."""
+    return Path(model.rstrip("/\\")).name or model
+
+
 def is_loopback(host: str) -> bool:
     if host.lower() in LOCAL_HOSTS:
         return True
@@ -43,6 +48,10 @@ class ServeConfig:
     dtype: str = "auto"
     device: str = "auto"
     api_key: str | None = None
+    # Names the API answers to; replies carry the first. Empty: the model id's last part (model_id_name).
+    served_model_name: list[str] = field(default_factory=list)
+    max_model_len: int | None = None  # prompt + answer tokens; None: the model's (engine's max_context)
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use (vLLM's)
     max_upload_mb: float = 50.0
     max_pages: int = 500
     # What reading one upload may cost (glyphserve.ingest.IngestLimits); the budget covers rendering too.
@@ -57,6 +66,7 @@ class ServeConfig:
     # Sequences the engine decodes together (its KV pool decides how many fit; vLLM's --max-num-seqs).
     max_num_seqs: int = 256
     request_timeout: float = 300.0
+    sse_keepalive: float = 10.0  # seconds between keep-alive comments while a stream waits for its first token
     ui: bool = True
     # Scale-out (glyphserve.serve.routing): answers come from OpenAI-compatible replicas.
     backend: str = "local"  # "local" | "openai"
@@ -115,7 +125,9 @@ class ServeConfig:
             ("--ingest-timeout", self.ingest_timeout),
             ("--queue-size", self.queue_size),
             ("--max-num-seqs", self.max_num_seqs),
+            ("--max-model-len", 1 if self.max_model_len is None else self.max_model_len),
             ("--request-timeout", self.request_timeout),
+            ("--sse-keepalive", self.sse_keepalive),
             ("--replica-concurrency", 1 if self.replica_concurrency is None else self.replica_concurrency),
             ("--health-interval", self.health_interval),
         ):
@@ -129,5 +141,9 @@ class ServeConfig:
             raise ConfigError("--model/--random-weights are for --backend local or --gpus; the servers choose their model")
         if self.gpus and not self.has_model:
             raise ConfigError("--gpus starts one engine per GPU: give --model PATH_OR_ID or --random-weights")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.served_model_name and not all(name.strip() for name in self.served_model_name):
+            raise ConfigError("--served-model-name needs non-empty names")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")

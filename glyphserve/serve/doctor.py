@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import dataclass
-from pathlib import Path
+
+from glyphserve.serve.weights import locate_weights
 
 DEFAULT_MODEL = "zai-org/Glyph"
 
@@ -119,44 +120,14 @@ def check_model(model: str | None, random_weights: str | None) -> list[Check]:
     if location is not None:
         detail = f"{name}: weights found in {location}"
         if not given:
-            detail += f" (start with `glyphserve serve --model {name}`)"
+            detail += f" (start with `glyphserve serve {name}`)"
         return [Check("model", True, detail)]
     if given:
         return [Check("model", False, f"{name}: {problem}",
-                      "`glyphserve serve --model` will fail to load it here (no network for downloads)", True)]
+                      "`glyphserve serve MODEL` will fail to load it here (no network for downloads)", True)]
     return [Check("model", False, f"none given; {DEFAULT_MODEL}: {problem}",
                   "the service answers extractively (BM25 passages); download the weights to "
-                  f"use `--model {DEFAULT_MODEL}`")]
-
-
-def locate_weights(name: str) -> tuple[Path | None, str]:
-    """The folder holding ``config.json`` and safetensors weights for ``name``, or why there is none."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return (path, "") if _complete(path) else (None, f"{path} lacks config.json or *.safetensors weights")
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(name, local_files_only=True))
-    except ImportError:
-        return None, "not a local folder, and huggingface_hub is not installed to look in its cache"
-    except Exception:
-        return None, "not a local folder and not in the Hugging Face cache"
-    if _complete(folder):
-        return folder, ""
-    return None, f"only partly in the Hugging Face cache ({folder})"
-
-
-def _complete(folder: Path) -> bool:
-    if not (folder / "config.json").is_file():
-        return False
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        import json
-
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        return bool(shards) and all((folder / shard).is_file() for shard in shards)
-    return any(folder.glob("*.safetensors"))
+                  f"use `glyphserve serve {DEFAULT_MODEL}`")]
 
 
 def report(model: str | None = None, random_weights: str | None = None, device: str = "auto") -> tuple[str, bool]:

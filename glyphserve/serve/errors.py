@@ -6,23 +6,31 @@ from glyphserve.errors import GlyphserveError
 
 NO_MODEL_HINT = (
     "No vision-language model is loaded: answers are extractive (the best-matching passages of the "
-    "document text, with their pages). Start with `glyphserve serve --model zai-org/Glyph` for model answers."
+    "document text, with their pages). Start with `glyphserve serve zai-org/Glyph` for model answers."
 )
 
 
 class InvalidRequestError(GlyphserveError):
-    http_status = 422
+    http_status = 400
     code = "invalid_request"
 
 
 class UnauthorizedError(GlyphserveError):
     http_status = 401
-    code = "unauthorized"
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(GlyphserveError):
+    http_status = 404
+    code = "model_not_found"
 
 
 class ModelNotLoadedError(GlyphserveError):
-    http_status = 503
-    code = "no_model"
+    """The request needs a model (it holds page images) and this server answers extractively: retrying cannot
+    help, so it is a 400, as vLLM answers images sent to a text-only model."""
+
+    http_status = 400
+    code = "model_not_loaded"
 
 
 class RequestTimeoutError(GlyphserveError):

@@ -1,69 +1,155 @@
-"""Prometheus metrics of one service instance (its own registry, so several apps can coexist)."""
+"""Prometheus metrics, on the default registry (so the process and Python collectors come along).
+
+What a request costs carries vLLM's names and ``model_name`` label (``vllm:time_to_first_token_seconds``,
+``vllm:num_requests_running``, ...), so dashboards made for ``vllm serve`` read a glyphserve server unchanged;
+what only this server has (HTTP routes, stages, batching, documents, GPU readings) is ``glyphserve_*``.
+No ``_created`` series.
+"""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from glyphserve.serve.backends import Reply
 
-STAGES = ("render", "preprocess", "vision", "prefill", "decode", "ttft", "retrieve", "total")
+prometheus_client.disable_created_metrics()
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+_MODEL = ["model_name"]
+# Stages with a histogram of their own: time to first token and the total have vLLM's.
+_STAGES = ("render", "preprocess", "vision_encode", "prefill", "decode")
+# vLLM's finished_reason values (a cancelled request is an "abort").
+_FINISHED = {"stop": "stop", "length": "length", "cancelled": "abort"}
+
+
+@dataclass(frozen=True)
+class _Collectors:
+    """Every metric, registered once per process (the default registry is the process's)."""
+
+    running: Gauge
+    waiting: Gauge
+    ttft: Histogram
+    e2e: Histogram
+    tpot: Histogram
+    queue_time: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    request_prompt_tokens: Histogram
+    request_generation_tokens: Histogram
+    success: Counter
+    prefix_queries: Counter
+    prefix_hits: Counter
+    mm_queries: Counter
+    mm_hits: Counter
+    requests: Counter
+    errors: Counter
+    latency: Histogram
+    stages: Histogram
+    batch_size: Histogram
+    cancelled: Counter
+    joined: Counter
+    documents: Gauge
+
+
+@functools.cache
+def _collectors() -> _Collectors:
+    gpu = NvmlCollector.create()
+    if gpu is not None:
+        REGISTRY.register(gpu)
+    return _Collectors(
+        running=Gauge("vllm:num_requests_running", "Requests being answered", _MODEL),
+        waiting=Gauge("vllm:num_requests_waiting", "Requests waiting for the model", _MODEL),
+        ttft=Histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first token", _MODEL,
+                       buckets=_LATENCY_BUCKETS),
+        e2e=Histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token", _MODEL,
+                      buckets=_LATENCY_BUCKETS),
+        tpot=Histogram("vllm:time_per_output_token_seconds", "Time per token after the first, per request",
+                       _MODEL, buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
+        queue_time=Histogram("vllm:request_queue_time_seconds", "Time a request waited before the model took it",
+                             _MODEL, buckets=_LATENCY_BUCKETS),
+        prompt_tokens=Counter("vllm:prompt_tokens", "Prompt tokens (vision tokens included)", _MODEL),
+        generation_tokens=Counter("vllm:generation_tokens", "Generated tokens", _MODEL),
+        request_prompt_tokens=Histogram("vllm:request_prompt_tokens", "Prompt tokens per request", _MODEL,
+                                        buckets=_TOKEN_BUCKETS),
+        request_generation_tokens=Histogram("vllm:request_generation_tokens", "Generated tokens per request",
+                                            _MODEL, buckets=_TOKEN_BUCKETS),
+        success=Counter("vllm:request_success", "Finished requests by finish reason",
+                        ["model_name", "finished_reason"]),
+        prefix_queries=Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", _MODEL),
+        prefix_hits=Counter("vllm:prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache", _MODEL),
+        mm_queries=Counter("vllm:mm_cache_queries", "Pages looked up in the vision-feature cache", _MODEL),
+        mm_hits=Counter("vllm:mm_cache_hits", "Pages whose vision features were cached", _MODEL),
+        requests=Counter("glyphserve_http_requests", "HTTP requests by route, method and status",
+                         ["route", "method", "status"]),
+        errors=Counter("glyphserve_http_errors", "HTTP error answers (4xx/5xx) by route, status and code",
+                       ["route", "status", "code"]),
+        latency=Histogram("glyphserve_http_request_seconds", "HTTP request latency by route", ["route"],
+                          buckets=_LATENCY_BUCKETS),
+        stages=Histogram("glyphserve_stage_seconds", "Time per answering stage (render: per document)", ["stage"],
+                         buckets=_LATENCY_BUCKETS),
+        batch_size=Histogram("glyphserve_batch_size", "Requests answered together", buckets=(1, 2, 4, 8, 16, 32)),
+        cancelled=Counter("glyphserve_requests_cancelled", "Generations stopped early (client gone or deadline "
+                          "passed)"),
+        joined=Counter("glyphserve_requests_joined", "Requests that joined a batch already decoding "
+                       "(continuous batching)"),
+        documents=Gauge("glyphserve_documents_stored", "Documents in the store"),
+    )
 
 
 class Metrics:
-    def __init__(self, documents: Callable[[], int]):
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("glyphserve_http_requests", "HTTP requests by route, method and status",
-                                ["route", "method", "status"], registry=r)
-        self.errors = Counter("glyphserve_http_errors", "HTTP error answers (4xx/5xx) by route, status and code",
-                              ["route", "status", "code"], registry=r)
-        self.latency = Histogram("glyphserve_http_request_seconds", "HTTP request latency by route",
-                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.stages = Histogram("glyphserve_stage_seconds", "Time per answering stage", ["stage"],
-                                buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("glyphserve_queue_depth", "Requests waiting for the scheduler", registry=r)
-        self.batch_size = Histogram("glyphserve_batch_size", "Requests answered together",
-                                    buckets=(1, 2, 4, 8, 16, 32), registry=r)
-        self.cancelled = Counter("glyphserve_requests_cancelled", "Generations stopped early "
-                                 "(client gone or deadline passed)", registry=r)
-        self.joined = Counter("glyphserve_requests_joined", "Requests that joined a batch already decoding "
-                              "(continuous batching)", registry=r)
-        self.tokens = Counter("glyphserve_generated_tokens", "Tokens generated", registry=r)
-        self.cache_lookups = Counter("glyphserve_cache_lookups", "Cache lookups by cache and result",
-                                     ["cache", "result"], registry=r)
-        self.cache_ratio = Gauge("glyphserve_cache_hit_ratio", "Hits over lookups since start "
-                                 "(prefix: reused prompt tokens over prompt tokens)", ["cache"], registry=r)
-        self.documents = Gauge("glyphserve_documents_stored", "Documents in the store", registry=r)
-        self.documents.set_function(documents)
-        self._totals = {"vision": [0, 0], "prefix": [0, 0]}  # [hits, lookups]
-        gpu = NvmlCollector.create()
-        if gpu is not None:
-            r.register(gpu)
+    """The metrics of the one service in this process, labelled with its model name."""
 
-    def observe_reply(self, reply: Reply) -> None:
-        for stage, seconds in reply.timings.items():
-            if stage in STAGES and seconds:
-                self.stages.labels(stage).observe(seconds)
-        self.tokens.inc(reply.completion_tokens)
-        if reply.backend != "engine":
+    def __init__(self, model_name: str, documents: Callable[[], int]):
+        self.model_name = model_name
+        self.c = _collectors()
+        self.c.documents.set_function(documents)
+
+    def watch(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Read the scheduler's running and waiting requests at scrape time."""
+        self.c.running.labels(self.model_name).set_function(running)
+        self.c.waiting.labels(self.model_name).set_function(waiting)
+
+    def observe_reply(self, reply: Reply, seconds: float) -> None:
+        """A finished answer, ``seconds`` after its request arrived (the engine's timings start when it was
+        taken from the queue)."""
+        answer, c, model = reply.answer, self.c, self.model_name
+        timings = answer.timings
+        queued = max(0.0, seconds - timings.total)
+        c.e2e.labels(model).observe(seconds)
+        c.queue_time.labels(model).observe(queued)
+        c.ttft.labels(model).observe(queued + timings.time_to_first_token)
+        if answer.new_tokens > 1:
+            c.tpot.labels(model).observe((timings.total - timings.time_to_first_token) / (answer.new_tokens - 1))
+        c.prompt_tokens.labels(model).inc(answer.prompt_tokens)
+        c.generation_tokens.labels(model).inc(answer.new_tokens)
+        c.request_prompt_tokens.labels(model).observe(answer.prompt_tokens)
+        c.request_generation_tokens.labels(model).observe(answer.new_tokens)
+        c.success.labels(model, _FINISHED.get(answer.finish_reason, "stop")).inc()
+        for stage in _STAGES:
+            value = getattr(timings, stage)
+            if value:
+                c.stages.labels(stage).observe(value)
+        if reply.backend == "extractive":
             return
-        hits, misses = int(reply.cache.get("vision_hits", 0)), int(reply.cache.get("vision_misses", 0))
-        reused = int(reply.cache.get("prefix_reused_tokens", 0))
-        self.cache_lookups.labels("vision", "hit").inc(hits)
-        self.cache_lookups.labels("vision", "miss").inc(misses)
-        self._totals["vision"][0] += hits
-        self._totals["vision"][1] += hits + misses
-        self._totals["prefix"][0] += reused
-        self._totals["prefix"][1] += reply.prompt_tokens
-        for cache, (hit, total) in self._totals.items():
-            if total:
-                self.cache_ratio.labels(cache).set(hit / total)
+        cache = answer.cache
+        c.prefix_queries.labels(model).inc(answer.prompt_tokens)
+        c.prefix_hits.labels(model).inc(cache.prefix_reused_tokens)
+        c.mm_queries.labels(model).inc(cache.vision_hits + cache.vision_misses)
+        c.mm_hits.labels(model).inc(cache.vision_hits)
+
+    def cancelled(self) -> None:
+        self.c.cancelled.inc()
+        self.c.success.labels(self.model_name, "abort").inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(REGISTRY)
 
 
 class NvmlCollector:

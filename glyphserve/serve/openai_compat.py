@@ -1,4 +1,5 @@
-"""OpenAI chat-completions requests and responses (the subset vLLM serves for Glyph)."""
+"""OpenAI chat-completions requests and responses, as vLLM serves them for Glyph (its sampling extensions,
+``stop_reason``, ``reasoning_content`` for Glyph's thinking)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from glyphserve.engine.types import EncodedPage
+from glyphserve.engine.types import Answer, AnswerRequest, ChatMessage, EncodedPage, TokenLogprob
 from glyphserve.errors import GlyphserveError
-from glyphserve.serve.backends import ChatJob, ChatSettings, Reply, Turn
+from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotLoadedError
+from glyphserve.serve.sampling import SamplingParams
 
 MAX_IMAGE_PIXELS = 64_000_000
 
@@ -40,23 +42,49 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI parameters are accepted and ignored
+class ChatCompletionRequest(SamplingParams):
+    """OpenAI's request with vLLM's sampling extensions. Unknown parameters that change nothing about the
+    answer (``user``, ``metadata``, ...) are accepted and ignored; those that would change it and cannot be
+    honoured are refused (``unsupported``)."""
+
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False  # vLLM extension
-    # glyphserve extensions: chat about a stored document; switch the caches off.
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # glyphserve's extension: chat about a stored document.
     document: str | None = None
-    use_cache: bool = True
+
+    def engine_logprobs(self) -> int | None:
+        """OpenAI's ``logprobs``/``top_logprobs`` as the engine's: None, or how many alternatives per token."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
+    def unsupported(self) -> None:
+        """Refuse values this server cannot honour, rather than answer as if they were not there."""
+        extra = self.model_extra or {}
+        refusals = [
+            ("n", self.n > 1, "one choice per request is generated: n must be 1"),
+            ("best_of", (extra.get("best_of") or 1) > 1, "best_of must be 1"),
+            ("use_beam_search", bool(extra.get("use_beam_search")), "beam search is not supported"),
+            ("min_tokens", bool(extra.get("min_tokens")), "min_tokens is not supported (ignore_eos is)"),
+            ("logit_bias", bool(extra.get("logit_bias")), "logit_bias is not supported"),
+            ("echo", bool(extra.get("echo")), "echo is not supported"),
+            ("prompt_logprobs", extra.get("prompt_logprobs") is not None, "prompt_logprobs is not supported"),
+            ("tools", bool(extra.get("tools")), "tool calls are not supported"),
+            ("response_format", (extra.get("response_format") or {"type": "text"}).get("type") != "text",
+             "only response_format {\"type\": \"text\"} is supported"),
+        ]
+        for param, refused, message in refusals:
+            if refused:
+                raise InvalidRequestError(message, param=param)
 
 
 def encoded_image(url: str) -> EncodedPage:
@@ -102,92 +130,78 @@ def to_job(request: ChatCompletionRequest, *, has_model: bool) -> ChatJob:
     (they belong to the first user turn), the last user message is the question and the
     earlier messages are the history. Without a model, the last text part is the question and
     all other text is what the extractive backend searches. Images stay encoded (see ``encoded_image``)."""
+    request.unsupported()
     *earlier, last = request.messages
     if last.role != "user":
-        raise InvalidRequestError("the last message must come from the user")
+        raise InvalidRequestError("the last message must come from the user", param="messages")
     image_urls = [url for message in request.messages for url in _images(message)]
     if image_urls and not has_model:
         raise ModelNotLoadedError(
             "this request holds images, and reading page images needs a vision-language model. " + NO_MODEL_HINT
         )
     if image_urls and request.document:
-        raise InvalidRequestError("send either image_url parts or a document id, not both")
+        raise InvalidRequestError("send either image_url parts or a document id, not both", param="document")
     question_parts = _texts(last)
     if not question_parts:
-        raise InvalidRequestError("the last user message has no text: ask a question")
-    max_tokens = request.max_completion_tokens or request.max_tokens or ChatSettings.max_tokens
-    settings = ChatSettings(
-        max_tokens=max_tokens,
-        temperature=request.temperature if request.temperature is not None else 0.0,
-        top_p=request.top_p if request.top_p is not None else 1.0,
-        use_cache=request.use_cache,
-        seed=request.seed,
-        ignore_eos=request.ignore_eos,
-    )
+        raise InvalidRequestError("the last user message has no text: ask a question", param="messages")
+    settings = request.generation_settings(logprobs=request.engine_logprobs(),
+                                           max_tokens=request.max_completion_tokens)
     if has_model:
-        history = [Turn(_role(m.role), "\n".join(_texts(m))) for m in earlier]
-        job = ChatJob(question="\n".join(question_parts), history=history, settings=settings,
-                      document_id=request.document)
-        job.pages = [encoded_image(url) for url in image_urls]
-        return job
+        history = [ChatMessage(_role(m.role), "\n".join(_texts(m))) for m in earlier]
+        engine_request = AnswerRequest(pages=[encoded_image(url) for url in image_urls],
+                                       question="\n".join(question_parts), history=history, settings=settings)
+        return ChatJob(engine_request, document_id=request.document)
     context = [text for m in earlier for text in _texts(m)] + question_parts[:-1]
-    return ChatJob(question=question_parts[-1], settings=settings, document_id=request.document,
-                   context="\n\n".join(context) if request.document is None else None)
+    return ChatJob(AnswerRequest(pages=[], question=question_parts[-1], settings=settings),
+                   document_id=request.document, context="\n\n".join(context) if request.document is None else None)
 
 
 def _role(role: str) -> str:
     return "system" if role == "developer" else role
 
 
-class StopFilter:
-    """Cuts streamed text at the first stop string, holding back what could be a stop's prefix."""
-
-    def __init__(self, stops: str | list[str] | None):
-        self.stops = [s for s in ([stops] if isinstance(stops, str) else stops or []) if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.buffer = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        self.buffer += text
-        cut = min((i for i in (self.buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.buffer, self.stopped = self.buffer[:cut], "", True
-            return out
-        keep = min(self.hold, len(self.buffer))
-        out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buffer = self.buffer, ""
-        return out
-
-
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage(reply: Reply) -> dict[str, int]:
-    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+def usage(answer: Answer) -> dict[str, Any]:
+    """OpenAI's usage, with the prompt tokens whose KV came from the prefix cache as ``cached_tokens``."""
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens,
+            "total_tokens": answer.prompt_tokens + answer.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": answer.cache.prefix_reused_tokens}}
 
 
-def completion(reply: Reply, model: str, stop: str | list[str] | None) -> dict[str, Any]:
-    stop_filter = StopFilter(stop)
-    text = stop_filter.feed(reply.text) + stop_filter.flush()
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if reply.thinking:
-        message["reasoning_content"] = reply.thinking
-    return {
-        "id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": message,
-                     "finish_reason": "stop" if stop_filter.stopped else reply.finish_reason}],
-        "usage": usage(reply),
-    }
+def logprobs(tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """OpenAI's ``choices[].logprobs``; -inf is sent as -9999.0, as vLLM does (JSON has no infinity)."""
+    if tokens is None:
+        return None
+
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
+                        for t in tokens]}
 
 
-def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None) -> dict[str, Any]:
+def completion(reply: Reply, model: str) -> dict[str, Any]:
+    answer = reply.answer
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+    if answer.thinking:
+        message["reasoning_content"] = answer.thinking
+    choice = {"index": 0, "message": message, "logprobs": logprobs(answer.logprobs),
+              "finish_reason": answer.finish_reason, "stop_reason": answer.stop_reason}
+    return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": usage(answer)}
+
+
+def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, *,
+          tokens: list[TokenLogprob] | None = None, stop_reason: str | int | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs(tokens), "finish_reason": finish_reason,
+              "stop_reason": stop_reason}
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            "choices": [choice]}
+
+
+def usage_chunk(cid: str, model: str, answer: Answer) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [], "usage": usage(answer)}

@@ -7,10 +7,13 @@ it, and then on that page's rows through ``PageLine`` baselines.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+
+import Stemmer
 
 MAX_PASSAGE_CHARS = 480
 _WORD = re.compile(r"[0-9a-z]+(?:'[a-z]+)?|[\u3400-\u9fff\uf900-\ufaff]")
@@ -24,9 +27,19 @@ _STOPWORDS = frozenset(
 )
 
 
+_ENGLISH = Stemmer.Stemmer("english")
+
+
+@functools.lru_cache(maxsize=65536)
+def _stem(word: str) -> str:
+    """Snowball's English stem ("installed", "installing", "installation" -> "instal"); CJK characters and
+    numbers stay as they are."""
+    return word if _CJK.fullmatch(word) or word.isdigit() else _ENGLISH.stemWord(word)
+
+
 def tokenize(text: str) -> list[str]:
-    """Lower-cased words without stop words; CJK text as characters plus character bigrams."""
-    words = [w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
+    """Lower-cased, stemmed words without stop words; CJK text as characters plus character bigrams."""
+    words = [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
     bigrams = [a + b for a, b in zip(words, words[1:]) if _CJK.fullmatch(a) and _CJK.fullmatch(b)]
     return words + bigrams
 

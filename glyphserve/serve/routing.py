@@ -391,8 +391,11 @@ def replica_args(config: "ServeConfig") -> list[str]:
     """The ``glyphserve serve`` arguments of a local replica: this server's model settings."""
     args = ["--dtype", config.dtype, "--device", config.device, "--max-num-seqs", str(config.max_num_seqs),
             "--queue-size", str(config.queue_size), "--request-timeout", str(config.request_timeout)]
+    if config.max_model_len is not None:
+        args += ["--max-model-len", str(config.max_model_len)]
+    args += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
     if config.model:
-        args += ["--model", config.model]
+        args += [config.model]
     if config.random_weights:
         args += ["--random-weights", config.random_weights]
     return args

@@ -6,7 +6,7 @@ loop (``_Outbox``: one ``call_soon_threadsafe`` per burst). With a backend that 
 engine: continuous batching), jobs that arrive while it decodes join as rows free up; with
 other backends a lone job goes through ``stream``. A job whose
 client went away or whose deadline passed is skipped if still queued, and stops at its next
-token if running (the engine polls ``ChatJob.should_stop`` every decode step).
+token if running (the engine polls the request's ``cancel`` every decode step).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from glyphserve.errors import GlyphserveError, QueueFullError
-from glyphserve.serve.backends import Backend, ChatJob, Delta, Reply
+from glyphserve.engine.types import StreamEvent
+from glyphserve.serve.backends import Backend, ChatJob, Reply
 from glyphserve.serve.errors import InternalError, RequestTimeoutError
 
 log = logging.getLogger("glyphserve.serve")
 
 _END = object()
+_WAITING = object()  # no item yet, the keep-alive interval passed
 
 
 class Cancelled(Exception):
@@ -65,6 +67,7 @@ class _Ticket:
     streaming: bool
     outbox: _Outbox
     deadline: float
+    arrived: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
@@ -88,9 +91,8 @@ class _Ticket:
 class SchedulerHooks:
     """Callbacks for metrics; all optional."""
 
-    queue_depth: Callable[[int], None] = lambda depth: None
     batch: Callable[[int], None] = lambda size: None
-    reply: Callable[[Reply], None] = lambda reply: None
+    reply: Callable[[Reply, float], None] = lambda reply, seconds: None  # seconds since the request arrived
     cancelled: Callable[[], None] = lambda: None
     joined: Callable[[int], None] = lambda count: None  # jobs admitted into a running batch
 
@@ -115,7 +117,13 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
+        """Requests waiting."""
         return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Requests being answered."""
+        return len(self._running)
 
     def retry_after(self) -> int:
         """Seconds a client should wait before retrying a refused request."""
@@ -141,7 +149,7 @@ class Scheduler:
         if outbox is None:
             outbox = self._outboxes[loop] = _Outbox(loop)
         ticket = _Ticket(job, streaming, outbox, time.monotonic() + self.timeout)
-        job.should_stop = lambda: self._stopped(ticket)
+        job.request.cancel = lambda: self._stopped(ticket)
         if streaming:
             ticket.events = asyncio.Queue()
         else:
@@ -154,7 +162,6 @@ class Scheduler:
                     f"the request queue is full ({self.queue_size} waiting); retry in {self.retry_after()} s"
                 )
             self._queue.append(ticket)
-            self.hooks.queue_depth(len(self._queue))
             self._cond.notify()
         return ticket
 
@@ -173,39 +180,48 @@ class Scheduler:
                 ticket.cancel.set()
                 ticket.future.cancel()  # nobody waits for it any more
 
-    async def stream(self, job: ChatJob) -> AsyncIterator[Delta | Reply]:
+    async def stream(self, job: ChatJob, keepalive: float | None = None) -> AsyncIterator[StreamEvent | Reply | None]:
         """Queue a streaming ``job``; the first item is awaited before this returns, so
         errors raised before the first token surface as exceptions, not as a broken stream.
-        Closing the returned iterator cancels the job."""
+        With ``keepalive``, this returns once that many seconds passed without a first item, and the stream
+        yields None every ``keepalive`` seconds until it comes (a waiting client can be sent keep-alives; an
+        error after that comes out of the stream). Closing the returned iterator cancels the job."""
         ticket = self._submit(job, streaming=True)
         try:
-            first = await self._next(ticket)
+            first = await self._next(ticket, keepalive)
         except BaseException:
             ticket.cancel.set()
             raise
-        return self._iterate(ticket, first)
+        return self._iterate(ticket, first, keepalive)
 
-    async def _next(self, ticket: _Ticket):
+    async def _next(self, ticket: _Ticket, wait: float | None = None):
+        """The ticket's next item; ``_WAITING`` when ``wait`` seconds pass first (before its deadline)."""
         remaining = ticket.deadline - time.monotonic()
+        limit = remaining if wait is None else min(wait, remaining)
         try:
-            item = await asyncio.wait_for(ticket.events.get(), max(remaining, 0.001))
+            item = await asyncio.wait_for(ticket.events.get(), max(limit, 0.001))
         except asyncio.TimeoutError:
+            if limit < remaining:
+                return _WAITING
             ticket.cancel.set()
             raise self._timeout_error() from None
         if isinstance(item, BaseException):
             raise item
         return item
 
-    async def _iterate(self, ticket: _Ticket, first) -> AsyncIterator[Delta | Reply]:
+    async def _iterate(self, ticket: _Ticket, first, keepalive: float | None) -> AsyncIterator[StreamEvent | Reply | None]:
         try:
             pending = first
+            while pending is _WAITING:
+                yield None
+                pending = await self._next(ticket, keepalive)
             while pending is not _END:
                 item, pending = pending, None
                 # Deltas that piled up while the reader was busy go out as one (fewer chunks to encode and send).
-                while isinstance(item, Delta) and not ticket.events.empty():
+                while isinstance(item, StreamEvent) and not ticket.events.empty():
                     following = ticket.events.get_nowait()
-                    if isinstance(following, Delta) and following.channel == item.channel:
-                        item = Delta(item.channel, item.text + following.text)
+                    if isinstance(following, StreamEvent) and following.channel == item.channel:
+                        item = _joined(item, following)
                     else:
                         pending = following
                         break
@@ -232,17 +248,13 @@ class Scheduler:
     def _pull(self, limit: int) -> list[_Ticket]:
         """Up to ``limit`` waiting tickets, oldest first; cancelled ones on the way are dropped (hold ``_cond``)."""
         taken: list[_Ticket] = []
-        popped = False
         while self._queue and len(taken) < limit:
             ticket = self._queue.popleft()
-            popped = True
             if ticket.cancel.is_set():
                 ticket.deliver(Cancelled())
                 self.hooks.cancelled()
             else:
                 taken.append(ticket)
-        if popped:
-            self.hooks.queue_depth(len(self._queue))
         return taken
 
     def _work(self) -> None:
@@ -308,7 +320,7 @@ class Scheduler:
             self.hooks.cancelled()
             ticket.deliver(Cancelled() if ticket.cancel.is_set() else self._timeout_error())
             return
-        self.hooks.reply(reply)
+        self.hooks.reply(reply, time.monotonic() - ticket.arrived)
         ticket.deliver(reply)
         if ticket.streaming:
             ticket.deliver(_END)
@@ -324,7 +336,7 @@ class Scheduler:
                     ticket.deliver(Cancelled() if ticket.cancel.is_set() else self._timeout_error())
                     return
                 if isinstance(item, Reply):
-                    self.hooks.reply(item)
+                    self.hooks.reply(item, time.monotonic() - ticket.arrived)
                     if not ticket.streaming:
                         ticket.deliver(item)
                         return
@@ -335,6 +347,13 @@ class Scheduler:
             ticket.deliver(_user_error(exc))
         finally:
             items.close()
+
+
+def _joined(first: StreamEvent, second: StreamEvent) -> StreamEvent:
+    """Two deltas of one channel as one."""
+    logprobs = None if first.logprobs is None and second.logprobs is None else \
+        (first.logprobs or []) + (second.logprobs or [])
+    return StreamEvent(first.channel, first.text + second.text, logprobs=logprobs)
 
 
 def _user_error(exc: Exception) -> Exception:

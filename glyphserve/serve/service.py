@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +13,12 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from PIL import Image
 
-from glyphserve.engine.types import EncodedPage
+from glyphserve.engine.types import EncodedPage, StreamEvent
 from glyphserve.errors import FileTooLargeError, IngestTimeoutError, TooManyPagesError
 from glyphserve.ingest import Document, clean_filename
-from glyphserve.serve.backends import ChatJob, Delta, EngineBackend, ExtractiveBackend, Reply
+from glyphserve.serve.backends import ChatJob, EngineBackend, ExtractiveBackend, Reply
 from glyphserve.serve.config import ServeConfig
-from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
+from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotFoundError
 from glyphserve.serve.metrics import Metrics
 from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
 from glyphserve.serve.store import DocumentRecord, DocumentStore
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from glyphserve.engine import Engine
     from glyphserve.engine.remote import RemoteEngine
 
+EXTRACTIVE_MODEL_NAME = "glyphserve-extractive"
 PRESETS = ("auto", "glyph-en", "glyph-zh")
 DPIS = (72, 96)
 NEWLINES = ("br", "marker")
@@ -63,19 +65,18 @@ class GlyphService:
         self.engine = engine
         self.router = getattr(engine, "router", None)  # a RemoteEngine routing over replicas
         self.store = DocumentStore(config.data_dir)
-        self.metrics = Metrics(documents=self.store.count)
-        if engine is None:
-            self.backend = ExtractiveBackend(self.store)
-            self.model_name = "glyphserve-extractive"
-        else:
-            self.backend = EngineBackend(engine, model_name or "glyph")
-            self.model_name = model_name or "glyph"
+        # The names the API answers to (--served-model-name); replies carry the first.
+        self.model_names = list(config.served_model_name) or [
+            model_name or ("glyph" if engine is not None else EXTRACTIVE_MODEL_NAME)]
+        self.model_name = self.model_names[0]
+        self.backend = ExtractiveBackend(self.store) if engine is None else EngineBackend(engine)
+        self.created = int(time.time())
+        self.metrics = Metrics(self.model_name, documents=self.store.count)
         hooks = SchedulerHooks(
-            queue_depth=self.metrics.queue_depth.set,
-            batch=self.metrics.batch_size.observe,
+            batch=self.metrics.c.batch_size.observe,
             reply=self.metrics.observe_reply,
-            cancelled=self.metrics.cancelled.inc,
-            joined=self.metrics.joined.inc,
+            cancelled=self.metrics.cancelled,
+            joined=self.metrics.c.joined.inc,
         )
         if self.router is not None:
             from glyphserve.serve.routing import RoutedScheduler
@@ -86,6 +87,7 @@ class GlyphService:
             self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_num_seqs,
                                        timeout=config.request_timeout, hooks=hooks)
         self._ingest_pool = ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="glyphserve-ingest")
+        self.metrics.watch(running=lambda: self.scheduler.running, waiting=lambda: self.scheduler.depth)
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")
 
     @property
@@ -108,6 +110,21 @@ class GlyphService:
                     "engine": {k: stats[k] for k in ENGINE_COUNTERS}}
         return {"backend": "extractive", "model": self.model_name, "notice": NO_MODEL_HINT}
 
+    def check_model(self, name: str | None) -> None:
+        """Requests may name the model (one of the served names) or leave it out, as vLLM allows."""
+        if name is not None and name not in self.model_names:
+            raise ModelNotFoundError(f"The model `{name}` does not exist. This server serves "
+                                     f"{', '.join(f'`{n}`' for n in self.model_names)} (--served-model-name).",
+                                     param="model")
+
+    def model_cards(self) -> list[dict]:
+        """``/v1/models`` entries, one per served name (vLLM's fields)."""
+        info = self.describe()
+        root = self.config.model or self.config.random_weights or info["model"]
+        max_len = self.engine.stats().get("max_context") if self.has_model and self.router is None else None
+        return [{"id": name, "object": "model", "created": self.created, "owned_by": "glyphserve", "root": root,
+                 "parent": None, "max_model_len": max_len, "backend": info["backend"]} for name in self.model_names]
+
     def close(self) -> None:
         from glyphserve.ingest import shutdown_parsers
         from glyphserve.render import shutdown_pool
@@ -126,10 +143,11 @@ class GlyphService:
 
     async def add_document(self, *, data: bytes | None = None, filename: str | None = None,
                            text: str | None = None, name: str | None = None,
-                           options: RenderOptions | None = None) -> DocumentRecord:
+                           options: RenderOptions | None = None) -> tuple[DocumentRecord, bool]:
         """Ingest, render and store a file (``data``) or pasted ``text``, within the upload budget
-        (``--ingest-timeout``). The shown name is cleaned (``clean_filename``); a raw file name that differs
-        is kept in the record's summary as ``original_name``."""
+        (``--ingest-timeout``); the record and whether it was stored before (the same content with the same
+        render settings is stored once). The shown name is cleaned (``clean_filename``); a raw file name that
+        differs is kept in the record's summary as ``original_name``."""
         from glyphserve.ingest import ingest_bytes, ingest_text
 
         options = (options or RenderOptions()).check()
@@ -139,6 +157,10 @@ class GlyphService:
                 f"the upload is {size / 2**20:.1f} MiB; this server accepts at most "
                 f"{self.config.max_upload_mb:g} MiB (--max-upload-mb)"
             )
+        digest = content_hash(data if data is not None else (text or "").encode("utf-8"), options)
+        existing = self.store.find(digest)
+        if existing is not None:
+            return existing, True
         deadline = time.monotonic() + self.config.ingest_timeout
         limits = self.config.ingest_limits
         loop = asyncio.get_running_loop()
@@ -148,22 +170,25 @@ class GlyphService:
             document = await loop.run_in_executor(self._ingest_pool, lambda: ingest_text(text or "", limits=limits))
         shown = clean_filename(name) or document.source_name
         original = name if name and name != shown else None
-        return await loop.run_in_executor(self._render_pool, self._render_and_store, document, shown, original,
-                                          options, deadline)
+        record = await loop.run_in_executor(self._render_pool, self._render_and_store, document, shown, original,
+                                            options, deadline, digest)
+        return record, False
 
     def _render_and_store(self, document: Document, name: str | None, original: str | None, options: RenderOptions,
-                          deadline: float) -> DocumentRecord:
+                          deadline: float, digest: str) -> DocumentRecord:
         from glyphserve.render import render_document, resolve_config, write_rendered
 
         config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
-        rendered = render_document(document, config, progress=self._page_counter(deadline))
-        self.metrics.stages.labels("render").observe(rendered.stats.seconds)
+        # With a model, the compression figure counts text tokens with its tokenizer, not the estimate.
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        rendered = render_document(document, config, tokenizer=tokenizer, progress=self._page_counter(deadline))
+        self.metrics.c.stages.labels("render").observe(rendered.stats.seconds)
         summary = compression_summary(rendered, options.preset)
         if original is not None:
             summary["original_name"] = original[:MAX_ORIGINAL_NAME]
         return self.store.add(
             name=name, kind=document.kind, text=document.text, pages=len(rendered.pages),
-            summary=summary, write_pages=lambda folder: write_rendered(rendered, folder),
+            summary=summary, write_pages=lambda folder: write_rendered(rendered, folder), content_hash=digest,
         )
 
     def _page_counter(self, deadline: float):
@@ -186,6 +211,12 @@ class GlyphService:
 
         return count
 
+    def rename_document(self, document_id: str, name: str) -> DocumentRecord:
+        shown = clean_filename(name)
+        if not shown:
+            raise InvalidRequestError("a document name needs a visible character", param="name")
+        return self.store.rename(document_id, shown)
+
     def delete_document(self, document_id: str) -> None:
         self.store.delete(document_id)
         if isinstance(self.backend, ExtractiveBackend):
@@ -205,28 +236,38 @@ class GlyphService:
             band.save(out, format="PNG")
         return out.getvalue()
 
-    def _stored_pages(self, document_id: str, pages: int) -> list[EncodedPage]:
+    def _stored_pages(self, document_id: str) -> list[EncodedPage]:
         """The document's page files as they are: the engine decodes them only on a vision-cache miss, and a
         front sends them on without decoding them at all."""
-        return [EncodedPage.from_bytes(self.store.page_path(document_id, number).read_bytes())
-                for number in range(1, pages + 1)]
+        return [EncodedPage.from_bytes(path.read_bytes()) for path in self.store.pages(document_id)]
 
     # -- answers --------------------------------------------------------------------------
 
     async def prepare(self, job: ChatJob) -> ChatJob:
         """Check the document exists and, for the model, load its pages (off the event loop)."""
-        if job.document_id is not None:
-            record = self.store.get(job.document_id)
-            if self.has_model:
-                job.pages = await asyncio.get_running_loop().run_in_executor(
-                    self._render_pool, self._stored_pages, job.document_id, record.pages)
+        if job.document_id is None:
+            return job
+        if not self.has_model:
+            self.store.get(job.document_id)
+            return job
+        job.request.pages = await asyncio.get_running_loop().run_in_executor(
+            self._render_pool, self._stored_pages, job.document_id)
         return job
 
     async def answer(self, job: ChatJob) -> Reply:
         return await self.scheduler.answer(await self.prepare(job))
 
-    async def stream(self, job: ChatJob) -> AsyncIterator[Delta | Reply]:
-        return await self.scheduler.stream(await self.prepare(job))
+    async def stream(self, job: ChatJob, keepalive: float | None = None) -> AsyncIterator[StreamEvent | Reply | None]:
+        """The job's deltas, then its Reply; with ``keepalive``, None every that many seconds until the first
+        item (see ``Scheduler.stream``)."""
+        return await self.scheduler.stream(await self.prepare(job), keepalive)
+
+
+def content_hash(data: bytes, options: RenderOptions) -> str:
+    """What makes two uploads the same document: their bytes and the render settings asked for."""
+    digest = hashlib.sha256(data)
+    digest.update(f"\x00{options.preset}\x00{options.dpi}\x00{options.newline}".encode())
+    return digest.hexdigest()
 
 
 def compression_summary(rendered, preset: str) -> dict:

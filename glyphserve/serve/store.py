@@ -34,9 +34,11 @@ CREATE TABLE IF NOT EXISTS documents (
     kind TEXT NOT NULL,
     created REAL NOT NULL,
     pages INTEGER NOT NULL,
-    summary TEXT NOT NULL
+    summary TEXT NOT NULL,
+    content_hash TEXT
 )
 """
+_HASH_INDEX = "CREATE INDEX IF NOT EXISTS documents_content_hash ON documents (content_hash)"
 
 
 def check_id(document_id: str) -> str:
@@ -70,6 +72,10 @@ class DocumentStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(documents)")}
+        if "content_hash" not in columns:  # a store written before de-duplication
+            self._db.execute("ALTER TABLE documents ADD COLUMN content_hash TEXT")
+        self._db.execute(_HASH_INDEX)
         self._recover()
 
     def _recover(self) -> None:
@@ -91,8 +97,9 @@ class DocumentStore:
             self._db.close()
 
     def add(self, *, name: str | None, kind: str, text: str, pages: int, summary: dict,
-            write_pages: Callable[[Path], None]) -> DocumentRecord:
-        """Store a rendered document; ``write_pages(folder)`` writes its page PNGs and manifest."""
+            write_pages: Callable[[Path], None], content_hash: str | None = None) -> DocumentRecord:
+        """Store a rendered document; ``write_pages(folder)`` writes its page PNGs and manifest;
+        ``content_hash`` (of the upload and its render settings) finds it again (``find``)."""
         document_id = uuid.uuid4().hex
         staging = self.docs / f".tmp-{document_id}"
         staging.mkdir()
@@ -106,10 +113,26 @@ class DocumentStore:
         record = DocumentRecord(document_id, name, kind, time.time(), pages, summary)
         with self._lock:
             self._db.execute(
-                "INSERT INTO documents (id, name, kind, created, pages, summary) VALUES (?, ?, ?, ?, ?, ?)",
-                (record.id, record.name, record.kind, record.created, record.pages, json.dumps(summary)),
+                "INSERT INTO documents (id, name, kind, created, pages, summary, content_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.name, record.kind, record.created, record.pages, json.dumps(summary), content_hash),
             )
         return record
+
+    def find(self, content_hash: str) -> DocumentRecord | None:
+        """The stored document with this content hash, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, name, kind, created, pages, summary FROM documents WHERE content_hash = ? LIMIT 1",
+                (content_hash,),
+            ).fetchone()
+        return None if row is None else DocumentRecord(*row[:5], json.loads(row[5]))
+
+    def rename(self, document_id: str, name: str) -> DocumentRecord:
+        self.get(document_id)
+        with self._lock:
+            self._db.execute("UPDATE documents SET name = ? WHERE id = ?", (name, document_id))
+        return self.get(document_id)
 
     def get(self, document_id: str) -> DocumentRecord:
         check_id(document_id)
@@ -153,6 +176,11 @@ class DocumentStore:
             PageLayout(p["number"], tuple(p["char_span"]), [(ln["text"], ln["y"]) for ln in p["lines"]], p["height"])
             for p in self.manifest(document_id)["pages"]
         ]
+
+    def pages(self, document_id: str) -> list[Path]:
+        """The page files of a document, in order (one query)."""
+        record = self.get(document_id)
+        return [self.docs / document_id / page_filename(n) for n in range(1, record.pages + 1)]
 
     def page_path(self, document_id: str, number: int) -> Path:
         record = self.get(document_id)

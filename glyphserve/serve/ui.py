@@ -10,19 +10,22 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
 from fastapi import FastAPI
 
 from glyphserve.errors import GlyphserveError
-from glyphserve.serve.backends import ChatJob, ChatSettings, Delta, Reply, Turn
+from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, StreamEvent
+from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.service import DPIS, NEWLINES, PRESETS, GlyphService, RenderOptions
 from glyphserve.serve.store import DocumentRecord
 
 log = logging.getLogger("glyphserve.serve")
 
 FILE_TYPES = [".pdf", ".docx", ".txt", ".md", ".markdown"]
+EXAMPLE = Path(__file__).with_name("example_report.txt")
 THINKING_TITLE = "Thinking"
 # System fonts only: the default theme would link web fonts, and the UI must work offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -57,15 +60,17 @@ def _stats_markdown(record: DocumentRecord) -> str:
 
 
 def _reply_markdown(reply: Reply) -> str:
-    timings = " · ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in reply.timings.items() if seconds)
+    answer = reply.answer
+    timings = " · ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in asdict(answer.timings).items()
+                         if seconds)
     lines = [f"**Timings:** {timings or 'n/a'}"]
-    if reply.backend == "engine":
-        c = reply.cache
+    if reply.backend != "extractive":
+        c = answer.cache
         lines.append(
-            f"**Cache:** vision {c.get('vision_hits', 0)} hit(s) / {c.get('vision_misses', 0)} miss(es) · "
-            f"prefix reused {c.get('prefix_reused_tokens', 0)} tokens · "
-            f"**Tokens:** {reply.prompt_tokens} prompt ({reply.vision_tokens} vision), "
-            f"{reply.completion_tokens} generated ({reply.finish_reason})"
+            f"**Cache:** vision {c.vision_hits} hit(s) / {c.vision_misses} miss(es) · "
+            f"prefix reused {c.prefix_reused_tokens} tokens · "
+            f"**Tokens:** {answer.prompt_tokens} prompt ({answer.vision_tokens} vision), "
+            f"{answer.new_tokens} generated ({answer.finish_reason})"
         )
     else:
         lines.append(f"**Extractive:** {len(reply.citations)} passage(s) found")
@@ -83,49 +88,82 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         return [(_document_label(r), r.id) for r in service.store.list()]
 
     def gallery_items(record: DocumentRecord):
-        return [(str(service.store.page_path(record.id, n)), f"page {n}") for n in range(1, record.pages + 1)]
+        return [(str(path), f"page {n}") for n, path in enumerate(service.store.pages(record.id), 1)]
 
-    async def render(file_path, pasted, preset, dpi, newline):
-        try:
-            if file_path:
-                path = Path(file_path)
-                record = await service.add_document(
-                    data=path.read_bytes(), filename=path.name, name=path.name,
-                    options=RenderOptions(preset, int(dpi), newline))
-            elif pasted and pasted.strip():
-                record = await service.add_document(text=pasted, options=RenderOptions(preset, int(dpi), newline))
-            else:
-                return (gr.skip(),) * 5 + (_fail(GlyphserveError("upload a file or paste some text first")),) + \
-                    (gr.skip(),) * 3
-        except Exception as exc:
-            return (gr.skip(),) * 5 + (_fail(exc),) + (gr.skip(),) * 3
-        status = f"Rendered **{record.name or 'pasted text'}** into {record.pages} page(s)."
+    def shown(record: DocumentRecord, status: str):
+        """What the page shows for a document: (document, gallery, stats, dropdown, name box, chat, status,
+        answer stats, evidence)."""
         return (record.id, gallery_items(record), _stats_markdown(record),
-                gr.update(choices=choices(), value=record.id), [], status, "", "", None)
+                gr.update(choices=choices(), value=record.id), record.name or "", [], status, "", "")
+
+    async def add(options: RenderOptions, **source):
+        try:
+            record, duplicate = await service.add_document(options=options, **source)
+        except Exception as exc:
+            return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
+        name = record.name or "pasted text"
+        status = (f"**{name}** was already stored with these settings: showing it." if duplicate
+                  else f"Rendered **{name}** into {record.pages} page(s).")
+        return shown(record, status)
+
+    async def upload_file(file_path, preset, dpi, newline):
+        if not file_path:
+            return (gr.skip(),) * 9
+        path = Path(file_path)
+        return await add(RenderOptions(preset, int(dpi), newline), data=path.read_bytes(), filename=path.name,
+                         name=path.name)
+
+    async def render_text(pasted, preset, dpi, newline):
+        if not pasted or not pasted.strip():
+            return (gr.skip(),) * 6 + (_fail(GlyphserveError("paste some text first")),) + (gr.skip(),) * 2
+        return await add(RenderOptions(preset, int(dpi), newline), text=pasted)
+
+    async def load_example(preset, dpi, newline):
+        return await add(RenderOptions(preset, int(dpi), newline), data=EXAMPLE.read_bytes(), filename=EXAMPLE.name,
+                         name=EXAMPLE.name)
 
     def select(document_id):
         if not document_id:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 9
         try:
             record = service.store.get(document_id)
         except Exception as exc:
-            return (gr.skip(),) * 5 + (_fail(exc), gr.skip())
-        selected = f"Selected **{record.name or 'pasted text'}**."
-        return (record.id, gallery_items(record), _stats_markdown(record), [], "", selected, "")
+            return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
+        return shown(record, f"Selected **{record.name or 'pasted text'}**.")
+
+    def rename(document_id, name):
+        if not document_id:
+            return gr.skip(), _fail(GlyphserveError("select a document first"))
+        try:
+            record = service.rename_document(document_id, name or "")
+        except Exception as exc:
+            return gr.skip(), _fail(exc)
+        return gr.update(choices=choices(), value=record.id), f"Renamed to **{record.name}**."
+
+    def delete(document_id):
+        if not document_id:
+            return (gr.skip(),) * 6 + (_fail(GlyphserveError("select a document first")),) + (gr.skip(),) * 2
+        try:
+            name = service.store.get(document_id).name or "pasted text"
+            service.delete_document(document_id)
+        except Exception as exc:
+            return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
+        return (None, [], "", gr.update(choices=choices(), value=None), "", [], f"Deleted **{name}**.", "", "")
 
     async def chat(question, history, document_id, use_cache, max_tokens, temperature):
         history = list(history or [])
         if not document_id:
-            yield history, gr.skip(), gr.skip(), _fail(GlyphserveError("render or select a document first")), gr.skip()
+            yield history, gr.skip(), gr.skip(), _fail(GlyphserveError("upload or select a document first")), gr.skip()
             return
         if not question or not question.strip():
             yield history, gr.skip(), gr.skip(), _fail(GlyphserveError("type a question first")), gr.skip()
             return
-        turns = [Turn(m["role"], _text(m["content"])) for m in history
+        turns = [ChatMessage(m["role"], _text(m["content"])) for m in history
                  if not (m.get("metadata") or {}).get("title") and m["role"] in ("user", "assistant")]
-        job = ChatJob(question=question, history=turns, document_id=document_id,
-                      settings=ChatSettings(max_tokens=int(max_tokens), temperature=float(temperature),
-                                            use_cache=bool(use_cache)))
+        settings = GenerationSettings(max_tokens=int(max_tokens), temperature=float(temperature),
+                                      use_cache=bool(use_cache))
+        job = ChatJob(AnswerRequest(pages=[], question=question, history=turns, settings=settings),
+                      document_id=document_id)
         history.append({"role": "user", "content": question})
         yield history, "", "", "Answering…", ""
         thinking = answer = None
@@ -133,13 +171,13 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             items = await service.stream(job)
             try:
                 async for item in items:
-                    if isinstance(item, Delta) and item.channel == "thinking":
+                    if isinstance(item, StreamEvent) and item.channel == "thinking":
                         if thinking is None:
                             thinking = {"role": "assistant", "content": "",
                                         "metadata": {"title": THINKING_TITLE, "status": "pending"}}
                             history.append(thinking)
                         thinking["content"] += item.text
-                    elif isinstance(item, Delta):
+                    elif isinstance(item, StreamEvent):
                         if answer is None:
                             answer = {"role": "assistant", "content": ""}
                             history.append(answer)
@@ -170,51 +208,74 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         return "<h4>Where the answer sits</h4>" + "".join(figures) if figures else ""
 
     with gr.Blocks(title="glyphserve", analytics_enabled=False) as demo:
-        gr.Markdown("# glyphserve\nRender a long document into compact pages, then ask questions about it.")
+        gr.Markdown("# glyphserve\nRender a long document into compact pages, then ask questions about it. "
+                    "[API docs](/docs) · OpenAI-compatible API at `/v1`", elem_id="header")
         gr.Markdown(banner, elem_id="backend-notice")
         document = gr.State(None)
-        with gr.Row():
-            with gr.Column(scale=1, min_width=320):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=300):
                 with gr.Tab("Upload"):
-                    upload = gr.File(label="PDF, DOCX, TXT or Markdown", file_types=FILE_TYPES, type="filepath",
-                                     elem_id="upload")
+                    upload = gr.File(label="PDF, DOCX, TXT or Markdown: rendered as soon as it arrives",
+                                     file_types=FILE_TYPES, type="filepath", elem_id="upload")
                 with gr.Tab("Paste text"):
                     pasted = gr.Textbox(label="Text", lines=8, elem_id="pasted")
-                preset = gr.Radio(list(PRESETS), value="auto", label="Preset")
-                dpi = gr.Radio(list(DPIS), value=DPIS[0], label="DPI")
-                newline = gr.Radio(list(NEWLINES), value=NEWLINES[0], label="Newlines")
-                render_button = gr.Button("Render", variant="primary", elem_id="render")
+                    render_button = gr.Button("Render text", variant="primary", elem_id="render")
+                with gr.Tab("Example"):
+                    gr.Markdown("A short company report with figures to ask about.")
+                    example_button = gr.Button("Load the example document", elem_id="example")
+                with gr.Accordion("Rendering", open=False):
+                    preset = gr.Radio(list(PRESETS), value="auto", label="Preset", elem_id="preset",
+                                      info="Glyph's released page settings: English, Chinese, or chosen from the text")
+                    dpi = gr.Radio(list(DPIS), value=DPIS[0], label="DPI", elem_id="dpi",
+                                   info="72: Glyph's default, fewest vision tokens; 96: sharper, more tokens")
+                    newline = gr.Radio(list(NEWLINES), value=NEWLINES[0], label="Newlines", elem_id="newline",
+                                       info="br: real line breaks; marker: Glyph's inline red \\n, denser pages")
                 stored = gr.Dropdown(choices=choices(), value=None, label="Stored documents", elem_id="stored")
-                status = gr.Markdown("", elem_id="status")
-            with gr.Column(scale=2):
+                with gr.Row():
+                    name = gr.Textbox(label="Name", scale=3, elem_id="name")
+                    rename_button = gr.Button("Rename", scale=1, elem_id="rename")
+                delete_button = gr.Button("Delete document", variant="stop", elem_id="delete")
                 stats = gr.Markdown("", elem_id="stats")
-                gallery = gr.Gallery(label="Rendered pages", columns=4, height=480, object_fit="contain",
-                                     elem_id="pages")
-        chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chat", buttons=["copy"])
-        with gr.Row():
-            question = gr.Textbox(placeholder="Ask a question about the document", show_label=False, scale=5,
-                                  elem_id="question")
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-            clear = gr.Button("Clear conversation", scale=1, elem_id="clear")
-        with gr.Accordion("Settings", open=False):
-            use_cache = gr.Checkbox(value=True, label="Use caches (vision features, document prefix)")
-            max_tokens = gr.Slider(16, 8192, value=ChatSettings.max_tokens, step=16, label="Maximum answer tokens")
-            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-        answer_stats = gr.Markdown("", elem_id="answer-stats")
-        evidence_html = gr.HTML("", label="Where the answer sits", visible=not service.has_model, elem_id="evidence")
+            with gr.Column(scale=2, min_width=420):
+                chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat", buttons=["copy"])
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask a question about the document", show_label=False,
+                                          scale=5, elem_id="question")
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    clear = gr.Button("Clear", scale=1, elem_id="clear")
+                with gr.Accordion("Answer settings", open=False, elem_id="settings"):
+                    use_cache = gr.Checkbox(value=True, label="Use caches", elem_id="use-cache",
+                                            info="Reuse the pages' vision features and the document's prefix: "
+                                                 "follow-up questions start at once")
+                    max_tokens = gr.Slider(16, 8192, value=GenerationSettings.max_tokens, step=16,
+                                           label="Maximum answer tokens", elem_id="max-tokens",
+                                           info="Glyph thinks before it answers: long answers need room")
+                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature",
+                                            elem_id="temperature", info="0 answers greedily (the same every time)")
+            with gr.Column(scale=1, min_width=280):
+                status = gr.Markdown("", elem_id="status")
+                answer_stats = gr.Markdown("", elem_id="answer-stats")
+                evidence_html = gr.HTML("", visible=not service.has_model, elem_id="evidence")
+        gallery = gr.Gallery(label="Rendered pages (click one to read it full size)", columns=3, height=900,
+                             object_fit="contain", elem_id="pages")
 
-        render_button.click(
-            render, [upload, pasted, preset, dpi, newline],
-            [document, gallery, stats, stored, chatbot, status, answer_stats, evidence_html, upload],
-            concurrency_limit=2,
-        )
-        stored.input(select, [stored], [document, gallery, stats, chatbot, answer_stats, status, evidence_html])
+        shown_outputs = [document, gallery, stats, stored, name, chatbot, status, answer_stats, evidence_html]
+        render_inputs = [preset, dpi, newline]
+        upload.upload(upload_file, [upload, *render_inputs], shown_outputs, concurrency_limit=2, api_name="upload")
+        render_button.click(render_text, [pasted, *render_inputs], shown_outputs, concurrency_limit=2,
+                            api_name="render_text")
+        example_button.click(load_example, render_inputs, shown_outputs, concurrency_limit=2, api_name="load_example")
+        stored.input(select, [stored], shown_outputs, api_name="select_document")
+        rename_button.click(rename, [document, name], [stored, status], api_name="rename_document")
+        delete_button.click(delete, [document], shown_outputs, api_name="delete_document")
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html]
-        for trigger in (send.click, question.submit):
-            trigger(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size)
-        clear.click(lambda: ([], "", "", ""), None, [chatbot, answer_stats, evidence_html, status])
-        demo.load(lambda: gr.update(choices=choices()), None, stored)  # documents added since start
+        send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name="chat")
+        question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size,
+                        api_name=False)
+        clear.click(lambda: ([], "", "", ""), None, [chatbot, answer_stats, evidence_html, status],
+                    api_name="clear_chat")
+        demo.load(lambda: gr.update(choices=choices()), None, stored, api_name="list_documents")
     return demo
 
 

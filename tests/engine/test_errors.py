@@ -50,7 +50,7 @@ def test_context_overflow_says_how_many_pages_fit_and_truncation_keeps_them(load
     settings = GenerationSettings(max_tokens=16, ignore_eos=True)
     with pytest.raises(ContextOverflowError, match=r"only the first 3 of 6 pages fit") as err:
         engine.answer(AnswerRequest(pages=PAGES, question="Who is the wolf?", settings=settings))
-    assert err.value.http_status == 422 and "truncate_pages" in err.value.message
+    assert err.value.http_status == 400 and "truncate_pages" in err.value.message
     settings.truncate_pages = True
     answer = engine.answer(AnswerRequest(pages=PAGES, question="Who is the wolf?", settings=settings))
     assert answer.pages_used == 3 and answer.prompt_tokens + 16 <= 100

@@ -116,7 +116,7 @@ def test_corrupt_docx(make_docx, damage):
     data = damage(make_docx(lambda document: document.add_paragraph("Hello")))
     with pytest.raises(CorruptFileError, match="Word document") as info:
         ingest_bytes(data, "broken.docx")
-    assert info.value.http_status == 422
+    assert info.value.http_status == 400
 
 
 def test_macro_enabled_document_is_unsupported(make_docx):

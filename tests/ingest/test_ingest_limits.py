@@ -93,7 +93,7 @@ def test_a_slow_file_is_killed_at_its_budget_and_blocks_no_other(make_pdf):
     outcome["quick_done_first"] = thread.is_alive()
     thread.join(timeout=60)
     assert quick.text == "Quick." and outcome["quick_done_first"]
-    assert "2 s budget (--ingest-timeout)" in outcome["slow"].message and outcome["slow"].http_status == 422
+    assert "2 s budget (--ingest-timeout)" in outcome["slow"].message and outcome["slow"].http_status == 400
 
 
 @pytest.mark.parametrize("raw, clean", [

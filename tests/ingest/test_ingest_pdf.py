@@ -146,7 +146,7 @@ def test_user_password_is_reported_as_encrypted(make_pdf):
     data = make_pdf([("text", ["secret"])], user_password="hunter2")
     with pytest.raises(EncryptedFileError, match="password") as info:
         ingest_bytes(data, "secret.pdf")
-    assert info.value.http_status == 422
+    assert info.value.http_status == 400
     assert "'secret.pdf'" in info.value.message
 
 

@@ -65,7 +65,7 @@ def test_unsupported_types_are_named(data, kind, message):
     with pytest.raises(UnsupportedTypeError, match=message) as info:
         ingest_bytes(data, "upload.txt")
     assert "supported types are PDF, DOCX, plain text and Markdown" in info.value.message
-    assert info.value.http_status == 415
+    assert info.value.http_status == 400
 
 
 def test_password_protected_office_file_is_encrypted():

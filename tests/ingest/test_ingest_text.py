@@ -85,7 +85,7 @@ def test_empty_and_whitespace_only_files(data):
     with pytest.raises(EmptyDocumentError) as info:
         ingest_bytes(data, "empty.txt")
     assert "'empty.txt'" in info.value.message
-    assert info.value.to_dict()["error"] == "empty_document"
+    assert info.value.to_dict()["error"]["code"] == "empty_document"
 
 
 def test_pasted_text():

@@ -133,7 +133,7 @@ def _grown(replicas: list[Server], before: list[float], total: int) -> list[floa
 
 
 def _vision_misses(server: Server) -> float:
-    return _metric(server, "glyphserve_cache_lookups_total", cache="vision", result="miss")
+    return _metric(server, "vllm:mm_cache_queries_total") - _metric(server, "vllm:mm_cache_hits_total")
 
 
 def _health(front: Server) -> dict:
@@ -158,7 +158,7 @@ def test_answers_equal_a_single_servers_and_each_document_stays_on_one_replica(c
             assert encoded == [document["pages"] if i == owner and owner != 0 else 0 for i in range(3)], encoded
     assert len(owners) > 1  # and the documents spread over the replicas
     for i in owners:  # follow-up questions reused the document prefix on its replica
-        assert _metric(replicas[i], "glyphserve_cache_hit_ratio", cache="prefix") > 0
+        assert _metric(replicas[i], "vllm:prefix_cache_hits_total") > 0
     health = _health(front)
     assert health["backend"] == "openai" and health["capacity"] == 6
     assert all(r["healthy"] for r in health["replicas"])
@@ -199,7 +199,7 @@ def test_past_the_replicas_capacity_the_front_answers_429(cluster, documents):
     statuses = [r.status_code for r in responses]
     assert set(statuses) == {200, 429}, statuses
     refused = next(r for r in responses if r.status_code == 429)
-    assert refused.json()["error"] == "queue_full" and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["retry-after"]) >= 1
 
 
 def test_killing_a_replica_mid_load_loses_no_request_and_it_rejoins(cluster, documents):

@@ -21,8 +21,8 @@ def extractive_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def model_server(tmp_path_factory, tiny_model_dir):
     """The tiny random GLM-4.1V on the CPU, with the default batching (up to 256 sequences in the KV pool)."""
-    server = Server(tmp_path_factory.mktemp("model") / "data", "--model", str(tiny_model_dir), "--device", "cpu",
-                    "--queue-size", "64", "--no-ui")
+    server = Server(tmp_path_factory.mktemp("model") / "data", str(tiny_model_dir), "--served-model-name", "glyph",
+                    "--device", "cpu", "--queue-size", "64", "--no-ui")
     server.start()
     yield server
     server.stop()

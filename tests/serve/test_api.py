@@ -14,6 +14,8 @@ from PIL import Image
 
 from tests.serve.conftest import REPO, STORY, Server, free_port, make_docx, make_pdf, make_png
 
+MODEL = "glyphserve-extractive"  # the name an extractive server answers to by default
+
 
 def upload_text(client: httpx.Client, text: str = STORY, **fields) -> dict:
     response = client.post("/v1/documents", json={"text": text, **fields})
@@ -36,12 +38,23 @@ def client(extractive_server):
         yield c
 
 
-def test_health_and_models_say_no_model_is_loaded(client):
+def test_health_and_models_say_no_model_is_loaded(extractive_server, client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["backend"] == "extractive"
-    assert "--model zai-org/Glyph" in health["notice"]
+    assert "glyphserve serve zai-org/Glyph" in health["notice"]
     models = client.get("/v1/models").json()
-    assert models["data"][0]["id"] == "glyphserve-extractive"
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    assert client.get("/version").json()["version"]
+    oc = openai.OpenAI(base_url=f"{extractive_server.url}/v1", api_key="unused", max_retries=0)
+    assert oc.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as info:
+        oc.models.retrieve("gpt-4")
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as info:  # an unknown model is refused, not answered
+        oc.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])
+    assert info.value.code == "model_not_found" and info.value.type == "invalid_request_error"
+    assert f"`{MODEL}`" in info.value.message
 
 
 def test_document_lifecycle(client):
@@ -116,10 +129,10 @@ def test_openai_client_works_unchanged(extractive_server, client):
     assert [m.id for m in oc.models.list()] == ["glyphserve-extractive"]
     messages = [{"role": "user", "content": [{"type": "text", "text": STORY},
                                              {"type": "text", "text": "What was engraved on the compass?"}]}]
-    result = oc.chat.completions.create(model="glyph", messages=messages, max_tokens=64, temperature=0)
+    result = oc.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, temperature=0)
     assert "for courage at sea" in result.choices[0].message.content
     assert result.choices[0].finish_reason == "stop"
-    chunks = list(oc.chat.completions.create(model="glyph", messages=messages, stream=True,
+    chunks = list(oc.chat.completions.create(model=MODEL, messages=messages, stream=True,
                                              stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == result.choices[0].message.content
@@ -128,34 +141,35 @@ def test_openai_client_works_unchanged(extractive_server, client):
     # A stored document, through the `document` extension field.
     doc_id = upload_text(client)["id"]
     by_document = oc.chat.completions.create(
-        model="glyph", messages=[{"role": "user", "content": "Who was rescued by Marsh?"}],
+        model=MODEL, messages=[{"role": "user", "content": "Who was rescued by Marsh?"}],
         extra_body={"document": doc_id})
     assert "eleven sailors" in by_document.choices[0].message.content
 
-    # Page images cannot be read without a model: a clear 503.
+    # Page images cannot be read without a model: a clear 400 (nothing a client should retry).
     data_url = "data:image/png;base64," + __import__("base64").b64encode(make_png()).decode()
     with pytest.raises(openai.APIStatusError) as info:
-        oc.chat.completions.create(model="glyph", messages=[{"role": "user", "content": [
+        oc.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": "What is here?"}]}])
-    assert info.value.status_code == 503 and "--model zai-org/Glyph" in info.value.message
+    assert info.value.status_code == 400 and "glyphserve serve zai-org/Glyph" in info.value.message
+    assert info.value.code == "model_not_loaded" and info.value.type == "invalid_request_error"
 
 
 def test_openai_requests_never_fetch_urls(client):
     for url in ("http://127.0.0.1:1/x.png", "file:///etc/passwd", "/etc/passwd"):
-        response = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": [
+        response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Read it"}]}]})
-        assert response.status_code in (422, 503)
-    response = client.post("/v1/chat/completions", json={"model": "m", "messages": [
+        assert response.status_code == 400
+    response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [
         {"role": "user", "content": "What is the capital?"}]})
-    assert response.status_code == 422 and "text to search" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "text to search" in response.json()["error"]["message"]
 
 
 BAD_UPLOADS = [
-    ("corrupt.pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\n" + b"\x00garbage" * 50, 422, "corrupt_file"),
-    ("locked.pdf", make_pdf(STORY, password="secret"), 422, "encrypted_file"),
-    ("empty.txt", b"", 422, "empty_document"),
-    ("program.bin", b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 8, 415, "unsupported_type"),
-    ("picture.png", make_png(), 415, "unsupported_type"),
+    ("corrupt.pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\n" + b"\x00garbage" * 50, 400, "corrupt_file"),
+    ("locked.pdf", make_pdf(STORY, password="secret"), 400, "encrypted_file"),
+    ("empty.txt", b"", 400, "empty_document"),
+    ("program.bin", b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 8, 400, "unsupported_type"),
+    ("picture.png", make_png(), 400, "unsupported_type"),
 ]
 
 
@@ -163,19 +177,20 @@ BAD_UPLOADS = [
 def test_bad_uploads_get_clear_errors(client, name, data, status, code):
     response = client.post("/v1/documents", files={"file": (name, data)})
     assert response.status_code == status, response.text
-    body = response.json()
-    assert body["error"] == code and body["message"] and "Traceback" not in response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error" and error["message"]
+    assert "Traceback" not in response.text
     assert client.get("/health").status_code == 200
 
 
 def test_limits(client):
     too_big = client.post("/v1/documents", files={"file": ("big.txt", b"word " * 300_000)})
-    assert too_big.status_code == 413 and "1 MiB" in too_big.json()["message"]
+    assert too_big.status_code == 413 and "1 MiB" in too_big.json()["error"]["message"]
     too_big_json = client.post("/v1/documents", json={"text": "word " * 300_000})
     assert too_big_json.status_code == 413
     many_pages = client.post("/v1/documents", json={"text": "\n".join(f"line {i}" for i in range(40 * 90))})
-    assert many_pages.status_code == 422 and many_pages.json()["error"] == "too_many_pages"
-    assert "--max-pages" in many_pages.json()["message"]
+    assert many_pages.status_code == 400 and many_pages.json()["error"]["code"] == "too_many_pages"
+    assert "--max-pages" in many_pages.json()["error"]["message"]
     upload_text(client)  # still serving
 
 
@@ -183,11 +198,11 @@ def test_ids_and_routes_are_validated(client):
     assert client.get("/v1/documents/0123456789abcdef0123456789abcdef").status_code == 404
     for bad in ("..%2F..%2Fetc%2Fpasswd", "ABC", "0123456789abcdef0123456789abcdeg", "%2e%2e"):
         response = client.get(f"/v1/documents/{bad}")
-        assert response.status_code in (404, 422), bad
+        assert response.status_code in (400, 404), bad
         assert response.headers["content-type"].startswith("application/json")
-    assert client.get("/v1/documents/../../etc/passwd").status_code in (404, 422)
-    assert client.get("/v1/documents/0123456789abcdef0123456789abcdef/pages/x.png").status_code in (404, 422)
-    assert client.get("/v1/nothing-here").json()["error"] == "not_found"
+    assert client.get("/v1/documents/../../etc/passwd").status_code in (400, 404)
+    assert client.get("/v1/documents/0123456789abcdef0123456789abcdef/pages/x.png").status_code in (400, 404)
+    assert client.get("/v1/nothing-here").json()["error"]["code"] == "not_found"
 
 
 def test_malformed_requests(client):
@@ -205,11 +220,10 @@ def test_malformed_requests(client):
     ]
     for path, body, headers in cases:
         response = client.post(path, content=body, headers=headers)
-        assert response.status_code in (400, 422), (path, body, response.text)
-        error = response.json()
-        if path == "/v1/chat/completions":  # OpenAI's error shape
-            error = {"error": error["error"]["code"], "message": error["error"]["message"]}
-        assert set(error) == {"error", "message"} and error["message"]
+        assert response.status_code == 400, (path, body, response.text)
+        error = response.json()["error"]  # OpenAI's error shape on every route
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert error["type"] == "invalid_request_error"
     assert client.post(f"/v1/documents/{doc_id}/chat", json={"question": "Who kept the lighthouse?"}).status_code == 200
 
 
@@ -220,7 +234,7 @@ def test_metrics_count_requests_errors_and_stages(client):
     assert 'glyphserve_http_requests_total{method="POST",route="/v1/documents",status="201"}' in text
     assert 'glyphserve_http_errors_total{code="not_found",route="/v1/documents/{document_id}",status="404"}' in text
     assert 'glyphserve_stage_seconds_count{stage="render"}' in text
-    assert "glyphserve_queue_depth" in text and "glyphserve_documents_stored" in text
+    assert "glyphserve_documents_stored" in text
 
 
 def test_api_key_is_enforced(tmp_path):
@@ -229,7 +243,7 @@ def test_api_key_is_enforced(tmp_path):
         assert httpx.get(f"{server.url}/health").status_code == 200
         assert httpx.get(f"{server.url}/v1/documents").status_code == 401
         wrong = httpx.get(f"{server.url}/v1/documents", headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{server.url}/metrics").status_code == 401
         with server.client() as c:
             assert c.get("/v1/documents").status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import re
 import threading
 import time
@@ -67,7 +68,7 @@ def test_streamed_answer_with_timings_and_cache(client, documents):
     streamed = "".join(e["text"] for e in events if isinstance(e, dict) and e.get("channel") == "answer")
     assert streamed.strip() == done["answer"]  # the engine trims the final answer's edges
     assert done["usage"]["completion_tokens"] <= 10 and done["usage"]["vision_tokens"] > 0
-    for stage in ("prefill", "decode", "ttft", "total"):
+    for stage in ("prefill", "decode", "time_to_first_token", "total"):
         assert done["timings"][stage] > 0
     again = ask(client, doc_id, "Who kept it?", max_tokens=10)
     assert done["cache"]["vision_misses"] + done["cache"]["vision_hits"] >= 1
@@ -75,8 +76,28 @@ def test_streamed_answer_with_timings_and_cache(client, documents):
     assert again["cache"]["prefix_reused_tokens"] > 0 and again["cache"]["vision_misses"] == 0
     assert again["answer"] == done["answer"]
     metrics = client.get("/metrics").text
-    assert re.search(r'glyphserve_cache_hit_ratio\{cache="prefix"\} 0\.\d*[1-9]', metrics)
+    assert metric(metrics, "vllm:prefix_cache_hits_total") > 0
+    assert metric(metrics, "vllm:mm_cache_queries_total") > 0
     assert 'glyphserve_stage_seconds_count{stage="decode"}' in metrics
+
+
+def metric(text: str, name: str) -> float:
+    """The value of an unlabelled-but-model_name sample in a /metrics page."""
+    match = re.search(rf'^{re.escape(name)}\{{model_name="glyph"\}} (\S+)$', text, re.M)
+    assert match, name
+    return float(match.group(1))
+
+
+def test_metrics_a_vllm_dashboard_reads(client, documents):
+    ask(client, documents[0], QUESTIONS[0], max_tokens=6)
+    text = client.get("/metrics").text
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:time_per_output_token_seconds_count", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:request_queue_time_seconds_count"):
+        assert metric(text, name) > 0, name
+    assert metric(text, "vllm:num_requests_running") == 0 and metric(text, "vllm:num_requests_waiting") == 0
+    assert 'vllm:request_success_total{finished_reason="length",model_name="glyph"}' in text
+    assert "process_resident_memory_bytes" in text and "_created" not in text
 
 
 def test_openai_client_with_page_images(model_server, client, documents):
@@ -97,7 +118,7 @@ def test_openai_client_with_page_images(model_server, client, documents):
         model="glyph", messages=[{"role": "user", "content": "What struck the rocks?"}], max_tokens=8,
         extra_body={"document": documents[1]})
     assert by_document.choices[0].message.content == result.choices[0].message.content
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):
         oc.chat.completions.create(model="glyph", max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/page.png"}},
             {"type": "text", "text": "Read it"}]}])
@@ -182,7 +203,7 @@ def test_concurrent_clients_get_their_own_answers(model_server, client, document
 
 
 def test_flood_past_the_queue_gets_429_then_recovers(tmp_path, tiny_model_dir):
-    server = Server(tmp_path / "data", "--model", str(tiny_model_dir), "--device", "cpu", "--no-ui",
+    server = Server(tmp_path / "data", str(tiny_model_dir), "--served-model-name", "glyph", "--device", "cpu", "--no-ui",
                     "--queue-size", "2", "--max-batch", "1", "--request-timeout", "2").start()
     try:
         with server.client() as c:
@@ -198,7 +219,8 @@ def test_flood_past_the_queue_gets_429_then_recovers(tmp_path, tiny_model_dir):
             statuses = [r.status_code for r in responses]
             assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) >= 3
             refused = next(r for r in responses if r.status_code == 429)
-            assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"] == "queue_full"
+            assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "queue_full"
+            assert refused.json()["error"]["type"] == "rate_limit_error"
             assert ask(c, doc_id, "Who?", max_tokens=4)["answer"] is not None
 
             # Past --request-timeout: 504, and the generation is stopped, not left running.
@@ -257,9 +279,21 @@ def test_a_question_too_long_for_the_context_is_refused_without_harming_the_runn
     with long_answer(model_server, documents[0], 300, lines_read=6) as lines:  # joins the running decode
         refused = client.post(f"/v1/documents/{documents[1]}/chat",
                               json={"question": "why " * 6000, "max_tokens": 4})
-        assert refused.status_code == 422, refused.text
-        assert refused.json()["error"] == "context_overflow" and "context holds" in refused.json()["message"]
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error"
         rest = list(lines)
     assert sum(line.startswith("data: {") for line in rest) > 20 and "data: [DONE]" in rest
     assert not any('"error"' in line for line in rest)
     assert ask(client, documents[1], QUESTIONS[1], max_tokens=4)["answer"] == reference
+
+
+def test_ask_with_an_endpoint_asks_the_running_server(model_server, tmp_path, capsys):
+    from glyphserve.cli import main
+
+    story = tmp_path / "story.txt"
+    story.write_text(TEXTS[1], encoding="utf-8")
+    assert main(["ask", str(story), "What struck the rocks?", "--endpoint", f"{model_server.url}/v1",
+                 "--max-new-tokens", "4", "--ignore-eos", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["new_tokens"] == 4 and result["engine"]["endpoints"][0]["model"] == "glyph"

@@ -8,7 +8,7 @@ import pytest
 
 from glyphserve.errors import GlyphserveError
 from glyphserve.engine.types import EncodedPage
-from glyphserve.serve.openai_compat import ChatCompletionRequest, StopFilter, encoded_image, to_job
+from glyphserve.serve.openai_compat import ChatCompletionRequest, encoded_image, to_job
 from tests.serve.conftest import make_png
 
 PNG_URL = "data:image/png;base64," + base64.b64encode(make_png()).decode()
@@ -26,7 +26,7 @@ def test_images_are_pages_and_earlier_turns_are_history():
                                      {"type": "text", "text": "First question?"}]},
         {"role": "assistant", "content": "First answer."},
         {"role": "user", "content": [{"type": "text", "text": "Second"}, {"type": "text", "text": "question?"}]},
-    ], max_completion_tokens=7, temperature=0.5, top_p=0.9), has_model=True)
+    ], max_completion_tokens=7, temperature=0.5, top_p=0.9), has_model=True).request
     assert len(job.pages) == 2 and job.pages[0].shape == (64, 64, 3)
     assert job.question == "Second\nquestion?"
     assert [(t.role, t.content) for t in job.history] == [
@@ -37,11 +37,11 @@ def test_images_are_pages_and_earlier_turns_are_history():
 def test_without_a_model_text_before_the_question_is_searched():
     job = to_job(request(messages=[{"role": "user", "content": [
         {"type": "text", "text": "Some document."}, {"type": "text", "text": "What is it?"}]}]), has_model=False)
-    assert job.question == "What is it?" and job.context == "Some document."
+    assert job.request.question == "What is it?" and job.context == "Some document."
     with pytest.raises(GlyphserveError) as info:
         to_job(request(messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": PNG_URL}}, {"type": "text", "text": "Q?"}]}]), has_model=False)
-    assert info.value.http_status == 503
+    assert info.value.http_status == 400 and info.value.code == "model_not_loaded"
 
 
 @pytest.mark.parametrize("url", ["http://example.invalid/a.png", "file:///etc/passwd", "/etc/passwd",
@@ -50,7 +50,7 @@ def test_without_a_model_text_before_the_question_is_searched():
 def test_only_data_urls_of_images_are_read(url):
     with pytest.raises(GlyphserveError) as info:
         encoded_image(url)
-    assert info.value.http_status == 422
+    assert info.value.http_status == 400
 
 
 def test_last_message_must_be_a_user_question():
@@ -61,19 +61,48 @@ def test_last_message_must_be_a_user_question():
             {"type": "image_url", "image_url": {"url": PNG_URL}}]}]), has_model=True)
 
 
-def test_stop_filter_cuts_across_deltas():
-    stop = StopFilter(["<|user|>", "END"])
-    out = "".join(stop.feed(piece) for piece in ["Hello <|us", "er|> more"]) + stop.flush()
-    assert out == "Hello " and stop.stopped
-    plain = StopFilter(None)
-    assert plain.feed("abc") == "abc" and plain.flush() == "" and not plain.stopped
-
-
 def test_pages_stay_encoded_and_are_keyed_by_their_bytes():
     """A data-URL page is handed on as its file: not decoded here (the engine decodes it only on a vision-cache
     miss), its identity the hash of its bytes, so the same file sent again or stored hits the same caches."""
     job = to_job(request(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": PNG_URL}}, {"type": "text", "text": "Q?"}]}]), has_model=True)
-    [page] = job.pages
+    [page] = job.request.pages
     assert isinstance(page, EncodedPage) and page.data == base64.b64decode(PNG_URL.partition(",")[2])
-    assert job.page_keys is None  # the engine keys it by its bytes
+    assert job.request.page_keys is None  # the engine keys it by its bytes
+
+
+def test_every_sampling_parameter_reaches_the_engine_under_its_own_name():
+    settings = to_job(request(messages=[{"role": "user", "content": "Q?"}], max_tokens=8192, top_p=1.0, top_k=1,
+                              temperature=0.0001, repetition_penalty=1.1, skip_special_tokens=False,
+                              stop_token_ids=[151329, 151348, 151336], include_stop_str_in_output=True,
+                              min_p=0.05, presence_penalty=0.5, frequency_penalty=-0.5, stop="END", seed=7,
+                              logprobs=True, top_logprobs=3), has_model=True).request.settings
+    assert (settings.max_tokens, settings.top_p, settings.top_k, settings.temperature) == (8192, 1.0, 1, 0.0001)
+    assert (settings.repetition_penalty, settings.min_p, settings.presence_penalty, settings.frequency_penalty) == \
+        (1.1, 0.05, 0.5, -0.5)
+    assert settings.stop == ("END",) and settings.stop_token_ids == (151329, 151348, 151336)
+    assert settings.include_stop_str_in_output and not settings.skip_special_tokens
+    assert settings.seed == 7 and settings.logprobs == 3
+    # vLLM's "all tokens" is -1; OpenAI's logprobs false means none.
+    plain = to_job(request(messages=[{"role": "user", "content": "Q?"}], top_k=-1, logprobs=False,
+                           max_completion_tokens=5, max_tokens=9), has_model=True).request.settings
+    assert plain.top_k == 0 and plain.logprobs is None and plain.max_tokens == 5
+    assert to_job(request(messages=[{"role": "user", "content": "Q?"}], logprobs=True),
+                  has_model=True).request.settings.logprobs == 0
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"n": 2}, "n"), ({"best_of": 3}, "best_of"), ({"use_beam_search": True}, "use_beam_search"),
+    ({"min_tokens": 4}, "min_tokens"), ({"logit_bias": {"5": 10}}, "logit_bias"), ({"echo": True}, "echo"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"top_logprobs": 2}, "top_logprobs"),
+])
+def test_values_that_cannot_be_honoured_are_refused_not_ignored(body, param):
+    with pytest.raises(GlyphserveError) as info:
+        to_job(request(messages=[{"role": "user", "content": "Q?"}], **body), has_model=True)
+    assert info.value.http_status == 400 and info.value.param == param
+
+
+def test_harmless_unknown_parameters_are_accepted():
+    job = to_job(request(messages=[{"role": "user", "content": "Q?"}], user="me", metadata={"a": "b"},
+                         response_format={"type": "text"}, n=1), has_model=True)
+    assert job.request.question == "Q?"

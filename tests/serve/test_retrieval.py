@@ -35,6 +35,13 @@ def test_bm25_ranks_the_matching_passage_first():
     assert index.search("completely unrelated zebra") == []
 
 
+def test_english_words_match_across_inflections():
+    index = BM25Index.from_text("How to install the package.\n\nThe weather was fine.")
+    (best, _), = index.search("Which packages are installed?")
+    assert best.text == "How to install the package."
+    assert tokenize("Installing installations") == ["instal", "instal"]
+
+
 def test_chinese_text_is_searchable():
     text = "北京是中国的首都，有很多名胜古迹。\n\n上海是一座国际化的大都市，位于长江入海口。"
     assert "上海" in tokenize(text)  # character bigrams

@@ -6,11 +6,16 @@ import asyncio
 
 import pytest
 
+from glyphserve.engine.types import AnswerRequest, StreamEvent
 from glyphserve.errors import QueueFullError
-from glyphserve.serve.backends import ChatJob, Delta, ExtractiveBackend, Reply
+from glyphserve.serve.backends import ChatJob, ExtractiveBackend, Reply
 from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
 
 CONTEXTS = [f"Document {i} says the secret word is word{i}.\n\nIt also mentions filler." for i in range(40)]
+
+
+def job(question: str, context: str) -> ChatJob:
+    return ChatJob(AnswerRequest(pages=[], question=question), context=context)
 
 
 def run(coro):
@@ -23,7 +28,7 @@ def test_concurrent_jobs_get_their_own_replies_in_batches():
                           hooks=SchedulerHooks(batch=sizes.append))
 
     async def main():
-        jobs = [ChatJob(question=f"What is the secret word of document {i}?", context=c) for i, c in enumerate(CONTEXTS)]
+        jobs = [job(f"What is the secret word of document {i}?", c) for i, c in enumerate(CONTEXTS)]
         return await asyncio.gather(*(scheduler.answer(job) for job in jobs))
 
     try:
@@ -31,7 +36,7 @@ def test_concurrent_jobs_get_their_own_replies_in_batches():
     finally:
         scheduler.close()
     for i, reply in enumerate(replies):
-        assert f"word{i}." in reply.text
+        assert f"word{i}." in reply.answer.text
     assert sum(sizes) == len(CONTEXTS) and max(sizes) <= 8
 
 
@@ -39,15 +44,15 @@ def test_stream_yields_deltas_then_the_reply():
     scheduler = Scheduler(ExtractiveBackend(None), queue_size=4, max_batch=4, timeout=30)
 
     async def main():
-        items = await scheduler.stream(ChatJob(question="secret word", context=CONTEXTS[3]))
+        items = await scheduler.stream(job("secret word", CONTEXTS[3]))
         return [item async for item in items]
 
     try:
         items = run(main())
     finally:
         scheduler.close()
-    assert isinstance(items[-1], Reply) and all(isinstance(i, Delta) for i in items[:-1])
-    assert "".join(i.text for i in items[:-1]) == items[-1].text
+    assert isinstance(items[-1], Reply) and all(isinstance(i, StreamEvent) for i in items[:-1])
+    assert "".join(i.text for i in items[:-1]) == items[-1].answer.text
 
 
 def test_deltas_that_pile_up_reach_a_slow_reader_merged():
@@ -55,7 +60,7 @@ def test_deltas_that_pile_up_reach_a_slow_reader_merged():
     context = "\n\n".join(f"Passage {i}: the secret word is word{i}." for i in range(6))
 
     async def main():
-        items = await scheduler.stream(ChatJob(question="secret word", context=context))
+        items = await scheduler.stream(job("secret word", context))
         await asyncio.sleep(0.3)  # the worker sends the rest meanwhile
         return [item async for item in items]
 
@@ -64,17 +69,17 @@ def test_deltas_that_pile_up_reach_a_slow_reader_merged():
     finally:
         scheduler.close()
     reply = items[-1]
-    assert reply.text.count("secret word") == 3  # three passages, sent as three deltas
-    assert [type(i) for i in items] == [Delta, Reply]  # they waited for the reader together: one delta
-    assert "".join(i.text for i in items[:-1]) == reply.text
+    assert reply.answer.text.count("secret word") == 3  # three passages, sent as three deltas
+    assert [type(i) for i in items] == [StreamEvent, Reply]  # they waited for the reader together: one delta
+    assert "".join(i.text for i in items[:-1]) == reply.answer.text
 
 
 def test_errors_reach_only_their_request_and_full_queue_refuses():
     scheduler = Scheduler(ExtractiveBackend(None), queue_size=64, max_batch=8, timeout=30)
 
     async def main():
-        good = ChatJob(question="secret word", context=CONTEXTS[0])
-        bad = ChatJob(question="secret word", context="   ")  # nothing to search: a user error
+        good = job("secret word", CONTEXTS[0])
+        bad = job("secret word", "   ")  # nothing to search: a user error
         return await asyncio.gather(scheduler.answer(good), scheduler.answer(bad), scheduler.answer(good),
                                     return_exceptions=True)
 
@@ -82,10 +87,10 @@ def test_errors_reach_only_their_request_and_full_queue_refuses():
         first, second, third = run(main())
     finally:
         scheduler.close()
-    assert "word0" in first.text and "word0" in third.text
+    assert "word0" in first.answer.text and "word0" in third.answer.text
     assert getattr(second, "code", None) == "invalid_request"
 
     closed = Scheduler(ExtractiveBackend(None), queue_size=1, max_batch=1, timeout=30)
     closed.close()
     with pytest.raises(QueueFullError):
-        run(closed.answer(ChatJob(question="q", context="c")))
+        run(closed.answer(job("q", "c")))

@@ -1,25 +1,28 @@
-"""The web UI in headless Chromium: upload, render, ask, see the streamed answer and the pages."""
+"""The web UI in headless Chromium (Debian's): upload (rendered at once), de-duplication, rename and delete, the
+example document, chat with evidence and settings, the API docs. Screenshots go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.serve.conftest import STORY
+from tests.serve.conftest import REPO, STORY
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
+ARTIFACTS = REPO / "test-artifacts" / "ui"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 
 
-def test_upload_render_and_chat(extractive_server, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture
+def browser_page(extractive_server):
+    """A page of the UI that may reach only the server; fails the test if it tried anything else."""
+    from playwright.sync_api import sync_playwright
 
-    document = tmp_path / "keeper.txt"
-    document.write_text(STORY, encoding="utf-8")
     outside: list[str] = []
 
     def only_loopback(route):
@@ -28,42 +31,111 @@ def test_upload_render_and_chat(extractive_server, tmp_path):
         outside.append(route.request.url)
         return route.abort()
 
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page = browser.new_page(viewport={"width": 1600, "height": 1400})
             page.route("**/*", only_loopback)
             page.goto(extractive_server.url)
-            page.wait_for_selector("#render", timeout=60_000)
-            expect(page.locator("#backend-notice")).to_contain_text("No vision-language model is loaded")
-            expect(page.locator("#backend-notice")).to_contain_text("--model zai-org/Glyph")
-
-            # Errors land in the page, not as a traceback.
-            page.locator("#render").click()
-            expect(page.locator("#status")).to_contain_text("upload a file or paste some text first")
-
-            page.locator("#upload input[type=file]").set_input_files(str(document))
-            expect(page.locator("#upload")).to_contain_text("keeper.txt", timeout=30_000)
-            page.locator("#render").click()
-            expect(page.locator("#pages img").first).to_be_visible(timeout=60_000)
-            expect(page.locator("#stats")).to_contain_text("vision tokens")
-            expect(page.locator("#status")).to_contain_text("Rendered")
-
-            page.locator("#question textarea").fill("Which schooner hit the rocks?")
-            page.locator("#send").click()
-            expect(page.locator("#chat")).to_contain_text("schooner Albatross", timeout=60_000)
-            expect(page.locator("#answer-stats")).to_contain_text("Timings")
-            expect(page.locator("#evidence img").first).to_be_visible()
-
-            # A second turn keeps the history.
-            page.locator("#question textarea").fill("What was engraved on the compass?")
-            page.locator("#question textarea").press("Enter")
-            expect(page.locator("#chat")).to_contain_text("for courage at sea", timeout=60_000)
-            expect(page.locator("#chat")).to_contain_text("schooner Albatross")
-            page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
-
-            page.locator("#clear").click()
-            expect(page.locator("#chat")).not_to_contain_text("Albatross")
+            page.wait_for_selector("#upload", timeout=60_000)
+            yield page
         finally:
             browser.close()
     assert outside == [], f"the UI tried to reach outside the server: {outside}"
+
+
+def upload(page, path: Path) -> None:
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+
+
+def stored_names(server) -> list[str]:
+    return [d["name"] for d in httpx.get(f"{server.url}/v1/documents").json()["documents"]]
+
+
+def test_upload_renders_at_once_and_the_chat_shows_evidence_and_settings(browser_page, tmp_path):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    expect(page.locator("#backend-notice")).to_contain_text("No vision-language model is loaded")
+    expect(page.locator("#backend-notice")).to_contain_text("glyphserve serve zai-org/Glyph")
+    page.locator("#send").click()  # errors land in the page, not as a traceback
+    expect(page.locator("#status")).to_contain_text("upload or select a document first")
+
+    document = tmp_path / "keeper.txt"
+    document.write_text(STORY, encoding="utf-8")
+    upload(page, document)  # no Render button: the upload is rendered as it arrives
+    expect(page.locator("#pages img").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#stats")).to_contain_text("vision tokens")
+    expect(page.locator("#status")).to_contain_text("Rendered keeper.txt")
+
+    page.locator("#settings").click()
+    expect(page.locator("#max-tokens")).to_contain_text("Glyph thinks before it answers")
+    expect(page.locator("#temperature")).to_contain_text("0 answers greedily")
+    page.locator("#temperature input[type=number]").fill("0.5")
+    page.locator("#use-cache input").uncheck()
+
+    page.locator("#question textarea").fill("Which schooner hit the rocks?")
+    page.locator("#send").click()
+    expect(page.locator("#chat")).to_contain_text("schooner Albatross", timeout=60_000)
+    expect(page.locator("#answer-stats")).to_contain_text("Timings")
+    expect(page.locator("#evidence img").first).to_be_visible()
+    page.locator("#question textarea").fill("What was engraved on the compass?")
+    page.locator("#question textarea").press("Enter")
+    expect(page.locator("#chat")).to_contain_text("for courage at sea", timeout=60_000)
+    expect(page.locator("#chat")).to_contain_text("schooner Albatross")  # the history stays
+    page.screenshot(path=str(ARTIFACTS / "chat-with-evidence.png"), full_page=True)
+    page.locator("#clear").click()
+    expect(page.locator("#chat")).not_to_contain_text("Albatross")
+
+
+def test_the_same_file_twice_is_stored_once(browser_page, extractive_server, tmp_path):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    document = tmp_path / "twice.txt"
+    document.write_text("A document uploaded twice.\n\n" + STORY, encoding="utf-8")
+    upload(page, document)
+    expect(page.locator("#status")).to_contain_text("Rendered twice.txt", timeout=60_000)
+    count = stored_names(extractive_server).count("twice.txt")
+    page.locator("#upload button[aria-label='Clear']").first.click()
+    upload(page, document)
+    expect(page.locator("#status")).to_contain_text("already stored", timeout=60_000)
+    assert stored_names(extractive_server).count("twice.txt") == count == 1
+    page.screenshot(path=str(ARTIFACTS / "deduplicated.png"), full_page=True)
+
+
+def test_rename_and_delete(browser_page, extractive_server, tmp_path):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    document = tmp_path / "draft.txt"
+    document.write_text("A document to rename and delete.\n\n" + STORY, encoding="utf-8")
+    upload(page, document)
+    expect(page.locator("#status")).to_contain_text("Rendered draft.txt", timeout=60_000)
+    page.locator("#name textarea").fill("Final report")
+    page.locator("#rename").click()
+    expect(page.locator("#status")).to_contain_text("Renamed to Final report")
+    assert "Final report" in stored_names(extractive_server) and "draft.txt" not in stored_names(extractive_server)
+    page.screenshot(path=str(ARTIFACTS / "renamed.png"), full_page=True)
+    page.locator("#delete").click()
+    expect(page.locator("#status")).to_contain_text("Deleted Final report")
+    expect(page.locator("#pages img")).to_have_count(0)
+    assert "Final report" not in stored_names(extractive_server)
+
+
+def test_the_example_document_and_the_api_docs(browser_page, extractive_server):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    page.get_by_role("tab", name="Example").click()
+    page.locator("#example").click()
+    expect(page.locator("#pages img").first).to_be_visible(timeout=60_000)
+    page.locator("#question textarea").fill("What was the revenue in the third quarter?")
+    page.locator("#send").click()
+    expect(page.locator("#chat")).to_contain_text("15.1 million euros", timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "example.png"), full_page=True)
+    docs = page.get_by_role("link", name="API docs").get_attribute("href")
+    page.goto(extractive_server.url + docs)  # Swagger UI, served from this server's own files
+    expect(page.get_by_text("/v1/chat/completions").first).to_be_visible(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "api-docs.png"))

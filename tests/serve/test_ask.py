@@ -1,4 +1,4 @@
-"""``glyphserve make-tiny-model`` and ``glyphserve ask``."""
+"""``glyphserve make-tiny-model`` and ``glyphserve ask`` with a model."""
 
 from __future__ import annotations
 

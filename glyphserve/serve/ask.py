@@ -1,0 +1,160 @@
+"""``glyphserve ask``: a question about a file, answered by a model loaded here (``--model``), by a running
+OpenAI-compatible server (``--endpoint URL``: glyphserve, vLLM, SGLang), or without either, extractively (the best
+BM25 passages of the document's text, as ``glyphserve serve`` answers without a model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from glyphserve.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    ask = subparsers.add_parser(
+        "ask",
+        help="answer a question about a document with Glyph (or extractively without a model)",
+        description="Ingest INPUT, render it into pages and answer QUESTION, streaming the answer (Glyph's thinking "
+        "is shown dimmed, or prefixed when not on a terminal). With --model the model runs here; with --endpoint a "
+        "running server reads the pages; with neither the answer is extractive (the best passages of the text).",
+    )
+    ask.add_argument("input", type=Path, help="document: PDF, DOCX, Markdown or plain text")
+    ask.add_argument("question", nargs="?", help="the question (optional with --chat)")
+    source = ask.add_mutually_exclusive_group()
+    source.add_argument("--model", help="model directory or Hugging Face id (e.g. zai-org/Glyph)")
+    source.add_argument(
+        "--random-weights", choices=["glm-4.1v-9b"], help="full-size architecture with random weights (benchmarks)"
+    )
+    source.add_argument("--endpoint", metavar="URL",
+                        help="ask a running OpenAI-compatible server (e.g. http://127.0.0.1:7860/v1)")
+    ask.add_argument("--served-model-name", metavar="NAME", help="with --endpoint: the model name to send "
+                     "(default: the server's first in /v1/models)")
+    ask.add_argument("--api-key", help="with --endpoint: its bearer token")
+    ask.add_argument("--max-new-tokens", type=int, default=512)
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int, default=None)
+    ask.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    ask.add_argument("--no-cache", action="store_true", help="bypass the vision-feature and document-prefix caches")
+    ask.add_argument("--truncate-pages", action="store_true", help="keep the first pages that fit the context")
+    ask.add_argument("--max-context", type=int, default=None, help="tokens of context (default: the model's, <= 32768)")
+    ask.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    ask.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ask.add_argument("--preset", default="auto", help="render preset: auto, glyph-en or glyph-zh")
+    ask.add_argument("--dpi", type=float, default=None, help="render resolution (default: the preset's)")
+    ask.add_argument("--json", action="store_true", help="print the answer, timings and cache statistics as JSON")
+    ask.add_argument("--chat", action="store_true", help="then read follow-up questions from stdin until EOF")
+    ask.set_defaults(func=_ask)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
+    from glyphserve.ingest import ingest_path
+    from glyphserve.render import render_document, resolve_config
+
+    if not args.chat and not args.question:
+        raise ConfigError("give a QUESTION (or --chat to read questions from stdin)")
+    started = time.perf_counter()
+    document = ingest_path(args.input)
+    pages = [page.image for page in
+             render_document(document, resolve_config(document.text, preset=args.preset, dpi=args.dpi)).pages]
+    render_s = time.perf_counter() - started
+    answerer = _answerer(args, document.text)
+    settings = GenerationSettings(
+        max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        ignore_eos=args.ignore_eos, use_cache=not args.no_cache, truncate_pages=args.truncate_pages,
+    )
+    history: list[ChatMessage] = []
+    question = args.question if args.question is not None else _read_question()
+    while question is not None:
+        request = AnswerRequest(pages=pages, question=question, history=list(history), settings=settings)
+        answer = _print_answer(answerer.stream(request), args.json)
+        answer.timings.render = render_s
+        if args.json:
+            stats = answerer.stats() if hasattr(answerer, "stats") else {"backend": "extractive"}
+            print(json.dumps({**answer.to_dict(), "engine": stats}, ensure_ascii=False))
+        render_s = 0.0  # the document is rendered once
+        if not args.chat:
+            break
+        history += [ChatMessage("user", question), ChatMessage("assistant", answer.text)]
+        question = _read_question()
+    return 0
+
+
+def _answerer(args: argparse.Namespace, text: str):
+    """What answers: anything with ``stream(AnswerRequest) -> Iterator[StreamEvent]`` (Engine, RemoteEngine)."""
+    if args.endpoint:
+        from glyphserve.engine.remote import RemoteConfig, RemoteEngine
+
+        return RemoteEngine.load(RemoteConfig(endpoints=[args.endpoint], model=args.served_model_name,
+                                              api_key=args.api_key))
+    if args.model or args.random_weights:
+        from glyphserve.engine import Engine, EngineConfig
+        from glyphserve.serve.weights import resolve_model
+
+        model = resolve_model(args.model) if args.model else None  # before torch loads: fails fast
+        return Engine.load(EngineConfig(model=model, random_weights=args.random_weights, dtype=args.dtype,
+                                        device=args.device, max_context=args.max_context, max_num_seqs=1))
+    from glyphserve.serve.errors import NO_MODEL_HINT
+
+    print(f"glyphserve: {NO_MODEL_HINT.replace('glyphserve serve', 'glyphserve ask INPUT QUESTION --model')}",
+          file=sys.stderr)
+    return _Extractive(text)
+
+
+class _Extractive:
+    """The server's extractive backend over the document's text, behind the engine's ``stream``."""
+
+    def __init__(self, text: str):
+        from glyphserve.serve.backends import ExtractiveBackend
+
+        self.text = text
+        self.backend = ExtractiveBackend(store=None)
+
+    def stream(self, request) -> Iterator:
+        from glyphserve.engine import StreamEvent
+        from glyphserve.serve.backends import ChatJob, Reply
+
+        for item in self.backend.stream(ChatJob(request, context=self.text)):
+            yield StreamEvent("done", result=item.answer) if isinstance(item, Reply) else item
+
+
+def _read_question() -> str | None:
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return None
+        if line.strip():
+            return line.strip()
+
+
+def _print_answer(events, as_json: bool):
+    """Stream the answer to stdout (unless JSON was asked for); returns the Answer."""
+    out = sys.stdout
+    tty = out.isatty()
+    channel = None
+    for event in events:
+        if event.channel == "done":
+            if channel == "thinking" and tty:
+                out.write("\x1b[0m")
+            if not as_json:
+                out.write("\n")
+                out.flush()
+            return event.result
+        if as_json:
+            continue
+        if event.channel != channel:
+            if channel == "thinking":
+                out.write("\x1b[0m\n" if tty else "\n")
+            if event.channel == "thinking":
+                out.write("\x1b[2m" if tty else "[thinking] ")
+            channel = event.channel
+        out.write(event.text)
+        out.flush()
+    raise RuntimeError("the stream ended without a result")

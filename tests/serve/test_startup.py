@@ -1,0 +1,76 @@
+"""Starting ``glyphserve serve`` as a vLLM user would: what fails, how fast and with which message."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+from glyphserve.serve.config import model_id_name
+from tests.serve.conftest import REPO, free_port
+
+# A Hub that cannot be reached: a closed loopback port (no traffic leaves the machine).
+OFFLINE = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+def glyphserve(*args: str, env: dict | None = None, code: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "glyphserve.cli", *args]
+    # The old behaviour (the Hub client's retries) took over 30 s: a 20 s limit tells them apart.
+    return subprocess.run(command, cwd=REPO, env=env or OFFLINE, capture_output=True, text=True, timeout=20)
+
+
+def test_served_name_defaults_to_the_last_part_of_the_model_id():
+    assert model_id_name("zai-org/Glyph") == "Glyph"
+    assert model_id_name("/models/glyph-9b/") == "glyph-9b"
+    assert model_id_name("tiny") == "tiny"
+
+
+def test_an_offline_hub_id_fails_at_once_with_the_download_command(tmp_path):
+    result = glyphserve("serve", "zai-org/Glyph", "--port", str(free_port()), "--data-dir", str(tmp_path),
+                        env={**OFFLINE, "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2, result.stderr
+    assert "hf download zai-org/Glyph --local-dir ./Glyph" in result.stderr
+    assert "Traceback" not in result.stderr and "loading" not in result.stdout
+
+
+def test_a_missing_folder_is_named(tmp_path):
+    result = glyphserve("serve", str(tmp_path / "nowhere"), "--port", str(free_port()), "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and "no such folder" in result.stderr
+
+
+def test_a_busy_port_is_reported_before_the_weights_load(tmp_path, tiny_model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = glyphserve("serve", str(tiny_model_dir), "--port", str(port), "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "--port" in result.stderr and "loading" not in result.stdout
+
+
+def test_two_different_models_are_refused(tmp_path):
+    result = glyphserve("serve", "a/b", "--model", "c/d", "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and "two models given" in result.stderr
+
+
+def test_missing_extras_give_one_line_with_the_pip_command(tmp_path):
+    blocked = ("import sys; sys.modules['fastapi'] = None; from glyphserve.cli import main; "
+               f"sys.exit(main(['serve', '--port', '{free_port()}', '--data-dir', {str(tmp_path)!r}]))")
+    result = glyphserve(code=blocked)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: `glyphserve serve` needs the serve extra (fastapi is not installed): pip install 'glyphserve[serve]'"]
+
+
+def test_ask_answers_extractively_without_a_model(tmp_path, capsys):
+    from glyphserve.cli import main
+    from tests.serve.conftest import STORY
+
+    story = tmp_path / "keeper.txt"
+    story.write_text(STORY, encoding="utf-8")
+    assert main(["ask", str(story), "Which schooner hit the rocks?"]) == 0
+    captured = capsys.readouterr()
+    assert "schooner Albatross" in captured.out and "extractive" in captured.err
+    assert main(["ask", str(story), "What was engraved?", "--json"]) == 0
+    result = __import__("json").loads(capsys.readouterr().out)
+    assert "for courage at sea" in result["text"] and result["prompt_tokens"] > 0 and result["new_tokens"] > 0
