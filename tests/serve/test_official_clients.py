@@ -3,7 +3,10 @@ glyph``: their requests re-created here as they send them (``scripts/vlm_inferen
 RULER ``post_api`` scripts of github.com/thu-coai/Glyph), answered with every parameter honoured.
 
 The official scripts send ``max_tokens: 8192``, more than the tiny model's 4096-token context holds (a server with
-the real Glyph has room); here it is lowered to ``MAX_TOKENS``, every other value is theirs. Tests marked
+the real Glyph has room); here it is lowered to ``MAX_TOKENS``. Their ``stop_token_ids`` are ids of Glyph's
+151,552-token vocabulary, which the engine refuses for a smaller one: here they are the same offsets from
+``<|endoftext|>`` in the tiny vocabulary (which keeps the control tokens in the real order). Every other value is
+theirs. Tests marked
 ``ENGINE`` check what the engine does with a parameter (penalties, top_k, stop tokens and strings, logprobs): they
 pass once the engine honours them.
 """
@@ -24,8 +27,21 @@ from tests.serve.conftest import STORY, Server
 from tests.serve.test_api import upload_text
 
 MAX_TOKENS = 24
-# The stop tokens the official scripts send: <|endoftext|>, <|user|> and <|observation|> in Glyph's vocabulary.
-GLYPH_STOP_IDS = [151329, 151348, 151336]
+# The stop token ids the official scripts send (151329 is <|endoftext|> in Glyph's vocabulary), and where the same
+# offsets from <|endoftext|> fall in the tiny model's.
+OFFICIAL_STOP_IDS = [151329, 151348, 151336]
+
+
+def tiny_stop_ids(model_dir) -> list[int]:
+    from transformers import AutoTokenizer
+
+    first = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids("<|endoftext|>")
+    return [first + i - OFFICIAL_STOP_IDS[0] for i in OFFICIAL_STOP_IDS]
+
+
+@pytest.fixture(scope="module")
+def stop_ids(tiny_model_dir) -> list[int]:
+    return tiny_stop_ids(tiny_model_dir)
 ENGINE = pytest.mark.xfail(strict=False, reason="waits for the engine to honour the sampling parameter")
 
 
@@ -76,43 +92,43 @@ def post(server: Server, payload: dict) -> httpx.Response:
                       content=json.dumps(payload), timeout=300)
 
 
-def vlm_inference_payload(question: str, pages: list[str]) -> dict:
+def vlm_inference_payload(question: str, pages: list[str], stop_ids: list[int]) -> dict:
     """scripts/vlm_inference.py (its "model" line is commented out)."""
     return {"messages": [{"role": "user", "content": image_parts(pages) + [{"type": "text", "text": question}]}],
             "max_tokens": MAX_TOKENS, "top_p": 1.0, "top_k": 1, "temperature": 0.0001, "repetition_penalty": 1.1,
-            "skip_special_tokens": False, "stop_token_ids": GLYPH_STOP_IDS, "include_stop_str_in_output": True}
+            "skip_special_tokens": False, "stop_token_ids": stop_ids, "include_stop_str_in_output": True}
 
 
-def longbench_payload(prompt: str, pages: list[str]) -> dict:
+def longbench_payload(prompt: str, pages: list[str], stop_ids: list[int]) -> dict:
     """evaluation/longbench/scripts/post_api_longbench.py with --use_image."""
     return {"model": "glyph", "messages": [{"role": "user", "content": image_parts(pages) + [
                 {"type": "text", "text": prompt.strip()}]}],
             "max_tokens": MAX_TOKENS, "top_p": 1.0, "top_k": 1, "temperature": 0.0001, "repetition_penalty": 1.1,
-            "skip_special_tokens": False, "stop_token_ids": GLYPH_STOP_IDS, "include_stop_str_in_output": True}
+            "skip_special_tokens": False, "stop_token_ids": stop_ids, "include_stop_str_in_output": True}
 
 
-def mrcr_payload(question: str, pages: list[str]) -> dict:
+def mrcr_payload(question: str, pages: list[str], stop_ids: list[int]) -> dict:
     """evaluation/mrcr/scripts/post_api_mrcr.py (the question after a newline; logprobs false)."""
     return {"model": "glyph", "messages": [{"role": "user", "content": image_parts(pages) + [
                 {"type": "text", "text": "\n" + question}]}],
             "skip_special_tokens": False, "include_stop_str_in_output": True, "logprobs": False,
             "max_tokens": MAX_TOKENS, "top_p": 1.0, "top_k": 50, "temperature": 0.0001, "repetition_penalty": 1.1,
-            "stop_token_ids": GLYPH_STOP_IDS}
+            "stop_token_ids": stop_ids}
 
 
-def ruler_payload(question: str, pages: list[str]) -> dict:
+def ruler_payload(question: str, pages: list[str], stop_ids: list[int]) -> dict:
     """evaluation/ruler/scripts/post_api_ruler.py (no top_p; greedy by temperature 0)."""
     return {"model": "glyph", "messages": [{"role": "user", "content": image_parts(pages) + [
                 {"type": "text", "text": question}]}],
             "skip_special_tokens": False, "include_stop_str_in_output": True, "logprobs": False,
             "max_tokens": MAX_TOKENS, "top_k": 50, "temperature": 0.0, "repetition_penalty": 1.1,
-            "stop_token_ids": GLYPH_STOP_IDS}
+            "stop_token_ids": stop_ids}
 
 
 @pytest.mark.parametrize("build", [vlm_inference_payload, longbench_payload, mrcr_payload, ruler_payload],
                          ids=["vlm_inference", "longbench", "mrcr", "ruler"])
-def test_the_official_clients_requests_are_answered(glyph, page_files, build):
-    response = post(glyph, build("Who rescued the sailors?", page_files))
+def test_the_official_clients_requests_are_answered(glyph, page_files, stop_ids, build):
+    response = post(glyph, build("Who rescued the sailors?", page_files, stop_ids))
     assert response.status_code == 200, response.text
     result = response.json()
     # What the scripts read: choices[0].message.content, and usage.prompt_tokens (LongBench, MRCR).
@@ -122,12 +138,12 @@ def test_the_official_clients_requests_are_answered(glyph, page_files, build):
     assert "cached_tokens" in result["usage"]["prompt_tokens_details"]
 
 
-def test_the_openai_client_unchanged(glyph, page_files):
+def test_the_openai_client_unchanged(glyph, page_files, stop_ids):
     oc = openai.OpenAI(base_url=f"{glyph.url}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in oc.models.list().data] == ["glyph"]
     messages = [{"role": "user", "content": image_parts(page_files) + [{"type": "text", "text": "Who?"}]}]
     vllm_extras = {"top_k": 1, "repetition_penalty": 1.1, "skip_special_tokens": False,
-                   "stop_token_ids": GLYPH_STOP_IDS, "include_stop_str_in_output": True}
+                   "stop_token_ids": stop_ids, "include_stop_str_in_output": True}
     first = oc.chat.completions.create(model="glyph", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
                                        extra_body=vllm_extras)
     again = oc.chat.completions.create(model="glyph", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
@@ -145,16 +161,16 @@ def test_the_openai_client_unchanged(glyph, page_files):
     assert info.value.code == "invalid_request" and "n must be 1" in info.value.message
 
 
-def test_a_context_overflow_is_a_400_that_names_max_tokens(glyph, page_files):
-    response = post(glyph, {**longbench_payload("Who?", page_files), "max_tokens": 100_000})
+def test_a_context_overflow_is_a_400_that_names_max_tokens(glyph, page_files, stop_ids):
+    response = post(glyph, {**longbench_payload("Who?", page_files, stop_ids), "max_tokens": 100_000})
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["code"] == "context_length_exceeded"
 
 
 @ENGINE
-def test_the_maximum_context_length_is_worded_as_vllm_words_it(glyph, page_files):
-    error = post(glyph, {**longbench_payload("Who?", page_files), "max_tokens": 100_000}).json()["error"]
+def test_the_maximum_context_length_is_worded_as_vllm_words_it(glyph, page_files, stop_ids):
+    error = post(glyph, {**longbench_payload("Who?", page_files, stop_ids), "max_tokens": 100_000}).json()["error"]
     assert "'max_tokens' or 'max_completion_tokens' is too large: 100000" in error["message"]
     assert "maximum context length" in error["message"] and error["param"] == "max_tokens"
 
