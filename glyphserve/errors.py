@@ -90,23 +90,6 @@ class ContextOverflowError(GlyphserveError):
     http_status = 400
     code = "context_length_exceeded"
 
-    @classmethod
-    def for_request(cls, *, prompt_tokens: int, max_tokens: int, max_context: int, pages: int = 0,
-                    pages_that_fit: int = 0) -> ContextOverflowError:
-        """vLLM's wording, which names ``max_tokens`` when the prompt fits but the room asked for the answer
-        does not, plus how many of the pages would fit."""
-        if prompt_tokens >= max_context:
-            message = (f"This model's maximum context length is {max_context} tokens. However, your request has "
-                       f"{prompt_tokens} input tokens. Please reduce the length of the input messages.")
-        else:
-            message = (f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
-                       f"context length is {max_context} tokens and your request has {prompt_tokens} input tokens "
-                       f"({max_tokens} > {max_context} - {prompt_tokens}).")
-        if pages_that_fit:
-            message += (f" Only the first {pages_that_fit} of the {pages} pages fit: ask about fewer pages, lower "
-                        "max_tokens, or set truncate_pages.")
-        return cls(message, param="max_tokens" if prompt_tokens < max_context else "messages")
-
 
 class MissingExtraError(GlyphserveError):
     """A command needs packages of an optional extra that is not installed (the message names the pip command)."""

@@ -157,7 +157,8 @@ class GlyphService:
                 f"the upload is {size / 2**20:.1f} MiB; this server accepts at most "
                 f"{self.config.max_upload_mb:g} MiB (--max-upload-mb)"
             )
-        digest = content_hash(data if data is not None else (text or "").encode("utf-8"), options)
+        digest = content_hash(b"file\x00" + data if data is not None else b"text\x00" + (text or "").encode("utf-8"),
+                              options)
         existing = self.store.find(digest)
         if existing is not None:
             return existing, True
@@ -264,7 +265,8 @@ class GlyphService:
 
 
 def content_hash(data: bytes, options: RenderOptions) -> str:
-    """What makes two uploads the same document: their bytes and the render settings asked for."""
+    """What makes two uploads the same document: their source (file or pasted text) and bytes, and the render
+    settings asked for."""
     digest = hashlib.sha256(data)
     digest.update(f"\x00{options.preset}\x00{options.dpi}\x00{options.newline}".encode())
     return digest.hexdigest()
