@@ -134,7 +134,7 @@ def build_router(service: GlyphService) -> APIRouter:
         return {
             "answer": answer.text, "thinking": answer.thinking, "finish_reason": answer.finish_reason,
             "stop_reason": answer.stop_reason, "model": service.model_name, "backend": reply.backend,
-            "notice": service.describe()["notice"], "timings": asdict(answer.timings), "cache": asdict(answer.cache),
+            "notice": service.notice, "timings": asdict(answer.timings), "cache": asdict(answer.cache),
             "usage": {**oai.usage(answer), "vision_tokens": answer.vision_tokens},
             "logprobs": None if answer.logprobs is None else [asdict(t) for t in answer.logprobs],
             "citations": citations(document_id, reply),

@@ -94,6 +94,11 @@ class GlyphService:
     def has_model(self) -> bool:
         return isinstance(self.backend, EngineBackend)
 
+    @property
+    def notice(self) -> str | None:
+        """What users should know about the answers (without a model: that they are extractive)."""
+        return None if self.has_model else NO_MODEL_HINT
+
     def describe(self) -> dict:
         """What answers questions, for /health, /v1/models and the UI."""
         if self.router is not None:
@@ -101,14 +106,14 @@ class GlyphService:
             requests = {e["url"]: e for e in stats["endpoints"]}
             replicas = [{**r, **{k: requests[r["url"]][k] for k in ("requests", "in_flight", "failures")}}
                         for r in self.router.snapshot()]
-            return {"backend": "openai", "model": self.model_name, "notice": None,
+            return {"backend": "openai", "model": self.model_name, "notice": self.notice,
                     "capacity": self.router.capacity(), "replicas": replicas,
                     "retries": stats["retries"], "resumed": stats["resumed"]}
         if self.has_model:
             stats = self.engine.stats()
-            return {"backend": "engine", "model": self.model_name, "notice": None,
+            return {"backend": "engine", "model": self.model_name, "notice": self.notice,
                     "engine": {k: stats[k] for k in ENGINE_COUNTERS}}
-        return {"backend": "extractive", "model": self.model_name, "notice": NO_MODEL_HINT}
+        return {"backend": "extractive", "model": self.model_name, "notice": self.notice}
 
     def check_model(self, name: str | None) -> None:
         """Requests may name the model (one of the served names) or leave it out, as vLLM allows."""
