@@ -42,8 +42,9 @@ of 18 tried (32/64/128 keys x 4/8 warps x 2/3/4 stages). Short prefills use tile
 sequence (programs past a sequence's own queries exit at once) and so lowers the split count: a decode-only
 step should use ``max_query_len=1``. It must bound every sequence's query count.
 
-Elsewhere (CPU, or no Triton) the op runs ``paged_attention_reference``: plain PyTorch, one sequence at a time,
-softmax in fp32. It reads ``seq_lens`` on the host, so it is not for CUDA graphs.
+Elsewhere (CPU, or no Triton) the op runs ``paged_attention_batched``: plain PyTorch over all sequences at once
+(keys gathered and padded to the longest), softmax in fp32; ``paged_attention_reference`` does the same one
+sequence at a time and is the tests' oracle. Both read ``seq_lens`` on the host, so neither is for CUDA graphs.
 
 The op is ``torch.ops.glyphserve.paged_attention`` (a ``torch.library.custom_op`` that mutates ``out``, with a
 fake implementation), so ``torch.compile`` treats it as one opaque call.
@@ -117,6 +118,53 @@ def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block
     return out
 
 
+def paged_attention_batched(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start: Tensor,
+    scale: float,
+    max_query_len: int,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``paged_attention`` in a few batched PyTorch operations over all sequences at once (their keys gathered and
+    padded to the longest, masked out past each one's length): the path off CUDA. A batch of 64 decode rows on
+    the CPU costs one gather and two matmuls a layer instead of 64 of each."""
+    _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out.zero_()
+    n_seqs = block_tables.shape[0]
+    if n_seqs == 0 or q.shape[0] == 0:
+        return out
+    block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // kv_heads
+    starts = query_start.long()
+    q_lens = starts[1:] - starts[:-1]
+    longest = int(seq_lens.max())
+    if longest == 0:
+        return out
+    blocks = block_tables[:, : -(-longest // block_size)].long()
+    own = -(-seq_lens.long() // block_size)  # a table's entries past its own blocks may hold anything
+    blocks = blocks.where(torch.arange(blocks.shape[1], device=q.device)[None, :] < own[:, None], 0)
+    keys = k_cache[blocks].flatten(1, 2)[:, :longest].float()  # [S, L, KV, D]
+    values = v_cache[blocks].flatten(1, 2)[:, :longest].float()
+    offsets = torch.arange(max_query_len, device=q.device)
+    valid = offsets[None, :] < q_lens[:, None]  # [S, Q]
+    rows = (starts[:-1, None] + offsets[None, :]).clamp(max=q.shape[0] - 1)
+    queries = q[rows].float().view(n_seqs, max_query_len, kv_heads, group, head_dim)
+    scores = torch.einsum("sqkgd,slkd->skgql", queries, keys) * scale
+    position = seq_lens.long()[:, None] - q_lens[:, None] + offsets[None, :]  # [S, Q]
+    visible = torch.arange(longest, device=q.device)[None, None, :] <= position[:, :, None]  # [S, Q, L]
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see no key
+    result = torch.einsum("skgql,slkd->sqkgd", weights, values).reshape(n_seqs, max_query_len, -1, head_dim)
+    out[rows[valid]] = result[valid].to(out.dtype)
+    return out
+
+
 def _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len) -> None:
     """Static-shape checks (no device values read)."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -144,8 +192,8 @@ def _paged_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     if q.is_cuda and triton is not None:
         paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len, out)
     else:
-        paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len,
-                                  out)
+        paged_attention_batched(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len,
+                                out)
 
 
 @_paged_attention_op.register_fake

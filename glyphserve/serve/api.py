@@ -178,8 +178,9 @@ def build_router(service: GlyphService) -> APIRouter:
             record, duplicate = await service.add_document(
                 text=body.text, name=body.name, options=RenderOptions(body.preset, body.dpi, body.newline))
         # The same content with the same settings is stored once: 200 and the stored document.
-        return JSONResponse({"id": record.id, "deduplicated": duplicate, "document": record.to_dict(),
-                             "manifest": service.store.manifest(record.id)}, status_code=200 if duplicate else 201)
+        return JSONResponse({"id": record.id, "deduplicated": duplicate, "warm": service.warmth(record.id),
+                             "document": record.to_dict(), "manifest": service.store.manifest(record.id)},
+                            status_code=200 if duplicate else 201)
 
     @router.get("/v1/documents")
     async def list_documents():
@@ -188,7 +189,8 @@ def build_router(service: GlyphService) -> APIRouter:
     @router.get("/v1/documents/{document_id}")
     async def get_document(document_id: str):
         record = service.store.get(document_id)
-        return {"id": record.id, "document": record.to_dict(), "manifest": service.store.manifest(record.id)}
+        return {"id": record.id, "warm": service.warmth(record.id), "document": record.to_dict(),
+                "manifest": service.store.manifest(record.id)}
 
     @router.get("/v1/documents/{document_id}/pages/{page}.png")
     async def get_page(document_id: str, page: int, top: int | None = Query(None, ge=0),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from PIL import Image
 
-from glyphserve.engine.types import EncodedPage, StreamEvent
+from glyphserve.engine.types import AnswerRequest, EncodedPage, StreamEvent
 from glyphserve.errors import FileTooLargeError, IngestTimeoutError, TooManyPagesError
 from glyphserve.ingest import Document, clean_filename
 from glyphserve.serve.backends import ChatJob, EngineBackend, ExtractiveBackend, Reply
@@ -52,6 +53,8 @@ class RenderOptions:
 # Uploads read at once: each thread waits on a parser process (PDF, DOCX) or decodes text, so a few slow files
 # never hold up a pasted text, and rendering has threads of its own.
 INGEST_THREADS = 4
+log = logging.getLogger("glyphserve.serve")
+
 MAX_ORIGINAL_NAME = 4096  # characters of a raw upload name kept as metadata
 
 # Engine counters in /health: requests, and decode occupancy (decode_rows / decode_steps rows per step).
@@ -89,6 +92,9 @@ class GlyphService:
         self._ingest_pool = ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="glyphserve-ingest")
         self.metrics.watch(running=lambda: self.scheduler.running, waiting=lambda: self.scheduler.depth)
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")
+        # Ready at upload: documents being warmed (their task) and warmed ones (see ``warmth``).
+        self._warming: dict[str, asyncio.Task] = {}
+        self._warm: set[str] = set()
 
     @property
     def has_model(self) -> bool:
@@ -178,6 +184,7 @@ class GlyphService:
         original = name if name and name != shown else None
         record = await loop.run_in_executor(self._render_pool, self._render_and_store, document, shown, original,
                                             options, deadline, digest)
+        self._start_warming(record.id)
         return record, False
 
     def _render_and_store(self, document: Document, name: str | None, original: str | None, options: RenderOptions,
@@ -225,6 +232,10 @@ class GlyphService:
 
     def delete_document(self, document_id: str) -> None:
         self.store.delete(document_id)
+        self._warm.discard(document_id)
+        task = self._warming.pop(document_id, None)
+        if task is not None:
+            task.cancel()  # the engine drops the warming at its next step and frees its blocks
         if isinstance(self.backend, ExtractiveBackend):
             self.backend.forget(document_id)
 
@@ -246,6 +257,36 @@ class GlyphService:
         """The document's page files as they are: the engine decodes them only on a vision-cache miss, and a
         front sends them on without decoding them at all."""
         return [EncodedPage.from_bytes(path.read_bytes()) for path in self.store.pages(document_id)]
+
+    # -- ready at upload -------------------------------------------------------------------
+
+    def warmth(self, document_id: str) -> str:
+        """"warm" (its vision features and prefix blocks were computed; memory pressure may evict them later),
+        "warming", or "cold" (no local model, the engine was busy past the request timeout, or warming failed)."""
+        if document_id in self._warm:
+            return "warm"
+        return "warming" if document_id in self._warming else "cold"
+
+    def _start_warming(self, document_id: str) -> None:
+        """Compute a new document's vision features and prefix KV in the background: the engine does it only while
+        no question waits or runs, so the first question is answered like a follow-up."""
+        if not self.has_model or self.router is not None:
+            return
+        self._warming[document_id] = asyncio.get_running_loop().create_task(self._warm_up(document_id))
+
+    async def _warm_up(self, document_id: str) -> None:
+        job = ChatJob(request=AnswerRequest(pages=[], question="", warm=True), document_id=document_id)
+        try:
+            await self.answer(job)
+        except asyncio.CancelledError:
+            return  # deleted meanwhile
+        except Exception as exc:  # a cold first question is the only cost
+            log.info("warming document %s failed: %s", document_id, exc)
+        else:
+            if self._warming.get(document_id) is not None:
+                self._warm.add(document_id)
+        finally:
+            self._warming.pop(document_id, None)
 
     # -- answers --------------------------------------------------------------------------
 

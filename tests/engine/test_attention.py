@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glyphserve.engine.attention import paged_attention, paged_attention_reference
+from glyphserve.engine.attention import paged_attention, paged_attention_batched, paged_attention_reference
 from tests.engine.paged_cases import CASES, make_case
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,11 +40,12 @@ def dense_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, sc
     return out
 
 
+@pytest.mark.parametrize("implementation", [paged_attention_reference, paged_attention_batched])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_reference_matches_dense_attention(case):
+def test_reference_matches_dense_attention(case, implementation):
     inputs = make_case(case, seed=1)
     out = torch.full_like(inputs.q, float("nan"))
-    paged_attention_reference(*inputs.args, out=out)
+    implementation(*inputs.args, out=out)
     assert not out.isnan().any(), "every element of out is written"
     expected = dense_attention(inputs.q, inputs.k_cache, inputs.v_cache, inputs.block_tables, inputs.seq_lens,
                                inputs.query_start, inputs.scale)
@@ -53,12 +54,12 @@ def test_reference_matches_dense_attention(case):
     assert (out[inputs.zero_rows] == 0).all()
 
 
-def test_op_on_cpu_runs_the_reference_and_fills_out():
+def test_op_on_cpu_runs_the_batched_path_and_fills_out():
     inputs = make_case(CASES[0], seed=2)
     out = torch.full_like(inputs.q, float("nan"))
     returned = paged_attention(*inputs.args, out=out)
     assert returned is out
-    torch.testing.assert_close(out, paged_attention_reference(*inputs.args), rtol=0, atol=0)
+    torch.testing.assert_close(out, paged_attention_batched(*inputs.args), rtol=0, atol=0)
     fresh = paged_attention(*inputs.args)
     torch.testing.assert_close(fresh, out, rtol=0, atol=0)
 

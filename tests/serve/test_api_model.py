@@ -297,3 +297,24 @@ def test_ask_with_an_endpoint_asks_the_running_server(model_server, tmp_path, ca
                  "--max-new-tokens", "4", "--ignore-eos", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["new_tokens"] == 4 and result["engine"]["endpoints"][0]["model"] == "glyph"
+
+
+def test_a_document_is_warmed_at_upload_and_its_first_question_reuses_it(model_server, client):
+    """Ready at upload: the upload answers at once, the engine computes the pages' features and prefix KV in the
+    background, and the first question then prefills only its own tokens; its answer is the cold answer."""
+    text = "The harbour of Carrow Point froze in the winter of 1891; the keeper walked to the mainland."
+    created = upload_text(client, text)
+    assert created["warm"] in ("warming", "warm")
+    doc_id = created["id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/documents/{doc_id}").json()["warm"] != "warm":
+        assert time.monotonic() < deadline, "the document was never warmed"
+        time.sleep(0.2)
+    first = ask(client, doc_id, QUESTIONS[0])
+    assert first["cache"]["prefix_reused_tokens"] > 0 and first["cache"]["vision_misses"] == 0
+    # an upload deleted while it warms is gone (its warming cancelled); a new upload answers the same
+    other = upload_text(client, text + " ")
+    client.delete(f"/v1/documents/{other['id']}")
+    assert client.get(f"/v1/documents/{other['id']}").status_code == 404
+    again = upload_text(client, text + " ")
+    assert ask(client, again["id"], QUESTIONS[0])["answer"] == first["answer"]
