@@ -90,6 +90,12 @@ def build_ui(service: GlyphService) -> gr.Blocks:
     def gallery_items(record: DocumentRecord):
         return [(str(path), f"page {n}") for n, path in enumerate(service.store.pages(record.id), 1)]
 
+    def warmth_note(document_id: str) -> str:
+        warmth = service.warmth(document_id) if service.has_model else None
+        return {"warming": " The model is reading its pages in the background; the first answer will come as "
+                           "fast as a follow-up's.",
+                "warm": " The model has read its pages: answers start at once."}.get(warmth, "")
+
     def shown(record: DocumentRecord, status: str):
         """What the page shows for a document: (document, gallery, stats, dropdown, name box, chat, status,
         answer stats, evidence)."""
@@ -104,7 +110,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         name = record.name or "pasted text"
         status = (f"**{name}** was already stored with these settings: showing it." if duplicate
                   else f"Rendered **{name}** into {record.pages} page(s).")
-        return shown(record, status)
+        return shown(record, status + warmth_note(record.id))
 
     async def upload_file(file_path, preset, dpi, newline):
         if not file_path:
@@ -129,7 +135,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             record = service.store.get(document_id)
         except Exception as exc:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
-        return shown(record, f"Selected **{record.name or 'pasted text'}**.")
+        return shown(record, f"Selected **{record.name or 'pasted text'}**." + warmth_note(record.id))
 
     def rename(document_id, name):
         if not document_id:
