@@ -1,10 +1,11 @@
 """Pages (HxWx3 uint8) to GLM-4.1V pixel patches, equal to the Hugging Face image processor's output.
 
 The HF processor resizes (PIL bicubic, identity when both sides are already multiples of 28 and the area is
-within bounds), rescales in float64, casts to float32, normalises in float32 and patchifies. Rescale and
-normalise depend only on the 8-bit value and the channel, so they become a 3x256 lookup table computed with the
-same numpy operations; the lookup and the patchify run on the device, on the uint8 page, which is all that
-crosses the bus (pinned memory, side stream).
+within bounds), rescales in float64, casts to float32, normalises in float32 and patchifies. Everything after
+decoding runs on the device: the uint8 page crosses the bus at its original size (pinned memory, side stream),
+is resized there by ``resize.resize_bicubic`` (Pillow's integer arithmetic, bit for bit), and rescale and
+normalise, which depend only on the 8-bit value and the channel, become a 3x256 lookup table computed with the
+same numpy operations as HF's.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
+from glyphserve.engine.resize import BICUBIC, resize_bicubic
 from glyphserve.engine.types import EncodedPage, Page
-from glyphserve.errors import GlyphserveError
+from glyphserve.errors import ConfigError, GlyphserveError
 from glyphserve.glm4v import smart_resize
 
 
@@ -33,7 +34,7 @@ class PreprocessParams:
     rescale_factor: float = 1 / 255
     image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
-    resample: int = int(Image.Resampling.BICUBIC)
+    resample: int = BICUBIC
 
     @classmethod
     def from_image_processor(cls, ip) -> PreprocessParams:
@@ -123,14 +124,6 @@ def decode_pages(pages: list[Page]) -> list[np.ndarray]:
     return _parallel(lambda p: p.pixels() if isinstance(p, EncodedPage) else p, pages)
 
 
-def resize_page(page: np.ndarray, params: PreprocessParams) -> np.ndarray:
-    """The page at the processor's target size (unchanged when already there), HxWx3 uint8."""
-    height, width = params.resized_shape(*page.shape[:2])
-    if (height, width) == page.shape[:2]:
-        return page
-    return np.array(Image.fromarray(page).resize((width, height), resample=params.resample))
-
-
 def _as_tensor(page: np.ndarray) -> torch.Tensor:
     if not page.flags.writeable or not page.flags.c_contiguous:
         page = np.array(page)  # torch.from_numpy needs a writable, contiguous array
@@ -141,6 +134,9 @@ class PagePreprocessor:
     """uint8 pages to flattened patches [sum(gh*gw), 3*T*P*P] on ``device``, in the model's dtype."""
 
     def __init__(self, params: PreprocessParams, device: torch.device, dtype: torch.dtype, pinned: bool = True):
+        if params.resample != BICUBIC:
+            raise ConfigError(f"the image processor resamples with PIL filter {params.resample}; only bicubic "
+                              f"({BICUBIC}), what GLM-4.1V uses, is reproduced on the device")
         self.params = params
         self.device = device
         self.dtype = dtype
@@ -150,9 +146,9 @@ class PagePreprocessor:
         self.copy_stream = torch.cuda.Stream(device) if self.pinned else None
 
     def upload(self, pages: list[Page]) -> list[torch.Tensor]:
-        """Decode encoded pages, resize where needed and move the uint8 pages to the device (pinned, non-blocking
+        """Decode encoded pages and move the uint8 pages, at their own size, to the device (pinned, non-blocking
         on a side stream)."""
-        host = [_as_tensor(resize_page(p, self.params)) for p in decode_pages(pages)]
+        host = [_as_tensor(p) for p in decode_pages(pages)]
         if self.device.type != "cuda":
             return host
         if not self.pinned:
@@ -169,14 +165,17 @@ class PagePreprocessor:
         return out
 
     def patchify(self, pages: list[torch.Tensor]) -> torch.Tensor:
-        """Device uint8 pages (HxWx3) to patches, pages of one shape handled together."""
+        """Device uint8 pages (HxWx3, as uploaded) to patches: resized to the processor's size, normalised and
+        patchified, pages of one shape together."""
         p, m, t = self.params.patch_size, self.params.merge_size, self.params.temporal_patch_size
         chunks: list[torch.Tensor | None] = [None] * len(pages)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, page in enumerate(pages):
             by_shape.setdefault(tuple(page.shape[:2]), []).append(i)
-        for (height, width), idx in by_shape.items():
-            batch = torch.stack([pages[i] for i in idx]).permute(0, 3, 1, 2).long()  # N,3,H,W
+        for shape, idx in by_shape.items():
+            height, width = self.params.resized_shape(*shape)
+            batch = resize_bicubic(torch.stack([pages[i] for i in idx]), height, width)
+            batch = batch.permute(0, 3, 1, 2).long()  # N,3,H,W
             x = self.lut[self.channel_index, batch]  # float32, HF's values
             n, gh, gw = len(idx), height // p, width // p
             x = x.reshape(n, 3, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)

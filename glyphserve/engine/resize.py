@@ -1,0 +1,106 @@
+"""Pillow's 8-bit bicubic resize, bit for bit, in torch integer arithmetic on whatever device the pages are on.
+
+Pillow (libImaging/Resample.c) resizes in two separable passes. Per output column (then row) it weighs the input
+pixels within the filter's support around the mapped centre: the weights are evaluated in double precision,
+normalised to sum to one, then rounded half away from zero to fixed point with 22 fraction bits. Each output value
+is ``2**21 + sum(pixel * weight)`` in 32-bit integers, shifted right by 22 and clipped to 0..255; the horizontal
+pass's result is stored as 8-bit before the vertical pass reads it. A pass whose size does not change is skipped,
+and a page more than 100 times taller than wide that shrinks in height is resized vertically first (Pillow's
+``Image.resize`` does that to bound memory), which changes the rounding, so it is followed here too.
+
+Here the weights come from the same double-precision formulas in numpy (identical IEEE operations, same order), and
+a pass is ``ksize`` gathers of whole rows (columns: of the transposed pages), each multiplied by its integer weight
+and summed in int32: the result equals Pillow's exactly on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+PRECISION_BITS = 32 - 8 - 2  # Pillow's: 8 result bits, 2 bits of headroom for negative lobes and overshoot
+BICUBIC = int(Image.Resampling.BICUBIC)
+_SUPPORT = 2.0  # bicubic's filter support (input pixels either side, at scale 1)
+_TALL = 100  # Pillow resizes a page taller than 100x its width vertically first when its height shrinks
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution with a = -0.5, written as Pillow evaluates it (same operations, same order)."""
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+@lru_cache(maxsize=64)
+def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(index int64 [out, ksize], weight int32 [out, ksize]) of one pass: input index and fixed-point weight of
+    each tap (taps past a pixel's support weigh 0 and point at a valid index)."""
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = _SUPPORT * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    # C's (int) truncates toward zero; below zero both clamp to 0, so floor is the same here.
+    xmin = np.maximum(np.floor(center - support + 0.5), 0).astype(np.int64)
+    xmax = np.minimum(np.floor(center + support + 0.5).astype(np.int64), in_size) - xmin
+    taps = np.arange(ksize, dtype=np.int64)
+    used = taps[None, :] < xmax[:, None]
+    x = (xmin[:, None] + taps[None, :]) - center[:, None] + 0.5
+    weights = np.where(used, _bicubic(x * (1.0 / filterscale)), 0.0)
+    # Summed left to right like Pillow's loop (np.sum's pairwise order could differ in the last bit).
+    total = np.zeros(out_size, dtype=np.float64)
+    for t in range(ksize):
+        total += weights[:, t]
+    weights = np.where(total[:, None] != 0.0, weights / np.where(total == 0.0, 1.0, total)[:, None], weights)
+    fixed = weights * (1 << PRECISION_BITS)
+    fixed = np.where(weights < 0, np.trunc(fixed - 0.5), np.trunc(fixed + 0.5)).astype(np.int32)
+    index = np.minimum(xmin[:, None] + taps[None, :], in_size - 1)
+    return index, fixed
+
+
+@lru_cache(maxsize=64)
+def _device_coefficients(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    index, weight = _coefficients(in_size, out_size)
+    return torch.from_numpy(index).to(device), torch.from_numpy(weight).to(device)
+
+
+def _resize_rows(x: torch.Tensor, out_size: int) -> torch.Tensor:
+    """One pass along the rows (dim -3) of int32 pages holding 0..255; the result is clipped to 0..255 like
+    Pillow's 8-bit intermediate. Each tap gathers whole rows, contiguous in memory."""
+    index, weight = _device_coefficients(x.shape[-3], out_size, x.device)
+    acc = torch.full((), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
+    for t in range(index.shape[1]):
+        acc = acc + x.index_select(-3, index[:, t]) * weight[:, t, None, None]
+    return (acc >> PRECISION_BITS).clamp_(0, 255)
+
+
+def _resize_columns(x: torch.Tensor, out_size: int) -> torch.Tensor:
+    """One pass along the columns (dim -2): the rows' pass on the transposed pages (gathering whole columns
+    is several times faster than gathering pixels)."""
+    return _resize_rows(x.transpose(-3, -2).contiguous(), out_size).transpose(-3, -2)
+
+
+def resize_bicubic(pages: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 pages [..., H, W, C] resized to [..., height, width, C] exactly as Pillow's
+    ``Image.resize((width, height), Image.BICUBIC)`` on each page, on the pages' device."""
+    if pages.dtype != torch.uint8 or pages.dim() < 3:
+        raise ValueError(f"expected uint8 pages [..., H, W, C], got {pages.dtype} of shape {tuple(pages.shape)}")
+    if height < 1 or width < 1:
+        raise ValueError(f"cannot resize to {height}x{width}")
+    in_height, in_width = pages.shape[-3], pages.shape[-2]
+    if (in_height, in_width) == (height, width):
+        return pages
+    x = pages.to(torch.int32)
+    if in_height > in_width * _TALL and height < in_height:
+        return _resize_columns(_resize_rows(x, height), width).to(torch.uint8).contiguous()
+    if width != in_width:
+        x = _resize_columns(x, width)
+    if height != in_height:
+        x = _resize_rows(x, height)
+    return x.to(torch.uint8).contiguous()
