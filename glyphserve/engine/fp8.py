@@ -1,0 +1,132 @@
+"""FP8 weights for the language model: per-output-channel e4m3 weights, a bf16 (or fp32) activation path.
+
+``quantize_fp8`` maps each output channel (row) of a weight to float8_e4m3fn with its own fp32 scale, absmax/448
+(448 is e4m3's largest finite value; an all-zero row gets scale 1). Error of the round trip, per element:
+e4m3 keeps 3 mantissa bits, so a scaled value in the normal range (|w|/s >= 2**-6) is rounded to within 2**-4 of
+itself, and one below it lies on the subnormal grid of step 2**-9, within 2**-10 of it::
+
+    |dequantize(quantize(w)) - w| <= 2**-4 * |w| + 2**-10 * s,    s = absmax(row) / 448
+
+``fp8_linear`` is one custom op (``torch.ops.glyphserve.fp8_linear``), opaque to ``torch.compile`` and safe inside
+CUDA graph capture (no host synchronisation, allocations fixed by the shapes). It picks by rows M = x's rows:
+
+- CUDA, M <= 64 (decode), bf16/fp16 activations: the Triton kernel of ``fp8_kernels``, which streams the fp8
+  weights and multiplies in the activations' dtype with fp32 accumulation (cuBLAS's FP8 GEMM gains nothing at
+  these sizes);
+- CUDA, more rows (prefill), bf16, on cards with FP8 tensor cores (sm_89, sm_90 and later): ``torch._scaled_mm``
+  with the activations quantized per row (dynamic per-token scales) and the weights' per-channel scales;
+- anywhere else (CPU, fp32 activations, older cards, shapes cuBLAS refuses): the weights dequantized and
+  ``F.linear``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+DECODE_ROWS = 64  # rows up to which the weight-streaming kernel runs
+
+
+def quantize_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``weight`` [out, in] -> (float8_e4m3fn [out, in], float32 scale [out]) with ``weight ~= q * scale[:, None]``."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # Clamped: absmax / scale can round to just above 448, and e4m3fn has no infinity to saturate to.
+    q = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_fp8(qweight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weight ``qweight * scale[:, None]`` in ``dtype`` (computed in fp32)."""
+    return (qweight.float() * scale[:, None]).to(dtype)
+
+
+@lru_cache(maxsize=16)
+def _has_fp8_tensor_cores(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def scaled_mm_fits(x: Tensor, qweight: Tensor) -> bool:
+    """cuBLAS's row-wise scaled FP8 GEMM: bf16 output, both inner dimensions multiples of 16."""
+    return (x.dtype == torch.bfloat16 and x.shape[1] % 16 == 0 and qweight.shape[0] % 16 == 0
+            and _has_fp8_tensor_cores(x.device))
+
+
+def scaled_mm_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """Activations quantized per row to e4m3 (absmax / 448), one FP8 GEMM with row and column scales."""
+    x_scale = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12) / FP8_MAX
+    xq = (x.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    out = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
+    return out if bias is None else out.add_(bias)
+
+
+@torch.library.custom_op("glyphserve::fp8_linear", mutates_args=())
+def fp8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x`` [..., in] times the fp8 weight [out, in] (per-row fp32 ``scale`` [out]) plus ``bias``: [..., out] in
+    x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and rows.shape[0] <= DECODE_ROWS and x.dtype in (torch.bfloat16, torch.float16):
+        from glyphserve.engine.fp8_kernels import fp8_weight_matmul
+
+        out = fp8_weight_matmul(rows, qweight, scale, bias)
+    elif x.is_cuda and scaled_mm_fits(rows, qweight):
+        out = scaled_mm_linear(rows.contiguous(), qweight, scale, bias)
+    else:
+        out = F.linear(rows, dequantize_fp8(qweight, scale, x.dtype), bias)
+    return out.view(*x.shape[:-1], qweight.shape[0])
+
+
+@fp8_linear.register_fake
+def _(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+class Fp8Linear(nn.Module):
+    """An ``nn.Linear`` with its weight stored as e4m3 plus per-output-channel scales (the bias stays as it was)."""
+
+    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        qweight, scale = quantize_fp8(linear.weight)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(qweight, scale, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fp8_linear(x, self.qweight, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_language_model(model: nn.Module, include_lm_head: bool = False) -> int:
+    """Replace, in place, every ``nn.Linear`` of a GLM-4.1V model's decoder layers (attention projections, MLP),
+    and with ``include_lm_head`` the output head, by an ``Fp8Linear``; the vision tower and the embeddings stay.
+    Call it once the model has its final dtype and device: ``Module.to(dtype)`` would cast the fp8 buffers too.
+    Returns the bytes of weight memory saved."""
+    layers = model.model.language_model.layers
+    targets = [(layers, name) for name, module in layers.named_modules() if isinstance(module, nn.Linear)]
+    if include_lm_head:
+        targets.append((model, "lm_head"))
+    saved = 0
+    for root, name in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        fp8 = Fp8Linear.from_linear(linear)
+        setattr(parent, attr, fp8)
+        saved += linear.weight.numel() * linear.weight.element_size() - fp8.qweight.numel() - 4 * fp8.scale.numel()
+    return saved
