@@ -76,7 +76,8 @@ class Engine:
         max_blocks = -(-(self.max_context + 1) // block_size)
         self.runner = ModelRunner(self.model, block_size=block_size, max_num_seqs=config.max_num_seqs,
                                   max_blocks=max_blocks, device=self.device, dtype=self.dtype,
-                                  compile=config.compile_decode and config.cuda_graphs and cuda)
+                                  compile=config.compile_decode and config.cuda_graphs and cuda,
+                                  quantize=config.quantize)
         self.sampler = Sampler(self.runner.vocab, config.max_num_seqs + 1, self.stop_ids, self.device)
         self.pool = KVPool(self._pool_blocks(sched_config), block_size)
         self.runner.allocate_kv(self.pool.num_blocks)
@@ -101,6 +102,8 @@ class Engine:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if config.kv_block_size < 1 or config.kv_block_size & (config.kv_block_size - 1):
             raise ConfigError("kv_block_size must be a power of two")
+        if config.quantize not in (None, "fp8"):
+            raise ConfigError(f"unknown quantization {config.quantize!r} (fp8, or none)")
         return cls(loading.load(config), config)
 
     # --- public API ----------------------------------------------------------------------------------------
@@ -154,6 +157,7 @@ class Engine:
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quantize": self.config.quantize,
             "max_context": self.max_context,
             "max_num_seqs": self.config.max_num_seqs,
             "kv_block_size": self.pool.block_size,

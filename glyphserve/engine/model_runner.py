@@ -25,6 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb, repeat_kv
 
 from glyphserve.engine.attention import paged_attention
+from glyphserve.engine.fp8 import Fp8Linear, fp8_linear, quantize_fp8
 from glyphserve.engine.kv_pool import TRASH_BLOCK
 from glyphserve.engine.sampler import Sampler
 from glyphserve.errors import ModelLoadError
@@ -59,20 +60,26 @@ def fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
     return attn.glyph_qkv
 
 
-def _pre_attention(x, norm_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, kv_heads: int, head_dim: int):
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None):
+    """``F.linear``, or with a ``scale`` the FP8 weight-only op (``weight`` e4m3, per-output-channel scales)."""
+    return F.linear(x, weight, bias) if scale is None else fp8_linear(x, weight, scale, bias)
+
+
+def _pre_attention(x, norm_w, qkv_w, qkv_s, qkv_b, cos, sin, eps: float, n_heads: int, kv_heads: int, head_dim: int):
     """Input norm, fused QKV projection and rotary embedding: x [T, D] to q [T, H, d], k and v [T, KV, d]."""
     t = x.shape[0]
-    qkv = F.linear(rms_norm(x, norm_w, eps), qkv_w, qkv_b)
+    qkv = linear(rms_norm(x, norm_w, eps), qkv_w, qkv_s, qkv_b)
     q, k, v = qkv.split([n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k = apply_rotary_pos_emb(q.view(t, n_heads, head_dim), k.view(t, kv_heads, head_dim), cos, sin)
     return q, k, v.view(t, kv_heads, head_dim)
 
 
-def _post_attention(x, attn_out, o_w, post_attn_w, pre_mlp_w, gate_up_w, down_w, post_mlp_w, eps: float):
+def _post_attention(x, attn_out, o_w, o_s, post_attn_w, pre_mlp_w, gate_up_w, gate_up_s, down_w, down_s,
+                    post_mlp_w, eps: float):
     """Output projection, the layer's three other norms, the gated MLP and both residuals."""
-    x = x + rms_norm(F.linear(attn_out, o_w), post_attn_w, eps)
-    gate, up = F.linear(rms_norm(x, pre_mlp_w, eps), gate_up_w).chunk(2, dim=-1)
-    return x + rms_norm(F.linear(up * F.silu(gate), down_w), post_mlp_w, eps)
+    x = x + rms_norm(linear(attn_out, o_w, o_s), post_attn_w, eps)
+    gate, up = linear(rms_norm(x, pre_mlp_w, eps), gate_up_w, gate_up_s).chunk(2, dim=-1)
+    return x + rms_norm(linear(up * F.silu(gate), down_w, down_s), post_mlp_w, eps)
 
 
 @dataclass
@@ -105,7 +112,7 @@ class ModelRunner:
     """The language model over a pool of ``num_blocks`` KV blocks of ``block_size`` tokens."""
 
     def __init__(self, model, *, block_size: int, max_num_seqs: int, max_blocks: int, device: torch.device,
-                 dtype: torch.dtype, compile: bool = False):
+                 dtype: torch.dtype, compile: bool = False, quantize: str | None = None):
         tc = model.config.text_config
         if tc.hidden_act != "silu":
             raise ModelLoadError(f"unsupported activation {tc.hidden_act!r} in the text config (GLM-4.1V uses silu)")
@@ -129,19 +136,11 @@ class ModelRunner:
         self.num_blocks = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.layer_weights = [
-            (
-                layer.input_layernorm.weight,
-                *fuse_qkv(layer.self_attn),
-                layer.self_attn.o_proj.weight,
-                layer.post_self_attn_layernorm.weight,
-                layer.post_attention_layernorm.weight,
-                layer.mlp.gate_up_proj.weight,
-                layer.mlp.down_proj.weight,
-                layer.post_mlp_layernorm.weight,
-            )
-            for layer in self.layers
-        ]
+        self.quantized = quantize == "fp8"
+        self.layer_weights = [self._layer_weights(layer) for layer in self.layers]
+        if self.quantized:
+            model.lm_head = Fp8Linear.from_linear(model.lm_head)
+            self.lm_head = model.lm_head
         ikw = dict(device=device, dtype=torch.long)
         # Per-slot state on the device: each sequence's block table and last sampled token.
         self.block_tables = torch.full((max_num_seqs + 1, max_blocks), TRASH_BLOCK, device=device, dtype=torch.int32)
@@ -158,6 +157,28 @@ class ModelRunner:
         self._post = wrap(_post_attention)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.buckets: list[int] = []
+
+    def _layer_weights(self, layer) -> tuple:
+        """(input norm, qkv weight, its scale, qkv bias, o weight, its scale, post-attention norm, pre-MLP norm,
+        gate_up weight, its scale, down weight, its scale, post-MLP norm); scales are None unless quantized. FP8:
+        the fused qkv is quantized as one (per-output-channel scales concatenate), and the 16-bit originals are
+        released, so only the e4m3 copies stay in memory (the HF modules of the decoder layers are not run again)."""
+        qkv_w, qkv_b = fuse_qkv(layer.self_attn)
+        projections = [qkv_w, layer.self_attn.o_proj.weight, layer.mlp.gate_up_proj.weight,
+                       layer.mlp.down_proj.weight]
+        scales: list[torch.Tensor | None] = [None] * 4
+        if self.quantized:
+            pairs = [quantize_fp8(w) for w in projections]
+            projections, scales = [q for q, _ in pairs], [s for _, s in pairs]
+            for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                           layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                module.weight.data = torch.empty(0, device=self.device, dtype=self.dtype)
+            layer.self_attn.glyph_qkv = (None, qkv_b)
+        qkv_w, o_w, gate_up_w, down_w = projections
+        qkv_s, o_s, gate_up_s, down_s = scales
+        return (layer.input_layernorm.weight, qkv_w, qkv_s, qkv_b, o_w, o_s, layer.post_self_attn_layernorm.weight,
+                layer.post_attention_layernorm.weight, gate_up_w, gate_up_s, down_w, down_s,
+                layer.post_mlp_layernorm.weight)
 
     def allocate_kv(self, num_blocks: int) -> None:
         """(Re)allocate the pool's tensors: per layer, K and V of [num_blocks, block_size, kv_heads, head_dim].
@@ -194,12 +215,12 @@ class ModelRunner:
         x = inp.embeds
         cos, sin = self.rotary(x.unsqueeze(0), inp.positions.unsqueeze(1))
         cos, sin = cos[0], sin[0]
-        for li, (norm_w, qkv_w, qkv_b, o_w, *post) in enumerate(self.layer_weights):
-            q, k, v = _pre_attention(x, norm_w, qkv_w, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads,
-                                     self.head_dim)
+        for li, (norm_w, qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
+            q, k, v = _pre_attention(x, norm_w, qkv_w, qkv_s, qkv_b, cos, sin, self.eps, self.n_heads,
+                                     self.kv_heads, self.head_dim)
             self._write_kv(li, inp.slot_mapping, k, v)
             out = self._attend(li, inp, q, k, v)
-            x = _post_attention(x, out.reshape(x.shape[0], -1), o_w, *post, self.eps)
+            x = _post_attention(x, out.reshape(x.shape[0], -1), *post, self.eps)
         return self.lm_head(self.norm(x[inp.logits_index])).float()
 
     def _write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -241,14 +262,14 @@ class ModelRunner:
         block_tables = self.block_tables[slots]
         seq_lens = self.meta[3, :b].to(torch.int32)
         kv_slots = self.meta[2, :b]
-        for li, (norm_w, qkv_w, qkv_b, o_w, *post) in enumerate(self.layer_weights):
-            q, k, v = self._pre(x, norm_w, qkv_w, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads,
+        for li, (norm_w, qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
+            q, k, v = self._pre(x, norm_w, qkv_w, qkv_s, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads,
                                 self.head_dim)
             self._write_kv(li, kv_slots, k, v)
             out = torch.empty_like(q)
             paged_attention(q, self.k[li], self.v[li], block_tables, seq_lens, self.query_start[: b + 1],
                             self.scaling, 1, out=out)
-            x = self._post(x, out.reshape(b, -1), o_w, *post, self.eps)
+            x = self._post(x, out.reshape(b, -1), *post, self.eps)
         logits = self.lm_head(self.norm(x)).float()
         self.logits[:b].copy_(logits)
         nxt = sampler.greedy(logits, slots)

@@ -44,6 +44,9 @@ class EngineConfig:
     max_prefill_tokens: int = 16384
     vision_cache_bytes: int = 2 * 2**30
     vision_cache_cpu_bytes: int = 0
+    # "fp8": the language model's projections and head stored as e4m3 with per-output-channel scales, run by a
+    # weight-streaming kernel at decode sizes (half the bytes a step reads); the vision tower stays 16-bit.
+    quantize: Literal["fp8"] | None = None
     # Capture the decode step as CUDA graphs at load time, its elementwise work fused by torch.compile (CUDA only).
     cuda_graphs: bool = True
     compile_decode: bool = True

@@ -220,7 +220,7 @@ def load_engine(config: ServeConfig) -> tuple["Engine | None", str | None]:
     engine_config = EngineConfig(model=source, random_weights=config.random_weights, dtype=config.dtype,
                                  device=config.device, max_context=config.max_model_len,
                                  max_num_seqs=config.max_num_seqs,
-                                 gpu_memory_utilization=config.gpu_memory_utilization)
+                                 gpu_memory_utilization=config.gpu_memory_utilization, quantize=config.quantize)
     name = model_id_name(config.model) if config.model else f"random-{config.random_weights}"
     print(f"glyphserve: loading {config.model or name} ...", flush=True)
     started = time.perf_counter()

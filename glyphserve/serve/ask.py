@@ -43,6 +43,7 @@ def register(subparsers) -> None:
     ask.add_argument("--truncate-pages", action="store_true", help="keep the first pages that fit the context")
     ask.add_argument("--max-context", type=int, default=None, help="tokens of context (default: the model's, <= 32768)")
     ask.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    ask.add_argument("--quantize", choices=["fp8"], default=None, help="the language model's weights in e4m3")
     ask.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ask.add_argument("--preset", default="auto", help="render preset: auto, glyph-en or glyph-zh")
     ask.add_argument("--dpi", type=float, default=None, help="render resolution (default: the preset's)")
@@ -98,7 +99,8 @@ def _answerer(args: argparse.Namespace, text: str):
 
         model = resolve_model(args.model) if args.model else None  # before torch loads: fails fast
         return Engine.load(EngineConfig(model=model, random_weights=args.random_weights, dtype=args.dtype,
-                                        device=args.device, max_context=args.max_context, max_num_seqs=1))
+                                        device=args.device, max_context=args.max_context, max_num_seqs=1,
+                                        quantize=args.quantize))
     from glyphserve.serve.errors import NO_MODEL_HINT
 
     print(f"glyphserve: {NO_MODEL_HINT.replace('glyphserve serve', 'glyphserve ask INPUT QUESTION --model')}",

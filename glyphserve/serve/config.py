@@ -52,6 +52,7 @@ class ServeConfig:
     served_model_name: list[str] = field(default_factory=list)
     max_model_len: int | None = None  # prompt + answer tokens; None: the model's (engine's max_context)
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use (vLLM's)
+    quantize: str | None = None  # "fp8": the language model's weights in e4m3
     max_upload_mb: float = 50.0
     max_pages: int = 500
     # What reading one upload may cost (glyphserve.ingest.IngestLimits); the budget covers rendering too.

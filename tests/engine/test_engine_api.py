@@ -80,3 +80,18 @@ def test_cancel_stops_one_row_of_a_batch_and_spares_the_others(load_engine):
     assert cancelled.token_ids == full.token_ids[: len(cancelled.token_ids)]
     alone = engine.answer(AnswerRequest(pages=PAGES, question="Where?", settings=settings))
     assert kept.finish_reason == "length" and kept.token_ids == alone.token_ids
+
+
+def test_fp8_weights_answer_end_to_end(load_engine):
+    """``quantize="fp8"``: the language model's projections and head are held as e4m3 (the 16-bit copies released)
+    and a whole answer runs through them (on the CPU by dequantizing; on CUDA by the weight-streaming kernel)."""
+    import torch
+
+    engine = load_engine(quantize="fp8")
+    weights = engine.runner.layer_weights[0]
+    assert weights[1].dtype == torch.float8_e4m3fn and weights[2].dtype == torch.float32  # qkv and its scales
+    assert engine.model.model.language_model.layers[0].mlp.down_proj.weight.numel() == 0
+    assert engine.model.lm_head.qweight.dtype == torch.float8_e4m3fn
+    answer = engine.answer(AnswerRequest(pages=PAGES, question="Who?",
+                                         settings=GenerationSettings(max_tokens=12, ignore_eos=True)))
+    assert len(answer.token_ids) == 12 and engine.stats()["quantize"] == "fp8"
