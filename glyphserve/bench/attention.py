@@ -206,7 +206,7 @@ class AttentionBench:
 
     def run(self) -> None:
         from glyphserve.bench.engine import matmul_rate
-        from glyphserve.bench.probe import copy_bandwidth
+        from glyphserve.bench.engine import copy_bandwidth
 
         torch = self.torch
         self.bandwidth = copy_bandwidth("cuda")

@@ -53,12 +53,11 @@ class Launched:
 
 class EngineCore:
     def __init__(self, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler, vision: VisionEncoder,
-                 image_token_id: int, device: torch.device):
+                 device: torch.device):
         self.runner = runner
         self.sampler = sampler
         self.scheduler = scheduler
         self.vision = vision
-        self.image_token_id = image_token_id
         self.device = device
         self.cuda = device.type == "cuda"
         self.in_flight: deque[Launched] = deque()

@@ -84,7 +84,7 @@ class Engine:
         self.scheduler = Scheduler(sched_config, self.pool)
         key_prefix = f"{self.name}|{self.dtype}|{self.params.fingerprint()}|"
         encoder = VisionEncoder(self.vision, self.preprocessor, self.vision_cache, key_prefix, self._sync)
-        self.core = EngineCore(self.runner, self.sampler, self.scheduler, encoder, mcfg.image_token_id, self.device)
+        self.core = EngineCore(self.runner, self.sampler, self.scheduler, encoder, self.device)
         self.planner = Planner(self.model, self.tokenizer, self.prompts, self.params, max_context=self.max_context,
                                block_size=block_size, pool_tokens=(self.pool.num_blocks - 1) * block_size,
                                stop_ids=self.stop_ids, prefix_caching=config.enable_prefix_caching)
