@@ -113,8 +113,8 @@ def normalize_text(text: str) -> str:
 
 def clean_filename(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str | None:
     """A file name fit to show and to store: the last path component only (``/`` and ``\\`` both separate),
-    control, private-use and direction-override characters removed, surrounding whitespace and dots dropped, at most ``max_chars``
-    (the extension kept). None when nothing is left."""
+    control, private-use and direction-override characters removed, surrounding whitespace and dots dropped,
+    at most ``max_chars`` (the extension kept). None when nothing is left."""
     if not name:
         return None
     name = re.split(r"[\\/]", name)[-1]

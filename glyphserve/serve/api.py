@@ -272,7 +272,8 @@ def build_router(service: GlyphService) -> APIRouter:
         service.check_model(body.model)
         if body.document is not None:
             check_id(body.document)
-        job = await run_in_threadpool(oai.to_job, body, has_model=service.has_model)
+        job = await run_in_threadpool(oai.to_job, body, has_model=service.has_model,
+                                      images=service.config.image_limits)
         model = service.model_name
         if not body.stream:
             reply = await unless_disconnected(request, service.answer(job))

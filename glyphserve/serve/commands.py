@@ -66,6 +66,12 @@ def register(subparsers) -> None:
     limits.add_argument("--ingest-timeout", type=float, default=60,
                         help="seconds to read and render one upload; its parser process is killed past it "
                              "(default 60)")
+    limits.add_argument("--max-images", type=int, default=256, help="most image_url parts in one chat request "
+                        "(default 256)")
+    limits.add_argument("--max-image-mpx", type=float, default=25,
+                        help="most megapixels in one image, read from its header before decoding (default 25)")
+    limits.add_argument("--max-image-mb", type=float, default=256,
+                        help="most MiB of pixels the images of one chat request decode to (default 256)")
     serve.add_argument("--queue-size", type=int, default=64,
                        help="requests allowed to wait for the model; past it, 429 (default 64)")
     serve.add_argument("--request-timeout", type=float, default=300,
@@ -155,7 +161,9 @@ def _run_server(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb, max_pages=args.max_pages, max_pdf_pages=args.max_pdf_pages,
         max_scan_pages=args.max_scan_pages, max_characters=args.max_characters,
         max_docx_paragraphs=args.max_docx_paragraphs, max_unpacked_mb=args.max_unpacked_mb,
-        max_parser_memory_mb=args.max_parser_memory_mb, ingest_timeout=args.ingest_timeout, queue_size=args.queue_size,
+        max_parser_memory_mb=args.max_parser_memory_mb, ingest_timeout=args.ingest_timeout,
+        max_images=args.max_images, max_image_mpx=args.max_image_mpx, max_image_mb=args.max_image_mb,
+        queue_size=args.queue_size,
         max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout, sse_keepalive=args.sse_keepalive,
         ui=not args.no_ui,
         backend=args.backend, endpoints=args.endpoint, remote_model=args.remote_model,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from glyphserve.errors import ConfigError
 from glyphserve.ingest.limits import IngestLimits
+from glyphserve.serve.images import ImageLimits
 
 LOCAL_HOSTS = {"localhost", "ip6-localhost"}
 
@@ -63,6 +64,10 @@ class ServeConfig:
     max_unpacked_mb: float = 128.0
     max_parser_memory_mb: float = 2048.0
     ingest_timeout: float = 60.0
+    # What the data-URL images of one chat request may cost (glyphserve.serve.images.ImageLimits).
+    max_images: int = 256
+    max_image_mpx: float = 25.0
+    max_image_mb: float = 256.0
     queue_size: int = 64
     # Sequences the engine decodes together (its KV pool decides how many fit; vLLM's --max-num-seqs).
     max_num_seqs: int = 256
@@ -103,6 +108,11 @@ class ServeConfig:
         )
 
     @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_images=self.max_images, max_pixels=int(self.max_image_mpx * 1e6),
+                           max_decoded_bytes=int(self.max_image_mb * 2**20))
+
+    @property
     def has_model(self) -> bool:
         return bool(self.model or self.random_weights)
 
@@ -124,6 +134,9 @@ class ServeConfig:
             ("--max-unpacked-mb", self.max_unpacked_mb),
             ("--max-parser-memory-mb", self.max_parser_memory_mb),
             ("--ingest-timeout", self.ingest_timeout),
+            ("--max-images", self.max_images),
+            ("--max-image-mpx", self.max_image_mpx),
+            ("--max-image-mb", self.max_image_mb),
             ("--queue-size", self.queue_size),
             ("--max-num-seqs", self.max_num_seqs),
             ("--max-model-len", 1 if self.max_model_len is None else self.max_model_len),

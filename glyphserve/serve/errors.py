@@ -15,6 +15,13 @@ class InvalidRequestError(GlyphserveError):
     code = "invalid_request"
 
 
+class ImageLimitError(GlyphserveError):
+    """The images of one request are over a limit (found from their headers, before any was decoded)."""
+
+    http_status = 413
+    code = "images_too_large"
+
+
 class UnauthorizedError(GlyphserveError):
     http_status = 401
     code = "invalid_api_key"

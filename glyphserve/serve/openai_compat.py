@@ -3,21 +3,17 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from glyphserve.engine.types import Answer, AnswerRequest, ChatMessage, EncodedPage, TokenLogprob
-from glyphserve.errors import GlyphserveError
+from glyphserve.engine.types import Answer, AnswerRequest, ChatMessage, TokenLogprob
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotLoadedError
+from glyphserve.serve.images import ImageLimits, read_images
 from glyphserve.serve.sampling import SamplingParams
-
-MAX_IMAGE_PIXELS = 64_000_000
 
 
 class ImageURL(BaseModel):
@@ -87,30 +83,6 @@ class ChatCompletionRequest(SamplingParams):
                 raise InvalidRequestError(message, param=param)
 
 
-def encoded_image(url: str) -> EncodedPage:
-    """The page in a ``data:image/...;base64,`` URL, as its encoded bytes: only the header is read here (size and
-    format, checked against the pixel limit); the engine decodes it only if its vision features are not cached.
-    Nothing is ever fetched or opened."""
-    if not url.startswith("data:"):
-        raise InvalidRequestError(
-            "image_url must be a data: URL (data:image/png;base64,...); this server never fetches URLs or opens paths"
-        )
-    header, _, payload = url.partition(",")
-    if ";base64" not in header or not header[5:].startswith("image/"):
-        raise InvalidRequestError("image_url data URLs must be base64-encoded images (data:image/png;base64,...)")
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequestError("image_url holds invalid base64") from None
-    try:
-        page = EncodedPage.from_bytes(raw)
-    except GlyphserveError:
-        raise InvalidRequestError("image_url does not hold a readable image") from None
-    if page.width * page.height > MAX_IMAGE_PIXELS:
-        raise InvalidRequestError(f"an image has more than {MAX_IMAGE_PIXELS} pixels")
-    return page
-
-
 def _texts(message: Message) -> list[str]:
     if message.content is None:
         return []
@@ -125,11 +97,12 @@ def _images(message: Message) -> list[str]:
     return []
 
 
-def to_job(request: ChatCompletionRequest, *, has_model: bool) -> ChatJob:
+def to_job(request: ChatCompletionRequest, *, has_model: bool, images: ImageLimits = ImageLimits()) -> ChatJob:
     """Map messages to a job the way vLLM builds Glyph's prompt: the images are the pages
     (they belong to the first user turn), the last user message is the question and the
     earlier messages are the history. Without a model, the last text part is the question and
-    all other text is what the extractive backend searches. Images stay encoded (see ``encoded_image``)."""
+    all other text is what the extractive backend searches. Images stay encoded, checked against ``images``
+    from their headers (see ``glyphserve.serve.images``)."""
     request.unsupported()
     *earlier, last = request.messages
     if last.role != "user":
@@ -148,7 +121,7 @@ def to_job(request: ChatCompletionRequest, *, has_model: bool) -> ChatJob:
                                            max_tokens=request.max_completion_tokens)
     if has_model:
         history = [ChatMessage(_role(m.role), "\n".join(_texts(m))) for m in earlier]
-        engine_request = AnswerRequest(pages=[encoded_image(url) for url in image_urls],
+        engine_request = AnswerRequest(pages=read_images(image_urls, images),
                                        question="\n".join(question_parts), history=history, settings=settings)
         return ChatJob(engine_request, document_id=request.document)
     context = [text for m in earlier for text in _texts(m)] + question_parts[:-1]

@@ -1,13 +1,41 @@
 """The sampling parameters both chat routes take, under vLLM's names (those of the engine's
-``GenerationSettings``), and what becomes of them: a ``GenerationSettings`` with every value given."""
+``GenerationSettings``), and what becomes of them: a ``GenerationSettings`` with every value given.
+
+Checked at the boundary with vLLM's rules, so a value the engine cannot sample with never reaches it:
+
+- ``temperature`` in [0, 2]; below 1e-5 it means greedy (0), and a positive one below 0.01 is raised to 0.01
+  (vLLM's floor: smaller ones overflow the softmax to inf/nan).
+- ``top_p`` in (0, 1]; below 1e-6 it is raised to 1e-6, which keeps only the most likely token exactly as any
+  smaller value does (that token's probability is at least 1/vocabulary > 1e-6), without underflowing float32.
+- ``seed`` in [0, 2**64 - 1]; ``max_tokens`` at least 1; no NaN or infinity anywhere.
+- ``stop``: at most 16 strings of at most 1,000 characters (each streamed delta is searched for every one).
+"""
 
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from glyphserve.engine.types import GenerationSettings
+
+GREEDY_BELOW = 1e-5
+MIN_TEMPERATURE = 1e-2
+MIN_TOP_P = 1e-6
+MAX_SEED = 2**64 - 1
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1000
+
+
+def _temperature(value: float) -> float:
+    return 0.0 if value < GREEDY_BELOW else max(value, MIN_TEMPERATURE)
+
+
+Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False), AfterValidator(_temperature)]
+TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False), AfterValidator(lambda value: max(value, MIN_TOP_P))]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)]
 
 # GenerationSettings fields a request sets under the same name (logprobs differs per route: see the routes).
 _PASSED = tuple(f.name for f in fields(GenerationSettings) if f.name != "logprobs")
@@ -17,18 +45,18 @@ class SamplingParams(BaseModel):
     """Unset parameters keep ``GenerationSettings``' defaults (greedy, 512 tokens, caches on)."""
 
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: all tokens (vLLM takes both)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = None
+    stop: Stop | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     ignore_eos: bool | None = None  # vLLM's extension: stop tokens are suppressed until max_tokens
     use_cache: bool | None = None  # glyphserve's: vision-feature and prefix caches
     truncate_pages: bool | None = None  # glyphserve's: keep the first pages that fit instead of failing

@@ -177,7 +177,8 @@ class GlyphService:
         limits = self.config.ingest_limits
         loop = asyncio.get_running_loop()
         if data is not None:
-            document = await loop.run_in_executor(self._ingest_pool, lambda: ingest_bytes(data, filename, limits=limits))
+            document = await loop.run_in_executor(self._ingest_pool,
+                                                  lambda: ingest_bytes(data, filename, limits=limits))
         else:
             document = await loop.run_in_executor(self._ingest_pool, lambda: ingest_text(text or "", limits=limits))
         shown = clean_filename(name) or document.source_name

@@ -318,3 +318,56 @@ def test_a_document_is_warmed_at_upload_and_its_first_question_reuses_it(model_s
     assert client.get(f"/v1/documents/{other['id']}").status_code == 404
     again = upload_text(client, text + " ")
     assert ask(client, again["id"], QUESTIONS[0])["answer"] == first["answer"]
+
+
+def damaged_png_url(client: httpx.Client, document_id: str) -> str:
+    """A stored page whose PNG header reads but whose pixel data is scrambled."""
+    png = bytearray(client.get(f"/v1/documents/{document_id}/pages/1.png").content)
+    start = png.index(b"IDAT") + 10
+    png[start:start + 200] = bytes(b ^ 0x5A for b in png[start:start + 200])
+    return "data:image/png;base64," + base64.b64encode(bytes(png)).decode()
+
+
+def _content(lines: Iterator[str]) -> str:
+    """The answer text of an OpenAI-shaped SSE stream (fails on an error event)."""
+    text = []
+    for line in lines:
+        if line.startswith("data: {"):
+            event = json.loads(line[len("data: "):])
+            assert "error" not in event, event
+            text.extend(choice["delta"].get("content") or "" for choice in event["choices"])
+    return "".join(text)
+
+
+def test_edge_values_and_damaged_images_arriving_mid_decode_leave_the_running_answer_whole(
+        model_server, client, documents):
+    """vLLM's rules at the boundary: a tiny temperature is greedy, a tiny top_p keeps the top token, any 64-bit
+    seed samples; an image whose header reads but whose pixels do not fails alone. Nothing reaches the engine
+    that it cannot run, so the running answer is untouched."""
+    body = {"model": "glyph", "messages": [{"role": "user", "content": "Tell a long story"}],
+            "document": documents[0], "max_tokens": 200, "ignore_eos": True}
+    alone = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    greedy = ask(client, documents[1], QUESTIONS[1], max_tokens=6)["answer"]
+    before = decoded_with_others(client)
+    with httpx.Client(base_url=model_server.url, timeout=120) as streaming:
+        with streaming.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+            lines = response.iter_lines()
+            head = [next(lines) for _ in range(3)]  # decoding has started
+            assert ask(client, documents[1], QUESTIONS[1], max_tokens=6, temperature=1e-300)["answer"] == greedy
+            assert ask(client, documents[1], QUESTIONS[1], max_tokens=6, temperature=1.0, top_p=1e-300)["answer"] \
+                == greedy
+            for seed in (2**63 + 5, 2**64 - 1):
+                sampled = client.post("/v1/chat/completions", json={
+                    "model": "glyph", "messages": [{"role": "user", "content": QUESTIONS[1]}],
+                    "document": documents[1], "max_tokens": 6, "temperature": 1.0, "seed": seed})
+                assert sampled.status_code == 200, sampled.text
+            refused = client.post("/v1/chat/completions", json={
+                "model": "glyph", "messages": [{"role": "user", "content": "Q"}], "seed": 2**64})
+            assert refused.status_code in (400, 422) and "seed" in refused.text
+            image = {"type": "image_url", "image_url": {"url": damaged_png_url(client, documents[2])}}
+            damaged = client.post("/v1/chat/completions", json={"model": "glyph", "max_tokens": 4, "messages": [
+                {"role": "user", "content": [image, {"type": "text", "text": "Read it"}]}]})
+            assert damaged.status_code in (400, 422) and "damaged" in damaged.text
+            streamed = _content(head) + _content(lines)
+    assert streamed.strip() == alone
+    assert decoded_with_others(client) > before  # they did join the running decode

@@ -8,7 +8,8 @@ import pytest
 
 from glyphserve.errors import GlyphserveError
 from glyphserve.engine.types import EncodedPage
-from glyphserve.serve.openai_compat import ChatCompletionRequest, encoded_image, to_job
+from glyphserve.serve.images import read_image
+from glyphserve.serve.openai_compat import ChatCompletionRequest, to_job
 from tests.serve.conftest import make_png
 
 PNG_URL = "data:image/png;base64," + base64.b64encode(make_png()).decode()
@@ -49,7 +50,7 @@ def test_without_a_model_text_before_the_question_is_searched():
                                  "data:image/png;base64," + base64.b64encode(b"not a png").decode()])
 def test_only_data_urls_of_images_are_read(url):
     with pytest.raises(GlyphserveError) as info:
-        encoded_image(url)
+        read_image(url)
     assert info.value.http_status == 400
 
 
@@ -77,7 +78,8 @@ def test_every_sampling_parameter_reaches_the_engine_under_its_own_name():
                               stop_token_ids=[151329, 151348, 151336], include_stop_str_in_output=True,
                               min_p=0.05, presence_penalty=0.5, frequency_penalty=-0.5, stop="END", seed=7,
                               logprobs=True, top_logprobs=3), has_model=True).request.settings
-    assert (settings.max_tokens, settings.top_p, settings.top_k, settings.temperature) == (8192, 1.0, 1, 0.0001)
+    # 0.0001 is below vLLM's temperature floor: raised to 0.01, as vLLM does.
+    assert (settings.max_tokens, settings.top_p, settings.top_k, settings.temperature) == (8192, 1.0, 1, 0.01)
     assert (settings.repetition_penalty, settings.min_p, settings.presence_penalty, settings.frequency_penalty) == \
         (1.1, 0.05, 0.5, -0.5)
     assert settings.stop == ("END",) and settings.stop_token_ids == (151329, 151348, 151336)
@@ -106,3 +108,61 @@ def test_harmless_unknown_parameters_are_accepted():
     job = to_job(request(messages=[{"role": "user", "content": "Q?"}], user="me", metadata={"a": "b"},
                          response_format={"type": "text"}, n=1), has_model=True)
     assert job.request.question == "Q?"
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def test_image_limits_are_checked_from_headers_before_decoding():
+    from glyphserve.bench.hostile_files import bomb_png
+    from glyphserve.serve.errors import ImageLimitError
+    from glyphserve.serve.images import ImageLimits, read_images
+
+    bombs = [data_url(bomb_png(8000, 8000, salt)) for salt in range(25)]  # 64 Mpx each, ~11 KB each
+    with pytest.raises(ImageLimitError, match=r"image 1 is 8000x8000 px.*25 megapixels.*--max-image-mpx") as info:
+        read_images(bombs, ImageLimits())
+    assert info.value.http_status == 413
+    with pytest.raises(ImageLimitError, match="26 images.*--max-images"):
+        read_images([PNG_URL] * 26, ImageLimits(max_images=25))
+    with pytest.raises(ImageLimitError, match="more than 10 MiB of pixels.*--max-image-mb"):
+        read_images([data_url(bomb_png(2000, 1000, salt)) for salt in range(2)],
+                    ImageLimits(max_decoded_bytes=10 * 2**20))
+    # Past PIL's own bomb ceiling (PIL refuses to open it at all).
+    with pytest.raises(ImageLimitError, match="image 1 is over this server.s limit of 25 megapixels"):
+        read_images([data_url(bomb_png(20000, 20000))], ImageLimits())
+    eps = "data:image/eps;base64," + base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n").decode()
+    with pytest.raises(GlyphserveError, match="not a readable image"):
+        read_images([eps], ImageLimits())
+
+
+@pytest.mark.parametrize("field, sent, used", [
+    ("temperature", 1e-300, 0.0), ("temperature", 9e-6, 0.0), ("temperature", 0.001, 0.01), ("temperature", 0.7, 0.7),
+    ("top_p", 1e-300, 1e-6), ("top_p", 0.5, 0.5), ("seed", 2**64 - 1, 2**64 - 1), ("seed", 0, 0),
+])
+def test_sampling_values_follow_vllms_rules(field, sent, used):
+    body = request(messages=[{"role": "user", "content": "Q?"}], **{field: sent})
+    assert getattr(body, field) == used
+
+
+@pytest.mark.parametrize("field, sent", [
+    ("temperature", -0.1), ("temperature", 2.5), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_p", float("inf")), ("seed", 2**64), ("seed", -1), ("max_tokens", 0), ("stop", ["s"] * 17),
+    ("stop", "x" * 1001),
+])
+def test_sampling_values_the_engine_cannot_use_are_refused(field, sent):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        request(messages=[{"role": "user", "content": "Q?"}], **{field: sent})
+
+
+def test_an_image_whose_pixels_do_not_decode_is_refused_here():
+    from glyphserve.serve.images import ImageLimits, read_images
+
+    png = bytearray(make_png(color=(200, 10, 10)))
+    start = png.index(b"IDAT") + 8
+    png[start:start + 12] = b"\xff" * 12  # the header still reads
+    with pytest.raises(GlyphserveError, match="image 1 is damaged") as info:
+        read_images([data_url(bytes(png))], ImageLimits())
+    assert info.value.http_status == 400
