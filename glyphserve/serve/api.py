@@ -18,7 +18,7 @@ from glyphserve.engine.types import AnswerRequest, ChatMessage, StreamEvent
 from glyphserve.errors import GlyphserveError, NotFoundError
 from glyphserve.serve import openai_compat as oai
 from glyphserve.serve.backends import ChatJob, Reply
-from glyphserve.serve.errors import InternalError, InvalidRequestError
+from glyphserve.serve.errors import InternalError, InvalidRequestError, UnsupportedMediaTypeError
 from glyphserve.serve.sampling import SamplingParams
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import GlyphService, RenderOptions
@@ -77,6 +77,21 @@ def invalid_request(exc: ValidationError | Any) -> InvalidRequestError:
 
 
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the stream is alive
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def json_body(request: Request, alternative: str = "") -> bytes:
+    """The body of a JSON route. Anything but ``application/json`` (or ``application/*+json``) is refused: a web
+    page may send ``text/plain`` or a form to any site without asking first, never JSON."""
+    media = _media_type(request)
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaTypeError(
+            f"this route takes JSON with 'Content-Type: application/json'{alternative} (got {media or 'none'!r})"
+        )
+    return await request.body()
 
 
 def sse(payload: Any) -> str:
@@ -159,8 +174,7 @@ def build_router(service: GlyphService) -> APIRouter:
 
     @router.post("/v1/documents", status_code=201)
     async def create_document(request: Request):
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
+        if _media_type(request) == "multipart/form-data":
             upload = await read_upload(request)
             fields = {k: v for k, v in upload.fields.items() if v != ""}
             try:
@@ -172,7 +186,7 @@ def build_router(service: GlyphService) -> APIRouter:
                 options=RenderOptions(options.preset, options.dpi, options.newline))
         else:
             try:
-                body = DocumentText.model_validate_json(await request.body())
+                body = DocumentText.model_validate_json(await json_body(request, ", or a file as multipart/form-data"))
             except ValidationError as exc:
                 raise invalid_request(exc) from None
             record, duplicate = await service.add_document(
@@ -205,7 +219,7 @@ def build_router(service: GlyphService) -> APIRouter:
     @router.patch("/v1/documents/{document_id}")
     async def rename_document(document_id: str, request: Request):
         try:
-            body = DocumentName.model_validate_json(await request.body())
+            body = DocumentName.model_validate_json(await json_body(request))
         except ValidationError as exc:
             raise invalid_request(exc) from None
         record = service.rename_document(document_id, body.name)
@@ -220,7 +234,7 @@ def build_router(service: GlyphService) -> APIRouter:
     async def chat(document_id: str, request: Request):
         check_id(document_id)
         try:
-            body = DocumentChat.model_validate_json(await request.body())
+            body = DocumentChat.model_validate_json(await json_body(request))
         except ValidationError as exc:
             raise invalid_request(exc) from None
         job = body.job(document_id)
@@ -266,7 +280,7 @@ def build_router(service: GlyphService) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = oai.ChatCompletionRequest.model_validate_json(await request.body())
+            body = oai.ChatCompletionRequest.model_validate_json(await json_body(request))
         except ValidationError as exc:
             raise invalid_request(exc) from None
         service.check_model(body.model)

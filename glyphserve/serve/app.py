@@ -22,6 +22,7 @@ from glyphserve.errors import ConfigError, FileTooLargeError, GlyphserveError, N
 from glyphserve.serve.api import build_router, invalid_request
 from glyphserve.serve.config import ServeConfig, model_id_name
 from glyphserve.serve.errors import InternalError, UnauthorizedError
+from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.weights import resolve_model
 
@@ -37,10 +38,6 @@ _BODY_SLACK = 64 * 1024
 _DRAIN_LIMIT = 256 * 2**20
 
 
-def _is_api(path: str) -> bool:
-    return path == "/metrics" or path == "/v1" or path.startswith("/v1/")
-
-
 class ServiceMiddleware:
     """Pure ASGI (so streaming and disconnects pass through untouched): bearer auth and body
     limits on API routes, and request/error/latency metrics by route template."""
@@ -53,7 +50,7 @@ class ServiceMiddleware:
         self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not (_is_api(scope["path"]) or scope["path"] == "/health"):
+        if scope["type"] != "http" or not (is_api_path(scope["path"]) or scope["path"] == "/health"):
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = {"code": 500}
@@ -82,7 +79,7 @@ class ServiceMiddleware:
 
     def _refusal(self, scope) -> GlyphserveError | None:
         headers = dict(scope["headers"])
-        if self.expected is not None and _is_api(scope["path"]):
+        if self.expected is not None and is_api_path(scope["path"]):
             if not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
                 return UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
         length = headers.get(b"content-length")
@@ -201,6 +198,8 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: 
         from glyphserve.serve.ui import mount_ui
 
         app = mount_ui(app, service)
+    policy = OriginPolicy.build(config.host, config.allowed_hosts, config.allowed_origins)
+    app.add_middleware(OriginGuard, policy=policy, send_error=_send_error)  # outermost: sees every route first
     return app
 
 

@@ -80,6 +80,12 @@ def register(subparsers) -> None:
                        help="a streamed answer still waiting for its first token gets an SSE comment this often, so "
                             "proxies keep the connection (default 10)")
     serve.add_argument("--no-ui", action="store_true", help="serve the API only")
+    serve.add_argument("--allowed-hosts", type=_list, default=[], metavar="HOST,...",
+                       help="Host header names this server answers to ('*': any; default: loopback names, and "
+                            "--host when it is one address)")
+    serve.add_argument("--allowed-origins", type=_list, default=[], metavar="ORIGIN,...",
+                       help="web origins (https://app.example) whose pages may call the API (CORS) and post to "
+                            "the server ('*': any; default: none but the server's own)")
     scale = serve.add_argument_group("scale-out", "answer on other engines: this server ingests, renders, stores "
                                      "and routes each document's questions to one replica")
     scale.add_argument("--backend", choices=("local", "openai"), default="local",
@@ -114,6 +120,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full-size architecture with random weights (benchmarks, no checkpoint needed)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+
+
+def _list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _gpu_list(value: str) -> list[str]:
@@ -163,7 +173,7 @@ def _run_server(args: argparse.Namespace) -> int:
         max_docx_paragraphs=args.max_docx_paragraphs, max_unpacked_mb=args.max_unpacked_mb,
         max_parser_memory_mb=args.max_parser_memory_mb, ingest_timeout=args.ingest_timeout,
         max_images=args.max_images, max_image_mpx=args.max_image_mpx, max_image_mb=args.max_image_mb,
-        queue_size=args.queue_size,
+        allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins, queue_size=args.queue_size,
         max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout, sse_keepalive=args.sse_keepalive,
         ui=not args.no_ui,
         backend=args.backend, endpoints=args.endpoint, remote_model=args.remote_model,

@@ -68,6 +68,9 @@ class ServeConfig:
     max_images: int = 256
     max_image_mpx: float = 25.0
     max_image_mb: float = 256.0
+    # Same-origin protection (glyphserve.serve.origin): Host names served, web origins let in ("*": any).
+    allowed_hosts: list[str] = field(default_factory=list)  # empty: loopback names, and --host if specific
+    allowed_origins: list[str] = field(default_factory=list)  # empty: this server's own origin only
     queue_size: int = 64
     # Sequences the engine decodes together (its KV pool decides how many fit; vLLM's --max-num-seqs).
     max_num_seqs: int = 256

@@ -22,6 +22,25 @@ class ImageLimitError(GlyphserveError):
     code = "images_too_large"
 
 
+class UnsupportedMediaTypeError(GlyphserveError):
+    http_status = 415
+    code = "unsupported_media_type"
+
+
+class HostNotAllowedError(GlyphserveError):
+    """The Host header names a server this one is not (DNS rebinding)."""
+
+    http_status = 400
+    code = "invalid_host"
+
+
+class CrossOriginError(GlyphserveError):
+    """A browser request from another web origin that was not allowed in."""
+
+    http_status = 403
+    code = "cross_origin"
+
+
 class UnauthorizedError(GlyphserveError):
     http_status = 401
     code = "invalid_api_key"

@@ -1,0 +1,68 @@
+"""The hostile-input suite: every case of issue 16 against real servers on loopback, each bounded in time and in
+the memory it adds to the server (its process and children, sampled while the request runs)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.servers import Server
+
+UPLOAD_SECONDS = 5.0  # every hostile case gets its 4xx within this (the 10,000-page PDF: PDF_SECONDS)
+PDF_SECONDS = 10.0
+ADDED_BYTES = 300 * 2**20  # memory a hostile request may add to the server (images: IMAGE_ADDED_BYTES)
+IMAGE_ADDED_BYTES = 600 * 2**20
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (0 for processes that are gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+            for task in os.listdir(f"/proc/{current}/task"):
+                todo.extend(int(c) for c in Path(f"/proc/{current}/task/{task}/children").read_text().split())
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total
+
+
+class Watch:
+    """Seconds taken and peak memory added to a server's process tree while the ``with`` block runs."""
+
+    def __init__(self, server: Server, interval: float = 0.01):
+        self.pid = server.process.pid
+        self.interval = interval
+
+    def __enter__(self) -> "Watch":
+        self.baseline = self.peak = tree_rss(self.pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self.started = time.monotonic()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, tree_rss(self.pid))
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.monotonic() - self.started
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss(self.pid))
+        self.added = self.peak - self.baseline
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """No model, the default limits (the cases are about defaults)."""
+    server = Server(tmp_path_factory.mktemp("hostile") / "data").start()
+    yield server
+    server.stop()
