@@ -24,6 +24,7 @@ from glyphserve.serve.config import ServeConfig, model_id_name
 from glyphserve.serve.errors import InternalError, UnauthorizedError
 from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path
 from glyphserve.serve.service import GlyphService
+from glyphserve.serve.store import prepare_data_dir
 from glyphserve.serve.weights import resolve_model
 
 if TYPE_CHECKING:
@@ -251,6 +252,7 @@ def run(config: ServeConfig) -> int:
     import uvicorn
 
     config.validate()
+    prepare_data_dir(config.data_dir)  # before the model loads: an unwritable folder is one line, at once
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     sock = listen_socket(config.host, config.port)
     try:

@@ -64,6 +64,18 @@ class RequestTimeoutError(GlyphserveError):
     code = "timeout"
 
 
+class StorageFullError(GlyphserveError):
+    http_status = 507
+    code = "storage_full"
+
+
+class StorageUnavailableError(GlyphserveError):
+    """The data folder or index cannot be written (read-only, I/O error, permissions), or a delete left files."""
+
+    http_status = 503
+    code = "storage_unavailable"
+
+
 class InternalError(GlyphserveError):
     """An unexpected failure; the message names no internals and the log has the traceback."""
 

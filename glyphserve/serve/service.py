@@ -19,10 +19,10 @@ from glyphserve.errors import FileTooLargeError, IngestTimeoutError, TooManyPage
 from glyphserve.ingest import Document, clean_filename
 from glyphserve.serve.backends import ChatJob, EngineBackend, ExtractiveBackend, Reply
 from glyphserve.serve.config import ServeConfig
-from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotFoundError
+from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotFoundError, StorageUnavailableError
 from glyphserve.serve.metrics import Metrics
 from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
-from glyphserve.serve.store import DocumentRecord, DocumentStore
+from glyphserve.serve.store import DocumentRecord, DocumentStore, storage
 
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
@@ -232,13 +232,20 @@ class GlyphService:
         return self.store.rename(document_id, shown)
 
     def delete_document(self, document_id: str) -> None:
-        self.store.delete(document_id)
+        """Remove every copy of the document the server holds; if some file stays, say which."""
+        leftovers = self.store.delete(document_id)
         self._warm.discard(document_id)
         task = self._warming.pop(document_id, None)
         if task is not None:
             task.cancel()  # the engine drops the warming at its next step and frees its blocks
         if isinstance(self.backend, ExtractiveBackend):
             self.backend.forget(document_id)
+        if leftovers:
+            shown = ", ".join(leftovers[:5]) + (f" and {len(leftovers) - 5} more" if len(leftovers) > 5 else "")
+            raise StorageUnavailableError(
+                f"document {document_id} is deleted, but {len(leftovers)} of its files could not be removed: "
+                f"{shown} (the server tries again when it next starts)"
+            )
 
     def page_png(self, document_id: str, number: int, rows: tuple[int, int] | None = None) -> bytes | Path:
         """The page file, or PNG bytes of the band of pixel ``rows`` (top, bottom) of it."""
@@ -257,7 +264,8 @@ class GlyphService:
     def _stored_pages(self, document_id: str) -> list[EncodedPage]:
         """The document's page files as they are: the engine decodes them only on a vision-cache miss, and a
         front sends them on without decoding them at all."""
-        return [EncodedPage.from_bytes(path.read_bytes()) for path in self.store.pages(document_id)]
+        with storage(f"read the pages of document {document_id}"):
+            return [EncodedPage.from_bytes(path.read_bytes()) for path in self.store.pages(document_id)]
 
     # -- ready at upload -------------------------------------------------------------------
 

@@ -4,11 +4,15 @@
 ``glyphserve.render.write_rendered`` writes (``page_001.png`` ..., ``manifest.json`` with each
 page's character span and line baselines) and ``source.txt``, the text the pages were rendered from.
 A document folder is written under a temporary name and renamed into place before its row
-is inserted, so a crash never leaves a listed document half written.
+is inserted, so a crash never leaves a listed document half written; a deleted one is renamed aside
+before its row goes, so a delete that cannot proceed changes nothing. Disk faults become typed errors:
+a full disk 507 ``storage_full``, anything else (read-only, I/O error, permissions) 503
+``storage_unavailable``, each naming what could not be done.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -16,16 +20,21 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from glyphserve.errors import NotFoundError
+from glyphserve.errors import GlyphserveError, NotFoundError
 from glyphserve.render.document import page_filename
-from glyphserve.serve.errors import InvalidRequestError
+from glyphserve.serve.errors import InvalidRequestError, StorageFullError, StorageUnavailableError
 from glyphserve.serve.retrieval import PageLayout
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_SQLITE_FULL = 13  # SQLITE_FULL (the primary result code, low byte of the extended one)
+_LEFTOVERS = (".tmp-*", ".deleted-*")  # interrupted writes and deletes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -39,6 +48,37 @@ CREATE TABLE IF NOT EXISTS documents (
 )
 """
 _HASH_INDEX = "CREATE INDEX IF NOT EXISTS documents_content_hash ON documents (content_hash)"
+
+
+@contextmanager
+def storage(action: str) -> Iterator[None]:
+    """Disk and database faults while doing ``action`` ("store the document") as typed errors."""
+    try:
+        yield
+    except GlyphserveError:
+        raise
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        full = (code is not None and code & 0xFF == _SQLITE_FULL) or "full" in str(exc)
+        raise _storage_error(action, full, f"the index database: {exc}") from exc
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise _storage_error(action, exc.errno in _FULL_ERRNOS, f"{exc.strerror or exc}{where}") from exc
+
+
+def _storage_error(action: str, full: bool, cause: str) -> GlyphserveError:
+    if full:
+        return StorageFullError(f"could not {action}: the disk holding the data folder is full ({cause})")
+    return StorageUnavailableError(f"could not {action}: the data folder cannot be written ({cause})")
+
+
+def prepare_data_dir(root: Path) -> None:
+    """Make the data folder and check it can be written, before anything slow starts (a typed error if not)."""
+    with storage(f"use the data folder {root}"):
+        (Path(root) / "docs").mkdir(parents=True, exist_ok=True)
+        probe = Path(root) / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
 
 
 def check_id(document_id: str) -> str:
@@ -66,22 +106,24 @@ class DocumentStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.docs = self.root / "docs"
-        self.docs.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(documents)")}
-        if "content_hash" not in columns:  # a store written before de-duplication
-            self._db.execute("ALTER TABLE documents ADD COLUMN content_hash TEXT")
-        self._db.execute(_HASH_INDEX)
-        self._recover()
+        prepare_data_dir(self.root)
+        with storage(f"open the document index in {self.root}"):
+            self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(documents)")}
+            if "content_hash" not in columns:  # a store written before de-duplication
+                self._db.execute("ALTER TABLE documents ADD COLUMN content_hash TEXT")
+            self._db.execute(_HASH_INDEX)
+            self._recover()
 
     def _recover(self) -> None:
-        """Drop leftovers of interrupted writes: temporary folders and rows without a folder."""
-        for leftover in self.docs.glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        """Drop leftovers of interrupted writes and deletes: temporary folders and rows without a folder."""
+        for pattern in _LEFTOVERS:
+            for leftover in self.docs.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
         with self._lock:
             ids = [row[0] for row in self._db.execute("SELECT id FROM documents")]
             for document_id in ids:
@@ -102,26 +144,30 @@ class DocumentStore:
         ``content_hash`` (of the upload and its render settings) finds it again (``find``)."""
         document_id = uuid.uuid4().hex
         staging = self.docs / f".tmp-{document_id}"
-        staging.mkdir()
-        try:
-            write_pages(staging)
-            (staging / "source.txt").write_text(text, encoding="utf-8")
-            staging.rename(self.docs / document_id)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        folder = self.docs / document_id
         record = DocumentRecord(document_id, name, kind, time.time(), pages, summary)
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO documents (id, name, kind, created, pages, summary, content_hash) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (record.id, record.name, record.kind, record.created, record.pages, json.dumps(summary), content_hash),
-            )
+        with storage("store the document"):
+            try:
+                staging.mkdir()
+                write_pages(staging)
+                (staging / "source.txt").write_text(text, encoding="utf-8")
+                staging.rename(folder)
+                with self._lock:
+                    self._db.execute(
+                        "INSERT INTO documents (id, name, kind, created, pages, summary, content_hash) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (record.id, record.name, record.kind, record.created, record.pages, json.dumps(summary),
+                         content_hash),
+                    )
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
         return record
 
     def find(self, content_hash: str) -> DocumentRecord | None:
         """The stored document with this content hash, if any."""
-        with self._lock:
+        with self._lock, storage("read the document index"):
             row = self._db.execute(
                 "SELECT id, name, kind, created, pages, summary FROM documents WHERE content_hash = ? LIMIT 1",
                 (content_hash,),
@@ -130,13 +176,13 @@ class DocumentStore:
 
     def rename(self, document_id: str, name: str) -> DocumentRecord:
         self.get(document_id)
-        with self._lock:
+        with self._lock, storage(f"rename document {document_id}"):
             self._db.execute("UPDATE documents SET name = ? WHERE id = ?", (name, document_id))
         return self.get(document_id)
 
     def get(self, document_id: str) -> DocumentRecord:
         check_id(document_id)
-        with self._lock:
+        with self._lock, storage("read the document index"):
             row = self._db.execute(
                 "SELECT id, name, kind, created, pages, summary FROM documents WHERE id = ?", (document_id,)
             ).fetchone()
@@ -145,31 +191,60 @@ class DocumentStore:
         return DocumentRecord(*row[:5], json.loads(row[5]))
 
     def list(self) -> list[DocumentRecord]:
-        with self._lock:
+        with self._lock, storage("read the document index"):
             rows = self._db.execute(
                 "SELECT id, name, kind, created, pages, summary FROM documents ORDER BY created DESC"
             ).fetchall()
         return [DocumentRecord(*row[:5], json.loads(row[5])) for row in rows]
 
     def count(self) -> int:
-        with self._lock:
+        with self._lock, storage("read the document index"):
             return self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
 
-    def delete(self, document_id: str) -> None:
+    def delete(self, document_id: str) -> list[str]:
+        """Remove a document; the files that could not be removed (relative to the data folder), if any.
+        When the folder cannot even be moved aside, nothing changes and the error says why."""
         self.get(document_id)
-        with self._lock:
-            self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
-        shutil.rmtree(self.docs / document_id, ignore_errors=True)
+        folder, aside = self.docs / document_id, self.docs / f".deleted-{document_id}"
+        with storage(f"delete document {document_id}"):
+            if folder.exists():
+                folder.rename(aside)
+            try:
+                with self._lock:
+                    self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
+            except BaseException:
+                if aside.exists():
+                    aside.rename(folder)
+                raise
+        return self.remove_tree(aside)
+
+    def remove_tree(self, path: Path) -> list[str]:
+        """Delete a folder or file; what could not be deleted, relative to the data folder."""
+        failed: list[str] = []
+
+        def record(_function, failed_path, _exc_info):
+            failed.append(str(Path(failed_path).relative_to(self.root)))
+
+        if path.is_dir():
+            shutil.rmtree(path, onerror=record)
+        elif path.exists():
+            try:
+                path.unlink()
+            except OSError:
+                failed.append(str(path.relative_to(self.root)))
+        return failed
 
     def folder(self, document_id: str) -> Path:
         self.get(document_id)
         return self.docs / document_id
 
     def manifest(self, document_id: str) -> dict:
-        return json.loads((self.folder(document_id) / "manifest.json").read_text(encoding="utf-8"))
+        with storage(f"read document {document_id}"):
+            return json.loads((self.folder(document_id) / "manifest.json").read_text(encoding="utf-8"))
 
     def text(self, document_id: str) -> str:
-        return (self.folder(document_id) / "source.txt").read_text(encoding="utf-8")
+        with storage(f"read document {document_id}"):
+            return (self.folder(document_id) / "source.txt").read_text(encoding="utf-8")
 
     def layouts(self, document_id: str) -> list[PageLayout]:
         return [
