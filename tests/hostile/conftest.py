@@ -66,3 +66,9 @@ def server(tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("hostile") / "data").start()
     yield server
     server.stop()
+
+
+def error(response) -> tuple[str, str]:
+    """(code, message) of an error answer (OpenAI's shape)."""
+    body = response.json()["error"]
+    return body["code"], body["message"]

@@ -10,6 +10,7 @@ import sys
 import httpx
 import pytest
 
+from tests.hostile.conftest import error
 from tests.servers import REPO, Server, free_port
 
 PAGE_TEXT = "\n".join(f"Line {i}: the keeper climbed the ninety-seven steps to light the lamp." for i in range(900))
@@ -76,7 +77,7 @@ def test_a_full_disk_gets_507_and_loses_nothing(tmp_path):
                     break
                 stored.append(response.json()["id"])
             assert response.status_code == 507, response.text
-            assert response.json()["error"] == "storage_full" and "full" in response.json()["message"]
+            assert error(response)[0] == "storage_full" and "full" in error(response)[1]
             assert stored and client.get("/health").status_code == 200
             _intact(client, stored)
             assert ".tmp-" not in server.inside("ls", "-A", str(server.data_dir / "docs")).stdout
@@ -98,11 +99,11 @@ def test_a_read_only_documents_folder_refuses_writes_and_a_delete_changes_nothin
             server.inside("mount", "--bind", docs, docs)
             server.inside("mount", "-o", "remount,bind,ro", docs)
             refused = client.delete(f"/v1/documents/{kept}")
-            assert refused.status_code == 503 and refused.json()["error"] == "storage_unavailable"
-            assert f"could not delete document {kept}" in refused.json()["message"]
-            assert "Read-only file system" in refused.json()["message"]
+            assert refused.status_code == 503 and error(refused)[0] == "storage_unavailable"
+            assert f"could not delete document {kept}" in error(refused)[1]
+            assert "Read-only file system" in error(refused)[1]
             upload = _upload(client, "More text.")
-            assert upload.status_code == 503 and upload.json()["error"] == "storage_unavailable"
+            assert upload.status_code == 503 and error(upload)[0] == "storage_unavailable"
             _intact(client, [kept])
             answer = client.post(f"/v1/documents/{kept}/chat", json={"question": "How many steps?"})
             assert answer.status_code == 200 and "ninety-seven" in answer.json()["answer"]
