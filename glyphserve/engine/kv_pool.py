@@ -66,6 +66,8 @@ class KVPool:
         self._by_hash: dict[bytes, int] = {}
         # Unreferenced blocks, least recently released first: never-used ones, then released ones in order.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
+        self._cached_free = 0  # free blocks that still hold a published prefix (kept as a count: stats() is read
+        # from other threads while the engine's loop changes the free list)
         self.hit_blocks = 0
         self.evictions = 0
 
@@ -92,9 +94,9 @@ class KVPool:
         return self._refs[block]
 
     def stats(self) -> PoolStats:
-        cached = sum(1 for b in self._free if self._hash[b] is not None)
-        return PoolStats(self.num_blocks - 1, self.num_blocks - 1 - len(self._free), cached, len(self._free),
-                         self.hit_blocks, self.evictions)
+        free = len(self._free)
+        return PoolStats(self.num_blocks - 1, self.num_blocks - 1 - free, self._cached_free, free, self.hit_blocks,
+                         self.evictions)
 
     # --- changes -------------------------------------------------------------------------------------------
 
@@ -105,6 +107,7 @@ class KVPool:
                 raise ValueError(f"block {block} holds no published prefix")
             if self._refs[block] == 0:
                 del self._free[block]
+                self._cached_free -= 1
             self._refs[block] += 1
         self.hit_blocks += len(blocks)
 
@@ -120,6 +123,7 @@ class KVPool:
             if h is not None:
                 del self._by_hash[h]
                 self._hash[block] = None
+                self._cached_free -= 1
                 self.evictions += 1
             self._ready[block] = False
             self._refs[block] = 1
@@ -155,11 +159,14 @@ class KVPool:
                 del self._by_hash[h]
                 self._hash[block] = None
             self._free[block] = None
+            if self._hash[block] is not None:
+                self._cached_free += 1
 
     def clear(self) -> None:
         """Forget every cached prefix (referenced blocks stay valid, but are no longer found by content)."""
         for h, block in list(self._by_hash.items()):
             if self._refs[block] == 0:
                 self.evictions += 1
+                self._cached_free -= 1
             self._hash[block] = None
             del self._by_hash[h]

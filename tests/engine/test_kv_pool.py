@@ -125,6 +125,7 @@ def test_random_interleavings_keep_the_books_straight(ops):
             assert pool.refs(b) == refs.get(b, 0)
         stats = pool.stats()
         assert stats.in_use == len(refs) and stats.free == pool.num_blocks - 1 - len(refs)
+        assert stats.cached == sum(1 for b in range(1, pool.num_blocks) if not pool.refs(b) and pool._hash[b])
         for prefix in prefixes:  # every hit is a live or cached block holding that prefix
             blocks, _ = pool.match(prefix)
             assert len(set(blocks)) == len(blocks) and TRASH_BLOCK not in blocks
