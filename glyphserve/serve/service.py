@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from PIL import Image
 
@@ -94,6 +94,9 @@ class GlyphService:
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")
         # Ready at upload: documents being warmed (their task) and warmed ones (see ``warmth``).
         self._warming: dict[str, asyncio.Task] = {}
+        # Others holding copies of documents' files (the UI framework caches what it shows): each is called with a
+        # document's folder before the folder goes, and returns the paths it could not remove.
+        self.copy_holders: list[Callable[[Path], list[str]]] = []
         self._warm: set[str] = set()
 
     @property
@@ -233,7 +236,9 @@ class GlyphService:
 
     def delete_document(self, document_id: str) -> None:
         """Remove every copy of the document the server holds; if some file stays, say which."""
-        leftovers = self.store.delete(document_id)
+        folder = self.store.folder(document_id)
+        leftovers = [path for holder in self.copy_holders for path in holder(folder)]
+        leftovers += self.store.delete(document_id)
         self._warm.discard(document_id)
         task = self._warming.pop(document_id, None)
         if task is not None:

@@ -3,13 +3,20 @@
 It calls the same :class:`GlyphService` as the HTTP API (no loopback HTTP), so uploads,
 answers, limits and metrics are shared. Errors appear in a status box and as a warning
 toast, never as a traceback.
+
+What users supplied (document names, the document's text in passages and answers, questions) is shown as
+text, never as HTML or Markdown: an uploader's ``<img src=...>`` or ``![](...)`` would otherwise make every
+viewer's browser fetch a URL of the uploader's choosing. The UI framework keeps copies of files (the upload,
+every page a gallery shows): the upload's is removed once read, the pages' when the document is deleted.
 """
 
 from __future__ import annotations
 
 import base64
+import html
 import logging
 import secrets
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,15 +39,28 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
 
 
+_MARKDOWN_SPECIALS = {ord(c): "\\" + c for c in "\\`*_[]()!|~#"}
+
+
+def _literal(text: str) -> str:
+    """``text`` as it reads, inside Markdown: no HTML, no Markdown syntax (images, links, emphasis)."""
+    return html.escape(text, quote=False).translate(_MARKDOWN_SPECIALS)
+
+
+def _plain(text: str) -> str:
+    """``text`` for the chat, which shows plain text (``render_markdown=False``) but still renders HTML."""
+    return html.escape(text, quote=False)
+
+
 def _fail(exc: Exception) -> str:
-    """Show ``exc`` as a toast and return the status-box text."""
+    """Show ``exc`` as a toast and return the status-box text (messages may quote names users chose)."""
     if isinstance(exc, GlyphserveError):
         message = exc.message
     else:
         log.error("UI action failed", exc_info=exc)
         message = "internal error; the server log has the details"
-    gr.Warning(message)
-    return f"**Error:** {message}"
+    gr.Warning(html.escape(message, quote=False))
+    return f"**Error:** {_literal(message)}"
 
 
 def _document_label(record: DocumentRecord) -> str:
@@ -108,16 +128,18 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         except Exception as exc:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
         name = record.name or "pasted text"
-        status = (f"**{name}** was already stored with these settings: showing it." if duplicate
-                  else f"Rendered **{name}** into {record.pages} page(s).")
+        status = (f"**{_literal(name)}** was already stored with these settings: showing it." if duplicate
+                  else f"Rendered **{_literal(name)}** into {record.pages} page(s).")
         return shown(record, status + warmth_note(record.id))
 
     async def upload_file(file_path, preset, dpi, newline):
         if not file_path:
-            return (gr.skip(),) * 9
+            return (gr.skip(),) * 10
         path = Path(file_path)
-        return await add(RenderOptions(preset, int(dpi), newline), data=path.read_bytes(), filename=path.name,
-                         name=path.name)
+        data = path.read_bytes()
+        _remove_upload_copy(path, Path(demo.GRADIO_CACHE))  # the stored document is now the only copy
+        shown_now = await add(RenderOptions(preset, int(dpi), newline), data=data, filename=path.name, name=path.name)
+        return (*shown_now, None)  # and the upload box empties
 
     async def render_text(pasted, preset, dpi, newline):
         if not pasted or not pasted.strip():
@@ -135,7 +157,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             record = service.store.get(document_id)
         except Exception as exc:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
-        return shown(record, f"Selected **{record.name or 'pasted text'}**." + warmth_note(record.id))
+        return shown(record, f"Selected **{_literal(record.name or 'pasted text')}**." + warmth_note(record.id))
 
     def rename(document_id, name):
         if not document_id:
@@ -144,7 +166,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             record = service.rename_document(document_id, name or "")
         except Exception as exc:
             return gr.skip(), _fail(exc)
-        return gr.update(choices=choices(), value=record.id), f"Renamed to **{record.name}**."
+        return gr.update(choices=choices(), value=record.id), f"Renamed to **{_literal(record.name)}**."
 
     def delete(document_id):
         if not document_id:
@@ -154,7 +176,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             service.delete_document(document_id)
         except Exception as exc:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
-        return (None, [], "", gr.update(choices=choices(), value=None), "", [], f"Deleted **{name}**.", "", "")
+        return (None, [], "", gr.update(choices=choices(), value=None), "", [], f"Deleted **{_literal(name)}**.",
+                "", "")
 
     async def chat(question, history, document_id, use_cache, max_tokens, temperature):
         history = list(history or [])
@@ -164,13 +187,13 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         if not question or not question.strip():
             yield history, gr.skip(), gr.skip(), _fail(GlyphserveError("type a question first")), gr.skip()
             return
-        turns = [ChatMessage(m["role"], _text(m["content"])) for m in history
+        turns = [ChatMessage(m["role"], html.unescape(_text(m["content"]))) for m in history
                  if not (m.get("metadata") or {}).get("title") and m["role"] in ("user", "assistant")]
         settings = GenerationSettings(max_tokens=int(max_tokens), temperature=float(temperature),
                                       use_cache=bool(use_cache))
         job = ChatJob(AnswerRequest(pages=[], question=question, history=turns, settings=settings),
                       document_id=document_id)
-        history.append({"role": "user", "content": question})
+        history.append({"role": "user", "content": _plain(question)})
         yield history, "", "", "Answering…", ""
         thinking = answer = None
         try:
@@ -182,12 +205,12 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                             thinking = {"role": "assistant", "content": "",
                                         "metadata": {"title": THINKING_TITLE, "status": "pending"}}
                             history.append(thinking)
-                        thinking["content"] += item.text
+                        thinking["content"] += _plain(item.text)
                     elif isinstance(item, StreamEvent):
                         if answer is None:
                             answer = {"role": "assistant", "content": ""}
                             history.append(answer)
-                        answer["content"] += item.text
+                        answer["content"] += _plain(item.text)
                     else:
                         if thinking is not None:
                             thinking["metadata"]["status"] = "done"
@@ -243,7 +266,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 delete_button = gr.Button("Delete document", variant="stop", elem_id="delete")
                 stats = gr.Markdown("", elem_id="stats")
             with gr.Column(scale=2, min_width=420):
-                chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat", buttons=["copy"])
+                chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat", buttons=["copy"], render_markdown=False)
                 with gr.Row():
                     question = gr.Textbox(placeholder="Ask a question about the document", show_label=False,
                                           scale=5, elem_id="question")
@@ -267,7 +290,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
 
         shown_outputs = [document, gallery, stats, stored, name, chatbot, status, answer_stats, evidence_html]
         render_inputs = [preset, dpi, newline]
-        upload.upload(upload_file, [upload, *render_inputs], shown_outputs, concurrency_limit=2, api_name="upload")
+        upload.upload(upload_file, [upload, *render_inputs], [*shown_outputs, upload], concurrency_limit=2,
+                      api_name="upload")
         render_button.click(render_text, [pasted, *render_inputs], shown_outputs, concurrency_limit=2,
                             api_name="render_text")
         example_button.click(load_example, render_inputs, shown_outputs, concurrency_limit=2, api_name="load_example")
@@ -293,11 +317,40 @@ def _text(content) -> str:
     return str(content)
 
 
+def _remove_upload_copy(path: Path, cache: Path) -> None:
+    """Delete the UI framework's copy of an upload (``cache/<hash>/<name>``), and its folder once empty."""
+    if not path.resolve().is_relative_to(cache.resolve()):
+        return
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass  # another file shares the folder
+
+
+def _page_copies(cache: Path):
+    """A delete hook: remove the UI framework's copies of a document's pages (a gallery copies what it shows,
+    into ``cache/<hash of the file>/``); returns what could not be removed."""
+    from gradio.processing_utils import hash_file
+
+    def remove(folder: Path) -> list[str]:
+        failed: list[str] = []
+        for page in sorted(folder.glob("*.png")):
+            copies = cache / hash_file(page)
+            if copies.exists():
+                shutil.rmtree(copies, onerror=lambda _f, path, _e: failed.append(path))
+        return failed
+
+    return remove
+
+
 def mount_ui(app: FastAPI, service: GlyphService) -> FastAPI:
     key = service.config.api_key
     auth = (lambda _user, password: secrets.compare_digest(password, key)) if key else None
+    blocks = build_ui(service)
+    service.copy_holders.append(_page_copies(Path(blocks.GRADIO_CACHE)))
     return gr.mount_gradio_app(
-        app, build_ui(service), path="/", auth=auth,
+        app, blocks, path="/", auth=auth,
         auth_message="Sign in with any user name and the server's API key as the password." if key else None,
         allowed_paths=[str(service.store.docs)], max_file_size=service.config.max_upload_bytes,
         ssr_mode=False, theme=THEME, footer_links=[], mcp_server=False,

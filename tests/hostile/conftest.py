@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.servers import Server
@@ -16,6 +17,7 @@ UPLOAD_SECONDS = 5.0  # every hostile case gets its 4xx within this (the 10,000-
 PDF_SECONDS = 10.0
 ADDED_BYTES = 300 * 2**20  # memory a hostile request may add to the server (images: IMAGE_ADDED_BYTES)
 IMAGE_ADDED_BYTES = 600 * 2**20
+HTTP = httpx.Client(timeout=120)  # generous: CI machines are small and busy; the bounds are asserted separately
 
 
 def tree_rss(pid: int) -> int:

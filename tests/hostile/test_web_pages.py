@@ -11,14 +11,14 @@ import httpx
 import pytest
 
 from tests.serve.test_ui import ARGS, CHROMIUM
-from tests.hostile.conftest import error
+from tests.hostile.conftest import HTTP, error
 from tests.servers import Server, free_port
 
 ROUTES = ["/v1/documents", "/v1/chat/completions", "/v1/documents/0123456789abcdef0123456789abcdef/chat"]
 
 
 def documents(server: Server) -> list[str]:
-    return [d["id"] for d in httpx.get(f"{server.url}/v1/documents").json()["documents"]]
+    return [d["id"] for d in HTTP.get(f"{server.url}/v1/documents").json()["documents"]]
 
 
 def test_json_routes_refuse_what_a_page_can_send_without_asking(server):
@@ -26,11 +26,11 @@ def test_json_routes_refuse_what_a_page_can_send_without_asking(server):
     for route in ROUTES:
         for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
             headers = {"content-type": content_type} if content_type else {}
-            response = httpx.post(server.url + route, content=b'{"text": "from a web page", "question": "q"}',
+            response = HTTP.post(server.url + route, content=b'{"text": "from a web page", "question": "q"}',
                                   headers=headers)
             assert response.status_code == 415, (route, content_type, response.text)
             assert "application/json" in response.text
-    form = httpx.post(f"{server.url}/v1/documents", files={"file": ("a.txt", b"from a web page")},
+    form = HTTP.post(f"{server.url}/v1/documents", files={"file": ("a.txt", b"from a web page")},
                       headers={"origin": "http://evil.example"})
     assert form.status_code == 403 and error(form)[0] == "cross_origin"
     assert documents(server) == before
@@ -39,35 +39,35 @@ def test_json_routes_refuse_what_a_page_can_send_without_asking(server):
 def test_only_the_servers_own_host_names_are_answered(server):
     for host in ("evil.example", "evil.example:7860", "127.0.0.1.nip.io", "[::ffff:7f00:1]:7860"):
         for path in ("/v1/documents", "/", "/health"):
-            response = httpx.get(server.url + path, headers={"host": host})
+            response = HTTP.get(server.url + path, headers={"host": host})
             assert response.status_code == 400 and error(response)[0] == "invalid_host", (host, path)
             assert "--allowed-hosts" in error(response)[1]
     for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", f"[::1]:{server.port}", "app.localhost"):
-        assert httpx.get(f"{server.url}/v1/documents", headers={"host": host}).status_code == 200, host
+        assert HTTP.get(f"{server.url}/v1/documents", headers={"host": host}).status_code == 200, host
 
 
 def test_the_api_is_closed_to_other_origins_unless_allowed(server, tmp_path):
     local_page = "http://localhost:3000"  # the UI framework's own CORS lets any localhost origin in
-    preflight = httpx.options(f"{server.url}/v1/chat/completions", headers={
+    preflight = HTTP.options(f"{server.url}/v1/chat/completions", headers={
         "origin": local_page, "access-control-request-method": "POST", "access-control-request-headers": "content-type"})
     assert preflight.status_code == 403 and not _cors(preflight)
-    assert not _cors(httpx.get(f"{server.url}/v1/documents", headers={"origin": local_page}))
-    ui_post = httpx.post(f"{server.url}/gradio_api/queue/join", json={}, headers={"origin": local_page})
+    assert not _cors(HTTP.get(f"{server.url}/v1/documents", headers={"origin": local_page}))
+    ui_post = HTTP.post(f"{server.url}/gradio_api/queue/join", json={}, headers={"origin": local_page})
     assert ui_post.status_code == 403
 
     opened = Server(tmp_path / "data", "--no-ui", "--allowed-origins", "https://app.example").start()
     try:
-        preflight = httpx.options(f"{opened.url}/v1/documents", headers={
+        preflight = HTTP.options(f"{opened.url}/v1/documents", headers={
             "origin": "https://app.example", "access-control-request-method": "POST",
             "access-control-request-headers": "content-type"})
         assert preflight.status_code == 204
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
         assert "content-type" in preflight.headers["access-control-allow-headers"]
-        created = httpx.post(f"{opened.url}/v1/documents", json={"text": "hello"},
+        created = HTTP.post(f"{opened.url}/v1/documents", json={"text": "hello"},
                              headers={"origin": "https://app.example"})
         assert created.status_code == 201 and created.headers["access-control-allow-origin"] == "https://app.example"
         assert "access-control-allow-credentials" not in created.headers
-        other = httpx.post(f"{opened.url}/v1/documents", json={"text": "x"}, headers={"origin": "https://evil.example"})
+        other = HTTP.post(f"{opened.url}/v1/documents", json={"text": "x"}, headers={"origin": "https://evil.example"})
         assert other.status_code == 403
     finally:
         opened.stop()
