@@ -50,8 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="render processes working ahead of the model (0: render in this process)")
     run.add_argument("--prefetch", type=int, metavar="N",
                      help="documents rendered ahead (default 2 x batch size + workers)")
-    run.add_argument("--truncate-pages", action="store_true",
-                     help="read the first pages that fit the model's context instead of failing long documents")
+    run.add_argument("--page-selection", choices=("retrieve", "first", "all"), default="retrieve",
+                     help="documents longer than the model's context: read the pages that best match each question, "
+                          "with their neighbours (retrieve, default), the first pages (first), or fail them (all)")
     run.add_argument("--retry-failed", action="store_true",
                      help="also retry items recorded with an error (server-side errors are always retried)")
 
@@ -76,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         workers=args.workers,
         prefetch=args.prefetch,
         use_cache=not args.no_cache,
-        truncate_pages=args.truncate_pages,
+        page_selection=args.page_selection,
         render=RenderOptions(preset=args.preset, dpi=args.dpi, newline=args.newline),
     )
     load_engine = engine_loader(args, max_num_seqs=args.batch_size)

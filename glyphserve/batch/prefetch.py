@@ -20,6 +20,7 @@ import numpy as np
 
 from glyphserve.batch.inputs import BatchDocument
 from glyphserve.errors import GlyphserveError
+from glyphserve.retrieve import DocumentPages
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class PreparedDocument:
     kind: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     error: ItemError | None = None
+    selectable: DocumentPages | None = None  # what page selection knows of the pages (when they do not all fit)
 
 
 def prepare_document(
@@ -73,7 +75,6 @@ def prepare_document(
     """
     from glyphserve.ingest import ingest_path, ingest_text
     from glyphserve.render import render_document, resolve_config
-
     prepared = PreparedDocument(document)
     try:
         start = time.perf_counter()
@@ -86,6 +87,7 @@ def prepare_document(
         prepared.pages = [page.image for page in rendered.pages]
         prepared.vision_tokens = rendered.stats.vision_tokens
         prepared.text_tokens = rendered.stats.text_tokens
+        prepared.selectable = DocumentPages(doc.text, rendered.pages)
     except Exception as exc:  # noqa: BLE001 (recorded per document; the run goes on)
         prepared.error = ItemError.from_exception(exc)
     return prepared

@@ -38,7 +38,7 @@ class BatchOptions:
     # The engine's vision/prefix caches: a document's questions then share one vision encode and prefix.
     use_cache: bool = True
     ignore_eos: bool = False  # benchmarks: every answer runs to max_new_tokens
-    truncate_pages: bool = False  # read the first pages that fit the context instead of failing
+    page_selection: str = "retrieve"  # which pages a document too long for the context shows (glyphserve.retrieve)
     render: RenderOptions = field(default_factory=RenderOptions)
 
     def __post_init__(self) -> None:
@@ -90,6 +90,7 @@ class _StopRun(Exception):
 class _Item:
     prepared: PreparedDocument
     question: str
+    pages_shown: list[int] | None = None  # set when its request is made
 
 
 class BatchRunner:
@@ -216,16 +217,24 @@ class BatchRunner:
 
     def _request(self, item: _Item):
         from glyphserve.engine import AnswerRequest, GenerationSettings
+        from glyphserve.engine.prompt import page_budget
+        from glyphserve.retrieve import select_pages
 
+        prepared = item.prepared
+        budget = page_budget(self.engine, [], item.question, self.options.max_new_tokens)
+        # A remote engine's tokenizer is not here to count with: every page goes, and the server refuses what
+        # does not fit.
+        selection = select_pages([prepared.selectable], mode=self.options.page_selection if budget else "all",
+                                 question=item.question, budget=budget)
+        item.pages_shown = selection.shown()
         return AnswerRequest(
-            pages=item.prepared.pages,
+            pages=[prepared.pages[n - 1] for n in item.pages_shown],
             question=item.question,
-            page_keys=[f"batch:{item.prepared.document.id}:{n}" for n in range(1, len(item.prepared.pages) + 1)],
+            page_keys=[f"batch:{prepared.document.id}:{n}" for n in item.pages_shown],
             settings=GenerationSettings(
                 max_tokens=self.options.max_new_tokens,
                 use_cache=self.options.use_cache,
                 ignore_eos=self.options.ignore_eos,
-                truncate_pages=self.options.truncate_pages,
             ),
         )
 
@@ -239,6 +248,7 @@ class BatchRunner:
             "thinking": answer.thinking if answer is not None else None,
             "pages": len(prepared.pages),
             "pages_used": answer.pages_used if answer is not None else None,
+            "pages_shown": item.pages_shown if answer is not None else None,
             "vision_tokens": prepared.vision_tokens,
             "text_tokens": prepared.text_tokens,
             "prompt_tokens": answer.prompt_tokens if answer is not None else None,

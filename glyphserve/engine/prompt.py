@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from glyphserve.engine.types import ChatMessage
 from glyphserve.errors import GlyphserveError
+from glyphserve.retrieve import PromptBudget
 
 
 @dataclass
@@ -15,9 +17,17 @@ class PromptTokens:
     image_grids: list[tuple[int, int, int]]
 
 
-def conversation(history: list[ChatMessage], question: str, n_pages: int) -> list[dict]:
-    """Messages in the HF chat format; the pages belong to the first user turn."""
-    images = [{"type": "image"} for _ in range(n_pages)]
+def conversation(history: list[ChatMessage], question: str, n_pages: int,
+                 labels: Sequence[str] | None = None) -> list[dict]:
+    """Messages in the HF chat format; the pages belong to the first user turn, each after its label (a text
+    part, e.g. which document of a collection it comes from) when ``labels`` gives one (the first ``n_pages``)."""
+    if labels is not None and len(labels) < n_pages:
+        raise GlyphserveError(f"{n_pages} pages but {len(labels)} page labels: give one label per page")
+    images: list[dict] = []
+    for i in range(n_pages):
+        if labels is not None and labels[i]:
+            images.append({"type": "text", "text": labels[i]})
+        images.append({"type": "image"})
     messages: list[dict] = []
     placed = False
     for msg in history:
@@ -46,6 +56,11 @@ class PromptBuilder:
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
 
+    def count(self, messages: list[dict]) -> int:
+        """Tokens of the rendered template, each page's <|image|> counting 0 (its vision tokens are the page's)."""
+        raw = self.tokenizer(self.text(messages), add_special_tokens=False)["input_ids"]
+        return sum(1 for t in raw if t != self.image_token_id)
+
     def build(self, messages: list[dict], grids: list[tuple[int, int, int]]) -> PromptTokens:
         """Tokenise the rendered template and expand each <|image|> into one token per merged patch."""
         raw = self.tokenizer(self.text(messages), add_special_tokens=False)["input_ids"]
@@ -63,3 +78,17 @@ class PromptBuilder:
         if grids:
             prefix_len = len(ids) - ids[::-1].index(self.image_end_token_id)
         return PromptTokens(ids=ids, prefix_len=prefix_len, image_grids=list(grids))
+
+
+def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: int) -> PromptBudget | None:
+    """What the pages may cost in ``engine``'s context for this question and answer length, counted by its
+    tokenizer and chat template (None for an engine without them, e.g. a remote one)."""
+    prompts: PromptBuilder | None = getattr(engine, "prompts", None)
+    if prompts is None:
+        return None
+    return PromptBudget(
+        context=engine.max_context,
+        max_tokens=max_tokens,
+        count_prompt=lambda labels: prompts.count(conversation(history, question, len(labels), labels)),
+        count_label=lambda text: len(prompts.tokenizer(text, add_special_tokens=False)["input_ids"]),
+    )

@@ -120,6 +120,14 @@ class _EncodedPages:
         self.urls = [page_data_url(page) for page in pages]
         self.parts_json = ", ".join(json.dumps({"type": "image_url", "image_url": {"url": url}}) for url in self.urls)
 
+    def labelled(self, labels: list[str]) -> str:
+        """The pages' content parts with each page's label as a text part just before it."""
+        return ", ".join(
+            (json.dumps({"type": "text", "text": label}) + ", " if label else "")
+            + json.dumps({"type": "image_url", "image_url": {"url": url}})
+            for label, url in zip(labels, self.urls, strict=True)
+        )
+
 
 def chat_completions_url(endpoint: str) -> str:
     url = endpoint.rstrip("/")
@@ -210,7 +218,8 @@ class RemoteEngine:
         logprobs: list[TokenLogprob] | None = [] if request.settings.logprobs is not None else None
         first_token_at = None
         key = _routing_key(request, pages.urls) if self.router is not None else None
-        for chunk in self._chunks(payload, pages.parts_json, key):
+        parts_json = pages.parts_json if not request.page_labels else pages.labelled(request.page_labels)
+        for chunk in self._chunks(payload, parts_json, key):
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}

@@ -7,10 +7,26 @@ OpenAI-compatible client) instead of reimplementing them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from glyphserve.render import RenderedDocument
+    import numpy as np
+
+    from glyphserve.retrieve import PromptBudget
+
+# The chat template around a question without pages (``[gMASK]<sop><|user|>\n … <|assistant|>\n``), in tokens.
+TEMPLATE_TOKENS = 6
+
+
+@dataclass
+class ShownPages:
+    """What a backend is given for a question: the pages in front of the model (their images, and the label before
+    each one for a collection) and the text they hold, which the extractive backend searches."""
+
+    text: str
+    images: list["np.ndarray"]
+    labels: list[str] | None = None
 
 
 class Backend(Protocol):
@@ -18,33 +34,61 @@ class Backend(Protocol):
     # What counts the document's text tokens (anything ``glyphserve.render.count_text_tokens``
     # accepts); None = the renderer's documented estimate.
     tokenizer: object | None
+    context: int | None  # tokens of prompt + answer the pages are selected for (None: no limit known)
 
-    def answer(self, doc_text: str, rendered: "RenderedDocument", question: str) -> str:
-        """The answer to ``question`` about the document (its text and its rendered pages)."""
+    def page_budget(self, question: str) -> "PromptBudget | None":
+        """What the pages may cost for this question (None: no context to fit, every page is shown)."""
+        ...
+
+    def answer(self, question: str, shown: ShownPages) -> str:
+        """The answer to ``question`` about the pages shown."""
         ...
 
 
+def estimated_budget(question: str, context: int, max_tokens: int) -> "PromptBudget":
+    """A budget counted with the renderer's text-token estimate, for backends without a tokenizer here."""
+    from glyphserve.glm4v import PAGE_MARKER_TOKENS
+    from glyphserve.render import count_text_tokens
+    from glyphserve.retrieve import PromptBudget
+
+    def tokens(text: str) -> int:
+        return count_text_tokens(text)[0]
+
+    return PromptBudget(
+        context, max_tokens,
+        lambda labels: TEMPLATE_TOKENS + tokens(question) + sum(PAGE_MARKER_TOKENS + tokens(x) for x in labels),
+        tokens,
+    )
+
+
 class ExtractiveBackend:
-    """The server's embedded default: the best BM25 passages of the source text, no model."""
+    """The server's embedded default: the best BM25 passages of the shown pages' text, no model. With a
+    ``context`` the pages are selected as for a model with that context (token counts estimated)."""
 
     name = "extractive"
     tokenizer = None
 
-    def __init__(self, top_k: int = 3):
+    def __init__(self, top_k: int = 3, context: int | None = None, max_tokens: int = 1024):
         from glyphserve.serve.backends import ExtractiveBackend as _Extractive
 
         self._backend = _Extractive(store=None, top_k=top_k)
+        self.context, self.max_tokens = context, max_tokens
 
-    def answer(self, doc_text: str, rendered: "RenderedDocument", question: str) -> str:
+    def page_budget(self, question: str) -> "PromptBudget | None":
+        return estimated_budget(question, self.context, self.max_tokens) if self.context else None
+
+    def answer(self, question: str, shown: ShownPages) -> str:
         from glyphserve.engine import AnswerRequest
         from glyphserve.serve.backends import ChatJob
 
-        job = ChatJob(AnswerRequest(pages=[], question=question), context=doc_text)
+        if not shown.text.strip():
+            return ""
+        job = ChatJob(AnswerRequest(pages=[], question=question), context=shown.text)
         return self._backend.answer(job).answer.text
 
 
 class _PageReadingBackend:
-    """The model backends: the rendered pages and the question go to an ``Engine`` (or ``RemoteEngine``)."""
+    """The model backends: the shown pages and the question go to an ``Engine`` (or ``RemoteEngine``)."""
 
     def __init__(self, engine, max_new_tokens: int, tokenizer: object | None = None):
         from glyphserve.engine import GenerationSettings
@@ -53,15 +97,17 @@ class _PageReadingBackend:
         self.tokenizer = tokenizer
         self._settings = GenerationSettings(max_tokens=max_new_tokens)
 
-    def answer(self, doc_text: str, rendered: "RenderedDocument", question: str) -> str:
+    def answer(self, question: str, shown: ShownPages) -> str:
         from glyphserve.engine import AnswerRequest
 
-        pages = [page.image for page in rendered.pages]
-        return self.engine.answer(AnswerRequest(pages=pages, question=question, settings=self._settings)).text
+        request = AnswerRequest(pages=shown.images, question=question, page_labels=shown.labels,
+                                settings=self._settings)
+        return self.engine.answer(request).text
 
 
 class LocalBackend(_PageReadingBackend):
-    """A model loaded in-process by :class:`glyphserve.engine.Engine`; text tokens come from its tokenizer."""
+    """A model loaded in-process by :class:`glyphserve.engine.Engine`; text tokens come from its tokenizer, and
+    page selection counts with its tokenizer and chat template."""
 
     name = "local"
 
@@ -71,15 +117,27 @@ class LocalBackend(_PageReadingBackend):
 
         engine = Engine.load(EngineConfig(model=model, random_weights=random_weights, max_context=max_context))
         super().__init__(engine, max_new_tokens, engine.tokenizer)
+        self.context = engine.max_context
+
+    def page_budget(self, question: str) -> "PromptBudget | None":
+        from glyphserve.engine.prompt import page_budget
+
+        return page_budget(self.engine, [], question, self._settings.max_tokens)
 
 
 class OpenAIBackend(_PageReadingBackend):
-    """A remote OpenAI-compatible server (e.g. ``vllm serve zai-org/Glyph``) reading the rendered pages."""
+    """A remote OpenAI-compatible server (e.g. ``vllm serve zai-org/Glyph``) reading the shown pages; with the
+    server's ``context`` given, pages are selected for it (token counts estimated)."""
 
     name = "openai"
 
-    def __init__(self, endpoint: str, model: str | None = None, api_key: str | None = None, max_new_tokens: int = 1024):
+    def __init__(self, endpoint: str, model: str | None = None, api_key: str | None = None,
+                 max_new_tokens: int = 1024, context: int | None = None):
         from glyphserve.engine.remote import RemoteConfig, RemoteEngine
 
         remote = RemoteEngine.load(RemoteConfig(endpoints=[endpoint], model=model, api_key=api_key))
         super().__init__(remote, max_new_tokens)
+        self.context = context
+
+    def page_budget(self, question: str) -> "PromptBudget | None":
+        return estimated_budget(question, self.context, self._settings.max_tokens) if self.context else None

@@ -12,6 +12,7 @@ SUITES = ("niah", "niah-multi", "mdqa", "freqword", "longbench", "mrcr", "ocr")
 DATA_SUITES = ("longbench", "mrcr")
 DEFAULT_LENGTHS = "4k,8k,16k,32k"
 DEFAULT_SAMPLES = 5
+DEFAULT_CONTEXT = 32768
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,8 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"comma-separated suites: {', '.join(SUITES)}, or all (default: niah). "
                         "all = the generated suites and ocr, plus longbench or mrcr when --data is given")
     p.add_argument("--lengths", default=DEFAULT_LENGTHS,
-                   help=f"document lengths in text tokens, e.g. 4k,8k,128k (k = 1024; default {DEFAULT_LENGTHS}); "
-                        "for --data files these are the length buckets")
+                   help=f"document lengths in text tokens, e.g. 4k,8k,128k (k = 1024; default {DEFAULT_LENGTHS}), "
+                        "or as multiples of the context, e.g. 2x,4x,8x: documents whose pages need that many times "
+                        "the context; for --data files these are the length buckets")
+    p.add_argument("--page-selection", default=None, metavar="MODES",
+                   help="comma-separated page selections to compare, e.g. first,retrieve: each sample is asked once "
+                        "per mode, showing the pages that mode selects for the context (mdqa as a collection of its "
+                        "documents); reports whether the evidence's pages were shown (default: every page)")
     p.add_argument("--samples", type=int, default=None,
                    help=f"samples per suite and length (default {DEFAULT_SAMPLES}; --data files: all)")
     p.add_argument("--ocr-pages", type=int, default=2, help="pages the ocr suite reads per preset and dpi (default 2)")
@@ -46,8 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="answer length limit for model backends, thinking included (default 1024)")
     p.add_argument("--max-context", type=int,
-                   help="local model: longest prompt + answer in tokens (default: the engine's, at most 32768); "
-                        "documents that do not fit are scored 0 and reported")
+                   help="longest prompt + answer in tokens: the local model's (default: the engine's, at most "
+                        f"32768), or what pages are selected for with the other backends (default {DEFAULT_CONTEXT} "
+                        "with --page-selection; token counts estimated); without page selection documents that do "
+                        "not fit are scored 0 and reported")
     p.add_argument("--preset", default=None,
                    help="comma-separated render presets: auto, glyph-en, glyph-zh "
                         "(default: auto for accuracy suites, glyph-en,glyph-zh for ocr)")
@@ -58,19 +66,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_lengths(value: str) -> list[int]:
-    """``4k,8k,100`` -> [4096, 8192, 100]."""
-    lengths = []
+def parse_lengths(value: str) -> list[int | float]:
+    """``4k,8k,100`` -> [4096, 8192, 100]; multiples of the context stay floats: ``2x,4x`` -> [2.0, 4.0]."""
+    lengths: list[int | float] = []
     for part in value.split(","):
         part = part.strip().lower()
         try:
+            if part.endswith("x"):
+                lengths.append(float(part[:-1]))
+                if lengths[-1] <= 0:
+                    raise ValueError
+                continue
             tokens = int(float(part[:-1]) * 1024) if part.endswith("k") else int(part)
         except ValueError:
-            raise ConfigError(f"--lengths takes token counts like 4k,8k,32k, not {part!r}") from None
+            raise ConfigError(f"--lengths takes token counts like 4k,8k,32k or context multiples like 2x,4x, "
+                              f"not {part!r}") from None
         if tokens < 256:
             raise ConfigError(f"--lengths: {part!r} is too short; use at least 256 tokens")
         lengths.append(tokens)
+    if any(isinstance(x, float) for x in lengths) and not all(isinstance(x, float) for x in lengths):
+        raise ConfigError("--lengths: give token counts (4k,8k) or context multiples (2x,4x), not both")
     return sorted(set(lengths))
+
+
+def parse_modes(value: str | None) -> list[str]:
+    from glyphserve.retrieve import MODES
+
+    modes = list(dict.fromkeys(_split(value)))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"--page-selection: unknown {unknown[0]!r}; choose from {', '.join(MODES)}")
+    return modes
+
+
+def lengths_beyond(multiples: list[float], context: int, setting) -> list[int]:
+    """Text tokens of filler whose pages need ``multiples`` of ``context`` tokens with ``setting``'s rendering (its
+    compression measured on the suites' filler; the suites size text with the renderer's estimate)."""
+    import random
+
+    from glyphserve.eval import textgen
+    from glyphserve.render import render_text
+
+    probe = " ".join(textgen.filler_sentences(random.Random(0), 60_000))
+    config, _ = setting.resolve(probe)
+    stats = render_text(probe, config).stats
+    return [round(m * context * stats.text_tokens / stats.vision_tokens) for m in multiples]
 
 
 def parse_suites(value: str, data: Path | None) -> list[str]:
@@ -117,12 +157,14 @@ def make_backend(args: argparse.Namespace):
                 "--backend local needs --model PATH|ID (e.g. zai-org/Glyph) or --random-weights glm-4.1v-9b"
             )
         return backends.LocalBackend(args.model, args.random_weights, args.max_new_tokens, args.max_context)
+    # Without a model here, pages are selected for the context given (or the engine's default).
+    context = args.max_context or (DEFAULT_CONTEXT if args.page_selection else None)
     if kind == "openai":
         if not args.endpoint:
             raise ConfigError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
         api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-        return backends.OpenAIBackend(args.endpoint, args.remote_model, api_key, args.max_new_tokens)
-    return backends.ExtractiveBackend()
+        return backends.OpenAIBackend(args.endpoint, args.remote_model, api_key, args.max_new_tokens, context)
+    return backends.ExtractiveBackend(context=context, max_tokens=args.max_new_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
 
     names = parse_suites(args.suite, args.data)
     lengths = parse_lengths(args.lengths)
+    modes = parse_modes(args.page_selection)
+    if lengths and isinstance(lengths[0], float) and not modes:
+        raise ConfigError("--lengths in context multiples (2x,4x) are for --page-selection runs")
     if (args.samples is not None and args.samples < 1) or args.ocr_pages < 1:
         raise ConfigError("--samples and --ocr-pages must be at least 1")
     presets, dpis = _split(args.preset), _parse_dpis(args.dpi)
@@ -152,10 +197,20 @@ def run(args: argparse.Namespace) -> int:
         meta["backend"] = backend.name
         meta["lengths"] = args.lengths
         settings = [RenderSetting(p, d) for p in (presets or ["auto"]) for d in (dpis or [None])]
+        if modes:
+            meta["page_selection"] = ",".join(modes)
+            meta["context"] = backend.context
+        if isinstance(lengths[0], float):
+            multiples, lengths = lengths, lengths_beyond(lengths, backend.context, settings[0])
+            meta["notes"].append(
+                "lengths " + ", ".join(f"{m:g}x" for m in multiples) + f" of the {backend.context:,}-token context: "
+                + ", ".join(f"{t:,}" for t in lengths) + " text tokens")
 
         def progress(r) -> None:
+            shown = "" if r.pages_shown is None or r.pages_shown == r.pages else f" ({r.pages_shown} shown)"
+            evidence = {True: ", evidence shown", False: ", evidence not shown", None: ""}[r.evidence_shown]
             print(f"{r.suite} {report.format_length(r.length)} #{r.index} [{r.setting}]: score {r.score:.2f}, "
-                  f"{r.pages} pages, answer {r.answer_s:.2f} s", file=sys.stderr)
+                  f"{r.pages} pages{shown}{evidence}, answer {r.answer_s:.2f} s", file=sys.stderr)
 
         for name in accuracy_suites:
             if name in DATA_SUITES:
@@ -170,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 samples = list(suites.generate(name, lengths, args.samples or DEFAULT_SAMPLES, args.seed))
             for setting in settings:
-                results += evaluate(samples, backend, setting, progress)
+                results += evaluate(samples, backend, setting, progress, modes)
     else:
         meta["backend"] = "none (ocr only)"
 

@@ -15,21 +15,30 @@ from glyphserve.eval.runner import SampleResult, SuiteRow
 
 
 def format_length(tokens: int) -> str:
-    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+    if tokens % 1024 == 0:
+        return f"{tokens // 1024}k"
+    return f"{tokens / 1024:.1f}k" if tokens > 10 * 1024 else str(tokens)
 
 
-def accuracy_table(rows: Sequence[SuiteRow]) -> str:
+def accuracy_table(rows: Sequence[SuiteRow], selection: bool = False) -> str:
+    """One line per row; with ``selection`` also the mean pages shown and the share of samples whose evidence
+    pages were all shown."""
+    extra = " pages shown | evidence shown |" if selection else ""
     lines = [
         "| suite | rendering | length | samples | accuracy | text tokens | vision tokens | compression "
-        "| answer s | render s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| answer s | render s |" + extra,
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if selection else ""),
     ]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r.suite} | {r.setting} | {format_length(r.length)} | {r.samples} | {r.accuracy:.1%} | "
             f"{r.text_tokens:,.0f} | {r.vision_tokens:,.0f} | {r.compression:.2f}x | "
             f"{r.latency_s:.3f} | {r.render_s:.2f} |"
         )
+        if selection:
+            evidence = "-" if r.evidence_shown is None else f"{r.evidence_shown:.0%}"
+            line += f" {r.pages_shown:.1f} | {evidence} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -57,7 +66,7 @@ def markdown(meta: dict[str, Any], rows: Sequence[SuiteRow], legibility: Sequenc
     for note in notes:
         parts += ["", f"- {note}"]
     if rows:
-        parts += ["", "## Accuracy", "", accuracy_table(rows)]
+        parts += ["", "## Accuracy", "", accuracy_table(rows, "page_selection" in meta)]
     if legibility:
         parts += ["", "## Rendering legibility (Tesseract character error rate)", "", legibility_table(legibility)]
     return "\n".join(parts) + "\n"

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from glyphserve.errors import ContextOverflowError, TooManyPagesError
 from glyphserve.eval import metrics
-from glyphserve.eval.backends import Backend
+from glyphserve.eval.backends import Backend, ShownPages
 from glyphserve.eval.suites import Sample
-from glyphserve.render import RenderConfig, has_cjk, render_text, resolve_config
+from glyphserve.render import RenderConfig, RenderedDocument, has_cjk, render_text, resolve_config
+from glyphserve.retrieve import DocumentPages, Selection, select_pages
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class SampleResult:
     suite: str
     length: int
     index: int
-    setting: str  # preset and dpi, e.g. "glyph-en 72dpi"
+    setting: str  # preset and dpi, e.g. "glyph-en 72dpi", and the page selection when one was asked for
     score: float
     text_tokens: int
     token_source: str  # how text_tokens was counted (tokenizer name or the estimate)
@@ -45,6 +46,9 @@ class SampleResult:
     answers: list[str]
     prediction: str
     error: str | None = None  # why the backend could not answer (scored 0)
+    pages_shown: int | None = None  # pages in front of the model (None: the backend refused them all)
+    prompt_tokens: int | None = None  # the prompt with those pages, as page selection counted it
+    evidence_shown: bool | None = None  # whether every page holding the sample's evidence was shown
 
 
 @dataclass
@@ -62,6 +66,8 @@ class SuiteRow:
     latency_s: float  # mean answer time (rendering excluded)
     render_s: float
     errors: int  # samples the backend refused (e.g. more pages than its context holds), scored 0
+    evidence_shown: float | None = None  # share of samples whose evidence pages were all shown
+    pages_shown: float | None = None  # mean pages in front of the model
 
 
 def score(sample: Sample, prediction: str) -> float:
@@ -84,36 +90,98 @@ def evaluate(
     backend: Backend,
     setting: RenderSetting,
     progress: Callable[[SampleResult], None] | None = None,
+    page_selection: Iterable[str] = (),
 ) -> list[SampleResult]:
     """Render each sample's document with ``setting``, ask the backend, score the answer.
 
-    A document too long for the backend's context is recorded with its error and scored 0;
-    every other error stops the run.
+    Without ``page_selection`` every page is shown, and a document too long for the backend's context is
+    recorded with its error and scored 0. With modes (``first``, ``retrieve``, ``all``) each sample is asked once
+    per mode, showing the pages that mode selects for the backend's budget; a sample with ``documents`` is asked
+    as that collection (each page labelled with its document). Every other error stops the run.
     """
+    modes = list(page_selection)
     results = []
     for sample in samples:
         start = time.perf_counter()
         config, label = setting.resolve(sample.text)
-        rendered = render_text(sample.text, config, tokenizer=backend.tokenizer)
+        collection = sample.documents if modes and sample.documents else None
+        texts = [text for _, text in collection] if collection else [sample.text]
+        rendered = [render_text(text, config, tokenizer=backend.tokenizer) for text in texts]
         rendered_at = time.perf_counter()
-        error = None
-        try:
-            prediction = backend.answer(sample.text, rendered, sample.question)
-        except (ContextOverflowError, TooManyPagesError) as exc:
-            prediction, error = "", exc.message
-        answered_at = time.perf_counter()
-        result = SampleResult(
-            suite=sample.suite, length=sample.length, index=sample.index, setting=label,
-            score=score(sample, prediction), text_tokens=rendered.stats.text_tokens,
-            token_source=rendered.stats.text_token_method,
-            vision_tokens=rendered.stats.vision_tokens, pages=len(rendered.pages),
-            render_s=rendered_at - start, answer_s=answered_at - rendered_at,
-            question=sample.question, answers=list(sample.answers), prediction=prediction, error=error,
-        )
-        results.append(result)
-        if progress:
-            progress(result)
+        evidence = _evidence_pages(sample, texts, rendered)
+        documents = [DocumentPages(text, r.pages) for text, r in zip(texts, rendered)]  # one index for every mode
+        for mode in modes or [None]:
+            selected_at = time.perf_counter()
+            shown, selection, error = _show(sample, backend, mode, documents, texts, rendered, collection)
+            prediction = ""
+            if error is None:
+                try:
+                    prediction = backend.answer(sample.question, shown)
+                except (ContextOverflowError, TooManyPagesError) as exc:
+                    error = exc.message
+            answered_at = time.perf_counter()
+            on_view = {(p.document, p.number) for p in selection.pages} if selection and error is None else set()
+            result = SampleResult(
+                suite=sample.suite, length=sample.length, index=sample.index,
+                setting=label if mode is None else f"{label} {mode}",
+                score=score(sample, prediction), text_tokens=sum(r.stats.text_tokens for r in rendered),
+                token_source=rendered[0].stats.text_token_method,
+                vision_tokens=sum(r.stats.vision_tokens for r in rendered), pages=sum(len(r.pages) for r in rendered),
+                render_s=rendered_at - start, answer_s=answered_at - selected_at,
+                question=sample.question, answers=list(sample.answers), prediction=prediction, error=error,
+                pages_shown=len(on_view) if error is None else None,
+                prompt_tokens=selection.prompt_tokens if selection and error is None else None,
+                evidence_shown=evidence <= on_view if evidence else None,
+            )
+            results.append(result)
+            if progress:
+                progress(result)
     return results
+
+
+def _show(sample: Sample, backend: Backend, mode: str | None, documents: list[DocumentPages], texts: list[str],
+          rendered: list[RenderedDocument], collection) -> tuple[ShownPages, Selection | None, str | None]:
+    """The pages a mode shows (every page without one), or why none could be."""
+    titles = [title for title, _ in collection] if collection else None
+    try:
+        budget = backend.page_budget(sample.question) if mode not in (None, "all") else None
+        selection = select_pages(documents, mode=mode if budget else "all", question=sample.question,
+                                 budget=budget, titles=titles)
+    except ContextOverflowError as exc:
+        return ShownPages("", []), None, exc.message
+    chosen = [(p.document, p.number) for p in selection.pages]
+    if len(chosen) == sum(len(r.pages) for r in rendered):
+        text = sample.text  # every page: the whole text, as it was written
+    else:
+        text = "\n\n".join(_runs_text(texts, rendered, chosen))
+    images = [rendered[d].pages[n - 1].image for d, n in chosen]
+    return ShownPages(text, images, selection.labels), selection, None
+
+
+def _runs_text(texts: list[str], rendered: list[RenderedDocument], chosen: list[tuple[int, int]]) -> list[str]:
+    """The text of each run of consecutive shown pages (a paragraph across two shown pages stays whole)."""
+    runs: list[list[tuple[int, int]]] = []
+    for d, n in chosen:
+        if runs and runs[-1][-1] == (d, n - 1):
+            runs[-1].append((d, n))
+        else:
+            runs.append([(d, n)])
+    out = []
+    for run in runs:
+        d = run[0][0]
+        start, end = rendered[d].pages[run[0][1] - 1].char_span[0], rendered[d].pages[run[-1][1] - 1].char_span[1]
+        out.append(texts[d][start:end])
+    return out
+
+
+def _evidence_pages(sample: Sample, texts: list[str], rendered: list[RenderedDocument]) -> set[tuple[int, int]]:
+    """(document, page) of every page that holds part of the sample's evidence sentences."""
+    pages = set()
+    for sentence in sample.evidence:
+        d, start = next((d, t.find(sentence)) for d, t in enumerate(texts) if sentence in t)
+        end = start + len(sentence)
+        pages |= {(d, p.number) for p in rendered[d].pages if p.char_span[0] < end and start < p.char_span[1]}
+    return pages
 
 
 def summarize(results: Iterable[SampleResult]) -> list[SuiteRow]:
@@ -132,6 +200,12 @@ def summarize(results: Iterable[SampleResult]) -> list[SuiteRow]:
             compression=text / vision if vision else 0.0,
             latency_s=sum(r.answer_s for r in group) / n, render_s=sum(r.render_s for r in group) / n,
             errors=sum(r.error is not None for r in group),
+            evidence_shown=_mean([r.evidence_shown for r in group if r.evidence_shown is not None]),
+            pages_shown=_mean([r.pages_shown or 0 for r in group]),
         ))
     order = {key: i for i, key in enumerate(dict.fromkeys((r.suite, r.setting) for r in rows))}
     return sorted(rows, key=lambda r: (order[(r.suite, r.setting)], r.length))
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None

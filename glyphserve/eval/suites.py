@@ -46,6 +46,10 @@ class Sample:
     answers: tuple[str, ...]
     metric: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # The same text as a collection of (title, text) documents, for questions over collections (mdqa).
+    documents: tuple[tuple[str, str], ...] | None = None
+    # The sentences a correct answer needs to see (page selection must show the pages holding them).
+    evidence: tuple[str, ...] = ()
 
 
 def sample_rng(seed: int, suite: str, length: int, index: int) -> random.Random:
@@ -107,7 +111,7 @@ def niah(seed: int, length: int, index: int, count: int) -> Sample:
     text = _insert_at_depths(rng, sentences, [(depth, needle)])
     return Sample(
         "niah", length, index, text, NEEDLE_QUESTION.format(noun=value_kind, key=key), (value,), "recall",
-        {"depth": depth, "needles": [needle], "key": key, "value_kind": value_kind},
+        {"depth": depth, "needles": [needle], "key": key, "value_kind": value_kind}, evidence=(needle,),
     )
 
 
@@ -130,6 +134,7 @@ def niah_multi(seed: int, length: int, index: int, count: int, values: int = 4, 
     return Sample(
         "niah-multi", length, index, text, MULTI_QUESTION.format(noun=value_kind, key=key), answers, "recall",
         {"depths": depths, "needles": needles, "key": key, "value_kind": value_kind},
+        evidence=tuple(needles[:values]),
     )
 
 
@@ -194,9 +199,13 @@ def mdqa(seed: int, length: int, index: int, count: int) -> Sample:
     text = "\n\n".join(f"Document {n}: {doc}" for n, doc in enumerate(docs, 1))
     answer = {"year": years[target], "city": cities[target], "founder": founders[target],
               "birthplace": cities[companies + target]}[kind]
+    evidence = [facts[target].split("\n", 1)[1]]
+    if kind == "birthplace":
+        evidence.append(f"{founders[target]} was born in {cities[companies + target]}.")
     return Sample(
         "mdqa", length, index, text, _MDQA_QUESTIONS[kind].format(company=names[target]), (answer,), "any",
         {"question_kind": kind, "company": names[target], "documents": len(docs)},
+        documents=tuple((doc.split("\n", 1)[0], doc) for doc in docs), evidence=tuple(evidence),
     )
 
 

@@ -49,21 +49,32 @@ class HistoryTurn(BaseModel):
     content: str
 
 
+# Most documents one question may be asked over (their pages together are bounded by --max-pages as well).
+MAX_COLLECTION = 32
+PageSelection = Literal["retrieve", "first", "all"]
+
+
 class DocumentChat(SamplingParams):
-    """A question about a stored document; the sampling parameters are the engine's (vLLM's names), and
-    ``logprobs`` is the engine's too (the number of alternatives per token; 0: only the chosen token's)."""
+    """A question about a stored document (with ``documents``: about it and those, as one collection); the
+    sampling parameters are the engine's (vLLM's names), and ``logprobs`` is the engine's too (the number of
+    alternatives per token; 0: only the chosen token's)."""
 
     model_config = ConfigDict(extra="forbid")
     question: str = Field(min_length=1)
     history: list[HistoryTurn] = []
     logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool = False
+    documents: list[str] | None = Field(None, min_length=1, max_length=MAX_COLLECTION - 1)
+    page_selection: PageSelection | None = None  # default: the server's --page-selection
 
-    def job(self, document_id: str) -> ChatJob:
+    def job(self, document_id: str, page_selection: str) -> ChatJob:
         history = [ChatMessage(t.role, t.content) for t in self.history]
         settings = self.generation_settings(logprobs=self.logprobs)
+        collection = list(dict.fromkeys([document_id, *(check_id(d) for d in self.documents or [])]))
         return ChatJob(AnswerRequest(pages=[], question=self.question, history=history, settings=settings),
-                       document_id=document_id)
+                       document_id=document_id if len(collection) == 1 else None,
+                       documents=collection if len(collection) > 1 else None,
+                       page_selection=self.page_selection or page_selection)
 
 
 def invalid_request(exc: ValidationError | Any) -> InvalidRequestError:
@@ -133,17 +144,19 @@ def client_gone() -> Response:
 def build_router(service: GlyphService) -> APIRouter:
     router = APIRouter()
 
-    def citations(document_id: str | None, reply: Reply) -> list[dict]:
+    def citations(reply: Reply) -> list[dict]:
         out = []
         for c in reply.citations:
             item = {"page": c.page, "start": c.start, "end": c.end, "text": c.text, "score": c.score}
-            if c.page is not None and document_id is not None:
-                crop = f"?top={c.rows[0]}&bottom={c.rows[1]}" if c.rows else ""
-                item["crop_url"] = f"/v1/documents/{document_id}/pages/{c.page}.png{crop}"
+            if c.document is not None:
+                item["document"] = c.document
+                if c.page is not None:
+                    crop = f"?top={c.rows[0]}&bottom={c.rows[1]}" if c.rows else ""
+                    item["crop_url"] = f"/v1/documents/{c.document}/pages/{c.page}.png{crop}"
             out.append(item)
         return out
 
-    def reply_body(document_id: str | None, reply: Reply) -> dict:
+    def reply_body(reply: Reply) -> dict:
         """The answer under the engine's names (``Answer``, ``StageTimings``, ``CacheReport``)."""
         answer = reply.answer
         return {
@@ -152,7 +165,8 @@ def build_router(service: GlyphService) -> APIRouter:
             "notice": service.notice, "timings": asdict(answer.timings), "cache": asdict(answer.cache),
             "usage": {**oai.usage(answer), "vision_tokens": answer.vision_tokens},
             "logprobs": None if answer.logprobs is None else [asdict(t) for t in answer.logprobs],
-            "citations": citations(document_id, reply),
+            "pages_shown": reply.pages_shown,
+            "citations": citations(reply),
         }
 
     def delta_event(event: StreamEvent) -> dict:
@@ -237,10 +251,10 @@ def build_router(service: GlyphService) -> APIRouter:
             body = DocumentChat.model_validate_json(await json_body(request))
         except ValidationError as exc:
             raise invalid_request(exc) from None
-        job = body.job(document_id)
+        job = body.job(document_id, service.config.page_selection)
         if not body.stream:
             reply = await unless_disconnected(request, service.answer(job))
-            return client_gone() if reply is None else reply_body(document_id, reply)
+            return client_gone() if reply is None else reply_body(reply)
         items = await service.stream(job, service.config.sse_keepalive)
 
         async def events() -> AsyncIterator[str]:
@@ -251,7 +265,7 @@ def build_router(service: GlyphService) -> APIRouter:
                     elif isinstance(item, StreamEvent):
                         yield sse(delta_event(item))
                     else:
-                        yield sse({"type": "done", **reply_body(document_id, item)})
+                        yield sse({"type": "done", **reply_body(item)})
             except Cancelled:
                 return
             except Exception as exc:
@@ -284,10 +298,11 @@ def build_router(service: GlyphService) -> APIRouter:
         except ValidationError as exc:
             raise invalid_request(exc) from None
         service.check_model(body.model)
-        if body.document is not None:
-            check_id(body.document)
+        for document_id in [body.document] if body.document is not None else body.documents or []:
+            check_id(document_id)
         job = await run_in_threadpool(oai.to_job, body, has_model=service.has_model,
                                       images=service.config.image_limits)
+        job.page_selection = body.page_selection or service.config.page_selection
         model = service.model_name
         if not body.stream:
             reply = await unless_disconnected(request, service.answer(job))
@@ -308,7 +323,8 @@ def build_router(service: GlyphService) -> APIRouter:
                         yield sse(oai.chunk(cid, model, {key: item.text}, tokens=item.logprobs))
                         continue
                     answer = item.answer
-                    yield sse(oai.chunk(cid, model, {}, answer.finish_reason, stop_reason=answer.stop_reason))
+                    yield sse(oai.chunk(cid, model, {}, answer.finish_reason, stop_reason=answer.stop_reason,
+                                        pages_shown=item.pages_shown))
                     if include_usage:
                         yield sse(oai.usage_chunk(cid, model, answer))
             except Cancelled:

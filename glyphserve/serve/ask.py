@@ -40,44 +40,60 @@ def register(subparsers) -> None:
     ask.add_argument("--seed", type=int, default=None)
     ask.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     ask.add_argument("--no-cache", action="store_true", help="bypass the vision-feature and document-prefix caches")
-    ask.add_argument("--truncate-pages", action="store_true", help="keep the first pages that fit the context")
+    ask.add_argument("--page-selection", choices=["retrieve", "first", "all"], default="retrieve",
+                     help="when the pages do not fit the context: show those whose text best matches the question "
+                          "and the conversation, with their neighbours (retrieve, default), the first pages (first), "
+                          "or refuse (all)")
     ask.add_argument("--max-context", type=int, default=None, help="tokens of context (default: the model's, <= 32768)")
     ask.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     ask.add_argument("--quantize", choices=["fp8"], default=None, help="the language model's weights in e4m3")
     ask.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ask.add_argument("--preset", default="auto", help="render preset: auto, glyph-en or glyph-zh")
     ask.add_argument("--dpi", type=float, default=None, help="render resolution (default: the preset's)")
-    ask.add_argument("--json", action="store_true", help="print the answer, timings and cache statistics as JSON")
+    ask.add_argument("--json", action="store_true",
+                     help="print the answer, the pages shown, timings and cache statistics as JSON")
     ask.add_argument("--chat", action="store_true", help="then read follow-up questions from stdin until EOF")
     ask.set_defaults(func=_ask)
 
 
 def _ask(args: argparse.Namespace) -> int:
     from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
+    from glyphserve.engine.prompt import page_budget
     from glyphserve.ingest import ingest_path
     from glyphserve.render import render_document, resolve_config
+    from glyphserve.retrieve import DocumentPages, select_pages
 
     if not args.chat and not args.question:
         raise ConfigError("give a QUESTION (or --chat to read questions from stdin)")
     started = time.perf_counter()
     document = ingest_path(args.input)
-    pages = [page.image for page in
-             render_document(document, resolve_config(document.text, preset=args.preset, dpi=args.dpi)).pages]
+    rendered = render_document(document, resolve_config(document.text, preset=args.preset, dpi=args.dpi)).pages
+    selectable = DocumentPages(document.text, rendered)
     render_s = time.perf_counter() - started
     answerer = _answerer(args, document.text)
     settings = GenerationSettings(
         max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        ignore_eos=args.ignore_eos, use_cache=not args.no_cache, truncate_pages=args.truncate_pages,
+        ignore_eos=args.ignore_eos, use_cache=not args.no_cache,
     )
     history: list[ChatMessage] = []
     question = args.question if args.question is not None else _read_question()
     while question is not None:
-        request = AnswerRequest(pages=pages, question=question, history=list(history), settings=settings)
+        # Only a model loaded here has a tokenizer to count with: a server refuses pages that do not fit, and the
+        # extractive answer reads the text.
+        budget = page_budget(answerer, history, question, settings.max_tokens)
+        selection = select_pages([selectable], mode=args.page_selection if budget else "all", question=question,
+                                 history=[m.content for m in history], budget=budget)
+        shown = selection.shown()
+        if len(shown) < len(rendered) and not args.json:
+            print(f"[pages shown: {_ranges(shown)} of {len(rendered)}]", file=sys.stderr)
+        request = AnswerRequest(pages=[rendered[n - 1].image for n in shown], question=question,
+                                history=list(history), settings=settings)
         answer = _print_answer(answerer.stream(request), args.json)
         answer.timings.render = render_s
         if args.json:
             stats = answerer.stats() if hasattr(answerer, "stats") else {"backend": "extractive"}
-            print(json.dumps({**answer.to_dict(), "engine": stats}, ensure_ascii=False))
+            pages_shown = shown if not isinstance(answerer, _Extractive) else None
+            print(json.dumps({**answer.to_dict(), "pages_shown": pages_shown, "engine": stats}, ensure_ascii=False))
         render_s = 0.0  # the document is rendered once
         if not args.chat:
             break
@@ -123,6 +139,17 @@ class _Extractive:
 
         for item in self.backend.stream(ChatJob(request, context=self.text)):
             yield StreamEvent("done", result=item.answer) if isinstance(item, Reply) else item
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[1, 2, 3, 7, 9, 10]`` -> ``1-3, 7, 9-10``."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _read_question() -> str | None:

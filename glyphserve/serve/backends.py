@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 from glyphserve.engine.types import Answer, AnswerRequest, CacheReport, StageTimings, StreamEvent
 from glyphserve.errors import GlyphserveError
 from glyphserve.render import count_text_tokens
+from glyphserve.retrieve import BM25Index, Corpus, tokenize
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
-from glyphserve.serve.retrieval import BM25Index, PageLayout, crop_rows, pages_for_span
+from glyphserve.serve.retrieval import PageLayout, crop_rows, pages_for_span
 
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
@@ -34,12 +35,21 @@ class ChatJob:
 
     request: AnswerRequest
     document_id: str | None = None
+    documents: list[str] | None = None  # a collection: stored document ids, in order (instead of document_id)
+    page_selection: str = "retrieve"  # which pages the model sees when not all fit (glyphserve.retrieve.MODES)
     context: str | None = None  # inline text the extractive backend searches (no document)
+    pages_shown: list | None = None  # set with the pages: page numbers, or {"document", "page"} for a collection
+
+    @property
+    def document_ids(self) -> list[str]:
+        """The stored documents asked about (none for pages sent as images or inline text)."""
+        return self.documents or ([self.document_id] if self.document_id is not None else [])
 
 
 @dataclass
 class Citation:
     page: int | None  # 1-based page where the passage starts; None for inline text
+    document: str | None  # the stored document it comes from; None for inline text
     start: int  # [start, end) in the document's source text
     end: int
     text: str
@@ -55,6 +65,9 @@ class Reply:
     answer: Answer
     backend: str  # "engine" | "openai" | "extractive"
     citations: list[Citation] = field(default_factory=list)
+    # The pages in front of the model (engine), or holding the cited passages (extractive): page numbers for one
+    # document, {"document", "page"} objects for a collection; None for pages sent as images or inline text.
+    pages_shown: list | None = None
 
 
 class Backend(Protocol):
@@ -85,7 +98,7 @@ class EngineBackend:
         events = self.engine.stream(job.request)
         try:
             for event in events:
-                item = self._item(event)
+                item = self._item(event, job)
                 if item is not None:
                     yield item
         finally:
@@ -94,27 +107,36 @@ class EngineBackend:
     def stream_batch(
         self, jobs: list[ChatJob], admit: Callable[[int], list[ChatJob]] | None = None
     ) -> Iterator[tuple[int, StreamEvent | Reply | GlyphserveError]]:
+        jobs = list(jobs)  # admitted jobs are numbered after these
+
+        def admitted(free: int) -> list[AnswerRequest]:
+            more = admit(free)
+            jobs.extend(more)
+            return [j.request for j in more]
+
         requests = [job.request for job in jobs]
         if admit is None:
             events = self.engine.stream_batch(requests)
         else:
-            events = self.engine.stream_batch(requests, admit=lambda free: [j.request for j in admit(free)])
+            events = self.engine.stream_batch(requests, admit=admitted)
         try:
             for index, event in events:
-                item = event.error if event.channel == "error" else self._item(event)
+                item = event.error if event.channel == "error" else self._item(event, jobs[index])
                 if item is not None:
                     yield index, item
         finally:
             events.close()
 
-    def _item(self, event: StreamEvent) -> StreamEvent | Reply | None:
+    def _item(self, event: StreamEvent, job: ChatJob) -> StreamEvent | Reply | None:
         if event.channel == "done":
-            return Reply(event.result, self.name)
+            return Reply(event.result, self.name, pages_shown=job.pages_shown)
         return event if event.text or event.logprobs else None
 
 
 @dataclass
 class _Indexed:
+    document_id: str | None  # None: inline text
+    name: str | None
     text: str
     index: BM25Index
     pages: list[PageLayout]
@@ -122,9 +144,10 @@ class _Indexed:
 
 
 class ExtractiveBackend:
-    """No model: the passages of the source text that best match the question (BM25). Its answers count tokens
-    as a model's would (the searched text, the conversation and the answer), with ``tokenizer`` when given, else
-    with the renderer's documented estimate."""
+    """No model: the passages of the source text that best match the question (BM25); over a collection, the
+    best passages of all its documents, ranked with the collection's statistics. Its answers count tokens as a
+    model's would (the searched text, the conversation and the answer), with ``tokenizer`` when given, else with
+    the renderer's documented estimate."""
 
     name = "extractive"
     notice = NO_MODEL_HINT
@@ -145,24 +168,28 @@ class ExtractiveBackend:
     def _tokens(self, text: str) -> int:
         return count_text_tokens(text, self.tokenizer)[0] if text else 0
 
-    def _index(self, text: str, pages: list[PageLayout]) -> _Indexed:
-        return _Indexed(text, BM25Index.from_text(text), pages, self._tokens(text))
+    def _index(self, document_id: str | None, name: str | None, text: str, pages: list[PageLayout]) -> _Indexed:
+        return _Indexed(document_id, name, text, BM25Index.from_text(text), pages, self._tokens(text))
 
-    def _indexed(self, job: ChatJob) -> _Indexed:
-        if job.document_id is None:
+    def _indexed(self, job: ChatJob) -> list[_Indexed]:
+        if not job.document_ids:
             if not (job.context or "").strip():
                 raise InvalidRequestError(
                     "the extractive backend needs text to search: send the document text before the question "
                     "or chat about an uploaded document. " + NO_MODEL_HINT
                 )
-            return self._index(job.context, [])
+            return [self._index(None, None, job.context, [])]
+        return [self._document(document_id) for document_id in job.document_ids]
+
+    def _document(self, document_id: str) -> _Indexed:
         with self._lock:
-            hit = self._cache.get(job.document_id)
+            hit = self._cache.get(document_id)
         if hit is None:
-            hit = self._index(self.store.text(job.document_id), self.store.layouts(job.document_id))
+            hit = self._index(document_id, self.store.get(document_id).name, self.store.text(document_id),
+                              self.store.layouts(document_id))
         with self._lock:
-            self._cache[job.document_id] = hit
-            self._cache.move_to_end(job.document_id)
+            self._cache[document_id] = hit
+            self._cache.move_to_end(document_id)
             while len(self._cache) > self._cached_documents:
                 self._cache.popitem(last=False)
         return hit
@@ -170,20 +197,25 @@ class ExtractiveBackend:
     def answer(self, job: ChatJob) -> Reply:
         start = time.perf_counter()
         request = job.request
-        indexed = self._indexed(job)
-        citations = []
-        for passage, score in indexed.index.search(request.question, self.top_k):
-            page_numbers = pages_for_span(indexed.pages, passage.start, passage.end)
+        documents = self._indexed(job)
+        weights = dict.fromkeys(tokenize(request.question), 1.0)
+        corpus = Corpus([d.index for d in documents])
+        best = sorted((-score, d, p) for d, document in enumerate(documents)
+                      for p, score in document.index.scores(weights, corpus).items())[: self.top_k]
+        citations, places = [], []
+        for neg, d, p in best:
+            document, passage = documents[d], documents[d].index.passages[p]
+            page_numbers = pages_for_span(document.pages, passage.start, passage.end)
             page, rows = None, None
             if page_numbers:
                 page = page_numbers[0]
-                layout = indexed.pages[page - 1]
-                rows = crop_rows(layout, indexed.text, passage.start, min(passage.end, layout.char_span[1]))
-            citations.append(Citation(page, passage.start, passage.end, passage.text, round(score, 4), rows))
+                layout = document.pages[page - 1]
+                rows = crop_rows(layout, document.text, passage.start, min(passage.end, layout.char_span[1]))
+                places.append((d, page))
+            citations.append(Citation(page, document.document_id, passage.start, passage.end, passage.text,
+                                      round(-neg, 4), rows))
         if citations:
-            text = "\n\n".join(
-                (f"[page {c.page}] " if c.page is not None else "") + c.text for c in citations
-            )
+            text = "\n\n".join(self._where(documents, c) + c.text for c in citations)
         else:
             text = "No passage of the document shares words with the question."
         conversation = "\n".join([m.content for m in request.history] + [request.question])
@@ -191,10 +223,23 @@ class ExtractiveBackend:
         answer = Answer(
             text=text, thinking="", token_ids=[], finish_reason="stop",
             timings=StageTimings(time_to_first_token=elapsed, total=elapsed),
-            prompt_tokens=indexed.tokens + self._tokens(conversation), new_tokens=self._tokens(text),
-            vision_tokens=0, pages_used=len({c.page for c in citations if c.page is not None}), cache=CacheReport(),
+            prompt_tokens=sum(d.tokens for d in documents) + self._tokens(conversation),
+            new_tokens=self._tokens(text), vision_tokens=0, pages_used=len(set(places)), cache=CacheReport(),
         )
-        return Reply(answer, self.name, citations)
+        shown = None
+        if job.document_ids:
+            shown = [n for _, n in sorted(set(places))] if len(documents) == 1 else [
+                {"document": documents[d].document_id, "page": n} for d, n in sorted(set(places))]
+        return Reply(answer, self.name, citations, pages_shown=shown)
+
+    @staticmethod
+    def _where(documents: list[_Indexed], citation: Citation) -> str:
+        if citation.page is None:
+            return ""
+        if len(documents) == 1:
+            return f"[page {citation.page}] "
+        name = next(d.name for d in documents if d.document_id == citation.document) or "pasted text"
+        return f"[{name}, page {citation.page}] "
 
     def stream_batch(
         self, jobs: list[ChatJob], admit: Callable[[int], list[ChatJob]] | None = None

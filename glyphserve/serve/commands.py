@@ -31,6 +31,10 @@ def register(subparsers) -> None:
                             "the model id, e.g. Glyph for zai-org/Glyph; the official Glyph scripts send 'glyph')")
     serve.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
                        help="context length: prompt + answer tokens (default: the model's, at most 32768)")
+    serve.add_argument("--page-selection", choices=("retrieve", "first", "all"), default="retrieve",
+                       help="when a document's pages do not fit the context: show the pages that best match the "
+                            "question and conversation (retrieve, default), the first pages (first), or refuse "
+                            "(all); requests may choose with page_selection")
     serve.add_argument("--max-num-seqs", "--max-batch", dest="max_num_seqs", type=int, default=256, metavar="N",
                        help="requests decoded together at most (default 256; the KV pool's free blocks decide "
                             "how many run at once)")
@@ -167,6 +171,7 @@ def _run_server(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(), model=_model(args),
         random_weights=args.random_weights, dtype=args.dtype, device=args.device, api_key=args.api_key or None,
         served_model_name=args.served_model_name or [], max_model_len=args.max_model_len,
+        page_selection=args.page_selection,
         gpu_memory_utilization=args.gpu_memory_utilization, quantize=args.quantize,
         max_upload_mb=args.max_upload_mb, max_pages=args.max_pages, max_pdf_pages=args.max_pdf_pages,
         max_scan_pages=args.max_scan_pages, max_characters=args.max_characters,

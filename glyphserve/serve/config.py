@@ -52,6 +52,7 @@ class ServeConfig:
     # Names the API answers to; replies carry the first. Empty: the model id's last part (model_id_name).
     served_model_name: list[str] = field(default_factory=list)
     max_model_len: int | None = None  # prompt + answer tokens; None: the model's (engine's max_context)
+    page_selection: str = "retrieve"  # requests' default when a document's pages do not fit (glyphserve.retrieve)
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use (vLLM's)
     quantize: str | None = None  # "fp8": the language model's weights in e4m3
     max_upload_mb: float = 50.0

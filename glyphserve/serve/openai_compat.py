@@ -52,8 +52,11 @@ class ChatCompletionRequest(SamplingParams):
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # glyphserve's extension: chat about a stored document.
+    # glyphserve's extensions: chat about a stored document, or a collection of them; which pages the model
+    # sees when they do not fit (default: the server's --page-selection).
     document: str | None = None
+    documents: list[str] | None = Field(None, min_length=1, max_length=32)
+    page_selection: Literal["retrieve", "first", "all"] | None = None
 
     def engine_logprobs(self) -> int | None:
         """OpenAI's ``logprobs``/``top_logprobs`` as the engine's: None, or how many alternatives per token."""
@@ -97,6 +100,20 @@ def _images(message: Message) -> list[str]:
     return []
 
 
+def _labelled(message: Message) -> tuple[list[str], list[str]]:
+    """The text directly before each image of ``message`` (a page's label, placed there in the prompt as the
+    chat template would), and the text parts after its last image."""
+    labels: list[str] = []
+    pending: list[str] = []
+    for part in message.content if isinstance(message.content, list) else []:
+        if part.type == "image_url" and part.image_url:
+            labels.append("".join(pending))
+            pending = []
+        elif part.type == "text" and part.text:
+            pending.append(part.text)
+    return labels, pending
+
+
 def to_job(request: ChatCompletionRequest, *, has_model: bool, images: ImageLimits = ImageLimits()) -> ChatJob:
     """Map messages to a job the way vLLM builds Glyph's prompt: the images are the pages
     (they belong to the first user turn), the last user message is the question and the
@@ -112,21 +129,39 @@ def to_job(request: ChatCompletionRequest, *, has_model: bool, images: ImageLimi
         raise ModelNotLoadedError(
             "this request holds images, and reading page images needs a vision-language model. " + NO_MODEL_HINT
         )
-    if image_urls and request.document:
-        raise InvalidRequestError("send either image_url parts or a document id, not both", param="document")
+    if request.document and request.documents:
+        raise InvalidRequestError("send either document (one id) or documents (a list), not both", param="documents")
+    if image_urls and (request.document or request.documents):
+        raise InvalidRequestError("send either image_url parts or document ids, not both", param="document")
+    collection = list(dict.fromkeys(request.documents or []))
+    document_id = request.document or (collection[0] if len(collection) == 1 else None)
+    documents = collection if len(collection) > 1 else None
     question_parts = _texts(last)
     if not question_parts:
         raise InvalidRequestError("the last user message has no text: ask a question", param="messages")
     settings = request.generation_settings(logprobs=request.engine_logprobs(),
                                            max_tokens=request.max_completion_tokens)
     if has_model:
-        history = [ChatMessage(_role(m.role), "\n".join(_texts(m))) for m in earlier]
+        # Text before an image is that page's label (a collection's "Passage N:") when the turn's own text
+        # follows the images; a turn whose text all comes first keeps it as its text (the question).
+        labels, texts = [], []
+        for message in request.messages:
+            before, after = _labelled(message)
+            if after or not before:
+                labels += before
+                texts.append(after if before else _texts(message))
+            else:
+                labels += [""] * len(before)
+                texts.append(_texts(message))
+        history = [ChatMessage(_role(m.role), "\n".join(t)) for m, t in zip(earlier, texts)]
         engine_request = AnswerRequest(pages=read_images(image_urls, images),
-                                       question="\n".join(question_parts), history=history, settings=settings)
-        return ChatJob(engine_request, document_id=request.document)
+                                       question="\n".join(texts[-1]), history=history, settings=settings,
+                                       page_labels=labels if any(labels) else None)
+        return ChatJob(engine_request, document_id=document_id, documents=documents)
     context = [text for m in earlier for text in _texts(m)] + question_parts[:-1]
     return ChatJob(AnswerRequest(pages=[], question=question_parts[-1], settings=settings),
-                   document_id=request.document, context="\n\n".join(context) if request.document is None else None)
+                   document_id=document_id, documents=documents,
+                   context="\n\n".join(context) if document_id is None and documents is None else None)
 
 
 def _role(role: str) -> str:
@@ -163,16 +198,25 @@ def completion(reply: Reply, model: str) -> dict[str, Any]:
         message["reasoning_content"] = answer.thinking
     choice = {"index": 0, "message": message, "logprobs": logprobs(answer.logprobs),
               "finish_reason": answer.finish_reason, "stop_reason": answer.stop_reason}
-    return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage(answer)}
+    return _with_pages({"id": completion_id(), "object": "chat.completion", "created": int(time.time()),
+                        "model": model, "choices": [choice], "usage": usage(answer)}, reply.pages_shown)
 
 
 def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, *,
-          tokens: list[TokenLogprob] | None = None, stop_reason: str | int | None = None) -> dict[str, Any]:
+          tokens: list[TokenLogprob] | None = None, stop_reason: str | int | None = None,
+          pages_shown: list | None = None) -> dict[str, Any]:
+    """A streamed chunk; the last one (with the finish reason) also names the pages shown."""
     choice = {"index": 0, "delta": delta, "logprobs": logprobs(tokens), "finish_reason": finish_reason,
               "stop_reason": stop_reason}
-    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [choice]}
+    return _with_pages({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                        "choices": [choice]}, pages_shown)
+
+
+def _with_pages(body: dict[str, Any], pages_shown: list | None) -> dict[str, Any]:
+    """glyphserve's extension: which stored pages the answer read (absent for pages sent as images)."""
+    if pages_shown is not None:
+        body["pages_shown"] = pages_shown
+    return body
 
 
 def usage_chunk(cid: str, model: str, answer: Answer) -> dict[str, Any]:

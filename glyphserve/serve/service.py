@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import io
 import logging
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from glyphserve.serve.store import DocumentRecord, DocumentStore, storage
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
     from glyphserve.engine.remote import RemoteEngine
+    from glyphserve.retrieve import DocumentPages
 
 EXTRACTIVE_MODEL_NAME = "glyphserve-extractive"
 PRESETS = ("auto", "glyph-en", "glyph-zh")
@@ -57,6 +60,8 @@ log = logging.getLogger("glyphserve.serve")
 
 MAX_ORIGINAL_NAME = 4096  # characters of a raw upload name kept as metadata
 
+# Documents whose page-selection index (glyphserve.retrieve.DocumentPages) is kept between questions.
+SELECTABLE_DOCUMENTS = 32
 # Engine counters in /health: requests, and decode occupancy (decode_rows / decode_steps rows per step).
 ENGINE_COUNTERS = ("requests", "new_tokens", "decode_steps", "decode_rows", "prefill_passes")
 
@@ -98,6 +103,8 @@ class GlyphService:
         # document's folder before the folder goes, and returns the paths it could not remove.
         self.copy_holders: list[Callable[[Path], list[str]]] = []
         self._warm: set[str] = set()
+        self._selectables: OrderedDict[str, DocumentPages] = OrderedDict()
+        self._selectable_lock = threading.Lock()
 
     @property
     def has_model(self) -> bool:
@@ -243,6 +250,8 @@ class GlyphService:
         task = self._warming.pop(document_id, None)
         if task is not None:
             task.cancel()  # the engine drops the warming at its next step and frees its blocks
+        with self._selectable_lock:
+            self._selectables.pop(document_id, None)
         if isinstance(self.backend, ExtractiveBackend):
             self.backend.forget(document_id)
         if leftovers:
@@ -265,12 +274,6 @@ class GlyphService:
             out = io.BytesIO()
             band.save(out, format="PNG")
         return out.getvalue()
-
-    def _stored_pages(self, document_id: str) -> list[EncodedPage]:
-        """The document's page files as they are: the engine decodes them only on a vision-cache miss, and a
-        front sends them on without decoding them at all."""
-        with storage(f"read the pages of document {document_id}"):
-            return [EncodedPage.from_bytes(path.read_bytes()) for path in self.store.pages(document_id)]
 
     # -- ready at upload -------------------------------------------------------------------
 
@@ -305,15 +308,60 @@ class GlyphService:
     # -- answers --------------------------------------------------------------------------
 
     async def prepare(self, job: ChatJob) -> ChatJob:
-        """Check the document exists and, for the model, load its pages (off the event loop)."""
-        if job.document_id is None:
+        """Check the documents exist and, for the model, choose the pages it sees and load them (off the event
+        loop)."""
+        if not job.document_ids:
             return job
-        if not self.has_model:
-            self.store.get(job.document_id)
-            return job
-        job.request.pages = await asyncio.get_running_loop().run_in_executor(
-            self._render_pool, self._stored_pages, job.document_id)
+        records = [self.store.get(document_id) for document_id in job.document_ids]
+        pages = sum(r.pages for r in records)
+        if len(records) > 1 and pages > self.config.max_pages:
+            raise InvalidRequestError(
+                f"the documents have {pages} pages in all; this server reads at most {self.config.max_pages} "
+                "per question (--max-pages): ask about fewer documents", param="documents")
+        if self.has_model:
+            await asyncio.get_running_loop().run_in_executor(self._render_pool, self._choose_pages, job, records)
         return job
+
+    def _choose_pages(self, job: ChatJob, records: list[DocumentRecord]) -> None:
+        """The pages the model sees (glyphserve.retrieve), as their stored files: the engine keys each by its bytes
+        (a page seen before, in any selection, is not encoded again) and decodes it only on a vision-cache miss;
+        a front sends them on without decoding them at all."""
+        from glyphserve.engine.prompt import page_budget
+        from glyphserve.retrieve import select_pages
+
+        request = job.request
+        budget = page_budget(self.engine, request.history, request.question, request.settings.max_tokens)
+        # Without a tokenizer here (replicas behind a front) every page goes, and the replica refuses what does
+        # not fit.
+        selection = select_pages(
+            [self._selectable(r.id) for r in records], mode=job.page_selection if budget else "all",
+            question=request.question, history=[m.content for m in request.history], budget=budget,
+            titles=[r.name or "pasted text" for r in records] if len(records) > 1 else None,
+        )
+        with storage("read the pages of " + ", ".join(f"document {r.id}" for r in records)):
+            files = [self.store.pages(r.id) for r in records]
+            request.pages = [EncodedPage.from_bytes(files[p.document][p.number - 1].read_bytes())
+                             for p in selection.pages]
+        request.page_labels = selection.labels
+        job.pages_shown = selection.shown([r.id for r in records])
+
+    def _selectable(self, document_id: str) -> DocumentPages:
+        """What page selection knows of a stored document, kept for the next questions."""
+        from glyphserve.retrieve import DocumentPages, PageFacts
+
+        with self._selectable_lock:
+            hit = self._selectables.get(document_id)
+            if hit is not None:
+                self._selectables.move_to_end(document_id)
+                return hit
+        with storage(f"read document {document_id}"):
+            manifest, text = self.store.manifest(document_id), self.store.text(document_id)
+        hit = DocumentPages(text, [PageFacts.from_manifest(p) for p in manifest["pages"]])
+        with self._selectable_lock:
+            self._selectables[document_id] = hit
+            while len(self._selectables) > SELECTABLE_DOCUMENTS:
+                self._selectables.popitem(last=False)
+        return hit
 
     async def answer(self, job: ChatJob) -> Reply:
         return await self.scheduler.answer(await self.prepare(job))

@@ -79,11 +79,16 @@ def _stats_markdown(record: DocumentRecord) -> str:
     )
 
 
-def _reply_markdown(reply: Reply) -> str:
+def _reply_markdown(reply: Reply, names: dict[str, str]) -> str:
     answer = reply.answer
     timings = " · ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in asdict(answer.timings).items()
                          if seconds)
     lines = [f"**Timings:** {timings or 'n/a'}"]
+    if reply.pages_shown:
+        what = "Pages cited" if reply.backend == "extractive" else "Pages shown to the model"
+        lines.append(f"**{what}:** " + ", ".join(
+            str(p) if isinstance(p, int) else f"{_literal(names.get(p['document'], 'document'))} p. {p['page']}"
+            for p in reply.pages_shown))
     if reply.backend != "extractive":
         c = answer.cache
         lines.append(
@@ -107,8 +112,17 @@ def build_ui(service: GlyphService) -> gr.Blocks:
     def choices():
         return [(_document_label(r), r.id) for r in service.store.list()]
 
-    def gallery_items(record: DocumentRecord):
-        return [(str(path), f"page {n}") for n, path in enumerate(service.store.pages(record.id), 1)]
+    def gallery_items(document_ids: list[str], shown_pages: list | None = None):
+        """Every page of the chosen documents; the pages the last answer showed (or cited) are marked."""
+        marked = {(p["document"], p["page"]) if isinstance(p, dict) else (document_ids[0], p)
+                  for p in shown_pages or []}
+        items = []
+        for document_id in document_ids:
+            name = service.store.get(document_id).name or "pasted text"
+            for n, path in enumerate(service.store.pages(document_id), 1):
+                caption = f"page {n}" if len(document_ids) == 1 else f"{name} · page {n}"
+                items.append((str(path), f"● {caption} · shown" if (document_id, n) in marked else caption))
+        return items
 
     def warmth_note(document_id: str) -> str:
         warmth = service.warmth(document_id) if service.has_model else None
@@ -116,11 +130,17 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                            "fast as a follow-up's.",
                 "warm": " The model has read its pages: answers start at once."}.get(warmth, "")
 
-    def shown(record: DocumentRecord, status: str):
-        """What the page shows for a document: (document, gallery, stats, dropdown, name box, chat, status,
-        answer stats, evidence)."""
-        return (record.id, gallery_items(record), _stats_markdown(record),
-                gr.update(choices=choices(), value=record.id), record.name or "", [], status, "", "")
+    def names(document_ids: list[str]) -> dict[str, str]:
+        return {d: service.store.get(d).name or "pasted text" for d in document_ids}
+
+    def shown(records: list[DocumentRecord], status: str):
+        """What the page shows for the chosen documents (one, or a collection): (documents, gallery, stats,
+        dropdown, name box, chat, status, answer stats, evidence)."""
+        ids = [r.id for r in records]
+        stats_text = "\n\n".join((f"**{_literal(r.name or 'pasted text')}**\n\n" if len(records) > 1 else "")
+                                  + _stats_markdown(r) for r in records)
+        return (ids, gallery_items(ids), stats_text, gr.update(choices=choices(), value=ids),
+                records[0].name or "" if len(records) == 1 else "", [], status, "", "")
 
     async def add(options: RenderOptions, **source):
         try:
@@ -130,7 +150,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         name = record.name or "pasted text"
         status = (f"**{_literal(name)}** was already stored with these settings: showing it." if duplicate
                   else f"Rendered **{_literal(name)}** into {record.pages} page(s).")
-        return shown(record, status + warmth_note(record.id))
+        return shown([record], status + warmth_note(record.id))
 
     async def upload_file(file_path, preset, dpi, newline):
         if not file_path:
@@ -150,51 +170,57 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         return await add(RenderOptions(preset, int(dpi), newline), data=EXAMPLE.read_bytes(), filename=EXAMPLE.name,
                          name=EXAMPLE.name)
 
-    def select(document_id):
-        if not document_id:
+    def select(document_ids):
+        if not document_ids:
             return (gr.skip(),) * 9
         try:
-            record = service.store.get(document_id)
+            records = [service.store.get(d) for d in document_ids]
         except Exception as exc:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
-        return shown(record, f"Selected **{_literal(record.name or 'pasted text')}**." + warmth_note(record.id))
+        what = ", ".join(f"**{_literal(r.name or 'pasted text')}**" for r in records)
+        together = " Questions go to all of them together." if len(records) > 1 else warmth_note(records[0].id)
+        return shown(records, f"Selected {what}." + together)
 
-    def rename(document_id, name):
-        if not document_id:
-            return gr.skip(), _fail(GlyphserveError("select a document first"))
+    def one(document_ids, action: str) -> str:
+        if not document_ids or len(document_ids) != 1:
+            raise GlyphserveError(f"choose one document to {action}")
+        return document_ids[0]
+
+    def rename(document_ids, name):
         try:
-            record = service.rename_document(document_id, name or "")
+            record = service.rename_document(one(document_ids, "rename"), name or "")
         except Exception as exc:
             return gr.skip(), _fail(exc)
-        return gr.update(choices=choices(), value=record.id), f"Renamed to **{_literal(record.name)}**."
+        return gr.update(choices=choices(), value=[record.id]), f"Renamed to **{_literal(record.name)}**."
 
-    def delete(document_id):
-        if not document_id:
-            return (gr.skip(),) * 6 + (_fail(GlyphserveError("select a document first")),) + (gr.skip(),) * 2
+    def delete(document_ids):
         try:
+            document_id = one(document_ids, "delete")
             name = service.store.get(document_id).name or "pasted text"
             service.delete_document(document_id)
         except Exception as exc:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
-        return (None, [], "", gr.update(choices=choices(), value=None), "", [], f"Deleted **{_literal(name)}**.",
-                "", "")
+        return ([], [], "", gr.update(choices=choices(), value=[]), "", [], f"Deleted **{_literal(name)}**.", "",
+                "")
 
-    async def chat(question, history, document_id, use_cache, max_tokens, temperature):
+    async def chat(question, history, document_ids, use_cache, max_tokens, temperature, page_selection):
         history = list(history or [])
-        if not document_id:
-            yield history, gr.skip(), gr.skip(), _fail(GlyphserveError("upload or select a document first")), gr.skip()
+        if not document_ids:
+            yield (history, gr.skip(), gr.skip(), _fail(GlyphserveError("upload or select a document first")),
+                   gr.skip(), gr.skip())
             return
         if not question or not question.strip():
-            yield history, gr.skip(), gr.skip(), _fail(GlyphserveError("type a question first")), gr.skip()
+            yield history, gr.skip(), gr.skip(), _fail(GlyphserveError("type a question first")), gr.skip(), gr.skip()
             return
         turns = [ChatMessage(m["role"], html.unescape(_text(m["content"]))) for m in history
                  if not (m.get("metadata") or {}).get("title") and m["role"] in ("user", "assistant")]
         settings = GenerationSettings(max_tokens=int(max_tokens), temperature=float(temperature),
                                       use_cache=bool(use_cache))
         job = ChatJob(AnswerRequest(pages=[], question=question, history=turns, settings=settings),
-                      document_id=document_id)
+                      document_id=document_ids[0] if len(document_ids) == 1 else None,
+                      documents=list(document_ids) if len(document_ids) > 1 else None, page_selection=page_selection)
         history.append({"role": "user", "content": _plain(question)})
-        yield history, "", "", "Answering…", ""
+        yield history, "", "", "Answering…", "", gr.skip()
         thinking = answer = None
         try:
             items = await service.stream(job)
@@ -214,21 +240,22 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     else:
                         if thinking is not None:
                             thinking["metadata"]["status"] = "done"
-                        yield history, "", _reply_markdown(item), "Done.", evidence(document_id, item)
+                        yield (history, "", _reply_markdown(item, names(document_ids)), "Done.", evidence(item),
+                               gallery_items(document_ids, item.pages_shown))
                         return
-                    yield history, "", "", "Answering…", ""
+                    yield history, "", "", "Answering…", "", gr.skip()
             finally:
                 await items.aclose()
         except Exception as exc:
-            yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip()
+            yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip()
 
-    def evidence(document_id: str, reply: Reply) -> str:
+    def evidence(reply: Reply) -> str:
         """The page rows of each cited passage, inline (wide strips do not suit a gallery's square tiles)."""
         figures = []
         for c in reply.citations:
-            if c.page is None or not c.rows:
+            if c.page is None or not c.rows or c.document is None:
                 continue
-            png = service.page_png(document_id, c.page, c.rows)
+            png = service.page_png(c.document, c.page, c.rows)
             figures.append(
                 f'<figure style="margin:0 0 12px 0"><figcaption><b>page {c.page}</b></figcaption>'
                 f'<img alt="page {c.page}, rows {c.rows[0]}-{c.rows[1]}" style="max-width:100%;border:1px solid #ddd" '
@@ -240,7 +267,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         gr.Markdown("# glyphserve\nRender a long document into compact pages, then ask questions about it. "
                     "[API docs](/docs) · OpenAI-compatible API at `/v1`", elem_id="header")
         gr.Markdown(banner, elem_id="backend-notice")
-        document = gr.State(None)
+        document = gr.State([])  # the chosen documents' ids: one, or a collection
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
                 with gr.Tab("Upload"):
@@ -259,7 +286,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                                    info="72: Glyph's default, fewest vision tokens; 96: sharper, more tokens")
                     newline = gr.Radio(list(NEWLINES), value=NEWLINES[0], label="Newlines", elem_id="newline",
                                        info="br: real line breaks; marker: Glyph's inline red \\n, denser pages")
-                stored = gr.Dropdown(choices=choices(), value=None, label="Stored documents", elem_id="stored")
+                stored = gr.Dropdown(choices=choices(), value=[], multiselect=True, elem_id="stored",
+                                     label="Stored documents (choose several to ask about them together)")
                 with gr.Row():
                     name = gr.Textbox(label="Name", scale=3, elem_id="name")
                     rename_button = gr.Button("Rename", scale=1, elem_id="rename")
@@ -281,6 +309,11 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                                            info="Glyph thinks before it answers: long answers need room")
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature",
                                             elem_id="temperature", info="0 answers greedily (the same every time)")
+                    page_selection = gr.Radio(
+                        ["retrieve", "first", "all"], value=service.config.page_selection, label="Page selection",
+                        elem_id="page-selection",
+                        info="When the pages do not all fit: those that match the question (retrieve), the first "
+                             "ones (first), or refuse (all)")
             with gr.Column(scale=1, min_width=280):
                 status = gr.Markdown("", elem_id="status")
                 answer_stats = gr.Markdown("", elem_id="answer-stats")
@@ -298,8 +331,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         stored.input(select, [stored], shown_outputs, api_name="select_document")
         rename_button.click(rename, [document, name], [stored, status], api_name="rename_document")
         delete_button.click(delete, [document], shown_outputs, api_name="delete_document")
-        chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature]
-        chat_outputs = [chatbot, question, answer_stats, status, evidence_html]
+        chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection]
+        chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery]
         send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name="chat")
         question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size,
                         api_name=False)

@@ -211,3 +211,28 @@ def test_batch_through_the_openai_backend(folder, questions_file, tmp_path):
             assert record["thinking"] == f"{record['pages']} pages to read"
     # One request per good (document, question); nothing sent for the documents that failed to ingest.
     assert len(server.requests) == (len(list(folder.iterdir())) - len(BAD)) * len(QUESTIONS)
+
+
+def test_documents_longer_than_the_context_read_the_pages_that_match(tiny_model_dir, tmp_path):
+    from glyphserve.engine import Engine, EngineConfig
+    from glyphserve.render import render_text, resolve_config
+
+    filler = "\n\n".join(PARAGRAPH.format(n=n) for n in range(160))
+    text = filler + "\n\nThe lock keeper's password is HERON-9.\n\n" + filler
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"id": "long", "text": text, "questions": ["What is the lock keeper's password?"]}))
+    documents = collect_documents(str(manifest))
+    start = text.index("HERON")
+    [needle] = [p.number for p in render_text(text, resolve_config(text)).pages
+                if p.char_span[0] <= start < p.char_span[1]]
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), max_context=1400))
+    for mode in ("retrieve", "first"):
+        out = tmp_path / f"{mode}.jsonl"
+        with ResultLog(out) as log:
+            BatchRunner(lambda: engine, log, BatchOptions(max_new_tokens=MAX_NEW_TOKENS, workers=0,
+                                                         page_selection=mode)).run(documents)
+        [record] = read_results(out)
+        shown = record["pages_shown"]
+        assert record["error"] is None and record["pages"] > len(shown) == record["pages_used"]
+        assert record["prompt_tokens"] <= 1400 - MAX_NEW_TOKENS
+        assert (needle in shown) == (mode == "retrieve")

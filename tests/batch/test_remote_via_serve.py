@@ -29,6 +29,9 @@ def test_same_answers_as_the_local_engine(served, tiny_model_dir):
         AnswerRequest(pages, "Who wrote it?", page_keys=[f"d:{n}" for n in range(len(pages))], settings=settings),
         AnswerRequest(pages, "And then?", history=[ChatMessage("user", "First?"), ChatMessage("assistant", "Yes.")],
                       page_keys=[f"d:{n}" for n in range(len(pages))], settings=settings),
+        # A collection's labelled pages: each label goes as a text part just before its page, read back as one.
+        AnswerRequest(pages, "Which one?", page_labels=["Passage 1:\na.txt (page 1 of 1)\n", "Passage 2:\nb\n"],
+                      page_keys=[f"d:{n}" for n in range(len(pages))], settings=settings),
     ]
     local = Engine.load(EngineConfig(model=str(tiny_model_dir)))
     expected = [local.answer(r) for r in requests]
@@ -42,4 +45,5 @@ def test_same_answers_as_the_local_engine(served, tiny_model_dir):
         assert got.finish_reason == want.finish_reason and got.vision_tokens == want.vision_tokens
     streamed = "".join(e.text for e in events if e.channel == "answer")
     assert events[-1].result.text == expected[0].text and streamed.strip() == expected[0].text
-    assert stats["image_cache"]["misses"] == 1 and stats["requests"] == 4 and stats["retries"] == 0
+    assert stats["image_cache"]["misses"] == 1 and stats["requests"] == 5 and stats["retries"] == 0
+    assert expected[3].prompt_tokens > expected[0].prompt_tokens  # the labels are in the prompt

@@ -75,3 +75,30 @@ def test_documents_beyond_the_context_score_zero_and_are_reported(tiny_model_dir
     assert sample["score"] == 0.0 and "context" in sample["error"]
     assert data["summary"][0]["errors"] == 1
     assert "did not fit the backend's context" in (out / "report.md").read_text()
+
+
+def test_page_selection_beyond_the_context_shows_the_evidence(tmp_path):
+    out = tmp_path / "eval"
+    assert main(["eval", "--suite", "niah,mdqa", "--lengths", "3x", "--samples", "4", "--max-context", "4096",
+                 "--max-new-tokens", "64", "--page-selection", "first,retrieve", "-o", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    rows = {(r["suite"], r["setting"].split()[-1]): r for r in data["summary"]}
+    assert set(rows) == {(s, m) for s in ("niah", "mdqa") for m in ("first", "retrieve")}
+    for suite in ("niah", "mdqa"):
+        # The first pages lose the evidence past the cut; retrieval shows it every time.
+        assert rows[suite, "retrieve"]["evidence_shown"] == 1.0 > rows[suite, "first"]["evidence_shown"]
+        assert rows[suite, "retrieve"]["vision_tokens"] > 2.5 * 4096  # the pages need about 3x the context
+    for sample in data["samples"]:
+        assert sample["prompt_tokens"] <= 4096 - 64 and sample["pages_shown"] < sample["pages"]
+    assert "3x of the 4,096-token context" in data["meta"]["notes"][0]
+    assert "| evidence shown |" in (out / "report.md").read_text()
+
+
+def test_local_backend_reads_a_selection_within_its_context(tiny_model_dir):
+    backend = LocalBackend(model=str(tiny_model_dir), max_new_tokens=4, max_context=2048)
+    samples = [s for s in generate("mdqa", [12_000], 2, seed=1)]
+    results = evaluate(samples, backend, RenderSetting("glyph-en", 72), page_selection=["retrieve"])
+    for result in results:
+        # the tiny model answers nonsense; the page budget is what is checked: the engine took the prompt
+        assert result.error is None and result.evidence_shown and result.prompt_tokens <= 2048 - 4
+        assert 1 <= result.pages_shown < result.pages

@@ -67,3 +67,28 @@ def test_ask_chat_reads_follow_ups_until_eof(tiny_model_dir, story, capsys, monk
     assert len(lines) == 3
     assert lines[1]["cache"]["prefix_reused_tokens"] > 0 and lines[2]["cache"]["prefix_reused_tokens"] > 0
     assert lines[2]["prompt_tokens"] > lines[1]["prompt_tokens"] > lines[0]["prompt_tokens"] - 10
+
+
+@needs_render
+def test_ask_shows_the_pages_that_match_when_the_document_does_not_fit(tiny_model_dir, tmp_path, capsys):
+    filler = " ".join(f"Paragraph {n} describes fields, rivers and the weather in spring." for n in range(480))
+    doc = tmp_path / "long.txt"
+    doc.write_text(filler + "\n\nThe harbour code is LANTERN-42.\n\n" + filler)
+    args = ["ask", str(doc), "What is the harbour code?", "--model", str(tiny_model_dir), "--device", "cpu",
+            "--max-new-tokens", "4", "--max-context", "1400", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    from glyphserve.ingest import ingest_path
+    from glyphserve.render import render_document, resolve_config
+
+    text = ingest_path(doc).text
+    pages = render_document(ingest_path(doc), resolve_config(text)).pages
+    needle = text.index("LANTERN")
+    [page] = [p.number for p in pages if p.char_span[0] <= needle < p.char_span[1]]
+    assert len(pages) > len(result["pages_shown"]) >= 1 and page in result["pages_shown"]
+    assert result["prompt_tokens"] <= 1400 - 4
+    assert main([*args, "--page-selection", "first"]) == 0
+    first = json.loads(capsys.readouterr().out)["pages_shown"]
+    assert first == list(range(1, len(first) + 1))
+    assert main([*args, "--page-selection", "all"]) == 2
+    assert "context" in capsys.readouterr().err

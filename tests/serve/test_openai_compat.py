@@ -35,6 +35,19 @@ def test_images_are_pages_and_earlier_turns_are_history():
     assert (job.settings.max_tokens, job.settings.temperature, job.settings.top_p) == (7, 0.5, 0.9)
 
 
+def test_text_just_before_a_page_is_its_label_when_the_question_follows_the_pages():
+    image = {"type": "image_url", "image_url": {"url": PNG_URL}}
+    job = to_job(request(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Passage 1:\na.txt\n"}, image, image,
+        {"type": "text", "text": "Passage 2:\n"}, {"type": "text", "text": "b.txt\n"}, image,
+        {"type": "text", "text": "Which one?"}]}]), has_model=True).request
+    assert job.page_labels == ["Passage 1:\na.txt\n", "", "Passage 2:\nb.txt\n"] and job.question == "Which one?"
+    # OpenAI's usual layout, the question before the image: it stays the question, no page is labelled.
+    job = to_job(request(messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]),
+                 has_model=True).request
+    assert job.page_labels is None and job.question == "What is it?" and len(job.pages) == 1
+
+
 def test_without_a_model_text_before_the_question_is_searched():
     job = to_job(request(messages=[{"role": "user", "content": [
         {"type": "text", "text": "Some document."}, {"type": "text", "text": "What is it?"}]}]), has_model=False)

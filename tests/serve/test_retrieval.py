@@ -1,4 +1,4 @@
-"""BM25 passages and their place on the rendered pages."""
+"""Where a passage sits on the rendered pages (the extractive backend's citations)."""
 
 from __future__ import annotations
 
@@ -7,46 +7,7 @@ import subprocess
 
 import pytest
 
-from glyphserve.serve.retrieval import BM25Index, PageLayout, crop_rows, pages_for_span, split_passages, tokenize
-from tests.serve.conftest import STORY
-
-
-def test_passages_keep_exact_spans_and_bounded_length():
-    text = STORY + "\n\n" + ("A long sentence without an end " * 40) + "\n\n  Trailing paragraph.  "
-    passages = split_passages(text, max_chars=200)
-    assert [p.text for p in passages[:3]] == STORY.split("\n\n")
-    for p in passages:
-        assert text[p.start:p.end] == p.text
-        assert 0 < len(p.text) <= 200
-    assert passages[-1].text == "Trailing paragraph."
-
-
-def test_long_paragraphs_are_cut_at_sentence_ends():
-    sentences = [f"Sentence number {i} talks about topic {i}." for i in range(40)]
-    passages = split_passages(" ".join(sentences), max_chars=150)
-    assert len(passages) > 5
-    assert all(p.text.endswith(".") for p in passages)
-
-
-def test_bm25_ranks_the_matching_passage_first():
-    index = BM25Index.from_text(STORY)
-    (best, score), *_ = index.search("Which ship hit the rocks in the storm?")
-    assert "schooner Albatross" in best.text and score > 0
-    assert index.search("completely unrelated zebra") == []
-
-
-def test_english_words_match_across_inflections():
-    index = BM25Index.from_text("How to install the package.\n\nThe weather was fine.")
-    (best, _), = index.search("Which packages are installed?")
-    assert best.text == "How to install the package."
-    assert tokenize("Installing installations") == ["instal", "instal"]
-
-
-def test_chinese_text_is_searchable():
-    text = "北京是中国的首都，有很多名胜古迹。\n\n上海是一座国际化的大都市，位于长江入海口。"
-    assert "上海" in tokenize(text)  # character bigrams
-    (best, _), *_ = BM25Index.from_text(text).search("长江入海口在哪里")
-    assert best.text.startswith("上海")
+from glyphserve.serve.retrieval import PageLayout, crop_rows, pages_for_span
 
 
 def test_pages_for_span_and_crop_rows_on_a_synthetic_page():

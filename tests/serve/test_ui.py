@@ -1,5 +1,6 @@
 """The web UI in headless Chromium (Debian's): upload (rendered at once), de-duplication, rename and delete, the
-example document, chat with evidence and settings, the API docs. Screenshots go to test-artifacts/ui/."""
+example document, chat with evidence and settings, a question over several documents, the API docs. Screenshots
+go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
@@ -140,3 +141,30 @@ def test_the_example_document_and_the_api_docs(browser_page, extractive_server):
     page.goto(extractive_server.url + docs)  # Swagger UI, served from this server's own files
     expect(page.get_by_text("/v1/chat/completions").first).to_be_visible(timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "api-docs.png"))
+
+
+def test_a_question_over_several_documents_marks_the_pages_it_cites(browser_page, tmp_path):
+    import re
+
+    from playwright.sync_api import expect
+
+    page = browser_page
+    mill, ferry = tmp_path / "mill-notes.txt", tmp_path / "ferry-log.txt"
+    mill.write_text("The Carrow mill ground barley for the brewers of the valley.", encoding="utf-8")
+    ferry.write_text("The Carrow ferry crossed the estuary twice a day in summer.", encoding="utf-8")
+    upload(page, mill)
+    expect(page.locator("#status")).to_contain_text("Rendered mill-notes.txt", timeout=60_000)
+    page.locator("#upload button[aria-label='Clear']").first.click()
+    upload(page, ferry)
+    expect(page.locator("#status")).to_contain_text("Rendered ferry-log.txt", timeout=60_000)
+    page.locator("#stored input").click()  # add the first document to the one just rendered
+    page.get_by_role("option", name=re.compile(r"^mill-notes\.txt · ")).first.click()
+    page.keyboard.press("Escape")
+    expect(page.locator("#status")).to_contain_text("Questions go to all of them together")
+    page.locator("#question textarea").fill("What did the Carrow mill and the Carrow ferry do?")
+    page.locator("#send").click()
+    expect(page.locator("#chat")).to_contain_text("[mill-notes.txt, page 1]", timeout=60_000)
+    expect(page.locator("#chat")).to_contain_text("[ferry-log.txt, page 1]")
+    expect(page.locator("#answer-stats")).to_contain_text("Pages cited")
+    expect(page.locator("#pages")).to_contain_text("· shown")
+    page.screenshot(path=str(ARTIFACTS / "collection.png"), full_page=True)
