@@ -3,6 +3,7 @@ the memory it adds to the server (its process and children, sampled while the re
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -20,14 +21,19 @@ IMAGE_ADDED_BYTES = 600 * 2**20
 HTTP = httpx.Client(timeout=120)  # generous: CI machines are small and busy; the bounds are asserted separately
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (0 for processes that are gone)."""
+def tree_memory(pid: int) -> int:
+    """Memory of a process and all its descendants: the sum of their proportional set sizes (a page shared by n
+    processes counts 1/n in each), 0 for processes that are gone. A child between fork and exec (its command line
+    still the server's) is left out: it holds no memory of its own, yet reads as a second copy of the server."""
     total, todo = 0, [pid]
+    own = Path(f"/proc/{pid}/cmdline").read_bytes()
     while todo:
         current = todo.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+            if current != pid and Path(f"/proc/{current}/cmdline").read_bytes() == own:
+                continue
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
+            total += int(next(line.split()[1] for line in rollup.splitlines() if line.startswith("Pss:"))) * 1024
             for task in os.listdir(f"/proc/{current}/task"):
                 todo.extend(int(c) for c in Path(f"/proc/{current}/task/{task}/children").read_text().split())
         except (OSError, StopIteration, ValueError):
@@ -35,15 +41,20 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-class Watch:
-    """Seconds taken and peak memory added to a server's process tree while the ``with`` block runs."""
+REPORT = os.environ.get("GLYPHSERVE_HOSTILE_REPORT")  # a JSON-lines file: one line per watched case
 
-    def __init__(self, server: Server, interval: float = 0.01):
+
+class Watch:
+    """Seconds taken and peak memory added to a server's process tree while the ``with`` block runs, and what is
+    still added once it ended (``after``); each case is appended to ``$GLYPHSERVE_HOSTILE_REPORT`` when set."""
+
+    def __init__(self, server: Server, case: str, interval: float = 0.01):
         self.pid = server.process.pid
+        self.case = case
         self.interval = interval
 
     def __enter__(self) -> "Watch":
-        self.baseline = self.peak = tree_rss(self.pid)
+        self.baseline = self.peak = tree_memory(self.pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -52,14 +63,21 @@ class Watch:
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, tree_rss(self.pid))
+            self.peak = max(self.peak, tree_memory(self.pid))
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.monotonic() - self.started
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, tree_rss(self.pid))
+        self.peak = max(self.peak, tree_memory(self.pid))
         self.added = self.peak - self.baseline
+        time.sleep(0.5)  # the parser process has exited, freed memory gone back
+        self.after = tree_memory(self.pid) - self.baseline
+        if REPORT:
+            with open(REPORT, "a") as out:
+                out.write(json.dumps({"case": self.case, "seconds": round(self.seconds, 3),
+                                      "added_mib": round(self.added / 2**20, 1),
+                                      "after_mib": round(self.after / 2**20, 1)}) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,124 @@
+"""Cases 3, 4, 5 and 10: hostile uploads, small on the wire and huge once unpacked or rendered, each answered with
+a 4xx within its time bound, adding less than the memory bound to the server, while another user's upload and
+question go through untouched."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from glyphserve.bench import hostile_files
+from tests.hostile.conftest import ADDED_BYTES, HTTP, PDF_SECONDS, UPLOAD_SECONDS, Watch, error
+from tests.serve.conftest import STORY, make_pdf
+from tests.servers import Server
+
+QUESTION = "What did the harbour master give the keeper?"
+WHITE_BOX = b"1 1 1 rg 0 0 612 792 re f"  # drawn (so not blank without rendering), nothing visible
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory):
+    """Lets a 10,000-page PDF in (to show it is read without rendering its pages), and a short upload budget."""
+    server = Server(tmp_path_factory.mktemp("tight") / "data", "--no-ui", "--max-pdf-pages", "10000",
+                    "--ingest-timeout", "4").start()
+    yield server
+    server.stop()
+
+
+def send_file(server: Server, name: str, data: bytes):
+    return HTTP.post(f"{server.url}/v1/documents", files={"file": (name, data)})
+
+
+def other_user(server: Server, tag: str) -> str:
+    """Another user's PDF upload and question, answered in full."""
+    created = send_file(server, f"story-{tag}.pdf", make_pdf(f"{STORY}\n\nCopy {tag}."))
+    assert created.status_code in (200, 201), created.text
+    answer = HTTP.post(f"{server.url}/v1/documents/{created.json()['id']}/chat", json={"question": QUESTION})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["answer"]
+
+
+def attack(server: Server, tag: str, send, *, seconds: float = UPLOAD_SECONDS, added: int = ADDED_BYTES):
+    """``send()`` alone, checked against the bounds (time, memory added to the server), then again while another
+    user uploads and asks, whose answer must be what it is without it; the hostile answer."""
+    with Watch(server, tag) as watch:
+        response = send()
+    assert 400 <= response.status_code < 500, response.text
+    assert watch.seconds < seconds, f"{tag}: {watch.seconds:.1f} s"
+    assert watch.added < added, f"{tag}: +{watch.added / 2**20:.0f} MiB"
+    alone = other_user(server, f"{tag}-alone")
+    with ThreadPoolExecutor(2) as pool:
+        hostile = pool.submit(send)
+        beside = other_user(server, f"{tag}-beside")
+        assert hostile.result().status_code == response.status_code
+    assert beside == alone  # the other user's answer, complete and unchanged
+    return response
+
+
+def test_a_docx_of_250_mib_of_paragraphs_in_0_8_mb(server):
+    data = hostile_files.docx_of_paragraphs(250)
+    assert len(data) < 2**20
+    response = attack(server, "paragraphs", lambda: send_file(server, "paragraphs.docx", data))
+    assert error(response)[0] == "file_too_large" and "--max-unpacked-mb" in error(response)[1]
+
+
+def test_a_docx_whose_zip_understates_its_size_is_counted_while_it_streams(server):
+    """The same paragraphs, the zip declaring 100 MiB (under the unpacked limit): refused by the paragraph
+    count as the XML streams, long before 250 MiB."""
+    honest = hostile_files.docx_of_paragraphs(250)
+    with zipfile.ZipFile(io.BytesIO(honest)) as archive:
+        size = archive.getinfo("word/document.xml").file_size
+    data = honest.replace(size.to_bytes(4, "little"), (100 * 2**20).to_bytes(4, "little"))
+    response = attack(server, "understated", lambda: send_file(server, "understated.docx", data))
+    assert error(response)[0] == "file_too_large" and "--max-docx-paragraphs" in error(response)[1]
+
+
+@pytest.mark.parametrize("inflated_mib", [1536, 600])
+def test_a_zip_member_declaring_1000_bytes_that_inflates_to_gigabytes(server, inflated_mib):
+    data = hostile_files.docx_with_lying_size(inflated_mib)
+    response = attack(server, f"liar-{inflated_mib}", lambda: send_file(server, "liar.docx", data))
+    assert error(response)[0] == "corrupt_file"  # stopped at the declared size, where the checksum fails
+
+
+def test_billion_laughs_and_tens_of_thousands_of_entries(server):
+    laughs = attack(server, "laughs", lambda: send_file(server, "laughs.docx", hostile_files.docx_with_entity_expansion()))
+    assert "DTD" in error(laughs)[1]
+    entries = hostile_files.zip_of_many_entries(60_000)
+    many = attack(server, "entries", lambda: send_file(server, "entries.docx", entries))
+    assert error(many)[0] == "file_too_large" and "entries" in error(many)[1]
+
+
+def test_a_pdf_of_10000_blank_pages(server, tight):
+    data = hostile_files.pdf_of_pages(10_000)
+    refused = attack(server, "pages", lambda: send_file(server, "pages.pdf", data))
+    assert error(refused)[0] == "too_many_pages" and "--max-pdf-pages" in error(refused)[1]
+    # Allowed: read to the end without rendering a page (none has content), then empty.
+    read = attack(tight, "pages-allowed", lambda: send_file(tight, "pages.pdf", data), seconds=PDF_SECONDS)
+    assert error(read)[0] == "empty_document"
+
+
+def test_a_pdf_that_takes_too_long_is_stopped_and_blocks_no_one(tight):
+    """2,000 pages that must each be rendered to find them blank (minutes): its parser process is killed at the
+    budget, and two of them at once hold up neither other PDFs nor pasted text."""
+    slow = hostile_files.pdf_of_pages(2_000, WHITE_BOX)
+    with ThreadPoolExecutor(2) as pool:
+        second = pool.submit(send_file, tight, "slow-2.pdf", slow)
+        response = attack(tight, "slow", lambda: send_file(tight, "slow.pdf", slow), seconds=UPLOAD_SECONDS + 2)
+        assert second.result().status_code == 400
+    assert error(response)[0] == "ingest_timeout" and "--ingest-timeout" in error(response)[1]
+
+
+def test_upload_names_are_cleaned_and_the_raw_name_kept(server):
+    raw = "../../etc/evil\x00name\x1b[31m" + "x" * 5000 + ".txt"
+    boundary = "glyphserveboundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{raw}"\r\n'
+            f"Content-Type: text/plain\r\n\r\n{STORY} (a copy with a hostile name)\r\n--{boundary}--\r\n").encode()
+    response = HTTP.post(f"{server.url}/v1/documents", content=body,
+                         headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 201, response.text
+    document = response.json()["document"]
+    assert document["name"] == "evilname[31m" + "x" * 184 + ".txt"
+    assert document["original_name"] == raw[:4096]
