@@ -43,7 +43,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==$TORCH_VERSION"
 fi
 extras="engine,serve,eval"
-[ "$mode" = test ] && extras="engine,serve,eval,test"
+[ "$mode" = test ] && extras="engine,serve,eval,test,cluster"
 "$PY" -m pip install -q -e ".[${extras}]"
 
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_DISABLE_TELEMETRY=1

@@ -56,6 +56,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--retry-failed", action="store_true",
                      help="also retry items recorded with an error (server-side errors are always retried)")
 
+    run.add_argument("--parquet", metavar="RESULTS.parquet",
+                     help="also write every result of OUTPUT as a Parquet table when the run ends (needs pyarrow, "
+                          "part of glyphserve[cluster])")
+
+    cluster = parser.add_argument_group("cluster", "run on Ray Data (pip install 'glyphserve[cluster]')")
+    cluster.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                         help="ingest and render as Ray tasks, answer on an actor pool of engines; 'local' (the "
+                              "default) starts Ray here, an address (auto, ray://head:10001) joins a cluster whose "
+                              "nodes see the input paths")
+    cluster.add_argument("--engines", type=int, metavar="N",
+                         help="engine actors with --ray (default: one per GPU of the cluster, 1 without GPUs)")
+
     render = parser.add_argument_group("rendering")
     render.add_argument("--preset", default="auto", help="glyph-en, glyph-zh, or auto (by the text's script)")
     render.add_argument("--dpi", type=float, help="override the preset's DPI")
@@ -66,8 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from glyphserve.batch.inputs import collect_documents, load_questions
     from glyphserve.batch.prefetch import RenderOptions
-    from glyphserve.batch.results import ResultLog
+    from glyphserve.batch.results import ResultLog, write_parquet
     from glyphserve.batch.runner import BatchOptions, BatchRunner
+    from glyphserve.errors import ConfigError
     from glyphserve.render import resolve_config
 
     resolve_config("", args.preset, dpi=args.dpi, newline=args.newline)  # bad settings fail now, not per document
@@ -80,16 +93,49 @@ def _run(args: argparse.Namespace) -> int:
         page_selection=args.page_selection,
         render=RenderOptions(preset=args.preset, dpi=args.dpi, newline=args.newline),
     )
-    load_engine = engine_loader(args, max_num_seqs=args.batch_size)
+    if args.engines is not None and (args.ray is None or args.engines < 1):
+        raise ConfigError("--engines N (N >= 1) goes with --ray")
+    if args.ray is not None:
+        if args.backend != "local":
+            raise ConfigError("--ray runs engines on the cluster: it does not go with --backend openai")
+        from glyphserve.cluster import require_ray
+
+        require_ray()
+        engine = engine_config(args, max_num_seqs=args.batch_size)
+    else:
+        load_engine = engine_loader(args, max_num_seqs=args.batch_size)
     documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None)
     with ResultLog(args.output, retry_failed=args.retry_failed) as log:
         if log.torn_bytes:
             print(f"batch: removed a torn last line ({log.torn_bytes} bytes) from {log.path}", file=sys.stderr)
         if log.retrying:
             print(f"batch: retrying {log.retrying} questions that failed last time", file=sys.stderr)
-        summary = BatchRunner(load_engine, log, options).run(documents)
+        if args.ray is not None:
+            from glyphserve.batch.ray_data import RayBatchOptions, run_on_ray
+
+            summary = run_on_ray(documents, log, options, engine, RayBatchOptions(args.ray, args.engines))
+        else:
+            summary = BatchRunner(load_engine, log, options).run(documents)
     print(summary.text())
+    if args.parquet:
+        rows = write_parquet(args.output, args.parquet)
+        print(f"batch: {rows} results written to {args.parquet}")
     return 130 if summary.interrupted else 1 if summary.stopped else 0
+
+
+def engine_config(args: argparse.Namespace, *, max_num_seqs: int):
+    """The local engine the arguments ask for."""
+    from glyphserve.engine import EngineConfig
+    from glyphserve.errors import ConfigError
+
+    if args.endpoint:
+        raise ConfigError("--endpoint needs --backend openai")
+    if not (args.model or args.random_weights):
+        raise ConfigError(
+            "choose a model: --model PATH_OR_ID, --random-weights glm-4.1v-9b, or --backend openai --endpoint URL"
+        )
+    return EngineConfig(model=args.model, random_weights=args.random_weights, dtype=args.dtype,
+                        device=args.device, max_num_seqs=max_num_seqs)
 
 
 def engine_loader(args: argparse.Namespace, *, max_num_seqs: int):
@@ -106,14 +152,7 @@ def engine_loader(args: argparse.Namespace, *, max_num_seqs: int):
         config = RemoteConfig(args.endpoint, model=args.remote_model, api_key=args.api_key,
                               max_concurrency=max(16, max_num_seqs))
         return lambda: RemoteEngine.load(config)
-    if args.endpoint:
-        raise ConfigError("--endpoint needs --backend openai")
-    if not (args.model or args.random_weights):
-        raise ConfigError(
-            "choose a model: --model PATH_OR_ID, --random-weights glm-4.1v-9b, or --backend openai --endpoint URL"
-        )
-    from glyphserve.engine import Engine, EngineConfig
+    from glyphserve.engine import Engine
 
-    config = EngineConfig(model=args.model, random_weights=args.random_weights, dtype=args.dtype,
-                          device=args.device, max_num_seqs=max_num_seqs)
+    config = engine_config(args, max_num_seqs=max_num_seqs)
     return lambda: Engine.load(config)

@@ -8,19 +8,48 @@ out-of-memory, or every failure with ``retry_failed``) are dropped so they run a
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glyphserve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from glyphserve.batch.prefetch import ItemError
+    from glyphserve.batch.runner import Item
+    from glyphserve.engine import Answer
 
 Key = tuple[str, str]
 
 
 def record_key(record: dict[str, Any]) -> Key:
     return (record["id"], record["question"])
+
+
+def item_record(item: Item, answer: Answer | None, error: ItemError | None) -> dict[str, Any]:
+    """The results line of one (document, question): its answer, or the error that stopped it."""
+    prepared = item.prepared
+    timings = {**(dataclasses.asdict(answer.timings) if answer is not None else {}), **prepared.timings}
+    return {
+        "id": prepared.document.id,
+        "question": item.question,
+        "answer": answer.text if answer is not None else None,
+        "thinking": answer.thinking if answer is not None else None,
+        "pages": len(prepared.pages),
+        "pages_used": answer.pages_used if answer is not None else None,
+        "pages_shown": item.pages_shown if answer is not None else None,
+        "vision_tokens": prepared.vision_tokens,
+        "text_tokens": prepared.text_tokens,
+        "prompt_tokens": answer.prompt_tokens if answer is not None else None,
+        "new_tokens": answer.new_tokens if answer is not None else None,
+        "finish_reason": answer.finish_reason if answer is not None else None,
+        "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
+        "kind": prepared.kind,
+        "error": error.to_dict() if error is not None else None,
+    }
 
 
 class ResultLog:
@@ -117,3 +146,15 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     if isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("question"), str):
         return record
     return None
+
+
+def write_parquet(results: str | Path, out: str | Path) -> int:
+    """Every record of a results file as one Parquet table (nested timings and errors as structs); the row count."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("--parquet needs pyarrow: pip install 'glyphserve[cluster]'") from None
+    records = read_results(results)
+    pq.write_table(pa.Table.from_pylist(records), out)
+    return len(records)

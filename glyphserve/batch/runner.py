@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from glyphserve.batch.inputs import BatchDocument
 from glyphserve.batch.prefetch import ItemError, PreparedDocument, Prefetcher, RenderOptions
 from glyphserve.batch.progress import Progress, format_duration
-from glyphserve.batch.results import ResultLog
+from glyphserve.batch.results import ResultLog, item_record
 from glyphserve.errors import ConfigError, EngineOutOfMemoryError
 
 # After this many good batches at a reduced size, try doubling it again (one huge
@@ -82,129 +82,125 @@ class BatchSummary:
         )
 
 
-class _StopRun(Exception):
-    pass
+class StopRun(Exception):
+    """Too many questions in a row failed on the engine's side: the run gives up (a rerun retries them)."""
 
 
 @dataclass
-class _Item:
+class Item:
+    """One question about a prepared document."""
+
     prepared: PreparedDocument
     question: str
     pages_shown: list[int] | None = None  # set when its request is made
 
 
-class BatchRunner:
-    """Answers every (document, question) not yet in ``log``.
+def pending(documents: list[BatchDocument], log: ResultLog) -> tuple[list[BatchDocument], int]:
+    """The documents with questions not yet in ``log`` (only those questions), and how many were skipped."""
+    todo, skipped = [], 0
+    for document in documents:
+        left = [q for q in document.questions if (document.id, q) not in log.done]
+        skipped += len(document.questions) - len(left)
+        if left:
+            todo.append(dataclasses.replace(document, questions=tuple(left)))
+    return todo, skipped
 
-    ``load_engine`` is called once rendering has started, so the first pages are being
-    prepared while the model loads.
+
+class Tally:
+    """Writes records to the results file and keeps the run's summary and progress.
+
+    A record whose item is already written in this run (a retried task that had finished elsewhere) is
+    dropped, so every item appears once; too many engine failures in a row raise ``StopRun``.
     """
 
-    def __init__(
-        self, load_engine: Callable[[], AnswerBackend], log: ResultLog, options: BatchOptions, *, progress_stream=None
-    ):
-        self.load_engine = load_engine
+    def __init__(self, log: ResultLog, todo: list[BatchDocument], skipped: int, batch_size: int,
+                 *, progress_stream=None):
         self.log = log
+        self.summary = BatchSummary(documents=len(todo), skipped=skipped, batch_size=batch_size)
+        self._left = {document.id: len(document.questions) for document in todo}
+        self._seen: set[str] = set()
+        self._written: set[tuple[str, str]] = set()
+        self._engine_failures = 0
+        self.progress = Progress(len(todo), sum(self._left.values()), stream=progress_stream)
+
+    def add(self, record: dict[str, Any], *, engine_error: bool = False) -> None:
+        key = (record["id"], record["question"])
+        if key in self._written:
+            return
+        self._written.add(key)
+        self.log.append(record)
+        if record["id"] not in self._seen:  # a document's tokens count once
+            self._seen.add(record["id"])
+            self.summary.vision_tokens += record["vision_tokens"]
+            self.summary.text_tokens += record["text_tokens"]
+        if record["error"] is None:
+            self.summary.done += 1
+            self.summary.prompt_tokens += record["prompt_tokens"]
+            self.summary.new_tokens += record["new_tokens"]
+        else:
+            self.summary.failed += 1
+        self.progress.item_done(failed=record["error"] is not None)
+        self._left[record["id"]] -= 1
+        if not self._left[record["id"]]:
+            self.summary.documents_finished += 1
+            self.progress.document_done()
+        if engine_error:
+            self._engine_failures = self._engine_failures + 1 if record["error"]["retryable"] else 0
+            if self._engine_failures >= STOP_AFTER_ENGINE_FAILURES:
+                raise StopRun(
+                    f"{self._engine_failures} questions in a row failed on the engine's side "
+                    f"(last: {record['error']['message']}); rerun the same command to retry them"
+                )
+        elif record["error"] is None:
+            self._engine_failures = 0
+
+
+class ItemAnswerer:
+    """Answers items in batches of the current batch size: halved on out-of-memory (and grown back after
+    ``GROW_BACK_AFTER`` good batches); a batch that fails otherwise is answered item by item, so one bad item
+    never fails its neighbours. Never raises for an item: each comes back with its Answer or its error."""
+
+    def __init__(self, engine: AnswerBackend, options: BatchOptions, note: Callable[[str], None] = lambda m: None):
+        self.engine = engine
         self.options = options
         self.batch_size = options.batch_size
-        self._progress_stream = progress_stream
+        self.note = note
         self._good_batches = 0
-        self._engine_failures = 0
-        self._left: dict[str, int] = {}
 
-    def run(self, documents: list[BatchDocument]) -> BatchSummary:
-        summary = self.summary = BatchSummary(batch_size=self.batch_size)
-        todo = []
-        for document in documents:
-            left = [q for q in document.questions if (document.id, q) not in self.log.done]
-            summary.skipped += len(document.questions) - len(left)
-            if left:
-                todo.append(dataclasses.replace(document, questions=tuple(left)))
-                self._left[document.id] = len(left)
-        summary.documents = len(todo)
-        self.progress = Progress(len(todo), sum(self._left.values()), stream=self._progress_stream)
-        if not todo:
-            return summary
-        window = self.options.prefetch or 2 * self.options.batch_size + self.options.workers
-        prefetcher = Prefetcher(todo, self.options.render, workers=self.options.workers, window=window)
-        start = time.monotonic()
-        queue: deque[_Item] = deque()
-        try:
-            prefetcher.start()
-            self.engine = self.load_engine()
-            for prepared in prefetcher:
-                if prepared.error is not None:
-                    for question in prepared.document.questions:
-                        self._record(_Item(prepared, question), None, prepared.error)
-                    continue
-                summary.vision_tokens += prepared.vision_tokens
-                summary.text_tokens += prepared.text_tokens
-                queue.extend(_Item(prepared, q) for q in prepared.document.questions)
-                while len(queue) >= self.batch_size:
-                    self._answer([queue.popleft() for _ in range(self.batch_size)])
-            while queue:
-                self._answer([queue.popleft() for _ in range(min(self.batch_size, len(queue)))])
-        except KeyboardInterrupt:
-            summary.interrupted = True
-        except _StopRun as stop:
-            summary.stopped = str(stop)
-        finally:
-            prefetcher.close()
-            summary.elapsed_s = time.monotonic() - start
-            summary.batch_size = self.batch_size
-            self.progress.finish()
-        return summary
-
-    def _answer(self, items: list[_Item]) -> None:
-        """Answer ``items`` in chunks of the current batch size, halving it on out-of-memory."""
+    def answer(self, items: list[Item]) -> Iterator[tuple[Item, Any, ItemError | None]]:
+        """(item, answer, None) or (item, None, error) for every item, a chunk at a time."""
         start = 0
         while start < len(items):
             chunk = items[start : start + self.batch_size]
             try:
-                answers = self.engine.answer_batch([self._request(item) for item in chunk])
+                answers = self.engine.answer_batch([self.request(item) for item in chunk])
             except EngineOutOfMemoryError as exc:
                 if len(chunk) == 1:
-                    self._engine_failed(chunk[0], exc)
+                    yield chunk[0], None, ItemError.from_exception(exc)
                     start += 1
                     continue
                 self.batch_size = max(1, len(chunk) // 2)
                 self._good_batches = 0
-                self.progress.note(
-                    f"batch: out of GPU memory at batch size {len(chunk)}; retrying at {self.batch_size}"
-                )
+                self.note(f"batch: out of GPU memory at batch size {len(chunk)}; retrying at {self.batch_size}")
                 continue
             except Exception as exc:  # noqa: BLE001 (one bad item must not fail its neighbours)
                 if len(chunk) == 1:
-                    self._engine_failed(chunk[0], exc)
+                    yield chunk[0], None, ItemError.from_exception(exc)
                 else:
                     for item in chunk:
-                        self._answer_alone(item)
+                        yield self._alone(item)
                 start += len(chunk)
                 continue
-            for item, answer in zip(chunk, answers, strict=True):
-                self._record(item, answer, None)
-            self._engine_failures = 0
+            yield from ((item, answer, None) for item, answer in zip(chunk, answers, strict=True))
             start += len(chunk)
             self._maybe_grow(len(chunk))
 
-    def _answer_alone(self, item: _Item) -> None:
+    def _alone(self, item: Item) -> tuple[Item, Any, ItemError | None]:
         try:
-            [answer] = self.engine.answer_batch([self._request(item)])
+            [answer] = self.engine.answer_batch([self.request(item)])
         except Exception as exc:  # noqa: BLE001 (recorded in the results; the run goes on)
-            self._engine_failed(item, exc)
-        else:
-            self._record(item, answer, None)
-            self._engine_failures = 0
-
-    def _engine_failed(self, item: _Item, exc: Exception) -> None:
-        error = ItemError.from_exception(exc)
-        self._record(item, None, error)
-        self._engine_failures = self._engine_failures + 1 if error.retryable else 0
-        if self._engine_failures >= STOP_AFTER_ENGINE_FAILURES:
-            raise _StopRun(
-                f"{self._engine_failures} questions in a row failed on the engine's side "
-                f"(last: {error.message}); rerun the same command to retry them"
-            )
+            return item, None, ItemError.from_exception(exc)
+        return item, answer, None
 
     def _maybe_grow(self, size: int) -> None:
         if self.batch_size >= self.options.batch_size or size < self.batch_size:
@@ -213,9 +209,9 @@ class BatchRunner:
         if self._good_batches >= GROW_BACK_AFTER:
             self._good_batches = 0
             self.batch_size = min(self.options.batch_size, self.batch_size * 2)
-            self.progress.note(f"batch: trying batch size {self.batch_size} again")
+            self.note(f"batch: trying batch size {self.batch_size} again")
 
-    def _request(self, item: _Item):
+    def request(self, item: Item):
         from glyphserve.engine import AnswerRequest, GenerationSettings
         from glyphserve.engine.prompt import page_budget
         from glyphserve.retrieve import select_pages
@@ -238,37 +234,58 @@ class BatchRunner:
             ),
         )
 
-    def _record(self, item: _Item, answer: Any, error: ItemError | None) -> None:
-        prepared = item.prepared
-        timings = {**(dataclasses.asdict(answer.timings) if answer is not None else {}), **prepared.timings}
-        record: dict[str, Any] = {
-            "id": prepared.document.id,
-            "question": item.question,
-            "answer": answer.text if answer is not None else None,
-            "thinking": answer.thinking if answer is not None else None,
-            "pages": len(prepared.pages),
-            "pages_used": answer.pages_used if answer is not None else None,
-            "pages_shown": item.pages_shown if answer is not None else None,
-            "vision_tokens": prepared.vision_tokens,
-            "text_tokens": prepared.text_tokens,
-            "prompt_tokens": answer.prompt_tokens if answer is not None else None,
-            "new_tokens": answer.new_tokens if answer is not None else None,
-            "finish_reason": answer.finish_reason if answer is not None else None,
-            "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
-            "kind": prepared.kind,
-            "error": error.to_dict() if error is not None else None,
-        }
-        self.log.append(record)
-        if answer is not None:
-            self.summary.done += 1
-            self.summary.prompt_tokens += answer.prompt_tokens
-            self.summary.new_tokens += answer.new_tokens
-        else:
-            self.summary.failed += 1
-        self.progress.item_done(failed=error is not None)
-        doc_id = prepared.document.id
-        self._left[doc_id] -= 1
-        if not self._left[doc_id]:
-            self.summary.documents_finished += 1
-            self.progress.document_done()
 
+class BatchRunner:
+    """Answers every (document, question) not yet in ``log``, in this process.
+
+    ``load_engine`` is called once rendering has started, so the first pages are being
+    prepared while the model loads.
+    """
+
+    def __init__(
+        self, load_engine: Callable[[], AnswerBackend], log: ResultLog, options: BatchOptions, *, progress_stream=None
+    ):
+        self.load_engine = load_engine
+        self.log = log
+        self.options = options
+        self._progress_stream = progress_stream
+
+    def run(self, documents: list[BatchDocument]) -> BatchSummary:
+        todo, skipped = pending(documents, self.log)
+        tally = Tally(self.log, todo, skipped, self.options.batch_size, progress_stream=self._progress_stream)
+        summary = tally.summary
+        if not todo:
+            return summary
+        window = self.options.prefetch or 2 * self.options.batch_size + self.options.workers
+        prefetcher = Prefetcher(todo, self.options.render, workers=self.options.workers, window=window)
+        start = time.monotonic()
+        queue: deque[Item] = deque()
+        answerer = None
+        try:
+            prefetcher.start()
+            answerer = ItemAnswerer(self.load_engine(), self.options, tally.progress.note)
+            for prepared in prefetcher:
+                if prepared.error is not None:
+                    for question in prepared.document.questions:
+                        tally.add(item_record(Item(prepared, question), None, prepared.error))
+                    continue
+                queue.extend(Item(prepared, q) for q in prepared.document.questions)
+                while len(queue) >= answerer.batch_size:
+                    self._answer(answerer, tally, [queue.popleft() for _ in range(answerer.batch_size)])
+            while queue:
+                self._answer(answerer, tally, [queue.popleft() for _ in range(min(answerer.batch_size, len(queue)))])
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        except StopRun as stop:
+            summary.stopped = str(stop)
+        finally:
+            prefetcher.close()
+            summary.elapsed_s = time.monotonic() - start
+            summary.batch_size = answerer.batch_size if answerer is not None else self.options.batch_size
+            tally.progress.finish()
+        return summary
+
+    @staticmethod
+    def _answer(answerer: ItemAnswerer, tally: Tally, items: list[Item]) -> None:
+        for item, answer, error in answerer.answer(items):
+            tally.add(item_record(item, answer, error), engine_error=error is not None)

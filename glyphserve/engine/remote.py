@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import random
 import secrets
@@ -28,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
-from PIL import Image
 
 from glyphserve.engine.textstream import ReasoningParser
 from glyphserve.engine.types import (
@@ -138,12 +136,9 @@ def chat_completions_url(endpoint: str) -> str:
 
 def page_data_url(page: Page) -> str:
     """A ``data:`` URL of the page: an encoded page's own bytes, pixels as PNG."""
-    if isinstance(page, EncodedPage):
-        return f"data:{page.mime};base64," + base64.b64encode(page.data).decode("ascii")
-    buffer = io.BytesIO()
-    # Level 1: rendered text pages are mostly flat, so it compresses nearly as well as 6, much faster.
-    Image.fromarray(page).save(buffer, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    if not isinstance(page, EncodedPage):
+        page = EncodedPage.from_pixels(page)
+    return f"data:{page.mime};base64," + base64.b64encode(page.data).decode("ascii")
 
 
 class RemoteEngine:

@@ -115,6 +115,14 @@ class EncodedPage:
         except Exception:
             raise GlyphserveError("the page is not a readable image") from None
 
+    @classmethod
+    def from_pixels(cls, pixels: np.ndarray) -> EncodedPage:
+        """HxWx3 uint8 RGB as a lossless PNG (level 1: rendered text pages are mostly flat, so it compresses
+        nearly as well as the default level, much faster)."""
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+        return cls(buffer.getvalue(), pixels.shape[0], pixels.shape[1])
+
     def pixels(self) -> np.ndarray:
         """HxWx3 uint8 RGB."""
         try:
