@@ -21,16 +21,29 @@ COMMAND_MODULES = (
     "glyphserve.eval.commands",
     "glyphserve.bench.commands",
 )
+# The module registering each command: ``glyphserve CMD ...`` imports only that one, so a command's
+# start-up does not pay for every package's imports. Anything else builds the whole parser.
+COMMAND_OWNERS = {
+    "render": "glyphserve.render.commands",
+    "ask": "glyphserve.engine.commands",
+    "make-tiny-model": "glyphserve.engine.commands",
+    "serve": "glyphserve.serve.commands",
+    "doctor": "glyphserve.serve.commands",
+    "batch": "glyphserve.batch.commands",
+    "eval": "glyphserve.eval.commands",
+    "bench": "glyphserve.bench.commands",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser with the commands of ``modules``, and those commands by name."""
     parser = argparse.ArgumentParser(
         prog="glyphserve",
         description="Render long documents into pages and answer questions about them with Glyph.",
     )
     parser.add_argument("--version", action="version", version=f"glyphserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
+    for module_name in modules:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -38,11 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
-    return parser
+    return parser, subparsers.choices
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    owner = COMMAND_OWNERS.get(argv[0]) if argv else None
+    parser, commands = build_parser((owner,) if owner else COMMAND_MODULES)
+    if owner and argv[0] not in commands:
+        parser, _ = build_parser()  # the command moved to another module: find it the slow way
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

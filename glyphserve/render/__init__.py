@@ -2,53 +2,59 @@
 
 See ``docs/architecture.md`` for the contract. ``glyphserve.render.reference`` runs the
 official reportlab + poppler pipeline for comparison (test/benchmark dependency).
+
+The names below are imported on first use, so that ``glyphserve.render.commands`` (and the
+command line's start-up) does not load numpy, fonts and the renderer until it renders.
 """
 
-from glyphserve.render.config import (
-    BR_MARKUP,
-    GLYPH_REPO_ENV,
-    MARKER_MARKUP,
-    PRESETS,
-    FontSubstituteWarning,
-    RenderConfig,
-    has_cjk,
-    load_glyph_config,
-    preset,
-    resolve_config,
-)
-from glyphserve.render.document import (
-    PageLine,
-    RenderedDocument,
-    RenderedPage,
-    RenderStats,
-    missing_glyphs_warning,
-    write_rendered,
-)
-from glyphserve.render.renderer import iter_pages, render_document, render_text
-from glyphserve.render.tokens import count_text_tokens, glm4v_vision_tokens
-from glyphserve.render.workers import shutdown as shutdown_pool
+from __future__ import annotations
 
-__all__ = [
-    "BR_MARKUP",
-    "FontSubstituteWarning",
-    "GLYPH_REPO_ENV",
-    "MARKER_MARKUP",
-    "PRESETS",
-    "PageLine",
-    "RenderConfig",
-    "RenderStats",
-    "RenderedDocument",
-    "RenderedPage",
-    "count_text_tokens",
-    "glm4v_vision_tokens",
-    "has_cjk",
-    "iter_pages",
-    "load_glyph_config",
-    "missing_glyphs_warning",
-    "preset",
-    "render_document",
-    "render_text",
-    "resolve_config",
-    "shutdown_pool",
-    "write_rendered",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "glyphserve.render.config": ("BR_MARKUP", "GLYPH_REPO_ENV", "MARKER_MARKUP", "PRESETS", "FontSubstituteWarning",
+                                 "RenderConfig", "has_cjk", "load_glyph_config", "preset", "resolve_config"),
+    "glyphserve.render.document": ("PageLine", "RenderedDocument", "RenderedPage", "RenderStats",
+                                   "missing_glyphs_warning", "write_rendered"),
+    "glyphserve.render.renderer": ("iter_pages", "render_document", "render_text"),
+    "glyphserve.render.tokens": ("count_text_tokens", "glm4v_vision_tokens"),
+    "glyphserve.render.workers": ("shutdown_pool",),
+}
+_ALIASES = {"shutdown_pool": "shutdown"}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+if TYPE_CHECKING:
+    from glyphserve.render.config import (
+        BR_MARKUP,
+        GLYPH_REPO_ENV,
+        MARKER_MARKUP,
+        PRESETS,
+        FontSubstituteWarning,
+        RenderConfig,
+        has_cjk,
+        load_glyph_config,
+        preset,
+        resolve_config,
+    )
+    from glyphserve.render.document import (
+        PageLine,
+        RenderedDocument,
+        RenderedPage,
+        RenderStats,
+        missing_glyphs_warning,
+        write_rendered,
+    )
+    from glyphserve.render.renderer import iter_pages, render_document, render_text
+    from glyphserve.render.tokens import count_text_tokens, glm4v_vision_tokens
+    from glyphserve.render.workers import shutdown as shutdown_pool
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'glyphserve.render' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), _ALIASES.get(name, name))
+    globals()[name] = value
+    return value

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, doc.text)
     bar, progress = _page_counter()
     try:
-        rendered = render_document(doc, config, workers=args.workers, progress=progress)
+        rendered = render_document(doc, config, workers=args.workers, progress=progress, encode=True)
     finally:
         bar.close()
     out = write_rendered(rendered, args.output)

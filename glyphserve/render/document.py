@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from glyphserve.render.config import OFFICIAL_ZH_FONT, RenderConfig, has_cjk
 from glyphserve.render.fonts import ResolvedFont
 
 
+ENCODER_THREADS = 2  # PNG encoding beside the thread that renders or writes (the cores of the CI VM)
 # A document "has many" missing glyphs from this many, or this share of its characters.
 MANY_MISSING = 100
 MANY_MISSING_SHARE = 0.01
@@ -26,15 +28,46 @@ class PageLine:
 @dataclass
 class RenderedPage:
     number: int  # 1-based
-    image: np.ndarray  # HxWx3 uint8 RGB, already auto-cropped
+    # as painted, auto-cropped: HxW grey (no colour on the page) or HxWx3 RGB; None once only its
+    # PNG file is kept (``render_document(..., encode=True)``)
+    pixels: np.ndarray | None
     char_span: tuple[int, int]  # [start, end) into the source text
     lines: list[PageLine]
     vision_tokens: int
     kind: str = "text"  # "text" | "scan"
     missing_chars: int = 0  # characters drawn on the page that the main font has no glyph for
+    encoded: bytes | None = None  # the page's PNG file, once made
+
+    @property
+    def image(self) -> np.ndarray:
+        """HxWx3 uint8 RGB (a grey page is expanded, a page kept as a file decoded, on first use)."""
+        if self.pixels is None:
+            from glyphserve.render.png import decode_png
+
+            self.pixels = decode_png(self.encoded)
+        elif self.pixels.ndim == 2:
+            self.pixels = np.repeat(self.pixels[..., None], 3, axis=2)
+        return self.pixels
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        if self.pixels is None:
+            from glyphserve.render.png import png_size
+
+            return png_size(self.encoded)
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    def png(self) -> bytes:
+        """The page as a PNG file (made on first use, grey when the page has no colour)."""
+        if self.encoded is None:
+            from glyphserve.render.png import encode_png
+
+            self.encoded = encode_png(self.pixels)
+        return self.encoded
 
     def manifest(self) -> dict:
-        h, w = self.image.shape[:2]
+        w, h = self.size
         return {
             "number": self.number,
             "file": page_filename(self.number),
@@ -122,13 +155,40 @@ def page_filename(number: int) -> str:
     return f"page_{number:03d}.png"
 
 
-def write_rendered(rendered: RenderedDocument, out_dir: str | Path) -> Path:
-    """Write ``page_001.png``, ... and ``manifest.json`` into ``out_dir`` (created if needed)."""
-    from PIL import Image
+def write_rendered(rendered: RenderedDocument, out_dir: str | Path, *, durable: bool = False) -> Path:
+    """Write ``page_001.png``, ... and ``manifest.json`` into ``out_dir`` (created if needed).
+
+    Pages not yet encoded are encoded in threads (the encoder releases the GIL). With
+    ``durable``, every file and the folder are flushed to disk (fsync) before this returns.
+    """
+    from concurrent.futures import ThreadPoolExecutor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for page in rendered.pages:
-        Image.fromarray(np.ascontiguousarray(page.image)).save(out / page_filename(page.number), compress_level=1)
-    (out / "manifest.json").write_text(json.dumps(rendered.manifest(), ensure_ascii=False, indent=1), encoding="utf-8")
+    files = [(out / page_filename(p.number), p) for p in rendered.pages]
+    with ThreadPoolExecutor(max_workers=min(len(files), ENCODER_THREADS) or 1) as pool:
+        for path, data in zip((f for f, _ in files), pool.map(lambda item: item[1].png(), files)):
+            write_file(path, data, durable)
+    manifest = json.dumps(rendered.manifest(), ensure_ascii=False, indent=1).encode("utf-8")
+    write_file(out / "manifest.json", manifest, durable)
+    if durable:
+        sync_folder(out)
     return out
+
+
+def write_file(path: Path, data: bytes, durable: bool) -> None:
+    """Write ``data`` to ``path``; with ``durable``, flushed to disk before returning."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (files created or renamed in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -168,38 +169,52 @@ def fallback_faces(main: FontFace) -> tuple[FontFace, ...]:
 
 
 class FontMetrics:
-    """reportlab-compatible advance widths of one face, in 1/1000 em."""
+    """reportlab-compatible advance widths of one face, in 1/1000 em, read from the font with
+    FreeType on first use of each character (a document uses a few hundred at most)."""
 
     def __init__(self, face: FontFace):
-        from fontTools.ttLib import TTFont
+        import freetype
 
         try:
-            tt = TTFont(face.path, fontNumber=face.index, lazy=True)
-            upm = tt["head"].unitsPerEm
-            cmap = tt.getBestCmap() or {}
-            hmtx = tt["hmtx"].metrics
-            order = tt.getGlyphOrder()
-            self.is_cff = "CFF " in tt or "CFF2" in tt
-        except Exception as exc:  # fontTools raises many types for broken files
+            self._ft = freetype.Face(face.path, face.index)
+        except freetype.FT_Exception as exc:
             raise ConfigError(f"cannot read font {face.path}: {exc}") from None
-        glyph0 = order[0]
-        units: dict[int, int] = {code: hmtx[glyph][0] for code, glyph in cmap.items() if glyph != glyph0}
-        if 0x20 in units:
-            units[0xA0] = units[0x20]
-        elif 0xA0 in units:
-            units[0x20] = units[0xA0]
+        self._lock = threading.Lock()  # a FreeType face serves one call at a time
+        self._no_scale = freetype.FT_LOAD_NO_SCALE
+        self._glyphs: dict[int, int] = {}
         self.face = face
-        self.units_per_em = upm
-        self.units = units  # advance widths in font units
-        self.default_width = self.scale(hmtx[glyph0][0])
-        self.widths = {code: self.scale(aw) for code, aw in units.items()}
+        self.units_per_em = self._ft.units_per_EM
+        self.default_width = self.scale(self._advance(0))
+        # reportlab measures and draws U+00A0 as the space (or the space as U+00A0 if only it exists)
+        space = self._glyph(0x20) or self._glyph(0xA0)
+        self._glyphs[0x20] = self._glyphs[0xA0] = space
+
+    def _glyph(self, code: int) -> int:
+        glyph = self._glyphs.get(code)
+        if glyph is None:
+            with self._lock:
+                glyph = self._glyphs[code] = self._ft.get_char_index(code)
+        return glyph
+
+    def _advance(self, glyph: int) -> int:
+        with self._lock:
+            return self._ft.get_advance(glyph, self._no_scale)
 
     def scale(self, advance: int) -> float:
         """Font units -> 1/1000 em, as reportlab computes it (exact when unitsPerEm is 1000)."""
         return advance if self.units_per_em == 1000 else advance * (1000 / self.units_per_em)
 
     def has(self, code: int) -> bool:
-        return code in self.widths
+        """Whether the font maps ``code`` to a glyph other than glyph 0 (its missing-glyph box)."""
+        return self._glyph(code) != 0
+
+    def units(self, code: int) -> int:
+        """The advance width of ``code``'s glyph in font units (glyph 0's when it has none)."""
+        return self._advance(self._glyph(code))
+
+    def width(self, code: int) -> float:
+        """``code``'s advance width in 1/1000 em, as reportlab's ``stringWidth`` has it."""
+        return self.scale(self.units(code))
 
 
 @lru_cache(maxsize=16)
@@ -230,13 +245,13 @@ class CharTable(dict):
         main = self._metrics[0]
         entry = None
         if main.has(code):
-            entry = (main.widths[code], 0)
+            entry = (main.width(code), 0)
         else:
             for slot in range(1, len(self.faces)):
                 m = self._metrics_of(slot)
                 if m.has(code):
                     # the advance the glyph gets once copied into the main font (its units per em)
-                    entry = (main.scale(round(m.units[code] * main.units_per_em / m.units_per_em)), slot)
+                    entry = (main.scale(round(m.units(code) * main.units_per_em / m.units_per_em)), slot)
                     break
         if entry is None:
             entry = (main.default_width, 0)  # drawn as the main font's .notdef, as reportlab would
@@ -270,14 +285,13 @@ def _split_face_suffix(font_path: str) -> tuple[str, int]:
 
 @cache
 def _face_names(path: str) -> tuple[str, ...]:
-    from fontTools.ttLib import TTCollection, TTFont
+    """The family name of each face of a font file (one, or several for a .ttc); () if unreadable."""
+    import freetype
 
     try:
-        with open(path, "rb") as fh:
-            is_collection = fh.read(4) == b"ttcf"
-        fonts = TTCollection(path, lazy=True).fonts if is_collection else [TTFont(path, lazy=True)]
-        return tuple(f["name"].getDebugName(1) or "" for f in fonts)
-    except Exception:
+        count = freetype.Face(path).num_faces
+        return tuple((freetype.Face(path, i).family_name or b"").decode("utf-8", "replace") for i in range(count))
+    except (freetype.FT_Exception, OSError):
         return ()
 
 

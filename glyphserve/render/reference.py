@@ -52,13 +52,19 @@ class ReferenceDocument:
     font_file: str  # the TrueType file reportlab used (a converted subset for CFF fonts)
 
 
-def render_reference(text: str, config: RenderConfig, *, font_face: FontFace | None = None) -> ReferenceDocument:
-    """Render ``text`` exactly like the official Glyph script (pages, crops and line breaks)."""
+def render_reference(text: str, config: RenderConfig, *, font_face: FontFace | None = None,
+                     out_dir: str | Path | None = None) -> ReferenceDocument:
+    """Render ``text`` exactly like the official Glyph script (pages, crops and line breaks);
+    with ``out_dir``, also write the pages there as it does (``page_001.png``, ..., Pillow's
+    default PNG settings)."""
     from pdf2image import convert_from_bytes, pdfinfo_from_bytes
+    from PIL import Image
     from reportlab.lib import colors
     from reportlab.platypus import Paragraph, SimpleDocTemplate
 
     t0 = time.perf_counter()
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     face = font_face or resolve_font(config.font_path).face
     font_name, font_file = _register_font(face, text, config.fallback_fonts)
     page_w, page_h = config.page_size
@@ -102,6 +108,8 @@ def render_reference(text: str, config: RenderConfig, *, font_face: FontFace | N
                 img = img.resize((int(img.width * config.horizontal_scale), img.height))
             arr = crop_page(np.asarray(img.convert("RGB")), config, last=number == total)
             pages.append(ReferencePage(arr, recorded.get(number, [])))
+            if out_dir is not None:
+                Image.fromarray(arr).save(Path(out_dir) / f"page_{number:03d}.png", "PNG")
     return ReferenceDocument(pages, time.perf_counter() - t0, t_layout, font_file)
 
 
@@ -175,7 +183,7 @@ def _register_font(face: FontFace, text: str, fallback: bool = False) -> tuple[s
     main = metrics(face)
     chars = frozenset(text) | _ASCII  # printable ASCII always: fewer distinct subsets to build
     borrowed = frozenset(ch for ch in chars if CharTable(face, True)[ch][1] > 0) if fallback else frozenset()
-    if main.is_cff or borrowed:
+    if _is_cff(face) or borrowed:
         chars = frozenset(ch for ch in chars if main.has(ord(ch)))  # the cache key: what the subset holds
         path, index = str(_truetype_font(face, chars, borrowed)), 0
     else:
@@ -184,6 +192,15 @@ def _register_font(face: FontFace, text: str, fallback: bool = False) -> tuple[s
     if name not in pdfmetrics.getRegisteredFontNames():
         pdfmetrics.registerFont(TTFont(name, path, subfontIndex=index))
     return name, path
+
+
+@lru_cache(maxsize=16)
+def _is_cff(face: FontFace) -> bool:
+    """Whether the font's outlines are CFF (PostScript) ones, which reportlab cannot embed."""
+    from fontTools.ttLib import TTFont
+
+    font = TTFont(face.path, fontNumber=face.index, lazy=True)
+    return "CFF " in font or "CFF2" in font
 
 
 @lru_cache(maxsize=32)
@@ -309,3 +326,28 @@ def _set_cmap(font, cmap: dict[int, str]) -> None:
         full.cmap = dict(cmap)
         table.tables.append(full)
     font["cmap"] = table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m glyphserve.render.reference INPUT -o DIR``: a text file to page PNGs through
+    the official pipeline, as a command (what ``bench render`` times end to end)."""
+    import argparse
+
+    from glyphserve.render.config import resolve_config
+
+    parser = argparse.ArgumentParser(prog="python -m glyphserve.render.reference",
+                                     description="Glyph's official rendering pipeline (reportlab + pdftoppm).")
+    parser.add_argument("input", help="a UTF-8 text file")
+    parser.add_argument("-o", "--output", required=True, help="folder for page_001.png ...")
+    parser.add_argument("--preset", default="auto", choices=("auto", "glyph-en", "glyph-zh"))
+    parser.add_argument("--dpi", type=float)
+    parser.add_argument("--newline", choices=("br", "marker"))
+    args = parser.parse_args(argv)
+    text = Path(args.input).read_text(encoding="utf-8")
+    render_reference(text, resolve_config(text, preset=args.preset, dpi=args.dpi, newline=args.newline),
+                     out_dir=args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

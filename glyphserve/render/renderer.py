@@ -12,6 +12,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -20,17 +21,21 @@ import numpy as np
 
 from glyphserve.errors import EmptyDocumentError
 from glyphserve.render.config import RenderConfig, has_cjk
-from glyphserve.render.document import PageLine, RenderedDocument, RenderedPage, RenderStats
+from glyphserve.render.document import ENCODER_THREADS, PageLine, RenderedDocument, RenderedPage, RenderStats
 from glyphserve.render.fonts import CharTable, FontFace, ResolvedFont, WidthMap, resolve_font
 from glyphserve.render.layout import PageLayout, paginate
 from glyphserve.render.lines import LayoutContext
+from glyphserve.render.png import encode_png
 from glyphserve.render.raster import DrawList, GlyphAtlas, RasterContext, draw_list, page_pixels, paint
 from glyphserve.render.text import WHITESPACE, PreparedText, prepare
 from glyphserve.render.tokens import count_text_tokens, glm4v_vision_tokens
 from glyphserve.render.workers import BLOCKS, WorkerPool, attached, worker_pool
 
-PARALLEL_MIN_PAGES = 6  # below this, a process pool costs more than it saves
-_BATCH = 1  # pages per task sent to a worker
+# A page costs ~1 ms of layout and ~3 ms of painting (+1 ms PNG) on the 2-core CI VM; a worker
+# process costs ~20 ms to start and ~0.3 ms per page to hand pages over. Below this many pages,
+# or without an idle core to run it, a worker loses to this process alone (bench render shows both).
+PARALLEL_MIN_PAGES = 12
+_BATCH = 3  # pages per task sent to a worker: fewer round trips, each a wake-up on a busy machine
 
 
 @lru_cache(maxsize=8)
@@ -75,11 +80,13 @@ def _page_layouts(prepared: PreparedText, setup: _Setup) -> Iterator[tuple[PageL
         yield pending, True
 
 
-def _paint_batch(config: RenderConfig, face: FontFace, jobs: list[tuple[DrawList, bool]], shm_name: str,
-                 slot: int) -> list[tuple[int, ...]]:
-    """Worker task: paint and crop a few pages into the caller's shared memory (``slot``
-    bytes apart); returns their shapes."""
+def _paint_batch(config: RenderConfig, face: FontFace, jobs: list[tuple[DrawList, bool]], shm_name: str | None,
+                 slot: int) -> list[tuple[int, ...]] | list[bytes]:
+    """Worker task: paint and crop a few pages, either into the caller's shared memory
+    (``slot`` bytes apart; returns their shapes) or, without one, as PNG files (returns them)."""
     rc = _raster_context(config, face)
+    if shm_name is None:
+        return [encode_png(paint(dl, rc, last=last)) for dl, last in jobs]
     shm = attached(shm_name)
     shapes = []
     for i, (dl, last) in enumerate(jobs):
@@ -91,17 +98,24 @@ def _paint_batch(config: RenderConfig, face: FontFace, jobs: list[tuple[DrawList
 
 
 class _SharedBatch:
-    """One batch of pages a worker paints into a shared block."""
+    """One batch of pages a worker paints into a shared block (or, for files, encodes)."""
 
-    def __init__(self, numbers: list[int], config: RenderConfig):
+    def __init__(self, numbers: list[int], config: RenderConfig, encode: bool):
         w, h = page_pixels(config)
         self.numbers = numbers
         self.slot = h * math.ceil(w * max(1.0, config.horizontal_scale)) * 3
-        self.shm = BLOCKS.take(len(numbers) * self.slot)
+        self.shm = None if encode else BLOCKS.take(len(numbers) * self.slot)
 
-    def images(self, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    def pages(self, reply: list) -> list[np.ndarray | bytes]:
+        """The painted pixels (copied out of the block) or the PNG files."""
+        if self.shm is None:
+            return reply
         return [np.ndarray(shape, dtype=np.uint8, buffer=self.shm.buf, offset=i * self.slot).copy()
-                for i, shape in enumerate(shapes)]
+                for i, shape in enumerate(reply)]
+
+    def release(self) -> None:
+        if self.shm is not None:
+            BLOCKS.give(self.shm)
 
 
 class _Spans:
@@ -158,11 +172,38 @@ def iter_pages(text: str, config: RenderConfig, *, first_number: int = 1, offset
     rc = setup.raster
     for number, (page, last) in enumerate(_page_layouts(prepared, setup), first_number):
         dl = draw_list(page, rc)
-        image = paint(dl, rc, last=last)
-        h, w = image.shape[:2]
         lines = _page_lines(page, dl)
-        yield RenderedPage(number, image, spans.next(page, last), lines, glm4v_vision_tokens(w, h),
-                           missing_chars=lacking.count(lines))
+        yield _page(number, paint(dl, rc, last=last), spans.next(page, last), lines, lacking)
+
+
+def _page(number: int, painted: np.ndarray | bytes, span: tuple[int, int], lines: list[PageLine],
+          lacking: _Lacking) -> RenderedPage:
+    """A text page from its pixels or its PNG file."""
+    page = RenderedPage(number, None, span, lines, 0, missing_chars=lacking.count(lines))
+    if isinstance(painted, bytes):
+        page.encoded = painted
+    else:
+        page.pixels = painted
+    page.vision_tokens = glm4v_vision_tokens(*page.size)
+    return page
+
+
+def _encoding(pages: Iterator[RenderedPage]) -> Iterator[RenderedPage]:
+    """The pages with their PNG files, made in threads while later pages render (the encoder
+    releases the GIL); each page keeps only its file."""
+    with ThreadPoolExecutor(max_workers=ENCODER_THREADS, thread_name_prefix="glyphserve-png") as pool:
+        pending: deque[tuple[RenderedPage, Future]] = deque()
+
+        def done(page: RenderedPage, future: Future) -> RenderedPage:
+            page.encoded, page.pixels = future.result(), None
+            return page
+
+        for page in pages:
+            pending.append((page, pool.submit(encode_png, page.pixels)))
+            while pending and (pending[0][1].done() or len(pending) > 2 * ENCODER_THREADS):
+                yield done(*pending.popleft())
+        while pending:
+            yield done(*pending.popleft())
 
 
 def render_text(
@@ -172,76 +213,82 @@ def render_text(
     workers: int | None = None,
     tokenizer: Any = None,
     progress: Callable[[int], None] | None = None,
+    encode: bool = False,
 ) -> RenderedDocument:
     """Render ``text`` into pages exactly like Glyph's official renderer, fast.
 
-    ``workers``: processes used to paint pages (None: all cores when the text is long,
-    1: this process only). ``progress`` is called with the number of pages done.
+    ``workers``: processes used to paint pages (None: chosen from the text's length and the
+    cores, 1: this process only). ``progress`` is called with the number of pages done.
+    ``encode``: make each page's PNG file as it is rendered and keep only that (what writing
+    files or a store wants).
     """
     t0 = time.perf_counter()
-    pages = list(_render_pages(text, config, workers, progress, first_number=1, offset=0))
+    pages = list(_render_pages(text, config, workers, progress, first_number=1, offset=0, encode=encode))
     return _document(text, config, pages, tokenizer, time.perf_counter() - t0)
 
 
 def _render_pages(text: str, config: RenderConfig, workers: int | None, progress, *, first_number: int,
-                  offset: int) -> Iterator[RenderedPage]:
+                  offset: int, encode: bool) -> Iterator[RenderedPage]:
     if not text.strip():
         raise EmptyDocumentError("there is no text to render")
     n_workers = _worker_count(workers, text, config)
-    if n_workers <= 1:
-        for page in iter_pages(text, config, first_number=first_number, offset=offset):
-            yield page
-            if progress:
-                progress(page.number - first_number + 1)
-        return
+    if n_workers > 1:
+        pages = _render_pooled(text, config, n_workers, first_number, offset, encode)
+    else:
+        pages = _render_here(text, config, first_number, offset, encode)
+    for done, page in enumerate(pages, 1):
+        yield page
+        if progress:
+            progress(done)
+
+
+def _render_here(text: str, config: RenderConfig, first_number: int, offset: int,
+                 encode: bool) -> Iterator[RenderedPage]:
+    pages = iter_pages(text, config, first_number=first_number, offset=offset)
+    return _encoding(pages) if encode else pages
+
+
+def _render_pooled(text: str, config: RenderConfig, n_workers: int, first_number: int, offset: int,
+                   encode: bool) -> Iterator[RenderedPage]:
+    """Lay out here; the workers paint (and encode) while this process lays out, and this
+    process paints too whenever every worker already has two pages queued, so all cores stay
+    busy."""
     pool = worker_pool(n_workers - 1)
     if not pool.lock.acquire(blocking=False):  # another render has the pool: do this one here
-        yield from _render_pages(text, config, 1, progress, first_number=first_number, offset=offset)
+        yield from _render_here(text, config, first_number, offset, encode)
         return
-    try:
-        yield from _render_pooled(text, config, pool, progress, first_number, offset)
-    finally:
-        pool.lock.release()
-
-
-def _render_pooled(text: str, config: RenderConfig, pool: WorkerPool, progress, first_number: int,
-                   offset: int) -> Iterator[RenderedPage]:
-    """Lay out here; the workers paint while this process lays out, and this process paints
-    too whenever every worker already has two pages queued, so all cores stay busy."""
-    setup = _setup(text, config)
-    prepared = prepare(text)
-    spans = _Spans(prepared, offset)
-    lacking = _Lacking(prepared, setup.raster.table)
-    rc = setup.raster
     queued: list[deque[_SharedBatch]] = [deque() for _ in range(len(pool))]
-    images: dict[int, np.ndarray] = {}
-    meta: dict[int, tuple[tuple[int, int], list[PageLine]]] = {}
-    batch: list[tuple[DrawList, bool]] = []
-    numbers: list[int] = []
-    next_out = first_number
-
-    def collect(block: bool) -> None:
-        for worker, waiting in enumerate(queued):
-            while waiting and (block or pool.ready(worker)):
-                shared = waiting.popleft()
-                try:
-                    images.update(zip(shared.numbers, shared.images(pool.receive(worker))))
-                finally:
-                    BLOCKS.give(shared.shm)
-
-    def finished() -> Iterator[RenderedPage]:
-        nonlocal next_out
-        while next_out in images:
-            image = images.pop(next_out)
-            span, lines = meta.pop(next_out)
-            h, w = image.shape[:2]
-            yield RenderedPage(next_out, image, span, lines, glm4v_vision_tokens(w, h),
-                               missing_chars=lacking.count(lines))
-            if progress:
-                progress(next_out - first_number + 1)
-            next_out += 1
-
     try:
+        setup = _setup(text, config)
+        prepared = prepare(text)
+        spans = _Spans(prepared, offset)
+        lacking = _Lacking(prepared, setup.raster.table)
+        rc = setup.raster
+        painted: dict[int, np.ndarray | bytes] = {}
+        meta: dict[int, tuple[tuple[int, int], list[PageLine]]] = {}
+        batch: list[tuple[DrawList, bool]] = []
+        numbers: list[int] = []
+        next_out = first_number
+
+        def collect(block: bool) -> None:
+            for worker, waiting in enumerate(queued):
+                while waiting and (block or pool.ready(worker)):
+                    shared = waiting.popleft()
+                    try:
+                        painted.update(zip(shared.numbers, shared.pages(pool.receive(worker))))
+                    finally:
+                        shared.release()
+
+        def finished() -> Iterator[RenderedPage]:
+            nonlocal next_out
+            while next_out in painted:
+                yield _page(next_out, painted.pop(next_out), *meta.pop(next_out), lacking)
+                next_out += 1
+
+        def here(dl: DrawList, last: bool) -> np.ndarray | bytes:
+            pixels = paint(dl, rc, last=last)
+            return encode_png(pixels) if encode else pixels
+
         for number, (page, last) in enumerate(_page_layouts(prepared, setup), first_number):
             dl = draw_list(page, rc)
             meta[number] = (spans.next(page, last), _page_lines(page, dl))
@@ -250,11 +297,12 @@ def _render_pooled(text: str, config: RenderConfig, pool: WorkerPool, progress, 
             if len(batch) == _BATCH or last:
                 worker = min(range(len(pool)), key=lambda w: len(queued[w]))
                 if len(queued[worker]) < 2:
-                    shared = _SharedBatch(numbers, config)
+                    shared = _SharedBatch(numbers, config, encode)
                     queued[worker].append(shared)
-                    pool.send(worker, _paint_batch, config, setup.font.face, batch, shared.shm.name, shared.slot)
+                    pool.send(worker, _paint_batch, config, setup.font.face, batch,
+                              shared.shm.name if shared.shm else None, shared.slot)
                 else:
-                    images.update(zip(numbers, (paint(d, rc, last=lst) for d, lst in batch)))
+                    painted.update(zip(numbers, (here(d, lst) for d, lst in batch)))
                 batch, numbers = [], []
                 collect(block=False)
                 yield from finished()
@@ -264,7 +312,8 @@ def _render_pooled(text: str, config: RenderConfig, pool: WorkerPool, progress, 
         pool.drain()  # replies still owed after an error or an abandoned iteration
         for waiting in queued:
             for shared in waiting:
-                BLOCKS.give(shared.shm)
+                shared.release()
+        pool.lock.release()
 
 
 def _document(text: str, config: RenderConfig, pages: list[RenderedPage], tokenizer, seconds: float) -> RenderedDocument:
@@ -283,11 +332,12 @@ def _most_missing(text: str, table: CharTable, n: int = 8) -> tuple[str, ...]:
 
 
 def render_document(doc: Any, config: RenderConfig, *, workers: int | None = None, tokenizer: Any = None,
-                    progress: Callable[[int], None] | None = None) -> RenderedDocument:
+                    progress: Callable[[int], None] | None = None, encode: bool = False) -> RenderedDocument:
     """Render a ``glyphserve.ingest.Document``: text parts become pages, image parts (pages
     without a text layer) pass through as ``scan`` pages scaled to fit the page size.
 
-    Char spans index ``doc.text`` (text parts joined with a blank line).
+    Char spans index ``doc.text`` (text parts joined with a blank line). ``workers``,
+    ``progress`` and ``encode`` as for :func:`render_text`.
     """
     from glyphserve.ingest.document import PART_SEPARATOR
 
@@ -304,7 +354,7 @@ def render_document(doc: Any, config: RenderConfig, *, workers: int | None = Non
                 done = len(pages)
                 part_progress = (lambda n, done=done: progress(done + n)) if progress else None
                 pages.extend(_render_pages(part.text, config, workers, part_progress, first_number=done + 1,
-                                           offset=offset))
+                                           offset=offset, encode=encode))
             offset += len(part.text)
         else:
             pages.append(_scan_page(part.image, config, len(pages) + 1, offset))
@@ -334,14 +384,16 @@ def _scan_page(image: np.ndarray, config: RenderConfig, number: int, offset: int
 
 
 def _worker_count(workers: int | None, text: str, config: RenderConfig) -> int:
+    """``workers`` if given; else 1 for short texts or a busy machine, else one process per
+    core that is idle (from the load average, this process counted in it)."""
     if workers is not None:
         return max(1, int(workers))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cores <= 1:
+    est_pages = len(text) / max(1.0, _chars_per_page(config))  # from the frame size
+    if cores <= 1 or est_pages < PARALLEL_MIN_PAGES:
         return 1
-    # ~ characters per page, from the frame size; small documents stay in-process.
-    est_pages = len(text) / max(1.0, _chars_per_page(config))
-    return cores if est_pages >= PARALLEL_MIN_PAGES else 1
+    idle = cores - os.getloadavg()[0] + 1
+    return max(1, min(cores, int(idle)))
 
 
 def _chars_per_page(config: RenderConfig) -> float:

@@ -24,7 +24,7 @@ from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotFoundError, StorageUnavailableError
 from glyphserve.serve.metrics import Metrics
 from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
-from glyphserve.serve.store import DocumentRecord, DocumentStore, storage
+from glyphserve.serve.store import DocumentFiles, DocumentRecord, DocumentStore, storage
 
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
@@ -200,20 +200,20 @@ class GlyphService:
 
     def _render_and_store(self, document: Document, name: str | None, original: str | None, options: RenderOptions,
                           deadline: float, digest: str) -> DocumentRecord:
-        from glyphserve.render import render_document, resolve_config, write_rendered
+        from glyphserve.render import render_document, resolve_config
 
         config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
         # With a model, the compression figure counts text tokens with its tokenizer, not the estimate.
         tokenizer = getattr(self.engine, "tokenizer", None)
-        rendered = render_document(document, config, tokenizer=tokenizer, progress=self._page_counter(deadline))
+        rendered = render_document(document, config, tokenizer=tokenizer, progress=self._page_counter(deadline),
+                                   encode=True)
         self.metrics.c.stages.labels("render").observe(rendered.stats.seconds)
         summary = compression_summary(rendered, options.preset)
         if original is not None:
             summary["original_name"] = original[:MAX_ORIGINAL_NAME]
-        return self.store.add(
-            name=name, kind=document.kind, text=document.text, pages=len(rendered.pages),
-            summary=summary, write_pages=lambda folder: write_rendered(rendered, folder), content_hash=digest,
-        )
+        # answered once the pages exist in memory; the store writes their files off this path
+        files = DocumentFiles(rendered.manifest(), document.text, [page.png() for page in rendered.pages])
+        return self.store.add(name=name, kind=document.kind, summary=summary, files=files, content_hash=digest)
 
     def _page_counter(self, deadline: float):
         """A render progress callback that stops rendering once past ``--max-pages`` or the upload's budget."""
@@ -263,11 +263,10 @@ class GlyphService:
 
     def page_png(self, document_id: str, number: int, rows: tuple[int, int] | None = None) -> bytes | Path:
         """The page file, or PNG bytes of the band of pixel ``rows`` (top, bottom) of it."""
-        path = self.store.page_path(document_id, number)
         if rows is None:
-            return path
+            return self.store.page_path(document_id, number)
         top, bottom = rows
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(self.store.page_bytes(document_id, number))) as image:
             if not 0 <= top < bottom <= image.height:
                 raise InvalidRequestError(f"top and bottom must satisfy 0 <= top < bottom <= {image.height}")
             band = image.crop((0, top, image.width, bottom))
@@ -339,8 +338,7 @@ class GlyphService:
             titles=[r.name or "pasted text" for r in records] if len(records) > 1 else None,
         )
         with storage("read the pages of " + ", ".join(f"document {r.id}" for r in records)):
-            files = [self.store.pages(r.id) for r in records]
-            request.pages = [EncodedPage.from_bytes(files[p.document][p.number - 1].read_bytes())
+            request.pages = [EncodedPage.from_bytes(self.store.page_bytes(records[p.document].id, p.number))
                              for p in selection.pages]
         request.page_labels = selection.labels
         job.pages_shown = selection.shown([r.id for r in records])

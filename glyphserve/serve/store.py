@@ -4,7 +4,10 @@
 ``glyphserve.render.write_rendered`` writes (``page_001.png`` ..., ``manifest.json`` with each
 page's character span and line baselines) and ``source.txt``, the text the pages were rendered from.
 A document folder is written under a temporary name and renamed into place before its row
-is inserted, so a crash never leaves a listed document half written; a deleted one is renamed aside
+is inserted, so a crash never leaves a listed document half written: the document is complete or
+absent. ``add`` answers before the files are on disk: it checks there is room and the folder can
+be written, then a writer thread writes, flushes (fsync) and renames the folder and inserts the
+row; until then reads are served from memory. A deleted one is renamed aside
 before its row goes, so a delete that cannot proceed changes nothing. Disk faults become typed errors:
 a full disk 507 ``storage_full``, anything else (read-only, I/O error, permissions) 503
 ``storage_unavailable``, each naming what could not be done.
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
+import os
 import re
 import shutil
 import sqlite3
@@ -21,17 +26,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from glyphserve.errors import GlyphserveError, NotFoundError
-from glyphserve.render.document import page_filename
+from glyphserve.render.document import page_filename, sync_folder, write_file
 from glyphserve.serve.errors import InvalidRequestError, StorageFullError, StorageUnavailableError
 from glyphserve.serve.retrieval import PageLayout
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+logger = logging.getLogger(__name__)
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _SQLITE_FULL = 13  # SQLITE_FULL (the primary result code, low byte of the extended one)
 _LEFTOVERS = (".tmp-*", ".deleted-*")  # interrupted writes and deletes
@@ -102,6 +108,28 @@ class DocumentRecord:
                 "pages": self.pages, **self.summary}
 
 
+@dataclass
+class DocumentFiles:
+    """What a document's folder holds, in memory until it is written."""
+
+    manifest: dict  # manifest.json
+    text: str  # source.txt
+    pages: list[bytes]  # page_001.png ...
+
+    def size(self) -> int:
+        return sum(map(len, self.pages)) + len(self.text.encode("utf-8")) + len(json.dumps(self.manifest))
+
+
+@dataclass
+class _Pending:
+    """A document answered for whose files are not yet on disk."""
+
+    record: DocumentRecord
+    files: DocumentFiles
+    content_hash: str | None
+    written: Future | None = None
+
+
 class DocumentStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -118,6 +146,8 @@ class DocumentStore:
                 self._db.execute("ALTER TABLE documents ADD COLUMN content_hash TEXT")
             self._db.execute(_HASH_INDEX)
             self._recover()
+        self._pending: dict[str, _Pending] = {}  # reads of these are served from memory
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glyphserve-store")
 
     def _recover(self) -> None:
         """Drop leftovers of interrupted writes and deletes: temporary folders and rows without a folder."""
@@ -135,39 +165,77 @@ class DocumentStore:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def close(self) -> None:
+        """Finish writing the documents still in memory, then close the index."""
+        self._writer.shutdown(wait=True)
         with self._lock:
             self._db.close()
 
-    def add(self, *, name: str | None, kind: str, text: str, pages: int, summary: dict,
-            write_pages: Callable[[Path], None], content_hash: str | None = None) -> DocumentRecord:
-        """Store a rendered document; ``write_pages(folder)`` writes its page PNGs and manifest;
-        ``content_hash`` (of the upload and its render settings) finds it again (``find``)."""
-        document_id = uuid.uuid4().hex
-        staging = self.docs / f".tmp-{document_id}"
-        folder = self.docs / document_id
-        record = DocumentRecord(document_id, name, kind, time.time(), pages, summary)
+    def add(self, *, name: str | None, kind: str, summary: dict, files: DocumentFiles,
+            content_hash: str | None = None) -> DocumentRecord:
+        """Store a rendered document: its record at once, once there is room for its files and the
+        folder can be written (else a storage error); the files are written off the caller's path
+        and read from memory until then. ``content_hash`` (of the upload and its render settings)
+        finds it again (``find``)."""
+        record = DocumentRecord(uuid.uuid4().hex, name, kind, time.time(), len(files.pages), summary)
+        staging = self.docs / f".tmp-{record.id}"
         with storage("store the document"):
-            try:
-                staging.mkdir()
-                write_pages(staging)
-                (staging / "source.txt").write_text(text, encoding="utf-8")
-                staging.rename(folder)
-                with self._lock:
-                    self._db.execute(
-                        "INSERT INTO documents (id, name, kind, created, pages, summary, content_hash) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (record.id, record.name, record.kind, record.created, record.pages, json.dumps(summary),
-                         content_hash),
-                    )
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
+            room = os.statvfs(self.docs)
+            if room.f_bavail * room.f_frsize < files.size() + 2**20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.docs))
+            staging.mkdir()
+        pending = _Pending(record, files, content_hash)
+        with self._lock:
+            self._pending[record.id] = pending
+            pending.written = self._writer.submit(self._persist, pending)
         return record
+
+    def _persist(self, pending: _Pending) -> None:
+        record, files = pending.record, pending.files
+        staging, folder = self.docs / f".tmp-{record.id}", self.docs / record.id
+        try:
+            for number, data in enumerate(files.pages, 1):
+                write_file(staging / page_filename(number), data, durable=True)
+            write_file(staging / "manifest.json", json.dumps(files.manifest, ensure_ascii=False, indent=1).encode(),
+                       durable=True)
+            write_file(staging / "source.txt", files.text.encode("utf-8"), durable=True)
+            sync_folder(staging)
+            staging.rename(folder)
+            sync_folder(self.docs)
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO documents (id, name, kind, created, pages, summary, content_hash) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (record.id, record.name, record.kind, record.created, record.pages, json.dumps(record.summary),
+                     pending.content_hash),
+                )
+                del self._pending[record.id]
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            with self._lock:
+                self._pending.pop(record.id, None)
+            logger.exception("document %s could not be written; it is dropped", record.id)
+            raise
+
+    def _in_memory(self, document_id: str) -> DocumentFiles | None:
+        """The files of a document still being written (None once they are on disk)."""
+        with self._lock:
+            pending = self._pending.get(document_id)
+        return pending.files if pending else None
+
+    def _on_disk(self, document_id: str) -> None:
+        """Wait until the document's files are on disk (at once when they already are)."""
+        with self._lock:
+            pending = self._pending.get(document_id)
+        if pending is not None:
+            pending.written.exception()
 
     def find(self, content_hash: str) -> DocumentRecord | None:
         """The stored document with this content hash, if any."""
         with self._lock, storage("read the document index"):
+            for pending in self._pending.values():
+                if pending.content_hash == content_hash:
+                    return pending.record
             row = self._db.execute(
                 "SELECT id, name, kind, created, pages, summary FROM documents WHERE content_hash = ? LIMIT 1",
                 (content_hash,),
@@ -177,12 +245,16 @@ class DocumentStore:
     def rename(self, document_id: str, name: str) -> DocumentRecord:
         self.get(document_id)
         with self._lock, storage(f"rename document {document_id}"):
+            if document_id in self._pending:  # its row, inserted later, takes the new name
+                self._pending[document_id].record.name = name
             self._db.execute("UPDATE documents SET name = ? WHERE id = ?", (name, document_id))
         return self.get(document_id)
 
     def get(self, document_id: str) -> DocumentRecord:
         check_id(document_id)
         with self._lock, storage("read the document index"):
+            if document_id in self._pending:
+                return self._pending[document_id].record
             row = self._db.execute(
                 "SELECT id, name, kind, created, pages, summary FROM documents WHERE id = ?", (document_id,)
             ).fetchone()
@@ -195,16 +267,19 @@ class DocumentStore:
             rows = self._db.execute(
                 "SELECT id, name, kind, created, pages, summary FROM documents ORDER BY created DESC"
             ).fetchall()
-        return [DocumentRecord(*row[:5], json.loads(row[5])) for row in rows]
+            pending = [p.record for p in self._pending.values()]
+        records = {r.id: r for r in [DocumentRecord(*row[:5], json.loads(row[5])) for row in rows] + pending}
+        return sorted(records.values(), key=lambda r: r.created, reverse=True)
 
     def count(self) -> int:
         with self._lock, storage("read the document index"):
-            return self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+            return self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0] + len(self._pending)
 
     def delete(self, document_id: str) -> list[str]:
         """Remove a document; the files that could not be removed (relative to the data folder), if any.
         When the folder cannot even be moved aside, nothing changes and the error says why."""
         self.get(document_id)
+        self._on_disk(document_id)
         folder, aside = self.docs / document_id, self.docs / f".deleted-{document_id}"
         with storage(f"delete document {document_id}"):
             if folder.exists():
@@ -235,14 +310,25 @@ class DocumentStore:
         return failed
 
     def folder(self, document_id: str) -> Path:
+        """The document's folder, once its files are on disk."""
         self.get(document_id)
+        self._on_disk(document_id)
+        self.get(document_id)  # still there: its files were written
         return self.docs / document_id
 
     def manifest(self, document_id: str) -> dict:
+        self.get(document_id)
+        files = self._in_memory(document_id)
+        if files is not None:
+            return files.manifest
         with storage(f"read document {document_id}"):
             return json.loads((self.folder(document_id) / "manifest.json").read_text(encoding="utf-8"))
 
     def text(self, document_id: str) -> str:
+        self.get(document_id)
+        files = self._in_memory(document_id)
+        if files is not None:
+            return files.text
         with storage(f"read document {document_id}"):
             return (self.folder(document_id) / "source.txt").read_text(encoding="utf-8")
 
@@ -253,13 +339,27 @@ class DocumentStore:
         ]
 
     def pages(self, document_id: str) -> list[Path]:
-        """The page files of a document, in order (one query)."""
+        """The page files of a document, in order (once they are on disk)."""
         record = self.get(document_id)
-        return [self.docs / document_id / page_filename(n) for n in range(1, record.pages + 1)]
+        folder = self.folder(document_id)
+        return [folder / page_filename(n) for n in range(1, record.pages + 1)]
 
     def page_path(self, document_id: str, number: int) -> Path:
+        """The page's file (once the document's files are on disk)."""
+        self._check_page(document_id, number)
+        return self.folder(document_id) / page_filename(number)
+
+    def page_bytes(self, document_id: str, number: int) -> bytes:
+        """The page's PNG file; from memory while the document is being written."""
+        self._check_page(document_id, number)
+        files = self._in_memory(document_id)
+        if files is not None:
+            return files.pages[number - 1]
+        with storage(f"read document {document_id}"):
+            return self.page_path(document_id, number).read_bytes()
+
+    def _check_page(self, document_id: str, number: int) -> None:
         record = self.get(document_id)
         if not 1 <= number <= record.pages:
             raise NotFoundError(f"document {document_id} has pages 1 to {record.pages}, not {number}")
-        return self.docs / document_id / page_filename(number)
 

@@ -55,8 +55,9 @@ def test_manifest_records_everything(tmp_path):
     out = write_rendered(doc, tmp_path / "out")
     files = sorted(p.name for p in out.iterdir())
     assert files == ["manifest.json"] + [f"page_{i:03d}.png" for i in range(1, len(doc.pages) + 1)]
-    img = np.asarray(Image.open(out / "page_001.png"))
-    assert np.array_equal(img, doc.pages[0].image)
+    with Image.open(out / "page_001.png") as img:
+        assert img.mode == "L"  # a page with no colour is written grey
+        assert np.array_equal(np.asarray(img.convert("RGB")), doc.pages[0].image)
     assert json.loads((out / "manifest.json").read_text())["totals"]["pages"] == len(doc.pages)
 
 
@@ -166,7 +167,22 @@ def test_widths_equal_reportlab_string_width():
     m = metrics(face)
     sample = "The quick brown fox, 1234567890 — ¿Qué? «ça» \xa0ẞ"
     for ch in sample:
-        assert 0.001 * 9 * m.widths.get(ord(ch), m.default_width) == stringWidth(ch, "test-dejavu", 9)
+        assert 0.001 * 9 * m.width(ord(ch)) == stringWidth(ch, "test-dejavu", 9)
+
+
+@pytest.mark.parametrize("preset_name", ["glyph-en", "glyph-zh"])
+def test_widths_read_with_freetype_equal_the_fonts_tables(preset_name):
+    from fontTools.ttLib import TTFont
+
+    from glyphserve.render.fonts import metrics
+
+    face = resolve_font(preset(preset_name).font_path).face
+    tt = TTFont(face.path, fontNumber=face.index, lazy=True)
+    cmap, hmtx, upm = tt.getBestCmap(), tt["hmtx"], tt["head"].unitsPerEm
+    m = metrics(face)
+    for code in sorted(cmap)[::7]:
+        assert m.has(code) and m.width(code) == pytest.approx(hmtx[cmap[code]][0] * 1000 / upm, abs=1e-9)
+    assert not m.has(0xE000) and m.width(0xE000) == hmtx[tt.getGlyphOrder()[0]][0] * 1000 / upm
 
 
 def test_user_errors():

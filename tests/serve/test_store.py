@@ -1,0 +1,112 @@
+"""The document store answers an upload before its files are on disk, serves them from memory
+meanwhile, and never leaves a document half written: killed at any moment of the writes, it
+comes back with the document complete or absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from glyphserve.errors import NotFoundError
+from glyphserve.serve.store import DocumentFiles, DocumentStore
+from tests.serve.conftest import REPO, STORY, Server
+
+
+def files(pages: int = 3, size: int = 1000) -> DocumentFiles:
+    manifest = {"pages": [{"number": n, "char_span": [0, 1], "lines": [], "height": 10} for n in range(1, pages + 1)]}
+    return DocumentFiles(manifest, "the text", [bytes([n % 256]) * size for n in range(1, pages + 1)])
+
+
+def test_reads_come_from_memory_until_the_files_are_on_disk(tmp_path):
+    store = DocumentStore(tmp_path)
+    doc = files()
+    record = store.add(name="a.txt", kind="txt", summary={"characters": 8}, files=doc)
+    assert store.get(record.id) == record and [r.id for r in store.list()] == [record.id] and store.count() == 1
+    assert store.manifest(record.id) == doc.manifest and store.text(record.id) == "the text"
+    assert [store.page_bytes(record.id, n) for n in (1, 2, 3)] == doc.pages
+    assert store.page_path(record.id, 2).read_bytes() == doc.pages[1]  # a path waits for the file
+    with pytest.raises(NotFoundError):
+        store.page_bytes(record.id, 4)
+    store.close()
+
+    again = DocumentStore(tmp_path)
+    assert again.get(record.id) == record
+    assert [again.page_bytes(record.id, n) for n in (1, 2, 3)] == doc.pages
+    assert json.loads((again.folder(record.id) / "manifest.json").read_text()) == doc.manifest
+    again.delete(record.id)
+    assert again.count() == 0 and not (tmp_path / "docs" / record.id).exists()
+    again.close()
+
+
+_KILLED_WHILE_WRITING = """
+import os, signal, sys, time
+from glyphserve.serve.store import DocumentFiles, DocumentStore
+delay = float(sys.argv[2])
+pages = [bytes([n]) * 400_000 for n in range(1, 41)]
+store = DocumentStore(sys.argv[1])
+record = store.add(name="big", kind="txt", summary={}, files=DocumentFiles({"pages": []}, "text", pages))
+print(record.id, flush=True)
+time.sleep(delay)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_killed_during_the_writes_a_document_is_complete_or_absent(tmp_path):
+    outcomes = set()
+    for i, delay in enumerate((0.0, 0.002, 0.01, 0.03, 0.1, 3.0)):
+        root = tmp_path / str(i)
+        proc = subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, str(root), str(delay)], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        document_id = proc.stdout.split()[0]
+        store = DocumentStore(root)
+        try:
+            record = store.get(document_id)
+        except NotFoundError:
+            record = None
+            assert store.count() == 0
+        else:
+            assert record.pages == 40
+            assert all(store.page_bytes(document_id, n) == bytes([n]) * 400_000 for n in range(1, 41))
+        finally:
+            store.close()
+        outcomes.add("complete" if record else "absent")
+        # nothing else is left behind: no temporary folder, no folder without its row
+        assert [p.name for p in (root / "docs").iterdir()] == ([document_id] if record else [])
+    assert outcomes == {"absent", "complete"}  # the kills landed both before and after the writes finished
+
+
+def test_a_server_killed_right_after_an_upload_comes_back_with_it_complete_or_absent(tmp_path):
+    text = "\n\n".join([STORY] * 400)  # ~50 pages: their files take a while to write
+    server = Server(tmp_path / "data", "--no-ui").start()
+    try:
+        with server.client() as client:
+            response = client.post("/v1/documents", json={"text": text})
+            assert response.status_code == 201, response.text
+            document_id = response.json()["id"]
+            pages = response.json()["document"]["pages"]
+            assert client.get(f"/v1/documents/{document_id}/pages/{pages}.png").status_code == 200
+            uploaded = client.post("/v1/documents", json={"text": text}).json()  # killed while this one writes
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=30)
+    finally:
+        server.stop()
+    server = Server(tmp_path / "data", "--no-ui").start()
+    try:
+        with server.client() as client:
+            listed = {d["id"] for d in client.get("/v1/documents").json()["documents"]}
+            assert document_id in listed
+            for doc in (document_id, uploaded["id"]):
+                if doc in listed:
+                    for n in range(1, pages + 1):
+                        assert client.get(f"/v1/documents/{doc}/pages/{n}.png").status_code == 200
+                else:
+                    assert client.get(f"/v1/documents/{doc}").status_code == 404
+    finally:
+        server.stop()
+    assert not list((tmp_path / "data" / "docs").glob(".tmp-*"))
