@@ -25,7 +25,7 @@ COMMAND_MODULES = (
 # start-up does not pay for every package's imports. Anything else builds the whole parser.
 COMMAND_OWNERS = {
     "render": "glyphserve.render.commands",
-    "ask": "glyphserve.engine.commands",
+    "ask": "glyphserve.serve.commands",
     "make-tiny-model": "glyphserve.engine.commands",
     "serve": "glyphserve.serve.commands",
     "doctor": "glyphserve.serve.commands",

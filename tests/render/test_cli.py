@@ -103,3 +103,12 @@ def test_many_characters_the_font_lacks_are_reported_with_advice(tmp_path):
     proc = glyphserve("render", str(src), "-o", str(tmp_path / "o"), "--preset", "glyph-en", "--fallback-fonts")
     assert "warning" not in proc.stderr.decode()
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["config"]["fallback-fonts"] is True
+
+
+def test_each_command_is_found_in_the_module_the_fast_start_imports():
+    from glyphserve.cli import COMMAND_OWNERS, build_parser
+
+    _, commands = build_parser()
+    assert set(commands) == set(COMMAND_OWNERS)
+    for command, module in COMMAND_OWNERS.items():
+        assert command in build_parser((module,))[1]
