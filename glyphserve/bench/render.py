@@ -336,7 +336,8 @@ def update_targets(path: Path, result: dict) -> None:
         entries["render_fidelity_min_ssim"] = {"measured": min(scores), "target": FIDELITY_SSIM,
                                                "met": min(scores) >= FIDELITY_SSIM and same, "card": CARD,
                                                "date": date, "source": source}
-    path.write_text(json.dumps(dict(sorted(entries.items())), indent=1) + "\n", encoding="utf-8")
+    body = ",\n".join(f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in sorted(entries.items()))
+    path.write_text("{\n" + body + "\n}\n", encoding="utf-8")  # one entry a line, as the file is kept
 
 
 def to_markdown(result: dict) -> str:
