@@ -76,7 +76,7 @@ class EngineCore:
         """Launch the next step and read back the one before it; the events that produced."""
         events: list[Event] = []
         self._poll_cancels(events)
-        idle = not self.in_flight and not self.scheduler.running
+        quiet = not self.in_flight and not events
         try:
             plan = self.scheduler.schedule(in_flight=bool(self.in_flight))
         except NeedsDrain:
@@ -86,8 +86,9 @@ class EngineCore:
             self.in_flight.append(self._launch(plan))
         while self.in_flight and (len(self.in_flight) > 1 or plan.empty):
             events += self._read(self.in_flight.popleft())
-        if plan.empty and idle and self.scheduler.waiting:
-            for seq in list(self.scheduler.waiting):  # nothing can ever run them (a bug, not a user error)
+        if plan.empty and quiet and self.scheduler.has_work:
+            # Nothing ran, nothing is in flight, nothing changed: nothing ever will (a bug, not a user error).
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 events.append(self._fail(seq, RuntimeError("the scheduler could not place this request")))
         return events
 

@@ -73,8 +73,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def room(self) -> int:
-        """How many more sequences could be taken in now (by count; blocks decide admission)."""
-        return max(0, self.config.max_num_seqs - len(self.running) - len(self.waiting))
+        """How many more questions could be taken in now (by count; blocks decide admission). Warming sequences do
+        not count: a question takes their place."""
+        busy = sum(1 for q in (self.running, self.waiting) for s in q if not s.request.warm)
+        return max(0, self.config.max_num_seqs - busy)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -142,11 +144,19 @@ class Scheduler:
         if budget <= 0 or not self.waiting:
             return
         for seq in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            if budget <= 0:
                 return
             if urgent and seq.request.warm:
                 continue
+            while len(self.running) >= self.config.max_num_seqs and self._make_room(seq):
+                pass
+            if len(self.running) >= self.config.max_num_seqs:
+                return
             admitted = self._allocate(seq)
+            # Short of blocks, or its prefix half-written by a warming sequence that now pauses for it: a warming
+            # sequence steps aside (its unwritten blocks are withdrawn, so the question writes them itself).
+            while admitted is not True and self._make_room(seq):
+                admitted = self._allocate(seq)
             if admitted is None:
                 continue  # its prefix is being written by a running sequence: wait and share it
             if not admitted:
@@ -199,10 +209,23 @@ class Scheduler:
         seq.blocks.append(fresh[0])
         return True
 
+    def _make_room(self, seq: Sequence) -> bool:
+        """A question needs a slot, blocks or a prefix a warming sequence has not written yet: the newest warming
+        sequence gives its own back and waits to resume (the blocks it wrote stay cached). False when there is
+        none."""
+        warming = [s for s in self.running if s.request.warm]
+        if seq.request.warm or not warming:
+            return False
+        self._requeue(warming[-1])
+        return True
+
     def _preempt(self, seq: Sequence) -> None:
-        """Free ``seq``'s blocks and send it back to the front of the queue, to be recomputed."""
+        """Free the blocks of a warming sequence, else of ``seq``, and send it back to the front of the queue, to be
+        recomputed. Needs every launched step read back (a decoding victim's tokens must all be known)."""
         victims = [s for s in self.running if s.request.warm] or [seq]
-        victim = victims[-1]
+        self._requeue(victims[-1])
+
+    def _requeue(self, victim: Sequence) -> None:
         self.running.remove(victim)
         self._release(victim)
         victim.status = Status.WAITING

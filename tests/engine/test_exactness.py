@@ -452,3 +452,39 @@ def test_warming_waits_for_questions_and_can_be_cancelled(load_engine, reference
     assert done[2].finish_reason == "cancelled"
     assert [i for i, e in events if e.channel == "done"].index(1) < [i for i, e in events if e.channel == "done"].index(0)
     assert engine.stats()["kv_pool"]["in_use"] == 0
+
+
+def test_a_question_takes_the_only_slot_from_a_warming_document(load_engine, reference, pages):
+    """With room for one sequence, a document being warmed gives its slot to a question that arrives, and resumes
+    after it (its blocks written so far stay cached)."""
+    engine = load_engine(max_num_seqs=1, max_prefill_tokens=32)  # the warming takes several steps
+    expected, _ = reference.generate(pages[:1], "Who?", max_new_tokens=N, ignore_eos=True)
+    offered = [request(pages[:1], "Who?")]
+    steps = []
+
+    def admit(room: int) -> list[AnswerRequest]:
+        steps.append(room)
+        return [offered.pop()] if len(steps) == 2 and offered else []  # once the warming has begun
+
+    events = list(engine.stream_batch([AnswerRequest(pages=pages, question="", warm=True)], admit=admit))
+    done = {i: e.result for i, e in events if e.channel == "done"}
+    assert done[1].token_ids == expected and done[0].finish_reason == "stop"
+    assert [i for i, e in events if e.channel == "done"] == [1, 0]
+    assert engine.stats()["preemptions"] >= 1
+
+
+def test_a_question_about_a_document_half_warmed_does_not_wait_for_it(load_engine, reference, pages):
+    """The warming of a document pauses when a question comes; a question about that very document must not wait
+    for blocks the paused warming would write: it computes them itself."""
+    engine = load_engine(max_prefill_tokens=16)  # the warming publishes its blocks and writes one a step
+    expected, _ = reference.generate(pages, "Who?", max_new_tokens=N, ignore_eos=True)
+    offered = [request(pages, "Who?")]
+    steps = []
+
+    def admit(room: int) -> list[AnswerRequest]:
+        steps.append(room)
+        return [offered.pop()] if len(steps) == 2 and offered else []
+
+    events = list(engine.stream_batch([AnswerRequest(pages=pages, question="", warm=True)], admit=admit))
+    done = {i: e.result for i, e in events if e.channel == "done"}
+    assert done[1].token_ids == expected and done[0].finish_reason == "stop"

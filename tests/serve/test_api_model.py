@@ -71,7 +71,8 @@ def test_streamed_answer_with_timings_and_cache(client, documents):
     for stage in ("prefill", "decode", "time_to_first_token", "total"):
         assert done["timings"][stage] > 0
     again = ask(client, doc_id, "Who kept it?", max_tokens=10)
-    assert done["cache"]["vision_misses"] + done["cache"]["vision_hits"] >= 1
+    # its pages were encoded (or looked up), unless warming at upload had already put them in the KV pool
+    assert done["cache"]["vision_misses"] + done["cache"]["vision_hits"] >= 1 or done["cache"]["prefix_reused_tokens"]
     # The document's pages are now a cached prefix: neither encoded nor prefilled again.
     assert again["cache"]["prefix_reused_tokens"] > 0 and again["cache"]["vision_misses"] == 0
     assert again["answer"] == done["answer"]
