@@ -100,14 +100,13 @@ def parse_modes(value: str | None) -> list[str]:
 
 
 def lengths_beyond(multiples: list[float], context: int, setting) -> list[int]:
-    """Text tokens of filler whose pages need ``multiples`` of ``context`` tokens with ``setting``'s rendering (its
-    compression measured on the suites' filler; the suites size text with the renderer's estimate)."""
-    import random
-
-    from glyphserve.eval import textgen
+    """Text tokens of the suites' text whose pages need ``multiples`` of ``context`` tokens with ``setting``'s
+    rendering (its compression measured on a needle haystack: filler in paragraphs, sized by the renderer's
+    estimate as the suites size theirs)."""
+    from glyphserve.eval import suites
     from glyphserve.render import render_text
 
-    probe = " ".join(textgen.filler_sentences(random.Random(0), 60_000))
+    probe = suites.niah(0, 16_384, 0, 1).text
     config, _ = setting.resolve(probe)
     stats = render_text(probe, config).stats
     return [round(m * context * stats.text_tokens / stats.vision_tokens) for m in multiples]

@@ -148,6 +148,7 @@ _MDQA_QUESTIONS = {
 }
 # A company document plus, for a third of the companies, a founder's half-length document.
 _MDQA_TOKENS_PER_COMPANY = 350
+_MDQA_SHORT_NAMES = 600
 
 
 def _unique(rng: random.Random, make: Callable[[random.Random], str], count: int, taken: set[str]) -> list[str]:
@@ -171,8 +172,10 @@ def mdqa(seed: int, length: int, index: int, count: int) -> Sample:
     kind = tuple(_MDQA_QUESTIONS)[index % len(_MDQA_QUESTIONS)]
     companies = max(4, round(length / _MDQA_TOKENS_PER_COMPANY))
     taken: set[str] = set()
+    # Two-syllable names run out (43 x 43) well before a million-token collection: longer ones past 600 companies.
+    syllables = 2 if companies <= _MDQA_SHORT_NAMES else 3
     names = [f"{n} {rng.choice(('Works', 'Mills', 'Trading', 'Foundry', 'Guild'))}"
-             for n in _unique(rng, textgen.proper_name, companies, taken)]
+             for n in _unique(rng, lambda r: textgen.proper_name(r, syllables), companies, taken)]
     founders = _unique(rng, textgen.person_name, companies, taken)
     cities = _unique(rng, lambda r: textgen.proper_name(r, 3), 2 * companies, taken)
     target = min(companies - 1, int(_evenly_spaced(index, count) * companies))

@@ -87,7 +87,7 @@ def test_page_selection_beyond_the_context_shows_the_evidence(tmp_path):
     for suite in ("niah", "mdqa"):
         # The first pages lose the evidence past the cut; retrieval shows it every time.
         assert rows[suite, "retrieve"]["evidence_shown"] == 1.0 > rows[suite, "first"]["evidence_shown"]
-        assert rows[suite, "retrieve"]["vision_tokens"] > 2.5 * 4096  # the pages need about 3x the context
+        assert 2.5 * 4096 < rows[suite, "retrieve"]["vision_tokens"] < 3.5 * 4096  # the pages need about 3x the context
     for sample in data["samples"]:
         assert sample["prompt_tokens"] <= 4096 - 64 and sample["pages_shown"] < sample["pages"]
     assert "3x of the 4,096-token context" in data["meta"]["notes"][0]

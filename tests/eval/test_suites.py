@@ -93,6 +93,17 @@ def test_mdqa_answers_are_stated_once_in_the_right_document():
             assert answer in company_doc and sample.text.count(answer) == 1
 
 
+def test_mdqa_as_a_collection_with_its_evidence_and_past_a_million_tokens():
+    sample = suites.mdqa(0, LENGTH, 3, 4)  # a birthplace question: two documents are evidence
+    assert [f"Document {n}: {text}" for n, (_, text) in enumerate(sample.documents, 1)] == sample.text.split("\n\n")
+    assert all(text.startswith(title + "\n") for title, text in sample.documents)
+    assert len(sample.evidence) == 2 and all(sample.text.count(e) == 1 for e in sample.evidence)
+    # Far past what two-syllable company names can tell apart: generated at once, every company distinct.
+    big = suites.mdqa(0, 1_000_000, 0, 1)
+    companies = [title for title, text in big.documents if " was founded in " in text]
+    assert len(companies) > 2800 and len(set(companies)) == len(companies)
+
+
 def test_freqword_counts_match_the_stated_answer():
     for sample in suites.generate("freqword", [LENGTH], 3, seed=0):
         words = Counter(w for w in sample.text.split() if w != "...")
