@@ -83,7 +83,9 @@ class EngineCore:
             events += self.drain()
             plan = self.scheduler.schedule(in_flight=False)
         if not plan.empty:
-            self.in_flight.append(self._launch(plan))
+            launched = self._launch(plan, events)
+            if launched is not None:
+                self.in_flight.append(launched)
         while self.in_flight and (len(self.in_flight) > 1 or plan.empty):
             events += self._read(self.in_flight.popleft())
         if plan.empty and quiet and self.scheduler.has_work:
@@ -105,7 +107,18 @@ class EngineCore:
 
     # --- launching -------------------------------------------------------------------------------------------
 
-    def _launch(self, plan: StepPlan) -> Launched:
+    def _launch(self, plan: StepPlan, events: list[Event]) -> Launched | None:
+        """Put the step on the device (None if nothing is left of it: its every prompt chunk needed a page that
+        could not be decoded; those requests end with an error in ``events``)."""
+        if plan.chunks:
+            wanted = [(c.seq, run[0]) for c in plan.chunks for run in c.seq.image_runs(c.start, c.end)]
+            failed = self.vision.provide(wanted)
+            for seq, exc in failed.values():  # a damaged page ends only its own request
+                events.append(self._fail(seq, exc))
+            plan.chunks = [c for c in plan.chunks if id(c.seq) not in failed]
+            plan.admitted = [s for s in plan.admitted if id(s) not in failed]
+            if plan.empty:
+                return None
         for seq in plan.admitted:
             self.sampler.admit(seq.slot, seq.settings, seq.prompt.ids, seq.seed, seq.greedy)
             seq.prefill_started = seq.prefill_started or time.perf_counter()
@@ -164,7 +177,6 @@ class EngineCore:
         """A flat batch: decode rows, then short chunks (paged attention), then long chunks (SDPA)."""
         short = [c for c in plan.chunks if c.end - c.start <= PAGED_CHUNK_TOKENS]
         long = [c for c in plan.chunks if c.end - c.start > PAGED_CHUNK_TOKENS]
-        self.vision.provide([(c.seq, run[0]) for c in plan.chunks for run in c.seq.image_runs(c.start, c.end)])
         bs = self.scheduler.block_size
         tables = self.scheduler.block_tables
         n_dec = len(plan.decode)

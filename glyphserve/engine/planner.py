@@ -25,12 +25,6 @@ from glyphserve.errors import ConfigError, ContextOverflowError, GlyphserveError
 from glyphserve.glm4v import PAGE_MARKER_TOKENS
 
 
-def _conversation(history, question: str, n_pages: int, labels: list[str] | None) -> list[dict]:
-    if labels is None:
-        return conversation(history, question, n_pages)
-    return conversation(history, question, n_pages, labels=labels)
-
-
 def check_settings(s: GenerationSettings, vocab: int) -> None:
     """vLLM's rules for sampling parameters; a ConfigError names the first one that cannot be honoured."""
     def bad(message: str) -> None:
@@ -102,16 +96,22 @@ class Planner:
         grids = [self.params.grid(*p.shape[:2]) for p in pages]
         question = "" if request.warm else request.question
         labels = request.page_labels
-        prompt = self.prompts.build(_conversation(request.history, question, len(pages), labels), grids)
+        prompt = self.prompts.build(conversation(request.history, question, len(pages), labels), grids)
         new_tokens = 0 if request.warm else settings.max_tokens
         budget = self.max_context - new_tokens
         if len(prompt.ids) > budget:
             fit = self._pages_that_fit(prompt, budget)
             if fit == 0 or not settings.truncate_pages:
                 raise self._overflow(prompt, fit, new_tokens)
-            pages, keys, grids = pages[:fit], keys[:fit], grids[:fit]
-            labels = labels[:fit] if labels is not None else None
-            prompt = self.prompts.build(_conversation(request.history, question, fit, labels), grids)
+            while True:  # the first pages that fit, their labels counted too
+                kept = labels[:fit] if labels is not None else None
+                prompt = self.prompts.build(conversation(request.history, question, fit, kept), grids[:fit])
+                if len(prompt.ids) <= budget or fit == 1:
+                    break
+                fit -= 1
+            if len(prompt.ids) > budget:
+                raise self._overflow(prompt, 0, new_tokens)
+            pages, keys, grids, labels = pages[:fit], keys[:fit], grids[:fit], kept
         if request.warm:  # only the document prefix is computed
             prompt = PromptTokens(prompt.ids[: prompt.prefix_len], prompt.prefix_len, prompt.image_grids)
         need = -(-(len(prompt.ids) + new_tokens + 1) // self.block_size) * self.block_size
@@ -159,13 +159,12 @@ class Planner:
                 f"= {need}, but the context holds {self.max_context}")
         if len(prompt.ids) <= self.max_context:
             return ContextOverflowError(f"{head}: lower max_tokens to at most {self.max_context - len(prompt.ids)}"
-                                        + (f", or ask about the first {fit} of {n} pages (truncate_pages)"
-                                           if 0 < fit < n else ""))
+                                        + (f", or ask about the first {fit} of {n} pages" if 0 < fit < n else ""))
         if fit == 0:
             return ContextOverflowError(f"{head}: not even the first page fits; shorten the conversation")
         return ContextOverflowError(
-            f"{head}: only the first {fit} of {n} pages fit. Ask about fewer pages, or set truncate_pages "
-            f"(--truncate-pages) to keep the first {fit}")
+            f"{head}: only the first {fit} of {n} pages fit. Ask about fewer pages, let the server choose the "
+            f"pages that matter (page_selection retrieve), or keep the first {fit} (truncate_pages)")
 
     def _positions(self, prompt: PromptTokens) -> tuple[torch.Tensor, int]:
         """M-RoPE positions [3, L] of the prompt, exactly as the HF model computes them (on CPU)."""

@@ -117,6 +117,20 @@ def page_digests(pages: list[np.ndarray]) -> list[str]:
     return _parallel(page_digest, pages)
 
 
+def try_decode(pages: list[Page]) -> list[np.ndarray | GlyphserveError]:
+    """The pages' pixels (decoded in parallel), or for a page that cannot be decoded its error: one damaged file
+    does not keep the others from being read."""
+    def one(page: Page):
+        if not isinstance(page, EncodedPage):
+            return page
+        try:
+            return page.pixels()
+        except GlyphserveError as exc:
+            return exc
+
+    return _parallel(one, pages)
+
+
 def decode_pages(pages: list[Page]) -> list[np.ndarray]:
     """The pages' pixels: encoded pages decoded (in parallel), arrays as they are."""
     if not any(isinstance(p, EncodedPage) for p in pages):

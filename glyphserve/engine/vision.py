@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_position_ids
 
+from glyphserve.engine.preprocess import try_decode
+
 
 class VisionRunner:
     """Pages (patches) to merged vision features, equal to ``get_image_features`` of the HF model."""
@@ -95,8 +97,10 @@ class VisionEncoder:
         self.key_prefix = key_prefix
         self._sync = sync
 
-    def provide(self, wanted: list[tuple[object, int]]) -> None:
-        """Make ``seq.features[page]`` available for every (sequence, page index) in ``wanted``."""
+    def provide(self, wanted: list[tuple[object, int]]) -> dict[int, tuple[object, Exception]]:
+        """Make ``seq.features[page]`` available for every (sequence, page index) in ``wanted``; returns the
+        sequences (by ``id``) one of whose pages could not be decoded, with the error: they cannot go on, the
+        others are served all the same."""
         t0 = time.perf_counter()
         missing: dict[str, tuple[object, tuple[int, int, int]]] = {}
         waiting: list[tuple[object, int, str, bool]] = []
@@ -122,17 +126,26 @@ class VisionEncoder:
                 missing[key] = (seq.pages[page], seq.prompt.image_grids[page])
             waiting.append((seq, page, key, cached))
         t1 = t2 = time.perf_counter()
+        broken: dict[str, Exception] = {}
         if missing:
             keys = list(missing)
-            patches = self.preprocessor([missing[k][0] for k in keys])
-            self._sync()
-            t1 = time.perf_counter()
-            for key, feat in zip(keys, self.runner.encode(patches, [missing[k][1] for k in keys])):
-                found[key] = feat
-            self._sync()
-            t2 = time.perf_counter()
+            pixels = try_decode([missing[k][0] for k in keys])
+            broken = {k: px for k, px in zip(keys, pixels) if isinstance(px, Exception)}
+            good = [(k, px) for k, px in zip(keys, pixels) if k not in broken]
+            if good:
+                patches = self.preprocessor([px for _, px in good])
+                self._sync()
+                t1 = time.perf_counter()
+                for (key, _), feat in zip(good, self.runner.encode(patches, [missing[k][1] for k, _ in good])):
+                    found[key] = feat
+                self._sync()
+                t2 = time.perf_counter()
+        failed: dict[int, tuple[object, Exception]] = {}
         stored: set[str] = set()
         for seq, page, key, cached in waiting:
+            if key in broken:
+                failed[id(seq)] = (seq, broken[key])
+                continue
             feat = found[key]
             if cached and key not in stored:
                 feat = found[key] = feat.clone()  # a slice of the batch output would pin the whole batch
@@ -142,3 +155,4 @@ class VisionEncoder:
         for seq in {id(s): s for s, _ in wanted}.values():
             seq.timings.preprocess += t1 - t0
             seq.timings.vision_encode += t2 - t1
+        return failed

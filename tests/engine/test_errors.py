@@ -182,3 +182,29 @@ def test_a_failure_in_one_row_ends_only_that_request(load_engine):
     alone = [engine.answer(requests[i]) for i in (0, 2)]
     assert [done[0].token_ids, done[2].token_ids] == [a.token_ids for a in alone]
     assert engine.stats()["kv_pool"]["in_use"] == 0
+
+
+def test_a_page_that_cannot_be_decoded_ends_only_its_own_request(load_engine):
+    """A page file whose header reads but whose pixels do not (a damaged file on disk) fails its own request when
+    it must be encoded; the request prefilled beside it in the same step answers as it would alone."""
+    import io
+
+    from PIL import Image
+
+    from glyphserve.engine import EncodedPage
+
+    engine = load_engine()
+    buffer = io.BytesIO()
+    Image.fromarray(PAGES[3]).save(buffer, format="PNG")
+    png = bytearray(buffer.getvalue())
+    start = png.index(b"IDAT") + 10
+    png[start : start + 200] = bytes(b ^ 0x5A for b in png[start : start + 200])
+    damaged = EncodedPage.from_bytes(bytes(png))  # the header still reads
+    settings = GenerationSettings(max_tokens=8, ignore_eos=True)
+    good = AnswerRequest(pages=PAGES[:1], question="Who?", settings=settings)
+    events = list(engine.stream_batch([good, AnswerRequest(pages=[damaged], question="Who?", settings=settings)]))
+    errors = {i: e.error for i, e in events if e.channel == "error"}
+    done = {i: e.result for i, e in events if e.channel == "done"}
+    assert list(errors) == [1] and "not a readable image" in str(errors[1])
+    assert done[0].token_ids == engine.answer(good).token_ids
+    assert engine.stats()["kv_pool"]["in_use"] == 0
