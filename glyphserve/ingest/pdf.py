@@ -73,9 +73,22 @@ def _open(data: bytes, name: str) -> pdfium.PdfDocument:
             raise EncryptedFileError(
                 f"{name} is password-protected; remove the password and upload it again"
             ) from exc
-        if exc.err_code == pdfium_c.FPDF_ERR_SUCCESS:  # opened fine, but has no pages
+        if _has_no_pages(data):
             raise EmptyDocumentError(f"{name} has no pages") from exc
         raise CorruptFileError(f"{name} is not a readable PDF (damaged or truncated)") from exc
+
+
+def _has_no_pages(data: bytes) -> bool:
+    """Whether PDFium opens ``data`` as a document of zero pages (pypdfium2 refuses those). Asked of the handle,
+    not of ``FPDF_GetLastError``: that code is left over from earlier calls in some builds (CI read "data format
+    error" for a well-formed empty PDF)."""
+    handle = pdfium_c.FPDF_LoadMemDocument64(data, len(data), None)
+    if not handle:
+        return False
+    try:
+        return pdfium_c.FPDF_GetPageCount(handle) == 0
+    finally:
+        pdfium_c.FPDF_CloseDocument(handle)
 
 
 def _read_pages(pdf: pdfium.PdfDocument, name: str, limits: IngestLimits) -> list[TextPart | ImagePart]:

@@ -302,9 +302,9 @@ def record_steps(engine, monkeypatch) -> list[tuple[int, list[int]]]:
     steps: list[tuple[int, list[int]]] = []
     launch = engine.core._launch
 
-    def recorded(plan):
+    def recorded(plan, events):
         steps.append((len(plan.decode), [c.end - c.start for c in plan.chunks]))
-        return launch(plan)
+        return launch(plan, events)
 
     monkeypatch.setattr(engine.core, "_launch", recorded)
     return steps

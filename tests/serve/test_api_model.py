@@ -27,10 +27,22 @@ TEXTS = [
 QUESTIONS = ["Who kept the lighthouse?", "What happened in 1887?"]
 
 
+def wait_warm(client: httpx.Client, document_id: str) -> None:
+    """Until the engine has warmed the document (its pages' features and prefix KV computed at upload)."""
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/documents/{document_id}").json()["warm"] != "warm":
+        assert time.monotonic() < deadline, "the document was never warmed"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def documents(model_server) -> list[str]:
+    """The four documents, warmed: background warming would otherwise add to the engine's counters mid-test."""
     with model_server.client() as client:
-        return [upload_text(client, text)["id"] for text in TEXTS]
+        ids = [upload_text(client, text)["id"] for text in TEXTS]
+        for document_id in ids:
+            wait_warm(client, document_id)
+        return ids
 
 
 @pytest.fixture
@@ -307,10 +319,7 @@ def test_a_document_is_warmed_at_upload_and_its_first_question_reuses_it(model_s
     created = upload_text(client, text)
     assert created["warm"] in ("warming", "warm")
     doc_id = created["id"]
-    deadline = time.monotonic() + 120
-    while client.get(f"/v1/documents/{doc_id}").json()["warm"] != "warm":
-        assert time.monotonic() < deadline, "the document was never warmed"
-        time.sleep(0.2)
+    wait_warm(client, doc_id)
     first = ask(client, doc_id, QUESTIONS[0])
     assert first["cache"]["prefix_reused_tokens"] > 0 and first["cache"]["vision_misses"] == 0
     # an upload deleted while it warms is gone (its warming cancelled); a new upload answers the same
