@@ -24,7 +24,7 @@ from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotFoundError, StorageUnavailableError
 from glyphserve.serve.metrics import Metrics
 from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
-from glyphserve.serve.store import DocumentFiles, DocumentRecord, DocumentStore, storage
+from glyphserve.serve.store import DocumentFiles, DocumentRecord, DocumentStore
 
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
@@ -337,7 +337,7 @@ class GlyphService:
             question=request.question, history=[m.content for m in request.history], budget=budget,
             titles=[r.name or "pasted text" for r in records] if len(records) > 1 else None,
         )
-        with storage("read the pages of " + ", ".join(f"document {r.id}" for r in records)):
+        with self.store.reading(*(r.id for r in records)):
             request.pages = [EncodedPage.from_bytes(self.store.page_bytes(records[p.document].id, p.number))
                              for p in selection.pages]
         request.page_labels = selection.labels
@@ -352,8 +352,7 @@ class GlyphService:
             if hit is not None:
                 self._selectables.move_to_end(document_id)
                 return hit
-        with storage(f"read document {document_id}"):
-            manifest, text = self.store.manifest(document_id), self.store.text(document_id)
+        manifest, text = self.store.manifest(document_id), self.store.text(document_id)
         hit = DocumentPages(text, [PageFacts.from_manifest(p) for p in manifest["pages"]])
         with self._selectable_lock:
             self._selectables[document_id] = hit

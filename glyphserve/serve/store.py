@@ -316,12 +316,23 @@ class DocumentStore:
         self.get(document_id)  # still there: its files were written
         return self.docs / document_id
 
+    @contextmanager
+    def reading(self, *document_ids: str) -> Iterator[None]:
+        """Reads of documents' files; one that fails because a document was deleted meanwhile is a 404."""
+        try:
+            with storage("read " + ", ".join(f"document {d}" for d in document_ids)):
+                yield
+        except StorageUnavailableError:
+            for document_id in document_ids:
+                self.get(document_id)  # NotFoundError once it is gone
+            raise
+
     def manifest(self, document_id: str) -> dict:
         self.get(document_id)
         files = self._in_memory(document_id)
         if files is not None:
             return files.manifest
-        with storage(f"read document {document_id}"):
+        with self.reading(document_id):
             return json.loads((self.folder(document_id) / "manifest.json").read_text(encoding="utf-8"))
 
     def text(self, document_id: str) -> str:
@@ -329,7 +340,7 @@ class DocumentStore:
         files = self._in_memory(document_id)
         if files is not None:
             return files.text
-        with storage(f"read document {document_id}"):
+        with self.reading(document_id):
             return (self.folder(document_id) / "source.txt").read_text(encoding="utf-8")
 
     def layouts(self, document_id: str) -> list[PageLayout]:
@@ -355,7 +366,7 @@ class DocumentStore:
         files = self._in_memory(document_id)
         if files is not None:
             return files.pages[number - 1]
-        with storage(f"read document {document_id}"):
+        with self.reading(document_id):
             return self.page_path(document_id, number).read_bytes()
 
     def _check_page(self, document_id: str, number: int) -> None:

@@ -82,8 +82,20 @@ class Watch:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """No model, the default limits (the cases are about defaults)."""
-    server = Server(tmp_path_factory.mktemp("hostile") / "data").start()
+    """No model, the default limits (the cases are about defaults), the UI; ``server.cache`` is the folder where
+    the UI framework keeps its copies of files."""
+    root = tmp_path_factory.mktemp("hostile")
+    server = Server(root / "data")
+    server.cache = root / "ui-framework-cache"
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(server.cache)  # read by the server process at start
+    try:
+        server.start()
+    finally:
+        if previous is None:
+            del os.environ["GRADIO_TEMP_DIR"]
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
     yield server
     server.stop()
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.serve.test_ui import ARGS, CHROMIUM
 from tests.hostile.conftest import HTTP
-from tests.servers import Server, free_port
+from tests.servers import free_port
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
 
@@ -40,32 +40,21 @@ class Beacon:
 
 
 @pytest.fixture
-def ui_server(tmp_path, monkeypatch):
-    """A server with the UI whose UI-framework cache is a folder the test can look into."""
-    cache = tmp_path / "gradio-cache"
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
-    server = Server(tmp_path / "data").start()
-    server.cache = cache
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def page(ui_server):
+def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1400})
-            page.goto(ui_server.url)
+            page.goto(server.url)
             page.wait_for_selector("#upload", timeout=60_000)
             yield page
         finally:
             browser.close()
 
 
-def test_names_and_passages_are_shown_as_text(ui_server, page):
+def test_names_and_passages_are_shown_as_text(server, page):
     from playwright.sync_api import expect
 
     beacon = Beacon()
@@ -73,7 +62,7 @@ def test_names_and_passages_are_shown_as_text(ui_server, page):
         planted = (f"The keeper's log. <img src={beacon.url}/html-in-passage> and ![lamp]({beacon.url}/markdown-image) "
                    f"and <b>bold?</b> The lamp was lit at dusk.")
         name = "<img src=x onerror=alert(1)>**Report**"  # a name carries no slash: path parts are cut
-        created = HTTP.post(f"{ui_server.url}/v1/documents", json={"text": planted, "name": name}).json()
+        created = HTTP.post(f"{server.url}/v1/documents", json={"text": planted, "name": name}).json()
         page.reload()
         page.wait_for_selector("#stored", timeout=60_000)
         page.locator("#stored input").click()
@@ -98,7 +87,7 @@ def _files(folder: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} if folder.exists() else {}
 
 
-def test_deleting_a_document_removes_the_ui_frameworks_copies(ui_server, page, tmp_path):
+def test_deleting_a_document_removes_the_ui_frameworks_copies(server, page, tmp_path):
     from playwright.sync_api import expect
 
     source = tmp_path / "copied.txt"
@@ -106,16 +95,16 @@ def test_deleting_a_document_removes_the_ui_frameworks_copies(ui_server, page, t
     page.locator("#upload input[type=file]").set_input_files(str(source))
     expect(page.locator("#status")).to_contain_text("Rendered copied.txt", timeout=60_000)
     expect(page.locator("#pages img").first).to_be_visible(timeout=30_000)
-    [document] = HTTP.get(f"{ui_server.url}/v1/documents").json()["documents"]
-    pages = [HTTP.get(f"{ui_server.url}/v1/documents/{document['id']}/pages/{n}.png").content
+    document = next(d for d in HTTP.get(f"{server.url}/v1/documents").json()["documents"] if d["name"] == source.name)
+    pages = [HTTP.get(f"{server.url}/v1/documents/{document['id']}/pages/{n}.png").content
              for n in range(1, document["pages"] + 1)]
     shown = [page.locator("#pages img").nth(i).get_attribute("src") for i in range(page.locator("#pages img").count())]
-    cached = _files(ui_server.cache).values()
+    cached = _files(server.cache).values()
     assert source.read_bytes() not in cached  # the upload's copy went as soon as it was read
     assert any(png in cached for png in pages)  # the gallery's copies of the pages
 
-    assert HTTP.delete(f"{ui_server.url}/v1/documents/{document['id']}").status_code == 200
-    cached = _files(ui_server.cache).values()
+    assert HTTP.delete(f"{server.url}/v1/documents/{document['id']}").status_code == 200
+    cached = _files(server.cache).values()
     assert not any(png in cached for png in pages) and source.read_bytes() not in cached
     for src in shown:
-        assert HTTP.get(src if src.startswith("http") else ui_server.url + src).status_code in (403, 404), src
+        assert HTTP.get(src if src.startswith("http") else server.url + src).status_code in (403, 404), src
