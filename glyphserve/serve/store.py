@@ -318,13 +318,16 @@ class DocumentStore:
 
     @contextmanager
     def reading(self, *document_ids: str) -> Iterator[None]:
-        """Reads of documents' files; one that fails because a document was deleted meanwhile is a 404."""
+        """Reads of documents' files; one that fails because a document was deleted meanwhile (its folder moved
+        aside, its row about to go) is a 404."""
         try:
             with storage("read " + ", ".join(f"document {d}" for d in document_ids)):
                 yield
         except StorageUnavailableError:
             for document_id in document_ids:
-                self.get(document_id)  # NotFoundError once it is gone
+                if not (self.docs / document_id).exists():
+                    raise NotFoundError(f"document {document_id} was deleted") from None
+                self.get(document_id)
             raise
 
     def manifest(self, document_id: str) -> dict:
