@@ -3,11 +3,12 @@
 ``<data>/index.sqlite3`` lists the documents; ``<data>/docs/<id>/`` holds what
 ``glyphserve.render.write_rendered`` writes (``page_001.png`` ..., ``manifest.json`` with each
 page's character span and line baselines) and ``source.txt``, the text the pages were rendered from.
-A document folder is written under a temporary name and renamed into place before its row
-is inserted, so a crash never leaves a listed document half written: the document is complete or
-absent. ``add`` answers before the files are on disk: it checks there is room and the folder can
-be written, then a writer thread writes, flushes (fsync) and renames the folder and inserts the
-row; until then reads are served from memory. A deleted one is renamed aside
+A document folder is written under a temporary name and renamed into place: that rename is the commit.
+``add`` answers once it is done (the files are in the kernel's cache, so a killed server keeps them), and a
+writer thread flushes them to disk (fsync) and inserts the row off the request path; until then reads are
+served from memory, and a restart indexes a complete folder whose row is missing from its ``record.json``.
+So an acknowledged document survives a crash of the server, and a crash never leaves a listed document half
+written (an unrenamed temporary folder is removed at start-up). A deleted one is renamed aside
 before its row goes, so a delete that cannot proceed changes nothing. Disk faults become typed errors:
 a full disk 507 ``storage_full``, anything else (read-only, I/O error, permissions) 503
 ``storage_unavailable``, each naming what could not be done.
@@ -28,7 +29,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from glyphserve.errors import GlyphserveError, NotFoundError
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _SQLITE_FULL = 13  # SQLITE_FULL (the primary result code, low byte of the extended one)
 _LEFTOVERS = (".tmp-*", ".deleted-*")  # interrupted writes and deletes
+_RECORD = "record.json"  # a stored document's row, so a restart can index a folder it never indexed
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -150,7 +152,8 @@ class DocumentStore:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glyphserve-store")
 
     def _recover(self) -> None:
-        """Drop leftovers of interrupted writes and deletes: temporary folders and rows without a folder."""
+        """Drop leftovers of interrupted writes and deletes (temporary folders, rows without a folder), index
+        stored folders that were never indexed, and drop any other folder without a row."""
         for pattern in _LEFTOVERS:
             for leftover in self.docs.glob(pattern):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -161,8 +164,32 @@ class DocumentStore:
                     self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
         listed = set(ids)
         for folder in self.docs.iterdir():
-            if ID_PATTERN.fullmatch(folder.name) and folder.name not in listed:
+            if ID_PATTERN.fullmatch(folder.name) and folder.name not in listed and not self._adopt(folder):
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def _adopt(self, folder: Path) -> bool:
+        """Index a stored folder whose row was never inserted (the server stopped after answering, before the
+        writer indexed it); False when the folder is not a complete document."""
+        try:
+            saved = json.loads((folder / _RECORD).read_text(encoding="utf-8"))
+            record = DocumentRecord(**{k: saved[k] for k in ("id", "name", "kind", "created", "pages", "summary")})
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        names = ["manifest.json", "source.txt", *(page_filename(n) for n in range(1, record.pages + 1))]
+        complete = record.id == folder.name and all((folder / name).is_file() for name in names)
+        if complete:
+            with self._lock:
+                self._index(record, saved.get("content_hash"))
+        return complete
+
+    def _index(self, record: DocumentRecord, content_hash: str | None) -> None:
+        """Insert a document's row (hold ``_lock``)."""
+        self._db.execute(
+            "INSERT INTO documents (id, name, kind, created, pages, summary, content_hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (record.id, record.name, record.kind, record.created, record.pages, json.dumps(record.summary),
+             content_hash),
+        )
 
     def close(self) -> None:
         """Finish writing the documents still in memory, then close the index."""
@@ -172,17 +199,28 @@ class DocumentStore:
 
     def add(self, *, name: str | None, kind: str, summary: dict, files: DocumentFiles,
             content_hash: str | None = None) -> DocumentRecord:
-        """Store a rendered document: its record at once, once there is room for its files and the
-        folder can be written (else a storage error); the files are written off the caller's path
-        and read from memory until then. ``content_hash`` (of the upload and its render settings)
-        finds it again (``find``)."""
+        """Store a rendered document: its files written (not yet flushed) and its folder renamed into place, or a
+        storage error; flushing and indexing follow off the caller's path, reads come from memory until then.
+        ``content_hash`` (of the upload and its render settings) finds it again (``find``)."""
         record = DocumentRecord(uuid.uuid4().hex, name, kind, time.time(), len(files.pages), summary)
-        staging = self.docs / f".tmp-{record.id}"
+        staging, folder = self.docs / f".tmp-{record.id}", self.docs / record.id
         with storage("store the document"):
             room = os.statvfs(self.docs)
             if room.f_bavail * room.f_frsize < files.size() + 2**20:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.docs))
-            staging.mkdir()
+            try:
+                staging.mkdir()
+                for number, data in enumerate(files.pages, 1):
+                    write_file(staging / page_filename(number), data, durable=False)
+                write_file(staging / "manifest.json",
+                           json.dumps(files.manifest, ensure_ascii=False, indent=1).encode(), durable=False)
+                write_file(staging / "source.txt", files.text.encode("utf-8"), durable=False)
+                write_file(staging / _RECORD, json.dumps({**asdict(record), "content_hash": content_hash}).encode(),
+                           durable=False)
+                staging.rename(folder)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         pending = _Pending(record, files, content_hash)
         with self._lock:
             self._pending[record.id] = pending
@@ -190,32 +228,24 @@ class DocumentStore:
         return record
 
     def _persist(self, pending: _Pending) -> None:
-        record, files = pending.record, pending.files
-        staging, folder = self.docs / f".tmp-{record.id}", self.docs / record.id
+        """Flush a stored document's files to disk and index it. A failure here loses nothing the server still
+        runs with (the files are in the kernel's cache and served from memory; a restart indexes the folder)."""
+        record = pending.record
+        folder = self.docs / record.id
         try:
-            for number, data in enumerate(files.pages, 1):
-                write_file(staging / page_filename(number), data, durable=True)
-            write_file(staging / "manifest.json", json.dumps(files.manifest, ensure_ascii=False, indent=1).encode(),
-                       durable=True)
-            write_file(staging / "source.txt", files.text.encode("utf-8"), durable=True)
-            sync_folder(staging)
-            staging.rename(folder)
+            for path in folder.iterdir():
+                sync_folder(path)  # an fsync through a read-only descriptor: a file's too
+            sync_folder(folder)
             sync_folder(self.docs)
+        except OSError:
+            logger.exception("document %s could not be flushed to disk; it stays in the kernel's cache", record.id)
+        try:
             with self._lock:
-                self._db.execute(
-                    "INSERT INTO documents (id, name, kind, created, pages, summary, content_hash) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (record.id, record.name, record.kind, record.created, record.pages, json.dumps(record.summary),
-                     pending.content_hash),
-                )
+                self._index(record, pending.content_hash)
                 del self._pending[record.id]
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(folder, ignore_errors=True)
-            with self._lock:
-                self._pending.pop(record.id, None)
-            logger.exception("document %s could not be written; it is dropped", record.id)
-            raise
+        except sqlite3.Error:
+            logger.exception("document %s could not be indexed now; it is served from memory, indexed at the "
+                             "next start", record.id)
 
     def _in_memory(self, document_id: str) -> DocumentFiles | None:
         """The files of a document still being written (None once they are on disk)."""
