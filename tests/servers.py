@@ -56,12 +56,12 @@ class Server:
         self.stop()
         raise RuntimeError(f"server did not answer /health within {timeout} s:\n{self.log()}")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGINT)
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

@@ -150,6 +150,11 @@ class Engine:
         seqs = [self.planner.plan(r) for r in requests]
         return self._run(seqs, admit)
 
+    def counters(self) -> dict[str, int]:
+        """Requests, tokens, decode steps and rows, prefill passes, ...: plain numbers under fixed keys, safe to
+        read while the engine runs on another thread (``stats`` walks the pool and caches)."""
+        return {**self._counters, **self.core.counters}
+
     def stats(self) -> dict:
         pool = self.pool.stats()
         return {

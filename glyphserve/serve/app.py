@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from glyphserve import __version__
 from glyphserve.errors import ConfigError, FileTooLargeError, GlyphserveError, NotFoundError, QueueFullError
 from glyphserve.serve.api import build_router, invalid_request
-from glyphserve.serve.config import ServeConfig, model_id_name
+from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import InternalError, UnauthorizedError
 from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path
 from glyphserve.serve.service import GlyphService
@@ -215,16 +215,12 @@ def load_engine(config: ServeConfig) -> tuple["Engine | None", str | None]:
         return None, None
     # Before torch is imported: a model that is neither here nor downloadable fails at once.
     source = resolve_model(config.model) if config.model else None
-    from glyphserve.engine import Engine, EngineConfig
+    from glyphserve.engine import Engine
 
-    engine_config = EngineConfig(model=source, random_weights=config.random_weights, dtype=config.dtype,
-                                 device=config.device, max_context=config.max_model_len,
-                                 max_num_seqs=config.max_num_seqs,
-                                 gpu_memory_utilization=config.gpu_memory_utilization, quantize=config.quantize)
-    name = model_id_name(config.model) if config.model else f"random-{config.random_weights}"
+    name = config.default_model_name
     print(f"glyphserve: loading {config.model or name} ...", flush=True)
     started = time.perf_counter()
-    engine = Engine.load(engine_config)
+    engine = Engine.load(config.engine_config(source))
     print(f"glyphserve: model loaded in {time.perf_counter() - started:.1f} s", flush=True)
     # The engine's thread waits on the GPU every decode step; when it wakes while the event loop holds the GIL
     # (encoding streamed chunks, reading uploads) it would wait up to the default 5 ms switch interval.
@@ -254,6 +250,13 @@ def run(config: ServeConfig) -> int:
     config.validate()
     prepare_data_dir(config.data_dir)  # before the model loads: an unwritable folder is one line, at once
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if config.ray is not None:
+        from glyphserve.cluster import require_ray
+
+        require_ray()
+        from glyphserve.serve import ray_serve
+
+        return ray_serve.run(config)
     sock = listen_socket(config.host, config.port)
     try:
         engine, name = load_engine(config)

@@ -107,6 +107,15 @@ def register(subparsers) -> None:
                             "(default: twice --max-num-seqs with --gpus, else 16)")
     scale.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
                        help="seconds between health checks of the replicas (default 2)")
+    cluster = serve.add_argument_group("cluster", "engine replicas on Ray Serve (pip install 'glyphserve[cluster]')")
+    cluster.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                         help="serve through Ray Serve: 'local' (the default) starts Ray here, an address (auto, "
+                              "ray://head:10001) joins a cluster; this front stays on this machine")
+    cluster.add_argument("--replicas", type=_replicas, default=1, metavar="N|auto",
+                         help="engine replicas (one GPU each); auto: scaled on requests in flight (default 1)")
+    cluster.add_argument("--min-replicas", type=int, default=1, metavar="N", help="with --replicas auto (default 1)")
+    cluster.add_argument("--max-replicas", type=int, default=None, metavar="N",
+                         help="with --replicas auto (default: one per GPU of the cluster)")
     serve.set_defaults(func=_serve)
 
     doctor = subparsers.add_parser("doctor", help="check GPU, libraries, fonts and model weights",
@@ -158,6 +167,14 @@ def needs_extras(command: str):
                                 f"pip install 'glyphserve[{extra}]'") from None
 
 
+def _replicas(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or auto (got {value!r})")
+    return int(value)
+
+
 def _serve(args: argparse.Namespace) -> int:
     with needs_extras("serve"):
         return _run_server(args)
@@ -183,7 +200,8 @@ def _run_server(args: argparse.Namespace) -> int:
         ui=not args.no_ui,
         backend=args.backend, endpoints=args.endpoint, remote_model=args.remote_model,
         remote_api_key=args.remote_api_key or None, gpus=args.gpus, replica_concurrency=args.replica_concurrency,
-        health_interval=args.health_interval,
+        health_interval=args.health_interval, ray=args.ray, replicas=args.replicas, min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
     )
     return run(config)
 

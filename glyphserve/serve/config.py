@@ -86,6 +86,24 @@ class ServeConfig:
     gpus: list[str] = field(default_factory=list)  # one local replica per GPU index
     replica_concurrency: int | None = None  # None: twice --max-num-seqs with --gpus, else 16
     health_interval: float = 2.0
+    # Ray Serve (glyphserve.serve.ray_serve): engine replicas as a deployment on a Ray cluster.
+    ray: str | None = None  # "local" starts Ray here; else the address of a cluster to join
+    replicas: int | str = 1  # or "auto": autoscaled on requests in flight within min/max
+    min_replicas: int = 1
+    max_replicas: int | None = None  # None: one per GPU of the cluster (at least min_replicas)
+
+    def engine_config(self, model: str | None):
+        """The engine this server loads (``model``: the checkpoint as found, else as given)."""
+        from glyphserve.engine.types import EngineConfig
+
+        return EngineConfig(model=model, random_weights=self.random_weights, dtype=self.dtype, device=self.device,
+                            max_context=self.max_model_len, max_num_seqs=self.max_num_seqs,
+                            gpu_memory_utilization=self.gpu_memory_utilization, quantize=self.quantize)
+
+    @property
+    def default_model_name(self) -> str:
+        """The name served when --served-model-name is not given."""
+        return model_id_name(self.model) if self.model else f"random-{self.random_weights}"
 
     @property
     def routed(self) -> bool:
@@ -96,7 +114,7 @@ class ServeConfig:
         """Requests in flight per replica: for a local replica, one batch decoding and one waiting to join it
         (measured faster than holding the queue here: requests that trickle in one by one make a replica
         stall its batch for one prefill each, where a waiting batch joins in one pass)."""
-        return self.replica_concurrency or (2 * self.max_num_seqs if self.gpus else 16)
+        return self.replica_concurrency or (2 * self.max_num_seqs if self.gpus or self.ray else 16)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -163,5 +181,16 @@ class ServeConfig:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.served_model_name and not all(name.strip() for name in self.served_model_name):
             raise ConfigError("--served-model-name needs non-empty names")
+        if self.ray is not None:
+            if self.routed:
+                raise ConfigError("--ray deploys its own engine replicas: it does not go with --backend openai/--gpus")
+            if not self.has_model:
+                raise ConfigError("--ray deploys engine replicas: give --model PATH_OR_ID or --random-weights")
+            if not (self.replicas == "auto" or (isinstance(self.replicas, int) and self.replicas >= 1)):
+                raise ConfigError(f"--replicas must be a positive number or auto, got {self.replicas!r}")
+            if self.min_replicas < 1 or (self.max_replicas is not None and self.max_replicas < self.min_replicas):
+                raise ConfigError("--min-replicas must be at least 1 and at most --max-replicas")
+        elif self.replicas != 1:
+            raise ConfigError("--replicas needs --ray")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")

@@ -86,7 +86,10 @@ class GlyphService:
             cancelled=self.metrics.cancelled,
             joined=self.metrics.c.joined.inc,
         )
-        if self.router is not None:
+        make_scheduler = getattr(engine, "make_scheduler", None)  # engine replicas with a scheduler of their own
+        if make_scheduler is not None:
+            self.scheduler = make_scheduler(hooks)
+        elif self.router is not None:
             from glyphserve.serve.routing import RoutedScheduler
 
             self.scheduler = RoutedScheduler(self.backend, self.router, queue_size=config.queue_size,
@@ -125,10 +128,12 @@ class GlyphService:
             return {"backend": "openai", "model": self.model_name, "notice": self.notice,
                     "capacity": self.router.capacity(), "replicas": replicas,
                     "retries": stats["retries"], "resumed": stats["resumed"]}
+        if hasattr(self.engine, "describe"):  # engine replicas on Ray Serve
+            return {"model": self.model_name, "notice": self.notice, **self.engine.describe()}
         if self.has_model:
-            stats = self.engine.stats()
+            counters = self.engine.counters()  # read while the engine runs on the scheduler's thread
             return {"backend": "engine", "model": self.model_name, "notice": self.notice,
-                    "engine": {k: stats[k] for k in ENGINE_COUNTERS}}
+                    "engine": {k: counters[k] for k in ENGINE_COUNTERS}}
         return {"backend": "extractive", "model": self.model_name, "notice": self.notice}
 
     def check_model(self, name: str | None) -> None:

@@ -1,0 +1,457 @@
+"""``glyphserve serve --ray``: engine replicas as a Ray Serve deployment, behind the usual front.
+
+Two deployments make one Ray Serve application:
+
+- ``GlyphEngine``: one engine per replica (``num_gpus=1``; a CPU on CPU-only clusters), each with the same
+  scheduler as a single-machine server (continuous batching of the requests it holds). A fixed number of
+  replicas, or ``--replicas auto``: Ray Serve's autoscaler adds and removes replicas on the requests in flight
+  per replica (``target_ongoing_requests``: one full batch), within ``--min-replicas``/``--max-replicas``.
+- ``GlyphFront``: the FastAPI app of ``glyphserve serve`` (API, UI, metrics, SQLite store; one replica, on the
+  node that runs the command, where ``--data-dir`` lives) as the HTTP ingress. It ingests and renders uploads
+  and sends each question, with the document's stored page files, to the engine replicas.
+
+Document affinity: ``DocumentAffinityRouter`` (a Ray Serve request router) ranks the replicas for each request
+by rendezvous hashing of its document key, so every question about a document reaches the replica whose
+vision and prefix caches hold it, and a replica joining or leaving moves only the documents it takes or held.
+Ray Serve sends the request to the first replica in that order with a free slot (``max_ongoing_requests``),
+so a busy document spills to the same second replica every time instead of queueing behind the first.
+
+Failover: a request whose replica dies is sent again (the router no longer offers the dead replica); for an
+answer that is deterministic (greedy, or sampled with a seed) the text already streamed is checked against the
+new stream and not sent twice, so the client sees one uninterrupted answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, RequestCancelledError
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from glyphserve.engine.types import EncodedPage, EngineConfig, StreamEvent
+from glyphserve.errors import GlyphserveError, QueueFullError, RemoteBackendError
+from glyphserve.serve.backends import ChatJob, EngineBackend, Reply
+from glyphserve.serve.config import ServeConfig
+from glyphserve.serve.errors import InternalError, RequestTimeoutError
+from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
+from glyphserve.serve.service import ENGINE_COUNTERS
+
+APP_NAME = "glyphserve"
+ENGINE_DEPLOYMENT = "GlyphEngine"
+FRONT_DEPLOYMENT = "GlyphFront"
+ENGINE_SWITCH_INTERVAL_S = 0.0005  # GIL hand-over beside an engine (as in a single-machine server)
+MAX_ATTEMPTS = 3  # sends of one request: the first, and retries after its replica died
+RECENT_DOCUMENTS = 32  # document keys listed per replica in /health
+
+
+# -- routing ------------------------------------------------------------------------------------------------
+
+def routing_key(job: ChatJob) -> str:
+    """What the router keeps together: the stored document, else the pages, else the conversation's start."""
+    if job.document_id is not None:
+        return job.document_id
+    request = job.request
+    digest = hashlib.blake2b(digest_size=16)
+    if request.pages:
+        keys = request.page_keys or [None] * len(request.pages)
+        for key, page in zip(keys, request.pages):
+            digest.update(key.encode() if key else page.data if isinstance(page, EncodedPage) else page.tobytes())
+    else:
+        digest.update((request.history[0].content if request.history else request.question).encode())
+    return digest.hexdigest()
+
+
+def rendezvous_order(key: str, nodes: list[str]) -> list[str]:
+    """``nodes`` by their rendezvous (highest random weight) score for ``key``: the first owns the key; when it
+    leaves, its keys go to their next node and no other key moves."""
+    def weight(node: str) -> bytes:
+        return hashlib.blake2b(f"{node}\x1f{key}".encode(), digest_size=8).digest()
+
+    return sorted(nodes, key=weight, reverse=True)
+
+
+class DocumentAffinityRouter(RequestRouter):
+    """Ranks the replicas by rendezvous hashing of the request's ``key`` keyword argument; Ray Serve takes
+    the first with a free slot. Requests without a key go to the least loaded replica."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        key = pending_request.kwargs.get("key") if pending_request is not None else None
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # all full: wait before asking again
+        if not key:
+            return [candidate_replicas]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        return [[by_id[node]] for node in rendezvous_order(key, list(by_id))]
+
+
+# -- the engine replicas ------------------------------------------------------------------------------------
+
+@dataclass
+class ReplicaReport:
+    """Sent by a replica before a request's first token (where it runs) and before its Reply (its counters)."""
+
+    replica: str
+    pid: int
+    node: str
+    engine: dict[str, int] = field(default_factory=dict)
+
+
+class EngineReplica:
+    """One engine and the scheduler that batches the requests this replica holds (``GlyphEngine``)."""
+
+    def __init__(self, engine_config: EngineConfig, queue_size: int, timeout: float):
+        import ray
+
+        from glyphserve.engine import Engine
+
+        engine = Engine.load(engine_config)
+        sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
+        self.engine = engine
+        self.scheduler = Scheduler(EngineBackend(engine), queue_size=queue_size, max_batch=engine_config.max_num_seqs,
+                                   timeout=timeout)
+        self.where = ReplicaReport(serve.get_replica_context().replica_id.unique_id, os.getpid(),
+                                   ray.get_runtime_context().get_node_id())
+
+    async def chat(self, job: ChatJob, key: str) -> AsyncIterator[ReplicaReport | StreamEvent | Reply]:
+        """The job's items as a single-machine scheduler yields them, between two reports. ``key`` is read by
+        the router. Cancelling the call (the client went away) stops the job at its next token."""
+        stream = await self.scheduler.stream(job)
+        yield self.where
+        try:
+            async for item in stream:
+                if isinstance(item, Reply):
+                    counters = self.engine.counters()
+                    yield dataclasses.replace(self.where, engine={k: counters[k] for k in ENGINE_COUNTERS})
+                yield item
+        finally:
+            await stream.aclose()
+
+    def check_health(self) -> None:
+        if not self.scheduler._thread.is_alive():
+            raise RuntimeError("the engine's scheduler thread stopped")
+
+
+# -- the front ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _ReplicaState:
+    report: ReplicaReport
+    requests: int = 0
+    lost: bool = False  # a request failed because the replica died
+    documents: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    def to_dict(self) -> dict:
+        return {"id": self.report.replica, "pid": self.report.pid, "node": self.report.node, "lost": self.lost,
+                "requests": self.requests, "recent_documents": list(reversed(self.documents)),
+                "engine": self.report.engine}
+
+
+class ServeReplicas:
+    """The front's view of the engine replicas: what it hands to ``GlyphService`` in place of an engine (it
+    brings its own scheduler), and the replicas seen so far, for ``/health``."""
+
+    def __init__(self, handle, config: ServeConfig):
+        self.handle = handle.options(stream=True)
+        self.config = config
+        self.replicas: dict[str, _ReplicaState] = {}
+        self.counters = {"requests": 0, "retries": 0, "resumed": 0}
+
+    def make_scheduler(self, hooks: SchedulerHooks) -> ReplicaScheduler:
+        return ReplicaScheduler(self, hooks, self.config.request_timeout)
+
+    def describe(self) -> dict:
+        """Replicas running (Ray Serve's count) and, for each replica that answered, its requests, recent
+        documents and engine counters."""
+        application = serve.status().applications.get(APP_NAME)
+        deployment = application.deployments.get(ENGINE_DEPLOYMENT) if application else None
+        running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+        return {"backend": "ray", "replicas_running": running, **self.counters,
+                "replicas": [state.to_dict() for state in self.replicas.values()]}
+
+    def stats(self) -> dict:
+        return {"max_context": self.config.max_model_len}
+
+    def seen(self, report: ReplicaReport, key: str, first: bool) -> None:
+        state = self.replicas.get(report.replica)
+        if state is None:
+            state = self.replicas[report.replica] = _ReplicaState(report)
+        if first:
+            state.requests += 1
+            state.documents[key] = None
+            state.documents.move_to_end(key)
+            while len(state.documents) > RECENT_DOCUMENTS:
+                state.documents.popitem(last=False)
+        else:
+            state.report = report
+
+    def lost(self, replica: str | None) -> None:
+        if replica in self.replicas:
+            self.replicas[replica].lost = True
+
+
+class _Resume:
+    """The text already passed on per channel, and what a resent request's stream must repeat first."""
+
+    def __init__(self):
+        self.sent: dict[str, str] = {}
+        self.pending: dict[str, str] = {}
+
+    def restart(self) -> None:
+        self.pending = dict(self.sent)
+
+    def trim(self, event: StreamEvent) -> StreamEvent | None:
+        """The new part of a delta (None when all of it was sent before); raises if the stream differs. A delta
+        that is partly new keeps its logprobs (at the seam a token's may come twice)."""
+        pending = self.pending.get(event.channel, "")
+        if pending.startswith(event.text):
+            self.pending[event.channel] = pending[len(event.text):]
+            return None
+        if not event.text.startswith(pending):
+            raise RemoteBackendError("the replica died mid-answer and the answer computed again differs from the "
+                                     "part already sent")
+        self.pending[event.channel] = ""
+        fresh = dataclasses.replace(event, text=event.text[len(pending):])
+        self.sent[event.channel] = self.sent.get(event.channel, "") + fresh.text
+        return fresh
+
+
+class ReplicaScheduler:
+    """The scheduler of a front on Ray Serve, with ``Scheduler``'s surface: every job goes straight to the engine
+    replicas (they batch); Ray Serve queues what they cannot take yet (past ``--queue-size``, 429)."""
+
+    def __init__(self, replicas: ServeReplicas, hooks: SchedulerHooks, timeout: float):
+        self.replicas = replicas
+        self.hooks = hooks
+        self.timeout = timeout
+        self._waiting = 0  # sent, no token yet
+        self._running = 0  # sent, answering
+
+    @property
+    def depth(self) -> int:
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def retry_after(self) -> int:
+        return 1
+
+    def close(self) -> None:
+        pass  # the replicas belong to Ray Serve; requests in flight are cancelled with their HTTP requests
+
+    async def answer(self, job: ChatJob) -> Reply:
+        items = self._items(job)
+        try:
+            async for item in items:
+                if isinstance(item, Reply):
+                    return item
+        finally:
+            await items.aclose()
+        raise InternalError("the backend gave no answer")
+
+    async def stream(self, job: ChatJob, keepalive: float | None = None) -> AsyncIterator[StreamEvent | Reply | None]:
+        """As ``Scheduler.stream``: errors before the first item are raised here; with ``keepalive``, None every
+        that many seconds until the first item."""
+        items = self._items(job)
+        first = asyncio.ensure_future(items.__anext__())
+        try:
+            done, _ = await asyncio.wait({first}, timeout=keepalive)
+            if done:
+                first.result()  # raises what went wrong before the first item
+        except StopAsyncIteration:
+            raise InternalError("the backend gave no answer") from None
+        except BaseException:
+            await _close(first, items)
+            raise
+        return self._chain(first, items, keepalive)
+
+    @staticmethod
+    async def _chain(first: asyncio.Future, items: AsyncIterator, keepalive: float | None):
+        try:
+            while not first.done():
+                done, _ = await asyncio.wait({first}, timeout=keepalive)
+                if not done:
+                    yield None
+            yield first.result()
+            async for item in items:
+                yield item
+        except StopAsyncIteration:
+            return
+        finally:
+            await _close(first, items)
+
+    async def _items(self, job: ChatJob) -> AsyncIterator[StreamEvent | Reply]:
+        """The job's deltas and reply, sent again to another replica if its replica dies."""
+        arrived = time.monotonic()
+        key = routing_key(job)
+        settings = job.request.settings
+        deterministic = settings.temperature == 0 or settings.seed is not None
+        # The replica's own scheduler sets the request's cancel hook there.
+        job = dataclasses.replace(job, request=dataclasses.replace(job.request, cancel=None))
+        resume = _Resume()
+        self.replicas.counters["requests"] += 1
+        for attempt in range(MAX_ATTEMPTS):
+            resume.restart()
+            replica = None
+            response = self.replicas.handle.chat.remote(job, key=key)
+            self._waiting += 1
+            waiting = True
+            try:
+                while True:
+                    remaining = self.timeout - (time.monotonic() - arrived)
+                    item = await asyncio.wait_for(response.__anext__(), max(remaining, 0.001))
+                    if isinstance(item, ReplicaReport):
+                        self.replicas.seen(item, key, first=replica is None)
+                        replica = item.replica
+                        continue
+                    if waiting:
+                        waiting = False
+                        self._waiting -= 1
+                        self._running += 1
+                    if isinstance(item, StreamEvent):
+                        item = resume.trim(item)
+                        if item is None:
+                            continue
+                    else:
+                        self.hooks.reply(item, time.monotonic() - arrived)
+                    yield item
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(f"the request took longer than the {self.timeout:g} s limit "
+                                          "(--request-timeout)") from None
+            except (RayActorError, ReplicaUnavailableError) as exc:
+                self.replicas.lost(replica)
+                if attempt + 1 == MAX_ATTEMPTS or (resume.sent and not deterministic):
+                    raise RemoteBackendError(f"the engine replica died while answering ({type(exc).__name__})") \
+                        from None
+                self.replicas.counters["retries"] += 1
+                self.replicas.counters["resumed"] += bool(resume.sent)
+            except BackPressureError:
+                raise QueueFullError("the engine replicas' queue is full; retry in a moment") from None
+            except RequestCancelledError:
+                self.hooks.cancelled()
+                raise asyncio.CancelledError() from None
+            except RayTaskError as exc:  # raised by the replica's code: a user error, or a bug
+                cause = exc.cause
+                raise cause if isinstance(cause, GlyphserveError) else InternalError(
+                    f"the engine replica failed ({type(cause).__name__}); its log has the details") from None
+            finally:
+                if waiting:
+                    self._waiting -= 1
+                else:
+                    self._running -= 1
+                response.cancel()  # a no-op once it ended; else the replica stops the job
+            await asyncio.sleep(0.1 * 2**attempt)
+
+
+async def _close(pending: asyncio.Future, items) -> None:
+    """Stop a stream: its pending read first (a generator cannot be closed while a read runs), then it."""
+    if not pending.done():
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+    await items.aclose()
+
+
+@serve.ingress()
+class GlyphFront:
+    """The ingress deployment: the single-machine FastAPI app (API, UI, metrics, store) around the replicas."""
+
+    def __init__(self, config: ServeConfig, engines, model_name: str):
+        self.config, self.engines, self.model_name = config, engines, model_name
+
+    def __serve_build_asgi_app__(self):
+        from glyphserve.serve.app import create_app
+
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        return create_app(self.config, ServeReplicas(self.engines, self.config), self.model_name)
+
+
+# -- deploying ----------------------------------------------------------------------------------------------
+
+def engine_deployment(config: ServeConfig, engine_config: EngineConfig, gpus: int):
+    """The engine replicas' deployment options: resources, replica count or autoscaling, queue limits, router."""
+    per_replica = config.concurrency_per_replica
+    options = {
+        "name": ENGINE_DEPLOYMENT,
+        "ray_actor_options": {"num_gpus": gpus, "num_cpus": 1},
+        "max_ongoing_requests": per_replica,
+        "max_queued_requests": config.queue_size,
+        "request_router_config": RequestRouterConfig(request_router_class=DocumentAffinityRouter),
+        "health_check_period_s": 2,
+        "graceful_shutdown_timeout_s": 5,
+    }
+    if config.replicas == "auto":
+        options["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=config.min_replicas, initial_replicas=config.min_replicas,
+            max_replicas=config.max_replicas, target_ongoing_requests=min(per_replica, engine_config.max_num_seqs))
+    else:
+        options["num_replicas"] = config.replicas
+    return serve.deployment(EngineReplica).options(**options)
+
+
+def build_application(config: ServeConfig):
+    """The Ray Serve application (needs a connected Ray). The replicas load the model as given: on a cluster,
+    each node finds (or downloads) it."""
+    import ray
+
+    from glyphserve.cluster import cluster_gpus
+
+    engine_config = config.engine_config(config.model)
+    gpus = 1 if config.device == "cuda" or (config.device == "auto" and cluster_gpus() > 0) else 0
+    engines = engine_deployment(config, engine_config, gpus).bind(
+        engine_config, config.concurrency_per_replica, config.request_timeout)
+    here = ray.util.get_node_ip_address()
+    front = serve.deployment(GlyphFront).options(
+        name=FRONT_DEPLOYMENT, num_replicas=1, max_ongoing_requests=max(256, 4 * config.queue_size),
+        # On this node: the store (--data-dir) is here.
+        ray_actor_options={"num_cpus": 0, "resources": {f"node:{here}": 0.001}},
+    )
+    return front.bind(config, engines, config.default_model_name)
+
+
+def run(config: ServeConfig) -> int:
+    """Start (or join) Ray, deploy the application with its HTTP proxy on --host/--port, serve until
+    interrupted, then take the application down."""
+    from glyphserve.cluster import connect
+
+    most = (config.max_replicas or config.min_replicas) if config.replicas == "auto" else config.replicas
+    disconnect = connect(config.ray, min_cpus=most + 1)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly")
+        print(f"glyphserve: deploying {config.replicas} engine replica(s) on Ray Serve ...", flush=True)
+        started = time.perf_counter()
+        serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=False)
+        base = f"http://{config.host}:{config.port}"
+        ui = f"web UI {base}/  " if config.ui else ""
+        print(f"glyphserve: up in {time.perf_counter() - started:.1f} s: {ui}API {base}/v1  data {config.data_dir}",
+              flush=True)
+        stop.wait()
+    finally:
+        try:
+            serve.delete(APP_NAME)
+            serve.shutdown()
+        finally:
+            disconnect()
+    return 0
+

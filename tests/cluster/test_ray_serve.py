@@ -1,0 +1,194 @@
+"""``glyphserve serve --ray --replicas 2``: the front and two tiny-model engine replicas on a local Ray (one
+server for the module: Ray and the replicas take long to start on two cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.serve.conftest import STORY
+from tests.servers import Server
+
+pytest.importorskip("ray")
+
+pytestmark = pytest.mark.timeout(600)
+
+QUESTIONS = ["Who kept the lighthouse?", "What happened in the winter of 1887?", "What was engraved on the compass?",
+             "How many steps did he climb?"]
+MAX_TOKENS = 16
+LONG_TOKENS = 96  # stop tokens ignored: streams long enough to be cut by a replica's death
+DOCUMENTS = [f"Copy {i} of the story.\n\n{STORY}\n\nThe keeper's dog was called Rook {i}." for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    server = Server(tmp_path_factory.mktemp("ray-serve") / "data", "--ray", "--replicas", "2", "--model",
+                    str(tiny_model_dir), "--device", "cpu", "--max-num-seqs", "16")
+    try:
+        server.start(timeout=300)
+        deadline = time.monotonic() + 300
+        while _health(server)["replicas_running"] < 2:  # the front answers before the engines are up
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log()[-3000:]
+            time.sleep(1)
+        yield server
+    finally:
+        server.stop(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def documents(server):
+    """The stored documents, and each question's answer asked alone (one request at a time)."""
+    out = []
+    with server.client() as client:
+        for text in DOCUMENTS:
+            document_id = client.post("/v1/documents", json={"text": text}).json()["id"]
+            out.append({"id": document_id, "expected": [_ask(client, document_id, q) for q in QUESTIONS],
+                        "expected_long": _complete(client, document_id, stream=False)})
+    return out
+
+
+def _health(server: Server) -> dict:
+    return httpx.get(f"{server.url}/health", timeout=30).json()
+
+
+def _ask(client: httpx.Client, document_id: str, question: str) -> str:
+    response = client.post(f"/v1/documents/{document_id}/chat", json={"question": question, "max_tokens": MAX_TOKENS})
+    assert response.status_code == 200, response.text
+    return response.json()["answer"]
+
+
+def _ask_streaming(client: httpx.Client, document_id: str, question: str) -> str:
+    body = {"question": question, "max_tokens": MAX_TOKENS, "stream": True}
+    deltas, done = [], None
+    with client.stream("POST", f"/v1/documents/{document_id}/chat", json=body) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert event["type"] != "error", event
+            if event["type"] == "delta" and event["channel"] == "answer":
+                deltas.append(event["text"])
+            elif event["type"] == "done":
+                done = event
+    assert done is not None and "".join(deltas) == done["answer"]
+    return done["answer"]
+
+
+def _complete(client: httpx.Client, document_id: str, *, stream: bool) -> str:
+    """A long answer (stop tokens ignored) through the OpenAI route, about a stored document."""
+    body = {"messages": [{"role": "user", "content": QUESTIONS[0]}], "document": document_id,
+            "max_tokens": LONG_TOKENS, "ignore_eos": True, "stream": stream}
+    if not stream:
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+    parts = []
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                parts += [c["delta"].get("content") or "" for c in chunk["choices"]]
+    return "".join(parts)
+
+
+def _owners(server: Server) -> dict[str, set[str]]:
+    """Document id -> the replicas that answered questions about it (from /health)."""
+    owners: dict[str, set[str]] = {}
+    for replica in _health(server)["replicas"]:
+        for document_id in replica["recent_documents"]:
+            owners.setdefault(document_id, set()).add(replica["id"])
+    return owners
+
+
+def test_sixteen_concurrent_chats_equal_answers_alone_each_document_on_one_replica(server, documents):
+    chats = [(documents[i % 4], QUESTIONS[i // 4], i % 2 == 0) for i in range(16)]  # half of them streamed
+
+    def chat(job):
+        document, question, stream = job
+        with server.client() as client:
+            return (_ask_streaming if stream else _ask)(client, document["id"], question)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(chat, chats))
+    assert answers == [d["expected"][QUESTIONS.index(q)] for d, q, _ in chats]
+
+    owners = _owners(server)
+    assert all(len(owners[d["id"]]) == 1 for d in documents), owners  # each document's questions on one replica
+    assert len(set.union(*owners.values())) == 2  # and the documents spread over both
+    health = _health(server)
+    assert health["backend"] == "ray" and health["retries"] == 0
+    assert all(r["engine"]["requests"] > 0 for r in health["replicas"])
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    assert 'glyphserve_http_requests_total{' in metrics and "route=\"/v1/documents/{document_id}/chat\"" in metrics
+    assert httpx.get(f"{server.url}/", timeout=30).status_code == 200  # the web UI
+
+
+def test_a_client_that_goes_away_stops_its_answer(server, documents):
+    document = documents[1]
+
+    def engine_counters() -> dict:
+        with server.client() as client:  # a short question reports its replica's counters
+            _ask(client, document["id"], QUESTIONS[1])
+        [replica] = [r for r in _health(server)["replicas"] if document["id"] in r["recent_documents"]]
+        return replica["engine"]
+
+    body = {"messages": [{"role": "user", "content": QUESTIONS[0]}], "document": document["id"],
+            "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with server.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        next(line for line in r.iter_lines() if line.startswith("data: ") and '"content": "' in line)
+    time.sleep(2)  # the replica sees the cancellation and ends the answer at its next token
+    before = engine_counters()
+    time.sleep(2)
+    after = engine_counters()
+    # Over those two seconds the replica decoded the one short question only: a 3,000-token answer still
+    # running would have added a decode step every few milliseconds.
+    assert after["decode_steps"] - before["decode_steps"] <= MAX_TOKENS, (before, after)
+
+
+def test_killing_a_replica_mid_load_loses_no_request(server, documents):
+    watched = documents[0]
+    [victim] = [r for r in _health(server)["replicas"] if watched["id"] in r["recent_documents"]]
+    jobs = [(d, i % 2 == 0) for i in range(3) for d in documents]  # 12 long answers, half streamed
+
+    def ask(job):
+        document, stream = job
+        with server.client() as client:
+            return _complete(client, document["id"], stream=stream)
+
+    body = {"messages": [{"role": "user", "content": QUESTIONS[0]}], "document": watched["id"],
+            "max_tokens": LONG_TOKENS, "ignore_eos": True, "stream": True}
+    parts: list[str] = []
+    killed = False
+    with ThreadPoolExecutor(12) as pool, server.client() as client:
+        futures = []
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                parts += [c["delta"].get("content") or "" for c in chunk["choices"]]
+                if "".join(parts) and not futures:
+                    futures = [pool.submit(ask, job) for job in jobs]
+                elif len(parts) > 8 and not killed:
+                    os.kill(victim["pid"], signal.SIGKILL)  # under load, while this answer streams from it
+                    killed = True
+        answers = [f.result() for f in futures]
+    assert killed
+    assert "".join(parts) == watched["expected_long"]  # finished by the other replica, nothing repeated or lost
+    wrong = [(i, stream) for i, ((d, stream), a) in enumerate(zip(jobs, answers)) if a != d["expected_long"]]
+    assert not wrong, wrong
+    health = _health(server)
+    state = next(r for r in health["replicas"] if r["id"] == victim["id"])
+    assert state["lost"] and health["retries"] >= 1 and health["resumed"] >= 1
