@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from glyphserve.errors import ConfigError
-
-INSTALL_HINT = "Ray is not installed: pip install 'glyphserve[cluster]'"
+from glyphserve.errors import ConfigError, MissingExtraError
 
 
 def require_ray():
@@ -20,7 +18,7 @@ def require_ray():
     try:
         import ray
     except ImportError:
-        raise ConfigError(INSTALL_HINT) from None
+        raise MissingExtraError("Ray is not installed (the cluster extra): pip install 'glyphserve[cluster]'") from None
     return ray
 
 

@@ -7,9 +7,10 @@ request at a time, then all sessions at once. Every answer is exactly ``--new-to
 both phases do the same work. Reports answers per minute and p50/p95 latency of each phase; with
 ``--repeats N`` the concurrent phase runs N times (new conversations) and the median round is reported.
 
-``--scale-gpus 0,1`` measures scale-out in one run: the same load on one GPU (an engine in the server's
-process, on the first listed GPU), then on all listed GPUs behind the router (``serve --gpus``), and reports
-the ratio of their concurrent throughputs (target ``TARGET_SCALING`` x the number of GPUs / 2).
+``--ray --replicas N`` serves through Ray Serve (``serve --ray``: a local Ray, N engine replicas, one GPU
+each). ``--scale-replicas N`` measures scale-out in one run: the same load on one GPU (an engine in the
+server's process, on GPU 0), then on N Ray Serve replicas, and reports the ratio of their concurrent
+throughputs (target ``TARGET_SCALING`` x N / 2).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TARGET_SPEEDUP = 25.0  # 64 sessions over 16 W50 documents against one at a time (issue 13)
-TARGET_SCALING = 1.8  # two GPUs behind the router against one
+TARGET_SCALING = 1.8  # two engine replicas against one engine
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,8 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--max-num-seqs", "--max-batch", dest="max_num_seqs", type=int, default=256,
                    help="the server's --max-num-seqs (default: its default, 256)")
-    p.add_argument("--gpus", help="serve through one engine process per listed GPU (e.g. 0,1) behind the router")
-    p.add_argument("--scale-gpus", metavar="0,1,...", help="one GPU, then these GPUs behind the router, in one run")
+    p.add_argument("--ray", action="store_true", help="serve through Ray Serve (serve --ray: a local Ray instance)")
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas with --ray (one GPU each; default 1)")
+    p.add_argument("--scale-replicas", type=int, metavar="N",
+                   help="one engine in the server's process, then N Ray Serve replicas, in one run")
     p.add_argument("--no-sequential", action="store_true", help="skip the one-request-at-a-time phase")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of the concurrent phase; the round of median throughput is reported (default 1)")
@@ -78,7 +81,7 @@ class Phase:
 class Server:
     """``glyphserve serve`` in a child process on a free loopback port; its output goes to ``log``."""
 
-    def __init__(self, args: argparse.Namespace, data_dir: Path, log: Path, gpus: str | None,
+    def __init__(self, args: argparse.Namespace, data_dir: Path, log: Path, replicas: int | None,
                  visible: str | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -88,8 +91,8 @@ class Server:
         command = [sys.executable, "-m", "glyphserve.cli", "serve", "--no-ui", "--port", str(self.port),
                    "--data-dir", str(data_dir), "--max-num-seqs", str(args.max_num_seqs), "--device", args.device,
                    "--dtype", args.dtype, "--queue-size", str(max(64, 2 * args.sessions)), *model]
-        if gpus:
-            command += ["--gpus", gpus]
+        if replicas:
+            command += ["--ray", "--replicas", str(replicas)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = visible
@@ -118,7 +121,7 @@ class Server:
     def stop(self) -> None:
         self.process.terminate()
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=60)  # a Ray front takes its application and Ray down first
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -138,21 +141,19 @@ def run(args: argparse.Namespace) -> int:
         "transformers": transformers.__version__,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.scale_gpus:
-        gpus = args.scale_gpus.split(",")
-        one = measure(args, gpus=None, visible=gpus[0])
-        many = measure(args, gpus=args.scale_gpus)
+    if args.scale_replicas:
+        one = measure(args, replicas=None, visible="0")
+        many = measure(args, replicas=args.scale_replicas)
         device = torch.cuda.get_device_name(0) if cuda else "cpu"  # asked once the servers are gone
-        result = {**meta, "device": device, "gpus": gpus, "one_gpu": one, "routed": many,
+        result = {**meta, "device": device, "replicas": args.scale_replicas, "one_engine": one, "ray": many,
                   "scaling": many["concurrent"]["answers_per_min"] / one["concurrent"]["answers_per_min"]}
-        stem = args.out / f"serve-{card_slug(device)}-scale{len(gpus)}"
+        stem = args.out / f"serve-{card_slug(device)}-ray{args.scale_replicas}-scale"
         markdown = scale_markdown(result)
     else:
-        measured = measure(args, gpus=args.gpus)
+        measured = measure(args, replicas=args.replicas if args.ray else None)
         device = torch.cuda.get_device_name(0) if cuda else "cpu"
         result = {**meta, "device": device, **measured}
-        gpus_suffix = f"-{len(args.gpus.split(','))}gpu" if args.gpus else ""
-        stem = args.out / f"serve-{card_slug(device)}{gpus_suffix}"
+        stem = args.out / (f"serve-{card_slug(device)}" + (f"-ray{args.replicas}" if args.ray else ""))
         markdown = to_markdown(result)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
@@ -160,15 +161,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure(args: argparse.Namespace, gpus: str | None, visible: str | None = None) -> dict:
-    """Start a server (``gpus``: behind the router; ``visible``: the CUDA devices it sees), load it, stop it."""
+def measure(args: argparse.Namespace, replicas: int | None, visible: str | None = None) -> dict:
+    """Start a server (``replicas``: on Ray Serve with that many engine replicas; ``visible``: the CUDA devices it
+    sees), load it, stop it."""
     import httpx
 
     from glyphserve.bench.engine import workload_chars
     from glyphserve.bench.workloads import make_workload_text
 
     with tempfile.TemporaryDirectory(prefix="glyphserve-bench-serve-") as tmp:
-        server = Server(args, Path(tmp) / "data", Path(tmp) / "server.log", gpus, visible)
+        server = Server(args, Path(tmp) / "data", Path(tmp) / "server.log", replicas, visible)
         timeout = httpx.Timeout(600.0)
         limits = httpx.Limits(max_connections=args.sessions + 4)
         try:
@@ -179,11 +181,12 @@ def measure(args: argparse.Namespace, gpus: str | None, visible: str | None = No
                 print(f"server up in {startup_s:.1f} s: {json.dumps(health)}", flush=True)
                 if not health.get("model"):
                     raise RuntimeError("the server reports no model")
-                while not all(r["healthy"] for r in health.get("replicas", [])):
+                while health.get("replicas_running", replicas or 0) < (replicas or 0):  # Ray: the engines start last
                     if time.perf_counter() - started > args.startup_timeout:
-                        raise RuntimeError(f"replicas not healthy: {health['replicas']}")
+                        raise RuntimeError(f"{health['replicas_running']} of {replicas} replicas running")
                     time.sleep(1)
                     health = client.get(f"{server.base}/health").json()
+                startup_s = time.perf_counter() - started
                 doc_ids = []
                 for i in range(args.documents):
                     text = make_workload_text(workload_chars(args.workload), seed=100 + i)
@@ -259,7 +262,7 @@ def measure(args: argparse.Namespace, gpus: str | None, visible: str | None = No
                 by_rate = sorted(rounds, key=lambda round_: round_[0].summary()["answers_per_min"])
                 concurrent, engines = by_rate[(len(by_rate) - 1) // 2]
                 metrics = client.get(f"{server.base}/metrics").text
-                replicas = client.get(f"{server.base}/health").json().get("replicas")
+                replica_states = client.get(f"{server.base}/health").json().get("replicas")
         except Exception:
             print(server.tail(), file=sys.stderr)
             raise
@@ -280,8 +283,8 @@ def measure(args: argparse.Namespace, gpus: str | None, visible: str | None = No
         "sequential": sequential.summary() if sequential else None,
         "concurrent": concurrent.summary(),
         "concurrent_rounds_answers_per_min": [phase.summary()["answers_per_min"] for phase, _ in rounds],
-        "gpus": gpus,
-        "replicas": replicas,
+        "ray_replicas": replicas,
+        "replicas": replica_states,
         "engines": engines,
         "metrics_excerpt": [line for line in metrics.splitlines() if line.startswith(("glyphserve_", "vllm:")) and
                             ("cache" in line or "batch" in line or "joined" in line)][:24],
@@ -292,12 +295,12 @@ def measure(args: argparse.Namespace, gpus: str | None, visible: str | None = No
 
 
 def engine_counters(client, base: str) -> dict[str, dict]:
-    """The engine counters (``/health``) of the server at ``base``, or of each replica behind it."""
+    """The engine counters (``/health``) of the server at ``base``, or of each Ray Serve replica behind it (as of
+    its last answer)."""
     health = client.get(f"{base}/health").json()
-    if not health.get("replicas"):
+    if health.get("backend") != "ray":
         return {base: health.get("engine") or {}}
-    bases = [r["url"].removesuffix("/v1/chat/completions") for r in health["replicas"]]
-    return {b: client.get(f"{b}/health").json().get("engine") or {} for b in bases}
+    return {f"replica {r['id']}": r["engine"] for r in health["replicas"]}
 
 
 def engine_activity(before: dict[str, dict], after: dict[str, dict], wall_s: float) -> list[dict]:
@@ -375,40 +378,41 @@ def to_markdown(r: dict) -> str:
 
 
 def scale_markdown(r: dict) -> str:
-    one, many = r["one_gpu"], r["routed"]
-    n = len(r["gpus"])
+    one, many = r["one_engine"], r["ray"]
+    n = r["replicas"]
     target = TARGET_SCALING * n / 2
     met = "met" if r["scaling"] >= target else "missed"
     lines = [
-        f"# Scale-out: {n} x {r['device']} behind the router against one",
+        f"# Scale-out: {n} Ray Serve replicas against one engine, {r['device']}",
         "",
-        f"`glyphserve bench serve --scale-gpus {','.join(r['gpus'])}`, {r['date']}: torch {r['torch']}, "
-        f"transformers {r['transformers']}; {one['server'].get('model')}, `--max-num-seqs {one['max_num_seqs']}`; both "
-        "rows in one run. One GPU: the engine in the server's process. Routed: the front plus one engine process "
-        "per GPU (`serve --gpus`), pages sent to the replicas as PNG data URLs.",
+        f"`glyphserve bench serve --scale-replicas {n}`, {r['date']}: torch {r['torch']}, "
+        f"transformers {r['transformers']}; {one['server'].get('model')}, `--max-num-seqs {one['max_num_seqs']}`; "
+        "both rows in one run. One engine: in the server's process, on GPU 0. Ray Serve: `serve --ray --replicas "
+        f"{n}` (a local Ray; the front sends each question with its stored page files to the replica that holds "
+        "its document).",
         _load_description(one),
         "",
         *PHASE_HEADER,
     ]
-    routed = f"{n} GPUs behind the router" if n > 1 else "1 GPU behind the router"
-    for name, m in ((f"one GPU ({r['gpus'][0]})", one), (routed, many)):
+    served = f"{n} Ray Serve replicas" if n > 1 else "1 Ray Serve replica"
+    for name, m in (("one engine", one), (served, many)):
         if m["sequential"]:
             lines.append(_phase_row(f"{name}, one at a time", m["sequential"]))
         lines.append(_phase_row(f"{name}, {m['sessions']} sessions at once", m["concurrent"]))
-    rounds = _rounds_line("One GPU", one) + _rounds_line(routed, many)
+    rounds = _rounds_line("One engine", one) + _rounds_line(served, many)
     if rounds:
         lines += ["", *rounds]
     if n == 1:
-        lines += ["", f"One GPU behind the router: {r['scaling']:.2f}x the in-process server (what the front, HTTP and "
-                  "data URLs cost).", ""]
+        lines += ["", f"One Ray Serve replica: {r['scaling']:.2f}x the in-process server (what Ray Serve, the front "
+                  "and the page transfers cost).", ""]
     else:
-        lines += ["", f"Scaling: {r['scaling']:.2f}x one GPU (target >= {target:.1f}x: {met}).", ""]
+        lines += ["", f"Scaling: {r['scaling']:.2f}x one engine (target >= {target:.1f}x: {met}).", ""]
     if many.get("replicas"):
-        lines += ["| replica | requests | of them spilled in (owner full) | failures |", "|---|---:|---:|---:|"]
+        lines += ["| replica | requests | documents (recent) | lost |", "|---|---:|---:|---|"]
         for replica in many["replicas"]:
-            lines.append(f"| {replica['url']} | {replica.get('requests', 0)} | {replica.get('spilled_in', 0)} | "
-                         f"{replica.get('failures', 0)} |")
+            lines.append(f"| {replica['id']} | {replica['requests']} | {len(replica['recent_documents'])} | "
+                         f"{'yes' if replica['lost'] else 'no'} |")
         lines.append("")
-    lines += ["Engines during the concurrent phases (one GPU, then the replicas):", "",
+    lines += ["Engines during the concurrent phases (one engine, then the replicas):", "",
               *_engines_table((one.get("engines") or []) + (many.get("engines") or []))]
     return "\n".join(lines)

@@ -5,26 +5,24 @@
 against ``vllm serve zai-org/Glyph``, SGLang or another glyphserve instead of a local model.
 Pages travel as PNG data URLs, encoded once per set of page keys; answers stream over SSE.
 Requests that fail before any token arrived (connection errors, 429 and 5xx replies) are
-retried with exponential backoff, on the least busy endpoint that has not just failed.
-With a ``router`` (``glyphserve.serve.routing.Router``) the endpoint is chosen by document
-instead, and with ``resume_greedy`` a greedy answer cut off mid-stream is finished by another
-endpoint, the part already passed on dropped from its stream.
+retried with exponential backoff, on the least busy endpoint that has not just failed (one that
+could not be reached is passed over for ``down_s``); with
+``resume_greedy`` a greedy answer cut off mid-stream is finished by another endpoint, the part
+already passed on dropped from its stream.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import random
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import httpx
 
@@ -78,17 +76,8 @@ class RemoteConfig:
     # Finish a greedy (temperature 0) answer whose stream broke on another endpoint: greedy
     # decoding of the same model repeats the part already sent, which is checked and dropped.
     resume_greedy: bool = False
-
-
-class EndpointRouter(Protocol):
-    """Chooses endpoints by request key (see ``glyphserve.serve.routing.Router``)."""
-
-    def choose(self, key: str, in_flight: Mapping[str, int], exclude: Collection[str] = ()) -> str:
-        """The chat-completions URL for a request about ``key``, given each URL's requests in flight and
-        the URLs that just failed it."""
-
-    def mark_down(self, url: str, reason: str) -> None:
-        """``url`` could not be reached: take it out until it is healthy again."""
+    # An endpoint that could not be reached is passed over for this long (unless all are), then tried again.
+    down_s: float = 5.0
 
 
 @dataclass
@@ -98,6 +87,7 @@ class _Endpoint:
     in_flight: int = 0
     requests: int = 0
     failures: int = 0
+    down_until: float = 0.0  # time.monotonic() before which it is passed over
 
     @property
     def base(self) -> str:
@@ -144,11 +134,12 @@ def page_data_url(page: Page) -> str:
 class RemoteEngine:
     """Client for one or more OpenAI-compatible chat-completions servers."""
 
-    def __init__(self, config: RemoteConfig, router: EndpointRouter | None = None):
+    kind = "openai"  # what serve calls this backend
+
+    def __init__(self, config: RemoteConfig):
         if not config.endpoints:
             raise GlyphserveError("the openai backend needs at least one --endpoint URL")
         self.config = config
-        self.router = router
         self._endpoints = [_Endpoint(chat_completions_url(e), config.model) for e in config.endpoints]
         timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
         limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
@@ -164,9 +155,9 @@ class RemoteEngine:
         self._image_misses = 0
 
     @classmethod
-    def load(cls, config: RemoteConfig, router: EndpointRouter | None = None) -> RemoteEngine:
+    def load(cls, config: RemoteConfig) -> RemoteEngine:
         """Connect, learn each server's model name, and fail early if no endpoint answers."""
-        engine = cls(config, router)
+        engine = cls(config)
         errors = []
         for endpoint in engine._endpoints:
             try:
@@ -212,9 +203,8 @@ class RemoteEngine:
         finish_reason, stop_reason = "stop", None
         logprobs: list[TokenLogprob] | None = [] if request.settings.logprobs is not None else None
         first_token_at = None
-        key = _routing_key(request, pages.urls) if self.router is not None else None
         parts_json = pages.parts_json if not request.page_labels else pages.labelled(request.page_labels)
-        for chunk in self._chunks(payload, parts_json, key):
+        for chunk in self._chunks(payload, parts_json):
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
@@ -324,14 +314,14 @@ class RemoteEngine:
         body = json.dumps({"model": model, **payload})
         return (body.replace(_PAGES_JSON, parts_json, 1) if parts_json else body).encode()
 
-    def _chunks(self, payload: dict, parts_json: str, key: str | None) -> Iterator[dict]:
+    def _chunks(self, payload: dict, parts_json: str) -> Iterator[dict]:
         """The parsed SSE chunks of one completion, retrying while no token has arrived (or, for
         greedy answers with ``resume_greedy``, after tokens arrived too)."""
         failed: set[int] = set()
         attempt = 0
         resume = _Resume() if self.config.resume_greedy and payload["temperature"] == 0 else None
         while True:
-            endpoint = self._acquire(failed, key)
+            endpoint = self._acquire(failed)
             got_token = False
             retry_after = None
             if resume is not None:
@@ -363,9 +353,7 @@ class RemoteEngine:
                             raise httpx.RemoteProtocolError("the stream ended before the answer was complete")
                         return
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                self._failed(endpoint)
-                if self.router is not None:
-                    self.router.mark_down(endpoint.url, f"{type(exc).__name__}: {exc}")
+                self._failed(endpoint, down=True)
                 if got_token and resume is None:
                     raise RemoteBackendError(f"{endpoint.url}: the connection broke mid-answer ({exc})") from None
                 if got_token:
@@ -393,24 +381,23 @@ class RemoteEngine:
             delay = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** (attempt - 1))
             time.sleep(retry_after if retry_after is not None else delay * random.uniform(0.5, 1.0))
 
-    def _acquire(self, failed: set[int], key: str | None) -> _Endpoint:
+    def _acquire(self, failed: set[int]) -> _Endpoint:
         with self._lock:
-            if self.router is not None:
-                by_url = {e.url: e for e in self._endpoints}
-                in_flight = {e.url: e.in_flight for e in self._endpoints}
-                endpoint = by_url[self.router.choose(key, in_flight, {e.url for e in self._endpoints if id(e) in failed})]
-            else:
-                candidates = [e for e in self._endpoints if id(e) not in failed] or self._endpoints
-                endpoint = min(candidates, key=lambda e: (e.in_flight, e.requests))
+            now = time.monotonic()
+            untried = [e for e in self._endpoints if id(e) not in failed] or self._endpoints
+            candidates = [e for e in untried if e.down_until <= now] or untried
+            endpoint = min(candidates, key=lambda e: (e.in_flight, e.requests))
             endpoint.in_flight += 1
             endpoint.requests += 1
             self._counters["requests"] += 1
             return endpoint
 
-    def _failed(self, endpoint: _Endpoint) -> None:
+    def _failed(self, endpoint: _Endpoint, down: bool = False) -> None:
         with self._lock:
             endpoint.failures += 1
             self._counters["failures"] += 1
+            if down:
+                endpoint.down_until = time.monotonic() + self.config.down_s
 
     def _model_for(self, endpoint: _Endpoint, probe: bool = False) -> str:
         """The model name to send, asked from /v1/models the first time (connection errors propagate)."""
@@ -502,17 +489,6 @@ class _Resume:
                 self.pending[name] = ""
                 delta[name] = text[len(pending):]
                 self.sent[name] = self.sent.get(name, "") + delta[name]
-
-
-def _routing_key(request: AnswerRequest, urls: list[str]) -> str:
-    """What a router keeps together: the document (its key, else its pages), else the conversation's start."""
-    key = request.pages_key()
-    if key is not None:
-        return key
-    digest = hashlib.blake2b(digest_size=16)
-    for part in urls or [(request.history[0].content if request.history else request.question)]:
-        digest.update(part.encode())
-    return digest.hexdigest()
 
 
 def _vision_tokens(pages: list[Page]) -> int:

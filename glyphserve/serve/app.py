@@ -29,6 +29,7 @@ from glyphserve.serve.weights import resolve_model
 
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
+    from glyphserve.engine.remote import RemoteEngine
 
 log = logging.getLogger("glyphserve.serve")
 
@@ -204,13 +205,18 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: 
     return app
 
 
-def load_engine(config: ServeConfig) -> tuple["Engine | None", str | None]:
+def load_engine(config: ServeConfig) -> tuple["Engine | RemoteEngine | None", str | None]:
     """Load the model named by MODEL / ``--random-weights`` (None, None without one), or connect to the
-    replicas (``--backend openai``, ``--gpus``); the name is the one served by default."""
-    if config.routed:
-        from glyphserve.serve.routing import load_routed
+    ``--endpoint`` servers (``--backend openai``); the name is the one served by default."""
+    if config.remote:
+        from glyphserve.engine.remote import RemoteConfig, RemoteEngine
 
-        return load_routed(config)
+        per_server = config.concurrency_per_replica
+        remote = RemoteEngine.load(RemoteConfig(
+            config.endpoints, model=config.remote_model, api_key=config.remote_api_key, resume_greedy=True,
+            max_concurrency=len(config.endpoints) * per_server))
+        models = [e["model"] for e in remote.stats()["endpoints"] if e["model"]]
+        return remote, models[0] if models else "glyph"
     if not config.has_model:
         return None, None
     # Before torch is imported: a model that is neither here nor downloadable fails at once.
@@ -251,10 +257,7 @@ def run(config: ServeConfig) -> int:
     prepare_data_dir(config.data_dir)  # before the model loads: an unwritable folder is one line, at once
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if config.ray is not None:
-        from glyphserve.cluster import require_ray
-
-        require_ray()
-        from glyphserve.serve import ray_serve
+        from glyphserve.serve import ray_serve  # needs the cluster extra (ray)
 
         return ray_serve.run(config)
     sock = listen_socket(config.host, config.port)

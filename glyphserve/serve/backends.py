@@ -87,7 +87,7 @@ class EngineBackend:
 
     def __init__(self, engine: "Engine"):
         self.engine = engine
-        self.name = "openai" if getattr(engine, "router", None) is not None else "engine"
+        self.name = getattr(engine, "kind", "engine")  # RemoteEngine: "openai"
 
     @property
     def admits(self) -> bool:

@@ -15,6 +15,7 @@ EXTRA_MODULES = {
     "serve": {"fastapi", "starlette", "uvicorn", "gradio", "prometheus_client", "multipart", "python_multipart",
               "httpx", "pydantic", "Stemmer", "swagger_ui_bundle"},
     "engine": {"torch", "transformers", "tokenizers", "safetensors", "jinja2", "huggingface_hub"},
+    "cluster": {"ray"},
 }
 
 
@@ -90,23 +91,19 @@ def register(subparsers) -> None:
     serve.add_argument("--allowed-origins", type=_list, default=[], metavar="ORIGIN,...",
                        help="web origins (https://app.example) whose pages may call the API (CORS) and post to "
                             "the server ('*': any; default: none but the server's own)")
-    scale = serve.add_argument_group("scale-out", "answer on other engines: this server ingests, renders, stores "
-                                     "and routes each document's questions to one replica")
-    scale.add_argument("--backend", choices=("local", "openai"), default="local",
-                       help="local: the model in this process; openai: the --endpoint servers")
-    scale.add_argument("--endpoint", action="append", default=[], metavar="URL",
-                       help="OpenAI-compatible replica (vLLM, SGLang, glyphserve serve); repeat for more")
-    scale.add_argument("--remote-model", metavar="NAME", help="model name sent to the replicas (default: /v1/models)")
-    scale.add_argument("--remote-api-key", default=os.environ.get("OPENAI_API_KEY"), metavar="KEY",
-                       help="bearer token for the replicas (default: $OPENAI_API_KEY)")
-    scale.add_argument("--gpus", type=_gpu_list, default=[], metavar="0,1,...",
-                       help="start one engine process per local GPU (with --model) and route over them")
-    scale.add_argument("--replica-concurrency", type=int, default=None, metavar="N",
-                       help="requests in flight per replica; with N in flight a document's questions go to the next "
-                            "replica on its ring with fewer; the front's queue follows healthy replicas x N "
-                            "(default: twice --max-num-seqs with --gpus, else 16)")
-    scale.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
-                       help="seconds between health checks of the replicas (default 2)")
+    remote = serve.add_argument_group("remote servers", "answer on existing OpenAI-compatible servers: this server "
+                                      "ingests, renders and stores, and sends each question to the least busy one")
+    remote.add_argument("--backend", choices=("local", "openai"), default="local",
+                        help="local: the model in this process (or on --ray replicas); openai: the --endpoint servers")
+    remote.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                        help="OpenAI-compatible server (vLLM, SGLang, glyphserve serve); repeat for more")
+    remote.add_argument("--remote-model", metavar="NAME", help="model name sent to the servers (default: /v1/models)")
+    remote.add_argument("--remote-api-key", default=os.environ.get("OPENAI_API_KEY"), metavar="KEY",
+                        help="bearer token for the servers (default: $OPENAI_API_KEY)")
+    remote.add_argument("--replica-concurrency", type=int, default=None, metavar="N",
+                        help="requests in flight per --endpoint server (the front runs servers x N at once) or per "
+                             "--ray engine replica (past it, a document's questions spill to its next replica); "
+                             "default: twice --max-num-seqs with --ray, else 16")
     cluster = serve.add_argument_group("cluster", "engine replicas on Ray Serve (pip install 'glyphserve[cluster]')")
     cluster.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                          help="serve through Ray Serve: 'local' (the default) starts Ray here, an address (auto, "
@@ -137,13 +134,6 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def _gpu_list(value: str) -> list[str]:
-    gpus = [g.strip() for g in value.split(",") if g.strip()]
-    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
-        raise argparse.ArgumentTypeError(f"expected distinct GPU indices like 0,1 (got {value!r})")
-    return gpus
 
 
 def _model(args: argparse.Namespace) -> str | None:
@@ -199,9 +189,8 @@ def _run_server(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout, sse_keepalive=args.sse_keepalive,
         ui=not args.no_ui,
         backend=args.backend, endpoints=args.endpoint, remote_model=args.remote_model,
-        remote_api_key=args.remote_api_key or None, gpus=args.gpus, replica_concurrency=args.replica_concurrency,
-        health_interval=args.health_interval, ray=args.ray, replicas=args.replicas, min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas,
+        remote_api_key=args.remote_api_key or None, replica_concurrency=args.replica_concurrency,
+        ray=args.ray, replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
     )
     return run(config)
 

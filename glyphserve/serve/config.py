@@ -78,14 +78,14 @@ class ServeConfig:
     request_timeout: float = 300.0
     sse_keepalive: float = 10.0  # seconds between keep-alive comments while a stream waits for its first token
     ui: bool = True
-    # Scale-out (glyphserve.serve.routing): answers come from OpenAI-compatible replicas.
+    # Answers from existing OpenAI-compatible servers (vLLM, SGLang, another glyphserve): glyphserve.engine.remote.
     backend: str = "local"  # "local" | "openai"
     endpoints: list[str] = field(default_factory=list)
     remote_model: str | None = None
     remote_api_key: str | None = None
-    gpus: list[str] = field(default_factory=list)  # one local replica per GPU index
-    replica_concurrency: int | None = None  # None: twice --max-num-seqs with --gpus, else 16
-    health_interval: float = 2.0
+    # Requests in flight per engine replica (Ray Serve) or --endpoint server; None: twice --max-num-seqs with
+    # --ray, else 16.
+    replica_concurrency: int | None = None
     # Ray Serve (glyphserve.serve.ray_serve): engine replicas as a deployment on a Ray cluster.
     ray: str | None = None  # "local" starts Ray here; else the address of a cluster to join
     replicas: int | str = 1  # or "auto": autoscaled on requests in flight within min/max
@@ -106,15 +106,16 @@ class ServeConfig:
         return model_id_name(self.model) if self.model else f"random-{self.random_weights}"
 
     @property
-    def routed(self) -> bool:
-        return self.backend == "openai" or bool(self.gpus)
+    def remote(self) -> bool:
+        """Answers come from --endpoint servers."""
+        return self.backend == "openai"
 
     @property
     def concurrency_per_replica(self) -> int:
-        """Requests in flight per replica: for a local replica, one batch decoding and one waiting to join it
-        (measured faster than holding the queue here: requests that trickle in one by one make a replica
-        stall its batch for one prefill each, where a waiting batch joins in one pass)."""
-        return self.replica_concurrency or (2 * self.max_num_seqs if self.gpus or self.ray else 16)
+        """Requests in flight per replica: for an engine replica, one batch decoding and one waiting to join it
+        (measured faster on two GPUs than holding the queue at the front: requests that trickle in one by one make
+        a replica stall its batch for one prefill each, where a waiting batch joins in one pass)."""
+        return self.replica_concurrency or (2 * self.max_num_seqs if self.ray else 16)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -165,25 +166,22 @@ class ServeConfig:
             ("--request-timeout", self.request_timeout),
             ("--sse-keepalive", self.sse_keepalive),
             ("--replica-concurrency", 1 if self.replica_concurrency is None else self.replica_concurrency),
-            ("--health-interval", self.health_interval),
         ):
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.endpoints and self.backend != "openai":
             raise ConfigError("--endpoint needs --backend openai")
-        if self.backend == "openai" and not (self.endpoints or self.gpus):
-            raise ConfigError("--backend openai needs at least one --endpoint URL (or --gpus to start local replicas)")
-        if self.backend == "openai" and self.has_model and not self.gpus:
-            raise ConfigError("--model/--random-weights are for --backend local or --gpus; the servers choose their model")
-        if self.gpus and not self.has_model:
-            raise ConfigError("--gpus starts one engine per GPU: give --model PATH_OR_ID or --random-weights")
+        if self.remote and not self.endpoints:
+            raise ConfigError("--backend openai needs at least one --endpoint URL")
+        if self.remote and self.has_model:
+            raise ConfigError("--model/--random-weights are for --backend local; the servers choose their model")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.served_model_name and not all(name.strip() for name in self.served_model_name):
             raise ConfigError("--served-model-name needs non-empty names")
         if self.ray is not None:
-            if self.routed:
-                raise ConfigError("--ray deploys its own engine replicas: it does not go with --backend openai/--gpus")
+            if self.remote:
+                raise ConfigError("--ray deploys its own engine replicas: it does not go with --backend openai")
             if not self.has_model:
                 raise ConfigError("--ray deploys engine replicas: give --model PATH_OR_ID or --random-weights")
             if not (self.replicas == "auto" or (isinstance(self.replicas, int) and self.replicas >= 1)):

@@ -35,6 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -43,7 +44,8 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, Req
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from glyphserve.engine.types import EncodedPage, EngineConfig, StreamEvent
-from glyphserve.errors import GlyphserveError, QueueFullError, RemoteBackendError
+from glyphserve.errors import ConfigError, GlyphserveError, QueueFullError, RemoteBackendError
+from glyphserve.serve.app import ENGINE_SWITCH_INTERVAL_S, create_app
 from glyphserve.serve.backends import ChatJob, EngineBackend, Reply
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import InternalError, RequestTimeoutError
@@ -53,7 +55,6 @@ from glyphserve.serve.service import ENGINE_COUNTERS
 APP_NAME = "glyphserve"
 ENGINE_DEPLOYMENT = "GlyphEngine"
 FRONT_DEPLOYMENT = "GlyphFront"
-ENGINE_SWITCH_INTERVAL_S = 0.0005  # GIL hand-over beside an engine (as in a single-machine server)
 MAX_ATTEMPTS = 3  # sends of one request: the first, and retries after its replica died
 RECENT_DOCUMENTS = 32  # document keys listed per replica in /health
 
@@ -378,8 +379,6 @@ class GlyphFront:
         self.config, self.engines, self.model_name = config, engines, model_name
 
     def __serve_build_asgi_app__(self):
-        from glyphserve.serve.app import create_app
-
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         return create_app(self.config, ServeReplicas(self.engines, self.config), self.model_name)
 
@@ -425,6 +424,26 @@ def build_application(config: ServeConfig):
         ray_actor_options={"num_cpus": 0, "resources": {f"node:{here}": 0.001}},
     )
     return front.bind(config, engines, config.default_model_name)
+
+
+def config_from_args(args: dict) -> ServeConfig:
+    """A server's settings from a RayService's application ``args``: ServeConfig's fields by name (``data_dir``,
+    ``model``, ``replicas``, ...). The HTTP proxy listens beyond the pod, so an API key is required: ``api_key``,
+    or $GLYPHSERVE_API_KEY (a secret in the pod's environment)."""
+    known = {f.name for f in dataclasses.fields(ServeConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"unknown glyphserve settings: {', '.join(unknown)}")
+    settings = {"ray": "auto", "host": "0.0.0.0", "api_key": os.environ.get("GLYPHSERVE_API_KEY"), **args}
+    settings["data_dir"] = Path(settings.get("data_dir") or "data")
+    config = ServeConfig(**settings)
+    config.validate()
+    return config
+
+
+def build(args: dict):
+    """Ray Serve application builder (``import_path: glyphserve.serve.ray_serve:build`` in a RayService)."""
+    return build_application(config_from_args(args))
 
 
 def run(config: ServeConfig) -> int:

@@ -4,7 +4,8 @@ Request handlers (asyncio) submit jobs; the worker drains up to ``max_batch`` wa
 streaming or not, into one ``stream_batch`` call, and hands deltas and results back to the event
 loop (``_Outbox``: one ``call_soon_threadsafe`` per burst). With a backend that admits jobs into a running batch (the
 engine: continuous batching), jobs that arrive while it decodes join as rows free up; with
-other backends a lone job goes through ``stream``. A job whose
+other backends a lone job goes through ``stream`` (``ConcurrentScheduler`` runs several such jobs at once,
+for servers that batch on their side). A job whose
 client went away or whose deadline passed is skipped if still queued, and stops at its next
 token if running (the engine polls the request's ``cancel`` every decode step).
 """
@@ -18,6 +19,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -347,6 +349,54 @@ class Scheduler:
             ticket.deliver(_user_error(exc))
         finally:
             items.close()
+
+
+class ConcurrentScheduler(Scheduler):
+    """For a backend whose servers batch on their side (``--backend openai``): up to ``concurrency`` jobs run at
+    once, each through the backend's stream on a thread of its own (cancellable at each token); at most
+    ``concurrency`` more wait (and never more than ``queue_size``)."""
+
+    def __init__(self, backend: Backend, *, concurrency: int, queue_size: int, timeout: float,
+                 hooks: SchedulerHooks | None = None):
+        self.concurrency = concurrency
+        self._active = 0
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="glyphserve-remote")
+        # max_batch=1: every job runs through the backend's stream.
+        super().__init__(backend, queue_size=min(queue_size, concurrency), max_batch=1, timeout=timeout, hooks=hooks)
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self._seconds_per_job * (len(self._queue) + 1) / self.concurrency))
+
+    def close(self) -> None:
+        super().close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and self._active >= self.concurrency:
+                    self._cond.wait()
+            batch = self._take()
+            if not batch:
+                return
+            with self._cond:
+                self._active += 1
+                self._running.append(batch[0])
+            self._pool.submit(self._run, batch[0])
+
+    def _run(self, ticket: _Ticket) -> None:
+        started = time.monotonic()
+        self.hooks.batch(1)
+        try:
+            self._run_single(ticket)
+        except Exception:  # _run_single delivers every error to its ticket
+            log.exception("remote request failed")
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._running.remove(ticket)
+                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.monotonic() - started)
+                self._cond.notify_all()
 
 
 def _joined(first: StreamEvent, second: StreamEvent) -> StreamEvent:

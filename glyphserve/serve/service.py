@@ -23,7 +23,7 @@ from glyphserve.serve.backends import ChatJob, EngineBackend, ExtractiveBackend,
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotFoundError, StorageUnavailableError
 from glyphserve.serve.metrics import Metrics
-from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
+from glyphserve.serve.scheduler import ConcurrentScheduler, Scheduler, SchedulerHooks
 from glyphserve.serve.store import DocumentFiles, DocumentRecord, DocumentStore
 
 if TYPE_CHECKING:
@@ -71,7 +71,6 @@ class GlyphService:
                  model_name: str | None = None):
         self.config = config
         self.engine = engine
-        self.router = getattr(engine, "router", None)  # a RemoteEngine routing over replicas
         self.store = DocumentStore(config.data_dir)
         # The names the API answers to (--served-model-name); replies carry the first.
         self.model_names = list(config.served_model_name) or [
@@ -89,11 +88,10 @@ class GlyphService:
         make_scheduler = getattr(engine, "make_scheduler", None)  # engine replicas with a scheduler of their own
         if make_scheduler is not None:
             self.scheduler = make_scheduler(hooks)
-        elif self.router is not None:
-            from glyphserve.serve.routing import RoutedScheduler
-
-            self.scheduler = RoutedScheduler(self.backend, self.router, queue_size=config.queue_size,
-                                             timeout=config.request_timeout, hooks=hooks)
+        elif self.remote:
+            self.scheduler = ConcurrentScheduler(
+                self.backend, concurrency=len(config.endpoints) * config.concurrency_per_replica,
+                queue_size=config.queue_size, timeout=config.request_timeout, hooks=hooks)
         else:
             self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_num_seqs,
                                        timeout=config.request_timeout, hooks=hooks)
@@ -114,19 +112,21 @@ class GlyphService:
         return isinstance(self.backend, EngineBackend)
 
     @property
+    def remote(self) -> bool:
+        """Answers come from OpenAI-compatible servers (``RemoteEngine``)."""
+        return self.backend.name == "openai"
+
+    @property
     def notice(self) -> str | None:
         """What users should know about the answers (without a model: that they are extractive)."""
         return None if self.has_model else NO_MODEL_HINT
 
     def describe(self) -> dict:
         """What answers questions, for /health, /v1/models and the UI."""
-        if self.router is not None:
+        if self.remote:
             stats = self.engine.stats()
-            requests = {e["url"]: e for e in stats["endpoints"]}
-            replicas = [{**r, **{k: requests[r["url"]][k] for k in ("requests", "in_flight", "failures")}}
-                        for r in self.router.snapshot()]
             return {"backend": "openai", "model": self.model_name, "notice": self.notice,
-                    "capacity": self.router.capacity(), "replicas": replicas,
+                    "capacity": self.scheduler.concurrency, "endpoints": stats["endpoints"],
                     "retries": stats["retries"], "resumed": stats["resumed"]}
         if hasattr(self.engine, "describe"):  # engine replicas on Ray Serve
             return {"model": self.model_name, "notice": self.notice, **self.engine.describe()}
@@ -147,7 +147,7 @@ class GlyphService:
         """``/v1/models`` entries, one per served name (vLLM's fields)."""
         info = self.describe()
         root = self.config.model or self.config.random_weights or info["model"]
-        max_len = self.engine.stats().get("max_context") if self.has_model and self.router is None else None
+        max_len = self.engine.stats().get("max_context") if self.has_model and not self.remote else None
         return [{"id": name, "object": "model", "created": self.created, "owned_by": "glyphserve", "root": root,
                  "parent": None, "max_model_len": max_len, "backend": info["backend"]} for name in self.model_names]
 
@@ -156,8 +156,7 @@ class GlyphService:
         from glyphserve.render import shutdown_pool
 
         self.scheduler.close()
-        if self.router is not None:
-            self.router.close()
+        if self.remote:
             self.engine.close()
         self._ingest_pool.shutdown(wait=False, cancel_futures=True)
         self._render_pool.shutdown(wait=False, cancel_futures=True)
@@ -291,7 +290,7 @@ class GlyphService:
     def _start_warming(self, document_id: str) -> None:
         """Compute a new document's vision features and prefix KV in the background: the engine does it only while
         no question waits or runs, so the first question is answered like a follow-up."""
-        if not self.has_model or self.router is not None:
+        if not self.has_model or self.remote:  # OpenAI-compatible servers have no warm requests
             return
         self._warming[document_id] = asyncio.get_running_loop().create_task(self._warm_up(document_id))
 

@@ -174,3 +174,17 @@ def test_spreads_over_endpoints_and_skips_a_dead_one(server):
         other.close()
     with pytest.raises(RemoteBackendError, match="no endpoint is reachable"):
         _engine(dead)
+
+
+def test_a_greedy_answer_cut_mid_stream_is_finished_by_another_endpoint(server):
+    other = ChatServer()
+    server.plan.append("partial")  # "<think>", then the connection drops
+    try:
+        with _engine(server.url, other.url, resume_greedy=True) as engine:  # the least busy: the first
+            events = list(engine.stream(AnswerRequest(_pages(1), "Q?")))
+            stats = engine.stats()
+        thinking = "".join(e.text for e in events if e.channel == "thinking")
+        assert thinking == "1 pages to read" and events[-1].result.text == "answer to: Q?"  # nothing twice
+        assert stats["resumed"] == 1 and len(server.requests) == len(other.requests) == 1
+    finally:
+        other.close()

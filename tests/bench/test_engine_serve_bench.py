@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from glyphserve.cli import main
 
 
@@ -35,23 +37,25 @@ def test_serve_bench_counts_every_answer(tiny_model_dir, tmp_path):
     assert "answers/min" in (tmp_path / "serve-cpu.md").read_text()
 
 
-def test_scale_run_compares_one_engine_with_replicas_behind_the_router(tiny_model_dir, tmp_path):
+def test_scale_run_compares_one_engine_with_ray_serve_replicas(tiny_model_dir, tmp_path):
+    pytest.importorskip("ray")
     code = main(["bench", "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--workload", "1000",
-                 "--documents", "2", "--sessions", "4", "--questions", "1", "--new-tokens", "3", "--max-num-seqs", "2",
-                 "--no-sequential", "--repeats", "3", "--scale-gpus", "0,1", "--startup-timeout", "180",
+                 "--documents", "2", "--sessions", "4", "--questions", "1", "--new-tokens", "3", "--max-batch", "2",
+                 "--no-sequential", "--repeats", "3", "--scale-replicas", "2", "--startup-timeout", "300",
                  "--out", str(tmp_path)])
     assert code == 0
-    result = json.loads((tmp_path / "serve-cpu-scale2.json").read_text())
-    assert result["one_gpu"]["concurrent"]["answers"] == result["routed"]["concurrent"]["answers"] == 4
-    rates = result["routed"]["concurrent_rounds_answers_per_min"]
-    assert len(rates) == 3 and result["routed"]["concurrent"]["answers_per_min"] == sorted(rates)[1]  # the median
-    assert result["one_gpu"]["sequential"] is None and result["one_gpu"]["replicas"] is None
-    replicas = result["routed"]["replicas"]
-    assert len(replicas) == 2 and sum(r["requests"] for r in replicas) >= 4 + 2  # answers and warm-ups
+    result = json.loads((tmp_path / "serve-cpu-ray2-scale.json").read_text())
+    assert result["one_engine"]["concurrent"]["answers"] == result["ray"]["concurrent"]["answers"] == 4
+    rates = result["ray"]["concurrent_rounds_answers_per_min"]
+    assert len(rates) == 3 and result["ray"]["concurrent"]["answers_per_min"] == sorted(rates)[1]  # the median
+    assert result["one_engine"]["sequential"] is None and result["one_engine"]["replicas"] is None
+    replicas = result["ray"]["replicas"]  # those that answered: each document's questions on one of them
+    placed = [d for r in replicas for d in r["recent_documents"]]
+    assert len(placed) == len(set(placed)) == 2 and sum(r["requests"] for r in replicas) >= 3 * 4 + 2
     assert result["scaling"] > 0
-    engines = result["routed"]["engines"]  # each replica's engine counters over the concurrent phase
-    assert len(engines) == 2 and sum(e["requests"] for e in engines) == 4  # of the median round
+    engines = result["ray"]["engines"]  # each replica's engine counters over the concurrent phase
+    assert sum(e["requests"] for e in engines) == 4
     assert all(e["decode_steps"] > 0 and 1 <= e["rows_per_step"] <= 2 for e in engines if e["requests"])
-    markdown = (tmp_path / "serve-cpu-scale2.md").read_text()
-    assert "Scaling:" in markdown and "2 GPUs behind the router, 4 sessions at once" in markdown
+    markdown = (tmp_path / "serve-cpu-ray2-scale.md").read_text()
+    assert "Scaling:" in markdown and "2 Ray Serve replicas, 4 sessions at once" in markdown
     assert "3 rounds of the concurrent phase" in markdown

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from glyphserve.cli import build_parser
+from glyphserve.errors import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -26,3 +29,22 @@ def test_rayjob_runs_a_ray_batch():
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert all(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
                for group in workers)
+
+
+def test_rayservice_builds_a_valid_glyphserve_config(monkeypatch):
+    pytest.importorskip("ray")
+    service = yaml.safe_load((DEPLOY / "rayservice.yaml").read_text())
+    [application] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    module, _, name = application["import_path"].partition(":")
+    ray_serve = importlib.import_module(module)
+    assert callable(getattr(ray_serve, name))
+    monkeypatch.setenv("GLYPHSERVE_API_KEY", "secret")  # the manifest takes it from a secret
+    config = ray_serve.config_from_args(application["args"])
+    assert config.ray == "auto" and config.replicas == "auto" and config.max_replicas == 4
+    assert str(config.data_dir) == "/data" and config.model == "zai-org/Glyph" and config.api_key == "secret"
+    assert config.device == "cuda"  # a GPU per replica even before a GPU node is up
+    monkeypatch.delenv("GLYPHSERVE_API_KEY")
+    with pytest.raises(ConfigError, match="api-key"):
+        ray_serve.config_from_args(application["args"])
+    with pytest.raises(ConfigError, match="unknown glyphserve settings: gpus"):
+        ray_serve.config_from_args({**application["args"], "gpus": "0,1"})
