@@ -121,11 +121,12 @@ def test_sixteen_concurrent_chats_equal_answers_alone_each_document_on_one_repli
         answers = list(pool.map(chat, chats))
     assert answers == [d["expected"][QUESTIONS.index(q)] for d, q, _ in chats]
 
+    # Each document's questions (and its warming at upload) on one replica. Which one is the rendezvous hash of
+    # the document and the replicas' ids (random), so 4 documents may all land on one of 2 replicas (1 in 8).
     owners = _owners(server)
-    assert all(len(owners[d["id"]]) == 1 for d in documents), owners  # each document's questions on one replica
-    assert len(set.union(*owners.values())) == 2  # and the documents spread over both
+    assert all(len(owners[d["id"]]) == 1 for d in documents), owners
     health = _health(server)
-    assert health["backend"] == "ray" and health["retries"] == 0
+    assert health["backend"] == "ray" and health["replicas_running"] == 2 and health["retries"] == 0
     assert all(r["engine"]["requests"] > 0 for r in health["replicas"])
     metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     assert 'glyphserve_http_requests_total{' in metrics and "route=\"/v1/documents/{document_id}/chat\"" in metrics
