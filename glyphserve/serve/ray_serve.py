@@ -385,8 +385,9 @@ class GlyphFront:
 
 # -- deploying ----------------------------------------------------------------------------------------------
 
-def engine_deployment(config: ServeConfig, engine_config: EngineConfig, gpus: int):
-    """The engine replicas' deployment options: resources, replica count or autoscaling, queue limits, router."""
+def engine_deployment(config: ServeConfig, engine_config: EngineConfig, gpus: int, cluster_gpus: int):
+    """The engine replicas' deployment options: resources, replica count or autoscaling (at most
+    ``--max-replicas``, else one per GPU of the cluster), queue limits, router."""
     per_replica = config.concurrency_per_replica
     options = {
         "name": ENGINE_DEPLOYMENT,
@@ -400,7 +401,8 @@ def engine_deployment(config: ServeConfig, engine_config: EngineConfig, gpus: in
     if config.replicas == "auto":
         options["autoscaling_config"] = AutoscalingConfig(
             min_replicas=config.min_replicas, initial_replicas=config.min_replicas,
-            max_replicas=config.max_replicas, target_ongoing_requests=min(per_replica, engine_config.max_num_seqs))
+            max_replicas=config.max_replicas or max(config.min_replicas, cluster_gpus),
+            target_ongoing_requests=min(per_replica, engine_config.max_num_seqs))
     else:
         options["num_replicas"] = config.replicas
     return serve.deployment(EngineReplica).options(**options)
@@ -414,8 +416,9 @@ def build_application(config: ServeConfig):
     from glyphserve.cluster import cluster_gpus
 
     engine_config = config.engine_config(config.model)
-    gpus = 1 if config.device == "cuda" or (config.device == "auto" and cluster_gpus() > 0) else 0
-    engines = engine_deployment(config, engine_config, gpus).bind(
+    available = cluster_gpus()
+    gpus = 1 if config.device == "cuda" or (config.device == "auto" and available > 0) else 0
+    engines = engine_deployment(config, engine_config, gpus, available).bind(
         engine_config, config.concurrency_per_replica, config.request_timeout)
     here = ray.util.get_node_ip_address()
     front = serve.deployment(GlyphFront).options(
