@@ -143,7 +143,7 @@ class EngineReplica:
             await stream.aclose()
 
     def check_health(self) -> None:
-        if not self.scheduler._thread.is_alive():
+        if not self.scheduler.alive:
             raise RuntimeError("the engine's scheduler thread stopped")
 
 

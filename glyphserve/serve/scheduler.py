@@ -127,6 +127,11 @@ class Scheduler:
         """Requests being answered."""
         return len(self._running)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (it stops only when closed)."""
+        return self._thread.is_alive()
+
     def retry_after(self) -> int:
         """Seconds a client should wait before retrying a refused request."""
         return max(1, math.ceil(self._seconds_per_job * (len(self._queue) + 1) / self.max_batch))
