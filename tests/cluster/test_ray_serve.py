@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -154,6 +155,31 @@ def test_a_client_that_goes_away_stops_its_answer(server, documents):
     # Over those two seconds the replica decoded the one short question only: a 3,000-token answer still
     # running would have added a decode step every few milliseconds.
     assert after["decode_steps"] - before["decode_steps"] <= MAX_TOKENS, (before, after)
+
+
+def test_the_web_ui_uploads_and_answers_through_the_replicas(server, tmp_path):
+    from tests.serve.test_ui import ARGS, ARTIFACTS, CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    from playwright.sync_api import expect, sync_playwright
+
+    document = tmp_path / "keeper.txt"
+    document.write_text(STORY + "\n\nRead in the browser.", encoding="utf-8")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1400})
+            page.goto(server.url)
+            page.locator("#upload input[type=file]").set_input_files(str(document))
+            expect(page.locator("#pages img").first).to_be_visible(timeout=60_000)
+            page.locator("#question textarea").fill("Who kept the lighthouse?")
+            page.locator("#send").click()
+            expect(page.locator("#answer-stats")).to_contain_text("Timings", timeout=60_000)  # a streamed answer
+            page.screenshot(path=str(ARTIFACTS / "ray-serve-chat.png"), full_page=True)
+        finally:
+            browser.close()
 
 
 def test_killing_a_replica_mid_load_loses_no_request(server, documents):
