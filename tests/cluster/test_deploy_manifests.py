@@ -18,7 +18,8 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 def _parse(command: str):
     words = shlex.split(command)
     assert words[0] == "glyphserve"
-    return build_parser().parse_args(words[1:])
+    parser, _ = build_parser()
+    return parser.parse_args(words[1:])
 
 
 def test_rayjob_runs_a_ray_batch():

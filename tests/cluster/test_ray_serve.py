@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(600)
 QUESTIONS = ["Who kept the lighthouse?", "What happened in the winter of 1887?", "What was engraved on the compass?",
              "How many steps did he climb?"]
 MAX_TOKENS = 16
-LONG_TOKENS = 96  # stop tokens ignored: streams long enough to be cut by a replica's death
+LONG_TOKENS = 300  # stop tokens ignored: streams long enough to be cut by a replica's death
 DOCUMENTS = [f"Copy {i} of the story.\n\n{STORY}\n\nThe keeper's dog was called Rook {i}." for i in range(4)]
 
 
@@ -205,12 +205,13 @@ def test_killing_a_replica_mid_load_loses_no_request(server, documents):
                     continue
                 chunk = json.loads(line[6:])
                 assert "error" not in chunk, chunk
-                parts += [c["delta"].get("content") or "" for c in chunk["choices"]]
-                if "".join(parts) and not futures:
-                    futures = [pool.submit(ask, job) for job in jobs]
-                elif len(parts) > 8 and not killed:
+                text = "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+                parts.append(text)
+                if text and futures and not killed:
                     os.kill(victim["pid"], signal.SIGKILL)  # under load, while this answer streams from it
                     killed = True
+                elif text and not futures:
+                    futures = [pool.submit(ask, job) for job in jobs]
         answers = [f.result() for f in futures]
     assert killed
     assert "".join(parts) == watched["expected_long"]  # finished by the other replica, nothing repeated or lost
