@@ -71,6 +71,10 @@ def _page_counter():
     """A tqdm page counter on stderr, only when stderr is a terminal, and the render callback that moves it."""
     from tqdm import tqdm
 
+    # Without tqdm's monitor thread: a second thread makes the render workers start from a fork server (forking
+    # a threaded process is unsafe), whose fresh interpreters import the renderer again; that cost the W150
+    # command 0.15 s, more than a second core saves it (measured on the 2-core VM).
+    tqdm.monitor_interval = 0
     bar = tqdm(desc="rendering", unit="page", file=sys.stderr, disable=not sys.stderr.isatty())
     return bar, lambda pages: bar.update(pages - bar.n)
 
