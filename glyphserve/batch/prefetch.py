@@ -106,6 +106,15 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
+@dataclass
+class Item:
+    """One question about a prepared document."""
+
+    prepared: PreparedDocument
+    question: str
+    pages_shown: list[int] | None = None  # set when its request is made
+
+
 class Prefetcher:
     """Yields prepared documents in completion order with at most ``window`` in flight.
 

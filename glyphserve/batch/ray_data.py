@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from glyphserve.batch.inputs import BatchDocument
-from glyphserve.batch.prefetch import PreparedDocument, RenderOptions, prepare_document
+from glyphserve.batch.prefetch import Item, PreparedDocument, RenderOptions, prepare_document
 from glyphserve.batch.results import ResultLog, item_record
-from glyphserve.batch.runner import BatchOptions, BatchSummary, Item, ItemAnswerer, StopRun, Tally, pending
+from glyphserve.batch.runner import BatchOptions, BatchSummary, ItemAnswerer, StopRun, Tally, pending
 from glyphserve.engine.types import EncodedPage, EngineConfig
 
 RENDER_TASK_MEMORY = 512 * 2**20

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 from glyphserve.errors import ConfigError
 
 if TYPE_CHECKING:
-    from glyphserve.batch.prefetch import ItemError
-    from glyphserve.batch.runner import Item
+    from glyphserve.batch.prefetch import Item, ItemError
     from glyphserve.engine import Answer
 
 Key = tuple[str, str]

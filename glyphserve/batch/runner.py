@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from glyphserve.batch.inputs import BatchDocument
-from glyphserve.batch.prefetch import ItemError, PreparedDocument, Prefetcher, RenderOptions
+from glyphserve.batch.prefetch import Item, ItemError, Prefetcher, RenderOptions
 from glyphserve.batch.progress import Progress, format_duration
 from glyphserve.batch.results import ResultLog, item_record
 from glyphserve.errors import ConfigError, EngineOutOfMemoryError
@@ -84,15 +84,6 @@ class BatchSummary:
 
 class StopRun(Exception):
     """Too many questions in a row failed on the engine's side: the run gives up (a rerun retries them)."""
-
-
-@dataclass
-class Item:
-    """One question about a prepared document."""
-
-    prepared: PreparedDocument
-    question: str
-    pages_shown: list[int] | None = None  # set when its request is made
 
 
 def pending(documents: list[BatchDocument], log: ResultLog) -> tuple[list[BatchDocument], int]:

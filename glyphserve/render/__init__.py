@@ -13,8 +13,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "glyphserve.render.config": ("BR_MARKUP", "GLYPH_REPO_ENV", "MARKER_MARKUP", "PRESETS", "FontSubstituteWarning",
-                                 "RenderConfig", "has_cjk", "load_glyph_config", "preset", "resolve_config"),
+    "glyphserve.render.config": ("BR_MARKUP", "MARKER_MARKUP", "PRESETS", "FontSubstituteWarning", "RenderConfig",
+                                 "has_cjk", "load_glyph_config", "preset", "resolve_config"),
+    "glyphserve.render.official": ("GLYPH_REPO_ENV",),
     "glyphserve.render.document": ("PageLine", "RenderedDocument", "RenderedPage", "RenderStats",
                                    "missing_glyphs_warning", "write_rendered"),
     "glyphserve.render.renderer": ("iter_pages", "render_document", "render_text"),
@@ -28,7 +29,6 @@ __all__ = sorted(_MODULE_OF)
 if TYPE_CHECKING:
     from glyphserve.render.config import (
         BR_MARKUP,
-        GLYPH_REPO_ENV,
         MARKER_MARKUP,
         PRESETS,
         FontSubstituteWarning,
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         preset,
         resolve_config,
     )
+    from glyphserve.render.official import GLYPH_REPO_ENV
     from glyphserve.render.document import (
         PageLine,
         RenderedDocument,

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from glyphserve.errors import ConfigError, PageTooLargeError
+from glyphserve.render.fonts import font_available, missing_font_message, substitute_for
+from glyphserve.render import official
+from glyphserve.render.official import OFFICIAL_CONFIGS, OFFICIAL_EN_FONT, OFFICIAL_ZH_FONT
 
 BR_MARKUP = "<br/>"
 # The red inline marker of the Glyph paper: a literal backslash-n drawn in red between lines.
@@ -28,12 +31,6 @@ MARKER_MARKUP = '<font color="#FF0000"> \\n </font>'
 NEWLINE_MODES = {"br": BR_MARKUP, "marker": MARKER_MARKUP}
 ALIGNMENTS = ("LEFT", "CENTER", "RIGHT", "JUSTIFY")
 
-# Fonts of the released Glyph configs (not redistributable; substitutes are used when absent).
-OFFICIAL_EN_FONT = "Verdana.ttf"
-OFFICIAL_ZH_FONT = "SourceHanSansHWSC-VF.ttf"
-# A clone of https://github.com/thu-coai/Glyph: its config/ folder holds the configs and fonts.
-GLYPH_REPO_ENV = "GLYPHSERVE_GLYPH_REPO"
-OFFICIAL_CONFIGS = {"glyph-en": "config_en.json", "glyph-zh": "config_zh.json"}
 
 MAX_PAGE_SIDE = 8192
 MAX_PAGE_PIXELS = 36_000_000
@@ -115,19 +112,6 @@ class FontSubstituteWarning(UserWarning):
     """A configured font file is missing and a free substitute renders in its place."""
 
 
-def glyph_repo(path: str | Path | None = None) -> Path | None:
-    """The clone of the official Glyph repository: ``path``, else ``$GLYPHSERVE_GLYPH_REPO``, else None."""
-    value = path if path is not None else os.environ.get(GLYPH_REPO_ENV) or None
-    if value is None:
-        return None
-    repo = Path(value).expanduser()
-    if not (repo / "config").is_dir():
-        source = "--glyph-repo" if path is not None else GLYPH_REPO_ENV
-        raise ConfigError(f"{source} {value} is not a clone of https://github.com/thu-coai/Glyph "
-                          "(it has no config/ folder with config_en.json, config_zh.json and the fonts)")
-    return repo
-
-
 def has_cjk(text: str) -> bool:
     """Whether Glyph would wrap this text the CJK way (any character in U+4E00..U+9FFF)."""
     return _CJK.search(text) is not None
@@ -188,7 +172,7 @@ def resolve_config(
     else:
         name = preset
     cfg = globals()["preset"](name)
-    repo = globals()["glyph_repo"](glyph_repo)
+    repo = official.glyph_repo(glyph_repo)
     if repo is not None:
         cfg = load_glyph_config(repo / "config" / OFFICIAL_CONFIGS[name], base=cfg)
     if isinstance(config, RenderConfig):
@@ -212,8 +196,6 @@ def resolve_config(
 
 def _check_font(cfg: RenderConfig, text: str, allow_substitute: bool) -> RenderConfig:
     """Refuse a font file that is not there, or (when allowed) swap in a free substitute, loudly."""
-    from glyphserve.render.fonts import font_available, missing_font_message, substitute_for
-
     if font_available(cfg.font_path):
         return cfg
     if not allow_substitute:

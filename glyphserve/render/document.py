@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from glyphserve.render.config import OFFICIAL_ZH_FONT, RenderConfig, has_cjk
+from glyphserve.render.config import RenderConfig, has_cjk
+from glyphserve.render.official import OFFICIAL_ZH_FONT
 from glyphserve.render.fonts import ResolvedFont
 
 

@@ -24,7 +24,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 
 from glyphserve.errors import ConfigError
-from glyphserve.render.config import GLYPH_REPO_ENV, OFFICIAL_EN_FONT, OFFICIAL_ZH_FONT, glyph_repo
+from glyphserve.render.official import GLYPH_REPO_ENV, OFFICIAL_EN_FONT, OFFICIAL_ZH_FONT, glyph_repo
 
 DEJAVU_SANS = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 NOTO_CJK = "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"

@@ -249,17 +249,20 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def prepare(config: ServeConfig) -> None:
+    """What every server checks before anything loads: its settings and its data folder (an unwritable folder
+    is one line, at once)."""
+    config.validate()
+    prepare_data_dir(config.data_dir)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
 def run(config: ServeConfig) -> int:
-    """Bind the port, load the model (if any) and serve until interrupted."""
+    """Bind the port, load the model (if any) and serve until interrupted (one machine; ``--ray`` runs
+    ``ray_serve.run`` instead)."""
     import uvicorn
 
-    config.validate()
-    prepare_data_dir(config.data_dir)  # before the model loads: an unwritable folder is one line, at once
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    if config.ray is not None:
-        from glyphserve.serve import ray_serve  # needs the cluster extra (ray)
-
-        return ray_serve.run(config)
+    prepare(config)
     sock = listen_socket(config.host, config.port)
     try:
         engine, name = load_engine(config)

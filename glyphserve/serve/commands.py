@@ -171,7 +171,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_server(args: argparse.Namespace) -> int:
-    from glyphserve.serve.app import run
     from glyphserve.serve.config import ServeConfig, default_data_dir
 
     config = ServeConfig(
@@ -192,6 +191,10 @@ def _run_server(args: argparse.Namespace) -> int:
         remote_api_key=args.remote_api_key or None, replica_concurrency=args.replica_concurrency,
         ray=args.ray, replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
     )
+    if config.ray is not None:
+        from glyphserve.serve.ray_serve import run  # needs the cluster extra (ray)
+    else:
+        from glyphserve.serve.app import run
     return run(config)
 
 

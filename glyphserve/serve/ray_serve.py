@@ -45,7 +45,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from glyphserve.engine.types import EncodedPage, EngineConfig, StreamEvent
 from glyphserve.errors import ConfigError, GlyphserveError, QueueFullError, RemoteBackendError
-from glyphserve.serve.app import ENGINE_SWITCH_INTERVAL_S, create_app
+from glyphserve.serve.app import ENGINE_SWITCH_INTERVAL_S, create_app, prepare
 from glyphserve.serve.backends import ChatJob, EngineBackend, Reply
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import InternalError, RequestTimeoutError
@@ -454,6 +454,7 @@ def run(config: ServeConfig) -> int:
     interrupted, then take the application down."""
     from glyphserve.cluster import connect
 
+    prepare(config)
     most = (config.max_replicas or config.min_replicas) if config.replicas == "auto" else config.replicas
     disconnect = connect(config.ray, min_cpus=most + 1)
     stop = threading.Event()
