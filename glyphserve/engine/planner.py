@@ -160,6 +160,8 @@ class Planner:
         if len(prompt.ids) <= self.max_context:
             return ContextOverflowError(f"{head}: lower max_tokens to at most {self.max_context - len(prompt.ids)}"
                                         + (f", or ask about the first {fit} of {n} pages" if 0 < fit < n else ""))
+        if n == 0:
+            return ContextOverflowError(f"{head}: the text alone does not fit; shorten the messages")
         if fit == 0:
             return ContextOverflowError(f"{head}: not even the first page fits; shorten the conversation")
         return ContextOverflowError(

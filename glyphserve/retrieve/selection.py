@@ -203,10 +203,13 @@ def select_pages(
             break
         keep.pop()
     if not keep:
+        smallest = min(cost.values())
+        room_for_answer = budget.context - fixed - smallest
+        advice = (f"lower max_tokens to at most {room_for_answer}" if room_for_answer > 0
+                  else "shorten the conversation")
         raise ContextOverflowError(
             f"the question and the conversation take {fixed} tokens and the answer up to {budget.max_tokens}, but "
-            f"the context holds {budget.context}: not even the smallest page ({min(cost.values())} tokens) fits; "
-            "shorten the conversation or max_tokens"
+            f"the context holds {budget.context}: not even the smallest page ({smallest} tokens) fits; {advice}"
         )
     return Selection(mode, shown, total, budget.limit, len(pages))
 

@@ -65,6 +65,14 @@ def test_no_page_fits(load_engine):
         engine.answer(AnswerRequest(pages=PAGES, question="Who is the wolf?", settings=settings))
 
 
+def test_text_alone_overflowing_says_so(load_engine):
+    # No pages at all: the error must not speak of a first page.
+    engine = load_engine(max_context=30)
+    with pytest.raises(ContextOverflowError, match=r"\(0 pages\).*the text alone does not fit") as err:
+        engine.answer(AnswerRequest(pages=[], question="word " * 40, settings=GenerationSettings(max_tokens=4)))
+    assert "first page" not in err.value.message
+
+
 def test_checkpoint_of_another_architecture(tmp_path):
     from glyphserve.engine import Engine, EngineConfig
 

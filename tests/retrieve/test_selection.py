@@ -170,5 +170,10 @@ def test_mode_all_and_bad_requests():
         select_pages([doc], mode="best", question="q", budget=budget(500))
     with pytest.raises(ConfigError, match="needs a token budget"):
         select_pages([doc], mode="retrieve", question="q", budget=None)
-    with pytest.raises(ContextOverflowError, match=r"context holds 81: not even the smallest page \(32 tokens\)"):
+    with pytest.raises(ContextOverflowError, match=r"context holds 81: not even the smallest page \(32 tokens\)") as err:
         select_pages([doc], mode="retrieve", question="q", budget=budget(FIXED + 31))
+    assert err.value.message.endswith("lower max_tokens to at most 9")  # 40 + 32 + 9 = 81: what does fit
+    tight = PromptBudget(FIXED + 20, 1, budget(0).count_prompt, budget(0).count_label)
+    with pytest.raises(ContextOverflowError, match="not even the smallest page") as err:
+        select_pages([doc], mode="retrieve", question="q", budget=tight)
+    assert err.value.message.endswith("shorten the conversation")  # no answer length would make room
