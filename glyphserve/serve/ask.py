@@ -70,7 +70,7 @@ def _ask(args: argparse.Namespace) -> int:
     rendered = render_document(document, resolve_config(document.text, preset=args.preset, dpi=args.dpi)).pages
     selectable = DocumentPages(document.text, rendered)
     render_s = time.perf_counter() - started
-    answerer = _answerer(args, document.text)
+    answerer = _answerer(args, document.text, rendered)
     settings = GenerationSettings(
         max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         ignore_eos=args.ignore_eos, use_cache=not args.no_cache,
@@ -92,7 +92,7 @@ def _ask(args: argparse.Namespace) -> int:
         answer.timings.render = render_s
         if args.json:
             stats = answerer.stats() if hasattr(answerer, "stats") else {"backend": "extractive"}
-            pages_shown = shown if not isinstance(answerer, _Extractive) else None
+            pages_shown = answerer.pages_shown if isinstance(answerer, _Extractive) else shown
             print(json.dumps({**answer.to_dict(), "pages_shown": pages_shown, "engine": stats}, ensure_ascii=False))
         render_s = 0.0  # the document is rendered once
         if not args.chat:
@@ -102,7 +102,7 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _answerer(args: argparse.Namespace, text: str):
+def _answerer(args: argparse.Namespace, text: str, rendered: list):
     """What answers: anything with ``stream(AnswerRequest) -> Iterator[StreamEvent]`` (Engine, RemoteEngine)."""
     if args.endpoint:
         from glyphserve.engine.remote import RemoteConfig, RemoteEngine
@@ -121,24 +121,31 @@ def _answerer(args: argparse.Namespace, text: str):
 
     print(f"glyphserve: {NO_MODEL_HINT.replace('glyphserve serve', 'glyphserve ask INPUT QUESTION --model')}",
           file=sys.stderr)
-    return _Extractive(text)
+    return _Extractive(text, rendered)
 
 
 class _Extractive:
-    """The server's extractive backend over the document's text, behind the engine's ``stream``."""
+    """The server's extractive backend over the document's text and its rendered pages, behind the engine's
+    ``stream``: passages come with their pages, as the server cites them."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, rendered: list):
         from glyphserve.serve.backends import ExtractiveBackend
+        from glyphserve.serve.retrieval import PageLayout
 
         self.text = text
+        self.pages = [PageLayout.from_manifest(page.manifest()) for page in rendered]
         self.backend = ExtractiveBackend(store=None)
+        self.pages_shown: list[int] = []  # the pages of the last answer's passages
 
     def stream(self, request) -> Iterator:
         from glyphserve.engine import StreamEvent
         from glyphserve.serve.backends import ChatJob, Reply
 
-        for item in self.backend.stream(ChatJob(request, context=self.text)):
-            yield StreamEvent("done", result=item.answer) if isinstance(item, Reply) else item
+        for item in self.backend.stream(ChatJob(request, context=self.text, context_pages=self.pages)):
+            if isinstance(item, Reply):
+                self.pages_shown = item.pages_shown
+                item = StreamEvent("done", result=item.answer)
+            yield item
 
 
 def _ranges(numbers: list[int]) -> str:

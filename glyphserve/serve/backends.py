@@ -38,6 +38,7 @@ class ChatJob:
     documents: list[str] | None = None  # a collection: stored document ids, in order (instead of document_id)
     page_selection: str = "retrieve"  # which pages the model sees when not all fit (glyphserve.retrieve.MODES)
     context: str | None = None  # inline text the extractive backend searches (no document)
+    context_pages: list[PageLayout] | None = None  # the pages ``context`` was rendered into, if it was
     pages_shown: list | None = None  # set with the pages: page numbers, or {"document", "page"} for a collection
 
     @property
@@ -48,7 +49,7 @@ class ChatJob:
 
 @dataclass
 class Citation:
-    page: int | None  # 1-based page where the passage starts; None for inline text
+    page: int | None  # 1-based page where the passage starts; None for inline text without its pages
     document: str | None  # the stored document it comes from; None for inline text
     start: int  # [start, end) in the document's source text
     end: int
@@ -66,7 +67,8 @@ class Reply:
     backend: str  # "engine" | "openai" | "extractive"
     citations: list[Citation] = field(default_factory=list)
     # The pages in front of the model (engine), or holding the cited passages (extractive): page numbers for one
-    # document, {"document", "page"} objects for a collection; None for pages sent as images or inline text.
+    # document, {"document", "page"} objects for a collection; None for pages sent as images or inline text
+    # without its pages.
     pages_shown: list | None = None
 
 
@@ -178,7 +180,7 @@ class ExtractiveBackend:
                     "the extractive backend needs text to search: send the document text before the question "
                     "or chat about an uploaded document. " + NO_MODEL_HINT
                 )
-            return [self._index(None, None, job.context, [])]
+            return [self._index(None, None, job.context, job.context_pages or [])]
         return [self._document(document_id) for document_id in job.document_ids]
 
     def _document(self, document_id: str) -> _Indexed:
@@ -227,7 +229,7 @@ class ExtractiveBackend:
             new_tokens=self._tokens(text), vision_tokens=0, pages_used=len(set(places)), cache=CacheReport(),
         )
         shown = None
-        if job.document_ids:
+        if job.document_ids or job.context_pages:
             shown = [n for _, n in sorted(set(places))] if len(documents) == 1 else [
                 {"document": documents[d].document_id, "page": n} for d, n in sorted(set(places))]
         return Reply(answer, self.name, citations, pages_shown=shown)

@@ -18,6 +18,12 @@ class PageLayout:
     lines: list[tuple[str, float]]  # (text, baseline y in px)
     height: int
 
+    @classmethod
+    def from_manifest(cls, page: dict) -> "PageLayout":
+        """From a page's manifest entry (``RenderedPage.manifest()``, or a stored manifest.json's)."""
+        return cls(page["number"], tuple(page["char_span"]), [(ln["text"], ln["y"]) for ln in page["lines"]],
+                   page["height"])
+
 
 def pages_for_span(pages: list[PageLayout], start: int, end: int) -> list[int]:
     """Numbers of the pages whose character span overlaps [start, end)."""

@@ -377,10 +377,7 @@ class DocumentStore:
             return (self.folder(document_id) / "source.txt").read_text(encoding="utf-8")
 
     def layouts(self, document_id: str) -> list[PageLayout]:
-        return [
-            PageLayout(p["number"], tuple(p["char_span"]), [(ln["text"], ln["y"]) for ln in p["lines"]], p["height"])
-            for p in self.manifest(document_id)["pages"]
-        ]
+        return [PageLayout.from_manifest(p) for p in self.manifest(document_id)["pages"]]
 
     def pages(self, document_id: str) -> list[Path]:
         """The page files of a document, in order (once they are on disk)."""

@@ -92,3 +92,22 @@ def test_ask_shows_the_pages_that_match_when_the_document_does_not_fit(tiny_mode
     assert first == list(range(1, len(first) + 1))
     assert main([*args, "--page-selection", "all"]) == 2
     assert "context" in capsys.readouterr().err
+
+
+@needs_render
+def test_ask_without_a_model_cites_pages_as_the_server_does(tmp_path, capsys):
+    filler = " ".join(f"Paragraph {n} describes fields, rivers and the weather in spring." for n in range(480))
+    doc = tmp_path / "long.txt"
+    doc.write_text(filler + "\n\nThe harbour code is LANTERN-42.\n\n" + filler)
+    from glyphserve.ingest import ingest_path
+    from glyphserve.render import render_document, resolve_config
+
+    text = ingest_path(doc).text
+    pages = render_document(ingest_path(doc), resolve_config(text)).pages
+    needle = text.index("LANTERN")
+    [page] = [p.number for p in pages if p.char_span[0] <= needle < p.char_span[1]]
+    assert main(["ask", str(doc), "What is the harbour code?", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(pages) > 1 and page in result["pages_shown"]
+    assert main(["ask", str(doc), "What is the harbour code?"]) == 0
+    assert f"[page {page}] The harbour code is LANTERN-42." in capsys.readouterr().out
