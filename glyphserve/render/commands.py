@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rendered.manifest(), ensure_ascii=False, indent=1))
     else:
-        t = rendered.stats
-        print(f"{len(rendered.pages)} pages, {t.vision_tokens} vision tokens for ~{t.text_tokens} text tokens "
+        t, n = rendered.stats, len(rendered.pages)
+        print(f"{n} page{'s' * (n != 1)}, {t.vision_tokens} vision tokens for ~{t.text_tokens} text tokens "
               f"(x{t.compression_ratio:.2f}) in {t.seconds:.2f}s -> {out}", file=sys.stderr)
     return 0

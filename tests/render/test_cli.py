@@ -45,7 +45,7 @@ def test_render_stdin_chinese_with_config(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["font"]["requested"] == "Source Han Sans HW SC"
     assert manifest["config"]["font-size"] == 10
-    assert "pages" in proc.stderr.decode()  # the one-line summary
+    assert proc.stderr.decode().startswith("1 page, ")  # the one-line summary, in good English
 
 
 @pytest.mark.parametrize(
