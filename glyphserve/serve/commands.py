@@ -55,7 +55,8 @@ def register(subparsers) -> None:
                             "(default: $GLYPHSERVE_API_KEY)")
     serve.add_argument("--max-upload-mb", type=float, default=50, help="largest upload accepted (default 50)")
     serve.add_argument("--max-pages", type=int, default=500, help="most rendered pages per document (default 500)")
-    limits = serve.add_argument_group("upload limits", "each checked before (or while) doing the work it bounds")
+    limits = serve.add_argument_group("upload and image limits", "what one upload, or the images of one chat "
+                                      "request, may cost; each checked before (or while) doing the work it bounds")
     limits.add_argument("--max-pdf-pages", type=int, default=2000,
                         help="most pages in an uploaded PDF, read from its page count (default 2000)")
     limits.add_argument("--max-scan-pages", type=int, default=100,
