@@ -177,8 +177,9 @@ class ExtractiveBackend:
         if not job.document_ids:
             if not (job.context or "").strip():
                 raise InvalidRequestError(
-                    "the extractive backend needs text to search: send the document text before the question "
-                    "or chat about an uploaded document. " + NO_MODEL_HINT
+                    "the extractive backend needs text to search: send the document text as a text part before "
+                    "the question's or in an earlier message, or ask about an uploaded document (document: ID). "
+                    + NO_MODEL_HINT
                 )
             return [self._index(None, None, job.context, job.context_pages or [])]
         return [self._document(document_id) for document_id in job.document_ids]

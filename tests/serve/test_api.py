@@ -155,6 +155,10 @@ def test_openai_client_works_unchanged(extractive_server, client):
     assert info.value.status_code == 400 and "glyphserve serve zai-org/Glyph" in info.value.message
     assert info.value.code == "model_not_loaded" and info.value.type == "invalid_request_error"
 
+    # A lone question has nothing to search: the error says where the text goes.
+    with pytest.raises(openai.BadRequestError, match="as a text part before the question's or in an earlier message"):
+        oc.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Alice sailed. Where to?"}])
+
 
 def test_openai_requests_never_fetch_urls(client):
     for url in ("http://127.0.0.1:1/x.png", "file:///etc/passwd", "/etc/passwd"):
