@@ -1,0 +1,7 @@
+"""``python -m glyphserve ...``: the same commands as ``glyphserve ...``."""
+
+import sys
+
+from glyphserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,22 @@
+"""The command line as a module: ``python -m glyphserve`` runs the same commands as the ``glyphserve`` script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from glyphserve import __version__
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_python_m_glyphserve_runs_the_commands(tmp_path):
+    version = subprocess.run([sys.executable, "-m", "glyphserve", "--version"], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"glyphserve {__version__}"
+    (tmp_path / "a.txt").write_text("One short line of text.", encoding="utf-8")
+    rendered = subprocess.run([sys.executable, "-m", "glyphserve", "render", str(tmp_path / "a.txt"), "-o",
+                               str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    assert (tmp_path / "out" / "page_001.png").is_file()
