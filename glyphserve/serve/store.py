@@ -16,6 +16,7 @@ a full disk 507 ``storage_full``, anything else (read-only, I/O error, permissio
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -29,7 +30,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from glyphserve.errors import GlyphserveError, NotFoundError
@@ -78,6 +79,11 @@ def _storage_error(action: str, full: bool, cause: str) -> GlyphserveError:
     if full:
         return StorageFullError(f"could not {action}: the disk holding the data folder is full ({cause})")
     return StorageUnavailableError(f"could not {action}: the data folder cannot be written ({cause})")
+
+
+def _record_json(record: DocumentRecord, content_hash: str | None) -> bytes:
+    """A document's ``record.json``: its row, for a restart to index the folder if the row was never inserted."""
+    return json.dumps({**dataclasses.asdict(record), "content_hash": content_hash}).encode()
 
 
 def prepare_data_dir(root: Path) -> None:
@@ -215,8 +221,7 @@ class DocumentStore:
                 write_file(staging / "manifest.json",
                            json.dumps(files.manifest, ensure_ascii=False, indent=1).encode(), durable=False)
                 write_file(staging / "source.txt", files.text.encode("utf-8"), durable=False)
-                write_file(staging / _RECORD, json.dumps({**asdict(record), "content_hash": content_hash}).encode(),
-                           durable=False)
+                write_file(staging / _RECORD, _record_json(record, content_hash), durable=False)
                 staging.rename(folder)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -275,8 +280,14 @@ class DocumentStore:
     def rename(self, document_id: str, name: str) -> DocumentRecord:
         self.get(document_id)
         with self._lock, storage(f"rename document {document_id}"):
-            if document_id in self._pending:  # its row, inserted later, takes the new name
-                self._pending[document_id].record.name = name
+            pending = self._pending.get(document_id)
+            if pending is not None:  # its row, inserted later (or by a restart, from record.json), takes the new name
+                renamed = dataclasses.replace(pending.record, name=name)
+                # Beside the folder, then moved in: the writer may be flushing the folder's files meanwhile.
+                staging = self.docs / f".tmp-record-{document_id}"
+                write_file(staging, _record_json(renamed, pending.content_hash), durable=False)
+                staging.replace(self.docs / document_id / _RECORD)
+                pending.record.name = name
             self._db.execute("UPDATE documents SET name = ? WHERE id = ?", (name, document_id))
         return self.get(document_id)
 
@@ -317,6 +328,7 @@ class DocumentStore:
             try:
                 with self._lock:
                     self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
+                    self._pending.pop(document_id, None)  # one the writer could not index is served from memory
             except BaseException:
                 if aside.exists():
                     aside.rename(folder)

@@ -102,3 +102,51 @@ def test_a_server_killed_right_after_an_upload_comes_back_with_it_complete(tmp_p
     finally:
         server.stop()
     assert not list((tmp_path / "data" / "docs").glob(".tmp-*"))
+
+
+_RENAMED_THEN_KILLED = """
+import os, signal, sys, threading
+from glyphserve.serve.store import DocumentFiles, DocumentStore
+store = DocumentStore(sys.argv[1])
+store._writer.submit(threading.Event().wait)  # the writer is busy: the document stays unindexed
+record = store.add(name="old.txt", kind="txt", summary={}, files=DocumentFiles({"pages": []}, "text", [b"x"]))
+store.rename(record.id, "new.txt")
+print(record.id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_document_renamed_before_it_was_indexed_keeps_its_new_name_after_a_crash(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _RENAMED_THEN_KILLED, str(tmp_path)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    store = DocumentStore(tmp_path)
+    try:
+        assert store.get(proc.stdout.split()[0]).name == "new.txt"  # indexed from its folder at the restart
+    finally:
+        store.close()
+    assert [p.name for p in (tmp_path / "docs").iterdir()] == [proc.stdout.split()[0]]
+
+
+def test_a_document_the_writer_could_not_index_is_gone_once_deleted(tmp_path):
+    """The writer could not insert the row (here: one is already there), so the document is served from memory;
+    deleting it removes it from memory too."""
+    import sqlite3
+    import threading
+
+    store = DocumentStore(tmp_path)
+    gate = threading.Event()
+    store._writer.submit(gate.wait)
+    record = store.add(name="a.txt", kind="txt", summary={}, files=files())
+    other = sqlite3.connect(tmp_path / "index.sqlite3")
+    with other:
+        other.execute("INSERT INTO documents (id, kind, created, pages, summary) VALUES (?, 'txt', 0, 3, '{}')",
+                      (record.id,))
+    other.close()
+    gate.set()
+    store.folder(record.id)  # the writer tried
+    store.delete(record.id)
+    with pytest.raises(NotFoundError):
+        store.get(record.id)
+    assert store.list() == [] and store.count() == 0
+    store.close()
