@@ -76,7 +76,7 @@ class EngineCore:
         """Launch the next step and read back the one before it; the events that produced."""
         events: list[Event] = []
         self._poll_cancels(events)
-        quiet = not self.in_flight and not events
+        idle = not self.in_flight
         try:
             plan = self.scheduler.schedule(in_flight=bool(self.in_flight))
         except NeedsDrain:
@@ -88,8 +88,9 @@ class EngineCore:
                 self.in_flight.append(launched)
         while self.in_flight and (len(self.in_flight) > 1 or plan.empty):
             events += self._read(self.in_flight.popleft())
-        if plan.empty and quiet and self.scheduler.has_work:
-            # Nothing ran, nothing is in flight, nothing changed: nothing ever will (a bug, not a user error).
+        if plan.empty and idle and not events and self.scheduler.has_work:
+            # Nothing ran, nothing is in flight, nothing changed (no request ended, not even one whose page could
+            # not be decoded, which empties its step): nothing ever will (a bug, not a user error).
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 events.append(self._fail(seq, RuntimeError("the scheduler could not place this request")))
         return events
@@ -113,10 +114,13 @@ class EngineCore:
         if plan.chunks:
             wanted = [(c.seq, run[0]) for c in plan.chunks for run in c.seq.image_runs(c.start, c.end)]
             failed = self.vision.provide(wanted)
-            for seq, exc in failed.values():  # a damaged page ends only its own request
-                events.append(self._fail(seq, exc))
-            plan.chunks = [c for c in plan.chunks if id(c.seq) not in failed]
-            plan.admitted = [s for s in plan.admitted if id(s) not in failed]
+            if failed:  # a damaged page ends only its own request
+                requeued = self.scheduler.withdraw(plan, [c for c in plan.chunks if id(c.seq) in failed])
+                for seq, exc in failed.values():
+                    events.append(self._fail(seq, exc))
+                out = set(failed) | {id(s) for s in requeued}
+                plan.chunks = [c for c in plan.chunks if id(c.seq) not in out]
+                plan.admitted = [s for s in plan.admitted if id(s) not in out]
             if plan.empty:
                 return None
         for seq in plan.admitted:

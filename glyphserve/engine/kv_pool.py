@@ -144,6 +144,12 @@ class KVPool:
         for block in blocks:
             self._ready[block] = True
 
+    def mark_unwritten(self, blocks: Sequence[int]) -> None:
+        """Their KV will not be written after all (the step that was to write it was cut): nobody may take them
+        for written, and released they give up their prefix."""
+        for block in blocks:
+            self._ready[block] = False
+
     def release(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block. A block nobody references becomes free; it keeps its prefix (and
         can be shared again) only if that prefix is ready, else the announcement is withdrawn."""

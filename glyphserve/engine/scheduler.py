@@ -197,6 +197,28 @@ class Scheduler:
         seq.status = Status.RUNNING
         return True
 
+    def withdraw(self, plan: StepPlan, dropped: list[Chunk]) -> list[Sequence]:
+        """Take chunks out of a step before it runs (their requests fail). The blocks they were to fill were
+        marked ready when they were scheduled: they are not, so no later sequence takes them for written. A
+        sequence admitted in this step onto those blocks goes back to the queue (out of the step) to compute them
+        itself; those are returned."""
+        bs = self.block_size
+        unwritten: set[int] = set()
+        requeued: list[Chunk] = []
+        cut = {id(c.seq) for c in dropped}
+        while dropped:
+            for c in dropped:
+                unwritten.update(c.seq.blocks[c.start // bs : min(c.seq.published, c.end // bs)])
+            dropped = [c for c in plan.chunks
+                       if id(c.seq) not in cut and not unwritten.isdisjoint(c.seq.blocks[: c.start // bs])]
+            cut.update(id(c.seq) for c in dropped)
+            requeued += dropped
+        self.pool.mark_unwritten(sorted(unwritten))
+        for c in requeued:
+            c.seq.scheduled_outputs -= c.samples  # scheduled with this step, which it leaves
+            self._requeue(c.seq)
+        return [c.seq for c in requeued]
+
     def _slot_for_next_token(self, seq: Sequence) -> bool:
         """Make sure the block that position ``num_computed`` falls in exists."""
         if seq.num_computed < len(seq.blocks) * self.block_size:

@@ -195,19 +195,8 @@ def test_a_failure_in_one_row_ends_only_that_request(load_engine):
 def test_a_page_that_cannot_be_decoded_ends_only_its_own_request(load_engine):
     """A page file whose header reads but whose pixels do not (a damaged file on disk) fails its own request when
     it must be encoded; the request prefilled beside it in the same step answers as it would alone."""
-    import io
-
-    from PIL import Image
-
-    from glyphserve.engine import EncodedPage
-
     engine = load_engine()
-    buffer = io.BytesIO()
-    Image.fromarray(PAGES[3]).save(buffer, format="PNG")
-    png = bytearray(buffer.getvalue())
-    start = png.index(b"IDAT") + 10
-    png[start : start + 200] = bytes(b ^ 0x5A for b in png[start : start + 200])
-    damaged = EncodedPage.from_bytes(bytes(png))  # the header still reads
+    damaged = _damaged_page()
     settings = GenerationSettings(max_tokens=8, ignore_eos=True)
     good = AnswerRequest(pages=PAGES[:1], question="Who?", settings=settings)
     events = list(engine.stream_batch([good, AnswerRequest(pages=[damaged], question="Who?", settings=settings)]))
@@ -215,4 +204,54 @@ def test_a_page_that_cannot_be_decoded_ends_only_its_own_request(load_engine):
     done = {i: e.result for i, e in events if e.channel == "done"}
     assert list(errors) == [1] and "not a readable image" in str(errors[1])
     assert done[0].token_ids == engine.answer(good).token_ids
+    assert engine.stats()["kv_pool"]["in_use"] == 0
+
+
+def _damaged_page():
+    """A page file whose header reads but whose pixels do not (a damaged file on disk)."""
+    import io
+
+    from PIL import Image
+
+    from glyphserve.engine import EncodedPage
+
+    buffer = io.BytesIO()
+    Image.fromarray(PAGES[3]).save(buffer, format="PNG")
+    png = bytearray(buffer.getvalue())
+    start = png.index(b"IDAT") + 10
+    png[start : start + 200] = bytes(b ^ 0x5A for b in png[start : start + 200])
+    return EncodedPage.from_bytes(bytes(png))
+
+
+def test_a_damaged_page_alone_in_its_step_does_not_fail_the_requests_waiting(load_engine):
+    """The step held only the damaged request's chunk (one slot: the other request waits for it); the request
+    waiting is answered once the damaged one has ended, not failed as if the scheduler were stuck."""
+    engine = load_engine(max_num_seqs=1)
+    settings = GenerationSettings(max_tokens=8, ignore_eos=True)
+    good = AnswerRequest(pages=PAGES[:1], question="Who?", settings=settings)
+    events = list(engine.stream_batch([AnswerRequest(pages=[_damaged_page()], question="Who?", settings=settings),
+                                       good]))
+    errors = {i: e.error for i, e in events if e.channel == "error"}
+    done = {i: e.result for i, e in events if e.channel == "done"}
+    assert list(errors) == [0] and "not a readable image" in str(errors[0])
+    assert done[1].token_ids == engine.answer(good).token_ids
+    assert engine.stats()["kv_pool"]["in_use"] == 0
+
+
+def test_a_damaged_page_leaves_no_unwritten_blocks_in_the_prefix_cache(load_engine):
+    """The pages before a damaged one are in the damaged request's prompt blocks, which were scheduled (and offered
+    for sharing) but never written: a question on those pages, in the same step or later, answers as it would
+    alone, and a question on the damaged page again fails again."""
+    settings = GenerationSettings(max_tokens=8, ignore_eos=True)
+    good = AnswerRequest(pages=PAGES[:2], question="Who?", settings=settings)
+    expected = load_engine().answer(good).token_ids
+    engine = load_engine()
+    damaged = AnswerRequest(pages=[*PAGES[:2], _damaged_page()], question="Who?", settings=settings)
+    events = list(engine.stream_batch([damaged, good]))  # the good one is admitted onto the damaged one's blocks
+    assert [i for i, e in events if e.channel == "error"] == [0]
+    assert [e.result.token_ids for i, e in events if e.channel == "done"] == [expected]
+    list(engine.stream_batch([damaged]))
+    assert engine.answer(good).token_ids == expected
+    again = AnswerRequest(pages=damaged.pages, question="Where?", settings=settings)
+    assert [e.channel for _, e in engine.stream_batch([again]) if e.channel in ("done", "error")] == ["error"]
     assert engine.stats()["kv_pool"]["in_use"] == 0
