@@ -132,8 +132,8 @@ class EngineReplica:
         """The job's items as a single-machine scheduler yields them, between two reports. ``key`` is read by
         the router. Cancelling the call (the client went away) stops the job at its next token."""
         stream = await self.scheduler.stream(job)
-        yield self.where
         try:
+            yield self.where
             async for item in stream:
                 if isinstance(item, Reply):
                     counters = self.engine.counters()
@@ -217,7 +217,8 @@ class _Resume:
 
     def trim(self, event: StreamEvent) -> StreamEvent | None:
         """The new part of a delta (None when all of it was sent before); raises if the stream differs. A delta
-        that is partly new keeps its logprobs (at the seam a token's may come twice)."""
+        that is partly new keeps all its logprobs: those of the part sent before come again (the replica joins
+        deltas that pile up, so that part may span several tokens)."""
         pending = self.pending.get(event.channel, "")
         if pending.startswith(event.text):
             self.pending[event.channel] = pending[len(event.text):]
@@ -280,11 +281,14 @@ class ReplicaScheduler:
         except BaseException:
             await _close(first, items)
             raise
-        return self._chain(first, items, keepalive)
+        chain = self._chain(first, items, keepalive)
+        await chain.asend(None)  # into its try: closed even before its first item, it cancels the job
+        return chain
 
     @staticmethod
     async def _chain(first: asyncio.Future, items: AsyncIterator, keepalive: float | None):
         try:
+            yield  # the start, taken by stream()
             while not first.done():
                 done, _ = await asyncio.wait({first}, timeout=keepalive)
                 if not done:
@@ -329,9 +333,11 @@ class ReplicaScheduler:
                         item = resume.trim(item)
                         if item is None:
                             continue
-                    else:
-                        self.hooks.reply(item, time.monotonic() - arrived)
+                        yield item
+                        continue
+                    self.hooks.reply(item, time.monotonic() - arrived)
                     yield item
+                    return  # the Reply is the last item: a replica lost after it must not answer again
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:

@@ -199,7 +199,9 @@ class Scheduler:
         except BaseException:
             ticket.cancel.set()
             raise
-        return self._iterate(ticket, first, keepalive)
+        items = self._iterate(ticket, first, keepalive)
+        await items.asend(None)  # into its try: closed even before its first item, it cancels the job
+        return items
 
     async def _next(self, ticket: _Ticket, wait: float | None = None):
         """The ticket's next item; ``_WAITING`` when ``wait`` seconds pass first (before its deadline)."""
@@ -218,6 +220,7 @@ class Scheduler:
 
     async def _iterate(self, ticket: _Ticket, first, keepalive: float | None) -> AsyncIterator[StreamEvent | Reply | None]:
         try:
+            yield  # the start, taken by stream()
             pending = first
             while pending is _WAITING:
                 yield None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -94,3 +95,34 @@ def test_errors_reach_only_their_request_and_full_queue_refuses():
     closed.close()
     with pytest.raises(QueueFullError):
         run(closed.answer(job("q", "c")))
+
+
+class _GatedBackend:
+    """A first delta at once, the rest once ``gate`` opens (a long answer, cut short when cancelled)."""
+
+    name = "gated"
+
+    def __init__(self):
+        self.gate = threading.Event()
+
+    def stream(self, job: ChatJob):
+        yield StreamEvent("answer", "first")
+        self.gate.wait(30)
+        yield StreamEvent("answer", " second")
+
+
+def test_a_stream_closed_before_its_first_item_is_read_cancels_its_job():
+    backend, cancelled = _GatedBackend(), threading.Event()
+    scheduler = Scheduler(backend, queue_size=4, max_batch=1, timeout=30,
+                          hooks=SchedulerHooks(cancelled=cancelled.set))
+
+    async def main():
+        items = await scheduler.stream(job("secret word", CONTEXTS[0]))
+        await items.aclose()  # the client went away before the response started
+
+    try:
+        run(main())
+        backend.gate.set()
+        assert cancelled.wait(30)  # the job stopped at its next delta instead of running on
+    finally:
+        scheduler.close()
