@@ -162,7 +162,7 @@ class DocumentStore:
         stored folders that were never indexed, and drop any other folder without a row."""
         for pattern in _LEFTOVERS:
             for leftover in self.docs.glob(pattern):
-                shutil.rmtree(leftover, ignore_errors=True)
+                self.remove_tree(leftover)  # a folder, or a record.json written for a rename
         with self._lock:
             ids = [row[0] for row in self._db.execute("SELECT id FROM documents")]
             for document_id in ids:

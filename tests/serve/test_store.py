@@ -126,6 +126,9 @@ def test_a_document_renamed_before_it_was_indexed_keeps_its_new_name_after_a_cra
     finally:
         store.close()
     assert [p.name for p in (tmp_path / "docs").iterdir()] == [proc.stdout.split()[0]]
+    (tmp_path / "docs" / f".tmp-record-{proc.stdout.split()[0]}").write_text("{}")  # killed during a rename
+    DocumentStore(tmp_path).close()
+    assert [p.name for p in (tmp_path / "docs").iterdir()] == [proc.stdout.split()[0]]
 
 
 def test_a_document_the_writer_could_not_index_is_gone_once_deleted(tmp_path):
