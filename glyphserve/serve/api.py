@@ -177,8 +177,13 @@ def build_router(service: GlyphService) -> APIRouter:
 
     @router.get("/health")
     async def health():
-        return {"status": "ok", **service.describe(), "documents": service.store.count(),
+        # In a thread: on Ray Serve, describing the server asks Ray's controller (a blocking call).
+        info = await run_in_threadpool(service.describe)
+        # 503 while no engine replica runs (Ray Serve deploying them, or all lost), so a readiness probe waits.
+        ready = info.get("replicas_running", 1) > 0
+        body = {"status": "ok" if ready else "unavailable", **info, "documents": service.store.count(),
                 "queue_depth": service.scheduler.depth}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @router.get("/metrics")
     async def metrics():
@@ -284,12 +289,12 @@ def build_router(service: GlyphService) -> APIRouter:
 
     @router.get("/v1/models")
     async def models():
-        return {"object": "list", "data": service.model_cards()}
+        return {"object": "list", "data": await run_in_threadpool(service.model_cards)}
 
     @router.get("/v1/models/{model:path}")
     async def model(model: str):
         service.check_model(model)
-        return next(card for card in service.model_cards() if card["id"] == model)
+        return next(card for card in await run_in_threadpool(service.model_cards) if card["id"] == model)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -34,7 +34,13 @@ def server(tmp_path_factory, tiny_model_dir):
     try:
         server.start(timeout=300)
         deadline = time.monotonic() + 300
-        while _health(server)["replicas_running"] < 2:  # the front answers before the engines are up
+        while True:  # the front answers before the engines are up: /health is 503 until one runs
+            response = httpx.get(f"{server.url}/health", timeout=30)
+            running = response.json()["replicas_running"]
+            assert (response.status_code, response.json()["status"]) == ((200, "ok") if running else
+                                                                          (503, "unavailable"))
+            if running == 2:
+                break
             assert time.monotonic() < deadline and server.process.poll() is None, server.log()[-3000:]
             time.sleep(1)
         yield server
