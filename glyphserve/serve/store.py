@@ -6,9 +6,10 @@ page's character span and line baselines) and ``source.txt``, the text the pages
 A document folder is written under a temporary name and renamed into place: that rename is the commit.
 ``add`` answers once it is done (the files are in the kernel's cache, so a killed server keeps them), and a
 writer thread flushes them to disk (fsync) and inserts the row off the request path; until then reads are
-served from memory, and a restart indexes a complete folder whose row is missing from its ``record.json``.
-So an acknowledged document survives a crash of the server, and a crash never leaves a listed document half
-written (an unrenamed temporary folder is removed at start-up). A deleted one is renamed aside
+served from memory, and a restart indexes a folder whose row is missing from its ``record.json``, once every
+file it lists is there at its size. So an acknowledged document survives a crash of the server, and no crash
+(of the server, or of the machine before the flush) leaves a listed document half written (an unrenamed
+temporary folder, or a folder with a file cut short, is removed at start-up). A deleted one is renamed aside
 before its row goes, so a delete that cannot proceed changes nothing. Disk faults become typed errors:
 a full disk 507 ``storage_full``, anything else (read-only, I/O error, permissions) 503
 ``storage_unavailable``, each naming what could not be done.
@@ -81,9 +82,18 @@ def _storage_error(action: str, full: bool, cause: str) -> GlyphserveError:
     return StorageUnavailableError(f"could not {action}: the data folder cannot be written ({cause})")
 
 
-def _record_json(record: DocumentRecord, content_hash: str | None) -> bytes:
-    """A document's ``record.json``: its row, for a restart to index the folder if the row was never inserted."""
-    return json.dumps({**dataclasses.asdict(record), "content_hash": content_hash}).encode()
+def _record_json(record: DocumentRecord, content_hash: str | None, sizes: dict[str, int]) -> bytes:
+    """A document's ``record.json``: its row, for a restart to index the folder if the row was never inserted,
+    and the size of each of its files, so a file cut short (power lost before the flush) is not taken as whole."""
+    return json.dumps({**dataclasses.asdict(record), "content_hash": content_hash, "sizes": sizes}).encode()
+
+
+def _size(path: Path) -> int:
+    """A file's size in bytes, -1 when it cannot be read."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def prepare_data_dir(root: Path) -> None:
@@ -124,8 +134,11 @@ class DocumentFiles:
     text: str  # source.txt
     pages: list[bytes]  # page_001.png ...
 
-    def size(self) -> int:
-        return sum(map(len, self.pages)) + len(self.text.encode("utf-8")) + len(json.dumps(self.manifest))
+    def contents(self) -> dict[str, bytes]:
+        """The folder's files by name, as written."""
+        return {**{page_filename(n): data for n, data in enumerate(self.pages, 1)},
+                "manifest.json": json.dumps(self.manifest, ensure_ascii=False, indent=1).encode(),
+                "source.txt": self.text.encode("utf-8")}
 
 
 @dataclass
@@ -135,6 +148,7 @@ class _Pending:
     record: DocumentRecord
     files: DocumentFiles
     content_hash: str | None
+    sizes: dict[str, int]  # of the files, as record.json lists them
     written: Future | None = None
 
 
@@ -181,8 +195,10 @@ class DocumentStore:
             record = DocumentRecord(**{k: saved[k] for k in ("id", "name", "kind", "created", "pages", "summary")})
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        names = ["manifest.json", "source.txt", *(page_filename(n) for n in range(1, record.pages + 1))]
-        complete = record.id == folder.name and all((folder / name).is_file() for name in names)
+        names = {"manifest.json", "source.txt", *(page_filename(n) for n in range(1, record.pages + 1))}
+        sizes = saved.get("sizes")
+        complete = (record.id == folder.name and isinstance(sizes, dict) and set(sizes) == names
+                    and all(_size(folder / name) == size for name, size in sizes.items()))
         if complete:
             with self._lock:
                 self._index(record, saved.get("content_hash"))
@@ -210,23 +226,22 @@ class DocumentStore:
         ``content_hash`` (of the upload and its render settings) finds it again (``find``)."""
         record = DocumentRecord(uuid.uuid4().hex, name, kind, time.time(), len(files.pages), summary)
         staging, folder = self.docs / f".tmp-{record.id}", self.docs / record.id
+        contents = files.contents()
+        sizes = {name: len(data) for name, data in contents.items()}
         with storage("store the document"):
             room = os.statvfs(self.docs)
-            if room.f_bavail * room.f_frsize < files.size() + 2**20:
+            if room.f_bavail * room.f_frsize < sum(sizes.values()) + 2**20:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.docs))
             try:
                 staging.mkdir()
-                for number, data in enumerate(files.pages, 1):
-                    write_file(staging / page_filename(number), data, durable=False)
-                write_file(staging / "manifest.json",
-                           json.dumps(files.manifest, ensure_ascii=False, indent=1).encode(), durable=False)
-                write_file(staging / "source.txt", files.text.encode("utf-8"), durable=False)
-                write_file(staging / _RECORD, _record_json(record, content_hash), durable=False)
+                for name, data in contents.items():
+                    write_file(staging / name, data, durable=False)
+                write_file(staging / _RECORD, _record_json(record, content_hash, sizes), durable=False)
                 staging.rename(folder)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        pending = _Pending(record, files, content_hash)
+        pending = _Pending(record, files, content_hash, sizes)
         with self._lock:
             self._pending[record.id] = pending
             pending.written = self._writer.submit(self._persist, pending)
@@ -285,7 +300,7 @@ class DocumentStore:
                 renamed = dataclasses.replace(pending.record, name=name)
                 # Beside the folder, then moved in: the writer may be flushing the folder's files meanwhile.
                 staging = self.docs / f".tmp-record-{document_id}"
-                write_file(staging, _record_json(renamed, pending.content_hash), durable=False)
+                write_file(staging, _record_json(renamed, pending.content_hash, pending.sizes), durable=False)
                 staging.replace(self.docs / document_id / _RECORD)
                 pending.record.name = name
             self._db.execute("UPDATE documents SET name = ? WHERE id = ?", (name, document_id))

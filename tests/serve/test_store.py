@@ -153,3 +153,40 @@ def test_a_document_the_writer_could_not_index_is_gone_once_deleted(tmp_path):
         store.get(record.id)
     assert store.list() == [] and store.count() == 0
     store.close()
+
+
+_ADDED_THEN_KILLED = """
+import os, signal, sys, threading
+from glyphserve.serve.store import DocumentFiles, DocumentStore
+store = DocumentStore(sys.argv[1])
+store._writer.submit(threading.Event().wait)  # the writer is busy: the document stays unindexed
+pages = [bytes([n]) * 5000 for n in range(1, 4)]
+record = store.add(name="a.txt", kind="txt", summary={}, files=DocumentFiles({"pages": []}, "text", pages))
+print(record.id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_folder_whose_page_was_cut_short_is_not_indexed_at_the_restart(tmp_path):
+    """record.json lists each file's size: a page cut short (power lost before the flush reached the disk) makes
+    the folder incomplete, so the restart drops it rather than list a document with a damaged page."""
+    for cut in (False, True):
+        root = tmp_path / str(cut)
+        proc = subprocess.run([sys.executable, "-c", _ADDED_THEN_KILLED, str(root)], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        document_id = proc.stdout.split()[0]
+        if cut:
+            page = root / "docs" / document_id / "page_002.png"
+            page.write_bytes(page.read_bytes()[:1000])
+        store = DocumentStore(root)
+        try:
+            if cut:
+                with pytest.raises(NotFoundError):
+                    store.get(document_id)
+                assert list((root / "docs").iterdir()) == []
+            else:
+                assert store.get(document_id).pages == 3
+                assert store.page_bytes(document_id, 2) == bytes([2]) * 5000
+        finally:
+            store.close()
