@@ -197,8 +197,9 @@ class RemoteEngine:
         pages = self._encoded_pages(request)
         encoded = time.perf_counter()
         payload = self._payload(request, bool(pages.urls))
-        parser = ReasoningParser()  # for servers that send <think>…</think> inside the content
-        reasoning: list[str] = []  # for servers that send it apart (vLLM/SGLang reasoning parsers, glyphserve)
+        # For servers that send <think>…</think> inside the content, and those that send the thinking apart
+        # (vLLM/SGLang reasoning parsers, glyphserve): both go through one parser, which trims the channels' edges.
+        parser = ReasoningParser()
         usage: dict = {}
         finish_reason, stop_reason = "stop", None
         logprobs: list[TokenLogprob] | None = [] if request.settings.logprobs is not None else None
@@ -209,12 +210,10 @@ class RemoteEngine:
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
                 thinking = delta.get("reasoning_content") or delta.get("reasoning") or ""
-                reasoning.append(thinking)
                 tokens = _logprobs(choice) if logprobs is not None else None
                 if tokens:
                     logprobs += tokens
-                events = [("thinking", thinking)] if thinking else []
-                for channel, text in events + parser.feed(delta.get("content") or ""):
+                for channel, text in parser.emit("thinking", thinking) + parser.feed(delta.get("content") or ""):
                     first_token_at = first_token_at or time.perf_counter()
                     yield StreamEvent(channel, text, logprobs=tokens)
                     tokens = None  # each token's logprob goes out once
@@ -232,7 +231,7 @@ class RemoteEngine:
             self._counters["new_tokens"] += new_tokens
         result = Answer(
             text=parser.answer_text,
-            thinking=("".join(reasoning) + parser.thinking_text).strip(),
+            thinking=parser.thinking_text,
             token_ids=[],  # servers return text, not ids
             finish_reason=finish_reason,
             timings=StageTimings(

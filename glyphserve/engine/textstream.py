@@ -14,13 +14,18 @@ def _partial_tag_suffix(text: str, tag: str) -> int:
 
 
 class ReasoningParser:
-    """Incremental parser for ``<think>...</think><answer>...</answer>``; both tags are optional."""
+    """Incremental parser for ``<think>...</think><answer>...</answer>``; both tags are optional.
+
+    Each channel's text is trimmed at its edges as it streams: leading whitespace is dropped and trailing
+    whitespace is held back until more text follows it, so the pieces a stream shows join to exactly the final
+    ``thinking_text`` / ``answer_text``."""
 
     def __init__(self):
         self.state = "start"  # start -> think -> between -> answer -> done
         self.buffer = ""
         self.thinking: list[str] = []
         self.answer: list[str] = []
+        self._held = {"thinking": "", "answer": ""}  # trailing whitespace not yet shown, per channel
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         self.buffer += text
@@ -64,15 +69,28 @@ class ReasoningParser:
         self.buffer = ""
         return out
 
+    def emit(self, channel: str, text: str) -> list[tuple[str, str]]:
+        """Text that arrives already in its channel (a server's separate reasoning field), edges trimmed alike."""
+        out: list[tuple[str, str]] = []
+        self._emit(out, channel, text)
+        return out
+
     def _emit(self, out: list, channel: str, text: str) -> None:
-        if text:
-            (self.thinking if channel == "thinking" else self.answer).append(text)
-            out.append((channel, text))
+        parts = self.thinking if channel == "thinking" else self.answer
+        if not parts:
+            text = text.lstrip()
+        body = text.rstrip()
+        if body:
+            body = self._held[channel] + body
+            self._held[channel] = ""
+            parts.append(body)
+            out.append((channel, body))
+        self._held[channel] += text[len(text.rstrip()):]
 
     @property
     def thinking_text(self) -> str:
-        return "".join(self.thinking).strip()
+        return "".join(self.thinking)
 
     @property
     def answer_text(self) -> str:
-        return "".join(self.answer).strip()
+        return "".join(self.answer)

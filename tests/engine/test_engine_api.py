@@ -17,7 +17,7 @@ def test_stream_yields_deltas_then_the_answer(load_engine):
     assert events[-1].channel == "done" and all(e.channel in ("thinking", "answer") for e in events[:-1])
     answer = events[-1].result
     streamed = "".join(e.text for e in events[:-1] if e.channel == "answer")
-    assert streamed.strip() == answer.text
+    assert streamed == answer.text  # the deltas join to the answer exactly
     assert answer.new_tokens == len(answer.token_ids) <= 30
     assert answer.vision_tokens == 40 and answer.pages_used == 2
     assert answer.prompt_tokens == 4 + 2 * (20 + 2) + len(engine.tokenizer("Who?")["input_ids"]) + 2

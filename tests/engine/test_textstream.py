@@ -35,6 +35,8 @@ CASES = {
     "  <think>unfinished": ("unfinished", ""),
     "<think>t</think>no answer tags": ("t", "no answer tags"),
     "<th": ("", "<th"),
+    "<think>\n plan \n\n</think>\n<answer>\n a  b \t\n</answer>": ("plan", "a  b"),
+    " \n spaced out\n\nanswer \n": ("", "spaced out\n\nanswer"),
 }
 
 
@@ -44,7 +46,7 @@ def test_split_is_independent_of_chunking(text, cuts):
     parser, thinking, answer = run(split(text, cuts))
     want_thinking, want_answer = CASES[text]
     assert (parser.thinking_text, parser.answer_text) == (want_thinking, want_answer)
-    assert (thinking.strip(), answer.strip()) == (want_thinking, want_answer)
+    assert (thinking, answer) == (want_thinking, want_answer)  # the pieces join to the final text, edges too
 
 
 def test_nothing_is_emitted_before_it_is_certain():
@@ -52,3 +54,12 @@ def test_nothing_is_emitted_before_it_is_certain():
     assert parser.feed("<thi") == []
     assert parser.feed("nk>abc</th") == [("thinking", "abc")]
     assert parser.feed("ink><answer>Hi") == [("answer", "Hi")]
+
+
+def test_separate_reasoning_is_trimmed_like_tagged_text():
+    """A server that sends the thinking apart (``emit``) gets the same edges as one that tags it."""
+    parser = ReasoningParser()
+    shown = parser.emit("thinking", "\n First") + parser.emit("thinking", " step \n") + parser.emit("thinking", "\n")
+    shown += parser.feed("\nDone.\n") + parser.finish()
+    assert shown == [("thinking", "First"), ("thinking", " step"), ("answer", "Done.")]
+    assert (parser.thinking_text, parser.answer_text) == ("First step", "Done.")
