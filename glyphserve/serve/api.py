@@ -10,12 +10,13 @@ from typing import Any, AsyncIterator, Awaitable, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from glyphserve import __version__
 from glyphserve.engine.types import AnswerRequest, ChatMessage, StreamEvent
 from glyphserve.errors import GlyphserveError, NotFoundError
+from glyphserve.render.config import NEWLINE_MODES, PRESETS
 from glyphserve.serve import openai_compat as oai
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.errors import InternalError, InvalidRequestError, UnsupportedMediaTypeError
@@ -34,9 +35,24 @@ class DocumentText(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str
     preset: str = "auto"
-    dpi: int | None = None
+    dpi: int | None = Field(None, gt=0)
     newline: str | None = None
     name: str | None = Field(None, max_length=255)
+
+    # Checked here so that the error names the field (param), in the API's words rather than the CLI's flags.
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value != "auto" and value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}: choose one of auto, {', '.join(PRESETS)}")
+        return value
+
+    @field_validator("newline")
+    @classmethod
+    def _known_newline(cls, value: str | None) -> str | None:
+        if value is not None and value not in NEWLINE_MODES:
+            raise ValueError(f"newline must be one of {', '.join(NEWLINE_MODES)}, not {value!r}")
+        return value
 
 
 class DocumentName(BaseModel):

@@ -189,6 +189,17 @@ def test_bad_uploads_get_clear_errors(client, name, data, status, code):
     assert client.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize("field, value", [("preset", "glyph-fr"), ("newline", "crlf"), ("dpi", "0")])
+def test_bad_render_settings_name_their_field(client, field, value):
+    """Pasted (JSON) or beside a file (form fields): the error's param names the field, in the API's words."""
+    for response in (client.post("/v1/documents", json={"text": STORY, field: value if field != "dpi" else 0}),
+                     client.post("/v1/documents", files={"file": ("story.txt", STORY.encode())}, data={field: value})):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == field and error["type"] == "invalid_request_error"
+        assert "--" not in error["message"]  # not the command line's flags
+
+
 def test_limits(client):
     too_big = client.post("/v1/documents", files={"file": ("big.txt", b"word " * 300_000)})
     assert too_big.status_code == 413 and "1 MiB" in too_big.json()["error"]["message"]
