@@ -319,8 +319,10 @@ def versions() -> dict:
 
 def update_targets(path: Path, result: dict) -> None:
     """Record the ``render_*`` figures in targets.json, keeping everyone else's entries."""
+    from glyphserve.bench.targets import record_targets
+
     row = next((r for r in result["results"] if r["workload"] == TARGET_WORKLOAD), None)
-    entries = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    entries: dict[str, dict] = {}
     date = result["date"][:10]
     source = "docs/benchmarks/render-benchmark.json"
     if row is not None:
@@ -336,8 +338,7 @@ def update_targets(path: Path, result: dict) -> None:
         entries["render_fidelity_min_ssim"] = {"measured": min(scores), "target": FIDELITY_SSIM,
                                                "met": min(scores) >= FIDELITY_SSIM and same, "card": CARD,
                                                "date": date, "source": source}
-    body = ",\n".join(f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in sorted(entries.items()))
-    path.write_text("{\n" + body + "\n}\n", encoding="utf-8")  # one entry a line, as the file is kept
+    record_targets(path, entries)
 
 
 def to_markdown(result: dict) -> str:
