@@ -34,6 +34,8 @@ class Ledger:
 
     texts: dict[str, str] = field(default_factory=dict)  # id of a document created (201) -> its text
     deleted: set[str] = field(default_factory=set)  # acknowledged deletes
+    # deletes sent but never answered (the server was killed meanwhile): the document may be there or gone
+    unanswered_deletes: set[str] = field(default_factory=set)
     answers: list[tuple[str, str, str]] = field(default_factory=list)  # (text, question, answer)
     counts: Counter = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)  # what a client saw that it should not have
@@ -45,7 +47,7 @@ class Ledger:
 
     def stored(self) -> list[str]:
         with self.lock:
-            return [d for d in self.texts if d not in self.deleted]
+            return [d for d in self.texts if d not in self.deleted and d not in self.unanswered_deletes]
 
 
 class Soak:
@@ -145,9 +147,12 @@ class Soak:
         picked = self.pick(rng)
         if picked is None:
             return
-        response = http.delete(f"{self.url}/v1/documents/{picked[0]}")
-        if response.status_code == 200:
-            with self.ledger.lock:
+        with self.ledger.lock:
+            self.ledger.unanswered_deletes.add(picked[0])
+        response = http.delete(f"{self.url}/v1/documents/{picked[0]}")  # raises if the server is killed meanwhile
+        with self.ledger.lock:
+            self.ledger.unanswered_deletes.discard(picked[0])
+            if response.status_code == 200:
                 self.ledger.deleted.add(picked[0])
 
     def hostile(self, http: httpx.Client, rng: random.Random) -> None:
@@ -185,6 +190,9 @@ def test_two_minutes_of_mixed_load_with_a_kill_loses_nothing_and_changes_no_answ
             listed = {d["id"]: d for d in http.get("/v1/documents").json()["documents"]}
             lost = [d for d in ledger.stored() if d not in listed
                     or http.get(f"/v1/documents/{d}/pages/{listed[d]['pages']}.png").status_code != 200]
+            # a delete cut by the kill either happened or not: the document is gone, or there whole
+            lost += [d for d in ledger.unanswered_deletes if d in listed and d not in ledger.deleted and
+                     http.get(f"/v1/documents/{d}/pages/{listed[d]['pages']}.png").status_code != 200]
             resurrected = [d for d in ledger.deleted if d in listed]
             # Every answer against the same question asked alone, about a document of the same text.
             alone: dict[tuple[str, str], str] = {}
