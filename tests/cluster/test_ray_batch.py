@@ -85,7 +85,10 @@ def test_ray_batch_equals_the_local_batch_result_for_result(local_ray, inputs, t
     for key, record in results.items():
         assert {f: record[f] for f in SAME} == {f: local_results[key][f] for f in SAME}, key
     assert all(results[("corrupt.pdf", q)]["error"]["code"] == "corrupt_file" for q in QUESTIONS)
-    assert all(r["timings"]["render"] > 0 and r["timings"]["decode"] > 0 for r in results.values() if not r["error"])
+    # (decode may round to 0.0 s: an answer that ends at its first token decodes for microseconds)
+    untimed = [(key, r["timings"]) for key, r in results.items() if not r["error"] and not (
+        r["timings"]["render"] > 0 and r["timings"]["total"] > 0 and r["timings"]["decode"] >= 0)]
+    assert not untimed, untimed
     table = pq.read_table(tmp_path / "r.parquet")
     assert table.num_rows == len(results) and sorted(table.column("answer").to_pylist(), key=str) == sorted(
         (r["answer"] for r in results.values()), key=str)
