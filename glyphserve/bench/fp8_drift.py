@@ -171,11 +171,11 @@ def to_markdown(result: dict) -> str:
 
 
 def write(result: dict, text: str, out: Path) -> None:
+    from glyphserve.bench.engine import card_slug
     from glyphserve.bench.targets import record_targets
 
     out.mkdir(parents=True, exist_ok=True)
-    card = "h200" if "H200" in result["card"] else "cpu" if result["device"] == "cpu" else result["card"].split()[-1].lower()
-    stem = f"fp8-drift-{card}"
+    stem = f"fp8-drift-{card_slug(result['card']) if result['device'] == 'cuda' else 'cpu'}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (out / f"{stem}.md").write_text(text, encoding="utf-8")
     if result["arch"] == "glm-4.1v-9b":

@@ -81,11 +81,11 @@ class ReasoningParser:
             text = text.lstrip()
         body = text.rstrip()
         if body:
-            body = self._held[channel] + body
+            shown = self._held[channel] + body
             self._held[channel] = ""
-            parts.append(body)
-            out.append((channel, body))
-        self._held[channel] += text[len(text.rstrip()):]
+            parts.append(shown)
+            out.append((channel, shown))
+        self._held[channel] += text[len(body):]
 
     @property
     def thinking_text(self) -> str:

@@ -227,15 +227,15 @@ class DocumentStore:
         record = DocumentRecord(uuid.uuid4().hex, name, kind, time.time(), len(files.pages), summary)
         staging, folder = self.docs / f".tmp-{record.id}", self.docs / record.id
         contents = files.contents()
-        sizes = {name: len(data) for name, data in contents.items()}
+        sizes = {filename: len(data) for filename, data in contents.items()}
         with storage("store the document"):
             room = os.statvfs(self.docs)
             if room.f_bavail * room.f_frsize < sum(sizes.values()) + 2**20:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.docs))
             try:
                 staging.mkdir()
-                for name, data in contents.items():
-                    write_file(staging / name, data, durable=False)
+                for filename, data in contents.items():
+                    write_file(staging / filename, data, durable=False)
                 write_file(staging / _RECORD, _record_json(record, content_hash, sizes), durable=False)
                 staging.rename(folder)
             except BaseException:
