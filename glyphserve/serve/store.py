@@ -367,10 +367,9 @@ class DocumentStore:
         return failed
 
     def folder(self, document_id: str) -> Path:
-        """The document's folder, once its files are on disk."""
+        """The document's folder. Its files are in place once ``add`` returned (flushed to disk or not): reads do
+        not wait for the flush (fsyncs queue behind all the disk's writeback: seconds on a busy disk)."""
         self.get(document_id)
-        self._on_disk(document_id)
-        self.get(document_id)  # still there: its files were written
         return self.docs / document_id
 
     @contextmanager
@@ -407,13 +406,13 @@ class DocumentStore:
         return [PageLayout.from_manifest(p) for p in self.manifest(document_id)["pages"]]
 
     def pages(self, document_id: str) -> list[Path]:
-        """The page files of a document, in order (once they are on disk)."""
+        """The page files of a document, in order."""
         record = self.get(document_id)
         folder = self.folder(document_id)
         return [folder / page_filename(n) for n in range(1, record.pages + 1)]
 
     def page_path(self, document_id: str, number: int) -> Path:
-        """The page's file (once the document's files are on disk)."""
+        """The page's file."""
         self._check_page(document_id, number)
         return self.folder(document_id) / page_filename(number)
 

@@ -18,6 +18,8 @@ from tests.servers import Server
 
 pytest.importorskip("ray")
 
+from glyphserve.serve.ray_serve import FRONT_DEPLOYMENT  # noqa: E402  (needs Ray)
+
 pytestmark = pytest.mark.timeout(600)
 
 QUESTIONS = ["Who kept the lighthouse?", "What happened in the winter of 1887?", "What was engraved on the compass?",
@@ -179,13 +181,23 @@ def test_the_web_ui_uploads_and_answers_through_the_replicas(server, tmp_path):
             page = browser.new_page(viewport={"width": 1600, "height": 1400})
             page.goto(server.url)
             page.locator("#upload input[type=file]").set_input_files(str(document))
-            expect(page.locator("#pages img").first).to_be_visible(timeout=60_000)
-            page.locator("#question textarea").fill("Who kept the lighthouse?")
-            page.locator("#send").click()
-            expect(page.locator("#answer-stats")).to_contain_text("Timings", timeout=60_000)  # a streamed answer
+            try:
+                expect(page.locator("#pages img").first).to_be_visible(timeout=60_000)
+                page.locator("#question textarea").fill("Who kept the lighthouse?")
+                page.locator("#send").click()
+                expect(page.locator("#answer-stats")).to_contain_text("Timings", timeout=60_000)  # streamed
+            except AssertionError as exc:  # what the front was doing (CI once saw an upload take over a minute)
+                raise AssertionError(f"{exc}\n--- server ---\n{server.log()[-3000:]}\n--- front ---\n"
+                                     f"{_front_log()[-6000:]}") from None
             page.screenshot(path=str(ARTIFACTS / "ray-serve-chat.png"), full_page=True)
         finally:
             browser.close()
+
+
+def _front_log() -> str:
+    """The front replica's Ray Serve log of this Ray session."""
+    logs = sorted(Path("/tmp/ray/session_latest/logs/serve").glob(f"replica_*{FRONT_DEPLOYMENT}*.log"))
+    return "".join(path.read_text(errors="replace") for path in logs)
 
 
 def test_killing_a_replica_mid_load_loses_no_request(server, documents):
