@@ -166,7 +166,8 @@ def check_tiny(results: dict) -> None:
     ]
     results["tiny_cuda_exactness"] = checks
     results["tiny_graphs"] = len(engine.runner.graphs)
-    results["tiny_stats"] = {k: engine.stats()[k] for k in ("steps", "graph_steps", "decode_steps", "decode_rows")}
+    stats = engine.stats()
+    results["tiny_stats"] = {k: stats[k] for k in ("steps", "graph_steps", "decode_steps", "decode_rows", "row_chunks")}
     log("tiny exactness on CUDA:", checks)
     results.save()
     del engine, model

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from glyphserve.engine.model_runner import PAGED_CHUNK_TOKENS, DenseChunk, ModelRunner, StepInputs
+from glyphserve.engine.model_runner import (GIVEN_EMBEDDING, LAST_SAMPLED, META_ROWS, PAGED_CHUNK_TOKENS, DenseChunk,
+                                            ModelRunner, StepInputs)
 from glyphserve.engine.output import Delta
 from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import NeedsDrain, Scheduler, StepPlan
@@ -51,6 +52,16 @@ class Launched:
     warmed: list[Sequence] = field(default_factory=list)  # warm sequences whose last chunk ran in this step
 
 
+@dataclass
+class StepRows:
+    """A step as single-token rows (``ModelRunner.decode``): their staged inputs [META_ROWS, n], the sequences
+    of the first rows (those sampled), and the vision-token rows' features (first row, features)."""
+
+    meta: np.ndarray
+    sampled: list[Sequence]
+    given: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+
 class EngineCore:
     def __init__(self, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler, vision: VisionEncoder,
                  device: torch.device):
@@ -61,8 +72,9 @@ class EngineCore:
         self.device = device
         self.cuda = device.type == "cuda"
         self.in_flight: deque[Launched] = deque()
+        # row_chunks: prompt chunks run one row per token in a graph step (eagerly where no graph is captured)
         self.counters = {"steps": 0, "decode_steps": 0, "decode_rows": 0, "graph_steps": 0, "prefill_passes": 0,
-                         "prefill_tokens": 0}
+                         "prefill_tokens": 0, "row_chunks": 0}
 
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self.in_flight)
@@ -137,16 +149,20 @@ class EngineCore:
             self.counters["decode_steps"] += 1
             self.counters["decode_rows"] += len(plan.decode)
         decode = self._decode_rows(plan.decode)
+        rows = StepRows(decode, plan.decode)
         if plan.chunks:
             self.counters["prefill_passes"] += 1
             self.counters["prefill_tokens"] += sum(c.end - c.start for c in plan.chunks)
+            rows = self._chunk_rows(plan, decode)
+        if rows is None:
             inputs, sampled = self._step_inputs(plan, decode)
             logits = self.runner.forward(inputs)
             greedy = None
         else:
-            sampled = plan.decode
-            self.runner.decode(torch.from_numpy(decode), len(plan.decode), self.sampler)
-            self.counters["graph_steps"] += bool(self.runner.graphs)
+            sampled = rows.sampled
+            self.counters["graph_steps"] += self.runner.decode(torch.from_numpy(rows.meta), rows.meta.shape[1],
+                                                               self.sampler, rows.given)
+            self.counters["row_chunks"] += len(plan.chunks)
             logits, greedy = self.runner.logits[: len(sampled)], self.runner.next[: len(sampled)]
         slots = np.fromiter((s.slot for s in sampled), dtype=np.int64, count=len(sampled))
         answer_pos = np.fromiter((s.scheduled_outputs - 1 for s in sampled), dtype=np.int64, count=len(sampled))
@@ -161,21 +177,60 @@ class EngineCore:
                         tuple(self._to_host(t) for t in logprobs), self._record(), warmed)
 
     def _decode_rows(self, decode: list[Sequence]) -> np.ndarray:
-        """[5, n] per decode row: slot, rope position, KV slot, KV length, answer position (the scheduler has
-        already counted the fed token in ``num_computed``)."""
+        """[META_ROWS, n] per decode row: slot, rope positions, KV slot, KV length, input token (its last sampled
+        one), output slot (its own); the scheduler has already counted the fed token in ``num_computed``."""
         n = len(decode)
-        out = np.empty((5, n), dtype=np.int64)
+        out = np.empty((META_ROWS, n), dtype=np.int64)
         if not n:
             return out
         out[0] = np.fromiter((s.slot for s in decode), dtype=np.int64, count=n)
         length = np.fromiter((s.num_computed for s in decode), dtype=np.int64, count=n)
         pos = length - 1
-        out[1] = pos + np.fromiter((s.rope_delta for s in decode), dtype=np.int64, count=n)
+        out[1:4] = pos + np.fromiter((s.rope_delta for s in decode), dtype=np.int64, count=n)
         bs = self.scheduler.block_size
-        out[2] = self.scheduler.block_tables[out[0], pos // bs] * bs + pos % bs
-        out[3] = length
-        out[4] = np.fromiter((s.scheduled_outputs - 1 for s in decode), dtype=np.int64, count=n)
+        out[4] = self.scheduler.block_tables[out[0], pos // bs] * bs + pos % bs
+        out[5] = length
+        out[6] = LAST_SAMPLED
+        out[7] = out[0]
         return out
+
+    def _chunk_rows(self, plan: StepPlan, decode: np.ndarray) -> StepRows | None:
+        """The step as single-token rows of a graph step, when every prompt chunk is short: the decode rows, then
+        the last token of each chunk that samples, then the chunks' other tokens (the sampled rows come first).
+        None when the step must run eagerly (a long chunk, or more rows than a graph step holds)."""
+        chunks = plan.chunks
+        if any(c.end - c.start > PAGED_CHUNK_TOKENS for c in chunks) or \
+                len(plan.decode) + sum(c.end - c.start for c in chunks) > self.runner.max_rows:
+            return None
+        bs = self.scheduler.block_size
+        lasts, rest, given = [], [], []
+        sampled = list(plan.decode)
+        at = len(plan.decode) + sum(c.samples for c in chunks)  # where the chunks' other tokens start
+        for chunk in chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.end
+            pos = np.arange(start, end)
+            rows = np.empty((META_ROWS, end - start), dtype=np.int64)
+            rows[0] = seq.slot
+            rows[1:4] = seq.positions_of(start, end).numpy()
+            rows[4] = self.scheduler.block_tables[seq.slot, pos // bs] * bs + pos % bs
+            rows[5] = pos + 1
+            rows[6] = seq.token_ids(start, end)
+            rows[7] = self.runner.pad_slot
+            for page, row0, count, index in seq.image_runs(start, end):
+                if chunk.samples and index + count == end:  # its sampled row is a vision token: not placed here
+                    return None
+                rows[6, index - start : index - start + count] = GIVEN_EMBEDDING
+                given.append((at + index - start, seq.features[page][row0 : row0 + count]))
+            if chunk.samples:
+                rows[7, -1] = seq.slot
+                lasts.append(rows[:, -1:])
+                rows = rows[:, :-1]
+                sampled.append(seq)
+            rest.append(rows)
+            at += rows.shape[1]
+            if seq.num_computed >= seq.image_end:
+                seq.features.clear()  # every vision token is in the pool after this step
+        return StepRows(np.concatenate([decode, *lasts, *rest], axis=1), sampled, given)
 
     def _step_inputs(self, plan: StepPlan, decode: np.ndarray) -> tuple[StepInputs, list[Sequence]]:
         """A flat batch: decode rows, then short chunks (paged attention), then long chunks (SDPA)."""
@@ -185,8 +240,8 @@ class EngineCore:
         tables = self.scheduler.block_tables
         n_dec = len(plan.decode)
         ids: list[int] = []
-        kv_slots = [decode[2]]
-        positions = [torch.from_numpy(decode[1]).expand(3, -1)]
+        kv_slots = [decode[4]]
+        positions = [torch.from_numpy(decode[1:4])]
         logits_index = list(range(n_dec))
         sampled = list(plan.decode)
         offset = n_dec
@@ -232,7 +287,7 @@ class EngineCore:
             inputs.paged_tokens = sum(lens)
             slots = self._to_device(np.fromiter((s.slot for s in paged), dtype=np.int64, count=len(paged)))
             inputs.block_tables = self.runner.block_tables[slots]
-            seq_lens = list(decode[3]) + [c.end for c in short]
+            seq_lens = list(decode[5]) + [c.end for c in short]
             inputs.seq_lens = torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True)
             inputs.query_start = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32).to(dev)
             inputs.max_query_len = max(lens)

@@ -35,13 +35,13 @@ DEFAULT_MAX_CONTEXT = 32768
 CUDA_RESERVE_BYTES = 1 << 30
 
 
-def graph_buckets(max_num_seqs: int) -> list[int]:
-    """Batch sizes with a captured decode step: powers of two up to ``max_num_seqs``, and it."""
+def graph_buckets(max_rows: int) -> list[int]:
+    """Row counts with a captured graph step: powers of two up to ``max_rows``, and it."""
     out, b = [], 1
-    while b < max_num_seqs:
+    while b < max_rows:
         out.append(b)
         b *= 2
-    return out + [max_num_seqs]
+    return out + [max_rows]
 
 
 class Engine:
@@ -342,7 +342,7 @@ class Engine:
                 grid = self.params.grid(height, width)
                 for n in sorted({1, self.config.vision_batch_pages}):
                     self.vision.encode(self.preprocessor([page] * n), [grid] * n)
-        buckets = graph_buckets(self.config.max_num_seqs)
+        buckets = graph_buckets(self.runner.max_rows)
         self.runner.warm_attention(buckets, [1, 2, PAGED_CHUNK_TOKENS])
         if self.config.cuda_graphs:
             self.runner.capture(buckets, self.sampler)

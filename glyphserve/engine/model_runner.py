@@ -8,10 +8,15 @@ blocks through its block table (``paged_attention``), except long prompt chunks,
 (a prompt's first chunk over its own K/V with plain causal attention, cuDNN's fastest path on Hopper; a later
 chunk over its earlier blocks gathered, with the lower-right causal bias).
 
-A step of decoding sequences only is replayed from a CUDA graph captured per batch-size bucket (1, 2, 4, ...,
-``max_num_seqs``): its inputs are written to static buffers first (one host-to-device copy), padding rows write
+A step of single-token rows is replayed from a CUDA graph captured per row-count bucket (1, 2, 4, ..., up to
+``max_rows``): its inputs are written to static buffers first (one host-to-device copy), padding rows write
 their K/V to the pool's trash block. Each slot's last sampled token stays on the device (``last_token``), so the
-next step is built without reading tokens back: decode runs a step ahead of the host.
+next step is built without reading tokens back: decode runs a step ahead of the host. A short prompt chunk (a
+follow-up question after a cached prefix, with the vision tokens of the prefix's last, partial block) rides in the
+same graphs, one row per token, a vision token's row taking its features from a staged buffer: every row writes
+its K/V before any row attends, so a row that sees keys up to its own position is exactly causal attention
+(a follow-up's first token took 70-110 ms on an H200 through the eager pass; a graph step costs a decode step
+plus the rows' attention over the prefix).
 """
 
 from __future__ import annotations
@@ -33,8 +38,13 @@ from glyphserve.errors import ModelLoadError
 # Prompt chunks up to this many tokens attend through the paged kernel (follow-up questions after a cached
 # prefix: no gather of the prefix); longer ones through SDPA.
 PAGED_CHUNK_TOKENS = 64
-# Staged per-row inputs of a decode step: sequence slot, rope position, KV slot, KV length, answer position.
-META_ROWS = 5
+# Staged per-row inputs of a graph step: sequence slot (block table; last sampled token), the three M-RoPE
+# positions, KV slot, KV length, input token (LAST_SAMPLED: the slot's last sampled token; GIVEN_EMBEDDING: a vision
+# token whose features are staged in ``given``), output slot (where the sampled token is kept for the next step:
+# the row's slot, or the padding slot for a prompt token whose next token is already known).
+META_ROWS = 8
+LAST_SAMPLED = -1
+GIVEN_EMBEDDING = -2
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -132,6 +142,8 @@ class ModelRunner:
         self.scaling = self.layers[0].self_attn.scaling
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
+        # Rows of a graph step: every running sequence, or a short prompt chunk (one row per token) with room.
+        self.max_rows = max(max_num_seqs, PAGED_CHUNK_TOKENS)
         self.pad_slot = max_num_seqs  # the extra slot padding rows of a graph batch use
         self.num_blocks = 0
         self.k: list[torch.Tensor] = []
@@ -146,10 +158,11 @@ class ModelRunner:
         self.block_tables = torch.full((max_num_seqs + 1, max_blocks), TRASH_BLOCK, device=device, dtype=torch.int32)
         self.last_token = torch.zeros(max_num_seqs + 1, **ikw)
         # Static inputs and outputs of the captured decode steps.
-        self.meta = torch.zeros(META_ROWS, max_num_seqs, **ikw)
-        self.query_start = torch.arange(max_num_seqs + 1, device=device, dtype=torch.int32)
-        self.logits = torch.zeros(max_num_seqs, self.vocab, device=device, dtype=torch.float32)
-        self.next = torch.zeros(max_num_seqs, **ikw)
+        self.meta = torch.zeros(META_ROWS, self.max_rows, **ikw)
+        self.query_start = torch.arange(self.max_rows + 1, device=device, dtype=torch.int32)
+        self.logits = torch.zeros(self.max_rows, self.vocab, device=device, dtype=torch.float32)
+        self.next = torch.zeros(self.max_rows, **ikw)
+        self.given = torch.zeros(self.max_rows, tc.hidden_size, device=device, dtype=dtype)
         # On CUDA the per-layer pieces around attention are compiled (their elementwise work fused) for the decode
         # graphs; the weights are arguments, so all layers share one compiled graph, and the batch size is dynamic.
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
@@ -254,14 +267,22 @@ class ModelRunner:
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 
+    def pad_rows(self, n: int) -> torch.Tensor:
+        """[META_ROWS, n] inputs of padding rows: the padding slot, the trash block, one key."""
+        pad = torch.tensor([self.pad_slot, 0, 0, 0, TRASH_BLOCK * self.block_size, 1, LAST_SAMPLED, self.pad_slot],
+                           dtype=torch.long)
+        return pad.view(-1, 1).expand(-1, n)
+
     def _decode_body(self, b: int, sampler: Sampler) -> None:
         slots = self.meta[0, :b]
-        x = self.embed(self.last_token[slots])
-        cos, sin = self.rotary(x.unsqueeze(0), self.meta[1, :b].view(1, 1, b).expand(3, 1, b))
+        token = self.meta[6, :b]
+        x = self.embed(torch.where(token >= 0, token, self.last_token[slots]))
+        x = torch.where((token == GIVEN_EMBEDDING).unsqueeze(1), self.given[:b], x)
+        cos, sin = self.rotary(x.unsqueeze(0), self.meta[1:4, :b].unsqueeze(1))
         cos, sin = cos[0], sin[0]
         block_tables = self.block_tables[slots]
-        seq_lens = self.meta[3, :b].to(torch.int32)
-        kv_slots = self.meta[2, :b]
+        seq_lens = self.meta[5, :b].to(torch.int32)
+        kv_slots = self.meta[4, :b]
         for li, (norm_w, qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
             q, k, v = self._pre(x, norm_w, qkv_w, qkv_s, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads,
                                 self.head_dim)
@@ -274,26 +295,29 @@ class ModelRunner:
         self.logits[:b].copy_(logits)
         nxt = sampler.greedy(logits, slots)
         self.next[:b].copy_(nxt)
-        self.last_token.index_copy_(0, slots, nxt)
+        self.last_token.index_copy_(0, self.meta[7, :b], nxt)  # duplicates only at the padding slot
 
     @torch.inference_mode()
-    def decode(self, meta: torch.Tensor, rows: int, sampler: Sampler) -> int:
-        """One decode step over ``rows`` sequences whose staged inputs are ``meta`` [META_ROWS, rows] (host,
-        pinned on CUDA); the greedy tokens land in ``next`` and ``last_token``, the logits in ``logits``. Returns
-        the batch size the step ran at (its bucket, or ``rows`` when no graph covers it)."""
+    def decode(self, meta: torch.Tensor, rows: int, sampler: Sampler,
+               given: list[tuple[int, torch.Tensor]] = ()) -> bool:
+        """One step of ``rows`` single-token rows (at most ``max_rows``) whose staged inputs are ``meta``
+        [META_ROWS, rows] (host), with the embeddings of its vision-token rows in ``given`` (first row, features
+        [n, D] on the device); the greedy tokens land in ``next`` and at the output slots of ``last_token``, the
+        logits in ``logits``. Returns whether a captured graph ran it (else it ran eagerly)."""
         b = self.bucket(rows) or rows
-        if b > rows:  # padding rows: a slot of their own, the trash block, one key
-            pad = torch.tensor([self.pad_slot, 0, TRASH_BLOCK * self.block_size, 1, 0], dtype=torch.long)
-            meta = torch.cat([meta, pad.view(-1, 1).expand(-1, b - rows)], dim=1)
+        if b > rows:
+            meta = torch.cat([meta, self.pad_rows(b - rows)], dim=1)
         if self.device.type == "cuda":
             meta = meta.pin_memory()
         self.meta[:, :b].copy_(meta, non_blocking=True)
+        for row, features in given:
+            self.given[row : row + features.shape[0]].copy_(features)
         graph = self.graphs.get(b)
         if graph is not None:
             graph.replay()
         else:
             self._decode_body(b, sampler)
-        return b
+        return graph is not None
 
     @torch.inference_mode()
     def warm_attention(self, seq_counts: list[int], query_lens: list[int]) -> None:
@@ -309,10 +333,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture(self, buckets: list[int], sampler: Sampler) -> None:
-        """Capture the decode step for each batch-size bucket (CUDA)."""
-        self.buckets = sorted(b for b in set(buckets) if b <= self.max_num_seqs)
-        pad = torch.tensor([self.pad_slot, 0, TRASH_BLOCK * self.block_size, 1, 0], device=self.device)
-        self.meta.copy_(pad.view(-1, 1).expand(-1, self.max_num_seqs))
+        """Capture the graph step for each row-count bucket (CUDA)."""
+        self.buckets = sorted(b for b in set(buckets) if b <= self.max_rows)
+        self.meta.copy_(self.pad_rows(self.max_rows))
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -113,7 +113,9 @@ def test_prefix_kv_reuse_for_a_follow_up_question_matches(load_engine, reference
     engine = load_engine()
     engine.answer(request(pages, "Who is the wolf?"))
     expected, _ = reference.generate(pages, "What did the girl carry?", max_new_tokens=N, ignore_eos=True)
+    before = engine.stats()["row_chunks"]
     answer = engine.answer(request(pages, "What did the girl carry?"))
+    assert engine.stats()["row_chunks"] == before + 1  # the short prefill ran as rows of a (graph) step
     # [gMASK]<sop><|user|>\n, then per page <|begin_of_image|> + vision tokens + <|end_of_image|>: its full KV
     # blocks are shared; the last, partial one is recomputed (its page's features come from the vision cache)
     prefix = 4 + sum(engine.vision_tokens(p.shape[:2]) + 2 for p in pages)
@@ -286,6 +288,37 @@ def test_follow_ups_on_cached_documents_are_prefilled_together_and_match(load_en
     assert [a.token_ids for a in answers] == expected
     assert engine.stats()["prefill_passes"] - before == 1  # one pass over the weights for all four
     assert all(a.cache.prefix_reused_tokens > 0 for a in answers[:3])
+
+
+@pytest.mark.parametrize("rows", [64, 0])  # one row per prompt token (a graph step on CUDA), and the eager pass
+def test_follow_ups_joining_decoding_rows_match_as_rows_and_eagerly(load_engine, reference, pages, monkeypatch, rows):
+    """Short prefills (follow-ups after cached prefixes, vision tokens of a partial block among them) run in the
+    same step as other rows' decoding, one row per token, or eagerly when a graph step has no room for them."""
+    engine = load_engine(max_num_seqs=4)
+    monkeypatch.setattr(engine.runner, "max_rows", rows)
+    docs = [pages[:1], pages[1:], pages]
+    for doc in docs:
+        engine.answer(request(doc, "What is this?", n=2))
+    first = (pages, "Who pretended to be the grandmother in the story?", 20)
+    joining = [(docs[0], "Who?", 6), (docs[1], "Where does the grandmother live?", 12), (docs[2], "Why?", 9)]
+    expected = [reference.generate(p, q, max_new_tokens=n, ignore_eos=True)[0] for p, q, n in [first, *joining]]
+    offered, calls = list(joining), []
+
+    def admit(free: int) -> list[AnswerRequest]:
+        calls.append(free)
+        if len(calls) < 3:  # join after a few decode steps
+            return []
+        taken, offered[:] = offered[:free], offered[free:]
+        return [request(p, q, n=n) for p, q, n in taken]
+
+    before = engine.stats()
+    done = {i: e.result for i, e in engine.stream_batch([request(*first[:2], n=first[2])], admit=admit)
+            if e.channel == "done"}
+    assert [done[i].token_ids for i in range(4)] == expected
+    assert all(done[i].cache.prefix_reused_tokens > 0 for i in range(4))
+    after = engine.stats()
+    assert after["prefill_passes"] - before["prefill_passes"] == 2  # the first question, then the three joiners
+    assert after["row_chunks"] - before["row_chunks"] == (4 if rows else 0)
 
 
 @pytest.mark.parametrize("chunk", [37, 100])  # through the paged kernel, and through SDPA over gathered blocks
