@@ -154,7 +154,9 @@ class Scheduler:
                 return
             admitted = self._allocate(seq)
             # Short of blocks, or its prefix half-written by a warming sequence that now pauses for it: a warming
-            # sequence steps aside (its unwritten blocks are withdrawn, so the question writes them itself).
+            # sequence steps aside (its unwritten blocks are withdrawn, so the question writes them itself). A
+            # question's prefix is never half-written here: budget is left only when every running question's
+            # prompt chunk reached its end, and the chunk's blocks count as written once it is planned.
             while admitted is not True and self._make_room(seq):
                 admitted = self._allocate(seq)
             if admitted is None:
@@ -216,7 +218,7 @@ class Scheduler:
         self.pool.mark_unwritten(sorted(unwritten))
         for c in requeued:
             c.seq.scheduled_outputs -= c.samples  # scheduled with this step, which it leaves
-            self._requeue(c.seq)
+            self._requeue(c.seq, preempted=False)
         return [c.seq for c in requeued]
 
     def _slot_for_next_token(self, seq: Sequence) -> bool:
@@ -247,13 +249,15 @@ class Scheduler:
         victims = [s for s in self.running if s.request.warm] or [seq]
         self._requeue(victims[-1])
 
-    def _requeue(self, victim: Sequence) -> None:
+    def _requeue(self, victim: Sequence, preempted: bool = True) -> None:
+        """Back to the front of the queue, its blocks released (those it wrote stay cached); ``preempted`` counts
+        it (a sequence withdrawn from a step before it ran lost no work)."""
         self.running.remove(victim)
         self._release(victim)
         victim.status = Status.WAITING
         victim.num_computed = 0
-        victim.preemptions += 1
-        self.preemptions += 1
+        victim.preemptions += preempted
+        self.preemptions += preempted
         self.waiting.appendleft(victim)
 
     def _release(self, seq: Sequence) -> None:

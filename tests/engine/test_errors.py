@@ -250,6 +250,7 @@ def test_a_damaged_page_leaves_no_unwritten_blocks_in_the_prefix_cache(load_engi
     events = list(engine.stream_batch([damaged, good]))  # the good one is admitted onto the damaged one's blocks
     assert [i for i, e in events if e.channel == "error"] == [0]
     assert [e.result.token_ids for i, e in events if e.channel == "done"] == [expected]
+    assert engine.stats()["preemptions"] == 0  # sent back out of a step that never ran: no work lost
     list(engine.stream_batch([damaged]))
     assert engine.answer(good).token_ids == expected
     again = AnswerRequest(pages=damaged.pages, question="Where?", settings=settings)
