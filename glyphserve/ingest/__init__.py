@@ -8,6 +8,7 @@ from glyphserve.ingest.api import (
     clean_filename,
     ingest_bytes,
     ingest_path,
+    ingest_source,
     ingest_text,
     normalize_text,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "clean_filename",
     "ingest_bytes",
     "ingest_path",
+    "ingest_source",
     "ingest_text",
     "normalize_text",
     "shutdown_parsers",

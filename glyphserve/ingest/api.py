@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -92,6 +93,16 @@ def ingest_path(path: str | os.PathLike, *, limits: IngestLimits = IngestLimits(
     except OSError as exc:
         raise GlyphserveError(f"cannot read '{path}': {exc.strerror or exc}") from exc
     return ingest_bytes(data, path.name, limits=limits)
+
+
+def ingest_source(source: str, *, limits: IngestLimits = IngestLimits()) -> Document:
+    """A file named on a command line, or ``-`` for standard input (read up to the size limit)."""
+    if source != "-":
+        return ingest_path(source, limits=limits)
+    stdin = sys.stdin.buffer
+    data = stdin.read() if limits.max_bytes is None else stdin.read(limits.max_bytes + 1)
+    _check_size(len(data), limits.max_bytes, "standard input")
+    return ingest_bytes(data, None, limits=limits)
 
 
 def ingest_text(text: str, *, limits: IngestLimits = IngestLimits()) -> Document:

@@ -59,14 +59,6 @@ def config_from_args(args: argparse.Namespace, text: str):
     return config
 
 
-def _read_document(source: str):
-    from glyphserve.ingest import ingest_bytes, ingest_path
-
-    if source == "-":
-        return ingest_bytes(sys.stdin.buffer.read(), None)
-    return ingest_path(source)
-
-
 def _page_counter():
     """A tqdm page counter on stderr, only when stderr is a terminal, and the render callback that moves it."""
     from tqdm import tqdm
@@ -80,9 +72,10 @@ def _page_counter():
 
 
 def run(args: argparse.Namespace) -> int:
+    from glyphserve.ingest import ingest_source
     from glyphserve.render import missing_glyphs_warning, render_document, write_rendered
 
-    doc = _read_document(args.input)
+    doc = ingest_source(args.input)
     config = config_from_args(args, doc.text)
     bar, progress = _page_counter()
     try:

@@ -9,7 +9,6 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from glyphserve.errors import ConfigError
 
@@ -22,7 +21,7 @@ def register(subparsers) -> None:
         "is shown dimmed, or prefixed when not on a terminal). With --model the model runs here; with --endpoint a "
         "running server reads the pages; with neither the answer is extractive (the best passages of the text).",
     )
-    ask.add_argument("input", type=Path, help="document: PDF, DOCX, Markdown or plain text")
+    ask.add_argument("input", help="document: PDF, DOCX, Markdown or plain text, or - for stdin")
     ask.add_argument("question", nargs="?", help="the question (optional with --chat)")
     source = ask.add_mutually_exclusive_group()
     source.add_argument("--model", help="model directory or Hugging Face id (e.g. zai-org/Glyph)")
@@ -59,14 +58,16 @@ def register(subparsers) -> None:
 def _ask(args: argparse.Namespace) -> int:
     from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
     from glyphserve.engine.prompt import page_budget
-    from glyphserve.ingest import ingest_path
+    from glyphserve.ingest import ingest_source
     from glyphserve.render import render_document, resolve_config
     from glyphserve.retrieve import DocumentPages, select_pages
 
     if not args.chat and not args.question:
         raise ConfigError("give a QUESTION (or --chat to read questions from stdin)")
+    if args.chat and args.input == "-":
+        raise ConfigError("--chat reads the questions from stdin: give the document as a file, not -")
     started = time.perf_counter()
-    document = ingest_path(args.input)
+    document = ingest_source(args.input)
     rendered = render_document(document, resolve_config(document.text, preset=args.preset, dpi=args.dpi)).pages
     selectable = DocumentPages(document.text, rendered)
     render_s = time.perf_counter() - started

@@ -311,61 +311,67 @@ class ReplicaScheduler:
         job = dataclasses.replace(job, request=dataclasses.replace(job.request, cancel=None))
         resume = _Resume()
         self.replicas.counters["requests"] += 1
-        for attempt in range(MAX_ATTEMPTS):
-            resume.restart()
-            replica = None
-            response = self.replicas.handle.chat.remote(job, key=key)
-            self._waiting += 1
-            waiting = True
-            try:
-                while True:
-                    remaining = self.timeout - (time.monotonic() - arrived)
-                    item = await asyncio.wait_for(response.__anext__(), max(remaining, 0.001))
-                    if isinstance(item, ReplicaReport):
-                        self.replicas.seen(item, key, first=replica is None)
-                        replica = item.replica
-                        continue
-                    if waiting:
-                        waiting = False
-                        self._waiting -= 1
-                        self._running += 1
-                    if isinstance(item, StreamEvent):
-                        item = resume.trim(item)
-                        if item is None:
+        replied = False
+        try:
+            for attempt in range(MAX_ATTEMPTS):
+                resume.restart()
+                replica = None
+                response = self.replicas.handle.chat.remote(job, key=key)
+                self._waiting += 1
+                waiting = True
+                try:
+                    while True:
+                        remaining = self.timeout - (time.monotonic() - arrived)
+                        item = await asyncio.wait_for(response.__anext__(), max(remaining, 0.001))
+                        if isinstance(item, ReplicaReport):
+                            self.replicas.seen(item, key, first=replica is None)
+                            replica = item.replica
                             continue
+                        if waiting:
+                            waiting = False
+                            self._waiting -= 1
+                            self._running += 1
+                        if isinstance(item, StreamEvent):
+                            item = resume.trim(item)
+                            if item is None:
+                                continue
+                            yield item
+                            continue
+                        self.hooks.reply(item, time.monotonic() - arrived)
+                        replied = True
                         yield item
-                        continue
-                    self.hooks.reply(item, time.monotonic() - arrived)
-                    yield item
-                    return  # the Reply is the last item: a replica lost after it must not answer again
-            except StopAsyncIteration:
-                return
-            except asyncio.TimeoutError:
-                raise RequestTimeoutError(f"the request took longer than the {self.timeout:g} s limit "
-                                          "(--request-timeout)") from None
-            except (RayActorError, ReplicaUnavailableError) as exc:
-                self.replicas.lost(replica)
-                if attempt + 1 == MAX_ATTEMPTS or (resume.sent and not deterministic):
-                    raise RemoteBackendError(f"the engine replica died while answering ({type(exc).__name__})") \
-                        from None
-                self.replicas.counters["retries"] += 1
-                self.replicas.counters["resumed"] += bool(resume.sent)
-            except BackPressureError:
-                raise QueueFullError("the engine replicas' queue is full; retry in a moment") from None
-            except RequestCancelledError:
+                        return  # the Reply is the last item: a replica lost after it must not answer again
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise RequestTimeoutError(f"the request took longer than the {self.timeout:g} s limit "
+                                              "(--request-timeout)") from None
+                except (RayActorError, ReplicaUnavailableError) as exc:
+                    self.replicas.lost(replica)
+                    if attempt + 1 == MAX_ATTEMPTS or (resume.sent and not deterministic):
+                        raise RemoteBackendError(f"the engine replica died while answering ({type(exc).__name__})") \
+                            from None
+                    self.replicas.counters["retries"] += 1
+                    self.replicas.counters["resumed"] += bool(resume.sent)
+                except BackPressureError:
+                    raise QueueFullError("the engine replicas' queue is full; retry in a moment") from None
+                except RequestCancelledError:
+                    raise asyncio.CancelledError() from None
+                except RayTaskError as exc:  # raised by the replica's code: a user error, or a bug
+                    cause = exc.cause
+                    raise cause if isinstance(cause, GlyphserveError) else InternalError(
+                        f"the engine replica failed ({type(cause).__name__}); its log has the details") from None
+                finally:
+                    if waiting:
+                        self._waiting -= 1
+                    else:
+                        self._running -= 1
+                    response.cancel()  # a no-op once it ended; else the replica stops the job
+                await asyncio.sleep(0.1 * 2**attempt)
+        except (GeneratorExit, asyncio.CancelledError, RequestTimeoutError):
+            if not replied:  # the client went away or the deadline passed: counted as the local scheduler does
                 self.hooks.cancelled()
-                raise asyncio.CancelledError() from None
-            except RayTaskError as exc:  # raised by the replica's code: a user error, or a bug
-                cause = exc.cause
-                raise cause if isinstance(cause, GlyphserveError) else InternalError(
-                    f"the engine replica failed ({type(cause).__name__}); its log has the details") from None
-            finally:
-                if waiting:
-                    self._waiting -= 1
-                else:
-                    self._running -= 1
-                response.cancel()  # a no-op once it ended; else the replica stops the job
-            await asyncio.sleep(0.1 * 2**attempt)
+            raise
 
 
 async def _close(pending: asyncio.Future, items) -> None:

@@ -153,6 +153,7 @@ def test_a_client_that_goes_away_stops_its_answer(server, documents):
 
     body = {"messages": [{"role": "user", "content": QUESTIONS[0]}], "document": document["id"],
             "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    cancelled = _cancelled_total(server)
     with server.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200, r.read()
         next(line for line in r.iter_lines() if line.startswith("data: ") and '"content": "' in line)
@@ -163,6 +164,13 @@ def test_a_client_that_goes_away_stops_its_answer(server, documents):
     # Over those two seconds the replica decoded the one short question only: a 3,000-token answer still
     # running would have added a decode step every few milliseconds.
     assert after["decode_steps"] - before["decode_steps"] <= MAX_TOKENS, (before, after)
+    assert _cancelled_total(server) == cancelled + 1  # counted as the single-machine server counts it
+
+
+def _cancelled_total(server: Server) -> float:
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return float(next(line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("glyphserve_requests_cancelled_total")))
 
 
 def test_the_web_ui_uploads_and_answers_through_the_replicas(server, tmp_path):

@@ -111,3 +111,14 @@ def test_ask_without_a_model_cites_pages_as_the_server_does(tmp_path, capsys):
     assert len(pages) > 1 and page in result["pages_shown"]
     assert main(["ask", str(doc), "What is the harbour code?"]) == 0
     assert f"[page {page}] The harbour code is LANTERN-42." in capsys.readouterr().out
+
+
+@needs_render
+def test_ask_reads_the_document_from_stdin(tmp_path, capsys, monkeypatch):
+    text = "The lighthouse keeper was called Elias.\n\nThe harbour code is LANTERN-42.\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8"))))
+    assert main(["ask", "-", "What is the harbour code?", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "LANTERN-42" in result["text"] and result["pages_shown"] == [1]
+    assert main(["ask", "-", "--chat"]) == 2  # the questions would come from stdin too
+    assert "give the document as a file" in capsys.readouterr().err
