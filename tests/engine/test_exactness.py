@@ -294,8 +294,12 @@ def test_follow_ups_on_cached_documents_are_prefilled_together_and_match(load_en
 def test_follow_ups_joining_decoding_rows_match_as_rows_and_eagerly(load_engine, reference, pages, monkeypatch, rows):
     """Short prefills (follow-ups after cached prefixes, vision tokens of a partial block among them) run in the
     same step as other rows' decoding, one row per token, or eagerly when a graph step has no room for them."""
+    from glyphserve.engine.engine import graph_buckets
+
     engine = load_engine(max_num_seqs=4)
     monkeypatch.setattr(engine.runner, "max_rows", rows)
+    # Steps padded to a bucket with padding rows, as on CUDA (no graph here: the padded step runs eagerly).
+    monkeypatch.setattr(engine.runner, "buckets", graph_buckets(rows) if rows else [])
     docs = [pages[:1], pages[1:], pages]
     for doc in docs:
         engine.answer(request(doc, "What is this?", n=2))
