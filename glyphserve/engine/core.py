@@ -197,7 +197,8 @@ class EngineCore:
     def _chunk_rows(self, plan: StepPlan, decode: np.ndarray) -> StepRows | None:
         """The step as single-token rows of a graph step, when every prompt chunk is short: the decode rows, then
         the last token of each chunk that samples, then the chunks' other tokens (the sampled rows come first).
-        None when the step must run eagerly (a long chunk, or more rows than a graph step holds)."""
+        None when the step must run eagerly (a long chunk, more rows than a graph step holds, or a chunk that
+        samples after a vision token, which no prompt does: ``<|end_of_image|>`` follows every page)."""
         chunks = plan.chunks
         if any(c.end - c.start > PAGED_CHUNK_TOKENS for c in chunks) or \
                 len(plan.decode) + sum(c.end - c.start for c in chunks) > self.runner.max_rows:
@@ -228,8 +229,9 @@ class EngineCore:
                 sampled.append(seq)
             rest.append(rows)
             at += rows.shape[1]
-            if seq.num_computed >= seq.image_end:
-                seq.features.clear()  # every vision token is in the pool after this step
+        for chunk in chunks:
+            if chunk.seq.num_computed >= chunk.seq.image_end:
+                chunk.seq.features.clear()  # every vision token is in the pool after this step
         return StepRows(np.concatenate([decode, *lasts, *rest], axis=1), sampled, given)
 
     def _step_inputs(self, plan: StepPlan, decode: np.ndarray) -> tuple[StepInputs, list[Sequence]]:

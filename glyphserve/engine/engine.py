@@ -35,13 +35,14 @@ DEFAULT_MAX_CONTEXT = 32768
 CUDA_RESERVE_BYTES = 1 << 30
 
 
-def graph_buckets(max_rows: int) -> list[int]:
-    """Row counts with a captured graph step: powers of two up to ``max_rows``, and it."""
+def graph_buckets(max_num_seqs: int, max_rows: int) -> list[int]:
+    """Row counts with a captured graph step: powers of two up to ``max_num_seqs``, it, and ``max_rows`` (room for
+    a short prompt chunk beside few sequences: one more capture, not every power of two up to it)."""
     out, b = [], 1
-    while b < max_rows:
+    while b < max_num_seqs:
         out.append(b)
         b *= 2
-    return out + [max_rows]
+    return sorted({*out, max_num_seqs, max_rows})
 
 
 class Engine:
@@ -342,7 +343,7 @@ class Engine:
                 grid = self.params.grid(height, width)
                 for n in sorted({1, self.config.vision_batch_pages}):
                     self.vision.encode(self.preprocessor([page] * n), [grid] * n)
-        buckets = graph_buckets(self.runner.max_rows)
+        buckets = graph_buckets(self.config.max_num_seqs, self.runner.max_rows)
         self.runner.warm_attention(buckets, [1, 2, PAGED_CHUNK_TOKENS])
         if self.config.cuda_graphs:
             self.runner.capture(buckets, self.sampler)

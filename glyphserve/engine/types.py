@@ -29,7 +29,8 @@ class EngineConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # Longest sequence (prompt + answer) in tokens; None = the model's limit, capped at 32768.
     max_context: int | None = None
-    # Sequences decoded together at most (vLLM's max_num_seqs); a CUDA graph is captured per power-of-two bucket.
+    # Sequences decoded together at most (vLLM's max_num_seqs); a CUDA graph is captured per power-of-two bucket
+    # (and one of 64 rows beside fewer sequences, for short prompt chunks).
     max_num_seqs: int = 256
     # CUDA: the share of the GPU's memory the process may use; the KV pool gets what the weights, the largest
     # prefill's activations and the vision cache leave of it (vLLM's gpu_memory_utilization).

@@ -299,7 +299,7 @@ def test_follow_ups_joining_decoding_rows_match_as_rows_and_eagerly(load_engine,
     engine = load_engine(max_num_seqs=4)
     monkeypatch.setattr(engine.runner, "max_rows", rows)
     # Steps padded to a bucket with padding rows, as on CUDA (no graph here: the padded step runs eagerly).
-    monkeypatch.setattr(engine.runner, "buckets", graph_buckets(rows) if rows else [])
+    monkeypatch.setattr(engine.runner, "buckets", graph_buckets(4, rows) if rows else [])
     docs = [pages[:1], pages[1:], pages]
     for doc in docs:
         engine.answer(request(doc, "What is this?", n=2))
