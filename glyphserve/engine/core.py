@@ -136,7 +136,7 @@ class EngineCore:
             if plan.empty:
                 return None
         for seq in plan.admitted:
-            self.sampler.admit(seq.slot, seq.settings, seq.prompt.ids, seq.seed, seq.greedy)
+            self.sampler.admit(seq.slot, seq.settings, seq.prompt.ids, seq.seed, seq.greedy, seq.output)
             seq.prefill_started = seq.prefill_started or time.perf_counter()
             if seq.cache.prefix_reused_tokens == 0:
                 seq.cache.prefix_reused_tokens = seq.num_cached

@@ -86,8 +86,10 @@ class Sampler:
         self.counts: torch.Tensor | None = None  # answer tokens
         self.seen: torch.Tensor | None = None  # prompt and answer tokens
 
-    def admit(self, slot: int, settings: GenerationSettings, prompt_ids: list[int], seed: int, greedy: bool) -> None:
-        """Write a sequence's settings to its slot; ``seed`` as a signed 64-bit integer."""
+    def admit(self, slot: int, settings: GenerationSettings, prompt_ids: list[int], seed: int, greedy: bool,
+              answer_ids: list[int] = ()) -> None:
+        """Write a sequence's settings to its slot; ``seed`` as a signed 64-bit integer; ``answer_ids``: the tokens
+        it generated before (recomputed after a preemption), counted for the penalties."""
         s = settings
         penalised = s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0
         self.temperature[slot] = 1.0 if greedy else s.temperature
@@ -113,6 +115,10 @@ class Sampler:
             self.counts[slot].zero_()
             self.seen[slot].zero_()
             self.seen[slot, torch.tensor(prompt_ids, device=self.device, dtype=torch.int64)] = True
+            if answer_ids:
+                answer = torch.tensor(answer_ids, device=self.device, dtype=torch.int64)
+                self.counts[slot] += torch.bincount(answer, minlength=self.vocab).to(torch.int32)
+                self.seen[slot, answer] = True
 
     def rows(self, slots: np.ndarray) -> SampleRows:
         """The step's row classes from the host mirrors (vectorised over the rows)."""

@@ -401,6 +401,23 @@ def test_rows_preempted_when_blocks_run_out_are_recomputed_and_match(load_engine
     assert engine.stats()["kv_pool"]["in_use"] == 0
 
 
+def test_a_penalised_row_preempted_and_recomputed_keeps_its_answer_tokens_counted(load_engine, reference, pages):
+    """Recomputed after a preemption, a row with a repetition penalty still counts the tokens it generated before
+    (Hugging Face's rule penalises every token seen, prompt and answer)."""
+    engine = load_engine(num_kv_blocks=41, max_num_seqs=4, max_context=320)
+    cases = [(pages[i % 3 : i % 3 + 1], f"Tell me about part {i} of the story.") for i in range(4)]
+    expected = []
+    for p, q in cases:
+        inputs = reference.inputs(p, q)
+        with torch.inference_mode():
+            out = reference.model.generate(**inputs, max_new_tokens=120, min_new_tokens=120, do_sample=False,
+                                           repetition_penalty=1.5)
+        expected.append(out[0, inputs["input_ids"].shape[1]:].tolist())
+    answers = engine.answer_batch([request(p, q, n=120, repetition_penalty=1.5) for p, q in cases])
+    assert engine.stats()["preemptions"] > 0
+    assert [a.token_ids for a in answers] == expected
+
+
 def test_evicted_prefix_blocks_are_rebuilt_and_match(load_engine, reference, pages):
     engine = load_engine(num_kv_blocks=12, max_context=160)  # room for about two documents' prefixes
     first = engine.answer(request(pages[:1], "Who?", n=4))
