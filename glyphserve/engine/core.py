@@ -39,6 +39,7 @@ class Event:
     text: str = ""
     logprobs: list[TokenLogprob] | None = None
     error: Exception | None = None
+    tokens: list[int] = field(default_factory=list)  # the generated tokens the delta's text came from
 
 
 @dataclass
@@ -330,7 +331,7 @@ class EngineCore:
             if seq.status is not Status.RUNNING:
                 continue  # finished (or preempted, to be recomputed) after this step was launched
             try:
-                if not seq.output:
+                if not seq.new_output:
                     seq.timings.prefill = now - seq.prefill_started
                     seq.timings.time_to_first_token = now - seq.arrived
                     seq.decode_started = now
@@ -368,14 +369,14 @@ class EngineCore:
 
     @staticmethod
     def _deltas(seq: Sequence, deltas: list[Delta]) -> list[Event]:
-        return [Event(seq, d.channel, d.text, d.logprobs) for d in deltas]
+        return [Event(seq, d.channel, d.text, d.logprobs, tokens=d.tokens) for d in deltas]
 
     def _finish(self, seq: Sequence, reason: str) -> list[Event]:
         self.scheduler.finish(seq, reason)
         seq.features.clear()
         events = self._deltas(seq, seq.out.finish())
         now = time.perf_counter()
-        if not seq.output:
+        if not seq.new_output:
             seq.decode_started = now
         seq.timings.decode = now - seq.decode_started
         seq.timings.total = now - seq.arrived

@@ -239,7 +239,7 @@ class Engine:
             return StreamEvent(channel="done", result=self._answer(event.seq))
         if event.channel == "error":
             return StreamEvent(channel="error", error=event.error)
-        return StreamEvent(channel=event.channel, text=event.text, logprobs=event.logprobs)
+        return StreamEvent(channel=event.channel, text=event.text, logprobs=event.logprobs, tokens=event.tokens)
 
     def _answer(self, seq: Sequence) -> Answer:
         self._counters["new_tokens"] += len(seq.output)

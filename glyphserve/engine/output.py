@@ -20,6 +20,7 @@ class Delta:
     channel: str  # "thinking" | "answer"
     text: str
     logprobs: list[TokenLogprob] | None = None
+    tokens: list[int] = field(default_factory=list)  # the tokens pushed since the previous delta
 
 
 @dataclass
@@ -43,10 +44,12 @@ class OutputState:
         self.parser = ReasoningParser()
         self.logprobs: list[TokenLogprob] | None = [] if settings.logprobs is not None else None
         self._unreleased: list[TokenLogprob] = []
+        self._unreported: list[int] = []  # tokens pushed since the last delta
 
     def push(self, token: int, logprob: TokenLogprob | None = None) -> TokenOutcome:
         """Take one generated token; returns the text it releases and whether the answer ends here."""
         outcome = TokenOutcome()
+        self._unreported.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
             self._unreleased.append(logprob)
@@ -61,13 +64,18 @@ class OutputState:
             self._cut(outcome)
         return outcome
 
+    def delivered(self) -> None:
+        """What was pushed so far reached the caller before (an answer resumed): no later delta reports its
+        tokens or logprobs again. Text still held back is released later, as it would have been."""
+        self._unreported, self._unreleased = [], []
+
     def finish(self) -> list[Delta]:
         """The answer ended (length, stop, cancel): release everything held back."""
         outcome = TokenOutcome()
         self._release(self.pending, outcome)
         self.pending = ""
         for channel, text in self.parser.finish():
-            outcome.deltas.append(Delta(channel, text, self._take_logprobs()))
+            outcome.deltas.append(Delta(channel, text, self._take_logprobs(), self._take_tokens()))
         return outcome.deltas
 
     def _cut(self, outcome: TokenOutcome) -> None:
@@ -92,12 +100,16 @@ class OutputState:
         if not text:
             return
         for channel, part in self.parser.feed(text):
-            outcome.deltas.append(Delta(channel, part, self._take_logprobs()))
+            outcome.deltas.append(Delta(channel, part, self._take_logprobs(), self._take_tokens()))
 
     def _take_logprobs(self) -> list[TokenLogprob] | None:
         if self.logprobs is None:
             return None
         taken, self._unreleased = self._unreleased, []
+        return taken
+
+    def _take_tokens(self) -> list[int]:
+        taken, self._unreported = self._unreported, []
         return taken
 
     def token_text(self, token: int) -> str:

@@ -136,7 +136,26 @@ class Planner:
         seq.out = OutputState(self.tokenizer, settings, frozenset(stops | set(settings.stop_token_ids)))
         seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         seq.seed = seed - 2**64 if seed >= 2**63 else seed  # as a signed 64-bit integer
+        if request.resume_tokens:
+            self._resume(seq)
         return seq
+
+    def _resume(self, seq: Sequence) -> None:
+        """Put ``seq`` where an earlier attempt left its answer: those tokens generated (their K/V computed with
+        the prompt's, as after a preemption) and its output state past their text, which was delivered."""
+        request = seq.request
+        tokens = request.resume_tokens
+        if request.warm or len(tokens) >= seq.settings.max_tokens or any(not 0 <= t < self.vocab for t in tokens):
+            raise ConfigError("resume_tokens must be fewer than max_tokens token ids of the vocabulary")
+        logprobs = request.resume_logprobs if seq.out.logprobs is not None else None
+        if logprobs is not None and len(logprobs) != len(tokens):
+            raise ConfigError("resume_logprobs must give one log-probability per resumed token")
+        for i, token in enumerate(tokens):
+            if seq.out.push(token, logprobs[i] if logprobs is not None else None).stop_reason is not None:
+                raise ConfigError("resume_tokens end the answer: there is nothing to resume")
+        seq.out.delivered()
+        seq.output = list(tokens)
+        seq.scheduled_outputs = len(tokens)
 
     def _pages_that_fit(self, prompt: PromptTokens, budget: int) -> int:
         merge = self.params.merge_size**2

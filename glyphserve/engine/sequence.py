@@ -77,6 +77,11 @@ class Sequence:
         return len(self.prompt.ids)
 
     @property
+    def new_output(self) -> int:
+        """Tokens generated in this engine (``output`` starts with the resumed ones, ``request.resume_tokens``)."""
+        return len(self.output) - len(self.request.resume_tokens)
+
+    @property
     def greedy(self) -> bool:
         return self.settings.temperature < GREEDY_BELOW
 

@@ -158,6 +158,11 @@ class AnswerRequest:
     # upload); nothing is generated and the question may be empty.
     warm: bool = False
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    # Answer tokens an earlier attempt generated and delivered (its replica died): computed as context, as after a
+    # preemption, and counted in max_tokens; their text is not streamed again, and the answer continues after them.
+    # ``resume_logprobs``, when the request asks for logprobs: theirs, for the final Answer.
+    resume_tokens: list[int] = field(default_factory=list)
+    resume_logprobs: list[TokenLogprob] | None = None
     # Polled once per decode step; returning True ends this request's generation (finish_reason "cancelled").
     cancel: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
@@ -229,3 +234,6 @@ class StreamEvent:
     result: Answer | None = None
     error: Exception | None = None
     logprobs: list[TokenLogprob] | None = None  # of the tokens this delta's text came from, when asked for
+    # The generated token ids this delta's text came from: every token since the previous delta (a request that
+    # resumes an answer sends them back as ``resume_tokens``).
+    tokens: list[int] = field(default_factory=list)

@@ -16,9 +16,9 @@ vision and prefix caches hold it, and a replica joining or leaving moves only th
 Ray Serve sends the request to the first replica in that order with a free slot (``max_ongoing_requests``),
 so a busy document spills to the same second replica every time instead of queueing behind the first.
 
-Failover: a request whose replica dies is sent again (the router no longer offers the dead replica); for an
-answer that is deterministic (greedy, or sampled with a seed) the text already streamed is checked against the
-new stream and not sent twice, so the client sees one uninterrupted answer.
+Failover: a request whose replica dies is sent again (the router no longer offers the dead replica) with the
+tokens already streamed (``AnswerRequest.resume_tokens``): the new replica computes them as context and streams
+only what follows, so the client sees one uninterrupted answer, greedy or sampled.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, RequestCancelledError
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from glyphserve.engine.types import EncodedPage, EngineConfig, StreamEvent
+from glyphserve.engine.types import AnswerRequest, EncodedPage, EngineConfig, StreamEvent, TokenLogprob
 from glyphserve.errors import ConfigError, GlyphserveError, QueueFullError, RemoteBackendError
 from glyphserve.serve.app import ENGINE_SWITCH_INTERVAL_S, create_app, prepare
 from glyphserve.serve.backends import ChatJob, EngineBackend, Reply
@@ -206,30 +206,24 @@ class ServeReplicas:
 
 
 class _Resume:
-    """The text already passed on per channel, and what a resent request's stream must repeat first."""
+    """What the client has of an answer: the tokens (and logprobs) of every delta passed on. A request sent again
+    after its replica died carries them (``resume_tokens``): the new replica computes them as context and
+    continues after them, so nothing is sent twice or lost, greedy or sampled."""
 
     def __init__(self):
-        self.sent: dict[str, str] = {}
-        self.pending: dict[str, str] = {}
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
 
-    def restart(self) -> None:
-        self.pending = dict(self.sent)
+    def took(self, event: StreamEvent) -> None:
+        self.tokens += event.tokens
+        self.logprobs += event.logprobs or []
 
-    def trim(self, event: StreamEvent) -> StreamEvent | None:
-        """The new part of a delta (None when all of it was sent before); raises if the stream differs. A delta
-        that is partly new keeps all its logprobs: those of the part sent before come again (the replica joins
-        deltas that pile up, so that part may span several tokens)."""
-        pending = self.pending.get(event.channel, "")
-        if pending.startswith(event.text):
-            self.pending[event.channel] = pending[len(event.text):]
-            return None
-        if not event.text.startswith(pending):
-            raise RemoteBackendError("the replica died mid-answer and the answer computed again differs from the "
-                                     "part already sent")
-        self.pending[event.channel] = ""
-        fresh = dataclasses.replace(event, text=event.text[len(pending):])
-        self.sent[event.channel] = self.sent.get(event.channel, "") + fresh.text
-        return fresh
+    def request(self, request: AnswerRequest) -> AnswerRequest:
+        """The request to send (again)."""
+        if not self.tokens:
+            return request
+        logprobs = list(self.logprobs) if request.settings.logprobs is not None else None
+        return dataclasses.replace(request, resume_tokens=list(self.tokens), resume_logprobs=logprobs)
 
 
 class ReplicaScheduler:
@@ -305,8 +299,6 @@ class ReplicaScheduler:
         """The job's deltas and reply, sent again to another replica if its replica dies."""
         arrived = time.monotonic()
         key = routing_key(job)
-        settings = job.request.settings
-        deterministic = settings.temperature == 0 or settings.seed is not None
         # The replica's own scheduler sets the request's cancel hook there.
         job = dataclasses.replace(job, request=dataclasses.replace(job.request, cancel=None))
         resume = _Resume()
@@ -314,9 +306,9 @@ class ReplicaScheduler:
         replied = False
         try:
             for attempt in range(MAX_ATTEMPTS):
-                resume.restart()
                 replica = None
-                response = self.replicas.handle.chat.remote(job, key=key)
+                sent = dataclasses.replace(job, request=resume.request(job.request))
+                response = self.replicas.handle.chat.remote(sent, key=key)
                 self._waiting += 1
                 waiting = True
                 try:
@@ -332,9 +324,7 @@ class ReplicaScheduler:
                             self._waiting -= 1
                             self._running += 1
                         if isinstance(item, StreamEvent):
-                            item = resume.trim(item)
-                            if item is None:
-                                continue
+                            resume.took(item)
                             yield item
                             continue
                         self.hooks.reply(item, time.monotonic() - arrived)
@@ -348,11 +338,11 @@ class ReplicaScheduler:
                                               "(--request-timeout)") from None
                 except (RayActorError, ReplicaUnavailableError) as exc:
                     self.replicas.lost(replica)
-                    if attempt + 1 == MAX_ATTEMPTS or (resume.sent and not deterministic):
+                    if attempt + 1 == MAX_ATTEMPTS:
                         raise RemoteBackendError(f"the engine replica died while answering ({type(exc).__name__})") \
                             from None
                     self.replicas.counters["retries"] += 1
-                    self.replicas.counters["resumed"] += bool(resume.sent)
+                    self.replicas.counters["resumed"] += bool(resume.tokens)
                 except BackPressureError:
                     raise QueueFullError("the engine replicas' queue is full; retry in a moment") from None
                 except RequestCancelledError:

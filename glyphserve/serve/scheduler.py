@@ -411,7 +411,7 @@ def _joined(first: StreamEvent, second: StreamEvent) -> StreamEvent:
     """Two deltas of one channel as one."""
     logprobs = None if first.logprobs is None and second.logprobs is None else \
         (first.logprobs or []) + (second.logprobs or [])
-    return StreamEvent(first.channel, first.text + second.text, logprobs=logprobs)
+    return StreamEvent(first.channel, first.text + second.text, logprobs=logprobs, tokens=first.tokens + second.tokens)
 
 
 def _user_error(exc: Exception) -> Exception:

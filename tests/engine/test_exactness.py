@@ -542,3 +542,29 @@ def test_a_question_about_a_document_half_warmed_does_not_wait_for_it(load_engin
     events = list(engine.stream_batch([AnswerRequest(pages=pages, question="", warm=True)], admit=admit))
     done = {i: e.result for i, e in events if e.channel == "done"}
     assert done[1].token_ids == expected and done[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("settings", [{}, {"temperature": 1.0, "seed": 7, "repetition_penalty": 1.3,
+                                          "logprobs": 2}])
+def test_an_answer_resumed_from_its_delivered_tokens_continues_exactly(load_engine, reference, pages, settings):
+    """A request carrying the tokens an earlier attempt delivered (its replica died) computes them as context and
+    streams only what follows: the whole answer, and the text of both parts, equal one uninterrupted attempt."""
+    engine = load_engine()
+    whole = list(engine.stream(request(pages, "Who is the wolf?", **settings)))
+    deltas, done = whole[:-1], whole[-1].result
+    if not settings:
+        assert done.token_ids == reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)[0]
+    cut = len(deltas) // 2
+    delivered = [t for e in deltas[:cut] for t in e.tokens]
+    assert 0 < len(delivered) < N and sum(len(e.tokens) for e in deltas) <= N
+    resumed = request(pages, "Who is the wolf?", **settings)
+    resumed.resume_tokens = delivered
+    if "logprobs" in settings:
+        resumed.resume_logprobs = [lp for e in deltas[:cut] for lp in e.logprobs]
+    rest = list(engine.stream(resumed))
+    assert rest[-1].result.token_ids == done.token_ids and rest[-1].result.text == done.text
+    for channel in ("thinking", "answer"):
+        assert "".join(e.text for e in rest[:-1] if e.channel == channel) == \
+            "".join(e.text for e in deltas[cut:] if e.channel == channel)
+    if "logprobs" in settings:
+        assert [lp.token_id for lp in rest[-1].result.logprobs] == done.token_ids
