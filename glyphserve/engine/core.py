@@ -73,6 +73,7 @@ class EngineCore:
         self.device = device
         self.cuda = device.type == "cuda"
         self.in_flight: deque[Launched] = deque()
+        self._ended: list[Sequence] = []  # added already finished (resumed tokens that end the answer)
         # row_chunks: prompt chunks run one row per token in a graph step (eagerly where no graph is captured)
         self.counters = {"steps": 0, "decode_steps": 0, "decode_rows": 0, "graph_steps": 0, "prefill_passes": 0,
                          "prefill_tokens": 0, "row_chunks": 0}
@@ -82,12 +83,15 @@ class EngineCore:
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
+        if seq.finish_reason is not None:  # nothing to compute: it finishes at the next step
+            self._ended.append(seq)
 
     # --- the loop --------------------------------------------------------------------------------------------
 
     def step(self) -> list[Event]:
         """Launch the next step and read back the one before it; the events that produced."""
-        events: list[Event] = []
+        events = [event for seq in self._ended for event in self.abort(seq, seq.finish_reason)]
+        self._ended.clear()
         self._poll_cancels(events)
         idle = not self.in_flight
         try:

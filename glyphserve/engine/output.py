@@ -45,10 +45,11 @@ class OutputState:
         self.logprobs: list[TokenLogprob] | None = [] if settings.logprobs is not None else None
         self._unreleased: list[TokenLogprob] = []
         self._unreported: list[int] = []  # tokens pushed since the last delta
+        self._owed: list[Delta] = []  # text of resumed tokens the caller did not receive: released first
 
     def push(self, token: int, logprob: TokenLogprob | None = None) -> TokenOutcome:
         """Take one generated token; returns the text it releases and whether the answer ends here."""
-        outcome = TokenOutcome()
+        outcome = self._outcome()
         self._unreported.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
@@ -64,19 +65,32 @@ class OutputState:
             self._cut(outcome)
         return outcome
 
-    def delivered(self) -> None:
+    def delivered(self, shown: dict[str, int] | None = None) -> None:
         """What was pushed so far reached the caller before (an answer resumed): no later delta reports its
-        tokens or logprobs again. Text still held back is released later, as it would have been."""
+        tokens or logprobs again. ``shown``: the characters of each channel's text the caller received (None: all
+        that was released). The rest (a token's text may span deltas: the caller may have missed the later ones)
+        is owed and released first, by the next push or the finish; text still held back is released later, as it
+        would have been."""
         self._unreported, self._unreleased = [], []
+        if shown is None:
+            return
+        for channel, text in (("thinking", self.thinking_text), ("answer", self.answer_text)):
+            owed = text[shown.get(channel, 0):]
+            if owed:
+                self._owed.append(Delta(channel, owed, self._take_logprobs()))
 
     def finish(self) -> list[Delta]:
         """The answer ended (length, stop, cancel): release everything held back."""
-        outcome = TokenOutcome()
+        outcome = self._outcome()
         self._release(self.pending, outcome)
         self.pending = ""
         for channel, text in self.parser.finish():
             outcome.deltas.append(Delta(channel, text, self._take_logprobs(), self._take_tokens()))
         return outcome.deltas
+
+    def _outcome(self) -> TokenOutcome:
+        owed, self._owed = self._owed, []
+        return TokenOutcome(owed)
 
     def _cut(self, outcome: TokenOutcome) -> None:
         if self.stops:

@@ -142,20 +142,29 @@ class Planner:
 
     def _resume(self, seq: Sequence) -> None:
         """Put ``seq`` where an earlier attempt left its answer: those tokens generated (their K/V computed with
-        the prompt's, as after a preemption) and its output state past their text, which was delivered."""
+        the prompt's, as after a preemption), its output state past them, and the part of their text the caller
+        did not receive owed to its stream. Tokens that end the answer (at a stop, or max_tokens of them: the
+        earlier attempt died before its reply) finish it before anything runs."""
         request = seq.request
         tokens = request.resume_tokens
-        if request.warm or len(tokens) >= seq.settings.max_tokens or any(not 0 <= t < self.vocab for t in tokens):
-            raise ConfigError("resume_tokens must be fewer than max_tokens token ids of the vocabulary")
+        if request.warm or len(tokens) > seq.settings.max_tokens or any(not 0 <= t < self.vocab for t in tokens):
+            raise ConfigError("resume_tokens must be at most max_tokens token ids of the vocabulary")
         logprobs = request.resume_logprobs if seq.out.logprobs is not None else None
         if logprobs is not None and len(logprobs) != len(tokens):
             raise ConfigError("resume_logprobs must give one log-probability per resumed token")
         for i, token in enumerate(tokens):
-            if seq.out.push(token, logprobs[i] if logprobs is not None else None).stop_reason is not None:
-                raise ConfigError("resume_tokens end the answer: there is nothing to resume")
-        seq.out.delivered()
+            if seq.stop_reason is not None:
+                raise ConfigError("resume_tokens go on past the end of the answer")
+            seq.stop_reason = seq.out.push(token, logprobs[i] if logprobs is not None else None).stop_reason
+        shown = request.resume_shown
+        released = {"thinking": len(seq.out.thinking_text), "answer": len(seq.out.answer_text)}
+        if shown is not None and any(c not in released or not 0 <= n <= released[c] for c, n in shown.items()):
+            raise ConfigError("resume_shown must count characters of the text resume_tokens give, per channel")
+        seq.out.delivered(shown)
         seq.output = list(tokens)
         seq.scheduled_outputs = len(tokens)
+        if seq.stop_reason is not None or len(tokens) == seq.settings.max_tokens:
+            seq.finish_reason = "stop" if seq.stop_reason is not None else "length"
 
     def _pages_that_fit(self, prompt: PromptTokens, budget: int) -> int:
         merge = self.params.merge_size**2

@@ -56,7 +56,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # of the prompt's full blocks (empty without caching)
     published: int = 0  # blocks [0, published) hold the hashed prefix; only they are marked ready
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # set when it finishes, or when planned (resumed tokens that end the answer)
     stop_reason: str | int | None = None
     preemptions: int = 0
     timings: StageTimings = field(default_factory=StageTimings)

@@ -159,10 +159,14 @@ class AnswerRequest:
     warm: bool = False
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     # Answer tokens an earlier attempt generated and delivered (its replica died): computed as context, as after a
-    # preemption, and counted in max_tokens; their text is not streamed again, and the answer continues after them.
-    # ``resume_logprobs``, when the request asks for logprobs: theirs, for the final Answer.
+    # preemption, and counted in max_tokens; their text is not streamed again, and the answer continues after them
+    # (or ends at once, when they end it: a stop, or max_tokens of them). ``resume_logprobs``, when the request asks
+    # for logprobs: theirs, for the final Answer. ``resume_shown``: the characters of each channel's text the
+    # caller received ({"thinking": n, "answer": m}); what their text holds beyond that is streamed first (a token
+    # can release text in two deltas, only the first carrying it). None: all of it was received.
     resume_tokens: list[int] = field(default_factory=list)
     resume_logprobs: list[TokenLogprob] | None = None
+    resume_shown: dict[str, int] | None = None
     # Polled once per decode step; returning True ends this request's generation (finish_reason "cancelled").
     cancel: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
@@ -234,6 +238,7 @@ class StreamEvent:
     result: Answer | None = None
     error: Exception | None = None
     logprobs: list[TokenLogprob] | None = None  # of the tokens this delta's text came from, when asked for
-    # The generated token ids this delta's text came from: every token since the previous delta (a request that
-    # resumes an answer sends them back as ``resume_tokens``).
+    # The generated token ids this delta's text came from: every token since the previous delta, none when a
+    # token's text spans deltas and an earlier one carried it (a request that resumes an answer sends them back as
+    # ``resume_tokens``).
     tokens: list[int] = field(default_factory=list)

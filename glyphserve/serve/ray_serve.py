@@ -17,8 +17,9 @@ Ray Serve sends the request to the first replica in that order with a free slot 
 so a busy document spills to the same second replica every time instead of queueing behind the first.
 
 Failover: a request whose replica dies is sent again (the router no longer offers the dead replica) with the
-tokens already streamed (``AnswerRequest.resume_tokens``): the new replica computes them as context and streams
-only what follows, so the client sees one uninterrupted answer, greedy or sampled.
+tokens already streamed (``AnswerRequest.resume_tokens``, and how much of their text the client got): the new
+replica computes them as context and streams only what follows, so the client sees one uninterrupted answer,
+greedy or sampled.
 """
 
 from __future__ import annotations
@@ -206,24 +207,29 @@ class ServeReplicas:
 
 
 class _Resume:
-    """What the client has of an answer: the tokens (and logprobs) of every delta passed on. A request sent again
-    after its replica died carries them (``resume_tokens``): the new replica computes them as context and
-    continues after them, so nothing is sent twice or lost, greedy or sampled."""
+    """What the client has of an answer: the tokens (and logprobs) of every delta passed on, and the characters of
+    each channel's text. A request sent again after its replica died carries them (``resume_tokens``,
+    ``resume_shown``): the new replica computes the tokens as context, streams the part of their text the client
+    missed (a token's text may span deltas, and the replica may die between them) and continues after them, so
+    nothing is sent twice or lost, greedy or sampled."""
 
     def __init__(self):
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] = []
+        self.shown: dict[str, int] = {}
 
     def took(self, event: StreamEvent) -> None:
         self.tokens += event.tokens
         self.logprobs += event.logprobs or []
+        self.shown[event.channel] = self.shown.get(event.channel, 0) + len(event.text)
 
     def request(self, request: AnswerRequest) -> AnswerRequest:
         """The request to send (again)."""
         if not self.tokens:
             return request
         logprobs = list(self.logprobs) if request.settings.logprobs is not None else None
-        return dataclasses.replace(request, resume_tokens=list(self.tokens), resume_logprobs=logprobs)
+        return dataclasses.replace(request, resume_tokens=list(self.tokens), resume_logprobs=logprobs,
+                                   resume_shown=dict(self.shown))
 
 
 class ReplicaScheduler:

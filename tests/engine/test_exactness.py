@@ -568,3 +568,27 @@ def test_an_answer_resumed_from_its_delivered_tokens_continues_exactly(load_engi
             "".join(e.text for e in deltas[cut:] if e.channel == channel)
     if "logprobs" in settings:
         assert [lp.token_id for lp in rest[-1].result.logprobs] == done.token_ids
+
+
+@pytest.mark.parametrize("end", ["length", "stop"])
+def test_an_answer_resumed_from_all_its_tokens_ends_before_anything_runs(load_engine, pages, end):
+    """The replica died between an answer's last delta and its reply: sent again with every token it streamed
+    (ending at max_tokens, or at a stop string), the answer ends at once as the first attempt did, nothing sent
+    twice."""
+    engine = load_engine()
+    settings = {}
+    if end == "stop":
+        text = engine.answer(request(pages, "Who is the wolf?")).text
+        settings["stop"] = (text[len(text) // 2 : len(text) // 2 + 3],)
+    whole = list(engine.stream(request(pages, "Who is the wolf?", **settings)))
+    deltas, done = whole[:-1], whole[-1].result
+    assert done.finish_reason == end
+    resumed = request(pages, "Who is the wolf?", **settings)
+    resumed.resume_tokens = [t for e in deltas for t in e.tokens]
+    assert resumed.resume_tokens == done.token_ids
+    resumed.resume_shown = {c: sum(len(e.text) for e in deltas if e.channel == c) for c in ("thinking", "answer")}
+    rest = list(engine.stream(resumed))
+    assert [e.channel for e in rest] == ["done"]
+    answer = rest[-1].result
+    assert (answer.token_ids, answer.text, answer.finish_reason, answer.stop_reason, answer.new_tokens) == \
+        (done.token_ids, done.text, done.finish_reason, done.stop_reason, done.new_tokens)

@@ -62,3 +62,22 @@ def test_logprobs_ride_with_the_text_they_made(tok):
         delivered += delta.logprobs
     assert [lp.token_id for lp in state.logprobs] == ids
     assert [lp.token_id for lp in delivered] == ids
+
+
+def test_a_resumed_state_owes_the_text_its_tokens_released_that_the_caller_missed(tok):
+    """One token can release text of both channels: the first delta carries the token, the second none. A caller
+    that got only the first (its replica died between them) resumes with the token and the characters it was shown:
+    the resumed state releases the rest before anything new."""
+    stop_token = tok.convert_tokens_to_ids("<|user|>")
+    settings = GenerationSettings(stop=("a stop string that never comes",))
+    ids = tok("<think>So the wolf</think><answer>It ran", add_special_tokens=False)["input_ids"] + [stop_token]
+    first = OutputState(tok, settings, frozenset({stop_token}))
+    deltas = [d for i in ids for d in first.push(i).deltas]
+    assert [(d.channel, d.tokens[-1:]) for d in deltas[-2:]] == [("thinking", [stop_token]), ("answer", [])]
+    got = deltas[:-1]
+    shown = {c: sum(len(d.text) for d in got if d.channel == c) for c in ("thinking", "answer")}
+    resumed = OutputState(tok, settings, frozenset({stop_token}))
+    assert [resumed.push(i).stop_reason for i in ids][-1] == stop_token
+    resumed.delivered(shown)
+    assert [(d.channel, d.text, d.tokens) for d in resumed.finish()] == [("answer", "It ran", [])]
+    assert (resumed.thinking_text, resumed.answer_text) == ("So the wolf", "It ran")
