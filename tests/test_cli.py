@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,3 +21,13 @@ def test_python_m_glyphserve_runs_the_commands(tmp_path):
                                str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert rendered.returncode == 0, rendered.stderr
     assert (tmp_path / "out" / "page_001.png").is_file()
+
+
+def test_the_full_parser_does_not_load_torch():
+    """`glyphserve --help` (or a mistyped command) builds every command's parser: none may import torch, which
+    costs seconds on a small machine."""
+    code = "import json, sys; from glyphserve.cli import build_parser; build_parser(); print(json.dumps(list(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    heavy = {"torch", "transformers", "fastapi", "gradio"} & set(json.loads(loaded.stdout))
+    assert not heavy, f"building the parser imports {sorted(heavy)}"

@@ -28,9 +28,10 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
 TARGET_COSINE = 0.98  # issue 14: fp8_logit_cosine
 
@@ -50,6 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch  # here, not at the top: `glyphserve --help` builds this parser and should not load torch
+
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     result = measure(args.arch, args.prompt, args.steps, device, args.seed)
@@ -68,9 +71,17 @@ def text_config(arch: str):
     return config
 
 
-@torch.inference_mode()
 def measure(arch: str, prompt: int, steps: int, device: torch.device, seed: int = 0) -> dict:
     """The copies' logits compared at each answer position (see the module docstring)."""
+    import torch
+
+    with torch.inference_mode():
+        return _measure(arch, prompt, steps, device, seed)
+
+
+def _measure(arch: str, prompt: int, steps: int, device: torch.device, seed: int) -> dict:
+    import torch
+    import torch.nn.functional as F
     from transformers.models.glm4v.modeling_glm4v import Glm4vTextRotaryEmbedding, repeat_kv
 
     from glyphserve.engine.fp8 import fp8_linear, quantize_fp8
