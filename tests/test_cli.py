@@ -26,7 +26,8 @@ def test_python_m_glyphserve_runs_the_commands(tmp_path):
 def test_the_full_parser_does_not_load_torch():
     """`glyphserve --help` (or a mistyped command) builds every command's parser: none may import torch, which
     costs seconds on a small machine."""
-    code = "import json, sys; from glyphserve.cli import build_parser; build_parser(); print(json.dumps(list(sys.modules)))"
+    code = ("import json, sys; from glyphserve.cli import build_parser; build_parser(); "
+            "print(json.dumps(list(sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0, loaded.stderr
     heavy = {"torch", "transformers", "fastapi", "gradio"} & set(json.loads(loaded.stdout))

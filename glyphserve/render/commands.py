@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 PRESET_CHOICES = ("auto", "glyph-en", "glyph-zh")
 
@@ -72,9 +73,12 @@ def _page_counter():
 
 
 def run(args: argparse.Namespace) -> int:
+    from glyphserve.errors import ConfigError, GlyphserveError
     from glyphserve.ingest import ingest_source
     from glyphserve.render import missing_glyphs_warning, render_document, write_rendered
 
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"-o {args.output} is a file: give a folder for the pages")
     doc = ingest_source(args.input)
     config = config_from_args(args, doc.text)
     bar, progress = _page_counter()
@@ -82,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
         rendered = render_document(doc, config, workers=args.workers, progress=progress, encode=True)
     finally:
         bar.close()
-    out = write_rendered(rendered, args.output)
+    try:
+        out = write_rendered(rendered, args.output)
+    except OSError as exc:
+        raise GlyphserveError(f"cannot write the pages to {args.output}: {exc.strerror or exc}") from None
     note = missing_glyphs_warning(rendered)
     if note:
         print(f"warning: {note}", file=sys.stderr)

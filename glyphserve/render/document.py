@@ -157,7 +157,9 @@ def page_filename(number: int) -> str:
 
 
 def write_rendered(rendered: RenderedDocument, out_dir: str | Path, *, durable: bool = False) -> Path:
-    """Write ``page_001.png``, ... and ``manifest.json`` into ``out_dir`` (created if needed).
+    """Write ``page_001.png``, ... and ``manifest.json`` into ``out_dir`` (created if needed). Pages an
+    earlier, longer render left there (``page_NNN.png`` past the new last page) are removed, so the folder
+    holds this document's pages only.
 
     Pages not yet encoded are encoded in threads (the encoder releases the GIL). With
     ``durable``, every file and the folder are flushed to disk (fsync) before this returns.
@@ -172,6 +174,10 @@ def write_rendered(rendered: RenderedDocument, out_dir: str | Path, *, durable: 
             write_file(path, data, durable)
     manifest = json.dumps(rendered.manifest(), ensure_ascii=False, indent=1).encode("utf-8")
     write_file(out / "manifest.json", manifest, durable)
+    written = {path.name for path, _ in files}
+    for stale in out.glob("page_[0-9][0-9][0-9]*.png"):
+        if stale.name not in written and stale.name[len("page_"):-len(".png")].isdigit():
+            stale.unlink()
     if durable:
         sync_folder(out)
     return out

@@ -112,3 +112,25 @@ def test_each_command_is_found_in_the_module_the_fast_start_imports():
     assert set(commands) == set(COMMAND_OWNERS)
     for command, module in COMMAND_OWNERS.items():
         assert command in build_parser((module,))[1]
+
+
+def test_rendering_into_a_used_folder_replaces_its_pages_and_a_file_is_refused(tmp_path):
+    long, short, out = tmp_path / "long.txt", tmp_path / "short.txt", tmp_path / "pages"
+    long.write_text("Many words on many pages. " * 3000, encoding="utf-8")
+    short.write_text("One short line.", encoding="utf-8")
+    (out).mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    assert glyphserve("render", str(long), "-o", str(out)).returncode == 0
+    assert len(list(out.glob("page_*.png"))) >= 3
+    proc = glyphserve("render", str(short), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr.decode()
+    # Only the new document's page is left (a page_*.png glob must not pick up the old render's), and nothing else
+    # in the folder is touched.
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "page_001.png"]
+    proc = glyphserve("render", str(short), "-o", str(short))
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip() == f"error: -o {short} is a file: give a folder for the pages"
+    assert short.read_text(encoding="utf-8") == "One short line."
+    proc = glyphserve("render", str(short), "-o", str(short / "sub"))
+    assert proc.returncode == 2
+    assert proc.stderr.decode().startswith(f"error: cannot write the pages to {short / 'sub'}: ")
