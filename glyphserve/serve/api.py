@@ -94,13 +94,42 @@ class DocumentChat(SamplingParams):
 
 
 def invalid_request(exc: ValidationError | Any) -> InvalidRequestError:
-    """One line naming each invalid field; ``param`` is the first of them."""
-    parts, fields = [], []
+    """One line naming each invalid field; ``param`` is the first of them.
+
+    A field that takes one of several types (``stop``: a string or a list; ``content``: text or parts) fails once
+    per type: only the type the value came closest to is reported (a type the value is not at all gives way to
+    one whose checks it reached), under the field's own name; values of no accepted type get one message."""
+    found: dict[str, list[tuple[str, str]]] = {}  # field -> (error type, message), in order
     for error in exc.errors():
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        fields.append(where)
-        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+        kind = error.get("type", "")
+        loc = [p for p in error.get("loc", ()) if p != "body" and (kind == "extra_forbidden" or not _type_name(p))]
+        found.setdefault(".".join(str(p) for p in loc) or "body", []).append((kind, error.get("msg", "invalid")))
+
+    def reached(field: str, kind: str) -> bool:  # another member got further than a mere type mismatch
+        return kind.endswith("_type") and any(
+            (other.startswith(field + ".") or (other == field and not k.endswith("_type")))
+            for other, errors in found.items() for k, _ in errors)
+
+    parts = []
+    for field, errors in found.items():
+        messages = list(dict.fromkeys(msg for kind, msg in errors if not reached(field, kind)))
+        if not messages:
+            continue
+        if len(messages) > 1 and all(m.startswith(_SHOULD_BE) for m in messages):
+            messages = [_SHOULD_BE + " or ".join(m[len(_SHOULD_BE):] for m in messages)]
+        parts += [f"{field}: {m}" for m in messages]
+    fields = [part.split(": ", 1)[0] for part in parts]
     return InvalidRequestError("invalid request: " + "; ".join(parts), param=fields[0] if fields else None)
+
+
+_SHOULD_BE = "Input should be "
+_TYPE_NAMES = {"str", "int", "float", "bool", "bytes", "list", "dict", "none"}
+
+
+def _type_name(part: Any) -> bool:
+    """Whether a ``loc`` part names a member of a union by its type, as pydantic does ('str', 'constrained-str',
+    'list[ContentPart]', a model's class name); the request models' fields are lowercase identifiers."""
+    return isinstance(part, str) and (not part.isidentifier() or not part.islower() or part in _TYPE_NAMES)
 
 
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the stream is alive

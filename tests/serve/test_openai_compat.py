@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 
@@ -179,3 +180,41 @@ def test_an_image_whose_pixels_do_not_decode_is_refused_here():
     with pytest.raises(GlyphserveError, match="image 1 is damaged") as info:
         read_images([data_url(bytes(png))], ImageLimits())
     assert info.value.http_status == 400
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    # A field of several types reports the type the value came closest to, under the field's own name (pydantic
+    # names each member: 'stop.constrained-str: ...; stop.list[constrained-str]: ...').
+    ({"stop": ["x"] * 17}, "stop: List should have at most 16 items after validation, not 17"),
+    ({"stop": "x" * 1001}, "stop: String should have at most 1000 characters"),
+    ({"stop": ["x" * 1001]}, "stop.0: String should have at most 1000 characters"),
+    ({"stop": 5}, "stop: Input should be a valid string or a valid array"),
+    ({"messages": [{"role": "user", "content": 5}]},
+     "messages.0.content: Input should be a valid string or a valid array"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+     "messages.0.content.0.image_url: Input should be an object"),
+    ({"messages": [{"role": "robot", "content": "hi"}], "temperature": "hot"},
+     "temperature: Input should be a valid number, unable to parse string as a number; "
+     "messages.0.role: Input should be 'system', 'user', 'assistant' or 'developer'"),
+])
+def test_invalid_requests_name_each_field_once(body, message):
+    from pydantic import ValidationError
+
+    from glyphserve.serve.api import invalid_request
+
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest.model_validate_json(json.dumps({"model": "m", "messages": [
+            {"role": "user", "content": "hi"}], **body}))
+    error = invalid_request(err.value)
+    assert error.message == "invalid request: " + message
+    assert error.param == message.split(":", 1)[0]
+
+
+def test_an_unknown_field_is_named_whatever_its_spelling():
+    from pydantic import ValidationError
+
+    from glyphserve.serve.api import DocumentChat, invalid_request
+
+    with pytest.raises(ValidationError) as err:
+        DocumentChat.model_validate({"question": "q", "Max-Tokens": 5})
+    assert invalid_request(err.value).message == "invalid request: Max-Tokens: Extra inputs are not permitted"
