@@ -156,7 +156,7 @@ class RemoteEngine:
 
     @classmethod
     def load(cls, config: RemoteConfig) -> RemoteEngine:
-        """Connect, learn each server's model name, and fail early if no endpoint answers."""
+        """Connect, learn each server's model name, and fail early if no endpoint can be used."""
         engine = cls(config)
         errors = []
         for endpoint in engine._endpoints:
@@ -166,7 +166,7 @@ class RemoteEngine:
                 errors.append(getattr(exc, "message", None) or f"{endpoint.base}: {exc or type(exc).__name__}")
         if len(errors) == len(engine._endpoints):
             engine.close()
-            raise RemoteBackendError("no endpoint is reachable: " + "; ".join(errors))
+            raise RemoteBackendError("no endpoint can be used: " + "; ".join(errors))
         return engine
 
     def close(self) -> None:
@@ -404,10 +404,14 @@ class RemoteEngine:
             response = self._client.get(endpoint.base + "/models")
             if endpoint.model is not None:
                 return endpoint.model  # reachable; the name was given, whatever /models says
+            if response.status_code in (401, 403):
+                raise RemoteBackendError(f"{endpoint.base} refused the API key ({response.status_code} "
+                                         f"{response.reason_phrase}): give the key it was started with")
             try:
-                response.raise_for_status()
+                if response.is_error:
+                    raise ValueError(f"{response.status_code} {response.reason_phrase}")
                 served = response.json()["data"][0]["id"]
-            except (httpx.HTTPStatusError, ValueError, KeyError, IndexError, TypeError) as exc:
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
                 raise RemoteBackendError(
                     f"{endpoint.base}/models did not name a model ({exc}); pass --remote-model"
                 ) from None

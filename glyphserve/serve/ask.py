@@ -30,8 +30,8 @@ def register(subparsers) -> None:
     )
     source.add_argument("--endpoint", metavar="URL",
                         help="ask a running OpenAI-compatible server (e.g. http://127.0.0.1:7860/v1)")
-    ask.add_argument("--served-model-name", metavar="NAME", help="with --endpoint: the model name to send "
-                     "(default: the server's first in /v1/models)")
+    ask.add_argument("--remote-model", "--served-model-name", dest="remote_model", metavar="NAME",
+                     help="with --endpoint: the model name to send (default: the server's first in /v1/models)")
     ask.add_argument("--api-key", help="with --endpoint: its bearer token")
     ask.add_argument("--max-new-tokens", type=int, default=512)
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -64,6 +64,8 @@ def _ask(args: argparse.Namespace) -> int:
 
     if not args.chat and not args.question:
         raise ConfigError("give a QUESTION (or --chat to read questions from stdin)")
+    if args.max_new_tokens < 1:  # before the model loads
+        raise ConfigError("--max-new-tokens must be at least 1")
     if args.chat and args.input == "-":
         raise ConfigError("--chat reads the questions from stdin: give the document as a file, not -")
     started = time.perf_counter()
@@ -108,7 +110,7 @@ def _answerer(args: argparse.Namespace, text: str, rendered: list):
     if args.endpoint:
         from glyphserve.engine.remote import RemoteConfig, RemoteEngine
 
-        return RemoteEngine.load(RemoteConfig(endpoints=[args.endpoint], model=args.served_model_name,
+        return RemoteEngine.load(RemoteConfig(endpoints=[args.endpoint], model=args.remote_model,
                                               api_key=args.api_key))
     if args.model or args.random_weights:
         from glyphserve.engine import Engine, EngineConfig

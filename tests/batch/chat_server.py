@@ -19,11 +19,12 @@ class ChatServer:
     "ok" streams ``<think>…</think>answer`` in content; "reasoning" sends the thinking as
     ``reasoning_content``; "status:CODE[:BODY]" answers that status; "drop" closes the
     connection without replying; "partial" streams one token then closes; "sleep:S"
-    waits S seconds before answering normally.
+    waits S seconds before answering normally. With ``api_key``, a request without it is answered 401.
     """
 
-    def __init__(self, model: str = "stub-glyph", delay_s: float = 0.0):
+    def __init__(self, model: str = "stub-glyph", delay_s: float = 0.0, api_key: str | None = None):
         self.model = model
+        self.api_key = api_key
         self.delay_s = delay_s
         self.plan: deque[str] = deque()
         self.requests: list[dict] = []
@@ -36,13 +37,24 @@ class ChatServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
+            def _refused(self) -> bool:
+                if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    self._json(401, {"error": {"message": "wrong API key", "type": "invalid_request_error",
+                                               "param": None, "code": "invalid_api_key"}})
+                    return True
+                return False
+
             def do_GET(self):
+                if self._refused():
+                    return
                 if self.path.rstrip("/") == "/v1/models":
                     self._json(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
                 else:
                     self._json(404, {"error": "not_found", "message": self.path})
 
             def do_POST(self):
+                if self._refused():
+                    return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server._lock:
                     server.requests.append(body)

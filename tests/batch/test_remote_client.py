@@ -172,8 +172,25 @@ def test_spreads_over_endpoints_and_skips_a_dead_one(server):
         assert stats["endpoints"][0]["requests"] == stats["endpoints"][0]["failures"]
     finally:
         other.close()
-    with pytest.raises(RemoteBackendError, match="no endpoint is reachable"):
+    with pytest.raises(RemoteBackendError, match="no endpoint can be used"):
         _engine(dead)
+
+
+def test_a_refused_api_key_and_a_missing_model_list_are_named_as_such(server):
+    keyed = ChatServer(api_key="sekrit")
+    try:
+        with pytest.raises(RemoteBackendError) as err:
+            _engine(keyed.url, api_key="wrong")
+        assert err.value.message == (f"no endpoint can be used: {keyed.url}/v1 refused the API key "
+                                     "(401 Unauthorized): give the key it was started with")
+        with _engine(keyed.url, api_key="sekrit") as engine:
+            assert engine.answer(AnswerRequest(_pages(1), "Q?")).text == "answer to: Q?"
+    finally:
+        keyed.close()
+    with pytest.raises(RemoteBackendError) as err:
+        _engine(server.url + "/elsewhere/v1")  # answers, but has no model list there
+    assert err.value.message == (f"no endpoint can be used: {server.url}/elsewhere/v1/models did not name a model "
+                                 "(404 Not Found); pass --remote-model")
 
 
 def test_a_greedy_answer_cut_mid_stream_is_finished_by_another_endpoint(server):

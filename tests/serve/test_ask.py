@@ -21,6 +21,26 @@ def test_ask_needs_a_question_or_chat(tiny_model_dir, tmp_path, capsys):
     doc.write_text("Little Red Riding Hood met a wolf.")
     assert main(["ask", str(doc), "--model", str(tiny_model_dir)]) == 2
     assert "give a QUESTION" in capsys.readouterr().err
+    assert main(["ask", str(doc), "Who?", "--model", str(tmp_path / "no-model"), "--max-new-tokens", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max-new-tokens must be at least 1\n"  # before any model is looked for
+
+
+@pytest.mark.parametrize("flag", ["--remote-model", "--served-model-name"])
+def test_ask_an_endpoint_names_the_model_as_batch_and_eval_do(tmp_path, capsys, flag):
+    from tests.batch.chat_server import ChatServer
+
+    doc = tmp_path / "story.txt"
+    doc.write_text("Little Red Riding Hood met a wolf.")
+    server = ChatServer(api_key="sekrit")
+    try:
+        args = ["ask", str(doc), "Who?", "--endpoint", server.url + "/v1"]
+        assert main([*args, "--api-key", "wrong"]) == 2
+        assert "refused the API key (401 Unauthorized)" in capsys.readouterr().err
+        assert main([*args, "--api-key", "sekrit", flag, "glyph"]) == 0
+        assert capsys.readouterr().out.endswith("answer to: Who?\n")
+        assert server.requests[-1]["model"] == "glyph"
+    finally:
+        server.close()
 
 
 def _render_available() -> bool:
