@@ -206,7 +206,8 @@ def select_pages(
         smallest = min(cost.values())
         room_for_answer = budget.context - fixed - smallest
         advice = (f"lower max_tokens to at most {room_for_answer}" if room_for_answer > 0
-                  else "shorten the conversation")
+                  else f"one page and a one-token answer need {fixed + smallest + 1}: use a longer context or "
+                       "shorten the conversation")
         raise ContextOverflowError(
             f"the question and the conversation take {fixed} tokens and the answer up to {budget.max_tokens}, but "
             f"the context holds {budget.context}: not even the smallest page ({smallest} tokens) fits; {advice}"

@@ -176,4 +176,6 @@ def test_mode_all_and_bad_requests():
     tight = PromptBudget(FIXED + 20, 1, budget(0).count_prompt, budget(0).count_label)
     with pytest.raises(ContextOverflowError, match="not even the smallest page") as err:
         select_pages([doc], mode="retrieve", question="q", budget=tight)
-    assert err.value.message.endswith("shorten the conversation")  # no answer length would make room
+    # No answer length would make room: the context that would.
+    assert err.value.message.endswith(f"one page and a one-token answer need {FIXED + 32 + 1}: use a longer context "
+                                      "or shorten the conversation")
