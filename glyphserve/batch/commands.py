@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from glyphserve.render.commands import NEWLINE_CHOICES, PRESET_CHOICES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -69,9 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="engine actors with --ray (default: one per GPU of the cluster, 1 without GPUs)")
 
     render = parser.add_argument_group("rendering")
-    render.add_argument("--preset", default="auto", help="glyph-en, glyph-zh, or auto (by the text's script)")
+    render.add_argument("--preset", choices=PRESET_CHOICES, default="auto",
+                        help="glyph-en, glyph-zh, or auto (by the text's script)")
     render.add_argument("--dpi", type=float, help="override the preset's DPI")
-    render.add_argument("--newline", help="override the preset's newline markup")
+    render.add_argument("--newline", choices=NEWLINE_CHOICES,
+                        help="source line breaks as <br/> (default) or Glyph's inline red \\n marker")
     parser.set_defaults(func=_run)
 
 

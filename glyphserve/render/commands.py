@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 PRESET_CHOICES = ("auto", "glyph-en", "glyph-zh")
+NEWLINE_CHOICES = ("br", "marker")  # the render commands' --newline (render, ask, batch)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +34,7 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.json", help="a Glyph rendering config (config_en.json keys)")
     p.add_argument("--dpi", type=float, help="resolution (72 as released, 96 for the paper's sharper pages)")
     p.add_argument("--font", metavar="PATH", help="font file (e.g. the official Verdana.ttf); PATH#N picks face N")
-    p.add_argument("--newline", choices=("br", "marker"),
+    p.add_argument("--newline", choices=NEWLINE_CHOICES,
                    help="source line breaks as <br/> (default) or Glyph's inline red \\n marker")
     p.add_argument("--glyph-repo", metavar="PATH",
                    help="a clone of github.com/thu-coai/Glyph: its config/config_en.json, config_zh.json and fonts "

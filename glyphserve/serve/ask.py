@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 from glyphserve.errors import ConfigError
+from glyphserve.render.commands import NEWLINE_CHOICES, PRESET_CHOICES
 
 
 def register(subparsers) -> None:
@@ -47,8 +48,11 @@ def register(subparsers) -> None:
     ask.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     ask.add_argument("--quantize", choices=["fp8"], default=None, help="the language model's weights in e4m3")
     ask.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    ask.add_argument("--preset", default="auto", help="render preset: auto, glyph-en or glyph-zh")
+    ask.add_argument("--preset", choices=PRESET_CHOICES, default="auto",
+                     help="render preset; auto picks glyph-zh when the text has CJK (default: auto)")
     ask.add_argument("--dpi", type=float, default=None, help="render resolution (default: the preset's)")
+    ask.add_argument("--newline", choices=NEWLINE_CHOICES,
+                     help="source line breaks as <br/> (default) or Glyph's inline red \\n marker")
     ask.add_argument("--json", action="store_true",
                      help="print the answer, the pages shown, timings and cache statistics as JSON")
     ask.add_argument("--chat", action="store_true", help="then read follow-up questions from stdin until EOF")
@@ -70,7 +74,8 @@ def _ask(args: argparse.Namespace) -> int:
         raise ConfigError("--chat reads the questions from stdin: give the document as a file, not -")
     started = time.perf_counter()
     document = ingest_source(args.input)
-    rendered = render_document(document, resolve_config(document.text, preset=args.preset, dpi=args.dpi)).pages
+    rendered = render_document(document, resolve_config(document.text, preset=args.preset, dpi=args.dpi,
+                                                         newline=args.newline)).pages
     selectable = DocumentPages(document.text, rendered)
     render_s = time.perf_counter() - started
     answerer = _answerer(args, document.text, rendered)

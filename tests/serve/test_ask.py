@@ -142,3 +142,16 @@ def test_ask_reads_the_document_from_stdin(tmp_path, capsys, monkeypatch):
     assert "LANTERN-42" in result["text"] and result["pages_shown"] == [1]
     assert main(["ask", "-", "--chat"]) == 2  # the questions would come from stdin too
     assert "give the document as a file" in capsys.readouterr().err
+
+
+@needs_render
+def test_ask_renders_with_the_newline_mode_asked_for(tiny_model_dir, tmp_path, capsys):
+    doc = tmp_path / "lines.txt"
+    doc.write_text("".join(f"Line {n}.\n" for n in range(300)))
+    shown = {}
+    for mode in ("br", "marker"):
+        args = ["ask", str(doc), "Which line?", "--model", str(tiny_model_dir), "--device", "cpu",
+                "--max-new-tokens", "1", "--page-selection", "all", "--newline", mode, "--json"]
+        assert main(args) == 0
+        shown[mode] = json.loads(capsys.readouterr().out)["pages_shown"]
+    assert len(shown["br"]) > 1 and shown["marker"] == [1]  # a line each, or the red marker inline on one page
