@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--model", help="checkpoint directory or Hugging Face id (e.g. zai-org/Glyph)")
     source.add_argument("--random-weights", choices=["glm-4.1v-9b"],
                         help="full-size architecture with random weights (benchmarks)")
-    engine.add_argument("--backend", choices=("local", "openai"), default="local",
-                        help="local: load the model here; openai: send requests to --endpoint servers")
+    engine.add_argument("--backend", choices=("local", "openai"),
+                        help="local: load the model here; openai: send requests to --endpoint servers (default: "
+                             "openai with --endpoint, else local)")
     engine.add_argument("--endpoint", action="append", default=[], metavar="URL",
                         help="OpenAI-compatible server (vLLM, SGLang, glyphserve serve); repeat to spread the load")
     engine.add_argument("--remote-model", metavar="NAME",
@@ -88,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from glyphserve.render import resolve_config
 
     resolve_config("", args.preset, dpi=args.dpi, newline=args.newline)  # bad settings fail now, not per document
+    args.backend = args.backend or ("openai" if args.endpoint else "local")
     options = BatchOptions(
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
@@ -136,7 +138,7 @@ def engine_config(args: argparse.Namespace, *, max_num_seqs: int):
         raise ConfigError("--endpoint needs --backend openai")
     if not (args.model or args.random_weights):
         raise ConfigError(
-            "choose a model: --model PATH_OR_ID, --random-weights glm-4.1v-9b, or --backend openai --endpoint URL"
+            "choose a model: --model PATH_OR_ID, --random-weights glm-4.1v-9b, or --endpoint URL (a running server)"
         )
     return EngineConfig(model=args.model, random_weights=args.random_weights, dtype=args.dtype,
                         device=args.device, max_num_seqs=max_num_seqs)

@@ -94,8 +94,9 @@ def register(subparsers) -> None:
                             "the server ('*': any; default: none but the server's own)")
     remote = serve.add_argument_group("remote servers", "answer on existing OpenAI-compatible servers: this server "
                                       "ingests, renders and stores, and sends each question to the least busy one")
-    remote.add_argument("--backend", choices=("local", "openai"), default="local",
-                        help="local: the model in this process (or on --ray replicas); openai: the --endpoint servers")
+    remote.add_argument("--backend", choices=("local", "openai"),
+                        help="local: the model in this process (or on --ray replicas); openai: the --endpoint servers "
+                             "(default: openai with --endpoint, else local)")
     remote.add_argument("--endpoint", action="append", default=[], metavar="URL",
                         help="OpenAI-compatible server (vLLM, SGLang, glyphserve serve); repeat for more")
     remote.add_argument("--remote-model", metavar="NAME", help="model name sent to the servers (default: /v1/models)")
@@ -172,9 +173,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_server(args: argparse.Namespace) -> int:
+    config = serve_config(args)
+    if config.ray is not None:
+        from glyphserve.serve.ray_serve import run  # needs the cluster extra (ray)
+    else:
+        from glyphserve.serve.app import run
+    return run(config)
+
+
+def serve_config(args: argparse.Namespace):
+    """The ServeConfig the command line asks for."""
     from glyphserve.serve.config import ServeConfig, default_data_dir
 
-    config = ServeConfig(
+    return ServeConfig(
         host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(), model=_model(args),
         random_weights=args.random_weights, dtype=args.dtype, device=args.device, api_key=args.api_key or None,
         served_model_name=args.served_model_name or [], max_model_len=args.max_model_len,
@@ -188,15 +199,11 @@ def _run_server(args: argparse.Namespace) -> int:
         allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins, queue_size=args.queue_size,
         max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout, sse_keepalive=args.sse_keepalive,
         ui=not args.no_ui,
-        backend=args.backend, endpoints=args.endpoint, remote_model=args.remote_model,
-        remote_api_key=args.remote_api_key or None, replica_concurrency=args.replica_concurrency,
+        backend=args.backend or ("openai" if args.endpoint else "local"), endpoints=args.endpoint,
+        remote_model=args.remote_model, remote_api_key=args.remote_api_key or None,
+        replica_concurrency=args.replica_concurrency,
         ray=args.ray, replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
     )
-    if config.ray is not None:
-        from glyphserve.serve.ray_serve import run  # needs the cluster extra (ray)
-    else:
-        from glyphserve.serve.app import run
-    return run(config)
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -194,7 +194,7 @@ def test_batch_through_the_openai_backend(folder, questions_file, tmp_path):
     try:
         output = tmp_path / "remote.jsonl"
         run = subprocess.run(
-            _batch_cmd(str(folder), "--questions", str(questions_file), "-o", str(output), "--backend", "openai",
+            _batch_cmd(str(folder), "--questions", str(questions_file), "-o", str(output),  # --endpoint: openai
                        "--endpoint", server.url + "/v1", "--batch-size", "4", "--workers", "1"),
             env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120,
         )

@@ -6,6 +6,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
+from glyphserve.cli import build_parser
+from glyphserve.errors import ConfigError
+from glyphserve.serve.commands import serve_config
 from glyphserve.serve.config import model_id_name
 from tests.serve.conftest import REPO, free_port
 
@@ -23,6 +28,18 @@ def test_served_name_defaults_to_the_last_part_of_the_model_id():
     assert model_id_name("zai-org/Glyph") == "Glyph"
     assert model_id_name("/models/glyph-9b/") == "glyph-9b"
     assert model_id_name("tiny") == "tiny"
+
+
+def test_an_endpoint_alone_means_the_openai_backend_as_for_ask_and_eval(tmp_path):
+    parser, _ = build_parser(("glyphserve.serve.commands",))
+    args = parser.parse_args(["serve", "--endpoint", "http://gpu1:8000/v1", "--data-dir", str(tmp_path)])
+    config = serve_config(args)
+    assert config.backend == "openai" and config.endpoints == ["http://gpu1:8000/v1"]
+    config.validate()
+    assert serve_config(parser.parse_args(["serve", "--data-dir", str(tmp_path)])).backend == "local"
+    local = serve_config(parser.parse_args(["serve", "--backend", "local", "--endpoint", "http://gpu1:8000/v1"]))
+    with pytest.raises(ConfigError, match="--endpoint needs --backend openai"):
+        local.validate()
 
 
 def test_an_offline_hub_id_fails_at_once_with_the_download_command(tmp_path):
