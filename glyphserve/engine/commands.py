@@ -13,8 +13,9 @@ def register(subparsers) -> None:
         description="Write a tiny random checkpoint with GLM-4.1V's architecture, tokenizer tokens, processor and "
         "chat template; it loads with --model DIR like the real Glyph.",
     )
-    tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("dir", type=Path, metavar="DIR",
+                      help="a new or empty folder (an earlier tiny checkpoint there is replaced)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(func=_make_tiny)
 
 

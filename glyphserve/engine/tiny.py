@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from glyphserve.errors import ConfigError
 from glyphserve.glm4v import SPECIAL_TOKENS, STOP_TOKENS, TAG_TOKENS, chat_template
 
 FULL_SIZE_VOCAB = 151552
@@ -144,13 +145,27 @@ def glm41v_9b_config(tokenizer):
 RANDOM_WEIGHT_CONFIGS = {"glm-4.1v-9b": glm41v_9b_config}
 
 
+# What make_tiny_model writes: a folder holding anything else (a real checkpoint's shards, documents) is refused.
+TINY_FILES = frozenset({"chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                        "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                        "video_preprocessor_config.json"})
+
+
 def make_tiny_model(path: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random GLM-4.1V checkpoint (model, generation config, tokenizer, processor) to ``path``."""
+    """Write a tiny random GLM-4.1V checkpoint (model, generation config, tokenizer, processor) to ``path``: a new
+    folder, an empty one or one holding an earlier tiny checkpoint (replaced), else a ConfigError before writing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file: give a folder for the checkpoint")
+    others = sorted(p.name for p in path.iterdir() if p.name not in TINY_FILES) if path.is_dir() else []
+    if others:
+        raise ConfigError(f"{path} already holds other files ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}): give a new or empty folder")
+
     import torch
     from transformers import GenerationConfig, Glm4vForConditionalGeneration
     from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
 
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     cfg = tiny_config(tokenizer)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from glyphserve.glm4v import SPECIAL_TOKENS, STOP_TOKENS, TAG_TOKENS
 
 
@@ -80,6 +82,26 @@ def test_loads_without_torchvision_and_is_seeded(tiny_model_dir, tmp_path):
     ip = Glm4vImageProcessorPil.from_pretrained(tiny_model_dir)
     assert (ip.patch_size, ip.merge_size, ip.temporal_patch_size) == (14, 2, 2)
     make_tiny_model(tmp_path / "again")
+    make_tiny_model(tmp_path / "again")  # an earlier tiny checkpoint is replaced
     a = Glm4vForConditionalGeneration.from_pretrained(tiny_model_dir).state_dict()
     b = Glm4vForConditionalGeneration.from_pretrained(tmp_path / "again").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_holding_anything_else_is_refused_before_writing(tiny_model_dir, tmp_path):
+    from glyphserve.engine import make_tiny_model
+    from glyphserve.engine.tiny import TINY_FILES
+    from glyphserve.errors import ConfigError
+
+    assert {p.name for p in tiny_model_dir.iterdir()} == TINY_FILES  # what the check lets a rerun replace
+    real = tmp_path / "glyph"
+    real.mkdir()
+    for name in ("config.json", "model-00001-of-00004.safetensors", "model.safetensors.index.json"):
+        (real / name).write_text("{}")
+    with pytest.raises(ConfigError, match=r"glyph already holds other files \(model-00001-of-00004.safetensors, "
+                                          r"model.safetensors.index.json\): give a new or empty folder"):
+        make_tiny_model(real)
+    assert (real / "config.json").read_text() == "{}"
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt is a file: give a folder"):
+        make_tiny_model(tmp_path / "notes.txt")
