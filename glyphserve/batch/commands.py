@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -158,7 +159,15 @@ def engine_loader(args: argparse.Namespace, *, max_num_seqs: int):
         config = RemoteConfig(args.endpoint, model=args.remote_model, api_key=args.api_key,
                               max_concurrency=max(16, max_num_seqs))
         return lambda: RemoteEngine.load(config)
-    from glyphserve.engine import Engine
+    from glyphserve.serve.weights import resolve_model
 
     config = engine_config(args, max_num_seqs=max_num_seqs)
-    return lambda: Engine.load(config)
+    if config.model:  # a missing folder or an unreachable Hub id fails now, as for ask and serve
+        config = dataclasses.replace(config, model=resolve_model(config.model))
+
+    def load():
+        from glyphserve.engine import Engine  # torch and transformers: only once there is work to do
+
+        return Engine.load(config)
+
+    return load

@@ -155,7 +155,10 @@ def make_backend(args: argparse.Namespace):
             raise ConfigError(
                 "--backend local needs --model PATH|ID (e.g. zai-org/Glyph) or --random-weights glm-4.1v-9b"
             )
-        return backends.LocalBackend(args.model, args.random_weights, args.max_new_tokens, args.max_context)
+        from glyphserve.serve.weights import resolve_model
+
+        model = resolve_model(args.model) if args.model else None  # before torch loads: fails fast
+        return backends.LocalBackend(model, args.random_weights, args.max_new_tokens, args.max_context)
     # Without a model here, pages are selected for the context given (or the engine's default).
     context = args.max_context or (DEFAULT_CONTEXT if args.page_selection else None)
     if kind == "openai":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,9 +139,23 @@ def test_killed_run_resumes_every_item_answered_once(tiny_model_dir, folder, que
     assert ask.returncode == 0, ask.stderr
     assert json.loads(ask.stdout.strip().splitlines()[-1])["text"] == good[(doc_id, question)]["answer"]
 
-    third = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    third = subprocess.run([sys.executable, "-X", "importtime", *args[1:]], env=_env(), cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
     assert third.returncode == 0 and f"{total} skipped" in third.stdout
     assert len(read_results(output)) == total
+    # Nothing left to do: the engine (torch, transformers) is never imported, so a rerun returns at once.
+    assert not [line for line in third.stderr.splitlines() if re.search(r"\|\s+torch$", line)]
+
+
+def test_a_model_that_is_not_there_fails_before_any_work(folder, questions_file, tmp_path):
+    output = tmp_path / "results.jsonl"
+    run = subprocess.run(_batch_cmd(str(folder), "--questions", str(questions_file), "-o", str(output),
+                                    "--model", str(tmp_path / "no-model")),
+                         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"error: {tmp_path / 'no-model'}: no such folder, and not a Hugging Face id " \
+                                 "(organisation/name)"  # as ask and serve say it
+    assert not output.exists()
 
 
 class OutOfMemoryAbove:
