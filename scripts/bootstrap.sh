@@ -35,7 +35,22 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+  # pyproject's requires-python: 3.11 or 3.12. A newer or older python3 would fail much later, inside pip.
+  python="${GLYPHSERVE_PYTHON:-}"
+  if [ -z "$python" ]; then
+    for candidate in python3 python3.12 python3.11; do
+      if command -v "$candidate" >/dev/null &&
+         "$candidate" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))'; then
+        python="$candidate"; break
+      fi
+    done
+  fi
+  if [ -z "$python" ]; then
+    echo "error: glyphserve needs Python 3.11 or 3.12, and python3 here is $(python3 --version 2>&1);" \
+         "install python3.12 and python3.12-venv (or point GLYPHSERVE_PYTHON at one)" >&2
+    exit 2
+  fi
+  "$python" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
