@@ -193,8 +193,9 @@ class Planner:
         if fit == 0:
             return ContextOverflowError(f"{head}: not even the first page fits; shorten the conversation")
         return ContextOverflowError(
-            f"{head}: only the first {fit} of {n} pages fit. Ask about fewer pages, let the server choose the "
-            f"pages that matter (page_selection retrieve), or keep the first {fit} (truncate_pages)")
+            f"{head}: only the first {fit} of {n} pages fit. Ask about fewer pages, keep the first {fit} "
+            f"(truncate_pages), or, for a stored document, let the server choose the pages that matter "
+            f"(page_selection retrieve)")
 
     def _positions(self, prompt: PromptTokens) -> tuple[torch.Tensor, int]:
         """M-RoPE positions [3, L] of the prompt, exactly as the HF model computes them (on CPU)."""

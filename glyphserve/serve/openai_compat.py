@@ -133,6 +133,10 @@ def to_job(request: ChatCompletionRequest, *, has_model: bool, images: ImageLimi
         raise InvalidRequestError("send either document (one id) or documents (a list), not both", param="documents")
     if image_urls and (request.document or request.documents):
         raise InvalidRequestError("send either image_url parts or document ids, not both", param="document")
+    if request.page_selection and not (request.document or request.documents):
+        raise InvalidRequestError("page_selection chooses among a stored document's pages: send it with document "
+                                  "or documents (truncate_pages keeps the first image_url pages that fit)",
+                                  param="page_selection")
     collection = list(dict.fromkeys(request.documents or []))
     document_id = request.document or (collection[0] if len(collection) == 1 else None)
     documents = collection if len(collection) > 1 else None

@@ -111,6 +111,7 @@ def test_every_sampling_parameter_reaches_the_engine_under_its_own_name():
     ({"n": 2}, "n"), ({"best_of": 3}, "best_of"), ({"use_beam_search": True}, "use_beam_search"),
     ({"min_tokens": 4}, "min_tokens"), ({"logit_bias": {"5": 10}}, "logit_bias"), ({"echo": True}, "echo"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"page_selection": "first"}, "page_selection"),  # it chooses among a stored document's pages only
 ])
 def test_values_that_cannot_be_honoured_are_refused_not_ignored(body, param):
     with pytest.raises(GlyphserveError) as info:
