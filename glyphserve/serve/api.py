@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any, AsyncIterator, Awaitable, Literal
 
 from fastapi import APIRouter, Query, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +20,12 @@ from glyphserve.errors import GlyphserveError, NotFoundError
 from glyphserve.render.config import NEWLINE_MODES, PRESETS
 from glyphserve.serve import openai_compat as oai
 from glyphserve.serve.backends import ChatJob, Reply
-from glyphserve.serve.errors import InternalError, InvalidRequestError, UnsupportedMediaTypeError
+from glyphserve.serve.errors import (
+    InternalError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    UnsupportedMediaTypeError,
+)
 from glyphserve.serve.sampling import SamplingParams
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import GlyphService, RenderOptions
@@ -389,7 +395,13 @@ def build_router(service: GlyphService) -> APIRouter:
 
     @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                       include_in_schema=False)
-    async def unknown(rest: str):
-        raise NotFoundError(f"no API route /v1/{rest}")
+    async def unknown(request: Request, rest: str):
+        path = f"/v1/{rest}"
+        routes = [r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is not unknown]
+        allow = sorted({method for r in routes if r.path_regex.match(path) for method in r.methods} - {"HEAD"})
+        if allow:
+            raise MethodNotAllowedError(f"{request.method} is not a method of {path}: it takes {', '.join(allow)}",
+                                        allow)
+        raise NotFoundError(f"no API route {path}")
 
     return router

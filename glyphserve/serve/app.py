@@ -21,7 +21,7 @@ from glyphserve import __version__
 from glyphserve.errors import ConfigError, FileTooLargeError, GlyphserveError, NotFoundError, QueueFullError
 from glyphserve.serve.api import build_router, invalid_request
 from glyphserve.serve.config import ServeConfig
-from glyphserve.serve.errors import InternalError, UnauthorizedError
+from glyphserve.serve.errors import InternalError, MethodNotAllowedError, UnauthorizedError
 from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import prepare_data_dir
@@ -134,11 +134,13 @@ async def _send_error(send, error: GlyphserveError, scope) -> None:
 
 
 def error_response(request: Request, error: GlyphserveError, service: GlyphService) -> JSONResponse:
-    """OpenAI's error body and status; a 429 says when to retry."""
+    """OpenAI's error body and status; a 429 says when to retry, a 405 which methods the route takes."""
     request.state.error_code = error.code
     headers = {}
     if isinstance(error, QueueFullError):
         headers["Retry-After"] = str(service.scheduler.retry_after())
+    if isinstance(error, MethodNotAllowedError):
+        headers["Allow"] = ", ".join(error.allow)
     return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
 
 

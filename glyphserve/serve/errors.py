@@ -46,6 +46,17 @@ class UnauthorizedError(GlyphserveError):
     code = "invalid_api_key"
 
 
+class MethodNotAllowedError(GlyphserveError):
+    """The route exists, not for this method; ``allow`` lists the methods it takes (the Allow header)."""
+
+    http_status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allow: list[str]):
+        super().__init__(message)
+        self.allow = allow
+
+
 class ModelNotFoundError(GlyphserveError):
     http_status = 404
     code = "model_not_found"

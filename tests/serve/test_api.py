@@ -220,6 +220,13 @@ def test_ids_and_routes_are_validated(client):
     assert client.get("/v1/documents/../../etc/passwd").status_code in (400, 404)
     assert client.get("/v1/documents/0123456789abcdef0123456789abcdef/pages/x.png").status_code in (400, 404)
     assert client.get("/v1/nothing-here").json()["error"]["code"] == "not_found"
+    # A route that exists, asked with a method it does not take: 405 naming those it does (it was "no API route").
+    wrong = client.put("/v1/documents", json={})
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, POST"
+    assert wrong.json()["error"] == {"message": "PUT is not a method of /v1/documents: it takes GET, POST",
+                                     "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}
+    assert client.get("/v1/chat/completions").headers["allow"] == "POST"
+    assert client.post("/v1/documents/0123456789abcdef0123456789abcdef").headers["allow"] == "DELETE, GET, PATCH"
 
 
 def test_malformed_requests(client):
