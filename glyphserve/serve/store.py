@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -29,12 +30,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import IO
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from glyphserve.errors import GlyphserveError, NotFoundError
+from glyphserve.errors import ConfigError, GlyphserveError, NotFoundError
 from glyphserve.render.document import page_filename, sync_folder, write_file
 from glyphserve.serve.errors import InvalidRequestError, StorageFullError, StorageUnavailableError
 from glyphserve.serve.retrieval import PageLayout
@@ -152,12 +154,34 @@ class _Pending:
     written: Future | None = None
 
 
+def hold_data_dir(root: Path) -> IO[str]:
+    """Take the data folder for this process: an exclusive lock on ``<data>/glyphserve.lock`` (which names the
+    holder's pid), released when the returned file is closed or the process ends, killed or not. A second server on
+    the folder would take the first one's uploads in progress for a crash's leftovers and delete them."""
+    handle = open(Path(root) / "glyphserve.lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise ConfigError(f"the data folder {root} is in use by another glyphserve server"
+                          f"{f' (pid {holder})' if holder else ''}: stop it, or give this one its own --data-dir")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 class DocumentStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.docs = self.root / "docs"
         self._lock = threading.Lock()
         prepare_data_dir(self.root)
+        with storage(f"lock the data folder {self.root}"):
+            self._holder = hold_data_dir(self.root)
         with storage(f"open the document index in {self.root}"):
             self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -218,6 +242,7 @@ class DocumentStore:
         self._writer.shutdown(wait=True)
         with self._lock:
             self._db.close()
+        self._holder.close()
 
     def add(self, *, name: str | None, kind: str, summary: dict, files: DocumentFiles,
             content_hash: str | None = None) -> DocumentRecord:

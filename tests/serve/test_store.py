@@ -190,3 +190,18 @@ def test_a_folder_whose_page_was_cut_short_is_not_indexed_at_the_restart(tmp_pat
                 assert store.page_bytes(document_id, 2) == bytes([2]) * 5000
         finally:
             store.close()
+
+
+def test_a_data_folder_serves_one_server_at_a_time(tmp_path):
+    """A second store on the folder is refused (its start-up would take the first one's uploads in progress for a
+    crash's leftovers); the folder is free again once the first closes, or its process dies (the crash tests)."""
+    from glyphserve.errors import ConfigError
+
+    store = DocumentStore(tmp_path)
+    with pytest.raises(ConfigError, match=f"in use by another glyphserve server \\(pid {os.getpid()}\\)"):
+        DocumentStore(tmp_path)
+    record = store.add(name="a.txt", kind="txt", summary={}, files=files())
+    store.close()
+    again = DocumentStore(tmp_path)
+    assert again.get(record.id) == record
+    again.close()
