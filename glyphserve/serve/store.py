@@ -99,12 +99,14 @@ def _size(path: Path) -> int:
 
 
 def prepare_data_dir(root: Path) -> None:
-    """Make the data folder and check it can be written, before anything slow starts (a typed error if not)."""
+    """Make the data folder and check it can be written and no other server holds it (``hold_data_dir``), before
+    anything slow starts (a typed error if not)."""
     with storage(f"use the data folder {root}"):
         (Path(root) / "docs").mkdir(parents=True, exist_ok=True)
         probe = Path(root) / f".write-test-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
+        hold_data_dir(root).close()  # the store takes it for good once the model has loaded
 
 
 def check_id(document_id: str) -> str:

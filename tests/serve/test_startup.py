@@ -91,3 +91,16 @@ def test_ask_answers_extractively_without_a_model(tmp_path, capsys):
     assert main(["ask", str(story), "What was engraved?", "--json"]) == 0
     result = __import__("json").loads(capsys.readouterr().out)
     assert "for courage at sea" in result["text"] and result["prompt_tokens"] > 0 and result["new_tokens"] > 0
+
+
+def test_a_data_folder_in_use_is_reported_before_the_weights_load(tmp_path, tiny_model_dir):
+    from glyphserve.serve.store import DocumentStore
+
+    held = DocumentStore(tmp_path / "data")  # the first server's store, here
+    try:
+        result = glyphserve("serve", str(tiny_model_dir), "--port", str(free_port()), "--data-dir",
+                            str(tmp_path / "data"))
+    finally:
+        held.close()
+    assert result.returncode == 2, result.stderr
+    assert "is in use by another glyphserve server" in result.stderr and "loading" not in result.stdout
