@@ -3,7 +3,8 @@
 On deterministic W50 documents (50,000 characters rendered with glyph-en) and 64-token answers (EOS ignored):
 
 - single requests: a cold question (vision and prefix caches empty), a follow-up (the document's blocks in the KV
-  pool), the first question after the document was warmed at upload, and the same on W200 (``--grow``);
+  pool; again with its prefill in the eager pass instead of as rows of a graph step), the first question after the
+  document was warmed at upload, and the same on W200 (``--grow``);
 - the decode step with 1, 8, 32, 64, 128 rows busy (follow-ups over several cached documents, all decoding
   together), each next to its floor: the weights plus the KV each row reads, over the copy bandwidth measured in
   the same run;
@@ -250,6 +251,11 @@ def measure(args: argparse.Namespace) -> dict:
     bench.ask(engine, docs[0])  # warm-up
     res["cold"] = bench.single(engine, docs, "cold")
     res["follow"] = bench.single(engine, docs, "follow")
+    core = getattr(engine, "core", None)
+    if getattr(core, "row_prefill", False):  # follow-ups as rows of the decode graphs: the eager pass beside them
+        core.row_prefill = False
+        res["follow_eager"] = bench.single(engine, docs, "follow")
+        core.row_prefill = True
     if hasattr(bench.api.engine.AnswerRequest, "pages_key"):  # this tree: warming at upload exists
         res["warm"] = bench.single(engine, docs, "warm")
     if grow:
@@ -346,7 +352,9 @@ def to_markdown(res: dict) -> str:
         "| row | candidate wall s | TTFT s | decode ms/token | peak GiB | baseline wall s | baseline TTFT s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, label in (("cold", "W50 cold"), ("follow", "W50 follow-up"), ("warm", "W50 first question after warm-up"),
+    for key, label in (("cold", "W50 cold"), ("follow", "W50 follow-up"),
+                       ("follow_eager", "W50 follow-up, prefill in the eager pass"),
+                       ("warm", "W50 first question after warm-up"),
                        ("grow_cold", "W200 cold"), ("grow_follow", "W200 follow-up")):
         row, old = res.get(key), base.get(key, {})
         if row:

@@ -65,8 +65,9 @@ class StepRows:
 
 class EngineCore:
     def __init__(self, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler, vision: VisionEncoder,
-                 device: torch.device):
+                 device: torch.device, row_prefill: bool = True):
         self.runner = runner
+        self.row_prefill = row_prefill  # short prompt chunks as rows of graph steps (else the eager pass)
         self.sampler = sampler
         self.scheduler = scheduler
         self.vision = vision
@@ -158,7 +159,7 @@ class EngineCore:
         if plan.chunks:
             self.counters["prefill_passes"] += 1
             self.counters["prefill_tokens"] += sum(c.end - c.start for c in plan.chunks)
-            rows = self._chunk_rows(plan, decode)
+            rows = self._chunk_rows(plan, decode) if self.row_prefill else None
         if rows is None:
             inputs, sampled = self._step_inputs(plan, decode)
             logits = self.runner.forward(inputs)

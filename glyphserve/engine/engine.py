@@ -85,7 +85,9 @@ class Engine:
         self.scheduler = Scheduler(sched_config, self.pool)
         key_prefix = f"{self.name}|{self.dtype}|{self.params.fingerprint()}|"
         encoder = VisionEncoder(self.vision, self.preprocessor, self.vision_cache, key_prefix, self._sync)
-        self.core = EngineCore(self.runner, self.sampler, self.scheduler, encoder, self.device)
+        graphs = config.cuda_graphs and cuda
+        self.core = EngineCore(self.runner, self.sampler, self.scheduler, encoder, self.device,
+                               row_prefill=graphs if config.graph_prefill is None else config.graph_prefill)
         self.planner = Planner(self.model, self.tokenizer, self.prompts, self.params, max_context=self.max_context,
                                block_size=block_size, pool_tokens=(self.pool.num_blocks - 1) * block_size,
                                stop_ids=self.stop_ids, prefix_caching=config.enable_prefix_caching)
@@ -343,7 +345,8 @@ class Engine:
                 grid = self.params.grid(height, width)
                 for n in sorted({1, self.config.vision_batch_pages}):
                     self.vision.encode(self.preprocessor([page] * n), [grid] * n)
-        buckets = graph_buckets(self.config.max_num_seqs, self.runner.max_rows)
+        rows = self.runner.max_rows if self.core.row_prefill else self.config.max_num_seqs
+        buckets = graph_buckets(self.config.max_num_seqs, rows)
         self.runner.warm_attention(buckets, [1, 2, PAGED_CHUNK_TOKENS])
         if self.config.cuda_graphs:
             self.runner.capture(buckets, self.sampler)

@@ -66,10 +66,12 @@ def reference(tiny_model_dir) -> Reference:
 
 @pytest.fixture
 def load_engine(tiny_model_dir):
-    """Factory for fresh engines on the tiny model (fp32, CPU)."""
+    """Factory for fresh engines on the tiny model (fp32, CPU), short prefills run as graph rows as on CUDA (the
+    CPU's default is the eager pass)."""
     from glyphserve.engine import Engine, EngineConfig
 
     def load(**overrides):
-        return Engine.load(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32", **overrides))
+        return Engine.load(EngineConfig(**{"model": str(tiny_model_dir), "device": "cpu", "dtype": "float32",
+                                           "graph_prefill": True, **overrides}))
 
     return load

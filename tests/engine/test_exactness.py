@@ -290,16 +290,15 @@ def test_follow_ups_on_cached_documents_are_prefilled_together_and_match(load_en
     assert all(a.cache.prefix_reused_tokens > 0 for a in answers[:3])
 
 
-@pytest.mark.parametrize("rows", [64, 0])  # one row per prompt token (a graph step on CUDA), and the eager pass
+@pytest.mark.parametrize("rows", [True, False])  # one row per prompt token (a graph step on CUDA), the eager pass
 def test_follow_ups_joining_decoding_rows_match_as_rows_and_eagerly(load_engine, reference, pages, monkeypatch, rows):
     """Short prefills (follow-ups after cached prefixes, vision tokens of a partial block among them) run in the
-    same step as other rows' decoding, one row per token, or eagerly when a graph step has no room for them."""
+    same step as other rows' decoding, one row per token, or eagerly (``graph_prefill=False``)."""
     from glyphserve.engine.engine import graph_buckets
 
-    engine = load_engine(max_num_seqs=4)
-    monkeypatch.setattr(engine.runner, "max_rows", rows)
+    engine = load_engine(max_num_seqs=4, graph_prefill=rows)
     # Steps padded to a bucket with padding rows, as on CUDA (no graph here: the padded step runs eagerly).
-    monkeypatch.setattr(engine.runner, "buckets", graph_buckets(4, rows) if rows else [])
+    monkeypatch.setattr(engine.runner, "buckets", graph_buckets(4, engine.runner.max_rows))
     docs = [pages[:1], pages[1:], pages]
     for doc in docs:
         engine.answer(request(doc, "What is this?", n=2))
