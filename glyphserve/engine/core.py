@@ -193,8 +193,7 @@ class EngineCore:
         length = np.fromiter((s.num_computed for s in decode), dtype=np.int64, count=n)
         pos = length - 1
         out[1:4] = pos + np.fromiter((s.rope_delta for s in decode), dtype=np.int64, count=n)
-        bs = self.scheduler.block_size
-        out[4] = self.scheduler.block_tables[out[0], pos // bs] * bs + pos % bs
+        out[4] = self.scheduler.kv_slots(out[0], pos)
         out[5] = length
         out[6] = LAST_SAMPLED
         out[7] = out[0]
@@ -209,7 +208,6 @@ class EngineCore:
         if any(c.end - c.start > PAGED_CHUNK_TOKENS for c in chunks) or \
                 len(plan.decode) + sum(c.end - c.start for c in chunks) > self.runner.max_rows:
             return None
-        bs = self.scheduler.block_size
         lasts, rest, given = [], [], []
         sampled = list(plan.decode)
         at = len(plan.decode) + sum(c.samples for c in chunks)  # where the chunks' other tokens start
@@ -219,7 +217,7 @@ class EngineCore:
             rows = np.empty((META_ROWS, end - start), dtype=np.int64)
             rows[0] = seq.slot
             rows[1:4] = seq.positions_of(start, end).numpy()
-            rows[4] = self.scheduler.block_tables[seq.slot, pos // bs] * bs + pos % bs
+            rows[4] = self.scheduler.kv_slots(seq.slot, pos)
             rows[5] = pos + 1
             rows[6] = seq.token_ids(start, end)
             rows[7] = self.runner.pad_slot
@@ -245,7 +243,6 @@ class EngineCore:
         short = [c for c in plan.chunks if c.end - c.start <= PAGED_CHUNK_TOKENS]
         long = [c for c in plan.chunks if c.end - c.start > PAGED_CHUNK_TOKENS]
         bs = self.scheduler.block_size
-        tables = self.scheduler.block_tables
         n_dec = len(plan.decode)
         ids: list[int] = []
         kv_slots = [decode[4]]
@@ -259,7 +256,7 @@ class EngineCore:
             seq, n = chunk.seq, chunk.end - chunk.start
             ids.extend(seq.token_ids(chunk.start, chunk.end))
             pos = np.arange(chunk.start, chunk.end)
-            kv_slots.append(tables[seq.slot, pos // bs] * bs + pos % bs)
+            kv_slots.append(self.scheduler.kv_slots(seq.slot, pos))
             positions.append(seq.positions_of(chunk.start, chunk.end))
             for page, row0, rows, at in seq.image_runs(chunk.start, chunk.end):
                 placed.append((offset + at - chunk.start, seq.features[page][row0 : row0 + rows]))

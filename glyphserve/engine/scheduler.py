@@ -81,6 +81,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def kv_slots(self, slots, positions: np.ndarray) -> np.ndarray:
+        """The pool slot (block * block_size + offset) of each position, in the block table of each slot."""
+        bs = self.block_size
+        return self.block_tables[slots, positions // bs] * bs + positions % bs
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Stop ``seq`` wherever it is; its blocks and slot are released."""
         if seq.status is Status.FINISHED:

@@ -30,11 +30,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import IO
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from glyphserve.errors import ConfigError, GlyphserveError, NotFoundError
 from glyphserve.render.document import page_filename, sync_folder, write_file
