@@ -151,6 +151,10 @@ def paged_attention_batched(
     blocks = blocks.where(torch.arange(blocks.shape[1], device=q.device)[None, :] < own[:, None], 0)
     keys = k_cache[blocks].flatten(1, 2)[:, :longest].float()  # [S, L, KV, D]
     values = v_cache[blocks].flatten(1, 2)[:, :longest].float()
+    # Slots past a sequence's length were never written (the pool is uninitialised): their weight is 0, but 0 * NaN
+    # is NaN, so their values are zeroed (the Triton kernel loads them as 0 the same way).
+    written = torch.arange(longest, device=q.device)[None, :] < seq_lens.long()[:, None]  # [S, L]
+    values = values.masked_fill(~written[:, :, None, None], 0.0)
     offsets = torch.arange(max_query_len, device=q.device)
     valid = offsets[None, :] < q_lens[:, None]  # [S, Q]
     rows = (starts[:-1, None] + offsets[None, :]).clamp(max=q.shape[0] - 1)

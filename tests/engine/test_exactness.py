@@ -591,3 +591,15 @@ def test_an_answer_resumed_from_all_its_tokens_ends_before_anything_runs(load_en
     answer = rest[-1].result
     assert (answer.token_ids, answer.text, answer.finish_reason, answer.stop_reason, answer.new_tokens) == \
         (done.token_ids, done.text, done.finish_reason, done.stop_reason, done.new_tokens)
+
+
+def test_unwritten_pool_memory_never_reaches_an_answer(load_engine, reference, pages):
+    """The KV pool is allocated uninitialised: slots past a sequence's length (the rest of its last block, the
+    trash block) may hold anything, NaN included. Rows of different lengths decoding together must not read it
+    into their answers (0 * NaN is NaN); filling the pool with NaN makes any such read fail the answer."""
+    engine = load_engine()
+    for cache in engine.runner.k + engine.runner.v:
+        cache.fill_(float("nan"))
+    cases = [(pages[:1], "Who?"), (pages, "Who pretended to be the grandmother?"), (pages[1:], "Why?")]
+    expected = [reference.generate(p, q, max_new_tokens=N, ignore_eos=True)[0] for p, q in cases]
+    assert [a.token_ids for a in engine.answer_batch([request(p, q) for p, q in cases])] == expected
