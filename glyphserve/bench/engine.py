@@ -9,7 +9,9 @@ On deterministic W50 documents (50,000 characters rendered with glyph-en) and 64
   together), each next to its floor: the weights plus the KV each row reads, over the copy bandwidth measured in
   the same run;
 - the KV pool's blocks in use for 1 and for 16 sessions on one document (its prefix is held once);
-- with ``--quantize fp8``: the same single-request rows with FP8 weights, and how far their logits move from bf16.
+- with ``--quantize fp8``: the cold and follow-up rows with FP8 weights;
+- with ``--memory-cap-gib``: a W200 question and 8 W50 questions at once under that memory budget (a 24 GB card's
+  profile), with the quantized weights and with 16-bit ones.
 
 ``--baseline-tree PATH`` runs the same measurements with the glyphserve at PATH (an older checkout, in a child
 process), so baseline and candidate come from one run. Every figure is a median over ``--repeats``; documents
@@ -58,6 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", default="1,8,32,64,128", help="decode batch sizes to time")
     p.add_argument("--max-context", type=int, default=16384)
     p.add_argument("--quantize", choices=["fp8"], help="also measure with quantized language-model weights")
+    p.add_argument("--memory-cap-gib", type=float,
+                   help="also run W200 plus 8 W50 sessions at once with --gpu-memory-utilization set to this "
+                        "much of the card (a 24 GB card's profile), with --quantize's weights and with 16-bit ones")
     p.add_argument("--baseline-tree", type=Path, help="a glyphserve checkout to measure the same way (child process)")
     p.add_argument("--font", help="font file for rendering (default: glyph-en's font or its free substitute)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for engine-<card>.json/.md")
@@ -69,15 +74,25 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.model is None) == (args.random_weights is None):
         raise ConfigError("give --model or --random-weights")
-    results = measure(args)
-    if args.baseline_tree is not None:
-        results["baseline"] = baseline(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    results = measure(args)
     stem = args.out / f"engine-{results['card']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(results), encoding="utf-8")
+    write(stem, results)  # the candidate's figures survive a baseline that fails
+    if args.baseline_tree is not None:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():  # the child sizes its KV from free memory: hand this process's cache back
+            torch.cuda.empty_cache()
+        results["baseline"] = baseline(args)
+        write(stem, results)
     print(f"wrote {stem}.json and .md")
     return 0
+
+
+def write(stem: Path, results: dict) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(to_markdown(results), encoding="utf-8")
 
 
 def baseline(args: argparse.Namespace) -> dict:
@@ -85,7 +100,8 @@ def baseline(args: argparse.Namespace) -> dict:
     that tree's (this file runs there as a script; it only uses the public engine and render calls)."""
     out = args.out / "engine-baseline.json"
     command = [sys.executable, __file__, "--child", str(out), *child_arguments(args)]
-    env = {**os.environ, "PYTHONPATH": str(args.baseline_tree.resolve())}
+    path = [str(args.baseline_tree.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])]  # its glyphserve first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     subprocess.run(command, check=True, env=env)
     return json.loads(out.read_text())
 
@@ -186,7 +202,7 @@ class Bench:
             answers.append(answer)
         t = [a.timings for a in answers]
         med = lambda xs: statistics.median(xs)  # noqa: E731
-        return {
+        row = {
             "wall_s": med(walls), "walls_s": walls,
             "ttft_s": med([x.time_to_first_token for x in t]), "preprocess_s": med([x.preprocess for x in t]),
             "vision_s": med([x.vision_encode for x in t]), "prefill_s": med([x.prefill for x in t]),
@@ -195,6 +211,8 @@ class Bench:
             "vision_misses": answers[-1].cache.vision_misses,
             "peak_gib": self.torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else None,
         }
+        print(json.dumps({"mode": mode, **row}), flush=True)
+        return row
 
     def step_rows(self, engine, docs: list[list], rows: int) -> dict:
         """Decode step time with ``rows`` follow-ups decoding together (documents cached beforehand)."""
@@ -208,22 +226,50 @@ class Bench:
         return {"rows": rows, "step_ms": statistics.median(steps), "steps_ms": steps,
                 "context_tokens": answers[0].prompt_tokens + self.args.new_tokens // 2}
 
+    def capped(self, docs: list[list], large: list, cap_gib: float, quantize: str | None) -> dict:
+        """A question on the large document with 8 questions on 8 W50 documents, all at once, in an engine
+        whose memory budget is ``cap_gib`` of the card (``gpu_memory_utilization``): whether it runs, its pool,
+        and what the process holds on the device at the end (the allocator keeps its peak cached)."""
+        torch = self.torch
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        out = {"cap_gib": cap_gib, "weights": quantize or "bf16", "utilization": cap_gib * 2**30 / total}
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            engine = self.api.engine.Engine.load(self.api.config(self.args, 16, quantize=quantize,
+                                                                 gpu_memory_utilization=out["utilization"]))
+        except Exception as exc:  # reported: the cap does not fit this configuration
+            out["error"] = f"{type(exc).__name__}: {exc}"
+            print(json.dumps(out), flush=True)
+            return out
+        out["pool_tokens"] = engine.stats()["kv_pool"]["tokens"]
+        requests = [self.api.request(large, self.question(), self.args.new_tokens)]
+        requests += [self.api.request(docs[i % len(docs)], self.question(), self.args.new_tokens) for i in range(8)]
+        t0 = time.perf_counter()
+        try:
+            answers = engine.answer_batch(requests)
+            self.sync()
+            out["wall_s"] = time.perf_counter() - t0
+            out["answered"] = sum(a.new_tokens == self.args.new_tokens for a in answers)
+            out["preemptions"] = engine.stats()["preemptions"]
+        except Exception as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        free, _ = torch.cuda.mem_get_info(self.device)
+        out["device_used_gib"] = (total - free) / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        print(json.dumps(out), flush=True)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        return out
+
     def pool_blocks(self, engine, pages, sessions: int) -> int | None:
         """Most KV blocks in use while ``sessions`` questions about one document run (None: no pool)."""
         if "kv_pool" not in engine.stats():
             return None
         engine.clear_caches()
-        peak = 0
-
-        def watch(_room: int) -> list:
-            nonlocal peak
-            peak = max(peak, engine.stats()["kv_pool"]["in_use"])
-            return []
-
-        requests = [self.api.request(pages, self.question(), 2) for _ in range(sessions)]
-        for _ in engine.stream_batch(requests, admit=watch):
-            pass
-        return peak
+        engine.pool.reset_peak()
+        engine.answer_batch([self.api.request(pages, self.question(), 2) for _ in range(sessions)])
+        return engine.pool.stats().peak_in_use
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -264,6 +310,8 @@ def measure(args: argparse.Namespace) -> dict:
     weights = decode_bytes(engine.model)
     kv_per_token = kv_bytes_per_token(engine.model)
     res["rows"] = []
+    for pages in docs:  # every document's prefix cached first: the timed batches decode, they do not prefill pages
+        engine.answer(bench.api.request(pages, bench.question(), 2))
     for n in rows:
         row = bench.step_rows(engine, docs, n)
         if bench.cuda:
@@ -275,13 +323,19 @@ def measure(args: argparse.Namespace) -> dict:
         res["decode_floor_ms"] = weights / res["copy_bandwidth_Bps"] * 1e3
     res["stats"] = engine.stats()
     if args.quantize:
-        del engine
+        del engine, core  # the core holds the model and the KV pool
         gc.collect()
         torch.cuda.empty_cache() if bench.cuda else None
         quantized = Engine.load(bench.api.config(args, 8, quantize=args.quantize))
         bench.ask(quantized, docs[0])
         res["quantized"] = {"mode": args.quantize, "cold": bench.single(quantized, docs, "cold"),
                             "follow": bench.single(quantized, docs, "follow")}
+        del quantized
+    if getattr(args, "memory_cap_gib", None) and bench.cuda and grow:
+        gc.collect()
+        torch.cuda.empty_cache()
+        res["capped"] = [bench.capped(docs, grow[0], args.memory_cap_gib, mode)
+                         for mode in dict.fromkeys([args.quantize, None])]
     return res
 
 
@@ -370,6 +424,16 @@ def to_markdown(res: dict) -> str:
     if blocks.get("1") is not None:
         lines += ["", f"KV pool blocks in use: {blocks['1']} for 1 session, {blocks['16']} for 16 sessions on one "
                       "document (its prefix held once)."]
+    for c in res.get("capped", []):
+        if "error" in c and "wall_s" not in c:
+            lines += ["", f"Capped at {c['cap_gib']} GiB ({c['weights']} weights): did not run: {c['error']}"]
+        else:
+            lines += ["", f"Capped at {c['cap_gib']} GiB ({c['weights']} weights): W200 + 8 W50 questions at once "
+                          f"{_f(c.get('wall_s'))} s, {c.get('answered', 0)} of 9 answered, KV pool "
+                          f"{c['pool_tokens']} tokens, {c.get('preemptions', 0)} preemptions; the process held "
+                          f"{_f(c['device_used_gib'], 1)} GiB on the device (allocator peak "
+                          f"{_f(c['peak_reserved_gib'], 1)} GiB)" + (f"; error: {c['error']}" if "error" in c else "")
+                          + "."]
     if "quantized" in res:
         q = res["quantized"]
         lines += ["", f"With {q['mode']} weights: W50 cold {_f(q['cold']['wall_s'])} s, decode "

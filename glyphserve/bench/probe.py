@@ -49,15 +49,17 @@ def synthetic_pages(n: int, height: int = 840, width: int = 588, seed: int = 0) 
 
 
 def hf_processor(tokenizer, image_processor):
+    """Hugging Face's Glm4vProcessor for images alone (it insists on a video processor, which needs torchvision;
+    images never touch it)."""
     from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
-    from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
 
-    return Glm4vProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=Glm4vVideoProcessor(),
-        chat_template=tokenizer.chat_template,
-    )
+    class ImageOnlyProcessor(Glm4vProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name != "video_processor":
+                return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                              chat_template=tokenizer.chat_template)
 
 
 def hf_inputs(processor, pages, question, history=(), device="cuda"):

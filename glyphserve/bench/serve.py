@@ -178,7 +178,7 @@ def measure(args: argparse.Namespace, replicas: int | None, visible: str | None 
                 started = time.perf_counter()
                 health = server.wait(client, args.startup_timeout)
                 startup_s = time.perf_counter() - started
-                print(f"server up in {startup_s:.1f} s: {json.dumps(health)}", flush=True)
+                print(f"server up at {server.base} in {startup_s:.1f} s: {json.dumps(health)}", flush=True)
                 if not health.get("model"):
                     raise RuntimeError("the server reports no model")
                 while health.get("replicas_running", replicas or 0) < (replicas or 0):  # Ray: the engines start last
@@ -310,18 +310,28 @@ def engine_activity(before: dict[str, dict], after: dict[str, dict], wall_s: flo
         start = before.get(base, {})
         delta = {k: end.get(k, 0) - start.get(k, 0) for k in end}
         steps = delta.get("decode_steps", 0)
+        every = delta.get("steps", 0)
         out.append({"engine": base, "requests": delta.get("requests", 0), "decode_steps": steps,
                     "steps_per_s": steps / wall_s if wall_s else 0.0,
                     "rows_per_step": delta.get("decode_rows", 0) / steps if steps else 0.0,
-                    "prefill_passes": delta.get("prefill_passes", 0)})
+                    "prefill_passes": delta.get("prefill_passes", 0), "row_chunks": delta.get("row_chunks", 0),
+                    # where the engine thread's time went: inside steps (blocked on the GPU, or host work), planning
+                    # requests that joined, and the rest of the phase (idle, or waiting for the GIL)
+                    "steps": every, "step_s": delta.get("step_s", 0.0), "gpu_wait_s": delta.get("gpu_wait_s", 0.0),
+                    "plan_s": delta.get("plan_s", 0.0),
+                    "host_ms_per_step": (delta.get("step_s", 0.0) - delta.get("gpu_wait_s", 0.0)) / every * 1e3
+                    if every else 0.0})
     return out
 
 
 def _engines_table(engines: list[dict]) -> list[str]:
-    lines = ["| engine | requests | decode steps/s | rows busy per step | prefill passes |", "|---|---:|---:|---:|---:|"]
+    lines = ["| engine | requests | decode steps/s | rows busy per step | prefill passes (as rows) | "
+             "s in steps (GPU wait) | host ms/step | s planning |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e in engines:
         lines.append(f"| {e['engine']} | {e['requests']} | {e['steps_per_s']:.1f} | {e['rows_per_step']:.2f} | "
-                     f"{e['prefill_passes']} |")
+                     f"{e['prefill_passes']} ({e.get('row_chunks', 0)} chunks) | {e.get('step_s', 0):.2f} "
+                     f"({e.get('gpu_wait_s', 0):.2f}) | {e.get('host_ms_per_step', 0):.2f} | "
+                     f"{e.get('plan_s', 0):.2f} |")
     return lines + [""]
 
 

@@ -89,6 +89,19 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     return out
 
 
+def compile_split_variants(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                           query_start: Tensor, scale: float, max_query_len: int) -> None:
+    """Compile the Triton kernels for every padded split count a launch of this shape can pick (the combine
+    kernel's one compile-time size that varies between launches), so that no request pays for a compile."""
+    if triton is None or not q.is_cuda:
+        return
+    splits = 1
+    while splits <= _MAX_SPLITS:
+        paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len,
+                               out=torch.empty_like(q), splits=splits)
+        splits *= 2
+
+
 def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                               query_start: Tensor, scale: float, max_query_len: int,
                               out: Tensor | None = None) -> Tensor:
@@ -289,7 +302,10 @@ def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 
 if triton is not None:
 
-    @triton.jit
+    # The launch's counts are not specialised on (Triton compiles a variant per integer argument that is 1 or a
+    # multiple of 16 otherwise): a new combination of them, which any request can bring, cost a 1.8 s compile
+    # on an H200 (a follow-up's 47 queries: 12 query tiles, 11 splits).
+    @triton.jit(do_not_specialize=["query_tiles", "splits"])
     def _attend_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
         part_max_ptr, part_sum_ptr, part_acc_ptr,
@@ -361,7 +377,7 @@ if triton is not None:
         tl.store(part_sum_ptr + part, row_sum, mask=live)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=live[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_seqs", "splits"])
     def _combine_kernel(
         part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, query_start_ptr, n_seqs,
         out_stride_t, out_stride_h, n_heads, splits,

@@ -75,9 +75,10 @@ class EngineCore:
         self.cuda = device.type == "cuda"
         self.in_flight: deque[Launched] = deque()
         self._ended: list[Sequence] = []  # added already finished (resumed tokens that end the answer)
-        # row_chunks: prompt chunks run one row per token in a graph step (eagerly where no graph is captured)
+        # row_chunks: prompt chunks run one row per token in a graph step (eagerly where no graph is captured);
+        # step_s: seconds inside step(), of which gpu_wait_s blocked on the device (the rest is host work)
         self.counters = {"steps": 0, "decode_steps": 0, "decode_rows": 0, "graph_steps": 0, "prefill_passes": 0,
-                         "prefill_tokens": 0, "row_chunks": 0}
+                         "prefill_tokens": 0, "row_chunks": 0, "step_s": 0.0, "gpu_wait_s": 0.0}
 
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self.in_flight)
@@ -91,6 +92,7 @@ class EngineCore:
 
     def step(self) -> list[Event]:
         """Launch the next step and read back the one before it; the events that produced."""
+        started = time.perf_counter()
         events = [event for seq in self._ended for event in self.abort(seq, seq.finish_reason)]
         self._ended.clear()
         self._poll_cancels(events)
@@ -111,6 +113,7 @@ class EngineCore:
             # not be decoded, which empties its step): nothing ever will (a bug, not a user error).
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 events.append(self._fail(seq, RuntimeError("the scheduler could not place this request")))
+        self.counters["step_s"] += time.perf_counter() - started
         return events
 
     def drain(self) -> list[Event]:
@@ -294,7 +297,8 @@ class EngineCore:
             inputs.block_tables = self.runner.block_tables[slots]
             seq_lens = list(decode[5]) + [c.end for c in short]
             inputs.seq_lens = torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True)
-            inputs.query_start = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32).to(dev)
+            # pinned and asynchronous: a plain copy would wait for the step in flight
+            inputs.query_start = self._to_device(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
             inputs.max_query_len = max(lens)
         return inputs, sampled
 
@@ -322,7 +326,9 @@ class EngineCore:
 
     def _read(self, step: Launched) -> list[Event]:
         if step.event is not None:
+            waited = time.perf_counter()
             step.event.synchronize()
+            self.counters["gpu_wait_s"] += time.perf_counter() - waited
         events: list[Event] = []
         now = time.perf_counter()
         tokens = step.tokens.tolist()

@@ -9,6 +9,7 @@ continuously, and more can join through ``admit`` while it runs.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -92,7 +93,9 @@ class Engine:
                                block_size=block_size, pool_tokens=(self.pool.num_blocks - 1) * block_size,
                                stop_ids=self.stop_ids, prefix_caching=config.enable_prefix_caching)
         self._lock = threading.Lock()
-        self._counters = {"requests": 0, "new_tokens": 0, "prompt_tokens": 0, "oom_recoveries": 0}
+        # plan_s: seconds spent planning requests that joined a running batch (tokenizing, prefix lookup), on the
+        # thread that runs the steps
+        self._counters = {"requests": 0, "new_tokens": 0, "prompt_tokens": 0, "oom_recoveries": 0, "plan_s": 0.0}
         self._warm_up()
 
     @classmethod
@@ -153,7 +156,7 @@ class Engine:
         seqs = [self.planner.plan(r) for r in requests]
         return self._run(seqs, admit)
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, float]:
         """Requests, tokens, decode steps and rows, prefill passes, ...: plain numbers under fixed keys, safe to
         read while the engine runs on another thread (``stats`` walks the pool and caches)."""
         return {**self._counters, **self.core.counters}
@@ -210,11 +213,13 @@ class Engine:
                         room = self.scheduler.room()
                         if room:
                             for request in admit(room):
+                                planning = time.perf_counter()
                                 try:
                                     seq = self.planner.plan(request)
                                 except GlyphserveError as exc:
                                     yield numbered, StreamEvent(channel="error", error=exc)
                                 else:
+                                    self._counters["plan_s"] += time.perf_counter() - planning
                                     index[seq.seq_id] = numbered
                                     mine.append(seq)
                                     self.core.add(seq)

@@ -46,6 +46,7 @@ class PoolStats:
     free: int  # unreferenced (cached included): what allocation can take
     hit_blocks: int  # blocks taken from the cache instead of computed
     evictions: int
+    peak_in_use: int  # the most blocks in use at once since the pool was made or ``reset_peak``
 
 
 class KVPool:
@@ -70,6 +71,7 @@ class KVPool:
         # from other threads while the engine's loop changes the free list)
         self.hit_blocks = 0
         self.evictions = 0
+        self.peak_in_use = 0
 
     # --- queries -------------------------------------------------------------------------------------------
 
@@ -96,7 +98,10 @@ class KVPool:
     def stats(self) -> PoolStats:
         free = len(self._free)
         return PoolStats(self.num_blocks - 1, self.num_blocks - 1 - free, self._cached_free, free, self.hit_blocks,
-                         self.evictions)
+                         self.evictions, self.peak_in_use)
+
+    def reset_peak(self) -> None:
+        self.peak_in_use = self.num_blocks - 1 - len(self._free)
 
     # --- changes -------------------------------------------------------------------------------------------
 
@@ -110,6 +115,7 @@ class KVPool:
                 self._cached_free -= 1
             self._refs[block] += 1
         self.hit_blocks += len(blocks)
+        self.peak_in_use = max(self.peak_in_use, self.num_blocks - 1 - len(self._free))
 
     def allocate(self, n: int) -> list[int] | None:
         """``n`` fresh blocks (one reference each), evicting the least recently used cached ones; None (and no
@@ -128,6 +134,7 @@ class KVPool:
             self._ready[block] = False
             self._refs[block] = 1
             out.append(block)
+        self.peak_in_use = max(self.peak_in_use, self.num_blocks - 1 - len(self._free))
         return out
 
     def publish(self, block: int, h: bytes) -> bool:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb, repeat_kv
 
-from glyphserve.engine.attention import paged_attention
+from glyphserve.engine.attention import compile_split_variants, paged_attention
 from glyphserve.engine.fp8 import Fp8Linear, fp8_linear, quantize_fp8
 from glyphserve.engine.kv_pool import TRASH_BLOCK
 from glyphserve.engine.sampler import Sampler
@@ -330,6 +330,8 @@ class ModelRunner:
                 lens = torch.full((s,), n, device=self.device, dtype=torch.int32)
                 starts = torch.arange(0, s * n + 1, n, device=self.device, dtype=torch.int32)
                 paged_attention(q, self.k[0], self.v[0], tables, lens, starts, self.scaling, n)
+                if s == 1 and n <= 2:  # decode (one query) and prefill tiles (several): every split count
+                    compile_split_variants(q, self.k[0], self.v[0], tables, lens, starts, self.scaling, n)
 
     @torch.inference_mode()
     def capture(self, buckets: list[int], sampler: Sampler) -> None:

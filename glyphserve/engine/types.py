@@ -112,6 +112,10 @@ class EncodedPage:
     def shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, 3)
 
+    def key(self) -> str:
+        """The page's identity in the engine's caches when the caller gives none: its bytes' hash."""
+        return "bytes:" + hashlib.blake2b(self.data, digest_size=16).hexdigest()
+
     @classmethod
     def from_bytes(cls, data: bytes) -> EncodedPage:
         """Reads only the image header (size and format)."""

@@ -45,21 +45,11 @@ class Reference:
 def reference(tiny_model_dir) -> Reference:
     from transformers import AutoTokenizer, Glm4vForConditionalGeneration
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
-    from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
 
-    class ImageOnlyProcessor(Glm4vProcessor):
-        # Glm4vProcessor insists on a video processor, which needs torchvision; images never touch it.
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name != "video_processor":
-                return super().check_argument_for_proper_class(argument_name, argument)
+    from glyphserve.bench.probe import hf_processor
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    processor = ImageOnlyProcessor(
-        image_processor=Glm4vImageProcessorPil.from_pretrained(tiny_model_dir),
-        tokenizer=tokenizer,
-        video_processor=None,
-        chat_template=tokenizer.chat_template,
-    )
+    processor = hf_processor(tokenizer, Glm4vImageProcessorPil.from_pretrained(tiny_model_dir))
     model = Glm4vForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     return Reference(model, processor)
 

@@ -95,3 +95,25 @@ def test_fp8_weights_answer_end_to_end(load_engine):
     answer = engine.answer(AnswerRequest(pages=PAGES, question="Who?",
                                          settings=GenerationSettings(max_tokens=12, ignore_eos=True)))
     assert len(answer.token_ids) == 12 and engine.stats()["quantize"] == "fp8"
+
+
+def test_planned_positions_equal_hf_rope_index(load_engine):
+    """The planner keeps a document prefix's M-RoPE positions for its next questions and counts the text after
+    it on: every prompt's positions and delta still equal HF's ``get_rope_index`` over the whole prompt."""
+    import torch
+
+    from glyphserve.engine import ChatMessage
+
+    engine = load_engine()
+    image_id = engine.model.config.image_token_id
+    other = make_pages([(168, 196)], seed=3)
+    history = [ChatMessage("user", "Who?"), ChatMessage("assistant", "The wolf, then the hunter.")]
+    cases = [(PAGES, "Who?", []), (PAGES, "Where did they go, and why?", []), (PAGES, "And then?", history),
+             (other + PAGES, "Who?", history), ([], "What is a wolf?", []), (PAGES, "Who?", [])]
+    for pages, question, past in cases:
+        seq = engine.planner.plan(AnswerRequest(pages=pages, question=question, history=past))
+        ids = torch.tensor([seq.prompt.ids])
+        grids = torch.tensor(seq.prompt.image_grids) if seq.prompt.image_grids else None
+        hf, delta = engine.model.model.get_rope_index(ids, (ids == image_id).long(), image_grid_thw=grids)
+        assert torch.equal(seq.positions, hf[:, 0]) and seq.rope_delta == int(delta[0, 0])
+    assert len(engine.planner._heads) == 3  # PAGES, other + PAGES, and no pages

@@ -51,6 +51,23 @@ def test_published_blocks_are_shared_by_reference_and_outlive_their_writer():
     assert pool.match(h) == (first[:2], True)
 
 
+def test_peak_in_use_counts_shared_blocks_once():
+    pool = KVPool(16, 4)
+    h = hashes(range(8))
+    writer = pool.allocate(2)
+    for b, x in zip(writer, h):
+        pool.publish(b, x)
+    pool.mark_ready(writer)
+    readers = [pool.share(writer) or pool.allocate(1) for _ in range(3)]  # three sessions on one prefix
+    assert pool.stats().peak_in_use == 2 + 3
+    for own in readers:
+        pool.release(writer + own)
+    pool.release(writer)
+    assert pool.stats().in_use == 0 and pool.stats().peak_in_use == 5
+    pool.reset_peak()
+    assert pool.stats().peak_in_use == 0
+
+
 def test_a_second_block_with_the_same_content_stays_private():
     pool = KVPool(8, 4)
     h = hashes(range(4))
