@@ -264,7 +264,7 @@ class Bench:
 
     def pool_blocks(self, engine, pages, sessions: int) -> int | None:
         """Most KV blocks in use while ``sessions`` questions about one document run (None: no pool)."""
-        if "kv_pool" not in engine.stats():
+        if "kv_pool" not in engine.stats() or not hasattr(engine.pool, "reset_peak"):  # no pool, or no peak kept
             return None
         engine.clear_caches()
         engine.pool.reset_peak()
@@ -322,18 +322,20 @@ def measure(args: argparse.Namespace) -> dict:
     if bench.cuda:
         res["decode_floor_ms"] = weights / res["copy_bandwidth_Bps"] * 1e3
     res["stats"] = engine.stats()
+    del engine, core  # the core holds the model and the KV pool: the next engines size theirs from free memory
+    gc.collect()
+    if bench.cuda:
+        torch.cuda.empty_cache()
     if args.quantize:
-        del engine, core  # the core holds the model and the KV pool
-        gc.collect()
-        torch.cuda.empty_cache() if bench.cuda else None
         quantized = Engine.load(bench.api.config(args, 8, quantize=args.quantize))
         bench.ask(quantized, docs[0])
         res["quantized"] = {"mode": args.quantize, "cold": bench.single(quantized, docs, "cold"),
                             "follow": bench.single(quantized, docs, "follow")}
         del quantized
-    if getattr(args, "memory_cap_gib", None) and bench.cuda and grow:
         gc.collect()
-        torch.cuda.empty_cache()
+        if bench.cuda:
+            torch.cuda.empty_cache()
+    if args.memory_cap_gib and bench.cuda and grow:
         res["capped"] = [bench.capped(docs, grow[0], args.memory_cap_gib, mode)
                          for mode in dict.fromkeys([args.quantize, None])]
     return res
@@ -425,7 +427,7 @@ def to_markdown(res: dict) -> str:
         lines += ["", f"KV pool blocks in use: {blocks['1']} for 1 session, {blocks['16']} for 16 sessions on one "
                       "document (its prefix held once)."]
     for c in res.get("capped", []):
-        if "error" in c and "wall_s" not in c:
+        if "pool_tokens" not in c:
             lines += ["", f"Capped at {c['cap_gib']} GiB ({c['weights']} weights): did not run: {c['error']}"]
         else:
             lines += ["", f"Capped at {c['cap_gib']} GiB ({c['weights']} weights): W200 + 8 W50 questions at once "

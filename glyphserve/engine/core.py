@@ -76,7 +76,8 @@ class EngineCore:
         self.in_flight: deque[Launched] = deque()
         self._ended: list[Sequence] = []  # added already finished (resumed tokens that end the answer)
         # row_chunks: prompt chunks run one row per token in a graph step (eagerly where no graph is captured);
-        # step_s: seconds inside step(), of which gpu_wait_s blocked on the device (the rest is host work)
+        # step_s: seconds inside step(); gpu_wait_s: seconds blocked reading steps back from the device (inside
+        # step(), and in drains between batches)
         self.counters = {"steps": 0, "decode_steps": 0, "decode_rows": 0, "graph_steps": 0, "prefill_passes": 0,
                          "prefill_tokens": 0, "row_chunks": 0, "step_s": 0.0, "gpu_wait_s": 0.0}
 

@@ -9,6 +9,7 @@ pixels, so no page is decoded here), and the content hashes of the prompt's full
 from __future__ import annotations
 
 import math
+import itertools
 import secrets
 import threading
 from collections import OrderedDict
@@ -76,7 +77,7 @@ class Planner:
         self.stop_ids = frozenset(stop_ids)
         self.prefix_caching = prefix_caching
         self.vocab = model.config.text_config.vocab_size
-        self._next_id = 0
+        self._ids = itertools.count()  # requests are planned on several threads
         self._heads: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # document prefix -> its positions
         self._heads_lock = threading.Lock()  # requests are planned on the callers' threads and the engine's
 
@@ -85,6 +86,8 @@ class Planner:
         if request.warm:
             if not settings.use_cache:
                 raise ConfigError("warming a document needs the caches (use_cache)")
+            if not request.pages:
+                raise GlyphserveError("warming needs a document's pages")
         else:
             if not isinstance(request.question, str) or not request.question.strip():
                 raise GlyphserveError("the question is empty")
@@ -130,8 +133,7 @@ class Planner:
             i = prompt.ids.index(image_id, i)
             offsets.append(i)
             i += count
-        seq = Sequence(self._next_id, request, pages, keys, prompt, positions, delta, page_tokens, offsets)
-        self._next_id += 1
+        seq = Sequence(next(self._ids), request, pages, keys, prompt, positions, delta, page_tokens, offsets)
         if settings.use_cache and self.prefix_caching:
             seq.hashes = block_hashes(seq.identities(), self.block_size)
         stops = set() if settings.ignore_eos else set(self.stop_ids)

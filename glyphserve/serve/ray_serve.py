@@ -110,7 +110,7 @@ class ReplicaReport:
     replica: str
     pid: int
     node: str
-    engine: dict[str, int] = field(default_factory=dict)
+    engine: dict[str, float] = field(default_factory=dict)
 
 
 class EngineReplica:

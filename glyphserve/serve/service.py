@@ -62,7 +62,8 @@ MAX_ORIGINAL_NAME = 4096  # characters of a raw upload name kept as metadata
 
 # Documents whose page-selection index (glyphserve.retrieve.DocumentPages) is kept between questions.
 SELECTABLE_DOCUMENTS = 32
-# Engine counters in /health: requests, and decode occupancy (decode_rows / decode_steps rows per step).
+# Engine counters in /health: requests, decode occupancy (decode_rows / decode_steps rows per step), prefill passes
+# (prompt chunks as graph rows), and where the engine's thread spends its time (seconds).
 ENGINE_COUNTERS = ("requests", "new_tokens", "steps", "decode_steps", "decode_rows", "prefill_passes", "row_chunks",
                    "step_s", "gpu_wait_s", "plan_s")
 
@@ -359,12 +360,12 @@ class GlyphService:
         """The page's identity for the engine's caches (the hash of its file, as the engine would compute it for
         every question: 0.3 ms a W50 page), computed once per stored page."""
         with self._selectable_lock:
-            key = self._page_keys.setdefault(document_id, {}).get(number)
+            key = self._page_keys.get(document_id, {}).get(number)
         if key is None:
             key = page.key()
             with self._selectable_lock:
-                if document_id in self._page_keys:  # not deleted meanwhile
-                    self._page_keys[document_id][number] = key
+                if document_id in self._selectables:  # kept with what selection knows (deleted or evicted: not)
+                    self._page_keys.setdefault(document_id, {})[number] = key
         return key
 
     def _selectable(self, document_id: str) -> DocumentPages:

@@ -117,3 +117,12 @@ def test_planned_positions_equal_hf_rope_index(load_engine):
         hf, delta = engine.model.model.get_rope_index(ids, (ids == image_id).long(), image_grid_thw=grids)
         assert torch.equal(seq.positions, hf[:, 0]) and seq.rope_delta == int(delta[0, 0])
     assert len(engine.planner._heads) == 3  # PAGES, other + PAGES, and no pages
+
+
+def test_warming_without_pages_is_refused(load_engine):
+    import pytest
+
+    from glyphserve.errors import GlyphserveError
+
+    with pytest.raises(GlyphserveError, match="pages"):
+        load_engine().planner.plan(AnswerRequest(pages=[], question="", warm=True))
