@@ -135,6 +135,18 @@ def test_multi_turn_continuation_reuses_the_prefix_and_matches(load_engine, refe
     assert answer.token_ids == expected
 
 
+def test_a_later_turn_longer_than_a_follow_up_runs_as_graph_rows_and_matches(load_engine, reference, pages):
+    engine = load_engine()
+    engine.answer(request(pages, "Who is the wolf?"))
+    history = [("user", "Who is the wolf?"), ("assistant", "The wolf met the girl in the forest, " * 12)]
+    expected, _ = reference.generate(pages, "And the grandmother?", history, max_new_tokens=N, ignore_eos=True)
+    before = engine.stats()["row_chunks"]
+    answer = engine.answer(request(pages, "And the grandmother?", history))
+    assert answer.prompt_tokens - answer.cache.prefix_reused_tokens > 100  # more than a follow-up's chunk
+    assert engine.stats()["row_chunks"] == before + 1
+    assert answer.token_ids == expected
+
+
 def test_page_keys_select_the_prefix(load_engine, reference, pages):
     engine = load_engine()
     keyed = request(pages, "Who is the wolf?")
