@@ -79,15 +79,20 @@ def run(args: argparse.Namespace) -> int:
     stem = args.out / f"engine-{results['card']}"
     write(stem, results)  # the candidate's figures survive a baseline that fails
     if args.baseline_tree is not None:
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():  # the child sizes its KV from free memory: hand this process's cache back
-            torch.cuda.empty_cache()
+        release_memory()  # the child sizes its KV from free memory
         results["baseline"] = baseline(args)
         write(stem, results)
     print(f"wrote {stem}.json and .md")
     return 0
+
+
+def release_memory() -> None:
+    """Hand the freed engines' device memory back (the next engine sizes its KV pool from free memory)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def write(stem: Path, results: dict) -> None:
@@ -258,8 +263,7 @@ class Bench:
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         print(json.dumps(out), flush=True)
         del engine
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_memory()
         return out
 
     def pool_blocks(self, engine, pages, sessions: int) -> int | None:
@@ -322,19 +326,15 @@ def measure(args: argparse.Namespace) -> dict:
     if bench.cuda:
         res["decode_floor_ms"] = weights / res["copy_bandwidth_Bps"] * 1e3
     res["stats"] = engine.stats()
-    del engine, core  # the core holds the model and the KV pool: the next engines size theirs from free memory
-    gc.collect()
-    if bench.cuda:
-        torch.cuda.empty_cache()
+    del engine, core  # the core holds the model and the KV pool
+    release_memory()
     if args.quantize:
         quantized = Engine.load(bench.api.config(args, 8, quantize=args.quantize))
         bench.ask(quantized, docs[0])
         res["quantized"] = {"mode": args.quantize, "cold": bench.single(quantized, docs, "cold"),
                             "follow": bench.single(quantized, docs, "follow")}
         del quantized
-        gc.collect()
-        if bench.cuda:
-            torch.cuda.empty_cache()
+        release_memory()
     if args.memory_cap_gib and bench.cuda and grow:
         res["capped"] = [bench.capped(docs, grow[0], args.memory_cap_gib, mode)
                          for mode in dict.fromkeys([args.quantize, None])]

@@ -67,7 +67,7 @@ class EngineCore:
     def __init__(self, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler, vision: VisionEncoder,
                  device: torch.device, row_prefill: bool = True):
         self.runner = runner
-        self.row_prefill = row_prefill  # short prompt chunks as rows of graph steps (else the eager pass)
+        self.row_prefill = row_prefill  # prompt chunks that fit as rows of graph steps (else the eager pass)
         self.sampler = sampler
         self.scheduler = scheduler
         self.vision = vision

@@ -330,7 +330,7 @@ class ModelRunner:
                 lens = torch.full((s,), n, device=self.device, dtype=torch.int32)
                 starts = torch.arange(0, s * n + 1, n, device=self.device, dtype=torch.int32)
                 paged_attention(q, self.k[0], self.v[0], tables, lens, starts, self.scaling, n)
-                if s == 1 and n <= 2:  # decode (one query) and prefill tiles (several): every split count
+                if s == n == 1:  # every split count (the only compile-time size that varies between launches)
                     compile_split_variants(q, self.k[0], self.v[0], tables, lens, starts, self.scaling, n)
 
     @torch.inference_mode()

@@ -8,8 +8,8 @@ pixels, so no page is decoded here), and the content hashes of the prompt's full
 
 from __future__ import annotations
 
-import math
 import itertools
+import math
 import secrets
 import threading
 from collections import OrderedDict

@@ -52,9 +52,10 @@ class EngineConfig:
     cuda_graphs: bool = True
     compile_decode: bool = True
     # Prompt chunks that fit beside the decoding answers in a graph step (follow-ups, later turns: up to
-    # max(max_num_seqs, 64) rows in all) run as rows of the decode graph steps instead of through the eager pass (``EngineCore.row_prefill``, which a running engine may
-    # flip). None: where decode graphs are captured; without them each row gathering the whole prefix only costs
-    # (a W50 follow-up's first token on the CPU: 0.19 s as rows, 0.02 s eagerly, tiny model).
+    # max(max_num_seqs, 64) rows in all) run as rows of the decode graph steps instead of through the eager pass
+    # (``EngineCore.row_prefill``, which a running engine may flip). None: where decode graphs are captured; without
+    # them each row gathering the whole prefix only costs (a W50 follow-up's first token on the CPU: 0.19 s as rows,
+    # 0.02 s eagerly, tiny model).
     graph_prefill: bool | None = None
     # torch.compile the vision encoder (CUDA only) and warm it up for these page shapes (height, width).
     compile_vision: bool = False
