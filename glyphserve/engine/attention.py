@@ -142,44 +142,58 @@ def paged_attention_batched(
     max_query_len: int,
     out: Tensor | None = None,
 ) -> Tensor:
-    """``paged_attention`` in a few batched PyTorch operations over all sequences at once (their keys gathered and
-    padded to the longest, masked out past each one's length): the path off CUDA. A batch of 64 decode rows on
-    the CPU costs one gather and two matmuls a layer instead of 64 of each."""
+    """``paged_attention`` in a few batched PyTorch operations (keys gathered and padded to the longest, masked
+    out past each sequence's length): the path off CUDA. The single-query sequences (decode rows) go together:
+    64 of them on the CPU cost one gather and two matmuls a layer instead of 64 of each. A sequence with several
+    queries goes on its own, padded only to its own count (padding 64 decode rows to a 512-token chunk beside
+    them would score 64 x 512 queries against every key)."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     out.zero_()
-    n_seqs = block_tables.shape[0]
-    if n_seqs == 0 or q.shape[0] == 0:
+    if block_tables.shape[0] == 0 or q.shape[0] == 0:
         return out
+    q_lens = (query_start[1:] - query_start[:-1]).tolist()
+    if max(q_lens) > max_query_len:
+        raise ValueError(f"a sequence has {max(q_lens)} queries, more than max_query_len={max_query_len}")
+    single = [i for i, n in enumerate(q_lens) if n == 1]
+    for group in ([single] if single else []) + [[i] for i, n in enumerate(q_lens) if n > 1]:
+        index = torch.tensor(group, device=q.device)
+        _attend_group(q, k_cache, v_cache, block_tables[index], seq_lens[index].long(), query_start[index].long(),
+                      query_start[index + 1].long(), scale, max(q_lens[i] for i in group), out)
+    return out
+
+
+def _attend_group(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                  starts: Tensor, ends: Tensor, scale: float, max_query_len: int, out: Tensor) -> None:
+    """Sequences [S] of ``paged_attention_batched`` at once, their queries padded to ``max_query_len``."""
+    n_seqs = block_tables.shape[0]
     block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // kv_heads
-    starts = query_start.long()
-    q_lens = starts[1:] - starts[:-1]
+    q_lens = ends - starts
     longest = int(seq_lens.max())
     if longest == 0:
-        return out
+        return
     blocks = block_tables[:, : -(-longest // block_size)].long()
-    own = -(-seq_lens.long() // block_size)  # a table's entries past its own blocks may hold anything
+    own = -(-seq_lens // block_size)  # a table's entries past its own blocks may hold anything
     blocks = blocks.where(torch.arange(blocks.shape[1], device=q.device)[None, :] < own[:, None], 0)
     keys = k_cache[blocks].flatten(1, 2)[:, :longest].float()  # [S, L, KV, D]
     values = v_cache[blocks].flatten(1, 2)[:, :longest].float()
     # Slots past a sequence's length were never written (the pool is uninitialised): their weight is 0, but 0 * NaN
     # is NaN, so their values are zeroed (the Triton kernel loads them as 0 the same way).
-    written = torch.arange(longest, device=q.device)[None, :] < seq_lens.long()[:, None]  # [S, L]
+    written = torch.arange(longest, device=q.device)[None, :] < seq_lens[:, None]  # [S, L]
     values = values.masked_fill(~written[:, :, None, None], 0.0)
     offsets = torch.arange(max_query_len, device=q.device)
     valid = offsets[None, :] < q_lens[:, None]  # [S, Q]
-    rows = (starts[:-1, None] + offsets[None, :]).clamp(max=q.shape[0] - 1)
+    rows = (starts[:, None] + offsets[None, :]).clamp(max=q.shape[0] - 1)
     queries = q[rows].float().view(n_seqs, max_query_len, kv_heads, group, head_dim)
     scores = torch.einsum("sqkgd,slkd->skgql", queries, keys) * scale
-    position = seq_lens.long()[:, None] - q_lens[:, None] + offsets[None, :]  # [S, Q]
+    position = seq_lens[:, None] - q_lens[:, None] + offsets[None, :]  # [S, Q]
     visible = torch.arange(longest, device=q.device)[None, None, :] <= position[:, :, None]  # [S, Q, L]
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see no key
     result = torch.einsum("skgql,slkd->sqkgd", weights, values).reshape(n_seqs, max_query_len, -1, head_dim)
     out[rows[valid]] = result[valid].to(out.dtype)
-    return out
 
 
 def _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len) -> None:

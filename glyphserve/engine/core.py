@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from glyphserve.engine.model_runner import (GIVEN_EMBEDDING, LAST_SAMPLED, META_ROWS, PAGED_CHUNK_TOKENS, DenseChunk,
-                                            ModelRunner, StepInputs)
+from glyphserve.engine.model_runner import (GIVEN_EMBEDDING, LAST_SAMPLED, META_ROWS, DenseChunk, ModelRunner,
+                                            StepInputs, attends_paged)
 from glyphserve.engine.output import Delta
 from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import NeedsDrain, Scheduler, StepPlan
@@ -150,6 +150,7 @@ class EngineCore:
             seq.prefill_started = seq.prefill_started or time.perf_counter()
             if seq.cache.prefix_reused_tokens == 0:
                 seq.cache.prefix_reused_tokens = seq.num_cached
+        self.sampler.flush()
         sched = self.scheduler
         if sched.dirty:
             self.runner.sync_block_tables(sched.block_tables, sorted(sched.dirty))
@@ -247,9 +248,9 @@ class EngineCore:
         return StepRows(np.concatenate([decode, *lasts, *rest], axis=1), sampled, given)
 
     def _step_inputs(self, plan: StepPlan, decode: np.ndarray) -> tuple[StepInputs, list[Sequence]]:
-        """A flat batch: decode rows, then short chunks (paged attention), then long chunks (SDPA)."""
-        short = [c for c in plan.chunks if c.end - c.start <= PAGED_CHUNK_TOKENS]
-        long = [c for c in plan.chunks if c.end - c.start > PAGED_CHUNK_TOKENS]
+        """A flat batch: decode rows, then chunks that attend through the paged kernel, then the others (SDPA)."""
+        short = [c for c in plan.chunks if attends_paged(c.start, c.end - c.start)]
+        long = [c for c in plan.chunks if not attends_paged(c.start, c.end - c.start)]
         bs = self.scheduler.block_size
         n_dec = len(plan.decode)
         ids: list[int] = []
@@ -268,7 +269,7 @@ class EngineCore:
             positions.append(seq.positions_of(chunk.start, chunk.end))
             for page, row0, rows, at in seq.image_runs(chunk.start, chunk.end):
                 placed.append((offset + at - chunk.start, seq.features[page][row0 : row0 + rows]))
-            if chunk.end - chunk.start > PAGED_CHUNK_TOKENS:
+            if not attends_paged(chunk.start, n):
                 blocks = None
                 if chunk.start:
                     blocks = self.runner.block_tables[seq.slot, : -(-chunk.end // bs)].long()

@@ -4,9 +4,9 @@ The layers run over the HF model's weights with the same arithmetic as its modul
 embedding, final norm and head are the HF modules; q/k/v are fused into one projection whose slices the HF
 modules keep as views). A step is a flat batch of tokens from several sequences: decoding sequences (one token
 each) and prompt chunks. Every token's K/V goes to its slot in the pool; attention then reads each sequence's
-blocks through its block table (``paged_attention``), except long prompt chunks, which run PyTorch's SDPA
-(a prompt's first chunk over its own K/V with plain causal attention, cuDNN's fastest path on Hopper; a later
-chunk over its earlier blocks gathered, with the lower-right causal bias).
+blocks through its block table (``paged_attention``), except long prompt chunks (``attends_paged``), which run
+PyTorch's SDPA (a prompt's first chunk over its own K/V with plain causal attention, cuDNN's fastest path on
+Hopper; a later chunk over its earlier blocks gathered, with the lower-right causal bias).
 
 A step of single-token rows is replayed from a CUDA graph captured per row-count bucket (1, 2, 4, ..., up to
 ``max_rows``): its inputs are written to static buffers first (one host-to-device copy), padding rows write
@@ -35,9 +35,15 @@ from glyphserve.engine.kv_pool import TRASH_BLOCK
 from glyphserve.engine.sampler import Sampler
 from glyphserve.errors import ModelLoadError
 
-# Prompt chunks up to this many tokens attend through the paged kernel (follow-up questions after a cached
-# prefix: no gather of the prefix); longer ones through SDPA.
+# Prompt chunks up to PAGED_CHUNK_TOKENS attend through the paged kernel, and so do chunks up to
+# PAGED_PREFIX_CHUNK_TOKENS after a cached prefix (a later turn: the question with the earlier answers); longer
+# ones through SDPA. The paged kernel takes all of a step's sequences in one launch a layer and reads the prefix
+# in place; SDPA runs per chunk over the prefix gathered and repeated per head. On an H200 under 64 sessions,
+# eager passes of ~16 such chunks each (100-260 tokens after a W50 prefix) launched SDPA layer by layer and chunk
+# by chunk, and took 31% of the engine thread's time. For 128 queries after 4,096 keys the paged kernel costs
+# what SDPA does (55 vs 54 us a layer, attention-h200.md); for thousands of queries flash attention wins.
 PAGED_CHUNK_TOKENS = 64
+PAGED_PREFIX_CHUNK_TOKENS = 512
 # Staged per-row inputs of a graph step: sequence slot (block table; last sampled token), the three M-RoPE
 # positions, KV slot, KV length, input token (LAST_SAMPLED: the slot's last sampled token; GIVEN_EMBEDDING: a vision
 # token whose features are staged in ``given``), output slot (where the sampled token is kept for the next step:
@@ -45,6 +51,11 @@ PAGED_CHUNK_TOKENS = 64
 META_ROWS = 8
 LAST_SAMPLED = -1
 GIVEN_EMBEDDING = -2
+
+
+def attends_paged(start: int, n: int) -> bool:
+    """Whether a prompt chunk of ``n`` tokens at KV position ``start`` attends through the paged kernel."""
+    return n <= PAGED_CHUNK_TOKENS or (start > 0 and n <= PAGED_PREFIX_CHUNK_TOKENS)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -163,8 +174,9 @@ class ModelRunner:
         self.logits = torch.zeros(self.max_rows, self.vocab, device=device, dtype=torch.float32)
         self.next = torch.zeros(self.max_rows, **ikw)
         self.given = torch.zeros(self.max_rows, tc.hidden_size, device=device, dtype=dtype)
-        # On CUDA the per-layer pieces around attention are compiled (their elementwise work fused) for the decode
-        # graphs; the weights are arguments, so all layers share one compiled graph, and the batch size is dynamic.
+        # On CUDA the per-layer pieces around attention are compiled (their elementwise work fused), for the decode
+        # graphs and the eager passes alike (an eager pass launches layer by layer: fewer kernels, less host time);
+        # the weights are arguments, so all layers share one compiled graph, and the token count is dynamic.
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
         self._pre = wrap(_pre_attention)
         self._post = wrap(_post_attention)
@@ -229,11 +241,11 @@ class ModelRunner:
         cos, sin = self.rotary(x.unsqueeze(0), inp.positions.unsqueeze(1))
         cos, sin = cos[0], sin[0]
         for li, (norm_w, qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
-            q, k, v = _pre_attention(x, norm_w, qkv_w, qkv_s, qkv_b, cos, sin, self.eps, self.n_heads,
-                                     self.kv_heads, self.head_dim)
+            q, k, v = self._pre(x, norm_w, qkv_w, qkv_s, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads,
+                                self.head_dim)
             self._write_kv(li, inp.slot_mapping, k, v)
             out = self._attend(li, inp, q, k, v)
-            x = _post_attention(x, out.reshape(x.shape[0], -1), *post, self.eps)
+            x = self._post(x, out.reshape(x.shape[0], -1), *post, self.eps)
         return self.lm_head(self.norm(x[inp.logits_index])).float()
 
     def _write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

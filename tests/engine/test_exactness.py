@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
+from glyphserve.engine.model_runner import PAGED_CHUNK_TOKENS, PAGED_PREFIX_CHUNK_TOKENS
 from tests.engine.conftest import make_pages
 
 N = 24
@@ -135,15 +136,17 @@ def test_multi_turn_continuation_reuses_the_prefix_and_matches(load_engine, refe
     assert answer.token_ids == expected
 
 
-def test_a_later_turn_longer_than_a_follow_up_runs_as_graph_rows_and_matches(load_engine, reference, pages):
-    engine = load_engine()
+@pytest.mark.parametrize("rows", [True, False])  # as graph rows, or eagerly through the paged kernel (not SDPA)
+def test_a_later_turn_longer_than_a_follow_up_matches(load_engine, reference, pages, rows):
+    engine = load_engine(graph_prefill=rows)
     engine.answer(request(pages, "Who is the wolf?"))
     history = [("user", "Who is the wolf?"), ("assistant", "The wolf met the girl in the forest, " * 12)]
     expected, _ = reference.generate(pages, "And the grandmother?", history, max_new_tokens=N, ignore_eos=True)
     before = engine.stats()["row_chunks"]
     answer = engine.answer(request(pages, "And the grandmother?", history))
-    assert answer.prompt_tokens - answer.cache.prefix_reused_tokens > 100  # more than a follow-up's chunk
-    assert engine.stats()["row_chunks"] == before + 1
+    chunk = answer.prompt_tokens - answer.cache.prefix_reused_tokens
+    assert PAGED_CHUNK_TOKENS < 100 < chunk <= PAGED_PREFIX_CHUNK_TOKENS  # more than a follow-up's chunk
+    assert engine.stats()["row_chunks"] == before + rows
     assert answer.token_ids == expected
 
 
@@ -336,13 +339,17 @@ def test_follow_ups_joining_decoding_rows_match_as_rows_and_eagerly(load_engine,
     assert after["row_chunks"] - before["row_chunks"] == (4 if rows else 0)
 
 
-@pytest.mark.parametrize("chunk", [37, 100])  # through the paged kernel, and through SDPA over gathered blocks
-def test_a_prompt_prefilled_in_chunks_matches(load_engine, reference, pages, chunk):
+# Chunks after the first through the paged kernel (short; up to PAGED_PREFIX_CHUNK_TOKENS after the first), or
+# through SDPA over gathered blocks (longer)
+@pytest.mark.parametrize("chunk", [37, 100, PAGED_PREFIX_CHUNK_TOKENS + 1])
+def test_a_prompt_prefilled_in_chunks_matches(load_engine, reference, chunk):
     """A prompt longer than a step's token budget is prefilled in chunks, each attending to the blocks before it."""
+    pages = make_pages([(840, 588), (588, 840)], seed=3)  # 630 vision tokens each
     engine = load_engine(enable_prefix_caching=False, max_prefill_tokens=chunk)
     expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
-    assert engine.answer(request(pages, "Who is the wolf?")).token_ids == expected
-    assert engine.stats()["prefill_passes"] >= 2
+    answer = engine.answer(request(pages, "Who is the wolf?"))
+    assert answer.token_ids == expected
+    assert answer.prompt_tokens > 2 * chunk and engine.stats()["prefill_passes"] >= 3
 
 
 def record_steps(engine, monkeypatch) -> list[tuple[int, list[int]]]:
