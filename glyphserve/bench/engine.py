@@ -9,7 +9,8 @@ On deterministic W50 documents (50,000 characters rendered with glyph-en) and 64
   together), each next to its floor: the weights plus the KV each row reads, over the copy bandwidth measured in
   the same run;
 - the KV pool's blocks in use for 1 and for 16 sessions on one document (its prefix is held once);
-- with ``--quantize fp8``: the cold and follow-up rows with FP8 weights;
+- with ``--quantize fp8``: the cold and follow-up rows with FP8 weights, and (CUDA) the most device memory a cold
+  W50 question needs in the smallest engine that serves it, with FP8 and with 16-bit weights;
 - with ``--memory-cap-gib``: a W200 question and 8 W50 questions at once under that memory budget (a 24 GB card's
   profile), with the quantized weights and with 16-bit ones.
 
@@ -43,6 +44,8 @@ TARGETS = {  # issues 13 and 14 (seconds, milliseconds, ratios)
     "first_question_ttft_after_upload_s": 0.06,
     "w200_cold_s": 1.0,
     "decode_bf16_over_floor": 1.3,
+    "fp8_decode_ms": 2.6,
+    "fp8_peak_gib_w50": 12.5,
 }
 
 
@@ -266,6 +269,36 @@ class Bench:
         release_memory()
         return out
 
+    def footprint(self, pages, quantize: str | None) -> dict:
+        """A cold W50 question in the smallest engine that serves it (what a card with little memory runs): a KV
+        pool of one 8,192-token context, the prompt prefilled in one pass of up to 4,096 tokens, a 256 MiB vision
+        cache, one sequence. The most the process held on the device: the allocator's peak plus what it held
+        outside the allocator before loading (the CUDA context)."""
+        torch = self.torch
+        release_memory()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        outside = total - torch.cuda.mem_get_info(self.device)[0] - torch.cuda.memory_reserved(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        context, block = 8192, 16
+        config = dataclasses.replace(self.api.config(self.args, 1, quantize=quantize), max_context=context,
+                                     max_prefill_tokens=4096, kv_block_size=block,
+                                     num_kv_blocks=-(-(context + 1) // block) + 1, vision_cache_bytes=256 * 2**20)
+        out = {"weights": quantize or "bf16", "max_context": context}
+        engine = None
+        try:
+            engine = self.api.engine.Engine.load(config)
+            answer = engine.answer(self.api.request(pages, self.question(), self.args.new_tokens))
+            self.sync()
+            out["wall_s"], out["new_tokens"] = answer.timings.total, answer.new_tokens
+        except Exception as exc:  # reported
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        del engine
+        out["context_gib"] = outside / 2**30
+        out["peak_gib"] = (outside + torch.cuda.max_memory_reserved(self.device)) / 2**30
+        print(json.dumps(out), flush=True)
+        release_memory()
+        return out
+
     def pool_blocks(self, engine, pages, sessions: int) -> int | None:
         """Most KV blocks in use while ``sessions`` questions about one document run (None: no pool)."""
         if "kv_pool" not in engine.stats() or not hasattr(engine.pool, "reset_peak"):  # no pool, or no peak kept
@@ -335,6 +368,8 @@ def measure(args: argparse.Namespace) -> dict:
                             "follow": bench.single(quantized, docs, "follow")}
         del quantized
         release_memory()
+        if bench.cuda:
+            res["footprint"] = [bench.footprint(docs[0], mode) for mode in (args.quantize, None)]
     if args.memory_cap_gib and bench.cuda and grow:
         res["capped"] = [bench.capped(docs, grow[0], args.memory_cap_gib, mode)
                          for mode in dict.fromkeys([args.quantize, None])]
@@ -388,6 +423,9 @@ def targets(res: dict) -> list[tuple[str, float | None, float, bool | None]]:
         "step_64_rows_over_1_row": by_rows[64] / by_rows[1] if 64 in by_rows and 1 in by_rows else None,
         "decode_bf16_over_floor": (res["cold"]["decode_ms"] / res["decode_floor_ms"]
                                    if "decode_floor_ms" in res and "cold" in res else None),
+        "fp8_decode_ms": res.get("quantized", {}).get("cold", {}).get("decode_ms"),
+        "fp8_peak_gib_w50": next((f["peak_gib"] for f in res.get("footprint", [])
+                                  if f["weights"] == "fp8" and "error" not in f), None),
     }
     return [(k, v, TARGETS[k], None if v is None else v <= TARGETS[k]) for k, v in out.items()]
 
@@ -441,6 +479,12 @@ def to_markdown(res: dict) -> str:
         lines += ["", f"With {q['mode']} weights: W50 cold {_f(q['cold']['wall_s'])} s, decode "
                       f"{_f(q['cold']['decode_ms'], 2)} ms/token, peak {_f(q['cold']['peak_gib'], 1)} GiB; follow-up "
                       f"TTFT {_f(q['follow']['ttft_s'])} s."]
+    for f in res.get("footprint", []):
+        lines += ["", f"Smallest engine for a cold W50 question ({f['weights']} weights; KV pool of one "
+                      f"{f['max_context']:,}-token context, prefill passes of 4,096 tokens, 256 MiB vision cache): "
+                      + (f"did not run: {f['error']}; " if "error" in f else f"{_f(f['wall_s'])} s; ")
+                      + f"the process held at most {_f(f['peak_gib'], 2)} GiB on the device (CUDA context "
+                      f"{_f(f['context_gib'], 2)} GiB included)."]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
     for name, value, goal, met in targets(res):
         lines.append(f"| {name} | {_f(value)} | {goal} | {'-' if met is None else ('yes' if met else 'no')} |")
