@@ -40,6 +40,12 @@ class ChatJob:
     context: str | None = None  # inline text the extractive backend searches (no document)
     context_pages: list[PageLayout] | None = None  # the pages ``context`` was rendered into, if it was
     pages_shown: list | None = None  # set with the pages: page numbers, or {"document", "page"} for a collection
+    planned: object | None = None  # the request planned by the local engine ahead (``Engine.plan``), used once
+
+    def for_engine(self):
+        """What the engine's ``stream_batch`` takes for this job: its plan (once), else the request."""
+        planned, self.planned = self.planned, None
+        return planned if planned is not None else self.request
 
     @property
     def document_ids(self) -> list[str]:
@@ -111,12 +117,12 @@ class EngineBackend:
     ) -> Iterator[tuple[int, StreamEvent | Reply | GlyphserveError]]:
         jobs = list(jobs)  # admitted jobs are numbered after these
 
-        def admitted(free: int) -> list[AnswerRequest]:
+        def admitted(free: int) -> list:
             more = admit(free)
             jobs.extend(more)
-            return [j.request for j in more]
+            return [j.for_engine() for j in more]
 
-        requests = [job.request for job in jobs]
+        requests = [job.for_engine() for job in jobs]
         if admit is None:
             events = self.engine.stream_batch(requests)
         else:

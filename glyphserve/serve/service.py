@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 from PIL import Image
 
 from glyphserve.engine.types import AnswerRequest, EncodedPage, StreamEvent
-from glyphserve.errors import FileTooLargeError, IngestTimeoutError, TooManyPagesError
+from glyphserve.errors import FileTooLargeError, GlyphserveError, IngestTimeoutError, TooManyPagesError
 from glyphserve.ingest import Document, clean_filename
 from glyphserve.serve.backends import ChatJob, EngineBackend, ExtractiveBackend, Reply
 from glyphserve.serve.config import ServeConfig
@@ -65,7 +65,7 @@ SELECTABLE_DOCUMENTS = 32
 # Engine counters in /health: requests, decode occupancy (decode_rows / decode_steps rows per step), prefill passes
 # (prompt chunks as graph rows), and where the engine's thread spends its time (seconds).
 ENGINE_COUNTERS = ("requests", "new_tokens", "steps", "decode_steps", "decode_rows", "prefill_passes", "row_chunks",
-                   "step_s", "gpu_wait_s", "plan_s")
+                   "step_s", "gpu_wait_s", "plan_s", "planned_ahead")
 
 
 class GlyphService:
@@ -355,6 +355,12 @@ class GlyphService:
         request.pages, request.page_keys = pages, keys
         request.page_labels = selection.labels
         job.pages_shown = selection.shown([r.id for r in records])
+        plan = getattr(self.engine, "plan", None)  # the local engine: planned here, not on its stepping thread
+        if plan is not None:
+            try:
+                job.planned = plan(request)
+            except GlyphserveError:
+                pass  # the engine refuses it again where it would have, with the same error
 
     def _page_key(self, document_id: str, number: int, page: EncodedPage) -> str:
         """The page's identity for the engine's caches (the hash of its file, as the engine would compute it for

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from glyphserve.engine import AnswerRequest, GenerationSettings
 from glyphserve.engine.textstream import ReasoningParser
 from tests.engine.conftest import make_pages
@@ -126,3 +128,22 @@ def test_warming_without_pages_is_refused(load_engine):
 
     with pytest.raises(GlyphserveError, match="pages"):
         load_engine().planner.plan(AnswerRequest(pages=[], question="", warm=True))
+
+
+def test_a_request_planned_ahead_answers_like_any_and_runs_once(load_engine):
+    from glyphserve.errors import GlyphserveError
+
+    engine = load_engine()
+    ask = lambda question: AnswerRequest(pages=PAGES, question=question,  # noqa: E731
+                                         settings=GenerationSettings(max_tokens=8, ignore_eos=True))
+    expected = [engine.answer(ask(q)).token_ids for q in ("Who?", "Where?")]
+    planned = [engine.plan(ask(q)) for q in ("Who?", "Where?")]
+    before = engine.counters()
+    offered = [planned[1]]
+    done = {i: e.result.token_ids for i, e in engine.stream_batch(planned[:1], admit=lambda n: offered[:n] and
+                                                                  [offered.pop()]) if e.channel == "done"}
+    assert [done[0], done[1]] == expected  # one given to stream_batch, one admitted into its batch
+    after = engine.counters()
+    assert after["planned_ahead"] - before["planned_ahead"] == 2 and after["plan_s"] == before["plan_s"]
+    with pytest.raises(GlyphserveError, match="only once"):
+        list(engine.stream_batch(planned[:1]))

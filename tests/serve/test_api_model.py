@@ -213,6 +213,8 @@ def test_concurrent_clients_get_their_own_answers(model_server, client, document
     rows = after["decode_rows"] - before["decode_rows"]
     steps = after["decode_steps"] - before["decode_steps"]
     assert rows / steps > 16  # rows busy per decode step
+    # every question came planned from the request threads, none on the engine's
+    assert after["planned_ahead"] - before["planned_ahead"] == after["requests"] - before["requests"] == 64
 
 
 def test_flood_past_the_queue_gets_429_then_recovers(tmp_path, tiny_model_dir):
