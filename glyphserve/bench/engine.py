@@ -272,8 +272,10 @@ class Bench:
     def footprint(self, pages, quantize: str | None) -> dict:
         """A cold W50 question in the smallest engine that serves it (what a card with little memory runs): a KV
         pool of one 8,192-token context, the prompt prefilled in one pass of up to 4,096 tokens, a 256 MiB vision
-        cache, one sequence. The most the process held on the device: the allocator's peak plus what it held
-        outside the allocator before loading (the CUDA context)."""
+        cache, one sequence. The most the process held on the device while answering (the allocator's peak from
+        the end of loading, its cache of freed blocks emptied, plus what the process held outside the allocator
+        before loading: the CUDA context), and while loading (FP8 weights are quantized on the device from the
+        16-bit model, which is loaded whole first)."""
         torch = self.torch
         release_memory()
         total = torch.cuda.get_device_properties(self.device).total_memory
@@ -283,18 +285,21 @@ class Bench:
         config = dataclasses.replace(self.api.config(self.args, 1, quantize=quantize), max_context=context,
                                      max_prefill_tokens=4096, kv_block_size=block,
                                      num_kv_blocks=-(-(context + 1) // block) + 1, vision_cache_bytes=256 * 2**20)
-        out = {"weights": quantize or "bf16", "max_context": context}
+        out = {"weights": quantize or "bf16", "max_context": context, "context_gib": outside / 2**30}
         engine = None
         try:
             engine = self.api.engine.Engine.load(config)
+            self.sync()
+            out["load_peak_gib"] = (outside + torch.cuda.max_memory_reserved(self.device)) / 2**30
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
             answer = engine.answer(self.api.request(pages, self.question(), self.args.new_tokens))
             self.sync()
             out["wall_s"], out["new_tokens"] = answer.timings.total, answer.new_tokens
+            out["peak_gib"] = (outside + torch.cuda.max_memory_reserved(self.device)) / 2**30
         except Exception as exc:  # reported
             out["error"] = f"{type(exc).__name__}: {exc}"
         del engine
-        out["context_gib"] = outside / 2**30
-        out["peak_gib"] = (outside + torch.cuda.max_memory_reserved(self.device)) / 2**30
         print(json.dumps(out), flush=True)
         release_memory()
         return out
@@ -482,9 +487,10 @@ def to_markdown(res: dict) -> str:
     for f in res.get("footprint", []):
         lines += ["", f"Smallest engine for a cold W50 question ({f['weights']} weights; KV pool of one "
                       f"{f['max_context']:,}-token context, prefill passes of 4,096 tokens, 256 MiB vision cache): "
-                      + (f"did not run: {f['error']}; " if "error" in f else f"{_f(f['wall_s'])} s; ")
-                      + f"the process held at most {_f(f['peak_gib'], 2)} GiB on the device (CUDA context "
-                      f"{_f(f['context_gib'], 2)} GiB included)."]
+                      + (f"did not run: {f['error']}." if "error" in f else
+                         f"{_f(f['wall_s'])} s; the process held at most {_f(f['peak_gib'], 2)} GiB on the device "
+                         f"while answering (CUDA context {_f(f['context_gib'], 2)} GiB included), "
+                         f"{_f(f['load_peak_gib'], 2)} GiB while loading.")]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
     for name, value, goal, met in targets(res):
         lines.append(f"| {name} | {_f(value)} | {goal} | {'-' if met is None else ('yes' if met else 'no')} |")

@@ -345,13 +345,17 @@ class GlyphService:
             question=request.question, history=[m.content for m in request.history], budget=budget,
             titles=[r.name or "pasted text" for r in records] if len(records) > 1 else None,
         )
-        pages, keys = [], []
+        wanted: dict[int, list[int]] = {}
+        for p in selection.pages:
+            wanted.setdefault(p.document, []).append(p.number)
         with self.store.reading(*(r.id for r in records)):
-            for p in selection.pages:
-                document_id = records[p.document].id
-                page = EncodedPage.from_bytes(self.store.page_bytes(document_id, p.number))
-                pages.append(page)
-                keys.append(self._page_key(document_id, p.number, page))
+            files = {d: dict(zip(numbers, self.store.pages_bytes(records[d].id, numbers)))
+                     for d, numbers in wanted.items()}
+        pages, keys = [], []
+        for p in selection.pages:
+            page = EncodedPage.from_bytes(files[p.document][p.number])
+            pages.append(page)
+            keys.append(self._page_key(records[p.document].id, p.number, page))
         request.pages, request.page_keys = pages, keys
         request.page_labels = selection.labels
         job.pages_shown = selection.shown([r.id for r in records])

@@ -445,15 +445,23 @@ class DocumentStore:
 
     def page_bytes(self, document_id: str, number: int) -> bytes:
         """The page's PNG file; from memory while the document is being written."""
-        self._check_page(document_id, number)
+        return self.pages_bytes(document_id, [number])[0]
+
+    def pages_bytes(self, document_id: str, numbers: list[int]) -> list[bytes]:
+        """Pages' PNG files, the document's record read once (a question's pages read one by one looked their
+        document up three times a page); from memory while the document is being written."""
+        record = self.get(document_id)
+        for number in numbers:
+            self._check_page(document_id, number, record)
         files = self._in_memory(document_id)
         if files is not None:
-            return files.pages[number - 1]
+            return [files.pages[n - 1] for n in numbers]
+        folder = self.docs / document_id
         with self.reading(document_id):
-            return self.page_path(document_id, number).read_bytes()
+            return [(folder / page_filename(n)).read_bytes() for n in numbers]
 
-    def _check_page(self, document_id: str, number: int) -> None:
-        record = self.get(document_id)
+    def _check_page(self, document_id: str, number: int, record: DocumentRecord | None = None) -> None:
+        record = record or self.get(document_id)
         if not 1 <= number <= record.pages:
             raise NotFoundError(f"document {document_id} has pages 1 to {record.pages}, not {number}")
 
