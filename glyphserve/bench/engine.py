@@ -271,11 +271,11 @@ class Bench:
 
     def footprint(self, pages, quantize: str | None) -> dict:
         """A cold W50 question in the smallest engine that serves it (what a card with little memory runs): a KV
-        pool of one 8,192-token context, the prompt prefilled in one pass of up to 4,096 tokens, a 256 MiB vision
-        cache, one sequence. The most the process held on the device while answering (the allocator's peak from
-        the end of loading, its cache of freed blocks emptied, plus what the process held outside the allocator
-        before loading: the CUDA context), and while loading (FP8 weights are quantized on the device from the
-        16-bit model, which is loaded whole first)."""
+        pool of one 8,192-token context, the prompt prefilled 2,048 tokens a pass, pages encoded one at a time, a
+        256 MiB vision cache, one sequence. The most the process held on the device while answering (the
+        allocator's peak from the end of loading, its cache of freed blocks emptied, plus what the process held
+        outside the allocator before loading: the CUDA context), and while loading (random weights are drawn on the device in 16 bits
+        first; a checkpoint to quantize is loaded on the host, ``loading.load``)."""
         torch = self.torch
         release_memory()
         total = torch.cuda.get_device_properties(self.device).total_memory
@@ -283,7 +283,7 @@ class Bench:
         torch.cuda.reset_peak_memory_stats(self.device)
         context, block = 8192, 16
         config = dataclasses.replace(self.api.config(self.args, 1, quantize=quantize), max_context=context,
-                                     max_prefill_tokens=4096, kv_block_size=block,
+                                     max_prefill_tokens=2048, vision_batch_pages=1, kv_block_size=block,
                                      num_kv_blocks=-(-(context + 1) // block) + 1, vision_cache_bytes=256 * 2**20)
         out = {"weights": quantize or "bf16", "max_context": context, "context_gib": outside / 2**30}
         engine = None
@@ -486,7 +486,8 @@ def to_markdown(res: dict) -> str:
                       f"TTFT {_f(q['follow']['ttft_s'])} s."]
     for f in res.get("footprint", []):
         lines += ["", f"Smallest engine for a cold W50 question ({f['weights']} weights; KV pool of one "
-                      f"{f['max_context']:,}-token context, prefill passes of 4,096 tokens, 256 MiB vision cache): "
+                      f"{f['max_context']:,}-token context, prefill passes of 2,048 tokens, pages encoded one at a "
+                      "time, 256 MiB vision cache): "
                       + (f"did not run: {f['error']}." if "error" in f else
                          f"{_f(f['wall_s'])} s; the process held at most {_f(f['peak_gib'], 2)} GiB on the device "
                          f"while answering (CUDA context {_f(f['context_gib'], 2)} GiB included), "

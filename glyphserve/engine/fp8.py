@@ -30,17 +30,26 @@ from torch import Tensor, nn
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 DECODE_ROWS = 64  # rows up to which the weight-streaming kernel runs
+QUANTIZE_ROWS = 4096  # rows quantized at a time (an fp32 copy of at most 4,096 x 13,696 values: 224 MB)
 
 
-def quantize_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """``weight`` [out, in] -> (float8_e4m3fn [out, in], float32 scale [out]) with ``weight ~= q * scale[:, None]``."""
+def quantize_fp8(weight: Tensor, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """``weight`` [out, in] -> (float8_e4m3fn [out, in], float32 scale [out]) with ``weight ~= q * scale[:, None]``,
+    on ``device`` (default: the weight's). Rows go QUANTIZE_ROWS at a time (each row has its own scale, so the
+    result is the same), so a weight on the host is never on the device whole in 16 bits, nor whole in fp32 (the
+    head's fp32 copy alone is 2.5 GB)."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / FP8_MAX
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    # Clamped: absmax / scale can round to just above 448, and e4m3fn has no infinity to saturate to.
-    q = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    device = weight.device if device is None else device
+    q = torch.empty(weight.shape, dtype=FP8, device=device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+        w = weight[start : start + QUANTIZE_ROWS].detach().to(device).float()
+        s = w.abs().amax(dim=1) / FP8_MAX
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        # Clamped: absmax / scale can round to just above 448, and e4m3fn has no infinity to saturate to.
+        q[start : start + QUANTIZE_ROWS] = (w / s[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        scale[start : start + QUANTIZE_ROWS] = s
     return q, scale
 
 
@@ -100,9 +109,10 @@ class Fp8Linear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        qweight, scale = quantize_fp8(linear.weight)
-        bias = linear.bias.detach() if linear.bias is not None else None
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> Fp8Linear:
+        """On ``device`` (default: the weight's)."""
+        qweight, scale = quantize_fp8(linear.weight, device)
+        bias = linear.bias.detach().to(qweight.device) if linear.bias is not None else None
         return cls(qweight, scale, bias)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -53,13 +53,51 @@ def attention_implementation(device: torch.device) -> str:
 
 
 def load(config: EngineConfig) -> LoadedModel:
+    """The model on ``config.device``; with ``quantize``, the projections the model runner quantizes (those of the
+    decoder layers, and the head) on the host, from where the runner moves each to the device as it quantizes it,
+    so a checkpoint never sits on the device whole in 16 bits (loading it whole and quantizing there peaked at
+    27.1 GiB on an H200, more than the 24 GB cards FP8 is for). Random weights are drawn on the device (drawing
+    10 billion on the host is slow), so building them peaks at the 16-bit model's size there."""
     if (config.model is None) == (config.random_weights is None):
         raise ConfigError("give exactly one of a model (path or Hugging Face id) or random_weights")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    host = torch.device("cpu")
     if config.random_weights is not None:
-        return _random(config, device, dtype)
-    return _pretrained(config.model, device, dtype)
+        loaded = _random(config, device, dtype)
+    else:
+        loaded = _pretrained(config.model, device, dtype, host if config.quantize else device)
+    if config.quantize:
+        place(loaded.model, device, held_on=host)
+    return loaded
+
+
+def quantized_projections(model) -> list:
+    """The linear layers ``--quantize`` turns to FP8: each decoder layer's q, k, v, o, gate_up and down
+    projections, and the head."""
+    out = [model.lm_head]
+    for layer in model.model.language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        out += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+    return out
+
+
+def place(model, device: torch.device, held_on: torch.device) -> None:
+    """Every parameter and buffer on ``device``, except the weights of ``quantized_projections`` (not their
+    biases), which go to ``held_on``."""
+    held = {id(m.weight) for m in quantized_projections(model)}
+    held.discard(id(model.model.language_model.embed_tokens.weight))  # a head tied to the embedding stays with it
+    moved: dict[int, torch.nn.Parameter] = {}  # a parameter shared by modules stays shared
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in moved:
+                where = held_on if id(param) in held else device
+                moved[id(param)] = torch.nn.Parameter(param.data.to(where), requires_grad=param.requires_grad)
+            module._parameters[name] = moved[id(param)]
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what moved off the device
 
 
 def _random(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -86,7 +124,8 @@ def _random(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> L
     )
 
 
-def _pretrained(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def _pretrained(name: str, device: torch.device, dtype: torch.dtype, stage: torch.device) -> LoadedModel:
+    """Loaded onto ``stage`` (the host, or ``device`` itself), for ``device``."""
     from transformers import AutoConfig, AutoTokenizer, Glm4vForConditionalGeneration
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
@@ -104,10 +143,10 @@ def _pretrained(name: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
         tokenizer = AutoTokenizer.from_pretrained(name)
         image_processor = Glm4vImageProcessorPil.from_pretrained(name)
         # Straight onto the GPU where accelerate can place it; otherwise load on the CPU and move.
-        placement = {"device_map": str(device)} if _direct_placement(device) else {}
+        placement = {"device_map": str(stage)} if _direct_placement(stage) else {}
         model = Glm4vForConditionalGeneration.from_pretrained(
             name, dtype=dtype, attn_implementation=attention_implementation(device), **placement
-        ).to(device)
+        ).to(stage)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load {where} {name!r}: {_first_line(exc)}") from exc
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else chat_template()

@@ -161,8 +161,8 @@ class ModelRunner:
         self.v: list[torch.Tensor] = []
         self.quantized = quantize == "fp8"
         self.layer_weights = [self._layer_weights(layer) for layer in self.layers]
-        if self.quantized:
-            model.lm_head = Fp8Linear.from_linear(model.lm_head)
+        if self.quantized:  # the 16-bit head may still be on the host (``loading.load``)
+            model.lm_head = Fp8Linear.from_linear(model.lm_head, device)
             self.lm_head = model.lm_head
         ikw = dict(device=device, dtype=torch.long)
         # Per-slot state on the device: each sequence's block table and last sampled token.
@@ -192,8 +192,8 @@ class ModelRunner:
         projections = [qkv_w, layer.self_attn.o_proj.weight, layer.mlp.gate_up_proj.weight,
                        layer.mlp.down_proj.weight]
         scales: list[torch.Tensor | None] = [None] * 4
-        if self.quantized:
-            pairs = [quantize_fp8(w) for w in projections]
+        if self.quantized:  # on the device, one projection at a time (the 16-bit ones may be on the host)
+            pairs = [quantize_fp8(w, self.device) for w in projections]
             projections, scales = [q for q, _ in pairs], [s for _, s in pairs]
             for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                            layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):

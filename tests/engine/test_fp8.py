@@ -44,6 +44,33 @@ def test_round_trip_is_within_the_stated_bound(dtype):
     assert torch.allclose(dequantize_fp8(q, scale, torch.float32).gather(1, peak), w.gather(1, peak), rtol=1e-6)
 
 
+def test_quantizing_rows_a_few_at_a_time_changes_nothing(monkeypatch):
+    import glyphserve.engine.fp8 as fp8
+
+    w = weights(rows=50).to(torch.bfloat16)
+    whole = quantize_fp8(w)
+    monkeypatch.setattr(fp8, "QUANTIZE_ROWS", 7)
+    parts = quantize_fp8(w, torch.device("cpu"))
+    assert torch.equal(parts[0].view(torch.uint8), whole[0].view(torch.uint8)) and torch.equal(parts[1], whole[1])
+
+
+def test_a_model_to_quantize_keeps_only_the_projections_to_quantize_on_the_host(tiny_model_dir):
+    """``--quantize``: the decoder projections and the head wait on the host (the runner moves each to the device
+    as it quantizes it); everything else, their biases included, goes to the device (here the meta device)."""
+    from transformers import Glm4vForConditionalGeneration
+
+    from glyphserve.engine.loading import place, quantized_projections
+
+    model = Glm4vForConditionalGeneration.from_pretrained(tiny_model_dir)
+    place(model, torch.device("meta"), held_on=torch.device("cpu"))
+    held = {id(m.weight) for m in quantized_projections(model)}
+    assert len(held) == 1 + 6 * model.config.text_config.num_hidden_layers
+    for name, param in model.named_parameters():
+        assert param.device.type == ("cpu" if id(param) in held else "meta"), name
+    assert all(b.device.type == "meta" for b in model.buffers())
+    assert model.model.language_model.layers[0].self_attn.q_proj.bias.device.type == "meta"
+
+
 def test_all_zero_rows_quantize_to_zero():
     w = torch.zeros(4, 32)
     w[2, 5] = -3.0
