@@ -274,8 +274,8 @@ class Bench:
         pool of one 8,192-token context, the prompt prefilled 2,048 tokens a pass, pages encoded one at a time, a
         256 MiB vision cache, one sequence. The most the process held on the device while answering (the
         allocator's peak from the end of loading, its cache of freed blocks emptied, plus what the process held
-        outside the allocator before loading: the CUDA context), and while loading (random weights are drawn on the device in 16 bits
-        first; a checkpoint to quantize is loaded on the host, ``loading.load``)."""
+        outside the allocator before loading: the CUDA context), and while loading (random weights are drawn on
+        the device in 16 bits first; a checkpoint to quantize is loaded on the host, ``loading.load``)."""
         torch = self.torch
         release_memory()
         total = torch.cuda.get_device_properties(self.device).total_memory
