@@ -82,6 +82,8 @@ def fp8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = 
     """``x`` [..., in] times the fp8 weight [out, in] (per-row fp32 ``scale`` [out]) plus ``bias``: [..., out] in
     x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 0:  # e.g. the head over a prompt chunk that samples nothing (the kernel's grid needs rows)
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
     if x.is_cuda and rows.shape[0] <= DECODE_ROWS and x.dtype in (torch.bfloat16, torch.float16):
         from glyphserve.engine.fp8_kernels import fp8_weight_matmul
 

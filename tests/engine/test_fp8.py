@@ -173,6 +173,13 @@ def test_configs_cover_k_and_fill_the_card():
             assert c.block_m == (1 if rows == 1 else max(16, rows))
 
 
+def test_no_rows_give_no_rows():  # the head over a prompt chunk that samples nothing (the CUDA kernel needs rows)
+    q, scale = quantize_fp8(weights(32, 64))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.empty(0, 64, device=device, dtype=torch.bfloat16)
+    assert fp8_linear(x, q.to(device), scale.to(device)).shape == (0, 32)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows", [1, 3, 16, 64, 65, 300])
 def test_cuda_paths_match_the_dequantized_reference(rows):
