@@ -273,8 +273,9 @@ class Bench:
         """A cold W50 question in the smallest engine that serves it (what a card with little memory runs): a KV
         pool of one 8,192-token context, the prompt prefilled 2,048 tokens a pass, pages encoded one at a time, a
         256 MiB vision cache, one sequence. The most the process held on the device while answering (the
-        allocator's peak from the end of loading, its cache of freed blocks emptied, plus what the process held
-        outside the allocator before loading: the CUDA context), and while loading (random weights are drawn on
+        allocator's peak from the end of loading, its cache of freed blocks emptied, plus what the card held
+        outside the allocator before loading: the CUDA context, and any other process's memory; kernels loaded
+        later are not counted), and while loading (random weights are drawn on
         the device in 16 bits first; a checkpoint to quantize is loaded on the host, ``loading.load``)."""
         torch = self.torch
         release_memory()

@@ -42,9 +42,9 @@ of 18 tried (32/64/128 keys x 4/8 warps x 2/3/4 stages). Short prefills use tile
 sequence (programs past a sequence's own queries exit at once) and so lowers the split count: a decode-only
 step should use ``max_query_len=1``. It must bound every sequence's query count.
 
-Elsewhere (CPU, or no Triton) the op runs ``paged_attention_batched``: plain PyTorch over all sequences at once
-(keys gathered and padded to the longest), softmax in fp32; ``paged_attention_reference`` does the same one
-sequence at a time and is the tests' oracle. Both read ``seq_lens`` on the host, so neither is for CUDA graphs.
+Elsewhere (CPU, or no Triton) the op runs ``paged_attention_batched``: plain PyTorch, the single-query sequences
+at once and each multi-query one alone (keys gathered and padded to the longest), softmax in fp32;
+``paged_attention_reference`` does the same one sequence at a time and is the tests' oracle. Both read ``seq_lens`` on the host, so neither is for CUDA graphs.
 
 The op is ``torch.ops.glyphserve.paged_attention`` (a ``torch.library.custom_op`` that mutates ``out``, with a
 fake implementation), so ``torch.compile`` treats it as one opaque call.

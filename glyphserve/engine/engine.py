@@ -168,13 +168,18 @@ class Engine:
 
     def _planned(self, request: AnswerRequest | Sequence) -> Sequence:
         if isinstance(request, Sequence):
-            if request.status is not Status.WAITING or request.num_computed or request.output:
+            if request.taken:
                 raise GlyphserveError("a planned request can run only once")
+            # Its timings (time to first token, total) start here, as a request planned by the engine's start
+            # when the engine takes it: a server's queue time stays out of them (and in its own metric).
+            request.arrived = time.perf_counter()
             self._counters["planned_ahead"] += 1
-            return request
-        started = time.perf_counter()
-        seq = self.planner.plan(request)
-        self._counters["plan_s"] += time.perf_counter() - started
+            seq = request
+        else:
+            started = time.perf_counter()
+            seq = self.planner.plan(request)
+            self._counters["plan_s"] += time.perf_counter() - started
+        seq.taken = True
         return seq
 
     def counters(self) -> dict[str, float]:

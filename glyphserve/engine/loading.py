@@ -68,7 +68,10 @@ def load(config: EngineConfig) -> LoadedModel:
     else:
         loaded = _pretrained(config.model, device, dtype, host if config.quantize else device)
     if config.quantize:
-        place(loaded.model, device, held_on=host)
+        try:
+            place(loaded.model, device, held_on=host)
+        except RuntimeError as exc:  # out of device memory, above all
+            raise ModelLoadError(f"cannot place the model on {device}: {_first_line(exc)}") from exc
     return loaded
 
 

@@ -36,8 +36,8 @@ from glyphserve.engine.sampler import Sampler
 from glyphserve.errors import ModelLoadError
 
 # Prompt chunks up to PAGED_CHUNK_TOKENS attend through the paged kernel, and so do chunks up to
-# PAGED_PREFIX_CHUNK_TOKENS after a cached prefix (a later turn: the question with the earlier answers); longer
-# ones through SDPA. The paged kernel takes all of a step's sequences in one launch a layer and reads the prefix
+# PAGED_PREFIX_CHUNK_TOKENS that follow earlier tokens in the pool (a later turn after its cached prefix: the
+# question with the earlier answers; or a prompt's later chunk); longer ones through SDPA. The paged kernel takes all of a step's sequences in one launch a layer and reads the prefix
 # in place; SDPA runs per chunk over the prefix gathered and repeated per head. On an H200 under 64 sessions,
 # eager passes of ~16 such chunks each (100-260 tokens after a W50 prefix) launched SDPA layer by layer and chunk
 # by chunk, and took 31% of the engine thread's time. For 128 queries after 4,096 keys the paged kernel costs

@@ -102,7 +102,8 @@ class Sampler:
         for the penalties."""
         s = settings
         penalised = s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0
-        self.settings_host[slot] = (1.0 if greedy else s.temperature, 0.0 if greedy else 1.0, s.top_p, s.top_k,
+        top_k = min(s.top_k, self.vocab)  # more than the vocabulary keeps all of it (and indexes within it)
+        self.settings_host[slot] = (1.0 if greedy else s.temperature, 0.0 if greedy else 1.0, s.top_p, top_k,
                                     s.min_p, s.repetition_penalty, s.presence_penalty, s.frequency_penalty,
                                     float("-inf") if s.ignore_eos else 0.0)
         self.seed_host[slot] = seed

@@ -147,3 +147,23 @@ def test_a_request_planned_ahead_answers_like_any_and_runs_once(load_engine):
     assert after["planned_ahead"] - before["planned_ahead"] == 2 and after["plan_s"] == before["plan_s"]
     with pytest.raises(GlyphserveError, match="only once"):
         list(engine.stream_batch(planned[:1]))
+
+
+def test_a_request_planned_ahead_is_timed_from_when_the_engine_takes_it(load_engine):
+    """A server plans before its queue: the answer's timings leave the queue's wait out (serve's own queue-time
+    metric is what is left of the request's time)."""
+    import time
+
+    engine = load_engine()
+    planned = engine.plan(AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(max_tokens=4)))
+    planned_at = time.perf_counter()
+    time.sleep(1.0)  # queued
+    answer = next(e.result for _, e in engine.stream_batch([planned]) if e.channel == "done")
+    assert answer.timings.total <= time.perf_counter() - planned_at - 1.0
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token(load_engine):
+    engine = load_engine()
+    ask = lambda k: engine.answer(AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(  # noqa
+        max_tokens=8, ignore_eos=True, temperature=0.9, top_k=k, seed=5))).token_ids
+    assert ask(10**9) == ask(0)

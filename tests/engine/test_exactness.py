@@ -579,7 +579,7 @@ def test_an_answer_resumed_from_its_delivered_tokens_continues_exactly(load_engi
     resumed.resume_tokens = delivered
     if "logprobs" in settings:
         resumed.resume_logprobs = [lp for e in deltas[:cut] for lp in e.logprobs]
-    rest = list(engine.stream(resumed))
+    rest = [e for _, e in engine.stream_batch([engine.plan(resumed)])]  # planned ahead, as a server plans
     assert rest[-1].result.token_ids == done.token_ids and rest[-1].result.text == done.text
     for channel in ("thinking", "answer"):
         assert "".join(e.text for e in rest[:-1] if e.channel == channel) == \
