@@ -44,7 +44,8 @@ step should use ``max_query_len=1``. It must bound every sequence's query count.
 
 Elsewhere (CPU, or no Triton) the op runs ``paged_attention_batched``: plain PyTorch, the single-query sequences
 at once and each multi-query one alone (keys gathered and padded to the longest), softmax in fp32;
-``paged_attention_reference`` does the same one sequence at a time and is the tests' oracle. Both read ``seq_lens`` on the host, so neither is for CUDA graphs.
+``paged_attention_reference`` does the same one sequence at a time and is the tests' oracle. Both read
+``seq_lens`` on the host, so neither is for CUDA graphs.
 
 The op is ``torch.ops.glyphserve.paged_attention`` (a ``torch.library.custom_op`` that mutates ``out``, with a
 fake implementation), so ``torch.compile`` treats it as one opaque call.

@@ -33,12 +33,14 @@ from glyphserve.engine.attention import compile_split_variants, paged_attention
 from glyphserve.engine.fp8 import Fp8Linear, fp8_linear, quantize_fp8
 from glyphserve.engine.kv_pool import TRASH_BLOCK
 from glyphserve.engine.sampler import Sampler
+from glyphserve.engine.transfer import copy_rows
 from glyphserve.errors import ModelLoadError
 
 # Prompt chunks up to PAGED_CHUNK_TOKENS attend through the paged kernel, and so do chunks up to
 # PAGED_PREFIX_CHUNK_TOKENS that follow earlier tokens in the pool (a later turn after its cached prefix: the
-# question with the earlier answers; or a prompt's later chunk); longer ones through SDPA. The paged kernel takes all of a step's sequences in one launch a layer and reads the prefix
-# in place; SDPA runs per chunk over the prefix gathered and repeated per head. On an H200 under 64 sessions,
+# question with the earlier answers; or a prompt's later chunk); longer ones through SDPA. The paged kernel takes
+# all of a step's sequences in one launch a layer and reads the prefix in place; SDPA runs per chunk over the
+# prefix gathered and repeated per head. On an H200 under 64 sessions,
 # eager passes of ~16 such chunks each (100-260 tokens after a W50 prefix) launched SDPA layer by layer and chunk
 # by chunk, and took 31% of the engine thread's time. For 128 queries after 4,096 keys the paged kernel costs
 # what SDPA does (55 vs 54 us a layer, attention-h200.md); for thousands of queries flash attention wins.
@@ -225,12 +227,7 @@ class ModelRunner:
     def sync_block_tables(self, host: np.ndarray, slots: list[int]) -> None:
         """Copy the host block-table rows of ``slots`` (changed since the last step) to the device."""
         if slots:
-            rows = torch.from_numpy(host[slots])
-            index = torch.tensor(slots, dtype=torch.long)
-            if self.device.type == "cuda":
-                rows, index = rows.pin_memory(), index.pin_memory()
-            self.block_tables.index_copy_(0, index.to(self.device, non_blocking=True),
-                                          rows.to(self.device, non_blocking=True))
+            copy_rows(self.block_tables, slots, host[slots])
 
     # --- an eager step -----------------------------------------------------------------------------------------
 

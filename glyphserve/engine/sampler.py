@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from glyphserve.engine.transfer import copy_rows
 from glyphserve.engine.types import GenerationSettings
 
 MAX_LOGPROBS = 20
@@ -71,7 +72,6 @@ class Sampler:
     def __init__(self, vocab: int, slots: int, stop_ids: list[int], device: torch.device):
         self.vocab = vocab
         self.device = device
-        self.cuda = device.type == "cuda"
         self.settings_host = np.zeros((slots, len(_SETTINGS)), dtype=np.float32)
         for name, value in _NEUTRAL.items():
             self.settings_host[:, _SETTINGS.index(name)] = value
@@ -132,14 +132,8 @@ class Sampler:
             return
         slots = np.fromiter(sorted(self._dirty), dtype=np.int64, count=len(self._dirty))
         self._dirty.clear()
-        rows = torch.from_numpy(self.settings_host[slots])
-        seeds = torch.from_numpy(self.seed_host[slots])
-        index = torch.from_numpy(slots)
-        if self.cuda:  # pinned: asynchronous, no wait for the step in flight
-            rows, seeds, index = rows.pin_memory(), seeds.pin_memory(), index.pin_memory()
-        index = index.to(self.device, non_blocking=True)
-        self.settings.index_copy_(0, index, rows.to(self.device, non_blocking=True))
-        self.seed.index_copy_(0, index, seeds.to(self.device, non_blocking=True))
+        copy_rows(self.settings, slots, self.settings_host[slots])
+        copy_rows(self.seed, slots, self.seed_host[slots])
 
     def rows(self, slots: np.ndarray) -> SampleRows:
         """The step's row classes from the host mirrors (vectorised over the rows)."""
