@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from dataclasses import asdict
-from typing import Any, AsyncIterator, Awaitable, Literal
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.routing import APIRoute
@@ -161,9 +161,22 @@ def sse(payload: Any) -> str:
     return f"data: {data}\n\n"
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _EventStream(StreamingResponse):
+    """A streaming response that closes its event generator however the response ends. Starlette leaves a
+    generator whose send was cancelled (the client went away while a chunk went out) waiting at its ``yield``
+    until the garbage collector finds it, and with it the request's cleanup: the job ran on (on Ray Serve, its
+    replica's call decoded to the last token when Ray's own cancel was lost as well)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def sse_response(events: AsyncGenerator[str, None]) -> StreamingResponse:
+    return _EventStream(events, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def error_event(exc: BaseException) -> dict:

@@ -16,6 +16,11 @@ vision and prefix caches hold it, and a replica joining or leaving moves only th
 Ray Serve sends the request to the first replica in that order with a free slot (``max_ongoing_requests``),
 so a busy document spills to the same second replica every time instead of queueing behind the first.
 
+Cancelling: a request the front stops (client gone, deadline) is cancelled through Ray (``ray.cancel`` of the
+replica's call) and also stopped by name (``EngineReplica.stop``, routed to the replica that holds it): Ray's
+cancel of a running streaming call is best effort, and on the 2-core test machine about one in ten calls went on
+decoding to its last token without the second path.
+
 Failover: a request whose replica dies is sent again (the router no longer offers the dead replica) with the
 tokens already streamed (``AnswerRequest.resume_tokens``, and how much of their text the client got): the new
 replica computes them as context and streams only what follows, so the client sees one uninterrupted answer,
@@ -28,11 +33,13 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -50,7 +57,7 @@ from glyphserve.serve.app import ENGINE_SWITCH_INTERVAL_S, create_app, prepare
 from glyphserve.serve.backends import ChatJob, EngineBackend, Reply
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import InternalError, RequestTimeoutError
-from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
+from glyphserve.serve.scheduler import Cancelled, Scheduler, SchedulerHooks
 from glyphserve.serve.service import ENGINE_COUNTERS
 
 APP_NAME = "glyphserve"
@@ -58,6 +65,10 @@ ENGINE_DEPLOYMENT = "GlyphEngine"
 FRONT_DEPLOYMENT = "GlyphFront"
 MAX_ATTEMPTS = 3  # sends of one request: the first, and retries after its replica died
 RECENT_DOCUMENTS = 32  # document keys listed per replica in /health
+STOPPED_CALLS = 4096  # ids of calls stopped before they began, remembered per replica
+STOP_TIMEOUT_S = 60.0  # a stop waits this long for a slot on its replica
+
+log = logging.getLogger("glyphserve.serve")
 
 
 # -- routing ------------------------------------------------------------------------------------------------
@@ -88,16 +99,20 @@ def rendezvous_order(key: str, nodes: list[str]) -> list[str]:
 
 class DocumentAffinityRouter(RequestRouter):
     """Ranks the replicas by rendezvous hashing of the request's ``key`` keyword argument; Ray Serve takes
-    the first with a free slot. Requests without a key go to the least loaded replica."""
+    the first with a free slot. Requests without a key go to the least loaded replica; a ``replica`` keyword
+    argument (a stop) goes to that replica while it runs."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        key = pending_request.kwargs.get("key") if pending_request is not None else None
+        kwargs = pending_request.kwargs if pending_request is not None else {}
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # all full: wait before asking again
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if kwargs.get("replica") in by_id:
+            return [[by_id[kwargs["replica"]]]]
+        key = kwargs.get("key")
         if not key:
             return [candidate_replicas]
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         return [[by_id[node]] for node in rendezvous_order(key, list(by_id))]
 
 
@@ -128,20 +143,44 @@ class EngineReplica:
                                    timeout=timeout)
         self.where = ReplicaReport(serve.get_replica_context().replica_id.unique_id, os.getpid(),
                                    ray.get_runtime_context().get_node_id())
+        self._calls: dict[str, ChatJob] = {}  # by call id, while they run (chat and stop share the replica's loop)
+        self._stopped: OrderedDict[str, None] = OrderedDict()  # ids stopped before their call began
 
-    async def chat(self, job: ChatJob, key: str) -> AsyncIterator[ReplicaReport | StreamEvent | Reply]:
-        """The job's items as a single-machine scheduler yields them, between two reports. ``key`` is read by
-        the router. Cancelling the call (the client went away) stops the job at its next token."""
-        stream = await self.scheduler.stream(job)
+    async def chat(self, job: ChatJob, key: str, call: str) -> AsyncIterator[ReplicaReport | StreamEvent | Reply]:
+        """The job's items as a single-machine scheduler yields them, between two reports (the first before
+        the job is queued, so the front knows where it runs). ``key`` is read by the router, ``call`` names the
+        call for ``stop``. Cancelling the call (the client went away) stops the job at its next token; a job
+        stopped by name ends its stream early, without a Reply."""
+        yield self.where
+        if call in self._stopped:
+            del self._stopped[call]
+            return
+        self._calls[call] = job
         try:
-            yield self.where
-            async for item in stream:
-                if isinstance(item, Reply):
-                    counters = self.engine.counters()
-                    yield dataclasses.replace(self.where, engine={k: counters[k] for k in ENGINE_COUNTERS})
-                yield item
+            stream = await self.scheduler.stream(job)
+            try:
+                async for item in stream:
+                    if isinstance(item, Reply):
+                        counters = self.engine.counters()
+                        yield dataclasses.replace(self.where, engine={k: counters[k] for k in ENGINE_COUNTERS})
+                    yield item
+            finally:
+                await stream.aclose()
+        except Cancelled:
+            return  # stopped by name: nobody reads this stream any more
         finally:
-            await stream.aclose()
+            del self._calls[call]
+
+    async def stop(self, call: str, replica: str | None = None, key: str | None = None) -> bool:
+        """Stop the call named ``call`` (``replica`` and ``key`` are read by the router). A call not begun yet
+        is remembered and ends as it begins. True if it was running here."""
+        job = self._calls.get(call)
+        if job is None:
+            self._stopped[call] = None
+            while len(self._stopped) > STOPPED_CALLS:
+                self._stopped.popitem(last=False)
+            return False
+        return self.scheduler.cancel(job)
 
     def check_health(self) -> None:
         if not self.scheduler.alive:
@@ -169,9 +208,11 @@ class ServeReplicas:
 
     def __init__(self, handle, config: ServeConfig):
         self.handle = handle.options(stream=True)
+        self._stops = handle.options(stream=False)
         self.config = config
         self.replicas: dict[str, _ReplicaState] = {}
-        self.counters = {"requests": 0, "retries": 0, "resumed": 0}
+        self.counters = {"requests": 0, "retries": 0, "resumed": 0, "stops": 0}
+        self._stopping: set[asyncio.Task] = set()  # stops in flight (the loop keeps only weak references)
 
     def make_scheduler(self, hooks: SchedulerHooks) -> ReplicaScheduler:
         return ReplicaScheduler(self, hooks, self.config.request_timeout)
@@ -204,6 +245,20 @@ class ServeReplicas:
     def lost(self, replica: str | None) -> None:
         if replica in self.replicas:
             self.replicas[replica].lost = True
+
+    def stop(self, call: str, replica: str | None, key: str) -> None:
+        """Stop a call by name on its replica (or, before it said which, where its key routes), in the
+        background: the client that went away does not wait for it."""
+        self.counters["stops"] += 1
+        task = asyncio.get_running_loop().create_task(self._stop(call, replica, key))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _stop(self, call: str, replica: str | None, key: str) -> None:
+        try:
+            await asyncio.wait_for(self._stops.stop.remote(call, replica=replica, key=key), STOP_TIMEOUT_S)
+        except Exception as exc:  # the replica died (nothing to stop) or stayed full past the timeout
+            log.warning("stopping call %s on replica %s failed: %s", call, replica, type(exc).__name__)
 
 
 class _Resume:
@@ -305,6 +360,7 @@ class ReplicaScheduler:
         """The job's deltas and reply, sent again to another replica if its replica dies."""
         arrived = time.monotonic()
         key = routing_key(job)
+        call = uuid.uuid4().hex  # one name for every send: a stop reaches it on whichever replica holds it
         # The replica's own scheduler sets the request's cancel hook there.
         job = dataclasses.replace(job, request=dataclasses.replace(job.request, cancel=None))
         resume = _Resume()
@@ -314,9 +370,10 @@ class ReplicaScheduler:
             for attempt in range(MAX_ATTEMPTS):
                 replica = None
                 sent = dataclasses.replace(job, request=resume.request(job.request))
-                response = self.replicas.handle.chat.remote(sent, key=key)
+                response = self.replicas.handle.chat.remote(sent, key=key, call=call)
                 self._waiting += 1
                 waiting = True
+                ended = False  # the replica's call finished (answered, failed, or its replica died)
                 try:
                     while True:
                         remaining = self.timeout - (time.monotonic() - arrived)
@@ -334,15 +391,17 @@ class ReplicaScheduler:
                             yield item
                             continue
                         self.hooks.reply(item, time.monotonic() - arrived)
-                        replied = True
+                        replied = ended = True
                         yield item
                         return  # the Reply is the last item: a replica lost after it must not answer again
                 except StopAsyncIteration:
+                    ended = True
                     return
                 except asyncio.TimeoutError:
                     raise RequestTimeoutError(f"the request took longer than the {self.timeout:g} s limit "
                                               "(--request-timeout)") from None
                 except (RayActorError, ReplicaUnavailableError) as exc:
+                    ended = True
                     self.replicas.lost(replica)
                     if attempt + 1 == MAX_ATTEMPTS:
                         raise RemoteBackendError(f"the engine replica died while answering ({type(exc).__name__})") \
@@ -350,10 +409,12 @@ class ReplicaScheduler:
                     self.replicas.counters["retries"] += 1
                     self.replicas.counters["resumed"] += bool(resume.tokens)
                 except BackPressureError:
+                    ended = True
                     raise QueueFullError("the engine replicas' queue is full; retry in a moment") from None
                 except RequestCancelledError:
                     raise asyncio.CancelledError() from None
                 except RayTaskError as exc:  # raised by the replica's code: a user error, or a bug
+                    ended = True
                     cause = exc.cause
                     raise cause if isinstance(cause, GlyphserveError) else InternalError(
                         f"the engine replica failed ({type(cause).__name__}); its log has the details") from None
@@ -362,7 +423,9 @@ class ReplicaScheduler:
                         self._waiting -= 1
                     else:
                         self._running -= 1
-                    response.cancel()  # a no-op once it ended; else the replica stops the job
+                    if not ended:  # the client went away, or the deadline passed
+                        response.cancel()
+                        self.replicas.stop(call, replica, key)
                 await asyncio.sleep(0.1 * 2**attempt)
         except (GeneratorExit, asyncio.CancelledError, RequestTimeoutError):
             if not replied:  # the client went away or the deadline passed: counted as the local scheduler does

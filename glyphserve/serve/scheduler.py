@@ -148,6 +148,16 @@ class Scheduler:
             self._cond.notify_all()
         self._thread.join(timeout=30)
 
+    def cancel(self, job: ChatJob) -> bool:
+        """Stop ``job`` from outside the task that awaits it (a queued job is skipped, a running one stops at its
+        next token; its reader gets ``Cancelled``). False if the scheduler does not hold it."""
+        with self._cond:
+            for ticket in (*self._queue, *self._running):
+                if ticket.job is job:
+                    ticket.cancel.set()
+                    return True
+        return False
+
     # -- asyncio side ---------------------------------------------------------------------
 
     def _submit(self, job: ChatJob, streaming: bool) -> _Ticket:

@@ -26,6 +26,7 @@ QUESTIONS = ["Who kept the lighthouse?", "What happened in the winter of 1887?",
              "How many steps did he climb?"]
 MAX_TOKENS = 16
 LONG_TOKENS = 300  # stop tokens ignored: streams long enough to be cut by a replica's death
+LEFT = 6  # streams a client leaves after their first delta
 DOCUMENTS = [f"Copy {i} of the story.\n\n{STORY}\n\nThe keeper's dog was called Rook {i}." for i in range(4)]
 
 
@@ -142,7 +143,7 @@ def test_sixteen_concurrent_chats_equal_answers_alone_each_document_on_one_repli
     assert httpx.get(f"{server.url}/", timeout=30).status_code == 200  # the web UI
 
 
-def test_a_client_that_goes_away_stops_its_answer(server, documents):
+def test_clients_that_go_away_stop_their_answers(server, documents):
     document = documents[1]
 
     def engine_counters() -> dict:
@@ -153,13 +154,16 @@ def test_a_client_that_goes_away_stops_its_answer(server, documents):
 
     body = {"messages": [{"role": "user", "content": QUESTIONS[0]}], "document": document["id"],
             "max_tokens": 3000, "ignore_eos": True, "stream": True}
-    cancelled = _cancelled_total(server)
+    cancelled, stops = _cancelled_total(server), _health(server)["stops"]
     start = engine_counters()
-    with server.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as r:
-        assert r.status_code == 200, r.read()
-        next(line for line in r.iter_lines() if line.startswith("data: ") and '"content": "' in line)
+    # Several times: Ray's own cancel of a running call is lost now and then (about one in ten on two cores);
+    # the front also stops the call by name.
+    for _ in range(LEFT):
+        with server.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200, r.read()
+            next(line for line in r.iter_lines() if line.startswith("data: ") and '"content": "' in line)
     # Wait (on CI's two busy cores the cancellation can take seconds to cross the front and Ray) until the replica
-    # decodes nothing but the short question that reads its counters: the long answer has ended.
+    # decodes nothing but the short question that reads its counters: the long answers have ended.
     deadline = time.monotonic() + 120
     before = engine_counters()
     while True:
@@ -169,12 +173,13 @@ def test_a_client_that_goes_away_stops_its_answer(server, documents):
             break
         assert time.monotonic() < deadline, (before, after)
         before = after
-    # It ended short of its 3,000 tokens: the engine counts an answer's tokens when it ends, and the short
+    # Each ended short of its 3,000 tokens: the engine counts an answer's tokens when it ends, and the short
     # questions add at most MAX_TOKENS each.
     assert after["new_tokens"] - start["new_tokens"] < 3000, (start, after)
-    while _cancelled_total(server) != cancelled + 1:  # counted as the single-machine server counts it
+    while _cancelled_total(server) != cancelled + LEFT:  # counted as the single-machine server counts it
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    assert _health(server)["stops"] == stops + LEFT
 
 
 def _cancelled_total(server: Server) -> float:

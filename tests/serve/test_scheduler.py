@@ -10,7 +10,7 @@ import pytest
 from glyphserve.engine.types import AnswerRequest, StreamEvent
 from glyphserve.errors import QueueFullError
 from glyphserve.serve.backends import ChatJob, ExtractiveBackend, Reply
-from glyphserve.serve.scheduler import Scheduler, SchedulerHooks
+from glyphserve.serve.scheduler import Cancelled, Scheduler, SchedulerHooks
 
 CONTEXTS = [f"Document {i} says the secret word is word{i}.\n\nIt also mentions filler." for i in range(40)]
 
@@ -126,3 +126,32 @@ def test_a_stream_closed_before_its_first_item_is_read_cancels_its_job():
         assert cancelled.wait(30)  # the job stopped at its next delta instead of running on
     finally:
         scheduler.close()
+
+
+def test_a_job_stopped_by_name_ends_running_or_queued():
+    """``Scheduler.cancel`` (a Ray replica's ``stop``): the running job stops at its next delta, the queued one is
+    skipped; each reader gets ``Cancelled``; a job the scheduler does not hold is refused."""
+    backend, cancelled = _GatedBackend(), []
+    scheduler = Scheduler(backend, queue_size=4, max_batch=1, timeout=30,
+                          hooks=SchedulerHooks(cancelled=lambda: cancelled.append(1)))
+    running, queued = job("secret word", CONTEXTS[0]), job("secret word", CONTEXTS[1])
+
+    async def main():
+        items = await scheduler.stream(running)
+        waiting = asyncio.ensure_future(scheduler.stream(queued))  # behind the running job (one at a time)
+        await asyncio.sleep(0.1)
+        assert scheduler.cancel(queued) and scheduler.cancel(running)
+        assert not scheduler.cancel(job("secret word", CONTEXTS[2]))
+        backend.gate.set()
+        first = await items.__anext__()
+        with pytest.raises(Cancelled):
+            await items.__anext__()
+        with pytest.raises(Cancelled):
+            await waiting
+        return first
+
+    try:
+        assert run(main()).text == "first"
+    finally:
+        scheduler.close()
+    assert len(cancelled) == 2
