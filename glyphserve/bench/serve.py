@@ -320,18 +320,25 @@ def engine_activity(before: dict[str, dict], after: dict[str, dict], wall_s: flo
                     "steps": every, "step_s": delta.get("step_s", 0.0), "gpu_wait_s": delta.get("gpu_wait_s", 0.0),
                     "plan_s": delta.get("plan_s", 0.0),
                     "host_ms_per_step": (delta.get("step_s", 0.0) - delta.get("gpu_wait_s", 0.0)) / every * 1e3
-                    if every else 0.0})
+                    if every else 0.0,
+                    "decode_step_ms": delta.get("decode_step_s", 0.0) / delta["timed_decode_steps"] * 1e3
+                    if delta.get("timed_decode_steps") else None})
     return out
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _engines_table(engines: list[dict]) -> list[str]:
     lines = ["| engine | requests | decode steps/s | rows busy per step | prefill passes (as rows) | "
-             "s in steps (GPU wait) | host ms/step | s planning |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "s in steps (GPU wait) | host ms/step | s planning | decode step ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in engines:
         lines.append(f"| {e['engine']} | {e['requests']} | {e['steps_per_s']:.1f} | {e['rows_per_step']:.2f} | "
                      f"{e['prefill_passes']} ({e.get('row_chunks', 0)} chunks) | {e.get('step_s', 0):.2f} "
                      f"({e.get('gpu_wait_s', 0):.2f}) | {e.get('host_ms_per_step', 0):.2f} | "
-                     f"{e.get('plan_s', 0):.2f} |")
+                     f"{e.get('plan_s', 0):.2f} | {_ms(e.get('decode_step_ms'))} |")
     return lines + [""]
 
 

@@ -51,6 +51,7 @@ class Launched:
     logprobs: tuple[torch.Tensor, ...] | None  # host: chosen [R], top values [R, k], top ids [R, k]
     event: torch.cuda.Event | None
     warmed: list[Sequence] = field(default_factory=list)  # warm sequences whose last chunk ran in this step
+    decode_only: bool = False  # no prompt chunk in the step
 
 
 @dataclass
@@ -77,9 +78,13 @@ class EngineCore:
         self._ended: list[Sequence] = []  # added already finished (resumed tokens that end the answer)
         # row_chunks: prompt chunks run one row per token in a graph step (eagerly where no graph is captured);
         # step_s: seconds inside step(); gpu_wait_s: seconds blocked reading steps back from the device (inside
-        # step(), and in drains between batches)
+        # step(), and in drains between batches); decode_step_s / timed_decode_steps: the time from one step's
+        # read-back to the next's, for steps without prompt chunks while the engine stays busy (the decode step as
+        # the caller sees it, host work and hand-over included: compare an engine alone with a served one)
         self.counters = {"steps": 0, "decode_steps": 0, "decode_rows": 0, "graph_steps": 0, "prefill_passes": 0,
-                         "prefill_tokens": 0, "row_chunks": 0, "step_s": 0.0, "gpu_wait_s": 0.0}
+                         "prefill_tokens": 0, "row_chunks": 0, "step_s": 0.0, "gpu_wait_s": 0.0,
+                         "decode_step_s": 0.0, "timed_decode_steps": 0}
+        self._last_read: float | None = None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self.in_flight)
@@ -179,13 +184,13 @@ class EngineCore:
         answer_pos = np.fromiter((s.scheduled_outputs - 1 for s in sampled), dtype=np.int64, count=len(sampled))
         warmed = [c.seq for c in plan.chunks if c.seq.request.warm and c.end == c.seq.total_tokens]
         if not sampled:
-            return Launched([], torch.empty(0, dtype=torch.long), None, self._record(), warmed)
+            return Launched([], torch.empty(0, dtype=torch.long), None, self._record(), warmed, not plan.chunks)
         slots_dev = self._to_device(slots)
         tokens, logprobs = self.sampler(logits, slots_dev, self._to_device(answer_pos), self.sampler.rows(slots),
                                         tokens=greedy)
         self.runner.last_token.index_copy_(0, slots_dev, tokens)
         return Launched(sampled, self._to_host(tokens), None if logprobs is None else
-                        tuple(self._to_host(t) for t in logprobs), self._record(), warmed)
+                        tuple(self._to_host(t) for t in logprobs), self._record(), warmed, not plan.chunks)
 
     def _decode_rows(self, decode: list[Sequence]) -> np.ndarray:
         """[META_ROWS, n] per decode row: slot, rope positions, KV slot, KV length, input token (its last sampled
@@ -337,6 +342,10 @@ class EngineCore:
             self.counters["gpu_wait_s"] += time.perf_counter() - waited
         events: list[Event] = []
         now = time.perf_counter()
+        if step.decode_only and self._last_read is not None:  # busy since the last read: one step's time
+            self.counters["decode_step_s"] += now - self._last_read
+            self.counters["timed_decode_steps"] += 1
+        self._last_read = now if self.in_flight else None  # nothing in flight: an idle gap may follow
         tokens = step.tokens.tolist()
         chosen = top_values = top_ids = None
         if step.logprobs is not None:

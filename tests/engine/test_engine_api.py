@@ -167,3 +167,18 @@ def test_a_top_k_beyond_the_vocabulary_keeps_every_token(load_engine):
     ask = lambda k: engine.answer(AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(  # noqa
         max_tokens=8, ignore_eos=True, temperature=0.9, top_k=k, seed=5))).token_ids
     assert ask(10**9) == ask(0)
+
+
+def test_the_engine_times_its_decode_steps(load_engine):
+    """Counters for comparing an engine alone with a served one: each decode step from one read-back to the
+    next while busy (prompt steps and idle gaps left out), seconds in steps and blocked on the device."""
+    engine = load_engine()
+    before = engine.counters()
+    engine.answer(AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(max_tokens=12,
+                                                                                          ignore_eos=True)))
+    engine.answer(AnswerRequest(pages=PAGES, question="Where?", settings=GenerationSettings(max_tokens=5,
+                                                                                            ignore_eos=True)))
+    after = engine.counters()
+    assert after["timed_decode_steps"] - before["timed_decode_steps"] == 11 + 4  # every token after the first
+    assert after["decode_step_s"] > before["decode_step_s"] and after["step_s"] > before["step_s"]
+    assert after["gpu_wait_s"] == before["gpu_wait_s"] == 0  # the CPU has no device to wait for
