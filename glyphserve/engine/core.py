@@ -79,8 +79,9 @@ class EngineCore:
         # row_chunks: prompt chunks run one row per token in a graph step (eagerly where no graph is captured);
         # step_s: seconds inside step(); gpu_wait_s: seconds blocked reading steps back from the device (inside
         # step(), and in drains between batches); decode_step_s / timed_decode_steps: the time from one step's
-        # read-back to the next's, for steps without prompt chunks while the engine stays busy (the decode step as
-        # the caller sees it, host work and hand-over included: compare an engine alone with a served one)
+        # read-back to the next's, for steps without prompt chunks while the engine stays busy, unless a step with
+        # chunks was launched in between (the decode step as the caller sees it, host work and hand-over included:
+        # compare an engine alone with a served one)
         self.counters = {"steps": 0, "decode_steps": 0, "decode_rows": 0, "graph_steps": 0, "prefill_passes": 0,
                          "prefill_tokens": 0, "row_chunks": 0, "step_s": 0.0, "gpu_wait_s": 0.0,
                          "decode_step_s": 0.0, "timed_decode_steps": 0}
@@ -112,6 +113,8 @@ class EngineCore:
             launched = self._launch(plan, events)
             if launched is not None:
                 self.in_flight.append(launched)
+            if plan.chunks:  # its host work (pages, chunk rows) falls before the next read: that step goes untimed
+                self._last_read = None
         while self.in_flight and (len(self.in_flight) > 1 or plan.empty):
             events += self._read(self.in_flight.popleft())
         if plan.empty and idle and not events and self.scheduler.has_work:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from dataclasses import asdict
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Literal
+from typing import Any, AsyncGenerator, Awaitable, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.routing import APIRoute
@@ -162,21 +162,28 @@ def sse(payload: Any) -> str:
 
 
 class _EventStream(StreamingResponse):
-    """A streaming response that closes its event generator however the response ends. Starlette leaves a
-    generator whose send was cancelled (the client went away while a chunk went out) waiting at its ``yield``
-    until the garbage collector finds it, and with it the request's cleanup: the job ran on (on Ray Serve, its
+    """A streaming response that closes its event generator, and the answer stream the generator reads, however
+    the response ends. Starlette leaves a generator whose send was cancelled (the client went away while a chunk
+    went out) waiting at its ``yield`` until the garbage collector finds it, and one that never started (the
+    client went away before the first chunk) never runs its cleanup at all: the job ran on (on Ray Serve, its
     replica's call decoded to the last token when Ray's own cancel was lost as well)."""
+
+    def __init__(self, events: AsyncGenerator[str, None], items: AsyncGenerator):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.items = items
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            await self.items.aclose()  # a no-op once the events' own cleanup closed it
 
 
-def sse_response(events: AsyncGenerator[str, None]) -> StreamingResponse:
-    return _EventStream(events, media_type="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def sse_response(events: AsyncGenerator[str, None], items: AsyncGenerator) -> StreamingResponse:
+    """``events`` (SSE text) made from ``items`` (the service's answer stream), closed together at the end."""
+    return _EventStream(events, items)
 
 
 def error_event(exc: BaseException) -> dict:
@@ -326,7 +333,7 @@ def build_router(service: GlyphService) -> APIRouter:
             return client_gone() if reply is None else reply_body(reply)
         items = await service.stream(job, service.config.sse_keepalive)
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncGenerator[str, None]:
             try:
                 async for item in items:
                     if item is None:
@@ -343,7 +350,7 @@ def build_router(service: GlyphService) -> APIRouter:
                 await items.aclose()
             yield sse("[DONE]")
 
-        return sse_response(events())
+        return sse_response(events(), items)
 
     # -- OpenAI-compatible ----------------------------------------------------------------
 
@@ -380,7 +387,7 @@ def build_router(service: GlyphService) -> APIRouter:
         cid = oai.completion_id()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncGenerator[str, None]:
             try:
                 yield sse(oai.chunk(cid, model, {"role": "assistant", "content": ""}))
                 async for item in items:
@@ -404,7 +411,7 @@ def build_router(service: GlyphService) -> APIRouter:
                 await items.aclose()
             yield sse("[DONE]")
 
-        return sse_response(events())
+        return sse_response(events(), items)
 
     @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                       include_in_schema=False)

@@ -17,9 +17,9 @@ Ray Serve sends the request to the first replica in that order with a free slot 
 so a busy document spills to the same second replica every time instead of queueing behind the first.
 
 Cancelling: a request the front stops (client gone, deadline) is cancelled through Ray (``ray.cancel`` of the
-replica's call) and also stopped by name (``EngineReplica.stop``, routed to the replica that holds it): Ray's
-cancel of a running streaming call is best effort, and on the 2-core test machine about one in ten calls went on
-decoding to its last token without the second path.
+replica's call) and, once its replica has reported, also stopped by name (``EngineReplica.stop``, routed to that
+replica): Ray's cancel of a running streaming call is best effort, and on the 2-core test machine about one call in
+ten went on decoding to its last token without the second path.
 
 Failover: a request whose replica dies is sent again (the router no longer offers the dead replica) with the
 tokens already streamed (``AnswerRequest.resume_tokens``, and how much of their text the client got): the new
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import logging
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, RequestCancelledError
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -144,7 +145,9 @@ class EngineReplica:
         self.where = ReplicaReport(serve.get_replica_context().replica_id.unique_id, os.getpid(),
                                    ray.get_runtime_context().get_node_id())
         self._calls: dict[str, ChatJob] = {}  # by call id, while they run (chat and stop share the replica's loop)
-        self._stopped: OrderedDict[str, None] = OrderedDict()  # ids stopped before their call began
+        # Ids of stops that found no call running here: one that has not begun yet ends as it begins (the others,
+        # calls already ended, fall out of the bounded memory).
+        self._stopped: OrderedDict[str, None] = OrderedDict()
 
     async def chat(self, job: ChatJob, key: str, call: str) -> AsyncIterator[ReplicaReport | StreamEvent | Reply]:
         """The job's items as a single-machine scheduler yields them, between two reports (the first before
@@ -171,9 +174,9 @@ class EngineReplica:
         finally:
             del self._calls[call]
 
-    async def stop(self, call: str, replica: str | None = None, key: str | None = None) -> bool:
-        """Stop the call named ``call`` (``replica`` and ``key`` are read by the router). A call not begun yet
-        is remembered and ends as it begins. True if it was running here."""
+    async def stop(self, call: str, replica: str | None = None) -> bool:
+        """Stop the call named ``call`` (``replica`` is read by the router). A call not begun yet is remembered
+        and ends as it begins. True if it was running here."""
         job = self._calls.get(call)
         if job is None:
             self._stopped[call] = None
@@ -246,17 +249,23 @@ class ServeReplicas:
         if replica in self.replicas:
             self.replicas[replica].lost = True
 
-    def stop(self, call: str, replica: str | None, key: str) -> None:
-        """Stop a call by name on its replica (or, before it said which, where its key routes), in the
-        background: the client that went away does not wait for it."""
+    def stop(self, call: str, replica: str) -> None:
+        """Stop a call by name on its replica, in the background: the client that went away does not wait for it.
+        The stop needs a free slot on the replica like any call (so, on a full replica, it waits for an answer
+        to end there)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a stream finalised with no loop running (the process is exiting)
+            return
         self.counters["stops"] += 1
-        task = asyncio.get_running_loop().create_task(self._stop(call, replica, key))
+        # In a context of its own: in the abandoned request's, Ray Serve would cancel the stop with the request.
+        task = loop.create_task(self._stop(call, replica), context=contextvars.Context())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    async def _stop(self, call: str, replica: str | None, key: str) -> None:
+    async def _stop(self, call: str, replica: str) -> None:
         try:
-            await asyncio.wait_for(self._stops.stop.remote(call, replica=replica, key=key), STOP_TIMEOUT_S)
+            await asyncio.wait_for(self._stops.stop.remote(call, replica=replica), STOP_TIMEOUT_S)
         except Exception as exc:  # the replica died (nothing to stop) or stayed full past the timeout
             log.warning("stopping call %s on replica %s failed: %s", call, replica, type(exc).__name__)
 
@@ -360,7 +369,7 @@ class ReplicaScheduler:
         """The job's deltas and reply, sent again to another replica if its replica dies."""
         arrived = time.monotonic()
         key = routing_key(job)
-        call = uuid.uuid4().hex  # one name for every send: a stop reaches it on whichever replica holds it
+        name = uuid.uuid4().hex  # each send is named apart (f"{name}.{attempt}"): a resend may reach the same replica
         # The replica's own scheduler sets the request's cancel hook there.
         job = dataclasses.replace(job, request=dataclasses.replace(job.request, cancel=None))
         resume = _Resume()
@@ -370,6 +379,7 @@ class ReplicaScheduler:
             for attempt in range(MAX_ATTEMPTS):
                 replica = None
                 sent = dataclasses.replace(job, request=resume.request(job.request))
+                call = f"{name}.{attempt}"
                 response = self.replicas.handle.chat.remote(sent, key=key, call=call)
                 self._waiting += 1
                 waiting = True
@@ -401,7 +411,9 @@ class ReplicaScheduler:
                     raise RequestTimeoutError(f"the request took longer than the {self.timeout:g} s limit "
                                               "(--request-timeout)") from None
                 except (RayActorError, ReplicaUnavailableError) as exc:
-                    ended = True
+                    # Dead, or (ActorUnavailableError, ReplicaUnavailableError) unreachable for now: then the call
+                    # may run on, and is stopped by name like an abandoned one.
+                    ended = not isinstance(exc, (ActorUnavailableError, ReplicaUnavailableError))
                     self.replicas.lost(replica)
                     if attempt + 1 == MAX_ATTEMPTS:
                         raise RemoteBackendError(f"the engine replica died while answering ({type(exc).__name__})") \
@@ -423,9 +435,11 @@ class ReplicaScheduler:
                         self._waiting -= 1
                     else:
                         self._running -= 1
-                    if not ended:  # the client went away, or the deadline passed
-                        response.cancel()
-                        self.replicas.stop(call, replica, key)
+                    response.cancel()  # a no-op once the call ended
+                    # Ray's cancel of a running call is best effort. Before the replica reported (the call was
+                    # queued, or had only just begun) it is the only stop: a queued call's cancel is reliable.
+                    if not ended and replica is not None:
+                        self.replicas.stop(call, replica)
                 await asyncio.sleep(0.1 * 2**attempt)
         except (GeneratorExit, asyncio.CancelledError, RequestTimeoutError):
             if not replied:  # the client went away or the deadline passed: counted as the local scheduler does

@@ -256,14 +256,19 @@ class Scheduler:
     # -- worker side ----------------------------------------------------------------------
 
     def _take(self) -> list[_Ticket]:
-        """Block until work arrives; return up to ``max_batch`` waiting tickets."""
+        """Block until work arrives; return up to ``max_batch`` waiting tickets, counted as running from the moment
+        they leave the queue (under the lock: ``cancel`` always finds a job in one or the other)."""
         with self._cond:
             while not self._stopping:
                 batch = self._pull(self.max_batch)
                 if batch:
+                    self._begin(batch)
                     return batch
                 self._cond.wait()
             return []
+
+    def _begin(self, batch: list[_Ticket]) -> None:
+        self._running = batch
 
     def _pull(self, limit: int) -> list[_Ticket]:
         """Up to ``limit`` waiting tickets, oldest first; cancelled ones on the way are dropped (hold ``_cond``)."""
@@ -282,7 +287,6 @@ class Scheduler:
             batch = self._take()
             if not batch:
                 return
-            self._running = batch
             started = time.monotonic()
             self.hooks.batch(len(batch))
             try:
@@ -385,6 +389,10 @@ class ConcurrentScheduler(Scheduler):
     def retry_after(self) -> int:
         return max(1, math.ceil(self._seconds_per_job * (len(self._queue) + 1) / self.concurrency))
 
+    def _begin(self, batch: list[_Ticket]) -> None:
+        self._active += 1
+        self._running.append(batch[0])
+
     def close(self) -> None:
         super().close()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -397,9 +405,6 @@ class ConcurrentScheduler(Scheduler):
             batch = self._take()
             if not batch:
                 return
-            with self._cond:
-                self._active += 1
-                self._running.append(batch[0])
             self._pool.submit(self._run, batch[0])
 
     def _run(self, ticket: _Ticket) -> None:
