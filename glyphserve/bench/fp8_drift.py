@@ -3,15 +3,16 @@ full-size GLM-4.1V-9B architecture with random weights (no checkpoint needed).
 
 Three copies of the language model share every random weight (drawn as Hugging Face initialises GLM-4.1V: normal
 with the config's initializer range, zero biases, unit norms): fp32 as drawn, bf16 (what the engine runs), and FP8,
-each decoder projection and the head quantized from the bf16 weight to e4m3 with per-output-channel scales
-(``quantize_fp8``, what ``--quantize fp8`` does). Each runs one pass over ``--prompt`` tokens and ``--steps`` forced
-answer tokens (random input embeddings, text positions), which stands for a prefill and that many decode steps: the
-layers are the engine's own (``_pre_attention``/``_post_attention`` of the model runner, causal SDPA between them),
-applied to the prompt rows and the answer rows separately, so each group takes the arithmetic it gets in the
-engine: on CUDA the FP8 prompt rows' projections run ``_scaled_mm`` with per-token activation scales and the answer
-rows' the weight-streaming kernel; elsewhere both run the weights dequantized (weight rounding only: no activation
-quantization on the CPU path). Layers are drawn and run one at a time, so the
-model never sits in memory whole (a few GB on the CPU).
+each decoder projection and the head quantized from the bf16 weight to e4m3 with per-output-channel scales, and
+its input embeddings rounded per row as its int8 embedding table rounds them (``quantize_fp8``,
+``quantize_int8_rows``: what ``--quantize fp8`` does). Each runs one pass over ``--prompt`` tokens and ``--steps``
+forced answer tokens (random input embeddings, text positions), which stands for a prefill and that many decode
+steps: the layers are the engine's own (``_pre_attention``/``_post_attention`` of the model runner, causal SDPA
+between them), applied to the prompt rows and the answer rows separately, so each group takes the arithmetic it
+gets in the engine: on CUDA the FP8 prompt rows' projections run ``_scaled_mm`` with per-token activation scales
+and the answer rows' the weight-streaming kernel; elsewhere both run the weights dequantized (weight rounding only:
+no activation quantization on the CPU path). Layers are drawn and run one at a time, so the model never sits in
+memory whole (a few GB on the CPU).
 
 Reported over the answer positions (the logits that pick each forced token, and the one after the last), for FP8
 against bf16 (the issue's figure), bf16 against fp32 (how much 16-bit weights already move) and FP8 against fp32:
@@ -84,7 +85,7 @@ def _measure(arch: str, prompt: int, steps: int, device: torch.device, seed: int
     import torch.nn.functional as F
     from transformers.models.glm4v.modeling_glm4v import Glm4vTextRotaryEmbedding, repeat_kv
 
-    from glyphserve.engine.fp8 import fp8_linear, quantize_fp8
+    from glyphserve.engine.fp8 import fp8_linear, quantize_fp8, quantize_int8_rows
     from glyphserve.engine.model_runner import _post_attention, _pre_attention, rms_norm
 
     tc = text_config(arch)
@@ -108,6 +109,9 @@ def _measure(arch: str, prompt: int, steps: int, device: torch.device, seed: int
     x = normal(tokens, hidden)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
     streams = {name: x.to(dtype) for name, dtype in dtypes.items()}
+    # The FP8 copy's inputs as its int8 embedding table gives them: each row (a token's vector) rounded on its scale.
+    table, row_scale = quantize_int8_rows(streams["bf16"])
+    streams["fp8"] = (table.float() * row_scale[:, None]).to(torch.bfloat16)
     positions = torch.arange(tokens, device=device).view(1, 1, -1).expand(3, 1, -1)
     cos, sin = (t[0] for t in Glm4vTextRotaryEmbedding(tc).to(device)(x.unsqueeze(0), positions))
     groups = [slice(0, prompt), slice(prompt, tokens)]  # prefill rows, decode rows

@@ -53,11 +53,12 @@ def attention_implementation(device: torch.device) -> str:
 
 
 def load(config: EngineConfig) -> LoadedModel:
-    """The model on ``config.device``; with ``quantize``, the projections the model runner quantizes (those of the
-    decoder layers, and the head) on the host, from where the runner moves each to the device as it quantizes it,
-    so a checkpoint never sits on the device whole in 16 bits (loading it whole and quantizing there peaked at
-    27.1 GiB on an H200, more than the 24 GB cards FP8 is for). Random weights are drawn on the device (drawing
-    10 billion on the host is slow), so building them peaks at the 16-bit model's size there."""
+    """The model on ``config.device``; with ``quantize``, the weights the model runner quantizes (the decoder
+    layers' projections, the head and the embedding table) on the host, from where the runner moves each to the
+    device as it quantizes it, so a checkpoint never sits on the device whole in 16 bits (loading it whole and
+    quantizing there peaked at 27.1 GiB on an H200, more than the 24 GB cards FP8 is for). Random weights are drawn
+    on the device (drawing 10 billion on the host is slow), so building them peaks at the 16-bit model's size
+    there."""
     if (config.model is None) == (config.random_weights is None):
         raise ConfigError("give exactly one of a model (path or Hugging Face id) or random_weights")
     device = resolve_device(config.device)
@@ -75,10 +76,10 @@ def load(config: EngineConfig) -> LoadedModel:
     return loaded
 
 
-def quantized_projections(model) -> list:
-    """The linear layers ``--quantize`` turns to FP8: each decoder layer's q, k, v, o, gate_up and down
-    projections, and the head."""
-    out = [model.lm_head]
+def quantized_modules(model) -> list:
+    """The modules whose weights ``--quantize`` turns to FP8: each decoder layer's q, k, v, o, gate_up and down
+    projections, the head and the token embedding table."""
+    out = [model.lm_head, model.model.language_model.embed_tokens]
     for layer in model.model.language_model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         out += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
@@ -86,10 +87,9 @@ def quantized_projections(model) -> list:
 
 
 def place(model, device: torch.device, held_on: torch.device) -> None:
-    """Every parameter and buffer on ``device``, except the weights of ``quantized_projections`` (not their
+    """Every parameter and buffer on ``device``, except the weights of ``quantized_modules`` (not their
     biases), which go to ``held_on``."""
-    held = {id(m.weight) for m in quantized_projections(model)}
-    held.discard(id(model.model.language_model.embed_tokens.weight))  # a head tied to the embedding stays with it
+    held = {id(m.weight) for m in quantized_modules(model)}
     moved: dict[int, torch.nn.Parameter] = {}  # a parameter shared by modules stays shared
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):

@@ -30,7 +30,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb, repeat_kv
 
 from glyphserve.engine.attention import compile_split_variants, paged_attention
-from glyphserve.engine.fp8 import Fp8Linear, fp8_linear, quantize_fp8
+from glyphserve.engine.fp8 import Fp8Linear, Int8Embedding, fp8_linear, quantize_fp8
 from glyphserve.engine.kv_pool import TRASH_BLOCK
 from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.transfer import copy_rows
@@ -163,9 +163,10 @@ class ModelRunner:
         self.v: list[torch.Tensor] = []
         self.quantized = quantize == "fp8"
         self.layer_weights = [self._layer_weights(layer) for layer in self.layers]
-        if self.quantized:  # the 16-bit head may still be on the host (``loading.load``)
+        if self.quantized:  # the 16-bit head and embedding table may still be on the host (``loading.load``)
+            lm.embed_tokens = Int8Embedding.from_embedding(lm.embed_tokens, device)  # (tied to the head: a copy)
             model.lm_head = Fp8Linear.from_linear(model.lm_head, device)
-            self.lm_head = model.lm_head
+            self.lm_head, self.embed = model.lm_head, lm.embed_tokens
         ikw = dict(device=device, dtype=torch.long)
         # Per-slot state on the device: each sequence's block table and last sampled token.
         self.block_tables = torch.full((max_num_seqs + 1, max_blocks), TRASH_BLOCK, device=device, dtype=torch.int32)

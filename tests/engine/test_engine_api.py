@@ -85,8 +85,9 @@ def test_cancel_stops_one_row_of_a_batch_and_spares_the_others(load_engine):
 
 
 def test_fp8_weights_answer_end_to_end(load_engine):
-    """``quantize="fp8"``: the language model's projections and head are held as e4m3 (the 16-bit copies released)
-    and a whole answer runs through them (on the CPU by dequantizing; on CUDA by the weight-streaming kernel)."""
+    """``quantize="fp8"``: the language model's projections and head are held as e4m3, its embedding table as int8
+    rows (the 16-bit copies released), and a whole answer runs through them (on the CPU by dequantizing; on CUDA by
+    the weight-streaming kernel)."""
     import torch
 
     engine = load_engine(quantize="fp8")
@@ -94,6 +95,9 @@ def test_fp8_weights_answer_end_to_end(load_engine):
     assert weights[1].dtype == torch.float8_e4m3fn and weights[2].dtype == torch.float32  # qkv and its scales
     assert engine.model.model.language_model.layers[0].mlp.down_proj.weight.numel() == 0
     assert engine.model.lm_head.qweight.dtype == torch.float8_e4m3fn
+    embedding = engine.model.model.language_model.embed_tokens
+    assert engine.runner.embed is embedding and embedding.qweight.dtype == torch.int8
+    assert not any(p.numel() for p in embedding.parameters())
     answer = engine.answer(AnswerRequest(pages=PAGES, question="Who?",
                                          settings=GenerationSettings(max_tokens=12, ignore_eos=True)))
     assert len(answer.token_ids) == 12 and engine.stats()["quantize"] == "fp8"

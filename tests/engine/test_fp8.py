@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glyphserve.engine.fp8 import Fp8Linear, dequantize_fp8, fp8_linear, quantize_fp8, quantize_language_model
+from glyphserve.engine.fp8 import (Fp8Linear, Int8Embedding, dequantize_fp8, fp8_linear, quantize_fp8,
+                                   quantize_int8_rows, quantize_language_model)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,17 +55,18 @@ def test_quantizing_rows_a_few_at_a_time_changes_nothing(monkeypatch):
     assert torch.equal(parts[0].view(torch.uint8), whole[0].view(torch.uint8)) and torch.equal(parts[1], whole[1])
 
 
-def test_a_model_to_quantize_keeps_only_the_projections_to_quantize_on_the_host(tiny_model_dir):
-    """``--quantize``: the decoder projections and the head wait on the host (the runner moves each to the device
-    as it quantizes it); everything else, their biases included, goes to the device (here the meta device)."""
+def test_a_model_to_quantize_keeps_only_the_weights_to_quantize_on_the_host(tiny_model_dir):
+    """``--quantize``: the decoder projections, the head and the embedding table wait on the host (the runner moves
+    each to the device as it quantizes it); everything else, the projections' biases included, goes to the device
+    (here the meta device)."""
     from transformers import Glm4vForConditionalGeneration
 
-    from glyphserve.engine.loading import place, quantized_projections
+    from glyphserve.engine.loading import place, quantized_modules
 
     model = Glm4vForConditionalGeneration.from_pretrained(tiny_model_dir)
     place(model, torch.device("meta"), held_on=torch.device("cpu"))
-    held = {id(m.weight) for m in quantized_projections(model)}
-    assert len(held) == 1 + 6 * model.config.text_config.num_hidden_layers
+    held = {id(m.weight) for m in quantized_modules(model)}
+    assert len(held) == 2 + 6 * model.config.text_config.num_hidden_layers
     for name, param in model.named_parameters():
         assert param.device.type == ("cpu" if id(param) in held else "meta"), name
     assert all(b.device.type == "meta" for b in model.buffers())
@@ -122,6 +124,27 @@ def test_fp8_linear_module_from_a_linear():
     with torch.no_grad():
         cos = F.cosine_similarity(layer(x).flatten(), linear(x).flatten(), dim=0)
     assert cos > 0.999
+
+
+def test_int8_rows_round_to_nearest_on_their_scale():
+    w = weights(rows=50)
+    w[4] = 0
+    q, scale = quantize_int8_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (50,) and scale[4] == 1 and not q[4].any()
+    back = q.float() * scale[:, None]
+    assert ((back - w).abs() <= scale[:, None] / 2 * (1 + 2**-20)).all()  # slack: fp32 rounding of w/s and q*s
+    assert (q.abs().amax(dim=1)[torch.arange(50) != 4] == 127).all()  # each row's largest magnitude spans the grid
+
+
+def test_int8_embedding_looks_up_the_dequantized_rows():
+    table = torch.nn.Embedding(40, 24, dtype=torch.bfloat16)
+    table.weight.data = weights(40, 24).to(torch.bfloat16)
+    int8 = Int8Embedding.from_embedding(table)
+    assert int8.qweight.dtype == torch.int8 and "40, 24" in repr(int8)
+    ids = torch.tensor([[3, 0, 39], [7, 7, 12]])
+    out = int8(ids)
+    assert out.shape == (2, 3, 24) and out.dtype == torch.bfloat16
+    assert torch.equal(out, dequantize_fp8(int8.qweight, int8.scale, torch.bfloat16)[ids])
 
 
 INTERPRETED = """
@@ -217,10 +240,14 @@ def test_tiny_model_logits_stay_close_with_fp8_weights(tiny_model_dir, reference
         before = model(**inputs).logits[0]
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.model.language_model.layers.modules())
     vision = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
+    quantized = [m.weight for m in model.model.language_model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    quantized += [model.lm_head.weight, model.model.language_model.embed_tokens.weight]
+    expected = sum(w.numel() * (w.element_size() - 1) - 4 * w.shape[0] for w in quantized)  # 1 byte, a scale a row
     saved = quantize_language_model(model, include_lm_head=True)
     fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     assert len(fp8) == linears + 1 and isinstance(model.lm_head, Fp8Linear)
-    assert saved > 0 and all(torch.equal(v, model.model.visual.state_dict()[k]) for k, v in vision.items())
+    assert isinstance(model.model.language_model.embed_tokens, Int8Embedding)
+    assert saved == expected and all(torch.equal(v, model.model.visual.state_dict()[k]) for k, v in vision.items())
     with torch.inference_mode():
         after = model(**inputs).logits[0]
         tokens = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
