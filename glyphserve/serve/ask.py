@@ -70,6 +70,8 @@ def _ask(args: argparse.Namespace) -> int:
         raise ConfigError("give a QUESTION (or --chat to read questions from stdin)")
     if args.max_new_tokens < 1:  # before the model loads
         raise ConfigError("--max-new-tokens must be at least 1")
+    if args.quantize and not (args.model or args.random_weights):
+        raise ConfigError("--quantize needs --model or --random-weights (it quantizes the model's weights)")
     if args.chat and args.input == "-":
         raise ConfigError("--chat reads the questions from stdin: give the document as a file, not -")
     started = time.perf_counter()

@@ -175,6 +175,8 @@ class ServeConfig:
             raise ConfigError("--backend openai needs at least one --endpoint URL")
         if self.remote and self.has_model:
             raise ConfigError("--model/--random-weights are for --backend local; the servers choose their model")
+        if self.quantize and not self.has_model:
+            raise ConfigError("--quantize needs --model or --random-weights (it quantizes the model's weights)")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.served_model_name and not all(name.strip() for name in self.served_model_name):

@@ -63,7 +63,7 @@ class _Outbox:
             ticket.receive(item)
 
 
-@dataclass
+@dataclass(eq=False)  # one ticket is one request: compared (in the queue) by identity
 class _Ticket:
     job: ChatJob
     streaming: bool
@@ -149,14 +149,26 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def cancel(self, job: ChatJob) -> bool:
-        """Stop ``job`` from outside the task that awaits it (a queued job is skipped, a running one stops at its
-        next token; its reader gets ``Cancelled``). False if the scheduler does not hold it."""
+        """Stop ``job`` from outside the task that awaits it (as ``_withdraw``; its reader gets ``Cancelled``).
+        False if the scheduler does not hold it."""
         with self._cond:
-            for ticket in (*self._queue, *self._running):
-                if ticket.job is job:
-                    ticket.cancel.set()
-                    return True
-        return False
+            ticket = next((t for t in (*self._queue, *self._running) if t.job is job), None)
+        if ticket is None:
+            return False
+        self._withdraw(ticket)
+        return True
+
+    def _withdraw(self, ticket: _Ticket) -> None:
+        """Stop a ticket's job: a running one at its next token; a queued one leaves the queue at once (its place
+        counts no more against --queue-size: clients that time out and retry would otherwise fill the queue with
+        requests nobody waits for)."""
+        ticket.cancel.set()
+        with self._cond:
+            if ticket not in self._queue:
+                return
+            self._queue.remove(ticket)
+        ticket.deliver(Cancelled())
+        self.hooks.cancelled()
 
     # -- asyncio side ---------------------------------------------------------------------
 
@@ -194,7 +206,7 @@ class Scheduler:
             raise self._timeout_error() from None
         finally:
             if not ticket.future.done():
-                ticket.cancel.set()
+                self._withdraw(ticket)
                 ticket.future.cancel()  # nobody waits for it any more
 
     async def stream(self, job: ChatJob, keepalive: float | None = None) -> AsyncIterator[StreamEvent | Reply | None]:
@@ -207,7 +219,7 @@ class Scheduler:
         try:
             first = await self._next(ticket, keepalive)
         except BaseException:
-            ticket.cancel.set()
+            self._withdraw(ticket)
             raise
         items = self._iterate(ticket, first, keepalive)
         await items.asend(None)  # into its try: closed even before its first item, it cancels the job
@@ -251,7 +263,7 @@ class Scheduler:
                 elif isinstance(pending, BaseException):
                     raise pending
         finally:
-            ticket.cancel.set()
+            self._withdraw(ticket)
 
     # -- worker side ----------------------------------------------------------------------
 

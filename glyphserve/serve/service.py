@@ -136,6 +136,7 @@ class GlyphService:
         if self.has_model:
             counters = self.engine.counters()  # read while the engine runs on the scheduler's thread
             return {"backend": "engine", "model": self.model_name, "notice": self.notice,
+                    "dtype": str(self.engine.dtype).removeprefix("torch."), "quantize": self.engine.config.quantize,
                     "engine": {k: counters[k] for k in ENGINE_COUNTERS}}
         return {"backend": "extractive", "model": self.model_name, "notice": self.notice}
 

@@ -61,6 +61,7 @@ def ask(client: httpx.Client, document_id: str, question: str, **settings) -> di
 def test_health_names_the_model(client, documents):
     health = client.get("/health").json()
     assert health["backend"] == "engine" and health["notice"] is None
+    assert (health["dtype"], health["quantize"]) == ("float32", None)  # what the weights are, seen from outside
     before = health["engine"]
     ask(client, documents[3], QUESTIONS[0], max_tokens=5)
     after = client.get("/health").json()["engine"]

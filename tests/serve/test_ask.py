@@ -23,6 +23,8 @@ def test_ask_needs_a_question_or_chat(tiny_model_dir, tmp_path, capsys):
     assert "give a QUESTION" in capsys.readouterr().err
     assert main(["ask", str(doc), "Who?", "--model", str(tmp_path / "no-model"), "--max-new-tokens", "0"]) == 2
     assert capsys.readouterr().err == "error: --max-new-tokens must be at least 1\n"  # before any model is looked for
+    assert main(["ask", str(doc), "Who?", "--quantize", "fp8"]) == 2  # no model: nothing to quantize
+    assert "--quantize needs --model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--remote-model", "--served-model-name"])

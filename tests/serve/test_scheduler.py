@@ -155,3 +155,30 @@ def test_a_job_stopped_by_name_ends_running_or_queued():
     finally:
         scheduler.close()
     assert len(cancelled) == 2
+
+
+def test_a_queued_request_whose_client_left_frees_its_place_at_once():
+    """Clients that time out while queued (and retry) do not fill the queue with requests nobody waits for."""
+    backend, cancelled = _GatedBackend(), []
+    scheduler = Scheduler(backend, queue_size=1, max_batch=1, timeout=30,
+                          hooks=SchedulerHooks(cancelled=lambda: cancelled.append(1)))
+
+    async def main():
+        running = await scheduler.stream(job("secret word", CONTEXTS[0]))
+        queued = await scheduler.stream(job("secret word", CONTEXTS[1]), keepalive=0.05)  # returns while waiting
+        assert await queued.__anext__() is None and scheduler.depth == 1  # a keep-alive: it waits
+        with pytest.raises(QueueFullError):
+            await scheduler.stream(job("secret word", CONTEXTS[2]))
+        await queued.aclose()  # its client went away
+        assert scheduler.depth == 0 and cancelled == [1]
+        third = asyncio.ensure_future(scheduler.stream(job("secret word", CONTEXTS[3])))  # queued, not refused
+        await asyncio.sleep(0)
+        backend.gate.set()
+        assert [item.text async for item in running][0] == "first"
+        items = await third
+        return "".join([item.text async for item in items])
+
+    try:
+        assert run(main()) == "first second"  # the third request ran
+    finally:
+        scheduler.close()

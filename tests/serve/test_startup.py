@@ -42,6 +42,14 @@ def test_an_endpoint_alone_means_the_openai_backend_as_for_ask_and_eval(tmp_path
         local.validate()
 
 
+def test_quantize_without_a_model_is_refused(tmp_path):
+    """The extractive backend has no weights: --quantize would be ignored without a word."""
+    parser, _ = build_parser(("glyphserve.serve.commands",))
+    config = serve_config(parser.parse_args(["serve", "--quantize", "fp8", "--data-dir", str(tmp_path)]))
+    with pytest.raises(ConfigError, match="--quantize needs --model"):
+        config.validate()
+
+
 def test_an_offline_hub_id_fails_at_once_with_the_download_command(tmp_path):
     result = glyphserve("serve", "zai-org/Glyph", "--port", str(free_port()), "--data-dir", str(tmp_path),
                         env={**OFFLINE, "HF_HOME": str(tmp_path / "hf")})
