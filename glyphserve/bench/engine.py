@@ -227,8 +227,9 @@ class Bench:
         requests = [self.api.request(docs[i % len(docs)], self.question(), self.args.new_tokens)
                     for i in range(rows)]
         steps = []
-        timed = engine.stats().get("timed_decode_steps")  # the engine's own step clock (older trees: none)
-        spent = engine.stats().get("decode_step_s")
+        before = engine.stats()
+        timed = before.get("timed_decode_steps")  # the engine's own step clock (older trees: none)
+        spent = before.get("decode_step_s")
         for _ in range(max(1, self.args.repeats - 1)):
             answers = engine.answer_batch(requests)
             steps.append(statistics.median(a.timings.decode / max(1, a.new_tokens - 1) * 1e3 for a in answers))
@@ -443,7 +444,8 @@ def targets(res: dict) -> list[tuple[str, float | None, float, bool | None]]:
     return [(k, v, TARGETS[k], None if v is None else v <= TARGETS[k]) for k, v in out.items()]
 
 
-def _f(value, digits: int = 3) -> str:
+def fixed(value, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals; "-" for None (a row the run did not measure)."""
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -465,16 +467,16 @@ def to_markdown(res: dict) -> str:
                        ("grow_cold", "W200 cold"), ("grow_follow", "W200 follow-up")):
         row, old = res.get(key), base.get(key, {})
         if row:
-            lines.append(f"| {label} | {_f(row['wall_s'])} | {_f(row['ttft_s'])} | {_f(row['decode_ms'], 2)} | "
-                         f"{_f(row['peak_gib'], 1)} | {_f(old.get('wall_s'))} | {_f(old.get('ttft_s'))} |")
+            lines.append(f"| {label} | {fixed(row['wall_s'])} | {fixed(row['ttft_s'])} | {fixed(row['decode_ms'], 2)} | "
+                         f"{fixed(row['peak_gib'], 1)} | {fixed(old.get('wall_s'))} | {fixed(old.get('ttft_s'))} |")
     lines += ["", "| rows decoding | step ms | engine's step clock ms | floor ms | x 1-row step | baseline step ms |",
               "|---:|---:|---:|---:|---:|---:|"]
     one = next((r["step_ms"] for r in res.get("rows", []) if r["rows"] == 1), None)
     old_rows = {r["rows"]: r["step_ms"] for r in base.get("rows", [])}
     for r in res.get("rows", []):
-        lines.append(f"| {r['rows']} | {_f(r['step_ms'], 2)} | {_f(r.get('engine_decode_step_ms'), 2)} | "
-                     f"{_f(r.get('floor_ms'), 2)} | "
-                     f"{_f(r['step_ms'] / one if one else None, 2)} | {_f(old_rows.get(r['rows']), 2)} |")
+        lines.append(f"| {r['rows']} | {fixed(r['step_ms'], 2)} | {fixed(r.get('engine_decode_step_ms'), 2)} | "
+                     f"{fixed(r.get('floor_ms'), 2)} | "
+                     f"{fixed(r['step_ms'] / one if one else None, 2)} | {fixed(old_rows.get(r['rows']), 2)} |")
     blocks = res.get("pool_blocks", {})
     if blocks.get("1") is not None:
         lines += ["", f"KV pool blocks in use: {blocks['1']} for 1 session, {blocks['16']} for 16 sessions on one "
@@ -484,27 +486,27 @@ def to_markdown(res: dict) -> str:
             lines += ["", f"Capped at {c['cap_gib']} GiB ({c['weights']} weights): did not run: {c['error']}"]
         else:
             lines += ["", f"Capped at {c['cap_gib']} GiB ({c['weights']} weights): W200 + 8 W50 questions at once "
-                          f"{_f(c.get('wall_s'))} s, {c.get('answered', 0)} of 9 answered, KV pool "
+                          f"{fixed(c.get('wall_s'))} s, {c.get('answered', 0)} of 9 answered, KV pool "
                           f"{c['pool_tokens']} tokens, {c.get('preemptions', 0)} preemptions; the process held "
-                          f"{_f(c['device_used_gib'], 1)} GiB on the device (allocator peak "
-                          f"{_f(c['peak_reserved_gib'], 1)} GiB)" + (f"; error: {c['error']}" if "error" in c else "")
+                          f"{fixed(c['device_used_gib'], 1)} GiB on the device (allocator peak "
+                          f"{fixed(c['peak_reserved_gib'], 1)} GiB)" + (f"; error: {c['error']}" if "error" in c else "")
                           + "."]
     if "quantized" in res:
         q = res["quantized"]
-        lines += ["", f"With {q['mode']} weights: W50 cold {_f(q['cold']['wall_s'])} s, decode "
-                      f"{_f(q['cold']['decode_ms'], 2)} ms/token, peak {_f(q['cold']['peak_gib'], 1)} GiB; follow-up "
-                      f"TTFT {_f(q['follow']['ttft_s'])} s."]
+        lines += ["", f"With {q['mode']} weights: W50 cold {fixed(q['cold']['wall_s'])} s, decode "
+                      f"{fixed(q['cold']['decode_ms'], 2)} ms/token, peak {fixed(q['cold']['peak_gib'], 1)} GiB; follow-up "
+                      f"TTFT {fixed(q['follow']['ttft_s'])} s."]
     for f in res.get("footprint", []):
         lines += ["", f"Smallest engine for a cold W50 question ({f['weights']} weights; KV pool of one "
                       f"{f['max_context']:,}-token context, prefill passes of 2,048 tokens, pages encoded one at a "
                       "time, 256 MiB vision cache): "
                       + (f"did not run: {f['error']}." if "error" in f else
-                         f"{_f(f['wall_s'])} s; the process held at most {_f(f['peak_gib'], 2)} GiB on the device "
-                         f"while answering (CUDA context {_f(f['context_gib'], 2)} GiB included), "
-                         f"{_f(f['load_peak_gib'], 2)} GiB while loading.")]
+                         f"{fixed(f['wall_s'])} s; the process held at most {fixed(f['peak_gib'], 2)} GiB on the device "
+                         f"while answering (CUDA context {fixed(f['context_gib'], 2)} GiB included), "
+                         f"{fixed(f['load_peak_gib'], 2)} GiB while loading.")]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
     for name, value, goal, met in targets(res):
-        lines.append(f"| {name} | {_f(value)} | {goal} | {'-' if met is None else ('yes' if met else 'no')} |")
+        lines.append(f"| {name} | {fixed(value)} | {goal} | {'-' if met is None else ('yes' if met else 'no')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glyphserve.bench.engine import fixed
+
 TARGET_SPEEDUP = 25.0  # 64 sessions over 16 W50 documents against one at a time (issue 13)
 TARGET_SCALING = 1.8  # two engine replicas against one engine
 
@@ -326,10 +328,6 @@ def engine_activity(before: dict[str, dict], after: dict[str, dict], wall_s: flo
     return out
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
 def _engines_table(engines: list[dict]) -> list[str]:
     lines = ["| engine | requests | decode steps/s | rows busy per step | prefill passes (as rows) | "
              "s in steps (GPU wait) | host ms/step | s planning | decode step ms |",
@@ -338,7 +336,7 @@ def _engines_table(engines: list[dict]) -> list[str]:
         lines.append(f"| {e['engine']} | {e['requests']} | {e['steps_per_s']:.1f} | {e['rows_per_step']:.2f} | "
                      f"{e['prefill_passes']} ({e.get('row_chunks', 0)} chunks) | {e.get('step_s', 0):.2f} "
                      f"({e.get('gpu_wait_s', 0):.2f}) | {e.get('host_ms_per_step', 0):.2f} | "
-                     f"{e.get('plan_s', 0):.2f} | {_ms(e.get('decode_step_ms'))} |")
+                     f"{e.get('plan_s', 0):.2f} | {fixed(e.get('decode_step_ms'), 2)} |")
     return lines + [""]
 
 

@@ -66,7 +66,7 @@ ENGINE_DEPLOYMENT = "GlyphEngine"
 FRONT_DEPLOYMENT = "GlyphFront"
 MAX_ATTEMPTS = 3  # sends of one request: the first, and retries after its replica died
 RECENT_DOCUMENTS = 32  # document keys listed per replica in /health
-STOPPED_CALLS = 4096  # ids of calls stopped before they began, remembered per replica
+STOPPED_CALLS = 4096  # ids of stops that found no call running, remembered per replica
 STOP_TIMEOUT_S = 60.0  # a stop waits this long for a slot on its replica
 
 log = logging.getLogger("glyphserve.serve")
