@@ -7,8 +7,8 @@ each decoder projection and the head quantized from the bf16 weight to e4m3 with
 its input embeddings rounded per row as its int8 embedding table rounds them (``quantize_fp8``,
 ``quantize_int8_rows``: what ``--quantize fp8`` does). Each runs one pass over ``--prompt`` tokens and ``--steps``
 forced answer tokens (random input embeddings, text positions), which stands for a prefill and that many decode
-steps: the layers are the engine's own (``_pre_attention``/``_post_attention`` of the model runner, causal SDPA
-between them), applied to the prompt rows and the answer rows separately, so each group takes the arithmetic it
+steps: the layers are the engine's own (the model runner's ``linear`` and ``_post_attention``, ``rotary.rotate``,
+causal SDPA between them), applied to the prompt rows and the answer rows separately, so each group takes the arithmetic it
 gets in the engine: on CUDA the FP8 prompt rows' projections run ``_scaled_mm`` with per-token activation scales
 and the answer rows' the weight-streaming kernel; elsewhere both run the weights dequantized (weight rounding only:
 no activation quantization on the CPU path). Layers are drawn and run one at a time, so the model never sits in
@@ -86,7 +86,8 @@ def _measure(arch: str, prompt: int, steps: int, device: torch.device, seed: int
     from transformers.models.glm4v.modeling_glm4v import Glm4vTextRotaryEmbedding, repeat_kv
 
     from glyphserve.engine.fp8 import fp8_linear, quantize_fp8, quantize_int8_rows
-    from glyphserve.engine.model_runner import _post_attention, _pre_attention, rms_norm
+    from glyphserve.engine.model_runner import _post_attention, linear, rms_norm
+    from glyphserve.engine.rotary import rotate
 
     tc = text_config(arch)
     hidden, heads, kv_heads = tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads
@@ -112,6 +113,7 @@ def _measure(arch: str, prompt: int, steps: int, device: torch.device, seed: int
     # The FP8 copy's inputs as its int8 embedding table gives them: each row (a token's vector) rounded on its scale.
     table, row_scale = quantize_int8_rows(streams["bf16"])
     streams["fp8"] = (table.float() * row_scale[:, None]).to(torch.bfloat16)
+    normed = {name: rms_norm(x, torch.ones(hidden, device=device, dtype=x.dtype), eps) for name, x in streams.items()}
     positions = torch.arange(tokens, device=device).view(1, 1, -1).expand(3, 1, -1)
     cos, sin = (t[0] for t in Glm4vTextRotaryEmbedding(tc).to(device)(x.unsqueeze(0), positions))
     groups = [slice(0, prompt), slice(prompt, tokens)]  # prefill rows, decode rows
@@ -119,26 +121,27 @@ def _measure(arch: str, prompt: int, steps: int, device: torch.device, seed: int
         drawn = [normal(qkv_rows, hidden), normal(hidden, hidden), normal(2 * tc.intermediate_size, hidden),
                  normal(hidden, tc.intermediate_size)]
         weights = [copies(w) for w in drawn]
-        for name, h in streams.items():
+        for name, x_ in streams.items():
+            h = normed[name]
             (qkv, qkv_s), (o, o_s), (gate_up, gate_up_s), (down, down_s) = (w[name] for w in weights)
             dtype = dtypes[name]
             ones = torch.ones(hidden, device=device, dtype=dtype)
             zeros = torch.zeros(qkv_rows, device=device, dtype=dtype)
             c, s_ = cos.to(dtype), sin.to(dtype)
-            parts = [_pre_attention(h[g], ones, qkv, qkv_s, zeros, c[g], s_[g], eps, heads, kv_heads, head_dim)
-                     for g in groups]
+            parts = [rotate(linear(h[g], qkv, qkv_s, zeros), c[g], s_[g], heads, kv_heads, head_dim) for g in groups]
             q, k, v = (torch.cat([p[i] for p in parts]).transpose(0, 1).unsqueeze(0) for i in range(3))
             attn = F.scaled_dot_product_attention(q, repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads),
                                                   is_causal=True)
             attn = attn[0].transpose(0, 1).reshape(tokens, hidden)
-            streams[name] = torch.cat([_post_attention(h[g], attn[g], o, o_s, ones, ones, gate_up, gate_up_s, down,
-                                                       down_s, ones, eps) for g in groups])
+            outs = [_post_attention(x_[g], attn[g], o, o_s, ones, ones, gate_up, gate_up_s, down, down_s, ones, ones,
+                                    eps) for g in groups]
+            streams[name], normed[name] = (torch.cat([out[i] for out in outs]) for i in range(2))
         del drawn, weights
     head = copies(normal(tc.vocab_size, hidden))
     answer = slice(prompt - 1, tokens)  # the logits that choose each forced token, and the next one
     logits = {}
-    for name, h in streams.items():
-        final = rms_norm(h[answer], torch.ones(hidden, device=device, dtype=dtypes[name]), eps)
+    for name, h in normed.items():  # after the last layer: normalised by the final norm (unit weights)
+        final = h[answer]
         weight, scale = head[name]
         logits[name] = (F.linear(final, weight) if scale is None else fp8_linear(final, weight, scale)).float()
 

@@ -369,7 +369,7 @@ class Engine:
         if self.device.type != "cuda":
             return
         if self.config.compile_vision:
-            for height, width in self.config.warmup_page_shapes:
+            for height, width in self.config.warmup_page_shapes or ((224, 224),):
                 page = np.full((height, width, 3), 255, dtype=np.uint8)
                 grid = self.params.grid(height, width)
                 for n in sorted({1, self.config.vision_batch_pages}):

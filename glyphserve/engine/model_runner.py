@@ -1,8 +1,9 @@
 """The language model's forward passes over the paged KV pool, with the decode step captured as CUDA graphs.
 
 The layers run over the HF model's weights with the same arithmetic as its modules (the rotary embedding, token
-embedding, final norm and head are the HF modules; q/k/v are fused into one projection whose slices the HF
-modules keep as views). A step is a flat batch of tokens from several sequences: decoding sequences (one token
+embedding and head are the HF modules; q/k/v are fused into one projection whose slices the HF modules keep as
+views; a layer's input norm, and after the last layer the final norm, is computed with the layer before it, and
+the rotation with the store of K/V in the pool is one op, ``rotary.rotate_and_store``). A step is a flat batch of tokens from several sequences: decoding sequences (one token
 each) and prompt chunks. Every token's K/V goes to its slot in the pool; attention then reads each sequence's
 blocks through its block table (``paged_attention``), except long prompt chunks (``attends_paged``), which run
 PyTorch's SDPA (a prompt's first chunk over its own K/V with plain causal attention, cuDNN's fastest path on
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb, repeat_kv
+from transformers.models.glm4v.modeling_glm4v import repeat_kv
 
 from glyphserve.engine.attention import compile_split_variants, paged_attention
 from glyphserve.engine.fp8 import Fp8Linear, Int8Embedding, fp8_linear, quantize_fp8
 from glyphserve.engine.kv_pool import TRASH_BLOCK
+from glyphserve.engine.rotary import rotate_and_store
 from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.transfer import copy_rows
 from glyphserve.errors import ModelLoadError
@@ -88,21 +90,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bi
     return F.linear(x, weight, bias) if scale is None else fp8_linear(x, weight, scale, bias)
 
 
-def _pre_attention(x, norm_w, qkv_w, qkv_s, qkv_b, cos, sin, eps: float, n_heads: int, kv_heads: int, head_dim: int):
-    """Input norm, fused QKV projection and rotary embedding: x [T, D] to q [T, H, d], k and v [T, KV, d]."""
-    t = x.shape[0]
-    qkv = linear(rms_norm(x, norm_w, eps), qkv_w, qkv_s, qkv_b)
-    q, k, v = qkv.split([n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q, k = apply_rotary_pos_emb(q.view(t, n_heads, head_dim), k.view(t, kv_heads, head_dim), cos, sin)
-    return q, k, v.view(t, kv_heads, head_dim)
-
-
 def _post_attention(x, attn_out, o_w, o_s, post_attn_w, pre_mlp_w, gate_up_w, gate_up_s, down_w, down_s,
-                    post_mlp_w, eps: float):
-    """Output projection, the layer's three other norms, the gated MLP and both residuals."""
+                    post_mlp_w, next_norm_w, eps: float):
+    """Output projection, the layer's three other norms, the gated MLP and both residuals; returns the residual
+    stream and it normalised for what reads it next (the next layer's input norm, or after the last layer the
+    model's final norm), so that norm is fused with this layer's last elementwise work instead of taking a launch
+    of its own."""
     x = x + rms_norm(linear(attn_out, o_w, o_s), post_attn_w, eps)
     gate, up = linear(rms_norm(x, pre_mlp_w, eps), gate_up_w, gate_up_s).chunk(2, dim=-1)
-    return x + rms_norm(linear(up * F.silu(gate), down_w, down_s), post_mlp_w, eps)
+    x = x + rms_norm(linear(up * F.silu(gate), down_w, down_s), post_mlp_w, eps)
+    return x, rms_norm(x, next_norm_w, eps)
 
 
 @dataclass
@@ -142,7 +139,9 @@ class ModelRunner:
         lm = model.model.language_model
         self.layers = list(lm.layers)
         self.embed = lm.embed_tokens
-        self.norm = lm.norm
+        # Each layer's input norm runs at the end of the layer before it, the final norm at the end of the last.
+        self.first_norm = self.layers[0].input_layernorm.weight
+        self.next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [lm.norm.weight]
         self.rotary = lm.rotary_emb
         self.lm_head = model.lm_head
         self.device, self.dtype = device, dtype
@@ -162,7 +161,7 @@ class ModelRunner:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.quantized = quantize == "fp8"
-        self.layer_weights = [self._layer_weights(layer) for layer in self.layers]
+        self.layer_weights = [self._layer_weights(layer, nxt) for layer, nxt in zip(self.layers, self.next_norms)]
         if self.quantized:  # the 16-bit head and embedding table may still be on the host (``loading.load``)
             lm.embed_tokens = Int8Embedding.from_embedding(lm.embed_tokens, device)  # (tied to the head: a copy)
             model.lm_head = Fp8Linear.from_linear(model.lm_head, device)
@@ -181,14 +180,15 @@ class ModelRunner:
         # graphs and the eager passes alike (an eager pass launches layer by layer: fewer kernels, less host time);
         # the weights are arguments, so all layers share one compiled graph, and the token count is dynamic.
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
-        self._pre = wrap(_pre_attention)
+        self._norm = wrap(rms_norm)  # the first layer's input norm (each later one ends the layer before it)
         self._post = wrap(_post_attention)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.buckets: list[int] = []
 
-    def _layer_weights(self, layer) -> tuple:
-        """(input norm, qkv weight, its scale, qkv bias, o weight, its scale, post-attention norm, pre-MLP norm,
-        gate_up weight, its scale, down weight, its scale, post-MLP norm); scales are None unless quantized. FP8:
+    def _layer_weights(self, layer, next_norm: torch.Tensor) -> tuple:
+        """(qkv weight, its scale, qkv bias, o weight, its scale, post-attention norm, pre-MLP norm, gate_up
+        weight, its scale, down weight, its scale, post-MLP norm, ``next_norm``: the norm after the layer); scales
+        are None unless quantized. FP8:
         the fused qkv is quantized as one (per-output-channel scales concatenate), and the 16-bit originals are
         released, so only the e4m3 copies stay in memory (the HF modules of the decoder layers are not run again)."""
         qkv_w, qkv_b = fuse_qkv(layer.self_attn)
@@ -204,9 +204,9 @@ class ModelRunner:
             layer.self_attn.glyph_qkv = (None, qkv_b)
         qkv_w, o_w, gate_up_w, down_w = projections
         qkv_s, o_s, gate_up_s, down_s = scales
-        return (layer.input_layernorm.weight, qkv_w, qkv_s, qkv_b, o_w, o_s, layer.post_self_attn_layernorm.weight,
+        return (qkv_w, qkv_s, qkv_b, o_w, o_s, layer.post_self_attn_layernorm.weight,
                 layer.post_attention_layernorm.weight, gate_up_w, gate_up_s, down_w, down_s,
-                layer.post_mlp_layernorm.weight)
+                layer.post_mlp_layernorm.weight, next_norm)
 
     def allocate_kv(self, num_blocks: int) -> None:
         """(Re)allocate the pool's tensors: per layer, K and V of [num_blocks, block_size, kv_heads, head_dim].
@@ -238,17 +238,18 @@ class ModelRunner:
         x = inp.embeds
         cos, sin = self.rotary(x.unsqueeze(0), inp.positions.unsqueeze(1))
         cos, sin = cos[0], sin[0]
-        for li, (norm_w, qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
-            q, k, v = self._pre(x, norm_w, qkv_w, qkv_s, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads,
-                                self.head_dim)
-            self._write_kv(li, inp.slot_mapping, k, v)
+        h = self._norm(x, self.first_norm, self.eps)
+        for li, (qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
+            q, k, v = self._qkv(li, h, qkv_w, qkv_s, qkv_b, cos, sin, inp.slot_mapping)
             out = self._attend(li, inp, q, k, v)
-            x = self._post(x, out.reshape(x.shape[0], -1), *post, self.eps)
-        return self.lm_head(self.norm(x[inp.logits_index])).float()
+            x, h = self._post(x, out.reshape(x.shape[0], -1), *post, self.eps)
+        return self.lm_head(h[inp.logits_index]).float()
 
-    def _write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k)
-        self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v)
+    def _qkv(self, layer: int, h, qkv_w, qkv_s, qkv_b, cos, sin, slots):
+        """Rotated queries and keys (values as they are) of the normalised ``h``; the keys and values stored at
+        ``slots`` in the pool."""
+        return rotate_and_store(linear(h, qkv_w, qkv_s, qkv_b), cos, sin, self.k[layer], self.v[layer], slots,
+                                self.n_heads, self.kv_heads, self.head_dim)
 
     def _attend(self, layer: int, inp: StepInputs, q, k, v) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -293,15 +294,14 @@ class ModelRunner:
         block_tables = self.block_tables[slots]
         seq_lens = self.meta[5, :b].to(torch.int32)
         kv_slots = self.meta[4, :b]
-        for li, (norm_w, qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
-            q, k, v = self._pre(x, norm_w, qkv_w, qkv_s, qkv_b, cos, sin, self.eps, self.n_heads, self.kv_heads,
-                                self.head_dim)
-            self._write_kv(li, kv_slots, k, v)
+        h = self._norm(x, self.first_norm, self.eps)
+        for li, (qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
+            q, _, _ = self._qkv(li, h, qkv_w, qkv_s, qkv_b, cos, sin, kv_slots)
             out = torch.empty_like(q)
             paged_attention(q, self.k[li], self.v[li], block_tables, seq_lens, self.query_start[: b + 1],
                             self.scaling, 1, out=out)
-            x = self._post(x, out.reshape(b, -1), *post, self.eps)
-        logits = self.lm_head(self.norm(x)).float()
+            x, h = self._post(x, out.reshape(b, -1), *post, self.eps)
+        logits = self.lm_head(h).float()
         self.logits[:b].copy_(logits)
         nxt = sampler.greedy(logits, slots)
         self.next[:b].copy_(nxt)

@@ -92,7 +92,7 @@ def test_fp8_weights_answer_end_to_end(load_engine):
 
     engine = load_engine(quantize="fp8")
     weights = engine.runner.layer_weights[0]
-    assert weights[1].dtype == torch.float8_e4m3fn and weights[2].dtype == torch.float32  # qkv and its scales
+    assert weights[0].dtype == torch.float8_e4m3fn and weights[1].dtype == torch.float32  # qkv and its scales
     assert engine.model.model.language_model.layers[0].mlp.down_proj.weight.numel() == 0
     assert engine.model.lm_head.qweight.dtype == torch.float8_e4m3fn
     embedding = engine.model.model.language_model.embed_tokens

@@ -106,7 +106,7 @@ def test_config_choices():
 @pytest.mark.parametrize(
     "layer, failing_call",
     [
-        (lambda m: m.model.visual.blocks[1].mlp, 1),  # during the vision encode
+        (lambda m: m.model.visual.merger, 1),  # during the vision encode
         (lambda m: m.lm_head, 3),  # in the second decode step
     ],
     ids=["vision", "decode"],

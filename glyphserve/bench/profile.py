@@ -1,0 +1,190 @@
+"""``glyphserve bench profile``: where one GPU's time goes in a cold question and in a decode step, kernel by kernel.
+
+On the engine ``bench engine`` measures (random full-size weights or a checkpoint), under PyTorch's profiler:
+
+- ``W50 cold`` and ``W200 cold`` (``--grow``): one question with caches cleared, answered with one token, so the
+  trace is the time to first token (page upload and preprocessing, vision tower, prefill, head);
+- ``decode``: a follow-up's answer of ``--new-tokens`` tokens, one row, its steps replayed from CUDA graphs;
+- ``decode, eager``: the same with the graphs set aside, so each kernel of the step is launched from Python (the
+  kernels' own durations are the same; the graph row shows what the launches' gaps cost).
+
+Per phase: wall time, the time some kernel ran (union of kernel intervals), the summed kernel time by kind (matrix
+products, attention, Triton-compiled elementwise and norms, copies, other) and the kernels that took most, with
+their launch counts. With ``--quantize fp8`` the decode phases run again with FP8 weights. Writes
+``profile-<card>.json`` and ``.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+KINDS = (  # first match wins; names as CUPTI reports them
+    ("attention", re.compile(r"flash|fmha|sdpa|attention|attn|_attend|_combine", re.I)),
+    ("matmul", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|_fp8_weight|split_sum|splitk|sm\d+_", re.I)),
+    ("compiled", re.compile(r"^triton_", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy|index_put|scatter|gather|cat", re.I)),
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("profile", help="kernel-level profile of a cold question and a decode step (GPU)",
+                              description=__doc__.split("\n\n")[0])
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint directory or Hugging Face id")
+    source.add_argument("--random-weights", metavar="ARCH", help="e.g. glm-4.1v-9b (no checkpoint needed)")
+    p.add_argument("--workload", default="W50")
+    p.add_argument("--grow", default="W200", help="a second, larger cold question ('' to skip)")
+    p.add_argument("--new-tokens", type=int, default=64, help="answer length of the decode phases")
+    p.add_argument("--max-context", type=int, default=16384)
+    p.add_argument("--quantize", choices=["fp8"], help="also profile decode with quantized weights")
+    p.add_argument("--top", type=int, default=20, help="kernels listed per phase")
+    p.add_argument("--font", help="font file for rendering")
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for profile-<card>.json/.md")
+    p.set_defaults(func=run, device="cuda", repeats=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from glyphserve.bench.engine import card_slug
+    from glyphserve.errors import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError("glyphserve bench profile needs a CUDA GPU")
+    res = profile(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"profile-{card_slug(res['device'])}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(to_markdown(res, args.top))
+    print(f"wrote {stem}.json and .md", flush=True)
+    return 0
+
+
+def kind(name: str) -> str:
+    return next((k for k, pattern in KINDS if pattern.search(name)), "other")
+
+
+def summarize(trace: dict, wall_s: float, steps: int) -> dict:
+    """Kernel events of a Chrome trace: busy time (union of intervals), sums by kind and by name, per ``steps``."""
+    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e["name"], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e["dur"]
+    by_kind: dict[str, float] = {}
+    for name, (_, us) in by_name.items():
+        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + us
+    per = max(1, steps)
+    return {
+        "steps": steps, "wall_ms": wall_s * 1e3 / per, "busy_ms": busy / 1e3 / per,
+        "kernel_ms": sum(e["dur"] for e in kernels) / 1e3 / per, "launches": len(kernels) / per,
+        "by_kind_ms": {k: us / 1e3 / per for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "kernels": [{"name": n, "kind": kind(n), "launches": c / per, "ms": us / 1e3 / per}
+                    for n, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])],
+    }
+
+
+def traced(bench, fn, steps_of) -> dict:
+    """``fn()`` under the profiler (CUDA kernels only), summarized per step (``steps_of(result)``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bench.sync()
+    with profile(activities=[ProfilerActivity.CUDA if bench.cuda else ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        result = fn()
+        bench.sync()
+        wall = time.perf_counter() - t0
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.loads(Path(f.name).read_text())
+    out = summarize(trace, wall, steps_of(result))
+    timings = getattr(result, "timings", None)
+    if timings is not None:
+        out["engine_timings_s"] = {k: v for k, v in dataclasses.asdict(timings).items() if isinstance(v, float)}
+    print(json.dumps({k: v for k, v in out.items() if k != "kernels"}), flush=True)
+    return out
+
+
+def decode_phases(bench, engine, pages) -> dict:
+    """A follow-up's decode with graphs, then without (steps = answer tokens after the first)."""
+    runner = engine.runner
+    ask = lambda: bench.ask(engine, pages)  # noqa: E731
+    steps = lambda answer: answer.new_tokens - 1  # noqa: E731
+    ask()  # the document's prefix cached: what follows decodes
+    out = {"decode": traced(bench, ask, steps)}
+    graphs, runner.graphs = runner.graphs, {}
+    try:
+        ask()
+        out["decode, eager"] = traced(bench, ask, steps)
+    finally:
+        runner.graphs = graphs
+    return out
+
+
+def profile(args: argparse.Namespace) -> dict:
+    import torch
+    import transformers
+
+    from glyphserve.bench.engine import Bench, release_memory, render_documents, workload_chars
+    from glyphserve.engine import Engine
+
+    bench = Bench(args)
+    name = torch.cuda.get_device_name(bench.device) if bench.cuda else "cpu"
+    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": name,
+           "torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
+           "model": args.model or f"random weights ({args.random_weights})", "new_tokens": args.new_tokens,
+           "phases": {}}
+    docs = render_documents(workload_chars(args.workload), range(2), args.font)
+    grow = render_documents(workload_chars(args.grow), range(1), args.font) if args.grow else []
+    engine = Engine.load(bench.api.config(args, 8))
+    bench.ask(engine, docs[1])  # warm-up
+    one = lambda pages: (lambda: engine.answer(bench.api.request(pages, bench.question(), 1)))  # noqa: E731
+    for label, pages in [(f"{args.workload} cold", docs[0])] + ([(f"{args.grow} cold", grow[0])] if grow else []):
+        engine.clear_caches()
+        one(pages)()  # this shape compiled and warm
+        engine.clear_caches()
+        res["phases"][label] = traced(bench, one(pages), lambda _: 1)
+    for key, phase in decode_phases(bench, engine, docs[0]).items():
+        res["phases"][key] = phase
+    del engine
+    release_memory()
+    if args.quantize:
+        quantized = Engine.load(bench.api.config(args, 8, quantize=args.quantize))
+        bench.ask(quantized, docs[1])
+        for key, phase in decode_phases(bench, quantized, docs[0]).items():
+            res["phases"][f"{key}, {args.quantize}"] = phase
+        del quantized
+        release_memory()
+    return res
+
+
+def to_markdown(res: dict, top: int) -> str:
+    lines = [f"# Kernel profile: {res['device']}", "",
+             f"{res['date']}; torch {res['torch']}, transformers {res['transformers']}; {res['model']}. Decode phases: "
+             f"a follow-up's {res['new_tokens']}-token answer, one row, figures per step; cold phases: one question "
+             "answered with one token. Busy: time some kernel ran (union of intervals).", "",
+             "| phase | wall ms | busy ms | kernel ms | launches | by kind (ms) |", "|---|---:|---:|---:|---:|---|"]
+    for label, p in res["phases"].items():
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in p["by_kind_ms"].items())
+        lines.append(f"| {label} | {p['wall_ms']:.3f} | {p['busy_ms']:.3f} | {p['kernel_ms']:.3f} | "
+                     f"{p['launches']:.0f} | {kinds} |")
+    for label, p in res["phases"].items():
+        lines += ["", f"## {label}", "", "| kernel | kind | launches | ms |", "|---|---|---:|---:|"]
+        for k in p["kernels"][:top]:
+            lines.append(f"| `{k['name'][:110]}` | {k['kind']} | {k['launches']:.1f} | {k['ms']:.4f} |")
+    return "\n".join(lines) + "\n"

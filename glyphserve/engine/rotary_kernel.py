@@ -1,0 +1,52 @@
+"""Triton kernel of ``rotary.rotate_and_store``: one program per (token, group of heads).
+
+A program loads its heads' rows of the fused projection (each head's ``d`` values contiguous) and, for the
+rotated dimensions, each value's pair partner (``j ^ 1``); computes ``x * cos + rotate_half_llm(x) * sin`` in fp32
+for query and key heads (value heads pass through; ``d`` is padded to a power of two); writes queries and keys out, and keys and values to the
+token's pool slot. Imported lazily (Triton is needed only on CUDA; the tests run it under Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                         stride_qkv, stride_cos,
+                         H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    live = (heads < H + 2 * KV)[:, None] & (dims < D)[None, :]
+    row = qkv_ptr + t.to(tl.int64) * stride_qkv + heads[:, None] * D
+    x = tl.load(row + dims[None, :], mask=live, other=0.0).to(tl.float32)
+    partner = tl.load(row + (dims ^ 1)[None, :], mask=live, other=0.0).to(tl.float32)
+    turned = dims < ROT
+    cos = tl.load(cos_ptr + t.to(tl.int64) * stride_cos + dims, mask=turned, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t.to(tl.int64) * stride_cos + dims, mask=turned, other=0.0).to(tl.float32)
+    sign = tl.where(dims % 2 == 0, -1.0, 1.0)
+    rotated = x * cos[None, :] + partner * (sign * sin)[None, :]
+    is_v = (heads >= H + KV)[:, None]
+    out = tl.where(is_v, x, rotated).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + t.to(tl.int64) * (H * D) + heads[:, None] * D + dims[None, :], out, mask=(heads < H)[:, None] & live)
+    is_k = ((heads >= H) & (heads < H + KV))[:, None] & live
+    k_row = (heads - H)[:, None] * D + dims[None, :]
+    tl.store(k_ptr + t.to(tl.int64) * (KV * D) + k_row, out, mask=is_k)
+    slot = tl.load(slot_ptr + t).to(tl.int64) * (KV * D)
+    tl.store(k_cache_ptr + slot + k_row, out, mask=is_k)
+    tl.store(v_cache_ptr + slot + (heads - H - KV)[:, None] * D + dims[None, :], out, mask=is_v & live)
+
+
+def launch(qkv, cos, sin, q, k, k_cache, v_cache, slots, n_heads: int, kv_heads: int, head_dim: int,
+           heads_per_program: int) -> None:
+    """Fill ``q`` [T, H, d] and ``k`` [T, KV, d] and the pool slots ``slots`` [T] of the caches from ``qkv``."""
+    t = qkv.shape[0]
+    grid = (t, triton.cdiv(n_heads + 2 * kv_heads, heads_per_program))
+    _rotate_store_kernel[grid](
+        qkv, cos, sin, q, k, k_cache, v_cache, slots, qkv.stride(0), cos.stride(0),
+        H=n_heads, KV=kv_heads, D=head_dim, ROT=cos.shape[-1], BLOCK_H=heads_per_program,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+    )
