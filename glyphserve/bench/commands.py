@@ -8,7 +8,7 @@ import importlib
 
 BENCH_MODULES = ("glyphserve.bench.render", "glyphserve.bench.engine", "glyphserve.bench.serve",
                  "glyphserve.bench.attention", "glyphserve.bench.fp8", "glyphserve.bench.fp8_drift",
-                 "glyphserve.bench.profile")
+                 "glyphserve.bench.kernel_profile")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -57,8 +57,8 @@ class EngineConfig:
     # them each row gathering the whole prefix only costs (a W50 follow-up's first token on the CPU: 0.19 s as rows,
     # 0.02 s eagerly, tiny model).
     graph_prefill: bool | None = None
-    # torch.compile the vision tower's blocks (CUDA only; one graph for every page shape and count), warmed up at
-    # load on pages of these shapes (height, width; none given: one small page).
+    # torch.compile the vision tower's blocks (CUDA, 16-bit weights; one graph for every page shape and count),
+    # warmed up at load on pages of these shapes (height, width; none given: one small page).
     compile_vision: bool = True
     warmup_page_shapes: tuple[tuple[int, int], ...] = ()
     # Pages encoded per vision forward.
