@@ -32,6 +32,8 @@ KINDS = (  # first match wins; names as CUPTI reports them
     ("compiled", re.compile(r"^triton_", re.I)),
     ("copy", re.compile(r"memcpy|memset|copy|index_put|scatter|gather|cat", re.I)),
 )
+KEPT_KERNELS = 50  # per phase, the most time first (the sums by kind count them all)
+NAME_CHARS = 200  # of a kernel's name (C++ template names run to thousands)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -94,8 +96,8 @@ def summarize(trace: dict, wall_s: float, steps: int) -> dict:
         "steps": steps, "wall_ms": wall_s * 1e3 / per, "busy_ms": busy / 1e3 / per,
         "kernel_ms": sum(e["dur"] for e in kernels) / 1e3 / per, "launches": len(kernels) / per,
         "by_kind_ms": {k: us / 1e3 / per for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "kernels": [{"name": n, "kind": kind(n), "launches": c / per, "ms": us / 1e3 / per}
-                    for n, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])],
+        "kernels": [{"name": n[:NAME_CHARS], "kind": kind(n), "launches": c / per, "ms": us / 1e3 / per}
+                    for n, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])][:KEPT_KERNELS],
     }
 
 
