@@ -56,9 +56,7 @@ TARGETS = {  # issues 13 and 14 (seconds, milliseconds, ratios)
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("engine", help="latency, batching and memory of the engine on one GPU",
                               description=__doc__.split("\n\n")[0])
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", help="checkpoint directory or Hugging Face id")
-    source.add_argument("--random-weights", metavar="ARCH", help="e.g. glm-4.1v-9b (no checkpoint needed)")
+    model_arguments(p)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--workload", default="W50", help="main document size (W50, W150, W200 or characters)")
     p.add_argument("--grow", default="W200", help="larger document for how cost grows ('' to skip)")
@@ -74,6 +72,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--font", help="font file for rendering (default: glyph-en's font or its free substitute)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for engine-<card>.json/.md")
     p.set_defaults(func=run)
+
+
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model or --random-weights: the engine's weights (shared by the engine benchmarks)."""
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint directory or Hugging Face id")
+    source.add_argument("--random-weights", metavar="ARCH", help="e.g. glm-4.1v-9b (no checkpoint needed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,11 +289,10 @@ class Bench:
     def footprint(self, pages, quantize: str | None) -> dict:
         """A cold W50 question in the smallest engine that serves it (what a card with little memory runs): a KV
         pool of one 8,192-token context, the prompt prefilled ``FOOTPRINT_PREFILL_TOKENS`` tokens a pass, pages
-        encoded one at a time, a 256 MiB vision cache, one sequence. The most the process held on the device while answering (the
-        allocator's peak from the end of loading, its cache of freed blocks emptied, plus what the card held
-        outside the allocator before loading: the CUDA context, and any other process's memory; kernels loaded
-        later are not counted), and while loading (random weights are drawn on
-        the device in 16 bits first; a checkpoint to quantize is loaded on the host, ``loading.load``)."""
+        encoded one at a time, a 256 MiB vision cache, one sequence. The most the process held on the device while
+        answering (the allocator's peak from the end of loading, its cache of freed blocks emptied, plus what the
+        card held outside the allocator before loading: the CUDA context, and any other process's memory; kernels
+        loaded later are not counted), and while loading (random weights are drawn on the device in 16 bits first; a checkpoint to quantize is loaded on the host, ``loading.load``)."""
         torch = self.torch
         release_memory()
         total = torch.cuda.get_device_properties(self.device).total_memory
@@ -296,7 +300,8 @@ class Bench:
         torch.cuda.reset_peak_memory_stats(self.device)
         context, block = 8192, 16
         config = dataclasses.replace(self.api.config(self.args, 1, quantize=quantize), max_context=context,
-                                     max_prefill_tokens=FOOTPRINT_PREFILL_TOKENS, vision_batch_pages=1, kv_block_size=block,
+                                     max_prefill_tokens=FOOTPRINT_PREFILL_TOKENS, vision_batch_pages=1,
+                                     kv_block_size=block,
                                      num_kv_blocks=-(-(context + 1) // block) + 1, vision_cache_bytes=256 * 2**20)
         out = {"weights": quantize or "bf16", "max_context": context, "prefill_tokens": FOOTPRINT_PREFILL_TOKENS,
                "context_gib": outside / 2**30}
@@ -503,7 +508,8 @@ def to_markdown(res: dict) -> str:
                       f"TTFT {fixed(q['follow']['ttft_s'])} s."]
     for f in res.get("footprint", []):
         lines += ["", f"Smallest engine for a cold W50 question ({f['weights']} weights; KV pool of one "
-                      f"{f['max_context']:,}-token context, prefill passes of {f.get('prefill_tokens', 2048):,} tokens, "
+                      f"{f['max_context']:,}-token context, prefill passes of "
+                      f"{f.get('prefill_tokens', 2048):,} tokens, "
                       "pages encoded one at a "
                       "time, 256 MiB vision cache): "
                       + (f"did not run: {f['error']}." if "error" in f else

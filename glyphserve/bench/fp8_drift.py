@@ -7,8 +7,9 @@ each decoder projection and the head quantized from the bf16 weight to e4m3 with
 its input embeddings rounded per row as its int8 embedding table rounds them (``quantize_fp8``,
 ``quantize_int8_rows``: what ``--quantize fp8`` does). Each runs one pass over ``--prompt`` tokens and ``--steps``
 forced answer tokens (random input embeddings, text positions), which stands for a prefill and that many decode
-steps: the layers are the engine's own (the model runner's ``linear`` and ``_post_attention``, ``rotary.rotate``,
-causal SDPA between them), applied to the prompt rows and the answer rows separately, so each group takes the arithmetic it
+steps: the layers are the engine's own (the model runner's ``linear`` and ``_post_attention``, causal SDPA between
+them; the rotation is ``rotary.rotate``, HF's arithmetic, where the engine's CUDA kernel rounds once from fp32),
+applied to the prompt rows and the answer rows separately, so each group takes the projections' arithmetic it
 gets in the engine: on CUDA the FP8 prompt rows' projections run ``_scaled_mm`` with per-token activation scales
 and the answer rows' the weight-streaming kernel; elsewhere both run the weights dequantized (weight rounding only:
 no activation quantization on the CPU path). Layers are drawn and run one at a time, so the model never sits in

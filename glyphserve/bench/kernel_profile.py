@@ -4,13 +4,15 @@ On the engine ``bench engine`` measures (random full-size weights or a checkpoin
 
 - ``W50 cold`` and ``W200 cold`` (``--grow``): one question with caches cleared, answered with one token, so the
   trace is the time to first token (page upload and preprocessing, vision tower, prefill, head);
-- ``decode``: a follow-up's answer of ``--new-tokens`` tokens, one row, its steps replayed from CUDA graphs;
+- ``decode``: a follow-up's decode steps, one row, replayed from CUDA graphs: the trace of an answer of
+  ``--new-tokens`` tokens less that of one answered with one token (the follow-up's prefill), per step;
 - ``decode, eager``: the same with the graphs set aside, so each kernel of the step is launched from Python (the
   kernels' own durations are the same; the graph row shows what the launches' gaps cost).
 
 Per phase: wall time, the time some kernel ran (union of kernel intervals), the summed kernel time by kind (matrix
-products, attention, Triton-compiled elementwise and norms, copies, other) and the kernels that took most, with
-their launch counts. With ``--quantize fp8`` the decode phases run again with FP8 weights. Writes
+products, attention, Inductor's ``triton_*`` kernels as "compiled" (the project's own Triton kernels go by what
+they do: the FP8 weight kernel is a matrix product, the rotation and K/V store "other"), copies, other) and the
+kernels that took most, with their launch counts. With ``--quantize fp8`` the decode phases run again with FP8 weights. Writes
 ``profile-<card>.json`` and ``.md`` under ``--out``.
 """
 
@@ -39,9 +41,9 @@ NAME_CHARS = 200  # of a kernel's name (C++ template names run to thousands)
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("profile", help="kernel-level profile of a cold question and a decode step (GPU)",
                               description=__doc__.split("\n\n")[0])
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", help="checkpoint directory or Hugging Face id")
-    source.add_argument("--random-weights", metavar="ARCH", help="e.g. glm-4.1v-9b (no checkpoint needed)")
+    from glyphserve.bench.engine import model_arguments
+
+    model_arguments(p)
     p.add_argument("--workload", default="W50")
     p.add_argument("--grow", default="W200", help="a second, larger cold question ('' to skip)")
     p.add_argument("--new-tokens", type=int, default=64, help="answer length of the decode phases")
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         raise ConfigError("glyphserve bench profile needs a CUDA GPU")
+    if not (args.model or args.random_weights):
+        raise ConfigError("give --model or --random-weights")
     res = profile(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"profile-{card_slug(res['device'])}"
@@ -74,8 +78,9 @@ def kind(name: str) -> str:
     return next((k for k, pattern in KINDS if pattern.search(name)), "other")
 
 
-def summarize(trace: dict, wall_s: float, steps: int) -> dict:
-    """Kernel events of a Chrome trace: busy time (union of intervals), sums by kind and by name, per ``steps``."""
+def summarize(trace: dict, wall_s: float) -> dict:
+    """Kernel events of a Chrome trace: wall time, busy time (union of intervals), kernel time and launches, sums by
+    kind and by name (ms)."""
     kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e]
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
     busy, end = 0.0, float("-inf")
@@ -87,22 +92,31 @@ def summarize(trace: dict, wall_s: float, steps: int) -> dict:
     for e in kernels:
         entry = by_name.setdefault(e["name"], [0, 0.0])
         entry[0] += 1
-        entry[1] += e["dur"]
+        entry[1] += e["dur"] / 1e3
     by_kind: dict[str, float] = {}
-    for name, (_, us) in by_name.items():
-        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + us
+    for name, (_, ms) in by_name.items():
+        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + ms
+    return {"wall_ms": wall_s * 1e3, "busy_ms": busy / 1e3, "kernel_ms": sum(e["dur"] for e in kernels) / 1e3,
+            "launches": len(kernels), "by_kind_ms": by_kind, "by_name": by_name}
+
+
+def per_step(total: dict, steps: int, less: dict | None = None) -> dict:
+    """A summary (less another one: what one run did beyond the other) divided by ``steps``, kinds and kernels
+    sorted by time, the ``KEPT_KERNELS`` that took most listed."""
+    less = less or {"wall_ms": 0, "busy_ms": 0, "kernel_ms": 0, "launches": 0, "by_kind_ms": {}, "by_name": {}}
     per = max(1, steps)
-    return {
-        "steps": steps, "wall_ms": wall_s * 1e3 / per, "busy_ms": busy / 1e3 / per,
-        "kernel_ms": sum(e["dur"] for e in kernels) / 1e3 / per, "launches": len(kernels) / per,
-        "by_kind_ms": {k: us / 1e3 / per for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "kernels": [{"name": n[:NAME_CHARS], "kind": kind(n), "launches": c / per, "ms": us / 1e3 / per}
-                    for n, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])][:KEPT_KERNELS],
-    }
+    out = {"steps": steps, **{k: (total[k] - less[k]) / per for k in ("wall_ms", "busy_ms", "kernel_ms", "launches")}}
+    kinds = {k: (ms - less["by_kind_ms"].get(k, 0.0)) / per for k, ms in total["by_kind_ms"].items()}
+    out["by_kind_ms"] = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+    names = {n: ((c - less["by_name"].get(n, (0, 0.0))[0]) / per, (ms - less["by_name"].get(n, (0, 0.0))[1]) / per)
+             for n, (c, ms) in total["by_name"].items()}
+    out["kernels"] = [{"name": n[:NAME_CHARS], "kind": kind(n), "launches": c, "ms": ms}
+                      for n, (c, ms) in sorted(names.items(), key=lambda kv: -kv[1][1]) if c > 0][:KEPT_KERNELS]
+    return out
 
 
-def traced(bench, fn, steps_of) -> dict:
-    """``fn()`` under the profiler (CUDA kernels only), summarized per step (``steps_of(result)``)."""
+def traced(bench, fn) -> tuple[dict, object]:
+    """(summary of ``fn()`` under the profiler, CUDA kernels only; what ``fn`` returned)."""
     from torch.profiler import ProfilerActivity, profile
 
     bench.sync()
@@ -114,27 +128,35 @@ def traced(bench, fn, steps_of) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         trace = json.loads(Path(f.name).read_text())
-    out = summarize(trace, wall, steps_of(result))
-    timings = getattr(result, "timings", None)
+    return summarize(trace, wall), result
+
+
+def report(phase: dict, answer) -> dict:
+    """``phase`` with the answer's stage timings, printed as a JSON line."""
+    timings = getattr(answer, "timings", None)
     if timings is not None:
-        out["engine_timings_s"] = {k: v for k, v in dataclasses.asdict(timings).items() if isinstance(v, float)}
-    print(json.dumps({k: v for k, v in out.items() if k != "kernels"}), flush=True)
-    return out
+        phase["engine_timings_s"] = {k: v for k, v in dataclasses.asdict(timings).items() if isinstance(v, float)}
+    print(json.dumps({k: v for k, v in phase.items() if k != "kernels"}), flush=True)
+    return phase
 
 
 def decode_phases(bench, engine, pages) -> dict:
-    """A follow-up's decode with graphs, then without (steps = answer tokens after the first)."""
+    """A follow-up's decode steps with graphs, then without: the trace of a follow-up answered with every token less
+    that of one answered with one token (its prefill and first token), per step after the first token."""
     runner = engine.runner
-    ask = lambda: bench.ask(engine, pages)  # noqa: E731
-    steps = lambda answer: answer.new_tokens - 1  # noqa: E731
-    ask()  # the document's prefix cached: what follows decodes
-    out = {"decode": traced(bench, ask, steps)}
-    graphs, runner.graphs = runner.graphs, {}
-    try:
-        ask()
-        out["decode, eager"] = traced(bench, ask, steps)
-    finally:
-        runner.graphs = graphs
+    ask = lambda tokens: (lambda: engine.answer(bench.api.request(pages, bench.question(), tokens)))  # noqa: E731
+    ask(1)()  # the document's prefix cached: what follows decodes
+    out = {}
+    graphs = runner.graphs
+    for label, captured in (("decode", graphs), ("decode, eager", {})):
+        runner.graphs = captured
+        try:
+            ask(bench.args.new_tokens)()  # this path warm
+            first, _ = traced(bench, ask(1))
+            whole, answer = traced(bench, ask(bench.args.new_tokens))
+        finally:
+            runner.graphs = graphs
+        out[label] = report(per_step(whole, answer.new_tokens - 1, less=first), answer)
     return out
 
 
@@ -160,7 +182,8 @@ def profile(args: argparse.Namespace) -> dict:
         engine.clear_caches()
         one(pages)()  # this shape compiled and warm
         engine.clear_caches()
-        res["phases"][label] = traced(bench, one(pages), lambda _: 1)
+        total, answer = traced(bench, one(pages))
+        res["phases"][label] = report(per_step(total, 1), answer)
     for key, phase in decode_phases(bench, engine, docs[0]).items():
         res["phases"][key] = phase
     del engine

@@ -2,9 +2,10 @@
 
 The layers run over the HF model's weights with the same arithmetic as its modules (the rotary embedding, token
 embedding and head are the HF modules; q/k/v are fused into one projection whose slices the HF modules keep as
-views; a layer's input norm, and after the last layer the final norm, is computed with the layer before it, and
-the rotation with the store of K/V in the pool is one op, ``rotary.rotate_and_store``). A step is a flat batch of tokens from several sequences: decoding sequences (one token
-each) and prompt chunks. Every token's K/V goes to its slot in the pool; attention then reads each sequence's
+views; a layer's input norm, and after the last layer the final norm, is computed with the layer before it), but
+for the rotation of q/k: with the store of K/V in the pool it is one op, ``rotary.rotate_and_store``, which on
+CUDA rounds once from fp32 where HF rounds each product. A step is a flat batch of tokens from several sequences:
+decoding sequences (one token each) and prompt chunks. Every token's K/V goes to its slot in the pool; attention then reads each sequence's
 blocks through its block table (``paged_attention``), except long prompt chunks (``attends_paged``), which run
 PyTorch's SDPA (a prompt's first chunk over its own K/V with plain causal attention, cuDNN's fastest path on
 Hopper; a later chunk over its earlier blocks gathered, with the lower-right causal bias).

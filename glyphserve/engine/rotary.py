@@ -4,11 +4,11 @@ GLM-4.1V's language model rotates the first ``rot`` (= half) of each head's dime
 (``rotate_half_llm``: the pair (x[2i], x[2i+1]) becomes (-x[2i+1], x[2i])), with per-token cos/sin from its
 M-RoPE positions; the rest of each head passes through. ``rotate`` is the HF arithmetic (``apply_rotary_pos_emb``)
 on a ``[T, (H + 2 KV) * d]`` projection. ``rotate_and_store`` also writes every token's key and value to its pool
-slot; on CUDA it is one Triton kernel for all of it. Measured on an H200 (``bench profile``) before it existed: the
-rotation compiled by Inductor from the HF code took 0.85 ms a layer for a 15k-token prefill (about 14 times its
-memory traffic) and two launches a decode step, and the two ``index_copy_`` stores two more; per decode step these
-four kernels and their gaps cost ~0.3 ms of a 6.6 ms step. The kernel rounds once, from fp32 (the HF code rounds
-each product to the model's dtype): equal in fp32, within a rounding step in bf16.
+slot; on CUDA it is one Triton kernel for all of it (``rotary_kernel``). Measured on an H200 (``bench profile``)
+before it existed: the rotation compiled by Inductor from the HF code took 0.85 ms a layer for a 15k-token prefill
+(about 14 times its memory traffic) and two launches a decode step, and the two ``index_copy_`` stores two more.
+The kernel computes in fp32 and rounds once (the HF code rounds each product to the model's dtype, so in bf16 the
+two differ by a rounding step; in fp32 only where the compiler fuses a multiply and add).
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
 
-HEADS_PER_PROGRAM = 4  # GLM-4.1V's 32 + 2 + 2 heads: 9 programs a token, so a decode step's one token spreads
+try:
+    import triton
+except ImportError:  # the HF arithmetic only
+    triton = None
+
+HEADS_PER_PROGRAM = 4  # GLM-4.1V's 32 + 2 + 2 heads: 9 programs a token, so a decode step's token is not one SM's
 
 
 def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, kv_heads: int, head_dim: int):
@@ -30,8 +35,8 @@ def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int
 def rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int, kv_heads: int, head_dim: int):
     """``rotate``, and token ``i``'s key and value written to pool slot ``slots[i]`` of ``k_cache``/``v_cache``
-    ([blocks, block_size, KV, d]). No host synchronisation (CUDA graphs capture it)."""
-    if qkv.is_cuda and _triton_ready():
+    ([blocks, block_size, KV, d], contiguous). No host synchronisation (CUDA graphs capture it)."""
+    if qkv.is_cuda and triton is not None:
         return _rotate_and_store_cuda(qkv, cos, sin, k_cache, v_cache, slots, n_heads, kv_heads, head_dim)
     q, k, v = rotate(qkv, cos, sin, n_heads, kv_heads, head_dim)
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
@@ -39,21 +44,16 @@ def rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     return q, k, v
 
 
-def _triton_ready() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _rotate_and_store_cuda(qkv, cos, sin, k_cache, v_cache, slots, n_heads, kv_heads, head_dim):
     from glyphserve.engine.rotary_kernel import launch
 
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):  # the kernel addresses slots as slot * KV * d
+        raise ValueError("the KV pool's tensors must be contiguous")
     t = qkv.shape[0]
     q = qkv.new_empty((t, n_heads, head_dim))
     k = qkv.new_empty((t, kv_heads, head_dim))
     if t:
-        launch(qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k, k_cache, v_cache, slots, n_heads, kv_heads, head_dim, HEADS_PER_PROGRAM)
+        launch(qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k, k_cache, v_cache, slots, n_heads,
+               kv_heads, head_dim, HEADS_PER_PROGRAM)
     v = qkv[:, (n_heads + kv_heads) * head_dim :].view(t, kv_heads, head_dim)
     return q, k, v

@@ -1,9 +1,10 @@
 """Triton kernel of ``rotary.rotate_and_store``: one program per (token, group of heads).
 
-A program loads its heads' rows of the fused projection (each head's ``d`` values contiguous) and, for the
-rotated dimensions, each value's pair partner (``j ^ 1``); computes ``x * cos + rotate_half_llm(x) * sin`` in fp32
-for query and key heads (value heads pass through; ``d`` is padded to a power of two); writes queries and keys out, and keys and values to the
-token's pool slot. Imported lazily (Triton is needed only on CUDA; the tests run it under Triton's interpreter).
+A program loads its heads' rows of the fused projection (each head's ``d`` values contiguous, ``d`` padded to a
+power of two) and, for the rotated dimensions, each value's pair partner (``j ^ 1``); computes
+``x * cos + rotate_half_llm(x) * sin`` in fp32 for the rotated dimensions of query and key heads (the others and
+value heads pass through as loaded); writes queries and keys out, and keys and values to the token's pool slot.
+Imported lazily (Triton is needed only on CUDA; the tests run it under Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ def _rotate_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, k_cache_ptr, v
     live = (heads < H + 2 * KV)[:, None] & (dims < D)[None, :]
     row = qkv_ptr + t.to(tl.int64) * stride_qkv + heads[:, None] * D
     x = tl.load(row + dims[None, :], mask=live, other=0.0).to(tl.float32)
-    partner = tl.load(row + (dims ^ 1)[None, :], mask=live, other=0.0).to(tl.float32)
     turned = dims < ROT
+    partner = tl.load(row + (dims ^ 1)[None, :], mask=live & turned[None, :], other=0.0).to(tl.float32)
     cos = tl.load(cos_ptr + t.to(tl.int64) * stride_cos + dims, mask=turned, other=1.0).to(tl.float32)
     sin = tl.load(sin_ptr + t.to(tl.int64) * stride_cos + dims, mask=turned, other=0.0).to(tl.float32)
     sign = tl.where(dims % 2 == 0, -1.0, 1.0)
     rotated = x * cos[None, :] + partner * (sign * sin)[None, :]
     is_v = (heads >= H + KV)[:, None]
-    out = tl.where(is_v, x, rotated).to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + t.to(tl.int64) * (H * D) + heads[:, None] * D + dims[None, :], out, mask=(heads < H)[:, None] & live)
+    out = tl.where(is_v | (dims >= ROT)[None, :], x, rotated).to(q_ptr.dtype.element_ty)
+    q_row = heads[:, None] * D + dims[None, :]
+    tl.store(q_ptr + t.to(tl.int64) * (H * D) + q_row, out, mask=(heads < H)[:, None] & live)
     is_k = ((heads >= H) & (heads < H + KV))[:, None] & live
     k_row = (heads - H)[:, None] * D + dims[None, :]
     tl.store(k_ptr + t.to(tl.int64) * (KV * D) + k_row, out, mask=is_k)

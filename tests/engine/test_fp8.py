@@ -3,20 +3,13 @@ path, the Triton kernel under Triton's interpreter, CUDA where present), and the
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from glyphserve.engine.fp8 import (Fp8Linear, Int8Embedding, dequantize_fp8, fp8_linear, quantize_fp8,
                                    quantize_int8_rows, quantize_language_model)
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.engine.triton_interpreter import run_interpreted
 
 
 def weights(rows: int = 64, cols: int = 96, seed: int = 0) -> torch.Tensor:
@@ -174,13 +167,7 @@ print("interpreted ok")
 
 
 def test_triton_kernel_under_the_interpreter():
-    pytest.importorskip("triton")
-    # TRITON_INTERPRET must be set before triton is imported, so this runs in a fresh interpreter.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "interpreted ok" in result.stdout
+    run_interpreted(INTERPRETED)
 
 
 def test_configs_cover_k_and_fill_the_card():

@@ -3,19 +3,11 @@ the Triton kernel under Triton's interpreter against it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
-import pytest
 import torch
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
 
 from glyphserve.engine.rotary import rotate, rotate_and_store
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.engine.triton_interpreter import run_interpreted
 
 
 def case(t=5, heads=4, kv=2, dim=16, blocks=8, block_size=4, dtype=torch.float32, seed=0):
@@ -69,10 +61,4 @@ print("interpreted ok")
 
 
 def test_triton_kernel_under_the_interpreter():
-    pytest.importorskip("triton")
-    # TRITON_INTERPRET must be set before triton is imported, so this runs in a fresh interpreter.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "interpreted ok" in result.stdout
+    run_interpreted(INTERPRETED)
