@@ -292,7 +292,8 @@ class Bench:
         encoded one at a time, a 256 MiB vision cache, one sequence. The most the process held on the device while
         answering (the allocator's peak from the end of loading, its cache of freed blocks emptied, plus what the
         card held outside the allocator before loading: the CUDA context, and any other process's memory; kernels
-        loaded later are not counted), and while loading (random weights are drawn on the device in 16 bits first; a checkpoint to quantize is loaded on the host, ``loading.load``)."""
+        loaded later are not counted), and while loading (random weights are drawn on the device in 16 bits first;
+        a checkpoint to quantize is loaded on the host, ``loading.load``)."""
         torch = self.torch
         release_memory()
         total = torch.cuda.get_device_properties(self.device).total_memory
@@ -301,8 +302,8 @@ class Bench:
         context, block = 8192, 16
         config = dataclasses.replace(self.api.config(self.args, 1, quantize=quantize), max_context=context,
                                      max_prefill_tokens=FOOTPRINT_PREFILL_TOKENS, vision_batch_pages=1,
-                                     kv_block_size=block,
-                                     num_kv_blocks=-(-(context + 1) // block) + 1, vision_cache_bytes=256 * 2**20)
+                                     kv_block_size=block, num_kv_blocks=-(-(context + 1) // block) + 1,
+                                     vision_cache_bytes=256 * 2**20)
         out = {"weights": quantize or "bf16", "max_context": context, "prefill_tokens": FOOTPRINT_PREFILL_TOKENS,
                "context_gib": outside / 2**30}
         engine = None
@@ -477,8 +478,9 @@ def to_markdown(res: dict) -> str:
                        ("grow_cold", "W200 cold"), ("grow_follow", "W200 follow-up")):
         row, old = res.get(key), base.get(key, {})
         if row:
-            lines.append(f"| {label} | {fixed(row['wall_s'])} | {fixed(row['ttft_s'])} | {fixed(row['decode_ms'], 2)} | "
-                         f"{fixed(row['peak_gib'], 1)} | {fixed(old.get('wall_s'))} | {fixed(old.get('ttft_s'))} |")
+            lines.append(f"| {label} | {fixed(row['wall_s'])} | {fixed(row['ttft_s'])} | "
+                         f"{fixed(row['decode_ms'], 2)} | {fixed(row['peak_gib'], 1)} | {fixed(old.get('wall_s'))} | "
+                         f"{fixed(old.get('ttft_s'))} |")
     lines += ["", "| rows decoding | step ms | engine's step clock ms | floor ms | x 1-row step | baseline step ms |",
               "|---:|---:|---:|---:|---:|---:|"]
     one = next((r["step_ms"] for r in res.get("rows", []) if r["rows"] == 1), None)
@@ -499,22 +501,20 @@ def to_markdown(res: dict) -> str:
                           f"{fixed(c.get('wall_s'))} s, {c.get('answered', 0)} of 9 answered, KV pool "
                           f"{c['pool_tokens']} tokens, {c.get('preemptions', 0)} preemptions; the process held "
                           f"{fixed(c['device_used_gib'], 1)} GiB on the device (allocator peak "
-                          f"{fixed(c['peak_reserved_gib'], 1)} GiB)" + (f"; error: {c['error']}" if "error" in c else "")
-                          + "."]
+                          f"{fixed(c['peak_reserved_gib'], 1)} GiB)"
+                          + (f"; error: {c['error']}" if "error" in c else "") + "."]
     if "quantized" in res:
         q = res["quantized"]
         lines += ["", f"With {q['mode']} weights: W50 cold {fixed(q['cold']['wall_s'])} s, decode "
-                      f"{fixed(q['cold']['decode_ms'], 2)} ms/token, peak {fixed(q['cold']['peak_gib'], 1)} GiB; follow-up "
-                      f"TTFT {fixed(q['follow']['ttft_s'])} s."]
+                      f"{fixed(q['cold']['decode_ms'], 2)} ms/token, peak {fixed(q['cold']['peak_gib'], 1)} GiB; "
+                      f"follow-up TTFT {fixed(q['follow']['ttft_s'])} s."]
     for f in res.get("footprint", []):
         lines += ["", f"Smallest engine for a cold W50 question ({f['weights']} weights; KV pool of one "
-                      f"{f['max_context']:,}-token context, prefill passes of "
-                      f"{f.get('prefill_tokens', 2048):,} tokens, "
-                      "pages encoded one at a "
-                      "time, 256 MiB vision cache): "
+                      f"{f['max_context']:,}-token context, prefill passes of {f.get('prefill_tokens', 2048):,} "
+                      "tokens, pages encoded one at a time, 256 MiB vision cache): "
                       + (f"did not run: {f['error']}." if "error" in f else
-                         f"{fixed(f['wall_s'])} s; the process held at most {fixed(f['peak_gib'], 2)} GiB on the device "
-                         f"while answering (CUDA context {fixed(f['context_gib'], 2)} GiB included), "
+                         f"{fixed(f['wall_s'])} s; the process held at most {fixed(f['peak_gib'], 2)} GiB on the "
+                         f"device while answering (CUDA context {fixed(f['context_gib'], 2)} GiB included), "
                          f"{fixed(f['load_peak_gib'], 2)} GiB while loading.")]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
     for name, value, goal, met in targets(res):

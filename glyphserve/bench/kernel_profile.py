@@ -12,8 +12,8 @@ On the engine ``bench engine`` measures (random full-size weights or a checkpoin
 Per phase: wall time, the time some kernel ran (union of kernel intervals), the summed kernel time by kind (matrix
 products, attention, Inductor's ``triton_*`` kernels as "compiled" (the project's own Triton kernels go by what
 they do: the FP8 weight kernel is a matrix product, the rotation and K/V store "other"), copies, other) and the
-kernels that took most, with their launch counts. With ``--quantize fp8`` the decode phases run again with FP8 weights. Writes
-``profile-<card>.json`` and ``.md`` under ``--out``.
+kernels that took most, with their launch counts. With ``--quantize fp8`` the decode phases run again with FP8
+weights. Writes ``profile-<card>.json`` and ``.md`` under ``--out``.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ embedding and head are the HF modules; q/k/v are fused into one projection whose
 views; a layer's input norm, and after the last layer the final norm, is computed with the layer before it), but
 for the rotation of q/k: with the store of K/V in the pool it is one op, ``rotary.rotate_and_store``, which on
 CUDA rounds once from fp32 where HF rounds each product. A step is a flat batch of tokens from several sequences:
-decoding sequences (one token each) and prompt chunks. Every token's K/V goes to its slot in the pool; attention then reads each sequence's
-blocks through its block table (``paged_attention``), except long prompt chunks (``attends_paged``), which run
-PyTorch's SDPA (a prompt's first chunk over its own K/V with plain causal attention, cuDNN's fastest path on
-Hopper; a later chunk over its earlier blocks gathered, with the lower-right causal bias).
+decoding sequences (one token each) and prompt chunks. Every token's K/V goes to its slot in the pool; attention
+then reads each sequence's blocks through its block table (``paged_attention``), except long prompt chunks
+(``attends_paged``), which run PyTorch's SDPA (a prompt's first chunk over its own K/V with plain causal attention,
+cuDNN's fastest path on Hopper; a later chunk over its earlier blocks gathered, with the lower-right causal bias).
 
 A step of single-token rows is replayed from a CUDA graph captured per row-count bucket (1, 2, 4, ..., up to
 ``max_rows``): its inputs are written to static buffers first (one host-to-device copy), padding rows write
@@ -142,7 +142,7 @@ class ModelRunner:
         self.embed = lm.embed_tokens
         # Each layer's input norm runs at the end of the layer before it, the final norm at the end of the last.
         self.first_norm = self.layers[0].input_layernorm.weight
-        self.next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [lm.norm.weight]
+        next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [lm.norm.weight]
         self.rotary = lm.rotary_emb
         self.lm_head = model.lm_head
         self.device, self.dtype = device, dtype
@@ -162,7 +162,7 @@ class ModelRunner:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.quantized = quantize == "fp8"
-        self.layer_weights = [self._layer_weights(layer, nxt) for layer, nxt in zip(self.layers, self.next_norms)]
+        self.layer_weights = [self._layer_weights(layer, nxt) for layer, nxt in zip(self.layers, next_norms)]
         if self.quantized:  # the 16-bit head and embedding table may still be on the host (``loading.load``)
             lm.embed_tokens = Int8Embedding.from_embedding(lm.embed_tokens, device)  # (tied to the head: a copy)
             model.lm_head = Fp8Linear.from_linear(model.lm_head, device)
@@ -189,9 +189,9 @@ class ModelRunner:
     def _layer_weights(self, layer, next_norm: torch.Tensor) -> tuple:
         """(qkv weight, its scale, qkv bias, o weight, its scale, post-attention norm, pre-MLP norm, gate_up
         weight, its scale, down weight, its scale, post-MLP norm, ``next_norm``: the norm after the layer); scales
-        are None unless quantized. FP8:
-        the fused qkv is quantized as one (per-output-channel scales concatenate), and the 16-bit originals are
-        released, so only the e4m3 copies stay in memory (the HF modules of the decoder layers are not run again)."""
+        are None unless quantized. FP8: the fused qkv is quantized as one (per-output-channel scales concatenate),
+        and the 16-bit originals are released, so only the e4m3 copies stay in memory (the HF modules of the decoder
+        layers are not run again)."""
         qkv_w, qkv_b = fuse_qkv(layer.self_attn)
         projections = [qkv_w, layer.self_attn.o_proj.weight, layer.mlp.gate_up_proj.weight,
                        layer.mlp.down_proj.weight]

@@ -55,8 +55,7 @@ class VisionRunner:
     def _block_weights(blk) -> tuple:
         """((norm1, qkv weight, qkv bias), (proj, norm2, gate, up, down), (eps, heads, scaling))."""
         attn, mlp = blk.attn, blk.mlp
-        qkv_b = attn.qkv.bias
-        return ((blk.norm1.weight, attn.qkv.weight, qkv_b),
+        return ((blk.norm1.weight, attn.qkv.weight, attn.qkv.bias),
                 (attn.proj.weight, blk.norm2.weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight),
                 (blk.norm1.variance_epsilon, attn.num_heads, attn.scaling))
 
