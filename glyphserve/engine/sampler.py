@@ -39,13 +39,16 @@ def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[rows, vocab] float32 in (0, 1): splitmix64 of (seed, position, token id), wrapping int64 arithmetic."""
+    """[rows, vocab] float32 in [2**-24, 1 - 2**-24]: splitmix64 of (seed, position, token id), wrapping int64
+    arithmetic, its top 23 bits as k, then (k + 0.5) / 2**23, exact in float32. (With 24 bits, k + 0.5 rounded
+    to 2**24 for the largest k: a noise of exactly 1, an infinite Gumbel draw that took its token whatever its
+    probability, once in 2**24 draws: every ~110 steps over a 151k vocabulary.)"""
     token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     x = seeds.view(-1, 1) * _GOLDEN + positions.view(-1, 1) * _MIX1 + token.view(1, -1)
     x = (x ^ _shr(x, 30)) * _MIX1
     x = (x ^ _shr(x, 27)) * _MIX2
     x = x ^ _shr(x, 31)
-    return (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return (_shr(x, 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass
@@ -194,7 +197,9 @@ class Sampler:
             floor = self.min_p[slots].unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             x = x.masked_fill(probs < floor, float("-inf"))
         gumbel = -torch.log(-torch.log(uniform_noise(self.seed[slots], positions, x.shape[1])))
-        return (x + gumbel * self.sampled[slots].unsqueeze(1)).argmax(dim=-1)
+        # Greedy rows (penalised ones come here) take no noise at all: not even times zero, which is NaN for an
+        # infinite draw, and argmax takes a NaN.
+        return torch.where(self.sampled[slots].unsqueeze(1) > 0, x + gumbel, x).argmax(dim=-1)
 
     def _top_k_top_p(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Keep each row's ``top_k`` most likely tokens (0: all), then the smallest set whose probability reaches

@@ -1,0 +1,54 @@
+"""The sampler's noise stays inside (0, 1), and greedy rows that go through the sampling path take none of it."""
+
+from __future__ import annotations
+
+import torch
+
+from glyphserve.engine import AnswerRequest, GenerationSettings
+from glyphserve.engine.sampler import _GOLDEN, _MIX1, _MIX2, uniform_noise
+from tests.engine.conftest import make_pages
+
+MASK = (1 << 64) - 1
+
+
+def _unxorshift(y: int, bits: int) -> int:
+    x = y
+    for _ in range(64 // bits + 1):
+        x = y ^ (x >> bits)
+    return x
+
+
+def seed_with_top_noise(position: int, token: int) -> int:
+    """A seed whose hash at (``position``, ``token``) has every bit set: the largest noise the sampler can draw
+    (splitmix64's finaliser run backwards)."""
+    x = _unxorshift(MASK, 31)
+    x = x * pow(_MIX2 & MASK, -1, 1 << 64) & MASK
+    x = _unxorshift(x, 27)
+    x = x * pow(_MIX1 & MASK, -1, 1 << 64) & MASK
+    x = _unxorshift(x, 30)
+    return (x - position * (_MIX1 & MASK) - token) * pow(_GOLDEN & MASK, -1, 1 << 64) & MASK
+
+
+def test_the_largest_noise_is_below_one_and_its_gumbel_draw_finite():
+    seed = seed_with_top_noise(position=5, token=9)
+    signed = torch.tensor([seed - (1 << 64) if seed >= 1 << 63 else seed])
+    u = uniform_noise(signed, torch.tensor([5]), 16)
+    assert u[0, 9].item() == 1 - 2**-24  # the top of the range, every hash bit set
+    assert ((u > 0) & (u < 1)).all()
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+
+
+def test_a_greedy_penalised_row_takes_no_noise(load_engine, reference):
+    """A repetition penalty sends a greedy row through the sampling path; a seed whose noise is largest at some
+    token's first draw must not choose that token (noise times zero was NaN there, and argmax took the NaN)."""
+    pages = make_pages([(112, 140)], seed=3)
+    inputs = reference.inputs(pages, "Who is the wolf?")
+    with torch.inference_mode():
+        out = reference.model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                       repetition_penalty=1.3)
+    expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+    token = (expected[0] + 1) % reference.model.config.text_config.vocab_size
+    settings = GenerationSettings(max_tokens=8, ignore_eos=True, repetition_penalty=1.3,
+                                  seed=seed_with_top_noise(position=0, token=token))
+    answer = load_engine().answer(AnswerRequest(pages=pages, question="Who is the wolf?", settings=settings))
+    assert answer.token_ids == expected
