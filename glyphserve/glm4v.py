@@ -48,6 +48,10 @@ MAX_PIXELS = 28 * 28 * 15000
 MAX_ASPECT = 200
 # Each page in a prompt costs its vision tokens plus <|begin_of_image|> and <|end_of_image|>.
 PAGE_MARKER_TOKENS = 2
+# The chat format's own tokens (glm4v_chat_template.jinja): "[gMASK]<sop>" and the answer's "<|assistant|>\n" in
+# every prompt, "<|role|>\n" before each message (a question alone: 6 tokens around its text).
+PROMPT_TOKENS = 4
+MESSAGE_TOKENS = 2
 
 
 def smart_resize(height: int, width: int, *, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from glyphserve.engine.types import ChatMessage
 from glyphserve.errors import GlyphserveError
+from glyphserve.glm4v import MESSAGE_TOKENS, PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.retrieve import PromptBudget
 
 
@@ -82,10 +83,23 @@ class PromptBuilder:
 
 def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: int) -> PromptBudget | None:
     """What the pages may cost in ``engine``'s context for this question and answer length, counted by its
-    tokenizer and chat template (None for an engine without them, e.g. a remote one)."""
+    tokenizer and chat template; for an engine without them that knows its context (a remote one), bounded from
+    above (pages that fit the bound fit the server); None when neither."""
     prompts: PromptBuilder | None = getattr(engine, "prompts", None)
     if prompts is None:
-        return None
+        context = getattr(engine, "max_context", None)
+        if context is None:
+            return None
+        # GLM-4.1V's byte-level BPE spends at most a token per UTF-8 byte of text; the template's own tokens are
+        # doubled, in case the server's template adds a few.
+        text = sum(len(m.content.encode()) for m in history) + len(question.encode())
+        fixed = 2 * (PROMPT_TOKENS + MESSAGE_TOKENS * (len(history) + 1)) + text
+        return PromptBudget(
+            context=context,
+            max_tokens=max_tokens,
+            count_prompt=lambda labels: fixed + sum(PAGE_MARKER_TOKENS + len(label.encode()) for label in labels),
+            count_label=lambda label: len(label.encode()),
+        )
     return PromptBudget(
         context=engine.max_context,
         max_tokens=max_tokens,

@@ -78,12 +78,15 @@ class RemoteConfig:
     resume_greedy: bool = False
     # An endpoint that could not be reached is passed over for this long (unless all are), then tried again.
     down_s: float = 5.0
+    # Tokens of context to fit pages into (``max_context``); None: the least max_model_len the servers report.
+    max_context: int | None = None
 
 
 @dataclass
 class _Endpoint:
     url: str  # .../v1/chat/completions
     model: str | None
+    max_model_len: int | None = None  # as its /v1/models reports it for the model (glyphserve's and vLLM's do)
     in_flight: int = 0
     requests: int = 0
     failures: int = 0
@@ -168,6 +171,15 @@ class RemoteEngine:
             engine.close()
             raise RemoteBackendError("no endpoint can be used: " + "; ".join(errors))
         return engine
+
+    @property
+    def max_context(self) -> int | None:
+        """Tokens of context a request may fill on every server: ``config.max_context`` or the least
+        max_model_len the reachable servers reported (None when neither says)."""
+        known = [e.max_model_len for e in self._endpoints if e.max_model_len is not None]
+        if self.config.max_context is not None:
+            known.append(self.config.max_context)
+        return min(known, default=None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -402,6 +414,7 @@ class RemoteEngine:
         """The model name to send, asked from /v1/models the first time (connection errors propagate)."""
         if endpoint.model is None or probe:
             response = self._client.get(endpoint.base + "/models")
+            endpoint.max_model_len = _max_model_len(response, endpoint.model)
             if endpoint.model is not None:
                 return endpoint.model  # reachable; the name was given, whatever /models says
             if response.status_code in (401, 403):
@@ -568,3 +581,14 @@ def _error_from_body(body: dict, status: int, url: str) -> GlyphserveError:
 
 def _subclasses(cls: type) -> list[type]:
     return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
+def _max_model_len(response: httpx.Response, model: str | None) -> int | None:
+    """The context length a /v1/models response gives for ``model`` (its first model when None), if any."""
+    try:
+        entries = response.json()["data"] if response.is_success else []
+        entry = next((m for m in entries if model is None or m.get("id") == model), None)
+        value = entry.get("max_model_len") if isinstance(entry, dict) else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

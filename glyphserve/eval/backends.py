@@ -15,10 +15,6 @@ if TYPE_CHECKING:
 
     from glyphserve.retrieve import PromptBudget
 
-# The chat template around a question without pages (``[gMASK]<sop><|user|>\n … <|assistant|>\n``), in tokens.
-TEMPLATE_TOKENS = 6
-
-
 @dataclass
 class ShownPages:
     """What a backend is given for a question: the pages in front of the model (their images, and the label before
@@ -47,7 +43,7 @@ class Backend(Protocol):
 
 def estimated_budget(question: str, context: int, max_tokens: int) -> "PromptBudget":
     """A budget counted with the renderer's text-token estimate, for backends without a tokenizer here."""
-    from glyphserve.glm4v import PAGE_MARKER_TOKENS
+    from glyphserve.glm4v import MESSAGE_TOKENS, PAGE_MARKER_TOKENS, PROMPT_TOKENS
     from glyphserve.render import count_text_tokens
     from glyphserve.retrieve import PromptBudget
 
@@ -56,7 +52,8 @@ def estimated_budget(question: str, context: int, max_tokens: int) -> "PromptBud
 
     return PromptBudget(
         context, max_tokens,
-        lambda labels: TEMPLATE_TOKENS + tokens(question) + sum(PAGE_MARKER_TOKENS + tokens(x) for x in labels),
+        lambda labels: PROMPT_TOKENS + MESSAGE_TOKENS + tokens(question)
+        + sum(PAGE_MARKER_TOKENS + tokens(x) for x in labels),
         tokens,
     )
 
@@ -126,8 +123,9 @@ class LocalBackend(_PageReadingBackend):
 
 
 class OpenAIBackend(_PageReadingBackend):
-    """A remote OpenAI-compatible server (e.g. ``vllm serve zai-org/Glyph``) reading the shown pages; with the
-    server's ``context`` given, pages are selected for it (token counts estimated)."""
+    """A remote OpenAI-compatible server (e.g. ``vllm serve zai-org/Glyph``) reading the shown pages, selected for
+    ``context`` or the context length the server reports, against an upper bound of the prompt
+    (``glyphserve.engine.prompt.page_budget``)."""
 
     name = "openai"
 
@@ -135,9 +133,12 @@ class OpenAIBackend(_PageReadingBackend):
                  max_new_tokens: int = 1024, context: int | None = None):
         from glyphserve.engine.remote import RemoteConfig, RemoteEngine
 
-        remote = RemoteEngine.load(RemoteConfig(endpoints=[endpoint], model=model, api_key=api_key))
+        remote = RemoteEngine.load(RemoteConfig(endpoints=[endpoint], model=model, api_key=api_key,
+                                                max_context=context))
         super().__init__(remote, max_new_tokens)
-        self.context = context
+        self.context = remote.max_context
 
     def page_budget(self, question: str) -> "PromptBudget | None":
-        return estimated_budget(question, self.context, self._settings.max_tokens) if self.context else None
+        from glyphserve.engine.prompt import page_budget
+
+        return page_budget(self.engine, [], question, self._settings.max_tokens)

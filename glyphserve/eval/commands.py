@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-context", type=int,
                    help="longest prompt + answer in tokens: the local model's (default: the engine's, at most "
                         f"32768), or what pages are selected for with the other backends (default {DEFAULT_CONTEXT} "
-                        "with --page-selection; token counts estimated); without page selection documents that do "
+                        "with --page-selection, and no more than an openai server reports; prompt tokens estimated "
+                        "for extractive, bounded from above for openai); without page selection documents that do "
                         "not fit are scored 0 and reported")
     p.add_argument("--preset", default=None,
                    help="comma-separated render presets: auto, glyph-en, glyph-zh "

@@ -138,7 +138,8 @@ def missing_glyphs_warning(rendered: RenderedDocument) -> str | None:
     """What to tell the user when many characters are drawn as missing-glyph boxes (as the
     official pipeline draws them), and what to do about it; None when few or none are."""
     s = rendered.stats
-    if rendered.config.fallback_fonts or s.missing_chars < min(MANY_MISSING, MANY_MISSING_SHARE * s.characters):
+    few = s.missing_chars < min(MANY_MISSING, MANY_MISSING_SHARE * s.characters)
+    if rendered.config.fallback_fonts or not s.missing_chars or few:  # none: a page of no text (a scan) too
         return None
     font = rendered.font.manifest()["name"] if rendered.font else rendered.config.font_path
     examples = ", ".join(f"U+{ord(ch):04X}" + (f" {ch}" if ch.isprintable() else "") for ch in s.missing_examples)

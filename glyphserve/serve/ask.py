@@ -88,8 +88,8 @@ def _ask(args: argparse.Namespace) -> int:
     history: list[ChatMessage] = []
     question = args.question if args.question is not None else _read_question()
     while question is not None:
-        # Only a model loaded here has a tokenizer to count with: a server refuses pages that do not fit, and the
-        # extractive answer reads the text.
+        # A model loaded here counts with its tokenizer, a server's pages are chosen against an upper bound of the
+        # prompt (when it reports its context length), the extractive answer reads the text.
         budget = page_budget(answerer, history, question, settings.max_tokens)
         selection = select_pages([selectable], mode=args.page_selection if budget else "all", question=question,
                                  history=[m.content for m in history], budget=budget)
@@ -118,7 +118,7 @@ def _answerer(args: argparse.Namespace, text: str, rendered: list):
         from glyphserve.engine.remote import RemoteConfig, RemoteEngine
 
         return RemoteEngine.load(RemoteConfig(endpoints=[args.endpoint], model=args.remote_model,
-                                              api_key=args.api_key))
+                                              api_key=args.api_key, max_context=args.max_context))
     if args.model or args.random_weights:
         from glyphserve.engine import Engine, EngineConfig
         from glyphserve.serve.weights import resolve_model

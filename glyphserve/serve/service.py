@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
+import json
 import logging
 import threading
 import time
@@ -29,6 +31,7 @@ from glyphserve.serve.store import DocumentFiles, DocumentRecord, DocumentStore
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
     from glyphserve.engine.remote import RemoteEngine
+    from glyphserve.render import RenderConfig
     from glyphserve.retrieve import DocumentPages
 
 EXTRACTIVE_MODEL_NAME = "glyphserve-extractive"
@@ -186,11 +189,8 @@ class GlyphService:
                 f"the upload is {size / 2**20:.1f} MiB; this server accepts at most "
                 f"{self.config.max_upload_mb:g} MiB (--max-upload-mb)"
             )
-        digest = content_hash(b"file\x00" + data if data is not None else b"text\x00" + (text or "").encode("utf-8"),
-                              options)
-        existing = self.store.find(digest)
-        if existing is not None:
-            return existing, True
+        from glyphserve.render import resolve_config
+
         deadline = time.monotonic() + self.config.ingest_timeout
         limits = self.config.ingest_limits
         loop = asyncio.get_running_loop()
@@ -199,24 +199,31 @@ class GlyphService:
                                                   lambda: ingest_bytes(data, filename, limits=limits))
         else:
             document = await loop.run_in_executor(self._ingest_pool, lambda: ingest_text(text or "", limits=limits))
+        # The settings as applied (``auto`` and an unset dpi or newline resolved for this text) decide what is the
+        # same document, so the file sent with the settings it would get anyway is found too.
+        config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
+        digest = content_hash(b"file\x00" + data if data is not None else b"text\x00" + (text or "").encode("utf-8"),
+                              config)
+        existing = self.store.find(digest)
+        if existing is not None:
+            return existing, True
         shown = clean_filename(name) or document.source_name
         original = name if name and name != shown else None
         record = await loop.run_in_executor(self._render_pool, self._render_and_store, document, shown, original,
-                                            options, deadline, digest)
+                                            options.preset, config, deadline, digest)
         self._start_warming(record.id)
         return record, False
 
-    def _render_and_store(self, document: Document, name: str | None, original: str | None, options: RenderOptions,
-                          deadline: float, digest: str) -> DocumentRecord:
-        from glyphserve.render import render_document, resolve_config
+    def _render_and_store(self, document: Document, name: str | None, original: str | None, preset: str,
+                          config: RenderConfig, deadline: float, digest: str) -> DocumentRecord:
+        from glyphserve.render import render_document
 
-        config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
         # With a model, the compression figure counts text tokens with its tokenizer, not the estimate.
         tokenizer = getattr(self.engine, "tokenizer", None)
         rendered = render_document(document, config, tokenizer=tokenizer, progress=self._page_counter(deadline),
                                    encode=True)
         self.metrics.c.stages.labels("render").observe(rendered.stats.seconds)
-        summary = compression_summary(rendered, options.preset)
+        summary = compression_summary(rendered, preset)
         if original is not None:
             summary["original_name"] = original[:MAX_ORIGINAL_NAME]
         # answered once the pages exist in memory; the store writes their files off this path
@@ -339,8 +346,9 @@ class GlyphService:
 
         request = job.request
         budget = page_budget(self.engine, request.history, request.question, request.settings.max_tokens)
-        # Without a tokenizer here (replicas behind a front) every page goes, and the replica refuses what does
-        # not fit.
+        # Without a tokenizer here (replicas behind a front) the pages are chosen against an upper bound of the
+        # prompt when the replicas report their context length, else every page goes and a replica refuses what
+        # does not fit.
         selection = select_pages(
             [self._selectable(r.id) for r in records], mode=job.page_selection if budget else "all",
             question=request.question, history=[m.content for m in request.history], budget=budget,
@@ -405,11 +413,11 @@ class GlyphService:
         return await self.scheduler.stream(await self.prepare(job), keepalive)
 
 
-def content_hash(data: bytes, options: RenderOptions) -> str:
+def content_hash(data: bytes, config: RenderConfig) -> str:
     """What makes two uploads the same document: their source (file or pasted text) and bytes, and the render
-    settings asked for."""
+    settings applied to them."""
     digest = hashlib.sha256(data)
-    digest.update(f"\x00{options.preset}\x00{options.dpi}\x00{options.newline}".encode())
+    digest.update(b"\x00" + json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
     return digest.hexdigest()
 
 

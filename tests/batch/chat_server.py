@@ -19,11 +19,14 @@ class ChatServer:
     "ok" streams ``<think>…</think>answer`` in content; "reasoning" sends the thinking as
     ``reasoning_content``; "status:CODE[:BODY]" answers that status; "drop" closes the
     connection without replying; "partial" streams one token then closes; "sleep:S"
-    waits S seconds before answering normally. With ``api_key``, a request without it is answered 401.
+    waits S seconds before answering normally. With ``api_key``, a request without it is answered 401; with
+    ``max_model_len``, /v1/models reports it (as vLLM does).
     """
 
-    def __init__(self, model: str = "stub-glyph", delay_s: float = 0.0, api_key: str | None = None):
+    def __init__(self, model: str = "stub-glyph", delay_s: float = 0.0, api_key: str | None = None,
+                 max_model_len: int | None = None):
         self.model = model
+        self.max_model_len = max_model_len
         self.api_key = api_key
         self.delay_s = delay_s
         self.plan: deque[str] = deque()
@@ -48,7 +51,10 @@ class ChatServer:
                 if self._refused():
                     return
                 if self.path.rstrip("/") == "/v1/models":
-                    self._json(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
+                    entry = {"id": server.model, "object": "model"}
+                    if server.max_model_len is not None:
+                        entry["max_model_len"] = server.max_model_len
+                    self._json(200, {"object": "list", "data": [entry]})
                 else:
                     self._json(404, {"error": "not_found", "message": self.path})
 

@@ -14,6 +14,7 @@ from glyphserve.render import (
     count_text_tokens,
     glm4v_vision_tokens,
     iter_pages,
+    missing_glyphs_warning,
     preset,
     render_document,
     render_text,
@@ -125,6 +126,10 @@ def test_render_document_with_text_and_scanned_pages():
     start, end = rendered.pages[2].char_span
     assert doc.text[start:end] == "Third page."
     assert rendered.manifest()["source"] == "x.pdf"
+    assert missing_glyphs_warning(rendered) is None
+    scanned_only = Document(kind="pdf", parts=[ImagePart(scan, 1)], source_name="s.pdf", source_bytes=1,
+                            encoding=None)
+    assert missing_glyphs_warning(render_document(scanned_only, EN)) is None  # no text: no characters missing
 
 
 def test_render_ingested_file(tmp_path):

@@ -79,6 +79,17 @@ def test_document_lifecycle(client):
     assert client.get(f"/v1/documents/{doc_id}/pages/1.png").status_code == 404
 
 
+def test_an_upload_is_the_same_document_when_its_applied_settings_are(client):
+    text = "The settings an upload gets decide what is a duplicate. " * 20
+    first = upload_text(client, text=text)
+    assert first["deduplicated"] is False and first["document"]["render"]["dpi"] == 72
+    for fields in ({"preset": "glyph-en"}, {"dpi": 72, "newline": "br"}, {"preset": "auto", "dpi": 72}):
+        again = upload_text(client, text=text, **fields)  # what "auto" and the preset's defaults give anyway
+        assert again["deduplicated"] is True and again["id"] == first["id"], fields
+    other = upload_text(client, text=text, dpi=96)
+    assert other["deduplicated"] is False and other["id"] != first["id"]
+
+
 @pytest.mark.parametrize("name, data, kind", [
     ("story.txt", STORY.encode(), "txt"),
     ("story.md", ("# The keeper\n\n" + STORY).encode(), "markdown"),

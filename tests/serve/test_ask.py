@@ -45,6 +45,44 @@ def test_ask_an_endpoint_names_the_model_as_batch_and_eval_do(tmp_path, capsys, 
         server.close()
 
 
+def images_sent(server) -> list[dict]:
+    return [part for part in server.requests[-1]["messages"][0]["content"] if part["type"] == "image_url"]
+
+
+def test_ask_an_endpoint_selects_the_pages_that_fit_the_context_it_reports(tmp_path, capsys):
+    """The server's max_model_len (or a lower --max-context) bounds the pages sent; the prompt's text is bounded
+    from above (a token per UTF-8 byte), so what is sent always fits."""
+    from glyphserve.glm4v import PAGE_MARKER_TOKENS, vision_tokens
+    from glyphserve.ingest import ingest_path
+    from glyphserve.render import render_document, resolve_config
+    from tests.batch.chat_server import ChatServer
+
+    doc = tmp_path / "long.txt"
+    paragraphs = [f"Paragraph {i} tells of the mill, the river and the road to town. " * 6 for i in range(160)]
+    paragraphs[-3] = "The keeper's name was Ottoline Vance. " * 4
+    doc.write_text("\n\n".join(paragraphs))
+    document = ingest_path(doc)
+    pages = render_document(document, resolve_config(document.text)).pages
+    cost = [vision_tokens(p.image.shape[1], p.image.shape[0]) + PAGE_MARKER_TOKENS for p in pages]
+    assert len(pages) >= 6
+    server = ChatServer(max_model_len=sum(cost[:3]) + 200)  # three pages, the question and a 64-token answer
+    try:
+        args = ["ask", str(doc), "What was the keeper's name?", "--endpoint", server.url + "/v1",
+                "--max-new-tokens", "64"]
+        assert main([*args, "--page-selection", "first"]) == 0
+        assert len(images_sent(server)) == 3
+        assert f"[pages shown: 1-3 of {len(pages)}]" in capsys.readouterr().err
+        assert main([*args, "--page-selection", "first", "--max-context", str(sum(cost[:2]) + 200)]) == 0
+        assert len(images_sent(server)) == 2
+        assert f"[pages shown: 1-2 of {len(pages)}]" in capsys.readouterr().err
+        assert main([*args, "--page-selection", "retrieve", "--json"]) == 0
+        keeper = next(p.number for p in pages if "Ottoline" in document.text[slice(*p.char_span)])
+        shown = json.loads(capsys.readouterr().out)["pages_shown"]
+        assert len(images_sent(server)) == len(shown) == 3 and keeper in shown and shown != [1, 2, 3]
+    finally:
+        server.close()
+
+
 def _render_available() -> bool:
     try:
         from glyphserve.render import render_document, resolve_config  # noqa: F401
