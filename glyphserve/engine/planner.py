@@ -22,7 +22,7 @@ from glyphserve.engine.preprocess import PreprocessParams, check_page, page_dige
 from glyphserve.engine.prompt import PromptBuilder, PromptTokens, conversation
 from glyphserve.engine.sampler import MAX_LOGPROBS
 from glyphserve.engine.sequence import Sequence
-from glyphserve.engine.types import AnswerRequest, EncodedPage, GenerationSettings, Page
+from glyphserve.engine.types import REPETITION_PENALTY_RANGE, AnswerRequest, EncodedPage, GenerationSettings, Page
 from glyphserve.errors import ConfigError, ContextOverflowError, GlyphserveError
 from glyphserve.glm4v import PAGE_MARKER_TOKENS
 
@@ -45,8 +45,9 @@ def check_settings(s: GenerationSettings, vocab: int) -> None:
         bad("top_k must be >= 0 (0 keeps every token)")
     if not math.isfinite(s.min_p) or not 0 <= s.min_p <= 1:
         bad("min_p must be in [0, 1]")
-    if not math.isfinite(s.repetition_penalty) or s.repetition_penalty <= 0:
-        bad("repetition_penalty must be a finite number > 0")
+    low, high = REPETITION_PENALTY_RANGE
+    if not math.isfinite(s.repetition_penalty) or not low <= s.repetition_penalty <= high:
+        bad(f"repetition_penalty must be in [{low:g}, {high:g}] (1: none)")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(s, name)
         if not math.isfinite(value) or not -2 <= value <= 2:

@@ -105,7 +105,7 @@ class Sampler:
         for the penalties."""
         s = settings
         penalised = s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0
-        top_k = min(s.top_k, self.vocab)  # more than the vocabulary keeps all of it (and indexes within it)
+        top_k = s.top_k if s.top_k < self.vocab else 0  # the whole vocabulary or more keeps all of it
         self.settings_host[slot] = (1.0 if greedy else s.temperature, 0.0 if greedy else 1.0, s.top_p, top_k,
                                     s.min_p, s.repetition_penalty, s.presence_penalty, s.frequency_penalty,
                                     float("-inf") if s.ignore_eos else 0.0)
@@ -113,7 +113,7 @@ class Sampler:
         self._dirty.add(slot)
         self.special_host[slot] = penalised or not greedy
         self.penalised_host[slot] = penalised
-        self.sorted_host[slot] = not greedy and (s.top_k > 0 or s.top_p < 1)
+        self.sorted_host[slot] = not greedy and (top_k > 0 or s.top_p < 1)
         self.min_p_host[slot] = not greedy and s.min_p > 0
         self.logprobs_host[slot] = -1 if s.logprobs is None else min(s.logprobs, MAX_LOGPROBS)
         if penalised:
@@ -203,7 +203,9 @@ class Sampler:
 
     def _top_k_top_p(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Keep each row's ``top_k`` most likely tokens (0: all), then the smallest set whose probability reaches
-        ``top_p`` (ties at the cut are kept)."""
+        ``top_p`` (ties at the cut are kept). A row with ``top_p`` 1 keeps every token its top-k kept: the float32
+        sum of a 151k-token softmax reaches 1 before its last tokens, which a cut at 1 would drop (and a seeded
+        answer would then depend on whether a row with top-k or top-p shared its step)."""
         ordered = x.sort(dim=-1, descending=True).values
         k = self.top_k[slots].long()
         kth = ordered.gather(1, (k - 1).clamp(min=0).view(-1, 1))
@@ -211,6 +213,7 @@ class Sampler:
         ordered = ordered.masked_fill(ordered < cut, float("-inf"))
         probs = torch.softmax(ordered, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
-        keep = (before < self.top_p[slots].unsqueeze(1)).sum(dim=-1, keepdim=True).clamp(min=1)
-        cut = torch.maximum(cut, ordered.gather(1, keep - 1))
+        top_p = self.top_p[slots].unsqueeze(1)
+        keep = (before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+        cut = torch.where(top_p < 1, torch.maximum(cut, ordered.gather(1, keep - 1)), cut)
         return x.masked_fill(x < cut, float("-inf"))

@@ -69,6 +69,11 @@ class EngineConfig:
     seed: int = 0
 
 
+# The sampler keeps a repetition penalty in float32 and divides logits by it: 1e-46 would be stored as 0 (0/0 is
+# NaN, which argmax takes). Beyond this range a penalty already sets seen tokens apart by 1,000 times.
+REPETITION_PENALTY_RANGE = (1e-3, 1e3)
+
+
 @dataclass
 class GenerationSettings:
     """How one answer is generated. Names and meanings follow vLLM's ``SamplingParams`` (and OpenAI's API)."""

@@ -7,7 +7,8 @@ Checked at the boundary with vLLM's rules, so a value the engine cannot sample w
   (vLLM's floor: smaller ones overflow the softmax to inf/nan).
 - ``top_p`` in (0, 1]; below 1e-6 it is raised to 1e-6, which keeps only the most likely token exactly as any
   smaller value does (that token's probability is at least 1/vocabulary > 1e-6), without underflowing float32.
-- ``seed`` in [0, 2**64 - 1]; ``max_tokens`` at least 1; no NaN or infinity anywhere.
+- ``seed`` in [0, 2**64 - 1]; ``max_tokens`` at least 1; ``repetition_penalty`` in [0.001, 1000] (the engine's
+  range); no NaN or infinity anywhere.
 - ``stop``: at most 16 strings of at most 1,000 characters (each streamed delta is searched for every one).
 """
 
@@ -18,7 +19,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from glyphserve.engine.types import GenerationSettings
+from glyphserve.engine.types import REPETITION_PENALTY_RANGE, GenerationSettings
 
 GREEDY_BELOW = 1e-5
 MIN_TEMPERATURE = 1e-2
@@ -49,7 +50,8 @@ class SamplingParams(BaseModel):
     top_p: TopP | None = None
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: all tokens (vLLM takes both)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                             allow_inf_nan=False)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stop: Stop | None = None

@@ -146,6 +146,7 @@ def test_out_of_memory_inside_the_forward_is_recovered(load_engine, reference, l
     (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1.0), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1e-300 * 0), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=1e-46), "repetition_penalty"),  # 0 in float32: 0 / 0 in the penalty
     (dict(presence_penalty=3.0), "presence_penalty"), (dict(frequency_penalty=float("inf")), "frequency_penalty"),
     (dict(logprobs=21), "logprobs"), (dict(seed=2**64), "seed"), (dict(stop_token_ids=(10**9,)), "stop_token_ids"),
 ])

@@ -163,7 +163,7 @@ def test_sampling_values_follow_vllms_rules(field, sent, used):
 @pytest.mark.parametrize("field, sent", [
     ("temperature", -0.1), ("temperature", 2.5), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
     ("top_p", float("inf")), ("seed", 2**64), ("seed", -1), ("max_tokens", 0), ("stop", ["s"] * 17),
-    ("stop", "x" * 1001),
+    ("stop", "x" * 1001), ("repetition_penalty", 1e-46), ("repetition_penalty", 1e4),
 ])
 def test_sampling_values_the_engine_cannot_use_are_refused(field, sent):
     from pydantic import ValidationError
