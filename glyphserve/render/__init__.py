@@ -18,7 +18,7 @@ _EXPORTS = {
     "glyphserve.render.official": ("GLYPH_REPO_ENV",),
     "glyphserve.render.document": ("PageLine", "RenderedDocument", "RenderedPage", "RenderStats",
                                    "missing_glyphs_warning", "write_rendered"),
-    "glyphserve.render.renderer": ("iter_pages", "render_document", "render_text"),
+    "glyphserve.render.renderer": ("count_pages", "estimated_pages", "iter_pages", "render_document", "render_text"),
     "glyphserve.render.tokens": ("count_text_tokens", "glm4v_vision_tokens"),
     "glyphserve.render.workers": ("shutdown_pool",),
 }
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
         missing_glyphs_warning,
         write_rendered,
     )
-    from glyphserve.render.renderer import iter_pages, render_document, render_text
+    from glyphserve.render.renderer import count_pages, estimated_pages, iter_pages, render_document, render_text
     from glyphserve.render.tokens import count_text_tokens, glm4v_vision_tokens
     from glyphserve.render.workers import shutdown as shutdown_pool
 

@@ -91,6 +91,14 @@ def test_billion_laughs_and_tens_of_thousands_of_entries(server):
     assert error(many)[0] == "file_too_large" and "entries" in error(many)[1]
 
 
+def test_a_text_of_more_pages_than_the_limit_is_refused_before_rendering(server):
+    """11 MB of plain text, about 1,100 pages against the limit of 500: counted from the layout, not rendered."""
+    text = ("The lantern at the mill burned until the river rose over the road to town. " * 6 + "\n\n") * 24_000
+    assert len(text) > 10 * 2**20
+    refused = attack(server, "long-text", lambda: send_file(server, "long.txt", text.encode()))
+    assert error(refused)[0] == "too_many_pages" and "--max-pages" in error(refused)[1]
+
+
 def test_a_pdf_of_10000_blank_pages(server, tight):
     data = hostile_files.pdf_of_pages(10_000)
     refused = attack(server, "pages", lambda: send_file(server, "pages.pdf", data))

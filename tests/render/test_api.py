@@ -11,7 +11,9 @@ from PIL import Image, ImageFont
 
 from glyphserve.errors import ConfigError, EmptyDocumentError
 from glyphserve.render import (
+    count_pages,
     count_text_tokens,
+    estimated_pages,
     glm4v_vision_tokens,
     iter_pages,
     missing_glyphs_warning,
@@ -130,6 +132,18 @@ def test_render_document_with_text_and_scanned_pages():
     scanned_only = Document(kind="pdf", parts=[ImagePart(scan, 1)], source_name="s.pdf", source_bytes=1,
                             encoding=None)
     assert missing_glyphs_warning(render_document(scanned_only, EN)) is None  # no text: no characters missing
+
+
+def test_pages_are_counted_from_the_layout_as_rendering_makes_them():
+    from glyphserve.ingest import Document, ImagePart, TextPart
+
+    text = "\n\n".join(f"Paragraph {i}: the mill, the river and the road to town. " * 8 for i in range(60))
+    doc = Document(kind="pdf", parts=[TextPart(text), ImagePart(np.full((300, 200, 3), 9, np.uint8), 2),
+                                      TextPart("A last page.")], source_name="x.pdf", source_bytes=1, encoding=None)
+    pages = len(render_document(doc, EN).pages)
+    assert pages >= 5 and count_pages(doc, EN, stop_after=1000) == pages
+    assert [count_pages(doc, EN, stop_after=n) for n in (0, 2, pages - 1)] == [1, 3, pages]  # one past, no further
+    assert 0.5 < estimated_pages(doc, EN) / pages < 2
 
 
 def test_render_ingested_file(tmp_path):
