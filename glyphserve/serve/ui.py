@@ -282,7 +282,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 with gr.Accordion("Rendering", open=False):
                     preset = gr.Radio(list(PRESETS), value="auto", label="Preset", elem_id="preset",
                                       info="Glyph's released page settings: English, Chinese, or chosen from the text")
-                    dpi = gr.Radio(list(DPIS), value=DPIS[0], label="DPI", elem_id="dpi",
+                    dpi = gr.Radio([str(d) for d in DPIS], value=str(DPIS[0]), label="DPI", elem_id="dpi",
                                    info="72: Glyph's default, fewest vision tokens; 96: sharper, more tokens")
                     newline = gr.Radio(list(NEWLINES), value=NEWLINES[0], label="Newlines", elem_id="newline",
                                        info="br: real line breaks; marker: Glyph's inline red \\n, denser pages")

@@ -316,3 +316,15 @@ def test_documents_survive_a_restart(tmp_path):
     finally:
         server.stop()
 
+
+
+def test_the_uis_named_endpoints_take_the_values_their_schema_lists(extractive_server):
+    """Gradio's client reads each endpoint's schema; a radio's choices there are what it accepts."""
+    from gradio_client import Client
+
+    ui = Client(extractive_server.url + "/", verbose=False)
+    endpoint = ui.view_api(return_format="dict", print_info=False)["named_endpoints"]["/render_text"]
+    dpi = next(p for p in endpoint["parameters"] if p["parameter_name"] == "dpi")
+    assert dpi["python_type"]["type"] == "Literal['72', '96']"
+    gallery, *_ = ui.predict("The lantern at the mill.", "auto", "96", "br", api_name="/render_text")
+    assert gallery[0]["caption"] == "page 1"
