@@ -64,7 +64,10 @@ class Engine:
             self.tokenizer, loaded.chat_template, mcfg.image_token_id, mcfg.image_end_token_id, self.params.merge_size
         )
         limit = mcfg.text_config.max_position_embeddings
-        self.max_context = min(config.max_context or min(limit, DEFAULT_MAX_CONTEXT), limit)
+        if config.max_context is not None and config.max_context > limit:  # as vLLM refuses a max_model_len past it
+            raise ConfigError(f"a context of {config.max_context} tokens (max_context, --max-model-len) is longer "
+                              f"than the model's {limit} positions (max_position_embeddings): give at most {limit}")
+        self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
         self.stop_ids = self._stop_ids()
         # Compiled in 16 bits only: in float32 (the CUDA exactness probe's dtype) the compiled tower moved two of the
         # probe's eight checks off generate's tokens (at top-2 gaps of 0.007 and 0.010; uncompiled, all eight equal),
@@ -115,6 +118,9 @@ class Engine:
             raise ConfigError("kv_block_size must be a power of two")
         if config.quantize not in (None, "fp8"):
             raise ConfigError(f"unknown quantization {config.quantize!r} (fp8, or none)")
+        if config.max_context is not None and config.max_context < 1:
+            raise ConfigError("max_context (--max-model-len) must be at least 1, or unset: the model's, at most "
+                              f"{DEFAULT_MAX_CONTEXT}")
         return cls(loading.load(config), config)
 
     # --- public API ----------------------------------------------------------------------------------------

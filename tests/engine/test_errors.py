@@ -257,3 +257,9 @@ def test_a_damaged_page_leaves_no_unwritten_blocks_in_the_prefix_cache(load_engi
     again = AnswerRequest(pages=damaged.pages, question="Where?", settings=settings)
     assert [e.channel for _, e in engine.stream_batch([again]) if e.channel in ("done", "error")] == ["error"]
     assert engine.stats()["kv_pool"]["in_use"] == 0
+
+
+@pytest.mark.parametrize("max_context, message", [(0, "at least 1"), (4097, "longer than the model's 4096 positions")])
+def test_a_context_the_model_cannot_hold_is_refused_at_load(load_engine, max_context, message):
+    with pytest.raises(ConfigError, match=message):
+        load_engine(max_context=max_context)
