@@ -35,16 +35,17 @@ def ingest_bytes(
     filename: str | None = None,
     *,
     limits: IngestLimits = IngestLimits(),
+    label: str | None = None,
 ) -> Document:
     """Read a PDF, DOCX, text or Markdown file; its type is sniffed from the content.
 
     ``filename`` only tells Markdown from plain text and names the file in messages (cleaned by
-    :func:`clean_filename`). Raises a :class:`GlyphserveError` subclass for anything the user can fix
+    :func:`clean_filename`) unless ``label`` names the source there (e.g. standard input). Raises a :class:`GlyphserveError` subclass for anything the user can fix
     (unsupported, corrupt, encrypted, empty, over ``limits``).
     """
     data = bytes(data)  # also accepts bytearray and memoryview
     source_name = clean_filename(filename)
-    label = f"'{source_name}'" if source_name else "the file"
+    label = label or (f"'{source_name}'" if source_name else "the file")
     _check_size(len(data), limits.max_bytes, label)
     sniffed = sniff(data, label)
     encoding = None
@@ -102,7 +103,7 @@ def ingest_source(source: str, *, limits: IngestLimits = IngestLimits()) -> Docu
     stdin = sys.stdin.buffer
     data = stdin.read() if limits.max_bytes is None else stdin.read(limits.max_bytes + 1)
     _check_size(len(data), limits.max_bytes, "standard input")
-    return ingest_bytes(data, None, limits=limits)
+    return ingest_bytes(data, None, limits=limits, label="standard input")
 
 
 def ingest_text(text: str, *, limits: IngestLimits = IngestLimits()) -> Document:

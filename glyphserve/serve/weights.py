@@ -50,8 +50,8 @@ def resolve_model(name: str) -> str:
         local = "./" + name.rsplit("/", 1)[-1]
         raise ModelLoadError(
             f"{name} is not in the Hugging Face cache and {endpoint} cannot be reached from here. On a machine with "
-            f"network run `hf download {name} --local-dir {local}`, copy {local} here, and start with "
-            f"`glyphserve serve {local}`"
+            f"network run `hf download {name} --local-dir {local}`, copy {local} here, and give that folder "
+            f"instead of {name} (e.g. `glyphserve serve {local}`, `--model {local}`)"
         )
     return name
 

@@ -46,6 +46,10 @@ def test_render_stdin_chinese_with_config(tmp_path):
     assert manifest["font"]["requested"] == "Source Han Sans HW SC"
     assert manifest["config"]["font-size"] == 10
     assert proc.stderr.decode().startswith("1 page, ")  # the one-line summary, in good English
+    blank = glyphserve("render", "-", "-o", str(tmp_path / "blank"), stdin=b" \n")
+    assert blank.returncode == 2 and blank.stderr.decode() == "error: standard input contains no text\n"
+    workers = glyphserve("render", "-", "-o", str(tmp_path / "w"), "--workers", "0", stdin=b"text")
+    assert workers.returncode == 2 and "--workers: must be at least 1, not 0" in workers.stderr.decode()
 
 
 @pytest.mark.parametrize(
