@@ -83,8 +83,10 @@ class PromptBuilder:
 
 def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: int) -> PromptBudget | None:
     """What the pages may cost in ``engine``'s context for this question and answer length, counted by its
-    tokenizer and chat template; for an engine without them that knows its context (a remote one), bounded from
-    above (pages that fit the bound fit the server); None when neither."""
+    tokenizer and chat template. For an engine without them that knows its context (a remote one) the prompt is
+    bounded from above, so pages that fit the bound fit a server that counts GLM-4.1V's tokens; the bound is loose
+    for long conversations (a token per byte, where English text takes ~4 bytes a token), and when the text alone
+    exceeds it the server judges. None when neither."""
     prompts: PromptBuilder | None = getattr(engine, "prompts", None)
     if prompts is None:
         context = getattr(engine, "max_context", None)
@@ -94,6 +96,8 @@ def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: i
         # doubled, in case the server's template adds a few.
         text = sum(len(m.content.encode()) for m in history) + len(question.encode())
         fixed = 2 * (PROMPT_TOKENS + MESSAGE_TOKENS * (len(history) + 1)) + text
+        if fixed >= context - max_tokens:  # the bound could refuse what the server would answer: let it judge
+            return None
         return PromptBudget(
             context=context,
             max_tokens=max_tokens,

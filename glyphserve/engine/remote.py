@@ -174,9 +174,11 @@ class RemoteEngine:
 
     @property
     def max_context(self) -> int | None:
-        """Tokens of context a request may fill on every server: ``config.max_context`` or the least
-        max_model_len the reachable servers reported (None when neither says)."""
-        known = [e.max_model_len for e in self._endpoints if e.max_model_len is not None]
+        """Tokens of context a request may fill on any server: the least of ``config.max_context`` and the
+        servers' max_model_len; None when neither is known for every server (one that did not say, or was down
+        when connected, might hold less)."""
+        lengths = [e.max_model_len for e in self._endpoints]
+        known = [] if None in lengths else lengths
         if self.config.max_context is not None:
             known.append(self.config.max_context)
         return min(known, default=None)

@@ -385,9 +385,15 @@ def count_pages(doc: Any, config: RenderConfig, stop_after: int) -> int:
 
 
 def estimated_pages(doc: Any, config: RenderConfig) -> float:
-    """A guess at the pages of ``doc`` from its length and the frame's size (Latin text's average width)."""
-    text_parts = [part.text for part in doc.parts if hasattr(part, "text")]
-    return sum(map(len, text_parts)) / max(1.0, _chars_per_page(config)) + len(doc.parts) - len(text_parts)
+    """A guess at the pages of ``doc`` from its source lines and the frame's size (Latin text's average width):
+    each line takes its length over a full line's characters, one line at least (short lines fill pages too)."""
+    per_line, lines_per_page = _frame(config)
+    lines = 0
+    for part in doc.parts:
+        if hasattr(part, "text"):
+            lengths = np.fromiter(map(len, part.text.split("\n")), dtype=np.int64)
+            lines += int(np.maximum(1, -(-lengths // max(1, int(per_line)))).sum())
+    return lines / lines_per_page + sum(not hasattr(part, "text") for part in doc.parts)
 
 
 def _scan_page(image: np.ndarray, config: RenderConfig, number: int, offset: int) -> RenderedPage:
@@ -420,8 +426,14 @@ def _worker_count(workers: int | None, text: str, config: RenderConfig) -> int:
     return max(1, min(cores, int(idle)))
 
 
-def _chars_per_page(config: RenderConfig) -> float:
+def _frame(config: RenderConfig) -> tuple[float, float]:
+    """(characters a line holds at Latin text's average width, lines a page holds)."""
     lines = (config.page_size[1] - 2 * config.margin_y - 12) / config.line_height
     per_line = (config.page_size[0] - 2 * config.margin_x - 12) / (0.5 * config.font_size)
+    return per_line, max(1.0, lines)
+
+
+def _chars_per_page(config: RenderConfig) -> float:
+    per_line, lines = _frame(config)
     return lines * per_line
 

@@ -216,7 +216,7 @@ def load_engine(config: ServeConfig) -> tuple["Engine | RemoteEngine | None", st
         per_server = config.concurrency_per_replica
         remote = RemoteEngine.load(RemoteConfig(
             config.endpoints, model=config.remote_model, api_key=config.remote_api_key, resume_greedy=True,
-            max_concurrency=len(config.endpoints) * per_server))
+            max_concurrency=len(config.endpoints) * per_server, max_context=config.max_model_len))
         models = [e["model"] for e in remote.stats()["endpoints"] if e["model"]]
         return remote, models[0] if models else "glyph"
     if not config.has_model:

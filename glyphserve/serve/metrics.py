@@ -56,6 +56,7 @@ class _Collectors:
     cancelled: Counter
     joined: Counter
     documents: Gauge
+    pages_rendered: Counter
 
 
 @functools.cache
@@ -100,6 +101,8 @@ def _collectors() -> _Collectors:
         joined=Counter("glyphserve_requests_joined", "Requests that joined a batch already decoding "
                        "(continuous batching)"),
         documents=Gauge("glyphserve_documents_stored", "Documents in the store"),
+        pages_rendered=Counter("glyphserve_pages_rendered", "Pages rendered from uploads (those of uploads refused "
+                               "while rendering included)"),
     )
 
 

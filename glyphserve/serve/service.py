@@ -154,7 +154,9 @@ class GlyphService:
         """``/v1/models`` entries, one per served name (vLLM's fields)."""
         info = self.describe()
         root = self.config.model or self.config.random_weights or info["model"]
-        max_len = self.engine.stats().get("max_context") if self.has_model and not self.remote else None
+        max_len = None
+        if self.has_model:  # a front reports the least its replicas hold (None unless each says)
+            max_len = self.engine.max_context if self.remote else self.engine.stats().get("max_context")
         return [{"id": name, "object": "model", "created": self.created, "owned_by": "glyphserve", "root": root,
                  "parent": None, "max_model_len": max_len, "backend": info["backend"]} for name in self.model_names]
 
@@ -202,9 +204,9 @@ class GlyphService:
         # The settings as applied (``auto`` and an unset dpi or newline resolved for this text) decide what is the
         # same document, so the file sent with the settings it would get anyway is found too.
         config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
-        digest = content_hash(b"file\x00" + data if data is not None else b"text\x00" + (text or "").encode("utf-8"),
-                              config)
-        existing = self.store.find(digest)
+        source = b"file\x00" + data if data is not None else b"text\x00" + (text or "").encode("utf-8")
+        digest = content_hash(source, config)
+        existing = self.store.find(digest) or self.store.find(sent_settings_hash(source, options))
         if existing is not None:
             return existing, True
         shown = clean_filename(name) or document.source_name
@@ -218,8 +220,9 @@ class GlyphService:
                           config: RenderConfig, deadline: float, digest: str) -> DocumentRecord:
         from glyphserve.render import count_pages, estimated_pages, render_document
 
-        # A document that may be over the page limit is counted from its layout first (a 10.9 MB text took 20 s to
-        # refuse after rendering 500 pages on a busy 2-core machine; its layout counts them in well under one).
+        # A document that may be over the page limit (its lines say a quarter of it or more) is counted from its
+        # layout first (a 10.9 MB text took 20 s to refuse after rendering 500 pages on a busy 2-core machine; its
+        # layout counts them in well under one).
         limit = self.config.max_pages
         if estimated_pages(document, config) > limit / 4 and count_pages(document, config, limit) > limit:
             raise self._too_many_pages()
@@ -246,6 +249,7 @@ class GlyphService:
         def count(_):
             nonlocal done
             done += 1
+            self.metrics.c.pages_rendered.inc()
             if done > self.config.max_pages:
                 raise self._too_many_pages()
             if time.monotonic() > deadline:
@@ -421,9 +425,23 @@ class GlyphService:
 
 def content_hash(data: bytes, config: RenderConfig) -> str:
     """What makes two uploads the same document: their source (file or pasted text) and bytes, and the render
-    settings applied to them."""
+    settings applied to them (numbers as floats: a dpi of 72 and of 72.0 render alike)."""
+    def canonical(value):
+        if isinstance(value, (list, tuple)):
+            return [canonical(v) for v in value]
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    settings = {name: canonical(value) for name, value in dataclasses.asdict(config).items()}
     digest = hashlib.sha256(data)
-    digest.update(b"\x00" + json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    digest.update(b"\x00" + json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def sent_settings_hash(data: bytes, options: RenderOptions) -> str:
+    """The key of documents stored before ``content_hash`` keyed the settings as applied: the settings as sent
+    (such a record is found again when the same file comes with the same settings)."""
+    digest = hashlib.sha256(data)
+    digest.update(f"\x00{options.preset}\x00{options.dpi}\x00{options.newline}".encode())
     return digest.hexdigest()
 
 

@@ -205,3 +205,26 @@ def test_a_greedy_answer_cut_mid_stream_is_finished_by_another_endpoint(server):
         assert stats["resumed"] == 1 and len(server.requests) == len(other.requests) == 1
     finally:
         other.close()
+
+
+def test_the_context_is_the_least_every_server_reports():
+    """Pages are chosen for ``max_context``: known only when every server says its max_model_len (one that does
+    not, or could not be reached, might hold less), capped by the configured one."""
+    from glyphserve.engine.prompt import page_budget
+
+    long, short, silent = ChatServer(max_model_len=32768), ChatServer(max_model_len=8192), ChatServer()
+    try:
+        assert _engine(long.url).max_context == 32768
+        assert _engine(long.url, short.url).max_context == 8192
+        assert _engine(long.url, silent.url).max_context is None
+        assert _engine(long.url, _free_port_url(), model="glyph").max_context is None  # one down at load
+        assert _engine(long.url, silent.url, max_context=4096).max_context == 4096
+        assert _engine(short.url, max_context=16384).max_context == 8192
+        engine = _engine(short.url)
+        budget = page_budget(engine, [], "Who?", max_tokens=512)
+        assert budget.limit == 8192 - 512 and budget.count_prompt(["", ""]) >= 6 + 4 + 4  # template, text, markers
+        history = [ChatMessage("user", "x" * 8000)]  # over the bound: the server judges (every page goes)
+        assert page_budget(engine, history, "Who?", max_tokens=512) is None
+    finally:
+        for chat in (long, short, silent):
+            chat.close()

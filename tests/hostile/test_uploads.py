@@ -5,6 +5,7 @@ question go through untouched."""
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -91,12 +92,22 @@ def test_billion_laughs_and_tens_of_thousands_of_entries(server):
     assert error(many)[0] == "file_too_large" and "entries" in error(many)[1]
 
 
-def test_a_text_of_more_pages_than_the_limit_is_refused_before_rendering(server):
-    """11 MB of plain text, about 1,100 pages against the limit of 500: counted from the layout, not rendered."""
-    text = ("The lantern at the mill burned until the river rose over the road to town. " * 6 + "\n\n") * 24_000
-    assert len(text) > 10 * 2**20
-    refused = attack(server, "long-text", lambda: send_file(server, "long.txt", text.encode()))
+def pages_rendered(server: Server) -> float:
+    metrics = HTTP.get(f"{server.url}/metrics").text
+    return float(re.search(r"^glyphserve_pages_rendered_total (\S+)$", metrics, re.M).group(1))
+
+
+@pytest.mark.parametrize("kind, text", [
+    ("long-lines", ("The lantern at the mill burned until the river rose over the road to town. " * 6 + "\n\n") * 24_000),
+    ("short-lines", "line\n" * 60_000),  # 300 KB, ~750 pages: its lines, not its length, say so
+])
+def test_a_text_of_more_pages_than_the_limit_is_refused_before_rendering(server, kind, text):
+    """About 1,100 or 750 pages against the limit of 500: counted from the layout, not one page rendered."""
+    before = pages_rendered(server)
+    refused = send_file(server, f"{kind}.txt", text.encode())
     assert error(refused)[0] == "too_many_pages" and "--max-pages" in error(refused)[1]
+    assert pages_rendered(server) == before
+    attack(server, kind, lambda: send_file(server, f"{kind}.txt", text.encode()))
 
 
 def test_a_pdf_of_10000_blank_pages(server, tight):

@@ -96,3 +96,25 @@ def test_an_answer_cut_mid_stream_is_finished_by_another_server(stubs, tmp_path)
         server.stop()
     assert reply["answer"] == "answer to: Who kept the lighthouse?"  # streamed once, nothing repeated
     assert reply["thinking"].endswith("pages to read") and health["resumed"] == 2
+
+
+def test_a_front_selects_pages_for_the_least_context_its_servers_report(tmp_path):
+    """Behind a front no tokenizer counts the prompt: pages are chosen against an upper bound of it for the
+    least max_model_len the servers report, and the front reports that length in its own /v1/models."""
+    stubs = [ChatServer(max_model_len=4000), ChatServer(max_model_len=2500)]
+    front = _front(tmp_path, *(stub.url for stub in stubs))
+    try:
+        with front.client() as client:
+            assert [m["max_model_len"] for m in client.get("/v1/models").json()["data"]] == [2500]
+            text = "\n\n".join(f"Part {i}: the lantern at the mill burned until the river rose. " * 8
+                               for i in range(240))
+            document = client.post("/v1/documents", json={"text": text}).json()
+            pages = document["document"]["pages"]
+            done = _chat(front, document["id"], "What burned at the mill?", stream=False)
+        sent = [part for stub in stubs for body in stub.requests
+                for part in body["messages"][0]["content"] if part["type"] == "image_url"]
+        assert pages >= 4 and 1 <= len(sent) == len(done["pages_shown"]) < pages
+    finally:
+        front.stop()
+        for stub in stubs:
+            stub.close()

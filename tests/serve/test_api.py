@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -83,7 +84,7 @@ def test_an_upload_is_the_same_document_when_its_applied_settings_are(client):
     text = "The settings an upload gets decide what is a duplicate. " * 20
     first = upload_text(client, text=text)
     assert first["deduplicated"] is False and first["document"]["render"]["dpi"] == 72
-    for fields in ({"preset": "glyph-en"}, {"dpi": 72, "newline": "br"}, {"preset": "auto", "dpi": 72}):
+    for fields in ({"preset": "glyph-en"}, {"dpi": 72, "newline": "br"}, {"preset": "auto", "dpi": 72.0}):
         again = upload_text(client, text=text, **fields)  # what "auto" and the preset's defaults give anyway
         assert again["deduplicated"] is True and again["id"] == first["id"], fields
     other = upload_text(client, text=text, dpi=96)
@@ -306,6 +307,12 @@ def test_documents_survive_a_restart(tmp_path):
             page = c.get(f"/v1/documents/{doc_id}/pages/1.png").content
     finally:
         server.stop()
+    # As a store written before uploads were keyed by the settings applied: keyed by the settings as sent.
+    from glyphserve.serve.service import RenderOptions, sent_settings_hash
+
+    with sqlite3.connect(tmp_path / "data" / "index.sqlite3") as db:
+        db.execute("UPDATE documents SET content_hash = ?",
+                   (sent_settings_hash(b"text\x00" + STORY.encode(), RenderOptions()),))
     server = Server(tmp_path / "data", "--no-ui").start()
     try:
         with server.client() as c:
@@ -313,9 +320,9 @@ def test_documents_survive_a_restart(tmp_path):
             assert c.get(f"/v1/documents/{doc_id}/pages/1.png").content == page
             answer = c.post(f"/v1/documents/{doc_id}/chat", json={"question": "What was engraved?"}).json()
             assert "for courage at sea" in answer["answer"]
+            assert upload_text(c)["id"] == doc_id  # found by its old key
     finally:
         server.stop()
-
 
 
 def test_the_uis_named_endpoints_take_the_values_their_schema_lists(extractive_server):
