@@ -86,6 +86,18 @@ class OutputState:
         self.pending = ""
         for channel, text in self.parser.finish():
             outcome.deltas.append(Delta(channel, text, self._take_logprobs(), self._take_tokens()))
+        # Tokens that released no text (the stop token, a closing tag, trailing spaces) still report themselves
+        # and their logprobs: with the last delta, or in one of no text.
+        tokens, logprobs = self._take_tokens(), self._take_logprobs()
+        if tokens or logprobs:
+            if outcome.deltas:
+                last = outcome.deltas[-1]
+                last.tokens += tokens
+                if logprobs:
+                    last.logprobs = (last.logprobs or []) + logprobs
+            else:
+                outcome.deltas.append(Delta("answer" if self.answer_text else "thinking" if self.thinking_text
+                                            else "answer", "", logprobs, tokens))
         return outcome.deltas
 
     def _outcome(self) -> TokenOutcome:

@@ -65,7 +65,7 @@ class SampleRows:
 # Per-slot settings: columns of one float tensor on the device, written from a host mirror in one copy per step
 # for the slots admitted since the last (ten small writes per admitted sequence, each a launch, cost 0.8 ms of
 # the engine thread a request on an H200: 4% of it under 64 sessions).
-_SETTINGS = ("temperature", "sampled", "top_p", "top_k", "min_p", "repetition", "presence", "frequency", "eos_bias")
+_SETTINGS = ("temperature", "sampled", "top_p", "top_k", "min_p", "repetition", "presence", "frequency")
 _NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "repetition": 1.0}  # the rest 0
 
 
@@ -75,15 +75,18 @@ class Sampler:
     def __init__(self, vocab: int, slots: int, stop_ids: list[int], device: torch.device):
         self.vocab = vocab
         self.device = device
-        self.settings_host = np.zeros((slots, len(_SETTINGS)), dtype=np.float32)
+        # Then a column per stop token: its bias, -inf where ignore_eos suppresses it (not where the request
+        # asked to stop at it: stop_token_ids).
+        self.settings_host = np.zeros((slots, len(_SETTINGS) + len(stop_ids)), dtype=np.float32)
         for name, value in _NEUTRAL.items():
             self.settings_host[:, _SETTINGS.index(name)] = value
         self.settings = torch.from_numpy(self.settings_host).to(device)
         # Views of the device columns. temperature is 1 for greedy rows (their division is then exact); sampled:
-        # 1 for rows that draw; top_k: 0 keeps all (exact in float32 up to 2**24); eos_bias: -inf suppresses
-        # the stop tokens (ignore_eos).
+        # 1 for rows that draw; top_k: 0 keeps all (exact in float32 up to 2**24); stop_bias: [slots, stop tokens].
         (self.temperature, self.sampled, self.top_p, self.top_k, self.min_p, self.repetition, self.presence,
-         self.frequency, self.eos_bias) = self.settings.unbind(1)
+         self.frequency) = self.settings[:, :len(_SETTINGS)].unbind(1)
+        self.stop_bias = self.settings[:, len(_SETTINGS):]
+        self._stop_list = list(stop_ids)
         self.seed = torch.zeros(slots, device=device, dtype=torch.int64)
         self.seed_host = np.zeros(slots, dtype=np.int64)
         self._dirty: set[int] = set()  # slots whose settings changed since the last flush
@@ -106,9 +109,10 @@ class Sampler:
         s = settings
         penalised = s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0
         top_k = s.top_k if s.top_k < self.vocab else 0  # the whole vocabulary or more keeps all of it
+        suppressed = [float("-inf") if s.ignore_eos and t not in s.stop_token_ids else 0.0 for t in self._stop_list]
         self.settings_host[slot] = (1.0 if greedy else s.temperature, 0.0 if greedy else 1.0, s.top_p, top_k,
                                     s.min_p, s.repetition_penalty, s.presence_penalty, s.frequency_penalty,
-                                    float("-inf") if s.ignore_eos else 0.0)
+                                    *suppressed)
         self.seed_host[slot] = seed
         self._dirty.add(slot)
         self.special_host[slot] = penalised or not greedy
@@ -154,7 +158,7 @@ class Sampler:
     def greedy(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """argmax with the stop tokens suppressed for ``ignore_eos`` rows (graph-capturable)."""
         biased = logits.clone()
-        biased[:, self.stop_ids] += self.eos_bias[slots].unsqueeze(1)
+        biased[:, self.stop_ids] += self.stop_bias[slots]
         return biased.argmax(dim=-1)
 
     def __call__(self, logits: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, rows: SampleRows,
@@ -187,7 +191,7 @@ class Sampler:
             penalty = self.repetition[slots].unsqueeze(1)
             x = torch.where(seen, torch.where(x < 0, x * penalty, x / penalty), x)
             x = x - self.presence[slots].unsqueeze(1) * (counts > 0) - self.frequency[slots].unsqueeze(1) * counts
-        x[:, self.stop_ids] += self.eos_bias[slots].unsqueeze(1)
+        x[:, self.stop_ids] += self.stop_bias[slots]
         # Greedy rows (temperature 1 here) keep their argmax: every mask below keeps the most likely token.
         x = x / self.temperature[slots].unsqueeze(1)
         if rows.sorted_masks:

@@ -94,9 +94,14 @@ class GenerationSettings:
     skip_special_tokens: bool = True  # special tokens are left out of the text
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely (at most 20)
     use_cache: bool = True  # vision-feature and prefix caches
-    ignore_eos: bool = False  # stop tokens are suppressed until max_tokens
+    ignore_eos: bool = False  # the model's stop tokens are suppressed until max_tokens (not stop_token_ids)
     truncate_pages: bool = False  # keep the first pages that fit the context instead of failing
     seed: int | None = None  # sampling seed (0 <= seed < 2**64): the same seed gives the same answer
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, as vLLM takes it (not one per character)
+            self.stop = (self.stop,)
+        self.stop, self.stop_token_ids = tuple(self.stop), tuple(self.stop_token_ids)
 
 
 @dataclass

@@ -186,3 +186,27 @@ def test_the_engine_times_its_decode_steps(load_engine):
     assert after["timed_decode_steps"] - before["timed_decode_steps"] == 11 + 4  # every token after the first
     assert after["decode_step_s"] > before["decode_step_s"] and after["step_s"] > before["step_s"]
     assert after["gpu_wait_s"] == before["gpu_wait_s"] == 0  # the CPU has no device to wait for
+
+
+def test_a_stop_token_asked_for_ends_the_answer_under_ignore_eos(load_engine):
+    """ignore_eos suppresses the model's stop tokens, not those the request names in stop_token_ids (vLLM's
+    rule); the tokens that release no text still reach the stream, with their logprobs."""
+    engine = load_engine()
+    page = make_pages([(112, 112)], seed=0)
+    natural = engine.answer(AnswerRequest(pages=page, question="What?", settings=GenerationSettings(max_tokens=40)))
+    assert natural.finish_reason == "stop" and len(natural.token_ids) < 40  # ended by a model stop token
+    stop = natural.token_ids[-1]
+    ignored = engine.answer(AnswerRequest(pages=page, question="What?",
+                                          settings=GenerationSettings(max_tokens=40, ignore_eos=True)))
+    assert ignored.finish_reason == "length" and len(ignored.token_ids) == 40
+    events = list(engine.stream(AnswerRequest(pages=page, question="What?", settings=GenerationSettings(
+        max_tokens=40, ignore_eos=True, stop_token_ids=(stop,), logprobs=0))))
+    asked = events[-1].result
+    assert (asked.token_ids, asked.finish_reason, asked.stop_reason) == (natural.token_ids, "stop", stop)
+    streamed = [e for e in events[:-1]]
+    assert [t for e in streamed for t in e.tokens] == asked.token_ids  # the stop token included
+    assert [lp.token_id for e in streamed for lp in e.logprobs] == asked.token_ids
+
+
+def test_one_stop_string_is_one_string():
+    assert GenerationSettings(stop="END").stop == ("END",)
