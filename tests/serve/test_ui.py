@@ -64,7 +64,7 @@ def test_upload_renders_at_once_and_the_chat_shows_evidence_and_settings(browser
     expect(page.locator("#status")).to_contain_text("upload or select a document first")
 
     document = tmp_path / "keeper.txt"
-    document.write_text(STORY, encoding="utf-8")
+    document.write_text("The keeper's copy.\n\n" + STORY, encoding="utf-8")  # not another test's upload
     upload(page, document)  # no Render button: the upload is rendered as it arrives
     expect(page.locator("#pages img").first).to_be_visible(timeout=60_000)
     expect(page.locator("#stats")).to_contain_text("vision tokens")
