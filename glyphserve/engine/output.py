@@ -56,6 +56,8 @@ class OutputState:
             self._unreleased.append(logprob)
         if token in self.stop_ids:
             outcome.stop_reason = token
+            if self.settings.include_stop_str_in_output:  # its text too (none for a special token skipped)
+                self.pending += self.stream.step(self.backend, token) or ""
             self._release(self.pending, outcome)
             self.pending = ""
             return outcome

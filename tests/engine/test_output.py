@@ -49,6 +49,11 @@ def test_a_stop_string_ends_the_answer_and_is_never_shown(tok):
 def test_stop_tokens_end_the_answer(tok):
     state = OutputState(tok, GenerationSettings(), frozenset({7}))
     assert state.push(7).stop_reason == 7
+    ids = tok("The wolf ran", add_special_tokens=False)["input_ids"]
+    for include in (False, True):  # vLLM's rule: a stop token's text is kept with include_stop_str_in_output
+        state = OutputState(tok, GenerationSettings(include_stop_str_in_output=include), frozenset({ids[-1]}))
+        deltas = [d for i in ids for d in state.push(i).deltas] + state.finish()
+        assert "".join(d.text for d in deltas) == ("The wolf ran" if include else tok.decode(ids[:-1]))
 
 
 def test_logprobs_ride_with_the_text_they_made(tok):
