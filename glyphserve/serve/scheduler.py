@@ -112,6 +112,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._running: list[_Ticket] = []
+        self._ended = 0  # tickets of the running batch already answered (the batch runs on for the others)
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = weakref.WeakKeyDictionary()
         self._seconds_per_job = 1.0  # moving average, for Retry-After
         self._thread = threading.Thread(target=self._work, name="glyphserve-scheduler", daemon=True)
@@ -125,7 +126,7 @@ class Scheduler:
     @property
     def running(self) -> int:
         """Requests being answered."""
-        return len(self._running)
+        return len(self._running) - self._ended
 
     @property
     def alive(self) -> bool:
@@ -280,7 +281,7 @@ class Scheduler:
             return []
 
     def _begin(self, batch: list[_Ticket]) -> None:
-        self._running = batch
+        self._running, self._ended = batch, 0
 
     def _pull(self, limit: int) -> list[_Ticket]:
         """Up to ``limit`` waiting tickets, oldest first; cancelled ones on the way are dropped (hold ``_cond``)."""
@@ -308,7 +309,7 @@ class Scheduler:
                     self._run_batch(batch)
             except Exception:  # never let the worker die; each ticket already got its error
                 log.exception("scheduler worker error")
-            self._running = []
+            self._running, self._ended = [], 0
             per_job = (time.monotonic() - started) / len(batch)
             self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * per_job
 
@@ -322,9 +323,11 @@ class Scheduler:
                 ticket = batch[index]
                 if isinstance(item, Exception):  # an admitted job that could not run
                     finished.add(index)
+                    self._ended += 1
                     ticket.deliver(_user_error(item))
                 elif isinstance(item, Reply):
                     finished.add(index)
+                    self._ended += 1
                     self._finish(ticket, item)
                 elif ticket.streaming and not self._stopped(ticket):
                     streamed.add(index)

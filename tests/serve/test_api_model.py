@@ -114,6 +114,14 @@ def test_metrics_a_vllm_dashboard_reads(client, documents):
     assert "process_resident_memory_bytes" in text and "_created" not in text
 
 
+def test_a_request_answered_beside_a_running_one_no_longer_counts_as_running(model_server, client, documents):
+    before = cancelled_count(client)
+    with long_answer(model_server, documents[0], 3000, lines_read=3):
+        ask(client, documents[1], QUESTIONS[0], max_tokens=4)  # joins the decoding batch and ends first
+        assert metric(client.get("/metrics").text, "vllm:num_requests_running") == 1
+    wait_for_cancel(client, before)
+
+
 def test_openai_client_with_page_images(model_server, client, documents):
     png = client.get(f"/v1/documents/{documents[1]}/pages/1.png").content
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
