@@ -148,12 +148,20 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 
 
 def write_parquet(results: str | Path, out: str | Path) -> int:
-    """Every record of a results file as one Parquet table (nested timings and errors as structs); the row count."""
+    """Every record of a results file as one Parquet table (nested timings and errors as structs; an empty one,
+    such as the timings of a document that failed before rendering, as null: Parquet has no struct without
+    fields); the row count."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError("--parquet needs pyarrow: pip install 'glyphserve[cluster]'") from None
     records = read_results(results)
-    pq.write_table(pa.Table.from_pylist(records), out)
+    pq.write_table(pa.Table.from_pylist([_no_empty_structs(r) for r in records]), out)
     return len(records)
+
+
+def _no_empty_structs(value):
+    if isinstance(value, dict):
+        return {key: _no_empty_structs(item) for key, item in value.items()} or None
+    return [_no_empty_structs(item) for item in value] if isinstance(value, list) else value

@@ -75,9 +75,20 @@ class ExtractiveBackend:
         return estimated_budget(question, self.context, self.max_tokens) if self.context else None
 
     def answer(self, question: str, shown: ShownPages) -> str:
+        """The best passages; with a ``context``, pages that would not fit it are refused as a model with that
+        context refuses them (``all`` and no page selection show every page)."""
         from glyphserve.engine import AnswerRequest
+        from glyphserve.errors import ContextOverflowError
+        from glyphserve.glm4v import vision_tokens
         from glyphserve.serve.backends import ChatJob
 
+        budget = self.page_budget(question)
+        if budget is not None:
+            labels = shown.labels or [""] * len(shown.images)
+            need = budget.count_prompt(labels) + sum(vision_tokens(i.shape[1], i.shape[0]) for i in shown.images)
+            if need > budget.limit:
+                raise ContextOverflowError(f"the prompt needs about {need:,} tokens; {budget.limit:,} fit the "
+                                           f"{self.context:,}-token context with a {self.max_tokens:,}-token answer")
         if not shown.text.strip():
             return ""
         job = ChatJob(AnswerRequest(pages=[], question=question), context=shown.text)

@@ -251,3 +251,19 @@ def test_documents_longer_than_the_context_read_the_pages_that_match(tiny_model_
         assert record["error"] is None and record["pages"] > len(shown) == record["pages_used"]
         assert record["prompt_tokens"] <= 1400 - MAX_NEW_TOKENS
         assert (needle in shown) == (mode == "retrieve")
+
+
+def test_parquet_holds_results_whose_timings_are_empty(tmp_path):
+    """A document that fails before rendering has no timings: its row's struct is null (Parquet has no empty
+    struct), also when no row of the file has any."""
+    import pyarrow.parquet as pq
+
+    from glyphserve.batch.results import write_parquet
+
+    results = tmp_path / "out.jsonl"
+    failed = {"id": "gone.txt", "question": "Q?", "answer": None, "timings": {},
+              "error": {"code": "file_not_found", "message": "gone.txt: no such file"}}
+    results.write_text(json.dumps(failed) + "\n", encoding="utf-8")
+    assert write_parquet(results, tmp_path / "out.parquet") == 1
+    row = pq.read_table(tmp_path / "out.parquet").to_pylist()[0]
+    assert row["timings"] is None and row["error"] == failed["error"] and row["id"] == "gone.txt"

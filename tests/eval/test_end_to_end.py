@@ -80,10 +80,13 @@ def test_documents_beyond_the_context_score_zero_and_are_reported(tiny_model_dir
 def test_page_selection_beyond_the_context_shows_the_evidence(tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "--suite", "niah,mdqa", "--lengths", "3x", "--samples", "4", "--max-context", "4096",
-                 "--max-new-tokens", "64", "--page-selection", "first,retrieve", "-o", str(out)]) == 0
+                 "--max-new-tokens", "64", "--page-selection", "first,retrieve,all", "-o", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     rows = {(r["suite"], r["setting"].split()[-1]): r for r in data["summary"]}
-    assert set(rows) == {(s, m) for s in ("niah", "mdqa") for m in ("first", "retrieve")}
+    assert set(rows) == {(s, m) for s in ("niah", "mdqa") for m in ("first", "retrieve", "all")}
+    for suite in ("niah", "mdqa"):  # every page of 3x the context: refused, as a model with that context would
+        assert rows[suite, "all"]["errors"] == rows[suite, "all"]["samples"] and rows[suite, "all"]["accuracy"] == 0
+    data["samples"] = [s for s in data["samples"] if not s["setting"].endswith(" all")]
     for suite in ("niah", "mdqa"):
         # The first pages lose the evidence past the cut; retrieval shows it every time.
         assert rows[suite, "retrieve"]["evidence_shown"] == 1.0 > rows[suite, "first"]["evidence_shown"]
