@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 
-from glyphserve.render.commands import NEWLINE_CHOICES, PRESET_CHOICES
+from glyphserve.render.commands import NEWLINE_CHOICES, PRESET_CHOICES, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,12 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "share one vision encode and the document prefix)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=4, metavar="N",
+    run.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
                      help="questions answered together (halved automatically on GPU out-of-memory); default 4")
     run.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
     run.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)), metavar="N",
                      help="render processes working ahead of the model (0: render in this process)")
-    run.add_argument("--prefetch", type=int, metavar="N",
+    run.add_argument("--prefetch", type=positive_int, metavar="N",
                      help="documents rendered ahead (default 2 x batch size + workers)")
     run.add_argument("--page-selection", choices=("retrieve", "first", "all"), default="retrieve",
                      help="documents longer than the model's context: read the pages that best match each question, "

@@ -57,7 +57,7 @@ def check_settings(s: GenerationSettings, vocab: int) -> None:
     if s.seed is not None and not -(2**63) <= s.seed < 2**64:
         bad("seed must be a 64-bit integer")
     if any(not 0 <= t < vocab for t in s.stop_token_ids):
-        bad(f"stop_token_ids must be token ids below {vocab}")
+        bad(f"stop_token_ids must be token ids from 0 to {vocab - 1}")
 
 
 def page_key(page: Page) -> str:

@@ -21,13 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help="a .txt/.md/.pdf/.docx file, or - for stdin")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for page_001.png ... and manifest.json")
     add_render_options(p)
-    p.add_argument("--workers", type=_positive, default=None, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="processes painting pages (default: all cores for long documents)")
     p.add_argument("--json", action="store_true", help="also print the manifest to stdout")
     p.set_defaults(func=run)
 
 
-def _positive(value: str) -> int:
+def positive_int(value: str) -> int:
+    """An argparse type: an integer of at least 1."""
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")

@@ -188,8 +188,8 @@ class GlyphService:
         size = len(data) if data is not None else len((text or "").encode("utf-8"))
         if size > self.config.max_upload_bytes:
             raise FileTooLargeError(
-                f"the upload is {size / 2**20:.1f} MiB; this server accepts at most "
-                f"{self.config.max_upload_mb:g} MiB (--max-upload-mb)"
+                f"the upload is {size:,} bytes ({size / 2**20:.2f} MiB); this server accepts at most "
+                f"{self.config.max_upload_bytes:,} bytes ({self.config.max_upload_mb:g} MiB, --max-upload-mb)"
             )
         from glyphserve.render import resolve_config
 
