@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,8 +17,14 @@ from dataclasses import dataclass
 import Stemmer
 
 MAX_PASSAGE_CHARS = 480
-_WORD = re.compile(r"[0-9a-z]+(?:'[a-z]+)?|[\u3400-\u9fff\uf900-\ufaff]")
-_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+# Han, kana and Hangul write words without spaces between them: runs of them are searched as single characters
+# plus bigrams of adjacent ones. Any other letters or digits (Latin with accents, Cyrillic, Greek, ...) are words.
+_CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_WORD = re.compile(rf"[{_CJK_CHARS}]+|[^\W_{_CJK_CHARS}]+(?:'[^\W_{_CJK_CHARS}]+)?")
+_CJK = re.compile(rf"[{_CJK_CHARS}]")
+# Function characters of Chinese and Japanese, which match nearly any page (alone and in bigrams).
+_CJK_STOP_CHARS = frozenset("的了是在和有也就都而与或之其为以被把对吗呢吧啊么这那个我你他她它们什怎哪谁のはがをにでともかへやねよ")
+_CJK_STOP_BIGRAMS = frozenset("什么 怎么 哪里 哪个 如何 是否 为什 我们 你们 他们 这个 那个 一个".split())
 _PARAGRAPH = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?;。！？；])[\"')\]”’]*\s+|(?<=[。！？；])|\n")
 _STOPWORDS = frozenset(
@@ -32,16 +39,23 @@ _ENGLISH = Stemmer.Stemmer("english")
 
 @functools.lru_cache(maxsize=65536)
 def _stem(word: str) -> str:
-    """Snowball's English stem ("installed", "installing", "installation" -> "instal"); CJK characters and
-    numbers stay as they are."""
-    return word if _CJK.fullmatch(word) or word.isdigit() else _ENGLISH.stemWord(word)
+    """Snowball's English stem ("installed", "installing", "installation" -> "instal"); numbers stay as they are
+    (other scripts pass through the English rules unchanged)."""
+    return word if word.isdigit() else _ENGLISH.stemWord(word)
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased, stemmed words without stop words; CJK text as characters plus character bigrams."""
-    words = [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
-    bigrams = [a + b for a, b in zip(words, words[1:]) if _CJK.fullmatch(a) and _CJK.fullmatch(b)]
-    return words + bigrams
+    """Words of ``text`` (NFKC, case-folded) without stop words, English ones stemmed; runs of Han, kana or Hangul
+    as their characters plus bigrams of adjacent ones, leaving out the commonest function characters."""
+    tokens: list[str] = []
+    for run in _WORD.findall(unicodedata.normalize("NFKC", text).replace("\u2019", "'").casefold()):
+        if _CJK.match(run):
+            tokens += [c for c in run if c not in _CJK_STOP_CHARS]
+            tokens += [a + b for a, b in zip(run, run[1:])
+                       if a not in _CJK_STOP_CHARS and b not in _CJK_STOP_CHARS and a + b not in _CJK_STOP_BIGRAMS]
+        elif run not in _STOPWORDS:
+            tokens.append(_stem(run))
+    return tokens
 
 
 @dataclass(frozen=True)

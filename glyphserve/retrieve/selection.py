@@ -202,6 +202,13 @@ def select_pages(
         if total <= budget.limit or not keep:
             break
         keep.pop()
+    if not keep and mode == "first" and min(cost.values()) <= room:
+        first = cost[pages[0]]
+        raise ContextOverflowError(
+            f"the first page alone needs {first} tokens and {room} are left for pages (the question and the "
+            f"conversation take {fixed}, the answer up to {budget.max_tokens} of the {budget.context}): mode first "
+            "shows nothing past a page that does not fit; use retrieve, or a longer context"
+        )
     if not keep:
         smallest = min(cost.values())
         room_for_answer = budget.context - fixed - smallest

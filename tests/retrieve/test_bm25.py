@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from glyphserve.retrieve import BM25Index, Corpus, split_passages, tokenize
 from tests.serve.conftest import STORY
 
@@ -51,3 +53,20 @@ def test_weighted_terms_and_statistics_of_a_collection():
     assert list(alone) == [0] and a.scores({"red": 0.5})[0] == alone[0] / 2
     # In the collection "red" is in most passages: it tells less, and scores lower.
     assert 0 < a.scores({"red": 1.0}, Corpus([a, b]))[0] < alone[0]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("Где находится Москва?", ["где", "находится", "москва"]),
+    ("Zürich’s café", ["zürich", "café"]),  # a curly apostrophe as a straight one, the possessive stemmed
+    ("ＡＢＣ", ["abc"]),  # full-width letters as their plain forms
+    ("서울은", ["서", "울", "은", "서울", "울은"]),
+    ("東京タワー", ["東", "京", "タ", "ワ", "ー", "東京", "京タ", "タワ", "ワー"]),
+])
+def test_every_script_has_words(text, words):
+    assert tokenize(text) == words
+
+
+def test_a_question_in_another_script_finds_its_passage():
+    index = BM25Index.from_text("Paris is in France.\n\nМосква — столица России.\n\n서울은 한국의 수도이다.")
+    assert index.search("Где Москва?")[0][0].text.startswith("Москва")
+    assert index.search("서울")[0][0].text.startswith("서울")

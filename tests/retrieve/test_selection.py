@@ -179,3 +179,20 @@ def test_mode_all_and_bad_requests():
     # No answer length would make room: the context that would.
     assert err.value.message.endswith(f"one page and a one-token answer need {FIXED + 32 + 1}: use a longer context "
                                       "or shorten the conversation")
+
+
+def test_mode_first_says_when_its_first_page_alone_is_too_big():
+    doc = make_document([filler(n) for n in range(4)], [500, 20, 20, 20])
+    assert select_pages([doc], mode="retrieve", question="q", budget=budget(FIXED + 50)).shown() == [2, 3]
+    with pytest.raises(ContextOverflowError, match="the first page alone needs 502 tokens and 50 are left"):
+        select_pages([doc], mode="first", question="q", budget=budget(FIXED + 50))
+
+
+def test_a_chinese_question_about_nothing_in_the_document_matches_nothing():
+    """Function characters (的, 是, 什么) match nearly every page: left out, so the no-match rule holds in Chinese
+    as in English (the scans, then the first pages)."""
+    texts = ["北京是中国的首都，有很多名胜古迹。", "上海是一座国际化的大都市。", "", "我的猫是白色的。", "长江是中国最长的河流。"]
+    doc = make_document(texts, [50] * 5, scans=frozenset({3}))
+    two = FIXED + 2 * (50 + PAGE_MARKER_TOKENS)
+    assert select_pages([doc], mode="retrieve", question="量子计算的原理是什么？", budget=budget(two)).shown() == [1, 3]
+    assert select_pages([doc], mode="retrieve", question="长江有多长？", budget=budget(two)).shown() == [4, 5]  # its neighbour
