@@ -98,8 +98,8 @@ class OutputState:
                 if logprobs:
                     last.logprobs = (last.logprobs or []) + logprobs
             else:
-                outcome.deltas.append(Delta("answer" if self.answer_text else "thinking" if self.thinking_text
-                                            else "answer", "", logprobs, tokens))
+                channel = "thinking" if self.thinking_text and not self.answer_text else "answer"
+                outcome.deltas.append(Delta(channel, "", logprobs, tokens))
         return outcome.deltas
 
     def _outcome(self) -> TokenOutcome:

@@ -40,8 +40,9 @@ def ingest_bytes(
     """Read a PDF, DOCX, text or Markdown file; its type is sniffed from the content.
 
     ``filename`` only tells Markdown from plain text and names the file in messages (cleaned by
-    :func:`clean_filename`) unless ``label`` names the source there (e.g. standard input). Raises a :class:`GlyphserveError` subclass for anything the user can fix
-    (unsupported, corrupt, encrypted, empty, over ``limits``).
+    :func:`clean_filename`) unless ``label`` names the source there (e.g. standard input). Raises a
+    :class:`GlyphserveError` subclass for anything the user can fix (unsupported, corrupt, encrypted, empty, over
+    ``limits``).
     """
     data = bytes(data)  # also accepts bytearray and memoryview
     source_name = clean_filename(filename)

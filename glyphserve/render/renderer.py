@@ -64,9 +64,11 @@ class _Setup:
 
 def _setup(text: str, config: RenderConfig) -> _Setup:
     font = resolve_font(config.font_path)
-    table = _char_table(font.face, config.fallback_fonts)
-    layout = LayoutContext(config, WidthMap(table), has_cjk(text))
-    return _Setup(config, font, layout, _raster_context(config, font.face))
+    return _Setup(config, font, _layout_context(text, config, font), _raster_context(config, font.face))
+
+
+def _layout_context(text: str, config: RenderConfig, font: ResolvedFont) -> LayoutContext:
+    return LayoutContext(config, WidthMap(_char_table(font.face, config.fallback_fonts)), has_cjk(text))
 
 
 def _page_layouts(prepared: PreparedText, setup: _Setup) -> Iterator[tuple[PageLayout, bool]]:
@@ -370,13 +372,13 @@ def count_pages(doc: Any, config: RenderConfig, stop_after: int) -> int:
     """The pages ``render_document`` makes of ``doc``, from the line layout alone (no pixels: ~8x faster than
     rendering), counted no further than one past ``stop_after``: a server refuses a document over its page
     limit in a second, not after rendering the limit's pages."""
+    font = resolve_font(config.font_path)
     count = 0
     for part in doc.parts:
         if not hasattr(part, "text"):
             count += 1
         elif part.text.strip():
-            table = _char_table(resolve_font(config.font_path).face, config.fallback_fonts)
-            layout = LayoutContext(config, WidthMap(table), has_cjk(part.text))
+            layout = _layout_context(part.text, config, font)
             for _ in zip(paginate(prepare(part.text), layout), range(stop_after + 1 - count)):
                 count += 1
         if count > stop_after:

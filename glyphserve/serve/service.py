@@ -195,18 +195,19 @@ class GlyphService:
 
         deadline = time.monotonic() + self.config.ingest_timeout
         limits = self.config.ingest_limits
+        def read() -> tuple[Document, RenderConfig, str, str]:
+            """Off the event loop: the document, its settings as applied and its keys (new, and as sent)."""
+            document = (ingest_bytes(data, filename, limits=limits) if data is not None
+                        else ingest_text(text or "", limits=limits))
+            # The settings as applied (``auto`` and an unset dpi or newline resolved for this text) decide what is
+            # the same document, so the file sent with the settings it would get anyway is found too.
+            config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
+            source = b"file\x00" + data if data is not None else b"text\x00" + (text or "").encode("utf-8")
+            return document, config, content_hash(source, config), sent_settings_hash(source, options)
+
         loop = asyncio.get_running_loop()
-        if data is not None:
-            document = await loop.run_in_executor(self._ingest_pool,
-                                                  lambda: ingest_bytes(data, filename, limits=limits))
-        else:
-            document = await loop.run_in_executor(self._ingest_pool, lambda: ingest_text(text or "", limits=limits))
-        # The settings as applied (``auto`` and an unset dpi or newline resolved for this text) decide what is the
-        # same document, so the file sent with the settings it would get anyway is found too.
-        config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
-        source = b"file\x00" + data if data is not None else b"text\x00" + (text or "").encode("utf-8")
-        digest = content_hash(source, config)
-        existing = self.store.find(digest) or self.store.find(sent_settings_hash(source, options))
+        document, config, digest, sent_digest = await loop.run_in_executor(self._ingest_pool, read)
+        existing = self.store.find(digest) or self.store.find(sent_digest)
         if existing is not None:
             return existing, True
         shown = clean_filename(name) or document.source_name
