@@ -11,9 +11,10 @@ itself, and one below it lies on the subnormal grid of step 2**-9, within 2**-10
 ``fp8_linear`` is one custom op (``torch.ops.glyphserve.fp8_linear``), opaque to ``torch.compile`` and safe inside
 CUDA graph capture (no host synchronisation, allocations fixed by the shapes). It picks by rows M = x's rows:
 
-- CUDA, M <= 64 (decode), bf16/fp16 activations: the Triton kernel of ``fp8_kernels``, which streams the fp8
-  weights and multiplies in the activations' dtype with fp32 accumulation (cuBLAS's FP8 GEMM gains nothing at
-  these sizes);
+- CUDA, M <= 64 (decode), bf16/fp16 activations: a Triton kernel that streams the fp8 weights and multiplies
+  in the activations' dtype with fp32 accumulation (cuBLAS's FP8 GEMM gains nothing at these sizes): one row
+  ``gemv_kernel``'s (the same kernel as 16-bit weights at one row), 2 to 64 rows ``fp8_kernels``' on the tensor
+  cores;
 - CUDA, more rows (prefill), bf16, on cards with FP8 tensor cores (sm_89, sm_90 and later): ``torch._scaled_mm``
   with the activations quantized per row (dynamic per-token scales) and the weights' per-channel scales;
 - anywhere else (CPU, fp32 activations, older cards, shapes cuBLAS refuses): the weights dequantized and
@@ -102,7 +103,11 @@ def fp8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = 
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 0:  # e.g. the head over a prompt chunk that samples nothing (the kernel's grid needs rows)
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-    if x.is_cuda and rows.shape[0] <= DECODE_ROWS and x.dtype in (torch.bfloat16, torch.float16):
+    if x.is_cuda and rows.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16):
+        from glyphserve.engine.gemv_kernel import row_matmul
+
+        out = row_matmul(rows, qweight, scale, bias)
+    elif x.is_cuda and rows.shape[0] <= DECODE_ROWS and x.dtype in (torch.bfloat16, torch.float16):
         from glyphserve.engine.fp8_kernels import fp8_weight_matmul
 
         out = fp8_weight_matmul(rows, qweight, scale, bias)

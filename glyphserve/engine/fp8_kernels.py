@@ -1,6 +1,7 @@
-"""Triton kernel of the FP8 weight-only linear for few rows (decode): ``out = (x @ W.T) * scale + bias``.
+"""Triton kernel of the FP8 weight-only linear for a few rows (decode of 2 to 64 rows):
+``out = (x @ W.T) * scale + bias``. One row goes to ``gemv_kernel`` instead.
 
-At decode sizes a linear layer is a weight stream: each fp8 weight byte is read once and used for 1..64 rows, so
+At decode sizes a linear layer is a weight stream: each fp8 weight byte is read once and used for 2..64 rows, so
 the kernel's only job is to read the weights at the card's copy bandwidth. Each program reads a tile of
 ``BLOCK_N`` output channels by ``BLOCK_K`` inputs, contiguous along K (16 fp8 bytes per thread per load), widens
 it to the activations' dtype (exact: every e4m3 value is a bf16 value) and accumulates in fp32; the per-channel
@@ -8,8 +9,7 @@ scale and the bias are applied once at the end. Where the output channels alone 
 every SM streaming (narrow layers with several rows), K is split across programs whose fp32 partial sums a
 second small kernel adds up (in a fixed order: results do not depend on scheduling).
 
-One row runs on the CUDA cores (products summed per lane, one reduction at the end); several rows use ``tl.dot``
-with the rows padded to 16 (the tensor cores' smallest tile). Imported lazily: Triton is needed only on CUDA, and
+The rows are multiplied with ``tl.dot``, padded to 16 (the tensor cores' smallest tile). Imported lazily: Triton is needed only on CUDA, and
 the tests run these kernels under Triton's interpreter on the CPU.
 """
 
@@ -24,7 +24,7 @@ import triton.language as tl
 
 @dataclass(frozen=True)
 class KernelConfig:
-    block_m: int  # rows per program: 1 (CUDA cores) or 16..64 (tensor cores)
+    block_m: int  # rows per program: 16..64 (the tensor cores' tiles)
     block_n: int
     block_k: int
     split_k: int
@@ -48,23 +48,15 @@ def _fp8_weight_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, 
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     k_end = tl.minimum((pid_k + 1) * k_per_split, K)
-    if BLOCK_M == 1:
-        lanes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, K_ITERS):
         k_mask = offs_k < k_end
         w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if BLOCK_M == 1:
-            lanes += w.to(tl.float32) * x.to(tl.float32)
-        else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         offs_k += BLOCK_K
-    if BLOCK_M == 1:
-        acc = tl.sum(lanes, axis=1)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
         tl.store(partial_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
@@ -91,14 +83,11 @@ def _split_sum_kernel(partial_ptr, scale_ptr, bias_ptr, out_ptr, M, N, stride_om
 
 
 def choose_config(m: int, n: int, k: int, multiprocessors: int) -> KernelConfig:
-    """Tiles for ``m`` rows of an ``n`` x ``k`` weight, from sweeps over GLM-4.1V-9B's layer shapes on an H200
-    (CUDA graphs, distinct weights per call): one row streams best from many small programs (8 channels by 512
-    or 1024 inputs, 4 warps); up to 32 rows from 32- or 64-channel tiles; up to 64 rows from 32-channel tiles, or
-    128-channel ones for wide layers. K is split where the channels alone would leave SMs idle."""
-    if m == 1:
-        config = KernelConfig(1, 8, 1024 if n <= 8192 else 512, 1, 4, 1)
-        target = 3 * multiprocessors
-    elif m <= 32:
+    """Tiles for ``m`` (2..64) rows of an ``n`` x ``k`` weight, from sweeps over GLM-4.1V-9B's layer shapes on an
+    H200 (CUDA graphs, distinct weights per call): up to 32 rows from 32- or 64-channel tiles; up to 64 rows from
+    32-channel tiles, or 128-channel ones for wide layers. K is split where the channels alone would leave SMs
+    idle."""
+    if m <= 32:
         config = KernelConfig(max(16, triton.next_power_of_2(m)), 32 if m <= 16 else 64, 256, 1, 4, 3)
         target = 4 * multiprocessors
     elif n >= 16384:
@@ -115,8 +104,9 @@ def choose_config(m: int, n: int, k: int, multiprocessors: int) -> KernelConfig:
 
 def fp8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                       config: KernelConfig | None = None) -> torch.Tensor:
-    """``x`` [M, K] (bf16/fp16; fp32 under the interpreter) times fp8 ``qweight`` [N, K] with fp32 ``scale`` [N]
-    and optional ``bias`` [N]: [M, N] in x's dtype. No host synchronisation, allocations fixed by the shapes."""
+    """``x`` [M, K] (M >= 2; bf16/fp16, fp32 under the interpreter) times fp8 ``qweight`` [N, K] with fp32
+    ``scale`` [N] and optional ``bias`` [N]: [M, N] in x's dtype. No host synchronisation, allocations fixed by the
+    shapes."""
     m, k = x.shape
     n = qweight.shape[0]
     if x.stride(1) != 1:

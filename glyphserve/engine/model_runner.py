@@ -32,8 +32,9 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers.models.glm4v.modeling_glm4v import repeat_kv
 
 from glyphserve.engine.attention import compile_split_variants, paged_attention
-from glyphserve.engine.fp8 import Fp8Linear, Int8Embedding, fp8_linear, quantize_fp8
+from glyphserve.engine.fp8 import Fp8Linear, Int8Embedding, quantize_fp8
 from glyphserve.engine.kv_pool import TRASH_BLOCK
+from glyphserve.engine.linear import linear
 from glyphserve.engine.rotary import rotate_and_store
 from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.transfer import copy_rows
@@ -84,11 +85,6 @@ def fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
             start += rows
         attn.glyph_qkv = (weight, bias)
     return attn.glyph_qkv
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None):
-    """``F.linear``, or with a ``scale`` the FP8 weight-only op (``weight`` e4m3, per-output-channel scales)."""
-    return F.linear(x, weight, bias) if scale is None else fp8_linear(x, weight, scale, bias)
 
 
 def _post_attention(x, attn_out, o_w, o_s, post_attn_w, pre_mlp_w, gate_up_w, gate_up_s, down_w, down_s,
@@ -144,7 +140,6 @@ class ModelRunner:
         self.first_norm = self.layers[0].input_layernorm.weight
         next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [lm.norm.weight]
         self.rotary = lm.rotary_emb
-        self.lm_head = model.lm_head
         self.device, self.dtype = device, dtype
         self.n_heads = tc.num_attention_heads
         self.kv_heads = tc.num_key_value_heads
@@ -166,7 +161,9 @@ class ModelRunner:
         if self.quantized:  # the 16-bit head and embedding table may still be on the host (``loading.load``)
             lm.embed_tokens = Int8Embedding.from_embedding(lm.embed_tokens, device)  # (tied to the head: a copy)
             model.lm_head = Fp8Linear.from_linear(model.lm_head, device)
-            self.lm_head, self.embed = model.lm_head, lm.embed_tokens
+            self.embed = lm.embed_tokens
+        head = model.lm_head  # (weight, its scale or None, bias)
+        self.head = ((head.qweight, head.scale, head.bias) if self.quantized else (head.weight, None, head.bias))
         ikw = dict(device=device, dtype=torch.long)
         # Per-slot state on the device: each sequence's block table and last sampled token.
         self.block_tables = torch.full((max_num_seqs + 1, max_blocks), TRASH_BLOCK, device=device, dtype=torch.int32)
@@ -244,7 +241,7 @@ class ModelRunner:
             q, k, v = self._qkv(li, h, qkv_w, qkv_s, qkv_b, cos, sin, inp.slot_mapping)
             out = self._attend(li, inp, q, k, v)
             x, h = self._post(x, out.reshape(x.shape[0], -1), *post, self.eps)
-        return self.lm_head(h[inp.logits_index]).float()
+        return linear(h[inp.logits_index], *self.head).float()
 
     def _qkv(self, layer: int, h, qkv_w, qkv_s, qkv_b, cos, sin, slots):
         """Rotated queries and keys (values as they are) of the normalised ``h``; the keys and values stored at
@@ -302,7 +299,7 @@ class ModelRunner:
             paged_attention(q, self.k[li], self.v[li], block_tables, seq_lens, self.query_start[: b + 1],
                             self.scaling, 1, out=out)
             x, h = self._post(x, out.reshape(b, -1), *post, self.eps)
-        logits = self.lm_head(h).float()
+        logits = linear(h, *self.head).float()
         self.logits[:b].copy_(logits)
         nxt = sampler.greedy(logits, slots)
         self.next[:b].copy_(nxt)

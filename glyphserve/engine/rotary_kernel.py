@@ -1,10 +1,14 @@
-"""Triton kernel of ``rotary.rotate_and_store``: one program per (token, group of heads).
+"""Triton kernels of the rotations: ``rotary.rotate_and_store`` (the language model) and ``rotary.rotate_vision``
+(the vision tower), one program per (token, group of heads).
 
-A program loads its heads' rows of the fused projection (each head's ``d`` values contiguous, ``d`` padded to a
+``rotate_and_store``: a program loads its heads' rows of the fused projection (each head's ``d`` values contiguous, ``d`` padded to a
 power of two) and, for the rotated dimensions, each value's pair partner (``j ^ 1``); computes
 ``x * cos + rotate_half_llm(x) * sin`` in fp32 for the rotated dimensions of query and key heads (the others and
 value heads pass through as loaded); writes queries and keys out, and keys and values to the token's pool slot.
-Imported lazily (Triton is needed only on CUDA; the tests run it under Triton's interpreter).
+``rotate_vision``: a program loads its heads' query and key rows of a vision block's fused projection, rotates
+them over all ``d`` dimensions in halves (``rotate_half``: x[j] pairs with x[(j + d/2) % d]) in fp32, and writes
+them token-major, as the HF code's rotated tensors are laid out.
+Imported lazily (Triton is needed only on CUDA; the tests run them under Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -52,3 +56,34 @@ def launch(qkv, cos, sin, q, k, k_cache, v_cache, slots, n_heads: int, kv_heads:
         H=n_heads, KV=kv_heads, D=head_dim, ROT=cos.shape[-1], BLOCK_H=heads_per_program,
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
     )
+
+
+@triton.jit
+def _rotate_vision_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, SEQ, stride_qkv, stride_cos,
+                          H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, D)
+    live = (heads < H)[:, None] & (dims < D)[None, :]
+    s = t % SEQ
+    cos = tl.load(cos_ptr + s * stride_cos + dims).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + s * stride_cos + dims).to(tl.float32)[None, :]
+    sin = tl.where(dims < D // 2, -1.0, 1.0)[None, :] * sin
+    partner = ((dims + D // 2) % D)[None, :]
+    q_row = qkv_ptr + t.to(tl.int64) * stride_qkv + heads[:, None] * D
+    k_row = q_row + H * D
+    dst = out_ptr + t.to(tl.int64) * (2 * H * D) + heads[:, None] * D + dims[None, :]
+    q = tl.load(q_row + dims[None, :], mask=live, other=0.0).to(tl.float32) * cos
+    q += tl.load(q_row + partner, mask=live, other=0.0).to(tl.float32) * sin
+    tl.store(dst, q.to(out_ptr.dtype.element_ty), mask=live)
+    k = tl.load(k_row + dims[None, :], mask=live, other=0.0).to(tl.float32) * cos
+    k += tl.load(k_row + partner, mask=live, other=0.0).to(tl.float32) * sin
+    tl.store(dst + H * D, k.to(out_ptr.dtype.element_ty), mask=live)
+
+
+def launch_vision(qkv, cos, sin, out, seq: int, heads: int, head_dim: int, heads_per_program: int) -> None:
+    """Fill ``out`` [T, 2, heads, d] with the rotated queries and keys of ``qkv`` [T, 3 * heads * d] (T = pages *
+    seq) from one page's ``cos``/``sin`` [seq, d]."""
+    grid = (qkv.shape[0], triton.cdiv(heads, heads_per_program))
+    _rotate_vision_kernel[grid](qkv, cos, sin, out, seq, qkv.stride(0), cos.stride(0), H=heads, D=head_dim,
+                                BLOCK_H=heads_per_program, num_warps=4)

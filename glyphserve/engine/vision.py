@@ -1,12 +1,14 @@
 """The vision tower: pages (patches) to merged vision features, equal to ``get_image_features`` of the HF model.
 
 It runs batched over pages of one shape (one attention call for all pages) with per-shape constants precomputed.
-With ``compile`` (CUDA) the work of a block around its attention is two compiled pieces (norm, qkv projection and
-rotation; output projection, residuals, norm and MLP) that take the block's weights as arguments: one compiled
-graph serves all 24 blocks and, its token count dynamic, every page shape and page count. Measured on an H200
-(``bench profile``) before: uncompiled, the tower took 85 ms for W50's 6 pages and 341 ms for W200's 24 (its FLOPs
-at the card's matrix rate: ~35 and ~140 ms); its RMSNorms and float32 rotations ran as separate elementwise
-launches over [tokens, 1536] tensors.
+With ``compile`` (CUDA, 16-bit weights) the work of a block around its attention is two compiled pieces (norm and
+qkv projection; output projection, residuals, norm and MLP) that take the block's weights as arguments: one
+compiled graph serves all 24 blocks and, its token count dynamic, every page shape and page count; the rotation
+is a Triton kernel (``rotary.rotate_vision``) and the patch embedding, a convolution whose kernel equals its
+stride, one matrix product over the flattened patches (cuDNN's implicit-GEMM convolution took 2.4 ms for W50's
+6 pages on an H200). Measured on an H200 (``bench profile``) before any of it: uncompiled, the tower took 85 ms
+for W50's 6 pages and 341 ms for W200's 24 (its FLOPs at the card's matrix rate: ~35 and ~140 ms); its RMSNorms
+and float32 rotations ran as separate elementwise launches over [tokens, 1536] tensors.
 """
 
 from __future__ import annotations
@@ -15,19 +17,17 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_position_ids
 
 from glyphserve.engine.model_runner import rms_norm
 from glyphserve.engine.preprocess import try_decode
+from glyphserve.engine.rotary import rotate_vision
 from glyphserve.errors import ModelLoadError
 
 
-def _block_pre(h, norm_w, qkv_w, qkv_b, cos, sin, eps: float, heads: int):
-    """Norm, qkv projection and rotation of a block: h [T, C] to q, k, v [T, heads, C / heads]."""
-    q, k, v = F.linear(rms_norm(h, norm_w, eps), qkv_w, qkv_b).view(h.shape[0], 3, heads, -1).unbind(1)
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    return q, k, v
+def _block_pre(h, norm_w, qkv_w, qkv_b, eps: float):
+    """Norm and fused qkv projection of a block: h [T, C] to [T, 3 C]."""
+    return F.linear(rms_norm(h, norm_w, eps), qkv_w, qkv_b)
 
 
 def _block_post(h, attn_out, proj_w, norm_w, gate_w, up_w, down_w, eps: float):
@@ -35,6 +35,12 @@ def _block_post(h, attn_out, proj_w, norm_w, gate_w, up_w, down_w, eps: float):
     h = h + F.linear(attn_out, proj_w)
     x = rms_norm(h, norm_w, eps)
     return h + F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
+
+
+def patch_embed(conv: torch.nn.Conv3d, patches: torch.Tensor) -> torch.Tensor:
+    """The patch embedding's convolution (kernel = stride, one output per patch) as one matrix product over the
+    flattened patches [T, C * t * p * p] (the weight's own layout)."""
+    return F.linear(patches.to(conv.weight.dtype), conv.weight.view(conv.out_channels, -1), conv.bias)
 
 
 class VisionRunner:
@@ -48,6 +54,7 @@ class VisionRunner:
         self.merge = self.visual.spatial_merge_size
         self._constants: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.blocks = [self._block_weights(blk) for blk in self.visual.blocks]
+        self.compiled = compile
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
         self._pre, self._post = wrap(_block_pre), wrap(_block_post)
 
@@ -80,12 +87,11 @@ class VisionRunner:
     def _pages_forward(self, patches: torch.Tensor, pos_embed, cos, sin, n: int) -> torch.Tensor:
         visual = self.visual
         seq = pos_embed.shape[0]
-        h = visual.post_conv_layernorm(visual.patch_embed(patches))
+        h = visual.post_conv_layernorm(patch_embed(visual.patch_embed.proj, patches) if self.compiled
+                                        else visual.patch_embed(patches))
         h = (h.view(n, seq, -1) + pos_embed).view(n * seq, -1)
-        cos, sin = cos.repeat(n, 1), sin.repeat(n, 1)
         for pre, post, (eps, heads, scaling) in self.blocks:
-            q, k, v = self._pre(h, *pre, cos, sin, eps, heads)
-            q, k, v = (t.reshape(n, seq, heads, -1).transpose(1, 2) for t in (q, k, v))
+            q, k, v = rotate_vision(self._pre(h, *pre, eps), cos, sin, n, heads, kernel=self.compiled)
             out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
             h = self._post(h, out.transpose(1, 2).reshape(n * seq, -1), *post, eps)
         h = visual.post_layernorm(h)

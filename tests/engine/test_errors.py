@@ -107,7 +107,7 @@ def test_config_choices():
     "layer, failing_call",
     [
         (lambda m: m.model.visual.merger, 1),  # during the vision encode
-        (lambda m: m.lm_head, 3),  # in the second decode step
+        (lambda m: m.model.language_model.rotary_emb, 3),  # in the second decode step
     ],
     ids=["vision", "decode"],
 )

@@ -1,12 +1,13 @@
-"""The rotation of queries and keys with the store of K/V in the pool (``rotary``): HF's arithmetic on the CPU, and
-the Triton kernel under Triton's interpreter against it."""
+"""The rotation of queries and keys with the store of K/V in the pool, and the vision tower's rotation
+(``rotary``): HF's arithmetic on the CPU, and the Triton kernels under Triton's interpreter against it; the
+vision patch embedding as a matrix product."""
 
 from __future__ import annotations
 
 import torch
-from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
+from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
 
-from glyphserve.engine.rotary import rotate, rotate_and_store
+from glyphserve.engine.rotary import rotate, rotate_and_store, rotate_vision
 from tests.engine.triton_interpreter import run_interpreted
 
 
@@ -62,3 +63,58 @@ print("interpreted ok")
 
 def test_triton_kernel_under_the_interpreter():
     run_interpreted(INTERPRETED)
+
+
+def vision_case(pages=3, seq=6, heads=3, dim=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(pages * seq, 3 * heads * dim, generator=g).to(dtype)
+    angles = torch.randn(seq, dim // 2, generator=g).repeat(1, 2)  # halves share angles (the vision layout)
+    return qkv, angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def test_rotate_vision_is_hf_arithmetic_in_attention_layout():
+    qkv, cos, sin = vision_case()
+    q, k, v = rotate_vision(qkv, cos, sin, 3, 3, kernel=True)  # on the CPU: HF's arithmetic whatever ``kernel``
+    ref_q, ref_k = apply_rotary_pos_emb_vision(*qkv.view(18, 3, 3, 16).unbind(1)[:2], cos.repeat(3, 1),
+                                               sin.repeat(3, 1))
+    page = lambda t: t.view(3, 6, 3, 16).transpose(1, 2)  # noqa: E731
+    assert q.shape == (3, 3, 6, 16)
+    assert torch.equal(q, page(ref_q)) and torch.equal(k, page(ref_k))
+    assert torch.equal(v, page(qkv.view(18, 3, 3, 16)[:, 2]))
+
+
+VISION_INTERPRETED = """
+import torch
+from glyphserve.engine.rotary import rotate_vision
+from glyphserve.engine.rotary_kernel import launch_vision
+from tests.engine.test_rotary import vision_case
+
+for dtype in (torch.float32, torch.float16):
+    for pages, seq, heads, dim, per_program in [(3, 6, 3, 16, 4), (1, 5, 4, 8, 2), (2, 4, 12, 32, 4)]:
+        qkv, cos, sin = vision_case(pages, seq, heads, dim, dtype)
+        out = torch.empty(pages * seq, 2, heads, dim, dtype=dtype)
+        launch_vision(qkv, cos, sin, out, seq, heads, dim, per_program)
+        refs = rotate_vision(qkv.float(), cos.float(), sin.float(), pages, heads, kernel=False)
+        tol = 1e-6 if dtype == torch.float32 else 1e-3  # (the kernel may fuse a multiply and add)
+        for got, want in zip(out.unbind(1), refs[:2]):
+            got = got.view(pages, seq, heads, dim).transpose(1, 2)
+            assert (got.float() - want).abs().max() <= tol * max(1.0, want.abs().max()), (dtype, pages, heads, dim)
+print("interpreted ok")
+"""
+
+
+def test_vision_kernel_under_the_interpreter():
+    run_interpreted(VISION_INTERPRETED)
+
+
+def test_patch_embedding_as_one_matrix_product():
+    from transformers.models.glm4v.modeling_glm4v import Glm4vVisionPatchEmbed
+
+    from glyphserve.engine.tiny import build_tokenizer, tiny_config
+    from glyphserve.engine.vision import patch_embed
+
+    torch.manual_seed(0)
+    embed = Glm4vVisionPatchEmbed(tiny_config(build_tokenizer()).vision_config).eval()
+    patches = torch.randn(10, embed.in_channels * embed.temporal_patch_size * embed.patch_size**2)
+    with torch.inference_mode():
+        assert torch.allclose(patch_embed(embed.proj, patches), embed(patches), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,92 @@
+"""Triton kernel of the one-row linear layer (decode at one row): ``out = (x @ W.T) * scale + bias``, for 16-bit
+weights and for FP8 weights with per-output-channel scales.
+
+At one row a linear layer is a weight stream: each weight byte is read once and used once, so the kernel's only
+job is to read the weights at the card's copy bandwidth. Each program owns ``BLOCK_N`` output channels and walks
+their whole rows in ``BLOCK_K`` steps (contiguous along K, 16 bytes per thread per load), keeping per-lane fp32
+products and summing them once at the end; the weights are loaded with ``evict_first`` (each byte is used once,
+so they should not push the activations out of L2). No split of K: the channels alone give hundreds of programs
+at GLM-4.1V-9B's sizes, and no second kernel is needed to add partial sums.
+
+Measured on an H200 (CUDA graphs, distinct weights per layer, docs/benchmarks/NOTES.md, twelfth session), the
+language model's weights (every layer's qkv, o, gate_up and down, then the head) at one row: FP8 2.73 ms against
+3.00 for the few-rows kernel of ``fp8_kernels`` (floor 2.15), and inside the engine's decode step 2.76 ms. 16-bit
+weights read in 4.36 ms in that sweep against cuBLAS's 4.99 (floor 4.29), but 6.1 ms inside the decode step, so
+the engine leaves 16-bit weights to cuBLAS (``linear``) until that is explained.
+
+Imported lazily: Triton is needed only on CUDA, and the tests run this kernel under Triton's interpreter on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    block_n: int  # output channels per program
+    block_k: int  # inputs per step
+    num_warps: int
+
+
+@triton.jit
+def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn,
+                K_ITERS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+    lanes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for _ in range(0, K_ITERS):
+        k_mask = offs_k < K
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+        lanes += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        offs_k += BLOCK_K
+    acc = tl.sum(lanes, axis=1)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def choose_row_config(n: int, k: int, weight_bytes: int) -> RowConfig:
+    """Tiles from a sweep over GLM-4.1V-9B's layer shapes on an H200 (block_n 4/8/16, block_k 512-2048, 4 or 8
+    warps; twelfth session): 16-bit weights stream best as 4 channels by 2,048 inputs (4 KB a row a step) for
+    every shape; FP8 as 8 channels by 1,024 inputs for the square and the down projection, 8 by 512 with 8 warps for
+    the fused qkv, 8 by 512 for gate_up and 16 by 512 for the head (within 1 us of each other's best otherwise)."""
+    if weight_bytes >= 2:
+        return RowConfig(4, 2048, 4)
+    if n >= 65536:
+        return RowConfig(16, 512, 4)
+    if n <= 4096:
+        return RowConfig(8, 1024, 4)
+    return RowConfig(8, 512, 8 if n < 8192 else 4)
+
+
+def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+               config: RowConfig | None = None) -> torch.Tensor:
+    """``x`` [1, K] (16-bit; fp32 under the interpreter) times ``weight`` [N, K] (16-bit, or fp8 with fp32
+    ``scale`` [N]) plus optional ``bias`` [N]: [1, N] in x's dtype. No host synchronisation; one launch."""
+    n, k = weight.shape
+    if x.shape != (1, k):
+        raise ValueError(f"row_matmul takes one row of {k} inputs, got {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    config = config or choose_row_config(n, k, weight.element_size())
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    _row_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, scale if scale is not None else x, bias if bias is not None else x, out, n, k, weight.stride(0),
+        K_ITERS=triton.cdiv(k, config.block_k), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=1,
+    )
+    return out

@@ -1,0 +1,62 @@
+"""The one-row weight-streaming kernel (``gemv_kernel``), under Triton's CPU interpreter and on CUDA."""
+
+import pytest
+import torch
+
+from tests.engine.triton_interpreter import run_interpreted
+
+INTERPRETED = """
+import torch
+from glyphserve.engine.fp8 import dequantize_fp8, quantize_fp8
+from glyphserve.engine.gemv_kernel import RowConfig, choose_row_config, row_matmul
+
+torch.manual_seed(0)
+configs = [RowConfig(4, 32, 4), RowConfig(8, 64, 4), RowConfig(16, 32, 8)]
+for n, k in [(40, 96), (37, 100), (8, 64)]:  # ragged N and K
+    for config in configs:
+        for dtype in (torch.float32, torch.float16):  # the interpreter has no bfloat16 (numpy has none)
+            x = torch.randn(1, k).to(dtype)
+            for bias in (None, torch.randn(n).to(dtype)):
+                extra = 0 if bias is None else bias.float()
+                w = torch.randn(n, k).to(dtype)  # 16-bit (and fp32) weights
+                out = row_matmul(x, w, None, bias, config)
+                ref = x.float() @ w.float().T + extra
+                assert out.dtype == dtype and out.shape == (1, n)
+                tol = 1e-5 if dtype == torch.float32 else 2e-3
+                assert (out.float() - ref).norm() <= tol * ref.norm(), (n, k, config, dtype, "16-bit")
+                q, scale = quantize_fp8(torch.randn(n, k))  # fp8 weights with per-channel scales
+                out = row_matmul(x, q, scale, bias, config)
+                ref = x.float() @ dequantize_fp8(q, scale, torch.float32).T + extra
+                assert (out.float() - ref).norm() <= tol * ref.norm(), (n, k, config, dtype, "fp8")
+assert choose_row_config(27392, 4096, 2).block_k * 2 == 4096  # 4 KB of a 16-bit row a step
+try:
+    row_matmul(torch.randn(2, 96), torch.randn(40, 96), None, None)
+except ValueError as exc:
+    assert "one row" in str(exc)
+else:
+    raise AssertionError("two rows were accepted")
+print("interpreted ok")
+"""
+
+
+def test_row_kernel_under_the_interpreter():
+    run_interpreted(INTERPRETED)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_one_row_matches_cublas_and_replays_in_a_graph():
+    from glyphserve.engine.gemv_kernel import row_matmul
+
+    device = torch.device("cuda")
+    w = torch.randn(4608, 4096, device=device, dtype=torch.bfloat16) * 0.02
+    b = torch.randn(4608, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
+    out = row_matmul(x, w, None, b)
+    ref = x.float() @ w.float().T + b.float()
+    assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = row_matmul(x, w, None, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, out)
