@@ -9,8 +9,8 @@ scale and the bias are applied once at the end. Where the output channels alone 
 every SM streaming (narrow layers with several rows), K is split across programs whose fp32 partial sums a
 second small kernel adds up (in a fixed order: results do not depend on scheduling).
 
-The rows are multiplied with ``tl.dot``, padded to 16 (the tensor cores' smallest tile). Imported lazily: Triton is needed only on CUDA, and
-the tests run these kernels under Triton's interpreter on the CPU.
+The rows are multiplied with ``tl.dot``, padded to 16 (the tensor cores' smallest tile). Imported lazily: Triton is
+needed only on CUDA, and the tests run these kernels under Triton's interpreter on the CPU.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """Triton kernels of the rotations: ``rotary.rotate_and_store`` (the language model) and ``rotary.rotate_vision``
 (the vision tower), one program per (token, group of heads).
 
-``rotate_and_store``: a program loads its heads' rows of the fused projection (each head's ``d`` values contiguous, ``d`` padded to a
-power of two) and, for the rotated dimensions, each value's pair partner (``j ^ 1``); computes
-``x * cos + rotate_half_llm(x) * sin`` in fp32 for the rotated dimensions of query and key heads (the others and
-value heads pass through as loaded); writes queries and keys out, and keys and values to the token's pool slot.
+``rotate_and_store``: a program loads its heads' rows of the fused projection (each head's ``d`` values
+contiguous, ``d`` padded to a power of two) and, for the rotated dimensions, each value's pair partner
+(``j ^ 1``); computes ``x * cos + rotate_half_llm(x) * sin`` in fp32 for the rotated dimensions of query and key
+heads (the others and value heads pass through as loaded); writes queries and keys out, and keys and values to
+the token's pool slot.
+
 ``rotate_vision``: a program loads its heads' query and key rows of a vision block's fused projection, rotates
 them over all ``d`` dimensions in halves (``rotate_half``: x[j] pairs with x[(j + d/2) % d]) in fp32, and writes
 them token-major, as the HF code's rotated tensors are laid out.
+
 Imported lazily (Triton is needed only on CUDA; the tests run them under Triton's interpreter).
 """
 
