@@ -13,7 +13,7 @@ CUDA graph capture (no host synchronisation, allocations fixed by the shapes). I
 
 - CUDA, M <= 64 (decode), bf16/fp16 activations: a Triton kernel that streams the fp8 weights and multiplies
   in the activations' dtype with fp32 accumulation (cuBLAS's FP8 GEMM gains nothing at these sizes): one row
-  ``gemv_kernel``'s (the same kernel as 16-bit weights at one row), 2 to 64 rows ``fp8_kernels``' on the tensor
+  ``gemv_kernel``'s, 2 to 64 rows ``fp8_kernels``' on the tensor
   cores;
 - CUDA, more rows (prefill), bf16, on cards with FP8 tensor cores (sm_89, sm_90 and later): ``torch._scaled_mm``
   with the activations quantized per row (dynamic per-token scales) and the weights' per-channel scales;
