@@ -8,11 +8,10 @@ products and summing them once at the end; the weights are loaded with ``evict_f
 so they should not push the activations out of L2). No split of K: the channels alone give hundreds of programs
 at GLM-4.1V-9B's sizes, and no second kernel is needed to add partial sums.
 
-Measured on an H200 (CUDA graphs, distinct weights per layer, docs/benchmarks/NOTES.md, twelfth session), the
-language model's weights (every layer's qkv, o, gate_up and down, then the head) at one row: FP8 2.73 ms against
-3.00 for the few-rows kernel of ``fp8_kernels`` (floor 2.15), and inside the engine's decode step 2.76 ms. 16-bit
-weights read in 4.36 ms in that sweep against cuBLAS's 4.99 (floor 4.29), but 6.1 ms inside the decode step, so
-the engine leaves 16-bit weights to cuBLAS (``linear``) until that is explained.
+Measured on an H200 inside the engine's decode step (CUDA graphs; docs/benchmarks/NOTES.md, twelfth and thirteenth
+sessions), the language model's weights (every layer's qkv, o, gate_up and down, then the head) at one row: bf16
+4.28 ms against cuBLAS's 4.75 (floor ~4.3 at the run's copy bandwidth), FP8 2.76 ms against 3.00 for the
+few-rows kernel of ``fp8_kernels`` (floor 2.15).
 
 Imported lazily: Triton is needed only on CUDA, and the tests run this kernel under Triton's interpreter on the CPU.
 """
@@ -34,15 +33,17 @@ class RowConfig:
 
 
 @triton.jit
-def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn,
-                K_ITERS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_iters,
+                HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
     lanes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for _ in range(0, K_ITERS):
+    # A runtime trip count: with a compile-time one, ptxas interleaved each step's weight loads with the products
+    # (about 4 of a thread's 8 16-byte loads in flight instead of all 8), and bf16 weights read at 4 KB a row a step
+    # took 6.14 ms a decode step on an H200 against 4.28 with the count at run time (thirteenth session).
+    for _ in range(0, k_iters):
         k_mask = offs_k < K
         w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
         x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
@@ -86,7 +87,7 @@ def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _row_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, scale if scale is not None else x, bias if bias is not None else x, out, n, k, weight.stride(0),
-        K_ITERS=triton.cdiv(k, config.block_k), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        triton.cdiv(k, config.block_k), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=1,
     )
     return out

@@ -1,14 +1,16 @@
 """The language model's linear layers as the model runner calls them: ``linear`` takes 16-bit weights, or FP8
 weights with their per-output-channel scales.
 
-16-bit weights go to ``F.linear`` (cuBLAS) at every row count. The one-row weight-streaming kernel of
-``gemv_kernel`` read the 16-bit language model in 4.36 ms against cuBLAS's 4.99 in a sweep on an H200 (layers in
-a row, one shape at a time), but inside the engine's decode step the same kernel took 6.1 ms a step against
-cuBLAS's 4.9 (docs/benchmarks/NOTES.md, twelfth session; cause not found), so only FP8 weights use it.
+16-bit weights go through ``dense_linear``: one row of activations on CUDA (a decode step of one sequence, the head
+after a prompt) through the weight-streaming kernel of ``gemv_kernel``, everything else through ``F.linear``
+(cuBLAS). Measured inside the decode step on an H200 (thirteenth session, docs/benchmarks/NOTES.md): the language
+model's weight reads 4.28 ms a step through the kernel against 4.75 through cuBLAS, whose one-row GEMMs split K and
+add a reduction kernel for the square and down projections.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -16,5 +18,23 @@ from glyphserve.engine.fp8 import fp8_linear
 
 
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, or with a ``scale`` the FP8 weight-only op (``weight`` e4m3, per-output-channel scales)."""
-    return F.linear(x, weight, bias) if scale is None else fp8_linear(x, weight, scale, bias)
+    """``dense_linear``, or with a ``scale`` the FP8 weight-only op (``weight`` e4m3, per-output-channel scales)."""
+    return dense_linear(x, weight, bias) if scale is None else fp8_linear(x, weight, scale, bias)
+
+
+# A custom op, opaque to torch.compile: the kernel is launched by Triton's own runtime, which specialises it on
+# the arguments' 16-byte alignment (vectorised loads); the branch on the row count is taken at run time.
+@torch.library.custom_op("glyphserve::dense_linear", mutates_args=())
+def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for 16-bit or fp32 ``weight`` [out, in]; [..., out] in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and rows.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
+        from glyphserve.engine.gemv_kernel import row_matmul
+
+        return row_matmul(rows, weight, None, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+@dense_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -60,3 +60,27 @@ def test_cuda_one_row_matches_cublas_and_replays_in_a_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, out)
+
+
+def test_dense_linear_is_f_linear_off_the_one_row_cuda_path():
+    from glyphserve.engine.linear import linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 32, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
+    for x in (torch.randn(1, 32, dtype=torch.bfloat16), torch.randn(5, 32, dtype=torch.bfloat16)):
+        assert torch.equal(linear(x, w, None, b), torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dense_linear_one_row_through_the_kernel_under_compile():
+    from glyphserve.engine.linear import linear
+
+    device = torch.device("cuda")
+    w = torch.randn(4096, 13696, device=device, dtype=torch.bfloat16) * 0.02
+    compiled = torch.compile(lambda x, w: linear(x, w, None) * 2, dynamic=True)
+    for rows in (1, 3):
+        x = torch.randn(rows, 13696, device=device, dtype=torch.bfloat16)
+        ref = (x.float() @ w.float().T) * 2
+        out = compiled(x, w)
+        assert out.shape == (rows, 4096)
+        assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
