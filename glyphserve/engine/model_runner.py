@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from transformers.models.glm4v.modeling_glm4v import repeat_kv
 
 from glyphserve.engine.attention import compile_split_variants, paged_attention
 from glyphserve.engine.fp8 import Fp8Linear, Int8Embedding, quantize_fp8
@@ -44,7 +43,7 @@ from glyphserve.errors import ModelLoadError
 # PAGED_PREFIX_CHUNK_TOKENS that follow earlier tokens in the pool (a later turn after its cached prefix: the
 # question with the earlier answers; or a prompt's later chunk); longer ones through SDPA. The paged kernel takes
 # all of a step's sequences in one launch a layer and reads the prefix in place; SDPA runs per chunk over the
-# prefix gathered and repeated per head. On an H200 under 64 sessions,
+# prefix gathered. On an H200 under 64 sessions,
 # eager passes of ~16 such chunks each (100-260 tokens after a W50 prefix) launched SDPA layer by layer and chunk
 # by chunk, and took 31% of the engine thread's time. For 128 queries after 4,096 keys the paged kernel costs
 # what SDPA does (55 vs 54 us a layer, attention-h200.md); for thousands of queries flash attention wins.
@@ -144,7 +143,6 @@ class ModelRunner:
         self.n_heads = tc.num_attention_heads
         self.kv_heads = tc.num_key_value_heads
         self.head_dim = tc.hidden_size // tc.num_attention_heads
-        self.n_rep = self.n_heads // self.kv_heads
         self.vocab = tc.vocab_size
         self.eps = tc.rms_norm_eps
         self.scaling = self.layers[0].self_attn.scaling
@@ -250,26 +248,35 @@ class ModelRunner:
                                 self.n_heads, self.kv_heads, self.head_dim)
 
     def _attend(self, layer: int, inp: StepInputs, q, k, v) -> torch.Tensor:
-        out = torch.empty_like(q)
         p = inp.paged_tokens
+        if not p and len(inp.dense) == 1 and inp.dense[0].n == q.shape[0]:  # one prompt's chunk: its output as is
+            return self._attend_dense(layer, inp.dense[0], q, k, v)
+        out = torch.empty_like(q)
         if p:
             paged_attention(q[:p], self.k[layer], self.v[layer], inp.block_tables, inp.seq_lens, inp.query_start,
                             self.scaling, inp.max_query_len, out=out[:p])
         for c in inp.dense:
-            qc = q[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
-            if c.start == 0:
-                keys = k[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)
-                values = v[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)
-                mask = None
-            else:
-                end = c.start + c.n
-                keys = self.k[layer][c.blocks].view(-1, self.kv_heads, self.head_dim)[:end].transpose(0, 1)[None]
-                values = self.v[layer][c.blocks].view(-1, self.kv_heads, self.head_dim)[:end].transpose(0, 1)[None]
-                mask = causal_lower_right(c.n, end)
-            res = F.scaled_dot_product_attention(qc, repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep),
-                                                 attn_mask=mask, is_causal=mask is None, scale=self.scaling)
-            out[c.offset : c.offset + c.n] = res[0].transpose(0, 1)
+            out[c.offset : c.offset + c.n] = self._attend_dense(layer, c, q, k, v)
         return out
+
+    def _attend_dense(self, layer: int, c: DenseChunk, q, k, v) -> torch.Tensor:
+        """SDPA over a long chunk: [n, heads, head_dim]. The K/V heads are shared by query-head groups inside the
+        kernel (``enable_gqa``), not repeated per query head first: the repeats were two strided copies of 16x the
+        chunk's K/V a layer (with the output's copy, 155 copy launches and 22.6 ms of a W200 question's first token
+        on an H200, profile-h200-s12-row-kernel.md). A single chunk's output is returned as SDPA wrote it."""
+        qc = q[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
+        if c.start == 0:
+            keys = k[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)
+            values = v[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)
+            mask = None
+        else:
+            end = c.start + c.n
+            keys = self.k[layer][c.blocks].view(-1, self.kv_heads, self.head_dim)[:end].transpose(0, 1)[None]
+            values = self.v[layer][c.blocks].view(-1, self.kv_heads, self.head_dim)[:end].transpose(0, 1)[None]
+            mask = causal_lower_right(c.n, end)
+        res = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=mask is None,
+                                             scale=self.scaling, enable_gqa=self.n_heads != self.kv_heads)
+        return res[0].transpose(0, 1)
 
     # --- captured decode steps ---------------------------------------------------------------------------------
 
