@@ -59,7 +59,7 @@ class Engine:
         mcfg = self.model.config
         cuda = self.device.type == "cuda"
         self.params = PreprocessParams.from_image_processor(loaded.image_processor)
-        self.preprocessor = PagePreprocessor(self.params, self.device, self.dtype, pinned=config.pinned_copies)
+        self.preprocessor = PagePreprocessor(self.params, self.device, self.dtype, side_stream=config.pinned_copies)
         self.prompts = PromptBuilder(
             self.tokenizer, loaded.chat_template, mcfg.image_token_id, mcfg.image_end_token_id, self.params.merge_size
         )

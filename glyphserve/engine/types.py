@@ -63,8 +63,8 @@ class EngineConfig:
     warmup_page_shapes: tuple[tuple[int, int], ...] = ()
     # Pages encoded per vision forward.
     vision_batch_pages: int = 8
-    # CUDA: pages go up through pinned memory on a side stream, and decode reads its tokens back through pinned
-    # buffers one step behind the GPU. False: plain synchronous copies (the benchmark ladder's row without them).
+    # CUDA: pages go up on a side stream, and decode reads its tokens back through pinned buffers one step behind
+    # the GPU. False: plain synchronous copies (the benchmark ladder's row without them).
     pinned_copies: bool = True
     seed: int = 0
 
