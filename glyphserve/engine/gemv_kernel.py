@@ -10,8 +10,8 @@ at GLM-4.1V-9B's sizes, and no second kernel is needed to add partial sums.
 
 Measured on an H200 inside the engine's decode step (CUDA graphs; docs/benchmarks/NOTES.md, twelfth and thirteenth
 sessions), the language model's weights (every layer's qkv, o, gate_up and down, then the head) at one row: bf16
-4.28 ms against cuBLAS's 4.75 (floor ~4.3 at the run's copy bandwidth), FP8 2.76 ms against 3.00 for the
-few-rows kernel of ``fp8_kernels`` (floor 2.15).
+4.28 ms against cuBLAS's 4.75 (floor ~4.2 at the run's copy bandwidth), FP8 2.75 ms (floor 2.15; the few-rows
+kernel of ``fp8_kernels`` took 3.00 in a sweep).
 
 Imported lazily: Triton is needed only on CUDA, and the tests run this kernel under Triton's interpreter on the CPU.
 """
