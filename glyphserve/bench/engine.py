@@ -9,8 +9,8 @@ On deterministic W50 documents (50,000 characters rendered with glyph-en) and 64
   together), each next to its floor: the weights plus the KV each row reads, over the copy bandwidth measured in
   the same run;
 - the KV pool's blocks in use for 1 and for 16 sessions on one document (its prefix is held once);
-- with ``--quantize fp8``: the cold and follow-up rows with FP8 weights, and (CUDA) the most device memory a cold
-  W50 question needs in the smallest engine that serves it, with FP8 and with 16-bit weights;
+- with ``--quantize fp8``: the cold and follow-up rows and W200 cold with FP8 weights, and (CUDA) the most device
+  memory a cold W50 question needs in the smallest engine that serves it, with FP8 and with 16-bit weights;
 - with ``--memory-cap-gib``: a W200 question and 8 W50 questions at once under that memory budget (a 24 GB card's
   profile), with the quantized weights and with 16-bit ones.
 
@@ -391,6 +391,8 @@ def measure(args: argparse.Namespace) -> dict:
         bench.ask(quantized, docs[0])
         res["quantized"] = {"mode": args.quantize, "cold": bench.single(quantized, docs, "cold"),
                             "follow": bench.single(quantized, docs, "follow")}
+        if grow:
+            res["quantized"]["grow_cold"] = bench.single(quantized, grow, "cold")
         del quantized
         release_memory()
         if bench.cuda:
@@ -505,9 +507,12 @@ def to_markdown(res: dict) -> str:
                           + (f"; error: {c['error']}" if "error" in c else "") + "."]
     if "quantized" in res:
         q = res["quantized"]
-        lines += ["", f"With {q['mode']} weights: W50 cold {fixed(q['cold']['wall_s'])} s, decode "
-                      f"{fixed(q['cold']['decode_ms'], 2)} ms/token, peak {fixed(q['cold']['peak_gib'], 1)} GiB; "
-                      f"follow-up TTFT {fixed(q['follow']['ttft_s'])} s."]
+        grown = q.get("grow_cold")
+        lines += ["", f"With {q['mode']} weights: W50 cold {fixed(q['cold']['wall_s'])} s (TTFT "
+                      f"{fixed(q['cold']['ttft_s'])} s), decode {fixed(q['cold']['decode_ms'], 2)} ms/token, peak "
+                      f"{fixed(q['cold']['peak_gib'], 1)} GiB; follow-up TTFT {fixed(q['follow']['ttft_s'])} s"
+                      + (f"; W200 cold {fixed(grown['wall_s'])} s (TTFT {fixed(grown['ttft_s'])} s)."
+                         if grown else ".")]
     for f in res.get("footprint", []):
         lines += ["", f"Smallest engine for a cold W50 question ({f['weights']} weights; KV pool of one "
                       f"{f['max_context']:,}-token context, prefill passes of {f.get('prefill_tokens', 2048):,} "

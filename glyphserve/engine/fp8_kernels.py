@@ -1,5 +1,6 @@
-"""Triton kernel of the FP8 weight-only linear for a few rows (decode of 2 to 64 rows):
-``out = (x @ W.T) * scale + bias``. One row goes to ``gemv_kernel`` instead.
+"""Triton kernels of the FP8 path: the FP8 weight-only linear for a few rows (decode of 2 to 64 rows),
+``out = (x @ W.T) * scale + bias`` (one row goes to ``gemv_kernel`` instead), and the per-row quantization of a
+prompt's activations for ``torch._scaled_mm`` (``quantize_rows``).
 
 At decode sizes a linear layer is a weight stream: each fp8 weight byte is read once and used for 2..64 rows, so
 the kernel's only job is to read the weights at the card's copy bandwidth. Each program reads a tile of
@@ -135,3 +136,37 @@ def fp8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
             HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
         )
     return out
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, k_iters, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    top = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for i in range(0, k_iters):
+        k = i * BLOCK_K + offs
+        top = tl.maximum(top, tl.abs(tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)))
+    # Correctly rounded divisions (Triton's "/" is not), so the values are those of the PyTorch expression.
+    s = tl.math.div_rn(tl.maximum(tl.max(top, axis=0), 1e-12), 448.0)
+    tl.store(scale_ptr + row, s)
+    for i in range(0, k_iters):
+        k = i * BLOCK_K + offs
+        x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        v = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
+        tl.store(q_ptr + row * stride_qm + k, v.to(q_ptr.dtype.element_ty), mask=k < K)
+
+
+def quantize_rows(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [M, K] to (e4m3 [M, K], fp32 scale [M, 1]): each row's absmax maps to 448, values clamped to +-448,
+    the same values as ``(x.float() / s).clamp(-448, 448).to(float8_e4m3fn)`` with
+    ``s = x.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / 448``, in one launch that reads the row twice
+    (the second time from L2) instead of PyTorch's five passes with fp32 copies."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), triton.cdiv(k, block_k),
+                                    BLOCK_K=block_k, num_warps=4)
+    return q, scale

@@ -14,7 +14,7 @@ def test_engine_bench_measures_every_row_and_a_baseline_tree(tiny_model_dir, tmp
     repo = Path(__file__).resolve().parents[2]
     code = main(["bench", "engine", "--model", str(tiny_model_dir), "--device", "cpu", "--workload", "1000",
                  "--grow", "2000", "--new-tokens", "3", "--repeats", "1", "--rows", "1,2", "--max-context", "2048",
-                 "--baseline-tree", str(repo), "--out", str(tmp_path)])
+                 "--quantize", "fp8", "--baseline-tree", str(repo), "--out", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "engine-cpu.json").read_text())
     assert result["cold"]["vision_misses"] > 0 and result["cold"]["prefix_reused_tokens"] == 0
@@ -22,8 +22,10 @@ def test_engine_bench_measures_every_row_and_a_baseline_tree(tiny_model_dir, tmp
     assert [r["rows"] for r in result["rows"]] == [1, 2] and all(r["step_ms"] > 0 for r in result["rows"])
     assert result["pool_blocks"]["16"] < 16 * result["pool_blocks"]["1"]  # the document's prefix held once
     assert result["baseline"]["cold"]["wall_s"] > 0  # measured again by the child process
+    assert result["quantized"]["cold"]["vision_misses"] > 0 and result["quantized"]["grow_cold"]["wall_s"] > 0
     markdown = (tmp_path / "engine-cpu.md").read_text()
     assert "| W200 cold |" in markdown and "## Targets" in markdown
+    assert "With fp8 weights: W50 cold" in markdown and "; W200 cold" in markdown
 
 
 def test_serve_bench_counts_every_answer(tiny_model_dir, tmp_path):
