@@ -146,8 +146,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, k_it
     for i in range(0, k_iters):
         k = i * BLOCK_K + offs
         top = tl.maximum(top, tl.abs(tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)))
-    # Correctly rounded divisions (Triton's "/" is not), so the values are those of the PyTorch expression.
-    s = tl.math.div_rn(tl.maximum(tl.max(top, axis=0), 1e-12), 448.0)
+    # The values of the PyTorch expression on CUDA, which divides by a number as a product with its fp32 reciprocal
+    # and by a tensor correctly rounded (Triton's "/" is not: div_rn).
+    s = tl.maximum(tl.max(top, axis=0), 1e-12) * (1.0 / 448.0)
     tl.store(scale_ptr + row, s)
     for i in range(0, k_iters):
         k = i * BLOCK_K + offs
@@ -159,8 +160,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, k_it
 def quantize_rows(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [M, K] to (e4m3 [M, K], fp32 scale [M, 1]): each row's absmax maps to 448, values clamped to +-448,
     the same values as ``(x.float() / s).clamp(-448, 448).to(float8_e4m3fn)`` with
-    ``s = x.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / 448``, in one launch that reads the row twice
-    (the second time from L2) instead of PyTorch's five passes with fp32 copies."""
+    ``s = x.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / 448`` on CUDA (where ``/ 448`` is a product
+    with the fp32 reciprocal), in one launch that reads the row twice (the second time from L2) instead of
+    PyTorch's five passes with fp32 copies."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()

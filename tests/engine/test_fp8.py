@@ -180,7 +180,8 @@ for m, k in [(3, 100), (5, 64), (1, 37)]:
         x[0, :5] = 0
         if m > 2:
             x[2] = 0  # an all-zero row: scale 1e-12 / 448
-        ref_s = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12) / 448.0
+        # CUDA's "/ 448": a product with the fp32 reciprocal (the CPU divides, so it is written out here)
+        ref_s = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12) * (1.0 / 448.0)
         ref_v = (x.float() / ref_s).clamp_(-448.0, 448.0)
         # The values before the cast to e4m3 (the interpreter rounds float8 its own way; CUDA's cast: test below)
         v, s = torch.empty(m, k), torch.empty(m, 1)
