@@ -162,7 +162,8 @@ def quantize_rows(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, t
     the same values as ``(x.float() / s).clamp(-448, 448).to(float8_e4m3fn)`` with
     ``s = x.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / 448`` on CUDA (where ``/ 448`` is a product
     with the fp32 reciprocal), in one launch that reads the row twice (the second time from L2) instead of
-    PyTorch's five passes with fp32 copies."""
+    PyTorch's five passes with fp32 copies. Finite inputs only: Triton's max and clamp skip NaN, so a NaN or an
+    infinity in a row does not come out as NaN as in PyTorch's expression."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()

@@ -79,6 +79,8 @@ def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     n, k = weight.shape
     if x.shape != (1, k):
         raise ValueError(f"row_matmul takes one row of {k} inputs, got {tuple(x.shape)}")
+    if n * max(k, weight.stride(0)) >= 2**31:  # the kernel's offsets are 32-bit (GLM-4.1V's head: 6.2e8 elements)
+        raise ValueError(f"row_matmul takes weights of fewer than 2**31 elements, got {n} x {k}")
     if x.stride(1) != 1:
         x = x.contiguous()
     if weight.stride(1) != 1:

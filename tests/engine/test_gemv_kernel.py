@@ -67,8 +67,10 @@ def test_dense_linear_is_f_linear_off_the_one_row_cuda_path():
 
     torch.manual_seed(0)
     w, b = torch.randn(48, 32, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
-    for x in (torch.randn(1, 32, dtype=torch.bfloat16), torch.randn(5, 32, dtype=torch.bfloat16)):
+    for x in (torch.randn(1, 32, dtype=torch.bfloat16), torch.randn(5, 32, dtype=torch.bfloat16),
+              torch.randn(2, 3, 32, dtype=torch.bfloat16)):
         assert torch.equal(linear(x, w, None, b), torch.nn.functional.linear(x, w, b))
+        torch.library.opcheck(torch.ops.glyphserve.dense_linear.default, (x, w, b))  # schema and fake tensor
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # loop counts (on the GPU they beat compile-time ones: gemv_kernel), so the bound is read with .item() instead.
 PRELUDE = """
 import triton.runtime.interpreter as _interpreter
+assert hasattr(_interpreter, "_patch_lang_tensor"), "this Triton's interpreter needs a new shim (tests/engine)"
 _patch_lang_tensor = _interpreter._patch_lang_tensor
 def _index_by_item(tensor, scope):
     _patch_lang_tensor(tensor, scope)
