@@ -89,11 +89,11 @@ def scaled_mm_fits(x: Tensor, qweight: Tensor) -> bool:
 
 
 def scaled_mm_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """Activations quantized per row to e4m3 (absmax / 448; one Triton kernel, ``fp8_kernels.quantize_rows``), one
-    FP8 GEMM with row and column scales. CUDA only."""
-    from glyphserve.engine.fp8_kernels import quantize_rows
+    """Activations quantized per row to e4m3 (absmax / 448; one Triton kernel,
+    ``fp8_kernels.quantize_activations``), one FP8 GEMM with row and column scales. CUDA only."""
+    from glyphserve.engine.fp8_kernels import quantize_activations
 
-    xq, x_scale = quantize_rows(x)
+    xq, x_scale = quantize_activations(x)
     out = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
     return out if bias is None else out.add_(bias)
 

@@ -1,6 +1,6 @@
 """Triton kernels of the FP8 path: the FP8 weight-only linear for a few rows (decode of 2 to 64 rows),
 ``out = (x @ W.T) * scale + bias`` (one row goes to ``gemv_kernel`` instead), and the per-row quantization of a
-prompt's activations for ``torch._scaled_mm`` (``quantize_rows``).
+prompt's activations for ``torch._scaled_mm`` (``quantize_activations``).
 
 At decode sizes a linear layer is a weight stream: each fp8 weight byte is read once and used for 2..64 rows, so
 the kernel's only job is to read the weights at the card's copy bandwidth. Each program reads a tile of
@@ -139,7 +139,8 @@ def fp8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, k_iters, BLOCK_K: tl.constexpr):
+def _quantize_activations_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, k_iters,
+                                 BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     top = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -157,7 +158,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, k_it
         tl.store(q_ptr + row * stride_qm + k, v.to(q_ptr.dtype.element_ty), mask=k < K)
 
 
-def quantize_rows(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [M, K] to (e4m3 [M, K], fp32 scale [M, 1]): each row's absmax maps to 448, values clamped to +-448,
     the same values as ``(x.float() / s).clamp(-448, 448).to(float8_e4m3fn)`` with
     ``s = x.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / 448`` on CUDA (where ``/ 448`` is a product
@@ -170,6 +171,6 @@ def quantize_rows(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, t
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), triton.cdiv(k, block_k),
+        _quantize_activations_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), triton.cdiv(k, block_k),
                                     BLOCK_K=block_k, num_warps=4)
     return q, scale

@@ -169,9 +169,9 @@ def test_triton_kernel_under_the_interpreter():
     run_interpreted(INTERPRETED)
 
 
-QUANTIZE_ROWS = """
+QUANTIZE_ACTIVATIONS = """
 import torch, triton
-from glyphserve.engine.fp8_kernels import _quantize_rows_kernel, quantize_rows
+from glyphserve.engine.fp8_kernels import _quantize_activations_kernel, quantize_activations
 
 torch.manual_seed(0)
 for m, k in [(3, 100), (5, 64), (1, 37)]:
@@ -185,26 +185,27 @@ for m, k in [(3, 100), (5, 64), (1, 37)]:
         ref_v = (x.float() / ref_s).clamp_(-448.0, 448.0)
         # The values before the cast to e4m3 (the interpreter rounds float8 its own way; CUDA's cast: test below)
         v, s = torch.empty(m, k), torch.empty(m, 1)
-        _quantize_rows_kernel[(m,)](x, v, s, k, x.stride(0), v.stride(0), triton.cdiv(k, 32), BLOCK_K=32)
+        _quantize_activations_kernel[(m,)](x, v, s, k, x.stride(0), v.stride(0), triton.cdiv(k, 32),
+                                           BLOCK_K=32)
         assert torch.equal(s, ref_s) and torch.equal(v, ref_v), (m, k, dtype)
-        q, s = quantize_rows(x, block_k=32)
+        q, s = quantize_activations(x, block_k=32)
         assert q.dtype == torch.float8_e4m3fn and q.shape == (m, k) and torch.equal(s, ref_s)
 print("interpreted ok")
 """
 
 
 def test_row_quantization_kernel_under_the_interpreter():
-    run_interpreted(QUANTIZE_ROWS)
+    run_interpreted(QUANTIZE_ACTIVATIONS)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_row_quantization_equals_the_pytorch_expression():
-    from glyphserve.engine.fp8_kernels import quantize_rows
+    from glyphserve.engine.fp8_kernels import quantize_activations
 
     spread = torch.logspace(-4, 2, 300, device="cuda")[:, None]  # rows from tiny to large
     x = (torch.randn(300, 13696, device="cuda") * spread).to(torch.bfloat16)
     x[7] = 0
-    q, s = quantize_rows(x)
+    q, s = quantize_activations(x)
     ref_s = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12) / 448.0
     ref_q = (x.float() / ref_s).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
     assert torch.equal(s, ref_s)

@@ -86,3 +86,12 @@ def test_cuda_dense_linear_one_row_through_the_kernel_under_compile():
         out = compiled(x, w)
         assert out.shape == (rows, 4096)
         assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
+
+
+def test_row_matmul_refuses_weights_past_32_bit_offsets():
+    pytest.importorskip("triton")
+    from glyphserve.engine.gemv_kernel import row_matmul
+
+    x, w = torch.empty(1, 2**11, device="meta"), torch.empty(2**20, 2**11, device="meta")  # no memory: 2**31
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*31 elements"):
+        row_matmul(x, w, None, None)
