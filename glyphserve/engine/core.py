@@ -281,7 +281,7 @@ class EngineCore:
                 blocks = None
                 if chunk.start:
                     blocks = self.runner.block_tables[seq.slot, : -(-chunk.end // bs)].long()
-                dense.append(DenseChunk(offset, n, chunk.start, blocks))
+                dense.append(DenseChunk(offset, n, chunk.start, blocks, samples=chunk.samples))
             if chunk.samples:
                 logits_index.append(offset + n - 1)
                 sampled.append(seq)

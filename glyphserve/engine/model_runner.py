@@ -106,6 +106,7 @@ class DenseChunk:
     n: int
     start: int
     blocks: torch.Tensor | None = None  # device ids of the blocks holding positions < start + n (start > 0)
+    samples: bool = True  # its last token's next-token logits are wanted (in ``logits_index``)
 
 
 @dataclass
@@ -230,13 +231,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inp: StepInputs) -> torch.Tensor:
-        """Write every token's K/V, attend, and return the wanted rows' next-token logits [R, V] (float32)."""
+        """Write every token's K/V, attend, and return the wanted rows' next-token logits [R, V] (float32).
+
+        A step with long chunks runs its last layer past the K/V store only for the wanted rows: nothing reads
+        the other rows' output (W200's 15,215-token prompt: 1/40 of its prefill's products and attention)."""
         x = inp.embeds
         cos, sin = self.rotary(x.unsqueeze(0), inp.positions.unsqueeze(1))
         cos, sin = cos[0], sin[0]
         h = self._norm(x, self.first_norm, self.eps)
+        last = len(self.layer_weights) - 1
         for li, (qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
             q, k, v = self._qkv(li, h, qkv_w, qkv_s, qkv_b, cos, sin, inp.slot_mapping)
+            if li == last and inp.dense:
+                x = x[inp.logits_index]
+                if not x.shape[0]:  # a prompt chunk that samples nothing: its K/V was all it needed
+                    return torch.empty(0, self.vocab, device=x.device, dtype=torch.float32)
+                x, h = self._post(x, self._attend_wanted(li, inp, q, k, v).reshape(x.shape[0], -1), *post, self.eps)
+                return linear(h, *self.head).float()
             out = self._attend(li, inp, q, k, v)
             x, h = self._post(x, out.reshape(x.shape[0], -1), *post, self.eps)
         return linear(h[inp.logits_index], *self.head).float()
@@ -259,22 +270,40 @@ class ModelRunner:
             out[c.offset : c.offset + c.n] = self._attend_dense(layer, c, q, k, v)
         return out
 
-    def _attend_dense(self, layer: int, c: DenseChunk, q, k, v) -> torch.Tensor:
-        """SDPA over a long chunk: [n, heads, head_dim]. The K/V heads are shared by query-head groups inside the
+    def _attend_wanted(self, layer: int, inp: StepInputs, q, k, v) -> torch.Tensor:
+        """The attention output of the rows in ``logits_index`` only, in its order: the paged rows' (all computed,
+        the wanted ones taken), then each sampling dense chunk's last row, which sees every key before it."""
+        parts = []
+        dense_rows = sum(c.samples for c in inp.dense)
+        if inp.paged_tokens:
+            p = inp.paged_tokens
+            out = torch.empty_like(q[:p])
+            paged_attention(q[:p], self.k[layer], self.v[layer], inp.block_tables, inp.seq_lens, inp.query_start,
+                            self.scaling, inp.max_query_len, out=out)
+            parts.append(out[inp.logits_index[: inp.logits_index.shape[0] - dense_rows]])
+        for c in inp.dense:
+            if c.samples:
+                parts.append(self._attend_dense(layer, c, q, k, v, last_row=True))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _attend_dense(self, layer: int, c: DenseChunk, q, k, v, last_row: bool = False) -> torch.Tensor:
+        """SDPA over a long chunk: [n, heads, head_dim] (with ``last_row``, its last row's only: [1, heads,
+        head_dim], which sees every key, so no mask). The K/V heads are shared by query-head groups inside the
         kernel (``enable_gqa``), not repeated per query head first: the repeats were two strided copies of 16x the
         chunk's K/V a layer (with the output's copy, 155 copy launches and 22.6 ms of a W200 question's first token
         on an H200, profile-h200-s12-row-kernel.md). A single chunk's output is returned as SDPA wrote it."""
-        qc = q[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
+        first = c.offset + c.n - 1 if last_row else c.offset
+        qc = q[first : c.offset + c.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
         if c.start == 0:
             keys = k[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)
             values = v[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)
-            mask = None
         else:
             end = c.start + c.n
             keys = self.k[layer][c.blocks].view(-1, self.kv_heads, self.head_dim)[:end].transpose(0, 1)[None]
             values = self.v[layer][c.blocks].view(-1, self.kv_heads, self.head_dim)[:end].transpose(0, 1)[None]
-            mask = causal_lower_right(c.n, end)
-        res = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=mask is None,
+        causal = not last_row
+        mask = causal_lower_right(c.n, c.start + c.n) if causal and c.start else None
+        res = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=causal and mask is None,
                                              scale=self.scaling, enable_gqa=self.n_heads != self.kv_heads)
         return res[0].transpose(0, 1)
 

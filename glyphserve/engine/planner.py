@@ -18,11 +18,11 @@ import torch
 
 from glyphserve.engine.kv_pool import block_hashes
 from glyphserve.engine.output import OutputState
-from glyphserve.engine.preprocess import PreprocessParams, check_page, page_digest
+from glyphserve.engine.preprocess import PreprocessParams, check_page, page_keys
 from glyphserve.engine.prompt import PromptBuilder, PromptTokens, conversation
 from glyphserve.engine.sampler import MAX_LOGPROBS
 from glyphserve.engine.sequence import Sequence
-from glyphserve.engine.types import REPETITION_PENALTY_RANGE, AnswerRequest, EncodedPage, GenerationSettings, Page
+from glyphserve.engine.types import REPETITION_PENALTY_RANGE, AnswerRequest, GenerationSettings
 from glyphserve.errors import ConfigError, ContextOverflowError, GlyphserveError
 from glyphserve.glm4v import PAGE_MARKER_TOKENS
 
@@ -60,11 +60,6 @@ def check_settings(s: GenerationSettings, vocab: int) -> None:
         bad(f"stop_token_ids must be token ids from 0 to {vocab - 1}")
 
 
-def page_key(page: Page) -> str:
-    """A page's identity when the caller gave none: its encoded bytes' hash, else its pixels' (never decoded)."""
-    return page.key() if isinstance(page, EncodedPage) else "pixels:" + page_digest(page)
-
-
 class Planner:
     def __init__(self, model, tokenizer, prompts: PromptBuilder, params: PreprocessParams, *, max_context: int,
                  block_size: int, pool_tokens: int, stop_ids: list[int], prefix_caching: bool = True):
@@ -98,7 +93,7 @@ class Planner:
         if request.page_keys is not None and len(request.page_keys) != len(request.pages):
             raise GlyphserveError("page_keys must name every page")
         pages = list(request.pages)
-        keys = list(request.page_keys) if request.page_keys is not None else [page_key(p) for p in pages]
+        keys = list(request.page_keys) if request.page_keys is not None else page_keys(pages)
         grids = [self.params.grid(*p.shape[:2]) for p in pages]
         question = "" if request.warm else request.question
         labels = request.page_labels

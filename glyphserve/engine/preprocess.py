@@ -112,9 +112,15 @@ def _parallel(function, pages: list[Page]) -> list:
         return list(pool.map(function, pages))
 
 
-def page_digests(pages: list[np.ndarray]) -> list[str]:
-    """Digests of the pages, hashed in parallel."""
-    return _parallel(page_digest, pages)
+def page_key(page: Page) -> str:
+    """A page's identity when the caller gave none: its encoded bytes' hash, else its pixels' (never decoded)."""
+    return page.key() if isinstance(page, EncodedPage) else "pixels:" + page_digest(page)
+
+
+def page_keys(pages: list[Page]) -> list[str]:
+    """``page_key`` of each page, hashed in parallel (a W200 request's 24 pages, 36 MB of pixels, took 31 ms
+    hashed one after another on the 2-core VM, and that was spent before its first step could run)."""
+    return _parallel(page_key, pages)
 
 
 def try_decode(pages: list[Page]) -> list[np.ndarray | GlyphserveError]:

@@ -340,8 +340,8 @@ def test_follow_ups_joining_decoding_rows_match_as_rows_and_eagerly(load_engine,
 
 
 # Chunks after the first through the paged kernel (short; up to PAGED_PREFIX_CHUNK_TOKENS after the first), or
-# through SDPA over gathered blocks (longer)
-@pytest.mark.parametrize("chunk", [37, 100, PAGED_PREFIX_CHUNK_TOKENS + 1])
+# through SDPA over gathered blocks (longer; with 700 the last chunk too, whose last layer runs its last row only)
+@pytest.mark.parametrize("chunk", [37, 100, PAGED_PREFIX_CHUNK_TOKENS + 1, 700])
 def test_a_prompt_prefilled_in_chunks_matches(load_engine, reference, chunk):
     """A prompt longer than a step's token budget is prefilled in chunks, each attending to the blocks before it."""
     pages = make_pages([(840, 588), (588, 840)], seed=3)  # 630 vision tokens each
@@ -349,7 +349,10 @@ def test_a_prompt_prefilled_in_chunks_matches(load_engine, reference, chunk):
     expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
     answer = engine.answer(request(pages, "Who is the wolf?"))
     assert answer.token_ids == expected
-    assert answer.prompt_tokens > 2 * chunk and engine.stats()["prefill_passes"] >= 3
+    passes = -(-answer.prompt_tokens // chunk)
+    assert passes >= 2 and engine.stats()["prefill_passes"] >= passes
+    if chunk == 700:  # the last chunk attends through SDPA
+        assert answer.prompt_tokens - chunk > PAGED_PREFIX_CHUNK_TOKENS
 
 
 def record_steps(engine, monkeypatch) -> list[tuple[int, list[int]]]:

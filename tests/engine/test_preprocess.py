@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams, decode_pages, page_digest, page_digests
+from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams, decode_pages, page_digest, page_keys
+from glyphserve.engine.types import EncodedPage
 from tests.engine.conftest import make_pages
 
 
@@ -53,7 +54,8 @@ def test_digests_depend_on_pixels_and_shape():
     assert page_digest(a) != page_digest(b)
     flat = np.zeros((112, 140, 3), np.uint8)
     assert page_digest(flat) != page_digest(np.zeros((140, 112, 3), np.uint8))
-    assert page_digests([a, b, a]) == [page_digest(a), page_digest(b), page_digest(a)]
+    encoded = EncodedPage.from_bytes(_png(a))
+    assert page_keys([a, b, encoded, a]) == ["pixels:" + page_digest(p) for p in (a, b)] + [encoded.key(), "pixels:" + page_digest(a)]
 
 
 def _png(page: np.ndarray) -> bytes:
@@ -67,8 +69,6 @@ def _png(page: np.ndarray) -> bytes:
 
 
 def test_encoded_pages_patch_like_their_pixels(processor):
-    from glyphserve.engine import EncodedPage
-
     pages = make_pages([(100, 150), (112, 140)], seed=4)
     encoded = [EncodedPage.from_bytes(_png(p)) for p in pages]
     assert [e.shape for e in encoded] == [p.shape for p in pages] and encoded[0].mime == "image/png"
@@ -78,7 +78,7 @@ def test_encoded_pages_patch_like_their_pixels(processor):
 
 
 def test_unreadable_encoded_pages_are_refused():
-    from glyphserve.engine import EncodedPage
+
     from glyphserve.errors import GlyphserveError
 
     with pytest.raises(GlyphserveError, match="not a readable image"):
