@@ -189,7 +189,13 @@ class Bench:
         self.counter = itertools.count()
 
     def question(self) -> str:
-        return f"Question {next(self.counter):04d}: which names and numbers appear most often in the text, and where?"
+        """Each question a different number of tokens (a filler word more than the one before), so that every cold
+        prompt has a length the process has not seen, as users' questions do: a kernel that plans per shape pays
+        for it here too (cuDNN's attention did, 45 ms a new length on an H200, hidden while every question had
+        the same length)."""
+        n = next(self.counter)
+        return (f"Question {n:04d}: which names and numbers appear most often in the text, and where?"
+                + " Please" * (n % 100))
 
     def sync(self) -> None:
         if self.cuda:

@@ -387,6 +387,9 @@ class Engine:
         rows = self.runner.max_rows if self.core.row_prefill else self.config.max_num_seqs
         buckets = graph_buckets(self.config.max_num_seqs, rows)
         self.runner.warm_attention(buckets, [1, 2, PAGED_CHUNK_TOKENS])
+        sched = self.scheduler.config
+        self.runner.warm_prompt_attention(min(max(sched.max_prefill_tokens, sched.max_num_batched_tokens),
+                                              self.max_context))
         if self.config.cuda_graphs:
             self.runner.capture(buckets, self.sampler)
         self._sync()

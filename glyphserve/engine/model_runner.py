@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from glyphserve.engine.attention import compile_split_variants, paged_attention
@@ -49,6 +50,15 @@ from glyphserve.errors import ModelLoadError
 # what SDPA does (55 vs 54 us a layer, attention-h200.md); for thousands of queries flash attention wins.
 PAGED_CHUNK_TOKENS = 64
 PAGED_PREFIX_CHUNK_TOKENS = 512
+# A prompt's first chunk (plain causal attention: cuDNN's kernel on Hopper, the fastest there, 2.96 ms a layer for
+# W200's 15,215 tokens against flash's 5.6) goes to SDPA padded at its end to a multiple of PROMPT_PAD_TOKENS (the
+# padding keys come after every real query, so causality hides them), and a plan for each padded length is built at
+# load (``warm_prompt_attention``): cuDNN builds a plan for each new shape, and on an H200 that cost 45 ms the
+# first time a length was seen, i.e. most cold questions (a W50 question of a new length: first token 0.196 s
+# against 0.155 for a length seen before, shape-probe-h200.json).
+PROMPT_PAD_TOKENS = 512
+# A chunk's last row alone (the last layer's wanted row) attends without cuDNN, which would plan for each length.
+NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Staged per-row inputs of a graph step: sequence slot (block table; last sampled token), the three M-RoPE
 # positions, KV slot, KV length, input token (LAST_SAMPLED: the slot's last sampled token; GIVEN_EMBEDDING: a vision
 # token whose features are staged in ``given``), output slot (where the sampled token is kept for the next step:
@@ -147,6 +157,7 @@ class ModelRunner:
         self.vocab = tc.vocab_size
         self.eps = tc.rms_norm_eps
         self.scaling = self.layers[0].self_attn.scaling
+        self.prompt_pad = PROMPT_PAD_TOKENS if device.type == "cuda" else 1  # cuDNN's plans are per shape
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         # Rows of a graph step: every running sequence, or a short prompt chunk (one row per token) with room.
@@ -291,21 +302,40 @@ class ModelRunner:
         head_dim], which sees every key, so no mask). The K/V heads are shared by query-head groups inside the
         kernel (``enable_gqa``), not repeated per query head first: the repeats were two strided copies of 16x the
         chunk's K/V a layer (with the output's copy, 155 copy launches and 22.6 ms of a W200 question's first token
-        on an H200, profile-h200-s12-row-kernel.md). A single chunk's output is returned as SDPA wrote it."""
-        first = c.offset + c.n - 1 if last_row else c.offset
-        qc = q[first : c.offset + c.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
+        on an H200, profile-h200-s12-row-kernel.md). A prompt's first chunk is padded to a multiple of
+        ``prompt_pad`` (CUDA: ``PROMPT_PAD_TOKENS``, see there)."""
         if c.start == 0:
-            keys = k[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)
-            values = v[c.offset : c.offset + c.n].transpose(0, 1).unsqueeze(0)
+            keys, values = k[c.offset : c.offset + c.n], v[c.offset : c.offset + c.n]
         else:
-            end = c.start + c.n
-            keys = self.k[layer][c.blocks].view(-1, self.kv_heads, self.head_dim)[:end].transpose(0, 1)[None]
-            values = self.v[layer][c.blocks].view(-1, self.kv_heads, self.head_dim)[:end].transpose(0, 1)[None]
-        causal = not last_row
-        mask = causal_lower_right(c.n, c.start + c.n) if causal and c.start else None
-        res = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=causal and mask is None,
-                                             scale=self.scaling, enable_gqa=self.n_heads != self.kv_heads)
+            pooled = (self.k[layer][c.blocks], self.v[layer][c.blocks])
+            keys, values = (t.view(-1, self.kv_heads, self.head_dim)[: c.start + c.n] for t in pooled)
+        if last_row:
+            with sdpa_kernel(NO_PLAN_BACKENDS):
+                return self._sdpa(q[c.offset + c.n - 1 : c.offset + c.n], keys, values, causal=False)
+        queries = q[c.offset : c.offset + c.n]
+        if c.start:
+            return self._sdpa(queries, keys, values, mask=causal_lower_right(c.n, c.start + c.n))
+        pad = -c.n % self.prompt_pad
+        if pad:
+            queries, keys, values = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (queries, keys, values))
+        return self._sdpa(queries, keys, values, causal=True)[: c.n]
+
+    def _sdpa(self, q, k, v, causal: bool = False, mask=None) -> torch.Tensor:
+        """SDPA of token-major [n, heads, head_dim] queries, keys and values (keys and values: K/V heads)."""
+        res = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=mask,
+                                             is_causal=causal, scale=self.scaling,
+                                             enable_gqa=self.n_heads != self.kv_heads)
         return res[0].transpose(0, 1)
+
+    @torch.inference_mode()
+    def warm_prompt_attention(self, max_tokens: int) -> None:
+        """Build cuDNN's plan for each padded length of a prompt's first chunk up to ``max_tokens`` (CUDA), so that
+        no question pays for one (32 lengths for 16,384 tokens)."""
+        top = -(-max_tokens // PROMPT_PAD_TOKENS) * PROMPT_PAD_TOKENS
+        q = torch.zeros(top, self.n_heads, self.head_dim, device=self.device, dtype=self.dtype)
+        kv = torch.zeros(top, self.kv_heads, self.head_dim, device=self.device, dtype=self.dtype)
+        for n in range(PROMPT_PAD_TOKENS, top + 1, PROMPT_PAD_TOKENS):
+            self._sdpa(q[:n], kv[:n], kv[:n], causal=True)
 
     # --- captured decode steps ---------------------------------------------------------------------------------
 

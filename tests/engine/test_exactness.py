@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
-from glyphserve.engine.model_runner import PAGED_CHUNK_TOKENS, PAGED_PREFIX_CHUNK_TOKENS
+from glyphserve.engine.model_runner import PAGED_CHUNK_TOKENS, PAGED_PREFIX_CHUNK_TOKENS, PROMPT_PAD_TOKENS
 from tests.engine.conftest import make_pages
 
 N = 24
@@ -53,6 +53,17 @@ def test_cold_request_static_cache_decode_matches_generate(load_engine, referenc
     answer = engine.answer(request(pages, "Who is the wolf?"))
     assert answer.token_ids == expected
     assert answer.cache.vision_misses == 3 and answer.cache.prefix_reused_tokens == 0
+
+
+@pytest.mark.parametrize("pad", [PROMPT_PAD_TOKENS, 7])
+def test_a_prompt_padded_for_attention_answers_exactly(load_engine, reference, pages, pad):
+    """A prompt's first chunk padded at its end for SDPA (on CUDA, so cuDNN plans a few lengths only) changes
+    nothing: the padding keys come after every real query."""
+    engine = load_engine()
+    engine.runner.prompt_pad = pad
+    expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
+    answer = engine.answer(request(pages, "Who is the wolf?"))
+    assert answer.token_ids == expected and answer.prompt_tokens % pad
 
 
 def test_encoded_pages_answer_like_their_pixels(load_engine, reference, pages):
