@@ -187,22 +187,23 @@ class Bench:
         self.device = resolve_device(args.device)
         self.cuda = self.device.type == "cuda"
         self.counter = itertools.count()
+        self.fresh = itertools.count(1)
 
-    def question(self) -> str:
-        """Each question a different number of tokens (a filler word more than the one before), so that every cold
-        prompt has a length the process has not seen, as users' questions do: a kernel that plans per shape pays
-        for it here too (cuDNN's attention did, 45 ms a new length on an H200, hidden while every question had
-        the same length)."""
-        n = next(self.counter)
-        return (f"Question {n:04d}: which names and numbers appear most often in the text, and where?"
-                + " Please" * (n % 100))
+    def question(self, fresh: bool = False) -> str:
+        """A question; ``fresh``: one filler word more than the fresh one before, so that every cold prompt has a
+        length the process has not seen, as users' questions do, and a kernel that plans per shape pays for it
+        here too (cuDNN's attention did: 45 ms a new length on an H200, hidden while every question had the same
+        length). Other questions keep one length (a follow-up stays a short chunk)."""
+        extra = next(self.fresh) if fresh else 0
+        return (f"Question {next(self.counter):04d}: which names and numbers appear most often in the text, and "
+                "where?" + " Please" * extra)
 
     def sync(self) -> None:
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
 
-    def ask(self, engine, pages, **extra):
-        return engine.answer(self.api.request(pages, self.question(), self.args.new_tokens, **extra))
+    def ask(self, engine, pages, fresh: bool = False, **extra):
+        return engine.answer(self.api.request(pages, self.question(fresh), self.args.new_tokens, **extra))
 
     def single(self, engine, docs: list[list], mode: str) -> dict:
         """Median timings of one question at a time: ``cold`` (caches cleared), ``follow`` (a question on the same
@@ -219,7 +220,7 @@ class Bench:
                 self.torch.cuda.reset_peak_memory_stats(self.device)
             self.sync()
             t0 = time.perf_counter()
-            answer = self.ask(engine, pages)
+            answer = self.ask(engine, pages, fresh=mode == "cold")
             self.sync()
             walls.append(time.perf_counter() - t0)
             answers.append(answer)
@@ -319,7 +320,7 @@ class Bench:
             out["load_peak_gib"] = (outside + torch.cuda.max_memory_reserved(self.device)) / 2**30
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-            answer = engine.answer(self.api.request(pages, self.question(), self.args.new_tokens))
+            answer = engine.answer(self.api.request(pages, self.question(fresh=True), self.args.new_tokens))
             self.sync()
             out["wall_s"], out["new_tokens"] = answer.timings.total, answer.new_tokens
             out["peak_gib"] = (outside + torch.cuda.max_memory_reserved(self.device)) / 2**30
