@@ -297,9 +297,16 @@ class Engine:
             pages_used=len(seq.pages),
             cache=seq.cache,
             peak_gpu_bytes=seq.peak_gpu_bytes,
-            stop_reason=seq.stop_reason,
+            stop_reason=self._reported_stop(seq),
             logprobs=seq.out.logprobs,
         )
+
+    def _reported_stop(self, seq: Sequence) -> str | int | None:
+        """vLLM's ``stop_reason``: None when the tokenizer's end-of-text token ended the answer (not under
+        ignore_eos), else the stop string or token id that did (the model's other stop tokens included)."""
+        if seq.stop_reason == self.tokenizer.eos_token_id and not seq.settings.ignore_eos:
+            return None
+        return seq.stop_reason
 
     def _recover(self, seqs: list[Sequence]) -> None:
         self._counters["oom_recoveries"] += 1

@@ -242,7 +242,7 @@ class Answer:
     pages_used: int
     cache: CacheReport
     peak_gpu_bytes: int | None = None
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended the answer
+    stop_reason: str | int | None = None  # the stop string or token id that ended it (None: end-of-text, as vLLM)
     logprobs: list[TokenLogprob] | None = None  # one per generated token when asked for
 
     def to_dict(self) -> dict:

@@ -196,6 +196,8 @@ def test_a_stop_token_asked_for_ends_the_answer_under_ignore_eos(load_engine):
     natural = engine.answer(AnswerRequest(pages=page, question="What?", settings=GenerationSettings(max_tokens=40)))
     assert natural.finish_reason == "stop" and len(natural.token_ids) < 40  # ended by a model stop token
     stop = natural.token_ids[-1]
+    # vLLM reports no stop_reason for the tokenizer's end-of-text token, the id of any other stop token
+    assert natural.stop_reason == (None if stop == engine.tokenizer.eos_token_id else stop)
     ignored = engine.answer(AnswerRequest(pages=page, question="What?",
                                           settings=GenerationSettings(max_tokens=40, ignore_eos=True)))
     assert ignored.finish_reason == "length" and len(ignored.token_ids) == 40
@@ -203,6 +205,12 @@ def test_a_stop_token_asked_for_ends_the_answer_under_ignore_eos(load_engine):
         max_tokens=40, ignore_eos=True, stop_token_ids=(stop,), logprobs=0))))
     asked = events[-1].result
     assert (asked.token_ids, asked.finish_reason, asked.stop_reason) == (natural.token_ids, "stop", stop)
+    # an answer that ended at the end-of-text token (resumed from its tokens: the model does not emit it here)
+    eos = engine.tokenizer.eos_token_id
+    for last, reported in ((eos, None), (stop, stop)):
+        ended = engine.answer(AnswerRequest(pages=page, question="What?", settings=GenerationSettings(max_tokens=40),
+                                            resume_tokens=[*natural.token_ids[:-1], last]))
+        assert (ended.finish_reason, ended.stop_reason) == ("stop", reported)
     streamed = [e for e in events[:-1]]
     assert [t for e in streamed for t in e.tokens] == asked.token_ids  # the stop token included
     assert [lp.token_id for e in streamed for lp in e.logprobs] == asked.token_ids
