@@ -99,6 +99,15 @@ class DocumentChat(SamplingParams):
                        page_selection=self.page_selection or page_selection)
 
 
+
+def path_id(document_id: str) -> str:
+    """A document id from a URL path: one that cannot exist is a missing resource (404), as OpenAI answers for an
+    unknown file id, not a malformed request (in a JSON body it is: 400)."""
+    try:
+        return check_id(document_id)
+    except InvalidRequestError:
+        raise NotFoundError(f"no document with id {document_id!r} (document ids are 32 lowercase hex digits)") from None
+
 def invalid_request(exc: ValidationError | Any) -> InvalidRequestError:
     """One line naming each invalid field; ``param`` is the first of them.
 
@@ -292,7 +301,7 @@ def build_router(service: GlyphService) -> APIRouter:
 
     @router.get("/v1/documents/{document_id}")
     async def get_document(document_id: str):
-        record = service.store.get(document_id)
+        record = service.store.get(path_id(document_id))
         return {"id": record.id, "warm": service.warmth(record.id), "document": record.to_dict(),
                 "manifest": service.store.manifest(record.id)}
 
@@ -301,13 +310,14 @@ def build_router(service: GlyphService) -> APIRouter:
                        bottom: int | None = Query(None, ge=1)):
         if (top is None) != (bottom is None):
             raise InvalidRequestError("give both top and bottom to crop a page, or neither")
-        result = service.page_png(document_id, page, None if top is None else (top, bottom))
+        result = service.page_png(path_id(document_id), page, None if top is None else (top, bottom))
         if isinstance(result, bytes):
             return Response(result, media_type="image/png")
         return FileResponse(result, media_type="image/png")
 
     @router.patch("/v1/documents/{document_id}")
     async def rename_document(document_id: str, request: Request):
+        path_id(document_id)
         try:
             body = DocumentName.model_validate_json(await json_body(request))
         except ValidationError as exc:
@@ -317,12 +327,12 @@ def build_router(service: GlyphService) -> APIRouter:
 
     @router.delete("/v1/documents/{document_id}")
     async def delete_document(document_id: str):
-        service.delete_document(document_id)
+        service.delete_document(path_id(document_id))
         return {"id": document_id, "deleted": True}
 
     @router.post("/v1/documents/{document_id}/chat")
     async def chat(document_id: str, request: Request):
-        check_id(document_id)
+        path_id(document_id)
         try:
             body = DocumentChat.model_validate_json(await json_body(request))
         except ValidationError as exc:

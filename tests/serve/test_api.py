@@ -263,6 +263,19 @@ def test_malformed_requests(client):
     assert client.post(f"/v1/documents/{doc_id}/chat", json={"question": "Who kept the lighthouse?"}).status_code == 200
 
 
+def test_a_document_id_that_cannot_exist_is_not_found(client):
+    """In a URL path an id that is not one (not 32 hex digits) is a missing resource, as an unknown one is; in a
+    request body it is a malformed request."""
+    for method, path in [("GET", "/v1/documents/nope"), ("GET", "/v1/documents/nope/pages/1.png"),
+                         ("DELETE", "/v1/documents/ABC"), ("PATCH", "/v1/documents/nope"),
+                         ("POST", "/v1/documents/nope/chat"), ("GET", "/v1/documents/" + "f" * 32)]:
+        response = client.request(method, path, json={"name": "x"} if method == "PATCH" else {"question": "q"})
+        assert response.status_code == 404, (method, path, response.text)
+        assert response.json()["error"]["code"] == "not_found"
+    body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}], "document": "nope"})
+    assert body.status_code == 400 and "32 lowercase hex digits" in body.json()["error"]["message"]
+
+
 def test_metrics_count_requests_errors_and_stages(client):
     upload_text(client)
     client.get("/v1/documents/ffffffffffffffffffffffffffffffff")
