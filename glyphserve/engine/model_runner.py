@@ -245,7 +245,8 @@ class ModelRunner:
         """Write every token's K/V, attend, and return the wanted rows' next-token logits [R, V] (float32).
 
         A step with long chunks runs its last layer past the K/V store only for the wanted rows: nothing reads
-        the other rows' output (W200's 15,215-token prompt: 1/40 of its prefill's products and attention)."""
+        the other rows' output (W200's 15,215-token prompt: 1/40 of its prefill's products and attention). Its
+        paged rows (decode rows, short chunks) still all attend there, a few dozen at most."""
         x = inp.embeds
         cos, sin = self.rotary(x.unsqueeze(0), inp.positions.unsqueeze(1))
         cos, sin = cos[0], sin[0]
@@ -315,9 +316,11 @@ class ModelRunner:
         queries = q[c.offset : c.offset + c.n]
         if c.start:
             return self._sdpa(queries, keys, values, mask=causal_lower_right(c.n, c.start + c.n))
+        # Padded, or made contiguous: cuDNN's plans are per strides too (the values are a strided view of the
+        # fused projection's output), and the plans built at load are for contiguous inputs.
         pad = -c.n % self.prompt_pad
-        if pad:
-            queries, keys, values = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (queries, keys, values))
+        queries, keys, values = (F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t.contiguous()
+                                 for t in (queries, keys, values))
         return self._sdpa(queries, keys, values, causal=True)[: c.n]
 
     def _sdpa(self, q, k, v, causal: bool = False, mask=None) -> torch.Tensor:
@@ -329,12 +332,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_prompt_attention(self, max_tokens: int) -> None:
-        """Build cuDNN's plan for each padded length of a prompt's first chunk up to ``max_tokens`` (CUDA), so that
-        no question pays for one (32 lengths for 16,384 tokens)."""
-        top = -(-max_tokens // PROMPT_PAD_TOKENS) * PROMPT_PAD_TOKENS
+        """Build cuDNN's plan for each padded length of a prompt's first chunk up to ``max_tokens``, so that no
+        question pays for one (32 lengths for 16,384 tokens); nothing where prompts are not padded (CPU)."""
+        if self.prompt_pad == 1:
+            return
+        top = -(-max_tokens // self.prompt_pad) * self.prompt_pad
         q = torch.zeros(top, self.n_heads, self.head_dim, device=self.device, dtype=self.dtype)
         kv = torch.zeros(top, self.kv_heads, self.head_dim, device=self.device, dtype=self.dtype)
-        for n in range(PROMPT_PAD_TOKENS, top + 1, PROMPT_PAD_TOKENS):
+        for n in range(self.prompt_pad, top + 1, self.prompt_pad):
             self._sdpa(q[:n], kv[:n], kv[:n], causal=True)
 
     # --- captured decode steps ---------------------------------------------------------------------------------

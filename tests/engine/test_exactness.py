@@ -59,7 +59,7 @@ def test_cold_request_static_cache_decode_matches_generate(load_engine, referenc
 def test_a_prompt_padded_for_attention_answers_exactly(load_engine, reference, pages, pad):
     """A prompt's first chunk padded at its end for SDPA (on CUDA, so cuDNN plans a few lengths only) changes
     nothing: the padding keys come after every real query."""
-    engine = load_engine()
+    engine = load_engine(graph_prefill=False)  # the prompt through the eager pass, where it is padded
     engine.runner.prompt_pad = pad
     expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
     answer = engine.answer(request(pages, "Who is the wolf?"))
@@ -363,7 +363,7 @@ def test_a_prompt_prefilled_in_chunks_matches(load_engine, reference, chunk):
     passes = -(-answer.prompt_tokens // chunk)
     assert passes >= 2 and engine.stats()["prefill_passes"] >= passes
     if chunk == 700:  # the last chunk attends through SDPA
-        assert answer.prompt_tokens - chunk > PAGED_PREFIX_CHUNK_TOKENS
+        assert answer.prompt_tokens - (passes - 1) * chunk > PAGED_PREFIX_CHUNK_TOKENS
 
 
 def record_steps(engine, monkeypatch) -> list[tuple[int, list[int]]]:
@@ -401,6 +401,38 @@ def test_a_long_prompt_joining_running_rows_is_prefilled_in_slices_between_their
     mixed = [chunks for decoding, chunks in steps[1:] if chunks]
     assert len(mixed) >= 3  # the joiner's prompt went in several slices...
     assert all(decoding == 1 and sum(chunks) <= 28 for decoding, chunks in steps[1:] if chunks)  # ...beside the row
+
+
+def test_a_long_prompt_sliced_beside_a_decoding_row_through_sdpa_matches(load_engine, reference, monkeypatch):
+    """Steps of a decoding row (paged) and a long slice (SDPA) that samples only at the prompt's end: the last
+    layer runs for the wanted rows only, the paged row and, at the end, the slice's last row."""
+    engine = load_engine(max_num_seqs=2, max_num_batched_tokens=600, graph_prefill=False)
+    big = make_pages([(840, 588), (588, 840)], seed=3)
+    running = (big[:1], "Who?", 40)
+    joiner = (big, "Who pretended to be the grandmother in the story?", 12)
+    expected = [reference.generate(p, q, max_new_tokens=n, ignore_eos=True)[0] for p, q, n in (running, joiner)]
+    steps = record_steps(engine, monkeypatch)
+    offered = [request(*joiner[:2], n=joiner[2])]
+
+    def admit(free: int) -> list[AnswerRequest]:
+        return [offered.pop()] if offered and len(steps) >= 3 else []
+
+    tokens = {i: e.result.token_ids for i, e in engine.stream_batch([request(*running[:2], n=running[2])], admit=admit)
+              if e.channel == "done"}
+    assert [tokens[0], tokens[1]] == expected
+    sliced = [chunks for decoding, chunks in steps if decoding and chunks]
+    assert len(sliced) >= 2 and all(c[0] > PAGED_PREFIX_CHUNK_TOKENS for c in sliced[:-1])
+
+
+def test_two_long_prompts_in_one_pass_one_sampling_match(load_engine, reference):
+    """One pass holding a whole prompt (it samples) and the start of another (it does not)."""
+    engine = load_engine(max_prefill_tokens=1500, enable_prefix_caching=False, graph_prefill=False)
+    docs = [make_pages([(840, 588), (588, 840)], seed=s) for s in (3, 4)]
+    questions = ["Who is the wolf?", "Where does the grandmother live?"]
+    expected = [reference.generate(d, q, max_new_tokens=N, ignore_eos=True)[0] for d, q in zip(docs, questions)]
+    answers = engine.answer_batch([request(d, q) for d, q in zip(docs, questions)])
+    assert [a.token_ids for a in answers] == expected
+    assert engine.stats()["prefill_passes"] == 2 and answers[0].prompt_tokens > 750
 
 
 def test_a_long_prompt_cancelled_between_its_slices_frees_its_blocks(load_engine, reference, pages):

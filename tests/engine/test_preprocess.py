@@ -55,7 +55,8 @@ def test_digests_depend_on_pixels_and_shape():
     flat = np.zeros((112, 140, 3), np.uint8)
     assert page_digest(flat) != page_digest(np.zeros((140, 112, 3), np.uint8))
     encoded = EncodedPage.from_bytes(_png(a))
-    assert page_keys([a, b, encoded, a]) == ["pixels:" + page_digest(p) for p in (a, b)] + [encoded.key(), "pixels:" + page_digest(a)]
+    pixels = ["pixels:" + page_digest(p) for p in (a, b)]
+    assert page_keys([a, b, encoded, a]) == [*pixels, encoded.key(), pixels[0]]
 
 
 def _png(page: np.ndarray) -> bytes:
@@ -78,7 +79,6 @@ def test_encoded_pages_patch_like_their_pixels(processor):
 
 
 def test_unreadable_encoded_pages_are_refused():
-
     from glyphserve.errors import GlyphserveError
 
     with pytest.raises(GlyphserveError, match="not a readable image"):
