@@ -276,11 +276,15 @@ class ModelRunner:
             return self._attend_dense(layer, inp.dense[0], q, k, v)
         out = torch.empty_like(q)
         if p:
-            paged_attention(q[:p], self.k[layer], self.v[layer], inp.block_tables, inp.seq_lens, inp.query_start,
-                            self.scaling, inp.max_query_len, out=out[:p])
+            self._attend_paged(layer, inp, q, out[:p])
         for c in inp.dense:
             out[c.offset : c.offset + c.n] = self._attend_dense(layer, c, q, k, v)
         return out
+
+    def _attend_paged(self, layer: int, inp: StepInputs, q, out: torch.Tensor) -> torch.Tensor:
+        """The paged kernel over the step's first ``inp.paged_tokens`` rows, into ``out``."""
+        return paged_attention(q[: inp.paged_tokens], self.k[layer], self.v[layer], inp.block_tables, inp.seq_lens,
+                               inp.query_start, self.scaling, inp.max_query_len, out=out)
 
     def _attend_wanted(self, layer: int, inp: StepInputs, q, k, v) -> torch.Tensor:
         """The attention output of the rows in ``logits_index`` only, in its order: the paged rows' (all computed,
@@ -288,10 +292,7 @@ class ModelRunner:
         parts = []
         dense_rows = sum(c.samples for c in inp.dense)
         if inp.paged_tokens:
-            p = inp.paged_tokens
-            out = torch.empty_like(q[:p])
-            paged_attention(q[:p], self.k[layer], self.v[layer], inp.block_tables, inp.seq_lens, inp.query_start,
-                            self.scaling, inp.max_query_len, out=out)
+            out = self._attend_paged(layer, inp, q, torch.empty_like(q[: inp.paged_tokens]))
             parts.append(out[inp.logits_index[: inp.logits_index.shape[0] - dense_rows]])
         for c in inp.dense:
             if c.samples:

@@ -99,14 +99,14 @@ class DocumentChat(SamplingParams):
                        page_selection=self.page_selection or page_selection)
 
 
-
 def path_id(document_id: str) -> str:
     """A document id from a URL path: one that cannot exist is a missing resource (404), as OpenAI answers for an
     unknown file id, not a malformed request (in a JSON body it is: 400)."""
     try:
         return check_id(document_id)
     except InvalidRequestError:
-        raise NotFoundError(f"no document with id {document_id!r} (document ids are 32 lowercase hex digits)") from None
+        raise NotFoundError(f"no document with id {document_id!r} (ids are 32 lowercase hex digits)") from None
+
 
 def invalid_request(exc: ValidationError | Any) -> InvalidRequestError:
     """One line naming each invalid field; ``param`` is the first of them.

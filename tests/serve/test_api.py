@@ -272,7 +272,8 @@ def test_a_document_id_that_cannot_exist_is_not_found(client):
         response = client.request(method, path, json={"name": "x"} if method == "PATCH" else {"question": "q"})
         assert response.status_code == 404, (method, path, response.text)
         assert response.json()["error"]["code"] == "not_found"
-    body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}], "document": "nope"})
+    body = client.post("/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "q"}], "document": "nope"})
     assert body.status_code == 400 and "32 lowercase hex digits" in body.json()["error"]["message"]
 
 
