@@ -2,7 +2,8 @@
 
 On deterministic W50 documents (50,000 characters rendered with glyph-en) and 64-token answers (EOS ignored):
 
-- single requests: a cold question (vision and prefix caches empty), a follow-up (the document's blocks in the KV
+- single requests: a cold question (vision and prefix caches empty; again on documents whose last page is cropped,
+  as the renderer does by default, each to a height of its own), a follow-up (the document's blocks in the KV
   pool; again with its prefill in the eager pass instead of as rows of a graph step), the first question after the
   document was warmed at upload, and the same on W200 (``--grow``);
 - the decode step with 1, 8, 32, 64, 128 rows busy (follow-ups over several cached documents, all decoding
@@ -144,15 +145,18 @@ def workload_chars(name: str) -> int:
     return WORKLOADS[name] if name in WORKLOADS else int(name)
 
 
-def render_documents(n_chars: int, seeds, font: str | None) -> list[list]:
-    """Pages of documents rendered with glyph-en (last page uncropped: one page shape for the vision tower)."""
+def render_documents(n_chars: int, seeds, font: str | None, shorten: int = 0) -> list[list]:
+    """Pages of documents rendered with glyph-en. Without ``shorten``, last page uncropped: one page shape for the
+    vision tower; with it, the ``i``-th document is ``(i + 1) * shorten`` characters shorter and its last page
+    cropped as the renderer does by default, to a height of its own (a shape the vision tower has not seen)."""
     from glyphserve.bench.workloads import make_workload_text
     from glyphserve.render import preset, render_text
 
-    config = dataclasses.replace(preset("glyph-en"), auto_crop_last_page=False)
+    config = dataclasses.replace(preset("glyph-en"), auto_crop_last_page=shorten > 0)
     if font:
         config = dataclasses.replace(config, font_path=font)
-    return [[p.image for p in render_text(make_workload_text(n_chars, seed, "en"), config).pages] for seed in seeds]
+    return [[p.image for p in render_text(make_workload_text(n_chars - (i + 1) * shorten, seed, "en"), config).pages]
+            for i, seed in enumerate(seeds)]
 
 
 class Api:
@@ -365,6 +369,9 @@ def measure(args: argparse.Namespace) -> dict:
     res["engine"] = {k: v for k, v in engine.stats().items() if not isinstance(v, dict)}
     bench.ask(engine, docs[0])  # warm-up
     res["cold"] = bench.single(engine, docs, "cold")
+    chars = workload_chars(args.workload)  # W50: documents 416 to 3,328 characters shorter
+    cropped = render_documents(chars, range(100, 108), args.font, shorten=max(1, chars // 120))
+    res["cold_cropped"] = bench.single(engine, cropped, "cold")
     res["follow"] = bench.single(engine, docs, "follow")
     core = getattr(engine, "core", None)
     if getattr(core, "row_prefill", False):  # follow-ups as rows of the decode graphs: the eager pass beside them
@@ -481,7 +488,8 @@ def to_markdown(res: dict) -> str:
         "| row | candidate wall s | TTFT s | decode ms/token | peak GiB | baseline wall s | baseline TTFT s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, label in (("cold", "W50 cold"), ("follow", "W50 follow-up"),
+    for key, label in (("cold", "W50 cold"), ("cold_cropped", "W50 cold, last page cropped (a new height each time)"),
+                       ("follow", "W50 follow-up"),
                        ("follow_eager", "W50 follow-up, prefill in the eager pass"),
                        ("warm", "W50 first question after warm-up"),
                        ("grow_cold", "W200 cold"), ("grow_follow", "W200 follow-up")):

@@ -60,6 +60,8 @@ import math
 import torch
 from torch import Tensor
 
+from glyphserve.engine.pdl import pdl_enabled
+
 try:
     import triton
     import triton.language as tl
@@ -288,6 +290,7 @@ def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     if splits is not None:
         plan = dataclasses.replace(plan, splits=splits)
     splits = plan.splits
+    pdl = pdl_enabled(q.device)
 
     partial_max = torch.empty((n_tokens, n_heads, splits), dtype=torch.float32, device=q.device)
     partial_sum = torch.empty_like(partial_max)
@@ -303,19 +306,20 @@ def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
             block_tables.stride(0), plan.query_tiles, splits, n_heads,
             GROUP=n_heads // kv_heads, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, PAGE=block_size,
             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=4, num_stages=3,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl,
+            num_warps=4, num_stages=3, launch_pdl=pdl,
         )
     if n_tokens:
         _combine_kernel[(n_tokens, n_heads)](
             partial_max, partial_sum, partial_acc, out, query_start, n_seqs,
             out.stride(0), out.stride(1), n_heads, splits,
-            HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_2(splits)),
-            num_warps=4,
+            HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_2(splits)), PDL=pdl,
+            num_warps=4, launch_pdl=pdl,
         )
 
 
 if triton is not None:
+    from glyphserve.engine.pdl import begin
 
     # The launch's counts are not specialised on (Triton compiles a variant per integer argument that is 1 or a
     # multiple of 16 otherwise): a new combination of them, which any request can bring, cost a 1.8 s compile
@@ -330,8 +334,9 @@ if triton is not None:
         v_stride_b, v_stride_s, v_stride_h,
         tables_stride, query_tiles, splits, n_heads,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
+        begin(PDL)
         TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
         seq = tl.program_id(0) // query_tiles
         tile = tl.program_id(0) % query_tiles
@@ -396,8 +401,9 @@ if triton is not None:
     def _combine_kernel(
         part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, query_start_ptr, n_seqs,
         out_stride_t, out_stride_h, n_heads, splits,
-        HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
     ):
+        begin(PDL)
         token = tl.program_id(0)
         head = tl.program_id(1)
         dims = tl.arange(0, HEAD_DIM)

@@ -20,6 +20,7 @@ from glyphserve.engine.caches import VisionCache
 from glyphserve.engine.core import EngineCore, Event
 from glyphserve.engine.kv_pool import KVPool
 from glyphserve.engine.model_runner import PAGED_CHUNK_TOKENS, DenseChunk, ModelRunner, StepInputs
+from glyphserve.engine.pdl import enable_for_inductor, pdl_enabled
 from glyphserve.engine.planner import Planner
 from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams
 from glyphserve.engine.prompt import PromptBuilder
@@ -73,6 +74,8 @@ class Engine:
         # probe's eight checks off generate's tokens (at top-2 gaps of 0.007 and 0.010; uncompiled, all eight equal),
         # and float32 is for checking, not serving.
         self.compiled_vision = config.compile_vision and cuda and self.dtype != torch.float32
+        self.pdl = pdl_enabled(self.device)  # our kernels' launches
+        enable_for_inductor(self.device)  # and Inductor's, set before anything is compiled (at the warm-up)
         self.vision = VisionRunner(self.model, config.vision_batch_pages, self.compiled_vision)
         self.vision_cache = VisionCache(config.vision_cache_bytes, config.vision_cache_cpu_bytes, self.device)
         block_size = config.kv_block_size
@@ -210,6 +213,7 @@ class Engine:
             "kv_block_size": self.pool.block_size,
             "cuda_graphs": len(self.runner.graphs),
             "compiled_vision": self.compiled_vision,
+            "pdl": self.pdl,
             **self._counters,
             **self.core.counters,
             "preemptions": self.scheduler.preemptions,
@@ -385,12 +389,10 @@ class Engine:
     def _warm_up(self) -> None:
         if self.device.type != "cuda":
             return
-        if self.compiled_vision:
+        if self.compiled_vision:  # compiled, and cuDNN's plans built for the usual pages (``VisionRunner.plan``)
             for height, width in self.config.warmup_page_shapes or ((224, 224),):
                 page = np.full((height, width, 3), 255, dtype=np.uint8)
-                grid = self.params.grid(height, width)
-                for n in sorted({1, self.config.vision_batch_pages}):
-                    self.vision.encode(self.preprocessor([page] * n), [grid] * n)
+                self.vision.plan(self.preprocessor([page]), self.params.grid(height, width))
         rows = self.runner.max_rows if self.core.row_prefill else self.config.max_num_seqs
         buckets = graph_buckets(self.config.max_num_seqs, rows)
         self.runner.warm_attention(buckets, [1, 2, PAGED_CHUNK_TOKENS])

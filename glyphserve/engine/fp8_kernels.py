@@ -23,6 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from glyphserve.engine.pdl import begin, pdl_enabled
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     block_m: int  # rows per program: 16..64 (the tensor cores' tiles)
@@ -37,7 +40,8 @@ class KernelConfig:
 def _fp8_weight_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, M, N, K, stride_xm, stride_wn,
                        stride_om, k_per_split,
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, K_ITERS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    begin(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -70,7 +74,8 @@ def _fp8_weight_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, 
 
 @triton.jit
 def _split_sum_kernel(partial_ptr, scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    begin(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -122,18 +127,19 @@ def fp8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     split = triton.cdiv(k, k_per_split)
     partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     grid = (triton.cdiv(n, config.block_n), split, triton.cdiv(m, config.block_m))
+    pdl = pdl_enabled(x.device)
     _fp8_weight_kernel[grid](
         x, qweight, scale, bias if bias is not None else scale, out, partial, m, n, k, x.stride(0),
         qweight.stride(0), out.stride(0), k_per_split, HAS_BIAS=bias is not None, SPLIT=split > 1,
         K_ITERS=k_per_split // config.block_k,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if split > 1:
         block = 1024
         _split_sum_kernel[(triton.cdiv(m * n, block),)](
             partial, scale, bias if bias is not None else scale, out, m, n, out.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
+            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, PDL=pdl, launch_pdl=pdl,
         )
     return out
 

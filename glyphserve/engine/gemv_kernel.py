@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from glyphserve.engine.pdl import begin, pdl_enabled
+
 
 @dataclass(frozen=True)
 class RowConfig:
@@ -34,7 +36,9 @@ class RowConfig:
 
 @triton.jit
 def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_iters,
-                HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PDL: tl.constexpr):
+    begin(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
@@ -87,9 +91,11 @@ def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
         weight = weight.contiguous()
     config = config or choose_row_config(n, k, weight.element_size())
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    pdl = pdl_enabled(x.device)
     _row_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, scale if scale is not None else x, bias if bias is not None else x, out, n, k, weight.stride(0),
         triton.cdiv(k, config.block_k), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=1,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl, num_warps=config.num_warps, num_stages=1,
+        launch_pdl=pdl,
     )
     return out

@@ -19,12 +19,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from glyphserve.engine.pdl import begin, pdl_enabled
+
 
 @triton.jit
 def _rotate_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                          stride_qkv, stride_cos,
                          H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    begin(PDL)
     t = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
@@ -54,10 +57,11 @@ def launch(qkv, cos, sin, q, k, k_cache, v_cache, slots, n_heads: int, kv_heads:
     """Fill ``q`` [T, H, d] and ``k`` [T, KV, d] and the pool slots ``slots`` [T] of the caches from ``qkv``."""
     t = qkv.shape[0]
     grid = (t, triton.cdiv(n_heads + 2 * kv_heads, heads_per_program))
+    pdl = pdl_enabled(qkv.device)
     _rotate_store_kernel[grid](
         qkv, cos, sin, q, k, k_cache, v_cache, slots, qkv.stride(0), cos.stride(0),
         H=n_heads, KV=kv_heads, D=head_dim, ROT=cos.shape[-1], BLOCK_H=heads_per_program,
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+        BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
 
 

@@ -18,6 +18,7 @@ def test_engine_bench_measures_every_row_and_a_baseline_tree(tiny_model_dir, tmp
     assert code == 0
     result = json.loads((tmp_path / "engine-cpu.json").read_text())
     assert result["cold"]["vision_misses"] > 0 and result["cold"]["prefix_reused_tokens"] == 0
+    assert result["cold_cropped"]["vision_misses"] > 0
     assert result["follow"]["prefix_reused_tokens"] > 0 and result["warm"]["prefix_reused_tokens"] > 0
     assert [r["rows"] for r in result["rows"]] == [1, 2] and all(r["step_ms"] > 0 for r in result["rows"])
     assert result["pool_blocks"]["16"] < 16 * result["pool_blocks"]["1"]  # the document's prefix held once
@@ -26,6 +27,15 @@ def test_engine_bench_measures_every_row_and_a_baseline_tree(tiny_model_dir, tmp
     markdown = (tmp_path / "engine-cpu.md").read_text()
     assert "| W200 cold |" in markdown and "## Targets" in markdown
     assert "With fp8 weights: W50 cold" in markdown and "; W200 cold" in markdown
+
+
+def test_cropped_documents_end_on_pages_of_heights_of_their_own():
+    from glyphserve.bench.engine import render_documents
+
+    full = render_documents(30_000, range(3), None)
+    cropped = render_documents(30_000, range(3), None, shorten=250)
+    assert {p.shape[0] for doc in full for p in doc} == {842}  # full pages (widths cropped to the text's)
+    assert len({doc[-1].shape[0] for doc in cropped}) == 3 and all(doc[-1].shape[0] < 842 for doc in cropped)
 
 
 def test_serve_bench_counts_every_answer(tiny_model_dir, tmp_path):

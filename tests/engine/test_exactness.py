@@ -668,3 +668,21 @@ def test_unwritten_pool_memory_never_reaches_an_answer(load_engine, reference, p
     cases = [(pages[:1], "Who?"), (pages, "Who pretended to be the grandmother?"), (pages[1:], "Why?")]
     expected = [reference.generate(p, q, max_new_tokens=N, ignore_eos=True)[0] for p, q in cases]
     assert [a.token_ids for a in engine.answer_batch([request(p, q) for p, q in cases])] == expected
+
+
+def test_page_shapes_planned_at_load_encode_like_the_others(load_engine, reference, pages):
+    """``VisionRunner.plan`` (run at load on CUDA for the renderer's full page) marks batches of 1 to
+    ``vision_batch_pages`` pages of a shape, whose attention may then go to cuDNN; the features stay HF's, for a
+    batch of a planned shape and for one that is not."""
+    engine = load_engine(vision_batch_pages=2)
+    ref_inputs = reference.processor.image_processor(images=pages, return_tensors="pt")
+    with torch.inference_mode():
+        ref = reference.model.get_image_features(ref_inputs["pixel_values"], ref_inputs["image_grid_thw"]).pooler_output
+    grids = [tuple(g) for g in ref_inputs["image_grid_thw"].tolist()]
+    first = grids[0]
+    engine.vision.plan(engine.preprocessor(pages[:1]), first)
+    patches = first[0] * first[1] * first[2]
+    assert engine.vision.planned == {(1, patches), (2, patches)}
+    ours = engine.vision.encode(engine.preprocessor(pages), grids)
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max().item() < 1e-5
