@@ -107,14 +107,21 @@ def test_vision_kernel_under_the_interpreter():
     run_interpreted(VISION_INTERPRETED)
 
 
-def test_patch_embedding_as_one_matrix_product():
-    from transformers.models.glm4v.modeling_glm4v import Glm4vVisionPatchEmbed
+def test_window_convolutions_as_one_matrix_product():
+    """The patch embedding and the 2 x 2 downsampling, as the compiled tower runs them."""
+    from transformers.models.glm4v.modeling_glm4v import Glm4vVisionModel, Glm4vVisionPatchEmbed
 
     from glyphserve.engine.tiny import build_tokenizer, tiny_config
-    from glyphserve.engine.vision import patch_embed
+    from glyphserve.engine.vision import conv_as_linear
 
     torch.manual_seed(0)
-    embed = Glm4vVisionPatchEmbed(tiny_config(build_tokenizer()).vision_config).eval()
+    config = tiny_config(build_tokenizer()).vision_config
+    embed = Glm4vVisionPatchEmbed(config).eval()
     patches = torch.randn(10, embed.in_channels * embed.temporal_patch_size * embed.patch_size**2)
+    down = Glm4vVisionModel(config).downsample.eval()
+    merge = config.spatial_merge_size
+    windows = torch.randn(6, config.hidden_size, merge, merge)
     with torch.inference_mode():
-        assert torch.allclose(patch_embed(embed.proj, patches), embed(patches), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(conv_as_linear(embed.proj, patches), embed(patches), atol=1e-5, rtol=1e-5)
+        want = down(windows).view(6, -1)
+        assert torch.allclose(conv_as_linear(down, windows.reshape(6, -1)), want, atol=1e-5, rtol=1e-5)
