@@ -13,6 +13,7 @@ and float32 rotations ran as separate elementwise launches over [tokens, 1536] t
 
 from __future__ import annotations
 
+import itertools
 import time
 from contextlib import nullcontext
 
@@ -89,21 +90,34 @@ class VisionRunner:
             self._constants[key] = (pos_embed, cos, sin)
         return self._constants[key]
 
-    def _pages_forward(self, patches: torch.Tensor, pos_embed, cos, sin, n: int) -> torch.Tensor:
+    def _pages_forward(self, patches: torch.Tensor, groups: list[tuple[int, tuple]]) -> torch.Tensor:
+        """Merged features of a batch of pages: ``groups`` lists runs of pages of one grid in the batch's order,
+        each as (page count, the grid's constants). The work on tokens (projections, norms, MLP) runs once over
+        all of the batch's tokens, attention once a group: a document's cropped last page goes through the tower
+        with its other pages, not in a forward of its own (on an H200 one page alone took 17-22 ms, its launches
+        and compiled calls' host time, against 39 ms for five full pages)."""
         visual = self.visual
-        seq = pos_embed.shape[0]
         h = visual.post_conv_layernorm(conv_as_linear(visual.patch_embed.proj, patches) if self.compiled
                                         else visual.patch_embed(patches))
-        h = (h.view(n, seq, -1) + pos_embed).view(n * seq, -1)
-        # cuDNN's attention (0.58 ms a block for 8 pages of 2,520 patches on an H200, flash's 0.98) builds a plan
-        # for each shape it meets, ~45 ms each time (shape-probe-h200.json); a document's last page is usually
-        # cropped to a height of its own, so only the shapes planned at load go to it.
-        planned = (n, seq) in self.planned
+        spans = []
+        start = 0
+        for n, (pos_embed, cos, sin) in groups:
+            seq = pos_embed.shape[0]
+            h[start : start + n * seq].view(n, seq, -1).add_(pos_embed)
+            # cuDNN's attention (0.58 ms a block for 8 pages of 2,520 patches on an H200, flash's 0.98) builds a
+            # plan for each shape it meets, ~45 ms each time (shape-probe-h200.json); a document's last page is
+            # usually cropped to a height of its own, so only the shapes planned at load go to it.
+            spans.append((start, start + n * seq, n, cos, sin, (n, seq) in self.planned))
+            start += n * seq
         for pre, post, (eps, heads, scaling) in self.blocks:
-            q, k, v = rotate_vision(self._pre(h, *pre, eps), cos, sin, n, heads, kernel=self.compiled)
-            with nullcontext() if planned else sdpa_kernel(NO_PLAN_BACKENDS):
-                out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
-            h = self._post(h, out.transpose(1, 2).reshape(n * seq, -1), *post, eps)
+            qkv = self._pre(h, *pre, eps)
+            if len(spans) == 1:
+                out = self._attend(qkv, *spans[0][2:], heads, scaling)
+            else:
+                out = torch.empty_like(h)
+                for a, b, *span in spans:
+                    out[a:b] = self._attend(qkv[a:b], *span, heads, scaling)
+            h = self._post(h, out, *post, eps)
         h = visual.post_layernorm(h)
         h = h.view(-1, self.merge, self.merge, h.shape[-1]).permute(0, 3, 1, 2)
         if self.compiled:
@@ -111,6 +125,13 @@ class VisionRunner:
         else:
             h = visual.downsample(h).view(-1, visual.config.out_hidden_size)
         return visual.merger(h)
+
+    def _attend(self, qkv: torch.Tensor, n: int, cos, sin, planned: bool, heads: int, scaling: float):
+        """Attention within each of ``n`` pages of one grid: [n * seq, C] of a block's fused projection rows."""
+        q, k, v = rotate_vision(qkv, cos, sin, n, heads, kernel=self.compiled)
+        with nullcontext() if planned else sdpa_kernel(NO_PLAN_BACKENDS):
+            out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
+        return out.transpose(1, 2).reshape(qkv.shape[0], -1)
 
     @torch.inference_mode()
     def plan(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> None:
@@ -122,23 +143,24 @@ class VisionRunner:
 
     @torch.inference_mode()
     def encode(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """Features [tokens, hidden] per page; ``patches`` holds the pages' patches in order."""
+        """Features [tokens, hidden] per page; ``patches`` holds the pages' patches in order. Pages go through the
+        tower ``batch_pages`` at a time, those of one grid next to each other."""
         offsets = [0]
         for _, gh, gw in grids:
             offsets.append(offsets[-1] + gh * gw)
         out: list[torch.Tensor | None] = [None] * len(grids)
-        by_grid: dict[tuple[int, int], list[int]] = {}
-        for i, (_, gh, gw) in enumerate(grids):
-            by_grid.setdefault((gh, gw), []).append(i)
-        for (gh, gw), idx in by_grid.items():
-            pos_embed, cos, sin = self._shape_constants(gh, gw)
-            for start in range(0, len(idx), self.batch_pages):
-                chunk = idx[start : start + self.batch_pages]
-                px = torch.cat([patches[offsets[i] : offsets[i + 1]] for i in chunk])
-                feats = self._pages_forward(px, pos_embed, cos, sin, len(chunk))
-                per_page = feats.shape[0] // len(chunk)
-                for j, i in enumerate(chunk):
-                    out[i] = feats[j * per_page : (j + 1) * per_page]
+        order = sorted(range(len(grids)), key=lambda i: grids[i][1:])
+        for start in range(0, len(order), self.batch_pages):
+            chunk = order[start : start + self.batch_pages]
+            groups = [(len(list(run)), self._shape_constants(gh, gw))
+                      for (gh, gw), run in itertools.groupby(chunk, key=lambda i: grids[i][1:])]
+            px = torch.cat([patches[offsets[i] : offsets[i + 1]] for i in chunk])
+            feats = self._pages_forward(px, groups)
+            row = 0
+            for i in chunk:
+                rows = self.tokens_per_page(grids[i])
+                out[i] = feats[row : row + rows]
+                row += rows
         return out
 
 
