@@ -87,6 +87,7 @@ class _Endpoint:
     url: str  # .../v1/chat/completions
     model: str | None
     max_model_len: int | None = None  # as its /v1/models reports it for the model (glyphserve's and vLLM's do)
+    probed: bool = False  # /v1/models answered (until then each request to it asks first: it was down at load)
     in_flight: int = 0
     requests: int = 0
     failures: int = 0
@@ -175,8 +176,8 @@ class RemoteEngine:
     @property
     def max_context(self) -> int | None:
         """Tokens of context a request may fill on any server: the least of ``config.max_context`` and the
-        servers' max_model_len; None when neither is known for every server (one that did not say, or was down
-        when connected, might hold less)."""
+        servers' max_model_len; None when neither is known for every server (one that did not say, or has been
+        down since the engine connected, might hold less)."""
         lengths = [e.max_model_len for e in self._endpoints]
         known = [] if None in lengths else lengths
         if self.config.max_context is not None:
@@ -413,9 +414,11 @@ class RemoteEngine:
                 endpoint.down_until = time.monotonic() + self.config.down_s
 
     def _model_for(self, endpoint: _Endpoint, probe: bool = False) -> str:
-        """The model name to send, asked from /v1/models the first time (connection errors propagate)."""
-        if endpoint.model is None or probe:
+        """The model name to send, asked from /v1/models until it has answered once, with the context length it
+        reports (an endpoint down at load is asked when it is next used; connection errors propagate)."""
+        if endpoint.model is None or probe or not endpoint.probed:
             response = self._client.get(endpoint.base + "/models")
+            endpoint.probed = True
             endpoint.max_model_len = _max_model_len(response, endpoint.model)
             if endpoint.model is not None:
                 return endpoint.model  # reachable; the name was given, whatever /models says

@@ -24,7 +24,7 @@ class ChatServer:
     """
 
     def __init__(self, model: str = "stub-glyph", delay_s: float = 0.0, api_key: str | None = None,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, port: int = 0):
         self.model = model
         self.max_model_len = max_model_len
         self.api_key = api_key
@@ -84,7 +84,7 @@ class ChatServer:
                 self.wfile.write(data)
 
         self._handler = Handler
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

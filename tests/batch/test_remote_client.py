@@ -207,6 +207,24 @@ def test_a_greedy_answer_cut_mid_stream_is_finished_by_another_endpoint(server):
         other.close()
 
 
+def test_a_server_down_at_load_reports_its_context_once_it_answers():
+    long = ChatServer(model="glyph", max_model_len=32768)
+    url = _free_port_url()
+    revived = None
+    try:
+        engine = _engine(long.url, url, model="glyph", down_s=0.0)
+        assert engine.max_context is None  # the second server, down, might hold less
+        revived = ChatServer(model="glyph", max_model_len=8192, port=int(url.rsplit(":", 1)[1]))
+        for _ in range(4):  # the least busy endpoint first: both get questions
+            assert engine.answer(AnswerRequest(_pages(1), "Q?")).text == "answer to: Q?"
+        assert revived.requests and engine.max_context == 8192
+        engine.close()
+    finally:
+        long.close()
+        if revived is not None:
+            revived.close()
+
+
 def test_the_context_is_the_least_every_server_reports():
     """Pages are chosen for ``max_context``: known only when every server says its max_model_len (one that does
     not, or could not be reached, might hold less), capped by the configured one."""
