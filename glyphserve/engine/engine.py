@@ -76,7 +76,9 @@ class Engine:
         self.compiled_vision = config.compile_vision and cuda and self.dtype != torch.float32
         self.pdl = pdl_enabled(self.device)  # our kernels' launches
         enable_for_inductor(self.device)  # and Inductor's, set before anything is compiled (at the warm-up)
-        self.vision = VisionRunner(self.model, config.vision_batch_pages, self.compiled_vision)
+        planned = [self.params.grid(h, w) for h, w in config.warmup_page_shapes] if self.compiled_vision else []
+        self.vision = VisionRunner(self.model, config.vision_batch_pages, self.compiled_vision, planned)
+        self._planned_threads: set[int] = set()  # threads that hold cuDNN's attention plans (``plan_attention``)
         self.vision_cache = VisionCache(config.vision_cache_bytes, config.vision_cache_cpu_bytes, self.device)
         block_size = config.kv_block_size
         sched_config = SchedulerConfig(
@@ -389,16 +391,33 @@ class Engine:
     def _warm_up(self) -> None:
         if self.device.type != "cuda":
             return
-        if self.compiled_vision:  # compiled, and cuDNN's plans built for the usual pages (``VisionRunner.plan``)
+        if self.compiled_vision:
             for height, width in self.config.warmup_page_shapes or ((224, 224),):
                 page = np.full((height, width, 3), 255, dtype=np.uint8)
-                self.vision.plan(self.preprocessor([page]), self.params.grid(height, width))
+                grid = self.params.grid(height, width)
+                for n in sorted({1, self.config.vision_batch_pages}):
+                    self.vision.encode(self.preprocessor([page] * n), [grid] * n)
         rows = self.runner.max_rows if self.core.row_prefill else self.config.max_num_seqs
         buckets = graph_buckets(self.config.max_num_seqs, rows)
         self.runner.warm_attention(buckets, [1, 2, PAGED_CHUNK_TOKENS])
-        sched = self.scheduler.config
-        self.runner.warm_prompt_attention(min(max(sched.max_prefill_tokens, sched.max_num_batched_tokens),
-                                              self.max_context))
+        self.plan_attention()
         if self.config.cuda_graphs:
             self.runner.capture(buckets, self.sampler)
         self._sync()
+
+    def plan_attention(self) -> None:
+        """Build cuDNN's attention plans on the calling thread, once per thread: for a prompt's first chunk at
+        every padded length up to the largest prefill (``ModelRunner.warm_prompt_attention``) and for the vision
+        tower's planned page shapes (``VisionRunner.plan_attention``). cuDNN builds a plan for each new shape (~45
+        ms on an H200) and PyTorch keeps them per thread: the engine's load builds them on its own thread, and a
+        caller that steps the engine from another one (the server's scheduler thread) calls this there first.
+        Nothing off CUDA."""
+        thread = threading.get_ident()
+        if self.device.type != "cuda" or thread in self._planned_threads:
+            return
+        sched = self.scheduler.config
+        self.runner.warm_prompt_attention(min(max(sched.max_prefill_tokens, sched.max_num_batched_tokens),
+                                              self.max_context))
+        self.vision.plan_attention()
+        self._sync()
+        self._planned_threads.add(thread)

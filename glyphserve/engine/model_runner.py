@@ -52,8 +52,8 @@ PAGED_CHUNK_TOKENS = 64
 PAGED_PREFIX_CHUNK_TOKENS = 512
 # A prompt's first chunk (plain causal attention: cuDNN's kernel on Hopper, the fastest there, 2.96 ms a layer for
 # W200's 15,215 tokens against flash's 5.6) goes to SDPA padded at its end to a multiple of PROMPT_PAD_TOKENS (the
-# padding keys come after every real query, so causality hides them), and a plan for each padded length is built at
-# load (``warm_prompt_attention``): cuDNN builds a plan for each new shape, and on an H200 that cost 45 ms the
+# padding keys come after every real query, so causality hides them), and a plan for each padded length is built
+# before a question comes (``warm_prompt_attention``, on each thread that steps the engine): cuDNN builds a plan for each new shape, and on an H200 that cost 45 ms the
 # first time a length was seen, i.e. most cold questions (a W50 question of a new length: first token 0.196 s
 # against 0.155 for a length seen before, shape-probe-h200.json).
 PROMPT_PAD_TOKENS = 512
@@ -334,7 +334,8 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_prompt_attention(self, max_tokens: int) -> None:
         """Build cuDNN's plan for each padded length of a prompt's first chunk up to ``max_tokens``, so that no
-        question pays for one (32 lengths for 16,384 tokens); nothing where prompts are not padded (CPU)."""
+        question pays for one (32 lengths for 16,384 tokens), on the calling thread (PyTorch keeps the plans per
+        thread: ``Engine.plan_attention``); nothing where prompts are not padded (CPU)."""
         if self.prompt_pad == 1:
             return
         top = -(-max_tokens // self.prompt_pad) * self.prompt_pad

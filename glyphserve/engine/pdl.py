@@ -5,9 +5,12 @@ decode step otherwise pays between its ~430 launches (the gaps in a CUDA graph s
 profile-h200-s13.md).
 
 Our Triton kernels take a ``PDL`` flag (``pdl_enabled``): with it, every program waits first, then lets the next
-kernel launch (``begin``), so no load or store of a kernel can run before the one before it has finished; and
-Inductor's kernels are generated the same way (``enable_for_inductor``; torch >= 2.10). Kernels of other libraries
-(cuBLAS, PyTorch's own) launch as before, and a PDL kernel after one of them waits as a plain launch would.
+kernel launch (``begin``), so no load or store of a kernel can run before the one before it has finished. Inductor
+launches its own Triton kernels with PDL too (``enable_for_inductor``; torch >= 2.10): each waits before its first
+access to memory another kernel may have written and lets the next launch after its loads (a kernel after an opaque
+op, ours included, waits before anything). Kernels of other libraries (cuBLAS, PyTorch's own) launch as before, and
+a PDL kernel after one of them waits as a plain launch would. ``GLYPHSERVE_PDL=0`` (read once per process) turns it
+off for our kernels and Inductor's.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ def pdl_enabled(device: torch.device) -> bool:
 
 @functools.cache
 def _enabled(index: int) -> bool:
-    if triton is None or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("GLYPHSERVE_PDL") == "0":
+    if os.environ.get("GLYPHSERVE_PDL") == "0" or triton is None or torch.version.hip is not None:
+        return False  # (ROCm: no griddepcontrol)
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"):
         return False
     return torch.cuda.get_device_capability(index) >= (9, 0)
 

@@ -65,7 +65,7 @@ def launch(qkv, cos, sin, q, k, k_cache, v_cache, slots, n_heads: int, kv_heads:
     )
 
 
-# The patches a page are not specialised on: Triton compiles a variant for an integer argument that is a multiple of
+# The patches of a page are not specialised on: Triton compiles a variant for an integer argument that is a multiple of
 # 16 or 1, and this is the only one of the vision path's kernel arguments that follows the page's shape. On an H200
 # a cropped page of 32 x 42 patches (1,344, a multiple of 16) took ~110 ms longer than the others the first time
 # (crop-probe-h200.json).

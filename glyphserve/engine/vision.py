@@ -1,7 +1,7 @@
 """The vision tower: pages (patches) to merged vision features, equal to ``get_image_features`` of the HF model.
 
-It runs batched over pages of one shape (one attention call for all pages) with per-shape constants precomputed.
-With ``compile`` (CUDA, 16-bit weights) the work of a block around its attention is two compiled pieces (norm and
+It runs batched over pages (the token-wise work once over all of a batch's tokens, attention once per run of pages
+of one shape) with per-shape constants precomputed. With ``compile`` (CUDA, 16-bit weights) the work of a block around its attention is two compiled pieces (norm and
 qkv projection; output projection, residuals, norm and MLP) that take the block's weights as arguments: one
 compiled graph serves all 24 blocks and, its token count dynamic, every page shape and page count; the rotation
 is a Triton kernel (``rotary.rotate_vision``) and the patch embedding, a convolution whose kernel equals its
@@ -51,7 +51,9 @@ def conv_as_linear(conv: torch.nn.Conv2d | torch.nn.Conv3d, windows: torch.Tenso
 class VisionRunner:
     """Pages (patches) to merged vision features, equal to ``get_image_features`` of the HF model."""
 
-    def __init__(self, model, batch_pages: int, compile: bool):
+    def __init__(self, model, batch_pages: int, compile: bool, planned_grids=()):
+        """``planned_grids``: page grids (t, h, w) whose batches of 1 to ``batch_pages`` pages attend through
+        cuDNN (``plan_attention`` builds their plans); every other shape attends through flash."""
         self.visual = model.model.visual
         if self.visual.config.hidden_act != "silu":
             raise ModelLoadError(f"unsupported vision activation {self.visual.config.hidden_act!r} (GLM-4.1V: silu)")
@@ -60,7 +62,9 @@ class VisionRunner:
         self._constants: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.blocks = [self._block_weights(blk) for blk in self.visual.blocks]
         self.compiled = compile
-        self.planned: set[tuple[int, int]] = set()  # (pages, patches a page) that attend through cuDNN (``plan``)
+        self.planned_grids = list(dict.fromkeys(tuple(g) for g in planned_grids))
+        # (pages, patches a page) that attend through cuDNN
+        self.planned = {(n, t * h * w) for t, h, w in self.planned_grids for n in range(1, self.batch_pages + 1)}
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
         self._pre, self._post = wrap(_block_pre), wrap(_block_post)
 
@@ -134,12 +138,18 @@ class VisionRunner:
         return out.transpose(1, 2).reshape(qkv.shape[0], -1)
 
     @torch.inference_mode()
-    def plan(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> None:
-        """Encode ``patches`` (one page of ``grid``) in batches of 1 to ``batch_pages`` copies, each shape then
-        attending through cuDNN, whose plans this builds (CUDA: ~45 ms each, at load instead of on a request)."""
-        for n in range(1, self.batch_pages + 1):
-            self.planned.add((n, grid[0] * grid[1] * grid[2]))
-            self.encode(patches.repeat(n, 1), [grid] * n)
+    def plan_attention(self) -> None:
+        """Build cuDNN's attention plan for each planned shape (batches of 1 to ``batch_pages`` pages of a planned
+        grid; ~45 ms each on an H200) on the calling thread: PyTorch keeps the plans per thread, so the thread that
+        runs the steps calls it. Each is one attention call on a batch of zeros laid out as ``_pages_forward``'s
+        (the plans are per strides too)."""
+        heads, scaling = self.blocks[0][2][1:]
+        qkv_w = self.blocks[0][0][1]
+        for t, h, w in self.planned_grids:
+            _, cos, sin = self._shape_constants(h, w)
+            for n in range(1, self.batch_pages + 1):
+                qkv = torch.zeros(n * t * h * w, qkv_w.shape[0], device=qkv_w.device, dtype=qkv_w.dtype)
+                self._attend(qkv, n, cos, sin, True, heads, scaling)
 
     @torch.inference_mode()
     def encode(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:

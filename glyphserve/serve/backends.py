@@ -102,6 +102,13 @@ class EngineBackend:
         """Whether stream_batch takes jobs into the running batch (the local engine's continuous batching)."""
         return hasattr(self.engine, "stream_batch")
 
+    def prepare(self) -> None:
+        """Ready the calling thread, the one that will run the jobs: the local engine's cuDNN attention plans are
+        kept per thread (``Engine.plan_attention``)."""
+        plan = getattr(self.engine, "plan_attention", None)
+        if plan is not None:
+            plan()
+
     def stream(self, job: ChatJob) -> Iterator[StreamEvent | Reply]:
         events = self.engine.stream(job.request)
         try:

@@ -296,6 +296,12 @@ class Scheduler:
         return taken
 
     def _work(self) -> None:
+        prepare = getattr(self.backend, "prepare", None)  # first of all, on this thread (EngineBackend.prepare)
+        if prepare is not None:
+            try:
+                prepare()
+            except Exception:  # a request would meet the same fault and get its error
+                log.exception("scheduler worker: preparing the backend failed")
         while True:
             batch = self._take()
             if not batch:

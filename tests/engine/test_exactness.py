@@ -670,19 +670,24 @@ def test_unwritten_pool_memory_never_reaches_an_answer(load_engine, reference, p
     assert [a.token_ids for a in engine.answer_batch([request(p, q) for p, q in cases])] == expected
 
 
-def test_page_shapes_planned_at_load_encode_like_the_others(load_engine, reference, pages):
-    """``VisionRunner.plan`` (run at load on CUDA for the renderer's full page) marks batches of 1 to
-    ``vision_batch_pages`` pages of a shape, whose attention may then go to cuDNN; the features stay HF's, for a
-    batch of a planned shape and for one that is not."""
-    engine = load_engine(vision_batch_pages=2)
+@pytest.mark.parametrize("batch_pages", [1, 2, 3, 8])
+def test_pages_of_mixed_grids_in_one_batch_encode_like_hf(load_engine, reference, batch_pages):
+    """Pages of several grids, repeated and interleaved, go through the tower ``batch_pages`` at a time (runs of
+    one grid attending apart, one of them planned for cuDNN, which the CPU does not have): every page's features
+    are HF's, in the order given."""
+    from glyphserve.engine.vision import VisionRunner
+
+    engine = load_engine()
+    a, b, c = (112, 140), (168, 196), (140, 112)
+    pages = make_pages([a, b, a, c, a, b, c], seed=5)
     ref_inputs = reference.processor.image_processor(images=pages, return_tensors="pt")
     with torch.inference_mode():
         ref = reference.model.get_image_features(ref_inputs["pixel_values"], ref_inputs["image_grid_thw"]).pooler_output
     grids = [tuple(g) for g in ref_inputs["image_grid_thw"].tolist()]
-    first = grids[0]
-    engine.vision.plan(engine.preprocessor(pages[:1]), first)
-    patches = first[0] * first[1] * first[2]
-    assert engine.vision.planned == {(1, patches), (2, patches)}
-    ours = engine.vision.encode(engine.preprocessor(pages), grids)
-    for a, b in zip(ours, ref):
-        assert (a - b).abs().max().item() < 1e-5
+    runner = VisionRunner(engine.model, batch_pages, False, planned_grids=[grids[0]])
+    patches = grids[0][0] * grids[0][1] * grids[0][2]
+    assert runner.planned == {(n, patches) for n in range(1, batch_pages + 1)}
+    runner.plan_attention()  # one attention call a planned shape (on the CPU: no plan to build)
+    ours = runner.encode(engine.preprocessor(pages), grids)
+    for page, (got, want) in enumerate(zip(ours, ref)):
+        assert got.shape == want.shape and (got - want).abs().max().item() < 1e-5, page

@@ -182,3 +182,19 @@ def test_a_queued_request_whose_client_left_frees_its_place_at_once():
         assert run(main()) == "first second"  # the third request ran
     finally:
         scheduler.close()
+
+
+def test_the_backend_is_prepared_on_the_worker_thread_before_its_first_job():
+    """The local engine's cuDNN plans are per thread: the worker thread that will run the jobs builds them."""
+    seen: list[str] = []
+
+    class Prepared(ExtractiveBackend):
+        def prepare(self):
+            seen.append(threading.current_thread().name)
+
+    scheduler = Scheduler(Prepared(None), queue_size=4, max_batch=4, timeout=30)
+    try:
+        reply = run(scheduler.answer(job("secret word", CONTEXTS[1])))
+    finally:
+        scheduler.close()
+    assert seen == ["glyphserve-scheduler"] and "word1." in reply.answer.text
