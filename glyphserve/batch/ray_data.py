@@ -60,9 +60,13 @@ class BatchEngine:
     def __init__(self, config: EngineConfig, options: BatchOptions):
         from glyphserve.engine import Engine
 
-        self.answerer = ItemAnswerer(Engine.load(config), options, note=lambda m: print(m, file=sys.stderr))
+        self.engine = Engine.load(config)
+        self.answerer = ItemAnswerer(self.engine, options, note=lambda m: print(m, file=sys.stderr))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        # Ray Data calls a synchronous actor on a thread of its own, not the one that loaded the engine: cuDNN's
+        # attention plans are per thread (built here the first time, ``Engine.plan_attention``).
+        self.engine.plan_attention()
         records: list[str] = []
         engine_errors: list[bool] = []
         items = []

@@ -78,7 +78,7 @@ class Engine:
         enable_for_inductor(self.device)  # and Inductor's, set before anything is compiled (at the warm-up)
         planned = [self.params.grid(h, w) for h, w in config.warmup_page_shapes] if self.compiled_vision else []
         self.vision = VisionRunner(self.model, config.vision_batch_pages, self.compiled_vision, planned)
-        self._planned_threads: set[int] = set()  # threads that hold cuDNN's attention plans (``plan_attention``)
+        self._planned = threading.local()  # ``.done`` on the threads that hold cuDNN's plans (``plan_attention``)
         self.vision_cache = VisionCache(config.vision_cache_bytes, config.vision_cache_cpu_bytes, self.device)
         block_size = config.kv_block_size
         sched_config = SchedulerConfig(
@@ -412,12 +412,11 @@ class Engine:
         ms on an H200) and PyTorch keeps them per thread: the engine's load builds them on its own thread, and a
         caller that steps the engine from another one (the server's scheduler thread) calls this there first.
         Nothing off CUDA."""
-        thread = threading.get_ident()
-        if self.device.type != "cuda" or thread in self._planned_threads:
+        if self.device.type != "cuda" or getattr(self._planned, "done", False):
             return
         sched = self.scheduler.config
         self.runner.warm_prompt_attention(min(max(sched.max_prefill_tokens, sched.max_num_batched_tokens),
                                               self.max_context))
         self.vision.plan_attention()
         self._sync()
-        self._planned_threads.add(thread)
+        self._planned.done = True

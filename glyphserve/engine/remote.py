@@ -87,7 +87,7 @@ class _Endpoint:
     url: str  # .../v1/chat/completions
     model: str | None
     max_model_len: int | None = None  # as its /v1/models reports it for the model (glyphserve's and vLLM's do)
-    probed: bool = False  # /v1/models answered (until then each request to it asks first: it was down at load)
+    probed: bool = False  # /v1/models answered (until then each request to it asks first: down at load, say)
     in_flight: int = 0
     requests: int = 0
     failures: int = 0
@@ -418,8 +418,11 @@ class RemoteEngine:
         reports (an endpoint down at load is asked when it is next used; connection errors propagate)."""
         if endpoint.model is None or probe or not endpoint.probed:
             response = self._client.get(endpoint.base + "/models")
-            endpoint.probed = True
-            endpoint.max_model_len = _max_model_len(response, endpoint.model)
+            # Asked again after a server error or a 429 (a proxy in front of a server still starting, say);
+            # a refusal or a missing route is its answer.
+            endpoint.probed = response.status_code < 500 and response.status_code != 429
+            if response.is_success:
+                endpoint.max_model_len = _max_model_len(response, endpoint.model)
             if endpoint.model is not None:
                 return endpoint.model  # reachable; the name was given, whatever /models says
             if response.status_code in (401, 403):

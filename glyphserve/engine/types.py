@@ -58,9 +58,10 @@ class EngineConfig:
     # 0.02 s eagerly, tiny model).
     graph_prefill: bool | None = None
     # torch.compile the vision tower's blocks (CUDA, 16-bit weights; one graph for every page shape and count),
-    # warmed up at load on pages of these shapes (height, width; none given: one small page), batches of 1 to
-    # vision_batch_pages of which attend through cuDNN (fastest on Hopper, but it plans each new shape: others
-    # attend through flash). Default: a full page of Glyph's renderer (595 x 842 points at 72 dpi, both presets).
+    # warmed up at load on pages of these shapes (height, width), batches of 1 to vision_batch_pages of which attend
+    # through cuDNN (fastest on Hopper, but it plans each new shape: others attend through flash). Default: a full
+    # page of Glyph's renderer (595 x 842 points at 72 dpi, both presets); none given: warmed up on one small page,
+    # every shape through flash.
     compile_vision: bool = True
     warmup_page_shapes: tuple[tuple[int, int], ...] = ((842, 595),)
     # Pages encoded per vision forward.
