@@ -78,7 +78,7 @@ class Engine:
         enable_for_inductor(self.device)  # and Inductor's, set before anything is compiled (at the warm-up)
         planned = [self.params.grid(h, w) for h, w in config.warmup_page_shapes] if self.compiled_vision else []
         self.vision = VisionRunner(self.model, config.vision_batch_pages, self.compiled_vision, planned)
-        self._planned = threading.local()  # ``.done`` on the threads that hold cuDNN's plans (``plan_attention``)
+        self._attention_plans = threading.local()  # ``.built`` on the threads holding cuDNN's (``plan_attention``)
         self.vision_cache = VisionCache(config.vision_cache_bytes, config.vision_cache_cpu_bytes, self.device)
         block_size = config.kv_block_size
         sched_config = SchedulerConfig(
@@ -412,11 +412,11 @@ class Engine:
         ms on an H200) and PyTorch keeps them per thread: the engine's load builds them on its own thread, and a
         caller that steps the engine from another one (the server's scheduler thread) calls this there first.
         Nothing off CUDA."""
-        if self.device.type != "cuda" or getattr(self._planned, "done", False):
+        if self.device.type != "cuda" or getattr(self._attention_plans, "built", False):
             return
         sched = self.scheduler.config
         self.runner.warm_prompt_attention(min(max(sched.max_prefill_tokens, sched.max_num_batched_tokens),
                                               self.max_context))
         self.vision.plan_attention()
         self._sync()
-        self._planned.done = True
+        self._attention_plans.built = True
