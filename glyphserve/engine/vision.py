@@ -110,7 +110,7 @@ class VisionRunner:
             h[start : start + n * seq].view(n, seq, -1).add_(pos_embed)
             # cuDNN's attention (0.58 ms a block for 8 pages of 2,520 patches on an H200, flash's 0.98) builds a
             # plan for each shape it meets, ~45 ms each time (shape-probe-h200.json); a document's last page is
-            # usually cropped to a height of its own, so only the shapes planned at load go to it.
+            # usually cropped to a height of its own, so only the planned shapes (``plan_attention``) go to it.
             spans.append((start, start + n * seq, n, cos, sin, (n, seq) in self.planned))
             start += n * seq
         for pre, post, (eps, heads, scaling) in self.blocks:
