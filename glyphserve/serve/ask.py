@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from glyphserve.errors import ConfigError
+from glyphserve.errors import ConfigError, GlyphserveError
 from glyphserve.render.commands import NEWLINE_CHOICES, PRESET_CHOICES
 
 
@@ -56,7 +56,23 @@ def register(subparsers) -> None:
     ask.add_argument("--json", action="store_true",
                      help="print the answer, the pages shown, timings and cache statistics as JSON")
     ask.add_argument("--chat", action="store_true", help="then read follow-up questions from stdin until EOF")
-    ask.set_defaults(func=_ask)
+    ask.set_defaults(func=_ask_in_cli_words)
+
+
+# The engine's and the API's errors name request fields; here they are this command's flags.
+_CLI_WORDS = (("(truncate_pages)", "(--page-selection first)"),
+              ("(page_selection retrieve)", "(--page-selection retrieve)"),
+              ("plus max_tokens", "plus --max-new-tokens"), ("lower max_tokens", "lower --max-new-tokens"),
+              ("max_context (--max-model-len)", "--max-context"), ("(max_context, --max-model-len)", "(--max-context)"))
+
+
+def _ask_in_cli_words(args: argparse.Namespace) -> int:
+    try:
+        return _ask(args)
+    except GlyphserveError as exc:
+        for api, cli in _CLI_WORDS:
+            exc.message = exc.message.replace(api, cli)
+        raise
 
 
 def _ask(args: argparse.Namespace) -> int:

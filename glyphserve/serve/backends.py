@@ -76,6 +76,7 @@ class Reply:
     # document, {"document", "page"} objects for a collection; None for pages sent as images or inline text
     # without its pages.
     pages_shown: list | None = None
+    warm: bool = False  # a document's warm-up at upload, not a user's request (left out of the request metrics)
 
 
 class Backend(Protocol):
@@ -144,7 +145,7 @@ class EngineBackend:
 
     def _item(self, event: StreamEvent, job: ChatJob) -> StreamEvent | Reply | None:
         if event.channel == "done":
-            return Reply(event.result, self.name, pages_shown=job.pages_shown)
+            return Reply(event.result, self.name, pages_shown=job.pages_shown, warm=job.request.warm)
         return event if event.text or event.logprobs else None
 
 

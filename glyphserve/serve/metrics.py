@@ -121,7 +121,9 @@ class Metrics:
 
     def observe_reply(self, reply: Reply, seconds: float) -> None:
         """A finished answer, ``seconds`` after its request arrived (the engine's timings start when it was
-        taken from the queue)."""
+        taken from the queue). A document's warm-up at upload is no request: not counted."""
+        if reply.warm:
+            return
         answer, c, model = reply.answer, self.c, self.model_name
         timings = answer.timings
         queued = max(0.0, seconds - timings.total)

@@ -327,10 +327,13 @@ def test_a_document_is_warmed_at_upload_and_its_first_question_reuses_it(model_s
     """Ready at upload: the upload answers at once, the engine computes the pages' features and prefix KV in the
     background, and the first question then prefills only its own tokens; its answer is the cold answer."""
     text = "The harbour of Carrow Point froze in the winter of 1891; the keeper walked to the mainland."
+    requests = metric(client.get("/metrics").text, "vllm:e2e_request_latency_seconds_count")
     created = upload_text(client, text)
     assert created["warm"] in ("warming", "warm")
     doc_id = created["id"]
     wait_warm(client, doc_id)
+    # the warm-up is no request in the metrics a vLLM dashboard reads
+    assert metric(client.get("/metrics").text, "vllm:e2e_request_latency_seconds_count") == requests
     first = ask(client, doc_id, QUESTIONS[0])
     assert first["cache"]["prefix_reused_tokens"] > 0 and first["cache"]["vision_misses"] == 0
     # an upload deleted while it warms is gone (its warming cancelled); a new upload answers the same

@@ -195,3 +195,16 @@ def test_ask_renders_with_the_newline_mode_asked_for(tiny_model_dir, tmp_path, c
         assert main(args) == 0
         shown[mode] = json.loads(capsys.readouterr().out)["pages_shown"]
     assert len(shown["br"]) > 1 and shown["marker"] == [1]  # a line each, or the red marker inline on one page
+
+
+def test_ask_errors_name_its_own_flags(tmp_path, tiny_model_dir, capsys):
+    """The engine's messages name request fields (max_tokens, max_context); ask's name its flags."""
+    doc = tmp_path / "short.txt"
+    doc.write_text("The keeper's name was Ottoline Vance.")
+    args = ["ask", str(doc), "Who?", "--model", str(tiny_model_dir), "--device", "cpu"]
+    assert main([*args, "--max-context", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-context" in err and "max_context" not in err
+    assert main([*args, "--max-context", "200", "--max-new-tokens", "190"]) == 2
+    err = capsys.readouterr().err
+    assert "lower --max-new-tokens to at most" in err and "max_tokens" not in err
