@@ -208,6 +208,8 @@ def _print_answer(events, as_json: bool):
             if not as_json:
                 out.write("\n")
                 out.flush()
+                if not event.result.text:  # said, not a bare blank line
+                    print(f"[empty answer: finish_reason {event.result.finish_reason}]", file=sys.stderr)
             return event.result
         if as_json:
             continue
