@@ -86,6 +86,12 @@ def _ask(args: argparse.Namespace) -> int:
         raise ConfigError("give a QUESTION (or --chat to read questions from stdin)")
     if args.max_new_tokens < 1:  # before the model loads
         raise ConfigError("--max-new-tokens must be at least 1")
+    if not 0 <= args.temperature <= 2:  # the API's ranges (vLLM's), NaN included
+        raise ConfigError(f"--temperature must be between 0 and 2, not {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be above 0 and at most 1, not {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise ConfigError(f"--seed must be between 0 and 2**64 - 1, not {args.seed}")
     if args.quantize and not (args.model or args.random_weights):
         raise ConfigError("--quantize needs --model or --random-weights (it quantizes the model's weights)")
     if args.chat and args.input == "-":

@@ -208,3 +208,6 @@ def test_ask_errors_name_its_own_flags(tmp_path, tiny_model_dir, capsys):
     assert main([*args, "--max-context", "200", "--max-new-tokens", "190"]) == 2
     err = capsys.readouterr().err
     assert "lower --max-new-tokens to at most" in err and "max_tokens" not in err
+    for flag, value in (("--temperature", "5"), ("--temperature", "nan"), ("--top-p", "0"), ("--seed", "-1")):
+        assert main([*args, flag, value]) == 2  # the API's ranges, refused before the model loads
+        assert f"error: {flag} must be" in capsys.readouterr().err
