@@ -75,7 +75,7 @@ class Engine:
         # and float32 is for checking, not serving.
         self.compiled_vision = config.compile_vision and cuda and self.dtype != torch.float32
         self.pdl = pdl_enabled(self.device)  # our kernels' launches
-        enable_for_inductor(self.device)  # and Inductor's, set before anything is compiled (at the warm-up)
+        enable_for_inductor(self.device)  # and Inductor's: set before anything is compiled (the memory profile)
         planned = [self.params.grid(h, w) for h, w in config.warmup_page_shapes] if self.compiled_vision else []
         self.vision = VisionRunner(self.model, config.vision_batch_pages, self.compiled_vision, planned)
         self._attention_plans = threading.local()  # ``.built`` on the threads holding cuDNN's (``plan_attention``)

@@ -53,9 +53,10 @@ PAGED_PREFIX_CHUNK_TOKENS = 512
 # A prompt's first chunk (plain causal attention: cuDNN's kernel on Hopper, the fastest there, 2.96 ms a layer for
 # W200's 15,215 tokens against flash's 5.6) goes to SDPA padded at its end to a multiple of PROMPT_PAD_TOKENS (the
 # padding keys come after every real query, so causality hides them), and a plan for each padded length is built
-# before a question comes (``warm_prompt_attention``, on each thread that steps the engine): cuDNN builds a plan for each new shape, and on an H200 that cost 45 ms the
-# first time a length was seen, i.e. most cold questions (a W50 question of a new length: first token 0.196 s
-# against 0.155 for a length seen before, shape-probe-h200.json).
+# before a question comes (``warm_prompt_attention``, on each thread that steps the engine): cuDNN builds a plan
+# for each new shape, and on an H200 that cost 45 ms the first time a length was seen, i.e. most cold questions
+# (a W50 question of a new length: first token 0.196 s against 0.155 for a length seen before,
+# shape-probe-h200.json).
 PROMPT_PAD_TOKENS = 512
 # A chunk's last row alone (the last layer's wanted row) attends without cuDNN, which would plan for each length.
 NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

@@ -75,6 +75,9 @@ class EngineConfig:
 # The sampler keeps a repetition penalty in float32 and divides logits by it: 1e-46 would be stored as 0 (0/0 is
 # NaN, which argmax takes). Beyond this range a penalty already sets seen tokens apart by 1,000 times.
 REPETITION_PENALTY_RANGE = (1e-3, 1e3)
+# vLLM's ranges, checked at every boundary a request comes through (the API's parameters, ask's flags).
+MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**64 - 1
 
 
 @dataclass

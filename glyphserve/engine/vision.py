@@ -1,14 +1,15 @@
 """The vision tower: pages (patches) to merged vision features, equal to ``get_image_features`` of the HF model.
 
 It runs batched over pages (the token-wise work once over all of a batch's tokens, attention once per run of pages
-of one shape) with per-shape constants precomputed. With ``compile`` (CUDA, 16-bit weights) the work of a block around its attention is two compiled pieces (norm and
-qkv projection; output projection, residuals, norm and MLP) that take the block's weights as arguments: one
-compiled graph serves all 24 blocks and, its token count dynamic, every page shape and page count; the rotation
-is a Triton kernel (``rotary.rotate_vision``) and the patch embedding, a convolution whose kernel equals its
-stride, one matrix product over the flattened patches (cuDNN's implicit-GEMM convolution took 2.4 ms for W50's
-6 pages on an H200). Measured on an H200 (``bench profile``) before any of it: uncompiled, the tower took 85 ms
-for W50's 6 pages and 341 ms for W200's 24 (its FLOPs at the card's matrix rate: ~35 and ~140 ms); its RMSNorms
-and float32 rotations ran as separate elementwise launches over [tokens, 1536] tensors.
+of one shape) with per-shape constants precomputed. With ``compile`` (CUDA, 16-bit weights) the work of a block
+around its attention is two compiled pieces (norm and qkv projection; output projection, residuals, norm and MLP)
+that take the block's weights as arguments: one compiled graph serves all 24 blocks and, its token count dynamic,
+every page shape and page count; the rotation is a Triton kernel (``rotary.rotate_vision``) and the patch embedding
+and the 2 x 2 downsampling, convolutions whose kernel equals their stride, one matrix product each
+(``conv_as_linear``; cuDNN's implicit-GEMM convolution took 2.4 ms for W50's 6 pages on an H200). Measured on an
+H200 (``bench profile``) before any of it: uncompiled, the tower took 85 ms for W50's 6 pages and 341 ms for W200's
+24 (its FLOPs at the card's matrix rate: ~35 and ~140 ms); its RMSNorms and float32 rotations ran as separate
+elementwise launches over [tokens, 1536] tensors.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+from glyphserve.engine.types import MAX_SEED, MAX_TEMPERATURE
 from glyphserve.errors import ConfigError, GlyphserveError
 from glyphserve.render.commands import NEWLINE_CHOICES, PRESET_CHOICES
 
@@ -63,7 +64,8 @@ def register(subparsers) -> None:
 _CLI_WORDS = (("(truncate_pages)", "(--page-selection first)"),
               ("(page_selection retrieve)", "(--page-selection retrieve)"),
               ("plus max_tokens", "plus --max-new-tokens"), ("lower max_tokens", "lower --max-new-tokens"),
-              ("max_context (--max-model-len)", "--max-context"), ("(max_context, --max-model-len)", "(--max-context)"))
+              ("max_context (--max-model-len)", "--max-context"),
+              ("(max_context, --max-model-len)", "(--max-context)"))
 
 
 def _ask_in_cli_words(args: argparse.Namespace) -> int:
@@ -86,11 +88,11 @@ def _ask(args: argparse.Namespace) -> int:
         raise ConfigError("give a QUESTION (or --chat to read questions from stdin)")
     if args.max_new_tokens < 1:  # before the model loads
         raise ConfigError("--max-new-tokens must be at least 1")
-    if not 0 <= args.temperature <= 2:  # the API's ranges (vLLM's), NaN included
-        raise ConfigError(f"--temperature must be between 0 and 2, not {args.temperature}")
+    if not 0 <= args.temperature <= MAX_TEMPERATURE:  # the API's ranges (vLLM's), NaN included
+        raise ConfigError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, not {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be above 0 and at most 1, not {args.top_p}")
-    if args.seed is not None and not 0 <= args.seed < 2**64:
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be between 0 and 2**64 - 1, not {args.seed}")
     if args.quantize and not (args.model or args.random_weights):
         raise ConfigError("--quantize needs --model or --random-weights (it quantizes the model's weights)")

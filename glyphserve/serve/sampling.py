@@ -19,12 +19,11 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from glyphserve.engine.types import REPETITION_PENALTY_RANGE, GenerationSettings
+from glyphserve.engine.types import MAX_SEED, MAX_TEMPERATURE, REPETITION_PENALTY_RANGE, GenerationSettings
 
 GREEDY_BELOW = 1e-5
 MIN_TEMPERATURE = 1e-2
 MIN_TOP_P = 1e-6
-MAX_SEED = 2**64 - 1
 MAX_STOPS = 16
 MAX_STOP_CHARS = 1000
 
@@ -33,7 +32,8 @@ def _temperature(value: float) -> float:
     return 0.0 if value < GREEDY_BELOW else max(value, MIN_TEMPERATURE)
 
 
-Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False), AfterValidator(_temperature)]
+Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False),
+                       AfterValidator(_temperature)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False), AfterValidator(lambda value: max(value, MIN_TOP_P))]
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)]
