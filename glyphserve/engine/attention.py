@@ -57,6 +57,7 @@ import dataclasses
 import functools
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,6 +74,9 @@ _MAX_SPLITS = 128
 _DECODE_BLOCK_N = 128  # keys per loop step with one query per sequence
 _PREFILL_BLOCK_M = 64  # rows (query tokens x group heads) per program when sequences bring several queries
 _PREFILL_BLOCK_N = 64  # keys per loop step then (measured faster than 128 with 64-row tiles)
+# _attend_kernel's modes: each sequence's queries over its keys (causal); single-token rows over their own keys,
+# from the first one they do not share; tiles of rows over the keys they share.
+_SEQUENCES, _OWN_KEYS, _SHARED_KEYS = 0, 1, 2
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -90,6 +94,85 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     torch.ops.glyphserve.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start,
                                          float(scale), int(max_query_len), out)
     return out
+
+
+def shared_row_tiles(n_heads: int, kv_heads: int) -> int:
+    """Rows a tile of ``paged_attention_rows``'s shared-keys launch holds: its 64 query rows over the GQA group's
+    heads (4 for GLM-4.1V's 16 heads a KV head)."""
+    return max(_PREFILL_BLOCK_M, _next_power_of_2(n_heads // kv_heads)) // _next_power_of_2(n_heads // kv_heads)
+
+
+def shared_tiles(tables: np.ndarray, seq_lens: np.ndarray, block_size: int,
+                 tile_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """How ``paged_attention_rows`` reads a step's single-token rows (host arrays: each row's block table [n, W]
+    and key count [n]): consecutive rows whose tables begin with the same block form tiles of up to
+    ``tile_rows`` rows. Returns (share, tiles): ``share[r]``, the keys every row of r's tile sees in blocks they
+    all hold (whole blocks; 0 in a tile of one row), read once for the tile; ``tiles[r]``, the rows of the tile
+    that starts at row r (0 where none starts)."""
+    n = len(seq_lens)
+    share, tiles = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return share, tiles
+    whole = seq_lens // block_size  # blocks a row sees whole
+    tables = tables[:, : max(1, int(whole.max()))]
+    first = tables[:, 0]
+    new_run = np.ones(n, dtype=bool)
+    new_run[1:] = first[1:] != first[:-1]
+    run_starts = np.flatnonzero(new_run)
+    run = np.cumsum(new_run) - 1
+    within = np.arange(n) - run_starts[run]
+    run_len = np.diff(np.append(run_starts, n))[run]
+    lead = within % tile_rows == 0
+    starts = np.flatnonzero(lead)
+    tiles[starts] = np.minimum(tile_rows, run_len[starts] - within[starts])
+    tile_of = np.cumsum(lead) - 1
+    same = tables == tables[starts[tile_of]]
+    common = np.where(same.all(axis=1), tables.shape[1], same.argmin(axis=1))
+    shared = np.minimum.reduceat(np.minimum(common, whole), starts) * block_size
+    shared[tiles[starts] == 1] = 0
+    share[:] = shared[tile_of]
+    return share, tiles
+
+
+def paged_attention_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                         query_start: Tensor, share: Tensor, tiles: Tensor, scale: float, out: Tensor) -> Tensor:
+    """``paged_attention`` of single-token rows (``query_start`` is 0..R) where tiles of rows share their first
+    keys (``shared_tiles``: ``share`` and ``tiles``, int32 on q's device): each tile reads the keys its rows
+    share once, for all of them, and each row reads its own keys after those; the two launches' partial results
+    combine as the splits of one. Decode rows of sessions on one document share its prefix, and a prompt chunk's
+    rows share everything before them: 64 rows over 16 W50 documents read 256 MB a layer one row at a time.
+    Off the Triton path, ``paged_attention`` (the same values). No host synchronisation (CUDA graphs)."""
+    if triton is None or not q.is_cuda:
+        return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, 1, out=out)
+    _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, 1)
+    paged_attention_rows_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start, share, tiles, scale, out)
+    return out
+
+
+def paged_attention_rows_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                                seq_lens: Tensor, query_start: Tensor, share: Tensor, tiles: Tensor, scale: float,
+                                out: Tensor) -> None:
+    """The Triton path of ``paged_attention_rows`` (also on CPU tensors under ``TRITON_INTERPRET=1``)."""
+    rows, n_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    capacity = block_tables.shape[1] * block_size
+    sms = _sm_count(q.device)
+    own = plan_launch(rows, n_heads, kv_heads, 1, capacity, sms)
+    group_pad = _next_power_of_2(n_heads // kv_heads)
+    block_m = max(_PREFILL_BLOCK_M, group_pad)
+    tile_programs = kv_heads * max(1, rows // (block_m // group_pad))  # as if every tile were full
+    shared = LaunchPlan(block_m, _PREFILL_BLOCK_N, group_pad, 1,
+                        max(1, min(_PROGRAMS_PER_SM * sms // tile_programs, -(-capacity // _PREFILL_BLOCK_N),
+                                   _MAX_SPLITS)))
+    total = own.splits + shared.splits
+    partial_max = torch.empty((rows, n_heads, total), dtype=torch.float32, device=q.device)
+    partials = (partial_max, torch.empty_like(partial_max),
+                torch.empty((rows, n_heads, total, head_dim), dtype=torch.float32, device=q.device))
+    _attend(q, k_cache, v_cache, block_tables, seq_lens, query_start, share, partials, scale, own, 0, total,
+            _OWN_KEYS)
+    _attend(q, k_cache, v_cache, block_tables, share, tiles, share, partials, scale, shared, own.splits, total,
+            _SHARED_KEYS)
+    _combine(partials, out, query_start[rows:], total)
 
 
 def compile_split_variants(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -290,32 +373,49 @@ def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     if splits is not None:
         plan = dataclasses.replace(plan, splits=splits)
     splits = plan.splits
-    pdl = pdl_enabled(q.device)
 
     partial_max = torch.empty((n_tokens, n_heads, splits), dtype=torch.float32, device=q.device)
     partial_sum = torch.empty_like(partial_max)
     partial_acc = torch.empty((n_tokens, n_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+    partials = (partial_max, partial_sum, partial_acc)
     if n_seqs:
-        _attend_kernel[(n_seqs * plan.query_tiles, kv_heads, splits)](
-            q, k_cache, v_cache, block_tables, seq_lens, query_start,
-            partial_max, partial_sum, partial_acc,
-            scale * math.log2(math.e),
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            block_tables.stride(0), plan.query_tiles, splits, n_heads,
-            GROUP=n_heads // kv_heads, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, PAGE=block_size,
-            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl,
-            num_warps=4, num_stages=3, launch_pdl=pdl,
-        )
-    if n_tokens:
-        _combine_kernel[(n_tokens, n_heads)](
-            partial_max, partial_sum, partial_acc, out, query_start, n_seqs,
-            out.stride(0), out.stride(1), n_heads, splits,
-            HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_2(splits)), PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
-        )
+        _attend(q, k_cache, v_cache, block_tables, seq_lens, query_start, query_start, partials, scale, plan,
+                0, splits, _SEQUENCES)
+    _combine(partials, out, query_start[n_seqs:], splits)
+
+
+def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+            query_start: Tensor, key_start: Tensor, partials: tuple[Tensor, Tensor, Tensor], scale: float,
+            plan: LaunchPlan, part_offset: int, part_splits: int, mode: int) -> None:
+    """One launch of ``_attend_kernel`` over ``block_tables.shape[0]`` sequences (or rows)."""
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    pdl = pdl_enabled(q.device)
+    _attend_kernel[(block_tables.shape[0] * plan.query_tiles, kv_heads, plan.splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start, key_start, *partials,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), plan.query_tiles, plan.splits, n_heads, part_splits, part_offset,
+        GROUP=n_heads // kv_heads, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, PAGE=block_size,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, MODE=mode,
+        num_warps=4, num_stages=3, launch_pdl=pdl,
+    )
+
+
+def _combine(partials: tuple[Tensor, Tensor, Tensor], out: Tensor, rows: Tensor, splits: int) -> None:
+    """Every row's ``splits`` partials into ``out``; rows from ``rows[0]`` (device) on are padding (zeros)."""
+    n_tokens, n_heads, head_dim = out.shape
+    if not n_tokens:
+        return
+    pdl = pdl_enabled(out.device)
+    _combine_kernel[(n_tokens, n_heads)](
+        *partials, out, rows, out.stride(0), out.stride(1), n_heads, splits,
+        HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_2(splits)), PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
+    )
 
 
 if triton is not None:
@@ -324,17 +424,19 @@ if triton is not None:
     # The launch's counts are not specialised on (Triton compiles a variant per integer argument that is 1 or a
     # multiple of 16 otherwise): a new combination of them, which any request can bring, cost a 1.8 s compile
     # on an H200 (a follow-up's 47 queries: 12 query tiles, 11 splits).
-    @triton.jit(do_not_specialize=["query_tiles", "splits"])
+    @triton.jit(do_not_specialize=["query_tiles", "splits", "part_splits", "part_offset"])
     def _attend_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
+        q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr, key_start_ptr,
         part_max_ptr, part_sum_ptr, part_acc_ptr,
         qk_scale,  # softmax scale * log2(e): the kernel works in exp2
         q_stride_t, q_stride_h,
         k_stride_b, k_stride_s, k_stride_h,
         v_stride_b, v_stride_s, v_stride_h,
         tables_stride, query_tiles, splits, n_heads,
+        part_splits, part_offset,  # a row's partials: part_splits slots, this launch's from part_offset
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+        MODE: tl.constexpr,  # SEQUENCES, OWN_KEYS or SHARED_KEYS (see paged_attention_rows)
     ):
         begin(PDL)
         TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
@@ -342,24 +444,37 @@ if triton is not None:
         tile = tl.program_id(0) % query_tiles
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        q_begin = tl.load(query_start_ptr + seq)
-        q_len = tl.load(query_start_ptr + seq + 1) - q_begin
+        if MODE == 2:  # a tile of rows from this one: query_start holds each tile's row count (0: none starts here)
+            q_begin = seq
+            q_len = tl.load(query_start_ptr + seq)
+        else:
+            q_begin = tl.load(query_start_ptr + seq)
+            q_len = tl.load(query_start_ptr + seq + 1) - q_begin
         if tile * TOKENS >= q_len:
             return
-        seq_len = tl.load(seq_lens_ptr + seq)
+        seq_len = tl.load(seq_lens_ptr + seq)  # SHARED_KEYS: the keys the tile's rows share
+        key_start = 0
+        if MODE == 1:  # a row's own keys start after those it shares (read by the SHARED_KEYS launch)
+            key_start = tl.load(key_start_ptr + seq)
 
         rows = tl.arange(0, BLOCK_M)
         token = tile * TOKENS + rows // GROUP_PAD  # query index within the sequence
         head = kv_head * GROUP + rows % GROUP_PAD
         live = (token < q_len) & (rows % GROUP_PAD < GROUP)
-        position = tl.where(live, seq_len - q_len + token, -1)  # last key this row may see
+        if MODE == 2:  # every row sees every shared key (each row's own position is past them)
+            position = tl.where(live, seq_len - 1, -1)
+        else:
+            position = tl.where(live, seq_len - q_len + token, -1)  # last key this row may see
 
         # This split's share of the sequence's keys, ending at the tile's last query position (causal).
-        per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), splits) * BLOCK_N
-        start = split * per_split
-        end = tl.minimum(start + per_split, seq_len - q_len + tl.minimum(tile * TOKENS + TOKENS, q_len))
+        per_split = tl.cdiv(tl.cdiv(seq_len - key_start, BLOCK_N), splits) * BLOCK_N
+        start = key_start + split * per_split
+        if MODE == 2:
+            end = tl.minimum(start + per_split, seq_len)
+        else:
+            end = tl.minimum(start + per_split, seq_len - q_len + tl.minimum(tile * TOKENS + TOKENS, q_len))
 
-        part = ((q_begin + token) * n_heads + head) * splits + split
+        part = ((q_begin + token) * n_heads + head) * part_splits + part_offset + split
         if start >= end:  # nothing to see here (a short sequence in a launch sized for long ones): no accumulator
             tl.store(part_max_ptr + part, tl.full([BLOCK_M], -1e30, tl.float32), mask=live)
             tl.store(part_sum_ptr + part, tl.zeros([BLOCK_M], tl.float32), mask=live)
@@ -397,9 +512,9 @@ if triton is not None:
         tl.store(part_sum_ptr + part, row_sum, mask=live)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=live[:, None])
 
-    @triton.jit(do_not_specialize=["n_seqs", "splits"])
+    @triton.jit(do_not_specialize=["splits"])
     def _combine_kernel(
-        part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, query_start_ptr, n_seqs,
+        part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, rows_ptr,
         out_stride_t, out_stride_h, n_heads, splits,
         HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
     ):
@@ -408,8 +523,9 @@ if triton is not None:
         head = tl.program_id(1)
         dims = tl.arange(0, HEAD_DIM)
         parts = tl.arange(0, SPLITS_PAD)
-        # Rows past the last sequence's queries (padding) have no partials: they combine to zeros.
-        ok = (parts < splits) & (token < tl.load(query_start_ptr + n_seqs))
+        # Rows from rows_ptr[0] on (padding past the last sequence's queries) have no partials: they combine to
+        # zeros.
+        ok = (parts < splits) & (token < tl.load(rows_ptr))
         base = (token * n_heads + head) * splits
         maxes = tl.load(part_max_ptr + base + parts, mask=ok, other=-1e30)
         sums = tl.load(part_sum_ptr + base + parts, mask=ok, other=0.0)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from glyphserve.engine.attention import shared_tiles
 from glyphserve.engine.model_runner import (GIVEN_EMBEDDING, LAST_SAMPLED, META_ROWS, DenseChunk, ModelRunner,
                                             StepInputs, attends_paged)
 from glyphserve.engine.output import Delta
@@ -167,12 +168,16 @@ class EngineCore:
         if plan.decode:
             self.counters["decode_steps"] += 1
             self.counters["decode_rows"] += len(plan.decode)
+        # Sessions on one document decode side by side, so that their rows form tiles sharing its prefix.
+        plan.decode.sort(key=lambda s: s.blocks[0])
         decode = self._decode_rows(plan.decode)
         rows = StepRows(decode, plan.decode)
         if plan.chunks:
             self.counters["prefill_passes"] += 1
             self.counters["prefill_tokens"] += sum(c.end - c.start for c in plan.chunks)
             rows = self._chunk_rows(plan, decode) if self.row_prefill else None
+        if rows is not None:
+            self._share_keys(rows.meta)
         if rows is None:
             inputs, sampled = self._step_inputs(plan, decode)
             logits = self.runner.forward(inputs)
@@ -211,6 +216,15 @@ class EngineCore:
         out[6] = LAST_SAMPLED
         out[7] = out[0]
         return out
+
+    def _share_keys(self, meta: np.ndarray) -> None:
+        """Each row's shared keys and tile (``attention.shared_tiles``) into ``meta``: none for small steps."""
+        n = meta.shape[1]
+        if self.runner.shares_keys(n):
+            tables = self.scheduler.block_tables[meta[0]]
+            meta[8], meta[9] = shared_tiles(tables, meta[5], self.scheduler.block_size, self.runner.tile_rows)
+        else:
+            meta[8], meta[9] = 0, 1
 
     def _chunk_rows(self, plan: StepPlan, decode: np.ndarray) -> StepRows | None:
         """The step as single-token rows of a graph step, when its prompt chunks fit beside the decode rows: the

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from glyphserve.engine.attention import compile_split_variants, paged_attention
+from glyphserve.engine.attention import (compile_split_variants, paged_attention, paged_attention_rows,
+                                         shared_row_tiles)
 from glyphserve.engine.fp8 import Fp8Linear, Int8Embedding, quantize_fp8
 from glyphserve.engine.kv_pool import TRASH_BLOCK
 from glyphserve.engine.linear import linear
@@ -63,8 +64,14 @@ NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 # Staged per-row inputs of a graph step: sequence slot (block table; last sampled token), the three M-RoPE
 # positions, KV slot, KV length, input token (LAST_SAMPLED: the slot's last sampled token; GIVEN_EMBEDDING: a vision
 # token whose features are staged in ``given``), output slot (where the sampled token is kept for the next step:
-# the row's slot, or the padding slot for a prompt token whose next token is already known).
-META_ROWS = 8
+# the row's slot, or the padding slot for a prompt token whose next token is already known), then the keys the
+# row's tile shares and the rows of the tile starting at the row (``attention.shared_tiles``).
+META_ROWS = 10
+# Graph steps of at least this many rows read the keys that consecutive rows share once for a tile of them
+# (``paged_attention_rows``): on an H200, 64 decode rows over 16 W50 documents spent 2.2 ms a step in attention,
+# reading each row's document prefix on its own (256 MB a layer). Fewer rows rarely share, and the shared-keys
+# launch would cost them a launch a layer.
+SHARED_KEYS_ROWS = 8
 LAST_SAMPLED = -1
 GIVEN_EMBEDDING = -2
 
@@ -164,6 +171,7 @@ class ModelRunner:
         # Rows of a graph step: every running sequence, or a short prompt chunk (one row per token) with room.
         self.max_rows = max(max_num_seqs, PAGED_CHUNK_TOKENS)
         self.pad_slot = max_num_seqs  # the extra slot padding rows of a graph batch use
+        self.tile_rows = shared_row_tiles(self.n_heads, self.kv_heads)  # rows a shared-keys tile holds
         self.num_blocks = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -350,10 +358,14 @@ class ModelRunner:
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 
+    def shares_keys(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows reads shared keys once a tile (its staged share and tiles matter)."""
+        return (self.bucket(rows) or rows) >= SHARED_KEYS_ROWS
+
     def pad_rows(self, n: int) -> torch.Tensor:
         """[META_ROWS, n] inputs of padding rows: the padding slot, the trash block, one key."""
-        pad = torch.tensor([self.pad_slot, 0, 0, 0, TRASH_BLOCK * self.block_size, 1, LAST_SAMPLED, self.pad_slot],
-                           dtype=torch.long)
+        pad = torch.tensor([self.pad_slot, 0, 0, 0, TRASH_BLOCK * self.block_size, 1, LAST_SAMPLED, self.pad_slot,
+                            0, 1], dtype=torch.long)
         return pad.view(-1, 1).expand(-1, n)
 
     def _decode_body(self, b: int, sampler: Sampler) -> None:
@@ -366,12 +378,17 @@ class ModelRunner:
         block_tables = self.block_tables[slots]
         seq_lens = self.meta[5, :b].to(torch.int32)
         kv_slots = self.meta[4, :b]
+        share, tiles = self.meta[8, :b].to(torch.int32), self.meta[9, :b].to(torch.int32)
         h = self._norm(x, self.first_norm, self.eps)
         for li, (qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
             q, _, _ = self._qkv(li, h, qkv_w, qkv_s, qkv_b, cos, sin, kv_slots)
             out = torch.empty_like(q)
-            paged_attention(q, self.k[li], self.v[li], block_tables, seq_lens, self.query_start[: b + 1],
-                            self.scaling, 1, out=out)
+            if b >= SHARED_KEYS_ROWS:
+                paged_attention_rows(q, self.k[li], self.v[li], block_tables, seq_lens, self.query_start[: b + 1],
+                                     share, tiles, self.scaling, out=out)
+            else:
+                paged_attention(q, self.k[li], self.v[li], block_tables, seq_lens, self.query_start[: b + 1],
+                                self.scaling, 1, out=out)
             x, h = self._post(x, out.reshape(b, -1), *post, self.eps)
         logits = linear(h, *self.head).float()
         self.logits[:b].copy_(logits)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +46,11 @@ def conversation(history: list[ChatMessage], question: str, n_pages: int,
     return messages
 
 
+# Rendered conversations whose tokens are kept: a question's prompt is counted while its pages are chosen, then
+# built from the same text (three tokenizations of it a question, on the threads that also serve requests).
+ENCODED_TEXTS = 256
+
+
 class PromptBuilder:
     def __init__(self, tokenizer, chat_template: str, image_token_id: int, image_end_token_id: int, merge_size: int):
         self.tokenizer = tokenizer
@@ -51,20 +58,36 @@ class PromptBuilder:
         self.image_token_id = image_token_id
         self.image_end_token_id = image_end_token_id
         self.merge_size = merge_size
+        self._encoded: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._lock = threading.Lock()  # prompts are built on the callers' threads
 
     def text(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
 
+    def encode(self, messages: list[dict]) -> tuple[int, ...]:
+        """The rendered template's tokens (no special tokens added); the latest texts' are kept."""
+        text = self.text(messages)
+        with self._lock:
+            raw = self._encoded.get(text)
+            if raw is not None:
+                self._encoded.move_to_end(text)
+                return raw
+        raw = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._lock:
+            self._encoded[text] = raw
+            while len(self._encoded) > ENCODED_TEXTS:
+                self._encoded.popitem(last=False)
+        return raw
+
     def count(self, messages: list[dict]) -> int:
         """Tokens of the rendered template, each page's <|image|> counting 0 (its vision tokens are the page's)."""
-        raw = self.tokenizer(self.text(messages), add_special_tokens=False)["input_ids"]
-        return sum(1 for t in raw if t != self.image_token_id)
+        return sum(1 for t in self.encode(messages) if t != self.image_token_id)
 
     def build(self, messages: list[dict], grids: list[tuple[int, int, int]]) -> PromptTokens:
         """Tokenise the rendered template and expand each <|image|> into one token per merged patch."""
-        raw = self.tokenizer(self.text(messages), add_special_tokens=False)["input_ids"]
+        raw = self.encode(messages)
         if sum(1 for t in raw if t == self.image_token_id) != len(grids):
             raise GlyphserveError("the conversation text contains the reserved image marker <|image|>")
         ids: list[int] = []

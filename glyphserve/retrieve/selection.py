@@ -175,7 +175,10 @@ def select_pages(
     if not pages:
         return Selection(mode, [], budget.count_prompt([]), budget.limit, 0)
 
-    fixed = budget.count_prompt([""]) - PAGE_MARKER_TOKENS
+    # Unlabelled pages add only their markers, so the prompt with every page (the one shown when all fit, counted
+    # again below from the builder's kept tokens) gives the rest: one tokenization where two were.
+    fixed = (budget.count_prompt([""]) - PAGE_MARKER_TOKENS if titles
+             else budget.count_prompt([""] * len(pages)) - len(pages) * PAGE_MARKER_TOKENS)
     cost = {
         (d, i): documents[d].vision_tokens[i] + PAGE_MARKER_TOKENS + (budget.count_label(labels[d, i]) if titles else 0)
         for d, i in pages

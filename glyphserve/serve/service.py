@@ -65,6 +65,8 @@ MAX_ORIGINAL_NAME = 4096  # characters of a raw upload name kept as metadata
 
 # Documents whose page-selection index (glyphserve.retrieve.DocumentPages) is kept between questions.
 SELECTABLE_DOCUMENTS = 32
+# Bytes of stored pages' files kept in memory for the next questions about them.
+PAGE_FILE_BYTES = 256 << 20
 # Engine counters in /health: requests, decode occupancy (decode_rows / decode_steps rows per step), prefill passes
 # (prompt chunks as graph rows), and where the engine's thread spends its time (seconds).
 ENGINE_COUNTERS = ("requests", "new_tokens", "steps", "decode_steps", "decode_rows", "prefill_passes", "row_chunks",
@@ -111,6 +113,8 @@ class GlyphService:
         self._warm: set[str] = set()
         self._selectables: OrderedDict[str, DocumentPages] = OrderedDict()
         self._page_keys: dict[str, dict[int, str]] = {}  # document -> page number -> the engine's page key
+        self._page_files: OrderedDict[tuple[str, int], EncodedPage] = OrderedDict()  # (document, number), LRU
+        self._page_file_bytes = 0
         self._selectable_lock = threading.Lock()
 
     @property
@@ -279,6 +283,8 @@ class GlyphService:
         with self._selectable_lock:
             self._selectables.pop(document_id, None)
             self._page_keys.pop(document_id, None)
+            for key in [k for k in self._page_files if k[0] == document_id]:
+                self._page_file_bytes -= len(self._page_files.pop(key).data)
         if isinstance(self.backend, ExtractiveBackend):
             self.backend.forget(document_id)
         if leftovers:
@@ -365,15 +371,9 @@ class GlyphService:
             question=request.question, history=[m.content for m in request.history], budget=budget,
             titles=[r.name or "pasted text" for r in records] if len(records) > 1 else None,
         )
-        wanted: dict[int, list[int]] = {}
-        for p in selection.pages:
-            wanted.setdefault(p.document, []).append(p.number)
-        with self.store.reading(*(r.id for r in records)):
-            files = {d: dict(zip(numbers, self.store.pages_bytes(records[d].id, numbers)))
-                     for d, numbers in wanted.items()}
+        files = self._stored_pages([(records[p.document].id, p.number) for p in selection.pages])
         pages, keys = [], []
-        for p in selection.pages:
-            page = EncodedPage.from_bytes(files[p.document][p.number])
+        for p, page in zip(selection.pages, files):
             pages.append(page)
             keys.append(self._page_key(records[p.document].id, p.number, page))
         request.pages, request.page_keys = pages, keys
@@ -385,6 +385,37 @@ class GlyphService:
                 job.planned = plan(request)
             except GlyphserveError:
                 pass  # the engine refuses it again where it would have, with the same error
+
+    def _stored_pages(self, wanted: list[tuple[str, int]]) -> list[EncodedPage]:
+        """The (document, page number) pages' files, those read before from memory (the latest PAGE_FILE_BYTES of
+        them): a question about a stored document read its pages' files and image headers every time (on the
+        threads that also take requests: under 64 sessions they held up the engine's)."""
+        found: dict[tuple[str, int], EncodedPage] = {}
+        with self._selectable_lock:
+            for key in wanted:
+                page = self._page_files.get(key)
+                if page is not None:
+                    self._page_files.move_to_end(key)
+                    found[key] = page
+        missing: dict[str, list[int]] = {}
+        for document_id, number in wanted:
+            if (document_id, number) not in found:
+                missing.setdefault(document_id, []).append(number)
+        if missing:
+            with self.store.reading(*missing):
+                for document_id, numbers in missing.items():
+                    for number, data in zip(numbers, self.store.pages_bytes(document_id, numbers)):
+                        found[document_id, number] = EncodedPage.from_bytes(data)
+            with self._selectable_lock:
+                for document_id, numbers in missing.items():
+                    for number in numbers:
+                        key = (document_id, number)
+                        if key not in self._page_files:  # (a deleted document's stay unasked-for, then go)
+                            self._page_files[key] = found[key]
+                            self._page_file_bytes += len(found[key].data)
+                while self._page_file_bytes > PAGE_FILE_BYTES:
+                    self._page_file_bytes -= len(self._page_files.popitem(last=False)[1].data)
+        return [found[key] for key in wanted]
 
     def _page_key(self, document_id: str, number: int, page: EncodedPage) -> str:
         """The page's identity for the engine's caches (the hash of its file, as the engine would compute it for

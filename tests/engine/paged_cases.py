@@ -86,3 +86,38 @@ def make_case(case: Case, seed: int) -> Inputs:
         zero[first : first + blind] = True
     return Inputs(q, k_cache, v_cache, tables, torch.tensor(case.seq_lens, dtype=torch.int32), query_start,
                   case.head_dim**-0.5, max(1, *case.query_lens), zero)
+
+
+@dataclass
+class RowsCase:
+    """Single-token rows for ``paged_attention_rows``: block tables that share leading blocks the way a step's rows
+    do (sessions on one document, a prompt chunk's rows one per token), a row of its own, and a padding row."""
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    tables: torch.Tensor  # [R, W] int32, a column slice of a wider table
+    seq_lens: torch.Tensor  # [R] int32
+    query_start: torch.Tensor  # 0..R
+    scale: float
+
+
+def make_rows_case(n_heads: int = 32, kv_heads: int = 2, head_dim: int = 16, block_size: int = 4,
+                   seed: int = 3) -> RowsCase:
+    gen = torch.Generator().manual_seed(seed)
+    doc = [7, 2, 9, 4]  # a document's prefix blocks, shared by five sessions and by a chunk's rows
+    rows = [(doc + [20 + 2 * r, 21 + 2 * r], 17 + r) for r in range(5)]  # 4 whole blocks, then their own
+    rows.append(([30, 31, 32], 10))  # a session of its own
+    rows += [(doc[:3] + [40, 41], 14 + j) for j in range(3)]  # a chunk's rows: 14, 15, 16 keys
+    rows.append(([0], 1))  # padding
+    width = 7
+    tables = torch.randint(0, 64, (len(rows), width + 2), generator=gen, dtype=torch.int32)[:, :width]
+    for i, (blocks, _) in enumerate(rows):
+        tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    shape = (64, block_size, kv_heads, head_dim)
+    return RowsCase(
+        q=torch.randn((len(rows), n_heads, head_dim), generator=gen),
+        k_cache=torch.randn(shape, generator=gen), v_cache=torch.randn(shape, generator=gen),
+        tables=tables, seq_lens=torch.tensor([n for _, n in rows], dtype=torch.int32),
+        query_start=torch.arange(len(rows) + 1, dtype=torch.int32), scale=head_dim**-0.5,
+    )

@@ -9,7 +9,7 @@ import os
 import torch
 import triton.runtime.interpreter as interpreter
 
-from tests.engine.paged_cases import CASES, make_case
+from tests.engine.paged_cases import CASES, make_case, make_rows_case
 
 
 def _fix_scalar_index() -> None:
@@ -27,7 +27,8 @@ def _fix_scalar_index() -> None:
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     _fix_scalar_index()
-    from glyphserve.engine.attention import paged_attention_reference, paged_attention_triton
+    from glyphserve.engine.attention import (paged_attention_reference, paged_attention_rows_triton,
+                                             paged_attention_triton, shared_row_tiles, shared_tiles)
 
     results = []
     for case in CASES:
@@ -43,6 +44,15 @@ def main() -> None:
             "max_error": float((out.float() - expected.float()).abs().nan_to_num(float("inf")).max()),
             "tolerance": 1e-5 if case.dtype == torch.float32 else 2e-3,
         })
+    rows = make_rows_case()
+    share, tiles = shared_tiles(rows.tables.numpy(), rows.seq_lens.numpy().astype("int64"), rows.k_cache.shape[1],
+                                shared_row_tiles(rows.q.shape[1], rows.k_cache.shape[2]))
+    out = torch.full_like(rows.q, float("nan"))
+    args = (rows.q, rows.k_cache, rows.v_cache, rows.tables, rows.seq_lens, rows.query_start)
+    paged_attention_rows_triton(*args, torch.from_numpy(share).int(), torch.from_numpy(tiles).int(), rows.scale, out)
+    expected = paged_attention_reference(*args, rows.scale, 1)
+    results.append({"name": "rows-sharing-keys", "unwritten": int(out.isnan().sum()), "shared": int(share.sum()),
+                    "max_error": float((out - expected).abs().nan_to_num(float("inf")).max()), "tolerance": 1e-5})
     print(json.dumps(results))
 
 

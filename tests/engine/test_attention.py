@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from glyphserve.engine.attention import paged_attention, paged_attention_batched, paged_attention_reference
-from tests.engine.paged_cases import CASES, make_case
+from glyphserve.engine.attention import (paged_attention, paged_attention_batched, paged_attention_reference,
+                                         paged_attention_rows, shared_row_tiles, shared_tiles)
+from tests.engine.paged_cases import CASES, make_case, make_rows_case
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,7 +96,27 @@ def test_triton_kernel_under_the_interpreter_matches_the_reference():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {r["name"] for r in results} >= {c.name for c in CASES if c.interpreted}
+    assert {r["name"] for r in results} >= {c.name for c in CASES if c.interpreted} | {"rows-sharing-keys"}
+    assert next(r for r in results if r["name"] == "rows-sharing-keys")["shared"] > 0  # the shared launch read keys
     for r in results:
         assert r["unwritten"] == 0, r
         assert r["max_error"] <= r["tolerance"], r
+
+
+def test_shared_tiles_groups_consecutive_rows_over_the_blocks_they_all_hold():
+    rows = make_rows_case()
+    share, tiles = shared_tiles(rows.tables.numpy(), rows.seq_lens.numpy().astype("int64"), 4, tile_rows=4)
+    # Five sessions on one document: a tile of four sharing its 4 blocks, then one alone (nothing shared); a
+    # session of its own; a chunk's three rows share the 3 blocks all of them see whole (14 keys: 3 blocks); padding.
+    assert tiles.tolist() == [4, 0, 0, 0, 1, 1, 3, 0, 0, 1]
+    assert share.tolist() == [16, 16, 16, 16, 0, 0, 12, 12, 12, 0]
+    assert shared_row_tiles(32, 2) == 4 and shared_row_tiles(4, 2) == 32
+
+
+def test_rows_op_off_triton_is_paged_attention():
+    rows = make_rows_case()
+    share, tiles = shared_tiles(rows.tables.numpy(), rows.seq_lens.numpy().astype("int64"), 4, tile_rows=4)
+    args = (rows.q, rows.k_cache, rows.v_cache, rows.tables, rows.seq_lens, rows.query_start)
+    out = paged_attention_rows(*args, torch.from_numpy(share).int(), torch.from_numpy(tiles).int(), rows.scale,
+                               out=torch.empty_like(rows.q))
+    torch.testing.assert_close(out, paged_attention_reference(*args, rows.scale, 1))
