@@ -42,6 +42,15 @@ of 18 tried (32/64/128 keys x 4/8 warps x 2/3/4 stages). Short prefills use tile
 sequence (programs past a sequence's own queries exit at once) and so lowers the split count: a decode-only
 step should use ``max_query_len=1``. It must bound every sequence's query count.
 
+Rows that share keys (``paged_attention_rows``, the graph steps of ``ModelRunner``): a graph step is single-token
+rows, each its own "sequence", and rows often hold the same first blocks (sessions on one document share its
+prefix through the prefix cache; a prompt chunk's rows, one per token, share everything before the chunk). The host
+groups consecutive rows whose tables begin alike into tiles of up to ``BLOCK_M / GROUP_PAD`` rows
+(``shared_tiles``); one launch (mode SHARED_KEYS, grid ``(rows, kv_heads, splits)``, a program per tile start)
+reads the keys a tile's rows all see once for all of them, another (OWN_KEYS) reads each row's keys after those,
+and the combine step takes both launches' partials as splits of one. Measured on an H200, 64 decode rows over 16
+W50 documents (4 a document): attention 4.3 -> 2.8 ms a step by kernel time.
+
 Elsewhere (CPU, or no Triton) the op runs ``paged_attention_batched``: plain PyTorch, the single-query sequences
 at once and each multi-query one alone (keys gathered and padded to the longest), softmax in fp32;
 ``paged_attention_reference`` does the same one sequence at a time and is the tests' oracle. Both read
