@@ -371,7 +371,8 @@ class GlyphService:
             question=request.question, history=[m.content for m in request.history], budget=budget,
             titles=[r.name or "pasted text" for r in records] if len(records) > 1 else None,
         )
-        files = self._stored_pages([(records[p.document].id, p.number) for p in selection.pages])
+        files = self._stored_pages([(records[p.document].id, p.number) for p in selection.pages],
+                                   request.settings.use_cache)
         pages, keys = [], []
         for p, page in zip(selection.pages, files):
             pages.append(page)
@@ -386,13 +387,13 @@ class GlyphService:
             except GlyphserveError:
                 pass  # the engine refuses it again where it would have, with the same error
 
-    def _stored_pages(self, wanted: list[tuple[str, int]]) -> list[EncodedPage]:
+    def _stored_pages(self, wanted: list[tuple[str, int]], use_cache: bool = True) -> list[EncodedPage]:
         """The (document, page number) pages' files, those read before from memory (the latest PAGE_FILE_BYTES of
-        them): a question about a stored document read its pages' files and image headers every time (on the
-        threads that also take requests: under 64 sessions they held up the engine's)."""
+        them) unless ``use_cache`` is off: a question about a stored document read its pages' files and image
+        headers every time (on the threads that also take requests: under 64 sessions they held up the engine's)."""
         found: dict[tuple[str, int], EncodedPage] = {}
         with self._selectable_lock:
-            for key in wanted:
+            for key in wanted if use_cache else ():
                 page = self._page_files.get(key)
                 if page is not None:
                     self._page_files.move_to_end(key)
@@ -407,7 +408,7 @@ class GlyphService:
                     for number, data in zip(numbers, self.store.pages_bytes(document_id, numbers)):
                         found[document_id, number] = EncodedPage.from_bytes(data)
             with self._selectable_lock:
-                for document_id, numbers in missing.items():
+                for document_id, numbers in missing.items() if use_cache else ():
                     for number in numbers:
                         key = (document_id, number)
                         if key not in self._page_files:  # (a deleted document's stay unasked-for, then go)
