@@ -40,12 +40,8 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 1 << 30  # the pool's size on CPU
     enable_prefix_caching: bool = True  # share KV blocks of equal prefixes (documents, earlier turns)
     # Tokens per step while sequences decode (a joining document is prefilled this much at a time between their
-    # steps), and per step when none decodes (a long prompt prefilled in one causal pass). 8,192 as vLLM's server
-    # on large GPUs: under 64 sessions on an H200, a round of follow-ups (~10k tokens of earlier answers and new
-    # questions) went through five eager passes of 2,048 tokens, each with its own launches and host work;
-    # 8,192 took the concurrent answers per minute from 4,217 to 4,544 (each a window's pause of its answers
-    # grows to one such pass: ~0.2 s on an H200).
-    max_num_batched_tokens: int = 8192
+    # steps), and per step when none decodes (a long prompt prefilled in one causal pass).
+    max_num_batched_tokens: int = 2048
     max_prefill_tokens: int = 16384
     vision_cache_bytes: int = 2 * 2**30
     vision_cache_cpu_bytes: int = 0
