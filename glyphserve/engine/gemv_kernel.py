@@ -11,7 +11,10 @@ at GLM-4.1V-9B's sizes, and no second kernel is needed to add partial sums.
 Measured on an H200 inside the engine's decode step (CUDA graphs; docs/benchmarks/NOTES.md, twelfth and thirteenth
 sessions), the language model's weights (every layer's qkv, o, gate_up and down, then the head) at one row: bf16
 4.28 ms against cuBLAS's 4.75 (floor ~4.2 at the run's copy bandwidth), FP8 2.75 ms (floor 2.15; the few-rows
-kernel of ``fp8_kernels`` took 3.00 in a sweep).
+kernel of ``fp8_kernels`` took 3.00 in a sweep). An FP8 step is not bound by the byte's conversion (integer
+conversions and PTX ``prmt`` ones were slower, sixteenth session) but by the per-lane accumulators: a tile of FP8
+weights has twice the elements of a 16-bit one of the same bytes, so FP8 tiles sum each thread's adjacent products
+first (``lane_group``) and stream more bytes a step: 2.43 ms against 2.77 in the same sweep of isolated products.
 
 Imported lazily: Triton is needed only on CUDA, and the tests run this kernel under Triton's interpreter on the CPU.
 """
@@ -32,18 +35,19 @@ class RowConfig:
     block_n: int  # output channels per program
     block_k: int  # inputs per step
     num_warps: int
+    lane_group: int = 1  # products a lane adds up each step before its fp32 accumulator (block_k / lanes)
 
 
 @triton.jit
 def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_iters,
                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                PDL: tl.constexpr):
+                GROUP: tl.constexpr, PDL: tl.constexpr):
     begin(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
-    lanes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    lanes = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
     # A runtime trip count: with a compile-time one, ptxas interleaved each step's weight loads with the products
     # (about 4 of a thread's 8 16-byte loads in flight instead of all 8), and bf16 weights read at 4 KB a row a step
     # took 6.14 ms a decode step on an H200 against 4.28 with the count at run time (thirteenth session).
@@ -51,7 +55,11 @@ def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_i
         k_mask = offs_k < K
         w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
         x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-        lanes += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        products = w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if GROUP > 1:  # adjacent products (one thread's) summed first: a GROUP-th of the accumulator registers
+            lanes += tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_K // GROUP, GROUP)), axis=2)
+        else:
+            lanes += products
         w_ptrs += BLOCK_K
         offs_k += BLOCK_K
     acc = tl.sum(lanes, axis=1)
@@ -63,17 +71,17 @@ def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_i
 
 
 def choose_row_config(n: int, k: int, weight_bytes: int) -> RowConfig:
-    """Tiles from a sweep over GLM-4.1V-9B's layer shapes on an H200 (block_n 4/8/16, block_k 512-2048, 4 or 8
-    warps; twelfth session): 16-bit weights stream best as 4 channels by 2,048 inputs (4 KB a row a step) for
-    every shape; FP8 as 8 channels by 1,024 inputs for the square and the down projection, 8 by 512 with 8 warps for
-    the fused qkv, 8 by 512 for gate_up and 16 by 512 for the head (within 1 us of each other's best otherwise)."""
+    """Tiles from sweeps over GLM-4.1V-9B's layer shapes on an H200: 16-bit weights stream best as 4 channels by
+    2,048 inputs (4 KB a row a step) for every shape (block_n 4/8/16, block_k 512-2048, 4 or 8 warps; twelfth
+    session). FP8 weights with each thread's 8 adjacent products summed before its accumulators (sixteenth
+    session, 12 tiles tried per shape, 40 layers' distinct weights in a CUDA graph): 8 channels by 2,048 inputs for
+    the square and the down projection, 4 by 4,096 for the fused qkv, gate_up and the head; the step's products
+    2.43 ms against 2.77 for the best of the accumulate-each-product tiles in the same run."""
     if weight_bytes >= 2:
         return RowConfig(4, 2048, 4)
-    if n >= 65536:
-        return RowConfig(16, 512, 4)
     if n <= 4096:
-        return RowConfig(8, 1024, 4)
-    return RowConfig(8, 512, 8 if n < 8192 else 4)
+        return RowConfig(8, 2048, 4, lane_group=8)
+    return RowConfig(4, 4096, 4, lane_group=8)
 
 
 def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -95,7 +103,8 @@ def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     _row_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, scale if scale is not None else x, bias if bias is not None else x, out, n, k, weight.stride(0),
         triton.cdiv(k, config.block_k), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl, num_warps=config.num_warps, num_stages=1,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP=config.lane_group, PDL=pdl,
+        num_warps=config.num_warps, num_stages=1,
         launch_pdl=pdl,
     )
     return out

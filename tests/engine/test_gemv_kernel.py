@@ -11,7 +11,7 @@ from glyphserve.engine.fp8 import dequantize_fp8, quantize_fp8
 from glyphserve.engine.gemv_kernel import RowConfig, choose_row_config, row_matmul
 
 torch.manual_seed(0)
-configs = [RowConfig(4, 32, 4), RowConfig(8, 64, 4), RowConfig(16, 32, 8)]
+configs = [RowConfig(4, 32, 4), RowConfig(8, 64, 4), RowConfig(16, 32, 8), RowConfig(4, 64, 4, lane_group=8)]
 for n, k in [(40, 96), (37, 100), (8, 64)]:  # ragged N and K
     for config in configs:
         for dtype in (torch.float32, torch.float16):  # the interpreter has no bfloat16 (numpy has none)
@@ -29,6 +29,7 @@ for n, k in [(40, 96), (37, 100), (8, 64)]:  # ragged N and K
                 ref = x.float() @ dequantize_fp8(q, scale, torch.float32).T + extra
                 assert (out.float() - ref).norm() <= tol * ref.norm(), (n, k, config, dtype, "fp8")
 assert choose_row_config(27392, 4096, 2).block_k * 2 == 4096  # 4 KB of a 16-bit row a step
+assert all(choose_row_config(n, k, 1).lane_group == 8 for n, k in [(4608, 4096), (4096, 13696), (151552, 4096)])
 try:
     row_matmul(torch.randn(2, 96), torch.randn(40, 96), None, None)
 except ValueError as exc:
