@@ -28,7 +28,8 @@ from glyphserve.serve.retrieval import PageLayout, crop_rows, pages_for_span
 # each holds the GIL for a few ms a question). Python hands the GIL to a waiting thread only after its holder has
 # had it this long (5 ms by default): under 64 sessions on an H200, when a round of questions arrived at once, the
 # engine's thread waited so long between its launches that an eager pass of a few hundred tokens took 150-200 ms
-# of its time; at 0.5 ms the concurrent answers per minute rose 3,633 -> 4,115 (median of three rounds each).
+# of its time. With 0.5 ms the fifteenth session's code served 4,115 concurrent answers a minute (median of three
+# rounds) where it served 3,633 and 3,693 without, in other commands the same day (sixteenth session's NOTES).
 SWITCH_INTERVAL_S = 0.0005
 
 if TYPE_CHECKING:
