@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_render_options(p)
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="processes painting pages (default: all cores for long documents)")
-    p.add_argument("--json", action="store_true", help="also print the manifest to stdout")
+    p.add_argument("--json", action="store_true",
+                   help="print the rendering's summary as JSON: manifest.json without each page's lines of text "
+                        "(their layout stays in the file), and the file's path")
     p.set_defaults(func=run)
 
 
@@ -102,8 +104,12 @@ def run(args: argparse.Namespace) -> int:
     note = missing_glyphs_warning(rendered)
     if note:
         print(f"warning: {note}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(rendered.manifest(), ensure_ascii=False, indent=1))
+    if args.json:  # each page's lines are the text again with its layout: as large as the document
+        summary = rendered.manifest()
+        for page in summary["pages"]:
+            page["lines"] = len(page["lines"])
+        summary["manifest"] = str(Path(out) / "manifest.json")
+        print(json.dumps(summary, ensure_ascii=False, indent=1))
     else:
         t, n = rendered.stats, len(rendered.pages)
         print(f"{n} page{'s' * (n != 1)}, {t.vision_tokens} vision tokens for ~{t.text_tokens} text tokens "

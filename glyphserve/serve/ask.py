@@ -122,12 +122,16 @@ def _ask(args: argparse.Namespace) -> int:
             print(f"[pages shown: {_ranges(shown)} of {len(rendered)}]", file=sys.stderr)
         request = AnswerRequest(pages=[rendered[n - 1].image for n in shown], question=question,
                                 history=list(history), settings=settings)
+        if args.chat and not args.json and not sys.stdin.isatty():
+            # A transcript of piped questions: each answer under its question (a terminal shows the typed one).
+            print(f"{'' if not history else chr(10)}> {question}", flush=True)
         answer = _print_answer(answerer.stream(request), args.json)
         answer.timings.render = render_s
         if args.json:
             stats = answerer.stats() if hasattr(answerer, "stats") else {"backend": "extractive"}
             pages_shown = answerer.pages_shown if isinstance(answerer, _Extractive) else shown
-            print(json.dumps({**answer.to_dict(), "pages_shown": pages_shown, "engine": stats}, ensure_ascii=False))
+            print(json.dumps({"question": question, **answer.to_dict(), "pages_shown": pages_shown,
+                              "engine": stats}, ensure_ascii=False))
         render_s = 0.0  # the document is rendered once
         if not args.chat:
             break

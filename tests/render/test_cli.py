@@ -26,8 +26,13 @@ def test_render_a_file_with_options(tmp_path):
     out = tmp_path / "pages"
     proc = glyphserve("render", str(src), "-o", str(out), "--dpi", "96", "--newline", "marker", "--json")
     assert proc.returncode == 0, proc.stderr.decode()
-    manifest = json.loads(proc.stdout)
-    assert manifest == json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    summary = json.loads(proc.stdout)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert summary["manifest"] == str(out / "manifest.json")
+    # The summary is the manifest but for each page's lines of text, which it counts.
+    assert [p["lines"] for p in summary["pages"]] == [len(p["lines"]) for p in manifest["pages"]]
+    assert {k: v for k, v in summary.items() if k not in ("pages", "manifest")} == \
+        {k: v for k, v in manifest.items() if k != "pages"}
     assert manifest["config"]["dpi"] == 96 and "\\n" in manifest["config"]["newline-markup"]
     assert manifest["source"] == "story.txt" and manifest["totals"]["pages"] >= 2
     for page in manifest["pages"]:

@@ -124,7 +124,7 @@ def test_ask_chat_reads_follow_ups_until_eof(tiny_model_dir, story, capsys, monk
     args = [*ask_args(tiny_model_dir, story, 6), "--chat", "--json"]
     assert main(args) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(lines) == 3
+    assert len(lines) == 3 and [line["question"] for line in lines[1:]] == ["Why?", "Where?"]
     assert lines[1]["cache"]["prefix_reused_tokens"] > 0 and lines[2]["cache"]["prefix_reused_tokens"] > 0
     assert lines[2]["prompt_tokens"] > lines[1]["prompt_tokens"] > lines[0]["prompt_tokens"] - 10
 
@@ -211,3 +211,12 @@ def test_ask_errors_name_its_own_flags(tmp_path, tiny_model_dir, capsys):
     for flag, value in (("--temperature", "5"), ("--temperature", "nan"), ("--top-p", "0"), ("--seed", "-1")):
         assert main([*args, flag, value]) == 2  # the API's ranges, refused before the model loads
         assert f"error: {flag} must be" in capsys.readouterr().err
+
+
+@needs_render
+def test_ask_chat_off_a_terminal_writes_each_answer_under_its_question(tiny_model_dir, story, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Why?\nWhere?\n"))
+    assert main([*ask_args(tiny_model_dir, story, 4), "--chat"]) == 0
+    out = capsys.readouterr().out
+    blocks = out.split("\n\n")  # a blank line between turns
+    assert len(blocks) == 3 and blocks[1].startswith("> Why?\n") and blocks[2].startswith("> Where?\n")
