@@ -102,6 +102,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.engines is not None and (args.ray is None or args.engines < 1):
         raise ConfigError("--engines N (N >= 1) goes with --ray")
+    # The input first (the command's first word): a missing folder is reported as such, model or not.
+    documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None)
     if args.ray is not None:
         if args.backend != "local":
             raise ConfigError("--ray runs engines on the cluster: it does not go with --backend openai")
@@ -111,7 +113,6 @@ def _run(args: argparse.Namespace) -> int:
         engine = engine_config(args, max_num_seqs=args.batch_size)
     else:
         load_engine = engine_loader(args, max_num_seqs=args.batch_size)
-    documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None)
     with ResultLog(args.output, retry_failed=args.retry_failed) as log:
         if log.torn_bytes:
             print(f"batch: removed a torn last line ({log.torn_bytes} bytes) from {log.path}", file=sys.stderr)

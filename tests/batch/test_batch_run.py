@@ -158,6 +158,13 @@ def test_a_model_that_is_not_there_fails_before_any_work(folder, questions_file,
     assert not output.exists()
 
 
+def test_a_missing_input_is_reported_before_the_missing_model(questions_file, tmp_path):
+    run = subprocess.run(_batch_cmd(str(tmp_path / "nowhere"), "--questions", str(questions_file), "-o",
+                                    str(tmp_path / "results.jsonl")),
+                         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "input not found" in run.stderr and "model" not in run.stderr
+
+
 class OutOfMemoryAbove:
     """The real engine, except that batches larger than ``limit`` raise the engine's OOM error."""
 
