@@ -151,6 +151,11 @@ def paged_attention_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
     combine as the splits of one. Decode rows of sessions on one document share its prefix, and a prompt chunk's
     rows share everything before them: 64 rows over 16 W50 documents read 256 MB a layer one row at a time.
     Off the Triton path, ``paged_attention`` (the same values). No host synchronisation (CUDA graphs)."""
+    rows = q.shape[0]
+    for name, t in (("share", share), ("tiles", tiles)):
+        if t.shape != (rows,) or t.dtype != torch.int32 or t.device != q.device:
+            raise ValueError(f"{name} must be int32 [{rows}] on {q.device}, got {t.dtype} {tuple(t.shape)} on "
+                             f"{t.device}")
     if triton is None or not q.is_cuda:
         return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, 1, out=out)
     _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, 1)
@@ -162,7 +167,11 @@ def paged_attention_rows_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, blo
                                 seq_lens: Tensor, query_start: Tensor, share: Tensor, tiles: Tensor, scale: float,
                                 out: Tensor) -> None:
     """The Triton path of ``paged_attention_rows`` (also on CPU tensors under ``TRITON_INTERPRET=1``)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
     rows, n_heads, head_dim = q.shape
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"the Triton path needs a power-of-two head_dim >= 16, got {head_dim}")
     _, block_size, kv_heads, _ = k_cache.shape
     capacity = block_tables.shape[1] * block_size
     sms = _sm_count(q.device)

@@ -221,8 +221,9 @@ class EngineCore:
         """Each row's shared keys and tile (``attention.shared_tiles``) into ``meta``: none for small steps."""
         n = meta.shape[1]
         if self.runner.shares_keys(n):
-            tables = self.scheduler.block_tables[meta[0]]
-            meta[8], meta[9] = shared_tiles(tables, meta[5], self.scheduler.block_size, self.runner.tile_rows)
+            bs = self.scheduler.block_size
+            tables = self.scheduler.block_tables[:, : max(1, int(meta[5].max()) // bs)][meta[0]]  # blocks seen whole
+            meta[8], meta[9] = shared_tiles(tables, meta[5], bs, self.runner.tile_rows)
         else:
             meta[8], meta[9] = 0, 1
 

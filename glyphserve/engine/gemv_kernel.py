@@ -35,7 +35,7 @@ class RowConfig:
     block_n: int  # output channels per program
     block_k: int  # inputs per step
     num_warps: int
-    lane_group: int = 1  # products a lane adds up each step before its fp32 accumulator (block_k / lanes)
+    lane_group: int = 1  # adjacent products a thread adds up each step before they reach an fp32 accumulator
 
 
 @triton.jit

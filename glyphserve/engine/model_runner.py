@@ -431,6 +431,10 @@ class ModelRunner:
                 paged_attention(q, self.k[0], self.v[0], tables, lens, starts, self.scaling, n)
                 if s == n == 1:  # every split count (the only compile-time size that varies between launches)
                     compile_split_variants(q, self.k[0], self.v[0], tables, lens, starts, self.scaling, n)
+                if n == 1 and s >= SHARED_KEYS_ROWS:  # the graph steps' shared-keys launches (none shared here)
+                    ones = torch.ones(s, device=self.device, dtype=torch.int32)
+                    paged_attention_rows(q, self.k[0], self.v[0], tables, lens, starts, ones - 1, ones,
+                                         self.scaling, out=torch.empty_like(q))
 
     @torch.inference_mode()
     def capture(self, buckets: list[int], sampler: Sampler) -> None:

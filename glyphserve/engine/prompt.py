@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,9 +47,10 @@ def conversation(history: list[ChatMessage], question: str, n_pages: int,
     return messages
 
 
-# Rendered conversations whose tokens are kept: a question's prompt is counted while its pages are chosen, then
-# built from the same text (three tokenizations of it a question, on the threads that also serve requests).
-ENCODED_TEXTS = 256
+# Tokens of rendered conversations kept (8 bytes each): a question's prompt is counted while its pages are chosen,
+# then built from the same text (three tokenizations of it a question, on the threads that also serve requests).
+# A text of more than a sixteenth of them is not kept.
+ENCODED_TOKENS = 1 << 20
 
 
 class PromptBuilder:
@@ -58,7 +60,8 @@ class PromptBuilder:
         self.image_token_id = image_token_id
         self.image_end_token_id = image_end_token_id
         self.merge_size = merge_size
-        self._encoded: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._encoded: OrderedDict[str, array] = OrderedDict()
+        self._encoded_tokens = 0
         self._lock = threading.Lock()  # prompts are built on the callers' threads
 
     def text(self, messages: list[dict]) -> str:
@@ -66,7 +69,7 @@ class PromptBuilder:
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
 
-    def encode(self, messages: list[dict]) -> tuple[int, ...]:
+    def encode(self, messages: list[dict]) -> array:
         """The rendered template's tokens (no special tokens added); the latest texts' are kept."""
         text = self.text(messages)
         with self._lock:
@@ -74,11 +77,14 @@ class PromptBuilder:
             if raw is not None:
                 self._encoded.move_to_end(text)
                 return raw
-        raw = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        with self._lock:
-            self._encoded[text] = raw
-            while len(self._encoded) > ENCODED_TEXTS:
-                self._encoded.popitem(last=False)
+        raw = array("q", self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(raw) <= ENCODED_TOKENS // 16:
+            with self._lock:
+                if text not in self._encoded:
+                    self._encoded[text] = raw
+                    self._encoded_tokens += len(raw)
+                while self._encoded_tokens > ENCODED_TOKENS:
+                    self._encoded_tokens -= len(self._encoded.popitem(last=False)[1])
         return raw
 
     def count(self, messages: list[dict]) -> int:

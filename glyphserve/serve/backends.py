@@ -106,6 +106,7 @@ class EngineBackend:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self.name = getattr(engine, "kind", "engine")  # RemoteEngine: "openai"
+        self._switch_interval: float | None = None  # the process's, while this backend's jobs run
 
     @property
     def admits(self) -> bool:
@@ -114,12 +115,20 @@ class EngineBackend:
 
     def prepare(self) -> None:
         """Ready the calling thread, the one that will run the jobs: the local engine's cuDNN attention plans are
-        kept per thread (``Engine.plan_attention``), and the process hands the GIL over every ``SWITCH_INTERVAL_S``."""
+        kept per thread (``Engine.plan_attention``). While it runs them, the whole process hands the GIL over every
+        ``SWITCH_INTERVAL_S`` (until ``release``)."""
         plan = getattr(self.engine, "plan_attention", None)
         if plan is not None:
             plan()
-        if self.admits:
+        if self.admits and self._switch_interval is None:
+            self._switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+    def release(self) -> None:
+        """The thread that ran the jobs is done: the process's switch interval is what it was before ``prepare``."""
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     def stream(self, job: ChatJob) -> Iterator[StreamEvent | Reply]:
         events = self.engine.stream(job.request)

@@ -302,6 +302,14 @@ class Scheduler:
                 prepare()
             except Exception:  # a request would meet the same fault and get its error
                 log.exception("scheduler worker: preparing the backend failed")
+        try:
+            self._serve()
+        finally:
+            release = getattr(self.backend, "release", None)
+            if release is not None:
+                release()
+
+    def _serve(self) -> None:
         while True:
             batch = self._take()
             if not batch:

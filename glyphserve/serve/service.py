@@ -409,9 +409,11 @@ class GlyphService:
                         found[document_id, number] = EncodedPage.from_bytes(data)
             with self._selectable_lock:
                 for document_id, numbers in missing.items() if use_cache else ():
+                    if document_id not in self._selectables:  # deleted meanwhile (or evicted): not kept
+                        continue
                     for number in numbers:
                         key = (document_id, number)
-                        if key not in self._page_files:  # (a deleted document's stay unasked-for, then go)
+                        if key not in self._page_files:
                             self._page_files[key] = found[key]
                             self._page_file_bytes += len(found[key].data)
                 while self._page_file_bytes > PAGE_FILE_BYTES:

@@ -109,6 +109,7 @@ def make_rows_case(n_heads: int = 32, kv_heads: int = 2, head_dim: int = 16, blo
     rows = [(doc + [20 + 2 * r, 21 + 2 * r], 17 + r) for r in range(5)]  # 4 whole blocks, then their own
     rows.append(([30, 31, 32], 10))  # a session of its own
     rows += [(doc[:3] + [40, 41], 14 + j) for j in range(3)]  # a chunk's rows: 14, 15, 16 keys
+    rows += [([50, 51, 52, 53], 16)] * 2  # two sessions that share every key they have (no keys of their own)
     rows.append(([0], 1))  # padding
     width = 7
     tables = torch.randint(0, 64, (len(rows), width + 2), generator=gen, dtype=torch.int32)[:, :width]

@@ -44,15 +44,23 @@ def main() -> None:
             "max_error": float((out.float() - expected.float()).abs().nan_to_num(float("inf")).max()),
             "tolerance": 1e-5 if case.dtype == torch.float32 else 2e-3,
         })
-    rows = make_rows_case()
-    share, tiles = shared_tiles(rows.tables.numpy(), rows.seq_lens.numpy().astype("int64"), rows.k_cache.shape[1],
-                                shared_row_tiles(rows.q.shape[1], rows.k_cache.shape[2]))
-    out = torch.full_like(rows.q, float("nan"))
-    args = (rows.q, rows.k_cache, rows.v_cache, rows.tables, rows.seq_lens, rows.query_start)
-    paged_attention_rows_triton(*args, torch.from_numpy(share).int(), torch.from_numpy(tiles).int(), rows.scale, out)
-    expected = paged_attention_reference(*args, rows.scale, 1)
-    results.append({"name": "rows-sharing-keys", "unwritten": int(out.isnan().sum()), "shared": int(share.sum()),
-                    "max_error": float((out - expected).abs().nan_to_num(float("inf")).max()), "tolerance": 1e-5})
+    import glyphserve.engine.attention as attention
+
+    # GLM's group of 16 heads a KV head (tiles of 4 rows) and a group of 2 (tiles of 32), with the splits of one
+    # SM and of eight (several splits in each launch: the partials' offsets).
+    for heads, sms in ((32, 1), (32, 8), (4, 8)):
+        attention._sm_count = lambda device, sms=sms: sms
+        rows = make_rows_case(n_heads=heads)
+        share, tiles = shared_tiles(rows.tables.numpy(), rows.seq_lens.numpy().astype("int64"),
+                                    rows.k_cache.shape[1], shared_row_tiles(rows.q.shape[1], rows.k_cache.shape[2]))
+        out = torch.full_like(rows.q, float("nan"))
+        args = (rows.q, rows.k_cache, rows.v_cache, rows.tables, rows.seq_lens, rows.query_start)
+        paged_attention_rows_triton(*args, torch.from_numpy(share).int(), torch.from_numpy(tiles).int(), rows.scale,
+                                    out)
+        expected = paged_attention_reference(*args, rows.scale, 1)
+        results.append({"name": f"rows-sharing-keys-{heads}-heads-{sms}-sms", "unwritten": int(out.isnan().sum()),
+                        "shared": int(share.sum()), "tolerance": 1e-5,
+                        "max_error": float((out - expected).abs().nan_to_num(float("inf")).max())})
     print(json.dumps(results))
 
 

@@ -96,8 +96,9 @@ def test_triton_kernel_under_the_interpreter_matches_the_reference():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {r["name"] for r in results} >= {c.name for c in CASES if c.interpreted} | {"rows-sharing-keys"}
-    assert next(r for r in results if r["name"] == "rows-sharing-keys")["shared"] > 0  # the shared launch read keys
+    rows = {f"rows-sharing-keys-{h}-heads-{s}-sms" for h, s in ((32, 1), (32, 8), (4, 8))}
+    assert {r["name"] for r in results} >= {c.name for c in CASES if c.interpreted} | rows
+    assert all(r["shared"] > 0 for r in results if r["name"] in rows)  # the shared launch read keys
     for r in results:
         assert r["unwritten"] == 0, r
         assert r["max_error"] <= r["tolerance"], r
@@ -107,9 +108,10 @@ def test_shared_tiles_groups_consecutive_rows_over_the_blocks_they_all_hold():
     rows = make_rows_case()
     share, tiles = shared_tiles(rows.tables.numpy(), rows.seq_lens.numpy().astype("int64"), 4, tile_rows=4)
     # Five sessions on one document: a tile of four sharing its 4 blocks, then one alone (nothing shared); a
-    # session of its own; a chunk's three rows share the 3 blocks all of them see whole (14 keys: 3 blocks); padding.
-    assert tiles.tolist() == [4, 0, 0, 0, 1, 1, 3, 0, 0, 1]
-    assert share.tolist() == [16, 16, 16, 16, 0, 0, 12, 12, 12, 0]
+    # session of its own; a chunk's three rows share the 3 blocks all of them see whole (14 keys: 3 blocks).
+    # Two rows that share all 16 of their keys (their own launch reads none).
+    assert tiles.tolist() == [4, 0, 0, 0, 1, 1, 3, 0, 0, 2, 0, 1]
+    assert share.tolist() == [16, 16, 16, 16, 0, 0, 12, 12, 12, 16, 16, 0]
     assert shared_row_tiles(32, 2) == 4 and shared_row_tiles(4, 2) == 32
 
 
@@ -120,3 +122,15 @@ def test_rows_op_off_triton_is_paged_attention():
     out = paged_attention_rows(*args, torch.from_numpy(share).int(), torch.from_numpy(tiles).int(), rows.scale,
                                out=torch.empty_like(rows.q))
     torch.testing.assert_close(out, paged_attention_reference(*args, rows.scale, 1))
+
+
+def test_rows_op_checks_the_tiles_it_is_given():
+    rows = make_rows_case()
+    args = (rows.q, rows.k_cache, rows.v_cache, rows.tables, rows.seq_lens, rows.query_start)
+    n = rows.q.shape[0]
+    with pytest.raises(ValueError, match="share must be int32"):
+        paged_attention_rows(*args, torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.int32), rows.scale,
+                             out=torch.empty_like(rows.q))
+    with pytest.raises(ValueError, match="tiles must be int32"):
+        paged_attention_rows(*args, torch.zeros(n, dtype=torch.int32), torch.ones(n - 1, dtype=torch.int32),
+                             rows.scale, out=torch.empty_like(rows.q))

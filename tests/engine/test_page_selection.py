@@ -143,3 +143,31 @@ def test_a_repeated_selection_hits_the_vision_and_prefix_caches(load_engine, col
     new = set(other.shown()) - set(first.shown())
     assert other.shown() != first.shown() and new
     assert moved.cache.vision_misses == len(new) and moved.cache.vision_hits + len(new) <= len(other.pages)
+
+
+def test_a_prompt_is_tokenized_once_for_its_count_and_its_build(load_engine, monkeypatch):
+    import glyphserve.engine.prompt as prompt
+
+    prompts = load_engine().prompts
+    calls = []
+
+    class Counting:  # the tokenizer, its calls (tokenizations) counted
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __call__(self, *args, **kwargs):
+            calls.append(args)
+            return self.tokenizer(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+    monkeypatch.setattr(prompts, "tokenizer", Counting(prompts.tokenizer))
+    messages = prompt.conversation([], "A question?", 2)
+    counted = prompts.count(messages)
+    built = prompts.build(messages, [(1, 4, 4), (1, 4, 4)])
+    assert len(calls) == 1 and counted == len(built.ids) - 2 * 4  # each page's <|image|>: its 4 vision tokens
+    monkeypatch.setattr(prompt, "ENCODED_TOKENS", 16)  # a text of more than one token is not kept now
+    for _ in range(2):
+        prompts.count(prompt.conversation([], "Another question?", 2))
+    assert len(calls) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -198,3 +199,27 @@ def test_the_backend_is_prepared_on_the_worker_thread_before_its_first_job():
     finally:
         scheduler.close()
     assert seen == ["glyphserve-scheduler"] and "word1." in reply.answer.text
+
+
+def test_a_local_engine_hands_the_gil_over_often_while_its_worker_runs():
+    """The engine's thread competes with request threads: the process's switch interval is short while the
+    worker runs a local engine's jobs, and what it was once the scheduler closes."""
+    import sys
+
+    from glyphserve.serve.backends import SWITCH_INTERVAL_S, EngineBackend
+
+    class Local:  # a local engine as the backend sees one: it batches (stream_batch)
+        def stream_batch(self, requests, admit=None):
+            return iter(())
+
+    before = sys.getswitchinterval()
+    scheduler = Scheduler(EngineBackend(Local()), queue_size=4, max_batch=4, timeout=30)
+    try:
+        for _ in range(500):  # the worker prepares the backend as it starts
+            if sys.getswitchinterval() == SWITCH_INTERVAL_S:
+                break
+            time.sleep(0.01)
+        assert sys.getswitchinterval() == SWITCH_INTERVAL_S
+    finally:
+        scheduler.close()
+    assert sys.getswitchinterval() == before
