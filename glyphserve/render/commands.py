@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for page_001.png ... and manifest.json")
     add_render_options(p)
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                   help="processes painting pages (default: all cores for long documents)")
+                   help="processes painting pages, at most one per core and per page (default: one per idle core "
+                        "for long documents)")
     p.add_argument("--json", action="store_true",
                    help="print the rendering's summary as JSON: manifest.json without each page's lines of text "
                         "(their layout stays in the file), and the file's path")

@@ -416,12 +416,13 @@ def _scan_page(image: np.ndarray, config: RenderConfig, number: int, offset: int
 
 
 def _worker_count(workers: int | None, text: str, config: RenderConfig) -> int:
-    """``workers`` if given; else 1 for short texts or a busy machine, else one process per
-    core that is idle (from the load average, this process counted in it)."""
-    if workers is not None:
-        return max(1, int(workers))
+    """``workers`` if given, at most one per core and per page (more only wait: 100,000 asked for one page
+    started that many processes); else 1 for short texts or a busy machine, else one process per core that is idle
+    (from the load average, this process counted in it)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     est_pages = len(text) / max(1.0, _chars_per_page(config))  # from the frame size
+    if workers is not None:
+        return max(1, min(int(workers), cores, math.ceil(est_pages)))
     if cores <= 1 or est_pages < PARALLEL_MIN_PAGES:
         return 1
     idle = cores - os.getloadavg()[0] + 1

@@ -98,6 +98,10 @@ def _ask(args: argparse.Namespace) -> int:
         raise ConfigError("--quantize needs --model or --random-weights (it quantizes the model's weights)")
     if args.chat and args.input == "-":
         raise ConfigError("--chat reads the questions from stdin: give the document as a file, not -")
+    if args.model and not args.endpoint:  # a missing folder or an unknown Hub id fails now, not after rendering
+        from glyphserve.serve.weights import resolve_model
+
+        args.model = resolve_model(args.model)
     started = time.perf_counter()
     document = ingest_source(args.input)
     rendered = render_document(document, resolve_config(document.text, preset=args.preset, dpi=args.dpi,
@@ -105,12 +109,17 @@ def _ask(args: argparse.Namespace) -> int:
     selectable = DocumentPages(document.text, rendered)
     render_s = time.perf_counter() - started
     answerer = _answerer(args, document.text, rendered)
+    if isinstance(answerer, _Extractive) and not document.text.strip():
+        raise ConfigError(f"{args.input} has no text layer (scanned pages): without a model, ask searches the "
+                          "document's text; read the pages with a model (--model PATH_OR_ID, or --endpoint URL)")
     settings = GenerationSettings(
         max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         ignore_eos=args.ignore_eos, use_cache=not args.no_cache,
     )
     history: list[ChatMessage] = []
     question = args.question if args.question is not None else _read_question()
+    if question is None:
+        print("ask: no question came on stdin", file=sys.stderr)
     while question is not None:
         # A model loaded here counts with its tokenizer, a server's pages are chosen against an upper bound of the
         # prompt (when it reports its context length), the extractive answer reads the text.
@@ -149,10 +158,8 @@ def _answerer(args: argparse.Namespace, text: str, rendered: list):
                                               api_key=args.api_key, max_context=args.max_context))
     if args.model or args.random_weights:
         from glyphserve.engine import Engine, EngineConfig
-        from glyphserve.serve.weights import resolve_model
 
-        model = resolve_model(args.model) if args.model else None  # before torch loads: fails fast
-        return Engine.load(EngineConfig(model=model, random_weights=args.random_weights, dtype=args.dtype,
+        return Engine.load(EngineConfig(model=args.model, random_weights=args.random_weights, dtype=args.dtype,
                                         device=args.device, max_context=args.max_context, max_num_seqs=1,
                                         quantize=args.quantize))
     from glyphserve.serve.errors import NO_MODEL_HINT

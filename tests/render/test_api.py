@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -212,3 +213,11 @@ def test_user_errors():
     with pytest.raises(ConfigError, match="not a readable"):
         bad = resolve_config("x", font=__file__)
         render_text("hello", bad)
+
+
+def test_workers_asked_for_are_capped_at_the_cores_and_the_pages():
+    from glyphserve.render.renderer import _worker_count
+
+    assert _worker_count(100_000, "One short line.", EN) == 1  # one page: one process, however many asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    assert _worker_count(100_000, long_text(700), EN) == cores

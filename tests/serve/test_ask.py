@@ -220,3 +220,14 @@ def test_ask_chat_off_a_terminal_writes_each_answer_under_its_question(tiny_mode
     out = capsys.readouterr().out
     blocks = out.split("\n\n")  # a blank line between turns
     assert len(blocks) == 3 and blocks[1].startswith("> Why?\n") and blocks[2].startswith("> Where?\n")
+
+
+def test_ask_without_a_model_on_a_scan_says_what_would_read_it(tmp_path, capsys):
+    from PIL import Image, ImageDraw
+
+    page = Image.new("RGB", (600, 800), "white")
+    ImageDraw.Draw(page).rectangle((50, 50, 550, 120), fill="black")  # ink, no text layer
+    page.save(tmp_path / "scan.pdf")
+    assert main(["ask", str(tmp_path / "scan.pdf"), "What does it say?"]) == 2
+    err = capsys.readouterr().err
+    assert "no text layer" in err and "--model" in err and "document:" not in err

@@ -100,7 +100,8 @@ def test_a_document_longer_than_the_context_shows_the_matching_pages(model, long
     refused = chat(model, doc_id, "What is the harbour code?", page_selection="all")
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
     assert refused.json()["error"]["message"].endswith(
-        "or, for a stored document, let the server choose the pages that matter (page_selection retrieve)")
+        "or let the pages that match the question be chosen (page selection retrieve: the API's page_selection "
+        "for a stored document, ask's --page-selection)")
 
     # A follow-up that selects the same pages reuses them: no page is encoded again, the page prefix is reused.
     again = chat(model, doc_id, "Which harbour code does the lighthouse have?").json()
