@@ -57,6 +57,7 @@ class ResultLog:
     def __init__(self, path: str | Path, *, retry_failed: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = not self.path.exists()  # a file this run made and left empty goes again at close
         self._file = _open_locked(self.path)
         self.done: dict[Key, dict[str, Any]] = {}
         self.torn_bytes = 0
@@ -110,6 +111,8 @@ class ResultLog:
 
     def close(self) -> None:
         if not self._file.closed:
+            if self._created and os.fstat(self._file.fileno()).st_size == 0:  # (a run that failed before any row)
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
 

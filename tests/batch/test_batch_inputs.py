@@ -104,6 +104,16 @@ def test_results_torn_only_line_is_truncated(tmp_path):
     assert path.read_bytes() == b""
 
 
+def test_a_results_file_this_run_made_and_left_empty_goes_again(tmp_path):
+    """A run that failed before its first row (an unreachable --endpoint) leaves no empty results file behind."""
+    with ResultLog(tmp_path / "none.jsonl"):
+        pass
+    assert not (tmp_path / "none.jsonl").exists()
+    with ResultLog(tmp_path / "one.jsonl") as log:
+        log.append(_record("a", "q1"))
+    assert len(read_results(tmp_path / "one.jsonl")) == 1
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
