@@ -70,9 +70,14 @@ def collect_documents(source: str, shared_questions: list[str] | None = None) ->
     return documents
 
 
+# Bad manifest lines reported at once (a manifest with several needed as many runs to fix, one line each).
+MANIFEST_ERRORS_SHOWN = 10
+
+
 def _read_manifest(path: Path, shared: list[str]) -> list[BatchDocument]:
     documents: list[BatchDocument] = []
     seen: set[str] = set()
+    errors: list[str] = []
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -80,36 +85,45 @@ def _read_manifest(path: Path, shared: list[str]) -> list[BatchDocument]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        where = f"manifest {path} line {number}"
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where} is not valid JSON: {exc}") from None
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where} must be a JSON object")
-        doc_path, text = entry.get("path"), entry.get("text")
-        if (doc_path is None) == (text is None):
-            raise ConfigError(f"{where} needs exactly one of 'path' or 'text'")
-        if not isinstance(doc_path or text, str):
-            raise ConfigError(f"{where}: 'path'/'text' must be a string")
-        questions = entry.get("questions", [])
-        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
-            raise ConfigError(f"{where}: 'questions' must be a list of strings")
-        doc_id = entry.get("id", doc_path)
-        if not isinstance(doc_id, str) or not doc_id:
-            raise ConfigError(f"{where} needs a string 'id'")
-        if doc_id in seen:
-            raise ConfigError(f"{where}: duplicate id {doc_id!r}")
-        seen.add(doc_id)
-        resolved = None
-        if doc_path is not None:
-            resolved = Path(doc_path)
-            if not resolved.is_absolute():
-                resolved = path.parent / resolved
-        documents.append(
-            BatchDocument(doc_id, tuple(_unique([*(q.strip() for q in questions), *shared])), resolved, text)
-        )
+            documents.append(_manifest_entry(line, path, shared, seen))
+        except ConfigError as exc:
+            errors.append(f"line {number}: {exc}")
+    if errors:
+        more = len(errors) - MANIFEST_ERRORS_SHOWN
+        raise ConfigError(f"manifest {path} has {len(errors)} bad line{'s' * (len(errors) > 1)}: "
+                          + "; ".join(errors[:MANIFEST_ERRORS_SHOWN]) + (f"; and {more} more" if more > 0 else ""))
     return documents
+
+
+def _manifest_entry(line: str, path: Path, shared: list[str], seen: set[str]) -> BatchDocument:
+    """One manifest line as a document (``seen``: the ids so far, this one added)."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"not valid JSON: {exc}") from None
+    if not isinstance(entry, dict):
+        raise ConfigError("must be a JSON object")
+    doc_path, text = entry.get("path"), entry.get("text")
+    if (doc_path is None) == (text is None):
+        raise ConfigError("needs exactly one of 'path' or 'text'")
+    if not isinstance(doc_path or text, str):
+        raise ConfigError("'path'/'text' must be a string")
+    questions = entry.get("questions", [])
+    if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+        raise ConfigError("'questions' must be a list of strings")
+    doc_id = entry.get("id", doc_path)
+    if not isinstance(doc_id, str) or not doc_id:
+        raise ConfigError("needs a string 'id'")
+    if doc_id in seen:
+        raise ConfigError(f"duplicate id {doc_id!r}")
+    seen.add(doc_id)
+    resolved = None
+    if doc_path is not None:
+        resolved = Path(doc_path)
+        if not resolved.is_absolute():
+            resolved = path.parent / resolved
+    return BatchDocument(doc_id, tuple(_unique([*(q.strip() for q in questions), *shared])), resolved, text)
 
 
 def _hidden(relative: Path) -> bool:

@@ -63,6 +63,12 @@ def test_manifest(tmp_path):
     manifest.write_text(json.dumps({"id": "x", "text": "a"}) + "\n" + json.dumps({"id": "x", "text": "b"}) + "\n")
     with pytest.raises(ConfigError, match="duplicate"):
         collect_documents(str(manifest), ["Q?"])
+    # Every bad line at once, each by its number (fixing five took five runs when only the first was said).
+    manifest.write_text("\n".join(["{not json", json.dumps({"id": "y", "text": "ok"}), "[1]",
+                                   json.dumps({"id": "z", "text": 3})]) + "\n")
+    with pytest.raises(ConfigError, match=r"3 bad lines: line 1: not valid JSON.*; line 3: must be a JSON object; "
+                                          r"line 4: 'path'/'text' must be a string$"):
+        collect_documents(str(manifest), ["Q?"])
 
 
 def _record(doc_id, question, error=None):
