@@ -359,8 +359,9 @@ class ModelRunner:
         return next((b for b in self.buckets if b >= rows), None)
 
     def shares_keys(self, rows: int) -> bool:
-        """Whether a step of ``rows`` rows reads shared keys once a tile (its staged share and tiles matter)."""
-        return (self.bucket(rows) or rows) >= SHARED_KEYS_ROWS
+        """Whether a step of ``rows`` rows reads shared keys once a tile (its staged share and tiles matter): on
+        CUDA, from ``SHARED_KEYS_ROWS`` rows (elsewhere attention reads every row's keys as it is)."""
+        return self.device.type == "cuda" and (self.bucket(rows) or rows) >= SHARED_KEYS_ROWS
 
     def pad_rows(self, n: int) -> torch.Tensor:
         """[META_ROWS, n] inputs of padding rows: the padding slot, the trash block, one key."""
@@ -383,7 +384,7 @@ class ModelRunner:
         for li, (qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
             q, _, _ = self._qkv(li, h, qkv_w, qkv_s, qkv_b, cos, sin, kv_slots)
             out = torch.empty_like(q)
-            if b >= SHARED_KEYS_ROWS:
+            if self.shares_keys(b):
                 paged_attention_rows(q, self.k[li], self.v[li], block_tables, seq_lens, self.query_start[: b + 1],
                                      share, tiles, self.scaling, out=out)
             else:
@@ -431,7 +432,7 @@ class ModelRunner:
                 paged_attention(q, self.k[0], self.v[0], tables, lens, starts, self.scaling, n)
                 if s == n == 1:  # every split count (the only compile-time size that varies between launches)
                     compile_split_variants(q, self.k[0], self.v[0], tables, lens, starts, self.scaling, n)
-                if n == 1 and s >= SHARED_KEYS_ROWS:  # the graph steps' shared-keys launches (none shared here)
+                if n == 1 and self.shares_keys(s):  # the graph steps' shared-keys launches (none shared here)
                     ones = torch.ones(s, device=self.device, dtype=torch.int32)
                     paged_attention_rows(q, self.k[0], self.v[0], tables, lens, starts, ones - 1, ones,
                                          self.scaling, out=torch.empty_like(q))

@@ -48,8 +48,8 @@ def conversation(history: list[ChatMessage], question: str, n_pages: int,
 
 
 # Tokens of rendered conversations kept (8 bytes each): a question's prompt is counted while its pages are chosen,
-# then built from the same text (three tokenizations of it a question, on the threads that also serve requests).
-# A text of more than a sixteenth of them is not kept.
+# then built from the same text (it was tokenized three times a question, on the threads that also serve
+# requests). A text of more than a sixteenth of them is not kept.
 ENCODED_TOKENS = 1 << 20
 
 

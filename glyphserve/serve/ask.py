@@ -133,7 +133,9 @@ def _ask(args: argparse.Namespace) -> int:
                                 history=list(history), settings=settings)
         if args.chat and not args.json and not sys.stdin.isatty():
             # A transcript of piped questions: each answer under its question (a terminal shows the typed one).
-            print(f"{'' if not history else chr(10)}> {question}", flush=True)
+            if history:
+                print()  # a blank line between turns
+            print(f"> {question}", flush=True)
         answer = _print_answer(answerer.stream(request), args.json)
         answer.timings.render = render_s
         if args.json:
