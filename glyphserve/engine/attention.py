@@ -49,7 +49,8 @@ groups consecutive rows whose tables begin alike into tiles of up to ``BLOCK_M /
 (``shared_tiles``); one launch (mode SHARED_KEYS, grid ``(rows, kv_heads, splits)``, a program per tile start)
 reads the keys a tile's rows all see once for all of them, another (OWN_KEYS) reads each row's keys after those,
 and the combine step takes both launches' partials as splits of one. Measured on an H200, 64 decode rows over 16
-W50 documents (4 a document): attention 4.3 -> 2.8 ms a step by kernel time.
+W50 documents (4 a document): attention 4.3 -> 2.8 ms a step by kernel time (two runs of one day,
+docs/benchmarks/rows-profile-h200-s16.json).
 
 Elsewhere (CPU, or no Triton) the op runs ``paged_attention_batched``: plain PyTorch, the single-query sequences
 at once and each multi-query one alone (keys gathered and padded to the longest), softmax in fp32;

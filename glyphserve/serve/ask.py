@@ -98,12 +98,12 @@ def _ask(args: argparse.Namespace) -> int:
         raise ConfigError("--quantize needs --model or --random-weights (it quantizes the model's weights)")
     if args.chat and args.input == "-":
         raise ConfigError("--chat reads the questions from stdin: give the document as a file, not -")
+    started = time.perf_counter()
+    document = ingest_source(args.input)
     if args.model and not args.endpoint:  # a missing folder or an unknown Hub id fails now, not after rendering
         from glyphserve.serve.weights import resolve_model
 
         args.model = resolve_model(args.model)
-    started = time.perf_counter()
-    document = ingest_source(args.input)
     rendered = render_document(document, resolve_config(document.text, preset=args.preset, dpi=args.dpi,
                                                          newline=args.newline)).pages
     selectable = DocumentPages(document.text, rendered)

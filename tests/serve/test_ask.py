@@ -231,3 +231,12 @@ def test_ask_without_a_model_on_a_scan_says_what_would_read_it(tmp_path, capsys)
     assert main(["ask", str(tmp_path / "scan.pdf"), "What does it say?"]) == 2
     err = capsys.readouterr().err
     assert "no text layer" in err and "--model" in err and "document:" not in err
+
+
+def test_ask_with_a_model_that_is_not_there_fails_before_rendering(story, tmp_path, capsys, monkeypatch):
+    def render_document(*args, **kwargs):
+        raise AssertionError("rendered before the model was checked")
+
+    monkeypatch.setattr("glyphserve.render.render_document", render_document)
+    assert main(["ask", str(story), "Who?", "--model", str(tmp_path / "no-model")]) == 2
+    assert "no such folder" in capsys.readouterr().err
