@@ -260,29 +260,46 @@ class ModelRunner:
         cos, sin = self.rotary(x.unsqueeze(0), inp.positions.unsqueeze(1))
         cos, sin = cos[0], sin[0]
         h = self._norm(x, self.first_norm, self.eps)
+        padded = self._padded_prompt(inp)
         last = len(self.layer_weights) - 1
         for li, (qkv_w, qkv_s, qkv_b, *post) in enumerate(self.layer_weights):
-            q, k, v = self._qkv(li, h, qkv_w, qkv_s, qkv_b, cos, sin, inp.slot_mapping)
+            q, k, v = self._qkv(li, h, qkv_w, qkv_s, qkv_b, cos, sin, inp.slot_mapping, padded)
             if li == last and inp.dense:
                 x = x[inp.logits_index]
                 if not x.shape[0]:  # a prompt chunk that samples nothing: its K/V was all it needed
                     return torch.empty(0, self.vocab, device=x.device, dtype=torch.float32)
                 x, h = self._post(x, self._attend_wanted(li, inp, q, k, v).reshape(x.shape[0], -1), *post, self.eps)
                 return linear(h, *self.head).float()
-            out = self._attend(li, inp, q, k, v)
+            out = self._attend(li, inp, q, k, v, padded)
             x, h = self._post(x, out.reshape(x.shape[0], -1), *post, self.eps)
         return linear(h[inp.logits_index], *self.head).float()
 
-    def _qkv(self, layer: int, h, qkv_w, qkv_s, qkv_b, cos, sin, slots):
-        """Rotated queries and keys (values as they are) of the normalised ``h``; the keys and values stored at
-        ``slots`` in the pool."""
-        return rotate_and_store(linear(h, qkv_w, qkv_s, qkv_b), cos, sin, self.k[layer], self.v[layer], slots,
-                                self.n_heads, self.kv_heads, self.head_dim)
+    def _padded_prompt(self, inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For a step that is one prompt's first chunk, where prompts are padded (CUDA): its queries', keys' and
+        values' tensors [n padded to ``prompt_pad``, heads, d], their padding rows zero, which every layer's
+        rotation writes into (``rotate_and_store``'s ``out``) and SDPA reads as they are. Padding each layer's q,
+        k and v with ``F.pad`` filled and copied all three: 117 fills and as many copies of a W200 prompt's first
+        token on an H200 (profile-h200-s15.md)."""
+        if self.prompt_pad == 1 or inp.paged_tokens or len(inp.dense) != 1 or inp.dense[0].start:
+            return None
+        n = inp.dense[0].n
+        rows = -(-n // self.prompt_pad) * self.prompt_pad
+        out = tuple(torch.empty(rows, heads, self.head_dim, device=self.device, dtype=self.dtype)
+                    for heads in (self.n_heads, self.kv_heads, self.kv_heads))
+        for t in out:
+            t[n:].zero_()  # finite: a padding key's value times a zero weight must stay zero
+        return out
 
-    def _attend(self, layer: int, inp: StepInputs, q, k, v) -> torch.Tensor:
+    def _qkv(self, layer: int, h, qkv_w, qkv_s, qkv_b, cos, sin, slots, out=None):
+        """Rotated queries and keys (values as they are) of the normalised ``h``; the keys and values stored at
+        ``slots`` in the pool (with ``out``, q, k and v written into its tensors: ``_padded_prompt``)."""
+        return rotate_and_store(linear(h, qkv_w, qkv_s, qkv_b), cos, sin, self.k[layer], self.v[layer], slots,
+                                self.n_heads, self.kv_heads, self.head_dim, out)
+
+    def _attend(self, layer: int, inp: StepInputs, q, k, v, padded=None) -> torch.Tensor:
         p = inp.paged_tokens
         if not p and len(inp.dense) == 1 and inp.dense[0].n == q.shape[0]:  # one prompt's chunk: its output as is
-            return self._attend_dense(layer, inp.dense[0], q, k, v)
+            return self._attend_dense(layer, inp.dense[0], q, k, v, padded=padded)
         out = torch.empty_like(q)
         if p:
             self._attend_paged(layer, inp, q, out[:p])
@@ -308,13 +325,14 @@ class ModelRunner:
                 parts.append(self._attend_dense(layer, c, q, k, v, last_row=True))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _attend_dense(self, layer: int, c: DenseChunk, q, k, v, last_row: bool = False) -> torch.Tensor:
+    def _attend_dense(self, layer: int, c: DenseChunk, q, k, v, last_row: bool = False,
+                      padded=None) -> torch.Tensor:
         """SDPA over a long chunk: [n, heads, head_dim] (with ``last_row``, its last row's only: [1, heads,
         head_dim], which sees every key, so no mask). The K/V heads are shared by query-head groups inside the
         kernel (``enable_gqa``), not repeated per query head first: the repeats were two strided copies of 16x the
         chunk's K/V a layer (with the output's copy, 155 copy launches and 22.6 ms of a W200 question's first token
         on an H200, profile-h200-s12-row-kernel.md). A prompt's first chunk is padded to a multiple of
-        ``prompt_pad`` (CUDA: ``PROMPT_PAD_TOKENS``, see there)."""
+        ``prompt_pad`` (CUDA: ``PROMPT_PAD_TOKENS``, see there): ``padded`` holds its q, k and v so."""
         if c.start == 0:
             keys, values = k[c.offset : c.offset + c.n], v[c.offset : c.offset + c.n]
         else:
@@ -329,8 +347,11 @@ class ModelRunner:
         # Padded, or made contiguous: cuDNN's plans are per strides too (the values are a strided view of the
         # fused projection's output), and the plans built at load are for contiguous inputs.
         pad = -c.n % self.prompt_pad
-        queries, keys, values = (F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t.contiguous()
-                                 for t in (queries, keys, values))
+        if padded is not None:
+            queries, keys, values = padded
+        else:
+            queries, keys, values = (F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t.contiguous()
+                                     for t in (queries, keys, values))
         return self._sdpa(queries, keys, values, causal=True)[: c.n]
 
     def _sdpa(self, q, k, v, causal: bool = False, mask=None) -> torch.Tensor:

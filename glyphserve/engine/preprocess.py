@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from glyphserve.engine.resize import BICUBIC, resize_bicubic
+from glyphserve.engine.resize import BICUBIC, resize_bicubic, triton_available
 from glyphserve.engine.types import EncodedPage, Page
 from glyphserve.errors import ConfigError, GlyphserveError
 from glyphserve.glm4v import smart_resize
@@ -187,12 +187,24 @@ class PagePreprocessor:
 
     def patchify(self, pages: list[torch.Tensor]) -> torch.Tensor:
         """Device uint8 pages (HxWx3, as uploaded) to patches: resized to the processor's size, normalised and
-        patchified, pages of one shape together."""
+        patchified, pages of one shape together (on CUDA each shape's pages in two Triton launches a resize pass
+        and one for the rest: ``pixel_kernels``)."""
         p, m, t = self.params.patch_size, self.params.merge_size, self.params.temporal_patch_size
-        chunks: list[torch.Tensor | None] = [None] * len(pages)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, page in enumerate(pages):
             by_shape.setdefault(tuple(page.shape[:2]), []).append(i)
+        if self.device.type == "cuda" and triton_available():
+            from glyphserve.engine.pixel_kernels import patchify
+
+            grids = [self.params.grid(*page.shape[:2]) for page in pages]
+            starts = np.cumsum([0] + [gh * gw for _, gh, gw in grids])
+            out = torch.empty((int(starts[-1]), 3 * t * p * p), dtype=self.dtype, device=self.device)
+            for shape, idx in by_shape.items():
+                batch = resize_bicubic(torch.stack([pages[i] for i in idx]), *self.params.resized_shape(*shape))
+                rows = torch.tensor(starts[idx], dtype=torch.int64).to(self.device, non_blocking=True)
+                patchify(batch, self.lut, out, rows, p, m, t)
+            return out
+        chunks: list[torch.Tensor | None] = [None] * len(pages)
         for shape, idx in by_shape.items():
             height, width = self.params.resized_shape(*shape)
             batch = resize_bicubic(torch.stack([pages[i] for i in idx]), height, width)

@@ -65,14 +65,25 @@ def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=64)
-def _device_coefficients(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _device_coefficients(in_size: int, out_size: int, device: torch.device,
+                         index_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
     index, weight = _coefficients(in_size, out_size)
-    return torch.from_numpy(index).to(device), torch.from_numpy(weight).to(device)
+    return torch.from_numpy(index).to(device, index_dtype), torch.from_numpy(weight).to(device)
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _resize_rows(x: torch.Tensor, out_size: int) -> torch.Tensor:
     """One pass along the rows (dim -3) of int32 pages holding 0..255; the result is clipped to 0..255 like
-    Pillow's 8-bit intermediate. Each tap gathers whole rows, contiguous in memory."""
+    Pillow's 8-bit intermediate. Each tap gathers whole rows, contiguous in memory. (On CUDA a pass is one Triton
+    launch on the uint8 pages instead: ``_resample``.)"""
     index, weight = _device_coefficients(x.shape[-3], out_size, x.device)
     acc = torch.full((), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
     for t in range(index.shape[1]):
@@ -86,6 +97,20 @@ def _resize_columns(x: torch.Tensor, out_size: int) -> torch.Tensor:
     return _resize_rows(x.transpose(-3, -2).contiguous(), out_size).transpose(-3, -2)
 
 
+def _resample(pages: torch.Tensor, out_size: int, dim: int) -> torch.Tensor:
+    """One pass of uint8 pages [..., H, W, C] along ``dim`` (-3: rows, -2: columns) through the Triton kernel
+    (CUDA): the pages seen as [outer, size along dim, inner] with the inner elements contiguous."""
+    from glyphserve.engine.pixel_kernels import resample
+
+    index, weight = _device_coefficients(pages.shape[dim], out_size, pages.device, torch.int32)
+    shape = list(pages.shape)
+    outer = int(np.prod(shape[:dim]))
+    inner = int(np.prod(shape[dim + 1 :]))
+    out = resample(pages.reshape(outer, shape[dim], inner), index, weight, PRECISION_BITS)
+    shape[dim] = out_size
+    return out.view(shape)
+
+
 def resize_bicubic(pages: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """uint8 pages [..., H, W, C] resized to [..., height, width, C] exactly as Pillow's
     ``Image.resize((width, height), Image.BICUBIC)`` on each page, on the pages' device."""
@@ -95,6 +120,15 @@ def resize_bicubic(pages: torch.Tensor, height: int, width: int) -> torch.Tensor
         raise ValueError(f"cannot resize to {height}x{width}")
     in_height, in_width = pages.shape[-3], pages.shape[-2]
     if (in_height, in_width) == (height, width):
+        return pages
+    if pages.is_cuda and triton_available():
+        pages = pages.contiguous()
+        if in_height > in_width * _TALL and height < in_height:
+            return _resample(_resample(pages, height, -3), width, -2)
+        if width != in_width:
+            pages = _resample(pages, width, -2)
+        if height != in_height:
+            pages = _resample(pages, height, -3)
         return pages
     x = pages.to(torch.int32)
     if in_height > in_width * _TALL and height < in_height:

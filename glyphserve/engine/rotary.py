@@ -35,30 +35,40 @@ def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int
 
 
 def rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int, kv_heads: int, head_dim: int):
+                     v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int, kv_heads: int, head_dim: int,
+                     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
     """``rotate``, and token ``i``'s key and value written to pool slot ``slots[i]`` of ``k_cache``/``v_cache``
-    ([blocks, block_size, KV, d], contiguous). No host synchronisation (CUDA graphs capture it)."""
+    ([blocks, block_size, KV, d], contiguous). With ``out`` (contiguous [R >= T, heads, d] for q, k and v) the
+    queries, keys and values are written into its first T rows (the values copied too) and views of those rows
+    returned. No host synchronisation (CUDA graphs capture it)."""
     if qkv.is_cuda and triton is not None:
-        return _rotate_and_store_cuda(qkv, cos, sin, k_cache, v_cache, slots, n_heads, kv_heads, head_dim)
+        return _rotate_and_store_cuda(qkv, cos, sin, k_cache, v_cache, slots, n_heads, kv_heads, head_dim, out)
     q, k, v = rotate(qkv, cos, sin, n_heads, kv_heads, head_dim)
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
-    return q, k, v
+    if out is None:
+        return q, k, v
+    for dst, src in zip(out, (q, k, v)):
+        dst[: src.shape[0]] = src
+    return tuple(dst[: q.shape[0]] for dst in out)
 
 
-def _rotate_and_store_cuda(qkv, cos, sin, k_cache, v_cache, slots, n_heads, kv_heads, head_dim):
+def _rotate_and_store_cuda(qkv, cos, sin, k_cache, v_cache, slots, n_heads, kv_heads, head_dim, out):
     from glyphserve.engine.rotary_kernel import launch
 
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):  # the kernel addresses slots as slot * KV * d
         raise ValueError("the KV pool's tensors must be contiguous")
     t = qkv.shape[0]
-    q = qkv.new_empty((t, n_heads, head_dim))
-    k = qkv.new_empty((t, kv_heads, head_dim))
+    if out is not None and not all(x.is_contiguous() and x.shape[0] >= t for x in out):
+        raise ValueError("rotate_and_store's out tensors must be contiguous and hold every token")
+    q, k, v = out if out is not None else (qkv.new_empty((t, n_heads, head_dim)),
+                                           qkv.new_empty((t, kv_heads, head_dim)), None)
     if t:
-        launch(qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k, k_cache, v_cache, slots, n_heads,
+        launch(qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k, v, k_cache, v_cache, slots, n_heads,
                kv_heads, head_dim, HEADS_PER_PROGRAM)
-    v = qkv[:, (n_heads + kv_heads) * head_dim :].view(t, kv_heads, head_dim)
-    return q, k, v
+    if v is None:
+        v = qkv[:, (n_heads + kv_heads) * head_dim :].view(t, kv_heads, head_dim)
+    return q[:t], k[:t], v[:t]
 
 
 def rotate_vision(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pages: int, heads: int,

@@ -39,21 +39,28 @@ def test_rotate_and_store_writes_each_token_to_its_slot():
 
 
 INTERPRETED = """
+import itertools
 import torch
 from glyphserve.engine.rotary import rotate
 from glyphserve.engine.rotary_kernel import launch
 from tests.engine.test_rotary import case
 
+shapes = [(4, 2, 16, 4), (4, 2, 12, 4), (32, 2, 16, 4), (3, 1, 8, 2)]
 for dtype in (torch.float32, torch.float16):
-    for heads, kv, dim, per_program in [(4, 2, 16, 4), (4, 2, 12, 4), (32, 2, 16, 4), (3, 1, 8, 2)]:
+    # tokens a program: 5 tokens in 5 programs, or in 2 programs, the second partial
+    for (heads, kv, dim, per_program), tokens in itertools.product(shapes, (1, 3)):
         qkv, cos, sin, k_cache, v_cache, slots = case(heads=heads, kv=kv, dim=dim, dtype=dtype)
-        q, k = torch.empty(5, heads, dim, dtype=dtype), torch.empty(5, kv, dim, dtype=dtype)
-        launch(qkv, cos, sin, q, k, k_cache, v_cache, slots, heads, kv, dim, per_program)
+        # into padded outputs (7 rows for 5 tokens), the values copied too where given
+        q, k, v = (torch.full((7, n, dim), -9.0, dtype=dtype) for n in (heads, kv, kv))
+        launch(qkv, cos, sin, q, k, v if tokens == 3 else None, k_cache, v_cache, slots, heads, kv, dim,
+               per_program, tokens)
         ref_q, ref_k, ref_v = rotate(qkv.float(), cos.float(), sin.float(), heads, kv, dim)
         tol = 0 if dtype == torch.float32 else 1e-3
-        for got, want in [(q, ref_q), (k, ref_k), (k_cache.view(-1, kv, dim)[slots], ref_k),
-                          (v_cache.view(-1, kv, dim)[slots], ref_v)]:
+        pairs = [(q[:5], ref_q), (k[:5], ref_k), (k_cache.view(-1, kv, dim)[slots], ref_k),
+                 (v_cache.view(-1, kv, dim)[slots], ref_v)] + [(v[:5], ref_v)] * (tokens == 3)
+        for got, want in pairs:
             assert (got.float() - want).abs().max() <= tol, (dtype, heads, kv, dim)
+        assert (q[5:] == -9).all() and (k[5:] == -9).all() and (v[5:] == -9).all()  # rows past T untouched
         others = torch.ones(k_cache.shape[0] * k_cache.shape[1], dtype=torch.bool)
         others[slots] = False
         assert not k_cache.view(-1, kv, dim)[others].any() and not v_cache.view(-1, kv, dim)[others].any()
