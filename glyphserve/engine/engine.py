@@ -391,6 +391,8 @@ class Engine:
     def _warm_up(self) -> None:
         if self.device.type != "cuda":
             return
+        # A page the processor resizes both ways: the preprocessing's Triton kernels compile here, not in a question.
+        self.preprocessor([np.full((842, 595, 3), 255, dtype=np.uint8)])
         if self.compiled_vision:
             for height, width in self.config.warmup_page_shapes or ((224, 224),):
                 page = np.full((height, width, 3), 255, dtype=np.uint8)

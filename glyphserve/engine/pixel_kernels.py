@@ -21,9 +21,11 @@ import triton.language as tl
 BLOCK = 1024  # output subpixels a resample program writes
 
 
-@triton.jit
-def _resample_kernel(src_ptr, dst_ptr, index_ptr, weight_ptr, S_IN, S_OUT, E,
-                     KSIZE: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr):
+# Sizes and the tap count are not specialised on: Triton compiles a variant for each integer argument's divisibility
+# by 16 (and for 1), and pages of a new size would meet a compilation (2.5 s on an H200) in a user's question.
+@triton.jit(do_not_specialize=["S_IN", "S_OUT", "E", "KSIZE"])
+def _resample_kernel(src_ptr, dst_ptr, index_ptr, weight_ptr, S_IN, S_OUT, E, KSIZE,
+                     PRECISION: tl.constexpr, BLOCK: tl.constexpr):
     """dst[o, s, e] = clip((2**(PRECISION-1) + sum_t src[o, index[s, t], e] * weight[s, t]) >> PRECISION)."""
     o = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -47,11 +49,11 @@ def resample(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, preci
     dst = torch.empty((o, s_out, e), dtype=torch.uint8, device=src.device)
     if o and s_out * e:
         _resample_kernel[(triton.cdiv(s_out * e, BLOCK), o)](
-            src.contiguous(), dst, index, weight, s_in, s_out, e, KSIZE=ksize, PRECISION=precision, BLOCK=BLOCK)
+            src.contiguous(), dst, index, weight, s_in, s_out, e, ksize, PRECISION=precision, BLOCK=BLOCK)
     return dst
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W", "GW"])
 def _patchify_kernel(page_ptr, lut_ptr, rows_ptr, out_ptr, H, W, GW,
                      P: tl.constexpr, M: tl.constexpr, T: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
     """One patch of one page: program (r, n) writes row ``rows[n] + r`` of ``out``, the processor's order within a

@@ -150,6 +150,12 @@ def _as_tensor(page: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(page)
 
 
+# Pages cross the bus through a pinned staging buffer of at most this many bytes (allocated at the first upload,
+# grown to the largest one; larger uploads go in turns): a page larger than it goes from pageable memory.
+STAGING_BYTES = 64 * 2**20
+COPY_THREADS = 4  # host threads filling the staging buffer (numpy's copy releases the GIL)
+
+
 class PagePreprocessor:
     """uint8 pages to flattened patches [sum(gh*gw), 3*T*P*P] on ``device``, in the model's dtype."""
 
@@ -163,27 +169,73 @@ class PagePreprocessor:
         self.lut = torch.from_numpy(params.lookup_table()).to(device)
         self.channel_index = torch.arange(3, device=device).view(1, 3, 1, 1)
         self.copy_stream = torch.cuda.Stream(device) if side_stream and device.type == "cuda" else None
+        self._staging: torch.Tensor | None = None  # pinned host bytes
+        self._staged: torch.cuda.Event | None = None  # the last copy out of the staging buffer
+        self._copiers: ThreadPoolExecutor | None = None
 
     def upload(self, pages: list[Page]) -> list[torch.Tensor]:
-        """Decode encoded pages and move the uint8 pages, at their own size, to the device (on a side stream)."""
-        host = [_as_tensor(p) for p in decode_pages(pages)]
+        """Decode encoded pages and move the uint8 pages, at their own size, to the device (on a side stream,
+        through the staging buffer). One thread at a time (the engine's)."""
+        host = decode_pages(pages)
         if self.device.type != "cuda":
-            return host
+            return [_as_tensor(p) for p in host]
         if self.copy_stream is None:
-            return [t.to(self.device) for t in host]
+            return [_as_tensor(p).to(self.device) for p in host]
         main = torch.cuda.current_stream(self.device)
-        out = []
-        # From pageable memory, on a side stream that waits for nothing, so the driver's staged copy runs at once
-        # even while the main stream has steps queued (the host is held for the copy itself; the pages' blocks are
-        # fresh or released through record_stream). Not pinned first: pinning took 17 ms of a cold W50 question's
-        # 27 ms of preprocessing on an H200 host (6 pages, 9 MB; pinned blocks of new sizes, and copies into them).
-        with torch.cuda.stream(self.copy_stream):
-            for t in host:
-                dev = t.to(self.device, non_blocking=True)
-                dev.record_stream(main)
-                out.append(dev)
+        out: list[torch.Tensor | None] = [None] * len(host)
+        # On a side stream that waits for nothing, so the copies run at once even while the main stream has steps
+        # queued. Through a pinned buffer kept for the process, filled by a few host threads: on an H200 host
+        # W200's 24 pages (36 MB) took 4-5 ms from pageable memory (and 3.4 ms more where a read-only page was
+        # copied first), 2.5 ms so, and pinning each request's pages took longer than either (thirteenth
+        # session: new pinned blocks of new sizes).
+        batch: list[int] = []
+        for i, page in enumerate(host):
+            if page.nbytes > STAGING_BYTES:
+                out[i] = self._copy_pageable(page, main)
+                continue
+            if sum(host[j].nbytes for j in batch) + page.nbytes > STAGING_BYTES:
+                self._copy_staged(host, batch, out, main)
+                batch = []
+            batch.append(i)
+        if batch:
+            self._copy_staged(host, batch, out, main)
         main.wait_stream(self.copy_stream)
         return out
+
+    def _copy_pageable(self, page: np.ndarray, main) -> torch.Tensor:
+        with torch.cuda.stream(self.copy_stream):
+            dev = _as_tensor(page).to(self.device, non_blocking=True)
+            dev.record_stream(main)
+        return dev
+
+    def _copy_staged(self, host: list[np.ndarray], batch: list[int], out: list, main) -> None:
+        """The pages ``host[i]`` for ``i`` in ``batch`` (at most STAGING_BYTES together) into ``out[i]``."""
+        offsets = np.cumsum([0] + [host[i].nbytes for i in batch])
+        total = int(offsets[-1])
+        if self._staging is None or self._staging.numel() < total:
+            size = min(STAGING_BYTES, max(2 * total, 16 * 2**20))
+            self._staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self._staged = None
+        if self._staged is not None:
+            self._staged.synchronize()  # the copy out of it before (long done unless the batches come in turns)
+        flat = self._staging.numpy()
+
+        def put(j: int) -> None:
+            np.copyto(flat[offsets[j] : offsets[j + 1]].reshape(host[batch[j]].shape), host[batch[j]])
+
+        if len(batch) > 1:
+            if self._copiers is None:
+                self._copiers = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="glyphserve-pages")
+            list(self._copiers.map(put, range(len(batch))))
+        else:
+            put(0)
+        with torch.cuda.stream(self.copy_stream):
+            dev = self._staging[:total].to(self.device, non_blocking=True)
+            dev.record_stream(main)
+            self._staged = torch.cuda.Event()
+            self._staged.record(self.copy_stream)
+        for j, i in enumerate(batch):
+            out[i] = dev[offsets[j] : offsets[j + 1]].view(host[i].shape)
 
     def patchify(self, pages: list[torch.Tensor]) -> torch.Tensor:
         """Device uint8 pages (HxWx3, as uploaded) to patches: resized to the processor's size, normalised and

@@ -22,63 +22,50 @@ import triton.language as tl
 from glyphserve.engine.pdl import begin, pdl_enabled
 
 
-# The token count is not specialised on (a prompt's length would otherwise pick among compiled variants, one of
-# them first met by a user's question); the programs' token loop is compile-time (``tokens_per_program``).
-@triton.jit(do_not_specialize=["T"])
-def _rotate_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, T,
+@triton.jit
+def _rotate_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                          stride_qkv, stride_cos,
                          H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TOKENS: tl.constexpr, V_OUT: tl.constexpr,
-                         PDL: tl.constexpr):
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, V_OUT: tl.constexpr, PDL: tl.constexpr):
     begin(PDL)
+    t = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
+    live = (heads < H + 2 * KV)[:, None] & (dims < D)[None, :]
+    row = qkv_ptr + t.to(tl.int64) * stride_qkv + heads[:, None] * D
+    x = tl.load(row + dims[None, :], mask=live, other=0.0).to(tl.float32)
     turned = dims < ROT
+    partner = tl.load(row + (dims ^ 1)[None, :], mask=live & turned[None, :], other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + t.to(tl.int64) * stride_cos + dims, mask=turned, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t.to(tl.int64) * stride_cos + dims, mask=turned, other=0.0).to(tl.float32)
     sign = tl.where(dims % 2 == 0, -1.0, 1.0)
+    rotated = x * cos[None, :] + partner * (sign * sin)[None, :]
     is_v = (heads >= H + KV)[:, None]
+    out = tl.where(is_v | (dims >= ROT)[None, :], x, rotated).to(q_ptr.dtype.element_ty)
     q_row = heads[:, None] * D + dims[None, :]
+    tl.store(q_ptr + t.to(tl.int64) * (H * D) + q_row, out, mask=(heads < H)[:, None] & live)
+    is_k = ((heads >= H) & (heads < H + KV))[:, None] & live
     k_row = (heads - H)[:, None] * D + dims[None, :]
+    tl.store(k_ptr + t.to(tl.int64) * (KV * D) + k_row, out, mask=is_k)
+    slot = tl.load(slot_ptr + t).to(tl.int64) * (KV * D)
+    tl.store(k_cache_ptr + slot + k_row, out, mask=is_k)
     v_row = (heads - H - KV)[:, None] * D + dims[None, :]
-    for j in range(TOKENS):
-        t = tl.program_id(0) * TOKENS + j
-        live = (heads < H + 2 * KV)[:, None] & (dims < D)[None, :] & (t < T)
-        row = qkv_ptr + t.to(tl.int64) * stride_qkv + heads[:, None] * D
-        x = tl.load(row + dims[None, :], mask=live, other=0.0).to(tl.float32)
-        partner = tl.load(row + (dims ^ 1)[None, :], mask=live & turned[None, :], other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + t.to(tl.int64) * stride_cos + dims, mask=turned & (t < T), other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + t.to(tl.int64) * stride_cos + dims, mask=turned & (t < T), other=0.0).to(tl.float32)
-        rotated = x * cos[None, :] + partner * (sign * sin)[None, :]
-        out = tl.where(is_v | (dims >= ROT)[None, :], x, rotated).to(q_ptr.dtype.element_ty)
-        tl.store(q_ptr + t.to(tl.int64) * (H * D) + q_row, out, mask=(heads < H)[:, None] & live)
-        is_k = ((heads >= H) & (heads < H + KV))[:, None] & live
-        tl.store(k_ptr + t.to(tl.int64) * (KV * D) + k_row, out, mask=is_k)
-        slot = tl.load(slot_ptr + t, mask=t < T, other=0).to(tl.int64) * (KV * D)
-        tl.store(k_cache_ptr + slot + k_row, out, mask=is_k)
-        tl.store(v_cache_ptr + slot + v_row, out, mask=is_v & live)
-        if V_OUT:
-            tl.store(v_ptr + t.to(tl.int64) * (KV * D) + v_row, out, mask=is_v & live)
-
-
-def tokens_per_program(tokens: int) -> int:
-    """Tokens a rotation program handles: one while they are few (a decode step's token spread over 9 programs),
-    more for a prompt, whose hundreds of thousands of 512-value programs each paid their start-up (W200's 15k
-    tokens: 0.17 ms a layer on an H200, 2.7x the kernel's memory traffic)."""
-    return 1 if tokens < 1024 else 8
+    tl.store(v_cache_ptr + slot + v_row, out, mask=is_v & live)
+    if V_OUT:
+        tl.store(v_ptr + t.to(tl.int64) * (KV * D) + v_row, out, mask=is_v & live)
 
 
 def launch(qkv, cos, sin, q, k, v, k_cache, v_cache, slots, n_heads: int, kv_heads: int, head_dim: int,
-           heads_per_program: int, tokens: int | None = None) -> None:
+           heads_per_program: int) -> None:
     """Fill ``q`` [T, H, d], ``k`` [T, KV, d] (their first T rows) and the pool slots ``slots`` [T] of the caches
     from ``qkv`` [T, ...], and with ``v`` (else None) its first T rows with the values."""
     t = qkv.shape[0]
-    tokens = tokens or tokens_per_program(t)
-    grid = (triton.cdiv(t, tokens), triton.cdiv(n_heads + 2 * kv_heads, heads_per_program))
+    grid = (t, triton.cdiv(n_heads + 2 * kv_heads, heads_per_program))
     pdl = pdl_enabled(qkv.device)
     _rotate_store_kernel[grid](
-        qkv, cos, sin, q, k, v if v is not None else k, k_cache, v_cache, slots, t, qkv.stride(0), cos.stride(0),
+        qkv, cos, sin, q, k, v if v is not None else k, k_cache, v_cache, slots, qkv.stride(0), cos.stride(0),
         H=n_heads, KV=kv_heads, D=head_dim, ROT=cos.shape[-1], BLOCK_H=heads_per_program,
-        BLOCK_D=triton.next_power_of_2(head_dim), TOKENS=tokens, V_OUT=v is not None, PDL=pdl, num_warps=4,
-        launch_pdl=pdl,
+        BLOCK_D=triton.next_power_of_2(head_dim), V_OUT=v is not None, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
 
 

@@ -47,17 +47,15 @@ from tests.engine.test_rotary import case
 
 shapes = [(4, 2, 16, 4), (4, 2, 12, 4), (32, 2, 16, 4), (3, 1, 8, 2)]
 for dtype in (torch.float32, torch.float16):
-    # tokens a program: 5 tokens in 5 programs, or in 2 programs, the second partial
-    for (heads, kv, dim, per_program), tokens in itertools.product(shapes, (1, 3)):
+    for (heads, kv, dim, per_program), copy_values in itertools.product(shapes, (False, True)):
         qkv, cos, sin, k_cache, v_cache, slots = case(heads=heads, kv=kv, dim=dim, dtype=dtype)
         # into padded outputs (7 rows for 5 tokens), the values copied too where given
         q, k, v = (torch.full((7, n, dim), -9.0, dtype=dtype) for n in (heads, kv, kv))
-        launch(qkv, cos, sin, q, k, v if tokens == 3 else None, k_cache, v_cache, slots, heads, kv, dim,
-               per_program, tokens)
+        launch(qkv, cos, sin, q, k, v if copy_values else None, k_cache, v_cache, slots, heads, kv, dim, per_program)
         ref_q, ref_k, ref_v = rotate(qkv.float(), cos.float(), sin.float(), heads, kv, dim)
         tol = 0 if dtype == torch.float32 else 1e-3
         pairs = [(q[:5], ref_q), (k[:5], ref_k), (k_cache.view(-1, kv, dim)[slots], ref_k),
-                 (v_cache.view(-1, kv, dim)[slots], ref_v)] + [(v[:5], ref_v)] * (tokens == 3)
+                 (v_cache.view(-1, kv, dim)[slots], ref_v)] + [(v[:5], ref_v)] * copy_values
         for got, want in pairs:
             assert (got.float() - want).abs().max() <= tol, (dtype, heads, kv, dim)
         assert (q[5:] == -9).all() and (k[5:] == -9).all() and (v[5:] == -9).all()  # rows past T untouched
