@@ -41,7 +41,7 @@ class RowConfig:
 @triton.jit
 def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_iters,
                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+                GROUP: tl.constexpr, PDL: tl.constexpr):
     begin(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -55,11 +55,6 @@ def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_i
         k_mask = offs_k < K
         w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
         x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-        if GATED:  # x holds [gate, up]: the input is up * silu(gate), each rounded to x's dtype as HF rounds them
-            up = tl.load(x_ptr + K + offs_k, mask=k_mask, other=0.0)
-            gate = x.to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-            x = (up.to(tl.float32) * silu.to(tl.float32)).to(up.dtype)
         products = w.to(tl.float32) * x.to(tl.float32)[None, :]
         if GROUP > 1:  # adjacent products (one thread's) summed first: a GROUP-th of the accumulator registers
             lanes += tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_K // GROUP, GROUP)), axis=2)
@@ -90,14 +85,12 @@ def choose_row_config(n: int, k: int, weight_bytes: int) -> RowConfig:
 
 
 def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-               config: RowConfig | None = None, gated: bool = False) -> torch.Tensor:
+               config: RowConfig | None = None) -> torch.Tensor:
     """``x`` [1, K] (16-bit; fp32 under the interpreter) times ``weight`` [N, K] (16-bit, or fp8 with fp32
-    ``scale`` [N]) plus optional ``bias`` [N]: [1, N] in x's dtype. With ``gated``, ``x`` is a gated MLP's [gate,
-    up] row [1, 2K] and the product is taken with ``up * silu(gate)`` (formed as the weights stream: no launch of
-    its own). No host synchronisation; one launch."""
+    ``scale`` [N]) plus optional ``bias`` [N]: [1, N] in x's dtype. No host synchronisation; one launch."""
     n, k = weight.shape
-    if x.shape != (1, 2 * k if gated else k):
-        raise ValueError(f"row_matmul takes one row of {2 * k if gated else k} inputs, got {tuple(x.shape)}")
+    if x.shape != (1, k):
+        raise ValueError(f"row_matmul takes one row of {k} inputs, got {tuple(x.shape)}")
     if n * max(k, weight.stride(0)) >= 2**31:  # the kernel's offsets are 32-bit (GLM-4.1V's head: 6.2e8 elements)
         raise ValueError(f"row_matmul takes weights of fewer than 2**31 elements, got {n} x {k}")
     if x.stride(1) != 1:
@@ -110,7 +103,7 @@ def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     _row_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, scale if scale is not None else x, bias if bias is not None else x, out, n, k, weight.stride(0),
         triton.cdiv(k, config.block_k), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP=config.lane_group, GATED=gated, PDL=pdl,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP=config.lane_group, PDL=pdl,
         num_warps=config.num_warps, num_stages=1,
         launch_pdl=pdl,
     )

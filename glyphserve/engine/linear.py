@@ -1,6 +1,5 @@
 """The language model's linear layers as the model runner calls them: ``linear`` takes 16-bit weights, or FP8
-weights with their per-output-channel scales; ``gated_linear`` is the gated MLP's down projection of ``up *
-silu(gate)``, which at one row on CUDA forms that product inside the weight stream.
+weights with their per-output-channel scales.
 
 16-bit weights go through ``dense_linear``: one row of activations on CUDA (a decode step of one sequence, the head
 after a prompt) through the weight-streaming kernel of ``gemv_kernel``, everything else through ``F.linear``
@@ -21,31 +20,6 @@ from glyphserve.engine.fp8 import fp8_linear
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None = None) -> Tensor:
     """``dense_linear``, or with a ``scale`` the FP8 weight-only op (``weight`` e4m3, per-output-channel scales)."""
     return dense_linear(x, weight, bias) if scale is None else fp8_linear(x, weight, scale, bias)
-
-
-def gated_linear(gate_up: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
-    """``linear(up * silu(gate), weight, scale)`` of a gated MLP's fused projection ``gate_up`` [..., 2K]. One row on
-    CUDA (16-bit activations): one launch of the weight-streaming kernel, which forms the product as it reads the
-    row (a decode step launched an elementwise kernel for it a layer: ~1.3-3 us each on an H200, 40 a step).
-    Otherwise the product, then ``linear`` (under torch.compile the product fuses with what comes before)."""
-    if (gate_up.is_cuda and gate_up.dim() == 2 and gate_up.shape[0] == 1
-            and gate_up.dtype in (torch.bfloat16, torch.float16) and (scale is not None or weight.dtype == gate_up.dtype)):
-        return gated_row_linear(gate_up, weight, scale)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return linear(up * F.silu(gate), weight, scale)
-
-
-@torch.library.custom_op("glyphserve::gated_row_linear", mutates_args=())
-def gated_row_linear(gate_up: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    """``gated_linear`` of one row [1, 2K] on CUDA through ``gemv_kernel.row_matmul``: [1, out]."""
-    from glyphserve.engine.gemv_kernel import row_matmul
-
-    return row_matmul(gate_up, weight, scale, None, gated=True)
-
-
-@gated_row_linear.register_fake
-def _(gate_up: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    return gate_up.new_empty((gate_up.shape[0], weight.shape[0]))
 
 
 # A custom op, opaque to torch.compile: the kernel is launched by Triton's own runtime, which specialises it on

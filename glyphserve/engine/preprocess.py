@@ -134,6 +134,8 @@ def try_decode(pages: list[Page]) -> list[np.ndarray | GlyphserveError]:
         except GlyphserveError as exc:
             return exc
 
+    if not any(isinstance(p, EncodedPage) for p in pages):  # nothing to decode: no threads to start
+        return list(pages)
     return _parallel(one, pages)
 
 
