@@ -5,9 +5,10 @@ pages of one shape.
 The torch versions (``resize._resize_rows``, ``PagePreprocessor.patchify`` off CUDA) are a sequence of whole-tensor
 operations: a pass of the resize is ``ksize`` gathers, products and sums over the pages as int32 (4 bytes a
 subpixel, 5 taps a pass for the renderer's pages), the lookup indexes a float32 table with int64 pixel values and
-the layout copies the float32 result twice. On an H200 a W200 question's 24 pages spent 6.8 ms there (1.3 ms a
-pass for one shape's pages; seventeenth session, ``scratch`` probe) against ~0.1 ms of memory traffic here. Same
-integer arithmetic and the same table values, so the results are equal bit for bit.
+the layout copies the float32 result twice. On an H200 a W200 question's 24 pages (three widths) took 6.8 ms from
+uint8 to patches that way and 0.9-1.4 ms with these kernels (one shape's resize 1.28 -> 0.16-0.25 ms;
+docs/benchmarks/experiments-h200-s17.json). Same integer arithmetic and the same table values, so the results are
+equal bit for bit.
 
 Imported lazily (Triton is needed only on CUDA; the tests run the kernels under Triton's interpreter).
 """

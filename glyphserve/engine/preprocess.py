@@ -2,10 +2,11 @@
 
 The HF processor resizes (PIL bicubic, identity when both sides are already multiples of 28 and the area is
 within bounds), rescales in float64, casts to float32, normalises in float32 and patchifies. Everything after
-decoding runs on the device: the uint8 page crosses the bus at its original size (on a side stream),
-is resized there by ``resize.resize_bicubic`` (Pillow's integer arithmetic, bit for bit), and rescale and
-normalise, which depend only on the 8-bit value and the channel, become a 3x256 lookup table computed with the
-same numpy operations as HF's.
+decoding runs on the device: the uint8 page crosses the bus at its original size (on a side stream, through a
+pinned staging buffer), is resized there by ``resize.resize_bicubic`` (Pillow's integer arithmetic, bit for bit),
+and rescale and normalise, which depend only on the 8-bit value and the channel, become a 3x256 lookup table
+computed with the same numpy operations as HF's. On CUDA the resize passes and the lookup with the patch layout are
+Triton kernels (``pixel_kernels``).
 """
 
 from __future__ import annotations

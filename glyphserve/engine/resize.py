@@ -10,7 +10,8 @@ and a page more than 100 times taller than wide that shrinks in height is resize
 
 Here the weights come from the same double-precision formulas in numpy (identical IEEE operations, same order), and
 a pass is ``ksize`` gathers of whole rows (columns: of the transposed pages), each multiplied by its integer weight
-and summed in int32: the result equals Pillow's exactly on any device.
+and summed in int32: the result equals Pillow's exactly on any device. On CUDA a pass is one Triton launch on the
+uint8 pages with the same arithmetic (``pixel_kernels.resample``).
 """
 
 from __future__ import annotations
