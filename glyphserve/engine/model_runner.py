@@ -280,7 +280,8 @@ class ModelRunner:
         rotation writes into (``rotate_and_store``'s ``out``) and SDPA reads as they are. Padding each layer's q,
         k and v with ``F.pad`` filled and copied all three: 117 fills and as many copies of a W200 prompt's first
         token on an H200 (profile-h200-s15.md)."""
-        if self.prompt_pad == 1 or inp.paged_tokens or len(inp.dense) != 1 or inp.dense[0].start:
+        if (self.prompt_pad == 1 or inp.paged_tokens or len(inp.dense) != 1 or inp.dense[0].start
+                or inp.dense[0].n != inp.embeds.shape[0]):
             return None
         n = inp.dense[0].n
         rows = -(-n // self.prompt_pad) * self.prompt_pad

@@ -24,18 +24,21 @@ BLOCK = 1024  # output subpixels a resample program writes
 
 # Sizes and the tap count are not specialised on: Triton compiles a variant for each integer argument's divisibility
 # by 16 (and for 1), and pages of a new size would meet a compilation (2.5 s on an H200) in a user's question.
-@triton.jit(do_not_specialize=["S_IN", "S_OUT", "E", "KSIZE"])
-def _resample_kernel(src_ptr, dst_ptr, index_ptr, weight_ptr, S_IN, S_OUT, E, KSIZE,
+@triton.jit(do_not_specialize=["S_IN", "S_OUT", "E", "KSIZE", "BLOCKS"])
+def _resample_kernel(src_ptr, dst_ptr, index_ptr, weight_ptr, S_IN, S_OUT, E, KSIZE, BLOCKS,
                      PRECISION: tl.constexpr, BLOCK: tl.constexpr):
-    """dst[o, s, e] = clip((2**(PRECISION-1) + sum_t src[o, index[s, t], e] * weight[s, t]) >> PRECISION)."""
-    o = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """dst[o, s, e] = clip((2**(PRECISION-1) + sum_t src[o, index[s, t], e] * weight[s, t]) >> PRECISION); program
+    ``o * BLOCKS + b`` writes block ``b`` of ``dst[o]`` (one grid axis: the second and third hold 65,535 programs,
+    fewer than the rows of a step's pages; offsets in int64: a page may pass 2**31 subpixels)."""
+    pid = tl.program_id(0).to(tl.int64)
+    o = pid // BLOCKS
+    offs = (pid % BLOCKS) * BLOCK + tl.arange(0, BLOCK)
     live = offs < S_OUT * E
     s = offs // E
     e = offs % E
     acc = tl.full((BLOCK,), 1 << (PRECISION - 1), tl.int32)
     for t in range(KSIZE):
-        idx = tl.load(index_ptr + s * KSIZE + t, mask=live, other=0)
+        idx = tl.load(index_ptr + s * KSIZE + t, mask=live, other=0).to(tl.int64)
         w = tl.load(weight_ptr + s * KSIZE + t, mask=live, other=0)
         acc += tl.load(src_ptr + o * S_IN * E + idx * E + e, mask=live, other=0).to(tl.int32) * w
     out = tl.minimum(tl.maximum(acc >> PRECISION, 0), 255)
@@ -48,9 +51,10 @@ def resample(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, preci
     o, s_in, e = src.shape
     s_out, ksize = index.shape
     dst = torch.empty((o, s_out, e), dtype=torch.uint8, device=src.device)
-    if o and s_out * e:
-        _resample_kernel[(triton.cdiv(s_out * e, BLOCK), o)](
-            src.contiguous(), dst, index, weight, s_in, s_out, e, ksize, PRECISION=precision, BLOCK=BLOCK)
+    blocks = triton.cdiv(s_out * e, BLOCK)
+    if o and blocks:
+        _resample_kernel[(o * blocks,)](src.contiguous(), dst, index, weight, s_in, s_out, e, ksize, blocks,
+                                        PRECISION=precision, BLOCK=BLOCK)
     return dst
 
 

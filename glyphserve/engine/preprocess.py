@@ -153,8 +153,9 @@ def _as_tensor(page: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(page)
 
 
-# Pages cross the bus through a pinned staging buffer of at most this many bytes (allocated at the first upload,
-# grown to the largest one; larger uploads go in turns): a page larger than it goes from pageable memory.
+# Pages cross the bus through a pinned staging buffer of at most this many bytes (allocated at the first upload:
+# 16 MiB, or twice the upload; reallocated so when a later upload is larger; uploads past it go in turns): a page
+# larger than it goes from pageable memory.
 STAGING_BYTES = 64 * 2**20
 COPY_THREADS = 4  # host threads filling the staging buffer (numpy's copy releases the GIL)
 
@@ -242,8 +243,8 @@ class PagePreprocessor:
 
     def patchify(self, pages: list[torch.Tensor]) -> torch.Tensor:
         """Device uint8 pages (HxWx3, as uploaded) to patches: resized to the processor's size, normalised and
-        patchified, pages of one shape together (on CUDA each shape's pages in two Triton launches a resize pass
-        and one for the rest: ``pixel_kernels``)."""
+        patchified, pages of one shape together (on CUDA each shape's pages in Triton launches: one a resize pass
+        that changes a side, one for the lookup and the patch layout: ``pixel_kernels``)."""
         p, m, t = self.params.patch_size, self.params.merge_size, self.params.temporal_patch_size
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, page in enumerate(pages):

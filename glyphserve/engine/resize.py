@@ -107,9 +107,27 @@ def _resample(pages: torch.Tensor, out_size: int, dim: int) -> torch.Tensor:
     shape = list(pages.shape)
     outer = int(np.prod(shape[:dim]))
     inner = int(np.prod(shape[dim + 1 :]))
-    out = resample(pages.reshape(outer, shape[dim], inner), index, weight, PRECISION_BITS)
+    out = resample(pages.contiguous().reshape(outer, shape[dim], inner), index, weight, PRECISION_BITS)
     shape[dim] = out_size
     return out.view(shape)
+
+
+def _torch_pass(x: torch.Tensor, out_size: int, dim: int) -> torch.Tensor:
+    return _resize_rows(x, out_size) if dim == -3 else _resize_columns(x, out_size)
+
+
+def _passes(x: torch.Tensor, height: int, width: int, one_pass) -> torch.Tensor:
+    """Pillow's passes over pages [..., H, W, C] in its order, each by ``one_pass(x, size, dim)``: width, then
+    height, except for a page over 100 times taller than wide whose height shrinks; a pass whose size stays is
+    skipped."""
+    in_height, in_width = x.shape[-3], x.shape[-2]
+    if in_height > in_width * _TALL and height < in_height:
+        return one_pass(one_pass(x, height, -3), width, -2)
+    if width != in_width:
+        x = one_pass(x, width, -2)
+    if height != in_height:
+        x = one_pass(x, height, -3)
+    return x
 
 
 def resize_bicubic(pages: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -119,23 +137,8 @@ def resize_bicubic(pages: torch.Tensor, height: int, width: int) -> torch.Tensor
         raise ValueError(f"expected uint8 pages [..., H, W, C], got {pages.dtype} of shape {tuple(pages.shape)}")
     if height < 1 or width < 1:
         raise ValueError(f"cannot resize to {height}x{width}")
-    in_height, in_width = pages.shape[-3], pages.shape[-2]
-    if (in_height, in_width) == (height, width):
+    if tuple(pages.shape[-3:-1]) == (height, width):
         return pages
     if pages.is_cuda and triton_available():
-        pages = pages.contiguous()
-        if in_height > in_width * _TALL and height < in_height:
-            return _resample(_resample(pages, height, -3), width, -2)
-        if width != in_width:
-            pages = _resample(pages, width, -2)
-        if height != in_height:
-            pages = _resample(pages, height, -3)
-        return pages
-    x = pages.to(torch.int32)
-    if in_height > in_width * _TALL and height < in_height:
-        return _resize_columns(_resize_rows(x, height), width).to(torch.uint8).contiguous()
-    if width != in_width:
-        x = _resize_columns(x, width)
-    if height != in_height:
-        x = _resize_rows(x, height)
-    return x.to(torch.uint8).contiguous()
+        return _passes(pages, height, width, _resample).contiguous()
+    return _passes(pages.to(torch.int32), height, width, _torch_pass).to(torch.uint8).contiguous()

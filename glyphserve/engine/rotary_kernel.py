@@ -4,8 +4,8 @@
 ``rotate_and_store``: a program loads its heads' rows of the fused projection (each head's ``d`` values
 contiguous, ``d`` padded to a power of two) and, for the rotated dimensions, each value's pair partner
 (``j ^ 1``); computes ``x * cos + rotate_half_llm(x) * sin`` in fp32 for the rotated dimensions of query and key
-heads (the others and value heads pass through as loaded); writes queries and keys out, and keys and values to
-the token's pool slot.
+heads (the others and value heads pass through as loaded); writes queries and keys out (and the values, where a
+tensor for them is given: a prompt's padded q/k/v), and keys and values to the token's pool slot.
 
 ``rotate_vision``: a program loads its heads' query and key rows of a vision block's fused projection, rotates
 them over all ``d`` dimensions in halves (``rotate_half``: x[j] pairs with x[(j + d/2) % d]) in fp32, and writes

@@ -55,15 +55,19 @@ def test_cold_request_static_cache_decode_matches_generate(load_engine, referenc
     assert answer.cache.vision_misses == 3 and answer.cache.prefix_reused_tokens == 0
 
 
-@pytest.mark.parametrize("pad", [PROMPT_PAD_TOKENS, 7])
+@pytest.mark.parametrize("pad", [PROMPT_PAD_TOKENS, 7, "the prompt's length"])
 def test_a_prompt_padded_for_attention_answers_exactly(load_engine, reference, pages, pad):
-    """A prompt's first chunk padded at its end for SDPA (on CUDA, so cuDNN plans a few lengths only) changes
-    nothing: the padding keys come after every real query."""
+    """A prompt's first chunk padded at its end for SDPA (on CUDA, so cuDNN plans a few lengths only; its q, k and
+    v rotated into padded tensors) changes nothing: the padding keys come after every real query. A prompt whose
+    length is a multiple of the padding fills its tensors exactly."""
     engine = load_engine(graph_prefill=False)  # the prompt through the eager pass, where it is padded
-    engine.runner.prompt_pad = pad
     expected, _ = reference.generate(pages, "Who is the wolf?", max_new_tokens=N, ignore_eos=True)
+    if pad == "the prompt's length":
+        pad = engine.answer(request(pages, "Who is the wolf?")).prompt_tokens
+        engine.clear_caches()
+    engine.runner.prompt_pad = pad
     answer = engine.answer(request(pages, "Who is the wolf?"))
-    assert answer.token_ids == expected and answer.prompt_tokens % pad
+    assert answer.token_ids == expected and bool(answer.prompt_tokens % pad) == (pad != answer.prompt_tokens)
 
 
 def test_encoded_pages_answer_like_their_pixels(load_engine, reference, pages):
