@@ -33,7 +33,7 @@ def _resample_kernel(src_ptr, dst_ptr, index_ptr, weight_ptr, S_IN, S_OUT, E, KS
     pid = tl.program_id(0).to(tl.int64)
     o = pid // BLOCKS
     offs = (pid % BLOCKS) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < S_OUT * E
+    live = offs < S_OUT.to(tl.int64) * E
     s = offs // E
     e = offs % E
     acc = tl.full((BLOCK,), 1 << (PRECISION - 1), tl.int32)
