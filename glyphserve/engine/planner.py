@@ -31,33 +31,34 @@ POSITION_HEADS = 64  # document prefixes whose positions are kept
 
 
 def check_settings(s: GenerationSettings, vocab: int) -> None:
-    """vLLM's rules for sampling parameters; a ConfigError names the first one that cannot be honoured."""
-    def bad(message: str) -> None:
-        raise ConfigError(message)
+    """vLLM's rules for sampling parameters; a ConfigError names the first one that cannot be honoured (its
+    ``param``: the API's error body names the field)."""
+    def bad(param: str, message: str) -> None:
+        raise ConfigError(f"{param} {message}", param=param)
 
     if not isinstance(s.max_tokens, int) or s.max_tokens < 1:
-        bad("max_tokens must be at least 1")
+        bad("max_tokens", "must be at least 1")
     if not math.isfinite(s.temperature) or s.temperature < 0:
-        bad("temperature must be a finite number >= 0")
+        bad("temperature", "must be a finite number >= 0")
     if not math.isfinite(s.top_p) or not 0 < s.top_p <= 1:
-        bad("top_p must be in (0, 1]")
+        bad("top_p", "must be in (0, 1]")
     if s.top_k < 0:
-        bad("top_k must be >= 0 (0 keeps every token)")
+        bad("top_k", "must be >= 0 (0 keeps every token)")
     if not math.isfinite(s.min_p) or not 0 <= s.min_p <= 1:
-        bad("min_p must be in [0, 1]")
+        bad("min_p", "must be in [0, 1]")
     low, high = REPETITION_PENALTY_RANGE
     if not math.isfinite(s.repetition_penalty) or not low <= s.repetition_penalty <= high:
-        bad(f"repetition_penalty must be in [{low:g}, {high:g}] (1: none)")
+        bad("repetition_penalty", f"must be in [{low:g}, {high:g}] (1: none)")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(s, name)
         if not math.isfinite(value) or not -2 <= value <= 2:
-            bad(f"{name} must be in [-2, 2]")
+            bad(name, "must be in [-2, 2]")
     if s.logprobs is not None and not 0 <= s.logprobs <= MAX_LOGPROBS:
-        bad(f"logprobs must be between 0 and {MAX_LOGPROBS}")
+        bad("logprobs", f"must be between 0 and {MAX_LOGPROBS}")
     if s.seed is not None and not -(2**63) <= s.seed < 2**64:
-        bad("seed must be a 64-bit integer")
+        bad("seed", "must be a 64-bit integer")
     if any(not 0 <= t < vocab for t in s.stop_token_ids):
-        bad(f"stop_token_ids must be token ids from 0 to {vocab - 1}")
+        bad("stop_token_ids", f"must be token ids from 0 to {vocab - 1}")
 
 
 class Planner:

@@ -41,7 +41,7 @@ def read_images(urls: list[str], limits: ImageLimits) -> list[EncodedPage]:
     if len(urls) > limits.max_images:
         raise ImageLimitError(
             f"the request holds {len(urls)} images, over this server's limit of {limits.max_images} "
-            "(--max-images)"
+            "(--max-images)", param="messages"
         )
     pages, total = [], 0
     for number, url in enumerate(urls, 1):
@@ -50,7 +50,7 @@ def read_images(urls: list[str], limits: ImageLimits) -> list[EncodedPage]:
         if total > limits.max_decoded_bytes:
             raise ImageLimitError(
                 f"the request's images would decode to more than {limits.max_decoded_bytes / 2**20:g} MiB of pixels, "
-                "this server's limit (--max-image-mb)"
+                "this server's limit (--max-image-mb)", param="messages"
             )
         pages.append(page)
     for number, page in enumerate(pages, 1):
@@ -76,7 +76,8 @@ class _Decodable:
             with Image.open(io.BytesIO(page.data), formats=FORMATS) as image:
                 image.load()
         except Exception:  # truncated or corrupt pixel data behind a readable header
-            raise InvalidRequestError(f"image {number} is damaged: its pixels cannot be decoded") from None
+            raise InvalidRequestError(f"image {number} is damaged: its pixels cannot be decoded",
+                                      param="messages") from None
         with self._lock:
             self._keys[key] = None
             while len(self._keys) > self.size:
@@ -90,27 +91,28 @@ def read_image(url: str, number: int = 1, max_pixels: int = ImageLimits.max_pixe
     """Image ``number`` of a request from a ``data:image/...;base64,`` URL, its header read, nothing decoded."""
     if not url.startswith("data:"):
         raise InvalidRequestError(
-            "image_url must be a data: URL (data:image/png;base64,...); this server never fetches URLs or opens paths"
-        )
+            "image_url must be a data: URL (data:image/png;base64,...); this server never fetches URLs or opens paths",
+            param="messages")
     header, _, payload = url.partition(",")
     if ";base64" not in header or not header[5:].startswith("image/"):
-        raise InvalidRequestError("image_url data URLs must be base64-encoded images (data:image/png;base64,...)")
+        raise InvalidRequestError("image_url data URLs must be base64-encoded images (data:image/png;base64,...)",
+                                  param="messages")
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequestError(f"image {number} holds invalid base64") from None
+        raise InvalidRequestError(f"image {number} holds invalid base64", param="messages") from None
     limit = f"this server's limit of {max_pixels / 1e6:g} megapixels per image (--max-image-mpx)"
     try:
         with Image.open(io.BytesIO(raw), formats=FORMATS) as image:
             width, height, mime = image.width, image.height, Image.MIME.get(image.format, "image/png")
     except Image.DecompressionBombError:  # PIL's own ceiling, far above ours
-        raise ImageLimitError(f"image {number} is over {limit}") from None
+        raise ImageLimitError(f"image {number} is over {limit}", param="messages") from None
     except Exception:  # PIL fails in many ways on damaged headers
         raise InvalidRequestError(
-            f"image {number} is not a readable image (accepted: {', '.join(FORMATS)})"
+            f"image {number} is not a readable image (accepted: {', '.join(FORMATS)})", param="messages"
         ) from None
     if width * height > max_pixels:
-        raise ImageLimitError(f"image {number} is {width}x{height} px, over {limit}")
+        raise ImageLimitError(f"image {number} is {width}x{height} px, over {limit}", param="messages")
     if min(width, height) < 1:
-        raise InvalidRequestError(f"image {number} is empty ({width}x{height} px)")
+        raise InvalidRequestError(f"image {number} is empty ({width}x{height} px)", param="messages")
     return EncodedPage(raw, height, width, mime)

@@ -151,8 +151,9 @@ def test_out_of_memory_inside_the_forward_is_recovered(load_engine, reference, l
     (dict(logprobs=21), "logprobs"), (dict(seed=2**64), "seed"), (dict(stop_token_ids=(10**9,)), "stop_token_ids"),
 ])
 def test_settings_that_cannot_be_honoured_are_refused(load_engine, bad, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         load_engine().answer(AnswerRequest(pages=PAGES[:1], question="Who?", settings=GenerationSettings(**bad)))
+    assert info.value.param == message  # the API's error body names the field
 
 
 def test_extreme_but_valid_settings_answer(load_engine):

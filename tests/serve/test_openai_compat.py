@@ -180,7 +180,7 @@ def test_an_image_whose_pixels_do_not_decode_is_refused_here():
     png[start:start + 12] = b"\xff" * 12  # the header still reads
     with pytest.raises(GlyphserveError, match="image 1 is damaged") as info:
         read_images([data_url(bytes(png))], ImageLimits())
-    assert info.value.http_status == 400
+    assert info.value.http_status == 400 and info.value.param == "messages"  # the images are the messages' parts
 
 
 @pytest.mark.parametrize(("body", "message"), [
