@@ -19,10 +19,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from glyphserve.engine.resize import BICUBIC, resize_bicubic, triton_available
+from glyphserve.engine.resize import BICUBIC, resize_bicubic
 from glyphserve.engine.types import EncodedPage, Page
 from glyphserve.errors import ConfigError, GlyphserveError
 from glyphserve.glm4v import smart_resize
+
+try:
+    import triton
+except ImportError:  # the torch path only
+    triton = None
 
 
 @dataclass(frozen=True)
@@ -193,14 +198,16 @@ class PagePreprocessor:
         # copied first), 2.5 ms so, and pinning each request's pages took longer than either (thirteenth
         # session: new pinned blocks of new sizes).
         batch: list[int] = []
+        staged = 0  # bytes of the pages in batch
         for i, page in enumerate(host):
             if page.nbytes > STAGING_BYTES:
                 out[i] = self._copy_pageable(page, main)
                 continue
-            if sum(host[j].nbytes for j in batch) + page.nbytes > STAGING_BYTES:
+            if staged + page.nbytes > STAGING_BYTES:
                 self._copy_staged(host, batch, out, main)
-                batch = []
+                batch, staged = [], 0
             batch.append(i)
+            staged += page.nbytes
         if batch:
             self._copy_staged(host, batch, out, main)
         main.wait_stream(self.copy_stream)
@@ -249,7 +256,7 @@ class PagePreprocessor:
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, page in enumerate(pages):
             by_shape.setdefault(tuple(page.shape[:2]), []).append(i)
-        if self.device.type == "cuda" and triton_available():
+        if self.device.type == "cuda" and triton is not None:
             from glyphserve.engine.pixel_kernels import patchify
 
             grids = [self.params.grid(*page.shape[:2]) for page in pages]
@@ -257,7 +264,7 @@ class PagePreprocessor:
             out = torch.empty((int(starts[-1]), 3 * t * p * p), dtype=self.dtype, device=self.device)
             for shape, idx in by_shape.items():
                 batch = resize_bicubic(torch.stack([pages[i] for i in idx]), *self.params.resized_shape(*shape))
-                rows = torch.tensor(starts[idx], dtype=torch.int64).to(self.device, non_blocking=True)
+                rows = torch.tensor(starts[idx], dtype=torch.int64, device=self.device)
                 patchify(batch, self.lut, out, rows, p, m, t)
             return out
         chunks: list[torch.Tensor | None] = [None] * len(pages)

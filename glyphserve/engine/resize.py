@@ -23,6 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+try:
+    import triton
+except ImportError:  # the torch passes only
+    triton = None
+
 PRECISION_BITS = 32 - 8 - 2  # Pillow's: 8 result bits, 2 bits of headroom for negative lobes and overshoot
 BICUBIC = int(Image.Resampling.BICUBIC)
 _SUPPORT = 2.0  # bicubic's filter support (input pixels either side, at scale 1)
@@ -70,15 +75,6 @@ def _device_coefficients(in_size: int, out_size: int, device: torch.device,
                          index_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
     index, weight = _coefficients(in_size, out_size)
     return torch.from_numpy(index).to(device, index_dtype), torch.from_numpy(weight).to(device)
-
-
-@lru_cache(maxsize=1)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _resize_rows(x: torch.Tensor, out_size: int) -> torch.Tensor:
@@ -139,6 +135,6 @@ def resize_bicubic(pages: torch.Tensor, height: int, width: int) -> torch.Tensor
         raise ValueError(f"cannot resize to {height}x{width}")
     if tuple(pages.shape[-3:-1]) == (height, width):
         return pages
-    if pages.is_cuda and triton_available():
+    if pages.is_cuda and triton is not None:
         return _passes(pages, height, width, _resample).contiguous()
     return _passes(pages.to(torch.int32), height, width, _torch_pass).to(torch.uint8).contiguous()
