@@ -16,6 +16,11 @@ conversions and PTX ``prmt`` ones were slower, sixteenth session) but by the per
 weights has twice the elements of a 16-bit one of the same bytes, so FP8 tiles sum each thread's adjacent products
 first (``lane_group``) and stream more bytes a step: 2.43 ms against 2.77 in the same sweep of isolated products.
 
+``gated_row_matmul`` is the kernel on a fused [gate; up] projection (the MLP's ``gate_up``) that writes
+``up * silu(gate)`` instead of both halves: each program streams the gate rows of its channels and the matching up
+rows (the same bytes a step as the plain tiling), so the step loses the elementwise launch that formed the MLP's
+input from the projection's output (40 a decode step).
+
 Imported lazily: Triton is needed only on CUDA, and the tests run this kernel under Triton's interpreter on the CPU.
 """
 
@@ -41,13 +46,19 @@ class RowConfig:
 @triton.jit
 def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_iters,
                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP: tl.constexpr, PDL: tl.constexpr):
+                GROUP: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
     begin(PDL)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GATED:  # rows (gate of channel c, up of channel c) next to each other; N counts channels, 2 N rows
+        rows = tl.arange(0, 2 * BLOCK_N)
+        offs_n = tl.program_id(0) * BLOCK_N + rows // 2
+        offs_w = offs_n + (rows % 2) * N
+    else:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = offs_n
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
-    lanes = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
+    w_ptrs = w_ptr + offs_w[:, None] * stride_wn + offs_k[None, :]
+    lanes = tl.zeros((2 * BLOCK_N if GATED else BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
     # A runtime trip count: with a compile-time one, ptxas interleaved each step's weight loads with the products
     # (about 4 of a thread's 8 16-byte loads in flight instead of all 8), and bf16 weights read at 4 KB a row a step
     # took 6.14 ms a decode step on an H200 against 4.28 with the count at run time (thirteenth session).
@@ -57,17 +68,26 @@ def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_i
         x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
         products = w.to(tl.float32) * x.to(tl.float32)[None, :]
         if GROUP > 1:  # adjacent products (one thread's) summed first: a GROUP-th of the accumulator registers
-            lanes += tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_K // GROUP, GROUP)), axis=2)
+            lanes += tl.sum(tl.reshape(products, (lanes.shape[0], BLOCK_K // GROUP, GROUP)), axis=2)
         else:
             lanes += products
         w_ptrs += BLOCK_K
         offs_k += BLOCK_K
     acc = tl.sum(lanes, axis=1)
     if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+        acc = acc * tl.load(scale_ptr + offs_w, mask=n_mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        acc += tl.load(bias_ptr + offs_w, mask=n_mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    if GATED:
+        # Each half rounded to the output dtype as the projection's output would be, then the activation and
+        # product in fp32 rounded once (what the compiled elementwise kernel did with the two halves).
+        gate, up = tl.split(tl.reshape(acc.to(dtype).to(tl.float32), (BLOCK_N, 2)))
+        out = up * (gate * tl.sigmoid(gate))
+        channels = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + channels, out.to(dtype), mask=channels < N)
+    else:
+        tl.store(out_ptr + offs_n, acc.to(dtype), mask=n_mask)
 
 
 def choose_row_config(n: int, k: int, weight_bytes: int) -> RowConfig:
@@ -88,6 +108,21 @@ def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
                config: RowConfig | None = None) -> torch.Tensor:
     """``x`` [1, K] (16-bit; fp32 under the interpreter) times ``weight`` [N, K] (16-bit, or fp8 with fp32
     ``scale`` [N]) plus optional ``bias`` [N]: [1, N] in x's dtype. No host synchronisation; one launch."""
+    return _launch(x, weight, scale, bias, config, gated=False)
+
+
+def gated_row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                     config: RowConfig | None = None) -> torch.Tensor:
+    """``up * silu(gate)`` of ``x`` [1, K] times a fused [gate; up] ``weight`` [2 I, K] (16-bit, or fp8 with fp32
+    ``scale`` [2 I]): [1, I] in x's dtype. Each half of the product is rounded to x's dtype first, the activation
+    and the product computed in fp32. ``config`` tiles the 2 I rows as ``row_matmul``'s would (a program owns
+    ``block_n`` rows: half as many channels)."""
+    if weight.shape[0] % 2:
+        raise ValueError(f"a fused [gate; up] weight has an even row count, got {weight.shape[0]}")
+    return _launch(x, weight, scale, None, config, gated=True)
+
+
+def _launch(x, weight, scale, bias, config: RowConfig | None, gated: bool) -> torch.Tensor:
     n, k = weight.shape
     if x.shape != (1, k):
         raise ValueError(f"row_matmul takes one row of {k} inputs, got {tuple(x.shape)}")
@@ -98,12 +133,14 @@ def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     config = config or choose_row_config(n, k, weight.element_size())
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    # gated: N counts output channels (half the rows), a program owns half its rows' count of them
+    channels, block_n = (n // 2, max(1, config.block_n // 2)) if gated else (n, config.block_n)
+    out = torch.empty((1, channels), dtype=x.dtype, device=x.device)
     pdl = pdl_enabled(x.device)
-    _row_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, scale if scale is not None else x, bias if bias is not None else x, out, n, k, weight.stride(0),
-        triton.cdiv(k, config.block_k), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP=config.lane_group, PDL=pdl,
+    _row_kernel[(triton.cdiv(channels, block_n),)](
+        x, weight, scale if scale is not None else x, bias if bias is not None else x, out, channels, k,
+        weight.stride(0), triton.cdiv(k, config.block_k), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=config.block_k, GROUP=config.lane_group, GATED=gated, PDL=pdl,
         num_warps=config.num_warps, num_stages=1,
         launch_pdl=pdl,
     )

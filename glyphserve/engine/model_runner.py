@@ -35,7 +35,7 @@ from glyphserve.engine.attention import (compile_split_variants, paged_attention
                                          shared_row_tiles)
 from glyphserve.engine.fp8 import Fp8Linear, Int8Embedding, quantize_fp8
 from glyphserve.engine.kv_pool import TRASH_BLOCK
-from glyphserve.engine.linear import linear
+from glyphserve.engine.linear import gated_linear, linear
 from glyphserve.engine.rotary import rotate_and_store
 from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.transfer import copy_rows
@@ -111,8 +111,8 @@ def _post_attention(x, attn_out, o_w, o_s, post_attn_w, pre_mlp_w, gate_up_w, ga
     model's final norm), so that norm is fused with this layer's last elementwise work instead of taking a launch
     of its own."""
     x = x + rms_norm(linear(attn_out, o_w, o_s), post_attn_w, eps)
-    gate, up = linear(rms_norm(x, pre_mlp_w, eps), gate_up_w, gate_up_s).chunk(2, dim=-1)
-    x = x + rms_norm(linear(up * F.silu(gate), down_w, down_s), post_mlp_w, eps)
+    mlp_in = gated_linear(rms_norm(x, pre_mlp_w, eps), gate_up_w, gate_up_s)
+    x = x + rms_norm(linear(mlp_in, down_w, down_s), post_mlp_w, eps)
     return x, rms_norm(x, next_norm_w, eps)
 
 

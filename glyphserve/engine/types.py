@@ -64,8 +64,9 @@ class EngineConfig:
     # every shape through flash.
     compile_vision: bool = True
     warmup_page_shapes: tuple[tuple[int, int], ...] = ((842, 595),)
-    # Pages encoded per vision forward.
-    vision_batch_pages: int = 8
+    # Pages encoded per vision forward. W200's 24 pages on an H200 by 8 / 12 / 24 pages a forward: 211 / 196 / 203
+    # ms (fourteenth session), 199.6 / 191.9 / 194.6 (eighteenth, vision_probe): two forwards of 12 each time.
+    vision_batch_pages: int = 12
     # CUDA: pages go up on a side stream, and decode reads its tokens back through pinned buffers one step behind
     # the GPU. False: plain synchronous copies (the benchmark ladder's row without them).
     pinned_copies: bool = True

@@ -2,7 +2,8 @@
 
 It runs batched over pages (the token-wise work once over all of a batch's tokens, attention once per run of pages
 of one shape) with per-shape constants precomputed. With ``compile`` (CUDA, 16-bit weights) the work of a block
-around its attention is two compiled pieces (norm and qkv projection; output projection, residuals, norm and MLP)
+around its attention is two compiled pieces (the previous block's residual, norm and qkv projection; output
+projection, residual, norm and MLP)
 that take the block's weights as arguments: one compiled graph serves all 24 blocks and, its token count dynamic,
 every page shape and page count; the rotation is a Triton kernel (``rotary.rotate_vision``) and the patch embedding
 and the 2 x 2 downsampling, convolutions whose kernel equals their stride, one matrix product each
@@ -23,22 +24,33 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 from transformers.vision_utils import get_vision_position_ids
 
+from glyphserve.engine.linear import dense_linear
 from glyphserve.engine.model_runner import NO_PLAN_BACKENDS, rms_norm
 from glyphserve.engine.preprocess import try_decode
 from glyphserve.engine.rotary import rotate_vision
 from glyphserve.errors import ModelLoadError
 
 
-def _block_pre(h, norm_w, qkv_w, qkv_b, eps: float):
-    """Norm and fused qkv projection of a block: h [T, C] to [T, 3 C]."""
-    return F.linear(rms_norm(h, norm_w, eps), qkv_w, qkv_b)
+# The residual adds happen in the norms that read the residual stream next, not in the products: Inductor turned
+# ``h + F.linear(...)`` into cuBLAS's addmm, which copies ``h`` into its output before the product adds to it (144
+# copies of 62 MB, 4.1 ms of W200's 24 pages on an H200; a plain product and the add inside the norm's kernel
+# read and write less). ``dense_linear`` is opaque to the compiler, so no such fusion is formed.
+
+
+def _block_pre(h, y, norm_w, qkv_w, qkv_b, eps: float):
+    """The residual stream ``h`` plus the previous block's MLP output ``y`` (None before the first block), its
+    norm and the block's fused qkv projection: (h, [T, 3 C])."""
+    if y is not None:
+        h = h + y
+    return h, F.linear(rms_norm(h, norm_w, eps), qkv_w, qkv_b)
 
 
 def _block_post(h, attn_out, proj_w, norm_w, gate_w, up_w, down_w, eps: float):
-    """Output projection and residual, norm, gated MLP (silu) and residual of a block."""
-    h = h + F.linear(attn_out, proj_w)
+    """Output projection and residual, norm and gated MLP (silu) of a block: (h, the MLP's output), whose sum is
+    the block's output."""
+    h = h + dense_linear(attn_out, proj_w)
     x = rms_norm(h, norm_w, eps)
-    return h + F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
+    return h, dense_linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
 
 
 def conv_as_linear(conv: torch.nn.Conv2d | torch.nn.Conv3d, windows: torch.Tensor) -> torch.Tensor:
@@ -114,16 +126,17 @@ class VisionRunner:
             # usually cropped to a height of its own, so only the planned shapes (``plan_attention``) go to it.
             spans.append((start, start + n * seq, n, cos, sin, (n, seq) in self.planned))
             start += n * seq
+        y = None
         for pre, post, (eps, heads, scaling) in self.blocks:
-            qkv = self._pre(h, *pre, eps)
+            h, qkv = self._pre(h, y, *pre, eps)
             if len(spans) == 1:
                 out = self._attend(qkv, *spans[0][2:], heads, scaling)
             else:
                 out = torch.empty_like(h)
                 for a, b, *span in spans:
                     out[a:b] = self._attend(qkv[a:b], *span, heads, scaling)
-            h = self._post(h, out, *post, eps)
-        h = visual.post_layernorm(h)
+            h, y = self._post(h, out, *post, eps)
+        h = visual.post_layernorm(h + y)
         h = h.view(-1, self.merge, self.merge, h.shape[-1]).permute(0, 3, 1, 2)
         if self.compiled:
             h = conv_as_linear(visual.downsample, h.reshape(h.shape[0], -1))
