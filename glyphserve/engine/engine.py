@@ -193,6 +193,7 @@ class Engine:
         else:
             started = time.perf_counter()
             seq = self.planner.plan(request)
+            seq.arrived = started  # planned here: its planning (pages hashed, prompt built) counts in its timings
             self._counters["plan_s"] += time.perf_counter() - started
         seq.taken = True
         return seq

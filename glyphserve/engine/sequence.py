@@ -46,7 +46,8 @@ class Sequence:
     rope_delta: int  # position of generated token i is len(prompt) + i + rope_delta on all three axes
     page_tokens: list[int]  # vision tokens per page
     image_offsets: list[int]  # prompt index of each page's first vision token
-    arrived: float = field(default_factory=time.perf_counter)  # planned, or (planned ahead) taken by the engine
+    arrived: float = field(default_factory=time.perf_counter)  # given to the engine (planning included), or
+    # planned ahead, taken by the engine
     taken: bool = False  # handed to the engine (a sequence planned ahead runs once)
     status: Status = Status.WAITING
     slot: int = -1  # row of the per-sequence state arrays while running
