@@ -134,3 +134,50 @@ def test_row_matmul_refuses_weights_past_32_bit_offsets():
     x, w = torch.empty(1, 2**11, device="meta"), torch.empty(2**20, 2**11, device="meta")  # no memory: 2**31
     with pytest.raises(ValueError, match="fewer than 2\\*\\*31 elements"):
         row_matmul(x, w, None, None)
+
+
+def test_gated_linear_off_the_one_row_cuda_path_is_hf_arithmetic():
+    """Off CUDA (and for several rows) ``gated_linear`` is the projection, then ``up * silu(gate)`` as HF's MLP;
+    the custom op's fake tensor has the activation's shape."""
+    import torch.nn.functional as F
+
+    from glyphserve.engine.linear import gated_linear
+
+    torch.manual_seed(0)
+    w = torch.randn(2 * 24, 32)
+    for x in (torch.randn(1, 32), torch.randn(5, 32)):
+        gate, up = F.linear(x, w).chunk(2, dim=-1)
+        assert torch.equal(gated_linear(x, w, None), up * F.silu(gate))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # what torch.compile traces: [1, I] for a [2 I, K] weight (the op itself is CUDA's)
+        fake = torch.ops.glyphserve.gated_row(torch.empty(1, 32), torch.empty(48, 32), None)
+    assert fake.shape == (1, 24)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gated_row_matches_the_projection_and_activation_under_compile():
+    """bf16 and FP8 weights of GLM-4.1V-9B's gate_up shape: the gated kernel (one row, compiled caller, CUDA graph)
+    against the projection through cuBLAS, rounded to bf16 by halves, then the activation."""
+    import torch.nn.functional as F
+
+    from glyphserve.engine.fp8 import dequantize_fp8, quantize_fp8
+    from glyphserve.engine.linear import gated_linear
+
+    device = torch.device("cuda")
+    w = torch.randn(27392, 4096, device=device, dtype=torch.bfloat16) * 0.02
+    q, scale = quantize_fp8(w)
+    x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
+    compiled = torch.compile(gated_linear, dynamic=True)
+    for weight, s, dense in ((w, None, w), (q, scale, dequantize_fp8(q, scale, torch.bfloat16))):
+        gate, up = F.linear(x, dense).float().chunk(2, dim=-1)
+        ref = up * F.silu(gate)
+        out = compiled(x, weight, s)
+        assert out.shape == (1, 13696)
+        assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = gated_linear(x, weight, s)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, out)
