@@ -25,8 +25,9 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None 
 
 def gated_linear(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
     """``up * silu(gate)`` of ``linear(x, weight, scale)`` split in halves [gate, up] (HF's ``Glm4vTextMLP``). One
-    16-bit row on CUDA (a decode step of one sequence) goes through the weight-streaming kernel's gated variant,
-    which writes the activation's output instead of the projection's: a step's 40 elementwise launches fewer."""
+    row of 16-bit activations on CUDA (a decode step of one sequence), with 16-bit or FP8 weights, goes through the
+    weight-streaming kernel's gated variant, which writes the activation's output instead of the projection's: a
+    step's 40 elementwise launches fewer."""
     if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and (
             scale is not None or weight.dtype == x.dtype):
         return gated_row(x, weight, scale)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -116,7 +117,11 @@ PAGE_THREADS = 8  # threads that hash and decode pages, shared by every request 
 
 @functools.cache
 def _page_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(PAGE_THREADS, thread_name_prefix="glyphserve-hash")
+    return ThreadPoolExecutor(PAGE_THREADS, thread_name_prefix="glyphserve-page")
+
+
+# A forked child inherits the pool without its threads (it would wait on them for ever): it starts its own.
+os.register_at_fork(after_in_child=_page_pool.cache_clear)
 
 
 def _parallel(function, pages: list[Page]) -> list:

@@ -59,6 +59,28 @@ def test_digests_depend_on_pixels_and_shape():
     assert page_keys([a, b, encoded, a]) == [*pixels, encoded.key(), pixels[0]]
 
 
+def test_a_forked_child_hashes_pages_with_threads_of_its_own():
+    """The process's page threads do not survive a fork; a child that hashed with the parent's pool would wait for
+    ever (a library user forking after a question, a fork-based DataLoader)."""
+    import os
+    import signal
+
+    import threading
+
+    from glyphserve.engine.preprocess import PAGE_THREADS, _page_pool
+
+    pages = make_pages([(56, 70)] * 3, seed=4)
+    keys = page_keys(pages)
+    all_busy = threading.Barrier(PAGE_THREADS)  # every page thread started (each task waits for the others)
+    list(_page_pool().map(lambda _: all_busy.wait(), range(PAGE_THREADS)))
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if it hashed the pages alike
+        signal.alarm(20)
+        os._exit(0 if page_keys(pages) == keys else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def _png(page: np.ndarray) -> bytes:
     import io
 
