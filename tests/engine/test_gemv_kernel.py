@@ -140,6 +140,7 @@ def test_gated_linear_off_the_one_row_cuda_path_is_hf_arithmetic():
     """Off CUDA (and for several rows) ``gated_linear`` is the projection, then ``up * silu(gate)`` as HF's MLP;
     the custom op's fake tensor has the activation's shape."""
     import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from glyphserve.engine.linear import gated_linear
 
@@ -148,8 +149,6 @@ def test_gated_linear_off_the_one_row_cuda_path_is_hf_arithmetic():
     for x in (torch.randn(1, 32), torch.randn(5, 32)):
         gate, up = F.linear(x, w).chunk(2, dim=-1)
         assert torch.equal(gated_linear(x, w, None), up * F.silu(gate))
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     with FakeTensorMode():  # what torch.compile traces: [1, I] for a [2 I, K] weight (the op itself is CUDA's)
         fake = torch.ops.glyphserve.gated_row(torch.empty(1, 32), torch.empty(48, 32), None)
     assert fake.shape == (1, 24)

@@ -64,7 +64,6 @@ def test_a_forked_child_hashes_pages_with_threads_of_its_own():
     ever (a library user forking after a question, a fork-based DataLoader)."""
     import os
     import signal
-
     import threading
 
     from glyphserve.engine.preprocess import PAGE_THREADS, _page_pool
