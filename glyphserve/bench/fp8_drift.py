@@ -87,7 +87,8 @@ def _measure(arch: str, prompt: int, steps: int, device: torch.device, seed: int
     from transformers.models.glm4v.modeling_glm4v import Glm4vTextRotaryEmbedding, repeat_kv
 
     from glyphserve.engine.fp8 import fp8_linear, quantize_fp8, quantize_int8_rows
-    from glyphserve.engine.model_runner import _post_attention, linear, rms_norm
+    from glyphserve.engine.model_runner import _post_attention, linear
+    from glyphserve.engine.norms import rms_norm
     from glyphserve.engine.rotary import rotate
 
     tc = text_config(arch)

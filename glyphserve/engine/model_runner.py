@@ -36,6 +36,7 @@ from glyphserve.engine.attention import (compile_split_variants, paged_attention
 from glyphserve.engine.fp8 import Fp8Linear, Int8Embedding, quantize_fp8
 from glyphserve.engine.kv_pool import TRASH_BLOCK
 from glyphserve.engine.linear import gated_linear, linear
+from glyphserve.engine.norms import add_rms_norms, rms_norm
 from glyphserve.engine.rotary import rotate_and_store
 from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.transfer import copy_rows
@@ -81,13 +82,6 @@ def attends_paged(start: int, n: int) -> bool:
     return n <= PAGED_CHUNK_TOKENS or (start > 0 and n <= PAGED_PREFIX_CHUNK_TOKENS)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Glm4vRMSNorm's arithmetic: statistics in float32, scale applied in the input dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
 def fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
     """One [q; k; v] weight and bias for a layer; the HF projections become views into it (no extra memory)."""
     if not hasattr(attn, "glyph_qkv"):
@@ -109,11 +103,10 @@ def _post_attention(x, attn_out, o_w, o_s, post_attn_w, pre_mlp_w, gate_up_w, ga
     """Output projection, the layer's three other norms, the gated MLP and both residuals; returns the residual
     stream and it normalised for what reads it next (the next layer's input norm, or after the last layer the
     model's final norm), so that norm is fused with this layer's last elementwise work instead of taking a launch
-    of its own."""
-    x = x + rms_norm(linear(attn_out, o_w, o_s), post_attn_w, eps)
-    mlp_in = gated_linear(rms_norm(x, pre_mlp_w, eps), gate_up_w, gate_up_s)
-    x = x + rms_norm(linear(mlp_in, down_w, down_s), post_mlp_w, eps)
-    return x, rms_norm(x, next_norm_w, eps)
+    of its own. Each residual add sits between two norms: one ``add_rms_norms`` (a launch on CUDA)."""
+    x, h = add_rms_norms(linear(attn_out, o_w, o_s), x, post_attn_w, pre_mlp_w, eps)
+    mlp_in = gated_linear(h, gate_up_w, gate_up_s)
+    return add_rms_norms(linear(mlp_in, down_w, down_s), x, post_mlp_w, next_norm_w, eps)
 
 
 @dataclass

@@ -25,7 +25,8 @@ from torch.nn.attention import sdpa_kernel
 from transformers.vision_utils import get_vision_position_ids
 
 from glyphserve.engine.linear import dense_linear
-from glyphserve.engine.model_runner import NO_PLAN_BACKENDS, rms_norm
+from glyphserve.engine.model_runner import NO_PLAN_BACKENDS
+from glyphserve.engine.norms import rms_norm
 from glyphserve.engine.preprocess import try_decode
 from glyphserve.engine.rotary import rotate_vision
 from glyphserve.errors import ModelLoadError
