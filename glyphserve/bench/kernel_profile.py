@@ -11,9 +11,9 @@ On the engine ``bench engine`` measures (random full-size weights or a checkpoin
 
 Per phase: wall time, the time some kernel ran (union of kernel intervals), the summed kernel time by kind (matrix
 products, attention, Inductor's ``triton_*`` kernels as "compiled" (the project's own Triton kernels go by what
-they do: the weight-streaming kernels are matrix products, the rotations and K/V store "other"), copies, other) and the
-kernels that took most, with their launch counts. With ``--quantize fp8`` the decode phases run again with FP8
-weights. Writes ``profile-<card>.json`` and ``.md`` under ``--out``.
+they do: the weight-streaming kernels are matrix products, the residual adds between norms "norm", the rotations and
+K/V store "other"), copies, other) and the kernels that took most, with their launch counts. With ``--quantize fp8``
+the decode phases run again with FP8 weights. Writes ``profile-<card>.json`` and ``.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 KINDS = (  # first match wins; names as CUPTI reports them
     ("attention", re.compile(r"flash|fmha|sdpa|attention|attn|_attend|_combine", re.I)),
     ("matmul", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|_fp8_weight|_row_kernel|split_sum|splitk|sm\d+_", re.I)),
+    ("norm", re.compile(r"_add_rms_norms", re.I)),  # the residual adds between norms (Inductor's before: compiled)
     ("compiled", re.compile(r"^triton_", re.I)),
     ("copy", re.compile(r"memcpy|memset|copy|index_put|scatter|gather|cat", re.I)),
 )

@@ -103,7 +103,7 @@ def _post_attention(x, attn_out, o_w, o_s, post_attn_w, pre_mlp_w, gate_up_w, ga
     """Output projection, the layer's three other norms, the gated MLP and both residuals; returns the residual
     stream and it normalised for what reads it next (the next layer's input norm, or after the last layer the
     model's final norm), so that norm is fused with this layer's last elementwise work instead of taking a launch
-    of its own. Each residual add sits between two norms: one ``add_rms_norms`` (a launch on CUDA)."""
+    of its own. Each residual add sits between two norms: one ``add_rms_norms`` (a launch for 16-bit rows on CUDA)."""
     x, h = add_rms_norms(linear(attn_out, o_w, o_s), x, post_attn_w, pre_mlp_w, eps)
     mlp_in = gated_linear(h, gate_up_w, gate_up_s)
     return add_rms_norms(linear(mlp_in, down_w, down_s), x, post_mlp_w, next_norm_w, eps)

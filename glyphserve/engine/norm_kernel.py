@@ -41,20 +41,23 @@ def _add_rms_norms_kernel(y_ptr, x_ptr, post_w_ptr, next_w_ptr, out_ptr, h_ptr, 
     tl.store(h_ptr + row * D + cols, (next_w * normed).to(dtype), mask=live)
 
 
-def add_rms_norms_rows(y: torch.Tensor, x: torch.Tensor, post_w: torch.Tensor, next_w: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``norms.add_rms_norms`` of rows ``y`` and ``x`` [T, D] (last dimension contiguous); two new [T, D]."""
+def add_rms_norms_rows(y: torch.Tensor, x: torch.Tensor, post_w: torch.Tensor, next_w: torch.Tensor, eps: float,
+                       out: torch.Tensor, h: torch.Tensor) -> None:
+    """``norms.add_rms_norms`` of rows ``y`` and ``x`` [T, D] (copied first unless their last dimension is
+    contiguous) with weights [D] of their dtype, into contiguous ``out`` and ``h`` [T, D]."""
     t, d = x.shape
+    if y.shape != (t, d) or post_w.shape != (d,) or next_w.shape != (d,) or out.shape != (t, d) or h.shape != (t, d):
+        raise ValueError(f"add_rms_norms_rows takes rows [T, D] and weights [D], got {tuple(y.shape)}, "
+                         f"{tuple(x.shape)}, {tuple(post_w.shape)}, {tuple(next_w.shape)}")
+    if not (out.is_contiguous() and h.is_contiguous()):
+        raise ValueError("add_rms_norms_rows writes contiguous rows")
     if y.stride(1) != 1:
         y = y.contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()
-    out, h = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
-        x, memory_format=torch.contiguous_format)
     if t:
         block = triton.next_power_of_2(d)
         pdl = pdl_enabled(x.device)
         _add_rms_norms_kernel[(t,)](y, x, post_w.contiguous(), next_w.contiguous(), out, h, d, eps, y.stride(0),
                                     x.stride(0), BLOCK=block, PDL=pdl, num_warps=max(1, min(16, block // 512)),
                                     launch_pdl=pdl)
-    return out, h
