@@ -2,10 +2,10 @@
 values: 16 a thread at 8 warps), both statistics from the registers, one store of each output.
 
 Rounding: the normalised values are rounded to the row's dtype as in ``norms.rms_norm``, then multiplied by the
-norm's weight and added to the residual stream in fp32 and rounded once (the eager expressions round the product
-first; so did not the Inductor kernels this replaced, and on the GPU the compiler fuses the product and the sum
-into one fused multiply-add anyway, which an explicit rounding between them did not prevent: on an H200 27% of a
-4,096-value row then came out one rounding step from the eager result). The stream's norm is the weight times the
+norm's weight and added to the residual stream in fp32 and rounded once. The eager expressions round the product
+first; the Inductor kernels this replaced did not, and an explicit rounding between them here did not survive the
+GPU compiler, which fused the product and the sum into one multiply-add (on an H200 27% of a 4,096-value row came
+out one rounding step from the eager result either way). The stream's norm is the weight times the
 rounded normalised values, rounded once, as in the eager expressions. The statistics are fp32 sums in the kernel's
 order, not PyTorch's.
 
