@@ -22,8 +22,8 @@ CUDA path (Triton), two launches whose grids depend only on static shapes, so a 
    be adjacent. Online softmax (exp2, scale folded in) keeps a running max, sum and fp32 accumulator per row;
    the causal mask ``key <= query position`` also cuts the key range's tail. It writes these three as a
    partial result per split.
-2. ``_combine_kernel``, grid ``(T, n_heads)``: rescales the splits' partials to their common max, sums them
-   and writes the normalised row in ``q``'s dtype (zeros where no key was seen).
+2. ``_combine_kernel``, grid ``(T, n_heads, parts of a head)``: rescales the splits' partials to their common
+   max, sums them and writes the normalised row in ``q``'s dtype (zeros where no key was seen).
 
 Splits (flash-decoding): decode gives only ``S * kv_heads`` programs (2 for one GLM-4.1V row), far too few to
 stream a long context through 132 SMs, so each sequence's keys are divided among ``splits`` programs. The count
@@ -81,6 +81,8 @@ except ImportError:  # macOS, Arm: the reference path only
 
 _PROGRAMS_PER_SM = 2  # attention programs per SM that the split count aims for (measured best, see above)
 _MAX_SPLITS = 128
+_COMBINE_DIMS = 32  # dimensions of a head a combine program takes when a row has many splits (a 128-byte row)
+_COMBINE_SPLIT_FROM = 32  # padded split counts from which it does
 _DECODE_BLOCK_N = 128  # keys per loop step with one query per sequence
 _PREFILL_BLOCK_M = 64  # rows (query tokens x group heads) per program when sequences bring several queries
 _PREFILL_BLOCK_N = 64  # keys per loop step then (measured faster than 128 with 64-row tiles)
@@ -420,7 +422,7 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, s
         GROUP=n_heads // kv_heads, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, MODE=mode,
-        num_warps=4, num_stages=3, launch_pdl=pdl,
+        LINE=max(1, 128 // k_cache.element_size()), num_warps=4, num_stages=3, launch_pdl=pdl,
     )
 
 
@@ -430,9 +432,14 @@ def _combine(partials: tuple[Tensor, Tensor, Tensor], out: Tensor, rows: Tensor,
     if not n_tokens:
         return
     pdl = pdl_enabled(out.device)
-    _combine_kernel[(n_tokens, n_heads)](
+    splits_pad = max(2, _next_power_of_2(splits))
+    # Many splits come with few rows: a row's heads are then split along their dimensions too (a decode step of
+    # one row: 128 programs, not 32 that each read all of W200's 119 splits, 61 KB). The part of a head a program
+    # combines follows from the split count alone, so ``compile_split_variants`` compiles every variant.
+    dims = min(head_dim, _COMBINE_DIMS) if splits_pad >= _COMBINE_SPLIT_FROM else head_dim
+    _combine_kernel[(n_tokens, n_heads, head_dim // dims)](
         *partials, out, rows, out.stride(0), out.stride(1), n_heads, splits,
-        HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_2(splits)), PDL=pdl,
+        HEAD_DIM=head_dim, DIMS=dims, SPLITS_PAD=splits_pad, PDL=pdl,
         num_warps=4, launch_pdl=pdl,
     )
 
@@ -456,8 +463,10 @@ if triton is not None:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
         MODE: tl.constexpr,  # SEQUENCES, OWN_KEYS or SHARED_KEYS (see paged_attention_rows)
+        LINE: tl.constexpr,  # values in a 128-byte line of the caches
     ):
-        begin(PDL)
+        # Up to ``begin`` only what earlier kernels wrote is read (the step's metadata, the block tables): the
+        # kernel just before (the rotation that writes this step's queries and newest keys) may still run.
         TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
         seq = tl.program_id(0) // query_tiles
         tile = tl.program_id(0) % query_tiles
@@ -493,6 +502,14 @@ if triton is not None:
         else:
             end = tl.minimum(start + per_split, seq_len - q_len + tl.minimum(tile * TOKENS + TOKENS, q_len))
 
+        table = tables_ptr + seq * tables_stride
+        k_base = k_ptr + kv_head * k_stride_h
+        v_base = v_ptr + kv_head * v_stride_h
+        if PDL and start < end:
+            _prefetch_keys(table, k_base, v_base, start, end, k_stride_b, k_stride_s, v_stride_b, v_stride_s,
+                           HEAD_DIM, PAGE, BLOCK_N, LINE)
+        begin(PDL)
+
         part = ((q_begin + token) * n_heads + head) * part_splits + part_offset + split
         if start >= end:  # nothing to see here (a short sequence in a launch sized for long ones): no accumulator
             tl.store(part_max_ptr + part, tl.full([BLOCK_M], -1e30, tl.float32), mask=live)
@@ -506,9 +523,6 @@ if triton is not None:
         row_max = tl.full([BLOCK_M], -1e30, tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        table = tables_ptr + seq * tables_stride
-        k_base = k_ptr + kv_head * k_stride_h
-        v_base = v_ptr + kv_head * v_stride_h
         for first in range(start, end, BLOCK_N):
             keys = first + tl.arange(0, BLOCK_N)
             inside = keys < end
@@ -531,16 +545,35 @@ if triton is not None:
         tl.store(part_sum_ptr + part, row_sum, mask=live)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=live[:, None])
 
+    @triton.jit
+    def _prefetch_keys(table, k_base, v_base, start, end, k_stride_b, k_stride_s, v_stride_b, v_stride_s,
+                       HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LINE: tl.constexpr):
+        """Start the lines of a split's first ``BLOCK_N`` keys and values on their way into L2 while the kernel
+        before still runs. Earlier steps wrote all but a step's newest keys; a line that the rotation is writing
+        meanwhile is fetched early for nothing (a prefetch is a hint: L2 keeps what the rotation stores)."""
+        keys = start + tl.arange(0, BLOCK_N)
+        ok = keys < end
+        block = tl.load(table + keys // PAGE, mask=ok, other=0).to(tl.int64)
+        row = tl.where(ok, keys % PAGE, 0)
+        lines = tl.arange(0, HEAD_DIM // LINE) * LINE
+        _prefetch_l2(k_base + block[:, None] * k_stride_b + row[:, None] * k_stride_s + lines[None, :])
+        _prefetch_l2(v_base + block[:, None] * v_stride_b + row[:, None] * v_stride_s + lines[None, :])
+
+    @triton.jit
+    def _prefetch_l2(pointers):
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [pointers],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
     @triton.jit(do_not_specialize=["splits"])
     def _combine_kernel(
         part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, rows_ptr,
         out_stride_t, out_stride_h, n_heads, splits,
-        HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DIMS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
     ):
         begin(PDL)
         token = tl.program_id(0)
         head = tl.program_id(1)
-        dims = tl.arange(0, HEAD_DIM)
+        dims = tl.program_id(2) * DIMS + tl.arange(0, DIMS)  # this program's part of the head's dimensions
         parts = tl.arange(0, SPLITS_PAD)
         # Rows from rows_ptr[0] on (padding past the last sequence's queries) have no partials: they combine to
         # zeros.

@@ -26,6 +26,7 @@ from glyphserve.engine.output import Delta
 from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import NeedsDrain, Scheduler, StepPlan
 from glyphserve.engine.sequence import Sequence, Status
+from glyphserve.engine.stage_clock import Mark, StageClock
 from glyphserve.engine.types import TokenLogprob
 from glyphserve.engine.vision import VisionEncoder
 from glyphserve.errors import GlyphserveError
@@ -50,7 +51,7 @@ class Launched:
     sampled: list[Sequence]
     tokens: torch.Tensor  # host [R]
     logprobs: tuple[torch.Tensor, ...] | None  # host: chosen [R], top values [R, k], top ids [R, k]
-    event: torch.cuda.Event | None
+    event: Mark  # passed when the step is done (``StageClock``)
     warmed: list[Sequence] = field(default_factory=list)  # warm sequences whose last chunk ran in this step
     decode_only: bool = False  # no prompt chunk in the step
 
@@ -67,8 +68,9 @@ class StepRows:
 
 class EngineCore:
     def __init__(self, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler, vision: VisionEncoder,
-                 device: torch.device, row_prefill: bool = True):
+                 clock: StageClock, device: torch.device, row_prefill: bool = True):
         self.runner = runner
+        self.clock = clock
         self.row_prefill = row_prefill  # prompt chunks that fit as rows of graph steps (else the eager pass)
         self.sampler = sampler
         self.scheduler = scheduler
@@ -156,7 +158,8 @@ class EngineCore:
                 return None
         for seq in plan.admitted:
             self.sampler.admit(seq.slot, seq.settings, seq.prompt.ids, seq.seed, seq.greedy, seq.output)
-            seq.prefill_started = seq.prefill_started or time.perf_counter()
+            if seq.prefill_mark is None:
+                seq.prefill_mark = self.clock.mark()
             if seq.cache.prefix_reused_tokens == 0:
                 seq.cache.prefix_reused_tokens = seq.num_cached
         self.sampler.flush()
@@ -192,13 +195,13 @@ class EngineCore:
         answer_pos = np.fromiter((s.scheduled_outputs - 1 for s in sampled), dtype=np.int64, count=len(sampled))
         warmed = [c.seq for c in plan.chunks if c.seq.request.warm and c.end == c.seq.total_tokens]
         if not sampled:
-            return Launched([], torch.empty(0, dtype=torch.long), None, self._record(), warmed, not plan.chunks)
+            return Launched([], torch.empty(0, dtype=torch.long), None, self.clock.mark(), warmed, not plan.chunks)
         slots_dev = self._to_device(slots)
         tokens, logprobs = self.sampler(logits, slots_dev, self._to_device(answer_pos), self.sampler.rows(slots),
                                         tokens=greedy)
         self.runner.last_token.index_copy_(0, slots_dev, tokens)
         return Launched(sampled, self._to_host(tokens), None if logprobs is None else
-                        tuple(self._to_host(t) for t in logprobs), self._record(), warmed, not plan.chunks)
+                        tuple(self._to_host(t) for t in logprobs), self.clock.mark(), warmed, not plan.chunks)
 
     def _decode_rows(self, decode: list[Sequence]) -> np.ndarray:
         """[META_ROWS, n] per decode row: slot, rope positions, KV slot, KV length, input token (its last sampled
@@ -344,17 +347,10 @@ class EngineCore:
         host.copy_(t, non_blocking=True)
         return host
 
-    def _record(self) -> torch.cuda.Event | None:
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record()
-        return event
-
     # --- reading back ----------------------------------------------------------------------------------------
 
     def _read(self, step: Launched) -> list[Event]:
-        if step.event is not None:
+        if self.cuda:
             waited = time.perf_counter()
             step.event.synchronize()
             self.counters["gpu_wait_s"] += time.perf_counter() - waited
@@ -373,7 +369,7 @@ class EngineCore:
                 continue  # finished (or preempted, to be recomputed) after this step was launched
             try:
                 if not seq.new_output:
-                    seq.timings.prefill = now - seq.prefill_started
+                    self._settle(seq, step.event)
                     seq.timings.time_to_first_token = now - seq.arrived
                     seq.decode_started = now
                 logprob = None
@@ -394,8 +390,18 @@ class EngineCore:
                 events.append(self._fail(seq, exc))
         for seq in step.warmed:
             if seq.status is Status.RUNNING:
+                self._settle(seq, step.event)
                 events += self._finish(seq, "stop")
         return events
+
+    def _settle(self, seq: Sequence, end) -> None:
+        """Read ``seq``'s marked stages into its timings, and its prefill's span up to ``end`` (the mark of the
+        step that finished it: the first token's, or a warmed prompt's last chunk's): the device has passed them."""
+        for name, a, b in seq.stage_marks:
+            setattr(seq.timings, name, getattr(seq.timings, name) + self.clock.seconds(a, b))
+        seq.stage_marks.clear()
+        if seq.prefill_mark is not None:
+            seq.timings.prefill = self.clock.seconds(seq.prefill_mark, end)
 
     def _poll_cancels(self, events: list[Event]) -> None:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:

@@ -27,6 +27,7 @@ from glyphserve.engine.prompt import PromptBuilder
 from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import Scheduler, SchedulerConfig
 from glyphserve.engine.sequence import Sequence, Status
+from glyphserve.engine.stage_clock import StageClock
 from glyphserve.engine.types import Answer, AnswerRequest, EngineConfig, StreamEvent
 from glyphserve.engine.vision import VisionEncoder, VisionRunner
 from glyphserve.errors import ConfigError, EngineOutOfMemoryError, GlyphserveError
@@ -97,9 +98,10 @@ class Engine:
         self.runner.allocate_kv(self.pool.num_blocks)
         self.scheduler = Scheduler(sched_config, self.pool)
         key_prefix = f"{self.name}|{self.dtype}|{self.params.fingerprint()}|"
-        encoder = VisionEncoder(self.vision, self.preprocessor, self.vision_cache, key_prefix, self._sync)
+        clock = StageClock(self.device)
+        encoder = VisionEncoder(self.vision, self.preprocessor, self.vision_cache, key_prefix, clock)
         graphs = config.cuda_graphs and cuda
-        self.core = EngineCore(self.runner, self.sampler, self.scheduler, encoder, self.device,
+        self.core = EngineCore(self.runner, self.sampler, self.scheduler, encoder, clock, self.device,
                                row_prefill=graphs if config.graph_prefill is None else config.graph_prefill)
         self.planner = Planner(self.model, self.tokenizer, self.prompts, self.params, max_context=self.max_context,
                                block_size=block_size, pool_tokens=(self.pool.num_blocks - 1) * block_size,

@@ -5,7 +5,9 @@ decode step otherwise pays between its ~430 launches (the gaps in a CUDA graph s
 profile-h200-s13.md).
 
 Our Triton kernels take a ``PDL`` flag (``pdl_enabled``): with it, every program waits first, then lets the next
-kernel launch (``begin``), so no load or store of a kernel can run before the one before it has finished. Inductor
+kernel launch (``begin``), so no load or store of a kernel can run before the one before it has finished; the
+one exception is the attention after the rotation (``begin_early``), which reads only what earlier kernels wrote
+before it waits. Inductor
 launches its own Triton kernels with PDL too (``enable_for_inductor``; torch >= 2.10): each waits before its first
 access to memory another kernel may have written and lets the next launch after its loads (a kernel after an opaque
 op, ours included, waits before anything). Kernels of other libraries (cuBLAS, PyTorch's own) launch as before, and
@@ -63,3 +65,12 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def begin_early(PDL: tl.constexpr):
+        """``begin`` for a short kernel whose successor has work that needs nothing of it or of the kernel before
+        it: the successor may launch at once, then this one waits (the rotation before the attention, which
+        starts the keys that earlier steps wrote on their way into L2 before it waits in turn)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()

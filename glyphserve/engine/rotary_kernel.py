@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from glyphserve.engine.pdl import begin, pdl_enabled
+from glyphserve.engine.pdl import begin_early, pdl_enabled
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _rotate_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, k_cache
                          stride_qkv, stride_cos,
                          H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, V_OUT: tl.constexpr, PDL: tl.constexpr):
-    begin(PDL)
+    begin_early(PDL)  # the attention after it launches at once, to prefetch the keys of earlier steps
     t = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)

@@ -13,6 +13,7 @@ import torch
 from glyphserve.engine.output import OutputState
 from glyphserve.engine.prompt import PromptTokens
 from glyphserve.engine.sampler import GREEDY_BELOW
+from glyphserve.engine.stage_clock import Mark
 from glyphserve.engine.types import AnswerRequest, CacheReport, GenerationSettings, Page, StageTimings
 
 
@@ -63,7 +64,10 @@ class Sequence:
     preemptions: int = 0
     timings: StageTimings = field(default_factory=StageTimings)
     cache: CacheReport = field(default_factory=CacheReport)
-    prefill_started: float = 0.0
+    # Device marks (``StageClock``): stage spans (name in ``timings``, start, end) not yet read, and the prefill's
+    # start (its admission, after its pages' vision work in the stream's order)
+    stage_marks: list[tuple[str, Mark, Mark]] = field(default_factory=list)
+    prefill_mark: Mark | None = None
     decode_started: float = 0.0
     peak_gpu_bytes: int | None = None
     out: OutputState | None = None  # text decoding, stop strings, logprobs

@@ -26,6 +26,9 @@ CASES = [
     Case("decode-group2", 4, 2, 32, 16, (5, 40, 0, 100), (1, 1, 1, 1), splits=3),
     Case("decode-group16", 32, 2, 128, 16, (300, 17, 1), (1, 1, 1), interpreted=False),
     Case("decode-group16-one-kv-head", 16, 1, 64, 16, (150, 17), (1, 1), splits=2),
+    # as many splits as one decode row gets on a GPU (most of them empty here): the combine step then takes each
+    # head in parts of its dimensions
+    Case("decode-many-splits-heads-in-parts", 16, 1, 64, 16, (700, 33), (1, 1), splits=40),
     Case("decode-group1-block32", 2, 2, 16, 32, (33, 64, 7), (1, 1, 1)),
     Case("mixed-prefill-decode", 4, 2, 32, 16, (70, 33, 0, 9), (5, 1, 2, 3), padding_rows=2, splits=2),
     Case("prefill-group16-block32", 32, 2, 128, 32, (130, 40), (20, 1), interpreted=False),

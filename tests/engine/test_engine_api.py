@@ -24,7 +24,9 @@ def test_stream_yields_deltas_then_the_answer(load_engine):
     assert answer.vision_tokens == 40 and answer.pages_used == 2
     assert answer.prompt_tokens == 4 + 2 * (20 + 2) + len(engine.tokenizer("Who?")["input_ids"]) + 2
     t = answer.timings
-    assert 0 < t.time_to_first_token <= t.total and t.prefill > 0 and t.vision_encode > 0
+    assert 0 < t.time_to_first_token <= t.total and t.prefill > 0 and t.vision_encode > 0 and t.preprocess > 0
+    # the stages are spans inside the time to the first token, one after another (read from marks once it came)
+    assert t.preprocess + t.vision_encode + t.prefill <= t.time_to_first_token
     assert answer.peak_gpu_bytes is None  # CPU
     # the answer text is what the reasoning parser makes of the decoded tokens
     parser = ReasoningParser()

@@ -45,7 +45,7 @@ from glyphserve.engine.rotary import rotate
 from glyphserve.engine.rotary_kernel import launch
 from tests.engine.test_rotary import case
 
-shapes = [(4, 2, 16, 4), (4, 2, 12, 4), (32, 2, 16, 4), (3, 1, 8, 2)]
+shapes = [(4, 2, 16, 4), (4, 2, 12, 4), (32, 2, 16, 4), (32, 2, 16, 8), (3, 1, 8, 2)]  # 8 heads: a prompt's launch
 for dtype in (torch.float32, torch.float16):
     for (heads, kv, dim, per_program), copy_values in itertools.product(shapes, (False, True)):
         qkv, cos, sin, k_cache, v_cache, slots = case(heads=heads, kv=kv, dim=dim, dtype=dtype)
