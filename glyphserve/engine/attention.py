@@ -422,8 +422,14 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, s
         GROUP=n_heads // kv_heads, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, MODE=mode,
-        LINE=max(1, 128 // k_cache.element_size()), num_warps=4, num_stages=3, launch_pdl=pdl,
+        LINE=line_values(head_dim, k_cache.element_size()), num_warps=4, num_stages=3, launch_pdl=pdl,
     )
+
+
+def line_values(head_dim: int, element_size: int) -> int:
+    """Values of a key's row in a 128-byte cache line (the attention kernel's prefetch step): the whole row when
+    it is shorter."""
+    return min(head_dim, 128 // element_size)
 
 
 def _combine(partials: tuple[Tensor, Tensor, Tensor], out: Tensor, rows: Tensor, splits: int) -> None:
@@ -463,10 +469,14 @@ if triton is not None:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
         MODE: tl.constexpr,  # SEQUENCES, OWN_KEYS or SHARED_KEYS (see paged_attention_rows)
-        LINE: tl.constexpr,  # values in a 128-byte line of the caches
+        LINE: tl.constexpr,  # values in a 128-byte line of the caches (a head's row, if shorter)
     ):
-        # Up to ``begin`` only what earlier kernels wrote is read (the step's metadata, the block tables): the
-        # kernel just before (the rotation that writes this step's queries and newest keys) may still run.
+        # Up to ``begin`` the kernel just before (the rotation, which writes this step's queries and newest keys)
+        # may still run, and so may the one before that: only what kernels before those wrote is read here (the
+        # step's metadata and block tables, copied or computed before the layers; each earlier kernel had finished
+        # when the rotation's predecessor passed its own wait), and it is used after the wait too, so a change that
+        # computed them right before the rotation would need the wait first. Programs without queries leave
+        # before waiting: they touch nothing.
         TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
         seq = tl.program_id(0) // query_tiles
         tile = tl.program_id(0) % query_tiles

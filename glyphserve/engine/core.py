@@ -390,7 +390,11 @@ class EngineCore:
                 events.append(self._fail(seq, exc))
         for seq in step.warmed:
             if seq.status is Status.RUNNING:
-                self._settle(seq, step.event)
+                try:
+                    self._settle(seq, step.event)
+                except Exception as exc:  # this request's own failure: the others go on
+                    events.append(self._fail(seq, exc))
+                    continue
                 events += self._finish(seq, "stop")
         return events
 

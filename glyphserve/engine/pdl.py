@@ -5,9 +5,10 @@ decode step otherwise pays between its ~430 launches (the gaps in a CUDA graph s
 profile-h200-s13.md).
 
 Our Triton kernels take a ``PDL`` flag (``pdl_enabled``): with it, every program waits first, then lets the next
-kernel launch (``begin``), so no load or store of a kernel can run before the one before it has finished; the
-one exception is the attention after the rotation (``begin_early``), which reads only what earlier kernels wrote
-before it waits. Inductor
+kernel launch (``begin``), so no load or store of a kernel can run before the one before it has finished. The
+exception is the paged attention: it launches at once after the rotation (``begin_early``) and, before it waits,
+reads only what kernels before those two wrote (and prefetches keys into L2); its programs without queries leave
+without waiting. Inductor
 launches its own Triton kernels with PDL too (``enable_for_inductor``; torch >= 2.10): each waits before its first
 access to memory another kernel may have written and lets the next launch after its loads (a kernel after an opaque
 op, ours included, waits before anything). Kernels of other libraries (cuBLAS, PyTorch's own) launch as before, and

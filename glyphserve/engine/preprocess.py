@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -127,10 +128,37 @@ os.register_at_fork(after_in_child=_page_pool.cache_clear)
 def _parallel(function, pages: list[Page]) -> list:
     """``function`` over the pages in the process's page threads (hashlib and PIL's decoders release the GIL).
     One pool for the process, not one a call: starting a call's threads took ~1 ms each on the 2-core VM, most of a
-    W50 request's 6 ms of planning (its 6 pages hashed in ~1 ms each)."""
+    W50 request's 6 ms of planning (its 6 pages hashed in ~1 ms each). The calling thread takes pages too, one at
+    a time from the same queue as the pool's threads: on an H200 host, a W200 request's 24 pages took 4 ms to hash
+    in a loop but 7-18 ms in a question's planning, while the pool's idle threads woke."""
     if len(pages) < 2:
         return [function(p) for p in pages]
-    return list(_page_pool().map(function, pages))
+    out: list = [None] * len(pages)
+    queue = iter(range(len(pages)))
+    lock = threading.Lock()
+    failed: list[tuple[int, BaseException]] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = None if failed else next(queue, None)  # after an error, no page more is begun
+            if i is None:
+                return
+            try:
+                out[i] = function(pages[i])
+            except BaseException as exc:
+                with lock:
+                    failed.append((i, exc))
+                return
+
+    helpers = [_page_pool().submit(work) for _ in range(min(PAGE_THREADS, len(pages) - 1))]
+    work()
+    for helper in helpers:
+        if not helper.cancel():  # one that never started (the pool busy with other calls) is not waited for
+            helper.result()  # work() raises nothing: a page's error is in ``failed``
+    if failed:
+        raise min(failed, key=lambda f: f[0])[1]  # the error of the first page that failed
+    return out
 
 
 def page_key(page: Page) -> str:
@@ -279,7 +307,9 @@ class PagePreprocessor:
             out = torch.empty((int(starts[-1]), 3 * t * p * p), dtype=self.dtype, device=self.device)
             for shape, idx in by_shape.items():
                 batch = resize_bicubic(torch.stack([pages[i] for i in idx]), *self.params.resized_shape(*shape))
-                rows = torch.tensor(starts[idx], dtype=torch.int64, device=self.device)
+                # pinned and asynchronous: a plain copy would wait for the device's work in flight (the tower
+                # encoding the batch before)
+                rows = torch.from_numpy(starts[idx].astype(np.int64)).pin_memory().to(self.device, non_blocking=True)
                 patchify(batch, self.lut, out, rows, p, m, t)
             return out
         chunks: list[torch.Tensor | None] = [None] * len(pages)

@@ -64,8 +64,9 @@ class Sequence:
     preemptions: int = 0
     timings: StageTimings = field(default_factory=StageTimings)
     cache: CacheReport = field(default_factory=CacheReport)
-    # Device marks (``StageClock``): stage spans (name in ``timings``, start, end) not yet read, and the prefill's
-    # start (its admission, after its pages' vision work in the stream's order)
+    # Device marks (``StageClock``), read at the first token: stage spans (name in ``timings``, start, end), and the
+    # prefill's start (its admission, after its first chunk's vision work in the stream's order; a later chunk's
+    # vision work falls inside the prefill's span)
     stage_marks: list[tuple[str, Mark, Mark]] = field(default_factory=list)
     prefill_mark: Mark | None = None
     decode_started: float = 0.0

@@ -27,10 +27,6 @@ class StageClock:
             return event
         return time.perf_counter()
 
-    def reached(self, mark: Mark) -> bool:
-        """Whether the device has passed ``mark`` (never waits)."""
-        return not self.cuda or mark.query()
-
     def seconds(self, start: Mark, end: Mark) -> float:
         """The span between two marks the device has passed."""
         if self.cuda:

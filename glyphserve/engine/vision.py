@@ -204,7 +204,8 @@ class VisionEncoder:
         """Make ``seq.features[page]`` available for every (sequence, page index) in ``wanted``; returns the
         sequences (by ``id``) one of whose pages could not be decoded, with the error: they cannot go on, the
         others are served all the same. The sequences' preprocess and vision stages are marked on the device's
-        clock (``StageClock``), read when their first token is: nothing here waits for the device."""
+        clock (``StageClock``) and read when their first token is: nothing here waits for the device's work in
+        flight (but a page shape's constants, made once, and the staging buffer's copy of the batch before)."""
         missing: dict[str, tuple[object, tuple[int, int, int]]] = {}
         waiting: list[tuple[object, int, str, bool]] = []
         found: dict[str, torch.Tensor] = {}
@@ -266,5 +267,6 @@ class VisionEncoder:
                 stored.add(key)
             seq.features[page] = feat
         for seq in {id(s): s for s, _ in wanted}.values():
-            seq.stage_marks += stages
+            if not seq.new_output:  # (pages encoded again after a preemption past its first token: not timed)
+                seq.stage_marks += stages
         return failed

@@ -134,3 +134,41 @@ def test_rows_op_checks_the_tiles_it_is_given():
     with pytest.raises(ValueError, match="tiles must be int32"):
         paged_attention_rows(*args, torch.zeros(n, dtype=torch.int32), torch.ones(n - 1, dtype=torch.int32),
                              rows.scale, out=torch.empty_like(rows.q))
+
+
+_ATTEND_ARGS = ["q_ptr", "k_ptr", "v_ptr", "tables_ptr", "seq_lens_ptr", "query_start_ptr", "key_start_ptr",
+                "part_max_ptr", "part_sum_ptr", "part_acc_ptr", "qk_scale", "q_stride_t", "q_stride_h",
+                "k_stride_b", "k_stride_s", "k_stride_h", "v_stride_b", "v_stride_s", "v_stride_h",
+                "tables_stride", "query_tiles", "splits", "n_heads", "part_splits", "part_offset"]
+
+
+@pytest.mark.parametrize("head_dim,dtype,mode", [(16, "fp32", 0), (32, "fp16", 0), (32, "bf16", 2), (64, "fp32", 1),
+                                                 (128, "bf16", 0)])
+def test_kernel_with_programmatic_dependent_launch_compiles_for_hopper(head_dim, dtype, mode):
+    """The kernel as a Hopper GPU runs it (PDL on: its key prefetch before the wait, which the interpreter never
+    runs), compiled here for sm_90 (no GPU needed), for heads whose rows are shorter than a 128-byte line too (the
+    tiny model's 32 values in 16 bits)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from glyphserve.engine.attention import _attend_kernel, line_values
+
+    element = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+    types = [f"*{dtype}"] * 3 + ["*i32"] * 4 + ["*fp32"] * 3 + ["fp32"] + ["i32"] * 14
+    signature = dict(zip(_ATTEND_ARGS, types))
+    group = 16
+    constants = dict(GROUP=group, GROUP_PAD=group, HEAD_DIM=head_dim, PAGE=16, BLOCK_M=16 if mode == 0 else 64,
+                     BLOCK_N=128 if mode == 0 else 64, PRECISION="ieee" if dtype == "fp32" else "tf32", PDL=True,
+                     MODE=mode, LINE=line_values(head_dim, element))
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    try:
+        kernel = triton.compile(ASTSource(fn=_attend_kernel, signature=signature, constexprs=constants),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    except RuntimeError as exc:  # a Triton without its CUDA tool chain (ptxas) cannot build for a GPU at all
+        if "ptxas" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    ptx = kernel.asm["ptx"]
+    assert "prefetch.global.L2" in ptx and "griddepcontrol.wait" in ptx
+    assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")  # the keys start before the wait

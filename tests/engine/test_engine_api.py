@@ -25,7 +25,8 @@ def test_stream_yields_deltas_then_the_answer(load_engine):
     assert answer.prompt_tokens == 4 + 2 * (20 + 2) + len(engine.tokenizer("Who?")["input_ids"]) + 2
     t = answer.timings
     assert 0 < t.time_to_first_token <= t.total and t.prefill > 0 and t.vision_encode > 0 and t.preprocess > 0
-    # the stages are spans inside the time to the first token, one after another (read from marks once it came)
+    # a prompt prefilled in one pass: its stages are spans inside the time to the first token, one after another
+    # (read from their marks once it came)
     assert t.preprocess + t.vision_encode + t.prefill <= t.time_to_first_token
     assert answer.peak_gpu_bytes is None  # CPU
     # the answer text is what the reasoning parser makes of the decoded tokens

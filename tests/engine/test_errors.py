@@ -264,3 +264,21 @@ def test_a_damaged_page_leaves_no_unwritten_blocks_in_the_prefix_cache(load_engi
 def test_a_context_the_model_cannot_hold_is_refused_at_load(load_engine, max_context, message):
     with pytest.raises(ConfigError, match=message):
         load_engine(max_context=max_context)
+
+
+def test_pages_encoded_a_batch_at_a_time_answer_alike_and_a_later_batch_s_damaged_page_fails_only_its_request(
+        load_engine):
+    """The vision encoder decodes, uploads and encodes a step's pages one tower batch at a time (the next batch's
+    host work overlapping the device's encoding): in batches of one page the answers are the same tokens, and a
+    damaged page in a later batch ends its own request after the earlier batches were encoded, not the other."""
+    settings = GenerationSettings(max_tokens=8, ignore_eos=True)
+    good = AnswerRequest(pages=PAGES[:3], question="Who?", settings=settings)
+    expected = load_engine().answer(good).token_ids
+    engine = load_engine(vision_batch_pages=1)
+    assert engine.answer(good).token_ids == expected
+    engine.clear_caches()
+    damaged = AnswerRequest(pages=[*PAGES[3:5], _damaged_page()], question="Where?", settings=settings)
+    events = list(engine.stream_batch([good, damaged]))
+    assert [i for i, e in events if e.channel == "error"] == [1]
+    assert [e.result.token_ids for i, e in events if e.channel == "done"] == [expected]
+    assert engine.stats()["kv_pool"]["in_use"] == 0

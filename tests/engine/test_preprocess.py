@@ -109,3 +109,49 @@ def test_unreadable_encoded_pages_are_refused():
         EncodedPage(data[: len(data) // 2], 112, 140).pixels()  # header intact, pixels cut off
     with pytest.raises(GlyphserveError, match="decodes to 140x112 px, not the 112x112"):
         EncodedPage(data, 112, 112).pixels()
+
+
+def test_page_work_goes_on_while_the_page_threads_are_busy_and_reports_the_first_failure():
+    """The calling thread takes pages itself: with every page thread busy elsewhere (another request's pages) a
+    call still finishes, and does not wait for helpers that never started. A page that fails raises its error
+    (the first failing page's, when several fail), and no page is begun after it."""
+    import threading
+
+    from glyphserve.engine.preprocess import PAGE_THREADS, _page_pool, _parallel
+
+    release = threading.Event()
+    started = threading.Barrier(PAGE_THREADS + 1)
+
+    def hold(_):
+        started.wait()
+        release.wait(30)
+
+    busy = [_page_pool().submit(hold, i) for i in range(PAGE_THREADS)]
+    started.wait()  # every page thread is held
+    try:
+        assert _parallel(lambda x: x * 2, list(range(5))) == [0, 2, 4, 6, 8]
+    finally:
+        release.set()
+        for f in busy:
+            f.result()
+
+    seen = []
+
+    def fragile(x):
+        seen.append(x)
+        if x in (3, 7):
+            raise ValueError(f"page {x}")
+        return x
+
+    with pytest.raises(ValueError, match="page 3"):  # one thread alone (the pool held): pages in order, 3 first
+        release.clear()
+        busy = [_page_pool().submit(hold, i) for i in range(PAGE_THREADS)]
+        started.wait()
+        try:
+            _parallel(fragile, list(range(10)))
+        finally:
+            release.set()
+            for f in busy:
+                f.result()
+    assert seen == [0, 1, 2, 3]  # nothing begun after the failure
+    assert _parallel(lambda x: x + 1, list(range(40))) == list(range(1, 41))  # the pool works as before
