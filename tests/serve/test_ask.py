@@ -120,6 +120,13 @@ def test_ask_streams_and_reports_json(tiny_model_dir, story, capsys):
 
 @needs_render
 def test_ask_chat_reads_follow_ups_until_eof(tiny_model_dir, story, capsys, monkeypatch):
+    """Each question is answered over the conversation so far, the document's prefix reused; its pages' pixels
+    are hashed once for the chat, not once a question."""
+    import glyphserve.engine.preprocess as preprocess
+
+    hashed = []
+    digest = preprocess.page_digest
+    monkeypatch.setattr(preprocess, "page_digest", lambda page: hashed.append(page.shape) or digest(page))
     monkeypatch.setattr("sys.stdin", io.StringIO("Why?\n\nWhere?\n"))
     args = [*ask_args(tiny_model_dir, story, 6), "--chat", "--json"]
     assert main(args) == 0
@@ -127,6 +134,7 @@ def test_ask_chat_reads_follow_ups_until_eof(tiny_model_dir, story, capsys, monk
     assert len(lines) == 3 and [line["question"] for line in lines[1:]] == ["Why?", "Where?"]
     assert lines[1]["cache"]["prefix_reused_tokens"] > 0 and lines[2]["cache"]["prefix_reused_tokens"] > 0
     assert lines[2]["prompt_tokens"] > lines[1]["prompt_tokens"] > lines[0]["prompt_tokens"] - 10
+    assert 0 < len(hashed) == max(line["pages_used"] for line in lines)  # each rendered page once
 
 
 @needs_render
