@@ -27,6 +27,7 @@ from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import NeedsDrain, Scheduler, StepPlan
 from glyphserve.engine.sequence import Sequence, Status
 from glyphserve.engine.stage_clock import Mark, StageClock
+from glyphserve.engine.transfer import to_device
 from glyphserve.engine.types import TokenLogprob
 from glyphserve.engine.vision import VisionEncoder
 from glyphserve.errors import GlyphserveError
@@ -196,8 +197,8 @@ class EngineCore:
         warmed = [c.seq for c in plan.chunks if c.seq.request.warm and c.end == c.seq.total_tokens]
         if not sampled:
             return Launched([], torch.empty(0, dtype=torch.long), None, self.clock.mark(), warmed, not plan.chunks)
-        slots_dev = self._to_device(slots)
-        tokens, logprobs = self.sampler(logits, slots_dev, self._to_device(answer_pos), self.sampler.rows(slots),
+        slots_dev = to_device(slots, self.device)
+        tokens, logprobs = self.sampler(logits, slots_dev, to_device(answer_pos, self.device), self.sampler.rows(slots),
                                         tokens=greedy)
         self.runner.last_token.index_copy_(0, slots_dev, tokens)
         return Launched(sampled, self._to_host(tokens), None if logprobs is None else
@@ -309,7 +310,7 @@ class EngineCore:
         dev = self.device
         tokens = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         if n_dec:
-            tokens = torch.cat([self.runner.last_token[self._to_device(decode[0])], tokens])
+            tokens = torch.cat([self.runner.last_token[to_device(decode[0], self.device)], tokens])
         with torch.inference_mode():
             embeds = self.runner.embed(tokens)
             for at, feats in placed:
@@ -318,27 +319,21 @@ class EngineCore:
         inputs = StepInputs(
             embeds=embeds,
             positions=torch.cat(positions, dim=1).to(dev, non_blocking=True),
-            slot_mapping=self._to_device(np.concatenate(kv_slots)),
+            slot_mapping=to_device(np.concatenate(kv_slots), self.device),
             dense=dense,
             logits_index=torch.tensor(logits_index, dtype=torch.long).to(dev, non_blocking=True),
         )
         if paged:
             lens = [1] * n_dec + [c.end - c.start for c in short]
             inputs.paged_tokens = sum(lens)
-            slots = self._to_device(np.fromiter((s.slot for s in paged), dtype=np.int64, count=len(paged)))
+            slots = to_device(np.fromiter((s.slot for s in paged), dtype=np.int64, count=len(paged)), self.device)
             inputs.block_tables = self.runner.block_tables[slots]
             seq_lens = list(decode[5]) + [c.end for c in short]
             inputs.seq_lens = torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True)
             # pinned and asynchronous: a plain copy would wait for the step in flight
-            inputs.query_start = self._to_device(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+            inputs.query_start = to_device(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32), self.device)
             inputs.max_query_len = max(lens)
         return inputs, sampled
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(array))
-        if self.cuda:
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if not self.cuda:

@@ -8,12 +8,11 @@ Our Triton kernels take a ``PDL`` flag (``pdl_enabled``): with it, every program
 kernel launch (``begin``), so no load or store of a kernel can run before the one before it has finished. The
 exception is the paged attention: it launches at once after the rotation (``begin_early``) and, before it waits,
 reads only what kernels before those two wrote (and prefetches keys into L2); its programs without queries leave
-without waiting. Inductor
-launches its own Triton kernels with PDL too (``enable_for_inductor``; torch >= 2.10): each waits before its first
-access to memory another kernel may have written and lets the next launch after its loads (a kernel after an opaque
-op, ours included, waits before anything). Kernels of other libraries (cuBLAS, PyTorch's own) launch as before, and
-a PDL kernel after one of them waits as a plain launch would. ``GLYPHSERVE_PDL=0`` (read once per process) turns it
-off for our kernels and Inductor's.
+without waiting. Inductor launches its own Triton kernels with PDL too (``enable_for_inductor``; torch >= 2.10):
+each waits before its first access to memory another kernel may have written and lets the next launch after its
+loads (a kernel after an opaque op, ours included, waits before anything). Kernels of other libraries (cuBLAS,
+PyTorch's own) launch as before, and a PDL kernel after one of them waits as a plain launch would.
+``GLYPHSERVE_PDL=0`` (read once per process) turns it off for our kernels and Inductor's.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from glyphserve.engine.resize import BICUBIC, resize_bicubic
+from glyphserve.engine.transfer import to_device
 from glyphserve.engine.types import EncodedPage, Page
 from glyphserve.errors import ConfigError, GlyphserveError
 from glyphserve.glm4v import smart_resize
@@ -307,9 +308,7 @@ class PagePreprocessor:
             out = torch.empty((int(starts[-1]), 3 * t * p * p), dtype=self.dtype, device=self.device)
             for shape, idx in by_shape.items():
                 batch = resize_bicubic(torch.stack([pages[i] for i in idx]), *self.params.resized_shape(*shape))
-                # pinned and asynchronous: a plain copy would wait for the device's work in flight (the tower
-                # encoding the batch before)
-                rows = torch.from_numpy(starts[idx].astype(np.int64)).pin_memory().to(self.device, non_blocking=True)
+                rows = to_device(starts[idx].astype(np.int64), self.device)  # not waiting for the tower's batch before
                 patchify(batch, self.lut, out, rows, p, m, t)
             return out
         chunks: list[torch.Tensor | None] = [None] * len(pages)

@@ -23,8 +23,9 @@ except ImportError:  # the HF arithmetic only
     triton = None
 
 HEADS_PER_PROGRAM = 4  # GLM-4.1V's 32 + 2 + 2 heads: 9 programs a token, so a decode step's token is not one SM's
-# From this many rows (a prompt's pass, or a graph step of as many rows), 8 heads a program: on an H200 a W200 prompt's 15,360 tokens took 125 us a layer
-# against 169 with 4 (143 with 16), 3,840 tokens 32 against 43; one token 1.35 us against 1.23 (kernels20 probe).
+# From this many rows (a prompt's pass, or a graph step of as many rows), 8 heads a program: on an H200 a W200
+# prompt's 15,360 tokens took 125 us a layer against 169 with 4 (143 with 16), 3,840 tokens 32 against 43; one
+# token 1.35 us against 1.23 (experiments-h200-s20.json, run 3).
 WIDE_FROM_TOKENS, WIDE_HEADS_PER_PROGRAM = 256, 8
 VISION_HEADS_PER_PROGRAM = 4  # the vision tower's 12 heads: 3 programs a token
 
