@@ -32,11 +32,15 @@ more splits than loop steps in the block table's capacity, and at most ``_MAX_SP
 H200 (GLM shapes, 4,096 keys a row, every split count from 1 to 64 tried): the best counts were 32 for 1 row, 16
 for 8, 4 for 32, 2 for 64 and 1 for 128 rows, i.e. ~256 programs for 132 SMs, with 8-25% lost one step away
 (consistent with waves: more programs leave a tail, fewer leave SMs idle); 1 row of 16k or 32k keys ran
-fastest with 128 splits (of 64, 128, 256). Inside the kernel a split's share is
+fastest with 128 splits (of 64, 128, 256), and inside a decode layer (CUDA graph, the rotation before and the
+output projection after) one row's 132 splits (two programs an SM) beat 128 by ~0.4 us a layer at 15k keys
+(experiments-h200-s21.json). Inside the kernel a split's share is
 cut from the sequence's *actual* length (``seq_lens`` is read on the device), so one launch spreads a 4k-token
 and a 30k-token row evenly over its programs; a split with no keys writes only an empty max/sum, and the combine
 step skips its accumulator. Decode loop steps of 128 keys with 4 warps and 3 pipeline stages were the fastest
-of 18 tried (32/64/128 keys x 4/8 warps x 2/3/4 stages). Short prefills use tiles of 64 rows (4 query tokens x
+of 18 tried alone (32/64/128 keys x 4/8 warps x 2/3/4 stages); but where a split holds about one step (64 splits
+or more: one or two rows), one stage is faster inside a decode layer: 1.2-1.7 us a layer at W200's 15k keys, 0.2-0.4
+at W50's 3.9k (a pipelined loop's prologue with nothing to overlap). Short prefills use tiles of 64 rows (4 query tokens x
 16 heads) and steps of 64 keys (1 x 4,096 + 128 queries: 56 us against 71 with 128-key steps and 102 with
 16-row tiles); the same split rule picked the best count there too. ``max_query_len`` sets the query tiles per
 sequence (programs past a sequence's own queries exit at once) and so lowers the split count: a decode-only
@@ -80,7 +84,8 @@ except ImportError:  # macOS, Arm: the reference path only
     triton = None
 
 _PROGRAMS_PER_SM = 2  # attention programs per SM that the split count aims for (measured best, see above)
-_MAX_SPLITS = 128
+_MAX_SPLITS = 256
+_ONE_STAGE_FROM_SPLITS = 64  # decode plans with this many splits or more run their loop unpipelined
 _COMBINE_DIMS = 32  # dimensions of a head a combine program takes when a row has many splits (a 128-byte row)
 _COMBINE_SPLIT_FROM = 32  # padded split counts from which it does
 _DECODE_BLOCK_N = 128  # keys per loop step with one query per sequence
@@ -360,6 +365,11 @@ class LaunchPlan:
     query_tiles: int  # programs per sequence and KV head along its queries
     splits: int  # programs per sequence and KV head along its keys
 
+    @property
+    def stages(self) -> int:
+        """Software pipeline stages of the kernel's loop: one where decode rows' splits hold about one step each."""
+        return 1 if self.block_n == _DECODE_BLOCK_N and self.splits >= _ONE_STAGE_FROM_SPLITS else 3
+
 
 def plan_launch(n_seqs: int, n_heads: int, kv_heads: int, max_query_len: int, key_capacity: int,
                 sm_count: int) -> LaunchPlan:
@@ -422,7 +432,7 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, s
         GROUP=n_heads // kv_heads, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, MODE=mode,
-        LINE=line_values(head_dim, k_cache.element_size()), num_warps=4, num_stages=3, launch_pdl=pdl,
+        LINE=line_values(head_dim, k_cache.element_size()), num_warps=4, num_stages=plan.stages, launch_pdl=pdl,
     )
 
 
