@@ -5,11 +5,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from glyphserve.engine.kv_pool import block_hashes
 from glyphserve.engine.output import OutputState
 from glyphserve.engine.prompt import PromptTokens
 from glyphserve.engine.sampler import GREEDY_BELOW
@@ -41,7 +43,8 @@ class Sequence:
     seq_id: int
     request: AnswerRequest
     pages: list[Page]
-    page_keys: list[str]  # identity of each page: vision-feature key and block-hash material
+    page_keys: list[str | None]  # identity of each page: vision-feature key and block-hash material (None: not
+    # known yet, see ``keys_pending``, or not needed: the request does not use the caches)
     prompt: PromptTokens
     positions: torch.Tensor  # [3, L] M-RoPE positions of the prompt (CPU)
     rope_delta: int  # position of generated token i is len(prompt) + i + rope_delta on all three axes
@@ -57,7 +60,11 @@ class Sequence:
     num_cached: int = 0  # prompt tokens found in the pool at admission
     scheduled_outputs: int = 0  # generated tokens whose step has been launched
     output: list[int] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)  # of the prompt's full blocks (empty without caching)
+    hashes: list[bytes] = field(default_factory=list)  # of the prompt's full blocks (empty without caching), up
+    # to the first page whose key is not known yet
+    hashed: bool = False  # its prompt's blocks are hashed (prefix caching on, and the request uses the caches)
+    keys_pending: Future | None = None  # the keys of its None page_keys, being computed (``fingerprints``)
+    unkeyed_features: list[int] = field(default_factory=list)  # pages encoded before their keys were known
     published: int = 0  # blocks [0, published) hold the hashed prefix; only they are marked ready
     finish_reason: str | None = None  # set when it finishes, or when planned (resumed tokens that end the answer)
     stop_reason: str | int | None = None
@@ -137,9 +144,32 @@ class Sequence:
         return runs
 
     def identities(self) -> np.ndarray:
-        """One int64 per prompt token for block hashing: text token ids, and for each page's vision tokens its
-        identity plus the token's offset (the same pages in the same place give the same hashes)."""
+        """One int64 per prompt token for block hashing, up to the first page whose key is not known: text token
+        ids, and for each page's vision tokens its identity plus the token's offset (the same pages in the same
+        place give the same hashes)."""
         ids = np.asarray(self.prompt.ids, dtype=np.int64)
         for key, offset, count in zip(self.page_keys, self.image_offsets, self.page_tokens):
+            if key is None:
+                return ids[:offset]
             ids[offset : offset + count] = page_identity_base(key) + np.arange(count, dtype=np.int64)
         return ids
+
+    def prefix_hashes(self, block_size: int) -> list[bytes]:
+        """``kv_pool.block_hashes`` of ``identities``."""
+        return block_hashes(self.identities(), block_size)
+
+    def settle_keys(self, block_size: int) -> bool:
+        """Wait for the page keys computed in the background (if any; they were started at planning, so they are
+        usually there) and take them, with the block hashes they complete; True if there were any."""
+        if self.keys_pending is None:
+            return False
+        try:
+            computed = iter(self.keys_pending.result())
+        except Exception:  # (validated arrays: not seen) the pages stay unkeyed: nothing of it is cached
+            self.keys_pending = None
+            return False
+        self.page_keys = [key if key is not None else next(computed) for key in self.page_keys]
+        self.keys_pending = None
+        if self.hashed:
+            self.hashes = self.prefix_hashes(block_size)
+        return True
