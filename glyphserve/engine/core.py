@@ -210,12 +210,11 @@ class EngineCore:
                         tuple(self._to_host(t) for t in logprobs), self.clock.mark(), warmed, not plan.chunks)
 
     def _settle_keys(self, seqs: list[Sequence]) -> None:
-        """Take the page keys of ``seqs`` that were computed in the background (``fingerprints``): their blocks
-        and vision features are stored under them from now on. A request alone with its pages in a step settles
-        once those pages are on their way through the vision tower, so the device has work while the host waits
-        for a key still being hashed; pages of several requests in one step are keyed before they are encoded
-        (a page they share is encoded once); a sequence whose chunk holds none of its pages waits for a step
-        that does, or for its last chunk."""
+        """Compute the page keys ``seqs`` left for later at planning (``fingerprints``): their blocks and vision
+        features are stored under them from now on. A request alone with its pages in a step is keyed once those
+        pages are on their way through the vision tower, so the host hashes while the device encodes; pages of
+        several requests in one step are keyed before they are encoded (a page they share is encoded once); a
+        sequence whose chunk holds none of its pages waits for a step that does, or for its last chunk."""
         for seq in seqs:
             self.scheduler.settle(seq)
             self.vision.store(seq)

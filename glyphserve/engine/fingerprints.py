@@ -1,5 +1,5 @@
 """Which pixel pages an engine has seen, by a cheap sparse fingerprint, so that pages it has never seen are keyed
-in the background instead of before their request's first step.
+once the device has their request's work, instead of before their request's first step.
 
 A pixel page's identity in the engine's caches is the SHA-256 of all its pixels (``preprocess.page_digest``). A
 W200 request's 24 pages are 36 MB: hashed in 4 ms by an H200 host's threads in a loop, 7-18 ms inside a question's
@@ -7,8 +7,10 @@ planning (twentieth session), all of it before the request's first step could st
 engine has never hashed cannot be in its caches: its vision features and KV are computed either way, and its key
 is needed only to store them for later. So the planner first fingerprints a request's pixel pages (the shape and
 ``SAMPLES`` values at fixed places, blake2b; tens of microseconds a page); when none of them was seen before, their
-full hashes are computed on the page threads while the request's first step runs (``Sequence.keys_pending``) and
-its blocks and features are stored under them once known (``EngineCore._settle_keys``). A fingerprint seen before
+full hashes wait (``PendingKeys``) until the request's first step has its pages on their way through the vision
+tower (``EngineCore._settle_keys``): then they are computed while the device encodes, and its blocks and features
+are stored under them. (Hashing them on the page threads from planning on instead gained ~1 ms of a W200
+question's 4-5 ms on an H200 host: the threads slowed the pages' copies to the device.) A fingerprint seen before
 (the same page again, or a page that shares it) means the full hashes now, as always: identity is only ever the
 full hash, a fingerprint only decides when it is computed, so a collision costs time, never a wrong answer.
 """
@@ -19,11 +21,10 @@ import functools
 import hashlib
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
 
 import numpy as np
 
-from glyphserve.engine.preprocess import page_keys, page_pool
+from glyphserve.engine.preprocess import page_keys
 from glyphserve.engine.types import EncodedPage, Page
 
 SAMPLES = 4096  # pixel values a fingerprint reads (two text pages differ in far more places than it could miss)
@@ -48,6 +49,21 @@ def fingerprint(page: np.ndarray) -> bytes:
     return h.digest()
 
 
+class PendingKeys:
+    """The keys of a request's pixel pages, hashed when first asked for (thread-safe)."""
+
+    def __init__(self, pages: list[np.ndarray]):
+        self._pages: list[np.ndarray] | None = pages
+        self._keys: list[str] = []
+        self._lock = threading.Lock()
+
+    def result(self) -> list[str]:
+        with self._lock:
+            if self._pages is not None:
+                self._keys, self._pages = page_keys(self._pages), None
+            return self._keys
+
+
 class PageFingerprints:
     """The fingerprints of the pixel pages an engine planned (thread-safe: requests are planned on several
     threads)."""
@@ -61,10 +77,10 @@ class PageFingerprints:
         with self._lock:
             self._seen.clear()
 
-    def keys(self, pages: list[Page]) -> tuple[list[str | None], Future | None]:
+    def keys(self, pages: list[Page]) -> tuple[list[str | None], PendingKeys | None]:
         """The pages' keys (``preprocess.page_key``), or, when the request has pixel pages and none was seen
-        before, the encoded pages' keys with None for the pixel pages and a future of the pixel pages' keys
-        (in order), computed on the page threads. Either way the pixel pages count as seen from now on."""
+        before, the encoded pages' keys with None for the pixel pages, and the pixel pages' keys (in order) to
+        compute later. Either way the pixel pages count as seen from now on."""
         pixels = [i for i, p in enumerate(pages) if not isinstance(p, EncodedPage)]
         prints = [fingerprint(pages[i]) for i in pixels]
         with self._lock:
@@ -77,4 +93,4 @@ class PageFingerprints:
         if not fresh:
             return page_keys(pages), None
         keys: list[str | None] = [p.key() if isinstance(p, EncodedPage) else None for p in pages]
-        return keys, page_pool().submit(page_keys, [pages[i] for i in pixels])
+        return keys, PendingKeys([pages[i] for i in pixels])

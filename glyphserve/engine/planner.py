@@ -3,7 +3,7 @@
 Everything a request needs before it can be scheduled is computed here, once: the prompt tokens (the chat
 template with one vision token per merged patch), their M-RoPE positions exactly as the HF model computes them,
 each page's identity (its key when the caller gives one; otherwise a hash of the encoded bytes or of the
-pixels, so no page is decoded here; pixel pages the engine never saw are hashed in the background, see
+pixels, so no page is decoded here; pixel pages the engine never saw are hashed once their first step runs, see
 ``fingerprints``), and the content hashes of the prompt's full KV blocks (those before such pages, until their
 keys are known).
 """
@@ -79,7 +79,7 @@ class Planner:
         self._ids = itertools.count()  # requests are planned on several threads
         self._heads: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # document prefix -> its positions
         self._heads_lock = threading.Lock()  # requests are planned on the callers' threads and the engine's
-        self.fingerprints = PageFingerprints()  # pixel pages planned before: new ones are keyed in the background
+        self.fingerprints = PageFingerprints()  # pixel pages planned before: new ones are keyed later
 
     def plan(self, request: AnswerRequest) -> Sequence:
         settings = request.settings

@@ -208,7 +208,7 @@ class Scheduler:
         return True
 
     def settle(self, seq: Sequence, plan: StepPlan | None = None) -> bool:
-        """Take ``seq``'s page keys computed in the background (``fingerprints``; waits for them) and publish the
+        """Compute ``seq``'s page keys left for later at planning (``fingerprints``) and publish the
         blocks its hashes now reach past those published at its admission (they stopped at the first of those
         pages), the blocks its scheduled chunks fill (``plan``'s included) as ready; True if it had such keys.
         Its pages were new to the engine, so another sequence rarely holds these prefixes already; where one

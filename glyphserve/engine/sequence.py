@@ -5,12 +5,12 @@ from __future__ import annotations
 import enum
 import hashlib
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from glyphserve.engine.fingerprints import PendingKeys
 from glyphserve.engine.kv_pool import block_hashes
 from glyphserve.engine.output import OutputState
 from glyphserve.engine.prompt import PromptTokens
@@ -63,7 +63,7 @@ class Sequence:
     hashes: list[bytes] = field(default_factory=list)  # of the prompt's full blocks (empty without caching), up
     # to the first page whose key is not known yet
     hashed: bool = False  # its prompt's blocks are hashed (prefix caching on, and the request uses the caches)
-    keys_pending: Future | None = None  # the keys of its None page_keys, being computed (``fingerprints``)
+    keys_pending: PendingKeys | None = None  # the keys of its None page_keys, not computed yet (``fingerprints``)
     unkeyed_features: list[int] = field(default_factory=list)  # pages encoded before their keys were known
     published: int = 0  # blocks [0, published) hold the hashed prefix; only they are marked ready
     finish_reason: str | None = None  # set when it finishes, or when planned (resumed tokens that end the answer)
@@ -159,13 +159,13 @@ class Sequence:
         return block_hashes(self.identities(), block_size)
 
     def settle_keys(self, block_size: int) -> bool:
-        """Wait for the page keys computed in the background (if any; they were started at planning, so they are
-        usually there) and take them, with the block hashes they complete; True if there were any."""
+        """Compute the page keys left for later at planning (if any) and take them, with the block hashes they
+        complete; True if there were any."""
         if self.keys_pending is None:
             return False
         try:
             computed = iter(self.keys_pending.result())
-        except Exception:  # (validated arrays: not seen) the pages stay unkeyed: nothing of it is cached
+        except Exception:  # (validated arrays: not seen) the pages stay unkeyed: nothing of theirs is cached
             self.keys_pending = None
             return False
         self.page_keys = [key if key is not None else next(computed) for key in self.page_keys]

@@ -1,5 +1,5 @@
-"""Pixel pages the engine never saw are keyed in the background: the keys, hashes, cached blocks and features
-end up as if they had been computed at planning."""
+"""Pixel pages the engine never saw are keyed once their request's first step runs: the keys, hashes, cached
+blocks and features end up as if they had been computed at planning."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_fingerprint_reads_the_values_at_fixed_places_of_any_layout():
     assert fingerprint(page[:119]) != fingerprint(page[1:])  # another shape: other places, and the shape itself
 
 
-def test_new_pixel_pages_are_keyed_in_the_background_and_seen_ones_at_once(pages):
+def test_new_pixel_pages_are_keyed_later_and_seen_ones_at_once(pages):
     prints = PageFingerprints()
     encoded = EncodedPage(b"\x89PNG not decoded here", 10, 10)
     keys, pending = prints.keys([pages[0], encoded, pages[1]])
@@ -88,7 +88,7 @@ def test_uncached_requests_hash_no_page(load_engine, pages, monkeypatch):
     assert answer.new_tokens == N and hashed == []
 
 
-def test_a_follow_up_finds_the_blocks_and_features_of_pages_keyed_in_the_background(load_engine, reference, pages):
+def test_a_follow_up_finds_the_blocks_and_features_of_pages_keyed_later(load_engine, reference, pages):
     engine = load_engine()
     first = engine.answer(request(pages, "Who?"))
     assert first.cache.vision_misses == 2 and first.cache.prefix_reused_tokens == 0
@@ -100,7 +100,7 @@ def test_a_follow_up_finds_the_blocks_and_features_of_pages_keyed_in_the_backgro
     keyed = engine.answer(request(pages, "Why?", page_keys=page_keys(pages)))  # the keys planning computes
     assert keyed.cache.prefix_reused_tokens == follow.cache.prefix_reused_tokens
     engine.clear_caches(vision=False)
-    again = engine.answer(request(pages, "Who?"))  # features stored under the keys computed in the background
+    again = engine.answer(request(pages, "Who?"))  # features stored under the keys computed later
     assert (again.cache.vision_hits, again.cache.vision_misses, again.token_ids) == (2, 0, first.token_ids)
 
 
