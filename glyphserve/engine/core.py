@@ -147,9 +147,6 @@ class EngineCore:
         could not be decoded; those requests end with an error in ``events``)."""
         if plan.chunks:
             wanted = [(c.seq, run[0]) for c in plan.chunks for run in c.seq.image_runs(c.start, c.end)]
-            showing = {id(seq): seq for seq, _ in wanted}
-            if len(showing) > 1:  # pages of several requests: encoded once for all of them, by their keys
-                self._settle_keys(list(showing.values()))
             failed = self.vision.provide(wanted)
             if failed:  # a damaged page ends only its own request
                 requeued = self.scheduler.withdraw(plan, [c for c in plan.chunks if id(c.seq) in failed])
@@ -160,8 +157,6 @@ class EngineCore:
                 plan.admitted = [s for s in plan.admitted if id(s) not in out]
             if plan.empty:
                 return None
-            self._settle_keys([c.seq for c in plan.chunks if c.seq.image_runs(c.start, c.end)
-                               or c.end >= c.seq.prompt_len])
         for seq in plan.admitted:
             self.sampler.admit(seq.slot, seq.settings, seq.prompt.ids, seq.seed, seq.greedy, seq.output)
             if seq.prefill_mark is None:
@@ -208,16 +203,6 @@ class EngineCore:
         self.runner.last_token.index_copy_(0, slots_dev, tokens)
         return Launched(sampled, self._to_host(tokens), None if logprobs is None else
                         tuple(self._to_host(t) for t in logprobs), self.clock.mark(), warmed, not plan.chunks)
-
-    def _settle_keys(self, seqs: list[Sequence]) -> None:
-        """Compute the page keys ``seqs`` left for later at planning (``fingerprints``): their blocks and vision
-        features are stored under them from now on. A request alone with its pages in a step is keyed once those
-        pages are on their way through the vision tower, so the host hashes while the device encodes; pages of
-        several requests in one step are keyed before they are encoded (a page they share is encoded once); a
-        sequence whose chunk holds none of its pages waits for a step that does, or for its last chunk."""
-        for seq in seqs:
-            self.scheduler.settle(seq)
-            self.vision.store(seq)
 
     def _decode_rows(self, decode: list[Sequence]) -> np.ndarray:
         """[META_ROWS, n] per decode row: slot, rope positions, KV slot, KV length, input token (its last sampled

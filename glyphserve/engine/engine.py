@@ -237,8 +237,6 @@ class Engine:
                 self.vision_cache.clear()
             if prefix:
                 self.pool.clear()
-            if vision and prefix:  # no page is cached now: every page counts as new (``fingerprints``)
-                self.planner.fingerprints.clear()
 
     def vision_tokens(self, page_shape: tuple[int, int]) -> int:
         """Tokens the model spends on a page of (height, width) pixels."""

@@ -3,9 +3,7 @@
 Everything a request needs before it can be scheduled is computed here, once: the prompt tokens (the chat
 template with one vision token per merged patch), their M-RoPE positions exactly as the HF model computes them,
 each page's identity (its key when the caller gives one; otherwise a hash of the encoded bytes or of the
-pixels, so no page is decoded here; pixel pages the engine never saw are hashed once their first step runs, see
-``fingerprints``), and the content hashes of the prompt's full KV blocks (those before such pages, until their
-keys are known).
+pixels, so no page is decoded here), and the content hashes of the prompt's full KV blocks.
 """
 
 from __future__ import annotations
@@ -18,9 +16,9 @@ from collections import OrderedDict
 
 import torch
 
-from glyphserve.engine.fingerprints import PageFingerprints
+from glyphserve.engine.kv_pool import block_hashes
 from glyphserve.engine.output import OutputState
-from glyphserve.engine.preprocess import PreprocessParams, check_page
+from glyphserve.engine.preprocess import PreprocessParams, check_page, page_keys
 from glyphserve.engine.prompt import PromptBuilder, PromptTokens, conversation
 from glyphserve.engine.sampler import MAX_LOGPROBS
 from glyphserve.engine.sequence import Sequence
@@ -79,7 +77,6 @@ class Planner:
         self._ids = itertools.count()  # requests are planned on several threads
         self._heads: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # document prefix -> its positions
         self._heads_lock = threading.Lock()  # requests are planned on the callers' threads and the engine's
-        self.fingerprints = PageFingerprints()  # pixel pages planned before: new ones are keyed later
 
     def plan(self, request: AnswerRequest) -> Sequence:
         settings = request.settings
@@ -97,6 +94,7 @@ class Planner:
         if request.page_keys is not None and len(request.page_keys) != len(request.pages):
             raise GlyphserveError("page_keys must name every page")
         pages = list(request.pages)
+        keys = list(request.page_keys) if request.page_keys is not None else page_keys(pages)
         grids = [self.params.grid(*p.shape[:2]) for p in pages]
         question = "" if request.warm else request.question
         labels = request.page_labels
@@ -115,7 +113,7 @@ class Planner:
                 fit -= 1
             if len(prompt.ids) > budget:
                 raise self._overflow(prompt, 0, new_tokens)
-            pages, grids, labels = pages[:fit], grids[:fit], kept
+            pages, keys, grids, labels = pages[:fit], keys[:fit], grids[:fit], kept
         if request.warm:  # only the document prefix is computed
             prompt = PromptTokens(prompt.ids[: prompt.prefix_len], prompt.prefix_len, prompt.image_grids)
         need = -(-(len(prompt.ids) + new_tokens + 1) // self.block_size) * self.block_size
@@ -132,18 +130,9 @@ class Planner:
             i = prompt.ids.index(image_id, i)
             offsets.append(i)
             i += count
-        pending = None
-        if request.page_keys is not None:
-            keys = list(request.page_keys[: len(pages)])
-        elif settings.use_cache:
-            keys, pending = self.fingerprints.keys(pages)
-        else:  # nothing is looked up or stored by page: no hashing
-            keys = [None] * len(pages)
         seq = Sequence(next(self._ids), request, pages, keys, prompt, positions, delta, page_tokens, offsets)
-        seq.keys_pending = pending
         if settings.use_cache and self.prefix_caching:
-            seq.hashed = True
-            seq.hashes = seq.prefix_hashes(self.block_size)
+            seq.hashes = block_hashes(seq.identities(), self.block_size)
         stops = set() if settings.ignore_eos else set(self.stop_ids)
         seq.out = OutputState(self.tokenizer, settings, frozenset(stops | set(settings.stop_token_ids)))
         seed = settings.seed if settings.seed is not None else secrets.randbits(63)

@@ -118,12 +118,12 @@ PAGE_THREADS = 8  # threads that hash and decode pages, shared by every request 
 
 
 @functools.cache
-def page_pool() -> ThreadPoolExecutor:
+def _page_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(PAGE_THREADS, thread_name_prefix="glyphserve-page")
 
 
 # A forked child inherits the pool without its threads (it would wait on them for ever): it starts its own.
-os.register_at_fork(after_in_child=page_pool.cache_clear)
+os.register_at_fork(after_in_child=_page_pool.cache_clear)
 
 
 def _parallel(function, pages: list[Page]) -> list:
@@ -152,7 +152,7 @@ def _parallel(function, pages: list[Page]) -> list:
                     failed.append((i, exc))
                 return
 
-    helpers = [page_pool().submit(work) for _ in range(min(PAGE_THREADS, len(pages) - 1))]
+    helpers = [_page_pool().submit(work) for _ in range(min(PAGE_THREADS, len(pages) - 1))]
     work()
     for helper in helpers:
         if not helper.cancel():  # one that never started (the pool busy with other calls) is not waited for

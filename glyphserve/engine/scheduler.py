@@ -157,9 +157,6 @@ class Scheduler:
                 pass
             if len(self.running) >= self.config.max_num_seqs:
                 return
-            if seq.pages and seq.keys_pending is None:  # it may show the pages of one still being keyed: it
-                for other in self.running:  # shares their blocks once they are published
-                    self.settle(other, plan)
             admitted = self._allocate(seq)
             # Short of blocks, or its prefix half-written by a warming sequence that now pauses for it: a warming
             # sequence steps aside (its unwritten blocks are withdrawn, so the question writes them itself). A
@@ -205,24 +202,6 @@ class Scheduler:
         self.block_tables[seq.slot, : len(seq.blocks)] = seq.blocks
         self.dirty.add(seq.slot)
         seq.status = Status.RUNNING
-        return True
-
-    def settle(self, seq: Sequence, plan: StepPlan | None = None) -> bool:
-        """Compute ``seq``'s page keys left for later at planning (``fingerprints``) and publish the
-        blocks its hashes now reach past those published at its admission (they stopped at the first of those
-        pages), the blocks its scheduled chunks fill (``plan``'s included) as ready; True if it had such keys.
-        Its pages were new to the engine, so another sequence rarely holds these prefixes already; where one
-        does, the block stays private."""
-        if not seq.settle_keys(self.block_size):
-            return False
-        if seq.status is Status.RUNNING:
-            end = min(len(seq.hashes), len(seq.blocks))
-            for i in range(seq.published, end):
-                self.pool.publish(seq.blocks[i], seq.hashes[i])
-            computed = max([seq.num_computed, *(c.end for c in plan.chunks if c.seq is seq)] if plan else
-                           [seq.num_computed])
-            self.pool.mark_ready(seq.blocks[seq.published : min(end, computed // self.block_size)])
-            seq.published = max(seq.published, end)
         return True
 
     def withdraw(self, plan: StepPlan, dropped: list[Chunk]) -> list[Sequence]:

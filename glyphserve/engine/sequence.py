@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from glyphserve.engine.fingerprints import PendingKeys
-from glyphserve.engine.kv_pool import block_hashes
 from glyphserve.engine.output import OutputState
 from glyphserve.engine.prompt import PromptTokens
 from glyphserve.engine.sampler import GREEDY_BELOW
@@ -43,8 +41,7 @@ class Sequence:
     seq_id: int
     request: AnswerRequest
     pages: list[Page]
-    page_keys: list[str | None]  # identity of each page: vision-feature key and block-hash material (None: not
-    # known yet, see ``keys_pending``, or not needed: the request does not use the caches)
+    page_keys: list[str]  # identity of each page: vision-feature key and block-hash material
     prompt: PromptTokens
     positions: torch.Tensor  # [3, L] M-RoPE positions of the prompt (CPU)
     rope_delta: int  # position of generated token i is len(prompt) + i + rope_delta on all three axes
@@ -60,11 +57,7 @@ class Sequence:
     num_cached: int = 0  # prompt tokens found in the pool at admission
     scheduled_outputs: int = 0  # generated tokens whose step has been launched
     output: list[int] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)  # of the prompt's full blocks (empty without caching), up
-    # to the first page whose key is not known yet
-    hashed: bool = False  # its prompt's blocks are hashed (prefix caching on, and the request uses the caches)
-    keys_pending: PendingKeys | None = None  # the keys of its None page_keys, not computed yet (``fingerprints``)
-    unkeyed_features: list[int] = field(default_factory=list)  # pages encoded before their keys were known
+    hashes: list[bytes] = field(default_factory=list)  # of the prompt's full blocks (empty without caching)
     published: int = 0  # blocks [0, published) hold the hashed prefix; only they are marked ready
     finish_reason: str | None = None  # set when it finishes, or when planned (resumed tokens that end the answer)
     stop_reason: str | int | None = None
@@ -144,32 +137,9 @@ class Sequence:
         return runs
 
     def identities(self) -> np.ndarray:
-        """One int64 per prompt token for block hashing, up to the first page whose key is not known: text token
-        ids, and for each page's vision tokens its identity plus the token's offset (the same pages in the same
-        place give the same hashes)."""
+        """One int64 per prompt token for block hashing: text token ids, and for each page's vision tokens its
+        identity plus the token's offset (the same pages in the same place give the same hashes)."""
         ids = np.asarray(self.prompt.ids, dtype=np.int64)
         for key, offset, count in zip(self.page_keys, self.image_offsets, self.page_tokens):
-            if key is None:
-                return ids[:offset]
             ids[offset : offset + count] = page_identity_base(key) + np.arange(count, dtype=np.int64)
         return ids
-
-    def prefix_hashes(self, block_size: int) -> list[bytes]:
-        """``kv_pool.block_hashes`` of ``identities``."""
-        return block_hashes(self.identities(), block_size)
-
-    def settle_keys(self, block_size: int) -> bool:
-        """Compute the page keys left for later at planning (if any) and take them, with the block hashes they
-        complete; True if there were any."""
-        if self.keys_pending is None:
-            return False
-        try:
-            computed = iter(self.keys_pending.result())
-        except Exception:  # (validated arrays: not seen) the pages stay unkeyed: nothing of theirs is cached
-            self.keys_pending = None
-            return False
-        self.page_keys = [key if key is not None else next(computed) for key in self.page_keys]
-        self.keys_pending = None
-        if self.hashed:
-            self.hashes = self.prefix_hashes(block_size)
-        return True

@@ -200,15 +200,6 @@ class VisionEncoder:
         self.key_prefix = key_prefix
         self.clock = clock
 
-    def store(self, seq) -> None:
-        """Keep the features ``provide`` encoded for ``seq``'s pages before their keys were known (see
-        ``fingerprints``) under those keys, once they are."""
-        if seq.keys_pending is None:
-            for page in seq.unkeyed_features:
-                if page in seq.features and seq.page_keys[page] is not None:
-                    self.cache.put(self.key_prefix + seq.page_keys[page], seq.features[page])
-            seq.unkeyed_features.clear()
-
     def provide(self, wanted: list[tuple[object, int]]) -> dict[int, tuple[object, Exception]]:
         """Make ``seq.features[page]`` available for every (sequence, page index) in ``wanted``; returns the
         sequences (by ``id``) one of whose pages could not be decoded, with the error: they cannot go on, the
@@ -221,7 +212,7 @@ class VisionEncoder:
         for seq, page in wanted:
             if page in seq.features:
                 continue
-            cached = seq.settings.use_cache and seq.page_keys[page] is not None  # (key not known yet: ``store``)
+            cached = seq.settings.use_cache
             key = self.key_prefix + seq.page_keys[page] if cached else f"{id(seq)}:{page}"
             hit = found.get(key)
             if hit is None and cached and key not in missing:
@@ -274,9 +265,6 @@ class VisionEncoder:
                 feat = found[key] = feat.clone()  # a slice of the batch output would pin the whole batch
                 self.cache.put(key, feat)
                 stored.add(key)
-            elif seq.keys_pending is not None and seq.settings.use_cache:
-                feat = feat.clone()  # stored once its key is known (``store``)
-                seq.unkeyed_features.append(page)
             seq.features[page] = feat
         for seq in {id(s): s for s, _ in wanted}.values():
             if not seq.new_output:  # (pages encoded again after a preemption past its first token: not timed)

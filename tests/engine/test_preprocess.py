@@ -66,12 +66,12 @@ def test_a_forked_child_hashes_pages_with_threads_of_its_own():
     import signal
     import threading
 
-    from glyphserve.engine.preprocess import PAGE_THREADS, page_pool
+    from glyphserve.engine.preprocess import PAGE_THREADS, _page_pool
 
     pages = make_pages([(56, 70)] * 3, seed=4)
     keys = page_keys(pages)
     all_busy = threading.Barrier(PAGE_THREADS)  # every page thread started (each task waits for the others)
-    list(page_pool().map(lambda _: all_busy.wait(), range(PAGE_THREADS)))
+    list(_page_pool().map(lambda _: all_busy.wait(), range(PAGE_THREADS)))
     pid = os.fork()
     if pid == 0:  # the child: exit 0 only if it hashed the pages alike
         signal.alarm(20)
@@ -117,7 +117,7 @@ def test_page_work_goes_on_while_the_page_threads_are_busy_and_reports_the_first
     (the first failing page's, when several fail), and no page is begun after it."""
     import threading
 
-    from glyphserve.engine.preprocess import PAGE_THREADS, page_pool, _parallel
+    from glyphserve.engine.preprocess import PAGE_THREADS, _page_pool, _parallel
 
     release = threading.Event()
     started = threading.Barrier(PAGE_THREADS + 1)
@@ -126,7 +126,7 @@ def test_page_work_goes_on_while_the_page_threads_are_busy_and_reports_the_first
         started.wait()
         release.wait(30)
 
-    busy = [page_pool().submit(hold, i) for i in range(PAGE_THREADS)]
+    busy = [_page_pool().submit(hold, i) for i in range(PAGE_THREADS)]
     started.wait()  # every page thread is held
     try:
         assert _parallel(lambda x: x * 2, list(range(5))) == [0, 2, 4, 6, 8]
@@ -145,7 +145,7 @@ def test_page_work_goes_on_while_the_page_threads_are_busy_and_reports_the_first
 
     with pytest.raises(ValueError, match="page 3"):  # one thread alone (the pool held): pages in order, 3 first
         release.clear()
-        busy = [page_pool().submit(hold, i) for i in range(PAGE_THREADS)]
+        busy = [_page_pool().submit(hold, i) for i in range(PAGE_THREADS)]
         started.wait()
         try:
             _parallel(fragile, list(range(10)))
