@@ -142,9 +142,22 @@ _ATTEND_ARGS = ["q_ptr", "k_ptr", "v_ptr", "tables_ptr", "seq_lens_ptr", "query_
                 "tables_stride", "query_tiles", "splits", "n_heads", "part_splits", "part_offset"]
 
 
-@pytest.mark.parametrize("head_dim,dtype,mode", [(16, "fp32", 0), (32, "fp16", 0), (32, "bf16", 2), (64, "fp32", 1),
-                                                 (128, "bf16", 0)])
-def test_kernel_with_programmatic_dependent_launch_compiles_for_hopper(head_dim, dtype, mode):
+def test_decode_plans_with_a_step_a_split_run_unpipelined():
+    """One or two decode rows spread over 132 SMs: their splits hold about one loop step, and the loop runs with one
+    stage (measured faster inside a decode layer); more rows, and prompt tiles, keep three."""
+    from glyphserve.engine.attention import plan_launch
+
+    one = plan_launch(1, 32, 2, 1, 32768, 132)
+    assert (one.splits, one.stages) == (132, 1)
+    assert plan_launch(2, 32, 2, 1, 32768, 132).stages == 1
+    assert plan_launch(8, 32, 2, 1, 32768, 132).stages == 3
+    assert plan_launch(1, 32, 2, 47, 32768, 132).stages == 3  # a follow-up's queries
+    assert plan_launch(1, 32, 2, 1, 4096, 132).splits == 32  # no more splits than steps in the table's capacity
+
+
+@pytest.mark.parametrize("head_dim,dtype,mode,stages", [(16, "fp32", 0, 3), (32, "fp16", 0, 3), (32, "bf16", 2, 3),
+                                                        (64, "fp32", 1, 3), (128, "bf16", 0, 3), (128, "bf16", 0, 1)])
+def test_kernel_with_programmatic_dependent_launch_compiles_for_hopper(head_dim, dtype, mode, stages):
     """The kernel as a Hopper GPU runs it (PDL on: its key prefetch before the wait, which the interpreter never
     runs), compiled here for sm_90 (no GPU needed), for heads whose rows are shorter than a 128-byte line too (the
     tiny model's 32 values in 16 bits)."""
@@ -164,7 +177,7 @@ def test_kernel_with_programmatic_dependent_launch_compiles_for_hopper(head_dim,
     signature.update(dict.fromkeys(constants, "constexpr"))
     try:
         kernel = triton.compile(ASTSource(fn=_attend_kernel, signature=signature, constexprs=constants),
-                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
     except RuntimeError as exc:  # a Triton without its CUDA tool chain (ptxas) cannot build for a GPU at all
         if "ptxas" in str(exc):
             pytest.skip(str(exc))
