@@ -38,13 +38,13 @@ output projection after) one row's 132 splits (two programs an SM) beat 128 by ~
 cut from the sequence's *actual* length (``seq_lens`` is read on the device), so one launch spreads a 4k-token
 and a 30k-token row evenly over its programs; a split with no keys writes only an empty max/sum, and the combine
 step skips its accumulator. Decode loop steps of 128 keys with 4 warps and 3 pipeline stages were the fastest
-of 18 tried alone (32/64/128 keys x 4/8 warps x 2/3/4 stages); but where a split holds about one step (64 splits
-or more: one or two rows), one stage is faster inside a decode layer: 1.2-1.7 us a layer at W200's 15k keys, 0.2-0.4
-at W50's 3.9k (a pipelined loop's prologue with nothing to overlap). Short prefills use tiles of 64 rows (4 query tokens x
-16 heads) and steps of 64 keys (1 x 4,096 + 128 queries: 56 us against 71 with 128-key steps and 102 with
-16-row tiles); the same split rule picked the best count there too. ``max_query_len`` sets the query tiles per
-sequence (programs past a sequence's own queries exit at once) and so lowers the split count: a decode-only
-step should use ``max_query_len=1``. It must bound every sequence's query count.
+of 18 tried alone (32/64/128 keys x 4/8 warps x 2/3/4 stages); but where a split holds about one step (64
+splits or more: one or two rows), one stage is faster inside a decode layer: 1.2-1.7 us a layer at W200's 15k
+keys, 0.2-0.4 at W50's 3.9k (a pipelined loop's prologue with nothing to overlap). Short prefills use tiles of 64
+rows (4 query tokens x 16 heads) and steps of 64 keys (1 x 4,096 + 128 queries: 56 us against 71 with 128-key
+steps and 102 with 16-row tiles); the same split rule picked the best count there too. ``max_query_len`` sets
+the query tiles per sequence (programs past a sequence's own queries exit at once) and so lowers the split count:
+a decode-only step should use ``max_query_len=1``. It must bound every sequence's query count.
 
 Rows that share keys (``paged_attention_rows``, the graph steps of ``ModelRunner``): a graph step is single-token
 rows, each its own "sequence", and rows often hold the same first blocks (sessions on one document share its
