@@ -10,8 +10,9 @@ On deterministic W50 documents (50,000 characters rendered with glyph-en) and 64
   together), each next to its floor: the weights plus the KV each row reads, over the copy bandwidth measured in
   the same run;
 - the KV pool's blocks in use for 1 and for 16 sessions on one document (its prefix is held once);
-- with ``--quantize fp8``: the cold and follow-up rows and W200 cold with FP8 weights, and (CUDA) the most device
-  memory a cold W50 question needs in the smallest engine that serves it, with FP8 and with 16-bit weights;
+- with ``--quantize fp8``: the cold and follow-up rows, W200 cold and the decode step by rows with FP8 weights,
+  and (CUDA) the most device memory a cold W50 question needs in the smallest engine that serves it, with FP8 and
+  with 16-bit weights;
 - with ``--memory-cap-gib``: a W200 question and 8 W50 questions at once under that memory budget (a 24 GB card's
   profile), with the quantized weights and with 16-bit ones.
 
@@ -401,12 +402,15 @@ def measure(args: argparse.Namespace) -> dict:
     del engine, core  # the core holds the model and the KV pool
     release_memory()
     if args.quantize:
-        quantized = Engine.load(bench.api.config(args, 8, quantize=args.quantize))
+        quantized = Engine.load(bench.api.config(args, max(rows, default=8), quantize=args.quantize))
         bench.ask(quantized, docs[0])
         res["quantized"] = {"mode": args.quantize, "cold": bench.single(quantized, docs, "cold"),
                             "follow": bench.single(quantized, docs, "follow")}
         if grow:
             res["quantized"]["grow_cold"] = bench.single(quantized, grow, "cold")
+        for pages in docs:  # the decode step by rows with these weights (their own kernels from 2 to 64 rows)
+            quantized.answer(bench.api.request(pages, bench.question(), 2))
+        res["quantized"]["rows"] = [bench.step_rows(quantized, docs, n) for n in rows]
         del quantized
         release_memory()
         if bench.cuda:
@@ -530,6 +534,12 @@ def to_markdown(res: dict) -> str:
                       f"{fixed(q['cold']['peak_gib'], 1)} GiB; follow-up TTFT {fixed(q['follow']['ttft_s'])} s"
                       + (f"; W200 cold {fixed(grown['wall_s'])} s (TTFT {fixed(grown['ttft_s'])} s)."
                          if grown else ".")]
+        if q.get("rows"):
+            old_q = {r["rows"]: r["step_ms"] for r in base.get("quantized", {}).get("rows", [])}
+            lines += ["", f"Decode step by rows with {q['mode']} weights: " + ", ".join(
+                f"{r['rows']}: {fixed(r['step_ms'], 2)} ms" + (f" (baseline {fixed(old_q[r['rows']], 2)})"
+                                                                 if r["rows"] in old_q else "")
+                for r in q["rows"]) + "."]
     for f in res.get("footprint", []):
         lines += ["", f"Smallest engine for a cold W50 question ({f['weights']} weights; KV pool of one "
                       f"{f['max_context']:,}-token context, prefill passes of {f.get('prefill_tokens', 2048):,} "

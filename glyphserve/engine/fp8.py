@@ -13,8 +13,7 @@ CUDA graph capture (no host synchronisation, allocations fixed by the shapes). I
 
 - CUDA, M <= 64 (decode), bf16/fp16 activations: a Triton kernel that streams the fp8 weights and multiplies
   in the activations' dtype with fp32 accumulation (cuBLAS's FP8 GEMM gains nothing at these sizes): one row
-  ``gemv_kernel``'s, 2 to 64 rows ``fp8_kernels``' on the tensor
-  cores;
+  ``gemv_kernel``'s, 2 to 64 rows ``rows_kernel``'s on the tensor cores;
 - CUDA, more rows (prefill), bf16, on cards with FP8 tensor cores (sm_89, sm_90 and later): ``torch._scaled_mm``
   with the activations quantized per row (dynamic per-token scales) and the weights' per-channel scales;
 - anywhere else (CPU, fp32 activations, older cards, shapes cuBLAS refuses): the weights dequantized and
@@ -110,9 +109,9 @@ def fp8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = 
 
         out = row_matmul(rows, qweight, scale, bias)
     elif x.is_cuda and rows.shape[0] <= DECODE_ROWS and x.dtype in (torch.bfloat16, torch.float16):
-        from glyphserve.engine.fp8_kernels import fp8_weight_matmul
+        from glyphserve.engine.rows_kernel import rows_matmul
 
-        out = fp8_weight_matmul(rows, qweight, scale, bias)
+        out = rows_matmul(rows, qweight, scale, bias)
     elif x.is_cuda and scaled_mm_fits(rows, qweight):
         out = scaled_mm_linear(rows.contiguous(), qweight, scale, bias)
     else:

@@ -11,7 +11,7 @@ at GLM-4.1V-9B's sizes, and no second kernel is needed to add partial sums.
 Measured on an H200 inside the engine's decode step (CUDA graphs; docs/benchmarks/NOTES.md, twelfth and thirteenth
 sessions), the language model's weights (every layer's qkv, o, gate_up and down, then the head) at one row: bf16
 4.28 ms against cuBLAS's 4.75 (floor ~4.2 at the run's copy bandwidth), FP8 2.75 ms (floor 2.15; the few-rows
-kernel of ``fp8_kernels`` took 3.00 in a sweep). An FP8 step is not bound by the byte's conversion (integer
+kernel of ``rows_kernel`` took 3.00 in a sweep). An FP8 step is not bound by the byte's conversion (integer
 conversions and PTX ``prmt`` ones were slower, sixteenth session) but by the per-lane accumulators: a tile of FP8
 weights has twice the elements of a 16-bit one of the same bytes, so FP8 tiles sum each thread's adjacent products
 first (``lane_group``) and stream more bytes a step: 2.43 ms against 2.77 in the same sweep of isolated products.

@@ -6,7 +6,9 @@ activation (``up * silu(gate)``).
 after a prompt) through the weight-streaming kernel of ``gemv_kernel``, everything else through ``F.linear``
 (cuBLAS). Measured inside the decode step on an H200 (thirteenth session, docs/benchmarks/NOTES.md): the language
 model's weight reads 4.28 ms a step through the kernel against 4.75 through cuBLAS, whose one-row GEMMs split K and
-add a reduction kernel for the square and down projections.
+add a reduction kernel for the square and down projections. From 2 rows up cuBLAS streams the other layers as fast
+as Triton's tiles did (twenty-second session), but not the gated projection with its activation: decode steps of
+up to ``BF16_GATED_ROWS`` rows (64 with FP8 weights) run it through ``rows_kernel``'s gated kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from glyphserve.engine.fp8 import fp8_linear
+from glyphserve.engine.fp8 import DECODE_ROWS, fp8_linear
+
+# Rows up to which a 16-bit gated projection runs through the gated kernel (measured to 16 rows on an H200; for
+# more rows cuBLAS's product with the compiled activation was not measured against it).
+BF16_GATED_ROWS = 16
 
 
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None = None) -> Tensor:
@@ -24,13 +30,15 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None 
 
 
 def gated_linear(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
-    """``up * silu(gate)`` of ``linear(x, weight, scale)`` split in halves [gate, up] (HF's ``Glm4vTextMLP``). One
-    row of 16-bit activations on CUDA (a decode step of one sequence), with 16-bit or FP8 weights, goes through the
-    weight-streaming kernel's gated variant, which writes the activation's output instead of the projection's: a
-    step's 40 elementwise launches fewer."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and (
-            scale is not None or weight.dtype == x.dtype):
-        return gated_row(x, weight, scale)
+    """``up * silu(gate)`` of ``linear(x, weight, scale)`` split in halves [gate, up] (HF's ``Glm4vTextMLP``). Decode
+    rows of 16-bit activations on CUDA, with 16-bit (up to ``BF16_GATED_ROWS`` rows) or FP8 weights (up to
+    ``DECODE_ROWS``), go through a weight-streaming kernel's gated variant (``gated_rows``), which writes the
+    activation's output instead of the projection's: a step's 40 elementwise launches fewer. (Under
+    ``torch.compile`` the row bound is a guard: more rows, a prompt's, trace the plain product and activation.)"""
+    if x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and (
+            scale is not None or weight.dtype == x.dtype) and x.shape[0] <= (
+            DECODE_ROWS if scale is not None else BF16_GATED_ROWS):
+        return gated_rows(x, weight, scale)
     gate, up = linear(x, weight, scale).chunk(2, dim=-1)
     return up * F.silu(gate)
 
@@ -53,14 +61,19 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("glyphserve::gated_row", mutates_args=())
-def gated_row(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    """``gemv_kernel.gated_row_matmul`` (CUDA, one row) as an op opaque to ``torch.compile``."""
-    from glyphserve.engine.gemv_kernel import gated_row_matmul
+@torch.library.custom_op("glyphserve::gated_rows", mutates_args=())
+def gated_rows(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    """The gated kernels (CUDA) as an op opaque to ``torch.compile``: ``gemv_kernel.gated_row_matmul`` for one
+    row, ``rows_kernel.gated_rows_matmul`` for more (the branch on the row count taken at run time)."""
+    if x.shape[0] == 1:
+        from glyphserve.engine.gemv_kernel import gated_row_matmul
 
-    return gated_row_matmul(x, weight, scale)
+        return gated_row_matmul(x, weight, scale)
+    from glyphserve.engine.rows_kernel import gated_rows_matmul
+
+    return gated_rows_matmul(x, weight, scale)
 
 
-@gated_row.register_fake
+@gated_rows.register_fake
 def _(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    return x.new_empty((1, weight.shape[0] // 2))
+    return x.new_empty((x.shape[0], weight.shape[0] // 2))

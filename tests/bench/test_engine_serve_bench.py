@@ -24,9 +24,12 @@ def test_engine_bench_measures_every_row_and_a_baseline_tree(tiny_model_dir, tmp
     assert result["pool_blocks"]["16"] < 16 * result["pool_blocks"]["1"]  # the document's prefix held once
     assert result["baseline"]["cold"]["wall_s"] > 0  # measured again by the child process
     assert result["quantized"]["cold"]["vision_misses"] > 0 and result["quantized"]["grow_cold"]["wall_s"] > 0
+    assert [r["rows"] for r in result["quantized"]["rows"]] == [1, 2]
+    assert all(r["step_ms"] > 0 for r in result["quantized"]["rows"])
     markdown = (tmp_path / "engine-cpu.md").read_text()
     assert "| W200 cold |" in markdown and "## Targets" in markdown
     assert "With fp8 weights: W50 cold" in markdown and "; W200 cold" in markdown
+    assert "Decode step by rows with fp8 weights: 1: " in markdown
 
 
 def test_cropped_documents_end_on_pages_of_heights_of_their_own():

@@ -142,25 +142,43 @@ def test_int8_embedding_looks_up_the_dequantized_rows():
 
 INTERPRETED = """
 import torch
+import torch.nn.functional as F
 from glyphserve.engine.fp8 import dequantize_fp8, quantize_fp8
-from glyphserve.engine.fp8_kernels import KernelConfig, fp8_weight_matmul
+from glyphserve.engine.rows_kernel import RowsConfig, gated_rows_matmul, rows_matmul
 
 torch.manual_seed(0)
-cases = [  # rows, out, in, config: split K; ragged N and K
-    (2, 40, 100, KernelConfig(16, 16, 32, 3, 4, 1)),
-    (5, 40, 96, KernelConfig(16, 16, 32, 1, 4, 1)),
-    (20, 33, 112, KernelConfig(32, 16, 32, 2, 4, 1)),
+cases = [  # rows, out, in, config: split K; ragged N and K; the weight tile on the MMA's M side
+    (2, 40, 100, RowsConfig(16, 16, 32, 3, 4, 1)),
+    (5, 40, 96, RowsConfig(16, 16, 32, 1, 4, 1)),
+    (20, 33, 112, RowsConfig(32, 16, 32, 2, 4, 1)),
+    (3, 40, 100, RowsConfig(16, 16, 32, 3, 4, 1, swap=True)),
+    (37, 48, 80, RowsConfig(64, 16, 32, 1, 4, 1, swap=True)),
 ]
 for dtype in (torch.float32, torch.float16):  # the interpreter has no bfloat16 dot (numpy has no bfloat16)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
     for rows, n, k, config in cases:
-        for bias in (None, torch.randn(n).to(dtype)):
-            q, scale = quantize_fp8(torch.randn(n, k))
+        for fp8 in (True, False):  # FP8 weights with their scales; weights in x's dtype
+            w = torch.randn(n, k)
+            q, scale = quantize_fp8(w) if fp8 else (w.to(dtype), None)
+            dense = dequantize_fp8(q, scale, torch.float32) if fp8 else q.float()
             x = torch.randn(rows, k).to(dtype)
-            out = fp8_weight_matmul(x, q, scale, bias, config)
-            ref = x.float() @ dequantize_fp8(q, scale, torch.float32).T + (0 if bias is None else bias.float())
-            assert out.dtype == dtype and out.shape == (rows, n)
-            tol = 1e-5 if dtype == torch.float32 else 2e-3
-            assert (out.float() - ref).norm() <= tol * ref.norm(), (dtype, rows, n, k, config)
+            for bias in (None, torch.randn(n).to(dtype)):
+                out = rows_matmul(x, q, scale, bias, config)
+                ref = x.float() @ dense.T + (0 if bias is None else bias.float())
+                assert out.dtype == dtype and out.shape == (rows, n)
+                assert (out.float() - ref).norm() <= tol * ref.norm(), (dtype, rows, n, k, config, fp8)
+            if n % 2 == 0 and config.split_k == 1:  # gated: [gate; up] halves, each rounded to x's dtype first
+                out = gated_rows_matmul(x, q, scale, config)
+                gate, up = (x.float() @ dense.T).to(dtype).float().chunk(2, dim=-1)
+                ref = up * F.silu(gate)
+                assert out.dtype == dtype and out.shape == (rows, n // 2)
+                assert (out.float() - ref).norm() <= 2 * tol * ref.norm(), ("gated", dtype, rows, n, k, config, fp8)
+try:
+    gated_rows_matmul(torch.randn(2, 64), torch.randn(8, 64), None, RowsConfig(16, 16, 32, 2, 4, 1))
+except ValueError as exc:
+    assert "does not split K" in str(exc)
+else:
+    raise AssertionError("a gated product with split K was accepted")
 print("interpreted ok")
 """
 
@@ -214,15 +232,20 @@ def test_cuda_row_quantization_equals_the_pytorch_expression():
 
 def test_configs_cover_k_and_fill_the_card():
     triton = pytest.importorskip("triton")
-    from glyphserve.engine.fp8_kernels import choose_config
+    from glyphserve.engine.rows_kernel import choose_rows_config
 
     for rows in (2, 8, 32, 64):
         for n, k in [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (151552, 4096)]:
-            c = choose_config(rows, n, k, 132)
-            assert 1 <= c.split_k <= triton.cdiv(k, c.block_k)
-            programs = triton.cdiv(n, c.block_n) * triton.cdiv(rows, c.block_m) * c.split_k
-            assert programs >= 132, (rows, n, k, c)
-            assert c.block_m == max(16, triton.next_power_of_2(rows))
+            for weight_bytes in (1, 2):
+                for gated in (False, True):
+                    c = choose_rows_config(rows, n, k, weight_bytes, gated, 132)
+                    assert 1 <= c.split_k <= triton.cdiv(k, c.block_k)
+                    assert c.block_m == max(16, triton.next_power_of_2(rows))
+                    if gated:  # the gated kernel keeps K whole; gate_up's channels are plenty
+                        assert c.split_k == 1 and c.block_n % 2 == 0
+                        continue
+                    programs = triton.cdiv(n, c.block_n) * triton.cdiv(rows, c.block_m) * c.split_k
+                    assert programs >= 132, (rows, n, k, c)
 
 
 def test_no_rows_give_no_rows():  # the head over a prompt chunk that samples nothing (the CUDA kernel needs rows)
@@ -283,3 +306,35 @@ def test_tiny_model_logits_stay_close_with_fp8_weights(tiny_model_dir, reference
     cosine = F.cosine_similarity(before.flatten(), after.flatten(), dim=0)
     assert cosine >= 0.98, cosine
     assert tokens.shape[1] == inputs["input_ids"].shape[1] + 8
+
+
+_ROWS_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "out_ptr", "partial_ptr", "M", "N", "K", "stride_xm",
+              "stride_wn", "stride_om", "k_per_split"]
+
+
+@pytest.mark.parametrize("weights,swap,gated", [("fp8e4nv", False, False), ("fp8e4nv", True, False),
+                                                ("fp8e4nv", False, True), ("fp8e4nv", True, True),
+                                                ("bf16", True, True)])
+def test_rows_kernel_compiles_for_hopper(weights, swap, gated):
+    """The few-rows kernel as the engine launches it on a Hopper GPU (PDL on; FP8 or bf16 weights widened to the
+    bf16 rows for the tensor cores; the weight tile on either side of the MMA; gated or plain), compiled here for
+    sm_90 (no GPU needed): the interpreter never builds the tensor-core code."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from glyphserve.engine.rows_kernel import _rows_kernel
+
+    signature = dict(zip(_ROWS_ARGS, ["*bf16", f"*{weights}", "*fp32", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7))
+    constants = dict(HAS_SCALE=weights != "bf16", HAS_BIAS=not gated, SPLIT=False, K_ITERS=32,
+                     BLOCK_M=64 if swap else 16, BLOCK_N=128 if swap else 32, BLOCK_K=128 if swap else 256, SWAP=swap,
+                     GATED=gated, PDL=True)
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    try:
+        kernel = triton.compile(ASTSource(fn=_rows_kernel, signature=signature, constexprs=constants),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    except RuntimeError as exc:  # a Triton without its CUDA tool chain (ptxas) cannot build for a GPU at all
+        if "ptxas" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    assert "griddepcontrol.wait" in kernel.asm["ptx"]

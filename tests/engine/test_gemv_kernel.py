@@ -149,15 +149,18 @@ def test_gated_linear_off_the_one_row_cuda_path_is_hf_arithmetic():
     for x in (torch.randn(1, 32), torch.randn(5, 32)):
         gate, up = F.linear(x, w).chunk(2, dim=-1)
         assert torch.equal(gated_linear(x, w, None), up * F.silu(gate))
-    with FakeTensorMode():  # what torch.compile traces: [1, I] for a [2 I, K] weight (the op itself is CUDA's)
-        fake = torch.ops.glyphserve.gated_row(torch.empty(1, 32), torch.empty(48, 32), None)
-    assert fake.shape == (1, 24)
+    with FakeTensorMode():  # what torch.compile traces: [M, I] for a [2 I, K] weight (the op itself is CUDA's)
+        for rows in (1, 5):
+            fake = torch.ops.glyphserve.gated_rows(torch.empty(rows, 32), torch.empty(48, 32), None)
+            assert fake.shape == (rows, 24)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_gated_row_matches_the_projection_and_activation_under_compile():
-    """bf16 and FP8 weights of GLM-4.1V-9B's gate_up shape: the gated kernel (one row, compiled caller, CUDA graph)
-    against the projection through cuBLAS, rounded to bf16 by halves, then the activation."""
+@pytest.mark.parametrize("rows", [1, 2, 16, 17, 64, 65])
+def test_cuda_gated_row_matches_the_projection_and_activation_under_compile(rows):
+    """bf16 and FP8 weights of GLM-4.1V-9B's gate_up shape: the gated kernels (one row, a few rows; compiled
+    caller, CUDA graph) and past their bounds the plain path, against the projection through cuBLAS, rounded to
+    bf16 by halves, then the activation."""
     import torch.nn.functional as F
 
     from glyphserve.engine.fp8 import dequantize_fp8, quantize_fp8
@@ -166,13 +169,13 @@ def test_cuda_gated_row_matches_the_projection_and_activation_under_compile():
     device = torch.device("cuda")
     w = torch.randn(27392, 4096, device=device, dtype=torch.bfloat16) * 0.02
     q, scale = quantize_fp8(w)
-    x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
+    x = torch.randn(rows, 4096, device=device, dtype=torch.bfloat16)
     compiled = torch.compile(gated_linear, dynamic=True)
     for weight, s, dense in ((w, None, w), (q, scale, dequantize_fp8(q, scale, torch.bfloat16))):
         gate, up = F.linear(x, dense).float().chunk(2, dim=-1)
         ref = up * F.silu(gate)
         out = compiled(x, weight, s)
-        assert out.shape == (1, 13696)
+        assert out.shape == (rows, 13696)
         assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
