@@ -18,8 +18,8 @@ import torch
 from glyphserve.engine import loading
 from glyphserve.engine.caches import VisionCache
 from glyphserve.engine.core import EngineCore, Event
-from glyphserve.engine.kv_pool import KVPool
-from glyphserve.engine.model_runner import PAGED_CHUNK_TOKENS, DenseChunk, ModelRunner, StepInputs
+from glyphserve.engine.kv_pool import TRASH_BLOCK, KVPool
+from glyphserve.engine.model_runner import PAGED_CHUNK_TOKENS, PROMPT_PAD_TOKENS, DenseChunk, ModelRunner, StepInputs
 from glyphserve.engine.pdl import enable_for_inductor, pdl_enabled
 from glyphserve.engine.planner import Planner
 from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams
@@ -375,15 +375,9 @@ class Engine:
             grid = self.params.grid(840, 588)
             pages = self.config.vision_batch_pages
             self.vision.encode(self.preprocessor([page] * pages), [grid] * pages)
-            embeds = torch.zeros(n, self.model.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
-            inputs = StepInputs(embeds=embeds, positions=torch.arange(n, device=self.device).expand(3, -1),
-                                slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
-                                dense=[DenseChunk(0, n, 0)],
-                                logits_index=torch.tensor([n - 1], device=self.device))
-            self.runner.forward(inputs)
+        self._prompt_pass(n)
         torch.cuda.synchronize(self.device)
         transient = torch.cuda.max_memory_allocated(self.device) - base
-        del embeds, inputs
         self.runner.allocate_kv(0)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
@@ -391,9 +385,24 @@ class Engine:
         budget = int(total * self.config.gpu_memory_utilization) - used - transient - CUDA_RESERVE_BYTES
         return max(0, budget - self.config.vision_cache_bytes)
 
+    @torch.inference_mode()
+    def _prompt_pass(self, n: int) -> None:
+        """One forward pass of an ``n``-token prompt of zeros as a first chunk, its K/V stored in the pool's trash
+        block (no sequence's)."""
+        embeds = torch.zeros(n, self.model.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
+        self.runner.forward(StepInputs(embeds=embeds, positions=torch.arange(n, device=self.device).expand(3, -1),
+                                       slot_mapping=torch.full((n,), TRASH_BLOCK * self.config.kv_block_size,
+                                                               dtype=torch.long, device=self.device),
+                                       dense=[DenseChunk(0, n, 0)],
+                                       logits_index=torch.tensor([n - 1], device=self.device)))
+
     def _warm_up(self) -> None:
         if self.device.type != "cuda":
             return
+        # A prompt's pass: the compiled layer pieces trace one variant for a prompt's rows beside those of the
+        # decode steps' row counts (``linear.gated_linear`` bounds the rows its decode kernels take), which the
+        # memory profile's pass builds only when it runs (not with the pool's size given).
+        self._prompt_pass(PROMPT_PAD_TOKENS)
         # A page the processor resizes both ways: the preprocessing's Triton kernels compile here, not in a question.
         self.preprocessor([np.full((842, 595, 3), 255, dtype=np.uint8)])
         if self.compiled_vision:

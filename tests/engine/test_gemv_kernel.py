@@ -158,12 +158,12 @@ def test_gated_linear_off_the_one_row_cuda_path_is_hf_arithmetic():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows", [1, 2, 16, 17, 64, 65])
 def test_cuda_gated_row_matches_the_projection_and_activation_under_compile(rows):
-    """bf16 and FP8 weights of GLM-4.1V-9B's gate_up shape: the gated kernels (one row, a few rows; compiled
-    caller, CUDA graph) and past their bounds the plain path, against the projection through cuBLAS, rounded to
-    bf16 by halves, then the activation."""
+    """bf16 and FP8 weights of GLM-4.1V-9B's gate_up shape: the gated kernels (one row, a few rows) and past their
+    bounds the plain path, compiled as the model runner compiles its layers, against the projection through
+    cuBLAS rounded to bf16 by halves, then the activation; replayed from a CUDA graph, the same values."""
     import torch.nn.functional as F
 
-    from glyphserve.engine.fp8 import dequantize_fp8, quantize_fp8
+    from glyphserve.engine.fp8 import DECODE_ROWS, dequantize_fp8, quantize_fp8
     from glyphserve.engine.linear import gated_linear
 
     device = torch.device("cuda")
@@ -176,10 +176,12 @@ def test_cuda_gated_row_matches_the_projection_and_activation_under_compile(rows
         ref = up * F.silu(gate)
         out = compiled(x, weight, s)
         assert out.shape == (rows, 13696)
-        assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
+        # Past DECODE_ROWS the FP8 product is _scaled_mm's, which also quantizes the activations to e4m3.
+        tol = 6e-2 if s is not None and rows > DECODE_ROWS else 1e-2
+        assert (out.float() - ref).norm() <= tol * ref.norm()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = gated_linear(x, weight, s)
+            captured = compiled(x, weight, s)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, out)
