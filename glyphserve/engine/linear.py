@@ -30,11 +30,13 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None 
 
 
 def gated_linear(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
-    """``up * silu(gate)`` of ``linear(x, weight, scale)`` split in halves [gate, up] (HF's ``Glm4vTextMLP``). Decode
-    rows of 16-bit activations on CUDA, with 16-bit (up to ``BF16_GATED_ROWS`` rows) or FP8 weights (up to
-    ``DECODE_ROWS``), go through a weight-streaming kernel's gated variant (``gated_rows``), which writes the
-    activation's output instead of the projection's: a step's 40 elementwise launches fewer. (Under
-    ``torch.compile`` the row bound is a guard: more rows, a prompt's, trace the plain product and activation.)"""
+    """``up * silu(gate)`` of ``linear(x, weight, scale)`` split in halves [gate, up] (HF's ``Glm4vTextMLP``). A few
+    rows of 16-bit activations on CUDA (a decode step's, a short chunk's, a pass's sampled rows in its last layer),
+    with 16-bit (up to ``BF16_GATED_ROWS`` rows) or FP8 weights (up to ``DECODE_ROWS``), go through a
+    weight-streaming kernel's gated variant (``gated_rows``), which writes the activation's output instead of the
+    projection's: a step's 40 elementwise launches fewer. (Under ``torch.compile`` the row bound is a guard: more
+    rows, a prompt's, trace the plain product and activation; ``Engine`` traces the prompt's variant at load and
+    the few rows' with its decode graphs.)"""
     if x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and (
             scale is not None or weight.dtype == x.dtype) and x.shape[0] <= (
             DECODE_ROWS if scale is not None else BF16_GATED_ROWS):

@@ -7,8 +7,9 @@ kernel's only job is to read the weights at the card's copy bandwidth. Each prog
 output channels by ``BLOCK_K`` inputs, contiguous along K, widens it to the activations' dtype (exact: every e4m3
 value is a bf16 value) and multiplies on the tensor cores (``tl.dot``, the rows padded to 16, their smallest tile)
 with fp32 accumulation; the per-channel scale and the bias are applied once at the end. Where the output channels
-alone give too few programs to keep every SM streaming, K is split across programs whose fp32 partial sums a
-second small kernel adds up (in a fixed order: results do not depend on scheduling). ``swap`` puts the weight
+alone give too few programs to keep every SM streaming, K is split across programs whose fp32 partial sums (each
+scaled already: the scale is per channel) a second small kernel adds up with the bias (in a fixed order: results
+do not depend on scheduling). ``swap`` puts the weight
 tile on the MMA's M side (the rows on its N side) instead of the rows.
 
 The gated variant interleaves each channel's gate row and up row in a tile (as ``gemv_kernel``'s gated kernel
@@ -126,9 +127,9 @@ def choose_rows_config(m: int, n: int, k: int, weight_bytes: int, gated: bool, m
     when ``gated``), from sweeps over GLM-4.1V-9B's layer shapes on an H200 (CUDA graphs, distinct weights per
     call; sixteenth and twenty-second sessions). FP8 up to 32 rows: 32- or 64-channel tiles, 256 inputs a step;
     more rows: swapped 128 x 128 tiles (the 64-row step's products 6.22 ms against 7.17 with 32-channel ones).
-    Gated: 16-bit weights in swapped 64 x 128 tiles; FP8 in 32 x 256 tiles (16 rows or fewer) or 128 x 256.
-    K is split where the channels alone would leave SMs idle (never for a gated product: its channels are
-    plenty)."""
+    Gated: 16-bit weights in swapped 64 x 128 tiles; FP8 in 32 x 256 tiles (16 rows or fewer), 128 x 256 (up to
+    32) or, like the plain product, swapped 128 x 128. K is split where the channels alone would leave SMs idle
+    (never for a gated product: its channels are plenty)."""
     block_m = max(16, triton.next_power_of_2(m))
     if gated:
         if weight_bytes >= 2:

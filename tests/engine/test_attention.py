@@ -155,6 +155,7 @@ def test_decode_plans_with_a_step_a_split_run_unpipelined():
     assert plan_launch(1, 32, 2, 1, 4096, 132).splits == 32  # no more splits than steps in the table's capacity
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="builds for a GPU: not under the interpreter")
 @pytest.mark.parametrize("head_dim,dtype,mode,stages", [(16, "fp32", 0, 3), (32, "fp16", 0, 3), (32, "bf16", 2, 3),
                                                         (64, "fp32", 1, 3), (128, "bf16", 0, 3), (128, "bf16", 0, 1)])
 def test_kernel_with_programmatic_dependent_launch_compiles_for_hopper(head_dim, dtype, mode, stages):

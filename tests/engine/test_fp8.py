@@ -3,6 +3,8 @@ path, the Triton kernel under Triton's interpreter, CUDA where present), and the
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -312,13 +314,16 @@ _ROWS_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "out_ptr", "partial_ptr
               "stride_wn", "stride_om", "k_per_split"]
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="builds for a GPU: not under the interpreter")
+@pytest.mark.parametrize("arch", [89, 90])
 @pytest.mark.parametrize("weights,swap,gated", [("fp8e4nv", False, False), ("fp8e4nv", True, False),
                                                 ("fp8e4nv", False, True), ("fp8e4nv", True, True),
                                                 ("bf16", True, True)])
-def test_rows_kernel_compiles_for_hopper(weights, swap, gated):
-    """The few-rows kernel as the engine launches it on a Hopper GPU (PDL on; FP8 or bf16 weights widened to the
-    bf16 rows for the tensor cores; the weight tile on either side of the MMA; gated or plain), compiled here for
-    sm_90 (no GPU needed): the interpreter never builds the tensor-core code."""
+def test_rows_kernel_compiles_for_ada_and_hopper(weights, swap, gated, arch):
+    """The few-rows kernel as the engine launches it on an Ada (sm_89: the 24 GB cards FP8 is for) or a Hopper GPU
+    (sm_90, with PDL): FP8 or bf16 weights widened to the bf16 rows for the tensor cores, the weight tile on either
+    side of the MMA, gated or plain, compiled here (no GPU needed): the interpreter never builds the tensor-core
+    code, and a widening that ptxas accepts only from sm_90 on (bf16 from f16) would fail on Ada."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -326,15 +331,15 @@ def test_rows_kernel_compiles_for_hopper(weights, swap, gated):
     from glyphserve.engine.rows_kernel import _rows_kernel
 
     signature = dict(zip(_ROWS_ARGS, ["*bf16", f"*{weights}", "*fp32", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7))
-    constants = dict(HAS_SCALE=weights != "bf16", HAS_BIAS=not gated, SPLIT=False, K_ITERS=32,
+    constants = dict(HAS_SCALE=weights != "bf16", HAS_BIAS=not gated, SPLIT=False, K_ITERS=4,
                      BLOCK_M=64 if swap else 16, BLOCK_N=128 if swap else 32, BLOCK_K=128 if swap else 256, SWAP=swap,
-                     GATED=gated, PDL=True)
+                     GATED=gated, PDL=arch >= 90)
     signature.update(dict.fromkeys(constants, "constexpr"))
     try:
         kernel = triton.compile(ASTSource(fn=_rows_kernel, signature=signature, constexprs=constants),
-                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+                                target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
     except RuntimeError as exc:  # a Triton without its CUDA tool chain (ptxas) cannot build for a GPU at all
-        if "ptxas" in str(exc):
+        if "ptxas" in str(exc) and "error" not in str(exc).lower():
             pytest.skip(str(exc))
         raise
-    assert "griddepcontrol.wait" in kernel.asm["ptx"]
+    assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == (arch >= 90)
