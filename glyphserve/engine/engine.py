@@ -399,10 +399,11 @@ class Engine:
     def _warm_up(self) -> None:
         if self.device.type != "cuda":
             return
-        # A prompt's pass: the compiled layer pieces trace one variant for a prompt's rows beside those of the
-        # decode steps' row counts (``linear.gated_linear`` bounds the rows its decode kernels take), which the
-        # memory profile's pass builds only when it runs (not with the pool's size given).
-        self._prompt_pass(PROMPT_PAD_TOKENS)
+        # A prompt's pass where the memory profile ran none (the pool's size given): the compiled layer pieces trace
+        # one variant for a prompt's rows beside those of the decode steps' row counts (``linear.gated_linear``
+        # bounds the rows its decode kernels take), else traced at the first question's prefill.
+        if self.config.num_kv_blocks is not None:
+            self._prompt_pass(PROMPT_PAD_TOKENS)
         # A page the processor resizes both ways: the preprocessing's Triton kernels compile here, not in a question.
         self.preprocessor([np.full((842, 595, 3), 255, dtype=np.uint8)])
         if self.compiled_vision:

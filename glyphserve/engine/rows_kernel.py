@@ -9,8 +9,8 @@ value is a bf16 value) and multiplies on the tensor cores (``tl.dot``, the rows 
 with fp32 accumulation; the per-channel scale and the bias are applied once at the end. Where the output channels
 alone give too few programs to keep every SM streaming, K is split across programs whose fp32 partial sums (each
 scaled already: the scale is per channel) a second small kernel adds up with the bias (in a fixed order: results
-do not depend on scheduling). ``swap`` puts the weight
-tile on the MMA's M side (the rows on its N side) instead of the rows.
+do not depend on scheduling). ``swap`` puts the weight tile on the MMA's M side (the rows on its N side) instead
+of the rows.
 
 The gated variant interleaves each channel's gate row and up row in a tile (as ``gemv_kernel``'s gated kernel
 does), so a program holds both halves of its channels and the step loses the elementwise launch that formed the
@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from glyphserve.engine.pdl import begin, pdl_enabled
+
 
 @dataclass(frozen=True)
 class RowsConfig:
