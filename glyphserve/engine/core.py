@@ -308,7 +308,9 @@ class EngineCore:
             if seq.num_computed >= seq.image_end:
                 seq.features.clear()  # every vision token is in the pool now
         dev = self.device
-        tokens = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        # Every host input goes through pinned memory (``to_device``): a copy from pageable memory waits for the
+        # step in flight, which the host could otherwise run ahead of.
+        tokens = to_device(np.asarray(ids, dtype=np.int64), dev)
         if n_dec:
             tokens = torch.cat([self.runner.last_token[to_device(decode[0], self.device)], tokens])
         with torch.inference_mode():
@@ -318,10 +320,10 @@ class EngineCore:
         paged = plan.decode + [c.seq for c in short]
         inputs = StepInputs(
             embeds=embeds,
-            positions=torch.cat(positions, dim=1).to(dev, non_blocking=True),
+            positions=to_device(torch.cat(positions, dim=1).numpy(), dev),
             slot_mapping=to_device(np.concatenate(kv_slots), self.device),
             dense=dense,
-            logits_index=torch.tensor(logits_index, dtype=torch.long).to(dev, non_blocking=True),
+            logits_index=to_device(np.asarray(logits_index, dtype=np.int64), dev),
         )
         if paged:
             lens = [1] * n_dec + [c.end - c.start for c in short]
@@ -329,8 +331,7 @@ class EngineCore:
             slots = to_device(np.fromiter((s.slot for s in paged), dtype=np.int64, count=len(paged)), self.device)
             inputs.block_tables = self.runner.block_tables[slots]
             seq_lens = list(decode[5]) + [c.end for c in short]
-            inputs.seq_lens = torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True)
-            # pinned and asynchronous: a plain copy would wait for the step in flight
+            inputs.seq_lens = to_device(np.asarray(seq_lens, dtype=np.int32), dev)
             inputs.query_start = to_device(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32), self.device)
             inputs.max_query_len = max(lens)
         return inputs, sampled

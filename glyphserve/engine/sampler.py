@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glyphserve.engine.transfer import copy_rows
+from glyphserve.engine.transfer import copy_rows, to_device
 from glyphserve.engine.types import GenerationSettings
 
 MAX_LOGPROBS = 20
@@ -127,9 +127,10 @@ class Sampler:
                 self.seen = torch.zeros(shape, device=self.device, dtype=torch.bool)
             self.counts[slot].zero_()
             self.seen[slot].zero_()
-            self.seen[slot, torch.tensor(prompt_ids, device=self.device, dtype=torch.int64)] = True
+            # Through pinned memory: ``torch.tensor(..., device=)`` copies synchronously, after the step in flight.
+            self.seen[slot, to_device(np.asarray(prompt_ids, dtype=np.int64), self.device)] = True
             if answer_ids:
-                answer = torch.tensor(answer_ids, device=self.device, dtype=torch.int64)
+                answer = to_device(np.asarray(answer_ids, dtype=np.int64), self.device)
                 self.counts[slot] += torch.bincount(answer, minlength=self.vocab).to(torch.int32)
                 self.seen[slot, answer] = True
 
@@ -143,13 +144,15 @@ class Sampler:
         copy_rows(self.seed, slots, self.seed_host[slots])
 
     def rows(self, slots: np.ndarray) -> SampleRows:
-        """The step's row classes from the host mirrors (vectorised over the rows)."""
+        """The step's row classes from the host mirrors (vectorised over the rows); their row indices go to the
+        device through pinned memory (from pageable memory the copy would wait for the step in flight: every step
+        with a sampled row would stop the host running a step ahead)."""
         special = np.flatnonzero(self.special_host[slots])
         penalised = np.flatnonzero(self.penalised_host[slots])
         top = self.logprobs_host[slots].max(initial=-1)
         return SampleRows(
-            special=torch.from_numpy(special).to(self.device) if len(special) else None,
-            penalised=torch.from_numpy(penalised).to(self.device) if len(penalised) else None,
+            special=to_device(special, self.device) if len(special) else None,
+            penalised=to_device(penalised, self.device) if len(penalised) else None,
             logprobs=None if top < 0 else int(top),
             sorted_masks=bool(self.sorted_host[slots].any()),
             min_p=bool(self.min_p_host[slots].any()),
