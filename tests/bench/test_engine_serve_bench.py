@@ -21,6 +21,8 @@ def test_engine_bench_measures_every_row_and_a_baseline_tree(tiny_model_dir, tmp
     assert result["cold_cropped"]["vision_misses"] > 0
     assert result["follow"]["prefix_reused_tokens"] > 0 and result["warm"]["prefix_reused_tokens"] > 0
     assert [r["rows"] for r in result["rows"]] == [1, 2] and all(r["step_ms"] > 0 for r in result["rows"])
+    assert [r["rows"] for r in result["rows_sampled"]] == [1, 2]  # the same rows, every one sampled
+    assert result["baseline"]["rows_sampled"][0]["step_ms"] > 0
     assert result["pool_blocks"]["16"] < 16 * result["pool_blocks"]["1"]  # the document's prefix held once
     assert result["baseline"]["cold"]["wall_s"] > 0  # measured again by the child process
     assert result["quantized"]["cold"]["vision_misses"] > 0 and result["quantized"]["grow_cold"]["wall_s"] > 0
@@ -30,6 +32,8 @@ def test_engine_bench_measures_every_row_and_a_baseline_tree(tiny_model_dir, tmp
     assert "| W200 cold |" in markdown and "## Targets" in markdown
     assert "With fp8 weights: W50 cold" in markdown and "; W200 cold" in markdown
     assert "Decode step by rows with fp8 weights: 1: " in markdown
+    assert "Decode step by rows, every row sampled (temperature 0.8, top_p 0.95, seed 1): 1: " in markdown
+    assert "(baseline " in markdown.split("every row sampled")[1].split("\n")[0]
 
 
 def test_cropped_documents_end_on_pages_of_heights_of_their_own():
