@@ -192,15 +192,22 @@ class EngineCore:
                                                                self.sampler, rows.given)
             self.counters["row_chunks"] += len(plan.chunks)
             logits, greedy = self.runner.logits[: len(sampled)], self.runner.next[: len(sampled)]
-        slots = np.fromiter((s.slot for s in sampled), dtype=np.int64, count=len(sampled))
-        answer_pos = np.fromiter((s.scheduled_outputs - 1 for s in sampled), dtype=np.int64, count=len(sampled))
         warmed = [c.seq for c in plan.chunks if c.seq.request.warm and c.end == c.seq.total_tokens]
         if not sampled:
             return Launched([], torch.empty(0, dtype=torch.long), None, self.clock.mark(), warmed, not plan.chunks)
-        slots_dev = to_device(slots, self.device)
-        tokens, logprobs = self.sampler(logits, slots_dev, to_device(answer_pos, self.device), self.sampler.rows(slots),
-                                        tokens=greedy)
-        self.runner.last_token.index_copy_(0, slots_dev, tokens)
+        slots = np.fromiter((s.slot for s in sampled), dtype=np.int64, count=len(sampled))
+        answer_pos = np.fromiter((s.scheduled_outputs - 1 for s in sampled), dtype=np.int64, count=len(sampled))
+        sample_rows = self.sampler.rows(slots)
+        if greedy is not None and sample_rows.plain:
+            # The graph step's greedy tokens are the answer and already at their slots in ``last_token``: no
+            # uploads, no sampling launches (each a GIL release on this thread, which under a server's request
+            # threads can cost a switch interval to get back).
+            tokens, logprobs = greedy, None
+        else:
+            slots_dev = to_device(slots, self.device)
+            tokens, logprobs = self.sampler(logits, slots_dev, to_device(answer_pos, self.device), sample_rows,
+                                            tokens=greedy)
+            self.runner.last_token.index_copy_(0, slots_dev, tokens)
         return Launched(sampled, self._to_host(tokens), None if logprobs is None else
                         tuple(self._to_host(t) for t in logprobs), self.clock.mark(), warmed, not plan.chunks)
 

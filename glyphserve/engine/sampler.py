@@ -61,6 +61,11 @@ class SampleRows:
     sorted_masks: bool = False  # some sampled row uses top-k or top-p
     min_p: bool = False  # some sampled row uses min-p
 
+    @property
+    def plain(self) -> bool:
+        """Every row takes the greedy token and nothing else is wanted (no statistics, no logprobs)."""
+        return self.special is None and self.penalised is None and self.logprobs is None
+
 
 # Per-slot settings: columns of one float tensor on the device, written from a host mirror in one copy per step
 # for the slots admitted since the last (ten small writes per admitted sequence, each a launch, cost 0.8 ms of
