@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from glyphserve.errors import EmptyDocumentError
+from glyphserve.glm4v import MAX_ASPECT
 from glyphserve.render.config import RenderConfig, has_cjk
 from glyphserve.render.document import ENCODER_THREADS, PageLine, RenderedDocument, RenderedPage, RenderStats
 from glyphserve.render.fonts import CharTable, FontFace, ResolvedFont, WidthMap, resolve_font
@@ -412,6 +413,16 @@ def _scan_page(image: np.ndarray, config: RenderConfig, number: int, offset: int
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         img = np.asarray(Image.fromarray(img).resize(size, Image.LANCZOS))
     h, w = img.shape[:2]
+    # GLM-4.1V's processor refuses images longer than MAX_ASPECT times their width (or the reverse): a sliver of a
+    # page (a PDF page of 6 x 2000 pt, a strip of a scan) is centred on white up to that ratio, not refused with
+    # its whole document.
+    short = -(-max(h, w) // MAX_ASPECT)
+    if min(h, w) < short:
+        canvas = np.full((max(h, short), max(w, short), 3), 255, dtype=np.uint8)
+        top, left = (canvas.shape[0] - h) // 2, (canvas.shape[1] - w) // 2
+        canvas[top : top + h, left : left + w] = img
+        img = canvas
+        h, w = img.shape[:2]
     return RenderedPage(number, np.ascontiguousarray(img), (offset, offset), [], glm4v_vision_tokens(w, h), "scan")
 
 

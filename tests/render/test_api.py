@@ -135,6 +135,25 @@ def test_render_document_with_text_and_scanned_pages():
     assert missing_glyphs_warning(render_document(scanned_only, EN)) is None  # no text: no characters missing
 
 
+def test_a_sliver_of_a_scanned_page_is_centred_on_white_up_to_the_models_aspect_limit():
+    from glyphserve.glm4v import MAX_ASPECT, vision_tokens
+    from glyphserve.ingest import Document, ImagePart
+
+    sliver = np.zeros((2000, 6, 3), dtype=np.uint8)  # a 6 x 2000 pt PDF page: 3 x 842 px on the preset's page
+    wide = np.zeros((4, 1200, 3), dtype=np.uint8)
+    doc = Document(kind="pdf", parts=[ImagePart(sliver, 1), ImagePart(wide, 2)], source_name="thin.pdf",
+                   source_bytes=1, encoding=None)
+    tall, flat = render_document(doc, EN).pages
+    h, w = tall.image.shape[:2]
+    assert h == 842 and w == -(-h // MAX_ASPECT) and h / w <= MAX_ASPECT
+    assert tall.vision_tokens == vision_tokens(w, h)  # the processor takes it
+    ink = np.flatnonzero(tall.image[h // 2, :, 0] == 0)
+    assert len(ink) == 3 and ink[0] == (w - 3) // 2  # the page's own pixels, centred, the rest white
+    assert (tall.image[:, :ink[0]] == 255).all() and (tall.image[:, ink[-1] + 1:] == 255).all()
+    h, w = flat.image.shape[:2]
+    assert w / h <= MAX_ASPECT and flat.vision_tokens == vision_tokens(w, h)
+
+
 def test_pages_are_counted_from_the_layout_as_rendering_makes_them():
     from glyphserve.ingest import Document, ImagePart, TextPart
 
