@@ -99,6 +99,11 @@ def test_a_document_longer_than_the_context_shows_the_matching_pages(model, long
         "pages_shown"]
     refused = chat(model, doc_id, "What is the harbour code?", page_selection="all")
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    # Every page handed over, the engine keeping the first that fit: the reply names the pages the model read.
+    truncated = chat(model, doc_id, "What is the harbour code?", page_selection="all", truncate_pages=True).json()
+    assert truncated["pages_shown"] == first["pages_shown"]
+    assert truncated["usage"]["prompt_tokens"] == chat(model, doc_id, "What is the harbour code?",
+                                                       page_selection="first").json()["usage"]["prompt_tokens"]
     assert refused.json()["error"]["message"].endswith(
         "or let the pages that match the question be chosen (page selection retrieve: the API's page_selection "
         "for a stored document, ask's --page-selection)")
