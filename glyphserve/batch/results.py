@@ -56,7 +56,12 @@ class ResultLog:
 
     def __init__(self, path: str | Path, *, retry_failed: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise ConfigError(f"{self.path} is a folder: give the results file (e.g. {self.path / 'results.jsonl'})")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot make the folder of the results file {self.path}: {exc.strerror}") from None
         self._created = not self.path.exists()  # a file this run made and left empty goes again at close
         self._file = _open_locked(self.path)
         self.done: dict[Key, dict[str, Any]] = {}
@@ -124,7 +129,10 @@ class ResultLog:
 
 
 def _open_locked(path: Path):
-    file = open(path, "a+b")  # noqa: SIM115 (closed by ResultLog.close)
+    try:
+        file = open(path, "a+b")  # noqa: SIM115 (closed by ResultLog.close)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the results file {path}: {exc.strerror}") from None
     try:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -75,6 +75,14 @@ def _record(doc_id, question, error=None):
     return {"id": doc_id, "question": question, "answer": None if error else "yes", "error": error}
 
 
+def test_a_results_path_that_is_no_file_is_refused_with_its_reason(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a folder: give the results file \(e.g. .*results.jsonl\)"):
+        ResultLog(tmp_path)
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(ConfigError, match="cannot make the folder of the results file"):
+        ResultLog(tmp_path / "plain" / "results.jsonl")  # its folder would be a file
+
+
 def test_results_resume_repairs_torn_line_and_retries_server_errors(tmp_path):
     path = tmp_path / "out" / "results.jsonl"
     with ResultLog(path) as log:
