@@ -23,7 +23,7 @@ class GlyphserveError(Exception):
     field is at fault, its name (``param``)."""
 
     http_status: int = 400
-    code: str = "bad_request"
+    code: str = "invalid_request"  # as the server's own request checks name it
 
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)

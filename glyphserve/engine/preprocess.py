@@ -26,7 +26,7 @@ from glyphserve.engine.resize import BICUBIC, resize_bicubic
 from glyphserve.engine.transfer import to_device
 from glyphserve.engine.types import EncodedPage, Page
 from glyphserve.errors import ConfigError, GlyphserveError
-from glyphserve.glm4v import smart_resize
+from glyphserve.glm4v import MAX_ASPECT, smart_resize
 
 try:
     import triton
@@ -101,10 +101,12 @@ def check_page(page: Page, index: int) -> None:
         shape = getattr(page, "shape", None)
         dtype = getattr(page, "dtype", type(page).__name__)
         raise GlyphserveError(f"page {index + 1} must be an HxWx3 uint8 RGB array, got shape {shape} of {dtype}")
-    if min(page.shape[:2]) < 1:
-        raise GlyphserveError(f"page {index + 1} is empty ({page.shape[0]}x{page.shape[1]} px)")
-    if max(page.shape[:2]) / min(page.shape[:2]) > 200:
-        raise GlyphserveError(f"page {index + 1} is too elongated ({page.shape[0]}x{page.shape[1]} px)")
+    height, width = page.shape[:2]
+    if min(height, width) < 1:
+        raise GlyphserveError(f"page {index + 1} is empty ({width}x{height} px)")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise GlyphserveError(f"page {index + 1} is too elongated ({width}x{height} px; GLM-4.1V reads images "
+                              f"up to {MAX_ASPECT} times longer than wide)")
 
 
 def page_digest(page: np.ndarray) -> str:

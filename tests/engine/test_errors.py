@@ -24,8 +24,17 @@ PAGES = make_pages([(112, 140)] * 6, seed=5)  # 20 vision tokens per page
 @pytest.mark.parametrize("question", ["", "   \n"])
 def test_empty_question(load_engine, question):
     engine = load_engine()
-    with pytest.raises(GlyphserveError, match="question is empty"):
+    with pytest.raises(GlyphserveError, match="question is empty") as err:
         engine.answer(AnswerRequest(pages=PAGES[:1], question=question))
+    assert err.value.code == "invalid_request" and err.value.http_status == 400  # as the server's own checks
+
+
+def test_a_page_too_elongated_for_the_model_is_refused_in_width_x_height():
+    from glyphserve.engine.preprocess import check_page
+
+    with pytest.raises(GlyphserveError, match=r"page 2 is too elongated \(5000x10 px; GLM-4.1V reads images up to 200 "):
+        check_page(np.zeros((10, 5000, 3), dtype=np.uint8), 1)
+    check_page(np.zeros((10, 2000, 3), dtype=np.uint8), 0)  # 200:1 is read
 
 
 @pytest.mark.parametrize(
