@@ -54,13 +54,24 @@ def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> tuple[argparse.A
     return parser, subparsers.choices
 
 
+def command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The deepest (sub)command's parser that ``argv`` names (``bench engine``: bench's ``engine``)."""
+    for word in argv:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is not None and word in sub.choices:
+            parser = sub.choices[word]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     owner = COMMAND_OWNERS.get(argv[0]) if argv else None
     parser, commands = build_parser((owner,) if owner else COMMAND_MODULES)
     if owner and argv[0] not in commands:
         parser, _ = build_parser()  # the command moved to another module: find it the slow way
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # refused with the command's own usage line, not the top level's
+        command_parser(parser, argv).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -32,3 +32,18 @@ def test_the_full_parser_does_not_load_torch():
     assert loaded.returncode == 0, loaded.stderr
     heavy = {"torch", "transformers", "fastapi", "gradio"} & set(json.loads(loaded.stdout))
     assert not heavy, f"building the parser imports {sorted(heavy)}"
+
+
+def test_an_unknown_option_is_refused_with_its_commands_usage(capsys):
+    import pytest
+
+    from glyphserve.cli import main
+
+    for argv, usage, unknown in ((["eval", "--bogus", "1"], "usage: glyphserve eval ", "--bogus 1"),
+                                 (["bench", "engine", "--bogus"], "usage: glyphserve bench engine ", "--bogus"),
+                                 (["--bogus"], "usage: glyphserve [-h]", "--bogus")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith(usage), err
+        assert err.rstrip().endswith(f"error: unrecognized arguments: {unknown}")

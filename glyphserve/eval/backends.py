@@ -120,10 +120,11 @@ class LocalBackend(_PageReadingBackend):
     name = "local"
 
     def __init__(self, model: str | None = None, random_weights: str | None = None, max_new_tokens: int = 1024,
-                 max_context: int | None = None):
+                 max_context: int | None = None, device: str = "auto"):
         from glyphserve.engine import Engine, EngineConfig
 
-        engine = Engine.load(EngineConfig(model=model, random_weights=random_weights, max_context=max_context))
+        engine = Engine.load(EngineConfig(model=model, random_weights=random_weights, max_context=max_context,
+                                          device=device))
         super().__init__(engine, max_new_tokens, engine.tokenizer)
         self.context = engine.max_context
 

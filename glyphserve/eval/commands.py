@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "else the embedded extractive search)")
     p.add_argument("--model", help="local model directory or Hugging Face id, e.g. zai-org/Glyph")
     p.add_argument("--random-weights", metavar="ARCH", help="full-size model with random weights (glm-4.1v-9b)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where the local model runs")
     p.add_argument("--endpoint", help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--remote-model", help="model name to send to --endpoint (default: what /v1/models names)")
     p.add_argument("--api-key", help="bearer token for --endpoint (default: $OPENAI_API_KEY)")
@@ -159,7 +160,7 @@ def make_backend(args: argparse.Namespace):
         from glyphserve.serve.weights import resolve_model
 
         model = resolve_model(args.model) if args.model else None  # before torch loads: fails fast
-        return backends.LocalBackend(model, args.random_weights, args.max_new_tokens, args.max_context)
+        return backends.LocalBackend(model, args.random_weights, args.max_new_tokens, args.max_context, args.device)
     # Without a model here, pages are selected for the context given (or the engine's default).
     context = args.max_context or (DEFAULT_CONTEXT if args.page_selection else None)
     if kind == "openai":
