@@ -378,9 +378,11 @@ class EngineCore:
                 logprob = None
                 if seq.out.logprobs is not None:
                     k = seq.settings.logprobs
-                    logprob = TokenLogprob(tokens[i], seq.out.token_text(tokens[i]), chosen[i],
-                                           [(t, seq.out.token_text(t), v)
-                                            for t, v in zip(top_ids[i][:k], top_values[i][:k])])
+                    out = seq.out
+                    logprob = TokenLogprob(tokens[i], out.token_text(tokens[i]), chosen[i],
+                                           [(t, out.token_text(t), v, out.token_bytes(t))
+                                            for t, v in zip(top_ids[i][:k], top_values[i][:k])],
+                                           out.token_bytes(tokens[i]))
                 seq.output.append(tokens[i])
                 outcome = seq.out.push(tokens[i], logprob)
                 events.extend(self._deltas(seq, outcome.deltas))

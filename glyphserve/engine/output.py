@@ -8,11 +8,24 @@ stream never shows text it later takes back), then split into Glyph's "thinking"
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from tokenizers.decoders import DecodeStream
+from tokenizers.decoders import ByteLevel, DecodeStream
 
 from glyphserve.engine.textstream import ReasoningParser
 from glyphserve.engine.types import GenerationSettings, TokenLogprob
+
+
+@lru_cache(maxsize=1)
+def _byte_of() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's, which GLM-4.1V's tokenizer uses): the character standing for each of
+    the 256 bytes in a token's piece. Printable Latin-1 bytes stand for themselves, the others for 256 + n."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars = {b: b for b in kept}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = 256 + n
+    return {chr(c): b for b, c in chars.items()}
 
 
 @dataclass
@@ -46,6 +59,7 @@ class OutputState:
         self._unreleased: list[TokenLogprob] = []
         self._unreported: list[int] = []  # tokens pushed since the last delta
         self._owed: list[Delta] = []  # text of resumed tokens the caller did not receive: released first
+        self._added_ids = frozenset(tokenizer.get_added_vocab().values()) if self.logprobs is not None else frozenset()
 
     def push(self, token: int, logprob: TokenLogprob | None = None) -> TokenOutcome:
         """Take one generated token; returns the text it releases and whether the answer ends here."""
@@ -142,6 +156,18 @@ class OutputState:
 
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> list[int]:
+        """The token's own bytes (OpenAI's logprob ``bytes``): a token holding part of a character has bytes that
+        are no UTF-8 text on their own (the first byte of "è" decodes to U+FFFD, whose encoding is three other
+        bytes), so they come from the byte-level piece; an added token's (``<|user|>``), or any token of a
+        tokenizer that is not byte-level, is its text's UTF-8."""
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(self.backend.decoder, ByteLevel) and piece is not None and token not in self._added_ids:
+            byte_of = _byte_of()
+            if all(ch in byte_of for ch in piece):
+                return [byte_of[ch] for ch in piece]
+        return list(self.token_text(token).encode("utf-8"))
 
     @property
     def answer_text(self) -> str:

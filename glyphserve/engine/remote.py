@@ -541,7 +541,8 @@ def _logprobs(choice: dict) -> list[TokenLogprob]:
     """OpenAI's ``choices[].logprobs.content`` of a chunk (servers send text, not token ids: id -1)."""
     content = (choice.get("logprobs") or {}).get("content") or []
     return [TokenLogprob(-1, item["token"], item["logprob"],
-                         [(-1, top["token"], top["logprob"]) for top in item.get("top_logprobs") or []])
+                         [(-1, top["token"], top["logprob"], top.get("bytes"))
+                          for top in item.get("top_logprobs") or []], item.get("bytes"))
             for item in content]
 
 

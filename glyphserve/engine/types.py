@@ -233,7 +233,10 @@ class TokenLogprob:
     token_id: int  # -1 where a remote server gave only the text
     token: str
     logprob: float
-    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token id, text, logprob), most likely first
+    # (token id, text, logprob, bytes), most likely first
+    top: list[tuple[int, str, float, list[int] | None]] = field(default_factory=list)
+    # The token's own bytes (part of a character's, for a token that splits one); None: its text's UTF-8
+    bytes: list[int] | None = None
 
 
 @dataclass

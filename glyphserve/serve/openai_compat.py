@@ -184,15 +184,18 @@ def usage(answer: Answer) -> dict[str, Any]:
 
 
 def logprobs(tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
-    """OpenAI's ``choices[].logprobs``; -inf is sent as -9999.0, as vLLM does (JSON has no infinity)."""
+    """OpenAI's ``choices[].logprobs``; -inf is sent as -9999.0, as vLLM does (JSON has no infinity). ``bytes`` are
+    the token's own (``TokenLogprob.bytes``), which rebuild a character split across tokens; vLLM sends its text's
+    UTF-8, U+FFFD's three bytes for such a token."""
     if tokens is None:
         return None
 
-    def entry(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+    def entry(text: str, logprob: float, raw: list[int] | None) -> dict[str, Any]:
+        return {"token": text, "logprob": max(logprob, -9999.0),
+                "bytes": list(text.encode("utf-8")) if raw is None else raw}
 
-    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
-                        for t in tokens]}
+    return {"content": [{**entry(t.token, t.logprob, t.bytes),
+                         "top_logprobs": [entry(text, lp, raw) for _, text, lp, raw in t.top]} for t in tokens]}
 
 
 def completion(reply: Reply, model: str) -> dict[str, Any]:

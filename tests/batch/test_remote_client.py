@@ -246,3 +246,16 @@ def test_the_context_is_the_least_every_server_reports():
     finally:
         for chat in (long, short, silent):
             chat.close()
+
+
+def test_a_servers_logprob_bytes_are_kept():
+    from glyphserve.engine.remote import _logprobs
+    from glyphserve.serve.openai_compat import logprobs
+
+    chunk = {"logprobs": {"content": [{"token": "\ufffd", "logprob": -0.5, "bytes": [232],
+                                       "top_logprobs": [{"token": "\ufffd", "logprob": -0.5, "bytes": [232]},
+                                                        {"token": "a", "logprob": -2.0}]}]}}
+    (token,) = _logprobs(chunk)
+    assert token.bytes == [232] and [t[3] for t in token.top] == [[232], None]
+    sent = logprobs([token])["content"][0]  # passed on as they came; text's UTF-8 where the server gave none
+    assert sent["bytes"] == [232] and [t["bytes"] for t in sent["top_logprobs"]] == [[232], [97]]

@@ -69,6 +69,17 @@ def test_logprobs_ride_with_the_text_they_made(tok):
     assert [lp.token_id for lp in delivered] == ids
 
 
+def test_a_tokens_bytes_are_its_own_also_inside_a_character(tok):
+    state = OutputState(tok, GenerationSettings(logprobs=1), frozenset())
+    text = "Grand-mère 奶奶 🐺 <|user|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = [state.token_bytes(t) for t in ids]
+    assert b"".join(bytes(p) for p in pieces) == text.encode("utf-8")  # the bytes rebuild the text, as OpenAI's do
+    split = [p for t, p in zip(ids, pieces) if "\ufffd" in state.token_text(t)]
+    assert split and all(p != list("\ufffd".encode()) for p in split)  # part of a character: its own bytes
+    assert state.token_bytes(tok.convert_tokens_to_ids("<|user|>")) == list(b"<|user|>")
+
+
 def test_a_resumed_state_owes_the_text_its_tokens_released_that_the_caller_missed(tok):
     """One token can release text of both channels: the first delta carries the token, the second none. A caller
     that got only the first (its replica died between them) resumes with the token and the characters it was shown:

@@ -206,6 +206,11 @@ def test_logprobs_come_back_per_token(glyph, story):
             "max_tokens": 6, "ignore_eos": True, "logprobs": True, "top_logprobs": 3}).json()
     content = result["choices"][0]["logprobs"]["content"]
     assert len(content) == 6 and all(len(t["top_logprobs"]) == 3 for t in content)
+    for entry in [*content, *(top for t in content for top in t["top_logprobs"])]:  # each token's own bytes
+        assert entry["bytes"] and all(0 <= b < 256 for b in entry["bytes"])
+        if "\ufffd" not in entry["token"]:
+            assert bytes(entry["bytes"]).decode("utf-8") == entry["token"]
+    assert all(len(t["top"][0]) == 4 for t in answer["logprobs"])  # (id, text, logprob, bytes)
 
 
 def test_repetition_penalty_changes_a_repetitive_answer(glyph, story):
