@@ -33,6 +33,9 @@ from glyphserve.bench.engine import fixed
 
 TARGET_SPEEDUP = 25.0  # 64 sessions over 16 W50 documents against one at a time (issue 13)
 TARGET_SCALING = 1.8  # two engine replicas against one engine
+STEP_TRACE = 100_000  # steps the server keeps with --step-trace: a run's (a round of 64 sessions took ~200)
+STEP_KINDS = {"graph": "graph steps (decode rows, prompt chunks as rows)", "rows": "row steps without a graph",
+              "pass": "eager prompt passes", "none": "reading back only"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of the concurrent phase; the round of median throughput is reported (default 1)")
     p.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the server")
+    p.add_argument("--step-trace", action="store_true",
+                   help="the server records its engine's steps (serve --step-trace): each concurrent round's time "
+                        "by kind of step (decode graph steps, eager prompt passes, ...) and outside steps")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for serve-<card>.json/.md")
     p.set_defaults(func=run)
 
@@ -95,6 +101,8 @@ class Server:
                    "--dtype", args.dtype, "--queue-size", str(max(64, 2 * args.sessions)), *model]
         if replicas:
             command += ["--ray", "--replicas", str(replicas)]
+        if args.step_trace and not replicas:
+            command += ["--step-trace", str(STEP_TRACE)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = visible
@@ -248,6 +256,7 @@ def measure(args: argparse.Namespace, replicas: int | None, visible: str | None 
                             errors.append(exc)
 
                     threads = [threading.Thread(target=guarded, args=(s,)) for s in range(args.sessions)]
+                    mark = last_step(client, server.base) if args.step_trace and not replicas else None
                     counters_before = engine_counters(client, server.base)
                     t0 = time.perf_counter()
                     for t in threads:
@@ -257,8 +266,10 @@ def measure(args: argparse.Namespace, replicas: int | None, visible: str | None 
                     phase.wall_s = time.perf_counter() - t0
                     if errors:
                         raise errors[0]
-                    rounds.append((phase, engine_activity(counters_before, engine_counters(client, server.base),
-                                                          phase.wall_s)))
+                    activity = engine_activity(counters_before, engine_counters(client, server.base), phase.wall_s)
+                    if mark is not None:  # the round's steps, by kind
+                        activity[0]["step_kinds"] = step_summary(steps_since(client, server.base, mark))
+                    rounds.append((phase, activity))
                     print(phase.name, json.dumps(phase.summary()), flush=True)
                 # The round of median throughput stands for the phase; all rounds' rates are kept.
                 by_rate = sorted(rounds, key=lambda round_: round_[0].summary()["answers_per_min"])
@@ -294,6 +305,45 @@ def measure(args: argparse.Namespace, replicas: int | None, visible: str | None 
     if sequential:
         result["speedup"] = result["concurrent"]["answers_per_min"] / result["sequential"]["answers_per_min"]
     return result
+
+
+def last_step(client, base: str) -> float:
+    """When the server's engine began its latest recorded step (-inf: none yet)."""
+    steps = client.get(f"{base}/v1/engine/steps").raise_for_status().json()["steps"]
+    return steps[-1]["started"] if steps else float("-inf")
+
+
+def steps_since(client, base: str, mark: float) -> list[dict]:
+    return [s for s in client.get(f"{base}/v1/engine/steps").raise_for_status().json()["steps"] if s["started"] > mark]
+
+
+def step_summary(steps: list[dict]) -> dict:
+    """Steps by kind (``StepRecord.kind``): how many, their seconds on the engine's thread and how much of that
+    waited for the device, their decode rows and prompt tokens; and the seconds between the first step's start and
+    the last one's end spent outside steps (the server's loop handing requests in and answers out, or idle)."""
+    kinds: dict[str, dict] = {}
+    for s in steps:
+        k = kinds.setdefault(s["kind"], {"steps": 0, "seconds": 0.0, "wait_s": 0.0, "decode_rows": 0,
+                                          "chunk_tokens": 0})
+        k["steps"] += 1
+        k["seconds"] += s["seconds"]
+        k["wait_s"] += s["wait_s"]
+        k["decode_rows"] += s["decode_rows"]
+        k["chunk_tokens"] += s["chunk_tokens"]
+    span = steps[-1]["started"] + steps[-1]["seconds"] - steps[0]["started"] if steps else 0.0
+    return {"kinds": kinds, "span_s": span, "outside_s": span - sum(s["seconds"] for s in steps)}
+
+
+def _step_kinds_table(summary: dict) -> list[str]:
+    lines = ["| steps | count | s on the engine's thread | of which GPU wait s | host ms a step | decode rows | "
+             "prompt tokens |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, k in sorted(summary["kinds"].items(), key=lambda item: -item[1]["seconds"]):
+        lines.append(f"| {STEP_KINDS.get(kind, kind)} | {k['steps']} | {k['seconds']:.3f} | {k['wait_s']:.3f} | "
+                     f"{(k['seconds'] - k['wait_s']) / k['steps'] * 1e3:.2f} | {k['decode_rows']} | "
+                     f"{k['chunk_tokens']} |")
+    return lines + ["", f"From the round's first step to its last: {summary['span_s']:.3f} s, of which "
+                        f"{summary['outside_s']:.3f} s outside steps (handing requests in and answers out, or "
+                        "idle).", ""]
 
 
 def engine_counters(client, base: str) -> dict[str, dict]:
@@ -389,6 +439,10 @@ def to_markdown(r: dict) -> str:
         met = "met" if r["speedup"] >= TARGET_SPEEDUP else "missed"
         lines += ["", f"Throughput {r['speedup']:.1f}x the sequential rate (target >= {TARGET_SPEEDUP:.0f}x: {met})."]
     lines += ["", "During the concurrent phase:", "", *_engines_table(r.get("engines") or [])]
+    for e in r.get("engines") or []:
+        if e.get("step_kinds"):
+            lines += [f"The engine's steps in that round (`--step-trace`, {e['engine']}):", "",
+                      *_step_kinds_table(e["step_kinds"])]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from glyphserve.engine.types import (
     GenerationSettings,
     Page,
     StageTimings,
+    StepRecord,
     StreamEvent,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "GenerationSettings",
     "Page",
     "StageTimings",
+    "StepRecord",
     "StreamEvent",
     "make_tiny_model",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -28,7 +29,7 @@ from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import Scheduler, SchedulerConfig
 from glyphserve.engine.sequence import Sequence, Status
 from glyphserve.engine.stage_clock import StageClock
-from glyphserve.engine.types import Answer, AnswerRequest, EngineConfig, StreamEvent
+from glyphserve.engine.types import Answer, AnswerRequest, EngineConfig, StepRecord, StreamEvent
 from glyphserve.engine.vision import VisionEncoder, VisionRunner
 from glyphserve.errors import ConfigError, EngineOutOfMemoryError, GlyphserveError
 from glyphserve.glm4v import STOP_TOKENS
@@ -103,6 +104,8 @@ class Engine:
         graphs = config.cuda_graphs and cuda
         self.core = EngineCore(self.runner, self.sampler, self.scheduler, encoder, clock, self.device,
                                row_prefill=graphs if config.graph_prefill is None else config.graph_prefill)
+        if config.step_trace:
+            self.core.trace = deque(maxlen=config.step_trace)
         self.planner = Planner(self.model, self.tokenizer, self.prompts, self.params, max_context=self.max_context,
                                block_size=block_size, pool_tokens=(self.pool.num_blocks - 1) * block_size,
                                stop_ids=self.stop_ids, prefix_caching=config.enable_prefix_caching)
@@ -204,6 +207,12 @@ class Engine:
         """Requests, tokens, decode steps and rows, prefill passes, ...: plain numbers under fixed keys, safe to
         read while the engine runs on another thread (``stats`` walks the pool and caches)."""
         return {**self._counters, **self.core.counters}
+
+    def step_trace(self) -> list[StepRecord]:
+        """The records of the last ``EngineConfig.step_trace`` steps, oldest first (none when it is 0); safe to
+        call while the engine runs on another thread."""
+        trace = self.core.trace
+        return list(trace.copy()) if trace is not None else []  # one C call: no step appends halfway through
 
     def stats(self) -> dict:
         pool = self.pool.stats()

@@ -71,6 +71,9 @@ class EngineConfig:
     # the GPU. False: plain synchronous copies (the benchmark ladder's row without them).
     pinned_copies: bool = True
     seed: int = 0
+    # Keep a record of the last this many steps (``StepRecord``: what each ran, its time on the engine's thread and
+    # how much of it waited for the device; ``Engine.step_trace``), for finding where a busy engine's time goes.
+    step_trace: int = 0
 
 
 # The sampler keeps a repetition penalty in float32 and divides logits by it: 1e-46 would be stored as 0 (0/0 is
@@ -109,6 +112,21 @@ class GenerationSettings:
         if isinstance(self.stop, str):  # one stop string, as vLLM takes it (not one per character)
             self.stop = (self.stop,)
         self.stop, self.stop_token_ids = tuple(self.stop), tuple(self.stop_token_ids)
+
+
+@dataclass
+class StepRecord:
+    """One engine step as its loop ran it (``EngineConfig.step_trace``)."""
+
+    started: float  # time.perf_counter() on the engine's thread
+    seconds: float  # in the step: scheduling, launching it, reading the step before it back (and their events)
+    wait_s: float  # of which blocked on the device
+    decode_rows: int
+    chunks: int  # prompt chunks
+    chunk_tokens: int
+    # "graph": a captured graph step (prompt chunks as its rows too); "rows": such a step run eagerly (no graph of
+    # its size); "pass": an eager pass over prompt chunks (and decode rows); "none": nothing launched
+    kind: str
 
 
 @dataclass

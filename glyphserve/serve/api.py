@@ -265,6 +265,11 @@ def build_router(service: GlyphService) -> APIRouter:
                 "queue_depth": service.scheduler.depth}
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    @router.get("/v1/engine/steps")
+    async def engine_steps():
+        """The local engine's last steps (``serve --step-trace N``), oldest first."""
+        return {"steps": [asdict(step) for step in service.step_trace()]}
+
     @router.get("/metrics")
     async def metrics():
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

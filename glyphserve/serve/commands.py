@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     serve.add_argument("--max-num-seqs", "--max-batch", dest="max_num_seqs", type=int, default=256, metavar="N",
                        help="requests decoded together at most (default 256; the KV pool's free blocks decide "
                             "how many run at once)")
+    serve.add_argument("--step-trace", type=int, default=0, metavar="N",
+                       help="keep records of the engine's last N steps (what each ran, its time on the engine's "
+                            "thread and how much of it waited for the GPU) for GET /v1/engine/steps (default 0: off)")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
                        help="the share of the GPU's memory this server may use; the KV pool gets what the weights "
                             "and activations leave of it (default 0.9)")
@@ -198,7 +201,8 @@ def serve_config(args: argparse.Namespace):
         max_parser_memory_mb=args.max_parser_memory_mb, ingest_timeout=args.ingest_timeout,
         max_images=args.max_images, max_image_mpx=args.max_image_mpx, max_image_mb=args.max_image_mb,
         allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins, queue_size=args.queue_size,
-        max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout, sse_keepalive=args.sse_keepalive,
+        max_num_seqs=args.max_num_seqs, step_trace=args.step_trace, request_timeout=args.request_timeout,
+        sse_keepalive=args.sse_keepalive,
         ui=not args.no_ui,
         backend=args.backend or ("openai" if args.endpoint else "local"), endpoints=args.endpoint,
         remote_model=args.remote_model, remote_api_key=args.remote_api_key or None,

@@ -75,6 +75,8 @@ class ServeConfig:
     queue_size: int = 64
     # Sequences the engine decodes together (its KV pool decides how many fit; vLLM's --max-num-seqs).
     max_num_seqs: int = 256
+    # The local engine keeps records of its last this many steps (GET /v1/engine/steps; 0: none kept).
+    step_trace: int = 0
     request_timeout: float = 300.0
     sse_keepalive: float = 10.0  # seconds between keep-alive comments while a stream waits for its first token
     ui: bool = True
@@ -98,7 +100,8 @@ class ServeConfig:
 
         return EngineConfig(model=model, random_weights=self.random_weights, dtype=self.dtype, device=self.device,
                             max_context=self.max_model_len, max_num_seqs=self.max_num_seqs,
-                            gpu_memory_utilization=self.gpu_memory_utilization, quantize=self.quantize)
+                            gpu_memory_utilization=self.gpu_memory_utilization, quantize=self.quantize,
+                            step_trace=self.step_trace)
 
     @property
     def default_model_name(self) -> str:
@@ -169,6 +172,8 @@ class ServeConfig:
         ):
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if self.step_trace < 0:
+            raise ConfigError(f"--step-trace must be 0 or more, got {self.step_trace}")
         if self.endpoints and self.backend != "openai":
             raise ConfigError("--endpoint needs --backend openai")
         if self.remote and not self.endpoints:

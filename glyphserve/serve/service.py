@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 from PIL import Image
 
 from glyphserve.engine.types import AnswerRequest, EncodedPage, StreamEvent
-from glyphserve.errors import FileTooLargeError, GlyphserveError, IngestTimeoutError, TooManyPagesError
+from glyphserve.errors import FileTooLargeError, GlyphserveError, IngestTimeoutError, NotFoundError, TooManyPagesError
 from glyphserve.ingest import Document, clean_filename
 from glyphserve.serve.backends import ChatJob, EngineBackend, ExtractiveBackend, Reply
 from glyphserve.serve.config import ServeConfig
@@ -146,6 +146,13 @@ class GlyphService:
                     "dtype": str(self.engine.dtype).removeprefix("torch."), "quantize": self.engine.config.quantize,
                     "engine": {k: counters[k] for k in ENGINE_COUNTERS}}
         return {"backend": "extractive", "model": self.model_name, "notice": self.notice}
+
+    def step_trace(self) -> list:
+        """The local engine's records of its last steps (``StepRecord``; ``--step-trace``)."""
+        trace = getattr(self.engine, "step_trace", None)
+        if trace is None or not self.config.step_trace:
+            raise NotFoundError("this server keeps no step records: start it with --step-trace N (a local engine)")
+        return trace()
 
     def check_model(self, name: str | None) -> None:
         """Requests may name the model (one of the served names) or leave it out, as vLLM allows."""

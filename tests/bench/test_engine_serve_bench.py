@@ -48,12 +48,18 @@ def test_cropped_documents_end_on_pages_of_heights_of_their_own():
 def test_serve_bench_counts_every_answer(tiny_model_dir, tmp_path):
     code = main(["bench", "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--workload", "1000",
                  "--documents", "2", "--sessions", "3", "--questions", "2", "--new-tokens", "3", "--max-num-seqs", "2",
-                 "--startup-timeout", "120", "--out", str(tmp_path)])
+                 "--startup-timeout", "120", "--step-trace", "--out", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "serve-cpu.json").read_text())
     assert result["sequential"]["answers"] == result["concurrent"]["answers"] == 6
     assert result["concurrent"]["p95_s"] >= result["concurrent"]["p50_s"] > 0
-    assert "answers/min" in (tmp_path / "serve-cpu.md").read_text()
+    markdown = (tmp_path / "serve-cpu.md").read_text()
+    assert "answers/min" in markdown
+    steps = result["engines"][0]["step_kinds"]  # the concurrent round's steps (serve --step-trace)
+    kinds = steps["kinds"].values()
+    assert sum(k["decode_rows"] for k in kinds) == 6 * 2  # every answer token after its first
+    assert sum(k["chunk_tokens"] for k in kinds) > 0 and 0 <= steps["outside_s"] <= steps["span_s"]
+    assert "The engine's steps in that round (`--step-trace`" in markdown and "| eager prompt passes |" in markdown
 
 
 def test_scale_run_compares_one_engine_with_ray_serve_replicas(tiny_model_dir, tmp_path):

@@ -191,6 +191,24 @@ def test_the_engine_times_its_decode_steps(load_engine):
     assert after["gpu_wait_s"] == before["gpu_wait_s"] == 0  # the CPU has no device to wait for
 
 
+def test_the_step_trace_records_what_each_step_ran(load_engine):
+    engine = load_engine(step_trace=200)
+    assert engine.step_trace() == []
+    settings = GenerationSettings(max_tokens=6, ignore_eos=True)
+    answers = engine.answer_batch([AnswerRequest(pages=PAGES, question=q, settings=settings) for q in ("Who?", "Why?")])
+    steps = engine.step_trace()
+    computed = sum(a.prompt_tokens - a.cache.prefix_reused_tokens for a in answers)
+    assert sum(s.chunk_tokens for s in steps) == computed and sum(s.chunks for s in steps) >= 2
+    assert sum(s.decode_rows for s in steps) == sum(a.new_tokens - 1 for a in answers)  # the first from the prompt
+    assert {s.kind for s in steps} <= {"rows", "pass", "none"}  # the CPU captures no graphs
+    assert all(s.seconds >= s.wait_s == 0 for s in steps)
+    assert [s.started for s in steps] == sorted(s.started for s in steps)
+    short = load_engine(step_trace=3)
+    short.answer(AnswerRequest(pages=PAGES, question="Who?", settings=settings))
+    assert len(short.step_trace()) == 3 and short.step_trace()[-1].kind == "none"  # the last: reads the last back
+    assert load_engine().step_trace() == []  # off by default
+
+
 def test_a_stop_token_asked_for_ends_the_answer_under_ignore_eos(load_engine):
     """ignore_eos suppresses the model's stop tokens, not those the request names in stop_token_ids (vLLM's
     rule); the tokens that release no text still reach the stream, with their logprobs."""

@@ -67,6 +67,8 @@ def test_health_names_the_model(client, documents):
     after = client.get("/health").json()["engine"]
     assert after["requests"] == before["requests"] + 1 and after["new_tokens"] >= before["new_tokens"] + 4
     assert after["decode_steps"] > before["decode_steps"] and after["prefill_passes"] == before["prefill_passes"] + 1
+    steps = client.get("/v1/engine/steps")  # kept only with --step-trace N (bench serve --step-trace)
+    assert steps.status_code == 404 and "--step-trace N" in steps.json()["error"]["message"]
 
 
 def test_streamed_answer_with_timings_and_cache(client, documents):
