@@ -108,6 +108,14 @@ class EngineOutOfMemoryError(GlyphserveError):
     code = "out_of_memory"
 
 
+class InternalError(GlyphserveError):
+    """An unexpected failure of this program, not of the request (a request failing inside the engine: the others
+    go on); the message names no internals and the log has the traceback."""
+
+    http_status = 500
+    code = "internal_error"
+
+
 class NotFoundError(GlyphserveError):
     http_status = 404
     code = "not_found"

@@ -30,7 +30,7 @@ from glyphserve.engine.stage_clock import Mark, StageClock
 from glyphserve.engine.transfer import to_device
 from glyphserve.engine.types import StepRecord, TokenLogprob
 from glyphserve.engine.vision import VisionEncoder
-from glyphserve.errors import GlyphserveError
+from glyphserve.errors import GlyphserveError, InternalError
 
 
 @dataclass
@@ -464,5 +464,5 @@ class EngineCore:
         self.scheduler.finish(seq, "error")
         seq.features.clear()
         if not isinstance(exc, GlyphserveError):
-            exc = GlyphserveError(f"this request failed inside the engine ({type(exc).__name__}: {exc})")
+            exc = InternalError(f"this request failed inside the engine ({type(exc).__name__}: {exc})")
         return Event(seq, "error", error=exc)

@@ -106,7 +106,7 @@ def check_page(page: Page, index: int) -> None:
         raise GlyphserveError(f"page {index + 1} is empty ({width}x{height} px)")
     if max(height, width) / min(height, width) > MAX_ASPECT:
         raise GlyphserveError(f"page {index + 1} is too elongated ({width}x{height} px; GLM-4.1V reads images "
-                              f"up to {MAX_ASPECT} times longer than wide)")
+                              f"whose long side is at most {MAX_ASPECT} times the short one)")
 
 
 def page_digest(page: np.ndarray) -> str:

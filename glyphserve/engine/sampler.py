@@ -136,7 +136,8 @@ class Sampler:
             self.seen[slot, to_device(np.asarray(prompt_ids, dtype=np.int64), self.device)] = True
             if answer_ids:
                 answer = to_device(np.asarray(answer_ids, dtype=np.int64), self.device)
-                self.counts[slot] += torch.bincount(answer, minlength=self.vocab).to(torch.int32)
+                # index_add_, not bincount: bincount reads its input's range back to the host (a sync)
+                self.counts[slot].index_add_(0, answer, torch.ones_like(answer, dtype=torch.int32))
                 self.seen[slot, answer] = True
 
     def flush(self) -> None:

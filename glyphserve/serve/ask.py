@@ -83,7 +83,6 @@ def _ask(args: argparse.Namespace) -> int:
     from glyphserve.ingest import ingest_source
     from glyphserve.render import render_document, resolve_config
     from glyphserve.retrieve import DocumentPages, select_pages
-    from glyphserve.serve.backends import pages_read
 
     if not args.chat and not args.question:
         raise ConfigError("give a QUESTION (or --chat to read questions from stdin)")
@@ -143,8 +142,7 @@ def _ask(args: argparse.Namespace) -> int:
         answer.timings.render = render_s
         if args.json:
             stats = answerer.stats() if hasattr(answerer, "stats") else {"backend": "extractive"}
-            pages_shown = (answerer.pages_shown if isinstance(answerer, _Extractive)
-                           else pages_read(shown, answer.pages_used))
+            pages_shown = answerer.pages_shown if isinstance(answerer, _Extractive) else shown
             print(json.dumps({"question": question, **answer.to_dict(), "pages_shown": pages_shown,
                               "engine": stats}, ensure_ascii=False))
         render_s = 0.0  # the document is rendered once

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from glyphserve.errors import GlyphserveError
+from glyphserve.errors import GlyphserveError, InternalError  # noqa: F401 (the server's name for it too)
 
 NO_MODEL_HINT = (
     "No vision-language model is loaded: answers are extractive (the best-matching passages of the "
@@ -85,10 +85,3 @@ class StorageUnavailableError(GlyphserveError):
 
     http_status = 503
     code = "storage_unavailable"
-
-
-class InternalError(GlyphserveError):
-    """An unexpected failure; the message names no internals and the log has the traceback."""
-
-    http_status = 500
-    code = "internal_error"

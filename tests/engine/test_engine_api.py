@@ -191,6 +191,26 @@ def test_the_engine_times_its_decode_steps(load_engine):
     assert after["gpu_wait_s"] == before["gpu_wait_s"] == 0  # the CPU has no device to wait for
 
 
+def test_plain_greedy_rows_beside_sampled_penalised_and_logprob_rows_answer_as_alone(load_engine, monkeypatch):
+    """Steps whose rows all take the greedy token keep the step's own tokens without calling the sampler; rows
+    that sample, take penalties or want logprobs go through it, in the same batch, all as they would alone."""
+    engine = load_engine()
+    cases = [("Who?", dict(max_tokens=14)), ("What is it?", dict(max_tokens=3, logprobs=2)),
+             ("Where?", dict(max_tokens=5, temperature=0.8, seed=3)),
+             ("Why?", dict(max_tokens=9, repetition_penalty=1.3)), ("When?", dict(max_tokens=11))]
+    requests = [AnswerRequest(pages=PAGES, question=q, settings=GenerationSettings(ignore_eos=True, **kw))
+                for q, kw in cases]
+    alone = [engine.answer(r) for r in requests]
+    sampler = type(engine.core.sampler)
+    calls = []
+    original = sampler.__call__
+    monkeypatch.setattr(sampler, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    together = engine.answer_batch(requests)
+    assert [a.token_ids for a in together] == [a.token_ids for a in alone]
+    assert [len(a.logprobs or []) for a in together] == [0, 3, 0, 0, 0]
+    assert 0 < len(calls) < 14  # the steps after the special rows' last token skip it
+
+
 def test_the_step_trace_records_what_each_step_ran(load_engine):
     engine = load_engine(step_trace=200)
     assert engine.step_trace() == []

@@ -32,7 +32,7 @@ def test_empty_question(load_engine, question):
 def test_a_page_too_elongated_for_the_model_is_refused_in_width_x_height():
     from glyphserve.engine.preprocess import check_page
 
-    with pytest.raises(GlyphserveError, match=r"page 2 is too elongated \(5000x10 px; GLM-4.1V reads images up "):
+    with pytest.raises(GlyphserveError, match=r"page 2 is too elongated \(5000x10 px; GLM-4.1V reads images whose "):
         check_page(np.zeros((10, 5000, 3), dtype=np.uint8), 1)
     check_page(np.zeros((10, 2000, 3), dtype=np.uint8), 0)  # 200:1 is read
 
@@ -198,6 +198,7 @@ def test_a_failure_in_one_row_ends_only_that_request(load_engine):
     errors = {i: e.error for i, e in events if e.channel == "error"}
     done = {i: e.result for i, e in events if e.channel == "done"}
     assert list(errors) == [1] and "connection object is gone" in str(errors[1])
+    assert (errors[1].http_status, errors[1].code) == (500, "internal_error")  # the program's fault, not the input's
     alone = [engine.answer(requests[i]) for i in (0, 2)]
     assert [done[0].token_ids, done[2].token_ids] == [a.token_ids for a in alone]
     assert engine.stats()["kv_pool"]["in_use"] == 0
