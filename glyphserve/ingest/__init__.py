@@ -5,7 +5,9 @@ bounded by :class:`IngestLimits`; with a timeout set, PDF and DOCX files are par
 """
 
 from glyphserve.ingest.api import (
+    MAX_NAME_CHARS,
     clean_filename,
+    clean_name,
     ingest_bytes,
     ingest_path,
     ingest_source,
@@ -19,11 +21,13 @@ from glyphserve.ingest.sniff import sniff_type
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "MAX_NAME_CHARS",
     "Document",
     "ImagePart",
     "IngestLimits",
     "TextPart",
     "clean_filename",
+    "clean_name",
     "ingest_bytes",
     "ingest_path",
     "ingest_source",

@@ -126,13 +126,11 @@ def normalize_text(text: str) -> str:
 
 def clean_filename(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str | None:
     """A file name fit to show and to store: the last path component only (``/`` and ``\\`` both separate),
-    control, private-use and direction-override characters removed, surrounding whitespace and dots dropped,
-    at most ``max_chars`` (the extension kept). None when nothing is left."""
+    cleaned as ``clean_name``, surrounding dots dropped too, at most ``max_chars`` (the extension kept). None when
+    nothing is left."""
     if not name:
         return None
-    name = re.split(r"[\\/]", name)[-1]
-    name = "".join(c for c in name if unicodedata.category(c) not in _UNNAMED and c not in _BIDI_CONTROLS)
-    name = name.strip().strip(".").strip()
+    name = clean_name(re.split(r"[\\/]", name)[-1]).strip(".").strip()
     if len(name) > max_chars:
         stem, dot, suffix = name.rpartition(".")
         if dot and 0 < len(suffix) <= 16 and stem:
@@ -140,6 +138,15 @@ def clean_filename(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str | N
         else:
             name = name[:max_chars].rstrip()
     return name or None
+
+
+def clean_name(name: str) -> str:
+    """A name as typed, fit to show: line breaks and tabs become spaces, other control, private-use and
+    direction-override characters go, runs of spaces become one, surrounding whitespace is dropped (slashes and
+    everything else stay)."""
+    name = "".join(" " if c in "\t\n\r\v\f\x85\u2028\u2029" else c for c in name)
+    name = "".join(c for c in name if unicodedata.category(c) not in _UNNAMED and c not in _BIDI_CONTROLS)
+    return " ".join(name.split())
 
 
 def _check_size(size: int, max_bytes: int | None, label: str) -> None:

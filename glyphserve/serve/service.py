@@ -20,7 +20,7 @@ from PIL import Image
 
 from glyphserve.engine.types import AnswerRequest, EncodedPage, StreamEvent
 from glyphserve.errors import FileTooLargeError, GlyphserveError, IngestTimeoutError, NotFoundError, TooManyPagesError
-from glyphserve.ingest import Document, clean_filename
+from glyphserve.ingest import MAX_NAME_CHARS, Document, clean_filename, clean_name
 from glyphserve.serve.backends import ChatJob, EngineBackend, ExtractiveBackend, Reply
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotFoundError, StorageUnavailableError
@@ -273,9 +273,12 @@ class GlyphService:
         return count
 
     def rename_document(self, document_id: str, name: str) -> DocumentRecord:
-        shown = clean_filename(name)
+        shown = clean_name(name)
         if not shown:
             raise InvalidRequestError("a document name needs a visible character", param="name")
+        if len(shown) > MAX_NAME_CHARS:
+            raise InvalidRequestError(f"a document name has at most {MAX_NAME_CHARS} characters, this one "
+                                      f"{len(shown)}", param="name")
         return self.store.rename(document_id, shown)
 
     def delete_document(self, document_id: str) -> None:

@@ -342,7 +342,7 @@ class DocumentStore:
                 "SELECT id, name, kind, created, pages, summary FROM documents WHERE id = ?", (document_id,)
             ).fetchone()
         if row is None:
-            raise NotFoundError(f"no document with id {document_id}")
+            raise NotFoundError(f"no document with id {document_id} (deleted, or never stored)")
         return DocumentRecord(*row[:5], json.loads(row[5]))
 
     def list(self) -> list[DocumentRecord]:

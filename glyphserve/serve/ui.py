@@ -23,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 from fastapi import FastAPI
 
-from glyphserve.errors import GlyphserveError
+from glyphserve.errors import GlyphserveError, NotFoundError
 from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, StreamEvent
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.service import DPIS, NEWLINES, PRESETS, GlyphService, RenderOptions
@@ -118,7 +118,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                   for p in shown_pages or []}
         items = []
         for document_id in document_ids:
-            name = service.store.get(document_id).name or "pasted text"
+            record = stored_record(document_id)
+            if record is None:  # deleted meanwhile (another tab, the API): its pages are gone
+                continue
+            name = record.name or "pasted text"
             for n, path in enumerate(service.store.pages(document_id), 1):
                 caption = f"page {n}" if len(document_ids) == 1 else f"{name} · page {n}"
                 items.append((str(path), f"● {caption} · shown" if (document_id, n) in marked else caption))
@@ -130,8 +133,25 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                            "fast as a follow-up's.",
                 "warm": " The model has read its pages: answers start at once."}.get(warmth, "")
 
+    def stored_record(document_id: str) -> DocumentRecord | None:
+        try:
+            return service.store.get(document_id)
+        except NotFoundError:
+            return None
+
     def names(document_ids: list[str]) -> dict[str, str]:
-        return {d: service.store.get(d).name or "pasted text" for d in document_ids}
+        records = {d: stored_record(d) for d in document_ids}
+        return {d: (r.name or "pasted text") if r is not None else "a deleted document" for d, r in records.items()}
+
+    def nothing_chosen(status: str):
+        """The page with no document chosen (``shown``'s outputs): what it acts on is cleared with what it shows,
+        so Delete, Rename and Send never act on a document the list no longer shows as chosen."""
+        return [], [], "", gr.update(choices=choices(), value=[]), "", [], status, "", ""
+
+    def gone(exc: NotFoundError):
+        """A chosen document deleted elsewhere (another tab, the API): say so and show the list as it is now."""
+        gr.Warning("that document was deleted (in another tab or through the API): choose another")
+        return nothing_chosen(f"**Error:** {_literal(exc.message)}")
 
     def shown(records: list[DocumentRecord], status: str):
         """What the page shows for the chosen documents (one, or a collection): (documents, gallery, stats,
@@ -172,14 +192,23 @@ def build_ui(service: GlyphService) -> gr.Blocks:
 
     def select(document_ids):
         if not document_ids:
-            return (gr.skip(),) * 9
+            return nothing_chosen("No document chosen: choose one from the list, or upload one.")
         try:
             records = [service.store.get(d) for d in document_ids]
+        except NotFoundError as exc:
+            return gone(exc)
         except Exception as exc:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
         what = ", ".join(f"**{_literal(r.name or 'pasted text')}**" for r in records)
         together = " Questions go to all of them together." if len(records) > 1 else warmth_note(records[0].id)
         return shown(records, f"Selected {what}." + together)
+
+    def cleared(document_ids):
+        """The list emptied by its clear-all button, which the UI framework reports as a change but not as input:
+        nothing stays chosen behind it (the status as it was)."""
+        if document_ids:
+            return (gr.skip(),) * 9
+        return [], [], "", gr.skip(), "", gr.skip(), gr.skip(), "", ""
 
     def one(document_ids, action: str) -> str:
         if not document_ids or len(document_ids) != 1:
@@ -189,6 +218,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
     def rename(document_ids, name):
         try:
             record = service.rename_document(one(document_ids, "rename"), name or "")
+        except NotFoundError as exc:
+            return gr.update(choices=choices(), value=[]), _fail(exc)
         except Exception as exc:
             return gr.skip(), _fail(exc)
         return gr.update(choices=choices(), value=[record.id]), f"Renamed to **{_literal(record.name)}**."
@@ -198,10 +229,11 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             document_id = one(document_ids, "delete")
             name = service.store.get(document_id).name or "pasted text"
             service.delete_document(document_id)
+        except NotFoundError as exc:
+            return gone(exc)
         except Exception as exc:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
-        return ([], [], "", gr.update(choices=choices(), value=[]), "", [], f"Deleted **{_literal(name)}**.", "",
-                "")
+        return nothing_chosen(f"Deleted **{_literal(name)}**.")
 
     async def chat(question, history, document_ids, use_cache, max_tokens, temperature, page_selection):
         history = list(history or [])
@@ -240,7 +272,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     else:
                         if thinking is not None:
                             thinking["metadata"]["status"] = "done"
-                        yield (history, "", _reply_markdown(item, names(document_ids)), "Done.", evidence(item),
+                        deleted = [d for d in document_ids if stored_record(d) is None]
+                        done = ("Done. The document was deleted while it was being answered: the answer is kept "
+                                "here, its pages are gone." if deleted else "Done.")
+                        yield (history, "", _reply_markdown(item, names(document_ids)), done, evidence(item),
                                gallery_items(document_ids, item.pages_shown))
                         return
                     yield history, "", "", "Answering…", "", gr.skip()
@@ -255,7 +290,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         for c in reply.citations:
             if c.page is None or not c.rows or c.document is None:
                 continue
-            png = service.page_png(c.document, c.page, c.rows)
+            try:
+                png = service.page_png(c.document, c.page, c.rows)
+            except (NotFoundError, OSError):  # its document was deleted while the answer ran
+                continue
             figures.append(
                 f'<figure style="margin:0 0 12px 0"><figcaption><b>page {c.page}</b></figcaption>'
                 f'<img alt="page {c.page}, rows {c.rows[0]}-{c.rows[1]}" style="max-width:100%;border:1px solid #ddd" '
@@ -329,6 +367,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                             api_name="render_text")
         example_button.click(load_example, render_inputs, shown_outputs, concurrency_limit=2, api_name="load_example")
         stored.input(select, [stored], shown_outputs, api_name="select_document")
+        stored.change(cleared, [stored], shown_outputs, api_name=False)
         rename_button.click(rename, [document, name], [stored, status], api_name="rename_document")
         delete_button.click(delete, [document], shown_outputs, api_name="delete_document")
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection]

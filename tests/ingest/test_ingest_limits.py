@@ -100,7 +100,7 @@ def test_a_slow_file_is_killed_at_its_budget_and_blocks_no_other(make_pdf):
     ("report.pdf", "report.pdf"),
     ("../../etc/passwd", "passwd"),
     ("C:\\Users\\me\\notes.md", "notes.md"),
-    ("a\x00b\x1fc\nd.txt", "abcd.txt"),
+    ("a\x00b\x1fc\nd.txt", "abc d.txt"),  # a line break is a space, as in any name
     ("\u202egpj.exe", "gpj.exe"),
     ("  ..hidden.txt ", "hidden.txt"),
     ("/", None),

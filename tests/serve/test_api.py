@@ -75,8 +75,16 @@ def test_document_lifecycle(client):
     assert page.status_code == 200 and page.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(page.content)).size[0] > 100
 
+    # A name as typed, slashes and all (a file name's folders are dropped only from uploads), one line, bounded.
+    for typed, kept in (("Q3/Q4 report", "Q3/Q4 report"), ("Sales 1/2\nfinal", "Sales 1/2 final")):
+        assert client.patch(f"/v1/documents/{doc_id}", json={"name": typed}).json()["document"]["name"] == kept
+    too_long = client.patch(f"/v1/documents/{doc_id}", json={"name": "n" * 201})
+    assert too_long.status_code == 400 and "at most 200 characters, this one 201" in too_long.json()["error"]["message"]
+    assert client.get(f"/v1/documents/{doc_id}").json()["document"]["name"] == "Sales 1/2 final"
+
     assert client.delete(f"/v1/documents/{doc_id}").json()["deleted"] is True
     assert client.get(f"/v1/documents/{doc_id}").status_code == 404
+    assert "(deleted, or never stored)" in client.get(f"/v1/documents/{doc_id}").json()["error"]["message"]
     assert client.get(f"/v1/documents/{doc_id}/pages/1.png").status_code == 404
 
 

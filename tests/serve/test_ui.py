@@ -126,6 +126,36 @@ def test_rename_and_delete(browser_page, extractive_server, tmp_path):
     assert "Final report" not in stored_names(extractive_server)
 
 
+def test_delete_acts_only_on_the_document_shown_as_chosen(browser_page, extractive_server, tmp_path):
+    """Clearing the list's choice clears what the page acts on (Delete once removed a document no longer shown as
+    chosen); a document deleted elsewhere is reported as deleted and leaves the list."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    document = tmp_path / "keep.txt"
+    document.write_text("A document that must survive.\n\n" + STORY, encoding="utf-8")
+    upload(page, document)
+    expect(page.locator("#status")).to_contain_text("Rendered keep.txt", timeout=60_000)
+    page.locator("#stored .remove-all").click()
+    expect(page.locator("#pages img")).to_have_count(0)
+    expect(page.locator("#name textarea")).to_have_value("")
+    page.locator("#delete").click()
+    expect(page.locator("#status")).to_contain_text("choose one document to delete")
+    assert "keep.txt" in stored_names(extractive_server)
+
+    other = tmp_path / "gone.txt"
+    other.write_text("A document deleted through the API.\n\n" + STORY, encoding="utf-8")
+    upload(page, other)
+    expect(page.locator("#status")).to_contain_text("Rendered gone.txt", timeout=60_000)
+    (gone,) = [d["id"] for d in httpx.get(f"{extractive_server.url}/v1/documents").json()["documents"]
+               if d["name"] == "gone.txt"]
+    assert httpx.delete(f"{extractive_server.url}/v1/documents/{gone}").json()["deleted"] is True
+    page.locator("#delete").click()
+    expect(page.locator("#status")).to_contain_text("(deleted, or never stored)")
+    expect(page.locator("#pages img")).to_have_count(0)
+    assert "keep.txt" in stored_names(extractive_server)
+
+
 def test_the_example_document_and_the_api_docs(browser_page, extractive_server):
     from playwright.sync_api import expect
 
