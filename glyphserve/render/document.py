@@ -134,9 +134,10 @@ class RenderedDocument:
         return out
 
 
-def missing_glyphs_warning(rendered: RenderedDocument) -> str | None:
+def missing_glyphs_warning(rendered: RenderedDocument, command_line: bool = True) -> str | None:
     """What to tell the user when many characters are drawn as missing-glyph boxes (as the
-    official pipeline draws them), and what to do about it; None when few or none are."""
+    official pipeline draws them), and what to do about it (``command_line``: with ``render``'s flags; else what
+    a server's user can choose, its preset); None when few or none are."""
     s = rendered.stats
     few = s.missing_chars < min(MANY_MISSING, MANY_MISSING_SHARE * s.characters)
     if rendered.config.fallback_fonts or not s.missing_chars or few:  # none: a page of no text (a scan) too
@@ -145,10 +146,12 @@ def missing_glyphs_warning(rendered: RenderedDocument) -> str | None:
     examples = ", ".join(f"U+{ord(ch):04X}" + (f" {ch}" if ch.isprintable() else "") for ch in s.missing_examples)
     zh_font = Path(rendered.config.font_path).name.lower() == OFFICIAL_ZH_FONT.lower()
     if not zh_font and sum(map(has_cjk, s.missing_examples)) * 2 >= len(s.missing_examples):
-        advice = "for Chinese text use the glyph-zh preset (--preset glyph-zh)"
-    else:
+        advice = "for Chinese text use the glyph-zh preset" + (" (--preset glyph-zh)" if command_line else "")
+    elif command_line:
         advice = ("use a font that has them (--font PATH), or draw them from installed fonts with --fallback-fonts "
                   "(pages then differ from the ones Glyph was trained on)")
+    else:
+        advice = "the model cannot read them (glyphserve render draws them with other fonts: --fallback-fonts)"
     return (f"{s.missing_chars} characters are not in the font {font} (e.g. {examples}); they are drawn as empty "
             f"boxes, as Glyph's own renderer draws them: {advice}")
 

@@ -507,5 +507,5 @@ def compression_summary(rendered, preset: str) -> dict:
         "render_seconds": round(stats.seconds, 3),
         "render": {"preset": preset, "dpi": config.dpi, "newline": config.newline_mode, "font": font},
         "missing_chars": stats.missing_chars,
-        "warning": missing_glyphs_warning(rendered),
+        "warning": missing_glyphs_warning(rendered, command_line=False),
     }

@@ -127,8 +127,18 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 items.append((str(path), f"● {caption} · shown" if (document_id, n) in marked else caption))
         return items
 
+    context = getattr(service.engine, "max_context", None) if service.has_model else None
+
     def warmth_note(document_id: str) -> str:
         warmth = service.warmth(document_id) if service.has_model else None
+        record = stored_record(document_id)
+        if record is not None and context and record.summary.get("vision_tokens", 0) >= context:
+            # Longer than the context: warming reads the pages an empty question would be shown, and each question
+            # is shown the pages that match it.
+            return {"warming": " The model is reading its first pages in the background (the document is longer "
+                               "than its context: questions shown other pages start cold).",
+                    "warm": " The model has read its first pages (the document is longer than its context)."
+                    }.get(warmth, "")
         return {"warming": " The model is reading its pages in the background; the first answer will come as "
                            "fast as a follow-up's.",
                 "warm": " The model has read its pages: answers start at once."}.get(warmth, "")
@@ -342,9 +352,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     use_cache = gr.Checkbox(value=True, label="Use caches", elem_id="use-cache",
                                             info="Reuse the pages' vision features and the document's prefix: "
                                                  "follow-up questions start at once")
-                    max_tokens = gr.Slider(16, 8192, value=GenerationSettings.max_tokens, step=16,
-                                           label="Maximum answer tokens", elem_id="max-tokens",
-                                           info="Glyph thinks before it answers: long answers need room")
+                    max_tokens = gr.Slider(16, min(8192, context or 8192), value=GenerationSettings.max_tokens,
+                                           step=16, label="Maximum answer tokens (max_tokens)", elem_id="max-tokens",
+                                           info="Glyph thinks before it answers: long answers need room, and "
+                                                "the pages shown get less")
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature",
                                             elem_id="temperature", info="0 answers greedily (the same every time)")
                     page_selection = gr.Radio(

@@ -135,6 +135,18 @@ def test_render_document_with_text_and_scanned_pages():
     assert missing_glyphs_warning(render_document(scanned_only, EN)) is None  # no text: no characters missing
 
 
+def test_the_missing_glyphs_advice_names_what_its_reader_can_choose():
+    from glyphserve.ingest import Document, TextPart
+
+    doc = Document(kind="text", parts=[TextPart("नमस्ते दुनिया " * 40)], source_bytes=1)  # in no installed font
+    rendered = render_document(doc, EN)
+    assert "--font PATH" in missing_glyphs_warning(rendered)  # render's flags on the command line
+    served = missing_glyphs_warning(rendered, command_line=False)  # a server's user has no such flag
+    assert "are not in the font" in served and "--font" not in served and "the model cannot read them" in served
+    chinese = render_document(Document(kind="text", parts=[TextPart("中文文本" * 100)], source_bytes=1), EN)
+    assert missing_glyphs_warning(chinese, command_line=False).endswith("use the glyph-zh preset")
+
+
 def test_a_sliver_of_a_scanned_page_is_centred_on_white_up_to_the_models_aspect_limit():
     from glyphserve.glm4v import MAX_ASPECT, vision_tokens
     from glyphserve.ingest import Document, ImagePart
