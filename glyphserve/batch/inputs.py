@@ -36,6 +36,7 @@ def load_questions(path: str | Path) -> list[str]:
             raise ConfigError(f"questions file {file} is not a valid JSON list: {exc}") from None
         if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
             raise ConfigError(f"questions file {file} must hold a JSON list of strings")
+        _no_blank(questions, f"questions file {file}")
     else:
         questions = raw.splitlines()
     return _unique(q.strip() for q in questions)
@@ -112,6 +113,7 @@ def _manifest_entry(line: str, path: Path, shared: list[str], seen: set[str]) ->
     questions = entry.get("questions", [])
     if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
         raise ConfigError("'questions' must be a list of strings")
+    _no_blank(questions, "'questions'")
     doc_id = entry.get("id", doc_path)
     if not isinstance(doc_id, str) or not doc_id:
         raise ConfigError("needs a string 'id'")
@@ -128,6 +130,14 @@ def _manifest_entry(line: str, path: Path, shared: list[str], seen: set[str]) ->
 
 def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
+
+
+def _no_blank(questions: list[str], where: str) -> None:
+    """A listed question that is blank is a mistake to report, not one to drop (a text file's blank lines are
+    only spacing)."""
+    blank = [i for i, q in enumerate(questions, start=1) if not q.strip()]
+    if blank:
+        raise ConfigError(f"{where}: question {', '.join(map(str, blank))} of {len(questions)} is blank")
 
 
 def _unique(items) -> list[str]:

@@ -75,6 +75,17 @@ def _record(doc_id, question, error=None):
     return {"id": doc_id, "question": question, "answer": None if error else "yes", "error": error}
 
 
+def test_a_blank_listed_question_is_reported_not_dropped(tmp_path):
+    listed = tmp_path / "q.json"
+    listed.write_text(json.dumps(["A?", "  "]))
+    with pytest.raises(ConfigError, match=r"question 2 of 2 is blank"):
+        load_questions(listed)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "x", "text": "Some text.", "questions": ["", "B?"]}) + "\n")
+    with pytest.raises(ConfigError, match=r"line 1: 'questions': question 1 of 2 is blank"):
+        collect_documents(str(manifest))
+
+
 def test_a_results_path_that_is_no_file_is_refused_with_its_reason(tmp_path):
     with pytest.raises(ConfigError, match=r"is a folder: give the results file \(e.g. .*results.jsonl\)"):
         ResultLog(tmp_path)
