@@ -47,7 +47,7 @@ def read_docx(data: bytes, name: str, limits: IngestLimits = IngestLimits()) -> 
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         main = _main_part(archive, budget, name)
         reader = _BodyReader(name, limits)
-        parser = _parser()
+        parser = _parser(name)
         reader.attach(parser)
         for chunk in budget.chunks(archive, main):
             parser.Parse(chunk, False)
@@ -55,17 +55,18 @@ def read_docx(data: bytes, name: str, limits: IngestLimits = IngestLimits()) -> 
     return _squeeze_blank_lines(reader.lines)
 
 
-def _parser() -> expat.XMLParserType:
+def _parser(name: str) -> expat.XMLParserType:
+    """An XML parser for a part of the Word file ``name`` that refuses any DTD (entities expand without bound)."""
+
+    def refuse_dtd(*_args) -> None:
+        raise CorruptFileError(f"{name}: its XML declares a DTD, which Word never writes")
+
     parser = expat.ParserCreate(namespace_separator=" ")
     parser.buffer_text = True
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-    parser.StartDoctypeDeclHandler = _refuse_dtd
-    parser.EntityDeclHandler = _refuse_dtd
+    parser.StartDoctypeDeclHandler = refuse_dtd
+    parser.EntityDeclHandler = refuse_dtd
     return parser
-
-
-def _refuse_dtd(*_args) -> None:
-    raise CorruptFileError("the Word document's XML declares a DTD, which Word never writes")
 
 
 def _main_part(archive: zipfile.ZipFile, budget: InflateBudget, name: str) -> str:
@@ -78,7 +79,7 @@ def _main_part(archive: zipfile.ZipFile, budget: InflateBudget, name: str) -> st
         if tag == _RELS + "Relationship" and attrs.get("Type") == _OFFICE_DOCUMENT and target is None:
             target = attrs.get("Target", "")
 
-    _parse_small(archive, "_rels/.rels", budget, relationship)
+    _parse_small(archive, "_rels/.rels", budget, relationship, name)
     if not target:
         raise CorruptFileError(f"{name} names no main document part")
     part = posixpath.normpath(target.lstrip("/"))
@@ -91,7 +92,7 @@ def _main_part(archive: zipfile.ZipFile, budget: InflateBudget, name: str) -> st
         elif tag == _TYPES + "Override":
             overrides[attrs.get("PartName", "").lstrip("/")] = attrs.get("ContentType", "")
 
-    _parse_small(archive, "[Content_Types].xml", budget, content_type)
+    _parse_small(archive, "[Content_Types].xml", budget, content_type, name)
     kind = overrides.get(part) or defaults.get(posixpath.splitext(part)[1].lstrip(".").lower())
     if kind != WORD_MAIN:
         raise UnsupportedTypeError(
@@ -100,10 +101,10 @@ def _main_part(archive: zipfile.ZipFile, budget: InflateBudget, name: str) -> st
     return part
 
 
-def _parse_small(archive: zipfile.ZipFile, member: str, budget: InflateBudget, start) -> None:
+def _parse_small(archive: zipfile.ZipFile, member: str, budget: InflateBudget, start, name: str) -> None:
     if archive.getinfo(member).file_size > _SMALL_PART:
-        raise CorruptFileError(f"the package part {member} is implausibly large")
-    parser = _parser()
+        raise CorruptFileError(f"{name}: the package part {member} is implausibly large")
+    parser = _parser(name)
     parser.StartElementHandler = start
     parser.Parse(budget.read(archive, member), True)
 
