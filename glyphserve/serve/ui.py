@@ -347,6 +347,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     question = gr.Textbox(placeholder="Ask a question about the document", show_label=False,
                                           scale=5, elem_id="question")
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    stop = gr.Button("Stop", scale=1, elem_id="stop")
                     clear = gr.Button("Clear", scale=1, elem_id="clear")
                 with gr.Accordion("Answer settings", open=False, elem_id="settings"):
                     use_cache = gr.Checkbox(value=True, label="Use caches", elem_id="use-cache",
@@ -383,9 +384,14 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         delete_button.click(delete, [document], shown_outputs, api_name="delete_document")
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery]
-        send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name="chat")
-        question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size,
-                        api_name=False)
+        asking = [send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size,
+                             api_name="chat"),
+                  question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size,
+                                  api_name=False)]
+        # Stop cancels the question's task: a queued question leaves the queue, a running one ends at its next token
+        # (the scheduler's ticket is withdrawn as the stream closes); what was answered stays in the chat.
+        stop.click(lambda: "Stopped: the answer so far stays in the chat.", None, status, cancels=asking,
+                   api_name=False)
         clear.click(lambda: ([], "", "", ""), None, [chatbot, answer_stats, evidence_html, status],
                     api_name="clear_chat")
         demo.load(lambda: gr.update(choices=choices()), None, stored, api_name="list_documents")

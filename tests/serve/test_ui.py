@@ -198,3 +198,70 @@ def test_a_question_over_several_documents_marks_the_pages_it_cites(browser_page
     expect(page.locator("#answer-stats")).to_contain_text("Pages cited")
     expect(page.locator("#pages")).to_contain_text("· shown")
     page.screenshot(path=str(ARTIFACTS / "collection.png"), full_page=True)
+
+
+def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir):
+    """With the engine busy (one sequence at a time, a long answer streaming through the API), a question asked in
+    the UI waits in the queue; Stop takes it out (a cancelled request), and the server goes on."""
+    import threading
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.serve.conftest import Server
+    from tests.serve.test_api import upload_text
+
+    server = Server(tmp_path / "data", str(tiny_model_dir), "--device", "cpu", "--max-num-seqs", "1").start()
+    busy = threading.Event()
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            document = upload_text(client, STORY)["id"]
+
+            def occupy():
+                with httpx.Client(base_url=server.url, timeout=120) as own, own.stream("POST", "/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "Tell the whole story."}], "document": document,
+                        "max_tokens": 3000, "ignore_eos": True, "stream": True}) as reply:
+                    for _ in reply.iter_lines():
+                        busy.set()
+                        if stop_reading.is_set():
+                            return
+
+            stop_reading = threading.Event()
+            reader = threading.Thread(target=occupy)
+            reader.start()
+            assert busy.wait(60)
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+                try:
+                    page = browser.new_page(viewport={"width": 1600, "height": 1400})
+                    page.goto(server.url)
+                    page.wait_for_selector("#stored", timeout=60_000)
+                    page.locator("#stored input").click()
+                    page.locator("ul[role=listbox] li").first.click()
+                    expect(page.locator("#pages img")).not_to_have_count(0, timeout=30_000)
+                    waiting = client.get("/health").json()["queue_depth"]  # the document's warming, if not done
+                    page.locator("#question textarea").fill("Who rowed out?")
+                    page.locator("#send").click()
+                    expect(page.locator("#status")).to_contain_text("Answering", timeout=30_000)
+                    cancelled = _metric(client, "glyphserve_requests_cancelled_total")
+                    assert client.get("/health").json()["queue_depth"] == waiting + 1  # behind the API's answer
+                    page.locator("#stop").click()
+                    expect(page.locator("#status")).to_contain_text("Stopped", timeout=30_000)
+                    for _ in range(100):
+                        if client.get("/health").json()["queue_depth"] == waiting:
+                            break
+                        threading.Event().wait(0.1)
+                    assert client.get("/health").json()["queue_depth"] == waiting
+                    assert _metric(client, "glyphserve_requests_cancelled_total") == cancelled + 1
+                    page.screenshot(path=str(ARTIFACTS / "stopped.png"), full_page=True)
+                finally:
+                    browser.close()
+            stop_reading.set()
+            reader.join(60)
+            assert client.get("/health").json()["status"] == "ok"
+    finally:
+        server.stop()
+
+
+def _metric(client: httpx.Client, name: str) -> float:
+    line = next(line for line in client.get("/metrics").text.splitlines() if line.startswith(name))
+    return float(line.split()[-1])
