@@ -4,6 +4,7 @@ go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,17 +20,17 @@ ARTIFACTS = REPO / "test-artifacts" / "ui"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 
 
-@pytest.fixture
-def browser_page(extractive_server):
-    """A page of the UI that may reach only the server; fails the test if it tried anything else."""
+@contextmanager
+def ui_page(url: str, outside: list[str] | None = None):
+    """The UI at ``url`` in headless Chromium, loaded; requests anywhere but the server (or ``data:``) are
+    aborted and listed in ``outside``."""
     from playwright.sync_api import sync_playwright
 
-    outside: list[str] = []
-
     def only_loopback(route):
-        if route.request.url.startswith(extractive_server.url) or route.request.url.startswith("data:"):
+        if route.request.url.startswith(url) or route.request.url.startswith("data:"):
             return route.continue_()
-        outside.append(route.request.url)
+        if outside is not None:
+            outside.append(route.request.url)
         return route.abort()
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -38,11 +39,19 @@ def browser_page(extractive_server):
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1400})
             page.route("**/*", only_loopback)
-            page.goto(extractive_server.url)
+            page.goto(url)
             page.wait_for_selector("#upload", timeout=60_000)
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture
+def browser_page(extractive_server):
+    """A page of the UI that may reach only the server; fails the test if it tried anything else."""
+    outside: list[str] = []
+    with ui_page(extractive_server.url, outside) as page:
+        yield page
     assert outside == [], f"the UI tried to reach outside the server: {outside}"
 
 
@@ -204,8 +213,9 @@ def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir
     """With the engine busy (one sequence at a time, a long answer streaming through the API), a question asked in
     the UI waits in the queue; Stop takes it out (a cancelled request), and the server goes on."""
     import threading
+    import time
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from tests.serve.conftest import Server
     from tests.serve.test_api import upload_text
@@ -217,9 +227,10 @@ def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir
             document = upload_text(client, STORY)["id"]
 
             def occupy():
-                with httpx.Client(base_url=server.url, timeout=120) as own, own.stream("POST", "/v1/chat/completions", json={
-                        "messages": [{"role": "user", "content": "Tell the whole story."}], "document": document,
-                        "max_tokens": 3000, "ignore_eos": True, "stream": True}) as reply:
+                body = {"messages": [{"role": "user", "content": "Tell the whole story."}], "document": document,
+                        "max_tokens": 3000, "ignore_eos": True, "stream": True}
+                with httpx.Client(base_url=server.url, timeout=120) as own, \
+                        own.stream("POST", "/v1/chat/completions", json=body) as reply:
                     for _ in reply.iter_lines():
                         busy.set()
                         if stop_reading.is_set():
@@ -229,32 +240,25 @@ def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir
             reader = threading.Thread(target=occupy)
             reader.start()
             assert busy.wait(60)
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-                try:
-                    page = browser.new_page(viewport={"width": 1600, "height": 1400})
-                    page.goto(server.url)
-                    page.wait_for_selector("#stored", timeout=60_000)
-                    page.locator("#stored input").click()
-                    page.locator("ul[role=listbox] li").first.click()
-                    expect(page.locator("#pages img")).not_to_have_count(0, timeout=30_000)
-                    waiting = client.get("/health").json()["queue_depth"]  # the document's warming, if not done
-                    page.locator("#question textarea").fill("Who rowed out?")
-                    page.locator("#send").click()
-                    expect(page.locator("#status")).to_contain_text("Answering", timeout=30_000)
-                    cancelled = _metric(client, "glyphserve_requests_cancelled_total")
-                    assert client.get("/health").json()["queue_depth"] == waiting + 1  # behind the API's answer
-                    page.locator("#stop").click()
-                    expect(page.locator("#status")).to_contain_text("Stopped", timeout=30_000)
-                    for _ in range(100):
-                        if client.get("/health").json()["queue_depth"] == waiting:
-                            break
-                        threading.Event().wait(0.1)
-                    assert client.get("/health").json()["queue_depth"] == waiting
-                    assert _metric(client, "glyphserve_requests_cancelled_total") == cancelled + 1
-                    page.screenshot(path=str(ARTIFACTS / "stopped.png"), full_page=True)
-                finally:
-                    browser.close()
+            with ui_page(server.url) as page:
+                page.locator("#stored input").click()
+                page.locator("ul[role=listbox] li").first.click()
+                expect(page.locator("#pages img")).not_to_have_count(0, timeout=30_000)
+                waiting = client.get("/health").json()["queue_depth"]  # the document's warming, if not done
+                page.locator("#question textarea").fill("Who rowed out?")
+                page.locator("#send").click()
+                expect(page.locator("#status")).to_contain_text("Answering", timeout=30_000)
+                cancelled = _metric(client, "glyphserve_requests_cancelled_total")
+                assert client.get("/health").json()["queue_depth"] == waiting + 1  # behind the API's answer
+                page.locator("#stop").click()
+                expect(page.locator("#status")).to_contain_text("Stopped", timeout=30_000)
+                for _ in range(100):
+                    if client.get("/health").json()["queue_depth"] == waiting:
+                        break
+                    time.sleep(0.1)
+                assert client.get("/health").json()["queue_depth"] == waiting
+                assert _metric(client, "glyphserve_requests_cancelled_total") == cancelled + 1
+                page.screenshot(path=str(ARTIFACTS / "stopped.png"), full_page=True)
             stop_reading.set()
             reader.join(60)
             assert client.get("/health").json()["status"] == "ok"
