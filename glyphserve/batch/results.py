@@ -60,6 +60,9 @@ class ResultLog:
             raise ConfigError(f"{self.path} is a folder: give the results file (e.g. {self.path / 'results.jsonl'})")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f"cannot make the folder of the results file {self.path}: a file stands in its "
+                              "path") from None
         except OSError as exc:
             raise ConfigError(f"cannot make the folder of the results file {self.path}: {exc.strerror}") from None
         self._created = not self.path.exists()  # a file this run made and left empty goes again at close

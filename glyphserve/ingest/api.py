@@ -27,6 +27,9 @@ MAX_NAME_CHARS = 200
 _NEWLINES = re.compile(r"\r\n?")
 _LONE_SURROGATES = re.compile("[\ud800-\udfff]")
 _UNNAMED = {"Cc", "Cs", "Co", "Cn"}  # controls (NUL, newlines, escapes), surrogates, private use, unassigned
+_JOINERS = {"\u200c", "\u200d"}  # zero-width non-joiner and joiner: part of how some words and emoji are written
+# Letters and symbols that show nothing (Hangul fillers, the blank braille pattern): a name of them alone is blank.
+_BLANKS = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
 _BIDI_CONTROLS = set("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # "gpj.exe" tricks
 
 
@@ -140,13 +143,18 @@ def clean_filename(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str | N
     return name or None
 
 
-def clean_name(name: str) -> str:
-    """A name as typed, fit to show: line breaks and tabs become spaces, other control, private-use and
-    direction-override characters go, runs of spaces become one, surrounding whitespace is dropped (slashes and
-    everything else stay)."""
+def clean_name(name: str, max_chars: int | None = None) -> str:
+    """A name as typed, fit to show: line breaks and tabs become spaces, other control, private-use, invisible
+    format (zero-width, direction marks; the joiners that emoji and some scripts need stay) and direction-override
+    characters go, runs of spaces become one, surrounding whitespace is dropped (slashes and everything else stay);
+    cut to ``max_chars`` when given. "" when nothing visible is left."""
     name = "".join(" " if c in "\t\n\r\v\f\x85\u2028\u2029" else c for c in name)
-    name = "".join(c for c in name if unicodedata.category(c) not in _UNNAMED and c not in _BIDI_CONTROLS)
-    return " ".join(name.split())
+    name = "".join(c for c in name if unicodedata.category(c) not in _UNNAMED and c not in _BIDI_CONTROLS
+                   and (unicodedata.category(c) != "Cf" or c in _JOINERS))
+    name = " ".join(name.split())
+    if max_chars is not None:
+        name = name[:max_chars].rstrip()
+    return name if any(not c.isspace() and c not in _BLANKS and c not in _JOINERS for c in name) else ""
 
 
 def _check_size(size: int, max_bytes: int | None, label: str) -> None:

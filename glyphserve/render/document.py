@@ -151,7 +151,7 @@ def missing_glyphs_warning(rendered: RenderedDocument, command_line: bool = True
         advice = ("use a font that has them (--font PATH), or draw them from installed fonts with --fallback-fonts "
                   "(pages then differ from the ones Glyph was trained on)")
     else:
-        advice = "the model cannot read them (glyphserve render draws them with other fonts: --fallback-fonts)"
+        advice = "the model cannot read them from the pages"
     return (f"{s.missing_chars} characters are not in the font {font} (e.g. {examples}); they are drawn as empty "
             f"boxes, as Glyph's own renderer draws them: {advice}")
 

@@ -43,7 +43,7 @@ class DocumentText(BaseModel):
     preset: str = "auto"
     dpi: int | None = Field(None, gt=0)
     newline: str | None = None
-    name: str | None = Field(None, max_length=255)
+    name: str | None = Field(None, max_length=1000)  # cleaned and cut to MAX_NAME_CHARS as stored
 
     # Checked here so that the error names the field (param), in the API's words rather than the CLI's flags.
     @field_validator("preset")
@@ -63,7 +63,7 @@ class DocumentText(BaseModel):
 
 class DocumentName(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=255)
+    name: str = Field(min_length=1, max_length=1000)  # over MAX_NAME_CHARS once cleaned: refused, saying so
 
 
 class HistoryTurn(BaseModel):

@@ -221,7 +221,9 @@ class GlyphService:
         existing = self.store.find(digest) or self.store.find(sent_digest)
         if existing is not None:
             return existing, True
-        shown = clean_filename(name) or document.source_name
+        # A file's own name loses its folders; a name typed for it (the name field, pasted text's) is kept as typed.
+        shown = (clean_filename(name) if name == filename else clean_name(name or "", MAX_NAME_CHARS)) or \
+            document.source_name
         original = name if name and name != shown else None
         record = await loop.run_in_executor(self._render_pool, self._render_and_store, document, shown, original,
                                             options.preset, config, deadline, digest)

@@ -16,7 +16,7 @@ from glyphserve.errors import (
     IngestTimeoutError,
     TooManyPagesError,
 )
-from glyphserve.ingest import ImagePart, IngestLimits, TextPart, clean_filename, ingest_bytes
+from glyphserve.ingest import ImagePart, IngestLimits, TextPart, clean_filename, clean_name, ingest_bytes
 
 ISOLATED = IngestLimits(timeout=30)
 WHITE_BOX = b"1 1 1 rg 0 0 612 792 re f"  # drawn, so the page must be rendered to see it is blank
@@ -109,3 +109,15 @@ def test_a_slow_file_is_killed_at_its_budget_and_blocks_no_other(make_pdf):
 ])
 def test_file_names_are_cleaned(raw, clean):
     assert clean_filename(raw) == clean
+
+
+@pytest.mark.parametrize("typed, clean", [
+    ("Q3/Q4 report", "Q3/Q4 report"),  # a typed name keeps its slashes
+    ("Launch plan\nline 2\t ", "Launch plan line 2"),
+    ("a\u200bb\u061cc\u202ed", "abcd"),  # zero-width, direction marks and overrides go
+    ("\u200b", ""), ("\u3164", ""), (" \u2800 ", ""),  # nothing visible: blank
+    ("\U0001f469\u200d\U0001f4bb", "\U0001f469\u200d\U0001f4bb"),  # an emoji's joiner stays
+])
+def test_typed_names_are_cleaned(typed, clean):
+    assert clean_name(typed) == clean
+    assert clean_name("n" * 300, 200) == "n" * 200

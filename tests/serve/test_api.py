@@ -78,6 +78,10 @@ def test_document_lifecycle(client):
     # A name as typed, slashes and all (a file name's folders are dropped only from uploads), one line, bounded.
     for typed, kept in (("Q3/Q4 report", "Q3/Q4 report"), ("Sales 1/2\nfinal", "Sales 1/2 final")):
         assert client.patch(f"/v1/documents/{doc_id}", json={"name": typed}).json()["document"]["name"] == kept
+    blank = client.patch(f"/v1/documents/{doc_id}", json={"name": "\u200b"})
+    assert blank.status_code == 400 and "needs a visible character" in blank.json()["error"]["message"]
+    typed = upload_text(client, "A second text with a typed name.", name="Plans/2025 draft")
+    assert typed["document"]["name"] == "Plans/2025 draft"  # typed: not a path to cut
     too_long = client.patch(f"/v1/documents/{doc_id}", json={"name": "n" * 201})
     assert too_long.status_code == 400 and "at most 200 characters, this one 201" in too_long.json()["error"]["message"]
     assert client.get(f"/v1/documents/{doc_id}").json()["document"]["name"] == "Sales 1/2 final"
