@@ -309,12 +309,13 @@ def measure(args: argparse.Namespace, replicas: int | None, visible: str | None 
 
 def last_step(client, base: str) -> float:
     """When the server's engine began its latest recorded step (-inf: none yet)."""
-    steps = client.get(f"{base}/v1/engine/steps").raise_for_status().json()["steps"]
+    steps = client.get(f"{base}/v1/engine/steps", params={"last": 1}).raise_for_status().json()["steps"]
     return steps[-1]["started"] if steps else float("-inf")
 
 
 def steps_since(client, base: str, mark: float) -> list[dict]:
-    return [s for s in client.get(f"{base}/v1/engine/steps").raise_for_status().json()["steps"] if s["started"] > mark]
+    params = {"since": mark} if mark > float("-inf") else {}
+    return client.get(f"{base}/v1/engine/steps", params=params).raise_for_status().json()["steps"]
 
 
 def step_summary(steps: list[dict]) -> dict:

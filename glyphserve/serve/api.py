@@ -266,9 +266,19 @@ def build_router(service: GlyphService) -> APIRouter:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @router.get("/v1/engine/steps")
-    async def engine_steps():
-        """The local engine's last steps (``serve --step-trace N``), oldest first."""
-        return {"steps": [asdict(step) for step in service.step_trace()]}
+    async def engine_steps(since: float | None = Query(None, description="only steps started after this time"),
+                           last: int | None = Query(None, ge=1, description="only the last this many steps")):
+        """The local engine's last steps (``serve --step-trace N``), oldest first; off the event loop (a long
+        trace takes seconds to encode, which would hold up every stream)."""
+        def steps() -> Response:
+            records = service.step_trace()
+            if since is not None:
+                records = [r for r in records if r.started > since]
+            if last is not None:
+                records = records[-last:]
+            return Response(json.dumps({"steps": [asdict(r) for r in records]}), media_type="application/json")
+
+        return await run_in_threadpool(steps)
 
     @router.get("/metrics")
     async def metrics():

@@ -12,6 +12,7 @@ from glyphserve.ingest.limits import IngestLimits
 from glyphserve.serve.images import ImageLimits
 
 LOCAL_HOSTS = {"localhost", "ip6-localhost"}
+MAX_STEP_TRACE = 1_000_000  # steps a server may keep records of (--step-trace)
 
 
 def default_data_dir() -> Path:
@@ -172,8 +173,11 @@ class ServeConfig:
         ):
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
-        if self.step_trace < 0:
-            raise ConfigError(f"--step-trace must be 0 or more, got {self.step_trace}")
+        if not 0 <= self.step_trace <= MAX_STEP_TRACE:
+            raise ConfigError(f"--step-trace must be 0 to {MAX_STEP_TRACE:,} steps (~220 bytes each), got "
+                              f"{self.step_trace}")
+        if self.step_trace and (self.remote or self.ray):
+            raise ConfigError("--step-trace records a local engine's steps: not with --backend openai or --ray")
         if self.endpoints and self.backend != "openai":
             raise ConfigError("--endpoint needs --backend openai")
         if self.remote and not self.endpoints:

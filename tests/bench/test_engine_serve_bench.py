@@ -60,6 +60,8 @@ def test_serve_bench_counts_every_answer(tiny_model_dir, tmp_path):
     assert sum(k["decode_rows"] for k in kinds) == 6 * 2  # every answer token after its first
     assert sum(k["chunk_tokens"] for k in kinds) > 0 and 0 <= steps["outside_s"] <= steps["span_s"]
     assert "The engine's steps in that round (`--step-trace`" in markdown and "| eager prompt passes |" in markdown
+    launched = sum(k["steps"] for kind, k in steps["kinds"].items() if kind != "none")
+    assert launched == result["engines"][0]["steps"]  # the round's steps (the counters' window), not the run's
 
 
 def test_scale_run_compares_one_engine_with_ray_serve_replicas(tiny_model_dir, tmp_path):

@@ -50,6 +50,19 @@ def test_quantize_without_a_model_is_refused(tmp_path):
         config.validate()
 
 
+def test_a_step_trace_is_bounded_and_only_for_a_local_engine(tmp_path):
+    parser, _ = build_parser(("glyphserve.serve.commands",))
+
+    def config(*args):
+        return serve_config(parser.parse_args(["serve", "--data-dir", str(tmp_path), *args]))
+
+    config("--step-trace", "1000").validate()
+    with pytest.raises(ConfigError, match=r"--step-trace must be 0 to 1,000,000 steps"):
+        config("--step-trace", "2000000").validate()
+    with pytest.raises(ConfigError, match="--step-trace records a local engine's steps"):
+        config("--step-trace", "10", "--endpoint", "http://gpu1:8000/v1").validate()
+
+
 def test_an_offline_hub_id_fails_at_once_with_the_download_command(tmp_path):
     result = glyphserve("serve", "zai-org/Glyph", "--port", str(free_port()), "--data-dir", str(tmp_path),
                         env={**OFFLINE, "HF_HOME": str(tmp_path / "hf")})
