@@ -24,6 +24,7 @@ import gradio as gr
 from fastapi import FastAPI
 
 from glyphserve.errors import GlyphserveError, NotFoundError
+from glyphserve.glm4v import PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, StreamEvent
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.service import DPIS, NEWLINES, PRESETS, GlyphService, RenderOptions
@@ -132,7 +133,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
     def warmth_note(document_id: str) -> str:
         warmth = service.warmth(document_id) if service.has_model else None
         record = stored_record(document_id)
-        if record is not None and context and record.summary.get("vision_tokens", 0) >= context:
+        if record is not None and context and needed(record) > context:
             # Longer than the context: warming reads the pages an empty question would be shown, and each question
             # is shown the pages that match it.
             return {"warming": " The model is reading its first pages in the background (the document is longer "
@@ -142,6 +143,12 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         return {"warming": " The model is reading its pages in the background; the first answer will come as "
                            "fast as a follow-up's.",
                 "warm": " The model has read its pages: answers start at once."}.get(warmth, "")
+
+    def needed(record: DocumentRecord) -> int:
+        """Tokens a question about all of ``record``'s pages needs at the least: its pages, their markers, the
+        template's own tokens and a default answer's room (the planner's count, without the question's words)."""
+        return (record.summary.get("vision_tokens", 0) + record.pages * PAGE_MARKER_TOKENS + PROMPT_TOKENS
+                + GenerationSettings.max_tokens)
 
     def stored_record(document_id: str) -> DocumentRecord | None:
         try:
@@ -153,10 +160,11 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         records = {d: stored_record(d) for d in document_ids}
         return {d: (r.name or "pasted text") if r is not None else "a deleted document" for d, r in records.items()}
 
-    def nothing_chosen(status: str):
+    def nothing_chosen(status: str, chat=gr.skip()):
         """The page with no document chosen (``shown``'s outputs): what it acts on is cleared with what it shows,
-        so Delete, Rename and Send never act on a document the list no longer shows as chosen."""
-        return [], [], "", gr.update(choices=choices(), value=[]), "", [], status, "", ""
+        so Delete, Rename and Send never act on a document the list no longer shows as chosen (the chat as it was,
+        unless ``chat`` is given)."""
+        return [], [], "", gr.update(choices=choices(), value=[]), "", chat, status, "", ""
 
     def gone(exc: NotFoundError):
         """A chosen document deleted elsewhere (another tab, the API): say so and show the list as it is now."""
@@ -243,16 +251,19 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             return gone(exc)
         except Exception as exc:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
-        return nothing_chosen(f"Deleted **{_literal(name)}**.")
+        return nothing_chosen(f"Deleted **{_literal(name)}**.", chat=[])
 
     async def chat(question, history, document_ids, use_cache, max_tokens, temperature, page_selection):
+        """Yields (chat, question box, answer stats, status, evidence, gallery, chosen documents, document list)."""
         history = list(history or [])
+        keep = (gr.skip(),) * 2  # the chosen documents and the list, as they are
         if not document_ids:
             yield (history, gr.skip(), gr.skip(), _fail(GlyphserveError("upload or select a document first")),
-                   gr.skip(), gr.skip())
+                   gr.skip(), gr.skip(), *keep)
             return
         if not question or not question.strip():
-            yield history, gr.skip(), gr.skip(), _fail(GlyphserveError("type a question first")), gr.skip(), gr.skip()
+            yield (history, gr.skip(), gr.skip(), _fail(GlyphserveError("type a question first")), gr.skip(),
+                   gr.skip(), *keep)
             return
         turns = [ChatMessage(m["role"], html.unescape(_text(m["content"]))) for m in history
                  if not (m.get("metadata") or {}).get("title") and m["role"] in ("user", "assistant")]
@@ -262,7 +273,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                       document_id=document_ids[0] if len(document_ids) == 1 else None,
                       documents=list(document_ids) if len(document_ids) > 1 else None, page_selection=page_selection)
         history.append({"role": "user", "content": _plain(question)})
-        yield history, "", "", "Answering…", "", gr.skip()
+        yield history, "", "", "Answering…", "", gr.skip(), *keep
         thinking = answer = None
         try:
             items = await service.stream(job)
@@ -282,17 +293,32 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     else:
                         if thinking is not None:
                             thinking["metadata"]["status"] = "done"
-                        deleted = [d for d in document_ids if stored_record(d) is None]
-                        done = ("Done. The document was deleted while it was being answered: the answer is kept "
-                                "here, its pages are gone." if deleted else "Done.")
+                        left = [d for d in document_ids if stored_record(d) is not None]
+                        done, chosen = "Done.", keep
+                        if len(left) < len(document_ids):  # deleted while it was answered (another tab, the API)
+                            done = ("Done. A document it was about was deleted meanwhile: the answer is kept here, "
+                                    "the document's pages are gone.")
+                            chosen = (left, gr.update(choices=choices(), value=left))
                         yield (history, "", _reply_markdown(item, names(document_ids)), done, evidence(item),
-                               gallery_items(document_ids, item.pages_shown))
+                               gallery_items(document_ids, item.pages_shown), *chosen)
                         return
-                    yield history, "", "", "Answering…", "", gr.skip()
+                    yield history, "", "", "Answering…", "", gr.skip(), *keep
             finally:
                 await items.aclose()
+        except NotFoundError as exc:  # a chosen document was deleted before the question could be asked
+            gr.Warning("that document was deleted (in another tab or through the API): choose another")
+            yield (history, gr.skip(), gr.skip(), f"**Error:** {_literal(exc.message)}", gr.skip(), [], [],
+                   gr.update(choices=choices(), value=[]))
         except Exception as exc:
-            yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip()
+            yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
+
+    def stopped(history):
+        """Stop's own part (the question's task is cancelled beside it): a thinking part left pending is closed."""
+        history = list(history or [])
+        for message in history:
+            if (message.get("metadata") or {}).get("status") == "pending":
+                message["metadata"]["status"] = "done"
+        return history, "Stopped: what came of the answer stays in the chat."
 
     def evidence(reply: Reply) -> str:
         """The page rows of each cited passage, inline (wide strips do not suit a gallery's square tiles)."""
@@ -353,7 +379,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     use_cache = gr.Checkbox(value=True, label="Use caches", elem_id="use-cache",
                                             info="Reuse the pages' vision features and the document's prefix: "
                                                  "follow-up questions start at once")
-                    max_tokens = gr.Slider(16, min(8192, context or 8192), value=GenerationSettings.max_tokens,
+                    longest = min(8192, context or 8192)
+                    max_tokens = gr.Slider(16, longest, value=min(GenerationSettings.max_tokens, longest),
                                            step=16, label="Maximum answer tokens (max_tokens)", elem_id="max-tokens",
                                            info="Glyph thinks before it answers: long answers need room, and "
                                                 "the pages shown get less")
@@ -383,15 +410,14 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         rename_button.click(rename, [document, name], [stored, status], api_name="rename_document")
         delete_button.click(delete, [document], shown_outputs, api_name="delete_document")
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection]
-        chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery]
+        chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]
         asking = [send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size,
                              api_name="chat"),
                   question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size,
                                   api_name=False)]
         # Stop cancels the question's task: a queued question leaves the queue, a running one ends at its next token
         # (the scheduler's ticket is withdrawn as the stream closes); what was answered stays in the chat.
-        stop.click(lambda: "Stopped: the answer so far stays in the chat.", None, status, cancels=asking,
-                   api_name=False)
+        stop.click(stopped, chatbot, [chatbot, status], cancels=asking, api_name=False)
         clear.click(lambda: ([], "", "", ""), None, [chatbot, answer_stats, evidence_html, status],
                     api_name="clear_chat")
         demo.load(lambda: gr.update(choices=choices()), None, stored, api_name="list_documents")

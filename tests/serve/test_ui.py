@@ -159,9 +159,12 @@ def test_delete_acts_only_on_the_document_shown_as_chosen(browser_page, extracti
     (gone,) = [d["id"] for d in httpx.get(f"{extractive_server.url}/v1/documents").json()["documents"]
                if d["name"] == "gone.txt"]
     assert httpx.delete(f"{extractive_server.url}/v1/documents/{gone}").json()["deleted"] is True
-    page.locator("#delete").click()
+    page.locator("#question textarea").fill("Who was the keeper?")
+    page.locator("#send").click()  # asked about it: said to be deleted, and nothing stays chosen
     expect(page.locator("#status")).to_contain_text("(deleted, or never stored)")
     expect(page.locator("#pages img")).to_have_count(0)
+    page.locator("#delete").click()
+    expect(page.locator("#status")).to_contain_text("choose one document to delete")
     assert "keep.txt" in stored_names(extractive_server)
 
 
