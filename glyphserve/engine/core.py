@@ -28,7 +28,8 @@ from glyphserve.engine.scheduler import NeedsDrain, Scheduler, StepPlan
 from glyphserve.engine.sequence import Sequence, Status
 from glyphserve.engine.stage_clock import Mark, StageClock
 from glyphserve.engine.transfer import to_device
-from glyphserve.engine.types import StepRecord, TokenLogprob
+from glyphserve.engine.step_trace import StepTrace
+from glyphserve.engine.types import TokenLogprob
 from glyphserve.engine.vision import VisionEncoder
 from glyphserve.errors import GlyphserveError, InternalError
 
@@ -90,7 +91,7 @@ class EngineCore:
                          "prefill_tokens": 0, "row_chunks": 0, "step_s": 0.0, "gpu_wait_s": 0.0,
                          "decode_step_s": 0.0, "timed_decode_steps": 0}
         self._last_read: float | None = None
-        self.trace: deque[StepRecord] | None = None  # the last steps' records (``EngineConfig.step_trace``)
+        self.trace: StepTrace | None = None  # the last steps' records (``EngineConfig.step_trace``)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self.in_flight)
@@ -105,7 +106,7 @@ class EngineCore:
     def step(self) -> list[Event]:
         """Launch the next step and read back the one before it; the events that produced."""
         started = time.perf_counter()
-        before = self._trace_marks() if self.trace is not None else None
+        before = StepTrace.marks(self.counters) if self.trace is not None else None
         events = [event for seq in self._ended for event in self.abort(seq, seq.finish_reason)]
         self._ended.clear()
         self._poll_cancels(events)
@@ -130,23 +131,8 @@ class EngineCore:
                 events.append(self._fail(seq, RuntimeError("the scheduler could not place this request")))
         self.counters["step_s"] += time.perf_counter() - started
         if before is not None:
-            self._record(started, before, plan)
+            self.trace.record(started, before, self.counters, plan)
         return events
-
-    def _trace_marks(self) -> tuple[float, int, int, int]:
-        c = self.counters
-        return c["gpu_wait_s"], c["steps"], c["graph_steps"], c["row_chunks"]
-
-    def _record(self, started: float, before: tuple[float, int, int, int], plan: StepPlan) -> None:
-        wait, steps, graphs, row_chunks = (now - then for now, then in zip(self._trace_marks(), before))
-        if not steps:
-            kind = "none"
-        elif plan.chunks and not row_chunks:
-            kind = "pass"
-        else:
-            kind = "graph" if graphs else "rows"
-        self.trace.append(StepRecord(started, time.perf_counter() - started, wait, len(plan.decode),
-                                     len(plan.chunks), sum(c.end - c.start for c in plan.chunks), kind))
 
     def drain(self) -> list[Event]:
         events: list[Event] = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -29,6 +28,7 @@ from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import Scheduler, SchedulerConfig
 from glyphserve.engine.sequence import Sequence, Status
 from glyphserve.engine.stage_clock import StageClock
+from glyphserve.engine.step_trace import StepTrace
 from glyphserve.engine.types import Answer, AnswerRequest, EngineConfig, StepRecord, StreamEvent
 from glyphserve.engine.vision import VisionEncoder, VisionRunner
 from glyphserve.errors import ConfigError, EngineOutOfMemoryError, GlyphserveError
@@ -105,7 +105,7 @@ class Engine:
         self.core = EngineCore(self.runner, self.sampler, self.scheduler, encoder, clock, self.device,
                                row_prefill=graphs if config.graph_prefill is None else config.graph_prefill)
         if config.step_trace:
-            self.core.trace = deque(maxlen=config.step_trace)
+            self.core.trace = StepTrace(config.step_trace)
         self.planner = Planner(self.model, self.tokenizer, self.prompts, self.params, max_context=self.max_context,
                                block_size=block_size, pool_tokens=(self.pool.num_blocks - 1) * block_size,
                                stop_ids=self.stop_ids, prefix_caching=config.enable_prefix_caching)
@@ -211,8 +211,7 @@ class Engine:
     def step_trace(self) -> list[StepRecord]:
         """The records of the last ``EngineConfig.step_trace`` steps, oldest first (none when it is 0); safe to
         call while the engine runs on another thread."""
-        trace = self.core.trace
-        return list(trace.copy()) if trace is not None else []  # one C call: no step appends halfway through
+        return self.core.trace.records() if self.core.trace is not None else []
 
     def stats(self) -> dict:
         pool = self.pool.stats()
