@@ -111,6 +111,10 @@ def _run(args: argparse.Namespace) -> int:
 
         require_ray()
         engine = engine_config(args, max_num_seqs=args.batch_size)
+        if engine.model and args.ray == "local":  # a missing model is one line before Ray starts (as without --ray)
+            from glyphserve.serve.weights import resolve_model
+
+            engine = dataclasses.replace(engine, model=resolve_model(engine.model))
     else:
         load_engine = engine_loader(args, max_num_seqs=args.batch_size)
     with ResultLog(args.output, retry_failed=args.retry_failed) as log:

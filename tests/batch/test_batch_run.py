@@ -147,14 +147,17 @@ def test_killed_run_resumes_every_item_answered_once(tiny_model_dir, folder, que
     assert not [line for line in third.stderr.splitlines() if re.search(r"\|\s+torch$", line)]
 
 
-def test_a_model_that_is_not_there_fails_before_any_work(folder, questions_file, tmp_path):
+@pytest.mark.parametrize("ray", [[], ["--ray"]])
+def test_a_model_that_is_not_there_fails_before_any_work(folder, questions_file, tmp_path, ray):
+    if ray:
+        pytest.importorskip("ray")
     output = tmp_path / "results.jsonl"
     run = subprocess.run(_batch_cmd(str(folder), "--questions", str(questions_file), "-o", str(output),
-                                    "--model", str(tmp_path / "no-model")),
+                                    "--model", str(tmp_path / "no-model"), *ray),
                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr.strip() == f"error: {tmp_path / 'no-model'}: no such folder, and not a Hugging Face id " \
-                                 "(organisation/name)"  # as ask and serve say it
+                                 "(organisation/name)"  # as ask and serve say it (with --ray: before Ray starts)
     assert not output.exists()
 
 

@@ -76,6 +76,22 @@ def test_a_missing_folder_is_named(tmp_path):
     assert result.returncode == 2 and "no such folder" in result.stderr
 
 
+def test_with_ray_a_missing_model_and_a_busy_port_are_one_line_before_ray_starts(tmp_path, tiny_model_dir):
+    pytest.importorskip("ray")
+    missing = glyphserve("serve", "--ray", "--model", str(tmp_path / "no-model"), "--port", str(free_port()),
+                         "--data-dir", str(tmp_path / "a"), "--no-ui")
+    assert missing.returncode == 2 and missing.stderr.strip() == (
+        f"error: {tmp_path / 'no-model'}: no such folder, and not a Hugging Face id (organisation/name)")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = glyphserve("serve", "--ray", "--model", str(tiny_model_dir), "--port", str(port),
+                           "--data-dir", str(tmp_path / "b"), "--no-ui")
+    assert taken.returncode == 2 and taken.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert "ray" not in (missing.stdout + taken.stdout).lower()  # Ray never started
+
+
 def test_a_busy_port_is_reported_before_the_weights_load(tmp_path, tiny_model_dir):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
