@@ -63,6 +63,7 @@ from glyphserve.serve.service import ENGINE_COUNTERS
 from glyphserve.serve.weights import resolve_model
 
 APP_NAME = "glyphserve"
+TAKE_DOWN_S = 15.0  # seconds a stopping server waits for Ray to take its application down
 ENGINE_DEPLOYMENT = "GlyphEngine"
 FRONT_DEPLOYMENT = "GlyphFront"
 MAX_ATTEMPTS = 3  # sends of one request: the first, and retries after its replica died
@@ -564,10 +565,22 @@ def run(config: ServeConfig) -> int:
               flush=True)
         stop.wait()
     finally:
-        try:
-            serve.delete(APP_NAME)
-            serve.shutdown()
-        finally:
+        # Bounded: stopped with its whole process group (systemd's default, `timeout`), Ray's own processes are gone
+        # first, and taking the application down waited 60 s for them before failing.
+        down = threading.Thread(target=_take_down, daemon=True)
+        down.start()
+        down.join(TAKE_DOWN_S)
+        if down.is_alive():
+            print(f"glyphserve: Ray did not answer within {TAKE_DOWN_S:g} s (stopped with this server?); leaving",
+                  file=sys.stderr, flush=True)
+        else:
             disconnect()
     return 0
+
+
+def _take_down() -> None:
+    try:
+        serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
 
