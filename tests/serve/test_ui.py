@@ -231,7 +231,7 @@ def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir
 
             def occupy():
                 body = {"messages": [{"role": "user", "content": "Tell the whole story."}], "document": document,
-                        "max_tokens": 3000, "ignore_eos": True, "stream": True}
+                        "max_tokens": 3500, "ignore_eos": True, "stream": True}
                 with httpx.Client(base_url=server.url, timeout=120) as own, \
                         own.stream("POST", "/v1/chat/completions", json=body) as reply:
                     for _ in reply.iter_lines():
@@ -240,30 +240,32 @@ def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir
                             return
 
             stop_reading = threading.Event()
-            reader = threading.Thread(target=occupy)
-            reader.start()
+            # Three long answers on one sequence: one runs, two wait, so the UI's question waits behind ~10,000
+            # tokens of work however fast the machine decodes (with one, a fast machine had finished it).
+            readers = [threading.Thread(target=occupy) for _ in range(3)]
+            for reader in readers:
+                reader.start()
             assert busy.wait(60)
             with ui_page(server.url) as page:
                 page.locator("#stored input").click()
                 page.locator("ul[role=listbox] li").first.click()
                 expect(page.locator("#pages img")).not_to_have_count(0, timeout=30_000)
-                waiting = client.get("/health").json()["queue_depth"]  # the document's warming, if not done
+                cancelled = _metric(client, "glyphserve_requests_cancelled_total")
                 page.locator("#question textarea").fill("Who rowed out?")
                 page.locator("#send").click()
                 expect(page.locator("#status")).to_contain_text("Answering", timeout=30_000)
-                cancelled = _metric(client, "glyphserve_requests_cancelled_total")
-                assert client.get("/health").json()["queue_depth"] == waiting + 1  # behind the API's answer
+                assert client.get("/health").json()["queue_depth"] >= 1  # it waits behind the API's answers
                 page.locator("#stop").click()
                 expect(page.locator("#status")).to_contain_text("Stopped", timeout=30_000)
-                for _ in range(100):
-                    if client.get("/health").json()["queue_depth"] == waiting:
-                        break
+                deadline = time.monotonic() + 60
+                while _metric(client, "glyphserve_requests_cancelled_total") < cancelled + 1:
+                    assert time.monotonic() < deadline, "the stopped question was never cancelled"
                     time.sleep(0.1)
-                assert client.get("/health").json()["queue_depth"] == waiting
-                assert _metric(client, "glyphserve_requests_cancelled_total") == cancelled + 1
+                assert _metric(client, "glyphserve_requests_cancelled_total") == cancelled + 1  # it, and only it
                 page.screenshot(path=str(ARTIFACTS / "stopped.png"), full_page=True)
             stop_reading.set()
-            reader.join(60)
+            for reader in readers:
+                reader.join(60)
             assert client.get("/health").json()["status"] == "ok"
     finally:
         server.stop()
