@@ -201,7 +201,6 @@ class EngineCore:
         if not sampled:
             return Launched([], torch.empty(0, dtype=torch.long), None, self.clock.mark(), warmed, not plan.chunks)
         slots = np.fromiter((s.slot for s in sampled), dtype=np.int64, count=len(sampled))
-        answer_pos = np.fromiter((s.scheduled_outputs - 1 for s in sampled), dtype=np.int64, count=len(sampled))
         sample_rows = self.sampler.rows(slots)
         if greedy is not None and sample_rows.plain:
             # The graph step's greedy tokens are the answer and already at their slots in ``last_token``: no
@@ -209,6 +208,7 @@ class EngineCore:
             # threads can cost a switch interval to get back).
             tokens, logprobs = greedy, None
         else:
+            answer_pos = np.fromiter((s.scheduled_outputs - 1 for s in sampled), dtype=np.int64, count=len(sampled))
             slots_dev = to_device(slots, self.device)
             tokens, logprobs = self.sampler(logits, slots_dev, to_device(answer_pos, self.device), sample_rows,
                                             tokens=greedy)

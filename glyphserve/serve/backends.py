@@ -33,12 +33,6 @@ from glyphserve.serve.retrieval import PageLayout, crop_rows, pages_for_span
 SWITCH_INTERVAL_S = 0.0005
 
 
-def pages_read(shown: list | None, pages_used: int) -> list | None:
-    """The pages of ``shown`` (the selection handed to the model, in order) that the model read: the first
-    ``pages_used`` when the engine kept only the pages that fit its context (``truncate_pages``)."""
-    return shown[:pages_used] if shown is not None and pages_used < len(shown) else shown
-
-
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
     from glyphserve.serve.store import DocumentStore
@@ -172,8 +166,10 @@ class EngineBackend:
 
     def _item(self, event: StreamEvent, job: ChatJob) -> StreamEvent | Reply | None:
         if event.channel == "done":
-            return Reply(event.result, self.name, pages_shown=pages_read(job.pages_shown, event.result.pages_used),
-                         warm=job.request.warm)
+            # The pages the model read: the first of those handed over, where the engine kept only the pages that
+            # fit its context (truncate_pages).
+            shown = job.pages_shown[: event.result.pages_used] if job.pages_shown is not None else None
+            return Reply(event.result, self.name, pages_shown=shown, warm=job.request.warm)
         return event if event.text or event.logprobs else None
 
 

@@ -166,10 +166,14 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         unless ``chat`` is given)."""
         return [], [], "", gr.update(choices=choices(), value=[]), "", chat, status, "", ""
 
-    def gone(exc: NotFoundError):
-        """A chosen document deleted elsewhere (another tab, the API): say so and show the list as it is now."""
+    def deleted_elsewhere(exc: NotFoundError) -> str:
+        """A chosen document deleted elsewhere (another tab, the API): a toast, and the status-box text."""
         gr.Warning("that document was deleted (in another tab or through the API): choose another")
-        return nothing_chosen(f"**Error:** {_literal(exc.message)}")
+        return f"**Error:** {_literal(exc.message)}"
+
+    def gone(exc: NotFoundError):
+        """``deleted_elsewhere``, with the page showing the list as it is now and nothing chosen."""
+        return nothing_chosen(deleted_elsewhere(exc))
 
     def shown(records: list[DocumentRecord], status: str):
         """What the page shows for the chosen documents (one, or a collection): (documents, gallery, stats,
@@ -306,8 +310,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             finally:
                 await items.aclose()
         except NotFoundError as exc:  # a chosen document was deleted before the question could be asked
-            gr.Warning("that document was deleted (in another tab or through the API): choose another")
-            yield (history, gr.skip(), gr.skip(), f"**Error:** {_literal(exc.message)}", gr.skip(), [], [],
+            yield (history, gr.skip(), gr.skip(), deleted_elsewhere(exc), gr.skip(), [], [],
                    gr.update(choices=choices(), value=[]))
         except Exception as exc:
             yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
