@@ -8,6 +8,7 @@ a running cluster, whose nodes must have glyphserve installed (and see the input
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 
 from glyphserve.errors import ConfigError, MissingExtraError
@@ -36,11 +37,33 @@ def connect(address: str, *, min_cpus: int = 1) -> Callable[[], None]:
     if address == "local":
         ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), **options)
     else:
+        _check_reachable(address)
         try:
             ray.init(address=address, **options)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"cannot join the Ray cluster at {address}: {exc}") from None
     return ray.shutdown
+
+
+# Seconds a cluster's address has to accept a TCP connection: Ray's own connect retries an address where nothing
+# listens for minutes (its GCS client waits 60 s a round, then tries again).
+REACH_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once when ``address`` names a host and port (``head:6379``, ``ray://head:10001``) that accepts no
+    connection; ``auto`` and other forms are left to Ray."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    host = host.strip("[]")  # an IPv6 literal
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise ConfigError(f"cannot join the Ray cluster at {address}: {host}:{port} accepts no connection "
+                          f"({reason}); is the head node up (ray start --head) and the port open?") from None
 
 
 def cluster_gpus() -> int:

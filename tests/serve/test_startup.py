@@ -92,6 +92,23 @@ def test_with_ray_a_missing_model_and_a_busy_port_are_one_line_before_ray_starts
     assert "ray" not in (missing.stdout + taken.stdout).lower()  # Ray never started
 
 
+def test_a_ray_address_where_nothing_listens_is_one_line_at_once(tmp_path, tiny_model_dir):
+    """Ray's own connect retries such an address for minutes; both commands that join a cluster say so at once."""
+    pytest.importorskip("ray")
+    closed = free_port()  # nothing listens there
+    served = glyphserve("serve", "--ray", f"127.0.0.1:{closed}", "--model", str(tiny_model_dir), "--port",
+                        str(free_port()), "--data-dir", str(tmp_path / "a"), "--no-ui")
+    (tmp_path / "doc.txt").write_text("A short document.")
+    (tmp_path / "q.txt").write_text("What is it?\n")
+    batched = glyphserve("batch", str(tmp_path / "doc.txt"), "--questions", str(tmp_path / "q.txt"), "-o",
+                         str(tmp_path / "out.jsonl"), "--model", str(tiny_model_dir), "--ray",
+                         f"ray://127.0.0.1:{closed}")
+    for result, address in ((served, f"127.0.0.1:{closed}"), (batched, f"ray://127.0.0.1:{closed}")):
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().startswith(f"error: cannot join the Ray cluster at {address}: 127.0.0.1:"
+                                                f"{closed} accepts no connection"), result.stderr
+
+
 def test_a_busy_port_is_reported_before_the_weights_load(tmp_path, tiny_model_dir):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
