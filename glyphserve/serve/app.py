@@ -35,6 +35,9 @@ log = logging.getLogger("glyphserve.serve")
 
 ENGINE_SWITCH_INTERVAL_S = 0.0005  # GIL hand-over in a process that runs an engine
 # Multipart framing around an upload; the file itself is checked against the exact limit.
+# Seconds past --shutdown-timeout the web server waits before closing connections: the answers cut off at the
+# timeout send their last event meanwhile.
+SHUTDOWN_SEND_S = 2.0
 _BODY_SLACK = 64 * 1024
 # Past this, an oversized body is not drained before answering 413; the connection is closed.
 _DRAIN_LIMIT = 256 * 2**20
@@ -276,7 +279,16 @@ def run(config: ServeConfig) -> int:
               flush=True)
         if info["notice"]:
             print(f"glyphserve: {info['notice']}", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+        grace = config.shutdown_timeout
+        scheduler = app.state.service.scheduler
+
+        class Server(uvicorn.Server):
+            async def shutdown(self, sockets=None) -> None:
+                scheduler.shut_down(grace)  # answers in flight end by themselves, or with an error, inside
+                await super().shutdown(sockets)  # uvicorn's wait, which would cut them off mid-stream
+
+        # The extra seconds are for the cut-off answers' last events to go out.
+        server = Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=grace + SHUTDOWN_SEND_S))
         server.run(sockets=[sock])
     finally:
         sock.close()

@@ -86,6 +86,10 @@ def register(subparsers) -> None:
                        help="requests allowed to wait for the model; past it, 429 (default 64)")
     serve.add_argument("--request-timeout", type=float, default=300,
                        help="seconds before a request is answered 504 (default 300)")
+    serve.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="on Ctrl-C or SIGTERM, seconds the answers in flight may still take (new requests get "
+                            "503); then each ends with a 503 shutting_down error, a stream's as its last event "
+                            "(default 5)")
     serve.add_argument("--sse-keepalive", type=float, default=10.0, metavar="SECONDS",
                        help="a streamed answer still waiting for its first token gets an SSE comment this often, so "
                             "proxies keep the connection (default 10)")
@@ -202,6 +206,7 @@ def serve_config(args: argparse.Namespace):
         max_images=args.max_images, max_image_mpx=args.max_image_mpx, max_image_mb=args.max_image_mb,
         allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins, queue_size=args.queue_size,
         max_num_seqs=args.max_num_seqs, step_trace=args.step_trace, request_timeout=args.request_timeout,
+        shutdown_timeout=args.shutdown_timeout,
         sse_keepalive=args.sse_keepalive,
         ui=not args.no_ui,
         backend=args.backend or ("openai" if args.endpoint else "local"), endpoints=args.endpoint,

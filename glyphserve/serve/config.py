@@ -13,6 +13,7 @@ from glyphserve.serve.images import ImageLimits
 
 LOCAL_HOSTS = {"localhost", "ip6-localhost"}
 MAX_STEP_TRACE = 1_000_000  # steps a server may keep records of (--step-trace)
+MAX_SHUTDOWN_S = 3600.0  # --shutdown-timeout at most
 
 
 def default_data_dir() -> Path:
@@ -79,6 +80,8 @@ class ServeConfig:
     # The local engine keeps records of its last this many steps (GET /v1/engine/steps; 0: none kept).
     step_trace: int = 0
     request_timeout: float = 300.0
+    # On SIGINT/SIGTERM, seconds the answers in flight may still take; then each ends with a 503 (shutting_down).
+    shutdown_timeout: float = 5.0
     sse_keepalive: float = 10.0  # seconds between keep-alive comments while a stream waits for its first token
     ui: bool = True
     # Answers from existing OpenAI-compatible servers (vLLM, SGLang, another glyphserve): glyphserve.engine.remote.
@@ -173,6 +176,8 @@ class ServeConfig:
         ):
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if not 0 <= self.shutdown_timeout <= MAX_SHUTDOWN_S:
+            raise ConfigError(f"--shutdown-timeout must be 0 to {MAX_SHUTDOWN_S:g} seconds, got {self.shutdown_timeout}")
         if not 0 <= self.step_trace <= MAX_STEP_TRACE:
             raise ConfigError(f"--step-trace must be 0 to {MAX_STEP_TRACE:,} steps (~220 bytes each), got "
                               f"{self.step_trace}")

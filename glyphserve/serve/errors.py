@@ -75,6 +75,14 @@ class RequestTimeoutError(GlyphserveError):
     code = "timeout"
 
 
+class ShuttingDownError(GlyphserveError):
+    """The server is stopping: a new request is refused, and one still unanswered when its shutdown timeout ends is
+    cut off (a stream's last event)."""
+
+    http_status = 503
+    code = "shutting_down"
+
+
 class StorageFullError(GlyphserveError):
     http_status = 507
     code = "storage_full"

@@ -26,7 +26,7 @@ from typing import AsyncIterator, Callable
 from glyphserve.errors import GlyphserveError, QueueFullError
 from glyphserve.engine.types import StreamEvent
 from glyphserve.serve.backends import Backend, ChatJob, Reply
-from glyphserve.serve.errors import InternalError, RequestTimeoutError
+from glyphserve.serve.errors import InternalError, RequestTimeoutError, ShuttingDownError
 
 log = logging.getLogger("glyphserve.serve")
 
@@ -73,9 +73,12 @@ class _Ticket:
     cancel: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
+    settled: bool = False  # its last item (reply, end of stream or error) went out
 
     def deliver(self, item) -> None:
         """Thread-safe: resolve the future, or push ``item`` onto the event queue."""
+        if item is _END or isinstance(item, BaseException) or not self.streaming:
+            self.settled = True
         self.outbox.put(self, item)
 
     def receive(self, item) -> None:
@@ -111,6 +114,7 @@ class Scheduler:
         self._queue: deque[_Ticket] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._draining = False  # shutting down: requests refused, those in flight finish until the cut-off
         self._running: list[_Ticket] = []
         self._ended = 0  # tickets of the running batch already answered (the batch runs on for the others)
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = weakref.WeakKeyDictionary()
@@ -149,6 +153,29 @@ class Scheduler:
             self._cond.notify_all()
         self._thread.join(timeout=30)
 
+    def shut_down(self, grace: float) -> None:
+        """Begin a graceful stop: new requests are refused (503 ``shutting_down``); those queued or running may
+        finish for ``grace`` seconds, then each still unanswered ends with ``ShuttingDownError`` (a stream's last
+        event, so a client cannot take a cut-off answer for a whole one) and its work stops."""
+        self._draining = True
+        timer = threading.Timer(grace, self._cut_off, args=(grace,))
+        timer.daemon = True
+        timer.start()
+
+    def _cut_off(self, grace: float) -> None:
+        with self._cond:
+            queued, running = list(self._queue), list(self._running)
+            self._queue.clear()
+        for ticket in queued + running:
+            if ticket.settled:
+                continue
+            ticket.cancel.set()  # a running job stops at its next token (and the worker counts it as cancelled)
+            ticket.deliver(ShuttingDownError(
+                f"the server is shutting down and its {grace:g} s for answers in flight ran out: this "
+                "answer was cut off; send it again to a running server"))
+        for _ in queued:
+            self.hooks.cancelled()
+
     def cancel(self, job: ChatJob) -> bool:
         """Stop ``job`` from outside the task that awaits it (as ``_withdraw``; its reader gets ``Cancelled``).
         False if the scheduler does not hold it."""
@@ -185,8 +212,8 @@ class Scheduler:
         else:
             ticket.future = loop.create_future()
         with self._cond:
-            if self._stopping:
-                raise QueueFullError("the service is shutting down")
+            if self._stopping or self._draining:
+                raise ShuttingDownError("the server is shutting down: send the request to another one")
             if len(self._queue) >= self.queue_size:
                 raise QueueFullError(
                     f"the request queue is full ({self.queue_size} waiting); retry in {self.retry_after()} s"

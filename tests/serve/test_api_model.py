@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -181,6 +182,42 @@ def test_client_disconnect_stops_the_generation(model_server, client, documents)
         pass  # the client goes away mid-answer
     wait_for_cancel(client, before)
     assert ask(client, documents[2], "Who was rescued?", max_tokens=4)["answer"] is not None
+
+
+def running(client: httpx.Client) -> float:
+    return float(re.search(r"^vllm:num_requests_running\S* (\S+)", client.get("/metrics").text, re.M).group(1))
+
+
+def test_stopping_the_server_ends_the_answers_in_flight_with_an_error_they_can_tell(tmp_path, tiny_model_dir):
+    """Ctrl-C: answers in flight get --shutdown-timeout to finish, then a stream's last event is a 503 error
+    (the connection used to be dropped mid-stream, which a client can take for a whole answer), and a waiting
+    non-streaming request gets its 503."""
+    server = Server(tmp_path / "data", str(tiny_model_dir), "--served-model-name", "glyph", "--device", "cpu",
+                    "--no-ui", "--shutdown-timeout", "1").start()
+    try:
+        with server.client() as c:
+            doc_id = upload_text(c, TEXTS[0])["id"]
+            body = {"model": "glyph", "messages": [{"role": "user", "content": "Go on"}], "document": doc_id,
+                    "max_tokens": 3000, "ignore_eos": True}
+            with ThreadPoolExecutor(1) as pool:
+                plain = pool.submit(lambda: httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60))
+                with long_answer(server, doc_id, 3000, lines_read=2) as lines:
+                    deadline = time.monotonic() + 60
+                    while running(c) < 2:
+                        assert time.monotonic() < deadline and not plain.done()
+                        time.sleep(0.05)
+                    stopped = time.monotonic()
+                    server.process.send_signal(signal.SIGINT)
+                    rest = [line for line in lines if line]
+                cut = plain.result()
+            assert server.process.wait(timeout=30) in (0, 130)  # 130: the shell's code for an end by Ctrl-C
+    finally:
+        server.stop()
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "shutting_down" and error["type"] == "server_error" and "cut off" in error["message"]
+    assert cut.status_code == 503 and cut.json()["error"]["code"] == "shutting_down"
+    assert time.monotonic() - stopped < 20
 
 
 def decoded_with_others(client: httpx.Client) -> float:

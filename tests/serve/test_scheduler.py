@@ -11,6 +11,7 @@ import pytest
 from glyphserve.engine.types import AnswerRequest, StreamEvent
 from glyphserve.errors import QueueFullError
 from glyphserve.serve.backends import ChatJob, ExtractiveBackend, Reply
+from glyphserve.serve.errors import ShuttingDownError
 from glyphserve.serve.scheduler import Cancelled, Scheduler, SchedulerHooks
 
 CONTEXTS = [f"Document {i} says the secret word is word{i}.\n\nIt also mentions filler." for i in range(40)]
@@ -94,7 +95,7 @@ def test_errors_reach_only_their_request_and_full_queue_refuses():
 
     closed = Scheduler(ExtractiveBackend(None), queue_size=1, max_batch=1, timeout=30)
     closed.close()
-    with pytest.raises(QueueFullError):
+    with pytest.raises(ShuttingDownError):
         run(closed.answer(job("q", "c")))
 
 
@@ -153,6 +154,42 @@ def test_a_job_stopped_by_name_ends_running_or_queued():
 
     try:
         assert run(main()).text == "first"
+    finally:
+        scheduler.close()
+    assert len(cancelled) == 2
+
+
+def test_shutting_down_refuses_new_jobs_and_cuts_off_the_unanswered_after_the_grace():
+    """``shut_down``: a job answered within the grace gets its reply; at the grace's end the running one (a
+    stream) and the queued one (a plain answer) get ``ShuttingDownError`` and their work stops; new jobs are
+    refused at once."""
+    backend, cancelled = _GatedBackend(), []
+    scheduler = Scheduler(backend, queue_size=4, max_batch=1, timeout=30,
+                          hooks=SchedulerHooks(cancelled=lambda: cancelled.append(1)))
+
+    async def main():
+        items = await scheduler.stream(job("secret word", CONTEXTS[0]))
+        waiting = asyncio.ensure_future(scheduler.answer(job("secret word", CONTEXTS[1])))  # queued behind it
+        await asyncio.sleep(0.1)
+        scheduler.shut_down(0.3)
+        with pytest.raises(ShuttingDownError):
+            await scheduler.answer(job("secret word", CONTEXTS[2]))
+        first = await items.__anext__()
+        started = time.monotonic()
+        with pytest.raises(ShuttingDownError, match="cut off"):
+            await items.__anext__()
+        with pytest.raises(ShuttingDownError):
+            await waiting
+        waited = time.monotonic() - started
+        backend.gate.set()  # the running job's next delta: the worker stops it there
+        deadline = time.monotonic() + 10
+        while len(cancelled) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return first, waited
+
+    try:
+        first, waited = run(main())
+        assert first.text == "first" and 0.1 < waited < 5
     finally:
         scheduler.close()
     assert len(cancelled) == 2
