@@ -54,10 +54,10 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from glyphserve.engine.types import AnswerRequest, EncodedPage, EngineConfig, StreamEvent, TokenLogprob
 from glyphserve.errors import ConfigError, GlyphserveError, QueueFullError, RemoteBackendError
-from glyphserve.serve.app import ENGINE_SWITCH_INTERVAL_S, create_app, listen_socket, prepare
+from glyphserve.serve.app import ENGINE_SWITCH_INTERVAL_S, SHUTDOWN_SEND_S, create_app, listen_socket, prepare
 from glyphserve.serve.backends import ChatJob, EngineBackend, Reply
 from glyphserve.serve.config import ServeConfig
-from glyphserve.serve.errors import InternalError, RequestTimeoutError
+from glyphserve.serve.errors import InternalError, RequestTimeoutError, ShuttingDownError
 from glyphserve.serve.scheduler import Cancelled, Scheduler, SchedulerHooks
 from glyphserve.serve.service import ENGINE_COUNTERS
 from glyphserve.serve.weights import resolve_model
@@ -310,6 +310,8 @@ class ReplicaScheduler:
         self.timeout = timeout
         self._waiting = 0  # sent, no token yet
         self._running = 0  # sent, answering
+        self._draining = False
+        self._cut: asyncio.Future | None = None  # done once answers in flight are to be cut off
 
     @property
     def depth(self) -> int:
@@ -324,6 +326,19 @@ class ReplicaScheduler:
 
     def close(self) -> None:
         pass  # the replicas belong to Ray Serve; requests in flight are cancelled with their HTTP requests
+
+    async def shut_down(self, grace: float) -> None:
+        """As ``Scheduler.shut_down``, on the front's event loop; returns once no request is in flight (at most
+        ``grace`` seconds and the cut-off answers' last events later)."""
+        self._draining = True
+        cut = self._cut = asyncio.get_running_loop().create_future()
+        deadline = time.monotonic() + grace
+        while self._waiting + self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cut.set_result(grace)
+        deadline += SHUTDOWN_SEND_S
+        while self._waiting + self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def answer(self, job: ChatJob) -> Reply:
         items = self._items(job)
@@ -369,8 +384,26 @@ class ReplicaScheduler:
         finally:
             await _close(first, items)
 
+    async def _next(self, response, timeout: float):
+        """The call's next item, unless ``timeout`` passes (``asyncio.TimeoutError``) or the server's shutdown
+        cuts it off (``ShuttingDownError``)."""
+        if self._cut is None:
+            return await asyncio.wait_for(response.__anext__(), timeout)
+        item = asyncio.ensure_future(response.__anext__())
+        done, _ = await asyncio.wait({item, self._cut}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if item in done:
+            return item.result()
+        item.cancel()
+        if self._cut in done:
+            raise ShuttingDownError(
+                f"the server is shutting down and its {self._cut.result():g} s for answers in flight ran out: this "
+                "answer was cut off; send it again to a running server")
+        raise asyncio.TimeoutError
+
     async def _items(self, job: ChatJob) -> AsyncIterator[StreamEvent | Reply]:
         """The job's deltas and reply, sent again to another replica if its replica dies."""
+        if self._draining:
+            raise ShuttingDownError("the server is shutting down: send the request to another one")
         arrived = time.monotonic()
         key = routing_key(job)
         name = uuid.uuid4().hex  # each send is named apart (f"{name}.{attempt}"): a resend may reach the same replica
@@ -391,7 +424,7 @@ class ReplicaScheduler:
                 try:
                     while True:
                         remaining = self.timeout - (time.monotonic() - arrived)
-                        item = await asyncio.wait_for(response.__anext__(), max(remaining, 0.001))
+                        item = await self._next(response, max(remaining, 0.001))
                         if isinstance(item, ReplicaReport):
                             self.replicas.seen(item, key, first=replica is None)
                             replica = item.replica
@@ -469,7 +502,13 @@ class GlyphFront:
 
     def __serve_build_asgi_app__(self):
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-        return create_app(self.config, ServeReplicas(self.engines, self.config), self.model_name)
+        self._front = create_app(self.config, ServeReplicas(self.engines, self.config), self.model_name)
+        return self._front
+
+    async def shut_down(self, grace: float) -> None:
+        """Refuse new requests, give those in flight ``grace`` seconds, then cut them off (``serve --ray`` on
+        Ctrl-C, before it takes the application down)."""
+        await self._front.state.service.scheduler.shut_down(grace)
 
 
 # -- deploying ----------------------------------------------------------------------------------------------
@@ -552,6 +591,7 @@ def run(config: ServeConfig) -> int:
     most = (config.max_replicas or config.min_replicas) if config.replicas == "auto" else config.replicas
     disconnect = connect(config.ray, min_cpus=most + 1)
     stop = threading.Event()
+    grace = None  # seconds for answers in flight, once the application is up and asked to stop
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
@@ -564,12 +604,13 @@ def run(config: ServeConfig) -> int:
         print(f"glyphserve: up in {time.perf_counter() - started:.1f} s: {ui}API {base}/v1  data {config.data_dir}",
               flush=True)
         stop.wait()
+        grace = config.shutdown_timeout
     finally:
         # Bounded: stopped with its whole process group (systemd's default, `timeout`), Ray's own processes are gone
         # first, and taking the application down waited 60 s for them before failing.
-        down = threading.Thread(target=_take_down, daemon=True)
+        down = threading.Thread(target=_take_down, args=(grace,), daemon=True)
         down.start()
-        down.join(TAKE_DOWN_S)
+        down.join(TAKE_DOWN_S + (grace + SHUTDOWN_SEND_S if grace is not None else 0))
         if down.is_alive():
             print(f"glyphserve: Ray did not answer within {TAKE_DOWN_S:g} s (stopped with this server?); leaving",
                   file=sys.stderr, flush=True)
@@ -578,8 +619,15 @@ def run(config: ServeConfig) -> int:
     return 0
 
 
-def _take_down() -> None:
+def _take_down(grace: float | None) -> None:
+    """Take the application down; with ``grace``, its answers in flight first end by themselves within that many
+    seconds, or with an error event (``Scheduler.shut_down``), instead of losing their connections."""
     try:
+        if grace is not None:
+            try:
+                serve.get_app_handle(APP_NAME).shut_down.remote(grace).result(timeout_s=grace + SHUTDOWN_SEND_S + 1)
+            except Exception as exc:  # Ray stopping already (stopped with its process group)
+                log.warning("ending the answers in flight failed: %s", type(exc).__name__)
         serve.delete(APP_NAME)
     finally:
         serve.shutdown()

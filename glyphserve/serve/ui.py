@@ -348,7 +348,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
                 with gr.Tab("Upload"):
-                    upload = gr.File(label="PDF, DOCX, TXT or Markdown: rendered as soon as it arrives",
+                    upload = gr.File(label=f"PDF, DOCX, TXT or Markdown, up to {service.config.max_upload_mb:g} MiB: "
+                                           "rendered as soon as it arrives",
                                      file_types=FILE_TYPES, type="filepath", elem_id="upload")
                 with gr.Tab("Paste text"):
                     pasted = gr.Textbox(label="Text", lines=8, elem_id="pasted")

@@ -33,7 +33,7 @@ DOCUMENTS = [f"Copy {i} of the story.\n\n{STORY}\n\nThe keeper's dog was called 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
     server = Server(tmp_path_factory.mktemp("ray-serve") / "data", "--ray", "--replicas", "2", "--model",
-                    str(tiny_model_dir), "--device", "cpu", "--max-num-seqs", "16")
+                    str(tiny_model_dir), "--device", "cpu", "--max-num-seqs", "16", "--shutdown-timeout", "1")
     try:
         server.start(timeout=300)
         deadline = time.monotonic() + 300
@@ -262,3 +262,23 @@ def test_killing_a_replica_mid_load_loses_no_request(server, documents):
     health = _health(server)
     state = next(r for r in health["replicas"] if r["id"] == victim["id"])
     assert state["lost"] and health["retries"] >= 1 and health["resumed"] >= 1
+
+
+def test_stopping_the_server_ends_an_answer_in_flight_with_an_error_event(server, documents):
+    """Ctrl-C (the module's last test: it stops the server): a stream still running after --shutdown-timeout ends
+    with a 503 shutting_down event and [DONE] (before, Ray Serve took the front down and the connection dropped
+    after ~20 s), and the server exits."""
+    body = {"messages": [{"role": "user", "content": QUESTIONS[0]}], "document": documents[0]["id"],
+            "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with server.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        while not next(lines).startswith('data: {"id"'):
+            pass
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]", rest[-3:]
+    error = json.loads(rest[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "shutting_down" and "cut off" in error["message"]
+    assert server.process.wait(timeout=60) in (0, 130) and time.monotonic() - stopped < 30, server.log()[-3000:]

@@ -116,6 +116,20 @@ def test_the_same_file_twice_is_stored_once(browser_page, extractive_server, tmp
     page.screenshot(path=str(ARTIFACTS / "deduplicated.png"), full_page=True)
 
 
+def test_an_upload_over_the_limit_is_refused_before_it_is_sent_and_the_limit_is_shown(browser_page, extractive_server,
+                                                                                     tmp_path):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    expect(page.locator("#upload")).to_contain_text("up to 1 MiB")  # the server's --max-upload-mb
+    big = tmp_path / "big.txt"
+    big.write_text("All work and no play. " * 70_000, encoding="utf-8")  # 1.5 MiB
+    upload(page, big)
+    expect(page.locator(".toast-body")).to_contain_text('exceed the maximum allowed size of 1.0 Mb: "big.txt"',
+                                                        timeout=30_000)
+    assert "big.txt" not in stored_names(extractive_server)
+
+
 def test_rename_and_delete(browser_page, extractive_server, tmp_path):
     from playwright.sync_api import expect
 
