@@ -590,6 +590,8 @@ def run(config: ServeConfig) -> int:
         resolve_model(config.model)
     most = (config.max_replicas or config.min_replicas) if config.replicas == "auto" else config.replicas
     disconnect = connect(config.ray, min_cpus=most + 1)
+    # Ray Serve's progress lines on this console repeat what the server prints (its log files keep them).
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     stop = threading.Event()
     grace = None  # seconds for answers in flight, once the application is up and asked to stop
     for sig in (signal.SIGINT, signal.SIGTERM):
