@@ -394,7 +394,7 @@ class EngineCore:
                 if outcome.stop_reason is not None:
                     seq.stop_reason = outcome.stop_reason
                     events += self._finish(seq, "stop")
-                elif len(seq.output) >= seq.settings.max_tokens:
+                elif len(seq.output) >= seq.max_tokens:
                     events += self._finish(seq, "length")
             except Exception as exc:  # this request's own failure: the others go on
                 events.append(self._fail(seq, exc))

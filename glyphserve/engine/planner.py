@@ -36,8 +36,8 @@ def check_settings(s: GenerationSettings, vocab: int) -> None:
     def bad(param: str, message: str) -> None:
         raise ConfigError(f"{param} {message}", param=param)
 
-    if not isinstance(s.max_tokens, int) or s.max_tokens < 1:
-        bad("max_tokens", "must be at least 1")
+    if s.max_tokens is not None and (not isinstance(s.max_tokens, int) or s.max_tokens < 1):
+        bad("max_tokens", "must be at least 1 (or None: up to the end of the context)")
     if not math.isfinite(s.temperature) or s.temperature < 0:
         bad("temperature", "must be a finite number >= 0")
     if not math.isfinite(s.top_p) or not 0 < s.top_p <= 1:
@@ -99,12 +99,13 @@ class Planner:
         question = "" if request.warm else request.question
         labels = request.page_labels
         prompt = self.prompts.build(conversation(request.history, question, len(pages), labels), grids)
-        new_tokens = 0 if request.warm else settings.max_tokens
+        # Unset max_tokens: the answer may take what the prompt leaves, of which it needs one token.
+        new_tokens = 0 if request.warm else settings.max_tokens or 1
         budget = self.max_context - new_tokens
         if len(prompt.ids) > budget:
             fit = self._pages_that_fit(prompt, budget)
             if fit == 0 or not settings.truncate_pages:
-                raise self._overflow(prompt, fit, new_tokens)
+                raise self._overflow(prompt, fit, settings.max_tokens)
             while True:  # the first pages that fit, their labels counted too
                 kept = labels[:fit] if labels is not None else None
                 prompt = self.prompts.build(conversation(request.history, question, fit, kept), grids[:fit])
@@ -112,10 +113,12 @@ class Planner:
                     break
                 fit -= 1
             if len(prompt.ids) > budget:
-                raise self._overflow(prompt, 0, new_tokens)
+                raise self._overflow(prompt, 0, settings.max_tokens)
             pages, keys, grids, labels = pages[:fit], keys[:fit], grids[:fit], kept
         if request.warm:  # only the document prefix is computed
             prompt = PromptTokens(prompt.ids[: prompt.prefix_len], prompt.prefix_len, prompt.image_grids)
+        elif settings.max_tokens is None:
+            new_tokens = self.max_context - len(prompt.ids)
         need = -(-(len(prompt.ids) + new_tokens + 1) // self.block_size) * self.block_size
         if need > self.pool_tokens:
             raise ContextOverflowError(
@@ -130,7 +133,8 @@ class Planner:
             i = prompt.ids.index(image_id, i)
             offsets.append(i)
             i += count
-        seq = Sequence(next(self._ids), request, pages, keys, prompt, positions, delta, page_tokens, offsets)
+        seq = Sequence(next(self._ids), request, pages, keys, prompt, positions, delta, page_tokens, offsets,
+                       max_tokens=new_tokens)
         if settings.use_cache and self.prefix_caching:
             seq.hashes = block_hashes(seq.identities(), self.block_size)
         stops = set() if settings.ignore_eos else set(self.stop_ids)
@@ -148,7 +152,7 @@ class Planner:
         earlier attempt died before its reply) finish it before anything runs."""
         request = seq.request
         tokens = request.resume_tokens
-        if request.warm or len(tokens) > seq.settings.max_tokens or any(not 0 <= t < self.vocab for t in tokens):
+        if request.warm or len(tokens) > seq.max_tokens or any(not 0 <= t < self.vocab for t in tokens):
             raise ConfigError("resume_tokens must be at most max_tokens token ids of the vocabulary")
         logprobs = request.resume_logprobs if seq.out.logprobs is not None else None
         if logprobs is not None and len(logprobs) != len(tokens):
@@ -164,7 +168,7 @@ class Planner:
         seq.out.delivered(shown)
         seq.output = list(tokens)
         seq.scheduled_outputs = len(tokens)
-        if seq.stop_reason is not None or len(tokens) == seq.settings.max_tokens:
+        if seq.stop_reason is not None or len(tokens) == seq.max_tokens:
             seq.finish_reason = "stop" if seq.stop_reason is not None else "length"
 
     def _pages_that_fit(self, prompt: PromptTokens, budget: int) -> int:
@@ -181,12 +185,16 @@ class Planner:
             fit += 1
         return fit
 
-    def _overflow(self, prompt: PromptTokens, fit: int, new_tokens: int) -> ContextOverflowError:
+    def _overflow(self, prompt: PromptTokens, fit: int, max_tokens: int | None) -> ContextOverflowError:
         n = len(prompt.image_grids)
-        need = len(prompt.ids) + new_tokens
-        head = (f"the prompt needs {len(prompt.ids)} tokens ({n} pages) plus max_tokens {new_tokens} "
-                f"= {need}, but the context holds {self.max_context}")
-        if len(prompt.ids) <= self.max_context:
+        pages = f"{n} page{'s' * (n != 1)}"
+        if max_tokens is None:
+            head = (f"the prompt needs {len(prompt.ids)} tokens ({pages}) and the answer at least one, but the "
+                    f"context holds {self.max_context}")
+        else:
+            head = (f"the prompt needs {len(prompt.ids)} tokens ({pages}) plus max_tokens {max_tokens} "
+                    f"= {len(prompt.ids) + max_tokens}, but the context holds {self.max_context}")
+        if max_tokens is not None and len(prompt.ids) < self.max_context:
             return ContextOverflowError(f"{head}: lower max_tokens to at most {self.max_context - len(prompt.ids)}"
                                         + (f", or ask about the first {fit} of {n} pages" if 0 < fit < n else ""))
         if n == 0:

@@ -110,13 +110,18 @@ class PromptBuilder:
         return PromptTokens(ids=ids, prefix_len=prefix_len, image_grids=list(grids))
 
 
-def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: int) -> PromptBudget | None:
-    """What the pages may cost in ``engine``'s context for this question and answer length, counted by its
-    tokenizer and chat template. For an engine without them that knows its context (a remote one) the prompt is
-    bounded from above, so pages that fit the bound fit a server that counts GLM-4.1V's tokens; the bound is loose
-    for long conversations (a token per byte, where English text takes ~4 bytes a token), and when the text alone
+# Tokens the choice of pages leaves for an answer whose max_tokens is unset (it may then take all the prompt leaves).
+ANSWER_ROOM = 512
+
+
+def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: int | None) -> PromptBudget | None:
+    """What the pages may cost in ``engine``'s context for this question and answer length (``ANSWER_ROOM`` when
+    unset), counted by its tokenizer and chat template. For an engine without them that knows its context (a remote
+    one) the prompt is bounded from above, so pages that fit the bound fit a server that counts GLM-4.1V's tokens;
+    the bound is loose for long conversations (a token per byte, where English text takes ~4 bytes a token), and when the text alone
     exceeds it the server judges. None when neither."""
     prompts: PromptBuilder | None = getattr(engine, "prompts", None)
+    max_tokens = ANSWER_ROOM if max_tokens is None else max_tokens
     if prompts is None:
         context = getattr(engine, "max_context", None)
         if context is None:

@@ -73,6 +73,7 @@ class Sequence:
     peak_gpu_bytes: int | None = None
     out: OutputState | None = None  # text decoding, stop strings, logprobs
     seed: int = 0  # sampling seed as a signed 64-bit integer
+    max_tokens: int = 0  # new tokens at most: the request's max_tokens, or what its context leaves (None)
     features: dict[int, torch.Tensor] = field(default_factory=dict)  # vision features held while prefilling
 
     @property
@@ -105,7 +106,7 @@ class Sequence:
     @property
     def done_scheduling(self) -> bool:
         """Every token it may generate has had its step launched."""
-        return self.scheduled_outputs >= self.settings.max_tokens or self.request.warm
+        return self.scheduled_outputs >= self.max_tokens or self.request.warm
 
     @property
     def image_end(self) -> int:

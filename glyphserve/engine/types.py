@@ -88,7 +88,8 @@ MAX_SEED = 2**64 - 1
 class GenerationSettings:
     """How one answer is generated. Names and meanings follow vLLM's ``SamplingParams`` (and OpenAI's API)."""
 
-    max_tokens: int = 512  # new tokens at most
+    # New tokens at most; None: up to the end of the context (vLLM's default for a chat request without one).
+    max_tokens: int | None = 512
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = all tokens

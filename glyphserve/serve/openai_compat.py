@@ -47,8 +47,8 @@ class ChatCompletionRequest(SamplingParams):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    n: int | None = Field(1, ge=1)  # null as OpenAI takes it: 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -69,8 +69,9 @@ class ChatCompletionRequest(SamplingParams):
     def unsupported(self) -> None:
         """Refuse values this server cannot honour, rather than answer as if they were not there."""
         extra = self.model_extra or {}
+        modalities = extra.get("modalities") or ["text"]
         refusals = [
-            ("n", self.n > 1, "one choice per request is generated: n must be 1"),
+            ("n", (self.n or 1) > 1, "one choice per request is generated: n must be 1"),
             ("best_of", (extra.get("best_of") or 1) > 1, "best_of must be 1"),
             ("use_beam_search", bool(extra.get("use_beam_search")), "beam search is not supported"),
             ("min_tokens", bool(extra.get("min_tokens")), "min_tokens is not supported (ignore_eos is)"),
@@ -78,12 +79,41 @@ class ChatCompletionRequest(SamplingParams):
             ("echo", bool(extra.get("echo")), "echo is not supported"),
             ("prompt_logprobs", extra.get("prompt_logprobs") is not None, "prompt_logprobs is not supported"),
             ("tools", bool(extra.get("tools")), "tool calls are not supported"),
+            ("functions", bool(extra.get("functions")), "function calls are not supported"),
+            ("function_call", isinstance(extra.get("function_call"), dict), "function calls are not supported"),
             ("response_format", (extra.get("response_format") or {"type": "text"}).get("type") != "text",
              "only response_format {\"type\": \"text\"} is supported"),
+            *((name, extra.get(name) is not None, "structured output (guided decoding) is not supported")
+              for name in _GUIDED),
+            ("allowed_token_ids", bool(extra.get("allowed_token_ids")), "allowed_token_ids is not supported"),
+            ("bad_words", bool(extra.get("bad_words")), "bad_words is not supported"),
+            ("modalities", modalities != ["text"], "the answer is text only: modalities must be [\"text\"]"),
+            ("audio", extra.get("audio") is not None, "the answer is text only: audio is not supported"),
+            ("reasoning_effort", extra.get("reasoning_effort") is not None, "reasoning_effort is not supported"),
+            ("web_search_options", extra.get("web_search_options") is not None, "web search is not supported"),
+            ("chat_template", extra.get("chat_template") is not None,
+             "the chat template is the model's (GLM-4.1V's): chat_template is not taken"),
+            ("chat_template_kwargs", bool(extra.get("chat_template_kwargs")),
+             "the chat template (GLM-4.1V's) takes no arguments: chat_template_kwargs is not supported"),
+            ("mm_processor_kwargs", bool(extra.get("mm_processor_kwargs")),
+             "pages are processed as the model was trained: mm_processor_kwargs is not supported"),
+            ("add_generation_prompt", extra.get("add_generation_prompt") is False,
+             "the prompt always ends with the assistant's turn: add_generation_prompt must be true"),
+            ("continue_final_message", bool(extra.get("continue_final_message")),
+             "continue_final_message is not supported (the last message must come from the user)"),
+            ("truncate_prompt_tokens", extra.get("truncate_prompt_tokens") is not None,
+             "truncate_prompt_tokens is not supported (truncate_pages keeps the first pages that fit)"),
+            ("return_tokens_as_token_ids", bool(extra.get("return_tokens_as_token_ids")),
+             "return_tokens_as_token_ids is not supported (logprobs carry each token's bytes)"),
         ]
         for param, refused, message in refusals:
             if refused:
                 raise InvalidRequestError(message, param=param)
+
+
+# vLLM's structured-output parameters (older names and the current one).
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern",
+           "structural_tag", "structured_outputs")
 
 
 def _texts(message: Message) -> list[str]:
@@ -145,6 +175,8 @@ def to_job(request: ChatCompletionRequest, *, has_model: bool, images: ImageLimi
         raise InvalidRequestError("the last user message has no text: ask a question", param="messages")
     settings = request.generation_settings(logprobs=request.engine_logprobs(),
                                            max_tokens=request.max_completion_tokens)
+    if request.max_tokens is None and request.max_completion_tokens is None:
+        settings.max_tokens = None  # as vLLM: the answer may take what the prompt leaves of the context
     if has_model:
         # Text before an image is that page's label (a collection's "Passage N:") when the turn's own text
         # follows the images; a turn whose text all comes first keeps it as its text (the question).

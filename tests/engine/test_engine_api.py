@@ -259,3 +259,20 @@ def test_a_stop_token_asked_for_ends_the_answer_under_ignore_eos(load_engine):
 
 def test_one_stop_string_is_one_string():
     assert GenerationSettings(stop="END").stop == ("END",)
+
+
+def test_an_unset_max_tokens_answers_to_the_end_of_the_context(load_engine):
+    """vLLM's default for a chat request without max_tokens: the answer may take what the prompt leaves."""
+    from glyphserve.errors import ContextOverflowError
+
+    engine = load_engine(max_context=160)
+    request = AnswerRequest(pages=PAGES[:1], question="Go on",
+                            settings=GenerationSettings(max_tokens=None, ignore_eos=True))
+    answer = engine.answer(request)
+    assert answer.finish_reason == "length" and answer.prompt_tokens + answer.new_tokens == 160
+    fixed = engine.answer(AnswerRequest(pages=PAGES[:1], question="Go on",
+                                        settings=GenerationSettings(max_tokens=answer.new_tokens, ignore_eos=True)))
+    assert fixed.token_ids == answer.token_ids
+    with pytest.raises(ContextOverflowError, match="the answer at least one, but the context holds 160"):
+        engine.answer(AnswerRequest(pages=PAGES[:1], question="Go on " * 200,
+                                    settings=GenerationSettings(max_tokens=None)))

@@ -112,6 +112,19 @@ def test_every_sampling_parameter_reaches_the_engine_under_its_own_name():
     ({"min_tokens": 4}, "min_tokens"), ({"logit_bias": {"5": 10}}, "logit_bias"), ({"echo": True}, "echo"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"page_selection": "first"}, "page_selection"),  # it chooses among a stored document's pages only
+    # vLLM's and OpenAI's that would change the answer (a new user's trial found them answered as if absent)
+    ({"allowed_token_ids": [5, 6]}, "allowed_token_ids"), ({"bad_words": ["on"]}, "bad_words"),
+    ({"guided_choice": ["yes", "no"]}, "guided_choice"), ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
+    ({"functions": [{"name": "f"}]}, "functions"), ({"function_call": {"name": "f"}}, "function_call"),
+    ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "alloy"}}, "audio"),
+    ({"add_generation_prompt": False}, "add_generation_prompt"),
+    ({"continue_final_message": True}, "continue_final_message"),
+    ({"truncate_prompt_tokens": 100}, "truncate_prompt_tokens"),
+    ({"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    ({"reasoning_effort": "low"}, "reasoning_effort"),
 ])
 def test_values_that_cannot_be_honoured_are_refused_not_ignored(body, param):
     with pytest.raises(GlyphserveError) as info:
@@ -121,8 +134,13 @@ def test_values_that_cannot_be_honoured_are_refused_not_ignored(body, param):
 
 def test_harmless_unknown_parameters_are_accepted():
     job = to_job(request(messages=[{"role": "user", "content": "Q?"}], user="me", metadata={"a": "b"},
-                         response_format={"type": "text"}, n=1), has_model=True)
+                         response_format={"type": "text"}, n=1, modalities=["text"], add_generation_prompt=True,
+                         function_call="none", chat_template_kwargs={}), has_model=True)
     assert job.request.question == "Q?"
+    # explicit nulls, as some clients send every field (OpenAI and vLLM take them as unset)
+    job = to_job(request(messages=[{"role": "user", "content": "Q?"}], n=None, stream=None, max_tokens=None,
+                         stream_options=None), has_model=True)
+    assert job.request.settings.max_tokens is None  # as vLLM: up to the end of the context
 
 
 def data_url(png: bytes) -> str:
