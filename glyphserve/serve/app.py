@@ -21,7 +21,7 @@ from glyphserve import __version__
 from glyphserve.errors import ConfigError, FileTooLargeError, GlyphserveError, NotFoundError, QueueFullError
 from glyphserve.serve.api import build_router, invalid_request
 from glyphserve.serve.config import ServeConfig
-from glyphserve.serve.errors import InternalError, MethodNotAllowedError, UnauthorizedError
+from glyphserve.serve.errors import InternalError, MethodNotAllowedError, RequestTooLargeError, UnauthorizedError
 from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import prepare_data_dir
@@ -71,7 +71,7 @@ class ServiceMiddleware:
                 await self._drain(receive)
                 await _send_error(send_tracked, refusal, scope)
                 return
-            await self.app(scope, self._limited(receive), send_tracked)
+            await self.app(scope, self._limited(receive, scope), send_tracked)
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
@@ -89,16 +89,17 @@ class ServiceMiddleware:
                 return UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return self._too_large()
+            return self._too_large(scope)
         return None
 
-    def _too_large(self) -> FileTooLargeError:
-        return FileTooLargeError(
-            f"the request body is larger than this server's {self.service.config.max_upload_mb:g} MiB upload limit "
-            "(--max-upload-mb)"
-        )
+    def _too_large(self, scope) -> GlyphserveError:
+        limit = self.service.config.max_upload_mb
+        if scope["path"].rstrip("/") == "/v1/documents":
+            return FileTooLargeError(f"the upload is larger than this server's {limit:g} MiB limit (--max-upload-mb)")
+        return RequestTooLargeError(f"the request body is larger than this server's {limit:g} MiB limit for a "
+                                    "request (--max-upload-mb)")
 
-    def _limited(self, receive):
+    def _limited(self, receive, scope):
         """Counts body bytes of chunked requests that announced no length."""
         seen = 0
 
@@ -108,7 +109,7 @@ class ServiceMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise self._too_large()
+                    raise self._too_large(scope)
             return message
 
         return wrapped
@@ -128,7 +129,7 @@ class ServiceMiddleware:
 
 async def _send_error(send, error: GlyphserveError, scope) -> None:
     scope.setdefault("state", {})["error_code"] = error.code
-    body = json.dumps(error.to_dict()).encode()
+    body = json.dumps(error.to_dict(), separators=(",", ":")).encode()  # as the app's own JSON responses
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if isinstance(error, UnauthorizedError):
         headers.append((b"www-authenticate", b"Bearer"))

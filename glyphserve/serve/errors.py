@@ -75,6 +75,13 @@ class RequestTimeoutError(GlyphserveError):
     code = "timeout"
 
 
+class RequestTooLargeError(GlyphserveError):
+    """A request body (not an upload) past the server's limit."""
+
+    http_status = 413
+    code = "request_too_large"
+
+
 class ShuttingDownError(GlyphserveError):
     """The server is stopping: a new request is refused, and one still unanswered when its shutdown timeout ends is
     cut off (a stream's last event)."""
