@@ -1,7 +1,8 @@
 """Generated token ids to what a caller sees: text deltas per channel, stop strings, log-probabilities.
 
 Text is decoded incrementally by the tokenizer library's ``DecodeStream`` (a few microseconds a token; it holds
-back incomplete UTF-8), cut at the first stop string (held back while it could still be the start of one, so a
+back incomplete UTF-8 until the character completes, or as U+FFFD when the answer ends first, as a whole decode
+shows it), cut at the first stop string (held back while it could still be the start of one, so a
 stream never shows text it later takes back), then split into Glyph's "thinking" and "answer" channels.
 """
 
@@ -58,6 +59,7 @@ class OutputState:
         self.logprobs: list[TokenLogprob] | None = [] if settings.logprobs is not None else None
         self._unreleased: list[TokenLogprob] = []
         self._unreported: list[int] = []  # tokens pushed since the last delta
+        self._undecoded: list[int] = []  # tokens whose text the decode stream holds back (an incomplete character)
         self._owed: list[Delta] = []  # text of resumed tokens the caller did not receive: released first
         self._added_ids = frozenset(tokenizer.get_added_vocab().values()) if self.logprobs is not None else frozenset()
 
@@ -71,15 +73,30 @@ class OutputState:
         if token in self.stop_ids:
             outcome.stop_reason = token
             if self.settings.include_stop_str_in_output:  # its text too (none for a special token skipped)
-                self.pending += self.stream.step(self.backend, token) or ""
+                self._step(token)
+            self.pending += self._held_back()
             self._release(self.pending, outcome)
             self.pending = ""
             return outcome
-        piece = self.stream.step(self.backend, token)
-        if piece:
-            self.pending += piece
+        if self._step(token):
             self._cut(outcome)
         return outcome
+
+    def _step(self, token: int) -> bool:
+        """Feed the decode stream; whether it released text (into ``pending``)."""
+        piece = self.stream.step(self.backend, token)
+        if not piece:
+            self._undecoded.append(token)
+            return False
+        self._undecoded.clear()
+        self.pending += piece
+        return True
+
+    def _held_back(self) -> str:
+        """The text of the tokens the stream still holds (U+FFFD for each incomplete character, as decoding the
+        whole answer gives): the answer ends before their character does."""
+        held, self._undecoded = self._undecoded, []
+        return self.backend.decode(held, skip_special_tokens=self.settings.skip_special_tokens) if held else ""
 
     def delivered(self, shown: dict[str, int] | None = None) -> None:
         """What was pushed so far reached the caller before (an answer resumed): no later delta reports its
@@ -98,7 +115,7 @@ class OutputState:
     def finish(self) -> list[Delta]:
         """The answer ended (length, stop, cancel): release everything held back."""
         outcome = self._outcome()
-        self._release(self.pending, outcome)
+        self._release(self.pending + self._held_back(), outcome)
         self.pending = ""
         for channel, text in self.parser.finish():
             outcome.deltas.append(Delta(channel, text, self._take_logprobs(), self._take_tokens()))

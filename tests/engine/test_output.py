@@ -36,6 +36,22 @@ def test_text_is_released_only_as_complete_utf8(tok):
     assert state.answer_text == text
 
 
+def test_an_answer_that_ends_inside_a_character_shows_its_bytes_as_a_whole_decode_does(tok):
+    """Cut off by max_tokens (or a stop token) part-way through a character: the held-back bytes come out as
+    U+FFFD at the end, as ``tokenizer.decode`` of the answer's tokens shows them (they were dropped)."""
+    ids = tok("Le loup 🐺", add_special_tokens=False)["input_ids"]
+    partial = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
+    state = OutputState(tok, GenerationSettings(), frozenset())
+    deltas = [d for i in ids[:partial] for d in state.push(i).deltas] + state.finish()
+    assert "".join(d.text for d in deltas) == state.answer_text == tok.decode(ids[:partial])
+    assert sum(len(d.tokens) for d in deltas) == partial
+    stop = tok.convert_tokens_to_ids("<|user|>")
+    for include in (False, True):
+        state = OutputState(tok, GenerationSettings(include_stop_str_in_output=include), frozenset({stop}))
+        deltas = [d for i in [*ids[:partial], stop] for d in state.push(i).deltas] + state.finish()
+        assert "".join(d.text for d in deltas) == tok.decode(ids[:partial])  # (a special token's text is skipped)
+
+
 def test_a_stop_string_ends_the_answer_and_is_never_shown(tok):
     text = "The wolf ran. STOP here and more"
     state, deltas, stop = run(tok, text, stop=("STOP", "never"))
