@@ -193,7 +193,10 @@ def to_job(request: ChatCompletionRequest, *, has_model: bool, images: ImageLimi
         engine_request = AnswerRequest(pages=read_images(image_urls, images),
                                        question="\n".join(texts[-1]), history=history, settings=settings,
                                        page_labels=labels if any(labels) else None)
-        return ChatJob(engine_request, document_id=document_id, documents=documents)
+        # With truncate_pages the reply says which images the model read (the first that fit: their numbers among
+        # the request's images, from 1).
+        shown = list(range(1, len(image_urls) + 1)) if image_urls and settings.truncate_pages else None
+        return ChatJob(engine_request, document_id=document_id, documents=documents, pages_shown=shown)
     context = [text for m in earlier for text in _texts(m)] + question_parts[:-1]
     return ChatJob(AnswerRequest(pages=[], question=question_parts[-1], settings=settings),
                    document_id=document_id, documents=documents,
@@ -252,7 +255,8 @@ def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, *
 
 
 def _with_pages(body: dict[str, Any], pages_shown: list | None) -> dict[str, Any]:
-    """glyphserve's extension: which stored pages the answer read (absent for pages sent as images)."""
+    """glyphserve's extension: which stored pages the answer read (for images sent with truncate_pages, which of
+    them, numbered from 1; else absent for images)."""
     if pages_shown is not None:
         body["pages_shown"] = pages_shown
     return body

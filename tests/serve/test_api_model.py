@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import re
 import signal
@@ -147,6 +148,26 @@ def test_openai_client_with_page_images(model_server, client, documents):
         oc.chat.completions.create(model="glyph", max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/page.png"}},
             {"type": "text", "text": "Read it"}]}])
+
+
+def test_images_kept_by_truncate_pages_are_named_in_the_reply(client):
+    """Three pages of ~1,500 vision tokens each in a 4,096-token context: the first two are read, and the reply
+    says so (the images dropped were not visible in the reply before)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (1176, 1036), "white").save(out, format="PNG")  # 42 x 37 merged patches: 1,554 tokens
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(out.getvalue())
+                                                .decode()}}
+    body = {"model": "glyph", "max_tokens": 8, "truncate_pages": True,
+            "messages": [{"role": "user", "content": [image, image, image, {"type": "text", "text": "Read it"}]}]}
+    reply = client.post("/v1/chat/completions", json=body).json()
+    assert reply["pages_shown"] == [1, 2] and reply["usage"]["prompt_tokens"] > 3000
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert [c["pages_shown"] for c in chunks if "pages_shown" in c] == [[1, 2]]
+    refused = client.post("/v1/chat/completions", json={**body, "truncate_pages": False})
+    assert refused.status_code == 400 and "first 2 of 3 pages" in refused.json()["error"]["message"]
 
 
 def cancelled_count(client: httpx.Client) -> float:
