@@ -36,7 +36,7 @@ class RenderedPage:
     lines: list[PageLine]
     vision_tokens: int
     kind: str = "text"  # "text" | "scan"
-    missing_chars: int = 0  # characters drawn on the page that the main font has no glyph for
+    missing_chars: int = 0  # characters drawn on the page as missing-glyph boxes (no font drawn from has them)
     encoded: bytes | None = None  # the page's PNG file, once made
 
     @property
@@ -89,7 +89,7 @@ class RenderStats:
     text_token_method: str
     vision_tokens: int
     seconds: float
-    missing_chars: int = 0  # characters drawn that the main font has no glyph for
+    missing_chars: int = 0  # characters drawn as missing-glyph boxes (no font drawn from has them)
     missing_examples: tuple[str, ...] = ()  # the ones used most, most used first
 
     @property

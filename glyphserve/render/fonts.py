@@ -259,8 +259,9 @@ class CharTable(dict):
         return entry
 
     def lacks(self, ch: str) -> bool:
-        """Whether the main font has no glyph for ``ch`` (U+00A0 is drawn as a space)."""
-        return not self._metrics[0].has(ord(ch))
+        """Whether ``ch`` is drawn as the missing-glyph box: no font of the table has it (the main font, or with
+        fallbacks none of them either; U+00A0 is drawn as a space)."""
+        return not self._metrics[0].has(ord(ch)) and self[ch][1] == 0
 
 
 class WidthMap(dict):

@@ -149,7 +149,8 @@ def _page_lines(page: PageLayout, dl: DrawList) -> list[PageLine]:
 
 
 class _Lacking:
-    """The characters of a text that its main font has no glyph for, counted page by page."""
+    """The characters of a text drawn as missing-glyph boxes (no font it is drawn from has them), counted page by
+    page."""
 
     def __init__(self, prepared: PreparedText, table: CharTable):
         self.chars = frozenset(ch for ch in set(prepared.text) if ch not in WHITESPACE and table.lacks(ch))
@@ -324,12 +325,12 @@ def _document(text: str, config: RenderConfig, pages: list[RenderedPage], tokeni
     font = resolve_font(config.font_path)
     missing = sum(p.missing_chars for p in pages)
     stats = RenderStats(len(text), tokens, method, sum(p.vision_tokens for p in pages), seconds, missing,
-                        _most_missing(text, _char_table(font.face, False)) if missing else ())
+                        _most_missing(text, _char_table(font.face, config.fallback_fonts)) if missing else ())
     return RenderedDocument(config, pages, stats, font)
 
 
 def _most_missing(text: str, table: CharTable, n: int = 8) -> tuple[str, ...]:
-    """The characters the main font lacks that the text uses most."""
+    """The characters drawn as missing-glyph boxes that the text uses most."""
     counts = Counter(ch for ch in text if ch not in WHITESPACE and table.lacks(ch))
     return tuple(ch for ch, _ in counts.most_common(n))
 

@@ -194,9 +194,13 @@ def test_fallback_fonts_cover_what_the_main_font_lacks():
     assert zh["中"][1] == 0 and zh["✈"][1] > 0 and zh["𝔸"][1] > 0  # symbols Noto CJK lacks -> DejaVu
     # drawn with the fallback's glyphs, not as missing-glyph boxes: "中" in English text
     # comes out exactly as with the Chinese preset, whose main font is that fallback
-    fallback = render_text("中文", EN.replace(fallback_fonts=True), workers=1).pages[0].image
+    fallback = render_text("中文", EN.replace(fallback_fonts=True), workers=1)
     native = render_text("中文", preset("glyph-zh"), workers=1).pages[0].image
-    assert np.array_equal(fallback, native)
+    assert np.array_equal(fallback.pages[0].image, native)
+    # the manifest counts as missing only what is drawn as a box: here nothing (before, what the main font lacks)
+    assert fallback.pages[0].missing_chars == fallback.stats.missing_chars == 0
+    boxes = render_text("中文", EN, workers=1)
+    assert boxes.pages[0].missing_chars == boxes.stats.missing_chars == 2 and boxes.stats.missing_examples
 
 
 def test_zh_substitute_is_the_half_width_noto_face():

@@ -116,6 +116,8 @@ def test_fallback_fonts_draw_what_the_main_font_lacks_from_another_font():
     assert fallback["\ue000"][1] == 0  # no font has it: still the box
     boxes = render_text("あいう", config, workers=1)
     drawn = render_text("あいう", config.replace(fallback_fonts=True), workers=1)
-    assert boxes.pages[0].missing_chars == drawn.pages[0].missing_chars == 3
+    # missing_chars counts boxes: all three without fallbacks, none drawn from one, the private-use one still
+    assert boxes.pages[0].missing_chars == 3 and drawn.pages[0].missing_chars == 0
+    assert render_text("あ\ue000", config.replace(fallback_fonts=True), workers=1).stats.missing_chars == 1
     assert not np.array_equal(boxes.pages[0].image, drawn.pages[0].image)
     assert drawn.manifest()["config"]["fallback-fonts"] is True
