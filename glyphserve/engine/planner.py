@@ -203,8 +203,7 @@ class Planner:
             return ContextOverflowError(f"{head}: not even the first page fits; shorten the conversation")
         return ContextOverflowError(
             f"{head}: only the first {fit} of {n} pages fit. Ask about fewer pages, keep the first {fit} "
-            f"(truncate_pages), or let the pages that match the question be chosen (page selection retrieve: the "
-            f"API's page_selection for a stored document, ask's --page-selection)")
+            f"(truncate_pages), or let the pages that match the question be chosen (page_selection retrieve)")
 
     def _positions(self, prompt: PromptTokens) -> tuple[torch.Tensor, int]:
         """M-RoPE positions [3, L] of the prompt, exactly as the HF model computes them (on CPU).
