@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 
 from glyphserve.render.commands import NEWLINE_CHOICES, PRESET_CHOICES, positive_int
 
@@ -22,8 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("input", metavar="INPUT", help="a folder, a glob (quote it), a file, or a .jsonl manifest")
     parser.add_argument("--questions", metavar="FILE",
-                        help="questions for every document: one per line, or a JSON list")
-    parser.add_argument("-o", "--output", required=True, metavar="RESULTS.jsonl", help="results file (appended to)")
+                        help="questions for every document: one per line; a JSON list; JSON Lines ({\"question\": "
+                             "...} per line); or a .csv/.tsv file with a header row naming a 'question' column")
+    parser.add_argument("-o", "--output", required=True, metavar="RESULTS.jsonl",
+                        help="results file (appended to; a file holding anything but batch results is refused)")
 
     engine = parser.add_argument_group("engine")
     source = engine.add_mutually_exclusive_group()
@@ -84,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from glyphserve.batch.inputs import collect_documents, load_questions
     from glyphserve.batch.prefetch import RenderOptions
-    from glyphserve.batch.results import ResultLog, write_parquet
+    from glyphserve.batch.results import ResultLog, write_parquet, written_files
     from glyphserve.batch.runner import BatchOptions, BatchRunner
     from glyphserve.errors import ConfigError
     from glyphserve.render import resolve_config
@@ -103,7 +107,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.engines is not None and (args.ray is None or args.engines < 1):
         raise ConfigError("--engines N (N >= 1) goes with --ray")
     # The input first (the command's first word): a missing folder is reported as such, model or not.
-    documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None)
+    outputs = [*written_files(args.output), *([args.parquet] if args.parquet else [])]
+    documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None,
+                                  exclude=outputs)
+    _check_outputs(args, documents)
     if args.ray is not None:
         if args.backend != "local":
             raise ConfigError("--ray runs engines on the cluster: it does not go with --backend openai")
@@ -117,22 +124,77 @@ def _run(args: argparse.Namespace) -> int:
             engine = dataclasses.replace(engine, model=resolve_model(engine.model))
     else:
         load_engine = engine_loader(args, max_num_seqs=args.batch_size)
-    with ResultLog(args.output, retry_failed=args.retry_failed) as log:
-        if log.torn_bytes:
-            print(f"batch: removed a torn last line ({log.torn_bytes} bytes) from {log.path}", file=sys.stderr)
-        if log.retrying:
-            print(f"batch: retrying {log.retrying} questions that failed last time", file=sys.stderr)
-        if args.ray is not None:
-            from glyphserve.batch.ray_data import RayBatchOptions, run_on_ray
+    terminate = _TerminateAsInterrupt()
+    try:
+        with terminate, ResultLog(args.output, retry_failed=args.retry_failed) as log:
+            if log.torn_bytes:
+                print(f"batch: removed a torn last line ({log.torn_bytes} bytes) from {log.path}", file=sys.stderr)
+            if log.retrying:
+                print(f"batch: retrying {log.retrying} questions that failed last time", file=sys.stderr)
+            if args.ray is not None:
+                from glyphserve.batch.ray_data import RayBatchOptions, run_on_ray
 
-            summary = run_on_ray(documents, log, options, engine, RayBatchOptions(args.ray, args.engines))
-        else:
-            summary = BatchRunner(load_engine, log, options).run(documents)
+                summary = run_on_ray(documents, log, options, engine, RayBatchOptions(args.ray, args.engines))
+            else:
+                summary = BatchRunner(load_engine, log, options).run(documents)
+    except _Terminated:  # before the run had started (it catches its own)
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print(summary.text())
     if args.parquet:
         rows = write_parquet(args.output, args.parquet)
         print(f"batch: {rows} results written to {args.parquet}")
-    return 130 if summary.interrupted else 1 if summary.stopped else 0
+    if summary.interrupted:
+        return 128 + signal.SIGTERM if terminate.received else 130
+    return 1 if summary.stopped else 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so the run stops the same way."""
+
+
+class _TerminateAsInterrupt:
+    """While open, SIGTERM (what timeout, systemd and Kubernetes send) interrupts the run as Ctrl-C does:
+    the summary is printed and the render workers are shut down, instead of the process dying mid-run."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # (only the main thread may set a handler)
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if not self.received:  # a second SIGTERM while stopping is not a second interruption of the stopping
+            self.received = True
+            raise _Terminated
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_outputs(args: argparse.Namespace, documents) -> None:
+    """-o and --parquet write files: neither may be a file this run reads, nor the other."""
+    from pathlib import Path
+
+    from glyphserve.batch.results import written_files
+    from glyphserve.errors import ConfigError
+
+    outputs = {Path(path).resolve(): f"-o {args.output}" for path in written_files(args.output)}
+    if args.parquet:
+        if Path(args.parquet).resolve() in outputs:
+            raise ConfigError(f"--parquet {args.parquet} is the results file: give the table a file of its own")
+        outputs[Path(args.parquet).resolve()] = f"--parquet {args.parquet}"
+    manifest = Path(args.input).suffix.lower() == ".jsonl" and Path(args.input).is_file()
+    named = [(args.input, "the input manifest" if manifest else "the input"), (args.questions, "the questions file")]
+    named += [(doc.path, f"the document {doc.id!r}") for doc in documents if doc.path is not None]
+    for path, what in named:
+        flag = outputs.get(Path(path).resolve()) if path else None
+        if flag:
+            raise ConfigError(f"{flag} is {what}, which this run reads: give the results a file of their own")
 
 
 def engine_config(args: argparse.Namespace, *, max_num_seqs: int):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,46 +24,128 @@ class BatchDocument:
 
 
 def load_questions(path: str | Path) -> list[str]:
-    """Questions from a text file (one per line) or a JSON list of strings."""
+    """Questions from a file: a JSON list (of strings, or of objects with a "question"), JSON Lines (an object
+    with a "question" per line; a .jsonl file, or any whose first line is such an object), a .csv or .tsv table
+    with a ``question`` column, or else plain text, one question per line. Any text encoding, as documents."""
     file = Path(path)
-    try:
-        raw = file.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise NotFoundError(f"questions file not found: {file}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read questions file {file}: {exc}") from None
-    if raw.lstrip().startswith("["):
+    raw = _read_text(file, "questions file")
+    where = f"questions file {file}"
+    suffix = file.suffix.lower()
+    first = next((line.strip() for line in raw.splitlines() if line.strip()), "")
+    if suffix in (".csv", ".tsv"):
+        questions = _csv_questions(raw, "\t" if suffix == ".tsv" else ",", where)
+    elif suffix in (".jsonl", ".ndjson") or (first.startswith("{") and _json_object(first)):
+        questions = _jsonl_questions(raw, where)
+    elif suffix == ".json" or first.startswith("["):
         try:
-            questions = json.loads(raw)
+            listed = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"questions file {file} is not a valid JSON list: {exc}") from None
-        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
-            raise ConfigError(f"questions file {file} must hold a JSON list of strings")
-        _no_blank(questions, f"questions file {file}")
+            raise ConfigError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(listed, list):
+            raise ConfigError(f"{where} must hold a JSON list of questions")
+        questions = [_question(entry, f"{where}, item {n}") for n, entry in enumerate(listed, start=1)]
+        _no_blank(questions, where)
     else:
-        questions = raw.splitlines()
-    return _unique(q.strip() for q in questions)
+        questions = raw.splitlines()  # (blank lines are spacing)
+    questions = _unique(q.strip() for q in questions)
+    if not questions:
+        raise ConfigError(f"{where} holds no questions")
+    return questions
 
 
-def collect_documents(source: str, shared_questions: list[str] | None = None) -> list[BatchDocument]:
+def _read_text(file: Path, what: str) -> str:
+    """A question file's or manifest's text, decoded as documents are (UTF-8, UTF-16 or a legacy code page)."""
+    from glyphserve.ingest.textenc import decode_text
+
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"{what} not found: {file}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {file} is a folder: give a file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {file}: {exc.strerror}") from None
+    decoded = decode_text(data)
+    if decoded is None:
+        raise ConfigError(f"{what} {file} is not a text file")
+    return decoded.text
+
+
+def _json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _question(entry: object, where: str) -> str:
+    """A listed question: a string, or an object's "question" string."""
+    if isinstance(entry, dict):
+        entry = entry.get("question")
+    if not isinstance(entry, str):
+        raise ConfigError(f"{where}: a question is a string or an object with a string \"question\"")
+    return entry
+
+
+def _jsonl_questions(raw: str, where: str) -> list[str]:
+    questions = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}, line {number}: not valid JSON: {exc}") from None
+        questions.append(_question(entry, f"{where}, line {number}"))
+        if not questions[-1].strip():
+            raise ConfigError(f"{where}, line {number}: the question is blank")
+    return questions
+
+
+def _csv_questions(raw: str, delimiter: str, where: str) -> list[str]:
+    rows = csv.reader(io.StringIO(raw), delimiter=delimiter)
+    header = [name.strip().lower() for name in next(rows, [])]
+    if "question" not in header:
+        raise ConfigError(f"{where} needs a header row with a 'question' column "
+                          f"(its first row: {delimiter.join(header) or 'empty'})")
+    column = header.index("question")
+    questions = []
+    try:
+        for row in rows:
+            if not any(cell.strip() for cell in row):
+                continue  # spacing
+            if len(row) <= column or not row[column].strip():
+                raise ConfigError(f"{where}, line {rows.line_num}: the question is blank")
+            questions.append(row[column])
+    except csv.Error as exc:
+        raise ConfigError(f"{where}, line {rows.line_num}: {exc}") from None
+    return questions
+
+
+def collect_documents(source: str, shared_questions: list[str] | None = None,
+                      exclude: Iterable[str | Path] = ()) -> list[BatchDocument]:
     """Expand INPUT (a folder, a glob, a single file or a ``.jsonl`` manifest) into documents.
 
-    Folder and glob inputs take every regular, non-hidden file; their ids are the paths
-    relative to the folder (or as the glob matched them), so reruns find the same ids.
-    Manifest lines carry their own questions; ``shared_questions`` are added to every document.
+    Folder and glob inputs take every regular, non-hidden file but those in ``exclude`` (the run's own
+    outputs, which may lie among its inputs); their ids are the paths relative to the folder (or as the glob
+    matched them), so reruns find the same ids. Manifest lines carry their own questions; ``shared_questions``
+    are added to every document.
     """
     shared = _unique(shared_questions or [])
+    excluded = {Path(p).resolve() for p in exclude}
     path = Path(source)
     if path.is_file() and path.suffix.lower() == ".jsonl":
         documents = _read_manifest(path, shared)
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))
+                       and p.resolve() not in excluded)
         documents = [BatchDocument(p.relative_to(path).as_posix(), tuple(shared), path=p) for p in files]
     elif path.is_file():
         documents = [BatchDocument(path.name, tuple(shared), path=path)]
     else:
         matches = sorted(glob.glob(source, recursive=True))
-        files = [Path(m) for m in matches if Path(m).is_file()]  # glob already skips dot-files
+        # (glob already skips dot-files)
+        files = [Path(m) for m in matches if Path(m).is_file() and Path(m).resolve() not in excluded]
         if not matches and not glob.has_magic(source):
             raise NotFoundError(f"input not found: {source}")
         documents = [BatchDocument(p.as_posix(), tuple(shared), path=p) for p in files]
@@ -79,10 +164,7 @@ def _read_manifest(path: Path, shared: list[str]) -> list[BatchDocument]:
     documents: list[BatchDocument] = []
     seen: set[str] = set()
     errors: list[str] = []
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read manifest {path}: {exc}") from None
+    lines = _read_text(path, "manifest").splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -94,8 +94,10 @@ def prepare_document(
 
 
 def _init_worker(parent_pid: int) -> None:
-    # Ctrl-C reaches the whole process group; only the parent decides what to do with it.
+    # Ctrl-C reaches the whole process group, and so may SIGTERM (timeout, systemd): only the parent decides
+    # what to do with them (it shuts the pool down).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # A parent killed outright (SIGKILL, OOM killer) cannot stop its pool: leave with it.
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -104,7 +106,11 @@ def run_on_ray(documents: list[BatchDocument], log: ResultLog, options: BatchOpt
         return summary
     ray = require_ray()
     engines = ray_options.engines
+    sigterm = signal.getsignal(signal.SIGTERM)
     disconnect = connect(ray_options.address, min_cpus=(engines or 1) + 1)
+    if threading.current_thread() is threading.main_thread():
+        # ray.init makes SIGTERM a plain exit; the caller's handler (batch's: stop as Ctrl-C does) goes back.
+        signal.signal(signal.SIGTERM, sigterm)
     start = time.monotonic()
     try:
         resources = engine_resources(engine)

@@ -4,6 +4,7 @@ Each line is flushed and fsynced as soon as it is written, so a crash loses at m
 items in flight. Reopening the file finds what is already done; a line torn by a crash
 mid-write is cut off, and failures that may pass on a retry (server-side errors such as
 out-of-memory, or every failure with ``retry_failed``) are dropped so they run again.
+A file holding any other line (not a results file, or a hand-edited one) is refused untouched.
 """
 
 from __future__ import annotations
@@ -75,27 +76,41 @@ class ResultLog:
     def _load(self, retry_failed: bool) -> None:
         self._file.seek(0)
         data = self._file.read()
-        complete, _, tail = data.rpartition(b"\n")
-        self.torn_bytes = len(tail)
-        kept: list[bytes] = []
-        rewrite = False
-        for line in complete.split(b"\n") if complete else []:
+        lines = data.split(b"\n")
+        tail = lines.pop()  # what follows the last newline: b"" when the file ends with one
+        if tail and _parse(tail) is None and _torn(tail):
+            self.torn_bytes = len(tail)
+        elif tail:
+            lines.append(tail)  # a whole line that only lacks its newline (or a foreign one, refused below)
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue  # spacing, not a row (gone if the file is rewritten)
             record = _parse(line)
-            if record is None or (record.get("error") and (retry_failed or record["error"].get("retryable"))):
-                rewrite = True
-                self.retrying += record is not None
+            if record is None:
+                self.close()
+                raise ConfigError(
+                    f"{self.path} is not a batch results file: line {number} is not a result row "
+                    f"({_why_not(line)}); it was left as it is: give -o another file, or fix that line"
+                )
+            records.append((line, record))
+        kept = []
+        for line, record in records:
+            if record.get("error") and (retry_failed or record["error"].get("retryable")):
+                self.retrying += 1
                 continue
             kept.append(line)
             self.done[record_key(record)] = record
-        if rewrite:
+        if len(kept) < len(lines) or self.torn_bytes:
             self._rewrite(kept)
         elif tail:
-            os.ftruncate(self._file.fileno(), len(data) - len(tail))
+            self._file.write(b"\n")  # the last row's missing newline, so the next row starts a line of its own
+            self._file.flush()
             os.fsync(self._file.fileno())
 
     def _rewrite(self, lines: list[bytes]) -> None:
         # Write a new file and rename it over the old one, so a crash leaves either.
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = written_files(self.path)[1]
         with open(tmp, "wb") as out:
             out.write(b"".join(line + b"\n" for line in lines))
             out.flush()
@@ -131,6 +146,12 @@ class ResultLog:
         self.close()
 
 
+def written_files(path: str | Path) -> tuple[Path, Path]:
+    """The files a ResultLog at ``path`` writes: the results and the temporary file of a rewrite."""
+    path = Path(path)
+    return path, path.with_name(path.name + ".tmp")
+
+
 def _open_locked(path: Path):
     try:
         file = open(path, "a+b")  # noqa: SIM115 (closed by ResultLog.close)
@@ -152,13 +173,40 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:
+    """The result row ``line`` holds, or None: an object with string "id" and "question", and an "error"
+    that is null or an object (a resume reads its "retryable")."""
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("question"), str):
+    if (isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("question"), str)
+            and isinstance(record.get("error"), dict | None)):
         return record
     return None
+
+
+def _why_not(line: bytes) -> str:
+    """Why ``line`` is not a result row, in a few words."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "not JSON"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [key for key in ("id", "question") if not isinstance(record.get(key), str)]
+    if missing:
+        return f"no string {' or '.join(repr(key) for key in missing)}"
+    return "its 'error' is neither null nor an object"
+
+
+# Every line this module writes starts so (json.dumps of item_record, whose first key is "id").
+_ROW_START = b'{"id": "'
+
+
+def _torn(tail: bytes) -> bool:
+    """Whether ``tail`` (text after the last newline, not a row) is a row cut off mid-write: anything else there
+    (a file that is no results file) is no crash's doing, and not ours to cut."""
+    return tail.startswith(_ROW_START) or _ROW_START.startswith(tail)
 
 
 def write_parquet(results: str | Path, out: str | Path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -146,6 +147,28 @@ class Tally:
             self._engine_failures = 0
 
 
+# The engine's context-overflow advice names the API's request fields and ask's flags (glyphserve.engine.planner);
+# a batch row names batch's own options instead.
+_BATCH_WORDS = (
+    (re.compile(r"Ask about fewer pages, keep the first (\d+) \(truncate_pages\), or let the pages that match the "
+                r"question be chosen \(page_selection retrieve\)"),
+     r"Keep the first \1 (--page-selection first), or let the pages that match the question be chosen "
+     r"(--page-selection retrieve, the default)"),
+    (re.compile(r"or ask about the first (\d+) of (\d+) pages"),
+     r"or keep the first \1 of \2 pages (--page-selection first)"),
+    (re.compile(r"\bmax_tokens\b"), "--max-new-tokens"),
+)
+
+
+def item_error(exc: BaseException) -> ItemError:
+    """The results' error for ``exc``, its advice in batch's words."""
+    error = ItemError.from_exception(exc)
+    message = error.message
+    for pattern, words in _BATCH_WORDS:
+        message = pattern.sub(words, message)
+    return dataclasses.replace(error, message=message)
+
+
 class ItemAnswerer:
     """Answers items in batches of the current batch size: halved on out-of-memory (and grown back after
     ``GROW_BACK_AFTER`` good batches); a batch that fails otherwise is answered item by item, so one bad item
@@ -167,7 +190,7 @@ class ItemAnswerer:
                 answers = self.engine.answer_batch([self.request(item) for item in chunk])
             except EngineOutOfMemoryError as exc:
                 if len(chunk) == 1:
-                    yield chunk[0], None, ItemError.from_exception(exc)
+                    yield chunk[0], None, item_error(exc)
                     start += 1
                     continue
                 self.batch_size = max(1, len(chunk) // 2)
@@ -176,7 +199,7 @@ class ItemAnswerer:
                 continue
             except Exception as exc:  # noqa: BLE001 (one bad item must not fail its neighbours)
                 if len(chunk) == 1:
-                    yield chunk[0], None, ItemError.from_exception(exc)
+                    yield chunk[0], None, item_error(exc)
                 else:
                     for item in chunk:
                         yield self._alone(item)
@@ -190,7 +213,7 @@ class ItemAnswerer:
         try:
             [answer] = self.engine.answer_batch([self.request(item)])
         except Exception as exc:  # noqa: BLE001 (recorded in the results; the run goes on)
-            return item, None, ItemError.from_exception(exc)
+            return item, None, item_error(exc)
         return item, answer, None
 
     def _maybe_grow(self, size: int) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from glyphserve.errors import ConfigError
+from glyphserve.errors import ConfigError, GlyphserveError
 
 SUITES = ("niah", "niah-multi", "mdqa", "freqword", "longbench", "mrcr", "ocr")
 DATA_SUITES = ("longbench", "mrcr")
@@ -66,6 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, default=Path("eval-results"),
                    help="output folder (default eval-results)")
     p.set_defaults(func=run)
+
+
+def check_output(output: Path) -> None:
+    """-o must be a folder, or a path where one can be made: a file there (or in its way) is refused."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"-o {output} is a file: give a folder for the results")
+    blocking = next((parent for parent in output.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"-o {output}: {blocking} is a file, so the folder cannot be made there")
 
 
 def parse_lengths(value: str) -> list[int | float]:
@@ -176,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     from glyphserve.eval.runner import RenderSetting, evaluate, summarize
     from glyphserve.render import count_text_tokens
 
+    check_output(args.output)  # before a run that may take hours
     names = parse_suites(args.suite, args.data)
     lengths = parse_lengths(args.lengths)
     modes = parse_modes(args.page_selection)
@@ -241,7 +251,11 @@ def run(args: argparse.Namespace) -> int:
                 legibility.append(row)
 
     rows = summarize(results)
-    written = report.write_report(args.output, meta, rows, results, legibility)
+    try:
+        written = report.write_report(args.output, meta, rows, results, legibility)
+    except OSError as exc:  # (e.g. no permission): the tables still go to stdout, not to lose a long run
+        print(report.markdown(meta, rows, legibility))
+        raise GlyphserveError(f"cannot write the results to {args.output}: {exc.strerror or exc}") from None
     print(report.markdown(meta, rows, legibility))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 
@@ -57,6 +58,8 @@ def test_manifest(tmp_path):
     x, inline = collect_documents(str(manifest), ["Shared?"])
     assert x.path == tmp_path / "docs" / "x.txt" and x.questions == ("Own?", "Shared?")
     assert inline.text == "Some pasted text." and inline.path is None and inline.questions == ("Shared?",)
+    manifest.write_bytes((json.dumps({"id": "é", "text": "Reçu."}, ensure_ascii=False) + "\n").encode("utf-16"))
+    assert [(d.id, d.text) for d in collect_documents(str(manifest), ["Q?"])] == [("é", "Reçu.")]  # PowerShell's >
     manifest.write_text(json.dumps({"id": "x", "path": "a", "text": "b"}) + "\n")
     with pytest.raises(ConfigError, match="exactly one"):
         collect_documents(str(manifest), ["Q?"])
@@ -162,3 +165,86 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise():
         progress.item_done()
     lines = plain.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("batch:  25%|") and "1/4 [" in lines[0] and "\r" not in lines[0]
+
+
+def test_questions_from_csv_json_lines_and_any_encoding(tmp_path):
+    table = tmp_path / "q.csv"
+    table.write_text('id,Question\n1,"Who signed, and when?"\n\n2,What is it?\n', encoding="utf-8")
+    assert load_questions(table) == ["Who signed, and when?", "What is it?"]
+    tabbed = tmp_path / "q.tsv"
+    tabbed.write_text("question\tid\nWho signed?\t1\n", encoding="utf-8")
+    assert load_questions(tabbed) == ["Who signed?"]
+    lines = tmp_path / "q.jsonl"
+    lines.write_text('{"id": 1, "question": "Who signed?"}\n\n{"question": "What is it?"}\n', encoding="utf-8")
+    assert load_questions(lines) == ["Who signed?", "What is it?"]
+    sniffed = tmp_path / "q.txt"  # JSON Lines whatever the file's name
+    sniffed.write_text('{"question": "Who signed?"}\n', encoding="utf-8")
+    assert load_questions(sniffed) == ["Who signed?"]
+    listed = tmp_path / "q.json"
+    listed.write_text(json.dumps(["A?", {"question": "B?"}]), encoding="utf-8")
+    assert load_questions(listed) == ["A?", "B?"]
+    for encoding in ("utf-16", "cp1252"):  # as Windows editors save them
+        legacy = tmp_path / f"q-{encoding}.txt"
+        legacy.write_bytes("Qui a signé le reçu ?\nWas kostet die Größe?\n".encode(encoding))
+        assert load_questions(legacy) == ["Qui a signé le reçu ?", "Was kostet die Größe?"]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("q.json", b"[]", r"questions file .*q.json holds no questions$"),
+    ("q.txt", b"\n  \n", r"questions file .*q.txt holds no questions$"),
+    ("q.csv", b"id,question\n", r"q.csv holds no questions$"),
+    ("q.csv", b"id,text\n1,Who?\n", r"q.csv needs a header row with a 'question' column \(its first row: id,text\)"),
+    ("q.csv", b"id,question\n1,Who?\n2,\n", r"q.csv, line 3: the question is blank"),
+    ("q.jsonl", b'{"question": "A?"}\n{"q": "B?"}\n', r"q.jsonl, line 2: a question is a string or an object"),
+    ("q.jsonl", b'{"question": "A?"}\n{oops\n', r"q.jsonl, line 2: not valid JSON"),
+    ("q.jsonl", b'{"question": "A?"}\n{"question": " "}\n', r"q.jsonl, line 2: the question is blank$"),
+    ("q.txt", bytes(range(256)) * 4, r"q.txt is not a text file$"),
+])
+def test_question_files_that_hold_no_questions_say_so(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_questions(path)
+
+
+def test_the_runs_own_outputs_in_its_input_folder_are_no_documents(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.txt", "sub/b.md", "results.jsonl", "results.jsonl.tmp", "sub/table.parquet", "other.jsonl"):
+        (tmp_path / name).write_text("x")
+    outputs = [tmp_path / "results.jsonl", tmp_path / "results.jsonl.tmp", tmp_path / "sub" / "table.parquet"]
+    assert [d.id for d in collect_documents(str(tmp_path), ["Q?"], exclude=outputs)] == \
+        ["a.txt", "other.jsonl", "sub/b.md"]
+    assert [d.id for d in collect_documents(str(tmp_path / "*.jsonl"), ["Q?"], exclude=outputs)] == \
+        [str(tmp_path / "other.jsonl")]
+
+
+ROW = b'{"id": "a", "question": "q1", "answer": "yes", "error": null}\n'
+
+
+@pytest.mark.parametrize(("content", "bad_line", "why"), [
+    (b'{"id": "m", "path": "doc.txt", "questions": ["Who?"]}\n', 1, "no string 'question'"),  # a manifest
+    (b'{"x": 1}\n{"y": 2}\n', 1, "no string 'id' or 'question'"),  # any other JSONL
+    (ROW + b"garbage\n" + ROW.replace(b'"a"', b'"b"'), 2, "not JSON"),  # a hand-damaged results file
+    (ROW + b'{"id": "x", "question": "q", "error": "boom"}\n', 2, "its 'error' is neither null nor an object"),
+    (b"some notes without a newline", 1, "not JSON"),  # not a torn row: nothing of ours starts so
+    (ROW + b"[1, 2]", 2, "not a JSON object"),
+])
+def test_a_file_holding_anything_but_results_is_refused_untouched(tmp_path, content, bad_line, why):
+    path = tmp_path / "important.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as refused:
+        ResultLog(path)
+    assert str(refused.value) == (f"{path} is not a batch results file: line {bad_line} is not a result row ({why}); "
+                                  "it was left as it is: give -o another file, or fix that line")
+    assert path.read_bytes() == content and sorted(tmp_path.iterdir()) == [path]
+    with open(path, "rb") as file:  # and it let go of the lock it took
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_whole_last_row_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(ROW + ROW.replace(b'"a"', b'"b"').rstrip(b"\n"))
+    with ResultLog(path) as log:
+        assert set(log.done) == {("a", "q1"), ("b", "q1")} and log.torn_bytes == 0
+        log.append(_record("c", "q1"))
+    assert [r["id"] for r in read_results(path)] == ["a", "b", "c"]

@@ -261,6 +261,16 @@ def test_documents_longer_than_the_context_read_the_pages_that_match(tiny_model_
         assert record["error"] is None and record["pages"] > len(shown) == record["pages_used"]
         assert record["prompt_tokens"] <= 1400 - MAX_NEW_TOKENS
         assert (needle in shown) == (mode == "retrieve")
+    # --page-selection all: every page, which does not fit; the row's advice names batch's options.
+    with ResultLog(tmp_path / "all.jsonl") as log:
+        BatchRunner(lambda: engine, log, BatchOptions(max_new_tokens=MAX_NEW_TOKENS, workers=0,
+                                                     page_selection="all")).run(documents)
+    [record] = read_results(tmp_path / "all.jsonl")
+    assert record["error"]["code"] == "context_length_exceeded", record["error"]
+    assert re.search(r"plus --max-new-tokens 6 = \d+, but the context holds 1400: only the first \d+ of \d+ pages "
+                     r"fit\. Keep the first \d+ \(--page-selection first\), or let the pages that match the question "
+                     r"be chosen \(--page-selection retrieve, the default\)$", record["error"]["message"]), \
+        record["error"]["message"]
 
 
 def test_parquet_holds_results_whose_timings_are_empty(tmp_path):
@@ -277,3 +287,81 @@ def test_parquet_holds_results_whose_timings_are_empty(tmp_path):
     assert write_parquet(results, tmp_path / "out.parquet") == 1
     row = pq.read_table(tmp_path / "out.parquet").to_pylist()[0]
     assert row["timings"] is None and row["error"] == failed["error"] and row["id"] == "gone.txt"
+
+
+def test_outputs_that_would_overwrite_what_the_run_reads_are_refused(tmp_path, questions_file):
+    """-o naming an input, or a file of anything but results, is refused with nothing written (a user lost a
+    manifest so: the results replaced it)."""
+    (tmp_path / "a.txt").write_text(PARAGRAPH.format(n=1), encoding="utf-8")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "path": "a.txt", "questions": ["Who?"]}) + "\n", encoding="utf-8")
+    important = tmp_path / "important.jsonl"
+    important.write_text('{"customer": 1}\n{"customer": 2}\n', encoding="utf-8")
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    endpoint = ["--endpoint", "http://127.0.0.1:9/v1"]  # never reached: every run is refused before
+    cases = [
+        ([str(manifest), "-o", str(manifest)], f"-o {manifest} is the input manifest, which this run reads"),
+        ([str(manifest), "-o", str(tmp_path / "a.txt")], f"-o {tmp_path / 'a.txt'} is the document 'a', which"),
+        ([str(tmp_path / "a.txt"), "--questions", str(questions_file), "-o", str(questions_file)],
+         f"-o {questions_file} is the questions file"),
+        ([str(manifest), "-o", str(tmp_path / "r.jsonl"), "--parquet", str(tmp_path / "r.jsonl")],
+         f"--parquet {tmp_path / 'r.jsonl'} is the results file"),
+        ([str(manifest), "-o", str(important)], f"{important} is not a batch results file: line 1 is not a result row"),
+    ]
+    for args, message in cases:
+        run = subprocess.run(_batch_cmd(*args, *endpoint), env=_env(), cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 2 and run.stderr.startswith(f"error: {message}"), run.stderr
+        assert len(run.stderr.splitlines()) == 1
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert questions_file.read_text(encoding="utf-8") == "\n".join(QUESTIONS) + "\n"
+
+
+def test_a_rerun_does_not_take_its_own_outputs_in_the_input_folder_for_documents(tmp_path, questions_file):
+    pytest.importorskip("pyarrow")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(2):
+        (docs / f"report{i}.txt").write_text(PARAGRAPH.format(n=i), encoding="utf-8")
+    args = _batch_cmd(str(docs), "--questions", str(questions_file), "-o", str(docs / "results.jsonl"),
+                      "--parquet", str(docs / "results.parquet"), "--workers", "0")
+    server = ChatServer()
+    try:
+        runs = [subprocess.run([*args, "--endpoint", server.url + "/v1"], env=_env(), cwd=REPO, capture_output=True,
+                               text=True, timeout=60) for _ in range(2)]
+    finally:
+        server.close()
+    assert [run.returncode for run in runs] == [0, 0], runs[1].stderr
+    assert "0 answered, 0 failed, 4 skipped" in runs[1].stdout and "0/0 documents" in runs[1].stdout
+    assert sorted({r["id"] for r in read_results(docs / "results.jsonl")}) == ["report0.txt", "report1.txt"]
+    assert len(server.requests) == 4
+
+
+def test_sigterm_stops_the_run_as_ctrl_c_does(tmp_path, questions_file):
+    """timeout, systemd and Kubernetes stop a job with SIGTERM: the run stops cleanly (summary, no traceback or
+    leaked semaphores from the render workers), exits 143, and a rerun does the rest."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(8):
+        (docs / f"report{i}.txt").write_text(PARAGRAPH.format(n=i), encoding="utf-8")
+    output = tmp_path / "results.jsonl"
+    server = ChatServer(delay_s=0.1)
+    try:
+        args = _batch_cmd(str(docs), "--questions", str(questions_file), "-o", str(output), "--workers", "1",
+                          "--batch-size", "1", "--endpoint", server.url + "/v1")
+        first = subprocess.Popen(args, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (output.exists() and output.read_bytes().count(b"\n") >= 1):
+            time.sleep(0.02)
+        os.killpg(first.pid, signal.SIGTERM)  # the whole group, as timeout and systemd do: the workers too
+        out, err = first.communicate(timeout=30)
+        assert first.returncode == 143, err
+        assert out.startswith("batch interrupted") and "Traceback" not in err and "leaked" not in err, err
+        done = len(read_results(output))
+        assert 1 <= done < 16
+        second = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        server.close()
+    assert second.returncode == 0 and f"{done} skipped" in second.stdout, second.stderr
+    assert len(read_results(output)) == 16

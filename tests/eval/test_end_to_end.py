@@ -54,6 +54,16 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "--model" in capsys.readouterr().err
 
 
+def test_an_output_that_is_a_file_is_refused_before_the_run(tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    assert main(["eval", "--lengths", "4k", "--samples", "1", "-o", str(existing)]) == 2
+    assert capsys.readouterr().err == f"error: -o {existing} is a file: give a folder for the results\n"
+    assert main(["eval", "--lengths", "4k", "--samples", "1", "-o", str(existing / "sub")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: -o {existing / 'sub'}: {existing} is a file")
+    assert existing.read_text() == "keep me"
+
+
 def test_local_backend_reads_the_rendered_pages(tiny_model_dir):
     backend = LocalBackend(model=str(tiny_model_dir), max_new_tokens=4)
     results = evaluate(generate("niah", [1024], 1, seed=0), backend, RenderSetting("glyph-en", 72))
