@@ -38,6 +38,9 @@ class Backend(Protocol):
 
     def answer(self, question: str, shown: ShownPages) -> str:
         """The answer to ``question`` about the pages shown."""
+
+    def describe(self) -> dict:
+        """What answered, for the report: the model, where it ran, the answer's length at most."""
         ...
 
 
@@ -73,6 +76,9 @@ class ExtractiveBackend:
 
     def page_budget(self, question: str) -> "PromptBudget | None":
         return estimated_budget(question, self.context, self.max_tokens) if self.context else None
+
+    def describe(self) -> dict:
+        return {"passages": self._backend.top_k}
 
     def answer(self, question: str, shown: ShownPages) -> str:
         """The best passages; with a ``context``, pages that would not fit it are refused as a model with that
@@ -112,6 +118,9 @@ class _PageReadingBackend:
                                 settings=self._settings)
         return self.engine.answer(request).text
 
+    def describe(self) -> dict:
+        return {"max_new_tokens": self._settings.max_tokens}
+
 
 class LocalBackend(_PageReadingBackend):
     """A model loaded in-process by :class:`glyphserve.engine.Engine`; text tokens come from its tokenizer, and
@@ -127,6 +136,11 @@ class LocalBackend(_PageReadingBackend):
                                           device=device))
         super().__init__(engine, max_new_tokens, engine.tokenizer)
         self.context = engine.max_context
+
+    def describe(self) -> dict:
+        engine = self.engine
+        return {"model": engine.name, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+                **super().describe()}
 
     def page_budget(self, question: str) -> "PromptBudget | None":
         from glyphserve.engine.prompt import page_budget
@@ -149,6 +163,11 @@ class OpenAIBackend(_PageReadingBackend):
                                                 max_context=context))
         super().__init__(remote, max_new_tokens)
         self.context = remote.max_context
+        self.endpoint = endpoint
+
+    def describe(self) -> dict:
+        served = [e["model"] for e in self.engine.stats()["endpoints"] if e["model"]]
+        return {"endpoint": self.endpoint, "model": served[0] if served else None, **super().describe()}
 
     def page_budget(self, question: str) -> "PromptBudget | None":
         from glyphserve.engine.prompt import page_budget

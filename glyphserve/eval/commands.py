@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     if accuracy_suites:
         backend = make_backend(args)
         meta["backend"] = backend.name
+        meta.update(backend.describe())
         meta["lengths"] = args.lengths
         settings = [RenderSetting(p, d) for p in (presets or ["auto"]) for d in (dpis or [None])]
         if modes:

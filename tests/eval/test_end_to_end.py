@@ -85,6 +85,8 @@ def test_documents_beyond_the_context_score_zero_and_are_reported(tiny_model_dir
     assert sample["score"] == 0.0 and "context" in sample["error"]
     assert data["summary"][0]["errors"] == 1
     assert "did not fit the backend's context" in (out / "report.md").read_text()
+    assert {k: data["meta"][k] for k in ("model", "device", "max_new_tokens")} == {
+        "model": str(tiny_model_dir), "device": "cpu", "max_new_tokens": 4}  # what answered, in the report
 
 
 def test_page_selection_beyond_the_context_shows_the_evidence(tmp_path):

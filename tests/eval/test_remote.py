@@ -26,6 +26,9 @@ def test_openai_backend_answers_like_the_local_model(server_url, tiny_model_dir,
     assert main(args) == 0
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["backend"] == "openai"
+    # what answered is in the report: the server and the model it names, the answer length
+    assert data["meta"]["endpoint"] == server_url + "/v1" and data["meta"]["max_new_tokens"] == 6
+    assert data["meta"]["model"] == tiny_model_dir.name
     remote = [s["prediction"] for s in data["samples"]]
     assert all(remote)  # the random tiny model still says something
 
