@@ -58,9 +58,14 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
                         "instead of stopping with an error")
 
 
+# Below this share of CJK characters, the Chinese preset that auto picks is pointed out.
+AUTO_NOTE_SHARE = 0.05
+
+
 def config_from_args(args: argparse.Namespace, text: str):
     """The settings the flags ask for; a font substitution is reported on stderr."""
     from glyphserve.render import resolve_config
+    from glyphserve.render.config import cjk_characters
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -69,6 +74,14 @@ def config_from_args(args: argparse.Namespace, text: str):
                                 glyph_repo=args.glyph_repo, allow_font_substitute=args.allow_font_substitute)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
+    if args.preset == "auto" and args.config is None:
+        cjk = cjk_characters(text)
+        share = cjk / max(1, sum(not ch.isspace() for ch in text))
+        if cjk and share < AUTO_NOTE_SHARE:  # a name or a quotation in another text switched the whole document
+            print(f"note: --preset auto chose glyph-zh (its CJK font and line breaking) for {cjk} CJK "
+                  f"character{'s' * (cjk != 1)}, {share:.1%} of the text; --preset glyph-en keeps the English "
+                  "preset (those characters then drawn as boxes, or from another font with --fallback-fonts)",
+                  file=sys.stderr)
     return config
 
 

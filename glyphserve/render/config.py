@@ -117,6 +117,11 @@ def has_cjk(text: str) -> bool:
     return _CJK.search(text) is not None
 
 
+def cjk_characters(text: str) -> int:
+    """The characters of ``text`` that make it CJK for ``has_cjk``."""
+    return len(_CJK.findall(text))
+
+
 def load_glyph_config(source: str | Path | dict[str, Any], base: RenderConfig | None = None) -> RenderConfig:
     """Read a Glyph config (a JSON file path or a dict with the official keys).
 

@@ -96,6 +96,16 @@ def test_a_config_whose_font_is_missing_stops_or_warns_when_substitutes_are_allo
     assert manifest["font"]["substitute"] is True
 
 
+def test_a_few_cjk_characters_that_switch_auto_to_the_chinese_preset_are_pointed_out(tmp_path):
+    src = tmp_path / "en.txt"
+    src.write_text("The translator of this report is Li Wei (李).\n" * 30, encoding="utf-8")
+    proc = glyphserve("render", str(src), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 0 and "note: --preset auto chose glyph-zh" in proc.stderr.decode()
+    assert "for 30 CJK characters, 2.8% of the text; --preset glyph-en" in proc.stderr.decode()
+    src.write_text("长文本压缩把文字渲染成图片, with a few English words.\n" * 30, encoding="utf-8")
+    assert "note:" not in glyphserve("render", str(src), "-o", str(tmp_path / "o")).stderr.decode()
+
+
 def test_many_characters_the_font_lacks_are_reported_with_advice(tmp_path):
     src = tmp_path / "hindi.txt"
     src.write_text("नमस्ते दुनिया " * 40, encoding="utf-8")  # Devanagari: in no installed font
