@@ -55,9 +55,9 @@ def _check_reachable(address: str) -> None:
     connection; ``auto`` and other forms are left to Ray."""
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        return
-    host = host.strip("[]")  # an IPv6 literal
+    if not sep or not host or not port.isdigit() or (":" in host and not host.startswith("[")):
+        return  # no port, or an IPv6 address without brackets (which part is the port?)
+    host = host.strip("[]")
     try:
         socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
     except OSError as exc:

@@ -19,7 +19,7 @@ import torch
 from glyphserve.engine.kv_pool import block_hashes
 from glyphserve.engine.output import OutputState
 from glyphserve.engine.preprocess import PreprocessParams, check_page, page_keys
-from glyphserve.engine.prompt import PromptBuilder, PromptTokens, conversation
+from glyphserve.engine.prompt import ANSWER_ROOM, PromptBuilder, PromptTokens, conversation
 from glyphserve.engine.sampler import MAX_LOGPROBS
 from glyphserve.engine.sequence import Sequence
 from glyphserve.engine.types import REPETITION_PENALTY_RANGE, AnswerRequest, GenerationSettings
@@ -99,8 +99,10 @@ class Planner:
         question = "" if request.warm else request.question
         labels = request.page_labels
         prompt = self.prompts.build(conversation(request.history, question, len(pages), labels), grids)
-        # Unset max_tokens: the answer may take what the prompt leaves, of which it needs one token.
-        new_tokens = 0 if request.warm else settings.max_tokens or 1
+        # Unset max_tokens: the answer may take what the prompt leaves, of which it needs one token, or, where pages
+        # are dropped to fit (truncate_pages), the room a page choice keeps for an answer (ANSWER_ROOM).
+        unset_room = ANSWER_ROOM if settings.truncate_pages else 1
+        new_tokens = 0 if request.warm else settings.max_tokens or unset_room
         budget = self.max_context - new_tokens
         if len(prompt.ids) > budget:
             fit = self._pages_that_fit(prompt, budget)

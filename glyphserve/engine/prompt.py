@@ -118,10 +118,11 @@ def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: i
     """What the pages may cost in ``engine``'s context for this question and answer length (``ANSWER_ROOM`` when
     unset), counted by its tokenizer and chat template. For an engine without them that knows its context (a remote
     one) the prompt is bounded from above, so pages that fit the bound fit a server that counts GLM-4.1V's tokens;
-    the bound is loose for long conversations (a token per byte, where English text takes ~4 bytes a token), and when the text alone
-    exceeds it the server judges. None when neither."""
+    the bound is loose for long conversations (a token per byte, where English text takes ~4 bytes a token), and
+    when the text alone exceeds it the server judges. None when neither."""
     prompts: PromptBuilder | None = getattr(engine, "prompts", None)
-    max_tokens = ANSWER_ROOM if max_tokens is None else max_tokens
+    unset = max_tokens is None
+    max_tokens = ANSWER_ROOM if unset else max_tokens
     if prompts is None:
         context = getattr(engine, "max_context", None)
         if context is None:
@@ -137,10 +138,12 @@ def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: i
             max_tokens=max_tokens,
             count_prompt=lambda labels: fixed + sum(PAGE_MARKER_TOKENS + len(label.encode()) for label in labels),
             count_label=lambda label: len(label.encode()),
+            max_tokens_unset=unset,
         )
     return PromptBudget(
         context=engine.max_context,
         max_tokens=max_tokens,
         count_prompt=lambda labels: prompts.count(conversation(history, question, len(labels), labels)),
         count_label=lambda text: len(prompts.tokenizer(text, add_special_tokens=False)["input_ids"]),
+        max_tokens_unset=unset,
     )

@@ -102,6 +102,13 @@ class PromptBudget:
     max_tokens: int
     count_prompt: Callable[[Sequence[str]], int]
     count_label: Callable[[str], int]
+    max_tokens_unset: bool = False  # ``max_tokens`` is the room kept for an answer whose request set none
+
+    def answer_words(self) -> str:
+        """The answer's room, as the request set it or not."""
+        if self.max_tokens_unset:
+            return f"{self.max_tokens} kept for the answer (max_tokens unset)"
+        return f"up to {self.max_tokens} for the answer"
 
     @property
     def limit(self) -> int:
@@ -209,18 +216,20 @@ def select_pages(
         first = cost[pages[0]]
         raise ContextOverflowError(
             f"the first page alone needs {first} tokens and {room} are left for pages (the question and the "
-            f"conversation take {fixed}, the answer up to {budget.max_tokens} of the {budget.context}): mode first "
+            f"conversation take {fixed}, {budget.answer_words()}, of the {budget.context}): mode first "
             "shows nothing past a page that does not fit; use retrieve, or a longer context"
         )
     if not keep:
         smallest = min(cost.values())
         room_for_answer = budget.context - fixed - smallest
-        advice = (f"lower max_tokens to at most {room_for_answer}" if room_for_answer > 0
+        advice = (f"{'send a max_tokens of' if budget.max_tokens_unset else 'lower max_tokens to'} at most "
+                  f"{room_for_answer}"
+                  if room_for_answer > 0
                   else f"one page and a one-token answer need {fixed + smallest + 1}: use a longer context or "
                        "shorten the conversation")
         raise ContextOverflowError(
-            f"the question and the conversation take {fixed} tokens and the answer up to {budget.max_tokens}, but "
-            f"the context holds {budget.context}: not even the smallest page ({smallest} tokens) fits; {advice}"
+            f"the question and the conversation take {fixed} tokens, {budget.answer_words()}, but the context holds "
+            f"{budget.context}: not even the smallest page ({smallest} tokens) fits; {advice}"
         )
     return Selection(mode, shown, total, budget.limit, len(pages))
 

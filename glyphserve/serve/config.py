@@ -177,7 +177,8 @@ class ServeConfig:
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if not 0 <= self.shutdown_timeout <= MAX_SHUTDOWN_S:
-            raise ConfigError(f"--shutdown-timeout must be 0 to {MAX_SHUTDOWN_S:g} seconds, got {self.shutdown_timeout}")
+            raise ConfigError(f"--shutdown-timeout must be 0 to {MAX_SHUTDOWN_S:g} seconds, got "
+                              f"{self.shutdown_timeout}")
         if not 0 <= self.step_trace <= MAX_STEP_TRACE:
             raise ConfigError(f"--step-trace must be 0 to {MAX_STEP_TRACE:,} steps (~220 bytes each), got "
                               f"{self.step_trace}")

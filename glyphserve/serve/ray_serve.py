@@ -311,7 +311,8 @@ class ReplicaScheduler:
         self._waiting = 0  # sent, no token yet
         self._running = 0  # sent, answering
         self._draining = False
-        self._cut: asyncio.Future | None = None  # done once answers in flight are to be cut off
+        self._cut_after: float | None = None  # the grace, once answers in flight are cut off
+        self._reads: set[asyncio.Timeout] = set()  # the time limits of the replicas' items awaited now
 
     @property
     def depth(self) -> int:
@@ -331,11 +332,13 @@ class ReplicaScheduler:
         """As ``Scheduler.shut_down``, on the front's event loop; returns once no request is in flight (at most
         ``grace`` seconds and the cut-off answers' last events later)."""
         self._draining = True
-        cut = self._cut = asyncio.get_running_loop().create_future()
         deadline = time.monotonic() + grace
         while self._waiting + self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        cut.set_result(grace)
+        self._cut_after = grace
+        now = asyncio.get_running_loop().time()
+        for read in list(self._reads):  # each awaited item's limit runs out now: its reader is cut off
+            read.reschedule(now)
         deadline += SHUTDOWN_SEND_S
         while self._waiting + self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -385,20 +388,23 @@ class ReplicaScheduler:
             await _close(first, items)
 
     async def _next(self, response, timeout: float):
-        """The call's next item, unless ``timeout`` passes (``asyncio.TimeoutError``) or the server's shutdown
-        cuts it off (``ShuttingDownError``)."""
-        if self._cut is None:
-            return await asyncio.wait_for(response.__anext__(), timeout)
-        item = asyncio.ensure_future(response.__anext__())
-        done, _ = await asyncio.wait({item, self._cut}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if item in done:
-            return item.result()
-        item.cancel()
-        if self._cut in done:
+        """The call's next item, unless ``timeout`` passes (``TimeoutError``) or the server's shutdown cuts it off
+        (``ShuttingDownError``: ``shut_down`` ends the limit of every item awaited)."""
+        try:
+            if self._cut_after is not None:
+                raise TimeoutError
+            async with asyncio.timeout(timeout) as limit:
+                self._reads.add(limit)
+                try:
+                    return await response.__anext__()
+                finally:
+                    self._reads.discard(limit)
+        except TimeoutError:
+            if self._cut_after is None:
+                raise
             raise ShuttingDownError(
-                f"the server is shutting down and its {self._cut.result():g} s for answers in flight ran out: this "
-                "answer was cut off; send it again to a running server")
-        raise asyncio.TimeoutError
+                f"the server is shutting down and its {self._cut_after:g} s for answers in flight ran out: this "
+                "answer was cut off; send it again to a running server") from None
 
     async def _items(self, job: ChatJob) -> AsyncIterator[StreamEvent | Reply]:
         """The job's deltas and reply, sent again to another replica if its replica dies."""
@@ -478,7 +484,7 @@ class ReplicaScheduler:
                     if not ended and replica is not None:
                         self.replicas.stop(call, replica)
                 await asyncio.sleep(0.1 * 2**attempt)
-        except (GeneratorExit, asyncio.CancelledError, RequestTimeoutError):
+        except (GeneratorExit, asyncio.CancelledError, RequestTimeoutError, ShuttingDownError):
             if not replied:  # the client went away or the deadline passed: counted as the local scheduler does
                 self.hooks.cancelled()
             raise
@@ -612,9 +618,10 @@ def run(config: ServeConfig) -> int:
         # first, and taking the application down waited 60 s for them before failing.
         down = threading.Thread(target=_take_down, args=(grace,), daemon=True)
         down.start()
-        down.join(TAKE_DOWN_S + (grace + SHUTDOWN_SEND_S if grace is not None else 0))
+        waited = TAKE_DOWN_S + (grace + SHUTDOWN_SEND_S if grace is not None else 0)
+        down.join(waited)
         if down.is_alive():
-            print(f"glyphserve: Ray did not answer within {TAKE_DOWN_S:g} s (stopped with this server?); leaving",
+            print(f"glyphserve: Ray did not answer within {waited:g} s (stopped with this server?); leaving",
                   file=sys.stderr, flush=True)
         else:
             disconnect()

@@ -31,6 +31,7 @@ from glyphserve.serve.errors import InternalError, RequestTimeoutError, Shutting
 log = logging.getLogger("glyphserve.serve")
 
 _END = object()
+_SETTLING = threading.Lock()  # a ticket's settling item goes out once (``_Ticket.deliver``)
 _WAITING = object()  # no item yet, the keep-alive interval passed
 
 
@@ -75,11 +76,18 @@ class _Ticket:
     events: asyncio.Queue | None = None
     settled: bool = False  # its last item (reply, end of stream or error) went out
 
-    def deliver(self, item) -> None:
-        """Thread-safe: resolve the future, or push ``item`` onto the event queue."""
-        if item is _END or isinstance(item, BaseException) or not self.streaming:
-            self.settled = True
-        self.outbox.put(self, item)
+    def deliver(self, *items) -> bool:
+        """Thread-safe: resolve the future, or push ``items`` onto the event queue, in order. Items that settle the
+        ticket (a reply, the stream's end, an error) go out only once: False, and nothing sent, when it is
+        settled already (the worker's reply and a shutdown's cut-off may meet)."""
+        if any(item is _END or isinstance(item, BaseException) or not self.streaming for item in items):
+            with _SETTLING:
+                if self.settled:
+                    return False
+                self.settled = True
+        for item in items:
+            self.outbox.put(self, item)
+        return True
 
     def receive(self, item) -> None:
         """On the event loop: what ``deliver`` sent."""
@@ -167,8 +175,6 @@ class Scheduler:
             queued, running = list(self._queue), list(self._running)
             self._queue.clear()
         for ticket in queued + running:
-            if ticket.settled:
-                continue
             ticket.cancel.set()  # a running job stops at its next token (and the worker counts it as cancelled)
             ticket.deliver(ShuttingDownError(
                 f"the server is shutting down and its {grace:g} s for answers in flight ran out: this "
@@ -400,10 +406,8 @@ class Scheduler:
             self.hooks.cancelled()
             ticket.deliver(Cancelled() if ticket.cancel.is_set() else self._timeout_error())
             return
-        self.hooks.reply(reply, time.monotonic() - ticket.arrived)
-        ticket.deliver(reply)
-        if ticket.streaming:
-            ticket.deliver(_END)
+        if ticket.deliver(reply, _END) if ticket.streaming else ticket.deliver(reply):
+            self.hooks.reply(reply, time.monotonic() - ticket.arrived)
 
     def _run_single(self, ticket: _Ticket) -> None:
         """One job through the backend's stream, so it stops at the next token once cancelled
@@ -415,11 +419,10 @@ class Scheduler:
                     self.hooks.cancelled()
                     ticket.deliver(Cancelled() if ticket.cancel.is_set() else self._timeout_error())
                     return
-                if isinstance(item, Reply):
-                    self.hooks.reply(item, time.monotonic() - ticket.arrived)
-                    if not ticket.streaming:
-                        ticket.deliver(item)
-                        return
+                if isinstance(item, Reply):  # the last item
+                    if ticket.deliver(item, _END) if ticket.streaming else ticket.deliver(item):
+                        self.hooks.reply(item, time.monotonic() - ticket.arrived)
+                    return
                 if ticket.streaming:
                     ticket.deliver(item)
             ticket.deliver(_END if ticket.streaming else InternalError("the backend gave no answer"))

@@ -3,12 +3,14 @@ server for the module: Ray and the replicas take long to start on two cores)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -18,6 +20,8 @@ from tests.servers import Server
 
 pytest.importorskip("ray")
 
+from glyphserve.engine.types import AnswerRequest, StreamEvent  # noqa: E402
+from glyphserve.serve.backends import ChatJob  # noqa: E402
 from glyphserve.serve.ray_serve import FRONT_DEPLOYMENT  # noqa: E402  (needs Ray)
 
 pytestmark = pytest.mark.timeout(600)
@@ -28,6 +32,71 @@ MAX_TOKENS = 16
 LONG_TOKENS = 300  # stop tokens ignored: streams long enough to be cut by a replica's death
 LEFT = 6  # streams a client leaves after their first delta
 DOCUMENTS = [f"Copy {i} of the story.\n\n{STORY}\n\nThe keeper's dog was called Rook {i}." for i in range(4)]
+
+
+class _SlowCall:
+    """A replica call whose first item comes after ``delay`` seconds, then one every 50 ms."""
+
+    def __init__(self, delay: float):
+        self.delay, self.items = delay, 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.sleep(self.delay if self.items == 0 else 0.05)
+        self.items += 1
+        return StreamEvent("answer", "x", tokens=[1])
+
+    def cancel(self):
+        pass
+
+
+class _Replicas:
+    def __init__(self, delay: float):
+        self.handle = SimpleNamespace(chat=SimpleNamespace(remote=lambda *a, **k: _SlowCall(delay)))
+        self.counters = {"requests": 0, "retries": 0, "resumed": 0, "stops": 0}
+        self.seen = self.lost = self.stop = lambda *a, **k: None
+
+
+@pytest.mark.parametrize("first_item_s", [0.01, 30])
+def test_the_fronts_shutdown_cuts_off_answers_waiting_for_their_first_item_too(first_item_s, monkeypatch):
+    """``ReplicaScheduler.shut_down``: a stream under way and one whose replica has not answered yet (queued, or
+    in a long prefill) both end with ShuttingDownError once the grace is over; a new request is refused."""
+    from glyphserve.serve import ray_serve
+    from glyphserve.serve.errors import ShuttingDownError
+    from glyphserve.serve.scheduler import SchedulerHooks
+
+    monkeypatch.setattr(ray_serve, "SHUTDOWN_SEND_S", 0.5)
+    cancelled = []
+    hooks = SchedulerHooks(cancelled=lambda: cancelled.append(1))
+    scheduler = ray_serve.ReplicaScheduler(_Replicas(first_item_s), hooks, timeout=300)
+
+    def job():
+        return ChatJob(AnswerRequest(pages=[], question="q"), context="c")
+
+    async def main():
+        got = []
+
+        async def read():
+            try:
+                async for item in await scheduler.stream(job()):
+                    got.append(item)
+            except ShuttingDownError as exc:
+                got.append(exc)
+
+        reader = asyncio.ensure_future(read())
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await scheduler.shut_down(0.3)
+        with pytest.raises(ShuttingDownError):
+            await scheduler.answer(job())
+        await asyncio.wait_for(reader, 5)
+        return got, time.monotonic() - started
+
+    got, took = asyncio.run(main())
+    assert isinstance(got[-1], ShuttingDownError) and "cut off" in got[-1].message and took < 2
+    assert scheduler.depth == scheduler.running == 0 and cancelled == [1]
 
 
 @pytest.fixture(scope="module")
