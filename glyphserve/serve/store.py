@@ -10,7 +10,9 @@ served from memory, and a restart indexes a folder whose row is missing from its
 file it lists is there at its size. So an acknowledged document survives a crash of the server, and no crash
 (of the server, or of the machine before the flush) leaves a listed document half written (an unrenamed
 temporary folder, or a folder with a file cut short, is removed at start-up). A deleted one is renamed aside
-before its row goes, so a delete that cannot proceed changes nothing. Disk faults become typed errors:
+before its row goes, so a delete that cannot proceed changes nothing; ``<data>/.reserve`` (``RESERVE_BYTES``) is
+given up to a delete that finds the disk full (dropping a row writes to the index's log first), so deleting is
+how a full disk is freed, and made again after. Disk faults become typed errors:
 a full disk 507 ``storage_full``, anything else (read-only, I/O error, permissions) 503
 ``storage_unavailable``, each naming what could not be done.
 """
@@ -47,6 +49,10 @@ _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _SQLITE_FULL = 13  # SQLITE_FULL (the primary result code, low byte of the extended one)
 _LEFTOVERS = (".tmp-*", ".deleted-*")  # interrupted writes and deletes
 _RECORD = "record.json"  # a stored document's row, so a restart can index a folder it never indexed
+_RESERVE = ".reserve"
+# Room kept for deletes on a full disk: dropping a row appends a few pages to the index's write-ahead log (tens
+# of KiB).
+RESERVE_BYTES = 1 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -194,6 +200,7 @@ class DocumentStore:
                 self._db.execute("ALTER TABLE documents ADD COLUMN content_hash TEXT")
             self._db.execute(_HASH_INDEX)
             self._recover()
+        self._keep_reserve()
         self._pending: dict[str, _Pending] = {}  # reads of these are served from memory
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glyphserve-store")
 
@@ -369,13 +376,44 @@ class DocumentStore:
                 folder.rename(aside)
             try:
                 with self._lock:
-                    self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
+                    self._drop_row(document_id)
                     self._pending.pop(document_id, None)  # one the writer could not index is served from memory
             except BaseException:
                 if aside.exists():
                     aside.rename(folder)
                 raise
-        return self.remove_tree(aside)
+        failed = self.remove_tree(aside)
+        self._keep_reserve()
+        return failed
+
+    def _drop_row(self, document_id: str) -> None:
+        """Delete a document's row (hold ``_lock``); on a full disk, with the reserve's room."""
+        try:
+            self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if not (code is not None and code & 0xFF == _SQLITE_FULL) or not (self.root / _RESERVE).exists():
+                raise
+            (self.root / _RESERVE).unlink()
+            logger.warning("the disk holding %s is full: its reserve (%d MiB) was freed to delete a document",
+                           self.root, RESERVE_BYTES >> 20)
+            self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
+
+    def _keep_reserve(self) -> None:
+        """Make the reserve file where it is missing (best effort: on a full disk, after the next delete)."""
+        path = self.root / _RESERVE
+        if _size(path) == RESERVE_BYTES:
+            return
+        try:
+            with open(path, "wb") as file:
+                try:  # blocks of its own (a sparse file would free none)
+                    os.posix_fallocate(file.fileno(), 0, RESERVE_BYTES)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    file.write(bytes(RESERVE_BYTES))  # a file system that allocates no space ahead
+        except OSError:
+            path.unlink(missing_ok=True)
 
     def remove_tree(self, path: Path) -> list[str]:
         """Delete a folder or file; what could not be deleted, relative to the data folder."""
