@@ -87,8 +87,8 @@ def register(subparsers) -> None:
     serve.add_argument("--request-timeout", type=float, default=300,
                        help="seconds before a request is answered 504 (default 300)")
     serve.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
-                       help="on Ctrl-C or SIGTERM, seconds the answers in flight may still take (new requests get "
-                            "503); then each ends with a 503 shutting_down error, a stream's as its last event "
+                       help="on Ctrl-C or SIGTERM, seconds the answers in flight may still take (the port closes at "
+                            "once); then each ends with a 503 shutting_down error, a stream's as its last event "
                             "(default 5)")
     serve.add_argument("--sse-keepalive", type=float, default=10.0, metavar="SECONDS",
                        help="a streamed answer still waiting for its first token gets an SSE comment this often, so "

@@ -49,3 +49,11 @@ def test_rayservice_builds_a_valid_glyphserve_config(monkeypatch):
         ray_serve.config_from_args(application["args"])
     with pytest.raises(ConfigError, match="unknown glyphserve settings: gpus"):
         ray_serve.config_from_args({**application["args"], "gpus": "0,1"})
+
+
+def test_the_image_leaves_out_the_checkouts_environments_and_users_documents():
+    """``docker build -f deploy/Dockerfile .`` copies the repository: not its virtualenv (GBs), history, test output,
+    or ``./data``, the server's default data folder (users' documents)."""
+    ignored = set((DEPLOY.parent / ".dockerignore").read_text().split())
+    assert {".git/", ".venv/", "/data/", "test-artifacts/", "**/__pycache__/"} <= ignored
+    assert "COPY --chown=ray . /home/ray/glyphserve" in (DEPLOY / "Dockerfile").read_text()
