@@ -204,9 +204,12 @@ class Engine:
         return seq
 
     def counters(self) -> dict[str, float]:
-        """Requests, tokens, decode steps and rows, prefill passes, ...: plain numbers under fixed keys, safe to
-        read while the engine runs on another thread (``stats`` walks the pool and caches)."""
-        return {**self._counters, **self.core.counters}
+        """Requests, tokens, decode steps and rows, prefill passes, preemptions, the share of the KV pool's blocks
+        in use (``kv_usage``), ...: plain numbers under fixed keys, safe to read while the engine runs on another
+        thread (``stats`` walks the pool and caches)."""
+        usable = self.pool.num_blocks - 1
+        return {**self._counters, **self.core.counters, "preemptions": self.scheduler.preemptions,
+                "kv_usage": (usable - self.pool.num_free) / usable}
 
     def step_trace(self) -> list[StepRecord]:
         """The records of the last ``EngineConfig.step_trace`` steps, oldest first (none when it is 0); safe to

@@ -14,7 +14,7 @@ from typing import Callable
 
 import prometheus_client
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from glyphserve.serve.backends import Reply
 
@@ -57,6 +57,8 @@ class _Collectors:
     joined: Counter
     documents: Gauge
     pages_rendered: Counter
+    kv_usage: Gauge
+    engines: "_EngineCounters"
 
 
 @functools.cache
@@ -64,6 +66,8 @@ def _collectors() -> _Collectors:
     gpu = NvmlCollector.create()
     if gpu is not None:
         REGISTRY.register(gpu)
+    engines = _EngineCounters()
+    REGISTRY.register(engines)
     return _Collectors(
         running=Gauge("vllm:num_requests_running", "Requests being answered", _MODEL),
         waiting=Gauge("vllm:num_requests_waiting", "Requests waiting for the model", _MODEL),
@@ -103,7 +107,23 @@ def _collectors() -> _Collectors:
         documents=Gauge("glyphserve_documents_stored", "Documents in the store"),
         pages_rendered=Counter("glyphserve_pages_rendered", "Pages rendered from uploads (those of uploads refused "
                                "while rendering included)"),
+        kv_usage=Gauge("vllm:kv_cache_usage_perc", "Share of the KV pool's blocks in use (1 = all)", _MODEL),
+        engines=engines,
     )
+
+
+class _EngineCounters:
+    """Counters a local engine keeps itself, read at scrape time: ``vllm:num_preemptions``."""
+
+    def __init__(self):
+        self.sources: dict[str, Callable[[], dict]] = {}  # model name -> the engine's ``counters``
+
+    def collect(self):
+        family = CounterMetricFamily("vllm:num_preemptions", "Sequences preempted (their KV freed, recomputed "
+                                     "later) to make room in the KV pool", labels=_MODEL)
+        for model, counters in self.sources.items():
+            family.add_metric([model], counters()["preemptions"])
+        yield family
 
 
 class Metrics:
@@ -113,11 +133,24 @@ class Metrics:
         self.model_name = model_name
         self.c = _collectors()
         self.c.documents.set_function(documents)
+        c = self.c
+        # Every series at zero from the start: a dashboard's increase() sees the first request too.
+        for metric in (c.ttft, c.e2e, c.tpot, c.queue_time, c.prompt_tokens, c.generation_tokens,
+                       c.request_prompt_tokens, c.request_generation_tokens, c.prefix_queries, c.prefix_hits,
+                       c.mm_queries, c.mm_hits):
+            metric.labels(model_name)
+        for reason in set(_FINISHED.values()):
+            c.success.labels(model_name, reason)
 
     def watch(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
         """Read the scheduler's running and waiting requests at scrape time."""
         self.c.running.labels(self.model_name).set_function(running)
         self.c.waiting.labels(self.model_name).set_function(waiting)
+
+    def watch_engine(self, counters: Callable[[], dict]) -> None:
+        """A local engine's own readings (``Engine.counters``) at scrape time: KV pool usage, preemptions."""
+        self.c.kv_usage.labels(self.model_name).set_function(lambda: counters()["kv_usage"])
+        self.c.engines.sources[self.model_name] = counters
 
     def observe_reply(self, reply: Reply, seconds: float) -> None:
         """A finished answer, ``seconds`` after its request arrived (the engine's timings start when it was

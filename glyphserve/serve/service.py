@@ -104,6 +104,8 @@ class GlyphService:
                                        timeout=config.request_timeout, hooks=hooks)
         self._ingest_pool = ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="glyphserve-ingest")
         self.metrics.watch(running=lambda: self.scheduler.running, waiting=lambda: self.scheduler.depth)
+        if isinstance(self.backend, EngineBackend) and not self.remote and make_scheduler is None:
+            self.metrics.watch_engine(engine.counters)
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")
         # Ready at upload: documents being warmed (their task) and warmed ones (see ``warmth``).
         self._warming: dict[str, asyncio.Task] = {}

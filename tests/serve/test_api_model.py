@@ -115,7 +115,10 @@ def test_metrics_a_vllm_dashboard_reads(client, documents):
         assert metric(text, name) > 0, name
     assert metric(text, "vllm:num_requests_running") == 0 and metric(text, "vllm:num_requests_waiting") == 0
     assert 'vllm:request_success_total{finished_reason="length",model_name="glyph"}' in text
+    assert 'vllm:request_success_total{finished_reason="abort",model_name="glyph"}' in text  # at 0 from the start
     assert "process_resident_memory_bytes" in text and "_created" not in text
+    # the engine's own: the KV pool's use (the documents' prefixes are cached, not in use, between requests)
+    assert 0 <= metric(text, "vllm:kv_cache_usage_perc") < 1 and metric(text, "vllm:num_preemptions_total") >= 0
 
 
 def test_a_request_answered_beside_a_running_one_no_longer_counts_as_running(model_server, client, documents):
