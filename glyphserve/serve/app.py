@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -255,6 +256,24 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def public_url(config: ServeConfig) -> str:
+    """Where the server is reached, for its banner: a wildcard bind (0.0.0.0, ::) by this machine's name."""
+    host = socket.gethostname() if config.host in ("0.0.0.0", "::", "") else config.host
+    return f"http://{'[' + host + ']' if ':' in host else host}:{config.port}"
+
+
+def log_config() -> dict:
+    """uvicorn's logging with the time on every line, and glyphserve's own loggers through the same handler: one
+    timeline to read."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for formatter in config["formatters"].values():
+        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+    config["loggers"]["glyphserve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
 def prepare(config: ServeConfig) -> None:
     """What every server checks before anything loads: its settings and its data folder (an unwritable folder
     is one line, at once)."""
@@ -274,7 +293,7 @@ def run(config: ServeConfig) -> int:
         engine, name = load_engine(config)
         app = create_app(config, engine, name)
         info = app.state.service.describe()
-        base = f"http://{config.host}:{config.port}"
+        base = public_url(config)
         ui = f"web UI {base}/  " if config.ui else ""
         print(f"glyphserve: {ui}API {base}/v1 (docs {base}/docs)  model {info['model']}  data {config.data_dir}",
               flush=True)
@@ -289,7 +308,8 @@ def run(config: ServeConfig) -> int:
                 await super().shutdown(sockets)  # uvicorn's wait, which would cut them off mid-stream
 
         # The extra seconds are for the cut-off answers' last events to go out.
-        server = Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=grace + SHUTDOWN_SEND_S))
+        server = Server(uvicorn.Config(app, log_level="info", log_config=log_config(),
+                                       timeout_graceful_shutdown=grace + SHUTDOWN_SEND_S))
         server.run(sockets=[sock])
     finally:
         sock.close()

@@ -54,7 +54,8 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from glyphserve.engine.types import AnswerRequest, EncodedPage, EngineConfig, StreamEvent, TokenLogprob
 from glyphserve.errors import ConfigError, GlyphserveError, QueueFullError, RemoteBackendError
-from glyphserve.serve.app import ENGINE_SWITCH_INTERVAL_S, SHUTDOWN_SEND_S, create_app, listen_socket, prepare
+from glyphserve.serve.app import (ENGINE_SWITCH_INTERVAL_S, SHUTDOWN_SEND_S, create_app, listen_socket, prepare,
+                                  public_url)
 from glyphserve.serve.backends import ChatJob, EngineBackend, Reply
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import InternalError, RequestTimeoutError, ShuttingDownError
@@ -607,7 +608,7 @@ def run(config: ServeConfig) -> int:
         print(f"glyphserve: deploying {config.replicas} engine replica(s) on Ray Serve ...", flush=True)
         started = time.perf_counter()
         serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=False)
-        base = f"http://{config.host}:{config.port}"
+        base = public_url(config)
         ui = f"web UI {base}/  " if config.ui else ""
         print(f"glyphserve: up in {time.perf_counter() - started:.1f} s: {ui}API {base}/v1  data {config.data_dir}",
               flush=True)

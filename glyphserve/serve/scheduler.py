@@ -174,13 +174,16 @@ class Scheduler:
         with self._cond:
             queued, running = list(self._queue), list(self._running)
             self._queue.clear()
+        cut = 0
         for ticket in queued + running:
             ticket.cancel.set()  # a running job stops at its next token (and the worker counts it as cancelled)
-            ticket.deliver(ShuttingDownError(
+            cut += ticket.deliver(ShuttingDownError(
                 f"the server is shutting down and its {grace:g} s for answers in flight ran out: this "
                 "answer was cut off; send it again to a running server"))
         for _ in queued:
             self.hooks.cancelled()
+        if cut:
+            log.warning("shutting down: %d request(s) still unanswered after %g s were cut off", cut, grace)
 
     def cancel(self, job: ChatJob) -> bool:
         """Stop ``job`` from outside the task that awaits it (as ``_withdraw``; its reader gets ``Cancelled``).

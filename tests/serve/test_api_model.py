@@ -242,6 +242,11 @@ def test_stopping_the_server_ends_the_answers_in_flight_with_an_error_they_can_t
     assert error["code"] == "shutting_down" and error["type"] == "server_error" and "cut off" in error["message"]
     assert cut.status_code == 503 and cut.json()["error"]["code"] == "shutting_down"
     assert time.monotonic() - stopped < 20
+    # the log says so, and every line of it has its time
+    log = server.log()
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING: .*2 request\(s\) still unanswered after 1 s "
+                     r"were cut off$", log, re.M), log[-2000:]
+    assert re.search(r'^\d{4}-\d\d-\d\d [\d:,]+ INFO: .* "POST /v1/documents HTTP/1.1" 201', log, re.M)
 
 
 def decoded_with_others(client: httpx.Client) -> float:
