@@ -313,7 +313,9 @@ class ReplicaScheduler:
         self._running = 0  # sent, answering
         self._draining = False
         self._cut_after: float | None = None  # the grace, once answers in flight are cut off
-        self._reads: set[asyncio.Timeout] = set()  # the time limits of the replicas' items awaited now
+        self._reads: dict[asyncio.Timeout, ChatJob] = {}  # the time limits of the items awaited now, by job
+        self._in_flight: set[int] = set()  # the jobs answering or waiting (ids of the ChatJobs given)
+        self._stopped: set[int] = set()  # those of them stopped by ``cancel``
 
     @property
     def depth(self) -> int:
@@ -328,6 +330,17 @@ class ReplicaScheduler:
 
     def close(self) -> None:
         pass  # the replicas belong to Ray Serve; requests in flight are cancelled with their HTTP requests
+
+    def cancel(self, job: ChatJob) -> bool:
+        """Stop ``job`` from outside the task that reads it (the web UI's Stop): its reader gets ``Cancelled`` at
+        once, and its call on the replica is stopped. False if it is not in flight here. On the event loop."""
+        if id(job) not in self._in_flight:
+            return False
+        self._stopped.add(id(job))
+        now = asyncio.get_running_loop().time()
+        for limit in [limit for limit, owner in self._reads.items() if owner is job]:
+            limit.reschedule(now)  # the item awaited now (none between two reads: the next read raises)
+        return True
 
     async def shut_down(self, grace: float) -> None:
         """As ``Scheduler.shut_down``, on the front's event loop; returns once no request is in flight (at most
@@ -388,19 +401,22 @@ class ReplicaScheduler:
         finally:
             await _close(first, items)
 
-    async def _next(self, response, timeout: float):
-        """The call's next item, unless ``timeout`` passes (``TimeoutError``) or the server's shutdown cuts it off
-        (``ShuttingDownError``: ``shut_down`` ends the limit of every item awaited)."""
+    async def _next(self, response, timeout: float, job: ChatJob):
+        """The call's next item, unless ``timeout`` passes (``TimeoutError``), ``job`` is stopped (``Cancelled``)
+        or the server's shutdown cuts it off (``ShuttingDownError``): ``cancel`` and ``shut_down`` end the limit
+        of the items awaited."""
         try:
-            if self._cut_after is not None:
+            if self._cut_after is not None or id(job) in self._stopped:
                 raise TimeoutError
             async with asyncio.timeout(timeout) as limit:
-                self._reads.add(limit)
+                self._reads[limit] = job
                 try:
                     return await response.__anext__()
                 finally:
-                    self._reads.discard(limit)
+                    del self._reads[limit]
         except TimeoutError:
+            if id(job) in self._stopped:
+                raise Cancelled() from None
             if self._cut_after is None:
                 raise
             raise ShuttingDownError(
@@ -414,6 +430,8 @@ class ReplicaScheduler:
         arrived = time.monotonic()
         key = routing_key(job)
         name = uuid.uuid4().hex  # each send is named apart (f"{name}.{attempt}"): a resend may reach the same replica
+        given = job  # what ``cancel`` is handed
+        self._in_flight.add(id(given))
         # The replica's own scheduler sets the request's cancel hook there.
         job = dataclasses.replace(job, request=dataclasses.replace(job.request, cancel=None))
         resume = _Resume()
@@ -431,7 +449,7 @@ class ReplicaScheduler:
                 try:
                     while True:
                         remaining = self.timeout - (time.monotonic() - arrived)
-                        item = await self._next(response, max(remaining, 0.001))
+                        item = await self._next(response, max(remaining, 0.001), given)
                         if isinstance(item, ReplicaReport):
                             self.replicas.seen(item, key, first=replica is None)
                             replica = item.replica
@@ -485,10 +503,13 @@ class ReplicaScheduler:
                     if not ended and replica is not None:
                         self.replicas.stop(call, replica)
                 await asyncio.sleep(0.1 * 2**attempt)
-        except (GeneratorExit, asyncio.CancelledError, RequestTimeoutError, ShuttingDownError):
+        except (GeneratorExit, asyncio.CancelledError, RequestTimeoutError, ShuttingDownError, Cancelled):
             if not replied:  # the client went away or the deadline passed: counted as the local scheduler does
                 self.hooks.cancelled()
             raise
+        finally:
+            self._in_flight.discard(id(given))
+            self._stopped.discard(id(given))
 
 
 async def _close(pending: asyncio.Future, items) -> None:

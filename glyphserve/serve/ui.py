@@ -17,7 +17,7 @@ import html
 import logging
 import secrets
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -27,6 +27,7 @@ from glyphserve.errors import GlyphserveError, NotFoundError
 from glyphserve.glm4v import PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, StreamEvent
 from glyphserve.serve.backends import ChatJob, Reply
+from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import DPIS, NEWLINES, PRESETS, GlyphService, RenderOptions
 from glyphserve.serve.store import DocumentRecord
 
@@ -53,10 +54,19 @@ def _plain(text: str) -> str:
     return html.escape(text, quote=False)
 
 
+# The engine's and the API's errors name request fields; here they are the answer settings' names.
+_UI_WORDS = (("(truncate_pages)", "(page selection: first)"),
+             ("(page_selection retrieve)", "(page selection: retrieve)"),
+             ("lower max_tokens to", "lower the maximum answer tokens to"),
+             ("plus max_tokens", "plus the maximum answer tokens"))
+
+
 def _fail(exc: Exception) -> str:
     """Show ``exc`` as a toast and return the status-box text (messages may quote names users chose)."""
     if isinstance(exc, GlyphserveError):
         message = exc.message
+        for api, ui in _UI_WORDS:
+            message = message.replace(api, ui)
     else:
         log.error("UI action failed", exc_info=exc)
         message = "internal error; the server log has the details"
@@ -72,9 +82,10 @@ def _stats_markdown(record: DocumentRecord) -> str:
     s = record.summary
     ratio = f"{s['compression_ratio']:.2f}×" if s.get("compression_ratio") else "n/a"
     render = s.get("render", {})
+    # One figure a row: four columns in the narrow column broke their words ("charac/ters").
     return (
-        f"| characters | text tokens | vision tokens | compression |\n|---:|---:|---:|---:|\n"
-        f"| {s['characters']:,} | {s['text_tokens']:,} | {s['vision_tokens']:,} | {ratio} |\n\n"
+        f"| | |\n|---|---:|\n| characters | {s['characters']:,} |\n| text tokens | {s['text_tokens']:,} |\n"
+        f"| vision tokens | {s['vision_tokens']:,} |\n| compression | {ratio} |\n\n"
         f"{record.pages} page(s) · {render.get('dpi', '?')} dpi · newline {render.get('newline', '?')} · "
         f"font {render.get('font', '?')}" + (f"\n\n⚠️ {s['warning']}" if s.get("warning") else "")
     )
@@ -257,8 +268,14 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
         return nothing_chosen(f"Deleted **{_literal(name)}**.", chat=[])
 
-    async def chat(question, history, document_ids, use_cache, max_tokens, temperature, page_selection):
-        """Yields (chat, question box, answer stats, status, evidence, gallery, chosen documents, document list)."""
+    # The question each browser session has in flight, so that its Stop ends exactly that one.
+    asked: dict[str, _Asked] = {}
+
+    async def chat(question, history, document_ids, use_cache, max_tokens, temperature, page_selection,
+                   request: gr.Request):
+        """Yields (chat, question box, answer stats, status, evidence, gallery, chosen documents, document list).
+        A question that fails before any answer leaves the chat and goes back to the question box (a failed turn
+        is no conversation to send with the next question); Stop ends it with what was answered kept."""
         history = list(history or [])
         keep = (gr.skip(),) * 2  # the chosen documents and the list, as they are
         if not document_ids:
@@ -276,13 +293,28 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         job = ChatJob(AnswerRequest(pages=[], question=question, history=turns, settings=settings),
                       document_id=document_ids[0] if len(document_ids) == 1 else None,
                       documents=list(document_ids) if len(document_ids) > 1 else None, page_selection=page_selection)
+        before = list(history)
         history.append({"role": "user", "content": _plain(question)})
+        session = request.session_hash if request is not None else ""
+        mine = asked[session] = _Asked(job)
         yield history, "", "", "Answering…", "", gr.skip(), *keep
         thinking = answer = None
+
+        def stopped():
+            if thinking is not None:
+                thinking["metadata"]["status"] = "done"
+            if thinking is None and answer is None:  # nothing came: the question goes back to its box
+                return before, question, gr.skip(), "Stopped before any answer came.", gr.skip(), gr.skip(), *keep
+            return history, "", gr.skip(), "Stopped: what came of the answer stays in the chat.", gr.skip(), \
+                gr.skip(), *keep
+
         try:
             items = await service.stream(job)
             try:
                 async for item in items:
+                    if mine.stop:
+                        yield stopped()
+                        return
                     if isinstance(item, StreamEvent) and item.channel == "thinking":
                         if thinking is None:
                             thinking = {"role": "assistant", "content": "",
@@ -309,19 +341,29 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     yield history, "", "", "Answering…", "", gr.skip(), *keep
             finally:
                 await items.aclose()
+        except Cancelled:  # Stop took it out of the queue, or ended it at a token
+            yield stopped()
         except NotFoundError as exc:  # a chosen document was deleted before the question could be asked
-            yield (history, gr.skip(), gr.skip(), deleted_elsewhere(exc), gr.skip(), [], [],
+            yield (before, question, gr.skip(), deleted_elsewhere(exc), gr.skip(), [], [],
                    gr.update(choices=choices(), value=[]))
         except Exception as exc:
-            yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
+            if mine.stop:
+                yield stopped()
+            elif thinking is None and answer is None:
+                yield before, question, gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
+            else:
+                yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
+        finally:
+            if asked.get(session) is mine:
+                del asked[session]
 
-    def stopped(history):
-        """Stop's own part (the question's task is cancelled beside it): a thinking part left pending is closed."""
-        history = list(history or [])
-        for message in history:
-            if (message.get("metadata") or {}).get("status") == "pending":
-                message["metadata"]["status"] = "done"
-        return history, "Stopped: what came of the answer stays in the chat."
+    def stop_asked(request: gr.Request):
+        """Stop this session's question: a waiting one leaves the queue, a running one ends at its next token; the
+        question's own handler then shows what came (nothing here: the question may have just ended)."""
+        mine = asked.get(request.session_hash if request is not None else "")
+        if mine is not None:
+            mine.stop = True
+            service.scheduler.cancel(mine.job)
 
     def evidence(reply: Reply) -> str:
         """The page rows of each cited passage, inline (wide strips do not suit a gallery's square tiles)."""
@@ -373,12 +415,13 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 stats = gr.Markdown("", elem_id="stats")
             with gr.Column(scale=2, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat", buttons=["copy"], render_markdown=False)
+                # The question on a row of its own: beside three buttons it kept ~150 px of a 1400 px page.
+                question = gr.Textbox(placeholder="Ask a question about the document", show_label=False,
+                                      elem_id="question")
                 with gr.Row():
-                    question = gr.Textbox(placeholder="Ask a question about the document", show_label=False,
-                                          scale=5, elem_id="question")
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                    stop = gr.Button("Stop", scale=1, elem_id="stop")
-                    clear = gr.Button("Clear", scale=1, elem_id="clear")
+                    send = gr.Button("Send", variant="primary", scale=2, min_width=80, elem_id="send")
+                    stop = gr.Button("Stop", scale=1, min_width=80, elem_id="stop")
+                    clear = gr.Button("Clear", scale=1, min_width=80, elem_id="clear")
                 with gr.Accordion("Answer settings", open=False, elem_id="settings"):
                     use_cache = gr.Checkbox(value=True, label="Use caches", elem_id="use-cache",
                                             info="Reuse the pages' vision features and the document's prefix: "
@@ -399,8 +442,9 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 status = gr.Markdown("", elem_id="status")
                 answer_stats = gr.Markdown("", elem_id="answer-stats")
                 evidence_html = gr.HTML("", visible=not service.has_model, elem_id="evidence")
+        # scale-down: a page smaller than its tile keeps its own size (contain enlarged it, blurred)
         gallery = gr.Gallery(label="Rendered pages (click one to read it full size)", columns=3, height=900,
-                             object_fit="contain", elem_id="pages")
+                             object_fit="scale-down", elem_id="pages")
 
         shown_outputs = [document, gallery, stats, stored, name, chatbot, status, answer_stats, evidence_html]
         render_inputs = [preset, dpi, newline]
@@ -415,17 +459,24 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         delete_button.click(delete, [document], shown_outputs, api_name="delete_document")
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]
-        asking = [send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size,
-                             api_name="chat"),
-                  question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size,
-                                  api_name=False)]
-        # Stop cancels the question's task: a queued question leaves the queue, a running one ends at its next token
-        # (the scheduler's ticket is withdrawn as the stream closes); what was answered stays in the chat.
-        stop.click(stopped, chatbot, [chatbot, status], cancels=asking, api_name=False)
+        send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name="chat")
+        question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name=False)
+        # Stop withdraws the session's question from the scheduler (a queued question leaves the queue, a running
+        # one ends at its next token), and the question's handler shows the outcome: the UI framework's own
+        # cancelling (cancels=) sometimes left the answer running, or the status at "Answering…" for good.
+        stop.click(stop_asked, None, None, api_name=False)
         clear.click(lambda: ([], "", "", ""), None, [chatbot, answer_stats, evidence_html, status],
                     api_name="clear_chat")
         demo.load(lambda: gr.update(choices=choices()), None, stored, api_name="list_documents")
     return demo
+
+
+@dataclass
+class _Asked:
+    """A session's question in flight, and whether its Stop was pressed."""
+
+    job: ChatJob
+    stop: bool = False
 
 
 def _text(content) -> str:

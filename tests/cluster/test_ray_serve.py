@@ -99,6 +99,37 @@ def test_the_fronts_shutdown_cuts_off_answers_waiting_for_their_first_item_too(f
     assert scheduler.depth == scheduler.running == 0 and cancelled == [1]
 
 
+def test_a_job_the_front_is_told_to_stop_ends_at_once_even_before_its_first_item():
+    """``ReplicaScheduler.cancel`` (the web UI's Stop on Ray Serve): the reader gets Cancelled at once, queued on
+    the replicas or answering, and the job counts as cancelled."""
+    from glyphserve.serve.ray_serve import ReplicaScheduler
+    from glyphserve.serve.scheduler import Cancelled, SchedulerHooks
+
+    async def main(first_item_s: float):
+        cancelled = []
+        scheduler = ReplicaScheduler(_Replicas(first_item_s), SchedulerHooks(cancelled=lambda: cancelled.append(1)),
+                                     timeout=300)
+        job = ChatJob(AnswerRequest(pages=[], question="q"), context="c")
+        assert not scheduler.cancel(job)  # not in flight yet
+        reader = asyncio.ensure_future(scheduler.stream(job))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        assert scheduler.cancel(job)
+        try:
+            items = await asyncio.wait_for(reader, 5)
+            async for _ in items:
+                pass
+        except Cancelled:
+            pass
+        else:
+            raise AssertionError("the stream ran to its end")
+        return time.monotonic() - started, cancelled, scheduler
+
+    for first_item_s in (30, 0.01):
+        took, cancelled, scheduler = asyncio.run(main(first_item_s))
+        assert took < 1 and cancelled == [1] and scheduler.depth == scheduler.running == 0
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
     server = Server(tmp_path_factory.mktemp("ray-serve") / "data", "--ray", "--replicas", "2", "--model",

@@ -270,7 +270,11 @@ def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir
                 expect(page.locator("#status")).to_contain_text("Answering", timeout=30_000)
                 assert client.get("/health").json()["queue_depth"] >= 1  # it waits behind the API's answers
                 page.locator("#stop").click()
-                expect(page.locator("#status")).to_contain_text("Stopped", timeout=30_000)
+                expect(page.locator("#status")).to_contain_text("Stopped before any answer came", timeout=30_000)
+                # nothing was answered: the question leaves the chat (no conversation to send with the next one)
+                # and is back in its box, to send again
+                expect(page.locator("#question textarea")).to_have_value("Who rowed out?")
+                expect(page.locator("#chat")).not_to_contain_text("Who rowed out?")
                 deadline = time.monotonic() + 60
                 while _metric(client, "glyphserve_requests_cancelled_total") < cancelled + 1:
                     assert time.monotonic() < deadline, "the stopped question was never cancelled"
