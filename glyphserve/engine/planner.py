@@ -200,9 +200,11 @@ class Planner:
             return ContextOverflowError(f"{head}: lower max_tokens to at most {self.max_context - len(prompt.ids)}"
                                         + (f", or ask about the first {fit} of {n} pages" if 0 < fit < n else ""))
         if n == 0:
-            return ContextOverflowError(f"{head}: the text alone does not fit; shorten the messages")
+            return ContextOverflowError(f"{head}: the text alone does not fit; shorten the question or the "
+                                        "conversation")
         if fit == 0:
-            return ContextOverflowError(f"{head}: not even the first page fits; shorten the conversation")
+            return ContextOverflowError(f"{head}: not even the first page fits; shorten the question or the "
+                                        "conversation")
         return ContextOverflowError(
             f"{head}: only the first {fit} of {n} pages fit. Ask about fewer pages, keep the first {fit} "
             f"(truncate_pages), or let the pages that match the question be chosen (page_selection retrieve)")

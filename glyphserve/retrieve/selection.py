@@ -226,7 +226,7 @@ def select_pages(
                   f"{room_for_answer}"
                   if room_for_answer > 0
                   else f"one page and a one-token answer need {fixed + smallest + 1}: use a longer context or "
-                       "shorten the conversation")
+                       "shorten the question or the conversation")
         raise ContextOverflowError(
             f"the question and the conversation take {fixed} tokens, {budget.answer_words()}, but the context holds "
             f"{budget.context}: not even the smallest page ({smallest} tokens) fits; {advice}"

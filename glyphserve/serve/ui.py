@@ -87,7 +87,8 @@ def _stats_markdown(record: DocumentRecord) -> str:
         f"| | |\n|---|---:|\n| characters | {s['characters']:,} |\n| text tokens | {s['text_tokens']:,} |\n"
         f"| vision tokens | {s['vision_tokens']:,} |\n| compression | {ratio} |\n\n"
         f"{record.pages} page(s) · {render.get('dpi', '?')} dpi · newline {render.get('newline', '?')} · "
-        f"font {render.get('font', '?')}" + (f"\n\n⚠️ {s['warning']}" if s.get("warning") else "")
+        f"font {render.get('font', '?')} · id `{record.id}` (the API's)"
+        + (f"\n\n⚠️ {s['warning']}" if s.get("warning") else "")
     )
 
 

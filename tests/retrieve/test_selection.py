@@ -178,7 +178,7 @@ def test_mode_all_and_bad_requests():
         select_pages([doc], mode="retrieve", question="q", budget=tight)
     # No answer length would make room: the context that would.
     assert err.value.message.endswith(f"one page and a one-token answer need {FIXED + 32 + 1}: use a longer context "
-                                      "or shorten the conversation")
+                                      "or shorten the question or the conversation")
 
 
 def test_mode_first_says_when_its_first_page_alone_is_too_big():
