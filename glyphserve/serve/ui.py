@@ -272,13 +272,16 @@ def build_ui(service: GlyphService) -> gr.Blocks:
     # The question each browser session has in flight, so that its Stop ends exactly that one.
     asked: dict[str, _Asked] = {}
 
-    async def chat(question, history, document_ids, use_cache, max_tokens, temperature, page_selection,
+    async def chat(question, history, document_ids, listed, use_cache, max_tokens, temperature, page_selection,
                    request: gr.Request):
         """Yields (chat, question box, answer stats, status, evidence, gallery, chosen documents, document list).
         A question that fails before any answer leaves the chat and goes back to the question box (a failed turn
         is no conversation to send with the next question); Stop ends it with what was answered kept."""
         history = list(history or [])
         keep = (gr.skip(),) * 2  # the chosen documents and the list, as they are
+        if not document_ids and listed:  # the session's state was lost (a server restart), the page still shows them
+            document_ids = [d for d in listed if stored_record(d) is not None]
+            keep = (document_ids, gr.skip())
         if not document_ids:
             yield (history, gr.skip(), gr.skip(), _fail(GlyphserveError("upload or select a document first")),
                    gr.skip(), gr.skip(), *keep)
@@ -458,7 +461,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         stored.change(cleared, [stored], shown_outputs, api_name=False)
         rename_button.click(rename, [document, name], [stored, status], api_name="rename_document")
         delete_button.click(delete, [document], shown_outputs, api_name="delete_document")
-        chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection]
+        chat_inputs = [question, chatbot, document, stored, use_cache, max_tokens, temperature, page_selection]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]
         send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name="chat")
         question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name=False)

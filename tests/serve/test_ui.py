@@ -130,6 +130,29 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_sent_and_the_limit_is_
     assert "big.txt" not in stored_names(extractive_server)
 
 
+def test_a_page_left_open_across_a_server_restart_still_asks_about_the_document_it_shows(tmp_path):
+    """The server restarted, the page not reloaded: the UI framework's per-session state is gone, but the page
+    still shows the document chosen, so a question is about it (it said "upload or select a document first")."""
+    from playwright.sync_api import expect
+
+    from tests.serve.conftest import Server
+
+    server = Server(tmp_path / "data").start()
+    try:
+        with ui_page(server.url) as page:
+            page.get_by_role("tab", name="Example").click()
+            page.locator("#example").click()
+            expect(page.locator("#pages img").first).to_be_visible(timeout=60_000)
+            server.stop()
+            server.start()
+            page.locator("#question textarea").fill("What was the revenue in the third quarter?")
+            page.locator("#send").click()
+            expect(page.locator("#status")).to_contain_text("Done.", timeout=60_000)
+            expect(page.locator("#chat")).to_contain_text("15.1 million euros")
+    finally:
+        server.stop()
+
+
 def test_rename_and_delete(browser_page, extractive_server, tmp_path):
     from playwright.sync_api import expect
 
