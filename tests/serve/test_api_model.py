@@ -208,6 +208,18 @@ def test_client_disconnect_stops_the_generation(model_server, client, documents)
     assert ask(client, documents[2], "Who was rescued?", max_tokens=4)["answer"] is not None
 
 
+def test_a_client_gone_before_a_plain_reply_stops_its_generation(model_server, client, documents):
+    """A non-streaming answer whose client hangs up (here: its read times out) is cancelled in the engine, not
+    decoded to its last token; the server notices through the connection's disconnect, not by polling."""
+    before = cancelled_count(client)
+    body = {"model": "glyph", "messages": [{"role": "user", "content": "Tell a long story"}],
+            "document": documents[2], "max_tokens": 3000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{model_server.url}/v1/chat/completions", json=body, timeout=1.5)
+    wait_for_cancel(client, before)
+    assert ask(client, documents[2], "Who was rescued?", max_tokens=4)["answer"] is not None
+
+
 def running(client: httpx.Client) -> float:
     return float(re.search(r"^vllm:num_requests_running\S* (\S+)", client.get("/metrics").text, re.M).group(1))
 
