@@ -141,6 +141,10 @@ class Metrics:
             metric.labels(model_name)
         for reason in set(_FINISHED.values()):
             c.success.labels(model_name, reason)
+        # A local engine's readings are this service's alone (a service before it in the process, e.g. in tests or a
+        # library's use, left its engine's, which would stay reported and alive).
+        c.engines.sources.clear()
+        c.kv_usage.clear()
 
     def watch(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
         """Read the scheduler's running and waiting requests at scrape time."""

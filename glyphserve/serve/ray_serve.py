@@ -350,6 +350,9 @@ class ReplicaScheduler:
         while self._waiting + self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._cut_after = grace
+        if self._waiting + self._running:
+            log.warning("shutting down: %d request(s) still unanswered after %g s were cut off",
+                        self._waiting + self._running, grace)
         now = asyncio.get_running_loop().time()
         for read in list(self._reads):  # each awaited item's limit runs out now: its reader is cut off
             read.reschedule(now)

@@ -11,8 +11,8 @@ file it lists is there at its size. So an acknowledged document survives a crash
 (of the server, or of the machine before the flush) leaves a listed document half written (an unrenamed
 temporary folder, or a folder with a file cut short, is removed at start-up). A deleted one is renamed aside
 before its row goes, so a delete that cannot proceed changes nothing; ``<data>/.reserve`` (``RESERVE_BYTES``) is
-given up to a delete that finds the disk full (dropping a row writes to the index's log first), so deleting is
-how a full disk is freed, and made again after. Disk faults become typed errors:
+given up to a delete that finds the disk full (dropping a row writes to the index's log first; moving a folder
+aside may need a directory block), so deleting is how a full disk is freed, and made again after. Disk faults become typed errors:
 a full disk 507 ``storage_full``, anything else (read-only, I/O error, permissions) 503
 ``storage_unavailable``, each naming what could not be done.
 """
@@ -76,12 +76,18 @@ def storage(action: str) -> Iterator[None]:
     except GlyphserveError:
         raise
     except sqlite3.Error as exc:
-        code = getattr(exc, "sqlite_errorcode", None)
-        full = (code is not None and code & 0xFF == _SQLITE_FULL) or "full" in str(exc)
-        raise _storage_error(action, full, f"the index database: {exc}") from exc
+        raise _storage_error(action, _disk_full(exc), f"the index database: {exc}") from exc
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        raise _storage_error(action, exc.errno in _FULL_ERRNOS, f"{exc.strerror or exc}{where}") from exc
+        raise _storage_error(action, _disk_full(exc), f"{exc.strerror or exc}{where}") from exc
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a database or file error says the disk (or the quota) is full."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return (code is not None and code & 0xFF == _SQLITE_FULL) or "full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
 
 
 def _storage_error(action: str, full: bool, cause: str) -> GlyphserveError:
@@ -187,6 +193,7 @@ class DocumentStore:
         self.root = Path(root)
         self.docs = self.root / "docs"
         self._lock = threading.Lock()
+        self._reserve_lock = threading.Lock()  # making and giving up the reserve file
         prepare_data_dir(self.root)
         with storage(f"lock the data folder {self.root}"):
             self._holder = hold_data_dir(self.root)
@@ -372,48 +379,60 @@ class DocumentStore:
         self._on_disk(document_id)
         folder, aside = self.docs / document_id, self.docs / f".deleted-{document_id}"
         with storage(f"delete document {document_id}"):
-            if folder.exists():
-                folder.rename(aside)
             try:
-                with self._lock:
-                    self._drop_row(document_id)
-                    self._pending.pop(document_id, None)  # one the writer could not index is served from memory
-            except BaseException:
-                if aside.exists():
-                    aside.rename(folder)
-                raise
+                self._set_aside(document_id, folder, aside)
+            except (sqlite3.Error, OSError) as exc:
+                # A full disk: moving the folder aside (a longer name, perhaps a new directory block) or dropping
+                # the row (the index's write-ahead log grows first) had no room. The reserve gives it some.
+                if not (_disk_full(exc) and self._give_up_reserve()):
+                    raise
+                self._set_aside(document_id, folder, aside)
         failed = self.remove_tree(aside)
         self._keep_reserve()
         return failed
 
-    def _drop_row(self, document_id: str) -> None:
-        """Delete a document's row (hold ``_lock``); on a full disk, with the reserve's room."""
+    def _set_aside(self, document_id: str, folder: Path, aside: Path) -> None:
+        """Move a document's folder aside and drop its row, or neither."""
+        if folder.exists():
+            folder.rename(aside)
         try:
-            self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
-        except sqlite3.Error as exc:
-            code = getattr(exc, "sqlite_errorcode", None)
-            if not (code is not None and code & 0xFF == _SQLITE_FULL) or not (self.root / _RESERVE).exists():
-                raise
-            (self.root / _RESERVE).unlink()
-            logger.warning("the disk holding %s is full: its reserve (%d MiB) was freed to delete a document",
-                           self.root, RESERVE_BYTES >> 20)
-            self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
+            with self._lock:
+                self._db.execute("DELETE FROM documents WHERE id = ?", (document_id,))
+                self._pending.pop(document_id, None)  # one the writer could not index is served from memory
+        except BaseException:
+            if aside.exists():
+                aside.rename(folder)
+            raise
+
+    def _give_up_reserve(self) -> bool:
+        """Delete the reserve file for the room it holds; False where there is none (whole) to give."""
+        with self._reserve_lock:
+            path = self.root / _RESERVE
+            if _size(path) != RESERVE_BYTES:
+                return False
+            path.unlink(missing_ok=True)
+        logger.warning("the disk holding %s is full: its reserve (%d MiB) was freed to delete a document",
+                       self.root, RESERVE_BYTES >> 20)
+        return True
 
     def _keep_reserve(self) -> None:
-        """Make the reserve file where it is missing (best effort: on a full disk, after the next delete)."""
-        path = self.root / _RESERVE
-        if _size(path) == RESERVE_BYTES:
-            return
-        try:
-            with open(path, "wb") as file:
-                try:  # blocks of its own (a sparse file would free none)
-                    os.posix_fallocate(file.fileno(), 0, RESERVE_BYTES)
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                    file.write(bytes(RESERVE_BYTES))  # a file system that allocates no space ahead
-        except OSError:
-            path.unlink(missing_ok=True)
+        """Make the reserve file where it is missing (best effort: on a full disk, after the next delete). Built
+        under another name and renamed, so that a reserve is whole wherever it is seen."""
+        with self._reserve_lock:
+            path, building = self.root / _RESERVE, self.root / f"{_RESERVE}.tmp"
+            if _size(path) == RESERVE_BYTES:
+                return
+            try:
+                with open(building, "wb") as file:
+                    try:  # blocks of its own (a sparse file would free none)
+                        os.posix_fallocate(file.fileno(), 0, RESERVE_BYTES)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        file.write(bytes(RESERVE_BYTES))  # a file system that allocates no space ahead
+                os.replace(building, path)
+            except OSError:
+                building.unlink(missing_ok=True)
 
     def remove_tree(self, path: Path) -> list[str]:
         """Delete a folder or file; what could not be deleted, relative to the data folder."""

@@ -269,10 +269,11 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
         return nothing_chosen(f"Deleted **{_literal(name)}**.", chat=[])
 
-    # The question each browser session has in flight, so that its Stop ends exactly that one.
-    asked: dict[str, _Asked] = {}
+    # The questions each browser session has in flight (Send and Enter are two events: both can run), so that its
+    # Stop ends exactly those.
+    asked: dict[str, list[_Asked]] = {}
 
-    async def chat(question, history, document_ids, listed, use_cache, max_tokens, temperature, page_selection,
+    async def chat(question, history, document_ids, use_cache, max_tokens, temperature, page_selection, listed,
                    request: gr.Request):
         """Yields (chat, question box, answer stats, status, evidence, gallery, chosen documents, document list).
         A question that fails before any answer leaves the chat and goes back to the question box (a failed turn
@@ -280,7 +281,11 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         history = list(history or [])
         keep = (gr.skip(),) * 2  # the chosen documents and the list, as they are
         if not document_ids and listed:  # the session's state was lost (a server restart), the page still shows them
-            document_ids = [d for d in listed if stored_record(d) is not None]
+            try:
+                document_ids = [d for d in listed if stored_record(d) is not None]
+            except Exception as exc:  # the store failing (its message is the user's to read)
+                yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
+                return
             keep = (document_ids, gr.skip())
         if not document_ids:
             yield (history, gr.skip(), gr.skip(), _fail(GlyphserveError("upload or select a document first")),
@@ -300,8 +305,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         before = list(history)
         history.append({"role": "user", "content": _plain(question)})
         session = request.session_hash if request is not None else ""
-        mine = asked[session] = _Asked(job)
-        yield history, "", "", "Answering…", "", gr.skip(), *keep
+        mine = _Asked(job)
+        asked.setdefault(session, []).append(mine)
         thinking = answer = None
 
         def stopped():
@@ -313,7 +318,12 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 gr.skip(), *keep
 
         try:
-            items = await service.stream(job)
+            yield history, "", "", "Answering…", "", gr.skip(), *keep  # (inside: a close here still unregisters)
+            prepared = await service.prepare(job)  # (pages chosen and read: Stop may come meanwhile)
+            if mine.stop:
+                yield stopped()
+                return
+            items = await service.scheduler.stream(prepared)
             try:
                 async for item in items:
                     if mine.stop:
@@ -345,8 +355,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     yield history, "", "", "Answering…", "", gr.skip(), *keep
             finally:
                 await items.aclose()
-        except Cancelled:  # Stop took it out of the queue, or ended it at a token
-            yield stopped()
+        except Cancelled:  # Stop took it out of the queue, or ended it at a token; or the server is closing
+            yield stopped() if mine.stop else (
+                before, question, gr.skip(), _fail(GlyphserveError("the server cancelled the question")), gr.skip(),
+                gr.skip(), *keep)
         except NotFoundError as exc:  # a chosen document was deleted before the question could be asked
             yield (before, question, gr.skip(), deleted_elsewhere(exc), gr.skip(), [], [],
                    gr.update(choices=choices(), value=[]))
@@ -358,14 +370,17 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             else:
                 yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
         finally:
-            if asked.get(session) is mine:
-                del asked[session]
+            questions = asked.get(session, [])
+            if mine in questions:
+                questions.remove(mine)
+            if not questions:
+                asked.pop(session, None)
 
-    def stop_asked(request: gr.Request):
-        """Stop this session's question: a waiting one leaves the queue, a running one ends at its next token; the
-        question's own handler then shows what came (nothing here: the question may have just ended)."""
-        mine = asked.get(request.session_hash if request is not None else "")
-        if mine is not None:
+    async def stop_asked(request: gr.Request):
+        """Stop this session's questions: a waiting one leaves the queue, a running one ends at its next token, one
+        still being prepared is not asked; each question's own handler then shows what came (nothing here: a
+        question may have just ended). On the event loop: Ray Serve's scheduler cancels on it."""
+        for mine in asked.get(request.session_hash if request is not None else "", []):
             mine.stop = True
             service.scheduler.cancel(mine.job)
 
@@ -461,7 +476,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         stored.change(cleared, [stored], shown_outputs, api_name=False)
         rename_button.click(rename, [document, name], [stored, status], api_name="rename_document")
         delete_button.click(delete, [document], shown_outputs, api_name="delete_document")
-        chat_inputs = [question, chatbot, document, stored, use_cache, max_tokens, temperature, page_selection]
+        # (the document list last: the named endpoint's earlier parameters keep their places)
+        chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection, stored]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]
         send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name="chat")
         question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name=False)

@@ -88,7 +88,10 @@ def test_a_full_disk_gets_507_and_loses_nothing(tmp_path):
             assert _upload(client, "A short note.").status_code == 507
             deleted = client.delete(f"/v1/documents/{stored.pop()}")
             assert deleted.status_code == 200, deleted.text
-            assert client.delete(f"/v1/documents/{stored.pop()}").status_code == 200  # the reserve made again
+            reserve = server.inside("stat", "-c", "%s", str(server.data_dir / ".reserve")).stdout.strip()
+            assert reserve == "1048576"  # made again from the room the delete freed
+            server.inside("sh", "-c", f'dd if=/dev/zero of="{filler}-2" bs=4k 2>/dev/null; true')
+            assert client.delete(f"/v1/documents/{stored.pop()}").status_code == 200  # full again: the reserve's
             server.inside("rm", filler)
             assert _upload(client, "A short note.").status_code == 201
             _intact(client, stored)
