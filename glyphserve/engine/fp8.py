@@ -13,7 +13,8 @@ CUDA graph capture (no host synchronisation, allocations fixed by the shapes). I
 
 - CUDA, M <= 64 (decode), bf16/fp16 activations: a Triton kernel that streams the fp8 weights and multiplies
   in the activations' dtype with fp32 accumulation (cuBLAS's FP8 GEMM gains nothing at these sizes): one row
-  ``gemv_kernel``'s, 2 to 64 rows ``rows_kernel``'s on the tensor cores;
+  ``gemv_kernel``'s, 2 to 64 rows ``rows_kernel``'s on the tensor cores (cards before sm_89, which have no FP8
+  conversion, widen the weights' bytes with integer operations: ``gemv_kernel.widen``);
 - CUDA, more rows (prefill), bf16, on cards with FP8 tensor cores (sm_89, sm_90 and later): ``torch._scaled_mm``
   with the activations quantized per row (dynamic per-token scales) and the weights' per-channel scales;
 - anywhere else (CPU, fp32 activations, older cards, shapes cuBLAS refuses): the weights dequantized and
@@ -77,14 +78,16 @@ def dequantize_fp8(qweight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor
 
 
 @lru_cache(maxsize=16)
-def _has_fp8_tensor_cores(device: torch.device) -> bool:
+def has_fp8_conversion(device: torch.device) -> bool:
+    """Whether a CUDA card converts and multiplies e4m3 itself (Ada, sm_89, and later: FP8 tensor cores, and
+    Triton's e4m3 type)."""
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def scaled_mm_fits(x: Tensor, qweight: Tensor) -> bool:
     """cuBLAS's row-wise scaled FP8 GEMM: bf16 output, both inner dimensions multiples of 16."""
     return (x.dtype == torch.bfloat16 and x.shape[1] % 16 == 0 and qweight.shape[0] % 16 == 0
-            and _has_fp8_tensor_cores(x.device))
+            and has_fp8_conversion(x.device))
 
 
 def scaled_mm_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:

@@ -21,6 +21,10 @@ first (``lane_group``) and stream more bytes a step: 2.43 ms against 2.77 in the
 rows (the same bytes a step as the plain tiling), so the step loses the elementwise launch that formed the MLP's
 input from the projection's output (40 a decode step).
 
+Cards before Ada (sm_80/86: the A100, the 24 GB RTX 3090, A10 and A5000) have no FP8 conversion, and Triton
+refuses an e4m3 pointer there: FP8 weights reach both kernels as their bytes (``e4m3_bits``), which ``widen``
+turns into their values with integer operations, exactly.
+
 Imported lazily: Triton is needed only on CUDA, and the tests run this kernel under Triton's interpreter on the CPU.
 """
 
@@ -32,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from glyphserve.engine.fp8 import has_fp8_conversion
 from glyphserve.engine.pdl import begin, pdl_enabled
 
 
@@ -41,6 +46,27 @@ class RowConfig:
     block_k: int  # inputs per step
     num_warps: int
     lane_group: int = 1  # adjacent products a thread adds up each step before they reach an fp32 accumulator
+
+
+def e4m3_bits(weight: torch.Tensor) -> torch.Tensor:
+    """An FP8 weight as the kernels take it on this card: itself where Triton converts e4m3 (CUDA sm_89 and
+    later; the interpreter), else a uint8 view of its bytes for ``widen``."""
+    if weight.dtype == torch.float8_e4m3fn and weight.is_cuda and not has_fp8_conversion(weight.device):
+        return weight.view(torch.uint8)
+    return weight
+
+
+@triton.jit
+def widen(w):
+    """A loaded weight tile in fp32; uint8 tiles are e4m3fn bytes. Each byte's sign, exponent and mantissa go to
+    the matching places of a float16 (e4m3's bias is 7, float16's 15: the float16 is the value times 2**-8, exact
+    for e4m3's subnormals too, which are float16 subnormals), widened and scaled back by 256. (e4m3fn's NaN byte,
+    which quantizing never writes, would come out as a finite value.)"""
+    if w.dtype == tl.uint8:
+        b = w.to(tl.uint16)
+        bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+        w = bits.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+    return w.to(tl.float32)
 
 
 @triton.jit
@@ -66,7 +92,7 @@ def _row_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_i
         k_mask = offs_k < K
         w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
         x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-        products = w.to(tl.float32) * x.to(tl.float32)[None, :]
+        products = widen(w) * x.to(tl.float32)[None, :]
         if GROUP > 1:  # adjacent products (one thread's) summed first: a GROUP-th of the accumulator registers
             lanes += tl.sum(tl.reshape(products, (lanes.shape[0], BLOCK_K // GROUP, GROUP)), axis=2)
         else:
@@ -107,7 +133,8 @@ def choose_row_config(n: int, k: int, weight_bytes: int) -> RowConfig:
 def row_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
                config: RowConfig | None = None) -> torch.Tensor:
     """``x`` [1, K] (16-bit; fp32 under the interpreter) times ``weight`` [N, K] (16-bit, or fp8 with fp32
-    ``scale`` [N]) plus optional ``bias`` [N]: [1, N] in x's dtype. No host synchronisation; one launch."""
+    ``scale`` [N], its bytes as uint8 too) plus optional ``bias`` [N]: [1, N] in x's dtype. No host
+    synchronisation; one launch."""
     return _launch(x, weight, scale, bias, config, gated=False)
 
 
@@ -132,6 +159,7 @@ def _launch(x, weight, scale, bias, config: RowConfig | None, gated: bool) -> to
         x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
+    weight = e4m3_bits(weight)
     config = config or choose_row_config(n, k, weight.element_size())
     # gated: N counts output channels (half the rows), a program owns half its rows' count of them
     channels, block_n = (n // 2, max(1, config.block_n // 2)) if gated else (n, config.block_n)

@@ -6,7 +6,8 @@ At decode sizes a linear layer is a weight stream: each weight byte is read once
 kernel's only job is to read the weights at the card's copy bandwidth. Each program reads a tile of ``BLOCK_N``
 output channels by ``BLOCK_K`` inputs, contiguous along K, widens it to the activations' dtype (exact: every e4m3
 value is a bf16 value) and multiplies on the tensor cores (``tl.dot``, the rows padded to 16, their smallest tile)
-with fp32 accumulation; the per-channel scale and the bias are applied once at the end. Where the output channels
+with fp32 accumulation (on cards without FP8 conversions, through fp32: ``gemv_kernel.widen``); the per-channel
+scale and the bias are applied once at the end. Where the output channels
 alone give too few programs to keep every SM streaming, K is split across programs whose fp32 partial sums (each
 scaled already: the scale is per channel) a second small kernel adds up with the bias (in a fixed order: results
 do not depend on scheduling). ``swap`` puts the weight tile on the MMA's M side (the rows on its N side) instead
@@ -35,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from glyphserve.engine.gemv_kernel import e4m3_bits, widen
 from glyphserve.engine.pdl import begin, pdl_enabled
 
 
@@ -80,6 +82,8 @@ def _rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, M, N, 
     for _ in range(0, K_ITERS):
         k_mask = offs_k < k_end
         w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if w.dtype == tl.uint8:  # e4m3 bytes on a card without FP8 conversions (``gemv_kernel.widen``)
+            w = widen(w)
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if SWAP:
             acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
@@ -154,8 +158,8 @@ def choose_rows_config(m: int, n: int, k: int, weight_bytes: int, gated: bool, m
 def rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
                 config: RowsConfig | None = None) -> torch.Tensor:
     """``x`` [M, K] (M >= 2; bf16/fp16, fp32 under the interpreter) times ``weight`` [N, K] (fp8 with fp32
-    ``scale`` [N], or x's dtype without) plus optional ``bias`` [N]: [M, N] in x's dtype. No host
-    synchronisation, allocations fixed by the shapes."""
+    ``scale`` [N], its bytes as uint8 too, or x's dtype without) plus optional ``bias`` [N]: [M, N] in x's
+    dtype. No host synchronisation, allocations fixed by the shapes."""
     return _launch(x, weight, scale, bias, config, gated=False)
 
 
@@ -176,6 +180,7 @@ def _launch(x, weight, scale, bias, config: RowsConfig | None, gated: bool) -> t
         x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
+    weight = e4m3_bits(weight)
     if config is None:
         # Off CUDA (Triton's interpreter) tiles are chosen as for an H100/H200's 132 SMs.
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132

@@ -189,6 +189,48 @@ def test_triton_kernel_under_the_interpreter():
     run_interpreted(INTERPRETED)
 
 
+AS_BYTES = """
+import torch
+from glyphserve.engine.fp8 import dequantize_fp8, quantize_fp8
+from glyphserve.engine.gemv_kernel import RowConfig, gated_row_matmul, row_matmul
+from glyphserve.engine.rows_kernel import RowsConfig, gated_rows_matmul, rows_matmul
+
+torch.manual_seed(0)
+# Every finite e4m3fn byte (0x7f and 0xff are NaN), subnormals and negatives included, one a row, times 1: each
+# product is the byte's value, exactly.
+codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+values = codes.view(torch.float8_e4m3fn).float()
+w, ones = codes[:, None], torch.ones(len(codes))
+for config in (RowConfig(4, 32, 4), RowConfig(8, 64, 4, lane_group=8)):
+    out = row_matmul(torch.ones(1, 1), w, ones, None, config)
+    assert torch.equal(out[0], values), (out[0] - values).abs().max()
+out = rows_matmul(torch.ones(2, 1), w, ones, None, RowsConfig(16, 32, 32, 1, 4, 1))
+assert torch.equal(out, values.expand(2, -1))
+# Real weights: the bytes give what the e4m3 weights give, bit for bit (plain, gated, split K, swapped tiles).
+for n, k in [(40, 96), (37, 100)]:
+    q, scale = quantize_fp8(torch.randn(2 * n, k) * torch.logspace(-3, 1, k))  # subnormals among them
+    x1, x3 = torch.randn(1, k), torch.randn(3, k)
+    for config in (RowConfig(4, 32, 4), RowConfig(4, 64, 4, lane_group=8)):
+        assert torch.equal(row_matmul(x1, q.view(torch.uint8), scale, None, config), row_matmul(x1, q, scale, None, config))
+        assert torch.equal(gated_row_matmul(x1, q.view(torch.uint8), scale, config), gated_row_matmul(x1, q, scale, config))
+    for config in (RowsConfig(16, 32, 32, 1, 4, 1), RowsConfig(16, 32, 32, 2, 4, 1), RowsConfig(16, 64, 32, 1, 4, 1, swap=True)):
+        bias = torch.randn(2 * n)
+        assert torch.equal(rows_matmul(x3, q.view(torch.uint8), scale, bias, config), rows_matmul(x3, q, scale, bias, config))
+    config = RowsConfig(16, 32, 32, 1, 4, 1)
+    assert torch.equal(gated_rows_matmul(x3, q.view(torch.uint8), scale, config), gated_rows_matmul(x3, q, scale, config))
+    ref = x3 @ dequantize_fp8(q, scale, torch.float32).T
+    out = rows_matmul(x3, q.view(torch.uint8), scale, None, config)
+    assert (out - ref).norm() <= 1e-5 * ref.norm()
+print("interpreted ok")
+"""
+
+
+def test_fp8_weights_as_their_bytes_under_the_interpreter():
+    """Cards before sm_89 get an FP8 weight's bytes (Triton has no e4m3 there): widened with integer operations,
+    every finite byte comes out as its value, and a product equals the e4m3 path's bit for bit."""
+    run_interpreted(AS_BYTES)
+
+
 QUANTIZE_ACTIVATIONS = """
 import torch, triton
 from glyphserve.engine.fp8_kernels import _quantize_activations_kernel, quantize_activations
@@ -315,31 +357,54 @@ _ROWS_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "out_ptr", "partial_ptr
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="builds for a GPU: not under the interpreter")
-@pytest.mark.parametrize("arch", [89, 90])
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
 @pytest.mark.parametrize("weights,swap,gated", [("fp8e4nv", False, False), ("fp8e4nv", True, False),
                                                 ("fp8e4nv", False, True), ("fp8e4nv", True, True),
                                                 ("bf16", True, True)])
-def test_rows_kernel_compiles_for_ada_and_hopper(weights, swap, gated, arch):
-    """The few-rows kernel as the engine launches it on an Ada (sm_89: the 24 GB cards FP8 is for) or a Hopper GPU
-    (sm_90, with PDL): FP8 or bf16 weights widened to the bf16 rows for the tensor cores, the weight tile on either
-    side of the MMA, gated or plain, compiled here (no GPU needed): the interpreter never builds the tensor-core
-    code, and a widening that ptxas accepts only from sm_90 on (bf16 from f16) would fail on Ada."""
+def test_rows_kernel_compiles_for_ampere_ada_and_hopper(weights, swap, gated, arch):
+    """The few-rows kernel as the engine launches it on an Ampere (sm_80/86: the A100, the 24 GB RTX 3090 and A10),
+    an Ada (sm_89: the RTX 4090) or a Hopper GPU (sm_90, with PDL): FP8 (before sm_89 as its bytes, which Triton
+    refuses to take as e4m3 there) or bf16 weights widened to the bf16 rows for the tensor cores, the weight tile
+    on either side of the MMA, gated or plain, compiled here (no GPU needed): the interpreter never builds the
+    tensor-core code, and a widening that ptxas accepts only from sm_90 on (bf16 from f16) would fail on Ada."""
+    from glyphserve.engine.rows_kernel import _rows_kernel
+
+    if weights == "fp8e4nv" and arch < 89:
+        weights = "u8"  # gemv_kernel.e4m3_bits
+    constants = dict(HAS_SCALE=weights != "bf16", HAS_BIAS=not gated, SPLIT=False, K_ITERS=4,
+                     BLOCK_M=64 if swap else 16, BLOCK_N=128 if swap else 32, BLOCK_K=128 if swap else 256, SWAP=swap,
+                     GATED=gated, PDL=arch >= 90)
+    types = ["*bf16", f"*{weights}", "*fp32", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7
+    kernel = _build(_rows_kernel, _ROWS_ARGS, types, constants, arch, {"num_warps": 4, "num_stages": 3})
+    assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == (arch >= 90)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="builds for a GPU: not under the interpreter")
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+@pytest.mark.parametrize("gated", [False, True])
+def test_row_kernel_compiles_for_fp8_weights_on_ampere_ada_and_hopper(gated, arch):
+    """The one-row kernel on FP8 weights as the engine launches it: e4m3 from sm_89 on, the weights' bytes before
+    (``--quantize fp8`` on an RTX 3090 failed there: Triton refuses an e4m3 pointer on a card before Ada)."""
+    from glyphserve.engine.gemv_kernel import _row_kernel
+
+    constants = dict(HAS_SCALE=True, HAS_BIAS=not gated, BLOCK_N=8, BLOCK_K=2048, GROUP=8, GATED=gated,
+                     PDL=arch >= 90)
+    types = ["*bf16", "*fp8e4nv" if arch >= 89 else "*u8", "*fp32", "*bf16", "*bf16"] + ["i32"] * 4
+    _build(_row_kernel, ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "out_ptr", "N", "K", "stride_wn", "k_iters"],
+           types, constants, arch, {"num_warps": 4, "num_stages": 1})
+
+
+def _build(fn, args: list[str], types: list[str], constants: dict, arch: int, options: dict):
+    """A Triton kernel compiled for a CUDA card of compute capability ``arch`` (skipped without ptxas)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from glyphserve.engine.rows_kernel import _rows_kernel
-
-    signature = dict(zip(_ROWS_ARGS, ["*bf16", f"*{weights}", "*fp32", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7))
-    constants = dict(HAS_SCALE=weights != "bf16", HAS_BIAS=not gated, SPLIT=False, K_ITERS=4,
-                     BLOCK_M=64 if swap else 16, BLOCK_N=128 if swap else 32, BLOCK_K=128 if swap else 256, SWAP=swap,
-                     GATED=gated, PDL=arch >= 90)
-    signature.update(dict.fromkeys(constants, "constexpr"))
+    signature = {**dict(zip(args, types)), **dict.fromkeys(constants, "constexpr")}
     try:
-        kernel = triton.compile(ASTSource(fn=_rows_kernel, signature=signature, constexprs=constants),
-                                target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", arch, 32), options=options)
     except RuntimeError as exc:  # a Triton without its CUDA tool chain (ptxas) cannot build for a GPU at all
         if "ptxas" in str(exc) and "error" not in str(exc).lower():
             pytest.skip(str(exc))
         raise
-    assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == (arch >= 90)
