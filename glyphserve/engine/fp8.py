@@ -36,6 +36,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 DECODE_ROWS = 64  # rows up to which the weight-streaming kernel runs
 QUANTIZE_ROWS = 4096  # rows quantized at a time (an fp32 copy of at most 4,096 x 13,696 values: 224 MB)
+DEQUANTIZE_ROWS = 1024  # rows dequantized at a time (fp32: at most 56 MB of 1,024 x 13,696)
 
 
 def quantize_fp8(weight: Tensor, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -73,8 +74,16 @@ def _quantize_rows(weight: Tensor, device: torch.device | None, dtype: torch.dty
 
 
 def dequantize_fp8(qweight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """The weight ``qweight * scale[:, None]`` in ``dtype`` (computed in fp32)."""
-    return (qweight.float() * scale[:, None]).to(dtype)
+    """The weight ``qweight * scale[:, None]`` in ``dtype``, computed in fp32 DEQUANTIZE_ROWS rows at a time: the
+    prefill of a card without FP8 tensor cores dequantizes each weight as it multiplies, and a whole fp32 copy of
+    the fused gate_up (448 MB) beside its bf16 one would take a 24 GB card's room for the KV pool."""
+    if dtype == torch.float32:
+        return qweight.float().mul_(scale[:, None])
+    out = torch.empty(qweight.shape, dtype=dtype, device=qweight.device)
+    for start in range(0, qweight.shape[0], DEQUANTIZE_ROWS):
+        rows = slice(start, start + DEQUANTIZE_ROWS)
+        out[rows] = qweight[rows].float().mul_(scale[rows, None])
+    return out
 
 
 @lru_cache(maxsize=16)

@@ -48,6 +48,11 @@ def test_quantizing_rows_a_few_at_a_time_changes_nothing(monkeypatch):
     monkeypatch.setattr(fp8, "QUANTIZE_ROWS", 7)
     parts = quantize_fp8(w, torch.device("cpu"))
     assert torch.equal(parts[0].view(torch.uint8), whole[0].view(torch.uint8)) and torch.equal(parts[1], whole[1])
+    # and dequantizing a few rows at a time too (the fp32 product rounded once)
+    monkeypatch.setattr(fp8, "DEQUANTIZE_ROWS", 7)
+    q, scale = whole
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(dequantize_fp8(q, scale, dtype), (q.float() * scale[:, None]).to(dtype))
 
 
 def test_a_model_to_quantize_keeps_only_the_weights_to_quantize_on_the_host(tiny_model_dir):
