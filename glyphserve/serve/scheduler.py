@@ -141,6 +141,18 @@ class Scheduler:
         return len(self._running) - self._ended
 
     @property
+    def _places(self) -> int:
+        """Requests answered at once."""
+        return self.max_batch
+
+    def _free_places(self) -> int:
+        """Places the backend will take waiting requests into without one ending first (hold ``_cond``): a
+        continuously batching backend's free rows; otherwise a full batch when idle, none while a batch runs."""
+        if self._running and not self._admits:
+            return 0
+        return max(0, self.max_batch - self.running)
+
+    @property
     def alive(self) -> bool:
         """Whether the worker thread runs (it stops only when closed)."""
         return self._thread.is_alive()
@@ -223,9 +235,13 @@ class Scheduler:
         with self._cond:
             if self._stopping or self._draining:
                 raise ShuttingDownError("the server is shutting down: send the request to another one")
-            if len(self._queue) >= self.queue_size:
+            # Waiting for a free place is not waiting for capacity: a burst arrives faster than the backend takes
+            # it in (at its next step), and 100 questions at once to an engine running 256 got 429s with the
+            # engine nearly idle. The queue's bound counts those beyond the free places.
+            if len(self._queue) >= self.queue_size + self._free_places():
                 raise QueueFullError(
-                    f"the request queue is full ({self.queue_size} waiting); retry in {self.retry_after()} s"
+                    f"the request queue is full ({self.queue_size} waiting beyond the {self._places} answered at "
+                    f"once); retry in {self.retry_after()} s"
                 )
             self._queue.append(ticket)
             self._cond.notify()
@@ -450,6 +466,13 @@ class ConcurrentScheduler(Scheduler):
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self._seconds_per_job * (len(self._queue) + 1) / self.concurrency))
+
+    @property
+    def _places(self) -> int:
+        return self.concurrency
+
+    def _free_places(self) -> int:
+        return max(0, self.concurrency - self._active)
 
     def _begin(self, batch: list[_Ticket]) -> None:
         self._active += 1

@@ -99,6 +99,22 @@ def test_errors_reach_only_their_request_and_full_queue_refuses():
         run(closed.answer(job("q", "c")))
 
 
+def test_a_burst_up_to_the_free_places_and_the_queue_is_taken():
+    """A burst arrives faster than the worker takes it in: the queue's bound counts only the requests beyond the
+    places free (100 questions at once to an engine running 256 got 429s with the engine nearly idle)."""
+    scheduler = Scheduler(ExtractiveBackend(None), queue_size=1, max_batch=8, timeout=30)
+
+    async def main():
+        return await asyncio.gather(*(scheduler.answer(job("secret word", CONTEXTS[i % len(CONTEXTS)]))
+                                      for i in range(9)), return_exceptions=True)
+
+    try:
+        replies = run(main())
+    finally:
+        scheduler.close()
+    assert all(isinstance(r, Reply) for r in replies), replies
+
+
 class _GatedBackend:
     """A first delta at once, the rest once ``gate`` opens (a long answer, cut short when cancelled)."""
 
