@@ -63,14 +63,13 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.params = PreprocessParams.from_image_processor(loaded.image_processor)
         self.preprocessor = PagePreprocessor(self.params, self.device, self.dtype, side_stream=config.pinned_copies)
-        self.prompts = PromptBuilder(
-            self.tokenizer, loaded.chat_template, mcfg.image_token_id, mcfg.image_end_token_id, self.params.merge_size
-        )
         limit = mcfg.text_config.max_position_embeddings
         if config.max_context is not None and config.max_context > limit:  # as vLLM refuses a max_model_len past it
             raise ConfigError(f"a context of {config.max_context} tokens (max_context, --max-model-len) is longer "
                               f"than the model's {limit} positions (max_position_embeddings): give at most {limit}")
         self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
+        self.prompts = PromptBuilder(self.tokenizer, loaded.chat_template, mcfg.image_token_id,
+                                     mcfg.image_end_token_id, self.params.merge_size, self.max_context)
         self.stop_ids = self._stop_ids()
         # Compiled in 16 bits only: in float32 (the CUDA exactness probe's dtype) the compiled tower moved two of the
         # probe's eight checks off generate's tokens (at top-2 gaps of 0.007 and 0.010; uncompiled, all eight equal),

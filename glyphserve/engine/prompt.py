@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from glyphserve.engine.types import ChatMessage
-from glyphserve.errors import GlyphserveError
+from glyphserve.errors import ContextOverflowError, GlyphserveError
 from glyphserve.glm4v import MESSAGE_TOKENS, PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.retrieve import PromptBudget
 
@@ -51,11 +51,20 @@ def conversation(history: list[ChatMessage], question: str, n_pages: int,
 # then built from the same text (it was tokenized three times a question, on the threads that also serve
 # requests). A text of more than a sixteenth of them is not kept.
 ENCODED_TOKENS = 1 << 20
+# A rendered conversation of more than CHARS_PER_TOKEN characters a token of the context (and more than a piece)
+# is counted a piece of PIECE_CHARS at a time first, and refused once the pieces need more than the context:
+# tokenized whole, a 2 MB question took 3.4 s of a request thread and a 10 MB one 20 s and 1.6 GB before its
+# refusal, and questions behind them waited. A cut between two pieces may change a few tokens near it: SEAM_TOKENS a cut are not counted.
+CHARS_PER_TOKEN = 4
+PIECE_CHARS = 1 << 16
+SEAM_TOKENS = 8
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, chat_template: str, image_token_id: int, image_end_token_id: int, merge_size: int):
+    def __init__(self, tokenizer, chat_template: str, image_token_id: int, image_end_token_id: int, merge_size: int,
+                 max_context: int | None = None):
         self.tokenizer = tokenizer
+        self.max_context = max_context  # texts that need more tokens are refused before they are tokenized whole
         self.chat_template = chat_template
         self.image_token_id = image_token_id
         self.image_end_token_id = image_end_token_id
@@ -77,6 +86,7 @@ class PromptBuilder:
             if raw is not None:
                 self._encoded.move_to_end(text)
                 return raw
+        self._refuse_past_context(text)
         raw = array("q", self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(raw) <= ENCODED_TOKENS // 16:
             with self._lock:
@@ -86,6 +96,19 @@ class PromptBuilder:
                 while self._encoded_tokens > ENCODED_TOKENS:
                     self._encoded_tokens -= len(self._encoded.popitem(last=False)[1])
         return raw
+
+    def _refuse_past_context(self, text: str) -> None:
+        """Count a long text a piece at a time, and refuse it as soon as the pieces need more than the context."""
+        if self.max_context is None or len(text) <= max(CHARS_PER_TOKEN * self.max_context, PIECE_CHARS):
+            return  # (tokenized whole at once: the planner then says exactly how many tokens it needs)
+        counted = 0
+        for start in range(0, len(text), PIECE_CHARS):
+            piece = text[start : start + PIECE_CHARS]
+            counted += len(self.tokenizer(piece, add_special_tokens=False)["input_ids"]) - SEAM_TOKENS
+            if counted > self.max_context:
+                raise ContextOverflowError(
+                    f"the prompt needs more than {self.max_context} tokens (its text: {len(text):,} characters), "
+                    f"but the context holds {self.max_context}: shorten the question or the conversation")
 
     def count(self, messages: list[dict]) -> int:
         """Tokens of the rendered template, each page's <|image|> counting 0 (its vision tokens are the page's)."""

@@ -283,3 +283,31 @@ def test_an_unset_max_tokens_answers_to_the_end_of_the_context(load_engine):
     with pytest.raises(ContextOverflowError, match="the answer at least one, but the context holds 160"):
         engine.answer(AnswerRequest(pages=PAGES[:1], question="Go on " * 200,
                                     settings=GenerationSettings(max_tokens=None)))
+
+
+def test_a_question_far_past_the_context_is_refused_before_it_is_tokenized_whole(load_engine):
+    """A 1 MB question against a 160-token context: counted a piece at a time and refused within the first pieces
+    (tokenized whole, a 10 MB question took 20 s and 1.6 GB of a server before its refusal)."""
+    from glyphserve.engine.prompt import PIECE_CHARS
+    from glyphserve.errors import ContextOverflowError
+
+    engine = load_engine(max_context=160)
+    real = engine.prompts.tokenizer
+    seen: list[int] = []
+
+    class Counting:  # the real tokenizer, with the length of each text it tokenizes written down
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return real(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    engine.prompts.tokenizer = Counting()
+    with pytest.raises(ContextOverflowError, match="needs more than 160 tokens .*1,000,0"):
+        engine.answer(AnswerRequest(pages=PAGES[:1], question="word " * 200_000,
+                                    settings=GenerationSettings(max_tokens=4)))
+    assert seen and max(seen) <= PIECE_CHARS and sum(seen) <= 2 * PIECE_CHARS
+    # a question that fits is tokenized as before
+    assert engine.answer(AnswerRequest(pages=PAGES[:1], question="Who?",
+                                       settings=GenerationSettings(max_tokens=2, ignore_eos=True))).new_tokens == 2
