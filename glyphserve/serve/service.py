@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable
@@ -109,6 +109,9 @@ class GlyphService:
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")
         # Ready at upload: documents being warmed (their task) and warmed ones (see ``warmth``).
         self._warming: dict[str, asyncio.Task] = {}
+        # Uploads being rendered and stored, by content key: the same content sent again meanwhile waits for that
+        # one (12 uploads of one file at once stored 12 documents). The record, or None when that one failed.
+        self._adding: dict[str, Future] = {}
         # Others holding copies of documents' files (the UI framework caches what it shows): each is called with a
         # document's folder before the folder goes, and returns the paths it could not remove.
         self.copy_holders: list[Callable[[Path], list[str]]] = []
@@ -220,15 +223,32 @@ class GlyphService:
 
         loop = asyncio.get_running_loop()
         document, config, digest, sent_digest = await loop.run_in_executor(self._ingest_pool, read)
-        existing = self.store.find(digest) or self.store.find(sent_digest)
-        if existing is not None:
-            return existing, True
+        while True:
+            existing = self.store.find(digest) or self.store.find(sent_digest)
+            if existing is not None:
+                return existing, True
+            adding = self._adding.get(digest)
+            if adding is None:
+                break
+            # (shielded: this request going away must not cancel the other's)
+            stored = await asyncio.shield(asyncio.wrap_future(adding))
+            if stored is not None:
+                return stored, True
+            # that upload failed (perhaps for its own reasons, e.g. its client left): this one tries itself
         # A file's own name loses its folders; a name typed for it (the name field, pasted text's) is kept as typed.
         shown = (clean_filename(name) if name == filename else clean_name(name or "", MAX_NAME_CHARS)) or \
             document.source_name
         original = name if name and name != shown else None
-        record = await loop.run_in_executor(self._render_pool, self._render_and_store, document, shown, original,
-                                            options.preset, config, deadline, digest)
+        work = self._render_pool.submit(self._render_and_store, document, shown, original, options.preset, config,
+                                        deadline, digest)
+        adding = self._adding[digest] = Future()
+
+        def settle(done: Future) -> None:  # when the work ends, whether or not this request still waits for it
+            del self._adding[digest]
+            adding.set_result(None if done.cancelled() or done.exception() is not None else done.result())
+
+        work.add_done_callback(lambda done: loop.call_soon_threadsafe(settle, done))
+        record = await asyncio.wrap_future(work)
         self._start_warming(record.id)
         return record, False
 

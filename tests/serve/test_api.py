@@ -103,6 +103,25 @@ def test_an_upload_is_the_same_document_when_its_applied_settings_are(client):
     assert other["deduplicated"] is False and other["id"] != first["id"]
 
 
+def test_the_same_content_uploaded_many_times_at_once_is_stored_once(extractive_server, client):
+    """A double click, a client's retry: uploads of one content at the same time wait for the one storing it (12
+    at once stored 12 documents)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = "Sent twelve times at once, stored once. " * 400
+    before = len(client.get("/v1/documents").json()["documents"])
+
+    def send(_):
+        with httpx.Client(base_url=extractive_server.url, timeout=60) as c:
+            return c.post("/v1/documents", files={"file": ("same.txt", text.encode(), "text/plain")})
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(send, range(12)))
+    assert sorted(r.status_code for r in responses) == [200] * 11 + [201], [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len(client.get("/v1/documents").json()["documents"]) == before + 1
+
+
 @pytest.mark.parametrize("name, data, kind", [
     ("story.txt", STORY.encode(), "txt"),
     ("story.md", ("# The keeper\n\n" + STORY).encode(), "markdown"),
