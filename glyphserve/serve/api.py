@@ -263,7 +263,7 @@ def build_router(service: GlyphService) -> APIRouter:
             item["logprobs"] = [asdict(t) for t in event.logprobs]
         return item
 
-    @router.get("/health")
+    @router.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: probes that read only the status)
     async def health():
         # In a thread: on Ray Serve, describing the server asks Ray's controller (a blocking call).
         info = await run_in_threadpool(service.describe)
@@ -446,10 +446,9 @@ def build_router(service: GlyphService) -> APIRouter:
 
         return sse_response(events(), items)
 
-    @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-                      include_in_schema=False)
-    async def unknown(request: Request, rest: str):
-        path = f"/v1/{rest}"
+    async def unknown(request: Request):
+        """A path or method the API does not have: 404, or 405 naming the methods the path takes."""
+        path = request.url.path
         routes = [r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is not unknown]
         allow = sorted({method for r in routes if r.path_regex.match(path) for method in r.methods} - {"HEAD"})
         if allow:
@@ -457,4 +456,9 @@ def build_router(service: GlyphService) -> APIRouter:
                                         allow)
         raise NotFoundError(f"no API route {path}")
 
+    # (/health and /metrics too: under the web UI, which serves every other path, they got its plain 404)
+    router.add_api_route("/v1/{rest:path}", unknown, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                         include_in_schema=False)
+    for path in ("/health", "/metrics"):
+        router.add_api_route(path, unknown, methods=["POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     return router
