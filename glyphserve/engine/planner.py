@@ -203,11 +203,17 @@ class Planner:
             return ContextOverflowError(f"{head}: the text alone does not fit; shorten the question or the "
                                         "conversation")
         if fit == 0:
+            merge = self.params.merge_size**2
+            first = prompt.image_grids[0][1] * prompt.image_grids[0][2] // merge
+            if first > self.max_context // 2:  # the page, not the text, is what does not fit
+                return ContextOverflowError(f"{head}: not even the first page fits, which alone takes {first} "
+                                            "tokens; send a smaller image of it (fewer pixels)")
             return ContextOverflowError(f"{head}: not even the first page fits; shorten the question or the "
                                         "conversation")
         return ContextOverflowError(
-            f"{head}: only the first {fit} of {n} pages fit. Ask about fewer pages, keep the first {fit} "
-            f"(truncate_pages), or let the pages that match the question be chosen (page_selection retrieve)")
+            f"{head}: only the first {fit} of {n} pages fit. Ask about fewer or smaller pages, keep the first {fit} "
+            f"(truncate_pages), or, for a stored document, let the pages that match the question be chosen "
+            f"(page_selection retrieve)")
 
     def _positions(self, prompt: PromptTokens) -> tuple[torch.Tensor, int]:
         """M-RoPE positions [3, L] of the prompt, exactly as the HF model computes them (on CPU).

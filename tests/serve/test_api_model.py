@@ -173,6 +173,20 @@ def test_images_kept_by_truncate_pages_are_named_in_the_reply(client):
     assert refused.status_code == 400 and "first 2 of 3 pages" in refused.json()["error"]["message"]
 
 
+def test_an_image_too_large_for_the_context_is_told_to_be_sent_smaller(client):
+    """The image, not the question, is what does not fit (the advice was to shorten the question)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (2000, 2000), "white").save(out, format="PNG")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(out.getvalue())
+                                                .decode()}}
+    refused = client.post("/v1/chat/completions", json={"model": "glyph", "max_tokens": 8, "messages": [
+        {"role": "user", "content": [image, {"type": "text", "text": "hi"}]}]})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert "send a smaller image of it" in refused.json()["error"]["message"], refused.text
+
+
 def cancelled_count(client: httpx.Client) -> float:
     match = re.search(r"^glyphserve_requests_cancelled_total (\S+)", client.get("/metrics").text, re.M)
     return float(match.group(1))

@@ -105,7 +105,7 @@ def test_a_document_longer_than_the_context_shows_the_matching_pages(model, long
     assert truncated["usage"]["prompt_tokens"] == chat(model, doc_id, "What is the harbour code?",
                                                        page_selection="first").json()["usage"]["prompt_tokens"]
     assert refused.json()["error"]["message"].endswith(
-        "or let the pages that match the question be chosen (page_selection retrieve)")
+        "let the pages that match the question be chosen (page_selection retrieve)")
 
     # A follow-up that selects the same pages reuses them: no page is encoded again, the page prefix is reused.
     again = chat(model, doc_id, "Which harbour code does the lighthouse have?").json()
