@@ -365,10 +365,13 @@ class LaunchPlan:
     query_tiles: int  # programs per sequence and KV head along its queries
     splits: int  # programs per sequence and KV head along its keys
 
-    @property
-    def stages(self) -> int:
-        """Software pipeline stages of the kernel's loop: one where decode rows' splits hold about one step each."""
-        return 1 if self.block_n == _DECODE_BLOCK_N and self.splits >= _ONE_STAGE_FROM_SPLITS else 3
+    def stages(self, element_size: int) -> int:
+        """Software pipeline stages of the kernel's loop over caches of ``element_size`` bytes a value: one where
+        decode rows' splits hold about one step each, and for fp32 caches (checking, not serving: three stages
+        took 116-148 KB of shared memory a block, past the 99 KB of sm_86/89 cards, the RTX 3090, A10, RTX 4090
+        and L4, where the engine failed at its first launch)."""
+        one = element_size >= 4 or (self.block_n == _DECODE_BLOCK_N and self.splits >= _ONE_STAGE_FROM_SPLITS)
+        return 1 if one else 3
 
 
 def plan_launch(n_seqs: int, n_heads: int, kv_heads: int, max_query_len: int, key_capacity: int,
@@ -432,7 +435,8 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, s
         GROUP=n_heads // kv_heads, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, MODE=mode,
-        LINE=line_values(head_dim, k_cache.element_size()), num_warps=4, num_stages=plan.stages, launch_pdl=pdl,
+        LINE=line_values(head_dim, k_cache.element_size()), num_warps=4,
+        num_stages=plan.stages(k_cache.element_size()), launch_pdl=pdl,
     )
 
 

@@ -148,11 +148,46 @@ def test_decode_plans_with_a_step_a_split_run_unpipelined():
     from glyphserve.engine.attention import plan_launch
 
     one = plan_launch(1, 32, 2, 1, 32768, 132)
-    assert (one.splits, one.stages) == (132, 1)
-    assert plan_launch(2, 32, 2, 1, 32768, 132).stages == 1
-    assert plan_launch(8, 32, 2, 1, 32768, 132).stages == 3
-    assert plan_launch(1, 32, 2, 47, 32768, 132).stages == 3  # a follow-up's queries
+    assert (one.splits, one.stages(2)) == (132, 1)
+    assert plan_launch(2, 32, 2, 1, 32768, 132).stages(2) == 1
+    assert plan_launch(8, 32, 2, 1, 32768, 132).stages(2) == 3
+    assert plan_launch(1, 32, 2, 47, 32768, 132).stages(2) == 3  # a follow-up's queries
     assert plan_launch(1, 32, 2, 1, 4096, 132).splits == 32  # no more splits than steps in the table's capacity
+    assert plan_launch(8, 32, 2, 1, 32768, 132).stages(4) == 1  # fp32 caches: see the next test
+
+
+# Shared memory a block may take (the opt-in limit Triton checks at launch) on Ampere/Ada cards other than the A100.
+SM86_SHARED_BYTES = 101_376
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="builds for a GPU: not under the interpreter")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("rows,queries", [(8, 1), (1, 64)])  # decode rows; a prompt chunk's tiles
+def test_the_kernel_fits_the_shared_memory_of_a_24_gb_ampere_or_ada_card(dtype, rows, queries):
+    """GLM-4.1V-9B's heads at the stages the launcher picks, built for sm_86 (RTX 3090, A10; sm_89's limit is the
+    same): with fp32 caches three stages took up to 148 KB, and the engine failed at its first launch there."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from glyphserve.engine.attention import _attend_kernel, line_values, plan_launch
+
+    element = 4 if dtype == "fp32" else 2
+    plan = plan_launch(rows, 32, 2, queries, 32768, 82)  # an RTX 3090's 82 SMs
+    types = [f"*{dtype}"] * 3 + ["*i32"] * 4 + ["*fp32"] * 3 + ["fp32"] + ["i32"] * 14
+    constants = dict(GROUP=16, GROUP_PAD=plan.group_pad, HEAD_DIM=128, PAGE=16, BLOCK_M=plan.block_m,
+                     BLOCK_N=plan.block_n, PRECISION="ieee" if dtype == "fp32" else "tf32", PDL=False, MODE=0,
+                     LINE=line_values(128, element))
+    signature = {**dict(zip(_ATTEND_ARGS, types)), **dict.fromkeys(constants, "constexpr")}
+    try:
+        kernel = triton.compile(ASTSource(fn=_attend_kernel, signature=signature, constexprs=constants),
+                                target=GPUTarget("cuda", 86, 32),
+                                options={"num_warps": 4, "num_stages": plan.stages(element)})
+    except RuntimeError as exc:  # a Triton without its CUDA tool chain (ptxas) cannot build for a GPU at all
+        if "ptxas" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    assert kernel.metadata.shared <= SM86_SHARED_BYTES, kernel.metadata.shared
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="builds for a GPU: not under the interpreter")

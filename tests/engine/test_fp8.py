@@ -413,3 +413,25 @@ def _build(fn, args: list[str], types: list[str], constants: dict, arch: int, op
         if "ptxas" in str(exc) and "error" not in str(exc).lower():
             pytest.skip(str(exc))
         raise
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="builds for a GPU: not under the interpreter")
+@pytest.mark.parametrize("arch", [86, 89])
+def test_the_few_rows_tiles_fit_the_shared_memory_of_24_gb_ampere_and_ada_cards(arch):
+    """Every tile ``choose_rows_config`` picks for GLM-4.1V-9B's shapes (FP8 and 16-bit, gated and plain, 2 to 64
+    rows), built for an RTX 3090 (sm_86) or RTX 4090 (sm_89), fits their 99 KB of shared memory a block (tiles are
+    tuned on an H200, which has 227 KB: one stage more on the largest would fail there at launch)."""
+    from glyphserve.engine.rows_kernel import _rows_kernel, choose_rows_config
+
+    configs = {(choose_rows_config(m, n, k, size, gated, 82), size, gated)
+               for m in (2, 16, 17, 32, 33, 64) for n, k in [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696)]
+               for size in (1, 2) for gated in (False, True) if size == 1 or gated}
+    weights = {1: "fp8e4nv" if arch >= 89 else "u8", 2: "bf16"}
+    for config, size, gated in sorted(configs, key=str):
+        constants = dict(HAS_SCALE=size == 1, HAS_BIAS=not gated, SPLIT=config.split_k > 1, K_ITERS=4,
+                         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWAP=config.swap,
+                         GATED=gated, PDL=False)
+        types = ["*bf16", f"*{weights[size]}", "*fp32", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7
+        kernel = _build(_rows_kernel, _ROWS_ARGS, types, constants, arch,
+                        {"num_warps": config.num_warps, "num_stages": config.num_stages})
+        assert kernel.metadata.shared <= 101_376, (config, size, gated, kernel.metadata.shared)
