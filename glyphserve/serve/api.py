@@ -319,8 +319,11 @@ def build_router(service: GlyphService) -> APIRouter:
                             status_code=200 if duplicate else 201)
 
     @router.get("/v1/documents")
-    async def list_documents():
-        return {"documents": [r.to_dict() for r in service.store.list()]}
+    async def list_documents(limit: int | None = Query(None, ge=1), offset: int = Query(0, ge=0)):
+        """Newest first; ``limit`` and ``offset`` page through them, ``total`` counts them all."""
+        records = service.store.list()
+        shown = records[offset : None if limit is None else offset + limit]
+        return {"documents": [{**r.to_dict(), "warm": service.warmth(r.id)} for r in shown], "total": len(records)}
 
     @router.get("/v1/documents/{document_id}")
     async def get_document(document_id: str):

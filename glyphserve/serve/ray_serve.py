@@ -465,7 +465,7 @@ class ReplicaScheduler:
                             resume.took(item)
                             yield item
                             continue
-                        self.hooks.reply(item, time.monotonic() - arrived)
+                        self.hooks.reply(job, item, time.monotonic() - arrived)
                         replied = ended = True
                         yield item
                         return  # the Reply is the last item: a replica lost after it must not answer again

@@ -105,7 +105,8 @@ class SchedulerHooks:
     """Callbacks for metrics; all optional."""
 
     batch: Callable[[int], None] = lambda size: None
-    reply: Callable[[Reply, float], None] = lambda reply, seconds: None  # seconds since the request arrived
+    # the job answered, its reply, and the seconds since the request arrived
+    reply: Callable[[ChatJob, Reply, float], None] = lambda job, reply, seconds: None
     cancelled: Callable[[], None] = lambda: None
     joined: Callable[[int], None] = lambda count: None  # jobs admitted into a running batch
 
@@ -426,7 +427,7 @@ class Scheduler:
             ticket.deliver(Cancelled() if ticket.cancel.is_set() else self._timeout_error())
             return
         if ticket.deliver(reply, _END) if ticket.streaming else ticket.deliver(reply):
-            self.hooks.reply(reply, time.monotonic() - ticket.arrived)
+            self.hooks.reply(ticket.job, reply, time.monotonic() - ticket.arrived)
 
     def _run_single(self, ticket: _Ticket) -> None:
         """One job through the backend's stream, so it stops at the next token once cancelled
@@ -440,7 +441,7 @@ class Scheduler:
                     return
                 if isinstance(item, Reply):  # the last item
                     if ticket.deliver(item, _END) if ticket.streaming else ticket.deliver(item):
-                        self.hooks.reply(item, time.monotonic() - ticket.arrived)
+                        self.hooks.reply(ticket.job, item, time.monotonic() - ticket.arrived)
                     return
                 if ticket.streaming:
                     ticket.deliver(item)

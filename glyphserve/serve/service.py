@@ -88,7 +88,7 @@ class GlyphService:
         self.metrics = Metrics(self.model_name, documents=self.store.count)
         hooks = SchedulerHooks(
             batch=self.metrics.c.batch_size.observe,
-            reply=self.metrics.observe_reply,
+            reply=self._replied,
             cancelled=self.metrics.cancelled,
             joined=self.metrics.c.joined.inc,
         )
@@ -226,6 +226,7 @@ class GlyphService:
         while True:
             existing = self.store.find(digest) or self.store.find(sent_digest)
             if existing is not None:
+                self._start_warming(existing.id)  # sent again: a question is likely to follow
                 return existing, True
             adding = self._adding.get(digest)
             if adding is None:
@@ -344,17 +345,32 @@ class GlyphService:
     # -- ready at upload -------------------------------------------------------------------
 
     def warmth(self, document_id: str) -> str:
-        """"warm" (its vision features and prefix blocks were computed; memory pressure may evict them later),
-        "warming", or "cold" (no local model, the engine was busy past the request timeout, or warming failed)."""
+        """"warm" (its vision features and prefix blocks were computed, by its warm-up or a question about all its
+        pages; memory pressure may evict them later), "warming", or "cold" (no local model, not computed since the
+        server started, the engine was busy past the request timeout, or warming failed)."""
         if document_id in self._warm:
             return "warm"
         return "warming" if document_id in self._warming else "cold"
 
+    def _replied(self, job: ChatJob, reply: Reply, seconds: float) -> None:
+        """A finished answer: its metrics; a question about all of one document's pages left its prefix computed,
+        as its warm-up would (a document stored before the server started reported "cold" for good)."""
+        self.metrics.observe_reply(reply, seconds)
+        ids = job.document_ids
+        if (not reply.warm and reply.backend == "engine" and len(ids) == 1 and reply.pages_shown is not None
+                and ids[0] not in self._warm):
+            try:
+                pages = self.store.get(ids[0]).pages
+            except GlyphserveError:  # deleted meanwhile, or the index unreadable: no warmth to note
+                return
+            if reply.pages_shown == list(range(1, pages + 1)):
+                self._warm.add(ids[0])
+
     def _start_warming(self, document_id: str) -> None:
         """Compute a new document's vision features and prefix KV in the background: the engine does it only while
         no question waits or runs, so the first question is answered like a follow-up."""
-        if not self.has_model or self.remote:  # OpenAI-compatible servers have no warm requests
-            return
+        if not self.has_model or self.remote or document_id in self._warm or document_id in self._warming:
+            return  # (OpenAI-compatible servers have no warm requests)
         self._warming[document_id] = asyncio.get_running_loop().create_task(self._warm_up(document_id))
 
     async def _warm_up(self, document_id: str) -> None:

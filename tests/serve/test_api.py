@@ -103,6 +103,18 @@ def test_an_upload_is_the_same_document_when_its_applied_settings_are(client):
     assert other["deduplicated"] is False and other["id"] != first["id"]
 
 
+def test_the_document_list_pages_newest_first(client):
+    ids = [upload_text(client, text=f"Listed document number {i}. " * 30)["id"] for i in range(3)]
+    everything = client.get("/v1/documents").json()
+    assert [d["id"] for d in everything["documents"][:3]] == ids[::-1] and everything["total"] >= 3
+    assert all(d["warm"] == "cold" for d in everything["documents"])  # no model: nothing is read ahead
+    page = client.get("/v1/documents", params={"limit": 2, "offset": 1}).json()
+    assert [d["id"] for d in page["documents"]] == ids[::-1][1:3] and page["total"] == everything["total"]
+    for bad in ({"limit": 0}, {"limit": "abc"}, {"offset": -1}):
+        refused = client.get("/v1/documents", params=bad)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_request", bad
+
+
 def test_the_same_content_uploaded_many_times_at_once_is_stored_once(extractive_server, client):
     """A double click, a client's retry: uploads of one content at the same time wait for the one storing it (12
     at once stored 12 documents)."""

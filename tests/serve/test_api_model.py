@@ -436,3 +436,28 @@ def test_a_document_is_warmed_at_upload_and_its_first_question_reuses_it(model_s
     assert client.get(f"/v1/documents/{other['id']}").status_code == 404
     again = upload_text(client, text + " ")
     assert ask(client, again["id"], QUESTIONS[0])["answer"] == first["answer"]
+
+
+def test_warmth_after_a_restart_comes_from_a_question_or_an_upload_again(tmp_path, tiny_model_dir):
+    """A restarted server has read nothing: its documents are cold (listed so too); a question about all of a
+    document's pages leaves it warm, and an upload of one again warms it (both stayed "cold" for good)."""
+    server = Server(tmp_path / "data", str(tiny_model_dir), "--served-model-name", "glyph", "--device", "cpu",
+                    "--no-ui").start()
+    try:
+        with server.client() as c:
+            first, second = (upload_text(c, text)["id"] for text in TEXTS[:2])
+            wait_warm(c, first)
+            wait_warm(c, second)
+        server.stop()
+        server.start()
+        with server.client() as c:
+            listed = c.get("/v1/documents").json()
+            assert {d["id"]: d["warm"] for d in listed["documents"]} == {first: "cold", second: "cold"}
+            assert listed["total"] == 2
+            assert ask(c, first, "Who?", max_tokens=4)["pages_shown"] == [1]
+            assert c.get(f"/v1/documents/{first}").json()["warm"] == "warm"
+            again = c.post("/v1/documents", json={"text": TEXTS[1]}).json()
+            assert again["deduplicated"] and again["warm"] in ("warming", "warm")
+            wait_warm(c, second)
+    finally:
+        server.stop()
