@@ -274,12 +274,19 @@ def log_config() -> dict:
     return config
 
 
-def prepare(config: ServeConfig) -> None:
-    """What every server checks before anything loads: its settings and its data folder (an unwritable folder
-    is one line, at once)."""
+def prepare(config: ServeConfig) -> socket.socket:
+    """What every server checks before anything loads, each a line at once: its settings, its port (the socket,
+    bound), then its data folder (made only for a server that can start: a busy port left a data folder and a
+    lock behind)."""
     config.validate()
-    prepare_data_dir(config.data_dir)
+    sock = listen_socket(config.host, config.port)
+    try:
+        prepare_data_dir(config.data_dir)
+    except BaseException:
+        sock.close()
+        raise
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    return sock
 
 
 def run(config: ServeConfig) -> int:
@@ -287,8 +294,7 @@ def run(config: ServeConfig) -> int:
     ``ray_serve.run`` instead)."""
     import uvicorn
 
-    prepare(config)
-    sock = listen_socket(config.host, config.port)
+    sock = prepare(config)
     try:
         engine, name = load_engine(config)
         app = create_app(config, engine, name)

@@ -36,6 +36,7 @@ class Message(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's usage in every chunk: refused (``unsupported``)
 
 
 class ChatCompletionRequest(SamplingParams):
@@ -105,6 +106,8 @@ class ChatCompletionRequest(SamplingParams):
              "truncate_prompt_tokens is not supported (truncate_pages keeps the first pages that fit)"),
             ("return_tokens_as_token_ids", bool(extra.get("return_tokens_as_token_ids")),
              "return_tokens_as_token_ids is not supported (logprobs carry each token's bytes)"),
+            ("stream_options", bool(self.stream_options and self.stream_options.continuous_usage_stats),
+             "continuous_usage_stats is not supported: the usage comes in the last chunk (include_usage)"),
         ]
         for param, refused, message in refusals:
             if refused:

@@ -54,7 +54,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from glyphserve.engine.types import AnswerRequest, EncodedPage, EngineConfig, StreamEvent, TokenLogprob
 from glyphserve.errors import ConfigError, GlyphserveError, QueueFullError, RemoteBackendError
-from glyphserve.serve.app import (ENGINE_SWITCH_INTERVAL_S, SHUTDOWN_SEND_S, create_app, listen_socket, prepare,
+from glyphserve.serve.app import (ENGINE_SWITCH_INTERVAL_S, SHUTDOWN_SEND_S, create_app, prepare,
                                   public_url)
 from glyphserve.serve.backends import ChatJob, EngineBackend, Reply
 from glyphserve.serve.config import ServeConfig
@@ -613,10 +613,9 @@ def run(config: ServeConfig) -> int:
     interrupted, then take the application down."""
     from glyphserve.cluster import connect
 
-    prepare(config)
     # What the one-machine server checks before it loads, checked before Ray starts: a busy port or a model that is
     # not there failed only after Ray and its deployment had tried (a traceback, the reason in Ray's logs).
-    listen_socket(config.host, config.port).close()
+    prepare(config).close()
     if config.model and config.ray == "local":  # a cluster's nodes may hold a folder this machine does not
         resolve_model(config.model)
     most = (config.max_replicas or config.min_replicas) if config.replicas == "auto" else config.replicas

@@ -64,7 +64,9 @@ class _Parts:
         if b"filename" in options:
             if self._name != "file" or self.file is not None:
                 raise InvalidRequestError("an upload carries one file, in a field named 'file'")
-            self.filename = _decode(options[b"filename"])
+            # A form's escapes of a file name (the HTML standard's, which browsers, curl and Python's clients
+            # send): '"' as %22, CR and LF as %0D and %0A; nothing else is escaped (a '%' is itself).
+            self.filename = _decode(options[b"filename"]).replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
             self.file = self._data = bytearray()
         else:
             if len(self.fields) >= MAX_FIELDS:

@@ -141,3 +141,12 @@ def test_upload_names_are_cleaned_and_the_raw_name_kept(server):
     document = response.json()["document"]
     assert document["name"] == "evilname[31m" + "x" * 184 + ".txt"
     assert document["original_name"] == raw[:4096]
+
+
+def test_a_quote_in_a_file_name_arrives_as_sent(server):
+    """Browsers, curl and httpx send '"' in a form's file name as %22 (the HTML standard's escape): it was
+    stored as "%22"."""
+    response = HTTP.post(f"{server.url}/v1/documents",
+                         files={"file": ('the "Q3" report.txt', f"{STORY} (quoted)".encode(), "text/plain")})
+    assert response.status_code == 201, response.text
+    assert response.json()["document"]["name"] == 'the "Q3" report.txt'

@@ -125,6 +125,7 @@ def test_every_sampling_parameter_reaches_the_engine_under_its_own_name():
     ({"truncate_prompt_tokens": 100}, "truncate_prompt_tokens"),
     ({"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}, "stream_options"),
 ])
 def test_values_that_cannot_be_honoured_are_refused_not_ignored(body, param):
     with pytest.raises(GlyphserveError) as info:

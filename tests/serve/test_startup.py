@@ -114,9 +114,10 @@ def test_a_busy_port_is_reported_before_the_weights_load(tmp_path, tiny_model_di
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = glyphserve("serve", str(tiny_model_dir), "--port", str(port), "--data-dir", str(tmp_path))
+        result = glyphserve("serve", str(tiny_model_dir), "--port", str(port), "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "--port" in result.stderr and "loading" not in result.stdout
+    assert not (tmp_path / "data").exists()  # a server that cannot start leaves no data folder (and lock) behind
 
 
 def test_two_different_models_are_refused(tmp_path):
