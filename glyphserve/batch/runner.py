@@ -150,8 +150,8 @@ class Tally:
 # The engine's context-overflow advice names the API's request fields and ask's flags (glyphserve.engine.planner);
 # a batch row names batch's own options instead.
 _BATCH_WORDS = (
-    (re.compile(r"Ask about fewer pages, keep the first (\d+) \(truncate_pages\), or let the pages that match the "
-                r"question be chosen \(page_selection retrieve\)"),
+    (re.compile(r"Ask about fewer or smaller pages, keep the first (\d+) \(truncate_pages\), or, for a stored "
+                r"document, let the pages that match the question be chosen \(page_selection retrieve\)"),
      r"Keep the first \1 (--page-selection first), or let the pages that match the question be chosen "
      r"(--page-selection retrieve, the default)"),
     (re.compile(r"or ask about the first (\d+) of (\d+) pages"),

@@ -173,9 +173,13 @@ class Planner:
         if seq.stop_reason is not None or len(tokens) == seq.max_tokens:
             seq.finish_reason = "stop" if seq.stop_reason is not None else "length"
 
-    def _pages_that_fit(self, prompt: PromptTokens, budget: int) -> int:
+    def _page_costs(self, prompt: PromptTokens) -> list[int]:
+        """Each page's tokens in the prompt: its vision tokens and its markers."""
         merge = self.params.merge_size**2
-        per_page = [g[0] * g[1] * g[2] // merge + PAGE_MARKER_TOKENS for g in prompt.image_grids]
+        return [g[0] * g[1] * g[2] // merge + PAGE_MARKER_TOKENS for g in prompt.image_grids]
+
+    def _pages_that_fit(self, prompt: PromptTokens, budget: int) -> int:
+        per_page = self._page_costs(prompt)
         total = len(prompt.ids) - sum(per_page)
         if total > budget:
             return 0
@@ -203,11 +207,11 @@ class Planner:
             return ContextOverflowError(f"{head}: the text alone does not fit; shorten the question or the "
                                         "conversation")
         if fit == 0:
-            merge = self.params.merge_size**2
-            first = prompt.image_grids[0][1] * prompt.image_grids[0][2] // merge
+            first = self._page_costs(prompt)[0]
             if first > self.max_context // 2:  # the page, not the text, is what does not fit
-                return ContextOverflowError(f"{head}: not even the first page fits, which alone takes {first} "
-                                            "tokens; send a smaller image of it (fewer pixels)")
+                return ContextOverflowError(
+                    f"{head}: not even the first page fits, which alone takes {first} tokens; send a smaller image "
+                    "of it (fewer pixels; a document rendered at a lower dpi), or use a longer context")
             return ContextOverflowError(f"{head}: not even the first page fits; shorten the question or the "
                                         "conversation")
         return ContextOverflowError(

@@ -451,9 +451,9 @@ def build_router(service: GlyphService) -> APIRouter:
 
     async def unknown(request: Request):
         """A path or method the API does not have: 404, or 405 naming the methods the path takes."""
-        path = request.url.path
+        path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))  # as the routes match it
         routes = [r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is not unknown]
-        allow = sorted({method for r in routes if r.path_regex.match(path) for method in r.methods} - {"HEAD"})
+        allow = sorted({method for r in routes if r.path_regex.match(path) for method in r.methods})
         if allow:
             raise MethodNotAllowedError(f"{request.method} is not a method of {path}: it takes {', '.join(allow)}",
                                         allow)
@@ -462,6 +462,8 @@ def build_router(service: GlyphService) -> APIRouter:
     # (/health and /metrics too: under the web UI, which serves every other path, they got its plain 404)
     router.add_api_route("/v1/{rest:path}", unknown, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                          include_in_schema=False)
-    for path in ("/health", "/metrics"):
-        router.add_api_route(path, unknown, methods=["POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    router.add_api_route("/health", unknown, methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                         include_in_schema=False)
+    router.add_api_route("/metrics", unknown, methods=["HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                         include_in_schema=False)
     return router

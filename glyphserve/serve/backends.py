@@ -51,6 +51,9 @@ class ChatJob:
     context_pages: list[PageLayout] | None = None  # the pages ``context`` was rendered into, if it was
     pages_shown: list | None = None  # set with the pages: page numbers, or {"document", "page"} for a collection
     planned: object | None = None  # the request planned by the local engine ahead (``Engine.plan``), used once
+    # The stored document whose warm-up prefix this question computes (all its pages, first in the prompt, caches
+    # kept), set with the pages: answered, the document is warm.
+    warms: str | None = None
 
     def for_engine(self):
         """What the engine's ``stream_batch`` takes for this job: its plan (once), else the request."""

@@ -454,8 +454,8 @@ class Scheduler:
 
 class ConcurrentScheduler(Scheduler):
     """For a backend whose servers batch on their side (``--backend openai``): up to ``concurrency`` jobs run at
-    once, each through the backend's stream on a thread of its own (cancellable at each token); at most
-    ``concurrency`` more wait (and never more than ``queue_size``)."""
+    once, each through the backend's stream on a thread of its own (cancellable at each token); beyond the free
+    places, at most ``concurrency`` more wait (and never more than ``queue_size``)."""
 
     def __init__(self, backend: Backend, *, concurrency: int, queue_size: int, timeout: float,
                  hooks: SchedulerHooks | None = None):

@@ -233,9 +233,12 @@ class GlyphService:
                 break
             # (shielded: this request going away must not cancel the other's)
             stored = await asyncio.shield(asyncio.wrap_future(adding))
+            if isinstance(stored, GlyphserveError):  # what is wrong with the content is wrong for this one too
+                raise stored
             if stored is not None:
+                self._start_warming(stored.id)  # (its own warming may not have started: its client left)
                 return stored, True
-            # that upload failed (perhaps for its own reasons, e.g. its client left): this one tries itself
+            # that upload was cancelled or failed on the server's side: this one tries itself
         # A file's own name loses its folders; a name typed for it (the name field, pasted text's) is kept as typed.
         shown = (clean_filename(name) if name == filename else clean_name(name or "", MAX_NAME_CHARS)) or \
             document.source_name
@@ -244,11 +247,22 @@ class GlyphService:
                                         deadline, digest)
         adding = self._adding[digest] = Future()
 
-        def settle(done: Future) -> None:  # when the work ends, whether or not this request still waits for it
-            del self._adding[digest]
-            adding.set_result(None if done.cancelled() or done.exception() is not None else done.result())
+        def settle(done: Future) -> None:
+            """When the work ends, whether or not this request still waits for it: the record, the content's
+            own error, or None for the next upload of it to try itself."""
+            if self._adding.get(digest) is adding:
+                del self._adding[digest]
+            error = None if done.cancelled() else done.exception()
+            adding.set_result(done.result() if not done.cancelled() and error is None
+                              else error if isinstance(error, GlyphserveError) else None)
 
-        work.add_done_callback(lambda done: loop.call_soon_threadsafe(settle, done))
+        def settle_on_loop(done: Future) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, done)
+            except RuntimeError:  # the loop is closed (a caller with a loop of its own, gone): settle here
+                settle(done)
+
+        work.add_done_callback(settle_on_loop)
         record = await asyncio.wrap_future(work)
         self._start_warming(record.id)
         return record, False
@@ -353,18 +367,12 @@ class GlyphService:
         return "warming" if document_id in self._warming else "cold"
 
     def _replied(self, job: ChatJob, reply: Reply, seconds: float) -> None:
-        """A finished answer: its metrics; a question about all of one document's pages left its prefix computed,
-        as its warm-up would (a document stored before the server started reported "cold" for good)."""
+        """A finished answer (on the scheduler's thread: nothing here waits): its metrics; a question that computed
+        a document's warm-up prefix left it warm (a document stored before the server started said "cold" for
+        good)."""
         self.metrics.observe_reply(reply, seconds)
-        ids = job.document_ids
-        if (not reply.warm and reply.backend == "engine" and len(ids) == 1 and reply.pages_shown is not None
-                and ids[0] not in self._warm):
-            try:
-                pages = self.store.get(ids[0]).pages
-            except GlyphserveError:  # deleted meanwhile, or the index unreadable: no warmth to note
-                return
-            if reply.pages_shown == list(range(1, pages + 1)):
-                self._warm.add(ids[0])
+        if job.warms is not None and reply.backend == "engine" and not reply.warm:
+            self._warm.add(job.warms)
 
     def _start_warming(self, document_id: str) -> None:
         """Compute a new document's vision features and prefix KV in the background: the engine does it only while
@@ -430,6 +438,10 @@ class GlyphService:
         request.pages, request.page_keys = pages, keys
         request.page_labels = selection.labels
         job.pages_shown = selection.shown([r.id for r in records])
+        # Its warm-up's prefix: one document's every page, in order, before any text, into the caches.
+        if (len(records) == 1 and job.pages_shown == list(range(1, records[0].pages + 1))
+                and request.settings.use_cache and (not request.history or request.history[0].role == "user")):
+            job.warms = records[0].id
         plan = getattr(self.engine, "plan", None)  # the local engine: planned here, not on its stepping thread
         if plan is not None:
             try:

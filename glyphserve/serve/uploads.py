@@ -8,6 +8,8 @@ a few short text fields. The request body itself is bounded by the upload limit 
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
@@ -64,9 +66,7 @@ class _Parts:
         if b"filename" in options:
             if self._name != "file" or self.file is not None:
                 raise InvalidRequestError("an upload carries one file, in a field named 'file'")
-            # A form's escapes of a file name (the HTML standard's, which browsers, curl and Python's clients
-            # send): '"' as %22, CR and LF as %0D and %0A; nothing else is escaped (a '%' is itself).
-            self.filename = _decode(options[b"filename"]).replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
+            self.filename = _form_unescaped(_decode(options[b"filename"]))
             self.file = self._data = bytearray()
         else:
             if len(self.fields) >= MAX_FIELDS:
@@ -81,6 +81,16 @@ class _Parts:
     def part_end(self) -> None:
         if self._data is not self.file:
             self.fields[self._name] = _decode(bytes(self._data))
+
+
+# A form's escapes in a file name: the HTML standard's '"' as %22, CR and LF as %0D and %0A, which browsers and curl
+# send; httpx escapes every control character so. A '%' is sent as itself, so a name holding "%22" as text arrives
+# as '"': the escapes cannot tell them apart.
+_FORM_ESCAPE = re.compile(r"%(22|[01][0-9A-F])")
+
+
+def _form_unescaped(name: str) -> str:
+    return _FORM_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), name)
 
 
 def _decode(raw: bytes) -> str:
