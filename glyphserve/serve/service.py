@@ -8,9 +8,7 @@ import hashlib
 import io
 import json
 import logging
-import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from PIL import Image
 
-from glyphserve.engine.types import AnswerRequest, EncodedPage, StreamEvent
+from glyphserve.engine.types import AnswerRequest, StreamEvent
 from glyphserve.errors import FileTooLargeError, GlyphserveError, IngestTimeoutError, NotFoundError, TooManyPagesError
 from glyphserve.ingest import MAX_NAME_CHARS, Document, clean_filename, clean_name
 from glyphserve.serve.backends import ChatJob, EngineBackend, ExtractiveBackend, Reply
@@ -27,12 +25,12 @@ from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNot
 from glyphserve.serve.metrics import Metrics
 from glyphserve.serve.scheduler import ConcurrentScheduler, Scheduler, SchedulerHooks
 from glyphserve.serve.store import DocumentFiles, DocumentRecord, DocumentStore
+from glyphserve.serve.stored_pages import StoredPages
 
 if TYPE_CHECKING:
     from glyphserve.engine import Engine
     from glyphserve.engine.remote import RemoteEngine
     from glyphserve.render import RenderConfig
-    from glyphserve.retrieve import DocumentPages
 
 EXTRACTIVE_MODEL_NAME = "glyphserve-extractive"
 PRESETS = ("auto", "glyph-en", "glyph-zh")
@@ -63,10 +61,6 @@ log = logging.getLogger("glyphserve.serve")
 
 MAX_ORIGINAL_NAME = 4096  # characters of a raw upload name kept as metadata
 
-# Documents whose page-selection index (glyphserve.retrieve.DocumentPages) is kept between questions.
-SELECTABLE_DOCUMENTS = 32
-# Bytes of stored pages' files kept in memory for the next questions about them.
-PAGE_FILE_BYTES = 256 << 20
 # Engine counters in /health: requests, decode occupancy (decode_rows / decode_steps rows per step), prefill passes
 # (prompt chunks as graph rows), and where the engine's thread spends its time (seconds).
 ENGINE_COUNTERS = ("requests", "new_tokens", "steps", "decode_steps", "decode_rows", "prefill_passes", "row_chunks",
@@ -116,11 +110,7 @@ class GlyphService:
         # document's folder before the folder goes, and returns the paths it could not remove.
         self.copy_holders: list[Callable[[Path], list[str]]] = []
         self._warm: set[str] = set()
-        self._selectables: OrderedDict[str, DocumentPages] = OrderedDict()
-        self._page_keys: dict[str, dict[int, str]] = {}  # document -> page number -> the engine's page key
-        self._page_files: OrderedDict[tuple[str, int], EncodedPage] = OrderedDict()  # (document, number), LRU
-        self._page_file_bytes = 0
-        self._selectable_lock = threading.Lock()
+        self.pages = StoredPages(self.store)
 
     @property
     def has_model(self) -> bool:
@@ -329,11 +319,7 @@ class GlyphService:
         task = self._warming.pop(document_id, None)
         if task is not None:
             task.cancel()  # the engine drops the warming at its next step and frees its blocks
-        with self._selectable_lock:
-            self._selectables.pop(document_id, None)
-            self._page_keys.pop(document_id, None)
-            for key in [k for k in self._page_files if k[0] == document_id]:
-                self._page_file_bytes -= len(self._page_files.pop(key).data)
+        self.pages.forget(document_id)
         if isinstance(self.backend, ExtractiveBackend):
             self.backend.forget(document_id)
         if leftovers:
@@ -425,16 +411,16 @@ class GlyphService:
         # prompt when the replicas report their context length, else every page goes and a replica refuses what
         # does not fit.
         selection = select_pages(
-            [self._selectable(r.id) for r in records], mode=job.page_selection if budget else "all",
+            [self.pages.selectable(r.id) for r in records], mode=job.page_selection if budget else "all",
             question=request.question, history=[m.content for m in request.history], budget=budget,
             titles=[r.name or "pasted text" for r in records] if len(records) > 1 else None,
         )
-        files = self._stored_pages([(records[p.document].id, p.number) for p in selection.pages],
-                                   request.settings.use_cache)
+        files = self.pages.files([(records[p.document].id, p.number) for p in selection.pages],
+                                 request.settings.use_cache)
         pages, keys = [], []
         for p, page in zip(selection.pages, files):
             pages.append(page)
-            keys.append(self._page_key(records[p.document].id, p.number, page))
+            keys.append(self.pages.key(records[p.document].id, p.number, page))
         request.pages, request.page_keys = pages, keys
         request.page_labels = selection.labels
         job.pages_shown = selection.shown([r.id for r in records])
@@ -448,68 +434,6 @@ class GlyphService:
                 job.planned = plan(request)
             except GlyphserveError:
                 pass  # the engine refuses it again where it would have, with the same error
-
-    def _stored_pages(self, wanted: list[tuple[str, int]], use_cache: bool = True) -> list[EncodedPage]:
-        """The (document, page number) pages' files, those read before from memory (the latest PAGE_FILE_BYTES of
-        them) unless ``use_cache`` is off: a question about a stored document read its pages' files and image
-        headers every time (on the threads that also take requests: under 64 sessions they held up the engine's)."""
-        found: dict[tuple[str, int], EncodedPage] = {}
-        with self._selectable_lock:
-            for key in wanted if use_cache else ():
-                page = self._page_files.get(key)
-                if page is not None:
-                    self._page_files.move_to_end(key)
-                    found[key] = page
-        missing: dict[str, list[int]] = {}
-        for document_id, number in wanted:
-            if (document_id, number) not in found:
-                missing.setdefault(document_id, []).append(number)
-        if missing:
-            with self.store.reading(*missing):
-                for document_id, numbers in missing.items():
-                    for number, data in zip(numbers, self.store.pages_bytes(document_id, numbers)):
-                        found[document_id, number] = EncodedPage.from_bytes(data)
-            with self._selectable_lock:
-                for document_id, numbers in missing.items() if use_cache else ():
-                    if document_id not in self._selectables:  # deleted meanwhile (or evicted): not kept
-                        continue
-                    for number in numbers:
-                        key = (document_id, number)
-                        if key not in self._page_files:
-                            self._page_files[key] = found[key]
-                            self._page_file_bytes += len(found[key].data)
-                while self._page_file_bytes > PAGE_FILE_BYTES:
-                    self._page_file_bytes -= len(self._page_files.popitem(last=False)[1].data)
-        return [found[key] for key in wanted]
-
-    def _page_key(self, document_id: str, number: int, page: EncodedPage) -> str:
-        """The page's identity for the engine's caches (the hash of its file, as the engine would compute it for
-        every question: 0.3 ms a W50 page), computed once per stored page."""
-        with self._selectable_lock:
-            key = self._page_keys.get(document_id, {}).get(number)
-        if key is None:
-            key = page.key()
-            with self._selectable_lock:
-                if document_id in self._selectables:  # kept with what selection knows (deleted or evicted: not)
-                    self._page_keys.setdefault(document_id, {})[number] = key
-        return key
-
-    def _selectable(self, document_id: str) -> DocumentPages:
-        """What page selection knows of a stored document, kept for the next questions."""
-        from glyphserve.retrieve import DocumentPages, PageFacts
-
-        with self._selectable_lock:
-            hit = self._selectables.get(document_id)
-            if hit is not None:
-                self._selectables.move_to_end(document_id)
-                return hit
-        manifest, text = self.store.manifest(document_id), self.store.text(document_id)
-        hit = DocumentPages(text, [PageFacts.from_manifest(p) for p in manifest["pages"]])
-        with self._selectable_lock:
-            self._selectables[document_id] = hit
-            while len(self._selectables) > SELECTABLE_DOCUMENTS:
-                self._page_keys.pop(self._selectables.popitem(last=False)[0], None)
-        return hit
 
     async def answer(self, job: ChatJob) -> Reply:
         return await self.scheduler.answer(await self.prepare(job))
