@@ -116,6 +116,19 @@ class InternalError(GlyphserveError):
     code = "internal_error"
 
 
+class RenderWorkerError(GlyphserveError):
+    """A process that renders pages died under a render (``WORKER_DIED``)."""
+
+    http_status = 500
+    code = "render_worker_died"
+
+
+# Why a worker process dies: killed (for memory), or never started: a script's workers import it again (Python's
+# spawn and forkserver), and one without a main guard runs its own rendering there, which fails.
+WORKER_DIED = ("a render worker process died: killed (e.g. out of memory), or it could not start: a script that "
+               "renders must guard its top level with `if __name__ == \"__main__\":`")
+
+
 class NotFoundError(GlyphserveError):
     http_status = 404
     code = "not_found"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from glyphserve.batch.inputs import BatchDocument
-from glyphserve.errors import GlyphserveError
+from glyphserve.errors import WORKER_DIED, GlyphserveError
 from glyphserve.retrieve import DocumentPages
 
 
@@ -155,7 +155,7 @@ class Prefetcher:
                     # A worker died (e.g. killed for memory); the pool cannot be reused.
                     self._shutdown()
                     yield PreparedDocument(
-                        document, error=ItemError("render_worker_died", "the render worker process died", True)
+                        document, error=ItemError("render_worker_died", WORKER_DIED, True)
                     )
 
     def close(self) -> None:

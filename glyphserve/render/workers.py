@@ -17,6 +17,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
+from glyphserve.errors import WORKER_DIED, RenderWorkerError
+
 
 class WorkerPool:
     """Persistent worker processes, one pipe each; used by one caller at a time (``lock``)."""
@@ -48,7 +50,14 @@ class WorkerPool:
         return self.conns[worker].poll()
 
     def receive(self, worker: int) -> Any:
-        ok, value = self.conns[worker].recv()
+        """The worker's next reply (its task's error raised here); ``RenderWorkerError`` if it died, which leaves
+        nothing owed by it (a dead worker's replies never come: ``drain`` spun on them) and the pool to be
+        replaced."""
+        try:
+            ok, value = self.conns[worker].recv()
+        except (EOFError, OSError):
+            self.outstanding[worker] = 0
+            raise RenderWorkerError(WORKER_DIED) from None
         self.outstanding[worker] -= 1
         if not ok:
             raise value

@@ -256,3 +256,32 @@ def test_workers_asked_for_are_capped_at_the_cores_and_the_pages():
     assert _worker_count(100_000, "One short line.", EN) == 1  # one page: one process, however many asked
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     assert _worker_count(100_000, long_text(700), EN) == cores
+
+
+def test_a_render_worker_that_dies_is_an_error_at_once_and_the_next_render_works():
+    """A worker killed mid-render (out of memory), or one that never starts (a script without a main guard, whose
+    workers import it again): the render spun forever at full CPU waiting for its replies."""
+    import signal
+    import threading
+    import time
+
+    from glyphserve.errors import RenderWorkerError
+    from glyphserve.render import workers as pool_module
+
+    text = long_text(400)
+    render_text(text, EN, workers=2)  # the pool exists
+    pool = pool_module._POOL
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 30
+        while not any(pool.outstanding) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for proc in pool.procs:
+            os.kill(proc.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
+    with pytest.raises(RenderWorkerError, match="main guard|__main__"):
+        render_text(text, EN, workers=2)
+    killer.join()
+    assert len(render_text(text, EN, workers=2).pages) == len(render_text(text, EN, workers=1).pages)
