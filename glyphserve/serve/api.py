@@ -26,6 +26,7 @@ from glyphserve.serve.errors import (
     MethodNotAllowedError,
     UnsupportedMediaTypeError,
 )
+from glyphserve.serve.origin import route_path
 from glyphserve.serve.sampling import SamplingParams
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import GlyphService, RenderOptions
@@ -263,7 +264,7 @@ def build_router(service: GlyphService) -> APIRouter:
             item["logprobs"] = [asdict(t) for t in event.logprobs]
         return item
 
-    @router.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: probes that read only the status)
+    @router.get("/health")
     async def health():
         # In a thread: on Ray Serve, describing the server asks Ray's controller (a blocking call).
         info = await run_in_threadpool(service.describe)
@@ -451,7 +452,7 @@ def build_router(service: GlyphService) -> APIRouter:
 
     async def unknown(request: Request):
         """A path or method the API does not have: 404, or 405 naming the methods the path takes."""
-        path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))  # as the routes match it
+        path = route_path(request.scope)
         routes = [r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is not unknown]
         allow = sorted({method for r in routes if r.path_regex.match(path) for method in r.methods})
         if allow:
@@ -462,6 +463,7 @@ def build_router(service: GlyphService) -> APIRouter:
     # (/health and /metrics too: under the web UI, which serves every other path, they got its plain 404)
     router.add_api_route("/v1/{rest:path}", unknown, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                          include_in_schema=False)
+    router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)  # probes reading the status
     router.add_api_route("/health", unknown, methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
                          include_in_schema=False)
     router.add_api_route("/metrics", unknown, methods=["HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],

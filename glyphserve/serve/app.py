@@ -23,7 +23,7 @@ from glyphserve.errors import ConfigError, FileTooLargeError, GlyphserveError, N
 from glyphserve.serve.api import build_router, invalid_request
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import InternalError, MethodNotAllowedError, RequestTooLargeError, UnauthorizedError
-from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path
+from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path, route_path
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import prepare_data_dir
 from glyphserve.serve.weights import resolve_model
@@ -56,7 +56,7 @@ class ServiceMiddleware:
         self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not (is_api_path(scope["path"]) or scope["path"] == "/health"):
+        if scope["type"] != "http" or not (is_api_path(route_path(scope)) or route_path(scope) == "/health"):
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = {"code": 500}
@@ -85,7 +85,7 @@ class ServiceMiddleware:
 
     def _refusal(self, scope) -> GlyphserveError | None:
         headers = dict(scope["headers"])
-        if self.expected is not None and is_api_path(scope["path"]):
+        if self.expected is not None and is_api_path(route_path(scope)):
             if not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
                 return UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
         length = headers.get(b"content-length")
@@ -95,7 +95,7 @@ class ServiceMiddleware:
 
     def _too_large(self, scope) -> GlyphserveError:
         limit = self.service.config.max_upload_mb
-        if scope["path"].rstrip("/") == "/v1/documents":
+        if route_path(scope).rstrip("/") == "/v1/documents":
             return FileTooLargeError(f"the upload is larger than this server's {limit:g} MiB limit (--max-upload-mb)")
         return RequestTooLargeError(f"the request body is larger than this server's {limit:g} MiB limit for a "
                                     "request (--max-upload-mb)")

@@ -78,8 +78,18 @@ def _hostname(host: str) -> str:
 
 
 def is_api_path(path: str) -> bool:
-    """The API's routes (the UI's are everything else; ``/health`` is neither)."""
+    """The API's routes (the UI's are everything else; ``/health`` is neither), by ``route_path``."""
     return path in ("/metrics", "/v1") or path.startswith("/v1/")
+
+
+def route_path(scope) -> str:
+    """A request's path as the app's routes see it: without the prefix the app is mounted or proxied under (ASGI's
+    ``root_path``, which the path starts with). Mounted at /glyph, the API's checks took /glyph/v1/... for a path
+    of the web UI's, and its key was not asked for."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):] or "/"
+    return path
 
 
 SendError = Callable[[Callable, GlyphserveError, dict], Awaitable[None]]
@@ -108,7 +118,8 @@ class OriginGuard:
             refusal = CrossOriginError(
                 f"requests from the web origin {origin!r} are not accepted; allow it with --allowed-origins"
             )
-        api = is_api_path(scope["path"]) or scope["path"] == "/health"
+        path = route_path(scope)
+        api = is_api_path(path) or path == "/health"
         if refusal is None and api and method == "OPTIONS" and origin is not None:
             return await self._preflight(send, origin)
         if refusal is not None:

@@ -404,3 +404,29 @@ def test_the_uis_named_endpoints_take_the_values_their_schema_lists(extractive_s
     assert dpi["python_type"]["type"] == "Literal['72', '96']"
     gallery, *_ = ui.predict("The lantern at the mill.", "auto", "96", "br", api_name="/render_text")
     assert gallery[0]["caption"] == "page 1"
+
+
+def test_mounted_under_a_prefix_the_api_asks_for_its_key_and_keeps_its_routes(tmp_path):
+    """An app embedding the service under /glyph (or a proxy's root path): the API's checks saw /glyph/v1/... as
+    a web UI path, so its key was never asked for, and a wrong method was a 404."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from glyphserve.serve.app import create_app
+    from glyphserve.serve.config import ServeConfig
+
+    inner = create_app(ServeConfig(data_dir=tmp_path / "data", ui=False, api_key="s3cret"))
+    outer = FastAPI()
+    outer.mount("/glyph", inner)
+    key = {"Authorization": "Bearer s3cret"}
+    try:
+        with TestClient(outer, base_url="http://127.0.0.1") as client:
+            assert client.get("/glyph/v1/documents").status_code == 401
+            assert client.get("/glyph/metrics").status_code == 401
+            assert client.get("/glyph/v1/documents", headers=key).json()["total"] == 0
+            wrong = client.put("/glyph/v1/documents", headers=key)
+            assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, POST"
+            assert client.get("/glyph/health").status_code == 200
+            assert client.head("/glyph/health").status_code == 200
+    finally:
+        inner.state.service.close()
