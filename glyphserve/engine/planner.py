@@ -19,7 +19,7 @@ import torch
 from glyphserve.engine.kv_pool import block_hashes
 from glyphserve.engine.output import OutputState
 from glyphserve.engine.preprocess import PreprocessParams, check_page, page_keys
-from glyphserve.engine.prompt import ANSWER_ROOM, PromptBuilder, PromptTokens, conversation
+from glyphserve.engine.prompt import PromptBuilder, PromptTokens, answer_room, conversation
 from glyphserve.engine.sampler import MAX_LOGPROBS
 from glyphserve.engine.sequence import Sequence
 from glyphserve.engine.types import REPETITION_PENALTY_RANGE, AnswerRequest, GenerationSettings
@@ -100,8 +100,8 @@ class Planner:
         labels = request.page_labels
         prompt = self.prompts.build(conversation(request.history, question, len(pages), labels), grids)
         # Unset max_tokens: the answer may take what the prompt leaves, of which it needs one token, or, where pages
-        # are dropped to fit (truncate_pages), the room a page choice keeps for an answer (ANSWER_ROOM).
-        unset_room = ANSWER_ROOM if settings.truncate_pages else 1
+        # are dropped to fit (truncate_pages), the room a page choice keeps for an answer (``answer_room``).
+        unset_room = answer_room(self.max_context) if settings.truncate_pages else 1
         new_tokens = 0 if request.warm else settings.max_tokens or unset_room
         budget = self.max_context - new_tokens
         if len(prompt.ids) > budget:

@@ -137,19 +137,25 @@ class PromptBuilder:
 ANSWER_ROOM = 512
 
 
+def answer_room(context: int) -> int:
+    """The room a choice of pages keeps for an answer whose max_tokens is unset: ``ANSWER_ROOM``, at most half the
+    context (a 512-token context kept all of it, and refused one page that fitted with room to spare)."""
+    return min(ANSWER_ROOM, context // 2)
+
+
 def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: int | None) -> PromptBudget | None:
-    """What the pages may cost in ``engine``'s context for this question and answer length (``ANSWER_ROOM`` when
+    """What the pages may cost in ``engine``'s context for this question and answer length (``answer_room`` when
     unset), counted by its tokenizer and chat template. For an engine without them that knows its context (a remote
     one) the prompt is bounded from above, so pages that fit the bound fit a server that counts GLM-4.1V's tokens;
     the bound is loose for long conversations (a token per byte, where English text takes ~4 bytes a token), and
     when the text alone exceeds it the server judges. None when neither."""
     prompts: PromptBuilder | None = getattr(engine, "prompts", None)
     unset = max_tokens is None
-    max_tokens = ANSWER_ROOM if unset else max_tokens
     if prompts is None:
         context = getattr(engine, "max_context", None)
         if context is None:
             return None
+        max_tokens = answer_room(context) if unset else max_tokens
         # GLM-4.1V's byte-level BPE spends at most a token per UTF-8 byte of text; the template's own tokens are
         # doubled, in case the server's template adds a few.
         text = sum(len(m.content.encode()) for m in history) + len(question.encode())
@@ -163,6 +169,7 @@ def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: i
             count_label=lambda label: len(label.encode()),
             max_tokens_unset=unset,
         )
+    max_tokens = answer_room(engine.max_context) if unset else max_tokens
     return PromptBudget(
         context=engine.max_context,
         max_tokens=max_tokens,

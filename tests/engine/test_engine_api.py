@@ -273,13 +273,17 @@ def test_an_unset_max_tokens_answers_to_the_end_of_the_context(load_engine):
     fixed = engine.answer(AnswerRequest(pages=PAGES[:1], question="Go on",
                                         settings=GenerationSettings(max_tokens=answer.new_tokens, ignore_eos=True)))
     assert fixed.token_ids == answer.token_ids
-    # Pages dropped to fit (truncate_pages) leave an unset answer the room a page choice keeps (ANSWER_ROOM).
+    # Pages dropped to fit (truncate_pages) leave an unset answer the room a page choice keeps (ANSWER_ROOM, at most
+    # half the context: with a 160-token context that was all of it, and one page that fitted was refused).
     from glyphserve.engine.prompt import ANSWER_ROOM
 
-    wide = load_engine(max_context=ANSWER_ROOM + 150)
-    kept = wide.answer(AnswerRequest(pages=PAGES * 6, question="Go on", settings=GenerationSettings(
+    small = engine.answer(AnswerRequest(pages=PAGES[:1], question="Go on", settings=GenerationSettings(
         max_tokens=None, ignore_eos=True, truncate_pages=True)))
-    assert 0 < kept.pages_used < 12 and kept.new_tokens >= ANSWER_ROOM and kept.finish_reason == "length"
+    assert small.pages_used == 1 and small.prompt_tokens + small.new_tokens == 160
+    wide = load_engine(max_context=2 * ANSWER_ROOM + 150)
+    kept = wide.answer(AnswerRequest(pages=PAGES * 30, question="Go on", settings=GenerationSettings(
+        max_tokens=None, ignore_eos=True, truncate_pages=True)))
+    assert 0 < kept.pages_used < 60 and kept.new_tokens >= ANSWER_ROOM and kept.finish_reason == "length"
     with pytest.raises(ContextOverflowError, match="the answer at least one, but the context holds 160"):
         engine.answer(AnswerRequest(pages=PAGES[:1], question="Go on " * 200,
                                     settings=GenerationSettings(max_tokens=None)))
