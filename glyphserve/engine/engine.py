@@ -51,7 +51,13 @@ def graph_buckets(max_num_seqs: int, max_rows: int) -> list[int]:
 
 class Engine:
     """GLM-4.1V (Glyph) inference over a paged KV pool, with vision-feature and prefix caches, continuous
-    batching, chunked prefill and CUDA-graph decode."""
+    batching, chunked prefill and CUDA-graph decode.
+
+    One ``stream``/``stream_batch`` (``answer``/``answer_batch``) runs at a time: questions asked from several
+    threads are answered one after another, and a stream left unread holds the engine until it is closed. To
+    batch, ask together (``answer_batch``), or run one ``stream_batch`` whose ``admit`` takes new requests as they
+    come (what ``glyphserve serve`` does). A thread that opens a second stream while its first is open gets a
+    ``GlyphserveError`` (it would wait on itself)."""
 
     def __init__(self, loaded: loading.LoadedModel, config: EngineConfig):
         self.config = config
@@ -108,7 +114,8 @@ class Engine:
         self.planner = Planner(self.model, self.tokenizer, self.prompts, self.params, max_context=self.max_context,
                                block_size=block_size, pool_tokens=(self.pool.num_blocks - 1) * block_size,
                                stop_ids=self.stop_ids, prefix_caching=config.enable_prefix_caching)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one stream (or batch) at a time; see the class docstring
+        self._holder: int | None = None  # the thread whose stream holds it
         # plan_s: seconds spent planning requests (tokenizing, prefix lookup) in stream_batch and as they join, on
         # the thread that runs the steps; planned_ahead: requests that came planned (``plan``)
         self._counters = {"requests": 0, "new_tokens": 0, "prompt_tokens": 0, "oom_recoveries": 0, "plan_s": 0.0,
@@ -135,6 +142,7 @@ class Engine:
     # --- public API ----------------------------------------------------------------------------------------
 
     def answer(self, request: AnswerRequest) -> Answer:
+        """``stream``'s Answer, once it is done."""
         result = None
         for event in self.stream(request):
             if event.channel == "done":
@@ -216,6 +224,7 @@ class Engine:
         return self.core.trace.records() if self.core.trace is not None else []
 
     def stats(self) -> dict:
+        """The engine's settings, counters, caches and memory, as ``/health`` shows them."""
         pool = self.pool.stats()
         return {
             "model": self.name,
@@ -242,6 +251,8 @@ class Engine:
         }
 
     def clear_caches(self, vision: bool = True, prefix: bool = True) -> None:
+        """Drop the vision features and/or the prefix KV kept for later questions (waits for a running stream)."""
+        self._refuse_reentry("clear the caches")
         with self._lock:
             if vision:
                 self.vision_cache.clear()
@@ -257,7 +268,9 @@ class Engine:
     def _run(self, seqs: list[Sequence], admit) -> Iterator[tuple[int, StreamEvent]]:
         index = {seq.seq_id: i for i, seq in enumerate(seqs)}
         numbered = len(seqs)
+        self._refuse_reentry("open a second stream")
         with self._lock:
+            self._holder = threading.get_ident()
             mine = list(seqs)
             for seq in seqs:
                 self.core.add(seq)
@@ -293,6 +306,13 @@ class Engine:
                     self.core.abort(seq)
                 self.core.drain()
                 self._sync()
+                self._holder = None
+
+    def _refuse_reentry(self, what: str) -> None:
+        if self._holder == threading.get_ident():
+            raise GlyphserveError(
+                f"this thread's stream of the engine is still open, so it cannot {what} (it would wait on itself): "
+                "read it to its end or close it first, or ask together with stream_batch or answer_batch")
 
     def _stream_event(self, event: Event) -> StreamEvent:
         if event.channel == "done":

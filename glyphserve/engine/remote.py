@@ -585,6 +585,8 @@ def _error_from_body(body: dict, status: int, url: str) -> GlyphserveError:
         return error_class(message)
     if status == 400 and "context length" in message.lower():
         return ContextOverflowError(message)
+    if status in (400, 422):  # the request's own fault (vLLM: a temperature past its range): not the backend's
+        return GlyphserveError(f"{url} refused the request: {message or code}")
     return RemoteBackendError(f"{url} answered HTTP {status}: {message or code}")
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from glyphserve.engine.remote import RemoteConfig, RemoteEngine
 from glyphserve.glm4v import STOP_TOKENS as STOP_SEQUENCES
 from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings
-from glyphserve.errors import ContextOverflowError, EngineOutOfMemoryError, RemoteBackendError
+from glyphserve.errors import ContextOverflowError, EngineOutOfMemoryError, GlyphserveError, RemoteBackendError
 from tests.batch.chat_server import ChatServer
 
 
@@ -128,6 +128,14 @@ def test_client_errors_are_not_retried(server):
     with _engine(server.url) as engine, pytest.raises(ContextOverflowError):
         engine.answer(AnswerRequest(_pages(1), "Q?"))
     assert len(server.requests) == 1
+    # any other 400 of the server is the request's fault too (a 400 of ours, not a retryable 502 backend_error)
+    bad = json.dumps({"object": "error", "message": "temperature must be in [0, 2]", "type": "BadRequestError",
+                      "code": 400})
+    server.plan.append(f"status:400:{bad}")
+    with _engine(server.url) as engine, pytest.raises(GlyphserveError, match="temperature must be") as refused:
+        engine.answer(AnswerRequest(_pages(1), "Q?"))
+    assert refused.value.http_status == 400 and refused.value.code == "invalid_request"
+    assert len(server.requests) == 2
 
 
 def test_no_retry_once_tokens_arrived(server):

@@ -315,3 +315,21 @@ def test_a_question_far_past_the_context_is_refused_before_it_is_tokenized_whole
     # a question that fits is tokenized as before
     assert engine.answer(AnswerRequest(pages=PAGES[:1], question="Who?",
                                        settings=GenerationSettings(max_tokens=2, ignore_eos=True))).new_tokens == 2
+
+
+def test_a_second_stream_from_the_thread_holding_the_first_is_refused_not_a_deadlock(load_engine):
+    """One stream runs at a time; the thread whose stream is open opening another (zipping two streams) waited
+    on itself for good."""
+    from glyphserve.errors import GlyphserveError
+
+    engine = load_engine()
+    settings = GenerationSettings(max_tokens=4, ignore_eos=True)
+    first = engine.stream(AnswerRequest(pages=PAGES[:1], question="Who?", settings=settings))
+    next(first)
+    with pytest.raises(GlyphserveError, match="still open"):
+        next(engine.stream(AnswerRequest(pages=PAGES[:1], question="Why?", settings=settings)))
+    with pytest.raises(GlyphserveError, match="still open"):
+        engine.clear_caches()
+    first.close()
+    assert engine.answer(AnswerRequest(pages=PAGES[:1], question="Why?", settings=settings)).new_tokens == 4
+    engine.clear_caches()
