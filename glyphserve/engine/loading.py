@@ -10,7 +10,7 @@ import torch
 
 from glyphserve.engine.tiny import RANDOM_WEIGHT_CONFIGS, build_image_processor, build_tokenizer
 from glyphserve.glm4v import chat_template
-from glyphserve.engine.types import EngineConfig
+from glyphserve.engine.types import NOT_A_MODEL, EngineConfig, is_hub_id
 from glyphserve.errors import ConfigError, ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("glm4v",)
@@ -133,6 +133,9 @@ def _pretrained(name: str, device: torch.device, dtype: torch.dtype, stage: torc
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
     where = "directory" if Path(name).exists() else "Hugging Face model"
+    if where != "directory" and not is_hub_id(name):
+        # a path, not an organisation/name id: the Hub's own message ("Repo id must be in the form") misleads
+        raise ModelLoadError(f"{name}: {NOT_A_MODEL}")
     try:
         cfg = AutoConfig.from_pretrained(name)
     except (OSError, ValueError, KeyError) as exc:

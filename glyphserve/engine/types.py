@@ -14,6 +14,16 @@ from PIL import Image
 from glyphserve.errors import GlyphserveError
 
 
+NOT_A_MODEL = "no such folder, and not a Hugging Face id (organisation/name)"
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether an ``EngineConfig.model`` has the form of a Hugging Face model id (organisation/name), not of a
+    path."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
 @dataclass
 class EngineConfig:
     """How to load and run the model.

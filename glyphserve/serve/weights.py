@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
+from glyphserve.engine.types import NOT_A_MODEL, is_hub_id
 from glyphserve.errors import ModelLoadError
 
 HUB_PROBE_S = 1.5
@@ -42,9 +43,8 @@ def resolve_model(name: str) -> str:
     folder, problem = locate_weights(name)
     if folder is not None:
         return str(folder)
-    if Path(name).expanduser().exists() or not _is_hub_id(name):
-        raise ModelLoadError(f"{name}: {problem}" if Path(name).expanduser().exists()
-                             else f"{name}: no such folder, and not a Hugging Face id (organisation/name)")
+    if Path(name).expanduser().exists() or not is_hub_id(name):
+        raise ModelLoadError(f"{name}: {problem}" if Path(name).expanduser().exists() else f"{name}: {NOT_A_MODEL}")
     endpoint = _hub_endpoint()
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or not _reachable(endpoint):
         local = "./" + name.rsplit("/", 1)[-1]
@@ -54,11 +54,6 @@ def resolve_model(name: str) -> str:
             f"instead of {name} (e.g. `glyphserve serve {local}`, `--model {local}`)"
         )
     return name
-
-
-def _is_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
 def _hub_endpoint() -> str:

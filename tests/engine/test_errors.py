@@ -93,8 +93,8 @@ def test_checkpoint_of_another_architecture(tmp_path):
 def test_missing_checkpoint(tmp_path):
     from glyphserve.engine import Engine, EngineConfig
 
-    with pytest.raises(ModelLoadError, match="cannot read the model config"):
-        Engine.load(EngineConfig(model=str(tmp_path / "nowhere"), device="cpu"))
+    with pytest.raises(ModelLoadError, match="nowhere: no such folder, and not a Hugging Face id"):
+        Engine.load(EngineConfig(model=str(tmp_path / "nowhere"), device="cpu"))  # (the Hub's "Repo id must be")
     with pytest.raises(ModelLoadError):
         Engine.load(EngineConfig(model=str(tmp_path), device="cpu"))  # a directory without config.json
     with pytest.raises(ModelLoadError, match="Hugging Face model 'zai-org/no-such-model'"):
