@@ -17,6 +17,7 @@ from glyphserve.engine.types import (
     StageTimings,
     StepRecord,
     StreamEvent,
+    TokenLogprob,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "StageTimings",
     "StepRecord",
     "StreamEvent",
+    "TokenLogprob",
     "make_tiny_model",
 ]
 
