@@ -341,7 +341,8 @@ def render_document(doc: Any, config: RenderConfig, *, workers: int | None = Non
     without a text layer) pass through as ``scan`` pages scaled to fit the page size.
 
     Char spans index ``doc.text`` (text parts joined with a blank line). ``workers``,
-    ``progress`` and ``encode`` as for :func:`render_text`.
+    ``progress`` and ``encode`` as for :func:`render_text` (``encode`` for the text pages: scan pages keep their
+    pixels; ``RenderedPage.png()`` gives any page's PNG).
     """
     from glyphserve.ingest.document import PART_SEPARATOR
 
