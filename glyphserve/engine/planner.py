@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import secrets
 import threading
 from collections import OrderedDict
@@ -36,6 +37,18 @@ def check_settings(s: GenerationSettings, vocab: int) -> None:
     def bad(param: str, message: str) -> None:
         raise ConfigError(f"{param} {message}", param=param)
 
+    # Types first (a library's caller has no request schema in front: "hot" failed in isfinite, 1.5 passed as a
+    # top_k). numpy's numbers count.
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            bad(name, f"must be a number, not {value!r}")
+    for name in ("top_k", "logprobs", "seed"):
+        value = getattr(s, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            bad(name, f"must be an integer, not {value!r}")
+    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in s.stop_token_ids):
+        bad("stop_token_ids", "must be integers")
     if s.max_tokens is not None and (not isinstance(s.max_tokens, int) or s.max_tokens < 1):
         bad("max_tokens", "must be at least 1 (or None: up to the end of the context)")
     if not math.isfinite(s.temperature) or s.temperature < 0:

@@ -158,6 +158,9 @@ def test_out_of_memory_inside_the_forward_is_recovered(load_engine, reference, l
     (dict(repetition_penalty=1e-46), "repetition_penalty"),  # 0 in float32: 0 / 0 in the penalty
     (dict(presence_penalty=3.0), "presence_penalty"), (dict(frequency_penalty=float("inf")), "frequency_penalty"),
     (dict(logprobs=21), "logprobs"), (dict(seed=2**64), "seed"), (dict(stop_token_ids=(10**9,)), "stop_token_ids"),
+    # wrong types, as a library's caller may pass them (a raw TypeError, or a top_k of 1.5 taken)
+    (dict(temperature="hot"), "temperature"), (dict(top_k=1.5), "top_k"), (dict(seed="7"), "seed"),
+    (dict(stop_token_ids=("a",)), "stop_token_ids"),
 ])
 def test_settings_that_cannot_be_honoured_are_refused(load_engine, bad, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -170,7 +173,10 @@ def test_extreme_but_valid_settings_answer(load_engine):
     engine = load_engine()
     greedy = engine.answer(AnswerRequest(pages=PAGES[:1], question="Who?",
                                          settings=GenerationSettings(max_tokens=6, ignore_eos=True)))
-    for settings in (dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, seed=2**64 - 1)):
+    import numpy as np
+
+    for settings in (dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, seed=2**64 - 1),
+                     dict(temperature=np.float32(1e-30), top_k=np.int64(5))):  # numpy's numbers count
         answer = engine.answer(AnswerRequest(pages=PAGES[:1], question="Who?",
                                              settings=GenerationSettings(max_tokens=6, ignore_eos=True, **settings)))
         assert len(answer.token_ids) == 6
