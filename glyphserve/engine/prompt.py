@@ -54,7 +54,8 @@ ENCODED_TOKENS = 1 << 20
 # A rendered conversation of more than CHARS_PER_TOKEN characters a token of the context (and more than a piece)
 # is counted a piece of PIECE_CHARS at a time first, and refused once the pieces need more than the context:
 # tokenized whole, a 2 MB question took 3.4 s of a request thread and a 10 MB one 20 s and 1.6 GB before its
-# refusal, and questions behind them waited. A cut between two pieces may change a few tokens near it: SEAM_TOKENS a cut are not counted.
+# refusal, and questions behind them waited. A cut between two pieces may change a few tokens near it:
+# SEAM_TOKENS a cut are not counted.
 CHARS_PER_TOKEN = 4
 PIECE_CHARS = 1 << 16
 SEAM_TOKENS = 8
@@ -150,12 +151,12 @@ def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: i
     the bound is loose for long conversations (a token per byte, where English text takes ~4 bytes a token), and
     when the text alone exceeds it the server judges. None when neither."""
     prompts: PromptBuilder | None = getattr(engine, "prompts", None)
+    context = getattr(engine, "max_context", None)  # (an engine with a tokenizer knows its context)
+    if context is None:
+        return None
     unset = max_tokens is None
+    max_tokens = answer_room(context) if unset else max_tokens
     if prompts is None:
-        context = getattr(engine, "max_context", None)
-        if context is None:
-            return None
-        max_tokens = answer_room(context) if unset else max_tokens
         # GLM-4.1V's byte-level BPE spends at most a token per UTF-8 byte of text; the template's own tokens are
         # doubled, in case the server's template adds a few.
         text = sum(len(m.content.encode()) for m in history) + len(question.encode())
@@ -169,9 +170,8 @@ def page_budget(engine, history: list[ChatMessage], question: str, max_tokens: i
             count_label=lambda label: len(label.encode()),
             max_tokens_unset=unset,
         )
-    max_tokens = answer_room(engine.max_context) if unset else max_tokens
     return PromptBudget(
-        context=engine.max_context,
+        context=context,
         max_tokens=max_tokens,
         count_prompt=lambda labels: prompts.count(conversation(history, question, len(labels), labels)),
         count_label=lambda text: len(prompts.tokenizer(text, add_special_tokens=False)["input_ids"]),

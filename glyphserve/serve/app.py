@@ -56,7 +56,7 @@ class ServiceMiddleware:
         self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not (is_api_path(route_path(scope)) or route_path(scope) == "/health"):
+        if scope["type"] != "http" or not (is_api_path(path := route_path(scope)) or path == "/health"):
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = {"code": 500}

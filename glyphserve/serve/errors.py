@@ -89,6 +89,17 @@ class ShuttingDownError(GlyphserveError):
     http_status = 503
     code = "shutting_down"
 
+    @classmethod
+    def refused(cls) -> ShuttingDownError:
+        """For a request that arrives while the server stops."""
+        return cls("the server is shutting down: send the request to another one")
+
+    @classmethod
+    def cut_off(cls, grace: float) -> ShuttingDownError:
+        """For an answer still unanswered when the shutdown's ``grace`` seconds end."""
+        return cls(f"the server is shutting down and its {grace:g} s for answers in flight ran out: this answer "
+                   "was cut off; send it again to a running server")
+
 
 class StorageFullError(GlyphserveError):
     http_status = 507

@@ -59,7 +59,7 @@ from glyphserve.serve.app import (ENGINE_SWITCH_INTERVAL_S, SHUTDOWN_SEND_S, cre
 from glyphserve.serve.backends import ChatJob, EngineBackend, Reply
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import InternalError, RequestTimeoutError, ShuttingDownError
-from glyphserve.serve.scheduler import Cancelled, Scheduler, SchedulerHooks
+from glyphserve.serve.scheduler import Cancelled, Scheduler, SchedulerHooks, log_cut_off
 from glyphserve.serve.service import ENGINE_COUNTERS
 from glyphserve.serve.weights import resolve_model
 
@@ -350,9 +350,7 @@ class ReplicaScheduler:
         while self._waiting + self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._cut_after = grace
-        if self._waiting + self._running:
-            log.warning("shutting down: %d request(s) still unanswered after %g s were cut off",
-                        self._waiting + self._running, grace)
+        log_cut_off(self._waiting + self._running, grace)
         now = asyncio.get_running_loop().time()
         for read in list(self._reads):  # each awaited item's limit runs out now: its reader is cut off
             read.reschedule(now)
@@ -422,14 +420,12 @@ class ReplicaScheduler:
                 raise Cancelled() from None
             if self._cut_after is None:
                 raise
-            raise ShuttingDownError(
-                f"the server is shutting down and its {self._cut_after:g} s for answers in flight ran out: this "
-                "answer was cut off; send it again to a running server") from None
+            raise ShuttingDownError.cut_off(self._cut_after) from None
 
     async def _items(self, job: ChatJob) -> AsyncIterator[StreamEvent | Reply]:
         """The job's deltas and reply, sent again to another replica if its replica dies."""
         if self._draining:
-            raise ShuttingDownError("the server is shutting down: send the request to another one")
+            raise ShuttingDownError.refused()
         arrived = time.monotonic()
         key = routing_key(job)
         name = uuid.uuid4().hex  # each send is named apart (f"{name}.{attempt}"): a resend may reach the same replica

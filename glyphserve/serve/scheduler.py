@@ -190,13 +190,10 @@ class Scheduler:
         cut = 0
         for ticket in queued + running:
             ticket.cancel.set()  # a running job stops at its next token (and the worker counts it as cancelled)
-            cut += ticket.deliver(ShuttingDownError(
-                f"the server is shutting down and its {grace:g} s for answers in flight ran out: this "
-                "answer was cut off; send it again to a running server"))
+            cut += ticket.deliver(ShuttingDownError.cut_off(grace))
         for _ in queued:
             self.hooks.cancelled()
-        if cut:
-            log.warning("shutting down: %d request(s) still unanswered after %g s were cut off", cut, grace)
+        log_cut_off(cut, grace)
 
     def cancel(self, job: ChatJob) -> bool:
         """Stop ``job`` from outside the task that awaits it (as ``_withdraw``; its reader gets ``Cancelled``).
@@ -235,7 +232,7 @@ class Scheduler:
             ticket.future = loop.create_future()
         with self._cond:
             if self._stopping or self._draining:
-                raise ShuttingDownError("the server is shutting down: send the request to another one")
+                raise ShuttingDownError.refused()
             # Waiting for a free place is not waiting for capacity: a burst arrives faster than the backend takes
             # it in (at its next step), and 100 questions at once to an engine running 256 got 429s with the
             # engine nearly idle. The queue's bound counts those beyond the free places.
@@ -440,8 +437,7 @@ class Scheduler:
                     ticket.deliver(Cancelled() if ticket.cancel.is_set() else self._timeout_error())
                     return
                 if isinstance(item, Reply):  # the last item
-                    if ticket.deliver(item, _END) if ticket.streaming else ticket.deliver(item):
-                        self.hooks.reply(ticket.job, item, time.monotonic() - ticket.arrived)
+                    self._finish(ticket, item)
                     return
                 if ticket.streaming:
                     ticket.deliver(item)
@@ -506,6 +502,12 @@ class ConcurrentScheduler(Scheduler):
                 self._running.remove(ticket)
                 self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.monotonic() - started)
                 self._cond.notify_all()
+
+
+def log_cut_off(count: int, grace: float) -> None:
+    """The server's log line for the answers a shutdown cut off, if any."""
+    if count:
+        log.warning("shutting down: %d request(s) still unanswered after %g s were cut off", count, grace)
 
 
 def _joined(first: StreamEvent, second: StreamEvent) -> StreamEvent:

@@ -12,8 +12,8 @@ file it lists is there at its size. So an acknowledged document survives a crash
 temporary folder, or a folder with a file cut short, is removed at start-up). A deleted one is renamed aside
 before its row goes, so a delete that cannot proceed changes nothing; ``<data>/.reserve`` (``RESERVE_BYTES``) is
 given up to a delete that finds the disk full (dropping a row writes to the index's log first; moving a folder
-aside may need a directory block), so deleting is how a full disk is freed, and made again after. Disk faults become typed errors:
-a full disk 507 ``storage_full``, anything else (read-only, I/O error, permissions) 503
+aside may need a directory block), so deleting is how a full disk is freed, and made again after. Disk faults
+become typed errors: a full disk 507 ``storage_full``, anything else (read-only, I/O error, permissions) 503
 ``storage_unavailable``, each naming what could not be done.
 """
 
