@@ -187,12 +187,14 @@ class Scheduler:
         with self._cond:
             queued, running = list(self._queue), list(self._running)
             self._queue.clear()
-        cut = 0
+        cut = 0  # requests: a document's warm-up, also ended here, is the server's own work
         for ticket in queued + running:
             ticket.cancel.set()  # a running job stops at its next token (and the worker counts it as cancelled)
-            cut += ticket.deliver(ShuttingDownError.cut_off(grace))
-        for _ in queued:
-            self.hooks.cancelled()
+            if ticket.deliver(ShuttingDownError.cut_off(grace)) and not ticket.job.request.warm:
+                cut += 1
+        for ticket in queued:
+            if not ticket.job.request.warm:
+                self.hooks.cancelled()
         log_cut_off(cut, grace)
 
     def cancel(self, job: ChatJob) -> bool:
