@@ -38,12 +38,19 @@ class WorkerPool:
             self.conns.append(ours)
             self.procs.append(proc)
         self.outstanding = [0] * n
+        # Set when a pipe breaks: a worker killed a moment ago can still read as alive (its exit not yet reaped), and
+        # the next render reused the pool and failed on a broken pipe.
+        self.broken = False
 
     def __len__(self) -> int:
         return len(self.conns)
 
     def send(self, worker: int, fn: Callable, *args: Any) -> None:
-        self.conns[worker].send((fn, args))
+        try:
+            self.conns[worker].send((fn, args))
+        except OSError:
+            self.broken = True
+            raise RenderWorkerError(WORKER_DIED) from None
         self.outstanding[worker] += 1
 
     def ready(self, worker: int) -> bool:
@@ -57,6 +64,7 @@ class WorkerPool:
             ok, value = self.conns[worker].recv()
         except (EOFError, OSError):
             self.outstanding[worker] = 0
+            self.broken = True
             raise RenderWorkerError(WORKER_DIED) from None
         self.outstanding[worker] -= 1
         if not ok:
@@ -86,7 +94,7 @@ class WorkerPool:
 
     @property
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
+        return not self.broken and all(p.is_alive() for p in self.procs)
 
 
 def _serve(conn: Connection) -> None:

@@ -285,3 +285,26 @@ def test_a_render_worker_that_dies_is_an_error_at_once_and_the_next_render_works
         render_text(text, EN, workers=2)
     killer.join()
     assert len(render_text(text, EN, workers=2).pages) == len(render_text(text, EN, workers=1).pages)
+
+
+def test_a_pool_whose_pipe_broke_is_replaced_even_before_its_dead_worker_is_reaped():
+    """CI: the render after a worker died reused the pool (the killed process not yet reaped read as alive) and
+    failed with a raw BrokenPipeError on its first send."""
+    import signal
+
+    from glyphserve.errors import RenderWorkerError
+    from glyphserve.render.workers import WorkerPool, worker_pool
+
+    pool = WorkerPool(1)
+    try:
+        os.kill(pool.procs[0].pid, signal.SIGKILL)
+        pool.procs[0].join(timeout=10)
+        with pytest.raises(RenderWorkerError, match="main guard|__main__"):
+            pool.send(0, len, "abc")
+        assert not pool.alive and pool.outstanding == [0]
+    finally:
+        pool.close()
+
+    pool = worker_pool(1)
+    pool.broken = True  # as after a failed send or receive, whatever the processes' state
+    assert worker_pool(1) is not pool and worker_pool(1).alive
