@@ -8,6 +8,7 @@ continuously, and more can join through ``admit`` while it runs.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -116,6 +117,7 @@ class Engine:
                                stop_ids=self.stop_ids, prefix_caching=config.enable_prefix_caching)
         self._lock = threading.Lock()  # one stream (or batch) at a time; see the class docstring
         self._holder: int | None = None  # the thread whose stream holds it
+        self._closed = False
         # plan_s: seconds spent planning requests (tokenizing, prefix lookup) in stream_batch and as they join, on
         # the thread that runs the steps; planned_ahead: requests that came planned (``plan``)
         self._counters = {"requests": 0, "new_tokens": 0, "prompt_tokens": 0, "oom_recoveries": 0, "plan_s": 0.0,
@@ -183,6 +185,7 @@ class Engine:
         up to ``n`` more requests (numbered after the ones before); they join the running batch. A request that
         ``admit`` hands over but that cannot run (too long for the context, no question), or that fails inside
         the engine, gets an "error" event; the others go on."""
+        self._refuse_closed()
         seqs = [self._planned(r) for r in requests]
         return self._run(seqs, admit)
 
@@ -191,6 +194,7 @@ class Engine:
         identities, prefix hashes; raises what ``stream_batch`` would), to hand to ``stream_batch`` or ``admit``
         in its place, once. A server plans on its request threads, so that the thread running the steps does
         not (192 plans took 0.5 of 3.1 s of that thread under 64 sessions on an H200)."""
+        self._refuse_closed()
         return self.planner.plan(request)
 
     def _planned(self, request: AnswerRequest | Sequence) -> Sequence:
@@ -214,6 +218,7 @@ class Engine:
         """Requests, tokens, decode steps and rows, prefill passes, preemptions, the share of the KV pool's blocks
         in use (``kv_usage``), ...: plain numbers under fixed keys, safe to read while the engine runs on another
         thread (``stats`` walks the pool and caches)."""
+        self._refuse_closed()
         usable = self.pool.num_blocks - 1
         return {**self._counters, **self.core.counters, "preemptions": self.scheduler.preemptions,
                 "kv_usage": (usable - self.pool.num_free) / usable}
@@ -221,10 +226,12 @@ class Engine:
     def step_trace(self) -> list[StepRecord]:
         """The records of the last ``EngineConfig.step_trace`` steps, oldest first (none when it is 0); safe to
         call while the engine runs on another thread."""
+        self._refuse_closed()
         return self.core.trace.records() if self.core.trace is not None else []
 
     def stats(self) -> dict:
         """The engine's settings, counters, caches and memory, as ``/health`` shows them."""
+        self._refuse_closed()
         pool = self.pool.stats()
         return {
             "model": self.name,
@@ -254,10 +261,36 @@ class Engine:
         """Drop the vision features and/or the prefix KV kept for later questions (waits for a running stream)."""
         self._refuse_reentry("clear the caches")
         with self._lock:
+            self._refuse_closed()
             if vision:
                 self.vision_cache.clear()
             if prefix:
                 self.pool.clear()
+
+    def close(self) -> None:
+        """Give back what the engine holds (the weights, the KV pool, the CUDA graphs, the caches: on a GPU, its
+        memory), once a stream that runs on another thread has ended; every later call but this one raises
+        ``GlyphserveError``. ``with Engine.load(config) as engine:`` closes it at the block's end."""
+        self._refuse_reentry("close the engine")
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            kept = {"config", "name", "device", "dtype", "params", "max_context", "stop_ids", "compiled_vision",
+                    "pdl", "_lock", "_holder", "_closed", "_counters"}
+            for name in [n for n in vars(self) if n not in kept]:
+                delattr(self, name)
+        # The model and the graphs hold each other's tensors in cycles (modules, captured graphs' pools): only a
+        # collection frees them, and only then can the allocator's cache give the device memory back.
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def vision_tokens(self, page_shape: tuple[int, int]) -> int:
         """Tokens the model spends on a page of (height, width) pixels."""
@@ -270,6 +303,7 @@ class Engine:
         numbered = len(seqs)
         self._refuse_reentry("open a second stream")
         with self._lock:
+            self._refuse_closed()  # closed while this stream waited for the lock
             self._holder = threading.get_ident()
             mine = list(seqs)
             for seq in seqs:
@@ -307,6 +341,10 @@ class Engine:
                 self.core.drain()
                 self._sync()
                 self._holder = None
+
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise GlyphserveError("this engine was closed (Engine.close): load another to answer more")
 
     def _refuse_reentry(self, what: str) -> None:
         if self._holder == threading.get_ident():
@@ -457,6 +495,7 @@ class Engine:
         ms on an H200) and PyTorch keeps them per thread: the engine's load builds them on its own thread, and a
         caller that steps the engine from another one (the server's scheduler thread) calls this there first.
         Nothing off CUDA."""
+        self._refuse_closed()
         if self.device.type != "cuda" or getattr(self._attention_plans, "built", False):
             return
         sched = self.scheduler.config

@@ -333,3 +333,58 @@ def test_a_second_stream_from_the_thread_holding_the_first_is_refused_not_a_dead
     first.close()
     assert engine.answer(AnswerRequest(pages=PAGES[:1], question="Why?", settings=settings)).new_tokens == 4
     engine.clear_caches()
+
+
+def test_a_closed_engine_gives_its_model_back_and_refuses_what_follows(load_engine):
+    """A library user loading one engine after another (two configurations in one evaluation) had no way to give
+    the first one's weights, KV pool and graphs back but to drop every reference and hope."""
+    import gc
+    import threading
+    import weakref
+
+    from glyphserve.errors import GlyphserveError
+
+    settings = GenerationSettings(max_tokens=4, ignore_eos=True)
+    request = AnswerRequest(pages=PAGES[:1], question="Who?", settings=settings)
+    with load_engine() as engine:
+        first = engine.answer(request)
+        model = weakref.ref(engine.model)
+        stream = engine.stream(request)
+        next(stream)
+        with pytest.raises(GlyphserveError, match="still open"):
+            engine.close()  # this thread's own stream is open: it would wait on itself
+        closer = threading.Thread(target=engine.close)
+        closer.start()
+        closer.join(timeout=0.5)
+        assert closer.is_alive()  # waits for the stream in flight, which ends whole
+        assert [e for e in stream if e.channel == "done"][0].result.token_ids == first.token_ids
+        closer.join(timeout=30)
+        assert not closer.is_alive()
+    gc.collect()
+    assert model() is None
+    for call in (lambda: engine.answer(request), lambda: engine.plan(request), engine.stats, engine.counters,
+                 engine.clear_caches):
+        with pytest.raises(GlyphserveError, match="closed"):
+            call()
+    engine.close()  # again: nothing to do
+    assert load_engine().answer(request).token_ids == first.token_ids
+
+
+def test_a_closed_cuda_engine_gives_the_device_memory_back(tiny_model_dir):
+    """On a GPU: the captured graphs, compiled layers and caches hold nothing after ``close``."""
+    import torch
+
+    from glyphserve.engine import Engine, EngineConfig
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), device="cuda", dtype="bfloat16", max_context=2048,
+                                      num_kv_blocks=400))
+    settings = GenerationSettings(max_tokens=4, ignore_eos=True)
+    assert engine.answer(AnswerRequest(pages=PAGES[:1], question="Who?", settings=settings)).new_tokens == 4
+    held = torch.cuda.memory_allocated() - before
+    engine.close()
+    left = torch.cuda.memory_allocated() - before
+    assert left < max(held // 20, 1 << 20), (held, left)
