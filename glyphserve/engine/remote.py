@@ -307,7 +307,9 @@ class RemoteEngine:
             "max_tokens": settings.max_tokens,
             "temperature": settings.temperature,
             "top_p": settings.top_p,
-            "stop": list(STOP_TOKENS) + list(settings.stop),
+            # The model's turn markers end an answer unless ignore_eos asks for all of max_tokens (as the engine's
+            # own stop tokens then wait; the request's own stop strings still end it, as on vLLM).
+            "stop": ([] if settings.ignore_eos else list(STOP_TOKENS)) + list(settings.stop),
             "stream": True,
             "stream_options": {"include_usage": True},
         }

@@ -26,7 +26,7 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 _ALLOWED_HEADERS = b"authorization, content-type"
-_ALLOWED_METHODS = b"GET, POST, DELETE, OPTIONS"
+_ALLOWED_METHODS = b"GET, POST, PATCH, DELETE, OPTIONS"  # every method a route of the API takes
 
 
 @dataclass(frozen=True)

@@ -267,3 +267,13 @@ def test_a_servers_logprob_bytes_are_kept():
     assert token.bytes == [232] and [t[3] for t in token.top] == [[232], None]
     sent = logprobs([token])["content"][0]  # passed on as they came; text's UTF-8 where the server gave none
     assert sent["bytes"] == [232] and [t["bytes"] for t in sent["top_logprobs"]] == [[232], [97]]
+
+
+def test_ignore_eos_sends_no_turn_markers_as_stop_strings_but_the_requests_own(server):
+    """``ask --endpoint URL --ignore-eos``: the server still stopped at the model's turn markers, sent as stop
+    strings, so the answer was not the max_tokens it asked for."""
+    settings = GenerationSettings(max_tokens=8, ignore_eos=True, stop=("END",))
+    with _engine(server.url + "/v1") as engine:
+        engine.answer(AnswerRequest(_pages(1), "Who?", settings=settings))
+    body = server.requests[0]
+    assert body["stop"] == ["END"] and body["ignore_eos"] is True

@@ -67,6 +67,14 @@ def test_the_api_is_closed_to_other_origins_unless_allowed(server, tmp_path):
                              headers={"origin": "https://app.example"})
         assert created.status_code == 201 and created.headers["access-control-allow-origin"] == "https://app.example"
         assert "access-control-allow-credentials" not in created.headers
+        # a rename is a PATCH: the allowed methods named every method but it, so a page could not rename
+        url = f"{opened.url}/v1/documents/{created.json()['id']}"
+        preflight = HTTP.options(url, headers={"origin": "https://app.example", "access-control-request-method":
+                                               "PATCH", "access-control-request-headers": "content-type"})
+        methods = {m.strip() for m in preflight.headers["access-control-allow-methods"].split(",")}
+        assert {"GET", "POST", "PATCH", "DELETE"} <= methods
+        renamed = HTTP.patch(url, json={"name": "notes"}, headers={"origin": "https://app.example"})
+        assert renamed.status_code == 200 and renamed.json()["document"]["name"] == "notes"
         other = HTTP.post(f"{opened.url}/v1/documents", json={"text": "x"}, headers={"origin": "https://evil.example"})
         assert other.status_code == 403
     finally:
