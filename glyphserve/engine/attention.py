@@ -100,7 +100,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                     query_start: Tensor, scale: float, max_query_len: int, out: Tensor | None = None) -> Tensor:
     """Causal attention of each sequence's queries over its paged K/V; returns ``out`` ``[T, n_heads, head_dim]``.
 
-    Triton on CUDA tensors where Triton imports, else ``paged_attention_reference``. No host synchronisation
+    Triton on CUDA tensors where Triton imports, else ``paged_attention_batched``. No host synchronisation
     on the Triton path (safe inside CUDA graph capture).
     """
     _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len)

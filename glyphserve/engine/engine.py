@@ -294,6 +294,7 @@ class Engine:
 
     def vision_tokens(self, page_shape: tuple[int, int]) -> int:
         """Tokens the model spends on a page of (height, width) pixels."""
+        self._refuse_closed()
         return self.params.vision_tokens(*page_shape)
 
     # --- running -------------------------------------------------------------------------------------------

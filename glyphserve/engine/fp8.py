@@ -191,7 +191,9 @@ class Int8Embedding(nn.Module):
 def quantize_language_model(model: nn.Module, include_lm_head: bool = False) -> int:
     """Replace, in place, every ``nn.Linear`` of a GLM-4.1V model's decoder layers (attention projections, MLP),
     and with ``include_lm_head`` the output head, by an ``Fp8Linear``, and the token embedding table by an
-    ``Int8Embedding`` (as ``--quantize fp8`` does; the vision tower stays). Call it once the model has its final
+    ``Int8Embedding``; the vision tower stays. The weights come out as ``--quantize fp8``'s where the head is
+    included as the engine includes it (per-output-channel scales: q, k and v quantized apart equal the engine's
+    fused qkv quantized as one), for running the Hugging Face model itself. Call it once the model has its final
     dtype and device: ``Module.to(dtype)`` would cast the quantized buffers too. Returns the bytes of weight memory
     saved."""
     before = _weight_bytes(model)

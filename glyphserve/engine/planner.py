@@ -21,9 +21,9 @@ from glyphserve.engine.kv_pool import block_hashes
 from glyphserve.engine.output import OutputState
 from glyphserve.engine.preprocess import PreprocessParams, check_page, page_keys
 from glyphserve.engine.prompt import PromptBuilder, PromptTokens, answer_room, conversation
-from glyphserve.engine.sampler import MAX_LOGPROBS
 from glyphserve.engine.sequence import Sequence
-from glyphserve.engine.types import REPETITION_PENALTY_RANGE, AnswerRequest, GenerationSettings
+from glyphserve.engine.types import (MAX_LOGPROBS, MAX_SEED, PENALTY_RANGE, REPETITION_PENALTY_RANGE, AnswerRequest,
+                                     GenerationSettings)
 from glyphserve.errors import ConfigError, ContextOverflowError, GlyphserveError
 from glyphserve.glm4v import PAGE_MARKER_TOKENS
 
@@ -64,12 +64,12 @@ def check_settings(s: GenerationSettings, vocab: int) -> None:
         bad("repetition_penalty", f"must be in [{low:g}, {high:g}] (1: none)")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(s, name)
-        if not math.isfinite(value) or not -2 <= value <= 2:
-            bad(name, "must be in [-2, 2]")
+        if not math.isfinite(value) or not PENALTY_RANGE[0] <= value <= PENALTY_RANGE[1]:
+            bad(name, f"must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}]")
     if s.logprobs is not None and not 0 <= s.logprobs <= MAX_LOGPROBS:
         bad("logprobs", f"must be between 0 and {MAX_LOGPROBS}")
-    if s.seed is not None and not -(2**63) <= s.seed < 2**64:
-        bad("seed", "must be a 64-bit integer")
+    if s.seed is not None and not 0 <= s.seed <= MAX_SEED:
+        bad("seed", f"must be between 0 and {MAX_SEED}")
     if any(not 0 <= t < vocab for t in s.stop_token_ids):
         bad("stop_token_ids", f"must be token ids from 0 to {vocab - 1}")
 

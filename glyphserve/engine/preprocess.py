@@ -192,10 +192,13 @@ def try_decode(pages: list[Page]) -> list[np.ndarray | GlyphserveError]:
 
 
 def decode_pages(pages: list[Page]) -> list[np.ndarray]:
-    """The pages' pixels: encoded pages decoded (in parallel), arrays as they are."""
-    if not any(isinstance(p, EncodedPage) for p in pages):
-        return list(pages)
-    return _parallel(lambda p: p.pixels() if isinstance(p, EncodedPage) else p, pages)
+    """The pages' pixels: encoded pages decoded (in parallel), arrays as they are; a page that cannot be decoded
+    raises its error."""
+    out = try_decode(pages)
+    for page in out:
+        if isinstance(page, GlyphserveError):
+            raise page
+    return out
 
 
 def _as_tensor(page: np.ndarray) -> torch.Tensor:

@@ -42,7 +42,7 @@ from glyphserve.engine.types import (
 from glyphserve.errors import ContextOverflowError, GlyphserveError, RemoteBackendError
 from glyphserve.glm4v import STOP_TOKENS, vision_tokens
 
-# GLM-4.1V's turn markers: generation must stop before the model starts another turn.
+# Answers a later try may get: rate limits and servers down or overloaded.
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _JSON = {"content-type": "application/json"}
 # Stands in for the pages' content parts until the body is serialized (unique, so no text can contain it).

@@ -22,11 +22,8 @@ import numpy as np
 import torch
 
 from glyphserve.engine.transfer import copy_rows, to_device
-from glyphserve.engine.types import GenerationSettings
+from glyphserve.engine.types import MAX_LOGPROBS, GenerationSettings
 
-MAX_LOGPROBS = 20
-# Below this a temperature means greedy decoding (as vLLM's sampling parameters treat it).
-GREEDY_BELOW = 1e-5
 # splitmix64's constants, as signed 64-bit integers (torch has no uint64 arithmetic on every device).
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)

@@ -12,9 +12,8 @@ import torch
 
 from glyphserve.engine.output import OutputState
 from glyphserve.engine.prompt import PromptTokens
-from glyphserve.engine.sampler import GREEDY_BELOW
 from glyphserve.engine.stage_clock import Mark
-from glyphserve.engine.types import AnswerRequest, CacheReport, GenerationSettings, Page, StageTimings
+from glyphserve.engine.types import GREEDY_BELOW, AnswerRequest, CacheReport, GenerationSettings, Page, StageTimings
 
 
 class Status(enum.Enum):

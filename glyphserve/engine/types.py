@@ -92,6 +92,10 @@ REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 # vLLM's ranges, checked at every boundary a request comes through (the API's parameters, ask's flags).
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**64 - 1
+PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty, frequency_penalty
+MAX_LOGPROBS = 20
+# Below this a temperature means greedy decoding (as vLLM's sampling parameters treat it).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass

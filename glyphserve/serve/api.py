@@ -15,17 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 
 from glyphserve import __version__
-from glyphserve.engine.types import AnswerRequest, ChatMessage, StreamEvent
-from glyphserve.errors import GlyphserveError, NotFoundError
+from glyphserve.engine.types import MAX_LOGPROBS, AnswerRequest, ChatMessage, StreamEvent
+from glyphserve.errors import GlyphserveError, InternalError, NotFoundError
 from glyphserve.render.config import NEWLINE_MODES, PRESETS
 from glyphserve.serve import openai_compat as oai
 from glyphserve.serve.backends import ChatJob, Reply
-from glyphserve.serve.errors import (
-    InternalError,
-    InvalidRequestError,
-    MethodNotAllowedError,
-    UnsupportedMediaTypeError,
-)
+from glyphserve.serve.errors import InvalidRequestError, MethodNotAllowedError, UnsupportedMediaTypeError
 from glyphserve.serve.origin import route_path
 from glyphserve.serve.sampling import SamplingParams
 from glyphserve.serve.scheduler import Cancelled
@@ -85,7 +80,7 @@ class DocumentChat(SamplingParams):
     model_config = ConfigDict(extra="forbid")
     question: str = Field(min_length=1)
     history: list[HistoryTurn] = []
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     stream: bool = False
     documents: list[str] | None = Field(None, min_length=1, max_length=MAX_COLLECTION - 1)
     page_selection: PageSelection | None = None  # default: the server's --page-selection

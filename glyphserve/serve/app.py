@@ -8,7 +8,6 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -19,10 +18,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glyphserve import __version__
-from glyphserve.errors import ConfigError, FileTooLargeError, GlyphserveError, NotFoundError, QueueFullError
+from glyphserve.errors import (ConfigError, FileTooLargeError, GlyphserveError, InternalError, NotFoundError,
+                               QueueFullError)
 from glyphserve.serve.api import build_router, invalid_request
 from glyphserve.serve.config import ServeConfig
-from glyphserve.serve.errors import InternalError, MethodNotAllowedError, RequestTooLargeError, UnauthorizedError
+from glyphserve.serve.errors import MethodNotAllowedError, RequestTooLargeError, UnauthorizedError
 from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path, route_path
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import prepare_data_dir
@@ -34,11 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("glyphserve.serve")
 
-ENGINE_SWITCH_INTERVAL_S = 0.0005  # GIL hand-over in a process that runs an engine
-# Multipart framing around an upload; the file itself is checked against the exact limit.
 # Seconds past --shutdown-timeout the web server waits before closing connections: the answers cut off at the
 # timeout send their last event meanwhile.
 SHUTDOWN_SEND_S = 2.0
+# Multipart framing around an upload; the file itself is checked against the exact limit.
 _BODY_SLACK = 64 * 1024
 # Past this, an oversized body is not drained before answering 413; the connection is closed.
 _DRAIN_LIMIT = 256 * 2**20
@@ -235,9 +234,6 @@ def load_engine(config: ServeConfig) -> tuple["Engine | RemoteEngine | None", st
     started = time.perf_counter()
     engine = Engine.load(config.engine_config(source))
     print(f"glyphserve: model loaded in {time.perf_counter() - started:.1f} s", flush=True)
-    # The engine's thread waits on the GPU every decode step; when it wakes while the event loop holds the GIL
-    # (encoding streamed chunks, reading uploads) it would wait up to the default 5 ms switch interval.
-    sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
     return engine, name
 
 

@@ -189,17 +189,15 @@ class _Indexed:
 class ExtractiveBackend:
     """No model: the passages of the source text that best match the question (BM25); over a collection, the
     best passages of all its documents, ranked with the collection's statistics. Its answers count tokens as a
-    model's would (the searched text, the conversation and the answer), with ``tokenizer`` when given, else with
-    the renderer's documented estimate."""
+    model's would (the searched text, the conversation and the answer), by the renderer's documented estimate (no
+    model, so no tokenizer)."""
 
     name = "extractive"
     notice = NO_MODEL_HINT
 
-    def __init__(self, store: "DocumentStore | None", top_k: int = 3, cached_documents: int = 16,
-                 tokenizer: object | None = None):
+    def __init__(self, store: "DocumentStore | None", top_k: int = 3, cached_documents: int = 16):
         self.store = store
         self.top_k = top_k
-        self.tokenizer = tokenizer
         self._cache: OrderedDict[str, _Indexed] = OrderedDict()
         self._cached_documents = cached_documents
         self._lock = threading.Lock()  # forget() comes from the event loop, lookups from the worker
@@ -209,7 +207,7 @@ class ExtractiveBackend:
             self._cache.pop(document_id, None)
 
     def _tokens(self, text: str) -> int:
-        return count_text_tokens(text, self.tokenizer)[0] if text else 0
+        return count_text_tokens(text)[0] if text else 0
 
     def _index(self, document_id: str | None, name: str | None, text: str, pages: list[PageLayout]) -> _Indexed:
         return _Indexed(document_id, name, text, BM25Index.from_text(text), pages, self._tokens(text))

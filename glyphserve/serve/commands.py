@@ -127,18 +127,19 @@ def register(subparsers) -> None:
 
     doctor = subparsers.add_parser("doctor", help="check GPU, libraries, fonts and model weights",
                                    description="Print what `glyphserve serve` will find on this machine.")
-    _model_arguments(doctor)
+    _model_arguments(doctor, without="the machine's checks alone", dtype=False)
     doctor.set_defaults(func=_doctor)
     ask.register(subparsers)
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
+def _model_arguments(parser: argparse.ArgumentParser, without: str = "extractive answers", dtype: bool = True) -> None:
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                        help="model directory or Hugging Face id (e.g. zai-org/Glyph); none: extractive answers")
+                        help=f"model directory or Hugging Face id (e.g. zai-org/Glyph); none: {without}")
     parser.add_argument("--model", default=None, help="the same as MODEL")
     parser.add_argument("--random-weights", default=None, choices=["glm-4.1v-9b"],
                         help="full-size architecture with random weights (benchmarks, no checkpoint needed)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    if dtype:
+        parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
 
 

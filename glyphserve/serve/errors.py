@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from glyphserve.errors import GlyphserveError, InternalError  # noqa: F401 (the server's name for it too)
+from glyphserve.errors import GlyphserveError
 
 NO_MODEL_HINT = (
     "No vision-language model is loaded: answers are extractive (the best-matching passages of the "

@@ -32,7 +32,9 @@ _REMEMBERED = 4096  # images known to decode, by a hash of their bytes (a front 
 @dataclass(frozen=True)
 class ImageLimits:
     max_images: int = 256  # image_url parts in one request
-    max_pixels: int = 25_000_000  # width x height of one image, from its header (the model reads <= 11.8 Mpx)
+    # width x height of one image, from its header (the model reads at most ~5.9 Mpx of it, glm4v.MAX_PIXELS over
+    # TEMPORAL: a larger image is scaled down to that)
+    max_pixels: int = 25_000_000
     max_decoded_bytes: int = 256 * 2**20  # width x height x 3 summed over a request's images
 
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from glyphserve.engine.types import Answer, AnswerRequest, ChatMessage, TokenLogprob
+from glyphserve.engine.types import MAX_LOGPROBS, Answer, AnswerRequest, ChatMessage, TokenLogprob
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotLoadedError
 from glyphserve.serve.images import ImageLimits, read_images
@@ -52,7 +52,7 @@ class ChatCompletionRequest(SamplingParams):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # glyphserve's extensions: chat about a stored document, or a collection of them; which pages the model
     # sees when they do not fit (default: the server's --page-selection).
     document: str | None = None

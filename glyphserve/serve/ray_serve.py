@@ -53,12 +53,11 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, Req
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from glyphserve.engine.types import AnswerRequest, EncodedPage, EngineConfig, StreamEvent, TokenLogprob
-from glyphserve.errors import ConfigError, GlyphserveError, QueueFullError, RemoteBackendError
-from glyphserve.serve.app import (ENGINE_SWITCH_INTERVAL_S, SHUTDOWN_SEND_S, create_app, prepare,
-                                  public_url)
+from glyphserve.errors import ConfigError, GlyphserveError, InternalError, QueueFullError, RemoteBackendError
+from glyphserve.serve.app import SHUTDOWN_SEND_S, create_app, prepare, public_url
 from glyphserve.serve.backends import ChatJob, EngineBackend, Reply
 from glyphserve.serve.config import ServeConfig
-from glyphserve.serve.errors import InternalError, RequestTimeoutError, ShuttingDownError
+from glyphserve.serve.errors import RequestTimeoutError, ShuttingDownError
 from glyphserve.serve.scheduler import Cancelled, Scheduler, SchedulerHooks, log_cut_off
 from glyphserve.serve.service import ENGINE_COUNTERS
 from glyphserve.serve.weights import resolve_model
@@ -141,7 +140,6 @@ class EngineReplica:
         from glyphserve.engine import Engine
 
         engine = Engine.load(engine_config)
-        sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
         self.engine = engine
         self.scheduler = Scheduler(EngineBackend(engine), queue_size=queue_size, max_batch=engine_config.max_num_seqs,
                                    timeout=timeout)

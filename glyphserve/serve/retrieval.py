@@ -30,7 +30,7 @@ def pages_for_span(pages: list[PageLayout], start: int, end: int) -> list[int]:
     return [p.number for p in pages if p.char_span[0] < end and start < p.char_span[1]]
 
 
-def crop_rows(page: PageLayout, source: str, start: int, end: int, margin_lines: int = 0) -> tuple[int, int]:
+def crop_rows(page: PageLayout, source: str, start: int, end: int) -> tuple[int, int]:
     """Top and bottom pixel rows of ``page`` showing source characters [start, end).
 
     A line's place in the source is estimated by counting non-space characters, which is
@@ -53,7 +53,7 @@ def crop_rows(page: PageLayout, source: str, start: int, end: int, margin_lines:
     first_pos, last_pos = position(start), position(end)
     first = next((i for i, c in enumerate(cumulative) if c > first_pos), len(cumulative) - 1)
     last = next((i for i, c in enumerate(cumulative) if c >= last_pos), len(cumulative) - 1)
-    first, last = max(0, first - margin_lines), min(len(cumulative) - 1, max(first, last) + margin_lines)
+    last = max(first, last)
     baselines = [y for _, y in page.lines]
     gaps = [b - a for a, b in zip(baselines, baselines[1:]) if b > a]
     pitch = sorted(gaps)[len(gaps) // 2] if gaps else page.height / max(len(baselines), 1)

@@ -19,9 +19,9 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from glyphserve.engine.types import MAX_SEED, MAX_TEMPERATURE, REPETITION_PENALTY_RANGE, GenerationSettings
+from glyphserve.engine.types import (GREEDY_BELOW, MAX_SEED, MAX_TEMPERATURE, PENALTY_RANGE, REPETITION_PENALTY_RANGE,
+                                     GenerationSettings)
 
-GREEDY_BELOW = 1e-5
 MIN_TEMPERATURE = 1e-2
 MIN_TOP_P = 1e-6
 MAX_STOPS = 16
@@ -52,8 +52,8 @@ class SamplingParams(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
                                              allow_inf_nan=False)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    frequency_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     stop: Stop | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None

@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from glyphserve.errors import GlyphserveError, QueueFullError
+from glyphserve.errors import GlyphserveError, InternalError, QueueFullError
 from glyphserve.engine.types import StreamEvent
 from glyphserve.serve.backends import Backend, ChatJob, Reply
-from glyphserve.serve.errors import InternalError, RequestTimeoutError, ShuttingDownError
+from glyphserve.serve.errors import RequestTimeoutError, ShuttingDownError
 
 log = logging.getLogger("glyphserve.serve")
 
@@ -160,7 +160,7 @@ class Scheduler:
 
     def retry_after(self) -> int:
         """Seconds a client should wait before retrying a refused request."""
-        return max(1, math.ceil(self._seconds_per_job * (len(self._queue) + 1) / self.max_batch))
+        return max(1, math.ceil(self._seconds_per_job * (len(self._queue) + 1) / self._places))
 
     def close(self) -> None:
         with self._cond:
@@ -462,9 +462,6 @@ class ConcurrentScheduler(Scheduler):
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="glyphserve-remote")
         # max_batch=1: every job runs through the backend's stream.
         super().__init__(backend, queue_size=min(queue_size, concurrency), max_batch=1, timeout=timeout, hooks=hooks)
-
-    def retry_after(self) -> int:
-        return max(1, math.ceil(self._seconds_per_job * (len(self._queue) + 1) / self.concurrency))
 
     @property
     def _places(self) -> int:

@@ -24,8 +24,9 @@ import gradio as gr
 from fastapi import FastAPI
 
 from glyphserve.errors import GlyphserveError, NotFoundError
-from glyphserve.glm4v import PAGE_MARKER_TOKENS, PROMPT_TOKENS
+from glyphserve.engine.prompt import answer_room
 from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, StreamEvent
+from glyphserve.glm4v import MESSAGE_TOKENS, PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import DPIS, NEWLINES, PRESETS, GlyphService, RenderOptions
@@ -158,9 +159,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
 
     def needed(record: DocumentRecord) -> int:
         """Tokens a question about all of ``record``'s pages needs at the least: its pages, their markers, the
-        template's own tokens and a default answer's room (the planner's count, without the question's words)."""
+        template's own tokens and the room kept for an answer of unset length (the planner's count for an empty
+        question)."""
         return (record.summary.get("vision_tokens", 0) + record.pages * PAGE_MARKER_TOKENS + PROMPT_TOKENS
-                + GenerationSettings.max_tokens)
+                + MESSAGE_TOKENS + answer_room(context))
 
     def stored_record(document_id: str) -> DocumentRecord | None:
         try:
