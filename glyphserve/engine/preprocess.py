@@ -26,7 +26,7 @@ from glyphserve.engine.resize import BICUBIC, resize_bicubic
 from glyphserve.engine.transfer import to_device
 from glyphserve.engine.types import EncodedPage, Page
 from glyphserve.errors import ConfigError, GlyphserveError
-from glyphserve.glm4v import MAX_ASPECT, smart_resize
+from glyphserve.glm4v import MAX_ASPECT, MAX_PIXELS, MERGE, MIN_PIXELS, PATCH, TEMPORAL, smart_resize
 
 try:
     import triton
@@ -36,11 +36,11 @@ except ImportError:  # the torch path only
 
 @dataclass(frozen=True)
 class PreprocessParams:
-    patch_size: int = 14
-    merge_size: int = 2
-    temporal_patch_size: int = 2
-    min_pixels: int = 112 * 112
-    max_pixels: int = 28 * 28 * 15000
+    patch_size: int = PATCH
+    merge_size: int = MERGE
+    temporal_patch_size: int = TEMPORAL
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
     rescale_factor: float = 1 / 255
     image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from glyphserve.errors import ConfigError
-from glyphserve.glm4v import SPECIAL_TOKENS, STOP_TOKENS, TAG_TOKENS, chat_template
+from glyphserve.glm4v import (IMAGE_BEGIN_TOKEN, IMAGE_END_TOKEN, IMAGE_TOKEN, MAX_PIXELS, MERGE, MIN_PIXELS, PATCH,
+                              SPECIAL_TOKENS, STOP_TOKENS, TAG_TOKENS, TEMPORAL, chat_template)
 
 FULL_SIZE_VOCAB = 151552
 
@@ -42,8 +43,8 @@ def build_tokenizer():
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        eos_token=STOP_TOKENS[0],
+        pad_token=STOP_TOKENS[0],
         padding_side="left",
         chat_template=chat_template(),
     )
@@ -52,16 +53,16 @@ def build_tokenizer():
 def build_image_processor():
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
-    return Glm4vImageProcessorPil(size={"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 15000})
+    return Glm4vImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
 
 
 def _token_ids(tokenizer) -> dict:
     ids = tokenizer.convert_tokens_to_ids
     return dict(
-        image_token_id=ids("<|image|>"),
+        image_token_id=ids(IMAGE_TOKEN),
         video_token_id=ids("<|video|>"),
-        image_start_token_id=ids("<|begin_of_image|>"),
-        image_end_token_id=ids("<|end_of_image|>"),
+        image_start_token_id=ids(IMAGE_BEGIN_TOKEN),
+        image_end_token_id=ids(IMAGE_END_TOKEN),
         video_start_token_id=ids("<|begin_of_video|>"),
         video_end_token_id=ids("<|end_of_video|>"),
     )
@@ -77,7 +78,8 @@ def _config(tokenizer, text: dict, vision: dict):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS],
     )
-    vision_defaults = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, image_size=336)
+    vision_defaults = dict(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3,
+                           image_size=336)
     cfg = Glm4vConfig(
         text_config={**text_defaults, **text},
         vision_config={**vision_defaults, **vision},
