@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -14,15 +15,18 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from glyphserve import __version__
 from glyphserve.errors import (ConfigError, FileTooLargeError, GlyphserveError, InternalError, NotFoundError,
                                QueueFullError)
 from glyphserve.serve.api import build_router, invalid_request
 from glyphserve.serve.config import ServeConfig
-from glyphserve.serve.errors import MethodNotAllowedError, RequestTooLargeError, UnauthorizedError
+from glyphserve.serve.errors import (BodiesFullError, BodyTimeoutError, MethodNotAllowedError, RequestTooLargeError,
+                                     UnauthorizedError)
+from glyphserve.serve.head_timeout import with_head_timeout
 from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path, route_path
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import prepare_data_dir
@@ -41,16 +45,33 @@ SHUTDOWN_SEND_S = 2.0
 _BODY_SLACK = 64 * 1024
 # Past this, an oversized body is not drained before answering 413; the connection is closed.
 _DRAIN_LIMIT = 256 * 2**20
+BUSY_RETRY_AFTER_S = 5  # a request refused while the bodies in flight fill their budget (503 server_busy)
+
+
+class _Body:
+    """What a request's body has brought so far."""
+
+    def __init__(self):
+        self.seen = 0  # bytes
+        self.done = False  # the last chunk came (or the client left)
 
 
 class ServiceMiddleware:
     """Pure ASGI (so streaming and disconnects pass through untouched): bearer auth and body
-    limits on API routes, and request/error/latency metrics by route template."""
+    limits on API routes, and request/error/latency metrics by route template.
+
+    Body limits: one request's (``--max-upload-mb``); the time a body may go without bytes (``--body-timeout``: 20
+    clients that stopped 44 MiB into an upload held 880 MiB for as long as they kept their connections); and the
+    bytes the bodies of all requests in flight hold together (``--max-bodies-mb``), past which a request is
+    refused with 503 ``server_busy``, at once when its length is announced."""
 
     def __init__(self, app, service: GlyphService):
         self.app = app
         self.service = service
         self.limit = service.config.max_upload_bytes + _BODY_SLACK
+        self.body_timeout = service.config.body_timeout
+        self.bodies_limit = service.config.max_bodies_bytes
+        self.bodies = 0  # body bytes of the requests in flight (touched on the event loop alone)
         key = service.config.api_key
         self.expected = f"Bearer {key}".encode() if key else None
 
@@ -65,14 +86,16 @@ class ServiceMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        body = _Body()
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
                 await self._drain(receive)
                 await _send_error(send_tracked, refusal, scope)
                 return
-            await self.app(scope, self._limited(receive, scope), send_tracked)
+            await self.app(scope, self._limited(receive, scope, body), send_tracked)
         finally:
+            self.bodies -= body.seen
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             metrics = self.service.metrics.c
@@ -88,9 +111,17 @@ class ServiceMiddleware:
             if not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
                 return UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return self._too_large(scope)
+        if length is not None and length.isdigit():
+            if int(length) > self.limit:
+                return self._too_large(scope)
+            if self.bodies + int(length) > self.bodies_limit:
+                return self._busy()
         return None
+
+    def _busy(self) -> BodiesFullError:
+        return BodiesFullError(f"the requests in flight hold {self.bodies / 2**20:.0f} MiB of bodies, this server's "
+                               f"{self.bodies_limit / 2**20:g} MiB for them (--max-bodies-mb): retry in a few "
+                               "seconds")
 
     def _too_large(self, scope) -> GlyphserveError:
         limit = self.service.config.max_upload_mb
@@ -99,17 +130,29 @@ class ServiceMiddleware:
         return RequestTooLargeError(f"the request body is larger than this server's {limit:g} MiB limit for a "
                                     "request (--max-upload-mb)")
 
-    def _limited(self, receive, scope):
-        """Counts body bytes of chunked requests that announced no length."""
-        seen = 0
+    def _limited(self, receive, scope, body: _Body):
+        """``receive``, with the body's bytes counted against the limits (a chunked body announces no length) and
+        each of its chunks awaited ``body_timeout`` at most."""
 
         async def wrapped():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise self._too_large(scope)
+            if body.done:  # (a route waiting for the client to leave)
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except TimeoutError:
+                raise BodyTimeoutError(f"the request body stopped arriving: no bytes for {self.body_timeout:g} s "
+                                       "(--body-timeout)") from None
+            if message["type"] != "http.request":
+                body.done = True
+                return message
+            size = len(message.get("body", b""))
+            body.seen += size
+            self.bodies += size
+            body.done = not message.get("more_body", False)
+            if body.seen > self.limit:
+                raise self._too_large(scope)
+            if self.bodies > self.bodies_limit:
+                raise self._busy()
             return message
 
         return wrapped
@@ -133,6 +176,8 @@ async def _send_error(send, error: GlyphserveError, scope) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if isinstance(error, UnauthorizedError):
         headers.append((b"www-authenticate", b"Bearer"))
+    if isinstance(error, BodiesFullError):
+        headers.append((b"retry-after", str(BUSY_RETRY_AFTER_S).encode()))
     await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -145,6 +190,8 @@ def error_response(request: Request, error: GlyphserveError, service: GlyphServi
         headers["Retry-After"] = str(service.scheduler.retry_after())
     if isinstance(error, MethodNotAllowedError):
         headers["Allow"] = ", ".join(error.allow)
+    if isinstance(error, BodiesFullError):
+        headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
     return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
 
 
@@ -194,6 +241,13 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: 
         error = GlyphserveError(str(exc.detail))
         error.http_status, error.code = exc.status_code, "http_error"
         return error_response(request, error, service)
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(request: Request, exc: ClientDisconnect):
+        # The client left while its body was read: nothing to answer, and no fault of the server's (it was logged
+        # as an unhandled error twice over, with its traceback, and counted as a 500).
+        request.state.error_code = "client_disconnected"
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
@@ -311,6 +365,7 @@ def run(config: ServeConfig) -> int:
 
         # The extra seconds are for the cut-off answers' last events to go out.
         server = Server(uvicorn.Config(app, log_level="info", log_config=log_config(),
+                                       http=with_head_timeout(config.header_timeout),
                                        timeout_graceful_shutdown=grace + SHUTDOWN_SEND_S))
         server.run(sockets=[sock])
     finally:

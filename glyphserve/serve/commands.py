@@ -82,6 +82,14 @@ def register(subparsers) -> None:
                         help="most megapixels in one image, read from its header before decoding (default 25)")
     limits.add_argument("--max-image-mb", type=float, default=256,
                         help="most MiB of pixels the images of one chat request decode to (default 256)")
+    limits.add_argument("--header-timeout", type=float, default=10, metavar="SECONDS",
+                        help="a connection whose request head has not arrived whole this long after it opened (or "
+                             "after its last answer) is closed (default 10)")
+    limits.add_argument("--body-timeout", type=float, default=30, metavar="SECONDS",
+                        help="a request body that goes this long without bytes is answered 408 (default 30)")
+    limits.add_argument("--max-bodies-mb", type=float, default=None, metavar="MB",
+                        help="MiB the bodies of all requests in flight may hold together; past it, 503 server_busy "
+                             "(default: 16 times --max-upload-mb)")
     serve.add_argument("--queue-size", type=int, default=64,
                        help="requests allowed to wait for the model; past it, 429 (default 64)")
     serve.add_argument("--request-timeout", type=float, default=300,
@@ -205,6 +213,7 @@ def serve_config(args: argparse.Namespace):
         max_docx_paragraphs=args.max_docx_paragraphs, max_unpacked_mb=args.max_unpacked_mb,
         max_parser_memory_mb=args.max_parser_memory_mb, ingest_timeout=args.ingest_timeout,
         max_images=args.max_images, max_image_mpx=args.max_image_mpx, max_image_mb=args.max_image_mb,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_bodies_mb=args.max_bodies_mb,
         allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins, queue_size=args.queue_size,
         max_num_seqs=args.max_num_seqs, step_trace=args.step_trace, request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
