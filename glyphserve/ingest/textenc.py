@@ -39,6 +39,9 @@ _SCAN_BYTES = 64 * 1024
 _MAX_RUNS = 3000  # runs of non-ASCII characters scored per candidate
 _MIN_SCORE = 0.35
 _PLAUSIBILITY_MARGIN = 0.1
+# A BOM-less UTF-16 guess whose text scores below this is dropped: ASCII with a NUL after every 5th letter
+# ("hello\0world\0"...) has the zero bytes of UTF-16 and decoded to rare CJK characters (0.25; writing: ~1).
+_MIN_UTF16_PLAUSIBILITY = 0.6
 _MAX_CONTROL_RATIO = 0.02
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f-\x9f]")  # \t \n \v \f \r ESC allowed
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]{1,32}")
@@ -93,9 +96,12 @@ def _decode_bomless_utf16(data: bytes) -> DecodedText | None:
     else:
         return None
     try:
-        return DecodedText(data[: len(data) & ~1].decode(codec), codec)
+        text = data[: len(data) & ~1].decode(codec)
     except UnicodeDecodeError:
         return None
+    if plausibility(text[:_SCAN_BYTES]) < _MIN_UTF16_PLAUSIBILITY:
+        return None
+    return DecodedText(text, codec)
 
 
 def _decode_utf8(data: bytes) -> DecodedText | None:

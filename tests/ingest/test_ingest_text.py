@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glyphserve.errors import EmptyDocumentError
+from glyphserve.errors import EmptyDocumentError, UnsupportedTypeError
 from glyphserve.ingest import TextPart, ingest_bytes, ingest_text
+from glyphserve.ingest.textenc import plausibility
 
 CHINESE = "长文本被渲染成紧凑的页面图像，然后由视觉语言模型阅读。我们希望检测到正确的编码。"
 SAMPLES = [
@@ -50,6 +51,12 @@ def test_bomless_utf16_is_detected_from_nul_bytes(codec):
     document = ingest_bytes(text.encode(codec))
     assert document.text == text
     assert document.encoding == codec
+
+
+def test_ascii_with_a_nul_every_few_letters_is_not_taken_for_bomless_utf16():
+    """A hostile-input trial: "hello\\0world\\0"... has UTF-16's zero bytes, and was stored as rare CJK characters."""
+    with pytest.raises(UnsupportedTypeError):
+        ingest_bytes(b"hello\0world\0" * 1000, "nuls.txt")
 
 
 def test_long_gbk_text_is_gb18030():
@@ -110,8 +117,10 @@ _TEXT = st.text(
 )
 def test_unicode_round_trips(text, codec):
     data = text.encode(codec)
-    if codec in ("utf-16-le", "utf-16-be") and (len(data) < 16 or not _has_clear_nul_pattern(data)):
-        return  # BOM-less UTF-16 is only recognised from ASCII-heavy text, and a few bytes are no evidence
+    if codec in ("utf-16-le", "utf-16-be") and (len(data) < 16 or not _has_clear_nul_pattern(data)
+                                                or plausibility(text) < 0.6):
+        return  # BOM-less UTF-16 is only recognised from ASCII-heavy text that reads as writing, and a few bytes are
+        # no evidence
     assert ingest_bytes(data).text == text
 
 
