@@ -241,7 +241,8 @@ def build_router(service: GlyphService) -> APIRouter:
         return out
 
     def reply_body(reply: Reply) -> dict:
-        """The answer under the engine's names (``Answer``, ``StageTimings``, ``CacheReport``)."""
+        """The answer (its text as ``answer``) with the engine's timings and cache report under their own names
+        (``StageTimings``, ``CacheReport``)."""
         answer = reply.answer
         return {
             "answer": answer.text, "thinking": answer.thinking, "finish_reason": answer.finish_reason,

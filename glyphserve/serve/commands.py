@@ -53,7 +53,8 @@ def register(subparsers) -> None:
                        help="address to bind (default 127.0.0.1; any other address requires --api-key)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--data-dir", type=Path, default=None,
-                       help="documents, pages and the SQLite index (default ~/.local/share/glyphserve, or ./data)")
+                       help="documents, pages and the SQLite index (default $XDG_DATA_HOME/glyphserve, else "
+                            "~/.local/share/glyphserve, or ./data where that cannot be written)")
     serve.add_argument("--api-key", default=os.environ.get("GLYPHSERVE_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on the API and this password in the UI "
                             "(default: $GLYPHSERVE_API_KEY)")
