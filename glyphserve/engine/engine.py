@@ -30,12 +30,11 @@ from glyphserve.engine.scheduler import Scheduler, SchedulerConfig
 from glyphserve.engine.sequence import Sequence, Status
 from glyphserve.engine.stage_clock import StageClock
 from glyphserve.engine.step_trace import StepTrace
-from glyphserve.engine.types import Answer, AnswerRequest, EngineConfig, StepRecord, StreamEvent
+from glyphserve.engine.types import DEFAULT_MAX_CONTEXT, Answer, AnswerRequest, EngineConfig, StepRecord, StreamEvent
 from glyphserve.engine.vision import VisionEncoder, VisionRunner
 from glyphserve.errors import ConfigError, EngineOutOfMemoryError, GlyphserveError
 from glyphserve.glm4v import STOP_TOKENS
 
-DEFAULT_MAX_CONTEXT = 32768
 # Memory kept free beside the KV pool on CUDA: CUDA graphs' own pool, cuBLAS workspaces, allocator slack.
 CUDA_RESERVE_BYTES = 1 << 30
 

@@ -7,6 +7,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from glyphserve.engine.types import DEFAULT_MAX_CONTEXT
 from glyphserve.errors import ConfigError, MissingExtraError
 from glyphserve.serve import ask
 
@@ -31,8 +32,9 @@ def register(subparsers) -> None:
                        help="the model name(s) the API answers to and names in replies (default: the last part of "
                             "the model id, e.g. Glyph for zai-org/Glyph; the official Glyph scripts send 'glyph')")
     serve.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
-                       help="context length: prompt + answer tokens (default: the model's, at most 32768; with "
-                            "--endpoint: what pages are chosen for, default the least the servers report)")
+                       help="context length: prompt + answer tokens (default: the model's, at most "
+                            f"{DEFAULT_MAX_CONTEXT}; with --endpoint: what pages are chosen for, default the least "
+                            "the servers report)")
     serve.add_argument("--page-selection", choices=("retrieve", "first", "all"), default="retrieve",
                        help="when a document's pages do not fit the context: show the pages that best match the "
                             "question and conversation (retrieve, default), the first pages (first), or refuse "
