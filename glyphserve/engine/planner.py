@@ -211,8 +211,8 @@ class Planner:
             head = (f"the prompt needs {len(prompt.ids)} tokens ({pages}) and the answer at least one, but the "
                     f"context holds {self.max_context}")
         elif max_tokens >= self.max_context:  # (not the number: one of 4,000 digits was written out whole)
-            head = (f"the prompt needs {len(prompt.ids)} tokens ({pages}) plus max_tokens, which alone is more "
-                    f"than the context holds ({self.max_context})")
+            head = (f"the prompt needs {len(prompt.ids)} tokens ({pages}) plus max_tokens, which alone is at least "
+                    f"the whole context ({self.max_context})")
         else:
             head = (f"the prompt needs {len(prompt.ids)} tokens ({pages}) plus max_tokens {max_tokens} "
                     f"= {len(prompt.ids) + max_tokens}, but the context holds {self.max_context}")

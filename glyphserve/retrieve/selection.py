@@ -109,7 +109,7 @@ class PromptBudget:
         if self.max_tokens_unset:
             return f"{self.max_tokens} kept for the answer (max_tokens unset)"
         if self.max_tokens >= self.context:  # (not the number: one of 4,000 digits was written out whole)
-            return "up to max_tokens for the answer, more than the whole context"
+            return "up to max_tokens for the answer, at least the whole context"
         return f"up to {self.max_tokens} for the answer"
 
     @property

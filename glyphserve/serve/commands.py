@@ -89,10 +89,11 @@ def register(subparsers) -> None:
                         help="a connection whose request head has not arrived whole this long after it opened (or "
                              "after its last answer) is closed (default 10)")
     limits.add_argument("--body-timeout", type=float, default=30, metavar="SECONDS",
-                        help="a request body that goes this long without bytes is answered 408 (default 30)")
+                        help="a request body that goes this long without bytes, or past it averages under 16 KiB/s, is "
+                             "answered 408 (default 30)")
     limits.add_argument("--max-bodies-mb", type=float, default=None, metavar="MB",
-                        help="MiB the bodies of all requests in flight may hold together; past it, 503 server_busy "
-                             "(default: 16 times --max-upload-mb)")
+                        help="MiB the bodies of all requests in flight may hold together, at least one largest "
+                             "upload; past it, 503 server_busy (default: 16 times --max-upload-mb)")
     serve.add_argument("--queue-size", type=int, default=64,
                        help="requests allowed to wait for the model; past it, 429 (default 64)")
     serve.add_argument("--request-timeout", type=float, default=300,
