@@ -89,14 +89,7 @@ class ServiceMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if not (is_api_path(path := route_path(scope)) or path == "/health"):  # the web UI's routes
-            body = _Body()
-            try:
-                if (refusal := self._admit(scope, body)) is not None:
-                    await self._drain(scope, receive, body)
-                    return await _send_error(send, refusal, scope)
-                return await self.app(scope, self._limited(receive, scope, body, sized=False), send)
-            finally:
-                self.bodies -= body.held
+            return await self._with_body(scope, receive, send, None, sized=False)
         started = time.perf_counter()
         status = {"code": 500}
 
@@ -105,16 +98,9 @@ class ServiceMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
-        body = _Body()
         try:
-            refusal = self._refusal(scope) or self._admit(scope, body)
-            if refusal is not None:
-                await self._drain(scope, receive, body)
-                await _send_error(send_tracked, refusal, scope)
-                return
-            await self.app(scope, self._limited(receive, scope, body, sized=True), send_tracked)
+            await self._with_body(scope, receive, send_tracked, self._refusal(scope), sized=True)
         finally:
-            self.bodies -= body.held
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             metrics = self.service.metrics.c
@@ -123,6 +109,20 @@ class ServiceMiddleware:
             if status["code"] >= 400:
                 code = scope.get("state", {}).get("error_code", "http_error")
                 metrics.errors.labels(label, str(status["code"]), code).inc()
+
+    async def _with_body(self, scope, receive, send, refusal: GlyphserveError | None, sized: bool) -> None:
+        """The request under its body's limits: refused (its body drained) or passed on; its share of the bodies'
+        budget given back when it ends."""
+        body = _Body()
+        try:
+            refusal = refusal or self._admit(scope, body)
+            if refusal is not None:
+                await self._drain(scope, receive, body)
+                await _send_error(send, refusal, scope)
+                return
+            await self.app(scope, self._limited(receive, scope, body, sized=sized), send)
+        finally:
+            self.bodies -= body.held
 
     def _refusal(self, scope) -> GlyphserveError | None:
         headers = dict(scope["headers"])
