@@ -7,7 +7,10 @@ On the engine ``bench engine`` measures (random full-size weights or a checkpoin
 - ``decode``: a follow-up's decode steps, one row, replayed from CUDA graphs: the trace of an answer of
   ``--new-tokens`` tokens less that of one answered with one token (the follow-up's prefill), per step;
 - ``decode, eager``: the same with the graphs set aside, so each kernel of the step is launched from Python (the
-  kernels' own durations are the same; the graph row shows what the launches' gaps cost).
+  kernels' own durations are the same; the graph row shows what the launches' gaps cost);
+- ``N follow-ups at once`` (``--wave``): follow-up questions arriving together, as under many sessions, which
+  run as eager prompt passes (``wave_phase``), with the host's side of the trace: the operators and runtime calls
+  that took most of the CPU.
 
 Per phase: wall time, the time some kernel ran (union of kernel intervals), the summed kernel time by kind (matrix
 products, attention, Inductor's ``triton_*`` kernels as "compiled" (the project's own Triton kernels go by what
@@ -50,6 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="answer length of the decode phases")
     p.add_argument("--max-context", type=int, default=16384)
     p.add_argument("--quantize", choices=["fp8"], help="also profile decode with quantized weights")
+    p.add_argument("--wave", type=int, default=16, metavar="SESSIONS",
+                   help="a wave of this many follow-ups at once, 4 sessions a document (0 to skip)")
     p.add_argument("--top", type=int, default=20, help="kernels listed per phase")
     p.add_argument("--font", help="font file for rendering")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for profile-<card>.json/.md")
@@ -116,12 +121,17 @@ def per_step(total: dict, steps: int, less: dict | None = None) -> dict:
     return out
 
 
-def traced(bench, fn) -> tuple[dict, object]:
-    """(summary of ``fn()`` under the profiler, CUDA kernels only; what ``fn`` returned)."""
+def traced(bench, fn, host: bool = False) -> tuple[dict, object]:
+    """(summary of ``fn()`` under the profiler, CUDA kernels only; what ``fn`` returned). With ``host``, the CPU's
+    side too: the ``KEPT_KERNELS`` operators and runtime calls that took most of the host's own time (``host_ops``,
+    ms and calls; the profiler's overhead is in them)."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CUDA if bench.cuda else ProfilerActivity.CPU]
+    if host and bench.cuda:
+        activities.append(ProfilerActivity.CPU)
     bench.sync()
-    with profile(activities=[ProfilerActivity.CUDA if bench.cuda else ProfilerActivity.CPU]) as prof:
+    with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         result = fn()
         bench.sync()
@@ -129,7 +139,12 @@ def traced(bench, fn) -> tuple[dict, object]:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         trace = json.loads(Path(f.name).read_text())
-    return summarize(trace, wall), result
+    summary = summarize(trace, wall)
+    if host:
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:KEPT_KERNELS]
+        summary["host_ops"] = [{"name": e.key[:NAME_CHARS], "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3}
+                               for e in ops]
+    return summary, result
 
 
 def report(phase: dict, answer) -> dict:
@@ -137,7 +152,7 @@ def report(phase: dict, answer) -> dict:
     timings = getattr(answer, "timings", None)
     if timings is not None:
         phase["engine_timings_s"] = {k: v for k, v in dataclasses.asdict(timings).items() if isinstance(v, float)}
-    print(json.dumps({k: v for k, v in phase.items() if k != "kernels"}), flush=True)
+    print(json.dumps({k: v for k, v in phase.items() if k not in ("kernels", "host_ops")}), flush=True)
     return phase
 
 
@@ -159,6 +174,44 @@ def decode_phases(bench, engine, pages) -> dict:
             runner.graphs = graphs
         out[label] = report(per_step(whole, answer.new_tokens - 1, less=first), answer)
     return out
+
+
+def wave_phase(bench, engine, docs: list[list], sessions: int) -> dict:
+    """Follow-ups as a server under many sessions gets them: ``sessions`` first questions on ``docs`` answered
+    (``--new-tokens`` each; the documents' prefixes cached), then every session's second question at once, its
+    first question and answer as history (a chunk of ~100-260 new tokens after a cached prefix each): more rows
+    than a graph step holds, so eager prompt passes (``bench serve``'s follow-up waves). Answered with one token,
+    planned beforehand (a server plans on its request threads): the trace is those passes, with the host's side
+    (``traced``'s ``host_ops``). A warm wave first, then one timed without the profiler (wall time and the
+    calling thread's CPU time), then the traced one; each wave's first questions are new, so no follow-up prompt
+    is cached."""
+    from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
+
+    def follow_ups():
+        first = [bench.api.request(docs[i % len(docs)], bench.question(), bench.args.new_tokens)
+                 for i in range(sessions)]
+        answers = engine.answer_batch(first)
+        return [engine.plan(AnswerRequest(pages=r.pages, question=bench.question(), settings=GenerationSettings(
+            ignore_eos=True, max_tokens=1), history=[ChatMessage("user", r.question), ChatMessage("assistant", a.text)]))
+            for r, a in zip(first, answers)]
+
+    engine.answer_batch(follow_ups())  # these shapes compiled and warm
+    wave = follow_ups()
+    passes = engine.counters()["prefill_passes"]
+    bench.sync()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
+    answers = engine.answer_batch(wave)
+    bench.sync()
+    plain = {"wall_ms": (time.perf_counter() - t0) * 1e3, "thread_cpu_ms": (time.thread_time() - cpu0) * 1e3,
+             "passes": engine.counters()["prefill_passes"] - passes,
+             "new_tokens": sum(a.prompt_tokens - a.cache.prefix_reused_tokens for a in answers)}
+    wave = follow_ups()
+    total, answers = traced(bench, lambda: engine.answer_batch(wave), host=True)
+    phase = per_step(total, 1)
+    phase["host_ops"] = total["host_ops"]
+    phase["unprofiled"] = plain
+    print(json.dumps({"wave": plain, "host_ops": phase["host_ops"][:15]}), flush=True)
+    return report(phase, answers[0])
 
 
 def profile(args: argparse.Namespace) -> dict:
@@ -187,6 +240,9 @@ def profile(args: argparse.Namespace) -> dict:
         res["phases"][label] = report(per_step(total, 1), answer)
     for key, phase in decode_phases(bench, engine, docs[0]).items():
         res["phases"][key] = phase
+    if args.wave:
+        wave_docs = docs + render_documents(workload_chars(args.workload), range(2, -(-args.wave // 4)), args.font)
+        res["phases"][f"{args.wave} follow-ups at once"] = wave_phase(bench, engine, wave_docs, args.wave)
     del engine
     release_memory()
     if args.quantize:
@@ -213,4 +269,11 @@ def to_markdown(res: dict, top: int) -> str:
         lines += ["", f"## {label}", "", "| kernel | kind | launches | ms |", "|---|---|---:|---:|"]
         for k in p["kernels"][:top]:
             lines.append(f"| `{k['name'][:110]}` | {k['kind']} | {k['launches']:.1f} | {k['ms']:.4f} |")
+        if "unprofiled" in p:
+            u = p["unprofiled"]
+            lines += ["", f"Without the profiler: {u['wall_ms']:.1f} ms wall, {u['thread_cpu_ms']:.1f} ms of the "
+                          f"calling thread's CPU, {u['passes']} passes, {u['new_tokens']} prompt tokens computed."]
+        if "host_ops" in p:
+            lines += ["", "| host op (self time) | calls | ms |", "|---|---:|---:|"]
+            lines += [f"| `{o['name'][:110]}` | {o['calls']} | {o['self_ms']:.3f} |" for o in p["host_ops"][:top]]
     return "\n".join(lines) + "\n"

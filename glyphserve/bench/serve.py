@@ -324,11 +324,12 @@ def step_summary(steps: list[dict]) -> dict:
     the last one's end spent outside steps (the server's loop handing requests in and answers out, or idle)."""
     kinds: dict[str, dict] = {}
     for s in steps:
-        k = kinds.setdefault(s["kind"], {"steps": 0, "seconds": 0.0, "wait_s": 0.0, "decode_rows": 0,
+        k = kinds.setdefault(s["kind"], {"steps": 0, "seconds": 0.0, "wait_s": 0.0, "cpu_s": 0.0, "decode_rows": 0,
                                           "chunk_tokens": 0})
         k["steps"] += 1
         k["seconds"] += s["seconds"]
         k["wait_s"] += s["wait_s"]
+        k["cpu_s"] += s.get("cpu_s", 0.0)  # (older trees' records: none)
         k["decode_rows"] += s["decode_rows"]
         k["chunk_tokens"] += s["chunk_tokens"]
     span = steps[-1]["started"] + steps[-1]["seconds"] - steps[0]["started"] if steps else 0.0
@@ -336,15 +337,17 @@ def step_summary(steps: list[dict]) -> dict:
 
 
 def _step_kinds_table(summary: dict) -> list[str]:
-    lines = ["| steps | count | s on the engine's thread | of which GPU wait s | host ms a step | decode rows | "
-             "prompt tokens |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| steps | count | s on the engine's thread | of which GPU wait s | host ms a step | CPU ms a step | "
+             "decode rows | prompt tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for kind, k in sorted(summary["kinds"].items(), key=lambda item: -item[1]["seconds"]):
         lines.append(f"| {STEP_KINDS.get(kind, kind)} | {k['steps']} | {k['seconds']:.3f} | {k['wait_s']:.3f} | "
-                     f"{(k['seconds'] - k['wait_s']) / k['steps'] * 1e3:.2f} | {k['decode_rows']} | "
-                     f"{k['chunk_tokens']} |")
-    return lines + ["", f"From the round's first step to its last: {summary['span_s']:.3f} s, of which "
-                        f"{summary['outside_s']:.3f} s outside steps (handing requests in and answers out, or "
-                        "idle).", ""]
+                     f"{(k['seconds'] - k['wait_s']) / k['steps'] * 1e3:.2f} | {k['cpu_s'] / k['steps'] * 1e3:.2f} | "
+                     f"{k['decode_rows']} | {k['chunk_tokens']} |")
+    return lines + ["", "CPU ms: the engine thread's CPU time; host ms less CPU ms is time the thread was ready but "
+                        "not running (waiting for the GIL or a core; a wait for the device counts as CPU time where "
+                        "the CUDA runtime spins).", "",
+                    f"From the round's first step to its last: {summary['span_s']:.3f} s, of which "
+                    f"{summary['outside_s']:.3f} s outside steps (handing requests in and answers out, or idle).", ""]
 
 
 def engine_counters(client, base: str) -> dict[str, dict]:

@@ -8,7 +8,7 @@ from collections import deque
 from glyphserve.engine.scheduler import StepPlan
 from glyphserve.engine.types import StepRecord
 
-Marks = tuple[float, int, int, int]  # the core's counters a record is the difference of
+Marks = tuple[float, float, int, int, int]  # the thread's CPU time and the core's counters a record differs by
 
 
 class StepTrace:
@@ -20,18 +20,19 @@ class StepTrace:
 
     @staticmethod
     def marks(counters: dict) -> Marks:
-        return counters["gpu_wait_s"], counters["steps"], counters["graph_steps"], counters["row_chunks"]
+        return (time.thread_time(), counters["gpu_wait_s"], counters["steps"], counters["graph_steps"],
+                counters["row_chunks"])
 
     def record(self, started: float, before: Marks, counters: dict, plan: StepPlan) -> None:
         """The step that began at ``started`` (``time.perf_counter``) with the counters at ``before``."""
-        wait, steps, graphs, row_chunks = (now - then for now, then in zip(self.marks(counters), before))
+        cpu, wait, steps, graphs, row_chunks = (now - then for now, then in zip(self.marks(counters), before))
         if not steps:
             kind = "none"
         elif plan.chunks and not row_chunks:
             kind = "pass"
         else:
             kind = "graph" if graphs else "rows"
-        self._records.append(StepRecord(started, time.perf_counter() - started, wait, len(plan.decode),
+        self._records.append(StepRecord(started, time.perf_counter() - started, wait, cpu, len(plan.decode),
                                         len(plan.chunks), sum(c.end - c.start for c in plan.chunks), kind))
 
     def records(self) -> list[StepRecord]:

@@ -137,6 +137,9 @@ class StepRecord:
     started: float  # time.perf_counter() on the engine's thread
     seconds: float  # in the step: scheduling, launching it, reading the step before it back (and their events)
     wait_s: float  # of which blocked on the device
+    # CPU time of the engine's thread in the step: ``seconds`` less ``wait_s`` less this is time the thread was
+    # ready but not running (waiting for the GIL held by a server's other threads, or for a core)
+    cpu_s: float
     decode_rows: int
     chunks: int  # prompt chunks
     chunk_tokens: int

@@ -222,6 +222,7 @@ def test_the_step_trace_records_what_each_step_ran(load_engine):
     assert sum(s.decode_rows for s in steps) == sum(a.new_tokens - 1 for a in answers)  # the first from the prompt
     assert {s.kind for s in steps} <= {"rows", "pass", "none"}  # the CPU captures no graphs
     assert all(s.seconds >= s.wait_s == 0 for s in steps)
+    assert all(0 <= s.cpu_s <= s.seconds + 0.01 for s in steps) and sum(s.cpu_s for s in steps) > 0
     assert [s.started for s in steps] == sorted(s.started for s in steps)
     short = load_engine(step_trace=3)
     short.answer(AnswerRequest(pages=PAGES, question="Who?", settings=settings))
