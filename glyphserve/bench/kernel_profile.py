@@ -229,7 +229,7 @@ def profile(args: argparse.Namespace) -> dict:
            "phases": {}}
     docs = render_documents(workload_chars(args.workload), range(2), args.font)
     grow = render_documents(workload_chars(args.grow), range(1), args.font) if args.grow else []
-    engine = Engine.load(bench.api.config(args, 8))
+    engine = Engine.load(bench.api.config(args, max(8, args.wave)))  # the wave's sessions run together
     bench.ask(engine, docs[1])  # warm-up
     one = lambda pages: (lambda: engine.answer(bench.api.request(pages, bench.question(), 1)))  # noqa: E731
     for label, pages in [(f"{args.workload} cold", docs[0])] + ([(f"{args.grow} cold", grow[0])] if grow else []):
