@@ -9,8 +9,8 @@ On the engine ``bench engine`` measures (random full-size weights or a checkpoin
 - ``decode, eager``: the same with the graphs set aside, so each kernel of the step is launched from Python (the
   kernels' own durations are the same; the graph row shows what the launches' gaps cost);
 - ``N follow-ups at once`` (``--wave``): follow-up questions arriving together, as under many sessions, which
-  run as eager prompt passes (``wave_phase``), with the host's side of the trace: the operators and runtime calls
-  that took most of the CPU.
+  run as a prompt pass, eager and replayed from a captured pass (``wave_phase``), with the host's side of the
+  trace: the operators and runtime calls that took most of the CPU.
 
 Per phase: wall time, the time some kernel ran (union of kernel intervals), the summed kernel time by kind (matrix
 products, attention, Inductor's ``triton_*`` kernels as "compiled" (the project's own Triton kernels go by what
@@ -179,12 +179,12 @@ def decode_phases(bench, engine, pages) -> dict:
 def wave_phase(bench, engine, docs: list[list], sessions: int) -> dict:
     """Follow-ups as a server under many sessions gets them: ``sessions`` first questions on ``docs`` answered
     (``--new-tokens`` each; the documents' prefixes cached), then every session's second question at once, its
-    first question and answer as history (a chunk of ~100-260 new tokens after a cached prefix each): more rows
-    than a graph step holds, so eager prompt passes (``bench serve``'s follow-up waves). Answered with one token,
-    planned beforehand (a server plans on its request threads): the trace is those passes, with the host's side
-    (``traced``'s ``host_ops``). A warm wave first, then one timed without the profiler (wall time and the
-    calling thread's CPU time), then the traced one; each wave's first questions are new, so no follow-up prompt
-    is cached."""
+    first question and answer as history (a chunk of ~60-260 new tokens after a cached prefix each): more rows
+    than a graph step holds, so a prompt pass (``bench serve``'s follow-up waves). Answered with one token,
+    planned beforehand (a server plans on its request threads). Eager (launched kernel by kernel), then replayed
+    from a captured pass where the engine has them (``pass_graphs``): each a warm wave, one timed without the
+    profiler (wall time and the calling thread's CPU time), one traced with the host's side (``traced``'s
+    ``host_ops``); each wave's first questions are new, so no follow-up prompt is cached."""
     from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
 
     def follow_ups():
@@ -195,23 +195,36 @@ def wave_phase(bench, engine, docs: list[list], sessions: int) -> dict:
             ignore_eos=True, max_tokens=1), history=[ChatMessage("user", r.question), ChatMessage("assistant", a.text)]))
             for r, a in zip(first, answers)]
 
-    engine.answer_batch(follow_ups())  # these shapes compiled and warm
-    wave = follow_ups()
-    passes = engine.counters()["prefill_passes"]
-    bench.sync()
-    t0, cpu0 = time.perf_counter(), time.thread_time()
-    answers = engine.answer_batch(wave)
-    bench.sync()
-    plain = {"wall_ms": (time.perf_counter() - t0) * 1e3, "thread_cpu_ms": (time.thread_time() - cpu0) * 1e3,
-             "passes": engine.counters()["prefill_passes"] - passes,
-             "new_tokens": sum(a.prompt_tokens - a.cache.prefix_reused_tokens for a in answers)}
-    wave = follow_ups()
-    total, answers = traced(bench, lambda: engine.answer_batch(wave), host=True)
-    phase = per_step(total, 1)
-    phase["host_ops"] = total["host_ops"]
-    phase["unprofiled"] = plain
-    print(json.dumps({"wave": plain, "host_ops": phase["host_ops"][:15]}), flush=True)
-    return report(phase, answers[0])
+    def timed_wave() -> dict:
+        wave = follow_ups()
+        before = engine.counters()
+        bench.sync()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        answers = engine.answer_batch(wave)
+        bench.sync()
+        after = engine.counters()
+        return {"wall_ms": (time.perf_counter() - t0) * 1e3, "thread_cpu_ms": (time.thread_time() - cpu0) * 1e3,
+                "passes": after["prefill_passes"] - before["prefill_passes"],
+                "graph_passes": after.get("graph_passes", 0) - before.get("graph_passes", 0),
+                "new_tokens": sum(a.prompt_tokens - a.cache.prefix_reused_tokens for a in answers)}
+
+    captured = getattr(engine.core, "passes", None)
+    phases = {}
+    for mode, passes in (("eager", None), ("captured", captured)):
+        if mode == "captured" and passes is None:
+            continue
+        engine.core.passes = passes
+        engine.answer_batch(follow_ups())  # these shapes compiled and warm
+        plain = timed_wave()
+        wave = follow_ups()
+        total, answers = traced(bench, lambda: engine.answer_batch(wave), host=True)
+        phase = per_step(total, 1)
+        phase["host_ops"] = total["host_ops"]
+        phase["unprofiled"] = plain
+        print(json.dumps({"wave": mode, **plain, "host_ops": phase["host_ops"][:12]}), flush=True)
+        phases[mode] = report(phase, answers[0])
+    engine.core.passes = captured
+    return phases
 
 
 def profile(args: argparse.Namespace) -> dict:
@@ -242,7 +255,8 @@ def profile(args: argparse.Namespace) -> dict:
         res["phases"][key] = phase
     if args.wave:
         wave_docs = docs + render_documents(workload_chars(args.workload), range(2, -(-args.wave // 4)), args.font)
-        res["phases"][f"{args.wave} follow-ups at once"] = wave_phase(bench, engine, wave_docs, args.wave)
+        for mode, phase in wave_phase(bench, engine, wave_docs, args.wave).items():
+            res["phases"][f"{args.wave} follow-ups at once, {mode}"] = phase
     del engine
     release_memory()
     if args.quantize:
@@ -272,7 +286,8 @@ def to_markdown(res: dict, top: int) -> str:
         if "unprofiled" in p:
             u = p["unprofiled"]
             lines += ["", f"Without the profiler: {u['wall_ms']:.1f} ms wall, {u['thread_cpu_ms']:.1f} ms of the "
-                          f"calling thread's CPU, {u['passes']} passes, {u['new_tokens']} prompt tokens computed."]
+                          f"calling thread's CPU, {u['passes']} passes ({u['graph_passes']} replayed), "
+                          f"{u['new_tokens']} prompt tokens computed."]
         if "host_ops" in p:
             lines += ["", "| host op (self time) | calls | ms |", "|---|---:|---:|"]
             lines += [f"| `{o['name'][:110]}` | {o['calls']} | {o['self_ms']:.3f} |" for o in p["host_ops"][:top]]

@@ -171,6 +171,15 @@ def check_tiny(results: dict) -> None:
     checks["batch_of_16_sharing_prefixes"] = agreement(answers, [
         hf_generate(model, hf_inputs(processor, p, q), n) for p, q in many
     ])
+    # Every session's next turn at once, the answers as history: more prompt tokens than a graph step has rows, so
+    # one pass over paged chunks, replayed from a captured pass (``pass_graphs``)
+    wave = [(p, f"And what happened next in part {i}?", [("user", q), ("assistant", a.text)])
+            for i, ((p, q), a) in enumerate(zip(many, answers))]
+    before = engine.stats()["graph_passes"]
+    waved = engine.answer_batch([req(p, q, h) for p, q, h in wave])
+    checks["follow_up_wave_as_a_captured_pass"] = engine.stats()["graph_passes"] > before and agreement(waved, [
+        hf_generate(model, hf_inputs(processor, p, q, h), n) for p, q, h in wave
+    ])
     small = Engine.load(EngineConfig(model=str(path), device="cuda", dtype="float32", max_context=320,
                                      num_kv_blocks=41, max_num_seqs=4))
     long = [(pages[i % 3 : i % 3 + 1], f"Tell me about part {i} of the story.") for i in range(4)]
@@ -183,7 +192,8 @@ def check_tiny(results: dict) -> None:
     results["tiny_compiled_vision"] = engine.compiled_vision
     results["tiny_graphs"] = len(engine.runner.graphs)
     stats = engine.stats()
-    results["tiny_stats"] = {k: stats[k] for k in ("steps", "graph_steps", "decode_steps", "decode_rows", "row_chunks")}
+    results["tiny_stats"] = {k: stats[k] for k in ("steps", "graph_steps", "decode_steps", "decode_rows", "row_chunks",
+                                                   "graph_passes")}
     log("tiny exactness on CUDA:", checks)
     results.save()
     del engine, model

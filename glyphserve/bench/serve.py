@@ -35,7 +35,8 @@ TARGET_SPEEDUP = 25.0  # 64 sessions over 16 W50 documents against one at a time
 TARGET_SCALING = 1.8  # two engine replicas against one engine
 STEP_TRACE = 100_000  # steps the server keeps with --step-trace: a run's (a round of 64 sessions took ~200)
 STEP_KINDS = {"graph": "graph steps (decode rows, prompt chunks as rows)", "rows": "row steps without a graph",
-              "pass": "eager prompt passes", "none": "reading back only"}
+              "pass": "eager prompt passes", "graph pass": "prompt passes from captured graphs",
+              "none": "reading back only"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -92,8 +92,9 @@ _DECODE_BLOCK_N = 128  # keys per loop step with one query per sequence
 _PREFILL_BLOCK_M = 64  # rows (query tokens x group heads) per program when sequences bring several queries
 _PREFILL_BLOCK_N = 64  # keys per loop step then (measured faster than 128 with 64-row tiles)
 # _attend_kernel's modes: each sequence's queries over its keys (causal); single-token rows over their own keys,
-# from the first one they do not share; tiles of rows over the keys they share.
-_SEQUENCES, _OWN_KEYS, _SHARED_KEYS = 0, 1, 2
+# from the first one they do not share; tiles of rows over the keys they share; the first mode's programs taken
+# from a list of (sequence, query tile) pairs (``paged_attention_tiles``).
+_SEQUENCES, _OWN_KEYS, _SHARED_KEYS, _TILES = 0, 1, 2, 3
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -149,6 +150,65 @@ def shared_tiles(tables: np.ndarray, seq_lens: np.ndarray, block_size: int,
     shared[tiles[starts] == 1] = 0
     share[:] = shared[tile_of]
     return share, tiles
+
+
+def tile_tokens(n_heads: int, kv_heads: int) -> int:
+    """Query tokens in a tile of a launch whose sequences bring several queries (4 for GLM-4.1V's 16 heads a KV
+    head)."""
+    group_pad = _next_power_of_2(n_heads // kv_heads)
+    return max(_PREFILL_BLOCK_M, group_pad) // group_pad
+
+
+def query_tiles(query_lens: np.ndarray, tokens: int, size: int) -> np.ndarray:
+    """``paged_attention_tiles``'s list (host, int32 [size]): for each sequence with ``query_lens[i]`` queries, its
+    tiles of ``tokens`` queries as ``i << 16 | tile``, one after another, then -1 (no tile) up to ``size``."""
+    counts = -(-np.asarray(query_lens, dtype=np.int64) // tokens)
+    total = int(counts.sum())
+    if total > size:
+        raise ValueError(f"{total} query tiles do not fit a list of {size}")
+    seqs = np.repeat(np.arange(len(counts)), counts)
+    tiles = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    out = np.full(size, -1, dtype=np.int32)
+    out[:total] = seqs << 16 | tiles
+    return out
+
+
+def paged_attention_tiles(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                          query_start: Tensor, tiles: Tensor, scale: float, out: Tensor) -> Tensor:
+    """``paged_attention`` with its programs taken from ``tiles`` (``query_tiles``, int32 on q's device), so that
+    the launch's size follows the tokens, not the sequences times the longest one's queries: a CUDA graph of a
+    pass over many prompt chunks of any lengths (one captured for 2,048 tokens and 256 sequences of up to 512
+    queries would otherwise launch 256 x 128 tiles a KV head, nearly all empty). Off the Triton path,
+    ``paged_attention`` (the same values, reading the query counts on the host). No host synchronisation."""
+    if tiles.dim() != 1 or tiles.dtype != torch.int32 or tiles.device != q.device:
+        raise ValueError(f"tiles must be int32 [P] on {q.device}, got {tiles.dtype} {tuple(tiles.shape)} on "
+                         f"{tiles.device}")
+    if triton is None or not q.is_cuda:
+        longest = int((query_start[1:] - query_start[:-1]).max()) if block_tables.shape[0] else 1
+        return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max(1, longest),
+                               out=out)
+    _check(q, k_cache, v_cache, block_tables, seq_lens, query_start, 1)
+    paged_attention_tiles_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start, tiles, scale, out)
+    return out
+
+
+def paged_attention_tiles_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                                 seq_lens: Tensor, query_start: Tensor, tiles: Tensor, scale: float,
+                                 out: Tensor) -> None:
+    """The Triton path of ``paged_attention_tiles`` (also on CPU tensors under ``TRITON_INTERPRET=1``)."""
+    n_tokens, n_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group_pad = _next_power_of_2(n_heads // kv_heads)
+    capacity = block_tables.shape[1] * block_size
+    splits = max(1, min(_PROGRAMS_PER_SM * _sm_count(q.device) // max(1, tiles.shape[0] * kv_heads),
+                        -(-capacity // _PREFILL_BLOCK_N), _MAX_SPLITS))
+    plan = LaunchPlan(max(_PREFILL_BLOCK_M, group_pad), _PREFILL_BLOCK_N, group_pad, 1, splits)
+    partial_max = torch.empty((n_tokens, n_heads, splits), dtype=torch.float32, device=q.device)
+    partials = (partial_max, torch.empty_like(partial_max),
+                torch.empty((n_tokens, n_heads, splits, head_dim), dtype=torch.float32, device=q.device))
+    _attend(q, k_cache, v_cache, block_tables, seq_lens, query_start, tiles, partials, scale, plan, 0, splits,
+            _TILES)
+    _combine(partials, out, query_start[block_tables.shape[0]:], splits)
 
 
 def paged_attention_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -421,11 +481,13 @@ def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
             query_start: Tensor, key_start: Tensor, partials: tuple[Tensor, Tensor, Tensor], scale: float,
             plan: LaunchPlan, part_offset: int, part_splits: int, mode: int) -> None:
-    """One launch of ``_attend_kernel`` over ``block_tables.shape[0]`` sequences (or rows)."""
+    """One launch of ``_attend_kernel`` over ``block_tables.shape[0]`` sequences (or rows; in mode TILES, over
+    the ``key_start.shape[0]`` tiles listed there)."""
     n_heads, head_dim = q.shape[1], q.shape[2]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     pdl = pdl_enabled(q.device)
-    _attend_kernel[(block_tables.shape[0] * plan.query_tiles, kv_heads, plan.splits)](
+    programs = key_start.shape[0] if mode == _TILES else block_tables.shape[0] * plan.query_tiles
+    _attend_kernel[(programs, kv_heads, plan.splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start, key_start, *partials,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1),
@@ -492,8 +554,13 @@ if triton is not None:
         # computed them right before the rotation would need the wait first. Programs without queries leave
         # before waiting: they touch nothing.
         TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
-        seq = tl.program_id(0) // query_tiles
-        tile = tl.program_id(0) % query_tiles
+        if MODE == 3:  # key_start_ptr holds each program's (sequence << 16 | query tile), or -1 for none
+            entry = tl.load(key_start_ptr + tl.program_id(0))
+            seq = tl.where(entry >= 0, entry >> 16, 0)
+            tile = tl.where(entry >= 0, entry & 65535, 1 << 20)  # none: a tile past any sequence's queries
+        else:
+            seq = tl.program_id(0) // query_tiles
+            tile = tl.program_id(0) % query_tiles
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         if MODE == 2:  # a tile of rows from this one: query_start holds each tile's row count (0: none starts here)

@@ -23,6 +23,7 @@ from glyphserve.engine.attention import shared_tiles
 from glyphserve.engine.model_runner import (GIVEN_EMBEDDING, LAST_SAMPLED, META_ROWS, DenseChunk, ModelRunner,
                                             StepInputs, attends_paged)
 from glyphserve.engine.output import Delta
+from glyphserve.engine.pass_graphs import PassGraphs, PassInputs
 from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import NeedsDrain, Scheduler, StepPlan
 from glyphserve.engine.sequence import Sequence, Status
@@ -82,16 +83,18 @@ class EngineCore:
         self.in_flight: deque[Launched] = deque()
         self._ended: list[Sequence] = []  # added already finished (resumed tokens that end the answer)
         # row_chunks: prompt chunks run one row per token in a graph step (eagerly where no graph is captured);
+        # graph_passes: prompt passes replayed from a captured pass (``pass_graphs``);
         # step_s: seconds inside step(); gpu_wait_s: seconds blocked reading steps back from the device (inside
         # step(), and in drains between batches); decode_step_s / timed_decode_steps: the time from one step's
         # read-back to the next's, for steps without prompt chunks while the engine stays busy, unless a step with
         # chunks was launched in between (the decode step as the caller sees it, host work and hand-over included:
         # compare an engine alone with a served one)
         self.counters = {"steps": 0, "decode_steps": 0, "decode_rows": 0, "graph_steps": 0, "prefill_passes": 0,
-                         "prefill_tokens": 0, "row_chunks": 0, "step_s": 0.0, "gpu_wait_s": 0.0,
+                         "prefill_tokens": 0, "row_chunks": 0, "graph_passes": 0, "step_s": 0.0, "gpu_wait_s": 0.0,
                          "decode_step_s": 0.0, "timed_decode_steps": 0}
         self._last_read: float | None = None
         self.trace: StepTrace | None = None  # the last steps' records (``EngineConfig.step_trace``)
+        self.passes: PassGraphs | None = None  # captured prompt passes (CUDA graphs)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self.in_flight)
@@ -189,7 +192,11 @@ class EngineCore:
             self._share_keys(rows.meta)
         if rows is None:
             inputs, sampled = self._step_inputs(plan, decode)
-            logits = self.runner.forward(inputs)
+            if isinstance(inputs, PassInputs):
+                logits = self.passes.run(inputs)
+                self.counters["graph_passes"] += 1
+            else:
+                logits = self.runner.forward(inputs)
             greedy = None
         else:
             sampled = rows.sampled
@@ -286,8 +293,10 @@ class EngineCore:
                 chunk.seq.features.clear()  # every vision token is in the pool after this step
         return StepRows(np.concatenate([decode, *lasts, *rest], axis=1), sampled, given)
 
-    def _step_inputs(self, plan: StepPlan, decode: np.ndarray) -> tuple[StepInputs, list[Sequence]]:
-        """A flat batch: decode rows, then chunks that attend through the paged kernel, then the others (SDPA)."""
+    def _step_inputs(self, plan: StepPlan, decode: np.ndarray) -> tuple[StepInputs | PassInputs, list[Sequence]]:
+        """A flat batch: decode rows, then chunks that attend through the paged kernel, then the others (SDPA);
+        as ``PassInputs`` (host arrays) when every row attends through the paged kernel and a captured pass holds
+        them."""
         short = [c for c in plan.chunks if attends_paged(c.start, c.end - c.start)]
         long = [c for c in plan.chunks if not attends_paged(c.start, c.end - c.start)]
         bs = self.scheduler.block_size
@@ -330,6 +339,13 @@ class EngineCore:
             for at, feats in placed:
                 embeds[at : at + feats.shape[0]] = feats.to(embeds.dtype)
         paged = plan.decode + [c.seq for c in short]
+        lens = [1] * n_dec + [c.end - c.start for c in short]
+        seq_lens = list(decode[5]) + [c.end for c in short]
+        if not dense and self.passes is not None and self.passes.bucket(offset, len(paged)) is not None:
+            slots = np.fromiter((s.slot for s in paged), dtype=np.int64, count=len(paged))
+            return PassInputs(embeds, torch.cat(positions, dim=1).numpy(), np.concatenate(kv_slots), slots,
+                              np.asarray(seq_lens, dtype=np.int64), np.asarray(lens, dtype=np.int64),
+                              np.asarray(logits_index, dtype=np.int64)), sampled
         inputs = StepInputs(
             embeds=embeds,
             positions=to_device(torch.cat(positions, dim=1).numpy(), dev),
@@ -338,11 +354,9 @@ class EngineCore:
             logits_index=to_device(np.asarray(logits_index, dtype=np.int64), dev),
         )
         if paged:
-            lens = [1] * n_dec + [c.end - c.start for c in short]
             inputs.paged_tokens = sum(lens)
             slots = to_device(np.fromiter((s.slot for s in paged), dtype=np.int64, count=len(paged)), self.device)
             inputs.block_tables = self.runner.block_tables[slots]
-            seq_lens = list(decode[5]) + [c.end for c in short]
             inputs.seq_lens = to_device(np.asarray(seq_lens, dtype=np.int32), dev)
             inputs.query_start = to_device(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32), self.device)
             inputs.max_query_len = max(lens)

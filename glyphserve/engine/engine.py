@@ -30,6 +30,7 @@ from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import Scheduler, SchedulerConfig
 from glyphserve.engine.sequence import Sequence, Status
 from glyphserve.engine.stage_clock import StageClock
+from glyphserve.engine.pass_graphs import PASS_GRAPH_TOKENS, PassGraphs
 from glyphserve.engine.step_trace import StepTrace
 from glyphserve.engine.types import DEFAULT_MAX_CONTEXT, Answer, AnswerRequest, EngineConfig, StepRecord, StreamEvent
 from glyphserve.engine.vision import VisionEncoder, VisionRunner
@@ -514,6 +515,11 @@ class Engine:
         self.plan_attention()
         if self.config.cuda_graphs:
             self.runner.capture(buckets, self.sampler)
+            if self.core.row_prefill:  # prompt chunks in graphs: as rows of a step, or a captured pass
+                passes = PassGraphs(self.runner, min(PASS_GRAPH_TOKENS, self.config.max_num_batched_tokens),
+                                    self.config.max_num_seqs)
+                passes.capture(self.runner.graph_pool)
+                self.core.passes = passes
         self._sync()
 
     @_while_open

@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from glyphserve.engine.attention import (compile_split_variants, paged_attention, paged_attention_rows,
-                                         shared_row_tiles)
+                                         paged_attention_tiles, shared_row_tiles)
 from glyphserve.engine.fp8 import Fp8Linear, Int8Embedding, quantize_fp8
 from glyphserve.engine.kv_pool import TRASH_BLOCK
 from glyphserve.engine.linear import gated_linear, linear
@@ -134,6 +134,9 @@ class StepInputs:
     max_query_len: int = 1
     dense: list[DenseChunk] = field(default_factory=list)
     logits_index: torch.Tensor | None = None  # [R] tokens whose next-token logits are wanted
+    # the paged kernel's programs as a list of (sequence, query tile) pairs (``attention.paged_attention_tiles``:
+    # a captured pass, ``pass_graphs``); None: a launch sized by the sequences and ``max_query_len``
+    tiles: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -194,6 +197,7 @@ class ModelRunner:
         self._post = wrap(_post_attention)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.buckets: list[int] = []
+        self.graph_pool = None  # the captured graphs' memory pool (``capture``), which ``pass_graphs`` shares
 
     def _layer_weights(self, layer, next_norm: torch.Tensor) -> tuple:
         """(qkv weight, its scale, qkv bias, o weight, its scale, post-attention norm, pre-MLP norm, gate_up
@@ -303,6 +307,9 @@ class ModelRunner:
 
     def _attend_paged(self, layer: int, inp: StepInputs, q, out: torch.Tensor) -> torch.Tensor:
         """The paged kernel over the step's first ``inp.paged_tokens`` rows, into ``out``."""
+        if inp.tiles is not None:
+            return paged_attention_tiles(q[: inp.paged_tokens], self.k[layer], self.v[layer], inp.block_tables,
+                                         inp.seq_lens, inp.query_start, inp.tiles, self.scaling, out=out)
         return paged_attention(q[: inp.paged_tokens], self.k[layer], self.v[layer], inp.block_tables, inp.seq_lens,
                                inp.query_start, self.scaling, inp.max_query_len, out=out)
 
@@ -457,7 +464,7 @@ class ModelRunner:
         """Capture the graph step for each row-count bucket (CUDA)."""
         self.buckets = sorted(b for b in set(buckets) if b <= self.max_rows)
         self.meta.copy_(self.pad_rows(self.max_rows))
-        pool = torch.cuda.graph_pool_handle()
+        pool = self.graph_pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):

@@ -8,7 +8,7 @@ from collections import deque
 from glyphserve.engine.scheduler import StepPlan
 from glyphserve.engine.types import StepRecord
 
-Marks = tuple[float, float, int, int, int]  # the thread's CPU time and the core's counters a record differs by
+Marks = tuple[float, float, int, int, int, int]  # the thread's CPU time and the core's counters a record differs by
 
 
 class StepTrace:
@@ -21,13 +21,15 @@ class StepTrace:
     @staticmethod
     def marks(counters: dict) -> Marks:
         return (time.thread_time(), counters["gpu_wait_s"], counters["steps"], counters["graph_steps"],
-                counters["row_chunks"])
+                counters["row_chunks"], counters["graph_passes"])
 
     def record(self, started: float, before: Marks, counters: dict, plan: StepPlan) -> None:
         """The step that began at ``started`` (``time.perf_counter``) with the counters at ``before``."""
-        cpu, wait, steps, graphs, row_chunks = (now - then for now, then in zip(self.marks(counters), before))
+        cpu, wait, steps, graphs, row_chunks, passes = (now - then for now, then in zip(self.marks(counters), before))
         if not steps:
             kind = "none"
+        elif passes:
+            kind = "graph pass"
         elif plan.chunks and not row_chunks:
             kind = "pass"
         else:

@@ -144,7 +144,8 @@ class StepRecord:
     chunks: int  # prompt chunks
     chunk_tokens: int
     # "graph": a captured graph step (prompt chunks as its rows too); "rows": such a step run eagerly (no graph of
-    # its size); "pass": an eager pass over prompt chunks (and decode rows); "none": nothing launched
+    # its size); "pass": an eager pass over prompt chunks (and decode rows); "graph pass": such a pass replayed
+    # from a captured one (``pass_graphs``); "none": nothing launched
     kind: str
 
 

@@ -66,9 +66,10 @@ log = logging.getLogger("glyphserve.serve")
 MAX_ORIGINAL_NAME = 4096  # characters of a raw upload name kept as metadata
 
 # Engine counters in /health: requests, decode occupancy (decode_rows / decode_steps rows per step), prefill passes
-# (prompt chunks as graph rows), and where the engine's thread spends its time (seconds).
+# (prompt chunks as graph rows, passes replayed from graphs), and where the engine's thread spends its time (seconds).
 ENGINE_COUNTERS = ("requests", "new_tokens", "steps", "decode_steps", "decode_rows", "prefill_passes", "row_chunks",
-                   "step_s", "gpu_wait_s", "plan_s", "planned_ahead", "decode_step_s", "timed_decode_steps")
+                   "graph_passes", "step_s", "gpu_wait_s", "plan_s", "planned_ahead", "decode_step_s",
+                   "timed_decode_steps")
 
 
 class GlyphService:

@@ -28,7 +28,8 @@ def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     _fix_scalar_index()
     from glyphserve.engine.attention import (paged_attention_reference, paged_attention_rows_triton,
-                                             paged_attention_triton, shared_row_tiles, shared_tiles)
+                                             paged_attention_tiles_triton, paged_attention_triton, query_tiles,
+                                             shared_row_tiles, shared_tiles, tile_tokens)
 
     results = []
     for case in CASES:
@@ -45,6 +46,27 @@ def main() -> None:
             "tolerance": 1e-5 if case.dtype == torch.float32 else 2e-3,
         })
     import glyphserve.engine.attention as attention
+
+    # The programs from a list of tiles, with spare entries (-1) past them, on one SM and on eight (splits).
+    for sms in (1, 8):
+        attention._sm_count = lambda device, sms=sms: sms
+        for case in CASES:
+            if not case.interpreted:
+                continue
+            inputs = make_case(case, seed=6)
+            lens = (inputs.query_start[1:] - inputs.query_start[:-1]).numpy()
+            tokens = tile_tokens(case.n_heads, case.kv_heads)
+            tiles = query_tiles(lens, tokens, int((-(-lens // tokens)).sum()) + 3)
+            out = torch.full_like(inputs.q, float("nan"))
+            args = inputs.args[:6]
+            paged_attention_tiles_triton(*args, torch.from_numpy(tiles), inputs.scale, out)
+            expected = paged_attention_reference(*inputs.args)
+            results.append({
+                "name": f"tiles-{case.name}-{sms}-sms",
+                "unwritten": int(out.isnan().sum()),
+                "max_error": float((out.float() - expected.float()).abs().nan_to_num(float("inf")).max()),
+                "tolerance": 1e-5 if case.dtype == torch.float32 else 2e-3,
+            })
 
     # GLM's group of 16 heads a KV head (tiles of 4 rows) and a group of 2 (tiles of 32), with the splits of one
     # SM and of eight (several splits in each launch: the partials' offsets).

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from glyphserve.engine.attention import (paged_attention, paged_attention_batched, paged_attention_reference,
-                                         paged_attention_rows, shared_row_tiles, shared_tiles)
+                                         paged_attention_rows, paged_attention_tiles, query_tiles, shared_row_tiles,
+                                         shared_tiles, tile_tokens)
 from tests.engine.paged_cases import CASES, make_case, make_rows_case
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +98,8 @@ def test_triton_kernel_under_the_interpreter_matches_the_reference():
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = {f"rows-sharing-keys-{h}-heads-{s}-sms" for h, s in ((32, 1), (32, 8), (4, 8))}
-    assert {r["name"] for r in results} >= {c.name for c in CASES if c.interpreted} | rows
+    tiles = {f"tiles-{c.name}-{s}-sms" for c in CASES if c.interpreted for s in (1, 8)}
+    assert {r["name"] for r in results} >= {c.name for c in CASES if c.interpreted} | rows | tiles
     assert all(r["shared"] > 0 for r in results if r["name"] in rows)  # the shared launch read keys
     for r in results:
         assert r["unwritten"] == 0, r
@@ -122,6 +124,26 @@ def test_rows_op_off_triton_is_paged_attention():
     out = paged_attention_rows(*args, torch.from_numpy(share).int(), torch.from_numpy(tiles).int(), rows.scale,
                                out=torch.empty_like(rows.q))
     torch.testing.assert_close(out, paged_attention_reference(*args, rows.scale, 1))
+
+
+def test_query_tiles_list_each_sequences_tiles_then_none():
+    assert tile_tokens(32, 2) == 4 and tile_tokens(4, 2) == 32  # 64-row tiles of (token, group head) pairs
+    tiles = query_tiles([5, 1, 0, 8], 4, 8)
+    assert tiles.dtype == "int32"
+    assert [(t >> 16, t & 65535) if t >= 0 else None for t in tiles.tolist()] == [
+        (0, 0), (0, 1), (1, 0), (3, 0), (3, 1), None, None, None]
+    with pytest.raises(ValueError, match="do not fit"):
+        query_tiles([5, 1, 0, 8], 4, 4)
+
+
+def test_tiles_op_off_triton_is_paged_attention():
+    case = make_case(next(c for c in CASES if c.name == "mixed-prefill-decode"), seed=2)
+    lens = (case.query_start[1:] - case.query_start[:-1]).numpy()
+    tiles = torch.from_numpy(query_tiles(lens, 4, 12))
+    out = paged_attention_tiles(*case.args[:6], tiles, case.scale, out=torch.empty_like(case.q))
+    torch.testing.assert_close(out, paged_attention_reference(*case.args))
+    with pytest.raises(ValueError, match="tiles must be int32"):
+        paged_attention_tiles(*case.args[:6], tiles.long(), case.scale, out=torch.empty_like(case.q))
 
 
 def test_rows_op_checks_the_tiles_it_is_given():

@@ -305,28 +305,41 @@ def test_an_admitted_request_that_cannot_run_gets_an_error_event(load_engine, re
     assert done == {0: expected, 2: expected}
 
 
-def test_follow_ups_on_cached_documents_are_prefilled_together_and_match(load_engine, reference, pages):
-    engine = load_engine()
+@pytest.mark.parametrize("captured", [False, True])  # the pass as captured: see the test below
+def test_follow_ups_on_cached_documents_are_prefilled_together_and_match(load_engine, reference, pages, captured):
+    from glyphserve.engine.pass_graphs import PassGraphs
+
+    engine = load_engine(graph_prefill=not captured)  # (this step's rows fit a graph step)
+    if captured:
+        engine.core.passes = PassGraphs(engine.runner, 256, engine.config.max_num_seqs)
     docs = [pages[:1], pages[1:], pages]
     for doc in docs:  # cache each document's prefix
         engine.answer(request(doc, "What is this?", n=2))
     cases = [(docs[0], "Who?"), (docs[1], "Where does the grandmother live?"), (docs[2], "Why did the wolf run?"),
              ([], "Tell me a story.")]
     expected = [reference.generate(p, q, max_new_tokens=N, ignore_eos=True)[0] for p, q in cases]
-    before = engine.stats()["prefill_passes"]
+    before = engine.stats()
     answers = engine.answer_batch([request(p, q) for p, q in cases])
     assert [a.token_ids for a in answers] == expected
-    assert engine.stats()["prefill_passes"] - before == 1  # one pass over the weights for all four
+    after = engine.stats()
+    assert after["prefill_passes"] - before["prefill_passes"] == 1  # one pass over the weights for all four
+    assert after["graph_passes"] - before["graph_passes"] == captured
     assert all(a.cache.prefix_reused_tokens > 0 for a in answers[:3])
 
 
-@pytest.mark.parametrize("rows", [True, False])  # one row per prompt token (a graph step on CUDA), the eager pass
-def test_follow_ups_joining_decoding_rows_match_as_rows_and_eagerly(load_engine, reference, pages, monkeypatch, rows):
+# One row per prompt token (a graph step on CUDA), the eager pass, the pass as captured (on CUDA a graph per token
+# bucket; here its body runs eagerly, padded to its bucket, attention's programs from a list of tiles)
+@pytest.mark.parametrize("mode", ["rows", "eager", "captured pass"])
+def test_follow_ups_joining_decoding_rows_match_as_rows_and_eagerly(load_engine, reference, pages, monkeypatch, mode):
     """Short prefills (follow-ups after cached prefixes, vision tokens of a partial block among them) run in the
-    same step as other rows' decoding, one row per token, or eagerly (``graph_prefill=False``)."""
+    same step as other rows' decoding, one row per token, eagerly (``graph_prefill=False``) or as a captured
+    pass."""
     from glyphserve.engine.engine import graph_buckets
+    from glyphserve.engine.pass_graphs import PassGraphs
 
-    engine = load_engine(max_num_seqs=4, graph_prefill=rows)
+    engine = load_engine(max_num_seqs=4, graph_prefill=mode == "rows")
+    if mode == "captured pass":
+        engine.core.passes = PassGraphs(engine.runner, 512, 4)
     # Steps padded to a bucket with padding rows, as on CUDA (no graph here: the padded step runs eagerly).
     monkeypatch.setattr(engine.runner, "buckets", graph_buckets(4, engine.runner.max_rows))
     docs = [pages[:1], pages[1:], pages]
@@ -351,7 +364,8 @@ def test_follow_ups_joining_decoding_rows_match_as_rows_and_eagerly(load_engine,
     assert all(done[i].cache.prefix_reused_tokens > 0 for i in range(4))
     after = engine.stats()
     assert after["prefill_passes"] - before["prefill_passes"] == 2  # the first question, then the three joiners
-    assert after["row_chunks"] - before["row_chunks"] == (4 if rows else 0)
+    assert after["row_chunks"] - before["row_chunks"] == (4 if mode == "rows" else 0)
+    assert after["graph_passes"] - before["graph_passes"] == (2 if mode == "captured pass" else 0)
 
 
 # Chunks after the first through the paged kernel (short; up to PAGED_PREFIX_CHUNK_TOKENS after the first), or
