@@ -196,19 +196,14 @@ def paged_attention_tiles_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, bl
                                  seq_lens: Tensor, query_start: Tensor, tiles: Tensor, scale: float,
                                  out: Tensor) -> None:
     """The Triton path of ``paged_attention_tiles`` (also on CPU tensors under ``TRITON_INTERPRET=1``)."""
-    n_tokens, n_heads, head_dim = q.shape
+    n_heads = q.shape[1]
     _, block_size, kv_heads, _ = k_cache.shape
     group_pad = _next_power_of_2(n_heads // kv_heads)
     capacity = block_tables.shape[1] * block_size
     splits = max(1, min(_PROGRAMS_PER_SM * _sm_count(q.device) // max(1, tiles.shape[0] * kv_heads),
                         -(-capacity // _PREFILL_BLOCK_N), _MAX_SPLITS))
     plan = LaunchPlan(max(_PREFILL_BLOCK_M, group_pad), _PREFILL_BLOCK_N, group_pad, 1, splits)
-    partial_max = torch.empty((n_tokens, n_heads, splits), dtype=torch.float32, device=q.device)
-    partials = (partial_max, torch.empty_like(partial_max),
-                torch.empty((n_tokens, n_heads, splits, head_dim), dtype=torch.float32, device=q.device))
-    _attend(q, k_cache, v_cache, block_tables, seq_lens, query_start, tiles, partials, scale, plan, 0, splits,
-            _TILES)
-    _combine(partials, out, query_start[block_tables.shape[0]:], splits)
+    _attend_and_combine(q, k_cache, v_cache, block_tables, seq_lens, query_start, tiles, scale, plan, out, _TILES)
 
 
 def paged_attention_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -455,7 +450,7 @@ def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     the plan's (tests)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
-    n_tokens, n_heads, head_dim = q.shape
+    _, n_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"the Triton path needs a power-of-two head_dim >= 16, got {head_dim}")
@@ -466,23 +461,40 @@ def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
                        _sm_count(q.device))
     if splits is not None:
         plan = dataclasses.replace(plan, splits=splits)
-    splits = plan.splits
+    _attend_and_combine(q, k_cache, v_cache, block_tables, seq_lens, query_start, query_start, scale, plan, out,
+                        _SEQUENCES)
 
-    partial_max = torch.empty((n_tokens, n_heads, splits), dtype=torch.float32, device=q.device)
-    partial_sum = torch.empty_like(partial_max)
-    partial_acc = torch.empty((n_tokens, n_heads, splits, head_dim), dtype=torch.float32, device=q.device)
-    partials = (partial_max, partial_sum, partial_acc)
+
+def _attend_and_combine(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                        query_start: Tensor, key_start: Tensor, scale: float, plan: LaunchPlan, out: Tensor,
+                        mode: int) -> None:
+    """``_attend`` (mode SEQUENCES or TILES) into ``out``: through partials and the combine step, or with one split
+    straight into ``out``, which is zeroed first for the rows no program owns (padding). The combine step of one
+    split only normalises, and it took 6.6 of a 960-token pass's 40 ms on an H200 (profile-h200-s27.md: 30,720
+    programs a layer, and every partial written and read back in fp32)."""
+    n_tokens, n_heads, head_dim = q.shape
+    n_seqs = block_tables.shape[0]
+    if plan.splits == 1:
+        out.zero_()
+        if n_seqs:
+            _attend(q, k_cache, v_cache, block_tables, seq_lens, query_start, key_start, (out, out, out), scale,
+                    plan, 0, 1, mode, out=out)
+        return
+    partial_max = torch.empty((n_tokens, n_heads, plan.splits), dtype=torch.float32, device=q.device)
+    partials = (partial_max, torch.empty_like(partial_max),
+                torch.empty((n_tokens, n_heads, plan.splits, head_dim), dtype=torch.float32, device=q.device))
     if n_seqs:
-        _attend(q, k_cache, v_cache, block_tables, seq_lens, query_start, query_start, partials, scale, plan,
-                0, splits, _SEQUENCES)
-    _combine(partials, out, query_start[n_seqs:], splits)
+        _attend(q, k_cache, v_cache, block_tables, seq_lens, query_start, key_start, partials, scale, plan, 0,
+                plan.splits, mode)
+    _combine(partials, out, query_start[n_seqs:], plan.splits)
 
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
             query_start: Tensor, key_start: Tensor, partials: tuple[Tensor, Tensor, Tensor], scale: float,
-            plan: LaunchPlan, part_offset: int, part_splits: int, mode: int) -> None:
+            plan: LaunchPlan, part_offset: int, part_splits: int, mode: int, out: Tensor | None = None) -> None:
     """One launch of ``_attend_kernel`` over ``block_tables.shape[0]`` sequences (or rows; in mode TILES, over
-    the ``key_start.shape[0]`` tiles listed there)."""
+    the ``key_start.shape[0]`` tiles listed there); with ``out`` (one split), normalised rows straight into it
+    (``partials`` unused)."""
     n_heads, head_dim = q.shape[1], q.shape[2]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     pdl = pdl_enabled(q.device)
@@ -494,7 +506,8 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, s
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), plan.query_tiles, plan.splits, n_heads, part_splits, part_offset,
-        GROUP=n_heads // kv_heads, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, PAGE=block_size,
+        q if out is None else out, 0 if out is None else out.stride(0), 0 if out is None else out.stride(1),
+        DIRECT=out is not None, GROUP=n_heads // kv_heads, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, MODE=mode,
         LINE=line_values(head_dim, k_cache.element_size()), num_warps=4,
@@ -542,7 +555,8 @@ if triton is not None:
         v_stride_b, v_stride_s, v_stride_h,
         tables_stride, query_tiles, splits, n_heads,
         part_splits, part_offset,  # a row's partials: part_splits slots, this launch's from part_offset
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+        out_ptr, out_stride_t, out_stride_h,  # DIRECT: the normalised rows go here (one split), no partials
+        DIRECT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
         MODE: tl.constexpr,  # SEQUENCES, OWN_KEYS or SHARED_KEYS (see paged_attention_rows)
         LINE: tl.constexpr,  # values in a 128-byte line of the caches (a head's row, if shorter)
@@ -602,12 +616,17 @@ if triton is not None:
         begin(PDL)
 
         part = ((q_begin + token) * n_heads + head) * part_splits + part_offset + split
+        dims = tl.arange(0, HEAD_DIM)
+        out_rows = out_ptr + (q_begin + token)[:, None] * out_stride_t + head[:, None] * out_stride_h + dims[None, :]
         if start >= end:  # nothing to see here (a short sequence in a launch sized for long ones): no accumulator
-            tl.store(part_max_ptr + part, tl.full([BLOCK_M], -1e30, tl.float32), mask=live)
-            tl.store(part_sum_ptr + part, tl.zeros([BLOCK_M], tl.float32), mask=live)
+            if DIRECT:  # rows that see no key come out as zeros
+                tl.store(out_rows, tl.zeros([BLOCK_M, HEAD_DIM], tl.float32).to(out_ptr.dtype.element_ty),
+                         mask=live[:, None])
+            else:
+                tl.store(part_max_ptr + part, tl.full([BLOCK_M], -1e30, tl.float32), mask=live)
+                tl.store(part_sum_ptr + part, tl.zeros([BLOCK_M], tl.float32), mask=live)
             return
 
-        dims = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + (q_begin + token)[:, None] * q_stride_t + head[:, None] * q_stride_h + dims[None, :],
                     mask=live[:, None], other=0.0)
         # A finite floor, not -inf: a row that sees no key in this split keeps max -1e30 and sum 0, no NaN.
@@ -632,9 +651,13 @@ if triton is not None:
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             row_max = new_max
 
-        tl.store(part_max_ptr + part, row_max, mask=live)
-        tl.store(part_sum_ptr + part, row_sum, mask=live)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=live[:, None])
+        if DIRECT:
+            row = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+            tl.store(out_rows, row.to(out_ptr.dtype.element_ty), mask=live[:, None])
+        else:
+            tl.store(part_max_ptr + part, row_max, mask=live)
+            tl.store(part_sum_ptr + part, row_sum, mask=live)
+            tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=live[:, None])
 
     @triton.jit
     def _prefetch_keys(table, k_base, v_base, start, end, k_stride_b, k_stride_s, v_stride_b, v_stride_s,

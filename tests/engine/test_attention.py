@@ -161,7 +161,8 @@ def test_rows_op_checks_the_tiles_it_is_given():
 _ATTEND_ARGS = ["q_ptr", "k_ptr", "v_ptr", "tables_ptr", "seq_lens_ptr", "query_start_ptr", "key_start_ptr",
                 "part_max_ptr", "part_sum_ptr", "part_acc_ptr", "qk_scale", "q_stride_t", "q_stride_h",
                 "k_stride_b", "k_stride_s", "k_stride_h", "v_stride_b", "v_stride_s", "v_stride_h",
-                "tables_stride", "query_tiles", "splits", "n_heads", "part_splits", "part_offset"]
+                "tables_stride", "query_tiles", "splits", "n_heads", "part_splits", "part_offset", "out_ptr",
+                "out_stride_t", "out_stride_h"]
 
 
 def test_decode_plans_with_a_step_a_split_run_unpipelined():
@@ -196,8 +197,8 @@ def test_the_kernel_fits_the_shared_memory_of_a_24_gb_ampere_or_ada_card(dtype, 
 
     element = 4 if dtype == "fp32" else 2
     plan = plan_launch(rows, 32, 2, queries, 32768, 82)  # an RTX 3090's 82 SMs
-    types = [f"*{dtype}"] * 3 + ["*i32"] * 4 + ["*fp32"] * 3 + ["fp32"] + ["i32"] * 14
-    constants = dict(GROUP=16, GROUP_PAD=plan.group_pad, HEAD_DIM=128, PAGE=16, BLOCK_M=plan.block_m,
+    types = [f"*{dtype}"] * 3 + ["*i32"] * 4 + ["*fp32"] * 3 + ["fp32"] + ["i32"] * 14 + [f"*{dtype}"] + ["i32"] * 2
+    constants = dict(DIRECT=False, GROUP=16, GROUP_PAD=plan.group_pad, HEAD_DIM=128, PAGE=16, BLOCK_M=plan.block_m,
                      BLOCK_N=plan.block_n, PRECISION="ieee" if dtype == "fp32" else "tf32", PDL=False, MODE=0,
                      LINE=line_values(128, element))
     signature = {**dict(zip(_ATTEND_ARGS, types)), **dict.fromkeys(constants, "constexpr")}
@@ -213,9 +214,10 @@ def test_the_kernel_fits_the_shared_memory_of_a_24_gb_ampere_or_ada_card(dtype, 
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="builds for a GPU: not under the interpreter")
-@pytest.mark.parametrize("head_dim,dtype,mode,stages", [(16, "fp32", 0, 3), (32, "fp16", 0, 3), (32, "bf16", 2, 3),
-                                                        (64, "fp32", 1, 3), (128, "bf16", 0, 3), (128, "bf16", 0, 1)])
-def test_kernel_with_programmatic_dependent_launch_compiles_for_hopper(head_dim, dtype, mode, stages):
+@pytest.mark.parametrize("head_dim,dtype,mode,stages,direct", [
+    (16, "fp32", 0, 3, False), (32, "fp16", 0, 3, True), (32, "bf16", 2, 3, False), (64, "fp32", 1, 3, False),
+    (128, "bf16", 0, 3, False), (128, "bf16", 0, 1, False), (128, "bf16", 3, 3, True), (128, "bf16", 3, 3, False)])
+def test_kernel_with_programmatic_dependent_launch_compiles_for_hopper(head_dim, dtype, mode, stages, direct):
     """The kernel as a Hopper GPU runs it (PDL on: its key prefetch before the wait, which the interpreter never
     runs), compiled here for sm_90 (no GPU needed), for heads whose rows are shorter than a 128-byte line too (the
     tiny model's 32 values in 16 bits)."""
@@ -226,11 +228,11 @@ def test_kernel_with_programmatic_dependent_launch_compiles_for_hopper(head_dim,
     from glyphserve.engine.attention import _attend_kernel, line_values
 
     element = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
-    types = [f"*{dtype}"] * 3 + ["*i32"] * 4 + ["*fp32"] * 3 + ["fp32"] + ["i32"] * 14
+    types = [f"*{dtype}"] * 3 + ["*i32"] * 4 + ["*fp32"] * 3 + ["fp32"] + ["i32"] * 14 + [f"*{dtype}"] + ["i32"] * 2
     signature = dict(zip(_ATTEND_ARGS, types))
     group = 16
-    constants = dict(GROUP=group, GROUP_PAD=group, HEAD_DIM=head_dim, PAGE=16, BLOCK_M=16 if mode == 0 else 64,
-                     BLOCK_N=128 if mode == 0 else 64, PRECISION="ieee" if dtype == "fp32" else "tf32", PDL=True,
+    constants = dict(DIRECT=direct, GROUP=group, GROUP_PAD=group, HEAD_DIM=head_dim, PAGE=16,
+                     BLOCK_M=16 if mode == 0 else 64, BLOCK_N=128 if mode == 0 else 64, PRECISION="ieee" if dtype == "fp32" else "tf32", PDL=True,
                      MODE=mode, LINE=line_values(head_dim, element))
     signature.update(dict.fromkeys(constants, "constexpr"))
     try:
