@@ -77,8 +77,9 @@ def smart_resize(height: int, width: int, *, factor: int = FACTOR, min_pixels: i
     return h_bar, w_bar
 
 
-def vision_tokens(width: int, height: int) -> int:
-    """Vision tokens GLM-4.1V spends on a ``width`` x ``height`` page."""
+def vision_tokens(height: int, width: int) -> int:
+    """Vision tokens GLM-4.1V spends on a page of ``height`` x ``width`` pixels (rows first, as an array's shape
+    and every other page size in the engine; a PIL size is the other way round)."""
     h, w = smart_resize(height, width)
     return (h // FACTOR) * (w // FACTOR)
 

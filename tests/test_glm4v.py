@@ -23,6 +23,19 @@ def test_smart_resize_equals_hugging_face():
 
 
 def test_page_costs():
-    assert vision_tokens(595, 842) == 30 * 21  # the glyph-en page at 72 dpi: 840x588 px after resizing
+    assert vision_tokens(842, 595) == 30 * 21  # the glyph-en page at 72 dpi: 840x588 px after resizing
     with pytest.raises(ValueError):
         vision_tokens(0, 10)
+
+
+def test_vision_tokens_follow_the_hf_processor():
+    from transformers.models.glm4v.image_processing_pil_glm4v import smart_resize as hf_smart_resize
+
+    rng = random.Random(0)
+    for _ in range(300):
+        w, h = rng.randint(10, 8192), rng.randint(10, 8192)
+        if max(w, h) / min(w, h) > 150:
+            continue
+        rh, rw = hf_smart_resize(2, h, w, temporal_factor=2, factor=28, min_pixels=112 * 112,
+                                 max_pixels=28 * 28 * 15000)
+        assert vision_tokens(h, w) == (rh // 28) * (rw // 28)

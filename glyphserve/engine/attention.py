@@ -23,7 +23,13 @@ CUDA path (Triton), two launches whose grids depend only on static shapes, so a 
    the causal mask ``key <= query position`` also cuts the key range's tail. It writes these three as a
    partial result per split.
 2. ``_combine_kernel``, grid ``(T, n_heads, parts of a head)``: rescales the splits' partials to their common
-   max, sums them and writes the normalised row in ``q``'s dtype (zeros where no key was seen).
+   max, sums them and writes the normalised row in ``q``'s dtype (zeros where no key was seen). With one split
+   (a pass of many prompt tokens) there is nothing to combine: the first kernel writes the normalised rows itself,
+   into an output zeroed first for the rows no program owns.
+
+``paged_attention_tiles`` takes the first kernel's programs from a list of (sequence, query tile) pairs instead of
+sequences x ``query_tiles``: a captured pass (``pass_graphs``) is sized by its bucket's tokens, whatever its chunks'
+lengths.
 
 Splits (flash-decoding): decode gives only ``S * kv_heads`` programs (2 for one GLM-4.1V row), far too few to
 stream a long context through 132 SMs, so each sequence's keys are divided among ``splits`` programs. The count

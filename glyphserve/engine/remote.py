@@ -518,7 +518,7 @@ class _Resume:
 
 
 def _vision_tokens(pages: list[Page]) -> int:
-    return sum(vision_tokens(page.shape[1], page.shape[0]) for page in pages)
+    return sum(vision_tokens(*page.shape[:2]) for page in pages)
 
 
 def _sse_chunks(response: httpx.Response) -> Iterator[dict | None]:

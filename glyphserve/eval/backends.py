@@ -91,7 +91,7 @@ class ExtractiveBackend:
         budget = self.page_budget(question)
         if budget is not None:
             labels = shown.labels or [""] * len(shown.images)
-            need = budget.count_prompt(labels) + sum(vision_tokens(i.shape[1], i.shape[0]) for i in shown.images)
+            need = budget.count_prompt(labels) + sum(vision_tokens(*i.shape[:2]) for i in shown.images)
             if need > budget.limit:
                 raise ContextOverflowError(f"the prompt needs about {need:,} tokens; {budget.limit:,} fit the "
                                            f"{self.context:,}-token context with a {self.max_tokens:,}-token answer")

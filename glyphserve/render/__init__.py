@@ -19,7 +19,7 @@ _EXPORTS = {
     "glyphserve.render.document": ("PageLine", "RenderedDocument", "RenderedPage", "RenderStats",
                                    "missing_glyphs_warning", "write_rendered"),
     "glyphserve.render.renderer": ("count_pages", "estimated_pages", "iter_pages", "render_document", "render_text"),
-    "glyphserve.render.tokens": ("count_text_tokens", "glm4v_vision_tokens"),
+    "glyphserve.render.tokens": ("count_text_tokens",),
     "glyphserve.render.workers": ("shutdown_pool",),
 }
 _ALIASES = {"shutdown_pool": "shutdown"}
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
         write_rendered,
     )
     from glyphserve.render.renderer import count_pages, estimated_pages, iter_pages, render_document, render_text
-    from glyphserve.render.tokens import count_text_tokens, glm4v_vision_tokens
+    from glyphserve.render.tokens import count_text_tokens
     from glyphserve.render.workers import shutdown as shutdown_pool
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from glyphserve.errors import EmptyDocumentError
-from glyphserve.glm4v import MAX_ASPECT
+from glyphserve.glm4v import MAX_ASPECT, vision_tokens
 from glyphserve.render.config import RenderConfig, has_cjk
 from glyphserve.render.document import ENCODER_THREADS, PageLine, RenderedDocument, RenderedPage, RenderStats
 from glyphserve.render.fonts import CharTable, FontFace, ResolvedFont, WidthMap, resolve_font
@@ -29,8 +29,8 @@ from glyphserve.render.lines import LayoutContext
 from glyphserve.render.png import encode_png
 from glyphserve.render.raster import DrawList, GlyphAtlas, RasterContext, draw_list, page_pixels, paint
 from glyphserve.render.text import WHITESPACE, PreparedText, prepare
-from glyphserve.render.tokens import count_text_tokens, glm4v_vision_tokens
-from glyphserve.render.workers import BLOCKS, WorkerPool, attached, worker_pool
+from glyphserve.render.tokens import count_text_tokens
+from glyphserve.render.workers import BLOCKS, attached, worker_pool
 
 # A page costs ~1 ms of layout and ~3 ms of painting (+1 ms PNG) on the 2-core CI VM; a worker
 # process costs ~20 ms to start and ~0.3 ms per page to hand pages over. Below this many pages,
@@ -188,7 +188,7 @@ def _page(number: int, painted: np.ndarray | bytes, span: tuple[int, int], lines
         page.encoded = painted
     else:
         page.pixels = painted
-    page.vision_tokens = glm4v_vision_tokens(*page.size)
+    page.vision_tokens = vision_tokens(page.size[1], page.size[0])
     return page
 
 
@@ -425,7 +425,7 @@ def _scan_page(image: np.ndarray, config: RenderConfig, number: int, offset: int
         canvas[top : top + h, left : left + w] = img
         img = canvas
         h, w = img.shape[:2]
-    return RenderedPage(number, np.ascontiguousarray(img), (offset, offset), [], glm4v_vision_tokens(w, h), "scan")
+    return RenderedPage(number, np.ascontiguousarray(img), (offset, offset), [], vision_tokens(h, w), "scan")
 
 
 def _worker_count(workers: int | None, text: str, config: RenderConfig) -> int:

@@ -1,4 +1,4 @@
-"""Token accounting: what a page costs GLM-4.1V, and what the text would have cost as text."""
+"""Token accounting: what the text would have cost as text (a page's cost is ``glm4v.vision_tokens``)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from glyphserve.glm4v import vision_tokens
-
 TEXT_TOKEN_ESTIMATE = "estimate: 4 characters per token for non-CJK text, 1.5 CJK characters per token"
 _CJK_RE = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]")
-
-
-def glm4v_vision_tokens(width: int, height: int) -> int:
-    """Visual tokens GLM-4.1V spends on a ``width`` x ``height`` image (its ``smart_resize``)."""
-    return vision_tokens(width, height)
 
 
 Tokenizer = Callable[[str], Any] | Any

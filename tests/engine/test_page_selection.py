@@ -28,7 +28,7 @@ def document(images, texts) -> DocumentPages:
     text, facts, offset = "", [], 0
     for n, (image, page_text) in enumerate(zip(images, texts), 1):
         text += page_text + "\n\n"
-        facts.append(PageFacts(n, (offset, offset + len(page_text)), vision_tokens(image.shape[1], image.shape[0])))
+        facts.append(PageFacts(n, (offset, offset + len(page_text)), vision_tokens(*image.shape[:2])))
         offset = len(text)
     return DocumentPages(text, facts)
 

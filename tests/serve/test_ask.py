@@ -63,7 +63,7 @@ def test_ask_an_endpoint_selects_the_pages_that_fit_the_context_it_reports(tmp_p
     doc.write_text("\n\n".join(paragraphs))
     document = ingest_path(doc)
     pages = render_document(document, resolve_config(document.text)).pages
-    cost = [vision_tokens(p.image.shape[1], p.image.shape[0]) + PAGE_MARKER_TOKENS for p in pages]
+    cost = [vision_tokens(*p.image.shape[:2]) + PAGE_MARKER_TOKENS for p in pages]
     assert len(pages) >= 6
     server = ChatServer(max_model_len=sum(cost[:3]) + 200)  # three pages, the question and a 64-token answer
     try:
