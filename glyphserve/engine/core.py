@@ -403,6 +403,7 @@ class EngineCore:
                                             for t, v in zip(top_ids[i][:k], top_values[i][:k])],
                                            out.token_bytes(tokens[i]))
                 seq.output.append(tokens[i])
+                seq.token_times.append(now)
                 outcome = seq.out.push(tokens[i], logprob)
                 events.extend(self._deltas(seq, outcome.deltas))
                 if outcome.stop_reason is not None:

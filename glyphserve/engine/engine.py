@@ -409,6 +409,7 @@ class Engine:
             peak_gpu_bytes=seq.peak_gpu_bytes,
             stop_reason=self._reported_stop(seq),
             logprobs=seq.out.logprobs,
+            token_times=[t - seq.arrived for t in seq.token_times],
         )
 
     def _reported_stop(self, seq: Sequence) -> str | int | None:

@@ -56,6 +56,7 @@ class Sequence:
     num_cached: int = 0  # prompt tokens found in the pool at admission
     scheduled_outputs: int = 0  # generated tokens whose step has been launched
     output: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # perf_counter when each token here was read back
     hashes: list[bytes] = field(default_factory=list)  # of the prompt's full blocks (empty without caching)
     published: int = 0  # blocks [0, published) hold the hashed prefix; only they are marked ready
     finish_reason: str | None = None  # set when it finishes, or when planned (resumed tokens that end the answer)

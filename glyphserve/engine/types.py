@@ -292,6 +292,10 @@ class Answer:
     peak_gpu_bytes: int | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it (None: end-of-text, as vLLM)
     logprobs: list[TokenLogprob] | None = None  # one per generated token when asked for
+    # Seconds after the request reached the engine at which each token generated here was read back from the
+    # device (a step's tokens share a time; tokens resumed from an earlier attempt have none): the inter-token
+    # latencies are their differences.
+    token_times: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

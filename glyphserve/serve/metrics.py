@@ -38,6 +38,7 @@ class _Collectors:
     ttft: Histogram
     e2e: Histogram
     tpot: Histogram
+    itl: Histogram
     queue_time: Histogram
     prompt_tokens: Counter
     generation_tokens: Counter
@@ -77,6 +78,8 @@ def _collectors() -> _Collectors:
                       buckets=_LATENCY_BUCKETS),
         tpot=Histogram("vllm:time_per_output_token_seconds", "Time per token after the first, per request",
                        _MODEL, buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
+        itl=Histogram("vllm:inter_token_latency_seconds", "Time between consecutive generated tokens, per token",
+                      _MODEL, buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
         queue_time=Histogram("vllm:request_queue_time_seconds", "Time a request waited before the model took it",
                              _MODEL, buckets=_LATENCY_BUCKETS),
         prompt_tokens=Counter("vllm:prompt_tokens", "Prompt tokens (vision tokens included)", _MODEL),
@@ -135,7 +138,7 @@ class Metrics:
         self.c.documents.set_function(documents)
         c = self.c
         # Every series at zero from the start: a dashboard's increase() sees the first request too.
-        for metric in (c.ttft, c.e2e, c.tpot, c.queue_time, c.prompt_tokens, c.generation_tokens,
+        for metric in (c.ttft, c.e2e, c.tpot, c.itl, c.queue_time, c.prompt_tokens, c.generation_tokens,
                        c.request_prompt_tokens, c.request_generation_tokens, c.prefix_queries, c.prefix_hits,
                        c.mm_queries, c.mm_hits):
             metric.labels(model_name)
@@ -168,7 +171,15 @@ class Metrics:
         c.queue_time.labels(model).observe(queued)
         c.ttft.labels(model).observe(queued + timings.time_to_first_token)
         if answer.new_tokens > 1:
-            c.tpot.labels(model).observe((timings.total - timings.time_to_first_token) / (answer.new_tokens - 1))
+            per_token = (timings.total - timings.time_to_first_token) / (answer.new_tokens - 1)
+            c.tpot.labels(model).observe(per_token)
+            # Each token's interval where the engine timed them (a step's read-back), else the request's mean
+            # for each (a remote server's answers, resumed tokens): the histogram counts tokens either way.
+            times = answer.token_times
+            gaps = [b - a for a, b in zip(times, times[1:])] or [per_token] * (answer.new_tokens - 1)
+            itl = c.itl.labels(model)
+            for gap in gaps:
+                itl.observe(gap)
         c.prompt_tokens.labels(model).inc(answer.prompt_tokens)
         c.generation_tokens.labels(model).inc(answer.new_tokens)
         c.request_prompt_tokens.labels(model).observe(answer.prompt_tokens)

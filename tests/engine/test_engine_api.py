@@ -211,6 +211,16 @@ def test_plain_greedy_rows_beside_sampled_penalised_and_logprob_rows_answer_as_a
     assert 0 < len(calls) < 14  # the steps after the special rows' last token skip it
 
 
+def test_an_answer_says_when_each_token_was_read_back(load_engine):
+    engine = load_engine()
+    answer = engine.answer(AnswerRequest(pages=PAGES, question="Who?", settings=GenerationSettings(
+        max_tokens=5, ignore_eos=True)))
+    times = answer.token_times
+    assert len(times) == answer.new_tokens == 5 and times == sorted(times)
+    assert times[0] == pytest.approx(answer.timings.time_to_first_token, abs=1e-3)
+    assert times[-1] <= answer.timings.total
+
+
 def test_the_step_trace_records_what_each_step_ran(load_engine):
     engine = load_engine(step_trace=200)
     assert engine.step_trace() == []

@@ -107,8 +107,10 @@ def metric(text: str, name: str) -> float:
 
 
 def test_metrics_a_vllm_dashboard_reads(client, documents):
+    before = metric(client.get("/metrics").text, "vllm:inter_token_latency_seconds_count")
     ask(client, documents[0], QUESTIONS[0], max_tokens=6)
     text = client.get("/metrics").text
+    assert metric(text, "vllm:inter_token_latency_seconds_count") - before == 5  # per token after the first
     for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
                  "vllm:time_per_output_token_seconds_count", "vllm:prompt_tokens_total",
                  "vllm:generation_tokens_total", "vllm:request_queue_time_seconds_count"):
