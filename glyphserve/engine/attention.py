@@ -23,13 +23,12 @@ CUDA path (Triton), two launches whose grids depend only on static shapes, so a 
    the causal mask ``key <= query position`` also cuts the key range's tail. It writes these three as a
    partial result per split.
 2. ``_combine_kernel``, grid ``(T, n_heads, parts of a head)``: rescales the splits' partials to their common
-   max, sums them and writes the normalised row in ``q``'s dtype (zeros where no key was seen). With one split
-   (a pass of many prompt tokens) there is nothing to combine: the first kernel writes the normalised rows itself,
-   into an output zeroed first for the rows no program owns.
+   max, sums them and writes the normalised row in ``q``'s dtype (zeros where no key was seen).
 
 ``paged_attention_tiles`` takes the first kernel's programs from a list of (sequence, query tile) pairs instead of
 sequences x ``query_tiles``: a captured pass (``pass_graphs``) is sized by its bucket's tokens, whatever its chunks'
-lengths.
+lengths. With one split (a pass of many prompt tokens) there is nothing to combine there: the first kernel writes
+the normalised rows itself, into an output zeroed first for the padding rows no program owns.
 
 Splits (flash-decoding): decode gives only ``S * kv_heads`` programs (2 for one GLM-4.1V row), far too few to
 stream a long context through 132 SMs, so each sequence's keys are divided among ``splits`` programs. The count
@@ -189,6 +188,8 @@ def paged_attention_tiles(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tab
     if tiles.dim() != 1 or tiles.dtype != torch.int32 or tiles.device != q.device:
         raise ValueError(f"tiles must be int32 [P] on {q.device}, got {tiles.dtype} {tuple(tiles.shape)} on "
                          f"{tiles.device}")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be like q {tuple(q.shape)} {q.dtype} with contiguous rows")
     if triton is None or not q.is_cuda:
         longest = int((query_start[1:] - query_start[:-1]).max()) if block_tables.shape[0] else 1
         return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max(1, longest),
@@ -474,13 +475,15 @@ def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 def _attend_and_combine(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                         query_start: Tensor, key_start: Tensor, scale: float, plan: LaunchPlan, out: Tensor,
                         mode: int) -> None:
-    """``_attend`` (mode SEQUENCES or TILES) into ``out``: through partials and the combine step, or with one split
-    straight into ``out``, which is zeroed first for the rows no program owns (padding). The combine step of one
-    split only normalises, and it took 6.6 of a 960-token pass's 40 ms on an H200 (profile-h200-s27.md: 30,720
-    programs a layer, and every partial written and read back in fp32)."""
+    """``_attend`` (mode SEQUENCES or TILES) into ``out``, through partials and the combine step; in mode TILES
+    with one split, straight into ``out``, zeroed first for the rows no program owns (a captured pass's padding).
+    The combine step of one split only normalises, and it took 6.6 of a 960-token pass's 40 ms on an H200
+    (profile-h200-s27.md: 30,720 programs a layer, every partial written and read back in fp32). Mode SEQUENCES
+    keeps it: its launches follow the rotation with programmatic dependent launch (the keys' prefetch before the
+    wait), which a memset between them would undo."""
     n_tokens, n_heads, head_dim = q.shape
     n_seqs = block_tables.shape[0]
-    if plan.splits == 1:
+    if plan.splits == 1 and mode == _TILES:
         out.zero_()
         if n_seqs:
             _attend(q, k_cache, v_cache, block_tables, seq_lens, query_start, key_start, (out, out, out), scale,

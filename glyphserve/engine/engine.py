@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,8 +36,6 @@ from glyphserve.engine.types import DEFAULT_MAX_CONTEXT, Answer, AnswerRequest, 
 from glyphserve.engine.vision import VisionEncoder, VisionRunner
 from glyphserve.errors import ConfigError, EngineOutOfMemoryError, GlyphserveError
 from glyphserve.glm4v import STOP_TOKENS
-
-log = logging.getLogger("glyphserve.engine")
 
 # Memory kept free beside the KV pool on CUDA: CUDA graphs' own pool, cuBLAS workspaces, allocator slack.
 CUDA_RESERVE_BYTES = 1 << 30
@@ -521,24 +518,13 @@ class Engine:
         if self.config.cuda_graphs:
             self.runner.capture(buckets, self.sampler)
             if self.core.row_prefill:  # prompt chunks in graphs: as rows of a step, or a captured pass
-                self._capture_passes()
+                # (Captured at load, while the memory profile's transient, a whole prefill's, is free: the pool
+                # grows by ~0.1-0.3 GiB on GLM-4.1V-9B, inside CUDA_RESERVE_BYTES.)
+                passes = PassGraphs(self.runner, min(PASS_GRAPH_TOKENS, self.config.max_num_batched_tokens),
+                                    self.config.max_num_seqs)
+                passes.capture(self.runner.graph_pool)
+                self.core.passes = passes
         self._sync()
-
-    def _capture_passes(self) -> None:
-        """Captured prompt passes (``pass_graphs``) where the memory left beside the KV pool holds them; where it
-        does not (a card sized to its last GiB), prompt passes run eagerly, as before, with a warning."""
-        passes = PassGraphs(self.runner, min(PASS_GRAPH_TOKENS, self.config.max_num_batched_tokens),
-                            self.config.max_num_seqs)
-        try:
-            passes.capture(self.runner.graph_pool)
-        except torch.OutOfMemoryError:
-            passes = None  # its graphs captured so far, and their memory, with it
-            gc.collect()
-            torch.cuda.empty_cache()
-            log.warning("no memory left to capture prompt passes as CUDA graphs: they run eagerly (lower "
-                        "--gpu-memory-utilization to leave room)")
-            return
-        self.core.passes = passes
 
     @_while_open
     def plan_attention(self) -> None:

@@ -47,8 +47,8 @@ def main() -> None:
         })
     import glyphserve.engine.attention as attention
 
-    # The programs from a list of tiles, with spare entries (-1) past them, on one SM and on eight (splits).
-    for sms in (1, 8):
+    # The programs from a list of tiles, with spare entries (-1) past them, on one SM and on 64 (splits).
+    for sms in (1, 64):
         attention._sm_count = lambda device, sms=sms: sms
         for case in CASES:
             if not case.interpreted:
@@ -67,6 +67,30 @@ def main() -> None:
                 "max_error": float((out.float() - expected.float()).abs().nan_to_num(float("inf")).max()),
                 "tolerance": 1e-5 if case.dtype == torch.float32 else 2e-3,
             })
+        # As a captured pass lays them out (``pass_graphs``): padding sequences (no queries, no keys, tables of
+        # garbage) after the real ones, padding rows past the last query, spare tiles.
+        inputs = make_case(next(c for c in CASES if c.name == "mixed-prefill-decode"), seed=7)
+        n, seqs, rows, spare = int(inputs.query_start[-1]), inputs.seq_lens.shape[0], 32, 8
+        lens = (inputs.query_start[1:] - inputs.query_start[:-1]).numpy()
+        tokens = tile_tokens(inputs.q.shape[1], inputs.k_cache.shape[2])
+        q = torch.randn(rows, *inputs.q.shape[1:])
+        q[:n] = inputs.q[:n]
+        tables = torch.randint(-(2**20), 2**20, (seqs + spare, inputs.block_tables.shape[1]), dtype=torch.int32)
+        tables[:seqs] = inputs.block_tables
+        seq_lens = torch.cat([inputs.seq_lens, torch.zeros(spare, dtype=torch.int32)])
+        starts = torch.cat([inputs.query_start, torch.full((spare,), n, dtype=torch.int32)])
+        tiles = query_tiles(lens, tokens, rows // tokens + seqs + spare)
+        out = torch.full_like(q, float("nan"))
+        paged_attention_tiles_triton(q, inputs.k_cache, inputs.v_cache, tables, seq_lens, starts,
+                                     torch.from_numpy(tiles), inputs.scale, out)
+        expected = paged_attention_reference(*inputs.args)
+        results.append({
+            "name": f"tiles-as-a-captured-pass-{sms}-sms",
+            "unwritten": int(out.isnan().sum()),
+            "padding_nonzero": int((out[n:] != 0).sum()),
+            "max_error": float((out[:n] - expected[:n]).abs().nan_to_num(float("inf")).max()),
+            "tolerance": 1e-5,
+        })
 
     # GLM's group of 16 heads a KV head (tiles of 4 rows) and a group of 2 (tiles of 32), with the splits of one
     # SM and of eight (several splits in each launch: the partials' offsets).
