@@ -22,6 +22,7 @@ from glyphserve.serve import openai_compat as oai
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.errors import InvalidRequestError, MethodNotAllowedError, UnsupportedMediaTypeError
 from glyphserve.serve.origin import route_path
+from glyphserve.serve.parse_queue import client_of
 from glyphserve.serve.sampling import SamplingParams
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import GlyphService, RenderOptions
@@ -305,7 +306,7 @@ def build_router(service: GlyphService) -> APIRouter:
                 raise invalid_request(exc) from None
             record, duplicate = await service.add_document(
                 data=upload.data, filename=upload.filename, name=options.name or upload.filename,
-                options=RenderOptions(options.preset, options.dpi, options.newline))
+                options=RenderOptions(options.preset, options.dpi, options.newline), client=client_of(request))
         else:
             try:
                 body = DocumentText.model_validate_json(await json_body(request, ", or a file as multipart/form-data"))

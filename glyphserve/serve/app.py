@@ -25,7 +25,7 @@ from glyphserve.errors import (ConfigError, FileTooLargeError, GlyphserveError, 
 from glyphserve.serve.api import build_router, client_gone, invalid_request
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import (BodiesFullError, BodyTimeoutError, MethodNotAllowedError, RequestTooLargeError,
-                                     UnauthorizedError)
+                                     RetryLaterError, UnauthorizedError)
 from glyphserve.serve.head_timeout import MAX_HEAD_BYTES, with_head_timeout
 from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path, route_path
 from glyphserve.serve.service import GlyphService
@@ -221,7 +221,8 @@ async def _send_error(send, error: GlyphserveError, scope) -> None:
 
 
 def error_response(request: Request, error: GlyphserveError, service: GlyphService) -> JSONResponse:
-    """OpenAI's error body and status; a 429 says when to retry, a 405 which methods the route takes."""
+    """OpenAI's error body and status; a 429 or a busy 503 says when to retry, a 405 which methods the route
+    takes."""
     request.state.error_code = error.code
     headers = {}
     if isinstance(error, QueueFullError):
@@ -230,6 +231,8 @@ def error_response(request: Request, error: GlyphserveError, service: GlyphServi
         headers["Allow"] = ", ".join(error.allow)
     if isinstance(error, BodiesFullError):
         headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
+    if isinstance(error, RetryLaterError):
+        headers["Retry-After"] = str(error.retry_after)
     return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
 
 

@@ -89,6 +89,30 @@ class BodiesFullError(GlyphserveError):
     code = "server_busy"
 
 
+class RetryLaterError(GlyphserveError):
+    """A refusal that says in how many seconds to try again (``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyUploadsError(RetryLaterError):
+    """One client's files being read and waiting for a thread already fill its share, or held its threads for
+    the whole time an upload of its may wait (``serve.parse_queue``)."""
+
+    http_status = 429
+    code = "too_many_uploads"
+
+
+class ReadersBusyError(RetryLaterError):
+    """An upload waited a whole ``--ingest-timeout`` (and a second) for a thread to read it: other clients' files
+    held them all."""
+
+    http_status = 503
+    code = "server_busy"
+
+
 class RequestTooLargeError(GlyphserveError):
     """A request body (not an upload) past the server's limit."""
 

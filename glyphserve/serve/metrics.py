@@ -58,6 +58,8 @@ class _Collectors:
     joined: Counter
     documents: Gauge
     pages_rendered: Counter
+    files_reading: Gauge
+    files_waiting: Gauge
     kv_usage: Gauge
     engines: "_EngineCounters"
 
@@ -110,6 +112,8 @@ def _collectors() -> _Collectors:
         documents=Gauge("glyphserve_documents_stored", "Documents in the store"),
         pages_rendered=Counter("glyphserve_pages_rendered", "Pages rendered from uploads (those of uploads refused "
                                "while rendering included)"),
+        files_reading=Gauge("glyphserve_upload_files_reading", "Uploaded files being read (parsed)"),
+        files_waiting=Gauge("glyphserve_upload_files_waiting", "Uploaded files waiting for a thread to read them"),
         kv_usage=Gauge("vllm:kv_cache_usage_perc", "Share of the KV pool's blocks in use (1 = all)", _MODEL),
         engines=engines,
     )
@@ -153,6 +157,11 @@ class Metrics:
         """Read the scheduler's running and waiting requests at scrape time."""
         self.c.running.labels(self.model_name).set_function(running)
         self.c.waiting.labels(self.model_name).set_function(waiting)
+
+    def watch_files(self, reading: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Read the uploaded files being read and waiting (``ParseQueue``) at scrape time."""
+        self.c.files_reading.set_function(reading)
+        self.c.files_waiting.set_function(waiting)
 
     def watch_engine(self, counters: Callable[[], dict]) -> None:
         """A local engine's own readings (``Engine.counters``) at scrape time: KV pool usage, preemptions."""

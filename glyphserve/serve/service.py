@@ -23,6 +23,7 @@ from glyphserve.serve.backends import ChatJob, EngineBackend, ExtractiveBackend,
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotFoundError, StorageUnavailableError
 from glyphserve.serve.metrics import Metrics
+from glyphserve.serve.parse_queue import ParseLimits, ParseQueue
 from glyphserve.serve.scheduler import ConcurrentScheduler, Scheduler, SchedulerHooks
 from glyphserve.serve.store import DocumentFiles, DocumentRecord, DocumentStore
 from glyphserve.serve.stored_pages import StoredPages
@@ -54,10 +55,9 @@ class RenderOptions:
         return self
 
 
-# Files read at once: each thread waits on a parser process (PDF, DOCX) or decodes a text file. Pasted text is read
-# by threads of its own (4 PDFs that took the whole --ingest-timeout held a pasted text back 58 s), rendering has its
-# own, and so does the choice of a question's pages (two uploads rendering held every question back 22 s).
-INGEST_THREADS = 4
+# Files are read on a ParseQueue's threads, shared fairly among clients. Pasted text is read by threads of its own (4
+# PDFs that took the whole --ingest-timeout held a pasted text back 58 s), rendering has its own, and so does the
+# choice of a question's pages (two uploads rendering held every question back 22 s).
 TEXT_THREADS = 2
 RENDER_THREADS = 2
 PAGE_THREADS = 4
@@ -101,7 +101,8 @@ class GlyphService:
         else:
             self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_num_seqs,
                                        timeout=config.request_timeout, hooks=hooks)
-        self._ingest_pool = ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="glyphserve-ingest")
+        self.parses = ParseQueue(ParseLimits(budget=config.ingest_timeout))
+        self.metrics.watch_files(reading=lambda: self.parses.reading, waiting=lambda: self.parses.waiting)
         self._text_pool = ThreadPoolExecutor(max_workers=TEXT_THREADS, thread_name_prefix="glyphserve-text")
         self.metrics.watch(running=lambda: self.scheduler.running, waiting=lambda: self.scheduler.depth)
         if isinstance(self.backend, EngineBackend) and not self.remote and make_scheduler is None:
@@ -180,7 +181,8 @@ class GlyphService:
         self.scheduler.close()
         if self.remote:
             self.engine.close()
-        for pool in (self._ingest_pool, self._text_pool, self._render_pool, self._page_pool):
+        self.parses.close()
+        for pool in (self._text_pool, self._render_pool, self._page_pool):
             pool.shutdown(wait=False, cancel_futures=True)
         shutdown_parsers()
         shutdown_pool()
@@ -190,11 +192,12 @@ class GlyphService:
 
     async def add_document(self, *, data: bytes | None = None, filename: str | None = None,
                            text: str | None = None, name: str | None = None,
-                           options: RenderOptions | None = None) -> tuple[DocumentRecord, bool]:
-        """Ingest, render and store a file (``data``) or pasted ``text``, within the upload budget
-        (``--ingest-timeout``); the record and whether it was stored before (the same content with the same
-        render settings is stored once). The shown name is cleaned (``clean_filename``); a raw file name that
-        differs is kept in the record's summary as ``original_name``."""
+                           options: RenderOptions | None = None, client: str = "") -> tuple[DocumentRecord, bool]:
+        """Ingest, render and store a file (``data``; read in ``client``'s turn, see ``ParseQueue``) or pasted
+        ``text``, within the upload budget (``--ingest-timeout``, from when its reading begins); the record and
+        whether it was stored before (the same content with the same render settings is stored once). The shown
+        name is cleaned (``clean_filename``); a raw file name that differs is kept in the record's summary as
+        ``original_name``."""
         from glyphserve.ingest import ingest_bytes, ingest_text
 
         options = (options or RenderOptions()).check()
@@ -206,21 +209,23 @@ class GlyphService:
             )
         from glyphserve.render import resolve_config
 
-        deadline = time.monotonic() + self.config.ingest_timeout
         limits = self.config.ingest_limits
-        def read() -> tuple[Document, RenderConfig, str, str]:
-            """Off the event loop: the document, its settings as applied and its keys (new, and as sent)."""
+        def read() -> tuple[Document, RenderConfig, str, str, float]:
+            """Off the event loop: the document, its settings as applied, its keys (new, and as sent) and when its
+            budget runs out, counted from here (counted from its arrival, a text file queued behind 8 slow PDFs was
+            refused ingest_timeout after 9 s of a 5 s budget, none of it spent on its own reading)."""
+            deadline = time.monotonic() + self.config.ingest_timeout
             document = (ingest_bytes(data, filename, limits=limits) if data is not None
                         else ingest_text(text or "", limits=limits))
             # The settings as applied (``auto`` and an unset dpi or newline resolved for this text) decide what is
             # the same document, so the file sent with the settings it would get anyway is found too.
             config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
             source = b"file\x00" + data if data is not None else b"text\x00" + (text or "").encode("utf-8")
-            return document, config, content_hash(source, config), sent_settings_hash(source, options)
+            return document, config, content_hash(source, config), sent_settings_hash(source, options), deadline
 
         loop = asyncio.get_running_loop()
-        pool = self._ingest_pool if data is not None else self._text_pool
-        document, config, digest, sent_digest = await loop.run_in_executor(pool, read)
+        document, config, digest, sent_digest, deadline = await (
+            self.parses.run(client, read) if data is not None else loop.run_in_executor(self._text_pool, read))
         while True:
             existing = self.store.find(digest) or self.store.find(sent_digest)
             if existing is not None:

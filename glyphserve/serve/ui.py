@@ -28,6 +28,7 @@ from glyphserve.engine.prompt import answer_room
 from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, StreamEvent
 from glyphserve.glm4v import MESSAGE_TOKENS, PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.serve.backends import ChatJob, Reply
+from glyphserve.serve.parse_queue import client_of
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import DPIS, NEWLINES, PRESETS, GlyphService, RenderOptions
 from glyphserve.serve.store import DocumentRecord
@@ -208,13 +209,14 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                   else f"Rendered **{_literal(name)}** into {record.pages} page(s).")
         return shown([record], status + warmth_note(record.id))
 
-    async def upload_file(file_path, preset, dpi, newline):
+    async def upload_file(file_path, preset, dpi, newline, request: gr.Request):
         if not file_path:
             return (gr.skip(),) * 10
         path = Path(file_path)
         data = path.read_bytes()
         _remove_upload_copy(path, Path(demo.GRADIO_CACHE))  # the stored document is now the only copy
-        shown_now = await add(RenderOptions(preset, int(dpi), newline), data=data, filename=path.name, name=path.name)
+        shown_now = await add(RenderOptions(preset, int(dpi), newline), data=data, filename=path.name, name=path.name,
+                              client=client_of(request))
         return (*shown_now, None)  # and the upload box empties
 
     async def render_text(pasted, preset, dpi, newline):
@@ -222,9 +224,9 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             return (gr.skip(),) * 6 + (_fail(GlyphserveError("paste some text first")),) + (gr.skip(),) * 2
         return await add(RenderOptions(preset, int(dpi), newline), text=pasted)
 
-    async def load_example(preset, dpi, newline):
+    async def load_example(preset, dpi, newline, request: gr.Request):
         return await add(RenderOptions(preset, int(dpi), newline), data=EXAMPLE.read_bytes(), filename=EXAMPLE.name,
-                         name=EXAMPLE.name)
+                         name=EXAMPLE.name, client=client_of(request))
 
     def select(document_ids):
         if not document_ids:

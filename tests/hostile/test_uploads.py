@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import re
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from glyphserve.bench import hostile_files
@@ -128,6 +130,42 @@ def test_a_pdf_that_takes_too_long_is_stopped_and_blocks_no_one(tight):
         response = attack(tight, "slow", lambda: send_file(tight, "slow.pdf", slow), seconds=UPLOAD_SECONDS + 2)
         assert second.result().status_code == 400
     assert error(response)[0] == "ingest_timeout" and "--ingest-timeout" in error(response)[1]
+
+
+def files_in_flight(server: Server) -> tuple[float, float]:
+    """Uploaded files being read, and waiting for a thread to read them."""
+    metrics = HTTP.get(f"{server.url}/metrics").text
+    return tuple(float(re.search(rf"^glyphserve_upload_files_{state} (\S+)$", metrics, re.M).group(1))
+                 for state in ("reading", "waiting"))
+
+
+def test_one_clients_slow_files_hold_up_its_own_files_only(tight):
+    """A hostile-input trial: 4 PDFs of one client taking the whole --ingest-timeout held another client's 0.1 s
+    text file back 9 s (one line for every client's files), and 8 of them got it refused as out of time. Here one
+    client sends 19 such PDFs: 2 are read at once, 16 wait in its own line and the 19th is refused at once (429);
+    another client's files are read meanwhile, and each waiting file gets its whole budget or a 429 saying when to
+    retry."""
+    slow = hostile_files.pdf_of_pages(2_000, WHITE_BOX)
+    other = httpx.Client(timeout=120, transport=httpx.HTTPTransport(local_address="127.0.0.2"))  # another address
+    with ThreadPoolExecutor(19) as pool:
+        sent = [pool.submit(send_file, tight, f"slow-{i}.pdf", slow) for i in range(19)]
+        deadline = time.monotonic() + 60
+        while files_in_flight(tight) != (2, 16):
+            assert time.monotonic() < deadline, files_in_flight(tight)
+            time.sleep(0.05)
+        for name, data in (("story.txt", STORY.encode()), ("story.pdf", make_pdf(STORY))):
+            created = other.post(f"{tight.url}/v1/documents", files={"file": (name, data)})
+            assert created.status_code in (200, 201), created.text
+        assert files_in_flight(tight) == (2, 16)  # the slow files' client still has all 18 in flight
+        responses = [future.result() for future in sent]
+    codes = sorted(error(r)[0] for r in responses)
+    assert codes == ["ingest_timeout"] * 4 + ["too_many_uploads"] * 15, codes  # (2 read, then the 2 next in line)
+    refused = [r for r in responses if r.status_code == 429]
+    assert all(1 <= int(r.headers["retry-after"]) <= 4 for r in refused)
+    assert sum("the most this server takes from one client" in error(r)[1] for r in refused) == 1
+    assert all("this client's other files held its 2" in error(r)[1] for r in refused
+               if "the most this server takes" not in error(r)[1])
+    assert files_in_flight(tight) == (0, 0)
 
 
 def test_upload_names_are_cleaned_and_the_raw_name_kept(server):

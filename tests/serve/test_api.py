@@ -444,7 +444,7 @@ def test_a_pasted_text_and_a_questions_pages_wait_for_no_file_being_read_or_rend
     from glyphserve.engine import Engine, EngineConfig
     from glyphserve.serve.app import create_app
     from glyphserve.serve.config import ServeConfig
-    from glyphserve.serve.service import INGEST_THREADS, RENDER_THREADS
+    from glyphserve.serve.service import RENDER_THREADS
 
     engine = Engine.load(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
     app = create_app(ServeConfig(data_dir=tmp_path / "data", ui=False), engine)
@@ -453,7 +453,7 @@ def test_a_pasted_text_and_a_questions_pages_wait_for_no_file_being_read_or_rend
     try:
         with TestClient(app, base_url="http://127.0.0.1") as client:
             stored = client.post("/v1/documents", json={"text": "The keeper was given a lamp."}).json()["id"]
-            held = [service._ingest_pool.submit(gate.wait) for _ in range(INGEST_THREADS)]
+            held = [service.parses._pool.submit(gate.wait) for _ in range(service.parses.limits.threads)]
             pasted = client.post("/v1/documents", json={"text": "The miller kept the lantern."})
             assert pasted.status_code == 201
             held += [service._render_pool.submit(gate.wait) for _ in range(RENDER_THREADS)]

@@ -1,0 +1,184 @@
+"""The threads that read uploaded files, shared fairly among the clients sending them."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+from glyphserve.serve.errors import ReadersBusyError, TooManyUploadsError
+
+T = TypeVar("T")
+# A file may wait for a thread this much longer than a budget: one whose parser is killed at the end of its budget
+# frees its thread 20-50 ms after (measured on 2 busy cores), and the file next in line should get that thread
+# rather than race it to a refusal.
+REAP_S = 1.0
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    budget: float  # seconds one file may take to read (--ingest-timeout); it waits about as long for a thread
+    # Files read at once: each thread waits on a parser process of up to --max-parser-memory-mb, or decodes a text.
+    threads: int = 4
+    # Threads one client's files may hold: half, so one client's slow files (4 PDFs taking the whole budget held
+    # another client's 0.1 s text file back 9.0 s of a 10 s budget) leave the other half to everyone else.
+    per_client: int = 2
+    # One client's files waiting for a thread; past it, 429. As many as the bodies' budget holds of the largest
+    # uploads by default (--max-bodies-mb): a burst a client may send anyway waits its turn instead.
+    waiting: int = 16
+
+
+@dataclass
+class _Waiter:
+    loop: asyncio.AbstractEventLoop
+    woken: asyncio.Future
+    end: float | None = None  # set when it is given a thread: when its file's budget runs out
+
+
+@dataclass
+class _Client:
+    ends: list[float] = field(default_factory=list)  # when the budgets of its files being read run out
+    waiting: deque[_Waiter] = field(default_factory=deque)
+
+
+def client_of(request) -> str:
+    """Who sent a request (Starlette's or the UI framework's), for fair shares: its address as the web server
+    gives it (behind a proxy on this machine, the X-Forwarded-For address: uvicorn trusts loopback proxies,
+    ``FORWARDED_ALLOW_IPS``)."""
+    client = getattr(request, "client", None)
+    return client.host if client else ""
+
+
+class ParseQueue:
+    """Reads files on ``limits.threads`` threads, at most ``limits.per_client`` of them for one client's files.
+    A client's other files wait in a line of its own (past ``limits.waiting``, 429 ``too_many_uploads``) and the
+    lines take turns at the threads that free up, so a client's slow files hold up its own files only. A file
+    that waits a whole budget (and ``REAP_S``) gets 429 too when its client's files held its share, else 503
+    ``server_busy`` (other clients' files held every thread). Each refusal says when to retry. Callers may be on
+    different event loops."""
+
+    def __init__(self, limits: ParseLimits):
+        self.limits = limits
+        self._pool = ThreadPoolExecutor(max_workers=limits.threads, thread_name_prefix="glyphserve-ingest")
+        self._lock = threading.Lock()
+        self._clients: dict[str, _Client] = {}  # those with files being read or waiting
+        self._turns: deque[str] = deque()  # clients with files waiting, in the order they get a thread
+        self._reading = 0
+
+    @property
+    def reading(self) -> int:
+        return self._reading
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(client.waiting) for client in self._clients.values())
+
+    async def run(self, client: str, work: Callable[[], T]) -> T:
+        """``work()`` on a reading thread, once ``client``'s turn comes."""
+        end = await self._take(client)
+        future = self._pool.submit(work)
+        # (given back when the work ends, not when its caller stops waiting: a parse runs on after a cancel)
+        future.add_done_callback(lambda _: self._give_back(client, end))
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _take(self, name: str) -> float:
+        """Wait for a thread for one of ``name``'s files; when the file's budget runs out."""
+        limits = self.limits
+        with self._lock:
+            client = self._clients.setdefault(name, _Client())
+            if self._reading < limits.threads and len(client.ends) < limits.per_client:
+                return self._start(client)
+            if len(client.waiting) >= limits.waiting:
+                retry = self._retry_after(client)
+                raise TooManyUploadsError(
+                    f"this client has {len(client.ends)} files being read and {len(client.waiting)} waiting, the "
+                    f"most this server takes from one client at once: retry in {retry} s", retry)
+            loop = asyncio.get_running_loop()
+            waiter = _Waiter(loop, loop.create_future())
+            client.waiting.append(waiter)
+            if name not in self._turns:
+                self._turns.append(name)
+        try:
+            await asyncio.wait([waiter.woken], timeout=limits.budget + REAP_S)
+        except asyncio.CancelledError:  # the request went away
+            with self._lock:
+                if waiter.end is None:
+                    self._leave(name, waiter)
+                else:  # given a thread meanwhile
+                    self._end(name, waiter.end)
+            raise
+        with self._lock:
+            if waiter.end is not None:
+                return waiter.end
+            self._leave(name, waiter)
+            own, retry = len(client.ends) >= limits.per_client, self._retry_after(client)
+        held = (f"this client's other files held its {limits.per_client} of them" if own
+                else "other clients' files held them all")
+        error = TooManyUploadsError if own else ReadersBusyError
+        raise error(f"no thread of the {limits.threads} reading files came free for this upload in "
+                    f"{limits.budget + REAP_S:g} s, its budget (--ingest-timeout) and {REAP_S:g}: {held}; retry in "
+                    f"{retry} s", retry)
+
+    def _start(self, client: _Client) -> float:
+        end = time.monotonic() + self.limits.budget
+        client.ends.append(end)
+        self._reading += 1
+        return end
+
+    def _give_back(self, name: str, end: float) -> None:
+        with self._lock:
+            self._end(name, end)
+
+    def _end(self, name: str, end: float) -> None:
+        """A file of ``name``'s is no longer read: its thread goes to the next line whose turn it is."""
+        self._clients[name].ends.remove(end)
+        self._reading -= 1
+        self._forget(name)
+        while self._reading < self.limits.threads:
+            turn = next((n for n in self._turns if len(self._clients[n].ends) < self.limits.per_client), None)
+            if turn is None:
+                return
+            self._turns.remove(turn)
+            client = self._clients[turn]
+            waiter = client.waiting.popleft()
+            if client.waiting:
+                self._turns.append(turn)  # its next file after the other lines' turns
+            waiter.end = self._start(client)
+            try:
+                waiter.loop.call_soon_threadsafe(_wake, waiter.woken)
+            except RuntimeError:  # its event loop is closed: nobody waits there any more
+                client.ends.remove(waiter.end)
+                self._reading -= 1
+                self._forget(turn)
+
+    def _leave(self, name: str, waiter: _Waiter) -> None:
+        """A file leaves ``name``'s line without a thread."""
+        client = self._clients[name]
+        client.waiting.remove(waiter)
+        if not client.waiting:
+            self._turns.remove(name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        client = self._clients[name]
+        if not client.ends and not client.waiting:
+            del self._clients[name]
+
+    def _retry_after(self, client: _Client | None) -> int:
+        """Seconds until the first of ``client``'s files being read (else of anyone's) has run out of budget."""
+        ends = (client and client.ends) or [e for c in self._clients.values() for e in c.ends]
+        return max(1, math.ceil(min(ends, default=0.0) - time.monotonic()))
+
+
+def _wake(woken: asyncio.Future) -> None:
+    if not woken.done():
+        woken.set_result(None)

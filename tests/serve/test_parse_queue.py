@@ -1,0 +1,143 @@
+"""The threads reading uploaded files: each client's share, the lines' turns, the refusals and what they say."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Callable
+
+import pytest
+
+from glyphserve.serve.errors import ReadersBusyError, TooManyUploadsError
+from glyphserve.serve.parse_queue import REAP_S, ParseLimits, ParseQueue
+
+
+class Files:
+    """Files whose reading ends when the test says; ``started`` lists them in the order their reading began."""
+
+    def __init__(self, queue: ParseQueue):
+        self.queue = queue
+        self.started: list[str] = []
+        self.gates: dict[str, threading.Event] = {}
+
+    def send(self, client: str, name: str) -> asyncio.Task:
+        gate = self.gates[name] = threading.Event()
+
+        def read() -> str:
+            self.started.append(name)
+            assert gate.wait(30)
+            return name
+
+        return asyncio.ensure_future(self.queue.run(client, read))
+
+    async def end(self, name: str, task: asyncio.Task | None = None) -> None:
+        self.gates[name].set()
+        if task is not None:
+            assert await task == name
+
+
+async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    """Until what the reading threads and the loop do in turn has come about."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+
+
+def run(test, limits: ParseLimits = ParseLimits(budget=30)) -> None:
+    async def main():
+        queue = ParseQueue(limits)
+        files = Files(queue)
+        try:
+            await test(queue, files)
+        finally:
+            for gate in files.gates.values():
+                gate.set()
+            queue.close()
+
+    asyncio.run(main())
+
+
+def test_a_clients_files_past_its_share_wait_while_another_clients_are_read_at_once():
+    async def test(queue: ParseQueue, files: Files):
+        slow = [files.send("a", f"a{i}") for i in range(4)]
+        await until(lambda: sorted(files.started) == ["a0", "a1"])
+        assert (queue.reading, queue.waiting) == (2, 2)
+        await files.end("b0", files.send("b", "b0"))  # read while a's files still hold their threads and line
+        assert (queue.reading, queue.waiting) == (2, 2) and len(files.started) == 3
+        await files.end("a0", slow[0])
+        await until(lambda: files.started[-1] == "a2")
+        assert (queue.reading, queue.waiting) == (2, 1)
+        for i in range(1, 4):
+            await files.end(f"a{i}")
+        await asyncio.gather(*slow)
+        assert (queue.reading, queue.waiting) == (0, 0)
+
+    run(test)
+
+
+def test_the_lines_take_turns_at_a_thread_that_frees_up():
+    async def test(_, files: Files):
+        tasks = [files.send(client, name) for client, name in
+                 (("a", "a0"), ("a", "a1"), ("a", "a2"), ("b", "b0"), ("c", "c0"), ("b", "b1"))]
+        order = ["a0", "a1", "b0", "c0", "a2", "b1"]  # a's line first in turn, then b's, c's, a's again
+        for i, name in enumerate(order):
+            await until(lambda: len(files.started) > i)
+            assert files.started == order[:i + 1]
+            await files.end(name)
+        await asyncio.gather(*tasks)
+
+    run(test, ParseLimits(budget=30, threads=1, per_client=1))
+
+
+def test_a_client_past_its_line_is_refused_at_once_saying_when_to_retry():
+    async def test(queue: ParseQueue, files: Files):
+        tasks = [files.send("a", f"a{i}") for i in range(2 + queue.limits.waiting)]
+        await until(lambda: (queue.reading, queue.waiting) == (2, 16))
+        with pytest.raises(TooManyUploadsError) as refused:
+            await files.send("a", "one too many")
+        assert refused.value.http_status == 429 and refused.value.code == "too_many_uploads"
+        assert 29 <= refused.value.retry_after <= 30  # when the first of its files runs out of budget
+        assert "2 files being read and 16 waiting" in refused.value.message
+        await files.end("b", files.send("b", "b"))  # another client's is read
+        for i in range(2 + queue.limits.waiting):
+            await files.end(f"a{i}")
+        await asyncio.gather(*tasks)
+
+    run(test)
+
+
+@pytest.mark.parametrize("held_by", ["own", "others"])
+def test_a_file_that_waits_a_whole_budget_is_refused_by_who_held_the_threads(held_by):
+    """Its client's own files held its share (429), or other clients' files held every thread (503)."""
+    async def test(queue: ParseQueue, files: Files):
+        holders = ["a"] if held_by == "own" else ["b", "c"]
+        held = [files.send(client, f"held{i}") for i, client in enumerate(holders)]
+        await until(lambda: len(files.started) == len(holders))
+        with pytest.raises((TooManyUploadsError, ReadersBusyError)) as refused:
+            await asyncio.wait_for(files.send("a", "late"), 0.2 + REAP_S + 5)
+        assert type(refused.value) is (TooManyUploadsError if held_by == "own" else ReadersBusyError)
+        assert refused.value.http_status == (429 if held_by == "own" else 503)
+        assert refused.value.retry_after == 1 and "late" not in files.started and queue.waiting == 0
+        for i, task in enumerate(held):
+            await files.end(f"held{i}", task)
+
+    run(test, ParseLimits(budget=0.2, threads=2, per_client=1))
+
+
+def test_a_file_given_up_leaves_its_line_and_one_being_read_keeps_its_thread_until_read():
+    async def test(queue: ParseQueue, files: Files):
+        reading = [files.send("a", f"a{i}") for i in range(2)]
+        waiting = files.send("a", "a2")
+        await until(lambda: len(files.started) == 2)
+        waiting.cancel()
+        reading[0].cancel()  # its client went away: the parse runs on, holding its thread
+        await until(lambda: waiting.done() and reading[0].done())
+        assert (queue.reading, queue.waiting) == (2, 0)
+        await files.end("a0")
+        await until(lambda: queue.reading == 1)
+        await files.end("a1", reading[1])
+        assert queue.reading == 0 and sorted(files.started) == ["a0", "a1"]
+
+    run(test)
