@@ -26,6 +26,7 @@ from glyphserve.engine.types import (MAX_LOGPROBS, MAX_SEED, PENALTY_RANGE, REPE
                                      GenerationSettings)
 from glyphserve.errors import ConfigError, ContextOverflowError, GlyphserveError
 from glyphserve.glm4v import PAGE_MARKER_TOKENS
+from glyphserve.retrieve.selection import shown_number
 
 
 POSITION_HEADS = 64  # document prefixes whose positions are kept
@@ -210,6 +211,9 @@ class Planner:
         if max_tokens is None:
             head = (f"the prompt needs {len(prompt.ids)} tokens ({pages}) and the answer at least one, but the "
                     f"context holds {self.max_context}")
+        elif max_tokens >= self.max_context:
+            head = (f"the prompt needs {len(prompt.ids)} tokens ({pages}) plus max_tokens {shown_number(max_tokens)}, "
+                    f"which alone is at least the whole context ({self.max_context})")
         else:
             head = (f"the prompt needs {len(prompt.ids)} tokens ({pages}) plus max_tokens {max_tokens} "
                     f"= {len(prompt.ids) + max_tokens}, but the context holds {self.max_context}")

@@ -23,8 +23,8 @@ class Status(enum.Enum):
 
 
 def page_identity_base(page_key: str) -> int:
-    """A 62-bit value standing for a page in block hashes; its vision tokens get base + offset. Bit 62 is set,
-    so it never equals a token id."""
+    """A value in [2**62, 2**63) standing for a page in block hashes (62 bits of its key's digest, and bit 62
+    set so that it never equals a token id); its vision tokens get base + offset."""
     digest = hashlib.blake2b(page_key.encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "little") & ((1 << 62) - 1)) | (1 << 62)
 

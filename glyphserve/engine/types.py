@@ -91,6 +91,7 @@ class EngineConfig:
 REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 # vLLM's ranges, checked at every boundary a request comes through (the API's parameters, ask's flags).
 MAX_TEMPERATURE = 2.0
+DEFAULT_MAX_CONTEXT = 32768  # a context unset: the model's positions, at most this many
 MAX_SEED = 2**64 - 1
 PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty, frequency_penalty
 MAX_LOGPROBS = 20

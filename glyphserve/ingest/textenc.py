@@ -39,6 +39,12 @@ _SCAN_BYTES = 64 * 1024
 _MAX_RUNS = 3000  # runs of non-ASCII characters scored per candidate
 _MIN_SCORE = 0.35
 _PLAUSIBILITY_MARGIN = 0.1
+# A BOM-less UTF-16 guess on weak evidence (fewer than this share of its high bytes zero: ASCII-heavy UTF-16 has
+# ~0.9) must read as writing: ASCII with a NUL after every 5th letter ("hello\0world\0"..., 0.33 zero) decoded to
+# rare CJK characters (plausibility 0.25; writing ~1; a text of emoji or maths symbols scores low too, hence the
+# strong evidence passing alone).
+_STRONG_UTF16_ZEROS = 0.8
+_MIN_UTF16_PLAUSIBILITY = 0.6
 _MAX_CONTROL_RATIO = 0.02
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f-\x9f]")  # \t \n \v \f \r ESC allowed
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]{1,32}")
@@ -93,9 +99,13 @@ def _decode_bomless_utf16(data: bytes) -> DecodedText | None:
     else:
         return None
     try:
-        return DecodedText(data[: len(data) & ~1].decode(codec), codec)
+        text = data[: len(data) & ~1].decode(codec)
     except UnicodeDecodeError:
         return None
+    weak = max(zeros_odd, zeros_even) < _STRONG_UTF16_ZEROS
+    if weak and plausibility(text[:_SCAN_BYTES]) < _MIN_UTF16_PLAUSIBILITY:
+        return None
+    return DecodedText(text, codec)
 
 
 def _decode_utf8(data: bytes) -> DecodedText | None:

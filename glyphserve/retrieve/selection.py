@@ -92,6 +92,13 @@ class DocumentPages:
         return self._index
 
 
+def shown_number(n: int) -> str:
+    """``n`` for a message: a number of more than 12 digits by its length (a max_tokens of 4,000 digits came back
+    whole in an 8 KB error)."""
+    text = str(n)
+    return text if len(text) <= 12 else f"(a number of {len(text):,} digits)"
+
+
 @dataclass(frozen=True)
 class PromptBudget:
     """The tokens a question leaves for pages: the prompt may take ``context - max_tokens`` (the answer's room).
@@ -108,7 +115,7 @@ class PromptBudget:
         """The answer's room, as the request set it or not."""
         if self.max_tokens_unset:
             return f"{self.max_tokens} kept for the answer (max_tokens unset)"
-        return f"up to {self.max_tokens} for the answer"
+        return f"up to {shown_number(self.max_tokens)} for the answer"
 
     @property
     def limit(self) -> int:

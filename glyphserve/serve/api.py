@@ -241,7 +241,8 @@ def build_router(service: GlyphService) -> APIRouter:
         return out
 
     def reply_body(reply: Reply) -> dict:
-        """The answer under the engine's names (``Answer``, ``StageTimings``, ``CacheReport``)."""
+        """The answer (its text as ``answer``) with the engine's timings and cache report under their own names
+        (``StageTimings``, ``CacheReport``)."""
         answer = reply.answer
         return {
             "answer": answer.text, "thinking": answer.thinking, "finish_reason": answer.finish_reason,
@@ -294,6 +295,9 @@ def build_router(service: GlyphService) -> APIRouter:
     async def create_document(request: Request):
         if _media_type(request) == "multipart/form-data":
             upload = await read_upload(request)
+            if "text" in upload.fields:  # (it was dropped for the file's)
+                raise InvalidRequestError("a multipart upload carries its document as the file alone: send pasted "
+                                          "text as JSON {\"text\": ...}", param="text")
             fields = {k: v for k, v in upload.fields.items() if v != ""}
             try:
                 options = DocumentText.model_validate({**fields, "text": ""})

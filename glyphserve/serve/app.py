@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -16,13 +17,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from glyphserve import __version__
 from glyphserve.errors import (ConfigError, FileTooLargeError, GlyphserveError, InternalError, NotFoundError,
                                QueueFullError)
-from glyphserve.serve.api import build_router, invalid_request
+from glyphserve.serve.api import build_router, client_gone, invalid_request
 from glyphserve.serve.config import ServeConfig
-from glyphserve.serve.errors import MethodNotAllowedError, RequestTooLargeError, UnauthorizedError
+from glyphserve.serve.errors import (BodiesFullError, BodyTimeoutError, MethodNotAllowedError, RequestTooLargeError,
+                                     UnauthorizedError)
+from glyphserve.serve.head_timeout import MAX_HEAD_BYTES, with_head_timeout
 from glyphserve.serve.origin import OriginGuard, OriginPolicy, is_api_path, route_path
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import prepare_data_dir
@@ -41,22 +45,51 @@ SHUTDOWN_SEND_S = 2.0
 _BODY_SLACK = 64 * 1024
 # Past this, an oversized body is not drained before answering 413; the connection is closed.
 _DRAIN_LIMIT = 256 * 2**20
+BUSY_RETRY_AFTER_S = 5  # a request refused while the bodies in flight fill their budget (503 server_busy)
+# A body must come at least this fast on average once --body-timeout has passed: one that trickled a byte every
+# few seconds kept its share of the bodies' budget for good (a few such clients refused every other body).
+MIN_BODY_BYTES_PER_S = 16 * 1024
+
+
+class _Body:
+    """What a request's body has brought so far, and what of the bodies' budget it holds."""
+
+    def __init__(self):
+        self.seen = 0  # bytes
+        self.held = 0  # bytes of the budget: its announced length at once, more if more came
+        self.started: float | None = None  # its first read
+        self.done = False  # the last chunk came (or the client left)
+
+    def deadline(self, timeout: float) -> float:
+        """When its next bytes must have come: ``timeout`` after its first read, later as fast as they came."""
+        return self.started + max(timeout, self.seen / MIN_BODY_BYTES_PER_S)
 
 
 class ServiceMiddleware:
-    """Pure ASGI (so streaming and disconnects pass through untouched): bearer auth and body
-    limits on API routes, and request/error/latency metrics by route template."""
+    """Pure ASGI (so streaming and disconnects pass through untouched): bearer auth, the size of one request's body
+    (``--max-upload-mb``) and request/error/latency metrics by route template on API routes; on every route, the
+    time a body may take and the bytes the bodies in flight may hold.
+
+    A body gets ``--body-timeout`` for its next bytes, and past that must average ``MIN_BODY_BYTES_PER_S`` (20
+    clients that stopped 44 MiB into an upload held 880 MiB for as long as they kept their connections); the
+    bodies of all requests in flight hold at most ``--max-bodies-mb`` together, an announced length taken from it
+    at once: a request that does not fit beside the others is refused with 503 ``server_busy``."""
 
     def __init__(self, app, service: GlyphService):
         self.app = app
         self.service = service
         self.limit = service.config.max_upload_bytes + _BODY_SLACK
+        self.body_timeout = service.config.body_timeout
+        self.bodies_limit = max(service.config.max_bodies_bytes, self.limit)  # one largest request fits alone
+        self.bodies = 0  # body bytes of the requests in flight (touched on the event loop alone)
         key = service.config.api_key
         self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not (is_api_path(path := route_path(scope)) or path == "/health"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if not (is_api_path(path := route_path(scope)) or path == "/health"):  # the web UI's routes
+            return await self._with_body(scope, receive, send, None, sized=False)
         started = time.perf_counter()
         status = {"code": 500}
 
@@ -66,12 +99,7 @@ class ServiceMiddleware:
             await send(message)
 
         try:
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                await self._drain(receive)
-                await _send_error(send_tracked, refusal, scope)
-                return
-            await self.app(scope, self._limited(receive, scope), send_tracked)
+            await self._with_body(scope, receive, send_tracked, self._refusal(scope), sized=True)
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
@@ -81,6 +109,20 @@ class ServiceMiddleware:
             if status["code"] >= 400:
                 code = scope.get("state", {}).get("error_code", "http_error")
                 metrics.errors.labels(label, str(status["code"]), code).inc()
+
+    async def _with_body(self, scope, receive, send, refusal: GlyphserveError | None, sized: bool) -> None:
+        """The request under its body's limits: refused (its body drained) or passed on; its share of the bodies'
+        budget given back when it ends."""
+        body = _Body()
+        try:
+            refusal = refusal or self._admit(scope, body)
+            if refusal is not None:
+                await self._drain(scope, receive, body)
+                await _send_error(send, refusal, scope)
+                return
+            await self.app(scope, self._limited(receive, scope, body, sized=sized), send)
+        finally:
+            self.bodies -= body.held
 
     def _refusal(self, scope) -> GlyphserveError | None:
         headers = dict(scope["headers"])
@@ -92,6 +134,22 @@ class ServiceMiddleware:
             return self._too_large(scope)
         return None
 
+    def _admit(self, scope, body: _Body) -> BodiesFullError | None:
+        """Take the body's announced length from the bodies' budget, or refuse it (never the only body)."""
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if not length.isdigit():
+            return None
+        if self.bodies and self.bodies + int(length) > self.bodies_limit:
+            return self._busy()
+        body.held = int(length)
+        self.bodies += body.held
+        return None
+
+    def _busy(self) -> BodiesFullError:
+        return BodiesFullError(f"the requests in flight hold {self.bodies / 2**20:.0f} MiB of bodies, this server's "
+                               f"{self.bodies_limit / 2**20:g} MiB for them (--max-bodies-mb): retry in a few "
+                               "seconds")
+
     def _too_large(self, scope) -> GlyphserveError:
         limit = self.service.config.max_upload_mb
         if route_path(scope).rstrip("/") == "/v1/documents":
@@ -99,31 +157,54 @@ class ServiceMiddleware:
         return RequestTooLargeError(f"the request body is larger than this server's {limit:g} MiB limit for a "
                                     "request (--max-upload-mb)")
 
-    def _limited(self, receive, scope):
-        """Counts body bytes of chunked requests that announced no length."""
-        seen = 0
+    def _limited(self, receive, scope, body: _Body, sized: bool):
+        """``receive``, the body's bytes counted against the limits (one request's where ``sized``; a chunked body
+        announces no length) and awaited within the body's deadline."""
 
         async def wrapped():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise self._too_large(scope)
+            if body.done:  # (a route waiting for the client to leave)
+                return await receive()
+            message = await self._next(receive, body)
+            if message is None:
+                raise BodyTimeoutError(f"the request body stopped arriving for {self.body_timeout:g} s, or came "
+                                       f"slower than {MIN_BODY_BYTES_PER_S // 1024} KiB/s (--body-timeout)")
+            if body.done:
+                return message
+            if sized and body.seen > self.limit:
+                raise self._too_large(scope)
+            if body.seen > body.held:  # more than announced, or none was
+                self.bodies += body.seen - body.held
+                body.held = body.seen
+                if self.bodies > self.bodies_limit and self.bodies > body.held:
+                    raise self._busy()
             return message
 
         return wrapped
 
-    @staticmethod
-    async def _drain(receive) -> None:
-        """Read (and drop) the request body, so the client sees the answer instead of a reset."""
-        total = 0
-        while total <= _DRAIN_LIMIT:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            total += len(message.get("body", b""))
-            if not message.get("more_body", False):
+    async def _next(self, receive, body: _Body) -> dict | None:
+        """The body's next message, counted; None when its deadline passes first."""
+        now = time.monotonic()
+        if body.started is None:
+            body.started = now
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, body.deadline(self.body_timeout) - now))
+        except TimeoutError:
+            return None
+        if message["type"] != "http.request":
+            body.done = True
+            return message
+        body.seen += len(message.get("body", b""))
+        body.done = not message.get("more_body", False)
+        return message
+
+    async def _drain(self, scope, receive, body: _Body) -> None:
+        """Read (and drop) the request body within its deadline, so the client sees the answer instead of a reset;
+        not one a client waits to be asked for (``Expect: 100-continue``: it sends none unless read)."""
+        if dict(scope["headers"]).get(b"expect", b"").lower() == b"100-continue":
+            return
+        while body.seen <= _DRAIN_LIMIT:
+            message = await self._next(receive, body)
+            if message is None or body.done:
                 return
 
 
@@ -133,6 +214,8 @@ async def _send_error(send, error: GlyphserveError, scope) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if isinstance(error, UnauthorizedError):
         headers.append((b"www-authenticate", b"Bearer"))
+    if isinstance(error, BodiesFullError):
+        headers.append((b"retry-after", str(BUSY_RETRY_AFTER_S).encode()))
     await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -145,6 +228,8 @@ def error_response(request: Request, error: GlyphserveError, service: GlyphServi
         headers["Retry-After"] = str(service.scheduler.retry_after())
     if isinstance(error, MethodNotAllowedError):
         headers["Allow"] = ", ".join(error.allow)
+    if isinstance(error, BodiesFullError):
+        headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
     return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
 
 
@@ -194,6 +279,13 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: 
         error = GlyphserveError(str(exc.detail))
         error.http_status, error.code = exc.status_code, "http_error"
         return error_response(request, error, service)
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(request: Request, exc: ClientDisconnect):
+        # The client left while its body was read: nothing to answer, and no fault of the server's (it was logged
+        # as an unhandled error twice over, with its traceback, and counted as a 500).
+        request.state.error_code = "client_disconnected"
+        return client_gone()
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
@@ -311,6 +403,8 @@ def run(config: ServeConfig) -> int:
 
         # The extra seconds are for the cut-off answers' last events to go out.
         server = Server(uvicorn.Config(app, log_level="info", log_config=log_config(),
+                                       http=with_head_timeout(config.header_timeout),
+                                       h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                                        timeout_graceful_shutdown=grace + SHUTDOWN_SEND_S))
         server.run(sockets=[sock])
     finally:

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from glyphserve.engine.types import MAX_SEED, MAX_TEMPERATURE
+from glyphserve.engine.types import DEFAULT_MAX_CONTEXT, MAX_SEED, MAX_TEMPERATURE
 from glyphserve.errors import ConfigError, GlyphserveError
 from glyphserve.render.commands import NEWLINE_CHOICES, PRESET_CHOICES
 
@@ -34,7 +34,8 @@ def register(subparsers) -> None:
                         help="ask a running OpenAI-compatible server (e.g. http://127.0.0.1:7860/v1)")
     ask.add_argument("--remote-model", "--served-model-name", dest="remote_model", metavar="NAME",
                      help="with --endpoint: the model name to send (default: the server's first in /v1/models)")
-    ask.add_argument("--api-key", help="with --endpoint: its bearer token")
+    ask.add_argument("--remote-api-key", "--api-key", dest="api_key", metavar="KEY",
+                     help="with --endpoint: its bearer token (serve's --remote-api-key)")
     ask.add_argument("--max-new-tokens", type=int, default=512)
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ask.add_argument("--top-p", type=float, default=1.0)
@@ -45,7 +46,8 @@ def register(subparsers) -> None:
                      help="when the pages do not fit the context: show those whose text best matches the question "
                           "and the conversation, with their neighbours (retrieve, default), the first pages (first), "
                           "or refuse (all)")
-    ask.add_argument("--max-context", type=int, default=None, help="tokens of context (default: the model's, <= 32768)")
+    ask.add_argument("--max-model-len", "--max-context", dest="max_context", type=int, default=None, metavar="N",
+                     help=f"tokens of context, as serve's (default: the model's, <= {DEFAULT_MAX_CONTEXT})")
     ask.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     ask.add_argument("--quantize", choices=["fp8"], default=None, help="the language model's weights in e4m3")
     ask.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -64,8 +66,8 @@ def register(subparsers) -> None:
 _CLI_WORDS = (("(truncate_pages)", "(--page-selection first)"),
               ("(page_selection retrieve)", "(--page-selection retrieve)"),
               ("plus max_tokens", "plus --max-new-tokens"), ("lower max_tokens", "lower --max-new-tokens"),
-              ("max_context (--max-model-len)", "--max-context"),
-              ("(max_context, --max-model-len)", "(--max-context)"))
+              ("max_context (--max-model-len)", "--max-model-len"),
+              ("(max_context, --max-model-len)", "(--max-model-len)"))
 
 
 def _ask_in_cli_words(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from glyphserve.engine.types import DEFAULT_MAX_CONTEXT
 from glyphserve.errors import ConfigError, MissingExtraError
 from glyphserve.serve import ask
 
@@ -31,8 +32,9 @@ def register(subparsers) -> None:
                        help="the model name(s) the API answers to and names in replies (default: the last part of "
                             "the model id, e.g. Glyph for zai-org/Glyph; the official Glyph scripts send 'glyph')")
     serve.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
-                       help="context length: prompt + answer tokens (default: the model's, at most 32768; with "
-                            "--endpoint: what pages are chosen for, default the least the servers report)")
+                       help="context length: prompt + answer tokens (default: the model's, at most "
+                            f"{DEFAULT_MAX_CONTEXT}; with --endpoint: what pages are chosen for, default the least "
+                            "the servers report)")
     serve.add_argument("--page-selection", choices=("retrieve", "first", "all"), default="retrieve",
                        help="when a document's pages do not fit the context: show the pages that best match the "
                             "question and conversation (retrieve, default), the first pages (first), or refuse "
@@ -53,7 +55,8 @@ def register(subparsers) -> None:
                        help="address to bind (default 127.0.0.1; any other address requires --api-key)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--data-dir", type=Path, default=None,
-                       help="documents, pages and the SQLite index (default ~/.local/share/glyphserve, or ./data)")
+                       help="documents, pages and the SQLite index (default $XDG_DATA_HOME/glyphserve, else "
+                            "~/.local/share/glyphserve, or ./data where that cannot be written)")
     serve.add_argument("--api-key", default=os.environ.get("GLYPHSERVE_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on the API and this password in the UI "
                             "(default: $GLYPHSERVE_API_KEY)")
@@ -82,6 +85,15 @@ def register(subparsers) -> None:
                         help="most megapixels in one image, read from its header before decoding (default 25)")
     limits.add_argument("--max-image-mb", type=float, default=256,
                         help="most MiB of pixels the images of one chat request decode to (default 256)")
+    limits.add_argument("--header-timeout", type=float, default=10, metavar="SECONDS",
+                        help="a connection whose request head has not arrived whole this long after it opened (or "
+                             "after its last answer) is closed (default 10)")
+    limits.add_argument("--body-timeout", type=float, default=30, metavar="SECONDS",
+                        help="a request body that goes this long without bytes, or past it averages under 16 KiB/s, is "
+                             "answered 408 (default 30)")
+    limits.add_argument("--max-bodies-mb", type=float, default=None, metavar="MB",
+                        help="MiB the bodies of all requests in flight may hold together, at least one largest "
+                             "upload; past it, 503 server_busy (default: 16 times --max-upload-mb)")
     serve.add_argument("--queue-size", type=int, default=64,
                        help="requests allowed to wait for the model; past it, 429 (default 64)")
     serve.add_argument("--request-timeout", type=float, default=300,
@@ -205,6 +217,7 @@ def serve_config(args: argparse.Namespace):
         max_docx_paragraphs=args.max_docx_paragraphs, max_unpacked_mb=args.max_unpacked_mb,
         max_parser_memory_mb=args.max_parser_memory_mb, ingest_timeout=args.ingest_timeout,
         max_images=args.max_images, max_image_mpx=args.max_image_mpx, max_image_mb=args.max_image_mb,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_bodies_mb=args.max_bodies_mb,
         allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins, queue_size=args.queue_size,
         max_num_seqs=args.max_num_seqs, step_trace=args.step_trace, request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,

@@ -71,6 +71,11 @@ class ServeConfig:
     max_images: int = 256
     max_image_mpx: float = 25.0
     max_image_mb: float = 256.0
+    # What clients may hold on the server before their requests begin (glyphserve.serve.app): seconds a request's
+    # head, or its body, may go without bytes; MiB the bodies of all requests in flight hold (None: 16 uploads').
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_bodies_mb: float | None = None
     # Same-origin protection (glyphserve.serve.origin): Host names served, web origins let in ("*": any).
     allowed_hosts: list[str] = field(default_factory=list)  # empty: loopback names, and --host if specific
     allowed_origins: list[str] = field(default_factory=list)  # empty: this server's own origin only
@@ -129,6 +134,13 @@ class ServeConfig:
         return int(self.max_upload_mb * 2**20)
 
     @property
+    def max_bodies_bytes(self) -> int:
+        """What the bodies of the requests in flight may hold together: at least one largest upload."""
+        if self.max_bodies_mb is None:
+            return 16 * self.max_upload_bytes
+        return max(int(self.max_bodies_mb * 2**20), self.max_upload_bytes)
+
+    @property
     def ingest_limits(self) -> IngestLimits:
         return IngestLimits(
             max_bytes=self.max_upload_bytes, max_pdf_pages=self.max_pdf_pages, max_scan_pages=self.max_scan_pages,
@@ -167,6 +179,9 @@ class ServeConfig:
             ("--max-images", self.max_images),
             ("--max-image-mpx", self.max_image_mpx),
             ("--max-image-mb", self.max_image_mb),
+            ("--header-timeout", self.header_timeout),
+            ("--body-timeout", self.body_timeout),
+            ("--max-bodies-mb", 1 if self.max_bodies_mb is None else self.max_bodies_mb),
             ("--queue-size", self.queue_size),
             ("--max-num-seqs", self.max_num_seqs),
             ("--max-model-len", 1 if self.max_model_len is None else self.max_model_len),

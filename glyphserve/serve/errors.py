@@ -75,6 +75,20 @@ class RequestTimeoutError(GlyphserveError):
     code = "timeout"
 
 
+class BodyTimeoutError(GlyphserveError):
+    """A request body that stopped arriving (a client stalled mid-upload holds its bytes on the server)."""
+
+    http_status = 408
+    code = "request_timeout"
+
+
+class BodiesFullError(GlyphserveError):
+    """The bodies of the requests in flight already hold what the server keeps for them (``--max-bodies-mb``)."""
+
+    http_status = 503
+    code = "server_busy"
+
+
 class RequestTooLargeError(GlyphserveError):
     """A request body (not an upload) past the server's limit."""
 

@@ -54,9 +54,13 @@ class RenderOptions:
         return self
 
 
-# Uploads read at once: each thread waits on a parser process (PDF, DOCX) or decodes text, so a few slow files
-# never hold up a pasted text, and rendering has threads of its own.
+# Files read at once: each thread waits on a parser process (PDF, DOCX) or decodes a text file. Pasted text is read
+# by threads of its own (4 PDFs that took the whole --ingest-timeout held a pasted text back 58 s), rendering has its
+# own, and so does the choice of a question's pages (two uploads rendering held every question back 22 s).
 INGEST_THREADS = 4
+TEXT_THREADS = 2
+RENDER_THREADS = 2
+PAGE_THREADS = 4
 log = logging.getLogger("glyphserve.serve")
 
 MAX_ORIGINAL_NAME = 4096  # characters of a raw upload name kept as metadata
@@ -97,10 +101,12 @@ class GlyphService:
             self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_num_seqs,
                                        timeout=config.request_timeout, hooks=hooks)
         self._ingest_pool = ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="glyphserve-ingest")
+        self._text_pool = ThreadPoolExecutor(max_workers=TEXT_THREADS, thread_name_prefix="glyphserve-text")
         self.metrics.watch(running=lambda: self.scheduler.running, waiting=lambda: self.scheduler.depth)
         if isinstance(self.backend, EngineBackend) and not self.remote and make_scheduler is None:
             self.metrics.watch_engine(engine.counters)
-        self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glyphserve-render")
+        self._render_pool = ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="glyphserve-render")
+        self._page_pool = ThreadPoolExecutor(max_workers=PAGE_THREADS, thread_name_prefix="glyphserve-pages")
         # Ready at upload: documents being warmed (their task) and warmed ones (see ``warmth``).
         self._warming: dict[str, asyncio.Task] = {}
         # Uploads being rendered and stored, by content key: the same content sent again meanwhile waits for that
@@ -173,8 +179,8 @@ class GlyphService:
         self.scheduler.close()
         if self.remote:
             self.engine.close()
-        self._ingest_pool.shutdown(wait=False, cancel_futures=True)
-        self._render_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._ingest_pool, self._text_pool, self._render_pool, self._page_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         shutdown_parsers()
         shutdown_pool()
         self.store.close()
@@ -212,7 +218,8 @@ class GlyphService:
             return document, config, content_hash(source, config), sent_settings_hash(source, options)
 
         loop = asyncio.get_running_loop()
-        document, config, digest, sent_digest = await loop.run_in_executor(self._ingest_pool, read)
+        pool = self._ingest_pool if data is not None else self._text_pool
+        document, config, digest, sent_digest = await loop.run_in_executor(pool, read)
         while True:
             existing = self.store.find(digest) or self.store.find(sent_digest)
             if existing is not None:
@@ -395,7 +402,7 @@ class GlyphService:
                 f"the documents have {pages} pages in all; this server reads at most {self.config.max_pages} "
                 "per question (--max-pages): ask about fewer documents", param="documents")
         if self.has_model:
-            await asyncio.get_running_loop().run_in_executor(self._render_pool, self._choose_pages, job, records)
+            await asyncio.get_running_loop().run_in_executor(self._page_pool, self._choose_pages, job, records)
         return job
 
     def _choose_pages(self, job: ChatJob, records: list[DocumentRecord]) -> None:

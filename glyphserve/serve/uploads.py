@@ -3,7 +3,8 @@
 Starlette's form parser caps each part header at about 4 KiB, so a file with a long name gets a bare
 "Invalid multipart data"; here part headers may be longer (the name is cleaned and capped later, the
 raw one kept as metadata), and the shape is checked as it streams: one file field named ``file``,
-a few short text fields. The request body itself is bounded by the upload limit before it arrives.
+a few short text fields, each once, and the closing boundary (a body cut short is not a shorter file). The
+request body itself is bounded by the upload limit before it arrives.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from starlette.requests import Request
 from glyphserve.serve.errors import InvalidRequestError
 
 MAX_HEADER_BYTES = 64 * 1024  # one part header line (a Content-Disposition with a long file name)
-MAX_FIELDS = 8
+MAX_FIELDS = 8  # text parts, counted as they come (949,653 parts named alike once passed as one field)
 MAX_FIELD_BYTES = 64 * 1024
 
 
@@ -42,10 +43,12 @@ class _Parts:
         self._headers: dict[bytes, bytes] = {}
         self._name: str | None = None
         self._data: bytearray | None = None
+        self.ended = False  # the closing boundary came
 
     def callbacks(self) -> dict:
         return {
             "on_part_begin": self.part_begin, "on_part_data": self.part_data, "on_part_end": self.part_end,
+            "on_end": self.end,
             "on_header_field": lambda data, start, end: self._header_field.extend(data[start:end]),
             "on_header_value": lambda data, start, end: self._header_value.extend(data[start:end]),
             "on_header_end": self.header_end, "on_headers_finished": self.headers_finished,
@@ -71,6 +74,9 @@ class _Parts:
         else:
             if len(self.fields) >= MAX_FIELDS:
                 raise InvalidRequestError(f"an upload has at most {MAX_FIELDS} form fields")
+            if self._name in self.fields:
+                raise InvalidRequestError(f"form field {self._name!r} is given twice")
+            self.fields[self._name] = ""  # its place taken: the same name again is refused
             self._data = bytearray()
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
@@ -81,6 +87,9 @@ class _Parts:
     def part_end(self) -> None:
         if self._data is not self.file:
             self.fields[self._name] = _decode(bytes(self._data))
+
+    def end(self) -> None:
+        self.ended = True
 
 
 # A form's escapes in a file name: the HTML standard's '"' as %22, CR and LF as %0D and %0A, which browsers and curl
@@ -116,4 +125,6 @@ async def read_upload(request: Request) -> Upload:
         raise InvalidRequestError("the multipart upload is malformed (or a part header is over 64 KiB)") from None
     if parts.file is None:
         raise InvalidRequestError("multipart uploads carry the document in a file field named 'file'")
+    if not parts.ended:  # python-multipart's finalize does not check it
+        raise InvalidRequestError("the multipart upload is incomplete: the body ended before its closing boundary")
     return Upload(bytes(parts.file), parts.filename, parts.fields)

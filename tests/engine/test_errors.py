@@ -82,6 +82,14 @@ def test_text_alone_overflowing_says_so(load_engine):
     assert "first page" not in err.value.message
 
 
+def test_a_max_tokens_past_the_context_is_not_written_out(load_engine):
+    """A hostile-input trial: a max_tokens of 4,000 digits came back whole in the error (8 KB of message)."""
+    engine = load_engine(max_context=64)
+    with pytest.raises(ContextOverflowError, match="lower max_tokens to at most") as err:
+        engine.answer(AnswerRequest(pages=[], question="Who?", settings=GenerationSettings(max_tokens=10**4000)))
+    assert len(err.value.message) < 300
+
+
 def test_checkpoint_of_another_architecture(tmp_path):
     from glyphserve.engine import Engine, EngineConfig
 

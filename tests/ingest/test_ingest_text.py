@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glyphserve.errors import EmptyDocumentError
+from glyphserve.errors import EmptyDocumentError, UnsupportedTypeError
 from glyphserve.ingest import TextPart, ingest_bytes, ingest_text
+from glyphserve.ingest.textenc import plausibility
 
 CHINESE = "长文本被渲染成紧凑的页面图像，然后由视觉语言模型阅读。我们希望检测到正确的编码。"
 SAMPLES = [
@@ -45,11 +46,21 @@ def test_encodings_are_detected(codec, text, expected):
 
 
 @pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
-def test_bomless_utf16_is_detected_from_nul_bytes(codec):
-    text = "Plain ASCII-heavy text without a BOM.\nSecond line, ünïcode.\n"
+@pytest.mark.parametrize("text", [
+    "Plain ASCII-heavy text without a BOM.\nSecond line, ünïcode.\n",
+    "Release notes \U0001f389 \u2014 version 2.0 \u2728 fixes \U0001f41b and more.\n" * 20,  # emoji score low
+    "For all x \u2208 \u211d, x\u00b2 \u2265 0 and \u2211 \u03b5 > 0.\n" * 20,  # and so do maths symbols
+])
+def test_bomless_utf16_is_detected_from_nul_bytes(codec, text):
     document = ingest_bytes(text.encode(codec))
     assert document.text == text
     assert document.encoding == codec
+
+
+def test_ascii_with_a_nul_every_few_letters_is_not_taken_for_bomless_utf16():
+    """A hostile-input trial: "hello\\0world\\0"... has UTF-16's zero bytes, and was stored as rare CJK characters."""
+    with pytest.raises(UnsupportedTypeError):
+        ingest_bytes(b"hello\0world\0" * 1000, "nuls.txt")
 
 
 def test_long_gbk_text_is_gb18030():
@@ -116,6 +127,10 @@ def test_unicode_round_trips(text, codec):
 
 
 def _has_clear_nul_pattern(data: bytes) -> bool:
+    """ASCII-heavy (most high bytes zero), or less so but reading as writing."""
     pairs = len(data) // 2
     zeros = (data[0::2].count(0) / pairs, data[1::2].count(0) / pairs)
-    return max(zeros) > 0.3 and min(zeros) < 0.02
+    if not (max(zeros) > 0.3 and min(zeros) < 0.02):
+        return False
+    codec = "utf-16-le" if zeros[1] > zeros[0] else "utf-16-be"
+    return max(zeros) >= 0.8 or plausibility(data.decode(codec, "replace")) >= 0.6

@@ -430,3 +430,38 @@ def test_mounted_under_a_prefix_the_api_asks_for_its_key_and_keeps_its_routes(tm
             assert client.head("/glyph/health").status_code == 200
     finally:
         inner.state.service.close()
+
+
+def test_a_pasted_text_and_a_questions_pages_wait_for_no_file_being_read_or_rendered(tmp_path, tiny_model_dir):
+    """A hostile-input trial: 4 PDFs taking the whole ingest timeout held a pasted text back 58 s (one pool read
+    both), and two uploads rendering held every question back 22 s (its pages were chosen on the render threads).
+    Here every thread reading files, and every rendering thread, is held while a text is pasted and a question is
+    asked."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from glyphserve.engine import Engine, EngineConfig
+    from glyphserve.serve.app import create_app
+    from glyphserve.serve.config import ServeConfig
+    from glyphserve.serve.service import INGEST_THREADS, RENDER_THREADS
+
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    app = create_app(ServeConfig(data_dir=tmp_path / "data", ui=False), engine)
+    service = app.state.service
+    gate = threading.Event()
+    try:
+        with TestClient(app, base_url="http://127.0.0.1") as client:
+            stored = client.post("/v1/documents", json={"text": "The keeper was given a lamp."}).json()["id"]
+            held = [service._ingest_pool.submit(gate.wait) for _ in range(INGEST_THREADS)]
+            pasted = client.post("/v1/documents", json={"text": "The miller kept the lantern."})
+            assert pasted.status_code == 201
+            held += [service._render_pool.submit(gate.wait) for _ in range(RENDER_THREADS)]
+            answer = client.post(f"/v1/documents/{stored}/chat", json={"question": "What was given?",
+                                                                        "max_tokens": 4})
+            assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] > 0
+            assert not any(h.done() for h in held)  # (they were held all along)
+    finally:
+        gate.set()
+        service.close()
+        engine.close()

@@ -212,7 +212,7 @@ def test_ask_errors_name_its_own_flags(tmp_path, tiny_model_dir, capsys):
     args = ["ask", str(doc), "Who?", "--model", str(tiny_model_dir), "--device", "cpu"]
     assert main([*args, "--max-context", "0"]) == 2
     err = capsys.readouterr().err
-    assert "--max-context" in err and "max_context" not in err
+    assert "--max-model-len" in err and "max_context" not in err
     assert main([*args, "--max-context", "200", "--max-new-tokens", "190"]) == 2
     err = capsys.readouterr().err
     assert "lower --max-new-tokens to at most" in err and "max_tokens" not in err
