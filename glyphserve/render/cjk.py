@@ -83,7 +83,7 @@ def cjk_chunks(prepared: PreparedText, first: int, last: int, ctx: LayoutContext
         start, end = stripped_segment(prepared, i, first, last)
         while start < end:
             cut = end
-            room = max(1, CHUNK - len(offsets))
+            room = max(2, CHUNK - len(offsets))  # (a cut in a run of spaces keeps two of them on this side)
             if end - start > room and (m := _CUT_RE.search(text, start + room, end)):
                 cut = m.start()
             units, where = _units(nbsp_view(text[start:cut]), start)

@@ -213,6 +213,16 @@ def test_cjk_layout_in_small_windows_is_the_layout_whole(text, marker):
         assert page_lines(text, cfg) == whole
 
 
+def test_a_cjk_chunk_never_takes_one_space_of_a_run_of_spaces():
+    # "\t\t" is one unit, so the first chunk leaves room for one more character: the first space of a run of 12
+    # (all U+00A0) was cut off into a chunk of its own, where it was a lone space (U+0020)
+    from glyphserve.render import cjk
+
+    text = "中\t\t" + "中" * (cjk.CHUNK - 5) + " " * 12 + "中" * 50
+    drawn = "".join(line[0] for page in page_lines(text, ZH) for line in page)
+    assert drawn.count("\xa0") == 12 and drawn.count(" ") == 1
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=cjk_text, marker=st.booleans(), height=st.sampled_from([60.0, 120.0, 842.0]))
 def test_cjk_pages_proved_from_the_characters_are_never_more_than_the_layout_makes(text, marker, height):
