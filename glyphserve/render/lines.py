@@ -112,9 +112,6 @@ class LayoutContext:
     def string_width(self, text: str) -> float:
         return self.k * sum(map(self.widths.__getitem__, text))
 
-    def char_width(self, ch: str) -> float:
-        return self.k * self.widths[ch]
-
 
 @lru_cache(maxsize=16)
 def _word_width_cache(faces: tuple[FontFace, ...], font_size: float) -> dict[str, float]:
