@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from glyphserve.glm4v import MAX_ASPECT, vision_tokens
 from glyphserve.render.config import RenderConfig, has_cjk
 from glyphserve.render.document import ENCODER_THREADS, PageLine, RenderedDocument, RenderedPage, RenderStats
 from glyphserve.render.fonts import CharTable, FontFace, ResolvedFont, WidthMap, resolve_font
-from glyphserve.render.layout import PageLayout, paginate
+from glyphserve.render.layout import PageLayout, fills_pages, paginate
 from glyphserve.render.lines import LayoutContext
 from glyphserve.render.png import encode_png
 from glyphserve.render.raster import DrawList, GlyphAtlas, RasterContext, draw_list, page_pixels, paint
@@ -167,7 +168,7 @@ def iter_pages(text: str, config: RenderConfig, *, first_number: int = 1, offset
 
     ``offset`` is added to the char spans (for text that is part of a larger document).
     """
-    if not text.strip():
+    if not _has_text(text):
         raise EmptyDocumentError("there is no text to render")
     setup = _setup(text, config)
     prepared = prepare(text)
@@ -178,6 +179,11 @@ def iter_pages(text: str, config: RenderConfig, *, first_number: int = 1, offset
         dl = draw_list(page, rc)
         lines = _page_lines(page, dl)
         yield _page(number, paint(dl, rc, last=last), spans.next(page, last), lines, lacking)
+
+
+def _has_text(text: str) -> bool:
+    """Whether ``text`` is more than whitespace (``text.strip()`` copied 40 MB of a text ending in a space)."""
+    return bool(text) and not text.isspace()
 
 
 def _page(number: int, painted: np.ndarray | bytes, span: tuple[int, int], lines: list[PageLine],
@@ -233,7 +239,7 @@ def render_text(
 
 def _render_pages(text: str, config: RenderConfig, workers: int | None, progress, *, first_number: int,
                   offset: int, encode: bool) -> Iterator[RenderedPage]:
-    if not text.strip():
+    if not _has_text(text):
         raise EmptyDocumentError("there is no text to render")
     n_workers = _worker_count(workers, text, config)
     if n_workers > 1:
@@ -355,7 +361,7 @@ def render_document(doc: Any, config: RenderConfig, *, workers: int | None = Non
             if not first_text:
                 offset += len(PART_SEPARATOR)  # Document.text joins text parts with it
             first_text = False
-            if part.text.strip():
+            if _has_text(part.text):
                 done = len(pages)
                 part_progress = (lambda n, done=done: progress(done + n)) if progress else None
                 pages.extend(_render_pages(part.text, config, workers, part_progress, first_number=done + 1,
@@ -380,10 +386,14 @@ def count_pages(doc: Any, config: RenderConfig, stop_after: int) -> int:
     for part in doc.parts:
         if not hasattr(part, "text"):
             count += 1
-        elif part.text.strip():
+        elif _has_text(part.text):
             layout = _layout_context(part.text, config, font)
-            for _ in zip(paginate(prepare(part.text), layout), range(stop_after + 1 - count)):
-                count += 1
+            prepared = prepare(part.text)
+            if layout.cjk and fills_pages(prepared, layout, stop_after + 1 - count):
+                count = stop_after + 1
+            else:
+                for _ in zip(paginate(prepared, layout), range(stop_after + 1 - count)):
+                    count += 1
         if count > stop_after:
             break
     return count
@@ -393,11 +403,17 @@ def estimated_pages(doc: Any, config: RenderConfig) -> float:
     """A guess at the pages of ``doc`` from its source lines and the frame's size (Latin text's average width):
     each line takes its length over a full line's characters, one line at least (short lines fill pages too)."""
     per_line, lines_per_page = _frame(config)
+    width = max(1, int(per_line))
+    # lines longer than a full one, tried at line starts only (tried at every character, a line one short of it
+    # cost its length squared: 0.4 s for 8 MiB of such lines)
+    longer = re.compile(f"^[^\n]{{{width + 1},}}", re.MULTILINE)
     lines = 0
     for part in doc.parts:
         if hasattr(part, "text"):
-            lengths = np.fromiter(map(len, part.text.split("\n")), dtype=np.int64)
-            lines += int(np.maximum(1, -(-lengths // max(1, int(per_line)))).sum())
+            # one per line, and what lines longer than a full one add (not a list of every line's length:
+            # 40M empty lines took 0.6 GB)
+            lines += part.text.count("\n") + 1
+            lines += sum(-(-(m.end() - m.start()) // width) - 1 for m in longer.finditer(part.text))
     return lines / lines_per_page + sum(not hasattr(part, "text") for part in doc.parts)
 
 

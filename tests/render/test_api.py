@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -162,6 +164,47 @@ def test_pages_are_counted_from_the_layout_as_rendering_makes_them():
     assert pages >= 5 and count_pages(doc, EN, stop_after=1000) == pages
     assert [count_pages(doc, EN, stop_after=n) for n in (0, 2, pages - 1)] == [1, 3, pages]  # one past, no further
     assert 0.5 < estimated_pages(doc, EN) / pages < 2
+
+
+def test_a_document_far_over_the_page_limit_is_counted_from_its_first_pages():
+    from glyphserve.ingest import Document, TextPart
+
+    ZH = preset("glyph-zh")
+    counts = []
+    for text, config in [("A" * (40 << 20), EN), ("x" + "\n" * (40 << 20), EN), ("中文&" * (1 << 20), ZH)]:
+        doc = Document(kind="text", parts=[TextPart(text)], source_bytes=len(text))
+        tracemalloc.start()
+        try:
+            counts.append(count_pages(doc, config, 100))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB"  # (laid out whole, 40 MiB of "A" took 4.9 GB)
+        assert estimated_pages(doc, config) > 500 / 4  # (what makes a server with the default limit count them)
+    # the last: every page re-wraps what the page before it carried over (80 s to the 500th page of a 1 MB
+    # line), so its characters tell instead that it has more pages than that
+    assert counts == [101, 101, 101]
+
+
+def test_rendering_past_a_page_limit_stops_without_laying_out_the_rest():
+    from glyphserve.ingest import Document, TextPart
+
+    class Limit(Exception):
+        pass
+
+    def progress(done):
+        if done > 3:
+            raise Limit
+
+    doc = Document(kind="text", parts=[TextPart("word " * (8 << 20))], source_bytes=40 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(Limit):
+            render_document(doc, EN, workers=1, progress=progress)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB"
 
 
 def test_render_ingested_file(tmp_path):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from contextlib import contextmanager
+from itertools import islice
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -9,7 +13,7 @@ from hypothesis import strategies as st
 from glyphserve.render import MARKER_MARKUP, preset
 from glyphserve.render.config import has_cjk
 from glyphserve.render.fonts import CharTable, WidthMap, resolve_font
-from glyphserve.render.layout import break_paragraph, paginate
+from glyphserve.render.layout import break_paragraph, fills_pages, paginate
 from glyphserve.render.lines import LayoutContext
 from glyphserve.render.text import paragraph_ranges, prepare
 
@@ -24,7 +28,7 @@ def layout_context(text: str, config=EN) -> LayoutContext:
 def our_line_breaks(text: str, config=EN) -> list[list[str]]:
     ctx = layout_context(text, config)
     prepared = prepare(text)
-    return [[ln.text.rstrip(" ") for ln in break_paragraph(prepared, a, b, ctx).lines]
+    return [[ln.text.rstrip(" ") for ln in break_paragraph(prepared, a, b, ctx).lay_out()]
             for a, b in paragraph_ranges(prepared)]
 
 
@@ -95,7 +99,7 @@ def test_line_filling_properties(text):
     sw = ctx.space
     all_text = []
     for a, b in paragraph_ranges(prepared):
-        lines = break_paragraph(prepared, a, b, ctx).lines
+        lines = break_paragraph(prepared, a, b, ctx).lay_out()
         for i, line in enumerate(lines):
             all_text.append(line.text)
             # no line is wider than the frame, except by reportlab's 5% space shrinkage
@@ -144,3 +148,113 @@ def test_page_split_quirks_of_reportlab():
     second = [ln.text for _, _, ln in pages[1].lines]
     assert len(first) == 81 and first[-1] == "line 80 text"
     assert second[0] == "" and second[1] == "line 81 text"
+
+
+# ------------------------------------------------------- long paragraphs, lazily
+
+
+def page_lines(text: str, config) -> list[list[tuple]]:
+    ctx = layout_context(text, config)
+    return [[(ln.text, ln.extra, ln.max_width, ln.word_count, bool(ln.hard_break), ln.red, ln.source_end())
+             for _, _, ln in page.lines] for page in paginate(prepare(text), ctx)]
+
+
+@contextmanager
+def small_windows(plain: int = 4):
+    """Every window the layout reads a long paragraph in, a few characters or lines wide (``plain``: those of
+    ``western.plain_line``)."""
+    from glyphserve.render import cjk, layout, lines, text, western
+
+    sizes = {(cjk, "CHUNK"): 7, (cjk, "_BATCH"): 2, (layout, "PLAIN_MAX"): 0,
+             (western, "_LONG_WORD"): 5, (western, "_PLAIN_WINDOW"): plain,
+             (lines, "_STRIP_CHUNK"): 2, (text, "_REMOVED_CHUNK"): 3}
+    saved = {key: getattr(*key) for key in sizes}
+    for (module, name), size in sizes.items():
+        setattr(module, name, size)
+    try:
+        yield
+    finally:
+        for (module, name), size in saved.items():
+            setattr(module, name, size)
+
+
+SMALL_PAGE = {"page_size": (300.0, 120.0)}  # six lines: paragraphs continue page after page
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=western_text(mixed_words), marker=st.booleans(), indent=st.sampled_from([0, 12.5]),
+       soft=st.sampled_from(["", "\xad", "\u200b"]))
+def test_western_layout_in_small_windows_is_the_layout_whole(text, marker, indent, soft):
+    cfg = EN.replace(first_line_indent=indent, newline_markup=MARKER_MARKUP if marker else "<br/>", **SMALL_PAGE)
+    text = text.replace("e", "e" + soft)
+    whole = page_lines(text, cfg)
+    with small_windows():
+        assert page_lines(text, cfg) == whole
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(words=st.lists(st.one_of(ascii_word, ascii_word, long_word), min_size=1, max_size=150),
+       window=st.sampled_from([4, 37, 150]))
+def test_one_long_line_in_small_windows_is_the_line_whole(words, window):
+    cfg = EN.replace(**SMALL_PAGE)
+    text = " ".join(words)
+    whole = page_lines(text, cfg)
+    with small_windows(window):
+        assert page_lines(text, cfg) == whole
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=cjk_text, marker=st.booleans())
+def test_cjk_layout_in_small_windows_is_the_layout_whole(text, marker):
+    cfg = ZH.replace(newline_markup=MARKER_MARKUP if marker else "<br/>", **SMALL_PAGE)
+    text = "中" + text
+    whole = page_lines(text, cfg)
+    with small_windows():
+        assert page_lines(text, cfg) == whole
+
+
+def test_a_cjk_chunk_never_takes_one_space_of_a_run_of_spaces():
+    # "\t\t" is one unit, so the first chunk leaves room for one more character: the first space of a run of 12
+    # (all U+00A0) was cut off into a chunk of its own, where it was a lone space (U+0020)
+    from glyphserve.render import cjk
+
+    text = "中\t\t" + "中" * (cjk.CHUNK - 5) + " " * 12 + "中" * 50
+    drawn = "".join(line[0] for page in page_lines(text, ZH) for line in page)
+    assert drawn.count("\xa0") == 12 and drawn.count(" ") == 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=cjk_text, marker=st.booleans(), height=st.sampled_from([60.0, 120.0, 842.0]))
+def test_cjk_pages_proved_from_the_characters_are_never_more_than_the_layout_makes(text, marker, height):
+    cfg = ZH.replace(newline_markup=MARKER_MARKUP if marker else "<br/>", page_size=(300.0, height))
+    text = "中" + text
+    ctx = layout_context(text, cfg)
+    pages = sum(1 for _ in islice(paginate(prepare(text), ctx), 300))
+    assert pages == 300 or not fills_pages(prepare(text), ctx, pages + 1)
+
+
+# 40 MiB texts as a hostile upload would send them (each made when its test runs)
+HUGE = {
+    "a line without spaces": (lambda: "A" * (40 << 20), EN),
+    "a line of words": (lambda: "word " * (8 << 20), EN),
+    "empty lines": (lambda: "x" + "\n" * (40 << 20), EN),
+    "CJK without spaces": (lambda: "中" * (13 << 20), ZH),
+    "CJK with spaces": (lambda: "中文 text " * (4 << 20), ZH),
+    "CJK with entities": (lambda: "中文&" * (13 << 20), ZH),
+}
+
+
+@pytest.mark.parametrize("name", HUGE)
+def test_a_huge_text_is_laid_out_only_as_far_as_its_pages_go(name):
+    make, config = HUGE[name]
+    text = make()
+    ctx = layout_context(text, config)
+    tracemalloc.start()
+    try:
+        pages = list(islice(paginate(prepare(text), ctx), 12))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(pages) == 12 and all(len(list(page.lines)) > 5 for page in pages)
+    # a copy of a huge word at most (laid out whole, the line without spaces took 4.9 GB)
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB"
