@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import tracemalloc
 
 import numpy as np
