@@ -21,7 +21,7 @@ from itertools import chain, islice
 import numpy as np
 
 from glyphserve.render.lines import FUZZ, MARKER_TEXT, LayoutContext, Line, stripped_segment
-from glyphserve.render.text import WHITESPACE, PreparedText, nbsp_view
+from glyphserve.render.text import WHITESPACE, WHITESPACE_CLASS, PreparedText, nbsp_view
 
 # reportlab.lib.textsplit.ALL_CANNOT_START: characters kept at the end of a CJK line.
 CANNOT_START = frozenset(
@@ -34,12 +34,11 @@ CANNOT_START = frozenset(
 BREAK_CHAR = "\n"  # stands for a <br/> in a CJK run (no source newline survives in a paragraph)
 CHUNK = 4096  # units (about source characters) made and laid out at a time
 _BATCH = 64  # lines of a paragraph put through its remainder's re-wraps at a time
-_WS = re.escape(WHITESPACE)
-_WS_RUN_RE = re.compile(rf"[{_WS}]+")
+_WS_RUN_RE = re.compile(rf"[{WHITESPACE_CLASS}]+")
 _WS_CODES = np.array([ord(ch) for ch in WHITESPACE], dtype="<u4")
 # Where a chunk may end: not inside a whitespace run (it collapses to one space), unless both sides keep 2+ spaces
 # of a run of spaces (all of which become U+00A0 either way).
-_CUT_RE = re.compile(rf"(?<=[^{_WS}])|(?=[^{_WS}])|(?<=  )(?=  )")
+_CUT_RE = re.compile(rf"(?<=[^{WHITESPACE_CLASS}])|(?=[^{WHITESPACE_CLASS}])|(?<=  )(?=  )")
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from glyphserve.render.config import MARKER_MARKUP, RenderConfig
 from glyphserve.render.fonts import FontFace, WidthMap
-from glyphserve.render.text import ENTITY_PIECE_RE, ENTITY_RUN_RE, WHITESPACE, PreparedText
+from glyphserve.render.text import ENTITY_PIECE_RE, ENTITY_RUN_RE, WHITESPACE, WHITESPACE_CLASS, PreparedText
 
 FUZZ = 1e-6  # reportlab's _FUZZ
 SPACE_SHRINKAGE = 0.05  # reportlab's rl_config.spaceShrinkage
@@ -21,7 +21,7 @@ _LIMIT_TABLE = 256  # line_limits precomputes this many word counts
 _CACHED_WORD = 128  # the longest word whose width is cached (the cache outlives the layout: a 40 MiB word stayed)
 _STRIP_CHUNK = 4096  # characters read back at a time for the whitespace ending a paragraph
 # The whitespace reportlab strips from a paragraph's start; a run of 2+ spaces is &nbsp; by then, so it ends there.
-_LEADING_WS = re.compile(rf"(?:(?!  )[{re.escape(WHITESPACE)}])*")
+_LEADING_WS = re.compile(rf"(?:(?!  )[{WHITESPACE_CLASS}])*")
 _ENTITY_STARTS = ("&", "<", ">", "  ")
 
 

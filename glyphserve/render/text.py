@@ -25,10 +25,10 @@ WHITESPACE = (
     "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
     "\u2007\u2008\u2009\u200a\u200b\u2028\u2029\u202f\u205f\u3000"
 )
-_WS_CLASS = re.escape(WHITESPACE)
+WHITESPACE_CLASS = re.escape(WHITESPACE)  # inside a regular expression's [...]
 # A word: non-whitespace, or runs of 2+ spaces (which Glyph turned into &nbsp; entities). Runs, not single
 # characters, repeat in the group: one character at a time, matching a 40 MiB word took 16 s.
-WORD_RE = re.compile(rf"(?:[^{_WS_CLASS}]+| {{2,}})+")
+WORD_RE = re.compile(rf"(?:[^{WHITESPACE_CLASS}]+| {{2,}})+")
 NBSP_RUN_RE = re.compile(r" {2,}")
 # Characters that reach reportlab as XML entities, so each is a separate text fragment.
 ENTITY_RUN_RE = re.compile(r" {2,}|[&<>]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from dataclasses import asdict
@@ -304,19 +305,29 @@ def build_router(service: GlyphService) -> APIRouter:
                 options = DocumentText.model_validate({**fields, "text": ""})
             except ValidationError as exc:
                 raise invalid_request(exc) from None
-            record, duplicate = await service.add_document(
-                data=upload.data, filename=upload.filename, name=options.name or upload.filename,
+            add = functools.partial(
+                service.add_document, data=upload.data, filename=upload.filename, name=options.name or upload.filename,
                 options=RenderOptions(options.preset, options.dpi, options.newline), client=client_of(request))
         else:
             try:
                 body = DocumentText.model_validate_json(await json_body(request, ", or a file as multipart/form-data"))
             except ValidationError as exc:
                 raise invalid_request(exc) from None
-            record, duplicate = await service.add_document(
-                text=body.text, name=body.name, options=RenderOptions(body.preset, body.dpi, body.newline))
+            add = functools.partial(service.add_document, text=body.text, name=body.name,
+                                    options=RenderOptions(body.preset, body.dpi, body.newline))
+        for tries in range(3, 0, -1):
+            record, duplicate = await add()
+            try:
+                manifest = service.store.manifest(record.id)
+                break
+            except NotFoundError:
+                # Found stored, then deleted by another request before this answer (a soak's clients did): the
+                # content is stored again.
+                if not duplicate or tries == 1:
+                    raise
         # The same content with the same settings is stored once: 200 and the stored document.
         return JSONResponse({"id": record.id, "deduplicated": duplicate, "warm": service.warmth(record.id),
-                             "document": record.to_dict(), "manifest": service.store.manifest(record.id)},
+                             "document": record.to_dict(), "manifest": manifest},
                             status_code=200 if duplicate else 201)
 
     @router.get("/v1/documents")
