@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -278,7 +279,8 @@ class GlyphService:
         # layout first (a 10.9 MB text took 20 s to refuse after rendering 500 pages on a busy 2-core machine; its
         # layout counts them in well under one).
         limit = self.config.max_pages
-        if estimated_pages(document, config) > limit / 4 and count_pages(document, config, limit) > limit:
+        if estimated_pages(document, config) > limit / 4 and count_pages(
+                document, config, limit, check=functools.partial(self._in_budget, deadline)) > limit:
             raise self._too_many_pages()
         # With a model, the compression figure counts text tokens with its tokenizer, not the estimate.
         tokenizer = getattr(self.engine, "tokenizer", None)
@@ -306,13 +308,17 @@ class GlyphService:
             self.metrics.c.pages_rendered.inc()
             if done > self.config.max_pages:
                 raise self._too_many_pages()
-            if time.monotonic() > deadline:
-                raise IngestTimeoutError(
-                    f"reading and rendering the upload took longer than this server's {self.config.ingest_timeout:g} s "
-                    "budget (--ingest-timeout)"
-                )
+            self._in_budget(deadline)
 
         return count
+
+    def _in_budget(self, deadline: float) -> None:
+        """Raise ``IngestTimeoutError`` once past the upload's ``deadline``."""
+        if time.monotonic() > deadline:
+            raise IngestTimeoutError(
+                f"reading and rendering the upload took longer than this server's {self.config.ingest_timeout:g} s "
+                "budget (--ingest-timeout)"
+            )
 
     def rename_document(self, document_id: str, name: str) -> DocumentRecord:
         shown = clean_name(name)

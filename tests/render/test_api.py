@@ -163,6 +163,14 @@ def test_pages_are_counted_from_the_layout_as_rendering_makes_them():
     assert pages >= 5 and count_pages(doc, EN, stop_after=1000) == pages
     assert [count_pages(doc, EN, stop_after=n) for n in (0, 2, pages - 1)] == [1, 3, pages]  # one past, no further
     assert 0.5 < estimated_pages(doc, EN) / pages < 2
+    checked = []
+    assert count_pages(doc, EN, stop_after=2, check=lambda: checked.append(1)) == 3 and len(checked) == 3
+
+    def out_of_time():
+        raise TimeoutError("past the deadline")
+
+    with pytest.raises(TimeoutError):  # a server's deadline ends the count
+        count_pages(doc, EN, stop_after=1000, check=out_of_time)
 
 
 def test_a_document_far_over_the_page_limit_is_counted_from_its_first_pages():
