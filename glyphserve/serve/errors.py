@@ -92,9 +92,12 @@ class BodiesFullError(GlyphserveError):
 class RetryLaterError(GlyphserveError):
     """A refusal that says in how many seconds to try again (``Retry-After``)."""
 
-    def __init__(self, message: str, retry_after: int):
+    def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
+
+    def __reduce__(self):  # (pickled with its retry_after: a refusal may cross processes)
+        return type(self), (self.message, self.retry_after)
 
 
 class TooManyUploadsError(RetryLaterError):

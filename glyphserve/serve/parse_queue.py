@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import threading
 import time
@@ -49,9 +50,15 @@ class _Client:
 def client_of(request) -> str:
     """Who sent a request (Starlette's or the UI framework's), for fair shares: its address as the web server
     gives it (behind a proxy on this machine, the X-Forwarded-For address: uvicorn trusts loopback proxies,
-    ``FORWARDED_ALLOW_IPS``)."""
+    ``FORWARDED_ALLOW_IPS``), an IPv6 address by its /64 (what one host is usually given)."""
     client = getattr(request, "client", None)
-    return client.host if client else ""
+    host = client.host if client else ""
+    if ":" in host:
+        try:
+            return str(ipaddress.ip_network(f"{host}/64", strict=False))
+        except ValueError:
+            pass
+    return host
 
 
 class ParseQueue:
@@ -69,6 +76,7 @@ class ParseQueue:
         self._clients: dict[str, _Client] = {}  # those with files being read or waiting
         self._turns: deque[str] = deque()  # clients with files waiting, in the order they get a thread
         self._reading = 0
+        self._closed = False
 
     @property
     def reading(self) -> int:
@@ -82,23 +90,39 @@ class ParseQueue:
     async def run(self, client: str, work: Callable[[], T]) -> T:
         """``work()`` on a reading thread, once ``client``'s turn comes."""
         end = await self._take(client)
-        future = self._pool.submit(work)
+        try:
+            future = self._pool.submit(work)
+        except RuntimeError:  # closed meanwhile (the server stops): the thread it was given goes back
+            self._give_back(client, end)
+            raise ReadersBusyError("the server is stopping: retry in a few seconds", 5) from None
         # (given back when the work ends, not when its caller stops waiting: a parse runs on after a cancel)
         future.add_done_callback(lambda _: self._give_back(client, end))
         return await asyncio.wrap_future(future)
 
     def close(self) -> None:
+        """Stop reading: files waiting for a thread are refused (503) at once."""
+        with self._lock:
+            self._closed = True
+            waiters = [w for client in self._clients.values() for w in client.waiting]
+        for waiter in waiters:
+            try:
+                waiter.loop.call_soon_threadsafe(_wake, waiter.woken)
+            except RuntimeError:  # its event loop is closed: nobody waits there any more
+                pass
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _take(self, name: str) -> float:
         """Wait for a thread for one of ``name``'s files; when the file's budget runs out."""
         limits = self.limits
         with self._lock:
+            if self._closed:
+                raise ReadersBusyError("the server is stopping: retry in a few seconds", 5)
             client = self._clients.setdefault(name, _Client())
             if self._reading < limits.threads and len(client.ends) < limits.per_client:
                 return self._start(client)
             if len(client.waiting) >= limits.waiting:
                 retry = self._retry_after(client)
+                self._forget(name)
                 raise TooManyUploadsError(
                     f"this client has {len(client.ends)} files being read and {len(client.waiting)} waiting, the "
                     f"most this server takes from one client at once: retry in {retry} s", retry)
@@ -120,6 +144,8 @@ class ParseQueue:
             if waiter.end is not None:
                 return waiter.end
             self._leave(name, waiter)
+            if self._closed:
+                raise ReadersBusyError("the server is stopping: retry in a few seconds", 5)
             own, retry = len(client.ends) >= limits.per_client, self._retry_after(client)
         held = (f"this client's other files held its {limits.per_client} of them" if own
                 else "other clients' files held them all")
@@ -143,7 +169,7 @@ class ParseQueue:
         self._clients[name].ends.remove(end)
         self._reading -= 1
         self._forget(name)
-        while self._reading < self.limits.threads:
+        while self._reading < self.limits.threads and not self._closed:
             turn = next((n for n in self._turns if len(self._clients[n].ends) < self.limits.per_client), None)
             if turn is None:
                 return

@@ -141,3 +141,34 @@ def test_a_file_given_up_leaves_its_line_and_one_being_read_keeps_its_thread_unt
         assert queue.reading == 0 and sorted(files.started) == ["a0", "a1"]
 
     run(test)
+
+
+def test_files_waiting_when_the_server_stops_are_refused_at_once_and_no_thread_is_lost():
+    async def test(queue: ParseQueue, files: Files):
+        reading = [files.send("a", f"a{i}") for i in range(2)]
+        waiting = files.send("a", "a2")
+        await until(lambda: (queue.reading, queue.waiting) == (2, 1))
+        queue.close()
+        with pytest.raises(ReadersBusyError, match="stopping"):
+            await asyncio.wait_for(waiting, 5)
+        for i, task in enumerate(reading):  # the files being read end as they would
+            await files.end(f"a{i}", task)
+        await until(lambda: queue.reading == 0)
+        assert "a2" not in files.started
+        with pytest.raises(ReadersBusyError, match="stopping"):
+            await files.send("b", "b0")
+
+    run(test)
+
+
+def test_a_refusal_keeps_its_retry_after_across_processes_and_ipv6_clients_go_by_their_64():
+    import pickle
+    from types import SimpleNamespace
+
+    from glyphserve.serve.parse_queue import client_of
+
+    copy = pickle.loads(pickle.dumps(TooManyUploadsError("wait", 7)))
+    assert (type(copy), copy.message, copy.retry_after) == (TooManyUploadsError, "wait", 7)
+    ask = lambda host: client_of(SimpleNamespace(client=SimpleNamespace(host=host)))  # noqa: E731
+    assert ask("2001:db8:1:2::5") == ask("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64" != ask("2001:db8:1:3::5")
+    assert ask("10.0.0.7") == "10.0.0.7" and client_of(SimpleNamespace(client=None)) == ""
