@@ -18,7 +18,7 @@ from glyphserve.errors import (
 )
 from glyphserve.ingest.document import Document, ImagePart, TextPart
 from glyphserve.ingest.limits import IngestLimits
-from glyphserve.ingest.parsing import parse_file
+from glyphserve.ingest.parsing import Keep, parse_file
 from glyphserve.ingest.sniff import DESCRIPTIONS, SUPPORTED, sniff
 
 MARKDOWN_SUFFIXES = (".md", ".markdown", ".mdown", ".mkd", ".mkdn")
@@ -39,13 +39,15 @@ def ingest_bytes(
     *,
     limits: IngestLimits = IngestLimits(),
     label: str | None = None,
+    keep: Keep | None = None,
 ) -> Document:
     """Read a PDF, DOCX, text or Markdown file; its type is sniffed from the content.
 
     ``filename`` only tells Markdown from plain text and names the file in messages (cleaned by
-    :func:`clean_filename`) unless ``label`` names the source there (e.g. standard input). Raises a
-    :class:`GlyphserveError` subclass for anything the user can fix (unsupported, corrupt, encrypted, empty, over
-    ``limits``).
+    :func:`clean_filename`) unless ``label`` names the source there (e.g. standard input). ``keep`` makes each PDF
+    page image into what the document keeps of it, as the page is read (``glyphserve.render.fit_scans``: the pages
+    it will be stored as). Raises a :class:`GlyphserveError` subclass for anything the user can fix (unsupported,
+    corrupt, encrypted, empty, over ``limits``).
     """
     data = bytes(data)  # also accepts bytearray and memoryview
     source_name = clean_filename(filename)
@@ -59,7 +61,7 @@ def ingest_bytes(
         parts = [TextPart(normalize_text(sniffed.decoded.text))]
     elif sniffed.kind in ("pdf", "docx"):
         kind = sniffed.kind
-        parts = parse_file(kind, data, label, limits)
+        parts = parse_file(kind, data, label, limits, keep)
         if kind == "docx":
             parts = [TextPart(normalize_text(part.text)) for part in parts]
     elif sniffed.kind == "empty":

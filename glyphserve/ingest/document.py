@@ -18,7 +18,7 @@ class TextPart:
 class ImagePart:
     """A page without a text layer (a scan), kept as an image for the model to read."""
 
-    image: np.ndarray  # HxWx3 uint8 RGB
+    image: np.ndarray | None  # HxWx3 uint8 RGB; None once made into what is kept instead (``ingest_bytes(keep=)``)
     source_page: int  # 1-based page in the source file
 
 

@@ -5,9 +5,11 @@ never holds a lock or a thread of the caller longer than the budget (PDFium is s
 each lets several files be read at once), and whatever memory the parser took goes back to the system
 when the child exits. One spare child is kept started, its imports done, so a file does not wait for
 Python to start. The child's address space (``max_parser_memory``) and CPU time are capped too, so one
-left running by a parent killed outright still ends. The child answers in a framed format (one JSON
-line, then the raw pixels of scanned pages), never pickle: a parser subverted by a crafted file still
-cannot run code in the caller.
+left running by a parent killed outright still ends. The child answers in a framed format, never pickle (a
+parser subverted by a crafted file still cannot run code in the caller): a JSON line for each part as soon as it
+is read, a page image's raw pixels after its line, then a last line (the end, or an error). Each page image is
+made into what the document keeps of it (``keep``) as it arrives, so neither process holds the pixels of every
+page at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,28 +32,32 @@ from glyphserve.ingest.document import ImagePart, TextPart
 from glyphserve.ingest.limits import IngestLimits
 
 Parts = list[TextPart | ImagePart]
+Keep = Callable[[ImagePart], ImagePart]  # what a document keeps of a page image, made as the image is read
 KINDS = {"pdf": "PDF", "docx": "Word document"}
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the glyphserve package
 _CHILD = "from glyphserve.ingest.parsing import child_main; child_main()"
 _MAX_HEADER = 1 << 31
 
 
-def parse_file(kind: str, data: bytes, label: str, limits: IngestLimits) -> Parts:
-    """The parts of a "pdf" or "docx" file; a :class:`GlyphserveError` for anything wrong with it."""
+def parse_file(kind: str, data: bytes, label: str, limits: IngestLimits, keep: Keep | None = None) -> Parts:
+    """The parts of a "pdf" or "docx" file, each page image passed through ``keep`` as it is read (one at a time);
+    a :class:`GlyphserveError` for anything wrong with it."""
     if limits.timeout is None:
-        return parse_here(kind, data, label, limits)
-    return _CHILDREN.parse(kind, data, label, limits)
+        return [_kept(part, keep) for part in read_parts(kind, data, label, limits)]
+    return _CHILDREN.parse(kind, data, label, limits, keep)
 
 
-def parse_here(kind: str, data: bytes, label: str, limits: IngestLimits) -> Parts:
-    """Parse in this process; any failure that is not already a user error means a damaged file."""
+def read_parts(kind: str, data: bytes, label: str, limits: IngestLimits) -> Iterator[TextPart | ImagePart]:
+    """Parse in this process, each part as soon as it is read; any failure that is not already a user error means
+    a damaged file."""
     from glyphserve.ingest.pdf import read_pdf
     from glyphserve.ingest.word import read_docx
 
     try:
         if kind == "pdf":
-            return read_pdf(data, label, limits)
-        return [TextPart(read_docx(data, label, limits))]
+            yield from read_pdf(data, label, limits)
+        else:
+            yield TextPart(read_docx(data, label, limits))
     except (GlyphserveError, MemoryError):
         raise
     except Exception as exc:  # parsers fail in many ways on damaged input
@@ -57,6 +65,10 @@ def parse_here(kind: str, data: bytes, label: str, limits: IngestLimits) -> Part
             f"{label} looks like a {KINDS[kind]} but could not be read (damaged or truncated): "
             f"{type(exc).__name__}: {str(exc)[:200]}"
         ) from exc
+
+
+def _kept(part: TextPart | ImagePart, keep: Keep | None) -> TextPart | ImagePart:
+    return keep(part) if keep is not None and isinstance(part, ImagePart) else part
 
 
 class _Children:
@@ -88,7 +100,7 @@ class _Children:
             spare.kill()
             spare.wait()
 
-    def parse(self, kind: str, data: bytes, label: str, limits: IngestLimits) -> Parts:
+    def parse(self, kind: str, data: bytes, label: str, limits: IngestLimits, keep: Keep | None) -> Parts:
         child = self._take()
         expired = threading.Event()
 
@@ -98,54 +110,73 @@ class _Children:
 
         timer = threading.Timer(limits.timeout, expire)
         timer.start()
-        reply = parts = None
+        answer = None
         try:
             header = json.dumps({"kind": kind, "label": label, "size": len(data), "limits": _limits_dict(limits)})
             try:
                 child.stdin.write(header.encode() + b"\n")
                 child.stdin.write(data)
                 child.stdin.close()
-                answer = child.stdout.readline(_MAX_HEADER)
-                reply = json.loads(answer.decode("utf-8", "surrogatepass")) if answer.endswith(b"\n") else None
-                parts = None if reply is None or "error" in reply else _read_parts(child.stdout, reply["parts"])
+                answer = _read_answer(child.stdout, keep)
             except (OSError, ValueError, KeyError, TypeError):
-                reply = parts = None
+                answer = None
         finally:
             timer.cancel()
-            if child.poll() is None and (reply is None or parts is None):
+            if child.poll() is None and (answer is None or answer.error is not None):
                 child.kill()
             child.stdout.close()
             child.wait()
         if expired.is_set():
             raise _timeout_error(label, limits)
-        if reply is None or (parts is None and "error" not in reply):
+        if answer is None:
             raise _crash_error(child.returncode, kind, label, limits)
-        if "error" in reply:
-            raise _error_from(reply["error"], kind, label)
-        return parts
+        if answer.error is not None:
+            raise _error_from(answer.error, kind, label)
+        return answer.parts
 
 
 def _limits_dict(limits: IngestLimits) -> dict:
     return {name: getattr(limits, name) for name in limits.__dataclass_fields__}
 
 
-def _read_parts(stream, described: list[dict]) -> Parts:
+@dataclass
+class _Answer:
+    """What a parser child sent: its parts, or the error it reports."""
+
+    parts: Parts
+    error: dict | None = None
+
+
+def _read_answer(stream, keep: Keep | None) -> _Answer:
+    """The child's parts up to its last line, each page image passed through ``keep`` as it arrives, before the
+    next one is read."""
     parts: Parts = []
-    for part in described:
-        if "text" in part:
-            parts.append(TextPart(part["text"]))
-            continue
-        height, width = (int(v) for v in part["image"])
-        image = np.empty((height, width, 3), dtype=np.uint8)
-        view = memoryview(image).cast("B")
-        filled = 0
-        while filled < len(view):
-            read = stream.readinto(view[filled:])
-            if not read:
-                raise ValueError("the parser's answer ended early")
-            filled += read
-        parts.append(ImagePart(image=image, source_page=int(part["page"])))
-    return parts
+    while True:
+        line = stream.readline(_MAX_HEADER)
+        if not line.endswith(b"\n"):
+            raise ValueError("the parser's answer ended early")
+        frame = json.loads(line.decode("utf-8", "surrogatepass"))
+        if "error" in frame:
+            return _Answer([], frame["error"])
+        if "end" in frame:
+            return _Answer(parts)
+        if "text" in frame:
+            parts.append(TextPart(frame["text"]))
+        else:
+            height, width = (int(v) for v in frame["image"])
+            parts.append(_kept(ImagePart(_read_pixels(stream, height, width), int(frame["page"])), keep))
+
+
+def _read_pixels(stream, height: int, width: int) -> np.ndarray:
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    view = memoryview(image).cast("B")
+    filled = 0
+    while filled < len(view):
+        read = stream.readinto(view[filled:])
+        if not read:
+            raise ValueError("the parser's answer ended early")
+        filled += read
+    return image
 
 
 _ERROR_TYPES = {cls.__name__: cls for cls in vars(errors).values()
@@ -206,23 +237,30 @@ def child_main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limits.max_parser_memory, limits.max_parser_memory))
     data = stdin.read(request["size"])
     try:
-        parts = parse_here(request["kind"], data, request["label"], limits)
+        for part in read_parts(request["kind"], data, request["label"], limits):
+            _send(stdout, part)
     except GlyphserveError as exc:
-        reply, images = {"error": {"type": type(exc).__name__, "message": exc.message}}, []
+        last = {"error": {"type": type(exc).__name__, "message": exc.message}}
     except MemoryError:
-        reply, images = {"error": {"type": "FileTooLargeError", "message": (
+        last = {"error": {"type": "FileTooLargeError", "message": (
             f"reading {request['label']} needs more memory than this server allows for one file "
-            "(--max-parser-memory-mb); split it into smaller files")}}, []
+            "(--max-parser-memory-mb); split it into smaller files")}}
     else:
-        described, images = [], []
-        for part in parts:
-            if isinstance(part, TextPart):
-                described.append({"text": part.text})
-            else:
-                described.append({"image": list(part.image.shape[:2]), "page": part.source_page})
-                images.append(np.ascontiguousarray(part.image, dtype=np.uint8))
-        reply = {"parts": described}
-    stdout.write(json.dumps(reply, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
-    for image in images:
-        stdout.write(memoryview(image).cast("B"))
+        last = {"end": True}
+    _send_line(stdout, last)
     stdout.flush()
+
+
+def _send(stream, part: TextPart | ImagePart) -> None:
+    """One part of the answer, at once: its line, then a page image's pixels."""
+    if isinstance(part, TextPart):
+        _send_line(stream, {"text": part.text})
+    else:
+        image = np.ascontiguousarray(part.image, dtype=np.uint8)
+        _send_line(stream, {"image": list(image.shape[:2]), "page": part.source_page})
+        stream.write(memoryview(image).cast("B"))
+    stream.flush()
+
+
+def _send_line(stream, frame: dict) -> None:
+    stream.write(json.dumps(frame, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")

@@ -3,13 +3,15 @@
 A page with a usable text layer becomes text; a page without one (a scan, or text drawn
 as outlines) is rendered to an image so the model can read it directly; blank pages are
 dropped (a page with no content and no annotations without rendering it). Consecutive text pages
-merge into one :class:`TextPart`. The page count is checked against the limit before any page is opened.
+merge into one :class:`TextPart`. Parts are yielded as they are read, so the pixels of all pages are never held at once.
+The page count is checked against the limit before any page is opened.
 """
 
 from __future__ import annotations
 
 import statistics
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,9 +50,10 @@ class _Line:
     last: _Box | None  # ... and of its last (another visual line when PDFium joined a hyphen)
 
 
-def read_pdf(data: bytes, name: str, limits: IngestLimits = IngestLimits()) -> list[TextPart | ImagePart]:
-    """The parts of a PDF in page order; raises on encrypted, corrupt or empty files, and on files over
-    ``limits`` (the page count is checked before any page is opened)."""
+def read_pdf(data: bytes, name: str, limits: IngestLimits = IngestLimits()) -> Iterator[TextPart | ImagePart]:
+    """The parts of a PDF in page order, each as soon as it is read (a page image when its page is, a run of text
+    pages when it ends); raises on encrypted, corrupt or empty files, and on files over ``limits`` (the page count
+    is checked before any page is opened)."""
     with _LOCK:
         pdf = _open(data, name)
         try:
@@ -60,7 +63,7 @@ def read_pdf(data: bytes, name: str, limits: IngestLimits = IngestLimits()) -> l
                     f"{name} has {pages:,} pages, over this server's limit of {limits.max_pdf_pages:,} "
                     "(--max-pdf-pages); split it into smaller files"
                 )
-            return _read_pages(pdf, name, limits)
+            yield from _read_pages(pdf, name, limits)
         finally:
             pdf.close()
 
@@ -91,8 +94,7 @@ def _has_no_pages(data: bytes) -> bool:
         pdfium_c.FPDF_CloseDocument(handle)
 
 
-def _read_pages(pdf: pdfium.PdfDocument, name: str, limits: IngestLimits) -> list[TextPart | ImagePart]:
-    parts: list[TextPart | ImagePart] = []
+def _read_pages(pdf: pdfium.PdfDocument, name: str, limits: IngestLimits) -> Iterator[TextPart | ImagePart]:
     texts: list[str] = []  # the current run of text pages
     images = characters = 0
     for index in range(len(pdf)):
@@ -119,14 +121,13 @@ def _read_pages(pdf: pdfium.PdfDocument, name: str, limits: IngestLimits) -> lis
                     "(scans), this server's limit (--max-scan-pages); run OCR on it or split it into smaller files"
                 )
             if texts:
-                parts.append(TextPart(PART_SEPARATOR.join(texts)))
+                yield TextPart(PART_SEPARATOR.join(texts))
                 texts = []
-            parts.append(content)
+            yield content
     if texts:
-        parts.append(TextPart(PART_SEPARATOR.join(texts)))
-    if not parts:
+        yield TextPart(PART_SEPARATOR.join(texts))
+    elif not images:
         raise EmptyDocumentError(f"{name} has no text and only blank pages")
-    return parts
 
 
 def _read_page(page: pdfium.PdfPage, number: int) -> str | ImagePart | None:

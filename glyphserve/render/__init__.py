@@ -19,6 +19,7 @@ _EXPORTS = {
     "glyphserve.render.document": ("PageLine", "RenderedDocument", "RenderedPage", "RenderStats",
                                    "missing_glyphs_warning", "write_rendered"),
     "glyphserve.render.renderer": ("count_pages", "estimated_pages", "iter_pages", "render_document", "render_text"),
+    "glyphserve.render.scan": ("FittedScan", "fit_scans"),
     "glyphserve.render.tokens": ("count_text_tokens",),
     "glyphserve.render.workers": ("shutdown_pool",),
 }
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
         write_rendered,
     )
     from glyphserve.render.renderer import count_pages, estimated_pages, iter_pages, render_document, render_text
+    from glyphserve.render.scan import FittedScan, fit_scans
     from glyphserve.render.tokens import count_text_tokens
     from glyphserve.render.workers import shutdown as shutdown_pool
 

@@ -176,10 +176,7 @@ def resolve_config(
         name = "glyph-zh" if has_cjk(text) else "glyph-en"
     else:
         name = preset
-    cfg = globals()["preset"](name)
-    repo = official.glyph_repo(glyph_repo)
-    if repo is not None:
-        cfg = load_glyph_config(repo / "config" / OFFICIAL_CONFIGS[name], base=cfg)
+    cfg = _preset_config(name, glyph_repo)
     if isinstance(config, RenderConfig):
         cfg = config
     elif config is not None:
@@ -197,6 +194,22 @@ def resolve_config(
         changes["fallback_fonts"] = bool(fallback_fonts)
     cfg = cfg.replace(**changes) if changes else cfg
     return _check_font(cfg, text, allow_font_substitute)
+
+
+def preset_configs(preset: str = "auto", dpi: float | None = None) -> list[RenderConfig]:
+    """The settings ``resolve_config(text, preset, dpi=dpi)`` starts from, whatever the text (both presets' for
+    ``auto``): its other overrides left out, font files unchecked."""
+    configs = [_preset_config(name, None) for name in (PRESETS if preset == "auto" else [preset])]
+    return configs if dpi is None else [cfg.replace(dpi=_coerce("dpi", dpi)) for cfg in configs]
+
+
+def _preset_config(name: str, glyph_repo: str | Path | None) -> RenderConfig:
+    """A preset's settings, read from the clone of the Glyph repository when there is one."""
+    cfg = preset(name)
+    repo = official.glyph_repo(glyph_repo)
+    if repo is not None:
+        cfg = load_glyph_config(repo / "config" / OFFICIAL_CONFIGS[name], base=cfg)
+    return cfg
 
 
 def _check_font(cfg: RenderConfig, text: str, allow_substitute: bool) -> RenderConfig:

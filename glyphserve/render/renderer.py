@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from glyphserve.errors import EmptyDocumentError
-from glyphserve.glm4v import MAX_ASPECT, vision_tokens
+from glyphserve.glm4v import vision_tokens
 from glyphserve.render.config import RenderConfig, has_cjk
 from glyphserve.render.document import ENCODER_THREADS, PageLine, RenderedDocument, RenderedPage, RenderStats
 from glyphserve.render.fonts import CharTable, FontFace, ResolvedFont, WidthMap, resolve_font
@@ -29,6 +29,7 @@ from glyphserve.render.layout import PageLayout, fills_pages, paginate
 from glyphserve.render.lines import LayoutContext
 from glyphserve.render.png import encode_png
 from glyphserve.render.raster import DrawList, GlyphAtlas, RasterContext, draw_list, page_pixels, paint
+from glyphserve.render.scan import scan_page
 from glyphserve.render.text import WHITESPACE, PreparedText, prepare
 from glyphserve.render.tokens import count_text_tokens
 from glyphserve.render.workers import BLOCKS, attached, worker_pool
@@ -344,11 +345,12 @@ def _most_missing(text: str, table: CharTable, n: int = 8) -> tuple[str, ...]:
 def render_document(doc: Any, config: RenderConfig, *, workers: int | None = None, tokenizer: Any = None,
                     progress: Callable[[int], None] | None = None, encode: bool = False) -> RenderedDocument:
     """Render a ``glyphserve.ingest.Document``: text parts become pages, image parts (pages
-    without a text layer) pass through as ``scan`` pages scaled to fit the page size.
+    without a text layer) pass through as ``scan`` pages scaled to fit the page size (``scan_page``).
 
     Char spans index ``doc.text`` (text parts joined with a blank line). ``workers``,
     ``progress`` and ``encode`` as for :func:`render_text` (``encode`` for the text pages: scan pages keep their
-    pixels; ``RenderedPage.png()`` gives any page's PNG).
+    pixels, or the PNG files they were made into as they were read, ``fit_scans``; ``RenderedPage.png()`` gives any
+    page's PNG).
     """
     from glyphserve.ingest.document import PART_SEPARATOR
 
@@ -368,7 +370,7 @@ def render_document(doc: Any, config: RenderConfig, *, workers: int | None = Non
                                            offset=offset, encode=encode))
             offset += len(part.text)
         else:
-            pages.append(_scan_page(part.image, config, len(pages) + 1, offset))
+            pages.append(scan_page(part, config, len(pages) + 1, offset))
     if not pages:
         raise EmptyDocumentError("the document has no text or page images to render")
     text = doc.text
@@ -420,33 +422,6 @@ def estimated_pages(doc: Any, config: RenderConfig) -> float:
             lines += part.text.count("\n") + 1
             lines += sum(-(-(m.end() - m.start()) // width) - 1 for m in longer.finditer(part.text))
     return lines / lines_per_page + sum(not hasattr(part, "text") for part in doc.parts)
-
-
-def _scan_page(image: np.ndarray, config: RenderConfig, number: int, offset: int) -> RenderedPage:
-    from PIL import Image
-
-    img = np.asarray(image)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    img = img[..., :3].astype(np.uint8, copy=False)
-    max_w, max_h = page_pixels(config)
-    h, w = img.shape[:2]
-    scale = min(max_w / w, max_h / h, 1.0)
-    if scale < 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        img = np.asarray(Image.fromarray(img).resize(size, Image.LANCZOS))
-    h, w = img.shape[:2]
-    # GLM-4.1V's processor refuses images longer than MAX_ASPECT times their width (or the reverse): a sliver of a
-    # page (a PDF page of 6 x 2000 pt, a strip of a scan) is centred on white up to that ratio, not refused with
-    # its whole document.
-    short = -(-max(h, w) // MAX_ASPECT)
-    if min(h, w) < short:
-        canvas = np.full((max(h, short), max(w, short), 3), 255, dtype=np.uint8)
-        top, left = (canvas.shape[0] - h) // 2, (canvas.shape[1] - w) // 2
-        canvas[top : top + h, left : left + w] = img
-        img = canvas
-        h, w = img.shape[:2]
-    return RenderedPage(number, np.ascontiguousarray(img), (offset, offset), [], vision_tokens(h, w), "scan")
 
 
 def _worker_count(workers: int | None, text: str, config: RenderConfig) -> int:

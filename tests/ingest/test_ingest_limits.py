@@ -4,6 +4,7 @@ processes that are killed past their budget."""
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -75,6 +76,56 @@ def test_a_child_process_reads_what_this_process_reads(make_pdf, make_docx):
     assert ingest_bytes(docx, limits=ISOLATED).text == "Grüße \U0001f600 from a child"
     with pytest.raises(TooManyPagesError, match="--max-pdf-pages"):  # errors keep their type
         ingest_bytes(hostile_files.pdf_of_pages(50), "long.pdf", limits=IngestLimits(timeout=30, max_pdf_pages=10))
+
+
+def _high_water_mib(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def test_page_images_pass_from_the_parser_child_one_at_a_time(make_pdf, monkeypatch):
+    """Each page image is kept (here: one pixel of it) as it arrives, the pixels of no earlier page held meanwhile,
+    and the child reads and sends a page at a time: its memory grows by a page or two from 2 pages to 16, not by
+    14 pages' pixels."""
+    from glyphserve.ingest import parsing
+
+    take = parsing._CHILDREN._take
+    children = []
+    monkeypatch.setattr(parsing._CHILDREN, "_take", lambda: children.append(take()) or children[-1])
+
+    def read(pages: int) -> float:
+        """The child's peak memory (MiB) while its pages arrive."""
+        held, peaks = [], []
+
+        def keep(part: ImagePart) -> ImagePart:
+            assert all(ref() is None for ref in held), f"page {part.source_page} came before the last was dropped"
+            held.append(weakref.ref(part.image))
+            if part.source_page < pages:  # the child cannot have ended before its last page is taken
+                peaks.append(_high_water_mib(children[-1].pid))
+            return ImagePart(part.image[:1, :1].copy(), part.source_page)
+
+        pdf = make_pdf([("scan", [f"page {n}"]) for n in range(1, pages + 1)] + [("text", ["The end."])])
+        document = ingest_bytes(pdf, "scans.pdf", limits=ISOLATED, keep=keep)
+        assert [p.source_page for p in document.parts[:-1]] == list(range(1, pages + 1))
+        assert document.text == "The end." and len(held) == pages
+        return max(peaks)
+
+    page_mib = 1190 * 1684 * 3 / 2**20  # an A4 scan at 144 dpi
+    two, sixteen = read(2), read(16)
+    # Measured +10 to +13 MiB; a child that held its pages until the end: +80 MiB.
+    assert sixteen < two + 5 * page_mib, (two, sixteen)
+
+
+@pytest.mark.parametrize("limits", [IngestLimits(max_scan_pages=2), IngestLimits(max_scan_pages=2, timeout=30)],
+                         ids=["here", "child"])
+def test_scans_over_the_limit_are_refused_while_kept_as_read(make_pdf, limits):
+    kept = []
+    pdf = make_pdf([("scan", [f"page {n}"]) for n in range(1, 4)])
+    with pytest.raises(TooManyPagesError, match="^'scans.pdf' has more than 2 pages without a text layer \\(scans\\), "
+                                                "this server's limit \\(--max-scan-pages\\)"):
+        ingest_bytes(pdf, "scans.pdf", limits=limits, keep=lambda part: kept.append(part.source_page) or part)
+    assert kept == [1, 2]
+    assert len(ingest_bytes(pdf, "scans.pdf", limits=IngestLimits(max_scan_pages=3, timeout=30)).parts) == 3
 
 
 def test_a_slow_file_is_killed_at_its_budget_and_blocks_no_other(make_pdf):

@@ -77,6 +77,20 @@ def test_scanned_page_becomes_an_image(make_pdf):
     assert document.text == ""
 
 
+def test_a_pdf_is_read_a_page_at_a_time(make_pdf, monkeypatch):
+    from glyphserve.ingest import pdf
+
+    rendered = []
+    render = pdf._render
+    monkeypatch.setattr(pdf, "_render", lambda page: rendered.append(page) or render(page))
+    parts = pdf.read_pdf(make_pdf([("text", ["Before."]), ("scan", ["one"]), ("scan", ["two"]), ("scan", ["three"])]),
+                         "scans.pdf")
+    assert next(parts) == TextPart("Before.") and len(rendered) == 1  # its run of text pages ends at the first scan
+    assert next(parts).source_page == 2 and len(rendered) == 1  # given before the next page is rendered
+    assert next(parts).source_page == 3 and len(rendered) == 2
+    assert [part.source_page for part in parts] == [4] and len(rendered) == 3
+
+
 def test_mixed_pages_keep_reading_order(make_pdf):
     document = ingest_bytes(
         make_pdf(
