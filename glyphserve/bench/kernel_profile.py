@@ -257,14 +257,14 @@ def profile(args: argparse.Namespace) -> dict:
         wave_docs = docs + render_documents(workload_chars(args.workload), range(2, -(-args.wave // 4)), args.font)
         for mode, phase in wave_phase(bench, engine, wave_docs, args.wave).items():
             res["phases"][f"{args.wave} follow-ups at once, {mode}"] = phase
-    del engine
+    engine.close()
     release_memory()
     if args.quantize:
         quantized = Engine.load(bench.api.config(args, 8, quantize=args.quantize))
         bench.ask(quantized, docs[1])
         for key, phase in decode_phases(bench, quantized, docs[0]).items():
             res["phases"][f"{key}, {args.quantize}"] = phase
-        del quantized
+        quantized.close()
         release_memory()
     return res
 
