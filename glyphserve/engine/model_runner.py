@@ -247,8 +247,9 @@ class ModelRunner:
     # --- an eager step -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, inp: StepInputs) -> torch.Tensor:
-        """Write every token's K/V, attend, and return the wanted rows' next-token logits [R, V] (float32).
+    def forward(self, inp: StepInputs, logits_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Write every token's K/V, attend, and return the wanted rows' next-token logits [R, V] (float32; into
+        ``logits_out``, a captured pass's static rows, without a float32 copy between).
 
         A step with long chunks runs its last layer past the K/V store only for the wanted rows: nothing reads
         the other rows' output (W200's 15,215-token prompt: 1/40 of its prefill's products and attention). Its
@@ -269,7 +270,8 @@ class ModelRunner:
                 return linear(h, *self.head).float()
             out = self._attend(li, inp, q, k, v, padded)
             x, h = self._post(x, out.reshape(x.shape[0], -1), *post, self.eps)
-        return linear(h[inp.logits_index], *self.head).float()
+        logits = linear(h[inp.logits_index], *self.head)
+        return logits.float() if logits_out is None else logits_out.copy_(logits)
 
     def _padded_prompt(self, inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """For a step that is one prompt's first chunk, where prompts are padded (CUDA): its queries', keys' and

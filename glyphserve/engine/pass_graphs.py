@@ -116,7 +116,7 @@ class PassGraphs:
             logits_index=self._view("logits_index"),
             tiles=self._view("tiles")[: self.tiles_for(bucket)].to(torch.int32),
         )
-        runner.logits[: self.max_seqs].copy_(runner.forward(inp))
+        runner.forward(inp, logits_out=runner.logits[: self.max_seqs])
 
     @torch.inference_mode()
     def run(self, inp: PassInputs) -> torch.Tensor:
