@@ -23,7 +23,7 @@ from glyphserve.serve import openai_compat as oai
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.errors import InvalidRequestError, MethodNotAllowedError, UnsupportedMediaTypeError
 from glyphserve.serve.origin import route_path
-from glyphserve.serve.parse_queue import client_of
+from glyphserve.serve.upload_queue import client_of
 from glyphserve.serve.sampling import SamplingParams
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import GlyphService, RenderOptions
@@ -314,7 +314,8 @@ def build_router(service: GlyphService) -> APIRouter:
             except ValidationError as exc:
                 raise invalid_request(exc) from None
             add = functools.partial(service.add_document, text=body.text, name=body.name,
-                                    options=RenderOptions(body.preset, body.dpi, body.newline))
+                                    options=RenderOptions(body.preset, body.dpi, body.newline),
+                                    client=client_of(request))
         for tries in range(3, 0, -1):
             record, duplicate = await add()
             try:

@@ -102,7 +102,7 @@ class RetryLaterError(GlyphserveError):
 
 class TooManyUploadsError(RetryLaterError):
     """One client's files being read and waiting for a thread already fill its share, or held its threads for
-    the whole time an upload of its may wait (``serve.parse_queue``)."""
+    the whole time an upload of its may wait (``serve.upload_queue``)."""
 
     http_status = 429
     code = "too_many_uploads"

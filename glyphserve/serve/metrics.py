@@ -59,6 +59,7 @@ class _Collectors:
     documents: Gauge
     pages_rendered: Counter
     files_reading: Gauge
+    files_rendering: Gauge
     files_waiting: Gauge
     kv_usage: Gauge
     engines: "_EngineCounters"
@@ -113,7 +114,8 @@ def _collectors() -> _Collectors:
         pages_rendered=Counter("glyphserve_pages_rendered", "Pages rendered from uploads (those of uploads refused "
                                "while rendering included)"),
         files_reading=Gauge("glyphserve_upload_files_reading", "Uploaded files being read (parsed)"),
-        files_waiting=Gauge("glyphserve_upload_files_waiting", "Uploaded files waiting for a thread to read them"),
+        files_rendering=Gauge("glyphserve_upload_files_rendering", "Uploads being rendered"),
+        files_waiting=Gauge("glyphserve_upload_files_waiting", "Uploads waiting for a thread to read or render them"),
         kv_usage=Gauge("vllm:kv_cache_usage_perc", "Share of the KV pool's blocks in use (1 = all)", _MODEL),
         engines=engines,
     )
@@ -158,9 +160,10 @@ class Metrics:
         self.c.running.labels(self.model_name).set_function(running)
         self.c.waiting.labels(self.model_name).set_function(waiting)
 
-    def watch_files(self, reading: Callable[[], int], waiting: Callable[[], int]) -> None:
-        """Read the uploaded files being read and waiting (``ParseQueue``) at scrape time."""
+    def watch_files(self, reading: Callable[[], int], rendering: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Read the uploads being read, rendered and waiting for either (``UploadQueue``) at scrape time."""
         self.c.files_reading.set_function(reading)
+        self.c.files_rendering.set_function(rendering)
         self.c.files_waiting.set_function(waiting)
 
     def watch_engine(self, counters: Callable[[], dict]) -> None:

@@ -22,9 +22,10 @@ from glyphserve.errors import FileTooLargeError, GlyphserveError, IngestTimeoutE
 from glyphserve.ingest import MAX_NAME_CHARS, Document, clean_filename, clean_name
 from glyphserve.serve.backends import ChatJob, EngineBackend, ExtractiveBackend, Reply
 from glyphserve.serve.config import ServeConfig
-from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError, ModelNotFoundError, StorageUnavailableError
+from glyphserve.serve.errors import (NO_MODEL_HINT, InvalidRequestError, ModelNotFoundError, RetryLaterError,
+                                     StorageUnavailableError)
 from glyphserve.serve.metrics import Metrics
-from glyphserve.serve.parse_queue import ParseLimits, ParseQueue
+from glyphserve.serve.upload_queue import QueueLimits, UploadQueue
 from glyphserve.serve.scheduler import ConcurrentScheduler, Scheduler, SchedulerHooks
 from glyphserve.serve.store import DocumentFiles, DocumentRecord, DocumentStore
 from glyphserve.serve.stored_pages import StoredPages
@@ -56,9 +57,9 @@ class RenderOptions:
         return self
 
 
-# Files are read on a ParseQueue's threads, shared fairly among clients. Pasted text is read by threads of its own (4
-# PDFs that took the whole --ingest-timeout held a pasted text back 58 s), rendering has its own, and so does the
-# choice of a question's pages (two uploads rendering held every question back 22 s).
+# Files are read, and uploads rendered, on UploadQueues' threads, shared fairly among clients. Pasted text is read by
+# threads of its own (4 PDFs that took the whole --ingest-timeout held a pasted text back 58 s), and so is the choice
+# of a question's pages (two uploads rendering held every question back 22 s).
 TEXT_THREADS = 2
 RENDER_THREADS = 2
 PAGE_THREADS = 4
@@ -102,13 +103,18 @@ class GlyphService:
         else:
             self.scheduler = Scheduler(self.backend, queue_size=config.queue_size, max_batch=config.max_num_seqs,
                                        timeout=config.request_timeout, hooks=hooks)
-        self.parses = ParseQueue(ParseLimits(budget=config.ingest_timeout))
-        self.metrics.watch_files(reading=lambda: self.parses.reading, waiting=lambda: self.parses.waiting)
+        self.parses = UploadQueue(QueueLimits(budget=config.ingest_timeout))
+        # Rendering too is shared by turns, one thread a client: 2 slow texts of one client (single lines of CJK with
+        # Latin fragments, 60 s each) held every other client's upload until its budget ran out, first come first
+        # served on 2 threads (a new user's trial).
+        self.renders = UploadQueue(QueueLimits(budget=config.ingest_timeout, threads=RENDER_THREADS, per_client=1,
+                                               stage="rendered"))
+        self.metrics.watch_files(reading=lambda: self.parses.reading, rendering=lambda: self.renders.reading,
+                                 waiting=lambda: self.parses.waiting + self.renders.waiting)
         self._text_pool = ThreadPoolExecutor(max_workers=TEXT_THREADS, thread_name_prefix="glyphserve-text")
         self.metrics.watch(running=lambda: self.scheduler.running, waiting=lambda: self.scheduler.depth)
         if isinstance(self.backend, EngineBackend) and not self.remote and make_scheduler is None:
             self.metrics.watch_engine(engine.counters)
-        self._render_pool = ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="glyphserve-render")
         self._page_pool = ThreadPoolExecutor(max_workers=PAGE_THREADS, thread_name_prefix="glyphserve-pages")
         # Ready at upload: documents being warmed (their task) and warmed ones (see ``warmth``).
         self._warming: dict[str, asyncio.Task] = {}
@@ -183,7 +189,8 @@ class GlyphService:
         if self.remote:
             self.engine.close()
         self.parses.close()
-        for pool in (self._text_pool, self._render_pool, self._page_pool):
+        self.renders.close()
+        for pool in (self._text_pool, self._page_pool):
             pool.shutdown(wait=False, cancel_futures=True)
         shutdown_parsers()
         shutdown_pool()
@@ -194,8 +201,8 @@ class GlyphService:
     async def add_document(self, *, data: bytes | None = None, filename: str | None = None,
                            text: str | None = None, name: str | None = None,
                            options: RenderOptions | None = None, client: str = "") -> tuple[DocumentRecord, bool]:
-        """Ingest, render and store a file (``data``; read in ``client``'s turn, see ``ParseQueue``) or pasted
-        ``text``, within the upload budget (``--ingest-timeout``, from when its reading begins); the record and
+        """Ingest, render and store a file (``data``; read and rendered in ``client``'s turns, see ``UploadQueue``)
+        or pasted ``text`` (rendered in its turn), within the upload budget (``--ingest-timeout``, from when its reading begins); the record and
         whether it was stored before (the same content with the same render settings is stored once). The shown
         name is cleaned (``clean_filename``); a raw file name that differs is kept in the record's summary as
         ``original_name``."""
@@ -250,27 +257,23 @@ class GlyphService:
         shown = (clean_filename(name) if name == filename else clean_name(name or "", MAX_NAME_CHARS)) or \
             document.source_name
         original = name if name and name != shown else None
-        work = self._render_pool.submit(self._render_and_store, document, shown, original, options.preset, config,
-                                        deadline, digest)
+        # (a task: this request going away must not cancel the rendering others may wait for)
+        work = asyncio.ensure_future(self.renders.run(client, functools.partial(
+            self._render_and_store, document, shown, original, options.preset, config, deadline, digest)))
         adding = self._adding[digest] = Future()
 
-        def settle(done: Future) -> None:
+        def settle(done: asyncio.Future) -> None:
             """When the work ends, whether or not this request still waits for it: the record, the content's
-            own error, or None for the next upload of it to try itself."""
+            own error, or None for the next upload of it to try itself (also after a refusal for want of a
+            thread: that was this client's turn, not the content)."""
             if self._adding.get(digest) is adding:
                 del self._adding[digest]
             error = None if done.cancelled() else done.exception()
-            adding.set_result(done.result() if not done.cancelled() and error is None
-                              else error if isinstance(error, GlyphserveError) else None)
+            own = isinstance(error, GlyphserveError) and not isinstance(error, RetryLaterError)
+            adding.set_result(done.result() if not done.cancelled() and error is None else error if own else None)
 
-        def settle_on_loop(done: Future) -> None:
-            try:
-                loop.call_soon_threadsafe(settle, done)
-            except RuntimeError:  # the loop is closed (a caller with a loop of its own, gone): settle here
-                settle(done)
-
-        work.add_done_callback(settle_on_loop)
-        record = await asyncio.wrap_future(work)
+        work.add_done_callback(settle)
+        record = await asyncio.shield(work)
         self._start_warming(record.id)
         return record, False
 

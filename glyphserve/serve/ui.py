@@ -28,7 +28,7 @@ from glyphserve.engine.prompt import answer_room
 from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, StreamEvent
 from glyphserve.glm4v import MESSAGE_TOKENS, PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.serve.backends import ChatJob, Reply
-from glyphserve.serve.parse_queue import client_of
+from glyphserve.serve.upload_queue import client_of
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.service import DPIS, NEWLINES, PRESETS, GlyphService, RenderOptions
 from glyphserve.serve.store import DocumentRecord
@@ -219,10 +219,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                               client=client_of(request))
         return (*shown_now, None)  # and the upload box empties
 
-    async def render_text(pasted, preset, dpi, newline):
+    async def render_text(pasted, preset, dpi, newline, request: gr.Request):
         if not pasted or not pasted.strip():
             return (gr.skip(),) * 6 + (_fail(GlyphserveError("paste some text first")),) + (gr.skip(),) * 2
-        return await add(RenderOptions(preset, int(dpi), newline), text=pasted)
+        return await add(RenderOptions(preset, int(dpi), newline), text=pasted, client=client_of(request))
 
     async def load_example(preset, dpi, newline, request: gr.Request):
         return await add(RenderOptions(preset, int(dpi), newline), data=EXAMPLE.read_bytes(), filename=EXAMPLE.name,

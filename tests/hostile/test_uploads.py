@@ -163,9 +163,35 @@ def test_one_clients_slow_files_hold_up_its_own_files_only(tight):
     refused = [r for r in responses if r.status_code == 429]
     assert all(1 <= int(r.headers["retry-after"]) <= 4 for r in refused)
     assert sum("the most this server takes from one client" in error(r)[1] for r in refused) == 1
-    assert all("this client's other files held its 2" in error(r)[1] for r in refused
+    assert all("this client's other uploads held its 2" in error(r)[1] for r in refused
                if "the most this server takes" not in error(r)[1])
     assert files_in_flight(tight) == (0, 0)
+
+
+def test_one_clients_slow_renders_hold_up_its_own_uploads_only(tight):
+    """A new user's trial: 2 texts of one client whose rendering took the whole budget (single lines of CJK with
+    Latin fragments, laid out again on every page) held every other client's upload until it ran out of time (2
+    render threads, first come first served). Here such texts take one render thread, their client's share, and
+    another client's pasted text and file are stored meanwhile."""
+    slow = ("中文测试文本" + " ab cd\t") * 48_000  # ~6 s to render alone here: past the 4 s budget
+    other = httpx.Client(timeout=120, transport=httpx.HTTPTransport(local_address="127.0.0.2"))  # another address
+    with ThreadPoolExecutor(2) as pool:
+        sent = [pool.submit(HTTP.post, f"{tight.url}/v1/documents", json={"text": f"{slow}{i}"}) for i in range(2)]
+        deadline = time.monotonic() + 30
+        while float(re.search(r"^glyphserve_upload_files_rendering (\S+)$", HTTP.get(f"{tight.url}/metrics").text,
+                              re.M).group(1)) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        started = time.monotonic()
+        pasted = other.post(f"{tight.url}/v1/documents", json={"text": f"{STORY} (another client's)"})
+        stored = other.post(f"{tight.url}/v1/documents", files={"file": ("other.txt", f"{STORY} (a file)".encode())})
+        waited = time.monotonic() - started
+        assert not all(future.done() for future in sent)  # the slow texts were still in flight
+        responses = [future.result() for future in sent]
+    assert pasted.status_code == 201 and stored.status_code == 201, (pasted.text, stored.text)
+    assert waited < 3.5, waited  # (they waited for the slow texts' budget before: 4 s and more)
+    # out of time, or (the second, behind the first in its client's line) refused for want of its turn
+    assert {error(r)[0] for r in responses} <= {"ingest_timeout", "too_many_uploads"}
 
 
 def test_upload_names_are_cleaned_and_the_raw_name_kept(server):

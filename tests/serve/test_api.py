@@ -475,7 +475,6 @@ def test_a_pasted_text_and_a_questions_pages_wait_for_no_file_being_read_or_rend
     from glyphserve.engine import Engine, EngineConfig
     from glyphserve.serve.app import create_app
     from glyphserve.serve.config import ServeConfig
-    from glyphserve.serve.service import RENDER_THREADS
 
     engine = Engine.load(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
     app = create_app(ServeConfig(data_dir=tmp_path / "data", ui=False), engine)
@@ -487,7 +486,7 @@ def test_a_pasted_text_and_a_questions_pages_wait_for_no_file_being_read_or_rend
             held = [service.parses._pool.submit(gate.wait) for _ in range(service.parses.limits.threads)]
             pasted = client.post("/v1/documents", json={"text": "The miller kept the lantern."})
             assert pasted.status_code == 201
-            held += [service._render_pool.submit(gate.wait) for _ in range(RENDER_THREADS)]
+            held += [service.renders._pool.submit(gate.wait) for _ in range(service.renders.limits.threads)]
             answer = client.post(f"/v1/documents/{stored}/chat", json={"question": "What was given?",
                                                                         "max_tokens": 4})
             assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] > 0

@@ -1,4 +1,5 @@
-"""The threads that read uploaded files, shared fairly among the clients sending them."""
+"""The threads of one stage of an upload (reading the files; rendering the documents), shared fairly among the
+clients sending them."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ REAP_S = 1.0
 
 
 @dataclass(frozen=True)
-class ParseLimits:
-    budget: float  # seconds one file may take to read (--ingest-timeout); it waits about as long for a thread
+class QueueLimits:
+    budget: float  # seconds an upload may take (--ingest-timeout); it waits about as long for a thread
     # Files read at once: each thread waits on a parser process of up to --max-parser-memory-mb, or decodes a text.
     threads: int = 4
+    stage: str = "read"  # what the threads do to an upload, for messages: "read", "rendered"
     # Threads one client's files may hold: half, so one client's slow files (4 PDFs taking the whole budget held
     # another client's 0.1 s text file back 9.0 s of a 10 s budget) leave the other half to everyone else.
     per_client: int = 2
@@ -61,7 +63,7 @@ def client_of(request) -> str:
     return host
 
 
-class ParseQueue:
+class UploadQueue:
     """Reads files on ``limits.threads`` threads, at most ``limits.per_client`` of them for one client's files.
     A client's other files wait in a line of its own (past ``limits.waiting``, 429 ``too_many_uploads``) and the
     lines take turns at the threads that free up, so a client's slow files hold up its own files only. A file
@@ -69,7 +71,7 @@ class ParseQueue:
     ``server_busy`` (other clients' files held every thread). Each refusal says when to retry. Callers may be on
     different event loops."""
 
-    def __init__(self, limits: ParseLimits):
+    def __init__(self, limits: QueueLimits):
         self.limits = limits
         self._pool = ThreadPoolExecutor(max_workers=limits.threads, thread_name_prefix="glyphserve-ingest")
         self._lock = threading.Lock()
@@ -124,8 +126,8 @@ class ParseQueue:
                 retry = self._retry_after(client)
                 self._forget(name)
                 raise TooManyUploadsError(
-                    f"this client has {len(client.ends)} files being read and {len(client.waiting)} waiting, the "
-                    f"most this server takes from one client at once: retry in {retry} s", retry)
+                    f"this client has {len(client.ends)} uploads being {limits.stage} and {len(client.waiting)} "
+                    f"waiting, the most this server takes from one client at once: retry in {retry} s", retry)
             loop = asyncio.get_running_loop()
             waiter = _Waiter(loop, loop.create_future())
             client.waiting.append(waiter)
@@ -147,12 +149,12 @@ class ParseQueue:
             if self._closed:
                 raise ReadersBusyError("the server is stopping: retry in a few seconds", 5)
             own, retry = len(client.ends) >= limits.per_client, self._retry_after(client)
-        held = (f"this client's other files held its {limits.per_client} of them" if own
-                else "other clients' files held them all")
+        held = (f"this client's other uploads held its {limits.per_client} of them" if own
+                else "other clients' uploads held them all")
         error = TooManyUploadsError if own else ReadersBusyError
-        raise error(f"no thread of the {limits.threads} reading files came free for this upload in "
-                    f"{limits.budget + REAP_S:g} s, its budget (--ingest-timeout) and {REAP_S:g}: {held}; retry in "
-                    f"{retry} s", retry)
+        raise error(f"no thread of the {limits.threads} by which uploads are {limits.stage} came free for this "
+                    f"upload in {limits.budget + REAP_S:g} s (its budget, --ingest-timeout, plus {REAP_S:g} s): "
+                    f"{held}; retry in {retry} s", retry)
 
     def _start(self, client: _Client) -> float:
         end = time.monotonic() + self.limits.budget

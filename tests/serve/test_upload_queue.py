@@ -10,13 +10,13 @@ from typing import Callable
 import pytest
 
 from glyphserve.serve.errors import ReadersBusyError, TooManyUploadsError
-from glyphserve.serve.parse_queue import REAP_S, ParseLimits, ParseQueue
+from glyphserve.serve.upload_queue import REAP_S, QueueLimits, UploadQueue
 
 
 class Files:
     """Files whose reading ends when the test says; ``started`` lists them in the order their reading began."""
 
-    def __init__(self, queue: ParseQueue):
+    def __init__(self, queue: UploadQueue):
         self.queue = queue
         self.started: list[str] = []
         self.gates: dict[str, threading.Event] = {}
@@ -45,9 +45,9 @@ async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
         await asyncio.sleep(0.005)
 
 
-def run(test, limits: ParseLimits = ParseLimits(budget=30)) -> None:
+def run(test, limits: QueueLimits = QueueLimits(budget=30)) -> None:
     async def main():
-        queue = ParseQueue(limits)
+        queue = UploadQueue(limits)
         files = Files(queue)
         try:
             await test(queue, files)
@@ -60,7 +60,7 @@ def run(test, limits: ParseLimits = ParseLimits(budget=30)) -> None:
 
 
 def test_a_clients_files_past_its_share_wait_while_another_clients_are_read_at_once():
-    async def test(queue: ParseQueue, files: Files):
+    async def test(queue: UploadQueue, files: Files):
         slow = [files.send("a", f"a{i}") for i in range(4)]
         await until(lambda: sorted(files.started) == ["a0", "a1"])
         assert (queue.reading, queue.waiting) == (2, 2)
@@ -88,18 +88,18 @@ def test_the_lines_take_turns_at_a_thread_that_frees_up():
             await files.end(name)
         await asyncio.gather(*tasks)
 
-    run(test, ParseLimits(budget=30, threads=1, per_client=1))
+    run(test, QueueLimits(budget=30, threads=1, per_client=1))
 
 
 def test_a_client_past_its_line_is_refused_at_once_saying_when_to_retry():
-    async def test(queue: ParseQueue, files: Files):
+    async def test(queue: UploadQueue, files: Files):
         tasks = [files.send("a", f"a{i}") for i in range(2 + queue.limits.waiting)]
         await until(lambda: (queue.reading, queue.waiting) == (2, 16))
         with pytest.raises(TooManyUploadsError) as refused:
             await files.send("a", "one too many")
         assert refused.value.http_status == 429 and refused.value.code == "too_many_uploads"
         assert 29 <= refused.value.retry_after <= 30  # when the first of its files runs out of budget
-        assert "2 files being read and 16 waiting" in refused.value.message
+        assert "2 uploads being read and 16 waiting" in refused.value.message
         await files.end("b", files.send("b", "b"))  # another client's is read
         for i in range(2 + queue.limits.waiting):
             await files.end(f"a{i}")
@@ -111,7 +111,7 @@ def test_a_client_past_its_line_is_refused_at_once_saying_when_to_retry():
 @pytest.mark.parametrize("held_by", ["own", "others"])
 def test_a_file_that_waits_a_whole_budget_is_refused_by_who_held_the_threads(held_by):
     """Its client's own files held its share (429), or other clients' files held every thread (503)."""
-    async def test(queue: ParseQueue, files: Files):
+    async def test(queue: UploadQueue, files: Files):
         holders = ["a"] if held_by == "own" else ["b", "c"]
         held = [files.send(client, f"held{i}") for i, client in enumerate(holders)]
         await until(lambda: len(files.started) == len(holders))
@@ -123,11 +123,11 @@ def test_a_file_that_waits_a_whole_budget_is_refused_by_who_held_the_threads(hel
         for i, task in enumerate(held):
             await files.end(f"held{i}", task)
 
-    run(test, ParseLimits(budget=0.2, threads=2, per_client=1))
+    run(test, QueueLimits(budget=0.2, threads=2, per_client=1))
 
 
 def test_a_file_given_up_leaves_its_line_and_one_being_read_keeps_its_thread_until_read():
-    async def test(queue: ParseQueue, files: Files):
+    async def test(queue: UploadQueue, files: Files):
         reading = [files.send("a", f"a{i}") for i in range(2)]
         waiting = files.send("a", "a2")
         await until(lambda: len(files.started) == 2)
@@ -144,7 +144,7 @@ def test_a_file_given_up_leaves_its_line_and_one_being_read_keeps_its_thread_unt
 
 
 def test_files_waiting_when_the_server_stops_are_refused_at_once_and_no_thread_is_lost():
-    async def test(queue: ParseQueue, files: Files):
+    async def test(queue: UploadQueue, files: Files):
         reading = [files.send("a", f"a{i}") for i in range(2)]
         waiting = files.send("a", "a2")
         await until(lambda: (queue.reading, queue.waiting) == (2, 1))
@@ -165,7 +165,7 @@ def test_a_refusal_keeps_its_retry_after_across_processes_and_ipv6_clients_go_by
     import pickle
     from types import SimpleNamespace
 
-    from glyphserve.serve.parse_queue import client_of
+    from glyphserve.serve.upload_queue import client_of
 
     copy = pickle.loads(pickle.dumps(TooManyUploadsError("wait", 7)))
     assert (type(copy), copy.message, copy.retry_after) == (TooManyUploadsError, "wait", 7)
