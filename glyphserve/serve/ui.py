@@ -72,7 +72,7 @@ def _fail(exc: Exception) -> str:
     else:
         log.error("UI action failed", exc_info=exc)
         message = "internal error; the server log has the details"
-    gr.Warning(html.escape(message, quote=False))
+    gr.Warning(html.escape(message, quote=False), title="Error")  # (the framework's toast for what the user sent)
     return f"**Error:** {_literal(message)}"
 
 
