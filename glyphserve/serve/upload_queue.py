@@ -172,9 +172,12 @@ class UploadQueue:
         self._reading -= 1
         self._forget(name)
         while self._reading < self.limits.threads and not self._closed:
-            turn = next((n for n in self._turns if len(self._clients[n].ends) < self.limits.per_client), None)
-            if turn is None:
+            # The line whose client has the fewest uploads in hand, the earliest turn among those: a client with
+            # nothing in hand came after others' second files and was refused 503 (a new user's trial).
+            ready = [n for n in self._turns if len(self._clients[n].ends) < self.limits.per_client]
+            if not ready:
                 return
+            turn = min(ready, key=lambda n: len(self._clients[n].ends))
             self._turns.remove(turn)
             client = self._clients[turn]
             waiter = client.waiting.popleft()

@@ -172,3 +172,20 @@ def test_a_refusal_keeps_its_retry_after_across_processes_and_ipv6_clients_go_by
     ask = lambda host: client_of(SimpleNamespace(client=SimpleNamespace(host=host)))  # noqa: E731
     assert ask("2001:db8:1:2::5") == ask("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64" != ask("2001:db8:1:3::5")
     assert ask("10.0.0.7") == "10.0.0.7" and client_of(SimpleNamespace(client=None)) == ""
+
+
+def test_a_client_with_nothing_in_hand_goes_before_another_clients_next_file():
+    async def test(queue: UploadQueue, files: Files):
+        a = [files.send("a", f"a{i}") for i in range(3)]  # a holds both threads, its third file waits
+        await until(lambda: (queue.reading, queue.waiting) == (2, 1))
+        b = files.send("b", "b0")  # after a's line in turn, but b has nothing in hand
+        await until(lambda: queue.waiting == 2)
+        await files.end("a0", a[0])  # a still has a1 in hand
+        await until(lambda: len(files.started) == 3)
+        assert files.started[2] == "b0"
+        await files.end("b0", b)
+        await until(lambda: len(files.started) == 4)
+        for i in (1, 2):
+            await files.end(f"a{i}", a[i])
+
+    run(test, QueueLimits(budget=30, threads=2, per_client=2))
