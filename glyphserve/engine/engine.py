@@ -1,9 +1,9 @@
 """The engine's public face: rendered pages and a conversation in, streamed thinking and answer out.
 
-``Engine`` loads the model, sizes the KV pool from the memory left after the weights, and runs requests through
-the engine loop (``EngineCore``: scheduler, KV pool, model runner, sampler). One ``stream``/``stream_batch`` call
-runs at a time (a lock); inside one, any number of requests (up to ``max_num_seqs`` at once) are batched
-continuously, and more can join through ``admit`` while it runs.
+``Engine`` loads the model, sizes the KV pool from the memory left after the weights and warms up (``startup``),
+and runs requests through the engine loop (``EngineCore``: scheduler, KV pool, model runner, sampler). One
+``stream``/``stream_batch`` call runs at a time (a lock); inside one, any number of requests (up to ``max_num_seqs``
+at once) are batched continuously, and more can join through ``admit`` while it runs.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 
-from glyphserve.engine import loading
+from glyphserve.engine import loading, startup
 from glyphserve.engine.caches import VisionCache
 from glyphserve.engine.core import EngineCore, Event
-from glyphserve.engine.kv_pool import TRASH_BLOCK, KVPool
-from glyphserve.engine.model_runner import PAGED_CHUNK_TOKENS, PROMPT_PAD_TOKENS, DenseChunk, ModelRunner, StepInputs
+from glyphserve.engine.kv_pool import KVPool
+from glyphserve.engine.model_runner import ModelRunner
 from glyphserve.engine.pdl import enable_for_inductor, pdl_enabled
 from glyphserve.engine.planner import Planner
 from glyphserve.engine.preprocess import PagePreprocessor, PreprocessParams
@@ -30,16 +29,11 @@ from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import Scheduler, SchedulerConfig
 from glyphserve.engine.sequence import Sequence, Status
 from glyphserve.engine.stage_clock import StageClock
-from glyphserve.engine.pass_graphs import PASS_GRAPH_TOKENS, PassGraphs
 from glyphserve.engine.step_trace import StepTrace
 from glyphserve.engine.types import DEFAULT_MAX_CONTEXT, Answer, AnswerRequest, EngineConfig, StepRecord, StreamEvent
 from glyphserve.engine.vision import VisionEncoder, VisionRunner
 from glyphserve.errors import ConfigError, EngineOutOfMemoryError, GlyphserveError
 from glyphserve.glm4v import STOP_TOKENS
-
-# Memory kept free beside the KV pool on CUDA: CUDA graphs' own pool, cuBLAS workspaces, allocator slack.
-CUDA_RESERVE_BYTES = 1 << 30
-
 
 _CLOSED = "this engine was closed (Engine.close): load another to answer more"
 
@@ -59,16 +53,6 @@ def _while_open(method):
             raise
 
     return call
-
-
-def graph_buckets(max_num_seqs: int, max_rows: int) -> list[int]:
-    """Row counts with a captured graph step: powers of two up to ``max_num_seqs``, it, and ``max_rows`` (room for
-    a short prompt chunk beside few sequences: one more capture, not every power of two up to it)."""
-    out, b = [], 1
-    while b < max_num_seqs:
-        out.append(b)
-        b *= 2
-    return sorted({*out, max_num_seqs, max_rows})
 
 
 class Engine:
@@ -122,7 +106,7 @@ class Engine:
                                   compile=config.compile_decode and config.cuda_graphs and cuda,
                                   quantize=config.quantize)
         self.sampler = Sampler(self.runner.vocab, config.max_num_seqs + 1, self.stop_ids, self.device)
-        self.pool = KVPool(self._pool_blocks(sched_config), block_size)
+        self.pool = KVPool(startup.pool_blocks(self, sched_config), block_size)
         self.runner.allocate_kv(self.pool.num_blocks)
         self.scheduler = Scheduler(sched_config, self.pool)
         key_prefix = f"{self.name}|{self.dtype}|{self.params.fingerprint()}|"
@@ -143,7 +127,7 @@ class Engine:
         # the thread that runs the steps; planned_ahead: requests that came planned (``plan``)
         self._counters = {"requests": 0, "new_tokens": 0, "prompt_tokens": 0, "oom_recoveries": 0, "plan_s": 0.0,
                           "planned_ahead": 0}
-        self._warm_up()
+        startup.warm_up(self)
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
@@ -440,91 +424,6 @@ class Engine:
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
                 ids.add(tid)
         return sorted(ids)
-
-    # --- sizing and warm-up --------------------------------------------------------------------------------
-
-    def _pool_blocks(self, sched: SchedulerConfig) -> int:
-        """Blocks in the KV pool: as configured, else what the memory budget leaves after the weights, the
-        activations of the largest prefill (measured with a real forward pass) and the vision cache."""
-        per_block = ModelRunner.bytes_per_block(self.model.config, self.config.kv_block_size, self.dtype)
-        if self.config.num_kv_blocks is not None:
-            blocks = self.config.num_kv_blocks
-        elif self.device.type != "cuda":
-            blocks = self.config.cpu_kv_cache_bytes // per_block
-        else:
-            blocks = self._profile_cuda(sched) // per_block
-        need = -(-(self.max_context + 1) // self.config.kv_block_size) + 1
-        if blocks < need:
-            raise ConfigError(
-                f"the KV pool would hold {blocks} blocks of {self.config.kv_block_size} tokens, fewer than one "
-                f"full context ({self.max_context} tokens) needs: raise gpu_memory_utilization (now "
-                f"{self.config.gpu_memory_utilization}) or lower max_context")
-        return blocks
-
-    def _profile_cuda(self, sched: SchedulerConfig) -> int:
-        """Bytes left for the KV pool under ``gpu_memory_utilization``."""
-        self.runner.allocate_kv(2)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        n = sched.max_prefill_tokens
-        with torch.inference_mode():
-            page = np.full((840, 588, 3), 255, dtype=np.uint8)
-            grid = self.params.grid(840, 588)
-            pages = self.config.vision_batch_pages
-            self.vision.encode(self.preprocessor([page] * pages), [grid] * pages)
-        self._prompt_pass(n)
-        torch.cuda.synchronize(self.device)
-        transient = torch.cuda.max_memory_allocated(self.device) - base
-        self.runner.allocate_kv(0)
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        budget = int(total * self.config.gpu_memory_utilization) - used - transient - CUDA_RESERVE_BYTES
-        return max(0, budget - self.config.vision_cache_bytes)
-
-    @torch.inference_mode()
-    def _prompt_pass(self, n: int) -> None:
-        """One forward pass of an ``n``-token prompt of zeros as a first chunk, its K/V stored in the pool's trash
-        block (no sequence's)."""
-        embeds = torch.zeros(n, self.model.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
-        self.runner.forward(StepInputs(embeds=embeds, positions=torch.arange(n, device=self.device).expand(3, -1),
-                                       slot_mapping=torch.full((n,), TRASH_BLOCK * self.config.kv_block_size,
-                                                               dtype=torch.long, device=self.device),
-                                       dense=[DenseChunk(0, n, 0)],
-                                       logits_index=torch.tensor([n - 1], device=self.device)))
-
-    def _warm_up(self) -> None:
-        if self.device.type != "cuda":
-            return
-        # A prompt's pass where the memory profile ran none (the pool's size given): the compiled layer pieces trace
-        # one variant for a prompt's rows beside those of the decode steps' row counts (``linear.gated_linear``
-        # bounds the rows its decode kernels take), else traced at the first question's prefill.
-        if self.config.num_kv_blocks is not None:
-            self._prompt_pass(PROMPT_PAD_TOKENS)
-        # A page the processor resizes both ways: the preprocessing's Triton kernels compile here, not in a question.
-        self.preprocessor([np.full((842, 595, 3), 255, dtype=np.uint8)])
-        if self.compiled_vision:
-            for height, width in self.config.warmup_page_shapes or ((224, 224),):
-                page = np.full((height, width, 3), 255, dtype=np.uint8)
-                grid = self.params.grid(height, width)
-                for n in sorted({1, self.config.vision_batch_pages}):
-                    self.vision.encode(self.preprocessor([page] * n), [grid] * n)
-        rows = self.runner.max_rows if self.core.row_prefill else self.config.max_num_seqs
-        buckets = graph_buckets(self.config.max_num_seqs, rows)
-        self.runner.warm_attention(buckets, [1, 2, PAGED_CHUNK_TOKENS])
-        self.plan_attention()
-        if self.config.cuda_graphs:
-            self.runner.capture(buckets, self.sampler)
-            if self.core.row_prefill:  # prompt chunks in graphs: as rows of a step, or a captured pass
-                # (Captured at load, while the memory profile's transient, a whole prefill's, is free: the pool
-                # grows by ~0.1-0.3 GiB on GLM-4.1V-9B, inside CUDA_RESERVE_BYTES.)
-                passes = PassGraphs(self.runner, min(PASS_GRAPH_TOKENS, self.config.max_num_batched_tokens),
-                                    self.config.max_num_seqs)
-                passes.capture(self.runner.graph_pool)
-                self.core.passes = passes
-        self._sync()
 
     @_while_open
     def plan_attention(self) -> None:

@@ -334,7 +334,7 @@ def test_follow_ups_joining_decoding_rows_match_as_rows_and_eagerly(load_engine,
     """Short prefills (follow-ups after cached prefixes, vision tokens of a partial block among them) run in the
     same step as other rows' decoding, one row per token, eagerly (``graph_prefill=False``) or as a captured
     pass."""
-    from glyphserve.engine.engine import graph_buckets
+    from glyphserve.engine.startup import graph_buckets
     from glyphserve.engine.pass_graphs import PassGraphs
 
     engine = load_engine(max_num_seqs=4, graph_prefill=mode == "rows")
