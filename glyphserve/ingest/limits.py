@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_MAX_BYTES = 50 * 2**20
+MAX_IMAGE_SIDE = 2000  # px, a scanned page's longer side as read (larger pages are read at a lower resolution)
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,15 @@ import numpy as np
 from glyphserve import errors
 from glyphserve.errors import CorruptFileError, GlyphserveError, IngestTimeoutError
 from glyphserve.ingest.document import ImagePart, TextPart
-from glyphserve.ingest.limits import IngestLimits
+from glyphserve.ingest.limits import MAX_IMAGE_SIDE, IngestLimits
 
 Parts = list[TextPart | ImagePart]
 Keep = Callable[[ImagePart], ImagePart]  # what a document keeps of a page image, made as the image is read
 KINDS = {"pdf": "PDF", "docx": "Word document"}
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the glyphserve package
 _CHILD = "from glyphserve.ingest.parsing import child_main; child_main()"
-_MAX_HEADER = 1 << 31
+_FRAME_BYTES = 1 << 16  # a line's JSON around its text: an image's shape, an error's message
+_MOST_SIDE = MAX_IMAGE_SIDE + 1  # a page image's side, as PDFium rounds the scaled page
 
 
 def parse_file(kind: str, data: bytes, label: str, limits: IngestLimits, keep: Keep | None = None) -> Parts:
@@ -117,7 +118,7 @@ class _Children:
                 child.stdin.write(header.encode() + b"\n")
                 child.stdin.write(data)
                 child.stdin.close()
-                answer = _read_answer(child.stdout, keep)
+                answer = _read_answer(child.stdout, keep, limits)
             except (OSError, ValueError, KeyError, TypeError):
                 answer = None
         finally:
@@ -147,24 +148,44 @@ class _Answer:
     error: dict | None = None
 
 
-def _read_answer(stream, keep: Keep | None) -> _Answer:
+def _read_answer(stream, keep: Keep | None, limits: IngestLimits) -> _Answer:
     """The child's parts up to its last line, each page image passed through ``keep`` as it arrives, before the
-    next one is read."""
+    next one is read. What the child declares is held to what an honest parser could send under ``limits`` before
+    anything is allocated for it (a parser subverted by a crafted file could declare anything): a ``ValueError``
+    past that, as for a garbled answer."""
     parts: Parts = []
+    characters = images = 0
+    most_characters = _most_characters(limits)
     while True:
-        line = stream.readline(_MAX_HEADER)
+        # A line holds at most the characters still allowed, each at most 6 bytes of JSON (an escaped control).
+        line = stream.readline(6 * (most_characters - characters) + _FRAME_BYTES)
         if not line.endswith(b"\n"):
-            raise ValueError("the parser's answer ended early")
+            raise ValueError("the parser's answer ended early, or sent a line longer than its limits allow")
         frame = json.loads(line.decode("utf-8", "surrogatepass"))
         if "error" in frame:
             return _Answer([], frame["error"])
         if "end" in frame:
             return _Answer(parts)
+        if len(parts) > limits.max_pdf_pages:  # a PDF's text pages merge between scans: at most a part a page
+            raise ValueError("the parser sent more parts than its file has pages")
         if "text" in frame:
-            parts.append(TextPart(frame["text"]))
+            text = frame["text"]
+            characters += len(text) if isinstance(text, str) else most_characters + 1
+            if characters > most_characters:
+                raise ValueError("the parser sent more text than its limits allow")
+            parts.append(TextPart(text))
         else:
             height, width = (int(v) for v in frame["image"])
+            images += 1
+            if images > limits.max_scan_pages or not (0 < height <= _MOST_SIDE and 0 < width <= _MOST_SIDE):
+                raise ValueError("the parser sent more or larger page images than its limits allow")
             parts.append(_kept(ImagePart(_read_pixels(stream, height, width), int(frame["page"])), keep))
+
+
+def _most_characters(limits: IngestLimits) -> int:
+    """Text an honest parser sends at most: ``max_characters`` of text, and the separators it adds between pages
+    and paragraphs (at most one character for each of those allowed, doubled for two-character separators)."""
+    return limits.max_characters + 2 * (limits.max_pdf_pages + limits.max_paragraphs)
 
 
 def _read_pixels(stream, height: int, width: int) -> np.ndarray:

@@ -26,10 +26,9 @@ from glyphserve.errors import (
     TooManyPagesError,
 )
 from glyphserve.ingest.document import PART_SEPARATOR, ImagePart, TextPart
-from glyphserve.ingest.limits import IngestLimits
+from glyphserve.ingest.limits import MAX_IMAGE_SIDE, IngestLimits
 
 RENDER_DPI = 144
-MAX_IMAGE_SIDE = 2000  # px; larger pages are rendered at a lower resolution
 
 _LOCK = threading.Lock()  # PDFium is not thread-safe (in a parser process only one file is read at a time)
 _PARAGRAPH_GAP = 0.3  # extra space between lines, in line heights, that starts a paragraph

@@ -172,3 +172,79 @@ def test_file_names_are_cleaned(raw, clean):
 def test_typed_names_are_cleaned(typed, clean):
     assert clean_name(typed) == clean
     assert clean_name("n" * 300, 200) == "n" * 200
+
+
+# A parser child subverted by a crafted file could send anything; these stand in for it (real processes, started as
+# the parser is). Each reads its request, then writes its frames (a Python expression: a list of bytes), forever or once.
+_SUBVERTED = """
+import sys
+stdin, out = sys.stdin.buffer, sys.stdout.buffer
+import json
+request = json.loads(stdin.readline())
+stdin.read(request["size"])
+frames = {frames}
+try:
+    while True:
+        for frame in frames:
+            out.write(frame)
+        out.flush()
+        if not {forever}:
+            break
+except BrokenPipeError:
+    pass
+"""
+
+
+@pytest.fixture
+def subverted(monkeypatch):
+    """Run the next parses with a child that sends ``frames`` (forever, or once then a last line)."""
+    from glyphserve.ingest import parsing
+
+    def use(frames: str, forever: bool) -> None:
+        parsing.shutdown()  # the spare was started with the real parser
+        monkeypatch.setattr(parsing, "_CHILD", _SUBVERTED.format(frames=frames, forever=forever))
+
+    yield use
+    parsing.shutdown()  # and the spare now is a subverted one
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("frames, forever", [
+    ([b'{"image": [100000, 100000], "page": 1}\n'], False),  # 30 GB of pixels declared
+    ([b'{"image": [-5, 10], "page": 1}\n'], False),
+    ([b'{"image": [4, 4], "page": 1}\n' + bytes(48)], True),  # small pages past --max-scan-pages
+    ([b'{"text": "' + b"x" * 4096 + b'"}\n'], True),  # text past --max-characters
+    ([b'{"text": ""}\n'], True),  # parts past the file's pages
+    ([b'{"text": "' + b"x" * 65536], True),  # one line that never ends
+], ids=["huge-image", "negative-side", "many-images", "endless-text", "empty-parts", "endless-line"])
+def test_a_subverted_parser_cannot_make_the_caller_hold_more_than_its_limits(subverted, frames, forever):
+    """What the child declares is checked before the caller allocates for it: the file is refused as damaged, long
+    before the parse's budget (60 s) runs out, and the caller's memory does not grow by what was declared."""
+    import time
+
+    subverted(repr(frames), forever)
+    limits = IngestLimits(timeout=60, max_characters=100_000, max_scan_pages=5, max_pdf_pages=10)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # the peak so far: this process's present size (earlier cases' peaks count not)
+    before = _high_water_mib("self")
+    started = time.monotonic()
+    with pytest.raises(CorruptFileError, match="^'crafted.pdf' looks like a PDF but could not be read: the parser "
+                                               "stopped"):
+        ingest_bytes(b"%PDF-1.4\n%%EOF\n", "crafted.pdf", limits=limits)
+    assert time.monotonic() - started < 30
+    assert _high_water_mib("self") < before + 64
+
+
+def test_an_honest_answer_within_the_parent_limits_is_taken(subverted, tmp_path):
+    """The same checks leave an answer at the limits whole: text of max_characters and its separators, pages of
+    the largest side, as many scans as allowed."""
+    side = 2001
+    text = "y" * 100_000
+    frames = [b'{"text": "' + text.encode() + b'"}\n']
+    frames += [b'{"image": [%d, 3], "page": %d}\n' % (side, n) + bytes(side * 9) for n in (1, 2)]
+    (tmp_path / "frames").write_bytes(b"".join(frames) + b'{"end": true}\n')
+    subverted(f"[open({str(tmp_path / 'frames')!r}, 'rb').read()]", False)
+    document = ingest_bytes(b"%PDF-1.4\n%%EOF\n", "fine.pdf",
+                            limits=IngestLimits(timeout=60, max_characters=100_000, max_scan_pages=2))
+    assert document.parts[0] == TextPart(text)
+    assert [part.image.shape for part in document.parts[1:]] == [(side, 3, 3)] * 2
