@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from glyphserve.engine import loading, startup
+from glyphserve.engine import loading
 from glyphserve.engine.caches import VisionCache
 from glyphserve.engine.core import EngineCore, Event
 from glyphserve.engine.kv_pool import KVPool
@@ -29,6 +29,7 @@ from glyphserve.engine.sampler import Sampler
 from glyphserve.engine.scheduler import Scheduler, SchedulerConfig
 from glyphserve.engine.sequence import Sequence, Status
 from glyphserve.engine.stage_clock import StageClock
+from glyphserve.engine.startup import Startup
 from glyphserve.engine.step_trace import StepTrace
 from glyphserve.engine.types import DEFAULT_MAX_CONTEXT, Answer, AnswerRequest, EngineConfig, StepRecord, StreamEvent
 from glyphserve.engine.vision import VisionEncoder, VisionRunner
@@ -106,7 +107,8 @@ class Engine:
                                   compile=config.compile_decode and config.cuda_graphs and cuda,
                                   quantize=config.quantize)
         self.sampler = Sampler(self.runner.vocab, config.max_num_seqs + 1, self.stop_ids, self.device)
-        self.pool = KVPool(startup.pool_blocks(self, sched_config), block_size)
+        start = Startup(config, mcfg, self.runner, self.vision, self.preprocessor, self.params, self.max_context)
+        self.pool = KVPool(start.pool_blocks(sched_config), block_size)
         self.runner.allocate_kv(self.pool.num_blocks)
         self.scheduler = Scheduler(sched_config, self.pool)
         key_prefix = f"{self.name}|{self.dtype}|{self.params.fingerprint()}|"
@@ -127,7 +129,7 @@ class Engine:
         # the thread that runs the steps; planned_ahead: requests that came planned (``plan``)
         self._counters = {"requests": 0, "new_tokens": 0, "prompt_tokens": 0, "oom_recoveries": 0, "plan_s": 0.0,
                           "planned_ahead": 0}
-        startup.warm_up(self)
+        start.warm_up(self.core, self.sampler, self.compiled_vision, self.plan_attention)
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
