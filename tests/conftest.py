@@ -28,3 +28,35 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-glm4v")
     make_tiny_model(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def scanned_pdf() -> bytes:
+    """Three pages without a text layer: portrait, landscape in colour, and a sliver."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    pages = [Image.new("RGB", size, "white") for size in ((600, 800), (800, 600), (60, 1400))]
+    for n, page in enumerate(pages):
+        ImageDraw.Draw(page).rectangle((10, 10, 50, 60 + 40 * n), fill=(200, 30, 30) if n == 1 else "black")
+    out = io.BytesIO()
+    pages[0].save(out, format="PDF", save_all=True, append_images=pages[1:])
+    return out.getvalue()
+
+
+@pytest.fixture
+def documents_rendered(monkeypatch) -> list:
+    """Each document ``glyphserve.render.render_document`` is given from here on (it renders them as ever): what a
+    command kept of a file's scans as it read it."""
+    import glyphserve.render
+
+    render_document = glyphserve.render.render_document
+    seen: list = []
+
+    def recorded(document, *args, **kwargs):
+        seen.append(document)
+        return render_document(document, *args, **kwargs)
+
+    monkeypatch.setattr(glyphserve.render, "render_document", recorded)
+    return seen

@@ -50,7 +50,8 @@ def _prepare_row(row: dict[str, Any], render: RenderOptions) -> dict[str, Any]:
     """Ray task: ingest and render one document; its pages as PNG files. Failures travel in the row."""
     prepared = prepare_document(pickle.loads(row["document"]), render, render_workers=1)
     started = time.perf_counter()
-    prepared.pages = [EncodedPage.from_pixels(page) for page in prepared.pages]
+    prepared.pages = [page if isinstance(page, EncodedPage) else EncodedPage.from_pixels(page)
+                      for page in prepared.pages]
     if prepared.error is None:
         prepared.timings["encode"] = time.perf_counter() - started
     return {"id": row["id"], "prepared": pickle.dumps(prepared)}

@@ -18,6 +18,7 @@ from glyphserve.engine.types import (
     StepRecord,
     StreamEvent,
     TokenLogprob,
+    engine_page,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "StepRecord",
     "StreamEvent",
     "TokenLogprob",
+    "engine_page",
     "make_tiny_model",
 ]
 

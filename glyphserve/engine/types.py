@@ -207,6 +207,16 @@ class EncodedPage:
 Page = Union[np.ndarray, EncodedPage]
 
 
+def engine_page(page) -> Page:
+    """A rendered page (``glyphserve.render.RenderedPage``) as an engine reads it: the PNG file it keeps instead of
+    pixels (a scan made into its page as it was read, ``glyphserve.render.fit_scans``; not decoded here), else its
+    pixels."""
+    if page.pixels is None:
+        width, height = page.size
+        return EncodedPage(page.encoded, height, width)
+    return page.image
+
+
 @dataclass
 class AnswerRequest:
     """A question about rendered pages. ``history`` holds earlier turns (the pages belong to the first user turn)."""

@@ -46,7 +46,7 @@ def ingest_bytes(
     ``filename`` only tells Markdown from plain text and names the file in messages (cleaned by
     :func:`clean_filename`) unless ``label`` names the source there (e.g. standard input). ``keep`` makes each PDF
     page image into what the document keeps of it, as the page is read (``glyphserve.render.fit_scans``: the pages
-    it will be stored as). Raises a :class:`GlyphserveError` subclass for anything the user can fix (unsupported,
+    it will render to). Raises a :class:`GlyphserveError` subclass for anything the user can fix (unsupported,
     corrupt, encrypted, empty, over ``limits``).
     """
     data = bytes(data)  # also accepts bytearray and memoryview
@@ -84,8 +84,10 @@ def ingest_bytes(
     )
 
 
-def ingest_path(path: str | os.PathLike, *, limits: IngestLimits = IngestLimits()) -> Document:
-    """Read a file from disk; the size limit is checked before any of it is read."""
+def ingest_path(path: str | os.PathLike, *, limits: IngestLimits = IngestLimits(),
+                keep: Keep | None = None) -> Document:
+    """Read a file from disk; the size limit is checked before any of it is read. ``keep`` as for
+    :func:`ingest_bytes`."""
     path = Path(path)
     max_bytes = limits.max_bytes
     try:
@@ -99,17 +101,18 @@ def ingest_path(path: str | os.PathLike, *, limits: IngestLimits = IngestLimits(
         raise NotFoundError(f"no such file: '{path}'") from exc
     except OSError as exc:
         raise GlyphserveError(f"cannot read '{path}': {exc.strerror or exc}") from exc
-    return ingest_bytes(data, path.name, limits=limits)
+    return ingest_bytes(data, path.name, limits=limits, keep=keep)
 
 
-def ingest_source(source: str, *, limits: IngestLimits = IngestLimits()) -> Document:
-    """A file named on a command line, or ``-`` for standard input (read up to the size limit)."""
+def ingest_source(source: str, *, limits: IngestLimits = IngestLimits(), keep: Keep | None = None) -> Document:
+    """A file named on a command line, or ``-`` for standard input (read up to the size limit). ``keep`` as for
+    :func:`ingest_bytes`."""
     if source != "-":
-        return ingest_path(source, limits=limits)
+        return ingest_path(source, limits=limits, keep=keep)
     stdin = sys.stdin.buffer
     data = stdin.read() if limits.max_bytes is None else stdin.read(limits.max_bytes + 1)
     _check_size(len(data), limits.max_bytes, "standard input")
-    return ingest_bytes(data, None, limits=limits, label="standard input")
+    return ingest_bytes(data, None, limits=limits, label="standard input", keep=keep)
 
 
 def ingest_text(text: str, *, limits: IngestLimits = IngestLimits()) -> Document:

@@ -176,11 +176,7 @@ def resolve_config(
         name = "glyph-zh" if has_cjk(text) else "glyph-en"
     else:
         name = preset
-    cfg = _preset_config(name, glyph_repo)
-    if isinstance(config, RenderConfig):
-        cfg = config
-    elif config is not None:
-        cfg = load_glyph_config(config, base=cfg)
+    cfg = _start_config(name, config, glyph_repo)
     changes: dict[str, Any] = {}
     if dpi is not None:
         changes["dpi"] = _coerce("dpi", dpi)
@@ -196,11 +192,26 @@ def resolve_config(
     return _check_font(cfg, text, allow_font_substitute)
 
 
-def preset_configs(preset: str = "auto", dpi: float | None = None) -> list[RenderConfig]:
-    """The settings ``resolve_config(text, preset, dpi=dpi)`` starts from, whatever the text (both presets' for
-    ``auto``): its other overrides left out, font files unchecked."""
-    configs = [_preset_config(name, None) for name in (PRESETS if preset == "auto" else [preset])]
+def preset_configs(
+    preset: str = "auto",
+    dpi: float | None = None,
+    config: RenderConfig | str | Path | dict[str, Any] | None = None,
+    *,
+    glyph_repo: str | Path | None = None,
+) -> list[RenderConfig]:
+    """The settings ``resolve_config(text, preset, config, dpi, glyph_repo=glyph_repo)`` may give, whatever the
+    text (both presets' for ``auto``): its font, newline and fallback overrides left out, font files unchecked."""
+    configs = [_start_config(name, config, glyph_repo) for name in (PRESETS if preset == "auto" else [preset])]
     return configs if dpi is None else [cfg.replace(dpi=_coerce("dpi", dpi)) for cfg in configs]
+
+
+def _start_config(name: str, config: RenderConfig | str | Path | dict[str, Any] | None,
+                  glyph_repo: str | Path | None) -> RenderConfig:
+    """Preset ``name`` overlaid with ``config`` (a file or dict; a :class:`RenderConfig` replaces it)."""
+    cfg = _preset_config(name, glyph_repo)
+    if isinstance(config, RenderConfig):
+        return config
+    return cfg if config is None else load_glyph_config(config, base=cfg)
 
 
 def _preset_config(name: str, glyph_repo: str | Path | None) -> RenderConfig:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,11 +28,18 @@ class FittedScan(ImagePart):
     files: dict[PageSize, bytes] = field(default_factory=dict)
 
 
-def fit_scans(preset: str = "auto", dpi: float | None = None) -> Callable[[ImagePart], FittedScan]:
+def fit_scans(
+    preset: str = "auto",
+    dpi: float | None = None,
+    config: RenderConfig | str | Path | dict[str, Any] | None = None,
+    *,
+    glyph_repo: str | Path | None = None,
+) -> Callable[[ImagePart], FittedScan]:
     """What a document keeps of each scan as it is read (``ingest_bytes(keep=...)``) when it will render with
-    ``resolve_config(text, preset, dpi=dpi, ...)``: its page for every page size those settings may give whatever
-    the text (one: auto's two presets share theirs), so no scan's pixels wait for the text to choose the preset."""
-    sizes = {page_pixels(config) for config in preset_configs(preset, dpi)}
+    ``resolve_config(text, preset, config, dpi, glyph_repo=glyph_repo, ...)`` (its other arguments do not change
+    the page size): its page for every page size those settings may give whatever the text (one: auto's two presets
+    share theirs), so no scan's pixels wait for the text to choose the preset."""
+    sizes = {page_pixels(cfg) for cfg in preset_configs(preset, dpi, config, glyph_repo=glyph_repo)}
 
     def keep(part: ImagePart) -> FittedScan:
         return FittedScan(None, part.source_page, {size: encode_png(_fit(part.image, size)) for size in sizes})

@@ -80,10 +80,10 @@ def _ask_in_cli_words(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings
+    from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings, engine_page
     from glyphserve.engine.prompt import page_budget
     from glyphserve.ingest import ingest_source
-    from glyphserve.render import render_document, resolve_config
+    from glyphserve.render import fit_scans, render_document, resolve_config
     from glyphserve.retrieve import DocumentPages, select_pages
 
     if not args.chat and not args.question:
@@ -101,7 +101,9 @@ def _ask(args: argparse.Namespace) -> int:
     if args.chat and args.input == "-":
         raise ConfigError("--chat reads the questions from stdin: give the document as a file, not -")
     started = time.perf_counter()
-    document = ingest_source(args.input)
+    # Each scan becomes its page file as it is read (not all its pixels held until rendered), decoded only when a
+    # model reads it (100 A4 scans, ask without a model: 782 MiB at its peak, now 93).
+    document = ingest_source(args.input, keep=fit_scans(args.preset, args.dpi))
     if args.model and not args.endpoint:  # a missing folder or an unknown Hub id fails now, not after rendering
         from glyphserve.serve.weights import resolve_model
 
@@ -111,7 +113,8 @@ def _ask(args: argparse.Namespace) -> int:
     selectable = DocumentPages(document.text, rendered)
     render_s = time.perf_counter() - started
     answerer = _answerer(args, document.text, rendered)
-    keys = _page_keys(args, rendered)
+    pages = [engine_page(page) for page in rendered]
+    keys = _page_keys(args, pages)
     if isinstance(answerer, _Extractive) and not document.text.strip():
         raise ConfigError(f"{args.input} has no text layer (scanned pages): without a model, ask searches the "
                           "document's text; read the pages with a model (--model PATH_OR_ID, or --endpoint URL)")
@@ -132,7 +135,7 @@ def _ask(args: argparse.Namespace) -> int:
         shown = selection.shown()
         if len(shown) < len(rendered) and not args.json:
             print(f"[pages shown: {_ranges(shown)} of {len(rendered)}]", file=sys.stderr)
-        request = AnswerRequest(pages=[rendered[n - 1].image for n in shown], question=question,
+        request = AnswerRequest(pages=[pages[n - 1] for n in shown], question=question,
                                 page_keys=[keys[n - 1] for n in shown] if keys else None,
                                 history=list(history), settings=settings)
         if args.chat and not args.json and not sys.stdin.isatty():
@@ -155,15 +158,16 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _page_keys(args: argparse.Namespace, rendered: list) -> list[str] | None:
-    """The rendered pages' identities in a local engine's caches, computed once for every question: given none, the
-    engine hashes each page's pixels again per question (a W200 document's 24 pages: 16 ms on the 2-core VM, 7-18 ms
-    on an H200 host, before a follow-up's first step). None for other answerers (a server keys what it is sent)."""
+def _page_keys(args: argparse.Namespace, pages: list) -> list[str] | None:
+    """The pages' identities in a local engine's caches, computed once for every question: given none, the engine
+    hashes each page's pixels (a page file's bytes) again per question (a W200 document's 24 pages: 16 ms on the
+    2-core VM, 7-18 ms on an H200 host, before a follow-up's first step). None for other answerers (a server keys
+    what it is sent)."""
     if args.endpoint or not (args.model or args.random_weights):
         return None
     from glyphserve.engine.preprocess import page_keys
 
-    return page_keys([page.image for page in rendered])
+    return page_keys(pages)
 
 
 def _answerer(args: argparse.Namespace, text: str, rendered: list):

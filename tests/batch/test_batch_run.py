@@ -365,3 +365,46 @@ def test_sigterm_stops_the_run_as_ctrl_c_does(tmp_path, questions_file):
         server.close()
     assert second.returncode == 0 and f"{done} skipped" in second.stdout, second.stderr
     assert len(read_results(output)) == 16
+
+
+def test_a_scanned_pdf_goes_to_the_engine_as_the_page_files_its_scans_were_made_into_as_read(
+        tiny_model_dir, tmp_path, scanned_pdf, documents_rendered):
+    """Each scan is kept as its page file as it is read (not all its pixels until rendered) and goes to the engine
+    as that file: the bytes of the page rendered from all the pixels, in a worker process and in Ray's task alike,
+    and the run's answers are the ones those pages get."""
+    import pickle
+
+    import numpy as np
+
+    from glyphserve.batch.inputs import BatchDocument
+    from glyphserve.batch.prefetch import RenderOptions, prepare_document
+    from glyphserve.batch.ray_data import _document_row, _prepare_row
+    from glyphserve.engine import AnswerRequest, EncodedPage, Engine, EngineConfig, GenerationSettings
+    from glyphserve.ingest import ingest_bytes
+    from glyphserve.render import FittedScan, render_document, resolve_config
+
+    src = tmp_path / "scans.pdf"
+    src.write_bytes(scanned_pdf)
+    document = BatchDocument("scans", ("What does it say?", "Which colour is the box?"), path=src)
+    render = RenderOptions(preset="glyph-zh", dpi=96)
+    prepared = prepare_document(document, render)
+    assert prepared.error is None, prepared.error
+    (kept,) = documents_rendered
+    assert [type(part) for part in kept.parts] == [FittedScan] * 3 and all(p.image is None for p in kept.parts)
+    every_pixel = ingest_bytes(scanned_pdf, "scans.pdf")  # what reading it gave before: each scan's pixels
+    expected = render_document(every_pixel, resolve_config(every_pixel.text, preset="glyph-zh", dpi=96)).pages
+    assert all(isinstance(page, EncodedPage) for page in prepared.pages)
+    assert [page.data for page in prepared.pages] == [page.png() for page in expected]
+    assert all(np.array_equal(page.pixels(), old.image) for page, old in zip(prepared.pages, expected))
+    ray_task = pickle.loads(_prepare_row(_document_row(document), render)["prepared"])
+    assert [page.data for page in ray_task.pages] == [page.png() for page in expected]
+
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), max_num_seqs=2))
+    options = BatchOptions(batch_size=2, max_new_tokens=MAX_NEW_TOKENS, workers=1, render=render)
+    with ResultLog(tmp_path / "out.jsonl") as log:
+        summary = BatchRunner(lambda: engine, log, options).run([document])
+    assert summary.done == 2 and summary.failed == 0
+    for record in read_results(tmp_path / "out.jsonl"):
+        settings = GenerationSettings(max_tokens=MAX_NEW_TOKENS)
+        alone = engine.answer(AnswerRequest([page.image for page in expected], record["question"], settings=settings))
+        assert record["answer"] == alone.text and record["pages"] == 3

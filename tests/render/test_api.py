@@ -153,11 +153,12 @@ def test_a_sliver_of_a_scanned_page_is_centred_on_white_up_to_the_models_aspect_
     assert w / h <= MAX_ASPECT and flat.vision_tokens == vision_tokens(w, h)
 
 
-@pytest.mark.parametrize("preset_name, dpi, zh_page", [
-    ("auto", None, None), ("glyph-zh", None, None), ("auto", 96, None),
-    ("auto", None, (420.0, 595.0)),  # a Glyph clone whose presets' pages differ: a file for each
+@pytest.mark.parametrize("preset_name, dpi, zh_page, config", [
+    ("auto", None, None, None), ("glyph-zh", None, None, None), ("auto", 96, None, None),
+    ("auto", None, (420.0, 595.0), None),  # a Glyph clone whose presets' pages differ: a file for each
+    ("auto", 96, None, {"page-size": "500,700"}),  # a config's page (render --config)
 ])
-def test_fitted_scans_are_the_pages_their_pixels_render_to(preset_name, dpi, zh_page, monkeypatch):
+def test_fitted_scans_are_the_pages_their_pixels_render_to(preset_name, dpi, zh_page, config, monkeypatch):
     from glyphserve.ingest import Document, ImagePart, TextPart
     from glyphserve.render import PRESETS, FittedScan, fit_scans
 
@@ -170,13 +171,13 @@ def test_fitted_scans_are_the_pages_their_pixels_render_to(preset_name, dpi, zh_
              np.zeros((2000, 6, 3), dtype=np.uint8),  # a sliver: centred on white
              rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)]  # smaller than the page: as it is
     read = [ImagePart(scan, n) for n, scan in enumerate(scans, 2)]
-    fitted = list(map(fit_scans(preset_name, dpi), read))
+    fitted = list(map(fit_scans(preset_name, dpi, config), read))
     assert all(isinstance(part, FittedScan) and part.image is None for part in fitted)
     assert all(len(part.files) == (2 if zh_page else 1) for part in fitted)
     for text in ("English.", "中文"):  # whichever preset auto then picks
-        config = resolve_config(text, preset=preset_name, dpi=dpi)
-        expected = render_document(Document(kind="pdf", parts=[TextPart(text), *read]), config)
-        got = render_document(Document(kind="pdf", parts=[TextPart(text), *fitted]), config)
+        settings = resolve_config(text, preset=preset_name, config=config, dpi=dpi)
+        expected = render_document(Document(kind="pdf", parts=[TextPart(text), *read]), settings)
+        got = render_document(Document(kind="pdf", parts=[TextPart(text), *fitted]), settings)
         assert got.manifest()["pages"] == expected.manifest()["pages"]
         assert [page.png() for page in got.pages] == [page.png() for page in expected.pages]
         assert all(page.pixels is None for page in got.pages[1:])  # kept as files, never decoded

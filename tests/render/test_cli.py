@@ -153,3 +153,45 @@ def test_rendering_into_a_used_folder_replaces_its_pages_and_a_file_is_refused(t
     proc = glyphserve("render", str(short), "-o", str(short / "sub"))
     assert proc.returncode == 2
     assert proc.stderr.decode().startswith(f"error: cannot write the pages to {short / 'sub'}: ")
+
+
+@pytest.mark.parametrize("flags, page", [
+    ([], (595, 842)),
+    (["--preset", "glyph-zh", "--dpi", "96"], (794, 1123)),
+    (["--config", "{config}"], (420, 595)),  # a config file's page size
+    (["--glyph-repo", "{repo}"], (500, 700)),  # a Glyph clone's
+], ids=["auto", "zh-96", "config", "glyph-repo"])
+def test_a_scanned_pdf_renders_from_the_page_files_its_scans_were_made_into_as_read(
+        tmp_path, scanned_pdf, documents_rendered, flags, page):
+    """Each scan is kept as its page file as it is read (not its pixels until the end), at the page size the flags
+    give: the pages written are those rendered from all the pixels."""
+    from glyphserve.cli import main
+    from glyphserve.ingest import ingest_bytes
+    from glyphserve.render import FittedScan, render_document, resolve_config
+    from tests.render.render_helpers import fake_glyph_repo
+
+    (tmp_path / "config.json").write_text(json.dumps({"page-size": "420,595"}))
+    (tmp_path / "glyph").mkdir()
+    repo = fake_glyph_repo(tmp_path / "glyph")
+    en = repo / "config" / "config_en.json"
+    en.write_text(json.dumps({**json.loads(en.read_text()), "page-size": "500,700"}))
+    flags = [flag.format(config=tmp_path / "config.json", repo=repo) for flag in flags]
+    src = tmp_path / "scans.pdf"
+    src.write_bytes(scanned_pdf)
+    assert main(["render", str(src), "-o", str(tmp_path / "pages"), *flags]) == 0
+    (document,) = documents_rendered
+    assert [type(part) for part in document.parts] == [FittedScan] * 3
+    assert all(part.image is None for part in document.parts)
+
+    settings = dict(zip(flags[::2], flags[1::2]))
+    every_pixel = ingest_bytes(scanned_pdf, "scans.pdf")  # what reading it gave before: each scan's pixels
+    expected = render_document(every_pixel, resolve_config(
+        every_pixel.text, preset=settings.get("--preset", "auto"), config=settings.get("--config"),
+        dpi=float(settings["--dpi"]) if "--dpi" in settings else None, glyph_repo=settings.get("--glyph-repo")))
+    manifest = json.loads((tmp_path / "pages" / "manifest.json").read_text())
+    assert manifest["pages"] == expected.manifest()["pages"]
+    assert [(tmp_path / "pages" / p["file"]).read_bytes() for p in manifest["pages"]] == \
+        [p.png() for p in expected.pages]
+    width, height = page
+    assert max(p["height"] for p in manifest["pages"]) == height  # the portrait scan (and the sliver) fill it
+    assert all(p["width"] <= width for p in manifest["pages"])

@@ -150,26 +150,14 @@ def test_upload_each_format_and_ask(client, name, data, kind):
     assert "silver compass" in answer.json()["answer"]
 
 
-def scanned_pdf() -> bytes:
-    """Three pages without a text layer: portrait, landscape in colour, and a sliver."""
-    from PIL import ImageDraw
-
-    pages = [Image.new("RGB", size, "white") for size in ((600, 800), (800, 600), (60, 1400))]
-    for n, page in enumerate(pages):
-        ImageDraw.Draw(page).rectangle((10, 10, 50, 60 + 40 * n), fill=(200, 30, 30) if n == 1 else "black")
-    out = io.BytesIO()
-    pages[0].save(out, format="PDF", save_all=True, append_images=pages[1:])
-    return out.getvalue()
-
-
 @pytest.mark.parametrize("preset, dpi", [("auto", None), ("glyph-zh", 96)])
-def test_a_scanned_pdf_is_stored_as_the_pages_of_its_scans(client, preset, dpi):
+def test_a_scanned_pdf_is_stored_as_the_pages_of_its_scans(client, scanned_pdf, preset, dpi):
     """Its scans become page files as the parser sends them: the pages stored are those rendered from all their
     pixels at once."""
     from glyphserve.ingest import ingest_bytes
     from glyphserve.render import render_document, resolve_config
 
-    pdf = scanned_pdf()
+    pdf = scanned_pdf
     settings = {"preset": preset, **({"dpi": str(dpi)} if dpi else {})}
     response = client.post("/v1/documents", files={"file": ("scans.pdf", pdf)}, data=settings)
     assert response.status_code in (200, 201), response.text

@@ -248,3 +248,57 @@ def test_ask_with_a_model_that_is_not_there_fails_before_rendering(story, tmp_pa
     monkeypatch.setattr("glyphserve.render.render_document", render_document)
     assert main(["ask", str(story), "Who?", "--model", str(tmp_path / "no-model")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def _every_pixel_pages(pdf: bytes, **settings) -> list:
+    """The pages of a PDF read with each scan's pixels kept until it renders (as ask read files before)."""
+    from glyphserve.ingest import ingest_bytes
+    from glyphserve.render import render_document, resolve_config
+
+    document = ingest_bytes(pdf, "scans.pdf")
+    return render_document(document, resolve_config(document.text, **settings)).pages
+
+
+def test_ask_sends_each_scan_as_the_page_file_it_was_made_into_as_read(tmp_path, scanned_pdf, documents_rendered):
+    """A scan is kept as its page file as it is read, not as all its pixels until the end, and that file is what
+    an endpoint is sent: the bytes of the page rendered from all the pixels (as a server stores it)."""
+    import base64
+
+    from glyphserve.render import FittedScan
+    from tests.batch.chat_server import ChatServer
+
+    src = tmp_path / "scans.pdf"
+    src.write_bytes(scanned_pdf)
+    server = ChatServer()
+    try:
+        assert main(["ask", str(src), "What does it say?", "--endpoint", server.url + "/v1",
+                     "--preset", "glyph-zh", "--dpi", "96"]) == 0
+        sent = [base64.b64decode(part["image_url"]["url"].split(",", 1)[1]) for part in images_sent(server)]
+    finally:
+        server.close()
+    (document,) = documents_rendered
+    assert [type(part) for part in document.parts] == [FittedScan] * 3
+    assert all(part.image is None for part in document.parts)
+    assert sent == [page.png() for page in _every_pixel_pages(scanned_pdf, preset="glyph-zh", dpi=96)]
+
+
+def test_ask_a_model_about_a_scan_answers_as_it_did_from_all_the_pixels(tiny_model_dir, tmp_path, scanned_pdf,
+                                                                        capsys):
+    """The model reads the scans' page files (decoded when its vision cache misses): the answer is the one the
+    pages rendered from all the pixels get."""
+    from glyphserve.engine import AnswerRequest, Engine, EngineConfig, GenerationSettings
+
+    src = tmp_path / "scans.pdf"
+    src.write_bytes(scanned_pdf)
+    assert main(["ask", str(src), "What does it say?", "--model", str(tiny_model_dir), "--device", "cpu",
+                 "--max-new-tokens", "8", "--ignore-eos", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), device="cpu", max_num_seqs=1))
+    try:
+        alone = engine.answer(AnswerRequest([page.image for page in _every_pixel_pages(scanned_pdf)],
+                                            "What does it say?",
+                                            settings=GenerationSettings(max_tokens=8, ignore_eos=True)))
+    finally:
+        engine.close()
+    assert result["pages_shown"] == [1, 2, 3] and result["pages_used"] == 3
+    assert result["token_ids"] == alone.token_ids and result["text"] == alone.text
