@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -259,6 +260,15 @@ def _print_answer(events, as_json: bool):
             if event.channel == "thinking":
                 out.write("\x1b[2m" if tty else "[thinking] ")
             channel = event.channel
-        out.write(event.text)
+        out.write(_TERMINAL_CONTROLS.sub(_escaped, event.text) if tty else event.text)
         out.flush()
     raise RuntimeError("the stream ended without a result")
+
+
+# Controls but tab and newline: a document's (or a model's) text could otherwise move the cursor, retitle or
+# recolour the terminal, or write its clipboard (OSC 52); shown as escapes there, kept as they are in a pipe.
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _escaped(match: re.Match) -> str:
+    return f"\\x{ord(match.group()):02x}"

@@ -302,3 +302,34 @@ def test_ask_a_model_about_a_scan_answers_as_it_did_from_all_the_pixels(tiny_mod
         engine.close()
     assert result["pages_shown"] == [1, 2, 3] and result["pages_used"] == 3
     assert result["token_ids"] == alone.token_ids and result["text"] == alone.text
+
+
+def test_ask_shows_a_documents_control_characters_as_escapes_on_a_terminal(tmp_path):
+    """A document (or a model) cannot drive the terminal an answer is printed to: on a terminal its controls show as
+    escapes; in a pipe the text is as it was written."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    doc = tmp_path / "esc.txt"
+    doc.write_text("Secret \x1b]0;PWNED\x07 and \x1b[31mred\x1b[0m about apples.\tTabbed.\n")
+    command = [sys.executable, "-m", "glyphserve", "ask", str(doc), "apples"]
+    leader, follower = pty.openpty()
+    child = subprocess.Popen(command, stdout=follower, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert child.wait(timeout=120) == 0
+    assert b"\x1b" not in shown and b"\x07" not in shown
+    assert b"Secret \\x1b]0;PWNED\\x07 and \\x1b[31mred\\x1b[0m about apples.\tTabbed." in shown
+    piped = subprocess.run(command, capture_output=True, timeout=120, check=True).stdout
+    assert b"Secret \x1b]0;PWNED\x07 and \x1b[31mred\x1b[0m about apples." in piped
