@@ -20,7 +20,7 @@ _EXPORTS = {
                                    "missing_glyphs_warning", "write_rendered"),
     "glyphserve.render.renderer": ("count_pages", "estimated_pages", "iter_pages", "render_document", "render_text"),
     "glyphserve.render.scan": ("FittedScan", "fit_scans"),
-    "glyphserve.render.tokens": ("count_text_tokens",),
+    "glyphserve.render.tokens": ("clip_to_tokens", "count_text_tokens"),
     "glyphserve.render.workers": ("shutdown_pool",),
 }
 _ALIASES = {"shutdown_pool": "shutdown"}
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     )
     from glyphserve.render.renderer import count_pages, estimated_pages, iter_pages, render_document, render_text
     from glyphserve.render.scan import FittedScan, fit_scans
-    from glyphserve.render.tokens import count_text_tokens
+    from glyphserve.render.tokens import clip_to_tokens, count_text_tokens
     from glyphserve.render.workers import shutdown as shutdown_pool
 
 

@@ -35,3 +35,17 @@ def count_text_tokens(text: str, tokenizer: Tokenizer | None = None) -> tuple[in
     cjk = len(_CJK_RE.findall(text))
     other = len(text) - cjk
     return math.ceil(other / 4 + cjk / 1.5), TEXT_TOKEN_ESTIMATE
+
+
+def clip_to_tokens(text: str, max_tokens: int) -> str:
+    """The longest start of ``text`` that the estimate counts at most ``max_tokens`` for, cut after its last
+    whitespace where it has some in its second half (whole words), else inside a word; ``text`` itself if it fits."""
+    if count_text_tokens(text)[0] <= max_tokens:
+        return text
+    budget, end = 6 * max_tokens, 0  # in sixths of a token: 1.5 for a non-CJK character, 4 for a CJK one
+    for end, char in enumerate(text):
+        budget -= 4 if _CJK_RE.match(char) else 1.5
+        if budget < 0:
+            break
+    cut = max(text.rfind(" ", 0, end + 1), text.rfind("\n", 0, end + 1))
+    return text[: cut if cut > end // 2 else end].rstrip()

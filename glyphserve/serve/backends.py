@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from glyphserve.engine.types import Answer, AnswerRequest, CacheReport, StageTimings, StreamEvent
 from glyphserve.errors import GlyphserveError
-from glyphserve.render import count_text_tokens
+from glyphserve.render import clip_to_tokens, count_text_tokens
 from glyphserve.retrieve import BM25Index, Corpus, tokenize
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
 from glyphserve.serve.retrieval import PageLayout, crop_rows, pages_for_span
@@ -260,10 +260,15 @@ class ExtractiveBackend:
             text = "\n\n".join(self._where(documents, c) + c.text for c in citations)
         else:
             text = "No passage of the document shares words with the question."
+        # A client's bound on the answer holds here too: the passages cut, as a model's answer would be.
+        limit = request.settings.max_tokens
+        clipped = text if limit is None else clip_to_tokens(text, limit)
+        finish = "stop" if clipped == text else "length"
+        text = clipped
         conversation = "\n".join([m.content for m in request.history] + [request.question])
         elapsed = time.perf_counter() - start
         answer = Answer(
-            text=text, thinking="", token_ids=[], finish_reason="stop",
+            text=text, thinking="", token_ids=[], finish_reason=finish,
             timings=StageTimings(time_to_first_token=elapsed, total=elapsed),
             prompt_tokens=sum(d.tokens for d in documents) + self._tokens(conversation),
             new_tokens=self._tokens(text), vision_tokens=0, pages_used=len(set(places)), cache=CacheReport(),
