@@ -20,6 +20,7 @@ from glyphserve.engine.types import MAX_LOGPROBS, AnswerRequest, ChatMessage, St
 from glyphserve.errors import GlyphserveError, InternalError, NotFoundError
 from glyphserve.render.config import NEWLINE_MODES, PRESETS
 from glyphserve.serve import openai_compat as oai
+from glyphserve.serve.api_schema import request_body
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.errors import InvalidRequestError, MethodNotAllowedError, UnsupportedMediaTypeError
 from glyphserve.serve.origin import route_path
@@ -293,7 +294,7 @@ def build_router(service: GlyphService) -> APIRouter:
 
     # -- documents ----------------------------------------------------------------------
 
-    @router.post("/v1/documents", status_code=201)
+    @router.post("/v1/documents", status_code=201, openapi_extra=request_body(DocumentText, upload=True))
     async def create_document(request: Request):
         if _media_type(request) == "multipart/form-data":
             upload = await read_upload(request)
@@ -354,7 +355,7 @@ def build_router(service: GlyphService) -> APIRouter:
             return Response(result, media_type="image/png")
         return FileResponse(result, media_type="image/png")
 
-    @router.patch("/v1/documents/{document_id}")
+    @router.patch("/v1/documents/{document_id}", openapi_extra=request_body(DocumentName))
     async def rename_document(document_id: str, request: Request):
         path_id(document_id)
         try:
@@ -369,7 +370,7 @@ def build_router(service: GlyphService) -> APIRouter:
         service.delete_document(path_id(document_id))
         return {"id": document_id, "deleted": True}
 
-    @router.post("/v1/documents/{document_id}/chat")
+    @router.post("/v1/documents/{document_id}/chat", openapi_extra=request_body(DocumentChat))
     async def chat(document_id: str, request: Request):
         path_id(document_id)
         try:
@@ -416,7 +417,7 @@ def build_router(service: GlyphService) -> APIRouter:
         service.check_model(model)
         return next(card for card in await run_in_threadpool(service.model_cards) if card["id"] == model)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", openapi_extra=request_body(oai.ChatCompletionRequest))
     async def chat_completions(request: Request):
         try:
             body = oai.ChatCompletionRequest.model_validate_json(await json_body(request))
@@ -472,12 +473,14 @@ def build_router(service: GlyphService) -> APIRouter:
                                         allow)
         raise NotFoundError(f"no API route {path}")
 
+    # A HEAD of every GET route, as HTTP asks (probes, link checkers): FastAPI registers GET alone, and a HEAD fell
+    # through to the web UI's plain 404. The body is left out by the server.
+    for route in [r for r in router.routes if isinstance(r, APIRoute) and "GET" in r.methods]:
+        router.add_api_route(route.path, route.endpoint, methods=["HEAD"], response_class=route.response_class,
+                             status_code=route.status_code, include_in_schema=False)
     # (/health and /metrics too: under the web UI, which serves every other path, they got its plain 404)
-    router.add_api_route("/v1/{rest:path}", unknown, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-                         include_in_schema=False)
-    router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)  # probes reading the status
-    router.add_api_route("/health", unknown, methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-                         include_in_schema=False)
-    router.add_api_route("/metrics", unknown, methods=["HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-                         include_in_schema=False)
+    others = ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    router.add_api_route("/v1/{rest:path}", unknown, methods=["GET", "HEAD", *others], include_in_schema=False)
+    router.add_api_route("/health", unknown, methods=others, include_in_schema=False)
+    router.add_api_route("/metrics", unknown, methods=others, include_in_schema=False)
     return router

@@ -23,6 +23,7 @@ from glyphserve import __version__
 from glyphserve.errors import (ConfigError, FileTooLargeError, GlyphserveError, InternalError, NotFoundError,
                                QueueFullError)
 from glyphserve.serve.api import build_router, client_gone, invalid_request
+from glyphserve.serve.api_schema import describe_api
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import (BodiesFullError, BodyTimeoutError, MethodNotAllowedError, RequestTooLargeError,
                                      RetryLaterError, UnauthorizedError)
@@ -266,6 +267,7 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None, model_name: 
     app = FastAPI(title="glyphserve", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
     mount_docs(app)
+    describe_api(app)
 
     @app.exception_handler(GlyphserveError)
     async def on_glyphserve_error(request: Request, exc: GlyphserveError):
