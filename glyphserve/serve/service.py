@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -285,13 +286,14 @@ class GlyphService:
         # layout first (a 10.9 MB text took 20 s to refuse after rendering 500 pages on a busy 2-core machine; its
         # layout counts them in well under one).
         limit = self.config.max_pages
-        if estimated_pages(document, config) > limit / 4 and count_pages(
+        estimate = estimated_pages(document, config)
+        if estimate > limit / 4 and count_pages(
                 document, config, limit, check=functools.partial(self._in_budget, deadline)) > limit:
-            raise self._too_many_pages()
+            raise self._too_many_pages(estimate)
         # With a model, the compression figure counts text tokens with its tokenizer, not the estimate.
         tokenizer = getattr(self.engine, "tokenizer", None)
-        rendered = render_document(document, config, tokenizer=tokenizer, progress=self._page_counter(deadline),
-                                   encode=True)
+        rendered = render_document(document, config, tokenizer=tokenizer,
+                                   progress=self._page_counter(deadline, estimate), encode=True)
         self.metrics.c.stages.labels("render").observe(rendered.stats.seconds)
         summary = compression_summary(rendered, preset)
         if original is not None:
@@ -300,11 +302,18 @@ class GlyphService:
         files = DocumentFiles(rendered.manifest(), document.text, [page.png() for page in rendered.pages])
         return self.store.add(name=name, kind=document.kind, summary=summary, files=files, content_hash=digest)
 
-    def _too_many_pages(self) -> TooManyPagesError:
-        return TooManyPagesError(f"the document renders to more than {self.config.max_pages} pages, this server's "
-                                 "limit (--max-pages)")
+    def _too_many_pages(self, estimate: float) -> TooManyPagesError:
+        """The refusal of a document over ``--max-pages``, with how many parts it would take by ``estimate`` (its
+        pages guessed from its lines), where that guess is over the limit too (a size limit in bytes says nothing
+        of pages: 4.3 MB of plain text fill the default 500)."""
+        limit = self.config.max_pages
+        parts = math.ceil(estimate / limit)
+        split = (f"split it into {parts} or more documents (about {estimate:,.0f} pages by its lines)" if parts > 1
+                 else "split it into smaller documents")
+        return TooManyPagesError(f"the document renders to more than {limit} pages, this server's limit "
+                                 f"(--max-pages): {split}")
 
-    def _page_counter(self, deadline: float):
+    def _page_counter(self, deadline: float, estimate: float):
         """A render progress callback that stops rendering once past ``--max-pages`` or the upload's budget."""
         done = 0
 
@@ -313,7 +322,7 @@ class GlyphService:
             done += 1
             self.metrics.c.pages_rendered.inc()
             if done > self.config.max_pages:
-                raise self._too_many_pages()
+                raise self._too_many_pages(estimate)
             self._in_budget(deadline)
 
         return count

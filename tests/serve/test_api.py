@@ -184,6 +184,28 @@ def test_extractive_chat_cites_pages_with_crops(client):
     assert body["timings"]["total"] >= 0
 
 
+def test_extractive_answers_keep_to_max_tokens(extractive_server, client):
+    """A client's max_tokens bounds the passages as it would a model's answer: cut at a word, ``length``; without
+    it, the passages whole."""
+    doc_id = upload_text(client)["id"]
+    oc = openai.OpenAI(base_url=f"{extractive_server.url}/v1", api_key="unused", max_retries=0)
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Which schooner hit the rocks?"}],
+           "extra_body": {"document": doc_id}}
+    whole = oc.chat.completions.create(**ask)
+    assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens > 16
+    cut = oc.chat.completions.create(**ask, max_tokens=16)
+    text = cut.choices[0].message.content
+    assert cut.choices[0].finish_reason == "length" and 0 < cut.usage.completion_tokens <= 16
+    assert whole.choices[0].message.content.startswith(text) and text.startswith("[page 1] In the winter")
+    streamed = oc.chat.completions.create(**ask, max_tokens=16, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    body = client.post(f"/v1/documents/{doc_id}/chat", json={"question": "Which schooner hit the rocks?",
+                                                            "max_tokens": 16}).json()
+    assert body["answer"] == text and body["finish_reason"] == "length"
+
+
 def test_streamed_document_chat(client):
     doc_id = upload_text(client)["id"]
     with client.stream("POST", f"/v1/documents/{doc_id}/chat",
@@ -286,8 +308,45 @@ def test_limits(client):
     assert too_big_chat.content.startswith(b'{"error":{"message":')  # encoded as every other error
     many_pages = client.post("/v1/documents", json={"text": "\n".join(f"line {i}" for i in range(40 * 90))})
     assert many_pages.status_code == 400 and many_pages.json()["error"]["code"] == "too_many_pages"
-    assert "--max-pages" in many_pages.json()["error"]["message"]
+    # how far over: the parts it would take, by its lines (3,600 lines of ~82 a page, 30 pages a document)
+    assert many_pages.json()["error"]["message"] == ("the document renders to more than 30 pages, this server's limit "
+                                                     "(--max-pages): split it into 2 or more documents (about 44 "
+                                                     "pages by its lines)")
     upload_text(client)  # still serving
+
+
+def test_the_openapi_document_describes_the_bodies_and_errors_as_sent(client):
+    """/docs (Swagger) can send each route's body: the JSON models (a file as multipart for uploads), every $ref
+    resolving; errors as the API sends them (400, OpenAI's body), never FastAPI's 422."""
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    bodies = {(path, method): op["requestBody"]["content"] for path, ops in doc["paths"].items()
+              for method, op in ops.items() if "requestBody" in op}
+    assert {key: sorted(content) for key, content in bodies.items()} == {
+        ("/v1/documents", "post"): ["application/json", "multipart/form-data"],
+        ("/v1/documents/{document_id}", "patch"): ["application/json"],
+        ("/v1/documents/{document_id}/chat", "post"): ["application/json"],
+        ("/v1/chat/completions", "post"): ["application/json"]}
+    assert bodies[("/v1/documents", "post")]["multipart/form-data"]["schema"]["required"] == ["file"]
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert {"messages", "max_tokens", "stream", "temperature"} <= set(chat)
+
+    def refs(node):
+        if isinstance(node, dict):
+            yield from ([node["$ref"]] if "$ref" in node else [])
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    assert all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs(doc))
+    responses = [op["responses"] for ops in doc["paths"].values() for op in ops.values()]
+    assert all("422" not in r and r["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"} for r in responses)
+    wrong = client.post("/v1/chat/completions", json={"messages": "nope"})
+    assert wrong.status_code == 400 and set(wrong.json()["error"]) == set(schemas["Error"]["properties"]["error"][
+        "properties"])
 
 
 def test_ids_and_routes_are_validated(client):
@@ -301,18 +360,24 @@ def test_ids_and_routes_are_validated(client):
     assert client.get("/v1/nothing-here").json()["error"]["code"] == "not_found"
     # A route that exists, asked with a method it does not take: 405 naming those it does (it was "no API route").
     wrong = client.put("/v1/documents", json={})
-    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, POST"
-    assert wrong.json()["error"] == {"message": "PUT is not a method of /v1/documents: it takes GET, POST",
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, HEAD, POST"
+    assert wrong.json()["error"] == {"message": "PUT is not a method of /v1/documents: it takes GET, HEAD, POST",
                                      "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}
     assert client.get("/v1/chat/completions").headers["allow"] == "POST"
-    assert client.post("/v1/documents/0123456789abcdef0123456789abcdef").headers["allow"] == "DELETE, GET, PATCH"
-    # /health and /metrics beside the web UI (which serves every other path): HEAD for probes, 405 as the API's
-    assert client.head("/health").status_code == 200
+    assert client.post("/v1/documents/0123456789abcdef0123456789abcdef").headers["allow"] == "DELETE, GET, HEAD, PATCH"
+    # HEAD wherever GET is (the headers, no body), and OPTIONS answered by the API, not the web UI's plain 404
+    for path in ("/health", "/metrics", "/v1/models", "/v1/documents", "/version"):
+        head, get = client.head(path), client.get(path)
+        assert head.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert client.head("/v1/nothing-here").status_code == 404
+    # /health and /metrics beside the web UI (which serves every other path): 405 as the API's
     for method, path, allow in (("POST", "/health", "GET, HEAD"), ("OPTIONS", "/health", "GET, HEAD"),
-                                ("DELETE", "/metrics", "GET"), ("HEAD", "/metrics", "GET")):
+                                ("DELETE", "/metrics", "GET, HEAD"), ("OPTIONS", "/v1/chat/completions", "POST"),
+                                ("OPTIONS", "/v1/models", "GET, HEAD")):
         wrong = client.request(method, path)
         assert wrong.status_code == 405 and wrong.headers["allow"] == allow, (method, path)
-        assert method == "HEAD" or wrong.json()["error"]["code"] == "method_not_allowed"
+        assert wrong.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_malformed_requests(client):
@@ -444,7 +509,7 @@ def test_mounted_under_a_prefix_the_api_asks_for_its_key_and_keeps_its_routes(tm
             assert client.get("/glyph/metrics").status_code == 401
             assert client.get("/glyph/v1/documents", headers=key).json()["total"] == 0
             wrong = client.put("/glyph/v1/documents", headers=key)
-            assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, POST"
+            assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, HEAD, POST"
             assert client.get("/glyph/health").status_code == 200
             assert client.head("/glyph/health").status_code == 200
     finally:

@@ -108,6 +108,28 @@ def test_a_client_past_its_line_is_refused_at_once_saying_when_to_retry():
     run(test)
 
 
+def test_retry_after_follows_how_long_the_last_uploads_took():
+    """Small files read in milliseconds: a client past its line is told to retry in a second, not when its files'
+    30 s budgets would run out; files already slower than the recent ones are expected to take as long again."""
+    async def test(queue: UploadQueue, files: Files):
+        for i in range(5):
+            await files.end(f"quick{i}", files.send("b", f"quick{i}"))
+        tasks = [files.send("a", f"a{i}") for i in range(2 + queue.limits.waiting)]
+        await until(lambda: (queue.reading, queue.waiting) == (2, 16))
+        with pytest.raises(TooManyUploadsError) as refused:
+            await files.send("a", "one too many")
+        assert refused.value.retry_after == 1 and "retry in 1 s" in refused.value.message
+        await asyncio.sleep(1.2)  # both of a's files in hand now slower than every recent upload
+        with pytest.raises(TooManyUploadsError) as refused:
+            await files.send("a", "one too many")
+        assert 2 <= refused.value.retry_after <= 3
+        for i in range(2 + queue.limits.waiting):
+            await files.end(f"a{i}")
+        await asyncio.gather(*tasks)
+
+    run(test)
+
+
 @pytest.mark.parametrize("held_by", ["own", "others"])
 def test_a_file_that_waits_a_whole_budget_is_refused_by_who_held_the_threads(held_by):
     """Its client's own files held its share (429), or other clients' files held every thread (503)."""
