@@ -7,7 +7,8 @@ when the child exits. One spare child is kept started, its imports done, so a fi
 Python to start. The child's address space (``max_parser_memory``) and CPU time are capped too, so one
 left running by a parent killed outright still ends. The child answers in a framed format, never pickle (a
 parser subverted by a crafted file still cannot run code in the caller): a JSON line for each part as soon as it
-is read, a page image's raw pixels after its line, then a last line (the end, or an error). Each page image is
+is read (a long text in several), a page image's raw pixels after its line, then a last line (the end, or an
+error); what the child declares is held to what the file's limits allow before the caller allocates for it. Each page image is
 made into what the document keeps of it (``keep``) as it arrives, so neither process holds the pixels of every
 page at once.
 """
@@ -23,12 +24,13 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from glyphserve import errors
 from glyphserve.errors import CorruptFileError, GlyphserveError, IngestTimeoutError
-from glyphserve.ingest.document import ImagePart, TextPart
+from glyphserve.ingest.document import PART_SEPARATOR, ImagePart, TextPart
 from glyphserve.ingest.limits import MAX_IMAGE_SIDE, IngestLimits
 
 Parts = list[TextPart | ImagePart]
@@ -37,6 +39,11 @@ KINDS = {"pdf": "PDF", "docx": "Word document"}
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the glyphserve package
 _CHILD = "from glyphserve.ingest.parsing import child_main; child_main()"
 _FRAME_BYTES = 1 << 16  # a line's JSON around its text: an image's shape, an error's message
+# A text part goes in lines of at most this many characters: what the caller reads and decodes of one line is
+# bounded by it (lines of a whole text, up to 122 MB, took a hostile parser's caller 1 GiB to refuse).
+_TEXT_CHARS = 1 << 20
+_LINE_BYTES = 6 * _TEXT_CHARS + _FRAME_BYTES  # 6 bytes a character at most: a control escaped as \uXXXX
+_MESSAGE_CHARS = 2000  # of a parser's error message passed on
 _MOST_SIDE = MAX_IMAGE_SIDE + 1  # a page image's side, as PDFium rounds the scaled page
 
 
@@ -119,7 +126,7 @@ class _Children:
                 child.stdin.write(data)
                 child.stdin.close()
                 answer = _read_answer(child.stdout, keep, limits)
-            except (OSError, ValueError, KeyError, TypeError):
+            except Exception:  # a garbled or hostile answer (nested past the stack, Infinity as a size, ...)
                 answer = None
         finally:
             timer.cancel()
@@ -154,26 +161,31 @@ def _read_answer(stream, keep: Keep | None, limits: IngestLimits) -> _Answer:
     anything is allocated for it (a parser subverted by a crafted file could declare anything): a ``ValueError``
     past that, as for a garbled answer."""
     parts: Parts = []
+    pieces: list[str] = []  # of a text part sent in several lines
     characters = images = 0
     most_characters = _most_characters(limits)
     while True:
-        # A line holds at most the characters still allowed, each at most 6 bytes of JSON (an escaped control).
-        line = stream.readline(6 * (most_characters - characters) + _FRAME_BYTES)
+        line = stream.readline(_LINE_BYTES)
         if not line.endswith(b"\n"):
             raise ValueError("the parser's answer ended early, or sent a line longer than its limits allow")
-        frame = json.loads(line.decode("utf-8", "surrogatepass"))
+        frame = json.loads(line.decode("utf-8", "surrogatepass"), parse_constant=_no_constant)
         if "error" in frame:
             return _Answer([], frame["error"])
         if "end" in frame:
             return _Answer(parts)
-        if len(parts) > limits.max_pdf_pages:  # a PDF's text pages merge between scans: at most a part a page
+        if len(parts) >= limits.max_pdf_pages:  # a PDF's text pages merge between scans: at most a part a page
             raise ValueError("the parser sent more parts than its file has pages")
         if "text" in frame:
             text = frame["text"]
-            characters += len(text) if isinstance(text, str) else most_characters + 1
+            if not isinstance(text, str) or len(text) > _TEXT_CHARS:
+                raise ValueError("the parser sent a text line it cannot have")
+            characters += len(text)
             if characters > most_characters:
                 raise ValueError("the parser sent more text than its limits allow")
-            parts.append(TextPart(text))
+            pieces.append(text)
+            if not frame.get("more"):
+                parts.append(TextPart("".join(pieces)))
+                pieces = []
         else:
             height, width = (int(v) for v in frame["image"])
             images += 1
@@ -183,9 +195,13 @@ def _read_answer(stream, keep: Keep | None, limits: IngestLimits) -> _Answer:
 
 
 def _most_characters(limits: IngestLimits) -> int:
-    """Text an honest parser sends at most: ``max_characters`` of text, and the separators it adds between pages
-    and paragraphs (at most one character for each of those allowed, doubled for two-character separators)."""
-    return limits.max_characters + 2 * (limits.max_pdf_pages + limits.max_paragraphs)
+    """Text an honest parser sends at most: ``max_characters`` (a DOCX's separators counted in them), and the
+    blank line a PDF's text puts between its pages."""
+    return limits.max_characters + len(PART_SEPARATOR) * limits.max_pdf_pages
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"the parser sent {name}")
 
 
 def _read_pixels(stream, height: int, width: int) -> np.ndarray:
@@ -204,11 +220,11 @@ _ERROR_TYPES = {cls.__name__: cls for cls in vars(errors).values()
                 if isinstance(cls, type) and issubclass(cls, GlyphserveError)}
 
 
-def _error_from(error: dict, kind: str, label: str) -> GlyphserveError:
-    cls = _ERROR_TYPES.get(error.get("type"))
-    if cls is None:
+def _error_from(error: Any, kind: str, label: str) -> GlyphserveError:
+    cls = _ERROR_TYPES.get(error.get("type")) if isinstance(error, dict) else None
+    if cls is None or not isinstance(error.get("message"), str):
         return CorruptFileError(f"{label} looks like a {KINDS[kind]} but could not be read")
-    return cls(str(error.get("message", "")))
+    return cls(error["message"][:_MESSAGE_CHARS])
 
 
 def _timeout_error(label: str, limits: IngestLimits) -> IngestTimeoutError:
@@ -275,7 +291,11 @@ def child_main() -> None:
 def _send(stream, part: TextPart | ImagePart) -> None:
     """One part of the answer, at once: its line, then a page image's pixels."""
     if isinstance(part, TextPart):
-        _send_line(stream, {"text": part.text})
+        text = part.text
+        for at in range(0, len(text), _TEXT_CHARS):
+            _send_line(stream, {"text": text[at : at + _TEXT_CHARS], "more": at + _TEXT_CHARS < len(text)})
+        if not text:
+            _send_line(stream, {"text": ""})
     else:
         image = np.ascontiguousarray(part.image, dtype=np.uint8)
         _send_line(stream, {"image": list(image.shape[:2]), "page": part.source_page})

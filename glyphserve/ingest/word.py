@@ -193,17 +193,24 @@ class _BodyReader:
         if tag == _W + "br":  # a line break; page and column breaks have no text
             symbol = "\n" if attrs.get(_W + "type", "textWrapping") == "textWrapping" else None
         if symbol is not None:
+            self._count(1)
             self.paragraph.texts.append(symbol)
 
     def text(self, data: str) -> None:
         if not self.skipping and self.stack[-1].role == "text":
-            self.characters += len(data)
-            if self.characters > self.limits.max_characters:
-                raise FileTooLargeError(
-                    f"{self.name} holds more than {self.limits.max_characters:,} characters of text, this "
-                    "server's limit (--max-characters)"
-                )
+            self._count(len(data))
             self.paragraph.texts.append(data)
+
+    def _count(self, n: int) -> None:
+        """``n`` more characters of the text this file makes: its own, and the tabs, breaks and separators read
+        makes of its symbols, cells and lines (5,000 <w:tab/> of a small file were 5,000 characters no limit
+        counted, and a parser process's answer held to the limit was refused)."""
+        self.characters += n
+        if self.characters > self.limits.max_characters:
+            raise FileTooLargeError(
+                f"{self.name} holds more than {self.limits.max_characters:,} characters of text, this "
+                "server's limit (--max-characters)"
+            )
 
     def end(self, _tag: str) -> None:
         if self.skipping:
@@ -220,19 +227,23 @@ class _BodyReader:
                     "(--max-docx-paragraphs)"
                 )
             text = "".join(frame.texts)
+            self._count(1)  # the newline after its line, or the space between a cell's paragraphs
             if self.cells:
                 self.cells[-1].texts.append(" ".join(text.split()))
             else:
                 self.lines.append(text if text.strip() else "")
         elif role == "table":
+            self._count(2)  # the blank lines around it (in a cell: the separator before it)
             if self.cells:
                 self.cells[-1].texts.append("; ".join(", ".join(row) for row in frame.rows))
             else:
                 self.lines.extend(["", *(CELL_SEPARATOR.join(row) for row in frame.rows), ""])
         elif role == "row":
+            self._count(2)  # its line's newline, or "; " between the rows of a table in a cell
             if any(frame.cells):
                 self._open("table").rows.append(frame.cells)
         elif role == "cell":
+            self._count(len(CELL_SEPARATOR))  # before the next cell of its row
             self.cells.pop()
             self._open("row").cells.append("" if frame.merged else " ".join(p for p in frame.texts if p))
 

@@ -95,7 +95,7 @@ class DocumentChat(SamplingParams):
         return ChatJob(AnswerRequest(pages=[], question=self.question, history=history, settings=settings),
                        document_id=document_id if len(collection) == 1 else None,
                        documents=collection if len(collection) > 1 else None,
-                       page_selection=self.page_selection or page_selection)
+                       page_selection=self.page_selection or page_selection, answer_tokens=self.max_tokens)
 
 
 def path_id(document_id: str) -> str:
@@ -229,40 +229,52 @@ def client_gone() -> Response:
 
 
 def build_router(service: GlyphService) -> APIRouter:
+    """The API's routes for ``service``: status, documents, chat, and the answers for paths and methods it does not
+    have."""
     router = APIRouter()
+    _status_routes(router, service)
+    _document_routes(router, service)
+    _chat_routes(router, service)
+    _method_routes(router)
+    return router
 
-    def citations(reply: Reply) -> list[dict]:
-        out = []
-        for c in reply.citations:
-            item = {"page": c.page, "start": c.start, "end": c.end, "text": c.text, "score": c.score}
-            if c.document is not None:
-                item["document"] = c.document
-                if c.page is not None:
-                    crop = f"?top={c.rows[0]}&bottom={c.rows[1]}" if c.rows else ""
-                    item["crop_url"] = f"/v1/documents/{c.document}/pages/{c.page}.png{crop}"
-            out.append(item)
-        return out
 
-    def reply_body(reply: Reply) -> dict:
-        """The answer (its text as ``answer``) with the engine's timings and cache report under their own names
-        (``StageTimings``, ``CacheReport``)."""
-        answer = reply.answer
-        return {
-            "answer": answer.text, "thinking": answer.thinking, "finish_reason": answer.finish_reason,
-            "stop_reason": answer.stop_reason, "model": service.model_name, "backend": reply.backend,
-            "notice": service.notice, "timings": asdict(answer.timings), "cache": asdict(answer.cache),
-            "usage": {**oai.usage(answer), "vision_tokens": answer.vision_tokens},
-            "logprobs": None if answer.logprobs is None else [asdict(t) for t in answer.logprobs],
-            "pages_shown": reply.pages_shown,
-            "citations": citations(reply),
-        }
+def citations(reply: Reply) -> list[dict]:
+    out = []
+    for c in reply.citations:
+        item = {"page": c.page, "start": c.start, "end": c.end, "text": c.text, "score": c.score}
+        if c.document is not None:
+            item["document"] = c.document
+            if c.page is not None:
+                crop = f"?top={c.rows[0]}&bottom={c.rows[1]}" if c.rows else ""
+                item["crop_url"] = f"/v1/documents/{c.document}/pages/{c.page}.png{crop}"
+        out.append(item)
+    return out
 
-    def delta_event(event: StreamEvent) -> dict:
-        item = {"type": "delta", "channel": event.channel, "text": event.text}
-        if event.logprobs is not None:
-            item["logprobs"] = [asdict(t) for t in event.logprobs]
-        return item
 
+def reply_body(reply: Reply, service: GlyphService) -> dict:
+    """The answer (its text as ``answer``) with the engine's timings and cache report under their own names
+    (``StageTimings``, ``CacheReport``)."""
+    answer = reply.answer
+    return {
+        "answer": answer.text, "thinking": answer.thinking, "finish_reason": answer.finish_reason,
+        "stop_reason": answer.stop_reason, "model": service.model_name, "backend": reply.backend,
+        "notice": service.notice, "timings": asdict(answer.timings), "cache": asdict(answer.cache),
+        "usage": {**oai.usage(answer), "vision_tokens": answer.vision_tokens},
+        "logprobs": None if answer.logprobs is None else [asdict(t) for t in answer.logprobs],
+        "pages_shown": reply.pages_shown,
+        "citations": citations(reply),
+    }
+
+
+def delta_event(event: StreamEvent) -> dict:
+    item = {"type": "delta", "channel": event.channel, "text": event.text}
+    if event.logprobs is not None:
+        item["logprobs"] = [asdict(t) for t in event.logprobs]
+    return item
+
+
+def _status_routes(router: APIRouter, service: GlyphService) -> None:
     @router.get("/health")
     async def health():
         # In a thread: on Ray Serve, describing the server asks Ray's controller (a blocking call).
@@ -292,8 +304,21 @@ def build_router(service: GlyphService) -> APIRouter:
     async def metrics():
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    # -- documents ----------------------------------------------------------------------
+    @router.get("/version")
+    async def version():
+        return {"version": __version__}
 
+    @router.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": await run_in_threadpool(service.model_cards)}
+
+    @router.get("/v1/models/{model:path}")
+    async def model(model: str):
+        service.check_model(model)
+        return next(card for card in await run_in_threadpool(service.model_cards) if card["id"] == model)
+
+
+def _document_routes(router: APIRouter, service: GlyphService) -> None:
     @router.post("/v1/documents", status_code=201, openapi_extra=request_body(DocumentText, upload=True))
     async def create_document(request: Request):
         if _media_type(request) == "multipart/form-data":
@@ -345,7 +370,8 @@ def build_router(service: GlyphService) -> APIRouter:
         return {"id": record.id, "warm": service.warmth(record.id), "document": record.to_dict(),
                 "manifest": service.store.manifest(record.id)}
 
-    @router.get("/v1/documents/{document_id}/pages/{page}.png")
+    @router.get("/v1/documents/{document_id}/pages/{page}.png", response_class=Response,
+                responses={200: {"description": "the page (or its crop) as PNG", "content": {"image/png": {}}}})
     async def get_page(document_id: str, page: int, top: int | None = Query(None, ge=0),
                        bottom: int | None = Query(None, ge=1)):
         if (top is None) != (bottom is None):
@@ -370,6 +396,8 @@ def build_router(service: GlyphService) -> APIRouter:
         service.delete_document(path_id(document_id))
         return {"id": document_id, "deleted": True}
 
+
+def _chat_routes(router: APIRouter, service: GlyphService) -> None:
     @router.post("/v1/documents/{document_id}/chat", openapi_extra=request_body(DocumentChat))
     async def chat(document_id: str, request: Request):
         path_id(document_id)
@@ -380,7 +408,7 @@ def build_router(service: GlyphService) -> APIRouter:
         job = body.job(document_id, service.config.page_selection)
         if not body.stream:
             reply = await unless_disconnected(request, service.answer(job))
-            return client_gone() if reply is None else reply_body(reply)
+            return client_gone() if reply is None else reply_body(reply, service)
         items = await service.stream(job, service.config.sse_keepalive)
 
         async def events() -> AsyncGenerator[str, None]:
@@ -391,7 +419,7 @@ def build_router(service: GlyphService) -> APIRouter:
                     elif isinstance(item, StreamEvent):
                         yield sse(delta_event(item))
                     else:
-                        yield sse({"type": "done", **reply_body(item)})
+                        yield sse({"type": "done", **reply_body(item, service)})
             except Cancelled:
                 return
             except Exception as exc:
@@ -401,21 +429,6 @@ def build_router(service: GlyphService) -> APIRouter:
             yield sse("[DONE]")
 
         return sse_response(events(), items)
-
-    # -- OpenAI-compatible ----------------------------------------------------------------
-
-    @router.get("/version")
-    async def version():
-        return {"version": __version__}
-
-    @router.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": await run_in_threadpool(service.model_cards)}
-
-    @router.get("/v1/models/{model:path}")
-    async def model(model: str):
-        service.check_model(model)
-        return next(card for card in await run_in_threadpool(service.model_cards) if card["id"] == model)
 
     @router.post("/v1/chat/completions", openapi_extra=request_body(oai.ChatCompletionRequest))
     async def chat_completions(request: Request):
@@ -463,6 +476,11 @@ def build_router(service: GlyphService) -> APIRouter:
 
         return sse_response(events(), items)
 
+
+def _method_routes(router: APIRouter) -> None:
+    """What the API answers for a path or method it does not have; a HEAD of every GET route. Added last: the
+    routes above match first."""
+
     async def unknown(request: Request):
         """A path or method the API does not have: 404, or 405 naming the methods the path takes."""
         path = route_path(request.scope)
@@ -483,4 +501,3 @@ def build_router(service: GlyphService) -> APIRouter:
     router.add_api_route("/v1/{rest:path}", unknown, methods=["GET", "HEAD", *others], include_in_schema=False)
     router.add_api_route("/health", unknown, methods=others, include_in_schema=False)
     router.add_api_route("/metrics", unknown, methods=others, include_in_schema=False)
-    return router

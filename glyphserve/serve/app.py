@@ -247,7 +247,7 @@ def mount_docs(app: FastAPI) -> None:
     app.openapi_version = "3.0.3"
     app.mount("/docs/static", StaticFiles(directory=swagger_ui_path), name="docs-static")
 
-    @app.get("/docs", include_in_schema=False)
+    @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
     async def docs():
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="glyphserve API",
                                    swagger_js_url="/docs/static/swagger-ui-bundle.js",

@@ -51,6 +51,9 @@ class ChatJob:
     context_pages: list[PageLayout] | None = None  # the pages ``context`` was rendered into, if it was
     pages_shown: list | None = None  # set with the pages: page numbers, or {"document", "page"} for a collection
     planned: object | None = None  # the request planned by the local engine ahead (``Engine.plan``), used once
+    # max_tokens as the client sent it (None: not sent): what an extractive answer keeps to (a model's answer keeps
+    # to the request's settings, which have a default)
+    answer_tokens: int | None = None
     # The stored document whose warm-up prefix this question computes (all its pages, first in the prompt, caches
     # kept), set with the pages: answered, the document is warm.
     warms: str | None = None
@@ -244,7 +247,7 @@ class ExtractiveBackend:
         corpus = Corpus([d.index for d in documents])
         best = sorted((-score, d, p) for d, document in enumerate(documents)
                       for p, score in document.index.scores(weights, corpus).items())[: self.top_k]
-        citations, places = [], []
+        citations, places = [], []  # places: (document, page) of each citation, or None
         for neg, d, p in best:
             document, passage = documents[d], documents[d].index.passages[p]
             page_numbers = pages_for_span(document.pages, passage.start, passage.end)
@@ -253,31 +256,47 @@ class ExtractiveBackend:
                 page = page_numbers[0]
                 layout = document.pages[page - 1]
                 rows = crop_rows(layout, document.text, passage.start, min(passage.end, layout.char_span[1]))
-                places.append((d, page))
+            places.append((d, page) if page_numbers else None)
             citations.append(Citation(page, document.document_id, passage.start, passage.end, passage.text,
                                       round(-neg, 4), rows))
-        if citations:
-            text = "\n\n".join(self._where(documents, c) + c.text for c in citations)
-        else:
+        labels = [self._where(documents, c) for c in citations]
+        text, kept, cut = self._clipped(labels, [c.text for c in citations], job.answer_tokens)
+        finish = "length" if cut else "stop"
+        citations, places = citations[:kept], {p for p in places[:kept] if p is not None}
+        if not labels:
             text = "No passage of the document shares words with the question."
-        # A client's bound on the answer holds here too: the passages cut, as a model's answer would be.
-        limit = request.settings.max_tokens
-        clipped = text if limit is None else clip_to_tokens(text, limit)
-        finish = "stop" if clipped == text else "length"
-        text = clipped
         conversation = "\n".join([m.content for m in request.history] + [request.question])
         elapsed = time.perf_counter() - start
         answer = Answer(
             text=text, thinking="", token_ids=[], finish_reason=finish,
             timings=StageTimings(time_to_first_token=elapsed, total=elapsed),
             prompt_tokens=sum(d.tokens for d in documents) + self._tokens(conversation),
-            new_tokens=self._tokens(text), vision_tokens=0, pages_used=len(set(places)), cache=CacheReport(),
+            new_tokens=self._tokens(text), vision_tokens=0, pages_used=len(places), cache=CacheReport(),
         )
         shown = None
         if job.document_ids or job.context_pages:
-            shown = [n for _, n in sorted(set(places))] if len(documents) == 1 else [
-                {"document": documents[d].document_id, "page": n} for d, n in sorted(set(places))]
+            shown = [n for _, n in sorted(places)] if len(documents) == 1 else [
+                {"document": documents[d].document_id, "page": n} for d, n in sorted(places)]
         return Reply(answer, self.name, citations, pages_shown=shown)
+
+    def _clipped(self, labels: list[str], passages: list[str], limit: int | None) -> tuple[str, int, bool]:
+        """The answer of ``passages``, each after its page label, how many of them it keeps, and whether it was
+        cut: all of them, or as many as ``limit`` tokens hold (a client's max_tokens, by the estimate), the last cut
+        at a word; one cut down to its label is left out (its citation too)."""
+        pieces = [label + passage for label, passage in zip(labels, passages)]
+        text = "\n\n".join(pieces)
+        if limit is None or self._tokens(text) <= limit:
+            return text, len(pieces), False
+        kept: list[str] = []
+        for label, piece in zip(labels, pieces):
+            joined = "\n\n".join([*kept, piece])
+            if self._tokens(joined) > limit:
+                rest = clip_to_tokens(joined, limit)[len(joined) - len(piece):]
+                if len(rest.rstrip()) > len(label.rstrip()):
+                    kept.append(rest)
+                break
+            kept.append(piece)
+        return "\n\n".join(kept), len(kept), True
 
     @staticmethod
     def _where(documents: list[_Indexed], citation: Citation) -> str:

@@ -202,7 +202,7 @@ def to_job(request: ChatCompletionRequest, *, has_model: bool, images: ImageLimi
         return ChatJob(engine_request, document_id=document_id, documents=documents, pages_shown=shown)
     context = [text for m in earlier for text in _texts(m)] + question_parts[:-1]
     return ChatJob(AnswerRequest(pages=[], question=question_parts[-1], settings=settings),
-                   document_id=document_id, documents=documents,
+                   document_id=document_id, documents=documents, answer_tokens=settings.max_tokens,
                    context="\n\n".join(context) if document_id is None and documents is None else None)
 
 

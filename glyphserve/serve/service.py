@@ -303,13 +303,13 @@ class GlyphService:
         return self.store.add(name=name, kind=document.kind, summary=summary, files=files, content_hash=digest)
 
     def _too_many_pages(self, estimate: float) -> TooManyPagesError:
-        """The refusal of a document over ``--max-pages``, with how many parts it would take by ``estimate`` (its
-        pages guessed from its lines), where that guess is over the limit too (a size limit in bytes says nothing
-        of pages: 4.3 MB of plain text fill the default 500)."""
+        """The refusal of a document over ``--max-pages``, with about how many parts it would take by ``estimate``
+        (its pages guessed from its lines) where that guess is over the limit too (a size limit in bytes says
+        nothing of pages: 4.3 MB of plain text fill the default 500)."""
         limit = self.config.max_pages
         parts = math.ceil(estimate / limit)
-        split = (f"split it into {parts} or more documents (about {estimate:,.0f} pages by its lines)" if parts > 1
-                 else "split it into smaller documents")
+        split = "split it into smaller documents" + (
+            f" (about {parts}: it fills about {estimate:,.0f} pages, by a guess from its lines)" if parts > 1 else "")
         return TooManyPagesError(f"the document renders to more than {limit} pages, this server's limit "
                                  f"(--max-pages): {split}")
 

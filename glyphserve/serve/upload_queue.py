@@ -99,10 +99,10 @@ class UploadQueue:
         try:
             future = self._pool.submit(work)
         except RuntimeError:  # closed meanwhile (the server stops): the thread it was given goes back
-            self._give_back(client, end)
+            self._give_back(client, end, ran=False)
             raise ReadersBusyError("the server is stopping: retry in a few seconds", 5) from None
         # (given back when the work ends, not when its caller stops waiting: a parse runs on after a cancel)
-        future.add_done_callback(lambda _: self._give_back(client, end))
+        future.add_done_callback(lambda _: self._give_back(client, end, ran=True))
         return await asyncio.wrap_future(future)
 
     def close(self) -> None:
@@ -144,7 +144,7 @@ class UploadQueue:
                 if waiter.end is None:
                     self._leave(name, waiter)
                 else:  # given a thread meanwhile
-                    self._end(name, waiter.end)
+                    self._end(name, waiter.end, ran=False)
             raise
         with self._lock:
             if waiter.end is not None:
@@ -166,15 +166,17 @@ class UploadQueue:
         self._reading += 1
         return end
 
-    def _give_back(self, name: str, end: float) -> None:
+    def _give_back(self, name: str, end: float, ran: bool) -> None:
         with self._lock:
-            self._end(name, end)
+            self._end(name, end, ran)
 
-    def _end(self, name: str, end: float) -> None:
-        """A file of ``name``'s is no longer read: its thread goes to the next line whose turn it is."""
+    def _end(self, name: str, end: float, ran: bool) -> None:
+        """A file of ``name``'s is no longer read (``ran``: its work ran, and its time counts among the recent
+        ones): its thread goes to the next line whose turn it is."""
         self._clients[name].ends.remove(end)
         self._reading -= 1
-        self._recent.append(time.monotonic() - (end - self.limits.budget))
+        if ran:
+            self._recent.append(time.monotonic() - (end - self.limits.budget))
         self._forget(name)
         while self._reading < self.limits.threads and not self._closed:
             # The line whose client has the fewest uploads in hand, the earliest turn among those: a client with
@@ -210,10 +212,10 @@ class UploadQueue:
             del self._clients[name]
 
     def _retry_after(self, client: _Client | None) -> int:
-        """Seconds until the first of ``client``'s files being read (else of anyone's) is likely done: after the
-        median time of the last uploads, or, once it has taken longer, after as long again as it has taken so far;
-        at the end of its budget at the latest (all "retry in" said before: 60 s, for 30 small files of one client
-        all stored within 0.22 s, a new user's trial)."""
+        """Seconds until the first of ``client``'s files being read (else of anyone's) is likely done: when it has
+        taken the median time of the last uploads, or twice what it has taken so far if that is later; at the end
+        of its budget at the latest (all "retry in" said before: 60 s, for 30 small files of one client all stored
+        within 0.22 s, a new user's trial)."""
         ends = (client and client.ends) or [e for c in self._clients.values() for e in c.ends]
         now, budget = time.monotonic(), self.limits.budget
         typical = statistics.median(self._recent) if self._recent else budget

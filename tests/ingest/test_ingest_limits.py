@@ -216,13 +216,17 @@ def subverted(monkeypatch):
     ([b'{"text": "' + b"x" * 4096 + b'"}\n'], True),  # text past --max-characters
     ([b'{"text": ""}\n'], True),  # parts past the file's pages
     ([b'{"text": "' + b"x" * 65536], True),  # one line that never ends
-], ids=["huge-image", "negative-side", "many-images", "endless-text", "empty-parts", "endless-line"])
+    ([b'{"image": [Infinity, 4], "page": 1}\n'], False),
+    ([b"[" * 100_000 + b"\n"], False),  # nested past the stack
+    ("""[b'{"text": "' + b"x" * (1 << 21) + b'"}\\n']""", False),  # a line past the child's text lines
+], ids=["huge-image", "negative-side", "many-images", "endless-text", "empty-parts", "endless-line", "infinite-side",
+        "nested", "long-text-line"])
 def test_a_subverted_parser_cannot_make_the_caller_hold_more_than_its_limits(subverted, frames, forever):
     """What the child declares is checked before the caller allocates for it: the file is refused as damaged, long
     before the parse's budget (60 s) runs out, and the caller's memory does not grow by what was declared."""
     import time
 
-    subverted(repr(frames), forever)
+    subverted(frames if isinstance(frames, str) else repr(frames), forever)
     limits = IngestLimits(timeout=60, max_characters=100_000, max_scan_pages=5, max_pdf_pages=10)
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # the peak so far: this process's present size (earlier cases' peaks count not)
@@ -233,6 +237,14 @@ def test_a_subverted_parser_cannot_make_the_caller_hold_more_than_its_limits(sub
         ingest_bytes(b"%PDF-1.4\n%%EOF\n", "crafted.pdf", limits=limits)
     assert time.monotonic() - started < 30
     assert _high_water_mib("self") < before + 64
+
+
+def test_a_subverted_parsers_error_is_passed_on_only_as_an_error_of_its_kind_and_bounded(subverted):
+    for error, expected in ((b'[1]', "^'crafted.pdf' looks like a PDF but could not be read$"),
+                            (b'{"type": "FileTooLargeError", "message": "' + b"m" * 10_000 + b'"}', "^m{2000}$")):
+        subverted(repr([b'{"error": ' + error + b"}\n"]), False)
+        with pytest.raises((CorruptFileError, FileTooLargeError), match=expected):
+            ingest_bytes(b"%PDF-1.4\n%%EOF\n", "crafted.pdf", limits=IngestLimits(timeout=60))
 
 
 def test_an_honest_answer_within_the_parent_limits_is_taken(subverted, tmp_path):
@@ -248,3 +260,26 @@ def test_an_honest_answer_within_the_parent_limits_is_taken(subverted, tmp_path)
                             limits=IngestLimits(timeout=60, max_characters=100_000, max_scan_pages=2))
     assert document.parts[0] == TextPart(text)
     assert [part.image.shape for part in document.parts[1:]] == [(side, 3, 3)] * 2
+
+
+def test_a_docx_counts_its_symbols_and_separators_as_text_in_this_process_and_a_childs():
+    """Tabs, breaks and table separators are characters of the text too: a small file of 5,000 <w:tab/> made 5,000
+    characters no limit counted (and a parser process's answer held to the limit was refused as damaged)."""
+    tabs = hostile_files.docx_of_paragraphs(1, "<w:p><w:r><w:t>a</w:t>" + "<w:tab/>" * 5000 + "</w:r></w:p>")
+    for limits in (IngestLimits(max_characters=100_000), IngestLimits(max_characters=100_000, timeout=30)):
+        with pytest.raises(FileTooLargeError, match="more than 100,000 characters"):
+            ingest_bytes(tabs, "tabs.docx", limits=limits)
+
+
+def test_a_long_text_comes_from_the_parser_child_in_pieces_whole():
+    from docx import Document as WordDocument
+    import io
+
+    word = WordDocument()
+    for i in range(3):
+        word.add_paragraph(f"{i}" + "abc " * 150_000)  # 600k characters a paragraph: the text in several lines
+    data = io.BytesIO()
+    word.save(data)
+    here = ingest_bytes(data.getvalue(), "long.docx")
+    assert len(here.text) > 1_800_000
+    assert ingest_bytes(data.getvalue(), "long.docx", limits=ISOLATED).text == here.text

@@ -204,6 +204,14 @@ def test_extractive_answers_keep_to_max_tokens(extractive_server, client):
     body = client.post(f"/v1/documents/{doc_id}/chat", json={"question": "Which schooner hit the rocks?",
                                                             "max_tokens": 16}).json()
     assert body["answer"] == text and body["finish_reason"] == "length"
+    assert len(body["citations"]) == 1 and body["pages_shown"] == [1]
+    unbounded = client.post(f"/v1/documents/{doc_id}/chat", json={"question": "Which schooner hit the rocks?"}).json()
+    assert unbounded["answer"] == whole.choices[0].message.content and unbounded["finish_reason"] == "stop"
+    for limit in range(1, 40):  # no answer ends in a page label whose passage was cut away
+        answer = client.post(f"/v1/documents/{doc_id}/chat", json={"question": "Which schooner hit the rocks?",
+                                                                    "max_tokens": limit}).json()
+        assert not answer["answer"].rstrip().endswith("]"), (limit, answer["answer"])
+        assert len(answer["citations"]) == answer["answer"].count("[page "), limit
 
 
 def test_streamed_document_chat(client):
@@ -310,8 +318,8 @@ def test_limits(client):
     assert many_pages.status_code == 400 and many_pages.json()["error"]["code"] == "too_many_pages"
     # how far over: the parts it would take, by its lines (3,600 lines of ~82 a page, 30 pages a document)
     assert many_pages.json()["error"]["message"] == ("the document renders to more than 30 pages, this server's limit "
-                                                     "(--max-pages): split it into 2 or more documents (about 44 "
-                                                     "pages by its lines)")
+                                                     "(--max-pages): split it into smaller documents (about 2: it "
+                                                     "fills about 44 pages, by a guess from its lines)")
     upload_text(client)  # still serving
 
 
@@ -328,6 +336,8 @@ def test_the_openapi_document_describes_the_bodies_and_errors_as_sent(client):
         ("/v1/documents/{document_id}/chat", "post"): ["application/json"],
         ("/v1/chat/completions", "post"): ["application/json"]}
     assert bodies[("/v1/documents", "post")]["multipart/form-data"]["schema"]["required"] == ["file"]
+    page = doc["paths"]["/v1/documents/{document_id}/pages/{page}.png"]["get"]["responses"]["200"]["content"]
+    assert list(page) == ["image/png"]
     chat = schemas["ChatCompletionRequest"]["properties"]
     assert {"messages", "max_tokens", "stream", "temperature"} <= set(chat)
 
@@ -366,7 +376,7 @@ def test_ids_and_routes_are_validated(client):
     assert client.get("/v1/chat/completions").headers["allow"] == "POST"
     assert client.post("/v1/documents/0123456789abcdef0123456789abcdef").headers["allow"] == "DELETE, GET, HEAD, PATCH"
     # HEAD wherever GET is (the headers, no body), and OPTIONS answered by the API, not the web UI's plain 404
-    for path in ("/health", "/metrics", "/v1/models", "/v1/documents", "/version"):
+    for path in ("/health", "/metrics", "/v1/models", "/v1/documents", "/version", "/docs"):
         head, get = client.head(path), client.get(path)
         assert head.status_code == 200 and head.content == b"", path
         assert head.headers["content-type"] == get.headers["content-type"], path

@@ -44,3 +44,34 @@ def test_crop_of_a_rendered_page_shows_the_passage(tmp_path):
     ocr = subprocess.run(["tesseract", str(tmp_path / "crop.png"), "-", "--psm", "6"],
                          capture_output=True, text=True, check=True).stdout
     assert "LIGHTHOUSE" in ocr
+
+
+def test_an_extractive_answer_cut_to_max_tokens_cites_what_it_keeps():
+    """Three passages cut to a client's max_tokens: the passages it keeps whole, the last at a word, and their
+    citations; a passage cut down to its page label is left out with its citation; not sent, all of them."""
+    from glyphserve.engine.types import AnswerRequest
+    from glyphserve.render import count_text_tokens, render_text, resolve_config
+    from glyphserve.serve.backends import ChatJob, ExtractiveBackend
+
+    text = "\n\n".join(f"The harbour keeps boat {i} in basin {i}, " + "beside the old mill and the tower " * 4
+                       for i in range(3))
+    rendered = render_text(text, resolve_config(text, preset="glyph-en", dpi=96))
+    pages = [PageLayout(p.number, tuple(p.char_span), [(ln.text, ln.y) for ln in p.lines], p.image.shape[0])
+             for p in rendered.pages]
+    backend = ExtractiveBackend(None)
+
+    def ask(limit):
+        return backend.answer(ChatJob(AnswerRequest(pages=[], question="Which harbour basin keeps the boat?"),
+                                      context=text, context_pages=pages, answer_tokens=limit))
+
+    whole = ask(None)
+    assert whole.answer.finish_reason == "stop" and len(whole.citations) == 3
+    pieces = whole.answer.text.split("\n\n")
+    for limit in range(1, count_text_tokens(whole.answer.text)[0] + 1):
+        reply = ask(limit)
+        kept = reply.answer.text.split("\n\n") if reply.answer.text else []
+        assert count_text_tokens(reply.answer.text)[0] <= limit and reply.answer.finish_reason == (
+            "stop" if kept == pieces else "length")
+        assert not kept or kept[:-1] == pieces[: len(kept) - 1] and pieces[len(kept) - 1].startswith(kept[-1])
+        assert [c.start for c in reply.citations] == [c.start for c in whole.citations[: len(kept)]]
+        assert all(len(k) > len("[page 1] ") for k in kept)
