@@ -21,10 +21,23 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromiu
 
 
 @contextmanager
-def ui_page(url: str, outside: list[str] | None = None):
-    """The UI at ``url`` in headless Chromium, loaded; requests anywhere but the server (or ``data:``) are
-    aborted and listed in ``outside``."""
+def chromium():
+    """Headless Chromium (Debian's), closed at the end."""
     from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_ui(browser, url: str, outside: list[str] | None = None, headers: dict[str, str] | None = None):
+    """The UI at ``url`` in a new page of ``browser`` (a browser context of its own: a user of its own, whose every
+    request carries ``headers``), loaded; requests anywhere but the server (or ``data:``) are aborted and listed in
+    ``outside``."""
 
     def only_loopback(route):
         if route.request.url.startswith(url) or route.request.url.startswith("data:"):
@@ -33,17 +46,18 @@ def ui_page(url: str, outside: list[str] | None = None):
             outside.append(route.request.url)
         return route.abort()
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1400})
-            page.route("**/*", only_loopback)
-            page.goto(url)
-            page.wait_for_selector("#upload", timeout=60_000)
-            yield page
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1600, "height": 1400}, extra_http_headers=headers)
+    page.route("**/*", only_loopback)
+    page.goto(url)
+    page.wait_for_selector("#upload", timeout=60_000)
+    return page
+
+
+@contextmanager
+def ui_page(url: str, outside: list[str] | None = None):
+    """The UI at ``url`` in headless Chromium (see ``open_ui``)."""
+    with chromium() as browser:
+        yield open_ui(browser, url, outside)
 
 
 @pytest.fixture
