@@ -2,8 +2,8 @@
 
 It calls the same :class:`GlyphService` as the HTTP API (no loopback HTTP), so uploads,
 answers, limits and metrics are shared (uploads take their turns in the same upload queues as the API's, each
-user counted by its address as an API client is). Errors appear in a status box and as a warning toast, never
-as a traceback.
+user counted by its address as an API client is). Errors appear in a status box and as a toast, never as a
+traceback; the user's next action takes the toasts off the page.
 
 What users supplied (document names, the document's text in passages and answers, questions) is shown as
 text, never as HTML or Markdown: an uploader's ``<img src=...>`` or ``![](...)`` would otherwise make every
@@ -45,6 +45,14 @@ THINKING_TITLE = "Thinking"
 # System fonts only: the default theme would link web fonts, and the UI must work offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
+ERROR_TOAST_S = 10
+# Each toast reports on an earlier action: a new action (an upload, a question...) takes them off the page, or a
+# stale error stayed up to 10 s beside the next upload's success. The UI framework has no call to dismiss a toast:
+# its close buttons are pressed. (An event's js runs before its handler and hands the handler its inputs.)
+DISMISS_TOASTS = """(...inputs) => {
+    document.querySelectorAll('[data-testid="toast-close"]').forEach((button) => button.click());
+    return inputs;
+}"""
 
 
 _MARKDOWN_SPECIALS = {ord(c): "\\" + c for c in "\\`*_[]()!|~#"}
@@ -76,8 +84,18 @@ def _fail(exc: Exception) -> str:
     else:
         log.error("UI action failed", exc_info=exc)
         message = "internal error; the server log has the details"
-    gr.Warning(html.escape(message, quote=False), title="Error")  # (the framework's toast for what the user sent)
+    _error_toast(html.escape(message, quote=False))
     return f"**Error:** {_literal(message)}"
+
+
+def _error_toast(message: str) -> None:
+    """A toast headed Error. The UI framework heads a toast with its level, not its title (``gr.Warning``'s read
+    Warning whatever its title), and only its exceptions (``gr.Error``) have the error level, which would drop the
+    event's outputs, the status box's text with them. So ``gr.Warning``'s own call, ``log_message``, at the error
+    level, which the framework's messages take (``LogMessage``) though the call's type does not list it."""
+    from gradio.helpers import log_message
+
+    log_message(message, title="Error", level="error", duration=ERROR_TOAST_S)  # type: ignore[arg-type]
 
 
 def _document_label(record: DocumentRecord) -> str:
@@ -477,29 +495,31 @@ def build_ui(service: GlyphService) -> gr.Blocks:
 
         shown_outputs = [document, gallery, stats, stored, name, chatbot, status, answer_stats, evidence_html]
         render_inputs = [preset, dpi, newline]
+        # Each action first takes earlier toasts off the page (DISMISS_TOASTS, in the page, before its handler runs).
         # The uploads have no limit of the UI framework's own: it let 2 run at once for all users together, first
         # come first served (one user's 2 slow PDFs held every other user's upload back for their whole budget). The
         # upload queues share their threads fairly among users, told apart as the API's clients are (client_of), and
         # bound what each may have waiting; a file waits on disk, read when its turn comes.
-        fair = {"concurrency_limit": None}
+        fair = {"js": DISMISS_TOASTS, "concurrency_limit": None}
         upload.upload(upload_file, [upload, *render_inputs], [*shown_outputs, upload], api_name="upload", **fair)
         render_button.click(render_text, [pasted, *render_inputs], shown_outputs, api_name="render_text", **fair)
         example_button.click(load_example, render_inputs, shown_outputs, api_name="load_example", **fair)
-        stored.input(select, [stored], shown_outputs, api_name="select_document")
+        stored.input(select, [stored], shown_outputs, api_name="select_document", js=DISMISS_TOASTS)
         stored.change(cleared, [stored], shown_outputs, api_name=False)
-        rename_button.click(rename, [document, name], [stored, status], api_name="rename_document")
-        delete_button.click(delete, [document], shown_outputs, api_name="delete_document")
+        rename_button.click(rename, [document, name], [stored, status], api_name="rename_document", js=DISMISS_TOASTS)
+        delete_button.click(delete, [document], shown_outputs, api_name="delete_document", js=DISMISS_TOASTS)
         # (the document list last: the named endpoint's earlier parameters keep their places)
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection, stored]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]
-        send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name="chat")
-        question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name=False)
+        asking = {"js": DISMISS_TOASTS, "concurrency_limit": service.config.queue_size}
+        send.click(chat, chat_inputs, chat_outputs, api_name="chat", **asking)
+        question.submit(chat, chat_inputs, chat_outputs, api_name=False, **asking)
         # Stop withdraws the session's question from the scheduler (a queued question leaves the queue, a running
         # one ends at its next token), and the question's handler shows the outcome: the UI framework's own
         # cancelling (cancels=) sometimes left the answer running, or the status at "Answering…" for good.
         stop.click(stop_asked, None, None, api_name=False)
         clear.click(lambda: ([], "", "", ""), None, [chatbot, answer_stats, evidence_html, status],
-                    api_name="clear_chat")
+                    api_name="clear_chat", js=DISMISS_TOASTS)
         demo.load(lambda: gr.update(choices=choices()), None, stored, api_name="list_documents")
     return demo
 

@@ -144,6 +144,33 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_sent_and_the_limit_is_
     assert "big.txt" not in stored_names(extractive_server)
 
 
+def test_a_successful_upload_clears_the_error_toast_of_the_one_before(browser_page, tmp_path):
+    """An error toast stays 10 s: after the user fixed the file and uploaded it again, the stale error stayed on
+    screen beside the success. Each new upload (render, question...) now takes earlier toasts with it. The toast is
+    headed Error (it read Warning)."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.7 and nothing a PDF reader can read")
+    upload(page, broken)
+    toast = page.locator(".toast-body")
+    expect(toast).to_contain_text("'broken.pdf' is not a readable PDF", timeout=60_000)
+    expect(toast.locator(".toast-title")).to_have_text("Error")
+    expect(page.locator("#status")).to_contain_text("Error:")
+    fixed = tmp_path / "fixed.txt"
+    fixed.write_text("The fixed copy.\n\n" + STORY, encoding="utf-8")
+    expect(toast).to_have_count(1)  # (still on screen: what follows is no toast timing out)
+    upload(page, fixed)
+    expect(page.locator("#status")).to_contain_text("Rendered fixed.txt", timeout=60_000)
+    expect(toast).to_have_count(0, timeout=2_000)  # (it fades out)
+    page.screenshot(path=str(ARTIFACTS / "error-cleared.png"), full_page=True)
+    again = tmp_path / "broken-again.pdf"
+    again.write_bytes(b"%PDF-1.7 broken again")
+    upload(page, again)  # a new error shows as before
+    expect(toast).to_contain_text("'broken-again.pdf' is not a readable PDF", timeout=60_000)
+
+
 def test_a_page_left_open_across_a_server_restart_asks_about_the_document_it_shows(tmp_path):
     """The server restarted: the UI framework's per-session state is gone. The framework reloads the page once it
     has reconnected (a fresh page, nothing stale shown); a question sent before that is about the document the
