@@ -68,11 +68,16 @@ def _plain(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-# The engine's and the API's errors name request fields; here they are the answer settings' names.
+# The engine's and the API's errors name request fields; here they are the answer settings' names. The upload
+# queues' speak of clients: a UI user is counted by its address.
 _UI_WORDS = (("(truncate_pages)", "(page selection: first)"),
              ("(page_selection retrieve)", "(page selection: retrieve)"),
              ("lower max_tokens to", "lower the maximum answer tokens to"),
-             ("plus max_tokens", "plus the maximum answer tokens"))
+             ("plus max_tokens", "plus the maximum answer tokens"),
+             ("this client has", "your address has"),
+             ("from one client at once", "from one address at once"),
+             ("this client's other uploads held its", "other uploads from your address held the"),
+             ("other clients' uploads held them all", "other users' uploads held them all"))
 
 
 def _fail(exc: Exception) -> str:

@@ -105,8 +105,10 @@ def test_a_refused_ui_upload_says_when_to_retry_and_keeps_the_page(slow_server, 
         wait_for(slow_server, (2, 16), page)
         upload(page, refused)
         toast = page.locator(".toast-body")
-        expect(toast).to_contain_text(re.compile(r"the most this server takes from one client at once: retry in \d+ s"),
+        expect(toast).to_contain_text(re.compile(r"your address has 2 uploads being read and 16 waiting, the most "
+                                                 r"this server takes from one address at once: retry in \d+ s"),
                                       timeout=30_000)
+        expect(toast.locator(".toast-title")).to_have_text("Error")
         expect(page.locator("#status")).to_contain_text("retry in")
         assert files_in_flight(slow_server) == (2, 16)  # refused at once, not after a wait in line
         page.screenshot(path=str(ARTIFACTS / "refused-upload.png"), full_page=True)
