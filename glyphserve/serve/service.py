@@ -199,18 +199,21 @@ class GlyphService:
 
     # -- documents ------------------------------------------------------------------------
 
-    async def add_document(self, *, data: bytes | None = None, filename: str | None = None,
+    async def add_document(self, *, data: bytes | None = None, path: Path | None = None, filename: str | None = None,
                            text: str | None = None, name: str | None = None,
                            options: RenderOptions | None = None, client: str = "") -> tuple[DocumentRecord, bool]:
-        """Ingest, render and store a file (``data``; read and rendered in ``client``'s turns, see ``UploadQueue``)
-        or pasted ``text`` (rendered in its turn), within the upload budget (``--ingest-timeout``, from when its reading begins); the record and
-        whether it was stored before (the same content with the same render settings is stored once). The shown
-        name is cleaned (``clean_filename``); a raw file name that differs is kept in the record's summary as
-        ``original_name``."""
+        """Ingest, render and store a file (``data``, or the file at ``path``, read from disk when its reading
+        begins: a file waiting for its turn holds no memory; read and rendered in ``client``'s turns, see
+        ``UploadQueue``) or pasted ``text`` (rendered in its turn), within the upload budget (``--ingest-timeout``,
+        from when its reading begins); the record and whether it was stored before (the same content with the same
+        render settings is stored once). The shown name is cleaned (``clean_filename``); a raw file name that
+        differs is kept in the record's summary as ``original_name``."""
         from glyphserve.ingest import ingest_bytes, ingest_text
 
         options = (options or RenderOptions()).check()
-        size = len(data) if data is not None else len((text or "").encode("utf-8"))
+        is_file = data is not None or path is not None
+        size = (len(data) if data is not None else path.stat().st_size if path is not None
+                else len((text or "").encode("utf-8")))
         if size > self.config.max_upload_bytes:
             raise FileTooLargeError(
                 f"the upload is {size:,} bytes ({size / 2**20:.2f} MiB); this server accepts at most "
@@ -227,17 +230,18 @@ class GlyphService:
             # Each scan becomes the page file stored for it as it is read: 100 scans drawn 2000 px square, all held as
             # pixels until rendered, peaked at 1.4 GiB here and 1.2 GiB in the parser (now 0.2 and 0.1).
             keep = fit_scans(options.preset, options.dpi)
-            document = (ingest_bytes(data, filename, limits=limits, keep=keep) if data is not None
+            raw = path.read_bytes() if path is not None else data
+            document = (ingest_bytes(raw, filename, limits=limits, keep=keep) if is_file
                         else ingest_text(text or "", limits=limits))
             # The settings as applied (``auto`` and an unset dpi or newline resolved for this text) decide what is
             # the same document, so the file sent with the settings it would get anyway is found too.
             config = resolve_config(document.text, preset=options.preset, dpi=options.dpi, newline=options.newline)
-            source = b"file\x00" + data if data is not None else b"text\x00" + (text or "").encode("utf-8")
+            source = b"file\x00" + raw if is_file else b"text\x00" + (text or "").encode("utf-8")
             return document, config, content_hash(source, config), sent_settings_hash(source, options), deadline
 
         loop = asyncio.get_running_loop()
         document, config, digest, sent_digest, deadline = await (
-            self.parses.run(client, read) if data is not None else loop.run_in_executor(self._text_pool, read))
+            self.parses.run(client, read) if is_file else loop.run_in_executor(self._text_pool, read))
         while True:
             existing = self.store.find(digest) or self.store.find(sent_digest)
             if existing is not None:

@@ -1,13 +1,15 @@
 """The web UI (Gradio Blocks), mounted at ``/`` of the API's FastAPI app.
 
 It calls the same :class:`GlyphService` as the HTTP API (no loopback HTTP), so uploads,
-answers, limits and metrics are shared. Errors appear in a status box and as a warning
-toast, never as a traceback.
+answers, limits and metrics are shared (uploads take their turns in the same upload queues as the API's, each
+user counted by its address as an API client is). Errors appear in a status box and as a toast, never as a
+traceback; the user's next action takes the toasts off the page.
 
 What users supplied (document names, the document's text in passages and answers, questions) is shown as
 text, never as HTML or Markdown: an uploader's ``<img src=...>`` or ``![](...)`` would otherwise make every
 viewer's browser fetch a URL of the uploader's choosing. The UI framework keeps copies of files (the upload,
-every page a gallery shows): the upload's is removed once read, the pages' when the document is deleted.
+every page a gallery shows): the upload's is removed once the upload is stored or refused, the pages' when the
+document is deleted.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import html
 import logging
 import secrets
 import shutil
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +45,14 @@ THINKING_TITLE = "Thinking"
 # System fonts only: the default theme would link web fonts, and the UI must work offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
+ERROR_TOAST_S = 10
+# Each toast reports on an earlier action: a new action (an upload, a question...) takes them off the page, or a
+# stale error stayed up to 10 s beside the next upload's success. The UI framework has no call to dismiss a toast:
+# its close buttons are pressed. (An event's js runs before its handler and hands the handler its inputs.)
+DISMISS_TOASTS = """(...inputs) => {
+    document.querySelectorAll('[data-testid="toast-close"]').forEach((button) => button.click());
+    return inputs;
+}"""
 
 
 _MARKDOWN_SPECIALS = {ord(c): "\\" + c for c in "\\`*_[]()!|~#"}
@@ -56,11 +68,16 @@ def _plain(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-# The engine's and the API's errors name request fields; here they are the answer settings' names.
+# The engine's and the API's errors name request fields; here they are the answer settings' names. The upload
+# queues' speak of clients: a UI user is counted by its address.
 _UI_WORDS = (("(truncate_pages)", "(page selection: first)"),
              ("(page_selection retrieve)", "(page selection: retrieve)"),
              ("lower max_tokens to", "lower the maximum answer tokens to"),
-             ("plus max_tokens", "plus the maximum answer tokens"))
+             ("plus max_tokens", "plus the maximum answer tokens"),
+             ("this client has", "your address has"),
+             ("from one client at once", "from one address at once"),
+             ("this client's other uploads held its", "other uploads from your address held the"),
+             ("other clients' uploads held them all", "other users' uploads held them all"))
 
 
 def _fail(exc: Exception) -> str:
@@ -72,8 +89,18 @@ def _fail(exc: Exception) -> str:
     else:
         log.error("UI action failed", exc_info=exc)
         message = "internal error; the server log has the details"
-    gr.Warning(html.escape(message, quote=False), title="Error")  # (the framework's toast for what the user sent)
+    _error_toast(html.escape(message, quote=False))
     return f"**Error:** {_literal(message)}"
+
+
+def _error_toast(message: str) -> None:
+    """A toast headed Error. The UI framework heads a toast with its level, not its title (``gr.Warning``'s read
+    Warning whatever its title), and only its exceptions (``gr.Error``) have the error level, which would drop the
+    event's outputs, the status box's text with them. So ``gr.Warning``'s own call, ``log_message``, at the error
+    level, which the framework's messages take (``LogMessage``) though the call's type does not list it."""
+    from gradio.helpers import log_message
+
+    log_message(message, title="Error", level="error", duration=ERROR_TOAST_S)  # type: ignore[arg-type]
 
 
 def _document_label(record: DocumentRecord) -> str:
@@ -92,6 +119,24 @@ def _stats_markdown(record: DocumentRecord) -> str:
         f"font {render.get('font', '?')} · id `{record.id}` (the API's)"
         + (f"\n\n⚠️ {s['warning']}" if s.get("warning") else "")
     )
+
+
+def _evidence(service: GlyphService, reply: Reply) -> str:
+    """The page rows of each cited passage, inline (wide strips do not suit a gallery's square tiles)."""
+    figures = []
+    for c in reply.citations:
+        if c.page is None or not c.rows or c.document is None:
+            continue
+        try:
+            png = service.page_png(c.document, c.page, c.rows)
+        except (NotFoundError, OSError):  # its document was deleted while the answer ran
+            continue
+        figures.append(
+            f'<figure style="margin:0 0 12px 0"><figcaption><b>page {c.page}</b></figcaption>'
+            f'<img alt="page {c.page}, rows {c.rows[0]}-{c.rows[1]}" style="max-width:100%;border:1px solid #ddd" '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>'
+        )
+    return "<h4>Where the answer sits</h4>" + "".join(figures) if figures else ""
 
 
 def _reply_markdown(reply: Reply, names: dict[str, str]) -> str:
@@ -209,14 +254,15 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                   else f"Rendered **{_literal(name)}** into {record.pages} page(s).")
         return shown([record], status + warmth_note(record.id))
 
+    copies = _UploadCopies()
+
     async def upload_file(file_path, preset, dpi, newline, request: gr.Request):
         if not file_path:
             return (gr.skip(),) * 10
         path = Path(file_path)
-        data = path.read_bytes()
-        _remove_upload_copy(path, Path(demo.GRADIO_CACHE))  # the stored document is now the only copy
-        shown_now = await add(RenderOptions(preset, int(dpi), newline), data=data, filename=path.name, name=path.name,
-                              client=client_of(request))
+        with copies.held(path, Path(demo.GRADIO_CACHE)):  # (read from it when its turn comes)
+            shown_now = await add(RenderOptions(preset, int(dpi), newline), path=path, filename=path.name,
+                                  name=path.name, client=client_of(request))
         return (*shown_now, None)  # and the upload box empties
 
     async def render_text(pasted, preset, dpi, newline, request: gr.Request):
@@ -353,7 +399,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                             done = ("Done. A document it was about was deleted meanwhile: the answer is kept here, "
                                     "the document's pages are gone.")
                             chosen = (left, gr.update(choices=choices(), value=left))
-                        yield (history, "", _reply_markdown(item, names(document_ids)), done, evidence(item),
+                        yield (history, "", _reply_markdown(item, names(document_ids)), done, _evidence(service, item),
                                gallery_items(document_ids, item.pages_shown), *chosen)
                         return
                     yield history, "", "", "Answering…", "", gr.skip(), *keep
@@ -387,23 +433,6 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         for mine in asked.get(request.session_hash if request is not None else "", []):
             mine.stop = True
             service.scheduler.cancel(mine.job)
-
-    def evidence(reply: Reply) -> str:
-        """The page rows of each cited passage, inline (wide strips do not suit a gallery's square tiles)."""
-        figures = []
-        for c in reply.citations:
-            if c.page is None or not c.rows or c.document is None:
-                continue
-            try:
-                png = service.page_png(c.document, c.page, c.rows)
-            except (NotFoundError, OSError):  # its document was deleted while the answer ran
-                continue
-            figures.append(
-                f'<figure style="margin:0 0 12px 0"><figcaption><b>page {c.page}</b></figcaption>'
-                f'<img alt="page {c.page}, rows {c.rows[0]}-{c.rows[1]}" style="max-width:100%;border:1px solid #ddd" '
-                f'src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>'
-            )
-        return "<h4>Where the answer sits</h4>" + "".join(figures) if figures else ""
 
     with gr.Blocks(title="glyphserve", analytics_enabled=False) as demo:
         gr.Markdown("# glyphserve\nRender a long document into compact pages, then ask questions about it. "
@@ -471,26 +500,31 @@ def build_ui(service: GlyphService) -> gr.Blocks:
 
         shown_outputs = [document, gallery, stats, stored, name, chatbot, status, answer_stats, evidence_html]
         render_inputs = [preset, dpi, newline]
-        upload.upload(upload_file, [upload, *render_inputs], [*shown_outputs, upload], concurrency_limit=2,
-                      api_name="upload")
-        render_button.click(render_text, [pasted, *render_inputs], shown_outputs, concurrency_limit=2,
-                            api_name="render_text")
-        example_button.click(load_example, render_inputs, shown_outputs, concurrency_limit=2, api_name="load_example")
-        stored.input(select, [stored], shown_outputs, api_name="select_document")
+        # Each action first takes earlier toasts off the page (DISMISS_TOASTS, in the page, before its handler runs).
+        # The uploads have no limit of the UI framework's own: it let 2 run at once for all users together, first
+        # come first served (one user's 2 slow PDFs held every other user's upload back for their whole budget). The
+        # upload queues share their threads fairly among users, told apart as the API's clients are (client_of), and
+        # bound what each may have waiting; a file waits on disk, read when its turn comes.
+        fair = {"js": DISMISS_TOASTS, "concurrency_limit": None}
+        upload.upload(upload_file, [upload, *render_inputs], [*shown_outputs, upload], api_name="upload", **fair)
+        render_button.click(render_text, [pasted, *render_inputs], shown_outputs, api_name="render_text", **fair)
+        example_button.click(load_example, render_inputs, shown_outputs, api_name="load_example", **fair)
+        stored.input(select, [stored], shown_outputs, api_name="select_document", js=DISMISS_TOASTS)
         stored.change(cleared, [stored], shown_outputs, api_name=False)
-        rename_button.click(rename, [document, name], [stored, status], api_name="rename_document")
-        delete_button.click(delete, [document], shown_outputs, api_name="delete_document")
+        rename_button.click(rename, [document, name], [stored, status], api_name="rename_document", js=DISMISS_TOASTS)
+        delete_button.click(delete, [document], shown_outputs, api_name="delete_document", js=DISMISS_TOASTS)
         # (the document list last: the named endpoint's earlier parameters keep their places)
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection, stored]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]
-        send.click(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name="chat")
-        question.submit(chat, chat_inputs, chat_outputs, concurrency_limit=service.config.queue_size, api_name=False)
+        asking = {"js": DISMISS_TOASTS, "concurrency_limit": service.config.queue_size}
+        send.click(chat, chat_inputs, chat_outputs, api_name="chat", **asking)
+        question.submit(chat, chat_inputs, chat_outputs, api_name=False, **asking)
         # Stop withdraws the session's question from the scheduler (a queued question leaves the queue, a running
         # one ends at its next token), and the question's handler shows the outcome: the UI framework's own
         # cancelling (cancels=) sometimes left the answer running, or the status at "Answering…" for good.
         stop.click(stop_asked, None, None, api_name=False)
         clear.click(lambda: ([], "", "", ""), None, [chatbot, answer_stats, evidence_html, status],
-                    api_name="clear_chat")
+                    api_name="clear_chat", js=DISMISS_TOASTS)
         demo.load(lambda: gr.update(choices=choices()), None, stored, api_name="list_documents")
     return demo
 
@@ -509,6 +543,26 @@ def _text(content) -> str:
     if isinstance(content, list):
         return "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
     return str(content)
+
+
+class _UploadCopies:
+    """The UI framework's copies of uploads (``cache/<hash of the content>/<name>``), each removed once the uploads
+    reading it are done (the document stored, or refused): the same file uploaded again meanwhile, by any user, is
+    the same copy. Used on the event loop alone."""
+
+    def __init__(self):
+        self._readers: Counter[Path] = Counter()
+
+    @contextmanager
+    def held(self, path: Path, cache: Path):
+        self._readers[path] += 1
+        try:
+            yield
+        finally:
+            self._readers[path] -= 1
+            if not self._readers[path]:
+                del self._readers[path]
+                _remove_upload_copy(path, cache)
 
 
 def _remove_upload_copy(path: Path, cache: Path) -> None:

@@ -21,10 +21,23 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromiu
 
 
 @contextmanager
-def ui_page(url: str, outside: list[str] | None = None):
-    """The UI at ``url`` in headless Chromium, loaded; requests anywhere but the server (or ``data:``) are
-    aborted and listed in ``outside``."""
+def chromium():
+    """Headless Chromium (Debian's), closed at the end."""
     from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_ui(browser, url: str, outside: list[str] | None = None, headers: dict[str, str] | None = None):
+    """The UI at ``url`` in a new page of ``browser`` (a browser context of its own: a user of its own, whose every
+    request carries ``headers``), loaded; requests anywhere but the server (or ``data:``) are aborted and listed in
+    ``outside``."""
 
     def only_loopback(route):
         if route.request.url.startswith(url) or route.request.url.startswith("data:"):
@@ -33,17 +46,18 @@ def ui_page(url: str, outside: list[str] | None = None):
             outside.append(route.request.url)
         return route.abort()
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1400})
-            page.route("**/*", only_loopback)
-            page.goto(url)
-            page.wait_for_selector("#upload", timeout=60_000)
-            yield page
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1600, "height": 1400}, extra_http_headers=headers)
+    page.route("**/*", only_loopback)
+    page.goto(url)
+    page.wait_for_selector("#upload", timeout=60_000)
+    return page
+
+
+@contextmanager
+def ui_page(url: str, outside: list[str] | None = None):
+    """The UI at ``url`` in headless Chromium (see ``open_ui``)."""
+    with chromium() as browser:
+        yield open_ui(browser, url, outside)
 
 
 @pytest.fixture
@@ -128,6 +142,33 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_sent_and_the_limit_is_
     expect(page.locator(".toast-body")).to_contain_text('exceed the maximum allowed size of 1.0 Mb: "big.txt"',
                                                         timeout=30_000)
     assert "big.txt" not in stored_names(extractive_server)
+
+
+def test_a_successful_upload_clears_the_error_toast_of_the_one_before(browser_page, tmp_path):
+    """An error toast stays 10 s: after the user fixed the file and uploaded it again, the stale error stayed on
+    screen beside the success. Each new upload (render, question...) now takes earlier toasts with it. The toast is
+    headed Error (it read Warning)."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.7 and nothing a PDF reader can read")
+    upload(page, broken)
+    toast = page.locator(".toast-body")
+    expect(toast).to_contain_text("'broken.pdf' is not a readable PDF", timeout=60_000)
+    expect(toast.locator(".toast-title")).to_have_text("Error")
+    expect(page.locator("#status")).to_contain_text("Error:")
+    fixed = tmp_path / "fixed.txt"
+    fixed.write_text("The fixed copy.\n\n" + STORY, encoding="utf-8")
+    expect(toast).to_have_count(1)  # (still on screen: what follows is no toast timing out)
+    upload(page, fixed)
+    expect(page.locator("#status")).to_contain_text("Rendered fixed.txt", timeout=60_000)
+    expect(toast).to_have_count(0, timeout=2_000)  # (it fades out)
+    page.screenshot(path=str(ARTIFACTS / "error-cleared.png"), full_page=True)
+    again = tmp_path / "broken-again.pdf"
+    again.write_bytes(b"%PDF-1.7 broken again")
+    upload(page, again)  # a new error shows as before
+    expect(toast).to_contain_text("'broken-again.pdf' is not a readable PDF", timeout=60_000)
 
 
 def test_a_page_left_open_across_a_server_restart_asks_about_the_document_it_shows(tmp_path):

@@ -1,4 +1,5 @@
-"""The threads reading uploaded files: each client's share, the lines' turns, the refusals and what they say."""
+"""The threads reading uploaded files: each client's share, the lines' turns, the refusals and what they say (in the
+web UI too, where a client is the user's address)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Callable
 import pytest
 
 from glyphserve.serve.errors import ReadersBusyError, TooManyUploadsError
+from glyphserve.serve.ui import _fail
 from glyphserve.serve.upload_queue import REAP_S, QueueLimits, UploadQueue
 
 
@@ -100,6 +102,8 @@ def test_a_client_past_its_line_is_refused_at_once_saying_when_to_retry():
         assert refused.value.http_status == 429 and refused.value.code == "too_many_uploads"
         assert 29 <= refused.value.retry_after <= 30  # when the first of its files runs out of budget
         assert "2 uploads being read and 16 waiting" in refused.value.message
+        assert ("your address has 2 uploads being read and 16 waiting, the most this server takes from one address at "
+                "once: retry in") in _fail(refused.value)  # (the web UI's status box)
         await files.end("b", files.send("b", "b"))  # another client's is read
         for i in range(2 + queue.limits.waiting):
             await files.end(f"a{i}")
@@ -142,6 +146,8 @@ def test_a_file_that_waits_a_whole_budget_is_refused_by_who_held_the_threads(hel
         assert type(refused.value) is (TooManyUploadsError if held_by == "own" else ReadersBusyError)
         assert refused.value.http_status == (429 if held_by == "own" else 503)
         assert refused.value.retry_after == 1 and "late" not in files.started and queue.waiting == 0
+        assert {"own": "other uploads from your address held the 1 of them; retry in 1 s",
+                "others": "other users' uploads held them all; retry in 1 s"}[held_by] in _fail(refused.value)
         for i, task in enumerate(held):
             await files.end(f"held{i}", task)
 
