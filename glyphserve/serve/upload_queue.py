@@ -37,6 +37,9 @@ class QueueLimits:
     # One client's files waiting for a thread; past it, 429. As many as the bodies' budget holds of the largest
     # uploads by default (--max-bodies-mb): a burst a client may send anyway waits its turn instead.
     waiting: int = 16
+    # Every client's files waiting together; past it, 503. What waits is held (a file read waits for a render
+    # thread as its text), and the web UI's users, unlike the API's bodies, had no bound on how many wait at once.
+    waiting_total: int = 64
 
 
 @dataclass
@@ -71,8 +74,8 @@ class UploadQueue:
     A client's other files wait in a line of its own (past ``limits.waiting``, 429 ``too_many_uploads``) and the
     lines take turns at the threads that free up, so a client's slow files hold up its own files only. A file
     that waits a whole budget (and ``REAP_S``) gets 429 too when its client's files held its share, else 503
-    ``server_busy`` (other clients' files held every thread). Each refusal says when to retry. Callers may be on
-    different event loops."""
+    ``server_busy`` (other clients' files held every thread), and so does one that finds ``limits.waiting_total``
+    files of all clients waiting. Each refusal says when to retry. Callers may be on different event loops."""
 
     def __init__(self, limits: QueueLimits):
         self.limits = limits
@@ -132,6 +135,13 @@ class UploadQueue:
                 raise TooManyUploadsError(
                     f"this client has {len(client.ends)} uploads being {limits.stage} and {len(client.waiting)} "
                     f"waiting, the most this server takes from one client at once: retry in {retry} s", retry)
+            waiting = sum(len(c.waiting) for c in self._clients.values())
+            if waiting >= limits.waiting_total:
+                retry = self._retry_after(None)
+                self._forget(name)
+                raise ReadersBusyError(
+                    f"{waiting} uploads of other clients are waiting to be {limits.stage}, the most this server "
+                    f"holds at once: retry in {retry} s", retry)
             loop = asyncio.get_running_loop()
             waiter = _Waiter(loop, loop.create_future())
             client.waiting.append(waiter)

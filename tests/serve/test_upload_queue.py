@@ -112,6 +112,25 @@ def test_a_client_past_its_line_is_refused_at_once_saying_when_to_retry():
     run(test)
 
 
+def test_all_clients_waiting_files_together_are_bounded():
+    """Many clients each within their own line still hold what waits (the web UI's users had no other bound):
+    past ``waiting_total`` a file is refused at once (503), and the next is taken once the lines move."""
+    async def test(queue: UploadQueue, files: Files):
+        tasks = [files.send(client, f"{client}{i}") for client in "abcd" for i in range(2)]
+        await until(lambda: (queue.reading, queue.waiting) == (2, 6))
+        with pytest.raises(ReadersBusyError) as refused:
+            await files.send("e", "e0")
+        assert refused.value.http_status == 503 and "6 uploads of other clients are waiting" in refused.value.message
+        await files.end("a0")
+        await until(lambda: queue.waiting == 5)
+        late = files.send("e", "e1")
+        for name in ["a1", "b0", "b1", "c0", "c1", "d0", "d1", "e1"]:
+            await files.end(name)
+        await asyncio.gather(*tasks, late)
+
+    run(test, QueueLimits(budget=30, threads=2, per_client=1, waiting_total=6))
+
+
 def test_retry_after_follows_how_long_the_last_uploads_took():
     """Small files read in milliseconds: a client past its line is told to retry in a second, not when its files'
     30 s budgets would run out; files already slower than the recent ones are expected to take as long again."""
