@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="questions for every document: one per line; a JSON list; JSON Lines ({\"question\": "
                              "...} per line); or a .csv/.tsv file with a header row naming a 'question' column")
     parser.add_argument("-o", "--output", required=True, metavar="RESULTS.jsonl",
-                        help="results file (appended to; a file holding anything but batch results is refused)")
+                        help="results file (appended to; refused when it is one of the inputs or holds anything "
+                             "but batch results)")
 
     engine = parser.add_argument_group("engine", "who answers: a model loaded here, OpenAI-compatible servers, or "
                                        "--backend extractive")
@@ -72,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from glyphserve.batch.inputs import collect_documents, load_questions
     from glyphserve.batch.prefetch import RenderOptions
-    from glyphserve.batch.results import ResultLog, write_parquet, written_files
+    from glyphserve.batch.results import ResultLog, write_parquet
     from glyphserve.batch.runner import BatchOptions, BatchRunner
     from glyphserve.errors import ConfigError
     from glyphserve.render import resolve_config
@@ -95,9 +96,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.engines is not None and (args.ray is None or args.engines < 1):
         raise ConfigError("--engines N (N >= 1) goes with --ray")
     # The input first (the command's first word): a missing folder is reported as such, model or not.
-    outputs = [*written_files(args.output), *([args.parquet] if args.parquet else [])]
     documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None,
-                                  exclude=outputs)
+                                  exclude=_own_outputs(args))
     _check_outputs(args, documents)
     check_local_flags(args)
     args.backend = answerer_kind(args, otherwise=None)
@@ -164,6 +164,18 @@ class _TerminateAsInterrupt:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _own_outputs(args: argparse.Namespace) -> list:
+    """What this run writes that an earlier run may have left in its input folder, and so is no document there: -o
+    holding batch results, its rewrite's .tmp, --parquet holding a table. An -o or --parquet holding anything else
+    stays a document, for _check_outputs to refuse (left out, such a document went unread, and then -o was refused
+    as no results file and --parquet was written over)."""
+    from glyphserve.batch.results import holds_parquet, holds_results, written_files
+
+    results, tmp = written_files(args.output)
+    return [tmp, *([results] if holds_results(results) else []),
+            *([args.parquet] if args.parquet and holds_parquet(args.parquet) else [])]
 
 
 def _check_outputs(args: argparse.Namespace, documents) -> None:
