@@ -47,3 +47,85 @@ def test_an_unknown_option_is_refused_with_its_commands_usage(capsys):
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.startswith(usage), err
         assert err.rstrip().endswith(f"error: unrecognized arguments: {unknown}")
+
+
+def _options(parser) -> dict:
+    """The parser's options by each of their names."""
+    return dict(parser._option_string_actions)
+
+
+def _every_option(parser, path=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _every_option(sub, (*path, name))
+        elif action.option_strings and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield " ".join(path), action
+
+
+def test_the_answering_commands_share_one_definition_of_each_model_engine_and_sampling_flag():
+    """serve, ask, batch and eval: a flag has the same names, help, default and choices wherever it applies
+    (a new user found --max-context, --quantize, --temperature and --seed missing from some, named otherwise in
+    others)."""
+    from glyphserve.cli import build_parser
+
+    _, commands = build_parser()
+    options = {name: _options(commands[name]) for name in ("serve", "ask", "batch", "eval")}
+    # serve's own --served-model-name and --api-key name itself and its key: not aliases of the remote flags there.
+    own = {"serve": {"--served-model-name", "--api-key"}}
+    for flag in ("--model", "--random-weights", "--dtype", "--device", "--quantize", "--max-model-len", "--max-context",
+                 "--endpoint", "--remote-model", "--served-model-name", "--remote-api-key", "--api-key"):
+        actions = {name: opts[flag] for name, opts in options.items() if flag in opts and flag not in own.get(name, ())}
+        assert set(actions) >= {"ask", "batch", "eval"}, f"{flag}: only in {sorted(actions)}"
+        names = {name: set(a.option_strings) - own["serve"] for name, a in actions.items()}
+        assert len({frozenset(n) for n in names.values()}) == 1, f"{flag}: {names}"
+        for attribute in ("choices", "type", "metavar"):  # (what a user sees; ask's key goes to args.api_key)
+            assert len({repr(getattr(a, attribute)) for a in actions.values()}) == 1, f"{flag} {attribute} differs"
+        if flag not in ("--model", "--max-model-len", "--max-context", "--endpoint"):  # (what they add, below)
+            assert len({a.help for a in actions.values()}) == 1, f"{flag}: {[a.help for a in actions.values()]}"
+            assert len({repr(a.default) for a in actions.values()}) == 1, f"{flag} default differs"
+    for name in ("ask", "batch", "eval"):  # the remote flags' other names, where the command has no flags of its own
+        assert options[name]["--served-model-name"] is options[name]["--remote-model"]
+        assert options[name]["--api-key"] is options[name]["--remote-api-key"]
+    context = [opts["--max-model-len"].help for opts in options.values()]
+    assert all(h.startswith("context length: prompt + answer tokens (default: the model's, at most 32768)")
+               for h in context)  # eval then says what it means to its other answerers
+    for flag in ("--max-new-tokens", "--temperature", "--top-p", "--seed", "--ignore-eos", "--no-cache",
+                 "--page-selection", "--preset", "--dpi", "--newline"):
+        ask, batch = options["ask"][flag], options["batch"][flag]
+        assert (ask.option_strings, ask.default, ask.type, ask.choices) == \
+               (batch.option_strings, batch.default, batch.type, batch.choices), flag
+        assert batch.help.startswith(ask.help), flag  # (batch's --page-selection adds what a refusal does)
+    assert options["eval"]["--max-new-tokens"].default == 1024  # eval's answers run through Glyph's thinking
+
+
+def test_every_option_with_a_default_says_it_in_its_help(capsys):
+    """Every command's --help gives each option's default (serve --help did not show --port's 7860; the
+    benchmarks' --out, docs/benchmarks under the current directory, was nowhere)."""
+    import argparse
+
+    import pytest
+
+    from glyphserve.cli import build_parser, main
+
+    parser, _ = build_parser()
+    unsaid = [f"{command} {action.option_strings[0]}" for command, action in _every_option(parser)
+              if not any(action.default is unset for unset in (None, False, argparse.SUPPRESS)) and action.default != []
+              and "default" not in (action.help or "")]
+    assert not unsaid, f"options whose help does not give their default: {unsaid}"
+
+    def help_text(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--help"])
+        assert exit_.value.code == 0
+        return " ".join(capsys.readouterr().out.split())  # (as one line: argparse wraps the help)
+
+    serve = help_text("serve")
+    for said in ("--port PORT port of the UI and the API (default 7860)", "(default 127.0.0.1;",
+                 "(default $XDG_DATA_HOME/glyphserve, else ~/.local/share/glyphserve, or ./data where that cannot be "
+                 "written)", "(default: $GLYPHSERVE_API_KEY)"):
+        assert said in serve, said
+    for bench in ("render", "engine", "serve", "attention", "fp8", "fp8-drift", "profile"):
+        assert "(default: docs/benchmarks/ under the current directory" in help_text("bench", bench), bench

@@ -9,7 +9,10 @@ import signal
 import sys
 import threading
 
-from glyphserve.render.commands import NEWLINE_CHOICES, PRESET_CHOICES, positive_int
+from glyphserve.engine.commands import (REMOTE_CONTEXT, answerer_argument, answerer_kind, check_local_flags,
+                                       check_sampling, engine_arguments, engine_config, model_arguments,
+                                       page_selection_argument, remote_arguments, sampling_arguments)
+from glyphserve.render.commands import page_arguments, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,40 +30,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="questions for every document: one per line; a JSON list; JSON Lines ({\"question\": "
                              "...} per line); or a .csv/.tsv file with a header row naming a 'question' column")
     parser.add_argument("-o", "--output", required=True, metavar="RESULTS.jsonl",
-                        help="results file (appended to; a file holding anything but batch results is refused)")
+                        help="results file (appended to; refused when it is one of the inputs or holds anything "
+                             "but batch results)")
 
-    engine = parser.add_argument_group("engine")
-    source = engine.add_mutually_exclusive_group()
-    source.add_argument("--model", help="checkpoint directory or Hugging Face id (e.g. zai-org/Glyph)")
-    source.add_argument("--random-weights", choices=["glm-4.1v-9b"],
-                        help="full-size architecture with random weights (benchmarks)")
-    engine.add_argument("--backend", choices=("local", "openai"),
-                        help="local: load the model here; openai: send requests to --endpoint servers (default: "
-                             "openai with --endpoint, else local)")
-    engine.add_argument("--endpoint", action="append", default=[], metavar="URL",
-                        help="OpenAI-compatible server (vLLM, SGLang, glyphserve serve); repeat to spread the load")
-    engine.add_argument("--remote-model", metavar="NAME",
-                        help="model name sent to the servers (default: from /v1/models)")
-    engine.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                        help="bearer token for the servers (default: $OPENAI_API_KEY)")
-    engine.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                        help="weights dtype (auto: bfloat16 on GPU)")
-    engine.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    engine.add_argument("--no-cache", action="store_true",
-                        help="bypass the engine's vision and prefix caches (by default a document's questions "
-                             "share one vision encode and the document prefix)")
+    engine = parser.add_argument_group("engine", "who answers: a model loaded here, OpenAI-compatible servers, or "
+                                       "--backend extractive")
+    source = model_arguments(engine, without="--endpoint URL, or --backend extractive")
+    remote_arguments(engine, group=source, several=True)
+    answerer_argument(engine, otherwise="; extractive only when named: a rerun skips what is done, so passages "
+                                        "written by a run that forgot --model would stay")
+    engine_arguments(engine, context_note=REMOTE_CONTEXT)
 
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
                      help="questions answered together (halved automatically on GPU out-of-memory); default 4")
-    run.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
+    sampling_arguments(run)
     run.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)), metavar="N",
-                     help="render processes working ahead of the model (0: render in this process)")
+                     help="render processes working ahead of the model (0: render in this process; default: the "
+                          "cores but one, 1 to 4)")
     run.add_argument("--prefetch", type=positive_int, metavar="N",
                      help="documents rendered ahead (default 2 x batch size + workers)")
-    run.add_argument("--page-selection", choices=("retrieve", "first", "all"), default="retrieve",
-                     help="documents longer than the model's context: read the pages that best match each question, "
-                          "with their neighbours (retrieve, default), the first pages (first), or fail them (all)")
+    page_selection_argument(run, note=": a row records the error")
     run.add_argument("--retry-failed", action="store_true",
                      help="also retry items recorded with an error (server-side errors are always retried)")
 
@@ -76,28 +66,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cluster.add_argument("--engines", type=int, metavar="N",
                          help="engine actors with --ray (default: one per GPU of the cluster, 1 without GPUs)")
 
-    render = parser.add_argument_group("rendering")
-    render.add_argument("--preset", choices=PRESET_CHOICES, default="auto",
-                        help="glyph-en, glyph-zh, or auto (by the text's script)")
-    render.add_argument("--dpi", type=float, help="override the preset's DPI")
-    render.add_argument("--newline", choices=NEWLINE_CHOICES,
-                        help="source line breaks as <br/> (default) or Glyph's inline red \\n marker")
+    page_arguments(parser.add_argument_group("rendering"))
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from glyphserve.batch.inputs import collect_documents, load_questions
     from glyphserve.batch.prefetch import RenderOptions
-    from glyphserve.batch.results import ResultLog, write_parquet, written_files
+    from glyphserve.batch.results import ResultLog, write_parquet
     from glyphserve.batch.runner import BatchOptions, BatchRunner
     from glyphserve.errors import ConfigError
     from glyphserve.render import resolve_config
 
     resolve_config("", args.preset, dpi=args.dpi, newline=args.newline)  # bad settings fail now, not per document
-    args.backend = args.backend or ("openai" if args.endpoint else "local")
+    check_sampling(args)
     options = BatchOptions(
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
         workers=args.workers,
         prefetch=args.prefetch,
         use_cache=not args.no_cache,
@@ -107,17 +96,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.engines is not None and (args.ray is None or args.engines < 1):
         raise ConfigError("--engines N (N >= 1) goes with --ray")
     # The input first (the command's first word): a missing folder is reported as such, model or not.
-    outputs = [*written_files(args.output), *([args.parquet] if args.parquet else [])]
     documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None,
-                                  exclude=outputs)
+                                  exclude=_own_outputs(args))
     _check_outputs(args, documents)
+    check_local_flags(args)
+    args.backend = answerer_kind(args, otherwise=None)
     if args.ray is not None:
-        if args.backend != "local":
-            raise ConfigError("--ray runs engines on the cluster: it does not go with --backend openai")
+        if args.backend not in ("local", None):  # (None: nothing chosen, which local_engine says)
+            raise ConfigError(f"--ray runs engines on the cluster: it does not go with --backend {args.backend}")
         from glyphserve.cluster import require_ray
 
         require_ray()
-        engine = engine_config(args, max_num_seqs=args.batch_size)
+        engine = local_engine(args, max_num_seqs=args.batch_size)
         if engine.model and args.ray == "local":  # a missing model is one line before Ray starts (as without --ray)
             from glyphserve.serve.weights import resolve_model
 
@@ -176,6 +166,18 @@ class _TerminateAsInterrupt:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _own_outputs(args: argparse.Namespace) -> list:
+    """What this run writes that an earlier run may have left in its input folder, and so is no document there: -o
+    holding batch results, its rewrite's .tmp, --parquet holding a table. An -o or --parquet holding anything else
+    stays a document, for _check_outputs to refuse (left out, such a document went unread, and then -o was refused
+    as no results file and --parquet was written over)."""
+    from glyphserve.batch.results import holds_parquet, holds_results, written_files
+
+    results, tmp = written_files(args.output)
+    return [tmp, *([results] if holds_results(results) else []),
+            *([args.parquet] if args.parquet and holds_parquet(args.parquet) else [])]
+
+
 def _check_outputs(args: argparse.Namespace, documents) -> None:
     """-o and --parquet write files: neither may be a file this run reads, nor the other."""
     from pathlib import Path
@@ -197,38 +199,40 @@ def _check_outputs(args: argparse.Namespace, documents) -> None:
             raise ConfigError(f"{flag} is {what}, which this run reads: give the results a file of their own")
 
 
-def engine_config(args: argparse.Namespace, *, max_num_seqs: int):
-    """The local engine the arguments ask for."""
-    from glyphserve.engine import EngineConfig
+# Batch, unlike ask, serve and eval, answers extractively only when asked to.
+CHOOSE_ANSWERER = (
+    "choose who answers: --model PATH_OR_ID, --random-weights glm-4.1v-9b or --endpoint URL (a running server); or "
+    "--backend extractive for the best passages of each document's text, without a model. Unlike ask and serve, batch "
+    "does not fall back to it: a rerun skips the questions already answered, so a run that forgot --model would leave "
+    "passages where the model's answers belong"
+)
+
+
+def local_engine(args: argparse.Namespace, *, max_num_seqs: int):
+    """The EngineConfig of the model to load here."""
     from glyphserve.errors import ConfigError
 
-    if args.endpoint:
-        raise ConfigError("--endpoint needs --backend openai")
     if not (args.model or args.random_weights):
-        raise ConfigError(
-            "choose a model: --model PATH_OR_ID, --random-weights glm-4.1v-9b, or --endpoint URL (a running server)"
-        )
-    return EngineConfig(model=args.model, random_weights=args.random_weights, dtype=args.dtype,
-                        device=args.device, max_num_seqs=max_num_seqs)
+        raise ConfigError(CHOOSE_ANSWERER)
+    return engine_config(args, max_num_seqs=max_num_seqs)
 
 
 def engine_loader(args: argparse.Namespace, *, max_num_seqs: int):
-    """A function that loads the engine the arguments ask for (checked now, loaded later)."""
-    from glyphserve.errors import ConfigError
-
+    """A function that loads what answers (an engine here, the servers' client, or the extractive answers): checked
+    now, loaded later."""
     if args.backend == "openai":
-        if not args.endpoint:
-            raise ConfigError("--backend openai needs at least one --endpoint URL")
-        if args.model or args.random_weights:
-            raise ConfigError("--model/--random-weights are for --backend local; the servers choose their model")
         from glyphserve.engine.remote import RemoteConfig, RemoteEngine
 
-        config = RemoteConfig(args.endpoint, model=args.remote_model, api_key=args.api_key,
-                              max_concurrency=max(16, max_num_seqs))
+        config = RemoteConfig(args.endpoint, model=args.remote_model, api_key=args.remote_api_key,
+                              max_concurrency=max(16, max_num_seqs), max_context=args.max_context)
         return lambda: RemoteEngine.load(config)
+    if args.backend == "extractive":
+        from glyphserve.batch.extractive import ExtractiveAnswers
+
+        return ExtractiveAnswers
     from glyphserve.serve.weights import resolve_model
 
-    config = engine_config(args, max_num_seqs=max_num_seqs)
+    config = local_engine(args, max_num_seqs=max_num_seqs)
     if config.model:  # a missing folder or an unreachable Hub id fails now, as for ask and serve
         config = dataclasses.replace(config, model=resolve_model(config.model))
 

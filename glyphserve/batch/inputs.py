@@ -134,23 +134,27 @@ def collect_documents(source: str, shared_questions: list[str] | None = None,
     shared = _unique(shared_questions or [])
     excluded = {Path(p).resolve() for p in exclude}
     path = Path(source)
+    left_out: list[Path] = []
     if path.is_file() and path.suffix.lower() == ".jsonl":
         documents = _read_manifest(path, shared)
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))
-                       and p.resolve() not in excluded)
-        documents = [BatchDocument(p.relative_to(path).as_posix(), tuple(shared), path=p) for p in files]
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        left_out = [p for p in files if p.resolve() in excluded]
+        documents = [BatchDocument(p.relative_to(path).as_posix(), tuple(shared), path=p) for p in files
+                     if p not in left_out]
     elif path.is_file():
         documents = [BatchDocument(path.name, tuple(shared), path=path)]
     else:
         matches = sorted(glob.glob(source, recursive=True))
         # (glob already skips dot-files)
-        files = [Path(m) for m in matches if Path(m).is_file() and Path(m).resolve() not in excluded]
+        files = [Path(m) for m in matches if Path(m).is_file()]
         if not matches and not glob.has_magic(source):
             raise NotFoundError(f"input not found: {source}")
-        documents = [BatchDocument(p.as_posix(), tuple(shared), path=p) for p in files]
+        left_out = [p for p in files if p.resolve() in excluded]
+        documents = [BatchDocument(p.as_posix(), tuple(shared), path=p) for p in files if p not in left_out]
     if not documents:
-        raise NotFoundError(f"no documents found in {source}")
+        besides = f" (besides this run's own output {', '.join(map(str, left_out))})" if left_out else ""
+        raise NotFoundError(f"no documents found in {source}{besides}")
     if not any(doc.questions for doc in documents):
         raise ConfigError("no questions: pass --questions FILE or give each manifest line a 'questions' list")
     return documents

@@ -63,6 +63,10 @@ class PreparedDocument:
     timings: dict[str, float] = field(default_factory=dict)
     error: ItemError | None = None
     selectable: DocumentPages | None = None  # what page selection knows of the pages (when they do not all fit)
+    # The document's text and each page's manifest entry (its span of the text, its lines): what extractive answers
+    # search and cite pages by (``glyphserve.batch.extractive``).
+    text: str = ""
+    manifests: list[dict] = field(default_factory=list)
 
 
 def prepare_document(
@@ -94,6 +98,7 @@ def prepare_document(
         prepared.vision_tokens = rendered.stats.vision_tokens
         prepared.text_tokens = rendered.stats.text_tokens
         prepared.selectable = DocumentPages(doc.text, rendered.pages)
+        prepared.text, prepared.manifests = doc.text, [page.manifest() for page in rendered.pages]
     except Exception as exc:  # noqa: BLE001 (recorded per document; the run goes on)
         prepared.error = ItemError.from_exception(exc)
     return prepared

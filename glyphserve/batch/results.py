@@ -152,6 +152,36 @@ def written_files(path: str | Path) -> tuple[Path, Path]:
     return path, path.with_name(path.name + ".tmp")
 
 
+def holds_results(path: str | Path) -> bool:
+    """Whether ``path`` may be a results file this module wrote: absent, blank, or its first line a result row
+    (whole, or torn by a crash). Anything else is someone's file: a ResultLog refuses it."""
+    try:
+        with open(path, "rb") as file:
+            while True:
+                line = file.readline(1 << 20)  # (a longer row is cut here, and still starts as a row)
+                if not line:
+                    return True
+                if line.strip():
+                    line = line.rstrip(b"\r\n")
+                    return _parse(line) is not None or _torn(line)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # unreadable: not known to be ours
+
+
+def holds_parquet(path: str | Path) -> bool:
+    """Whether ``path`` may be a table --parquet wrote: absent, empty, or a Parquet file (its magic bytes)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return head in (b"", b"PAR1")
+
+
 def _open_locked(path: Path):
     try:
         file = open(path, "a+b")  # noqa: SIM115 (closed by ResultLog.close)

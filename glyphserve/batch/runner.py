@@ -25,7 +25,8 @@ STOP_AFTER_ENGINE_FAILURES = 16
 
 
 class AnswerBackend(Protocol):
-    """What the runner needs from an engine: ``glyphserve.engine.Engine`` or ``RemoteEngine``."""
+    """What the runner needs from an engine: ``glyphserve.engine.Engine`` or ``RemoteEngine`` (or, answering from
+    the items' text instead of their pages, ``answer_items``: ``glyphserve.batch.extractive.ExtractiveAnswers``)."""
 
     def answer_batch(self, requests: list) -> list: ...
 
@@ -34,6 +35,10 @@ class AnswerBackend(Protocol):
 class BatchOptions:
     batch_size: int = 4
     max_new_tokens: int = 512
+    # Sampling, as GenerationSettings takes it (checked by the command line: glyphserve.engine.commands.check_sampling).
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
     workers: int = 1
     prefetch: int | None = None  # documents rendered ahead; default 2 x batch size + workers
     # The engine's vision/prefix caches: a document's questions then share one vision encode and prefix.
@@ -187,7 +192,7 @@ class ItemAnswerer:
         while start < len(items):
             chunk = items[start : start + self.batch_size]
             try:
-                answers = self.engine.answer_batch([self.request(item) for item in chunk])
+                answers = self._answers(chunk)
             except EngineOutOfMemoryError as exc:
                 if len(chunk) == 1:
                     yield chunk[0], None, item_error(exc)
@@ -211,10 +216,16 @@ class ItemAnswerer:
 
     def _alone(self, item: Item) -> tuple[Item, Any, ItemError | None]:
         try:
-            [answer] = self.engine.answer_batch([self.request(item)])
+            [answer] = self._answers([item])
         except Exception as exc:  # noqa: BLE001 (recorded in the results; the run goes on)
             return item, None, item_error(exc)
         return item, answer, None
+
+    def _answers(self, items: list[Item]) -> list:
+        answer_items = getattr(self.engine, "answer_items", None)  # (extractive: the items' text, not pages)
+        if answer_items is not None:
+            return answer_items(items)
+        return self.engine.answer_batch([self.request(item) for item in items])
 
     def _maybe_grow(self, size: int) -> None:
         if self.batch_size >= self.options.batch_size or size < self.batch_size:
@@ -243,6 +254,9 @@ class ItemAnswerer:
             page_keys=[f"batch:{prepared.document.id}:{n}" for n in item.pages_shown],
             settings=GenerationSettings(
                 max_tokens=self.options.max_new_tokens,
+                temperature=self.options.temperature,
+                top_p=self.options.top_p,
+                seed=self.options.seed,
                 use_cache=self.options.use_cache,
                 ignore_eos=self.options.ignore_eos,
             ),

@@ -28,7 +28,8 @@ import json
 import statistics
 import sys
 import traceback
-from pathlib import Path
+
+from glyphserve.bench.engine import out_argument
 
 TABLE_TOKENS = 32768  # block-table width in tokens, as the engine sizes it for its longest context
 MIN_BYTES_PER_GRAPH = 256 * 2**20  # K/V per timed graph: several times the 50-60 MB L2 of a Hopper card
@@ -46,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for attention-<card>.json/.md")
+    out_argument(p, "attention-<card>.json/.md")
     p.add_argument("--long", action="store_true", help="also 1 row x 32,768 and x 65,536 tokens")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--replays", type=int, default=30, help="timed replays of each graph (median)")

@@ -75,8 +75,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "much of the card (a 24 GB card's profile), with --quantize's weights and with 16-bit ones")
     p.add_argument("--baseline-tree", type=Path, help="a glyphserve checkout to measure the same way (child process)")
     p.add_argument("--font", help="font file for rendering (default: glyph-en's font or its free substitute)")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for engine-<card>.json/.md")
+    out_argument(p, "engine-<card>.json/.md")
     p.set_defaults(func=run)
+
+
+# Where every benchmark writes unless told: the repository's results folder, when run from the checkout's root.
+DEFAULT_OUT = Path("docs/benchmarks")
+
+
+def out_argument(p: argparse.ArgumentParser, files: str, *, print_only: bool = False) -> None:
+    """--out: the folder a benchmark writes ``files`` to (shared by the benchmarks; defined here, not in
+    bench.commands, because this file also runs as a script under a baseline checkout's glyphserve).
+    ``print_only``: '' writes nothing (args.out None)."""
+    p.add_argument("--out", type=(lambda value: Path(value) if value else None) if print_only else Path,
+                   default=DEFAULT_OUT, metavar="DIR",
+                   help=f"folder for {files} (default: {DEFAULT_OUT}/ under the current directory"
+                        + ("; '' to print only)" if print_only else ")"))
 
 
 def model_arguments(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from glyphserve.bench.engine import out_argument
+
 ROWS = (1, 8, 32, 64)
 METHODS = ("bf16", "fp8", "scaled_mm")
 
@@ -39,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for fp8-<card>.json/.md")
+    out_argument(p, "fp8-<card>.json/.md")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="activation rows M, comma-separated")
     p.add_argument("--replays", type=int, default=7, help="timed graph replays per configuration (median)")
     p.add_argument("--pages", type=int, default=24, help="pages of the resize timing")

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from glyphserve.bench.engine import out_argument
+
 if TYPE_CHECKING:
     import torch
 
@@ -47,8 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=32, help="forced answer tokens (decoded)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="docs/benchmarks",
-                   help="folder for fp8-drift-<card>.json/.md and targets.json ('' to print only)")
+    out_argument(p, "fp8-drift-<card>.json/.md and targets.json", print_only=True)
     p.set_defaults(func=run)
 
 

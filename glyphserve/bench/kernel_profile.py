@@ -45,7 +45,7 @@ NAME_CHARS = 200  # of a kernel's name (C++ template names run to thousands)
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("profile", help="kernel-level profile of a cold question and a decode step (GPU)",
                               description=__doc__.split("\n\n")[0])
-    from glyphserve.bench.engine import model_arguments
+    from glyphserve.bench.engine import model_arguments, out_argument
 
     model_arguments(p)
     p.add_argument("--workload", default="W50")
@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="a wave of this many follow-ups at once, 4 sessions a document (0 to skip)")
     p.add_argument("--top", type=int, default=20, help="kernels listed per phase")
     p.add_argument("--font", help="font file for rendering")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for profile-<card>.json/.md")
+    out_argument(p, "profile-<card>.json/.md")
     p.set_defaults(func=run, device="cuda", repeats=1)
 
 

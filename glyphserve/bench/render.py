@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from glyphserve.bench.engine import out_argument
+
 DEFAULT_SIZES = ("W50", "W150", "W200")
 LONG_SIZES = (250_000, 500_000, 1_000_000)
 TARGET_WORKLOAD = "W150"
@@ -61,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cli", action="store_true", help="skip the end-to-end command-line comparison")
     p.add_argument("--fidelity-chars", type=int, default=30_000,
                    help="characters of the English fidelity texts (Chinese: a third)")
-    p.add_argument("--out", default="docs/benchmarks", help="folder for render-benchmark.json/.md and targets.json")
+    out_argument(p, "render-benchmark.json/.md and targets.json")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from glyphserve.bench.engine import fixed
+from glyphserve.bench.engine import fixed, out_argument
 
 TARGET_SPEEDUP = 25.0  # 64 sessions over 16 W50 documents against one at a time (issue 13)
 TARGET_SCALING = 1.8  # two engine replicas against one engine
@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--step-trace", action="store_true",
                    help="the server records its engine's steps (serve --step-trace): each concurrent round's time "
                         "by kind of step (decode graph steps, eager prompt passes, ...) and outside steps")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="folder for serve-<card>.json/.md")
+    out_argument(p, "serve-<card>.json/.md")
     p.set_defaults(func=run)
 
 

@@ -129,18 +129,20 @@ class LocalBackend(_PageReadingBackend):
     name = "local"
 
     def __init__(self, model: str | None = None, random_weights: str | None = None, max_new_tokens: int = 1024,
-                 max_context: int | None = None, device: str = "auto"):
+                 max_context: int | None = None, device: str = "auto", dtype: str = "auto",
+                 quantize: str | None = None):
         from glyphserve.engine import Engine, EngineConfig
 
         engine = Engine.load(EngineConfig(model=model, random_weights=random_weights, max_context=max_context,
-                                          device=device))
+                                          device=device, dtype=dtype, quantize=quantize))
         super().__init__(engine, max_new_tokens, engine.tokenizer)
         self.context = engine.max_context
 
     def describe(self) -> dict:
         engine = self.engine
+        quantize = {"quantize": engine.config.quantize} if engine.config.quantize else {}  # (its scores are its own)
         return {"model": engine.name, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-                **super().describe()}
+                **quantize, **super().describe()}
 
     def page_budget(self, question: str) -> "PromptBudget | None":
         from glyphserve.engine.prompt import page_budget

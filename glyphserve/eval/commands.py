@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from glyphserve.engine.commands import (answerer_argument, answerer_kind, check_local_flags, engine_arguments,
+                                       max_new_tokens_argument, model_arguments, remote_arguments)
 from glyphserve.errors import ConfigError, GlyphserveError
 
 SUITES = ("niah", "niah-multi", "mdqa", "freqword", "longbench", "mrcr", "ocr")
@@ -13,6 +15,13 @@ DATA_SUITES = ("longbench", "mrcr")
 DEFAULT_LENGTHS = "4k,8k,16k,32k"
 DEFAULT_SAMPLES = 5
 DEFAULT_CONTEXT = 32768
+# Longer than ask's and batch's: an answer cut in Glyph's thinking scores 0 for want of tokens, not of reading.
+DEFAULT_MAX_NEW_TOKENS = 1024
+# What --max-model-len means to eval's answerers without a model here (make_backend).
+EVAL_CONTEXT = ("; with --endpoint or the extractive backend: what pages are chosen for (default "
+                f"{DEFAULT_CONTEXT} with --page-selection, and no more than the server reports; the prompt's tokens "
+                "bounded from above for a server, estimated for extractive); without --page-selection, documents "
+                "that do not fit are scored 0 and reported")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,23 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ocr-pages", type=int, default=2, help="pages the ocr suite reads per preset and dpi (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated suites (default 0)")
     p.add_argument("--data", type=Path, help="LongBench or MRCR file (JSON Lines) for --suite longbench|mrcr")
-    p.add_argument("--backend", choices=("extractive", "local", "openai"),
-                   help="who answers (default: openai with --endpoint, local with --model/--random-weights, "
-                        "else the embedded extractive search)")
-    p.add_argument("--model", help="local model directory or Hugging Face id, e.g. zai-org/Glyph")
-    p.add_argument("--random-weights", metavar="ARCH", help="full-size model with random weights (glm-4.1v-9b)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where the local model runs")
-    p.add_argument("--endpoint", help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--remote-model", help="model name to send to --endpoint (default: what /v1/models names)")
-    p.add_argument("--api-key", help="bearer token for --endpoint (default: $OPENAI_API_KEY)")
-    p.add_argument("--max-new-tokens", type=int, default=1024,
-                   help="answer length limit for model backends, thinking included (default 1024)")
-    p.add_argument("--max-context", type=int,
-                   help="longest prompt + answer in tokens: the local model's (default: the engine's, at most "
-                        f"32768), or what pages are selected for with the other backends (default {DEFAULT_CONTEXT} "
-                        "with --page-selection, and no more than an openai server reports; prompt tokens estimated "
-                        "for extractive, bounded from above for openai); without page selection documents that do "
-                        "not fit are scored 0 and reported")
+    answerer_argument(p, otherwise=", else extractive")
+    source = model_arguments(p, without="the extractive backend")
+    remote_arguments(p, group=source)
+    engine_arguments(p, context_note=EVAL_CONTEXT)
+    max_new_tokens_argument(p, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--preset", default=None,
                    help="comma-separated render presets: auto, glyph-en, glyph-zh "
                         "(default: auto for accuracy suites, glyph-en,glyph-zh for ocr)")
@@ -154,29 +151,21 @@ def _parse_dpis(value: str | None) -> list[int]:
 
 
 def make_backend(args: argparse.Namespace):
-    import os
-
     from glyphserve.eval import backends
 
-    kind = args.backend or (
-        "openai" if args.endpoint else "local" if (args.model or args.random_weights) else "extractive"
-    )
+    check_local_flags(args)
+    kind = answerer_kind(args, otherwise="extractive")
     if kind == "local":
-        if not (args.model or args.random_weights):
-            raise ConfigError(
-                "--backend local needs --model PATH|ID (e.g. zai-org/Glyph) or --random-weights glm-4.1v-9b"
-            )
         from glyphserve.serve.weights import resolve_model
 
         model = resolve_model(args.model) if args.model else None  # before torch loads: fails fast
-        return backends.LocalBackend(model, args.random_weights, args.max_new_tokens, args.max_context, args.device)
+        return backends.LocalBackend(model, args.random_weights, args.max_new_tokens, args.max_context, args.device,
+                                     args.dtype, args.quantize)
     # Without a model here, pages are selected for the context given (or the engine's default).
     context = args.max_context or (DEFAULT_CONTEXT if args.page_selection else None)
     if kind == "openai":
-        if not args.endpoint:
-            raise ConfigError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
-        api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-        return backends.OpenAIBackend(args.endpoint, args.remote_model, api_key, args.max_new_tokens, context)
+        return backends.OpenAIBackend(args.endpoint, args.remote_model, args.remote_api_key, args.max_new_tokens,
+                                      context)
     return backends.ExtractiveBackend(context=context, max_tokens=args.max_new_tokens)
 
 

@@ -38,15 +38,21 @@ def positive_int(value: str) -> int:
     return number
 
 
-def add_render_options(p: argparse.ArgumentParser) -> None:
-    """The rendering flags (shared with other commands that render)."""
+def page_arguments(p: argparse.ArgumentParser) -> None:
+    """--preset, --dpi and --newline: how the commands that render a document (render, ask, batch) draw its pages."""
     p.add_argument("--preset", choices=PRESET_CHOICES, default="auto",
                    help="Glyph's released settings; auto picks glyph-zh when the text has CJK (default: auto)")
-    p.add_argument("--config", metavar="FILE.json", help="a Glyph rendering config (config_en.json keys)")
-    p.add_argument("--dpi", type=float, help="resolution (72 as released, 96 for the paper's sharper pages)")
-    p.add_argument("--font", metavar="PATH", help="font file (e.g. the official Verdana.ttf); PATH#N picks face N")
+    p.add_argument("--dpi", type=float,
+                   help="resolution: 72 as released, 96 for the paper's sharper pages (default: the preset's)")
     p.add_argument("--newline", choices=NEWLINE_CHOICES,
                    help="source line breaks as <br/> (default) or Glyph's inline red \\n marker")
+
+
+def add_render_options(p: argparse.ArgumentParser) -> None:
+    """The rendering flags of ``glyphserve render``: ``page_arguments`` and how Glyph's own files are found."""
+    page_arguments(p)
+    p.add_argument("--config", metavar="FILE.json", help="a Glyph rendering config (config_en.json keys)")
+    p.add_argument("--font", metavar="PATH", help="font file (e.g. the official Verdana.ttf); PATH#N picks face N")
     p.add_argument("--glyph-repo", metavar="PATH",
                    help="a clone of github.com/thu-coai/Glyph: its config/config_en.json, config_zh.json and fonts "
                         "are used unchanged for the presets (default: $GLYPHSERVE_GLYPH_REPO)")

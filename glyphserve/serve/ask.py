@@ -11,9 +11,11 @@ import sys
 import time
 from collections.abc import Iterator
 
-from glyphserve.engine.types import DEFAULT_MAX_CONTEXT, MAX_SEED, MAX_TEMPERATURE
+from glyphserve.engine.commands import (REMOTE_CONTEXT, engine_arguments, model_arguments, page_selection_argument,
+                                       remote_arguments, sampling_arguments)
+from glyphserve.engine.types import MAX_SEED, MAX_TEMPERATURE
 from glyphserve.errors import ConfigError, GlyphserveError
-from glyphserve.render.commands import NEWLINE_CHOICES, PRESET_CHOICES
+from glyphserve.render.commands import page_arguments
 
 
 def register(subparsers) -> None:
@@ -26,37 +28,12 @@ def register(subparsers) -> None:
     )
     ask.add_argument("input", help="document: PDF, DOCX, Markdown or plain text, or - for stdin")
     ask.add_argument("question", nargs="?", help="the question (optional with --chat)")
-    source = ask.add_mutually_exclusive_group()
-    source.add_argument("--model", help="model directory or Hugging Face id (e.g. zai-org/Glyph)")
-    source.add_argument(
-        "--random-weights", choices=["glm-4.1v-9b"], help="full-size architecture with random weights (benchmarks)"
-    )
-    source.add_argument("--endpoint", metavar="URL",
-                        help="ask a running OpenAI-compatible server (e.g. http://127.0.0.1:7860/v1)")
-    ask.add_argument("--remote-model", "--served-model-name", dest="remote_model", metavar="NAME",
-                     help="with --endpoint: the model name to send (default: the server's first in /v1/models)")
-    ask.add_argument("--remote-api-key", "--api-key", dest="api_key", metavar="KEY",
-                     help="with --endpoint: its bearer token (serve's --remote-api-key)")
-    ask.add_argument("--max-new-tokens", type=int, default=512)
-    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ask.add_argument("--top-p", type=float, default=1.0)
-    ask.add_argument("--seed", type=int, default=None)
-    ask.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    ask.add_argument("--no-cache", action="store_true", help="bypass the vision-feature and document-prefix caches")
-    ask.add_argument("--page-selection", choices=["retrieve", "first", "all"], default="retrieve",
-                     help="when the pages do not fit the context: show those whose text best matches the question "
-                          "and the conversation, with their neighbours (retrieve, default), the first pages (first), "
-                          "or refuse (all)")
-    ask.add_argument("--max-model-len", "--max-context", dest="max_context", type=int, default=None, metavar="N",
-                     help=f"tokens of context, as serve's (default: the model's, <= {DEFAULT_MAX_CONTEXT})")
-    ask.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    ask.add_argument("--quantize", choices=["fp8"], default=None, help="the language model's weights in e4m3")
-    ask.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    ask.add_argument("--preset", choices=PRESET_CHOICES, default="auto",
-                     help="render preset; auto picks glyph-zh when the text has CJK (default: auto)")
-    ask.add_argument("--dpi", type=float, default=None, help="render resolution (default: the preset's)")
-    ask.add_argument("--newline", choices=NEWLINE_CHOICES,
-                     help="source line breaks as <br/> (default) or Glyph's inline red \\n marker")
+    source = model_arguments(ask, without="an extractive answer (the best passages of the document's text)")
+    remote_arguments(ask, group=source, key_dest="api_key")  # (_answerer reads args.api_key)
+    sampling_arguments(ask)
+    page_selection_argument(ask)
+    engine_arguments(ask, context_note=REMOTE_CONTEXT)
+    page_arguments(ask)
     ask.add_argument("--json", action="store_true",
                      help="print the answer, the pages shown, timings and cache statistics as JSON")
     ask.add_argument("--chat", action="store_true", help="then read follow-up questions from stdin until EOF")

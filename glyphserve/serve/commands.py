@@ -7,7 +7,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from glyphserve.engine.types import DEFAULT_MAX_CONTEXT
+from glyphserve.engine.commands import (REMOTE_CONTEXT, device_argument, engine_arguments, model_arguments,
+                                       page_selection_argument, remote_arguments)
 from glyphserve.errors import ConfigError, MissingExtraError
 from glyphserve.serve import ask
 
@@ -27,18 +28,12 @@ def register(subparsers) -> None:
                     "Without a model, documents are rendered and answered extractively (BM25 passages with their "
                     "pages).",
     )
-    _model_arguments(serve)
+    model_arguments(serve, without="extractive answers", positional=True)
+    engine_arguments(serve, context_note=REMOTE_CONTEXT)
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="the model name(s) the API answers to and names in replies (default: the last part of "
                             "the model id, e.g. Glyph for zai-org/Glyph; the official Glyph scripts send 'glyph')")
-    serve.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
-                       help="context length: prompt + answer tokens (default: the model's, at most "
-                            f"{DEFAULT_MAX_CONTEXT}; with --endpoint: what pages are chosen for, default the least "
-                            "the servers report)")
-    serve.add_argument("--page-selection", choices=("retrieve", "first", "all"), default="retrieve",
-                       help="when a document's pages do not fit the context: show the pages that best match the "
-                            "question and conversation (retrieve, default), the first pages (first), or refuse "
-                            "(all); requests may choose with page_selection")
+    page_selection_argument(serve, note="; requests may choose with page_selection")
     serve.add_argument("--max-num-seqs", "--max-batch", dest="max_num_seqs", type=int, default=256, metavar="N",
                        help="requests decoded together at most (default 256; the KV pool's free blocks decide "
                             "how many run at once)")
@@ -48,16 +43,13 @@ def register(subparsers) -> None:
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
                        help="the share of the GPU's memory this server may use; the KV pool gets what the weights "
                             "and activations leave of it (default 0.9)")
-    serve.add_argument("--quantize", choices=["fp8"], default=None,
-                       help="fp8: the language model's weights in e4m3 (half the memory and decode bytes; for 24 GB "
-                            "cards); answer quality against 16-bit weights is unmeasured without the real weights")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1; any other address requires --api-key)")
-    serve.add_argument("--port", type=int, default=7860)
-    serve.add_argument("--data-dir", type=Path, default=None,
+    serve.add_argument("--port", type=int, default=7860, help="port of the UI and the API (default 7860)")
+    serve.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
                        help="documents, pages and the SQLite index (default $XDG_DATA_HOME/glyphserve, else "
                             "~/.local/share/glyphserve, or ./data where that cannot be written)")
-    serve.add_argument("--api-key", default=os.environ.get("GLYPHSERVE_API_KEY"),
+    serve.add_argument("--api-key", default=os.environ.get("GLYPHSERVE_API_KEY"), metavar="KEY",
                        help="require 'Authorization: Bearer KEY' on the API and this password in the UI "
                             "(default: $GLYPHSERVE_API_KEY)")
     serve.add_argument("--max-upload-mb", type=float, default=50, help="largest upload accepted (default 50)")
@@ -117,11 +109,8 @@ def register(subparsers) -> None:
     remote.add_argument("--backend", choices=("local", "openai"),
                         help="local: the model in this process (or on --ray replicas); openai: the --endpoint servers "
                              "(default: openai with --endpoint, else local)")
-    remote.add_argument("--endpoint", action="append", default=[], metavar="URL",
-                        help="OpenAI-compatible server (vLLM, SGLang, glyphserve serve); repeat for more")
-    remote.add_argument("--remote-model", metavar="NAME", help="model name sent to the servers (default: /v1/models)")
-    remote.add_argument("--remote-api-key", default=os.environ.get("OPENAI_API_KEY"), metavar="KEY",
-                        help="bearer token for the servers (default: $OPENAI_API_KEY)")
+    # (serve's own --served-model-name and --api-key are the names it answers to and its key: no aliases here)
+    remote_arguments(remote, several=True, aliases=False)
     remote.add_argument("--replica-concurrency", type=int, default=None, metavar="N",
                         help="requests in flight per --endpoint server (the front runs servers x N at once) or per "
                              "--ray engine replica (past it, a document's questions spill to its next replica); "
@@ -139,20 +128,10 @@ def register(subparsers) -> None:
 
     doctor = subparsers.add_parser("doctor", help="check GPU, libraries, fonts and model weights",
                                    description="Print what `glyphserve serve` will find on this machine.")
-    _model_arguments(doctor, without="the machine's checks alone", dtype=False)
+    model_arguments(doctor, without="the machine's checks alone", positional=True)
+    device_argument(doctor)
     doctor.set_defaults(func=_doctor)
     ask.register(subparsers)
-
-
-def _model_arguments(parser: argparse.ArgumentParser, without: str = "extractive answers", dtype: bool = True) -> None:
-    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                        help=f"model directory or Hugging Face id (e.g. zai-org/Glyph); none: {without}")
-    parser.add_argument("--model", default=None, help="the same as MODEL")
-    parser.add_argument("--random-weights", default=None, choices=["glm-4.1v-9b"],
-                        help="full-size architecture with random weights (benchmarks, no checkpoint needed)")
-    if dtype:
-        parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
 
 
 def _list(value: str) -> list[str]:
@@ -209,7 +188,7 @@ def serve_config(args: argparse.Namespace):
     return ServeConfig(
         host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(), model=_model(args),
         random_weights=args.random_weights, dtype=args.dtype, device=args.device, api_key=args.api_key or None,
-        served_model_name=args.served_model_name or [], max_model_len=args.max_model_len,
+        served_model_name=args.served_model_name or [], max_model_len=args.max_context,
         page_selection=args.page_selection,
         gpu_memory_utilization=args.gpu_memory_utilization, quantize=args.quantize,
         max_upload_mb=args.max_upload_mb, max_pages=args.max_pages, max_pdf_pages=args.max_pdf_pages,

@@ -317,6 +317,36 @@ def test_outputs_that_would_overwrite_what_the_run_reads_are_refused(tmp_path, q
     assert questions_file.read_text(encoding="utf-8") == "\n".join(QUESTIONS) + "\n"
 
 
+def test_an_output_naming_a_document_of_the_input_folder_is_refused_as_one(tmp_path, questions_file):
+    """-o (or --parquet) naming a file of the input folder that holds no batch results (no table) is one of the
+    documents, and refused as such: with the folder's only file it read 'no documents found', with another file
+    beside it 'not a batch results file', and --parquet wrote its table over the document."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    endpoint = ["--endpoint", "http://127.0.0.1:9/v1"]  # never reached: every run is refused before
+    for files in (["a.txt"], ["a.txt", "b.txt"]):
+        for name in files:
+            (docs / name).write_text(name, encoding="utf-8")
+        last = files[-1]
+        cases = [(["-o", str(docs / "a.txt")], f"-o {docs / 'a.txt'} is the document 'a.txt'"),
+                 (["-o", str(tmp_path / "r.jsonl"), "--parquet", str(docs / last)],
+                  f"--parquet {docs / last} is the document '{last}'")]
+        for args, message in cases:
+            run = subprocess.run(_batch_cmd(str(docs), "--questions", str(questions_file), *args, *endpoint),
+                                 env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+            assert run.returncode == 2, run.stderr
+            assert run.stderr == f"error: {message}, which this run reads: give the results a file of their own\n"
+        assert {p.name: p.read_text() for p in docs.iterdir()} == {name: name for name in files}  # untouched
+        assert not (tmp_path / "r.jsonl").exists()
+    # The folder's only file an earlier run's results: no documents, and the message says which file was left out.
+    (docs / "b.txt").unlink()
+    (docs / "a.txt").write_text(json.dumps({"id": "x.txt", "question": "Q?", "error": None}) + "\n")
+    run = subprocess.run(_batch_cmd(str(docs), "--questions", str(questions_file), "-o", str(docs / "a.txt"),
+                                    *endpoint), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr == f"error: no documents found in {docs} (besides this run's own output {docs / 'a.txt'})\n"
+
+
 def test_a_rerun_does_not_take_its_own_outputs_in_the_input_folder_for_documents(tmp_path, questions_file):
     pytest.importorskip("pyarrow")
     docs = tmp_path / "docs"

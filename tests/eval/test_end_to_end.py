@@ -89,6 +89,23 @@ def test_documents_beyond_the_context_score_zero_and_are_reported(tiny_model_dir
         "model": str(tiny_model_dir), "device": "cpu", "max_new_tokens": 4}  # what answered, in the report
 
 
+def test_eval_takes_the_engine_flags_ask_batch_and_serve_take(tiny_model_dir, tmp_path, capsys):
+    """--quantize and --max-model-len (--max-context's other name, as in ask, batch and serve) reach the engine."""
+    out = tmp_path / "eval"
+    args = ["eval", "--suite", "niah", "--lengths", "4k", "--samples", "1", "--model", str(tiny_model_dir),
+            "--device", "cpu", "--dtype", "float32", "--quantize", "fp8", "--max-model-len", "600",
+            "--max-new-tokens", "4", "-o", str(out)]
+    assert main(args) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert {k: data["meta"][k] for k in ("dtype", "quantize")} == {"dtype": "float32", "quantize": "fp8"}
+    (sample,) = data["samples"]
+    assert sample["score"] == 0.0 and "context holds 600" in sample["error"]
+    capsys.readouterr()
+    assert main(["eval", "--lengths", "4k", "--samples", "1", "--quantize", "fp8", "-o", str(out)]) == 2
+    assert capsys.readouterr().err == ("error: --quantize needs --model or --random-weights (it quantizes the "
+                                       "model's weights)\n")  # nothing to quantize under the extractive backend
+
+
 def test_page_selection_beyond_the_context_shows_the_evidence(tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "--suite", "niah,mdqa", "--lengths", "3x", "--samples", "4", "--max-context", "4096",

@@ -50,6 +50,13 @@ def test_quantize_without_a_model_is_refused(tmp_path):
         config.validate()
 
 
+def test_the_context_flag_has_the_two_names_it_has_in_ask_batch_and_eval(tmp_path):
+    parser, _ = build_parser(("glyphserve.serve.commands",))
+    for flag in ("--max-model-len", "--max-context"):
+        config = serve_config(parser.parse_args(["serve", "--data-dir", str(tmp_path), flag, "2048"]))
+        assert config.max_model_len == 2048 and config.engine_config(None).max_context == 2048
+
+
 def test_a_step_trace_is_bounded_and_only_for_a_local_engine(tmp_path):
     parser, _ = build_parser(("glyphserve.serve.commands",))
 
