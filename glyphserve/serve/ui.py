@@ -162,6 +162,64 @@ def _reply_markdown(reply: Reply, names: dict[str, str]) -> str:
     return "\n\n".join(lines)
 
 
+def _stored_record(service: GlyphService, document_id: str) -> DocumentRecord | None:
+    """The document's record; None once it is deleted (in another tab, through the API)."""
+    try:
+        return service.store.get(document_id)
+    except NotFoundError:
+        return None
+
+
+def _names(service: GlyphService, document_ids: list[str]) -> dict[str, str]:
+    records = {d: _stored_record(service, d) for d in document_ids}
+    return {d: (r.name or "pasted text") if r is not None else "a deleted document" for d, r in records.items()}
+
+
+def _gallery_items(service: GlyphService, document_ids: list[str], shown_pages: list | None = None):
+    """Every page of the chosen documents; the pages the last answer showed (or cited) are marked."""
+    marked = {(p["document"], p["page"]) if isinstance(p, dict) else (document_ids[0], p)
+              for p in shown_pages or []}
+    items = []
+    for document_id in document_ids:
+        record = _stored_record(service, document_id)
+        if record is None:  # deleted meanwhile (another tab, the API): its pages are gone
+            continue
+        name = record.name or "pasted text"
+        for n, path in enumerate(service.store.pages(document_id), 1):
+            caption = f"page {n}" if len(document_ids) == 1 else f"{name} · page {n}"
+            items.append((str(path), f"● {caption} · shown" if (document_id, n) in marked else caption))
+    return items
+
+
+def _tokens_needed(record: DocumentRecord, context: int | None) -> int:
+    """Tokens a question about all of ``record``'s pages needs at the least: its pages, their markers, the
+    template's own tokens and the room kept for an answer of unset length (the planner's count for an empty
+    question)."""
+    return (record.summary.get("vision_tokens", 0) + record.pages * PAGE_MARKER_TOKENS + PROMPT_TOKENS
+            + MESSAGE_TOKENS + answer_room(context))
+
+
+def _warmth_note(service: GlyphService, document_id: str, context: int | None) -> str:
+    """What the model has read of the document ahead of its first question (a sentence for the status box)."""
+    warmth = service.warmth(document_id) if service.has_model else None
+    record = _stored_record(service, document_id)
+    if record is not None and context and _tokens_needed(record, context) > context:
+        # Longer than the context: warming reads the pages an empty question would be shown, and each question
+        # is shown the pages that match it.
+        return {"warming": " The model is reading its first pages in the background (the document is longer "
+                           "than its context: questions shown other pages start cold).",
+                "warm": " The model has read its first pages (the document is longer than its context)."
+                }.get(warmth, "")
+    return {"warming": " The model is reading its pages in the background; the first answer will come as "
+                       "fast as a follow-up's.",
+            "warm": " The model has read its pages: answers start at once."}.get(warmth, "")
+
+
+def _status_only(status: str) -> tuple:
+    """``shown``'s outputs that change the status box alone."""
+    return (gr.skip(),) * 6 + (status,) + (gr.skip(),) * 2
+
+
 def build_ui(service: GlyphService) -> gr.Blocks:
     info = service.describe()
     if info["notice"]:
@@ -172,53 +230,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
     def choices():
         return [(_document_label(r), r.id) for r in service.store.list()]
 
-    def gallery_items(document_ids: list[str], shown_pages: list | None = None):
-        """Every page of the chosen documents; the pages the last answer showed (or cited) are marked."""
-        marked = {(p["document"], p["page"]) if isinstance(p, dict) else (document_ids[0], p)
-                  for p in shown_pages or []}
-        items = []
-        for document_id in document_ids:
-            record = stored_record(document_id)
-            if record is None:  # deleted meanwhile (another tab, the API): its pages are gone
-                continue
-            name = record.name or "pasted text"
-            for n, path in enumerate(service.store.pages(document_id), 1):
-                caption = f"page {n}" if len(document_ids) == 1 else f"{name} · page {n}"
-                items.append((str(path), f"● {caption} · shown" if (document_id, n) in marked else caption))
-        return items
-
     context = getattr(service.engine, "max_context", None) if service.has_model else None
-
-    def warmth_note(document_id: str) -> str:
-        warmth = service.warmth(document_id) if service.has_model else None
-        record = stored_record(document_id)
-        if record is not None and context and needed(record) > context:
-            # Longer than the context: warming reads the pages an empty question would be shown, and each question
-            # is shown the pages that match it.
-            return {"warming": " The model is reading its first pages in the background (the document is longer "
-                               "than its context: questions shown other pages start cold).",
-                    "warm": " The model has read its first pages (the document is longer than its context)."
-                    }.get(warmth, "")
-        return {"warming": " The model is reading its pages in the background; the first answer will come as "
-                           "fast as a follow-up's.",
-                "warm": " The model has read its pages: answers start at once."}.get(warmth, "")
-
-    def needed(record: DocumentRecord) -> int:
-        """Tokens a question about all of ``record``'s pages needs at the least: its pages, their markers, the
-        template's own tokens and the room kept for an answer of unset length (the planner's count for an empty
-        question)."""
-        return (record.summary.get("vision_tokens", 0) + record.pages * PAGE_MARKER_TOKENS + PROMPT_TOKENS
-                + MESSAGE_TOKENS + answer_room(context))
-
-    def stored_record(document_id: str) -> DocumentRecord | None:
-        try:
-            return service.store.get(document_id)
-        except NotFoundError:
-            return None
-
-    def names(document_ids: list[str]) -> dict[str, str]:
-        records = {d: stored_record(d) for d in document_ids}
-        return {d: (r.name or "pasted text") if r is not None else "a deleted document" for d, r in records.items()}
 
     def nothing_chosen(status: str, chat=gr.skip()):
         """The page with no document chosen (``shown``'s outputs): what it acts on is cleared with what it shows,
@@ -241,18 +253,18 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         ids = [r.id for r in records]
         stats_text = "\n\n".join((f"**{_literal(r.name or 'pasted text')}**\n\n" if len(records) > 1 else "")
                                   + _stats_markdown(r) for r in records)
-        return (ids, gallery_items(ids), stats_text, gr.update(choices=choices(), value=ids),
+        return (ids, _gallery_items(service, ids), stats_text, gr.update(choices=choices(), value=ids),
                 records[0].name or "" if len(records) == 1 else "", [], status, "", "")
 
     async def add(options: RenderOptions, **source):
         try:
             record, duplicate = await service.add_document(options=options, **source)
         except Exception as exc:
-            return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
+            return _status_only(_fail(exc))
         name = record.name or "pasted text"
         status = (f"**{_literal(name)}** was already stored with these settings: showing it." if duplicate
                   else f"Rendered **{_literal(name)}** into {record.pages} page(s).")
-        return shown([record], status + warmth_note(record.id))
+        return shown([record], status + _warmth_note(service, record.id, context))
 
     copies = _UploadCopies()
 
@@ -267,7 +279,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
 
     async def render_text(pasted, preset, dpi, newline, request: gr.Request):
         if not pasted or not pasted.strip():
-            return (gr.skip(),) * 6 + (_fail(GlyphserveError("paste some text first")),) + (gr.skip(),) * 2
+            return _status_only(_fail(GlyphserveError("paste some text first")))
         return await add(RenderOptions(preset, int(dpi), newline), text=pasted, client=client_of(request))
 
     async def load_example(preset, dpi, newline, request: gr.Request):
@@ -282,9 +294,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         except NotFoundError as exc:
             return gone(exc)
         except Exception as exc:
-            return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
+            return _status_only(_fail(exc))
         what = ", ".join(f"**{_literal(r.name or 'pasted text')}**" for r in records)
-        together = " Questions go to all of them together." if len(records) > 1 else warmth_note(records[0].id)
+        together = (" Questions go to all of them together." if len(records) > 1
+                    else _warmth_note(service, records[0].id, context))
         return shown(records, f"Selected {what}." + together)
 
     def cleared(document_ids):
@@ -316,7 +329,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         except NotFoundError as exc:
             return gone(exc)
         except Exception as exc:
-            return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
+            return _status_only(_fail(exc))
         return nothing_chosen(f"Deleted **{_literal(name)}**.", chat=[])
 
     # The questions each browser session has in flight (Send and Enter are two events: both can run), so that its
@@ -332,7 +345,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         keep = (gr.skip(),) * 2  # the chosen documents and the list, as they are
         if not document_ids and listed:  # the session's state was lost (a server restart), the page still shows them
             try:
-                document_ids = [d for d in listed if stored_record(d) is not None]
+                document_ids = [d for d in listed if _stored_record(service, d) is not None]
             except Exception as exc:  # the store failing (its message is the user's to read)
                 yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
                 return
@@ -393,14 +406,15 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     else:
                         if thinking is not None:
                             thinking["metadata"]["status"] = "done"
-                        left = [d for d in document_ids if stored_record(d) is not None]
+                        left = [d for d in document_ids if _stored_record(service, d) is not None]
                         done, chosen = "Done.", keep
                         if len(left) < len(document_ids):  # deleted while it was answered (another tab, the API)
                             done = ("Done. A document it was about was deleted meanwhile: the answer is kept here, "
                                     "the document's pages are gone.")
                             chosen = (left, gr.update(choices=choices(), value=left))
-                        yield (history, "", _reply_markdown(item, names(document_ids)), done, _evidence(service, item),
-                               gallery_items(document_ids, item.pages_shown), *chosen)
+                        yield (history, "", _reply_markdown(item, _names(service, document_ids)), done,
+                               _evidence(service, item), _gallery_items(service, document_ids, item.pages_shown),
+                               *chosen)
                         return
                     yield history, "", "", "Answering…", "", gr.skip(), *keep
             finally:
