@@ -111,10 +111,16 @@ def _stats_markdown(record: DocumentRecord) -> str:
     s = record.summary
     ratio = f"{s['compression_ratio']:.2f}×" if s.get("compression_ratio") else "n/a"
     render = s.get("render", {})
-    # One figure a row: four columns in the narrow column broke their words ("charac/ters").
+    figures = (("characters", f"{s['characters']:,}"), ("text tokens", f"{s['text_tokens']:,}"),
+               ("vision tokens", f"{s['vision_tokens']:,}"), ("compression", ratio))
+    # One figure a row: four columns in the narrow column broke their words ("charac/ters"). In HTML, as Markdown
+    # has no table without a header row (its header was an empty row above the figures); each figure's name heads
+    # its row. The figures align right by style, which the UI framework's table style overrides in an attribute.
+    # (On one line: a blank line would end the HTML block.)
+    rows = "".join(f'<tr><th scope="row">{label}</th><td style="text-align:right">{value}</td></tr>'
+                   for label, value in figures)
     return (
-        f"| | |\n|---|---:|\n| characters | {s['characters']:,} |\n| text tokens | {s['text_tokens']:,} |\n"
-        f"| vision tokens | {s['vision_tokens']:,} |\n| compression | {ratio} |\n\n"
+        f"<table><tbody>{rows}</tbody></table>\n\n"
         f"{record.pages} page(s) · {render.get('dpi', '?')} dpi · newline {render.get('newline', '?')} · "
         f"font {render.get('font', '?')} · id `{record.id}` (the API's)"
         + (f"\n\n⚠️ {s['warning']}" if s.get("warning") else "")

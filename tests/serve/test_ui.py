@@ -90,8 +90,11 @@ def test_upload_renders_at_once_and_the_chat_shows_evidence_and_settings(browser
     document.write_text("The keeper's copy.\n\n" + STORY, encoding="utf-8")  # not another test's upload
     upload(page, document)  # no Render button: the upload is rendered as it arrives
     expect(page.locator("#pages img").first).to_be_visible(timeout=60_000)
-    expect(page.locator("#stats")).to_contain_text("vision tokens")
     expect(page.locator("#status")).to_contain_text("Rendered keeper.txt")
+    # One figure a row, each headed by its name: no header row above them (it was an empty one).
+    expect(page.locator("#stats table th")).to_have_text(["characters", "text tokens", "vision tokens", "compression"])
+    expect(page.get_by_role("rowheader", name="vision tokens")).to_be_visible()
+    expect(page.locator("#stats thead, #stats th:empty, #stats td:empty")).to_have_count(0)
 
     page.locator("#settings").click()
     expect(page.locator("#max-tokens")).to_contain_text("Glyph thinks before it answers")
