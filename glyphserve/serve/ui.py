@@ -29,7 +29,7 @@ from fastapi import FastAPI
 
 from glyphserve.errors import GlyphserveError, NotFoundError
 from glyphserve.engine.prompt import answer_room
-from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, StreamEvent
+from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, MAX_TEMPERATURE, StreamEvent
 from glyphserve.glm4v import MESSAGE_TOKENS, PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.upload_queue import client_of
@@ -503,7 +503,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                                            step=16, label="Maximum answer tokens (max_tokens)", elem_id="max-tokens",
                                            info="Glyph thinks before it answers: long answers need room, and "
                                                 "the pages shown get less")
-                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature",
+                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.05, label="Temperature",
                                             elem_id="temperature", info="0 answers greedily (the same every time)")
                     page_selection = gr.Radio(
                         ["retrieve", "first", "all"], value=service.config.page_selection, label="Page selection",

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from glyphserve.engine.types import MAX_TEMPERATURE
 from tests.serve.conftest import REPO, STORY
 
 CHROMIUM = "/usr/bin/chromium"
@@ -99,7 +100,11 @@ def test_upload_renders_at_once_and_the_chat_shows_evidence_and_settings(browser
     page.locator("#settings").click()
     expect(page.locator("#max-tokens")).to_contain_text("Glyph thinks before it answers")
     expect(page.locator("#temperature")).to_contain_text("0 answers greedily")
-    page.locator("#temperature input[type=number]").fill("0.5")
+    # The slider reaches the API's highest temperature (it stopped at 1.5), and an answer at it comes.
+    expect(page.locator("#temperature input[type=range]")).to_have_attribute("max", f"{MAX_TEMPERATURE:g}")
+    page.locator("#temperature input[type=number]").fill(f"{MAX_TEMPERATURE:g}")
+    page.locator("#temperature input[type=number]").press("Tab")
+    expect(page.locator("#temperature input[type=range]")).to_have_value(f"{MAX_TEMPERATURE:g}")
     page.locator("#use-cache input").uncheck()
 
     page.locator("#question textarea").fill("Which schooner hit the rocks?")
