@@ -466,7 +466,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                                            "rendered as soon as it arrives",
                                      file_types=FILE_TYPES, type="filepath", elem_id="upload")
                 with gr.Tab("Paste text"):
-                    pasted = gr.Textbox(label="Text", lines=8, elem_id="pasted")
+                    pasted = gr.Textbox(label="Text to render", lines=8, elem_id="pasted")
                     render_button = gr.Button("Render text", variant="primary", elem_id="render")
                 with gr.Tab("Example"):
                     gr.Markdown("A short company report with figures to ask about.")
@@ -481,15 +481,16 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 stored = gr.Dropdown(choices=choices(), value=[], multiselect=True, elem_id="stored",
                                      label="Stored documents (choose several to ask about them together)")
                 with gr.Row():
-                    name = gr.Textbox(label="Name", scale=3, elem_id="name")
+                    name = gr.Textbox(label="Document name", scale=3, elem_id="name")
                     rename_button = gr.Button("Rename", scale=1, elem_id="rename")
                 delete_button = gr.Button("Delete document", variant="stop", elem_id="delete")
                 stats = gr.Markdown("", elem_id="stats")
             with gr.Column(scale=2, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat", buttons=["copy"], render_markdown=False)
                 # The question on a row of its own: beside three buttons it kept ~150 px of a 1400 px page.
-                question = gr.Textbox(placeholder="Ask a question about the document", show_label=False,
-                                      elem_id="question")
+                # Its label is not shown, but it is the box's accessible name (unset, the framework's was "Textbox").
+                question = gr.Textbox(label="Question", placeholder="Ask a question about the document",
+                                      show_label=False, elem_id="question")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", scale=2, min_width=80, elem_id="send")
                     stop = gr.Button("Stop", scale=1, min_width=80, elem_id="stop")

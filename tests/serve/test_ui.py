@@ -273,6 +273,22 @@ def test_delete_acts_only_on_the_document_shown_as_chosen(browser_page, extracti
     assert "keep.txt" in stored_names(extractive_server)
 
 
+def test_each_text_box_has_a_name_of_its_own(browser_page):
+    """Each text box is found by a name of its own (what a screen reader reads out): the question box's was the
+    UI framework's "Textbox", which get_by_label("Text") found beside the pasted-text box's "Text"."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    page.get_by_role("tab", name="Paste text").click()
+    names = {"#question textarea": "Question", "#pasted textarea": "Text to render", "#name textarea": "Document name"}
+    for box, name in names.items():
+        expect(page.locator(box)).to_have_accessible_name(name)
+        expect(page.get_by_label(name)).to_have_count(1)  # (a part of no other element's name)
+    expect(page.get_by_role("textbox")).to_have_count(len(names))
+    expect(page.get_by_label("Text")).to_have_count(1)
+    expect(page.get_by_role("textbox", name="Textbox")).to_have_count(0)
+
+
 def test_the_example_document_and_the_api_docs(browser_page, extractive_server):
     from playwright.sync_api import expect
 
