@@ -226,6 +226,22 @@ def _status_only(status: str) -> tuple:
     return (gr.skip(),) * 6 + (status,) + (gr.skip(),) * 2
 
 
+def _confirming(document_id: str | None) -> tuple:
+    """The delete step's outputs: (the document awaiting confirmation, Delete, Confirm delete, Cancel). Awaiting
+    one, Delete gives way to Confirm delete and Cancel; None, Delete is back."""
+    asking = document_id is not None
+    return document_id, gr.update(visible=not asking), gr.update(visible=asking), gr.update(visible=asking)
+
+
+def _delete_question(name: str) -> str:
+    """The status-box text that asks to confirm deleting the document named ``name``."""
+    # The store is one for all users: the list shows every user's documents, and an identical upload is stored
+    # once, whoever sent it. So one user's delete takes the document from everyone, which a user must know first.
+    return (f"Delete **{_literal(name)}** for every user of this server? Documents are shared: every user's list "
+            "shows them, and the same file uploaded by several users is stored once, so deleting it removes it and "
+            "its pages for all of them. Press **Confirm delete** to delete it, or **Cancel** to keep it.")
+
+
 def build_ui(service: GlyphService) -> gr.Blocks:
     info = service.describe()
     if info["notice"]:
@@ -327,16 +343,31 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             return gr.skip(), _fail(exc)
         return gr.update(choices=choices(), value=[record.id]), f"Renamed to **{_literal(record.name)}**."
 
-    def delete(document_ids):
+    def ask_delete(document_ids):
+        """Delete's first step: the status says what deleting the chosen document does, and Delete gives way to
+        Confirm delete and Cancel. (``shown``'s outputs, then ``_confirming``'s.)"""
+        try:
+            record = service.store.get(one(document_ids, "delete"))
+        except NotFoundError as exc:
+            return *gone(exc), *_confirming(None)
+        except Exception as exc:
+            return *_status_only(_fail(exc)), *_confirming(None)
+        return *_status_only(_delete_question(record.name or "pasted text")), *_confirming(record.id)
+
+    def delete(document_ids, awaiting):
+        """Confirm delete: deletes the document Delete asked about, if it is still the one chosen."""
         try:
             document_id = one(document_ids, "delete")
+            if document_id != awaiting:  # (the choice changed while Confirm delete showed)
+                raise GlyphserveError("the chosen document changed: press Delete document again")
             name = service.store.get(document_id).name or "pasted text"
             service.delete_document(document_id)
         except NotFoundError as exc:
-            return gone(exc)
+            return *gone(exc), *_confirming(None)
         except Exception as exc:
-            return _status_only(_fail(exc))
-        return nothing_chosen(f"Deleted **{_literal(name)}**.", chat=[])
+            return *_status_only(_fail(exc)), *_confirming(None)
+        return *nothing_chosen(f"Deleted **{_literal(name)}** for every user of this server.", chat=[]), \
+            *_confirming(None)
 
     # The questions each browser session has in flight (Send and Enter are two events: both can run), so that its
     # Stop ends exactly those.
@@ -459,6 +490,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     "[API docs](/docs) · OpenAI-compatible API at `/v1`", elem_id="header")
         gr.Markdown(banner, elem_id="backend-notice")
         document = gr.State([])  # the chosen documents' ids: one, or a collection
+        awaiting = gr.State(None)  # the document Delete asked to confirm deleting
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
                 with gr.Tab("Upload"):
@@ -483,7 +515,11 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 with gr.Row():
                     name = gr.Textbox(label="Document name", scale=3, elem_id="name")
                     rename_button = gr.Button("Rename", scale=1, elem_id="rename")
-                delete_button = gr.Button("Delete document", variant="stop", elem_id="delete")
+                with gr.Row():
+                    delete_button = gr.Button("Delete document", variant="stop", elem_id="delete")
+                    confirm_delete = gr.Button("Confirm delete", variant="stop", visible=False,
+                                               elem_id="confirm-delete")
+                    cancel_delete = gr.Button("Cancel", visible=False, elem_id="cancel-delete")
                 stats = gr.Markdown("", elem_id="stats")
             with gr.Column(scale=2, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat", buttons=["copy"], render_markdown=False)
@@ -533,7 +569,15 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         stored.input(select, [stored], shown_outputs, api_name="select_document", js=DISMISS_TOASTS)
         stored.change(cleared, [stored], shown_outputs, api_name=False)
         rename_button.click(rename, [document, name], [stored, status], api_name="rename_document", js=DISMISS_TOASTS)
-        delete_button.click(delete, [document], shown_outputs, api_name="delete_document", js=DISMISS_TOASTS)
+        # Delete asks first (the document goes for every user); any change of the chosen documents withdraws it.
+        confirm_outputs = [awaiting, delete_button, confirm_delete, cancel_delete]
+        delete_button.click(ask_delete, [document], [*shown_outputs, *confirm_outputs], api_name=False,
+                            js=DISMISS_TOASTS)
+        confirm_delete.click(delete, [document, awaiting], [*shown_outputs, *confirm_outputs],
+                             api_name="delete_document", js=DISMISS_TOASTS)
+        cancel_delete.click(lambda: (*_confirming(None), "Not deleted."), None, [*confirm_outputs, status],
+                            api_name=False, js=DISMISS_TOASTS)
+        document.change(lambda: _confirming(None), None, confirm_outputs, api_name=False)
         # (the document list last: the named endpoint's earlier parameters keep their places)
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection, stored]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]

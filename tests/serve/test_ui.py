@@ -1,6 +1,6 @@
-"""The web UI in headless Chromium (Debian's): upload (rendered at once), de-duplication, rename and delete, the
-example document, chat with evidence and settings, a question over several documents, the API docs. Screenshots
-go to test-artifacts/ui/."""
+"""The web UI in headless Chromium (Debian's): upload (rendered at once), de-duplication, rename and delete (confirmed
+first), the example document, chat with evidence and settings, a question over several documents, each text box's
+name, the API docs. Screenshots go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
@@ -235,7 +235,8 @@ def test_rename_and_delete(browser_page, extractive_server, tmp_path):
     assert "Final report" in stored_names(extractive_server) and "draft.txt" not in stored_names(extractive_server)
     page.screenshot(path=str(ARTIFACTS / "renamed.png"), full_page=True)
     page.locator("#delete").click()
-    expect(page.locator("#status")).to_contain_text("Deleted Final report")
+    page.locator("#confirm-delete").click()
+    expect(page.locator("#status")).to_contain_text("Deleted Final report for every user of this server")
     expect(page.locator("#pages img")).to_have_count(0)
     assert "Final report" not in stored_names(extractive_server)
 
@@ -271,6 +272,60 @@ def test_delete_acts_only_on_the_document_shown_as_chosen(browser_page, extracti
     page.locator("#delete").click()
     expect(page.locator("#status")).to_contain_text("choose one document to delete")
     assert "keep.txt" in stored_names(extractive_server)
+
+
+def test_delete_asks_first_and_says_the_document_goes_for_every_user(extractive_server, tmp_path):
+    """Two users upload the same file: it is stored once, so one user's delete takes it from both (it was deleted at
+    the first click). Delete asks first, saying so; Cancel keeps the document, and a change of the chosen
+    documents withdraws the question; only Confirm delete deletes."""
+    from playwright.sync_api import expect
+
+    server = extractive_server
+    shared = tmp_path / "shared-notes.txt"
+    shared.write_text("Notes that two users uploaded.\n\n" + STORY, encoding="utf-8")
+    with chromium() as browser:
+        mine, theirs = open_ui(browser, server.url), open_ui(browser, server.url)  # two users
+        upload(theirs, shared)
+        expect(theirs.locator("#status")).to_contain_text("Rendered shared-notes.txt", timeout=60_000)
+        upload(mine, shared)
+        status = mine.locator("#status")
+        expect(status).to_contain_text("already stored", timeout=60_000)
+        assert stored_names(server).count("shared-notes.txt") == 1
+
+        mine.locator("#delete").click()
+        expect(status).to_contain_text("Delete shared-notes.txt for every user of this server?")
+        expect(status).to_contain_text("the same file uploaded by several users is stored once")
+        expect(mine.locator("#delete")).to_be_hidden()
+        expect(mine.locator("#confirm-delete")).to_be_visible()
+        mine.screenshot(path=str(ARTIFACTS / "delete-asks.png"), full_page=True)
+        mine.wait_for_timeout(500)  # (time for a delete to happen, were it to)
+        assert "shared-notes.txt" in stored_names(server)
+        mine.locator("#cancel-delete").click()
+        expect(status).to_have_text("Not deleted.")
+        expect(mine.locator("#confirm-delete")).to_be_hidden()
+        expect(mine.locator("#cancel-delete")).to_be_hidden()
+        assert "shared-notes.txt" in stored_names(server)
+
+        mine.locator("#delete").click()
+        mine.locator("#confirm-delete").click()
+        expect(status).to_contain_text("Deleted shared-notes.txt for every user of this server.")
+        expect(mine.locator("#delete")).to_be_visible()
+        expect(mine.locator("#confirm-delete")).to_be_hidden()
+        assert "shared-notes.txt" not in stored_names(server)
+        theirs.locator("#question textarea").fill("Who was the keeper?")  # gone for the other user too
+        theirs.locator("#send").click()
+        expect(theirs.locator("#status")).to_contain_text("(deleted, or never stored)")
+
+        kept = tmp_path / "kept-notes.txt"
+        kept.write_text("Notes that stay.\n\n" + STORY, encoding="utf-8")
+        upload(mine, kept)
+        expect(status).to_contain_text("Rendered kept-notes.txt", timeout=60_000)
+        mine.locator("#delete").click()
+        expect(mine.locator("#confirm-delete")).to_be_visible()
+        mine.locator("#stored .remove-all").click()  # the choice changes: nothing left to confirm
+        expect(mine.locator("#confirm-delete")).to_be_hidden()
+        expect(mine.locator("#delete")).to_be_visible()
+        assert "kept-notes.txt" in stored_names(server)
 
 
 def test_each_text_box_has_a_name_of_its_own(browser_page):
