@@ -29,7 +29,7 @@ from fastapi import FastAPI
 
 from glyphserve.errors import GlyphserveError, NotFoundError
 from glyphserve.engine.prompt import answer_room
-from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, StreamEvent
+from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, MAX_TEMPERATURE, StreamEvent
 from glyphserve.glm4v import MESSAGE_TOKENS, PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.upload_queue import client_of
@@ -111,10 +111,16 @@ def _stats_markdown(record: DocumentRecord) -> str:
     s = record.summary
     ratio = f"{s['compression_ratio']:.2f}×" if s.get("compression_ratio") else "n/a"
     render = s.get("render", {})
-    # One figure a row: four columns in the narrow column broke their words ("charac/ters").
+    figures = (("characters", f"{s['characters']:,}"), ("text tokens", f"{s['text_tokens']:,}"),
+               ("vision tokens", f"{s['vision_tokens']:,}"), ("compression", ratio))
+    # One figure a row: four columns in the narrow column broke their words ("charac/ters"). In HTML, as Markdown
+    # has no table without a header row (its header was an empty row above the figures); each figure's name heads
+    # its row. The figures align right by style, which the UI framework's table style overrides in an attribute.
+    # (On one line: a blank line would end the HTML block.)
+    rows = "".join(f'<tr><th scope="row">{label}</th><td style="text-align:right">{value}</td></tr>'
+                   for label, value in figures)
     return (
-        f"| | |\n|---|---:|\n| characters | {s['characters']:,} |\n| text tokens | {s['text_tokens']:,} |\n"
-        f"| vision tokens | {s['vision_tokens']:,} |\n| compression | {ratio} |\n\n"
+        f"<table><tbody>{rows}</tbody></table>\n\n"
         f"{record.pages} page(s) · {render.get('dpi', '?')} dpi · newline {render.get('newline', '?')} · "
         f"font {render.get('font', '?')} · id `{record.id}` (the API's)"
         + (f"\n\n⚠️ {s['warning']}" if s.get("warning") else "")
@@ -162,6 +168,80 @@ def _reply_markdown(reply: Reply, names: dict[str, str]) -> str:
     return "\n\n".join(lines)
 
 
+def _stored_record(service: GlyphService, document_id: str) -> DocumentRecord | None:
+    """The document's record; None once it is deleted (in another tab, through the API)."""
+    try:
+        return service.store.get(document_id)
+    except NotFoundError:
+        return None
+
+
+def _names(service: GlyphService, document_ids: list[str]) -> dict[str, str]:
+    records = {d: _stored_record(service, d) for d in document_ids}
+    return {d: (r.name or "pasted text") if r is not None else "a deleted document" for d, r in records.items()}
+
+
+def _gallery_items(service: GlyphService, document_ids: list[str], shown_pages: list | None = None):
+    """Every page of the chosen documents; the pages the last answer showed (or cited) are marked."""
+    marked = {(p["document"], p["page"]) if isinstance(p, dict) else (document_ids[0], p)
+              for p in shown_pages or []}
+    items = []
+    for document_id in document_ids:
+        record = _stored_record(service, document_id)
+        if record is None:  # deleted meanwhile (another tab, the API): its pages are gone
+            continue
+        name = record.name or "pasted text"
+        for n, path in enumerate(service.store.pages(document_id), 1):
+            caption = f"page {n}" if len(document_ids) == 1 else f"{name} · page {n}"
+            items.append((str(path), f"● {caption} · shown" if (document_id, n) in marked else caption))
+    return items
+
+
+def _tokens_needed(record: DocumentRecord, context: int | None) -> int:
+    """Tokens a question about all of ``record``'s pages needs at the least: its pages, their markers, the
+    template's own tokens and the room kept for an answer of unset length (the planner's count for an empty
+    question)."""
+    return (record.summary.get("vision_tokens", 0) + record.pages * PAGE_MARKER_TOKENS + PROMPT_TOKENS
+            + MESSAGE_TOKENS + answer_room(context))
+
+
+def _warmth_note(service: GlyphService, document_id: str, context: int | None) -> str:
+    """What the model has read of the document ahead of its first question (a sentence for the status box)."""
+    warmth = service.warmth(document_id) if service.has_model else None
+    record = _stored_record(service, document_id)
+    if record is not None and context and _tokens_needed(record, context) > context:
+        # Longer than the context: warming reads the pages an empty question would be shown, and each question
+        # is shown the pages that match it.
+        return {"warming": " The model is reading its first pages in the background (the document is longer "
+                           "than its context: questions shown other pages start cold).",
+                "warm": " The model has read its first pages (the document is longer than its context)."
+                }.get(warmth, "")
+    return {"warming": " The model is reading its pages in the background; the first answer will come as "
+                       "fast as a follow-up's.",
+            "warm": " The model has read its pages: answers start at once."}.get(warmth, "")
+
+
+def _status_only(status: str) -> tuple:
+    """``shown``'s outputs that change the status box alone."""
+    return (gr.skip(),) * 6 + (status,) + (gr.skip(),) * 2
+
+
+def _confirming(document_id: str | None) -> tuple:
+    """The delete step's outputs: (the document awaiting confirmation, Delete, Confirm delete, Cancel). Awaiting
+    one, Delete gives way to Confirm delete and Cancel; None, Delete is back."""
+    asking = document_id is not None
+    return document_id, gr.update(visible=not asking), gr.update(visible=asking), gr.update(visible=asking)
+
+
+def _delete_question(name: str) -> str:
+    """The status-box text that asks to confirm deleting the document named ``name``."""
+    # The store is one for all users: the list shows every user's documents, and an identical upload is stored
+    # once, whoever sent it. So one user's delete takes the document from everyone, which a user must know first.
+    return (f"Delete **{_literal(name)}** for every user of this server? Documents are shared: every user's list "
+            "shows them, and the same file uploaded by several users is stored once, so deleting it removes it and "
+            "its pages for all of them. Press **Confirm delete** to delete it, or **Cancel** to keep it.")
+
+
 def build_ui(service: GlyphService) -> gr.Blocks:
     info = service.describe()
     if info["notice"]:
@@ -172,53 +252,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
     def choices():
         return [(_document_label(r), r.id) for r in service.store.list()]
 
-    def gallery_items(document_ids: list[str], shown_pages: list | None = None):
-        """Every page of the chosen documents; the pages the last answer showed (or cited) are marked."""
-        marked = {(p["document"], p["page"]) if isinstance(p, dict) else (document_ids[0], p)
-                  for p in shown_pages or []}
-        items = []
-        for document_id in document_ids:
-            record = stored_record(document_id)
-            if record is None:  # deleted meanwhile (another tab, the API): its pages are gone
-                continue
-            name = record.name or "pasted text"
-            for n, path in enumerate(service.store.pages(document_id), 1):
-                caption = f"page {n}" if len(document_ids) == 1 else f"{name} · page {n}"
-                items.append((str(path), f"● {caption} · shown" if (document_id, n) in marked else caption))
-        return items
-
     context = getattr(service.engine, "max_context", None) if service.has_model else None
-
-    def warmth_note(document_id: str) -> str:
-        warmth = service.warmth(document_id) if service.has_model else None
-        record = stored_record(document_id)
-        if record is not None and context and needed(record) > context:
-            # Longer than the context: warming reads the pages an empty question would be shown, and each question
-            # is shown the pages that match it.
-            return {"warming": " The model is reading its first pages in the background (the document is longer "
-                               "than its context: questions shown other pages start cold).",
-                    "warm": " The model has read its first pages (the document is longer than its context)."
-                    }.get(warmth, "")
-        return {"warming": " The model is reading its pages in the background; the first answer will come as "
-                           "fast as a follow-up's.",
-                "warm": " The model has read its pages: answers start at once."}.get(warmth, "")
-
-    def needed(record: DocumentRecord) -> int:
-        """Tokens a question about all of ``record``'s pages needs at the least: its pages, their markers, the
-        template's own tokens and the room kept for an answer of unset length (the planner's count for an empty
-        question)."""
-        return (record.summary.get("vision_tokens", 0) + record.pages * PAGE_MARKER_TOKENS + PROMPT_TOKENS
-                + MESSAGE_TOKENS + answer_room(context))
-
-    def stored_record(document_id: str) -> DocumentRecord | None:
-        try:
-            return service.store.get(document_id)
-        except NotFoundError:
-            return None
-
-    def names(document_ids: list[str]) -> dict[str, str]:
-        records = {d: stored_record(d) for d in document_ids}
-        return {d: (r.name or "pasted text") if r is not None else "a deleted document" for d, r in records.items()}
 
     def nothing_chosen(status: str, chat=gr.skip()):
         """The page with no document chosen (``shown``'s outputs): what it acts on is cleared with what it shows,
@@ -241,18 +275,18 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         ids = [r.id for r in records]
         stats_text = "\n\n".join((f"**{_literal(r.name or 'pasted text')}**\n\n" if len(records) > 1 else "")
                                   + _stats_markdown(r) for r in records)
-        return (ids, gallery_items(ids), stats_text, gr.update(choices=choices(), value=ids),
+        return (ids, _gallery_items(service, ids), stats_text, gr.update(choices=choices(), value=ids),
                 records[0].name or "" if len(records) == 1 else "", [], status, "", "")
 
     async def add(options: RenderOptions, **source):
         try:
             record, duplicate = await service.add_document(options=options, **source)
         except Exception as exc:
-            return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
+            return _status_only(_fail(exc))
         name = record.name or "pasted text"
         status = (f"**{_literal(name)}** was already stored with these settings: showing it." if duplicate
                   else f"Rendered **{_literal(name)}** into {record.pages} page(s).")
-        return shown([record], status + warmth_note(record.id))
+        return shown([record], status + _warmth_note(service, record.id, context))
 
     copies = _UploadCopies()
 
@@ -267,7 +301,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
 
     async def render_text(pasted, preset, dpi, newline, request: gr.Request):
         if not pasted or not pasted.strip():
-            return (gr.skip(),) * 6 + (_fail(GlyphserveError("paste some text first")),) + (gr.skip(),) * 2
+            return _status_only(_fail(GlyphserveError("paste some text first")))
         return await add(RenderOptions(preset, int(dpi), newline), text=pasted, client=client_of(request))
 
     async def load_example(preset, dpi, newline, request: gr.Request):
@@ -282,9 +316,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         except NotFoundError as exc:
             return gone(exc)
         except Exception as exc:
-            return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
+            return _status_only(_fail(exc))
         what = ", ".join(f"**{_literal(r.name or 'pasted text')}**" for r in records)
-        together = " Questions go to all of them together." if len(records) > 1 else warmth_note(records[0].id)
+        together = (" Questions go to all of them together." if len(records) > 1
+                    else _warmth_note(service, records[0].id, context))
         return shown(records, f"Selected {what}." + together)
 
     def cleared(document_ids):
@@ -308,16 +343,31 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             return gr.skip(), _fail(exc)
         return gr.update(choices=choices(), value=[record.id]), f"Renamed to **{_literal(record.name)}**."
 
-    def delete(document_ids):
+    def ask_delete(document_ids):
+        """Delete's first step: the status says what deleting the chosen document does, and Delete gives way to
+        Confirm delete and Cancel. (``shown``'s outputs, then ``_confirming``'s.)"""
+        try:
+            record = service.store.get(one(document_ids, "delete"))
+        except NotFoundError as exc:
+            return *gone(exc), *_confirming(None)
+        except Exception as exc:
+            return *_status_only(_fail(exc)), *_confirming(None)
+        return *_status_only(_delete_question(record.name or "pasted text")), *_confirming(record.id)
+
+    def delete(document_ids, awaiting):
+        """Confirm delete: deletes the document Delete asked about, if it is still the one chosen."""
         try:
             document_id = one(document_ids, "delete")
+            if document_id != awaiting:  # (the choice changed while Confirm delete showed)
+                raise GlyphserveError("the chosen document changed: press Delete document again")
             name = service.store.get(document_id).name or "pasted text"
             service.delete_document(document_id)
         except NotFoundError as exc:
-            return gone(exc)
+            return *gone(exc), *_confirming(None)
         except Exception as exc:
-            return (gr.skip(),) * 6 + (_fail(exc),) + (gr.skip(),) * 2
-        return nothing_chosen(f"Deleted **{_literal(name)}**.", chat=[])
+            return *_status_only(_fail(exc)), *_confirming(None)
+        return *nothing_chosen(f"Deleted **{_literal(name)}** for every user of this server.", chat=[]), \
+            *_confirming(None)
 
     # The questions each browser session has in flight (Send and Enter are two events: both can run), so that its
     # Stop ends exactly those.
@@ -332,7 +382,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         keep = (gr.skip(),) * 2  # the chosen documents and the list, as they are
         if not document_ids and listed:  # the session's state was lost (a server restart), the page still shows them
             try:
-                document_ids = [d for d in listed if stored_record(d) is not None]
+                document_ids = [d for d in listed if _stored_record(service, d) is not None]
             except Exception as exc:  # the store failing (its message is the user's to read)
                 yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
                 return
@@ -393,14 +443,15 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     else:
                         if thinking is not None:
                             thinking["metadata"]["status"] = "done"
-                        left = [d for d in document_ids if stored_record(d) is not None]
+                        left = [d for d in document_ids if _stored_record(service, d) is not None]
                         done, chosen = "Done.", keep
                         if len(left) < len(document_ids):  # deleted while it was answered (another tab, the API)
                             done = ("Done. A document it was about was deleted meanwhile: the answer is kept here, "
                                     "the document's pages are gone.")
                             chosen = (left, gr.update(choices=choices(), value=left))
-                        yield (history, "", _reply_markdown(item, names(document_ids)), done, _evidence(service, item),
-                               gallery_items(document_ids, item.pages_shown), *chosen)
+                        yield (history, "", _reply_markdown(item, _names(service, document_ids)), done,
+                               _evidence(service, item), _gallery_items(service, document_ids, item.pages_shown),
+                               *chosen)
                         return
                     yield history, "", "", "Answering…", "", gr.skip(), *keep
             finally:
@@ -439,6 +490,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     "[API docs](/docs) · OpenAI-compatible API at `/v1`", elem_id="header")
         gr.Markdown(banner, elem_id="backend-notice")
         document = gr.State([])  # the chosen documents' ids: one, or a collection
+        awaiting = gr.State(None)  # the document Delete asked to confirm deleting
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
                 with gr.Tab("Upload"):
@@ -446,7 +498,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                                            "rendered as soon as it arrives",
                                      file_types=FILE_TYPES, type="filepath", elem_id="upload")
                 with gr.Tab("Paste text"):
-                    pasted = gr.Textbox(label="Text", lines=8, elem_id="pasted")
+                    pasted = gr.Textbox(label="Text to render", lines=8, elem_id="pasted")
                     render_button = gr.Button("Render text", variant="primary", elem_id="render")
                 with gr.Tab("Example"):
                     gr.Markdown("A short company report with figures to ask about.")
@@ -461,15 +513,20 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 stored = gr.Dropdown(choices=choices(), value=[], multiselect=True, elem_id="stored",
                                      label="Stored documents (choose several to ask about them together)")
                 with gr.Row():
-                    name = gr.Textbox(label="Name", scale=3, elem_id="name")
+                    name = gr.Textbox(label="Document name", scale=3, elem_id="name")
                     rename_button = gr.Button("Rename", scale=1, elem_id="rename")
-                delete_button = gr.Button("Delete document", variant="stop", elem_id="delete")
+                with gr.Row():
+                    delete_button = gr.Button("Delete document", variant="stop", elem_id="delete")
+                    confirm_delete = gr.Button("Confirm delete", variant="stop", visible=False,
+                                               elem_id="confirm-delete")
+                    cancel_delete = gr.Button("Cancel", visible=False, elem_id="cancel-delete")
                 stats = gr.Markdown("", elem_id="stats")
             with gr.Column(scale=2, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat", buttons=["copy"], render_markdown=False)
                 # The question on a row of its own: beside three buttons it kept ~150 px of a 1400 px page.
-                question = gr.Textbox(placeholder="Ask a question about the document", show_label=False,
-                                      elem_id="question")
+                # Its label is not shown, but it is the box's accessible name (unset, the framework's was "Textbox").
+                question = gr.Textbox(label="Question", placeholder="Ask a question about the document",
+                                      show_label=False, elem_id="question")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", scale=2, min_width=80, elem_id="send")
                     stop = gr.Button("Stop", scale=1, min_width=80, elem_id="stop")
@@ -483,7 +540,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                                            step=16, label="Maximum answer tokens (max_tokens)", elem_id="max-tokens",
                                            info="Glyph thinks before it answers: long answers need room, and "
                                                 "the pages shown get less")
-                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature",
+                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.05, label="Temperature",
                                             elem_id="temperature", info="0 answers greedily (the same every time)")
                     page_selection = gr.Radio(
                         ["retrieve", "first", "all"], value=service.config.page_selection, label="Page selection",
@@ -512,7 +569,15 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         stored.input(select, [stored], shown_outputs, api_name="select_document", js=DISMISS_TOASTS)
         stored.change(cleared, [stored], shown_outputs, api_name=False)
         rename_button.click(rename, [document, name], [stored, status], api_name="rename_document", js=DISMISS_TOASTS)
-        delete_button.click(delete, [document], shown_outputs, api_name="delete_document", js=DISMISS_TOASTS)
+        # Delete asks first (the document goes for every user); any change of the chosen documents withdraws it.
+        confirm_outputs = [awaiting, delete_button, confirm_delete, cancel_delete]
+        delete_button.click(ask_delete, [document], [*shown_outputs, *confirm_outputs], api_name=False,
+                            js=DISMISS_TOASTS)
+        confirm_delete.click(delete, [document, awaiting], [*shown_outputs, *confirm_outputs],
+                             api_name="delete_document", js=DISMISS_TOASTS)
+        cancel_delete.click(lambda: (*_confirming(None), "Not deleted."), None, [*confirm_outputs, status],
+                            api_name=False, js=DISMISS_TOASTS)
+        document.change(lambda: _confirming(None), None, confirm_outputs, api_name=False)
         # (the document list last: the named endpoint's earlier parameters keep their places)
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection, stored]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]

@@ -1,6 +1,6 @@
-"""The web UI in headless Chromium (Debian's): upload (rendered at once), de-duplication, rename and delete, the
-example document, chat with evidence and settings, a question over several documents, the API docs. Screenshots
-go to test-artifacts/ui/."""
+"""The web UI in headless Chromium (Debian's): upload (rendered at once), de-duplication, rename and delete (confirmed
+first), the example document, chat with evidence and settings, a question over several documents, each text box's
+name, the API docs. Screenshots go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from glyphserve.engine.types import MAX_TEMPERATURE
 from tests.serve.conftest import REPO, STORY
 
 CHROMIUM = "/usr/bin/chromium"
@@ -90,13 +91,20 @@ def test_upload_renders_at_once_and_the_chat_shows_evidence_and_settings(browser
     document.write_text("The keeper's copy.\n\n" + STORY, encoding="utf-8")  # not another test's upload
     upload(page, document)  # no Render button: the upload is rendered as it arrives
     expect(page.locator("#pages img").first).to_be_visible(timeout=60_000)
-    expect(page.locator("#stats")).to_contain_text("vision tokens")
     expect(page.locator("#status")).to_contain_text("Rendered keeper.txt")
+    # One figure a row, each headed by its name: no header row above them (it was an empty one).
+    expect(page.locator("#stats table th")).to_have_text(["characters", "text tokens", "vision tokens", "compression"])
+    expect(page.get_by_role("rowheader", name="vision tokens")).to_be_visible()
+    expect(page.locator("#stats thead, #stats th:empty, #stats td:empty")).to_have_count(0)
 
     page.locator("#settings").click()
     expect(page.locator("#max-tokens")).to_contain_text("Glyph thinks before it answers")
     expect(page.locator("#temperature")).to_contain_text("0 answers greedily")
-    page.locator("#temperature input[type=number]").fill("0.5")
+    # The slider reaches the API's highest temperature (it stopped at 1.5), and an answer at it comes.
+    expect(page.locator("#temperature input[type=range]")).to_have_attribute("max", f"{MAX_TEMPERATURE:g}")
+    page.locator("#temperature input[type=number]").fill(f"{MAX_TEMPERATURE:g}")
+    page.locator("#temperature input[type=number]").press("Tab")
+    expect(page.locator("#temperature input[type=range]")).to_have_value(f"{MAX_TEMPERATURE:g}")
     page.locator("#use-cache input").uncheck()
 
     page.locator("#question textarea").fill("Which schooner hit the rocks?")
@@ -227,7 +235,8 @@ def test_rename_and_delete(browser_page, extractive_server, tmp_path):
     assert "Final report" in stored_names(extractive_server) and "draft.txt" not in stored_names(extractive_server)
     page.screenshot(path=str(ARTIFACTS / "renamed.png"), full_page=True)
     page.locator("#delete").click()
-    expect(page.locator("#status")).to_contain_text("Deleted Final report")
+    page.locator("#confirm-delete").click()
+    expect(page.locator("#status")).to_contain_text("Deleted Final report for every user of this server")
     expect(page.locator("#pages img")).to_have_count(0)
     assert "Final report" not in stored_names(extractive_server)
 
@@ -263,6 +272,76 @@ def test_delete_acts_only_on_the_document_shown_as_chosen(browser_page, extracti
     page.locator("#delete").click()
     expect(page.locator("#status")).to_contain_text("choose one document to delete")
     assert "keep.txt" in stored_names(extractive_server)
+
+
+def test_delete_asks_first_and_says_the_document_goes_for_every_user(extractive_server, tmp_path):
+    """Two users upload the same file: it is stored once, so one user's delete takes it from both (it was deleted at
+    the first click). Delete asks first, saying so; Cancel keeps the document, and a change of the chosen
+    documents withdraws the question; only Confirm delete deletes."""
+    from playwright.sync_api import expect
+
+    server = extractive_server
+    shared = tmp_path / "shared-notes.txt"
+    shared.write_text("Notes that two users uploaded.\n\n" + STORY, encoding="utf-8")
+    with chromium() as browser:
+        mine, theirs = open_ui(browser, server.url), open_ui(browser, server.url)  # two users
+        upload(theirs, shared)
+        expect(theirs.locator("#status")).to_contain_text("Rendered shared-notes.txt", timeout=60_000)
+        upload(mine, shared)
+        status = mine.locator("#status")
+        expect(status).to_contain_text("already stored", timeout=60_000)
+        assert stored_names(server).count("shared-notes.txt") == 1
+
+        mine.locator("#delete").click()
+        expect(status).to_contain_text("Delete shared-notes.txt for every user of this server?")
+        expect(status).to_contain_text("the same file uploaded by several users is stored once")
+        expect(mine.locator("#delete")).to_be_hidden()
+        expect(mine.locator("#confirm-delete")).to_be_visible()
+        mine.screenshot(path=str(ARTIFACTS / "delete-asks.png"), full_page=True)
+        mine.wait_for_timeout(500)  # (time for a delete to happen, were it to)
+        assert "shared-notes.txt" in stored_names(server)
+        mine.locator("#cancel-delete").click()
+        expect(status).to_have_text("Not deleted.")
+        expect(mine.locator("#confirm-delete")).to_be_hidden()
+        expect(mine.locator("#cancel-delete")).to_be_hidden()
+        assert "shared-notes.txt" in stored_names(server)
+
+        mine.locator("#delete").click()
+        mine.locator("#confirm-delete").click()
+        expect(status).to_contain_text("Deleted shared-notes.txt for every user of this server.")
+        expect(mine.locator("#delete")).to_be_visible()
+        expect(mine.locator("#confirm-delete")).to_be_hidden()
+        assert "shared-notes.txt" not in stored_names(server)
+        theirs.locator("#question textarea").fill("Who was the keeper?")  # gone for the other user too
+        theirs.locator("#send").click()
+        expect(theirs.locator("#status")).to_contain_text("(deleted, or never stored)")
+
+        kept = tmp_path / "kept-notes.txt"
+        kept.write_text("Notes that stay.\n\n" + STORY, encoding="utf-8")
+        upload(mine, kept)
+        expect(status).to_contain_text("Rendered kept-notes.txt", timeout=60_000)
+        mine.locator("#delete").click()
+        expect(mine.locator("#confirm-delete")).to_be_visible()
+        mine.locator("#stored .remove-all").click()  # the choice changes: nothing left to confirm
+        expect(mine.locator("#confirm-delete")).to_be_hidden()
+        expect(mine.locator("#delete")).to_be_visible()
+        assert "kept-notes.txt" in stored_names(server)
+
+
+def test_each_text_box_has_a_name_of_its_own(browser_page):
+    """Each text box is found by a name of its own (what a screen reader reads out): the question box's was the
+    UI framework's "Textbox", which get_by_label("Text") found beside the pasted-text box's "Text"."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    page.get_by_role("tab", name="Paste text").click()
+    names = {"#question textarea": "Question", "#pasted textarea": "Text to render", "#name textarea": "Document name"}
+    for box, name in names.items():
+        expect(page.locator(box)).to_have_accessible_name(name)
+        expect(page.get_by_label(name)).to_have_count(1)  # (a part of no other element's name)
+    expect(page.get_by_role("textbox")).to_have_count(len(names))
+    expect(page.get_by_label("Text")).to_have_count(1)
+    expect(page.get_by_role("textbox", name="Textbox")).to_have_count(0)
 
 
 def test_the_example_document_and_the_api_docs(browser_page, extractive_server):
