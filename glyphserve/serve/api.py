@@ -27,7 +27,8 @@ from glyphserve.serve.origin import route_path
 from glyphserve.serve.upload_queue import client_of
 from glyphserve.serve.sampling import SamplingParams
 from glyphserve.serve.scheduler import Cancelled
-from glyphserve.serve.service import GlyphService, RenderOptions
+from glyphserve.serve.intake import RenderOptions
+from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import check_id
 from glyphserve.serve.uploads import read_upload
 

@@ -34,7 +34,8 @@ from glyphserve.glm4v import MESSAGE_TOKENS, PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.upload_queue import client_of
 from glyphserve.serve.scheduler import Cancelled
-from glyphserve.serve.service import DPIS, NEWLINES, PRESETS, GlyphService, RenderOptions
+from glyphserve.serve.intake import DPIS, NEWLINES, PRESETS, RenderOptions
+from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import DocumentRecord
 
 log = logging.getLogger("glyphserve.serve")

@@ -471,7 +471,7 @@ def test_documents_survive_a_restart(tmp_path):
     finally:
         server.stop()
     # As a store written before uploads were keyed by the settings applied: keyed by the settings as sent.
-    from glyphserve.serve.service import RenderOptions, sent_settings_hash
+    from glyphserve.serve.intake import RenderOptions, sent_settings_hash
 
     with sqlite3.connect(tmp_path / "data" / "index.sqlite3") as db:
         db.execute("UPDATE documents SET content_hash = ?",
@@ -546,10 +546,10 @@ def test_a_pasted_text_and_a_questions_pages_wait_for_no_file_being_read_or_rend
     try:
         with TestClient(app, base_url="http://127.0.0.1") as client:
             stored = client.post("/v1/documents", json={"text": "The keeper was given a lamp."}).json()["id"]
-            held = [service.parses._pool.submit(gate.wait) for _ in range(service.parses.limits.threads)]
+            held = [service.intake.parses._pool.submit(gate.wait) for _ in range(service.intake.parses.limits.threads)]
             pasted = client.post("/v1/documents", json={"text": "The miller kept the lantern."})
             assert pasted.status_code == 201
-            held += [service.renders._pool.submit(gate.wait) for _ in range(service.renders.limits.threads)]
+            held += [service.intake.renders._pool.submit(gate.wait) for _ in range(service.intake.renders.limits.threads)]
             answer = client.post(f"/v1/documents/{stored}/chat", json={"question": "What was given?",
                                                                         "max_tokens": 4})
             assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] > 0
