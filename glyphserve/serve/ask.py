@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from glyphserve.engine.commands import (REMOTE_CONTEXT, engine_arguments, model_arguments, page_selection_argument,
                                        remote_arguments, sampling_arguments)
-from glyphserve.engine.types import MAX_SEED, MAX_TEMPERATURE
+from glyphserve.engine.commands import check_local_flags, check_sampling
 from glyphserve.errors import ConfigError, GlyphserveError
 from glyphserve.render.commands import page_arguments
 
@@ -66,16 +66,8 @@ def _ask(args: argparse.Namespace) -> int:
 
     if not args.chat and not args.question:
         raise ConfigError("give a QUESTION (or --chat to read questions from stdin)")
-    if args.max_new_tokens < 1:  # before the model loads
-        raise ConfigError("--max-new-tokens must be at least 1")
-    if not 0 <= args.temperature <= MAX_TEMPERATURE:  # the API's ranges (vLLM's), NaN included
-        raise ConfigError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, not {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top-p must be above 0 and at most 1, not {args.top_p}")
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        raise ConfigError(f"--seed must be between 0 and 2**64 - 1, not {args.seed}")
-    if args.quantize and not (args.model or args.random_weights):
-        raise ConfigError("--quantize needs --model or --random-weights (it quantizes the model's weights)")
+    check_sampling(args)  # before the model loads
+    check_local_flags(args)
     if args.chat and args.input == "-":
         raise ConfigError("--chat reads the questions from stdin: give the document as a file, not -")
     started = time.perf_counter()
