@@ -21,6 +21,7 @@ from glyphserve.serve.backends import Reply
 prometheus_client.disable_created_metrics()
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _MODEL = ["model_name"]
 # Stages with a histogram of their own: time to first token and the total have vLLM's.
@@ -38,6 +39,7 @@ class _Collectors:
     ttft: Histogram
     e2e: Histogram
     tpot: Histogram
+    request_tpot: Histogram
     itl: Histogram
     queue_time: Histogram
     prompt_tokens: Counter
@@ -79,10 +81,17 @@ def _collectors() -> _Collectors:
                        buckets=_LATENCY_BUCKETS),
         e2e=Histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token", _MODEL,
                       buckets=_LATENCY_BUCKETS),
-        tpot=Histogram("vllm:time_per_output_token_seconds", "Time per token after the first, per request",
-                       _MODEL, buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
+        # vLLM's names since V1: time_per_output_token is inter_token_latency under its old name (per token), and
+        # the per-answer mean is request_time_per_output_token (observed once per answer under the old name, it
+        # left a V1 dashboard's TPOT panel empty and an older one request-weighted: a new user's trial).
+        tpot=Histogram("vllm:time_per_output_token_seconds",
+                       "Time between consecutive generated tokens, per token (inter_token_latency's old name)",
+                       _MODEL, buckets=_TOKEN_GAP_BUCKETS),
+        request_tpot=Histogram("vllm:request_time_per_output_token_seconds",
+                               "Time per token after the first, once per request (its mean)", _MODEL,
+                               buckets=_TOKEN_GAP_BUCKETS),
         itl=Histogram("vllm:inter_token_latency_seconds", "Time between consecutive generated tokens, per token",
-                      _MODEL, buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
+                      _MODEL, buckets=_TOKEN_GAP_BUCKETS),
         queue_time=Histogram("vllm:request_queue_time_seconds", "Time a request waited before the model took it",
                              _MODEL, buckets=_LATENCY_BUCKETS),
         prompt_tokens=Counter("vllm:prompt_tokens", "Prompt tokens (vision tokens included)", _MODEL),
@@ -144,7 +153,7 @@ class Metrics:
         self.c.documents.set_function(documents)
         c = self.c
         # Every series at zero from the start: a dashboard's increase() sees the first request too.
-        for metric in (c.ttft, c.e2e, c.tpot, c.itl, c.queue_time, c.prompt_tokens, c.generation_tokens,
+        for metric in (c.ttft, c.e2e, c.tpot, c.request_tpot, c.itl, c.queue_time, c.prompt_tokens, c.generation_tokens,
                        c.request_prompt_tokens, c.request_generation_tokens, c.prefix_queries, c.prefix_hits,
                        c.mm_queries, c.mm_hits):
             metric.labels(model_name)
@@ -182,16 +191,19 @@ class Metrics:
         c.e2e.labels(model).observe(seconds)
         c.queue_time.labels(model).observe(queued)
         c.ttft.labels(model).observe(queued + timings.time_to_first_token)
-        if answer.new_tokens > 1:
+        # Token latencies of generated answers only: the extractive backend's passages have no tokens in time (its
+        # 239 zero gaps pulled a dashboard's every inter-token quantile to 0).
+        if answer.new_tokens > 1 and reply.backend != "extractive":
             per_token = (timings.total - timings.time_to_first_token) / (answer.new_tokens - 1)
-            c.tpot.labels(model).observe(per_token)
+            c.request_tpot.labels(model).observe(per_token)
             # Each token's interval where the engine timed them (a step's read-back), else the request's mean
-            # for each (a remote server's answers, resumed tokens): the histogram counts tokens either way.
+            # for each (a remote server's answers, resumed tokens): the histograms count tokens either way.
             times = answer.token_times
             gaps = [b - a for a, b in zip(times, times[1:])] or [per_token] * (answer.new_tokens - 1)
-            itl = c.itl.labels(model)
+            itl, tpot = c.itl.labels(model), c.tpot.labels(model)
             for gap in gaps:
                 itl.observe(gap)
+                tpot.observe(gap)
         c.prompt_tokens.labels(model).inc(answer.prompt_tokens)
         c.generation_tokens.labels(model).inc(answer.new_tokens)
         c.request_prompt_tokens.labels(model).observe(answer.prompt_tokens)

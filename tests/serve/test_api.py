@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -212,6 +213,21 @@ def test_extractive_answers_keep_to_max_tokens(extractive_server, client):
                                                                     "max_tokens": limit}).json()
         assert not answer["answer"].rstrip().endswith("]"), (limit, answer["answer"])
         assert len(answer["citations"]) == answer["answer"].count("[page "), limit
+
+
+def test_extractive_answers_have_no_token_latencies(client):
+    """Passages are not generated a token at a time: no inter-token or per-token observations (239 zeros pulled a
+    dashboard's quantiles to 0), the request's own latencies and token counts as before."""
+    def count(name):
+        text = client.get("/metrics").text
+        return sum(float(v) for v in re.findall(rf'^{re.escape(name)}{{model_name="{MODEL}"}} (\S+)$', text, re.M))
+
+    names = ("vllm:inter_token_latency_seconds_count", "vllm:time_per_output_token_seconds_count",
+             "vllm:request_time_per_output_token_seconds_count", "vllm:e2e_request_latency_seconds_count")
+    before = [count(name) for name in names]
+    doc_id = upload_text(client)["id"]
+    client.post(f"/v1/documents/{doc_id}/chat", json={"question": "Which schooner hit the rocks?"})
+    assert [count(name) - b for name, b in zip(names, before)] == [0, 0, 0, 1]
 
 
 def test_streamed_document_chat(client):

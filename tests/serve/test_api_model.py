@@ -107,12 +107,16 @@ def metric(text: str, name: str) -> float:
 
 
 def test_metrics_a_vllm_dashboard_reads(client, documents):
-    before = metric(client.get("/metrics").text, "vllm:inter_token_latency_seconds_count")
+    per_token = ("vllm:inter_token_latency_seconds_count", "vllm:time_per_output_token_seconds_count")
+    per_answer = "vllm:request_time_per_output_token_seconds_count"
+    before = {name: metric(client.get("/metrics").text, name) for name in (*per_token, per_answer)}
     ask(client, documents[0], QUESTIONS[0], max_tokens=6)
     text = client.get("/metrics").text
-    assert metric(text, "vllm:inter_token_latency_seconds_count") - before == 5  # per token after the first
+    # vLLM V1's names: per token after the first (time_per_output_token is inter_token_latency's old name), and
+    # the answer's mean once
+    assert [metric(text, name) - before[name] for name in (*per_token, per_answer)] == [5, 5, 1]
     for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
-                 "vllm:time_per_output_token_seconds_count", "vllm:prompt_tokens_total",
+                 "vllm:prompt_tokens_total",
                  "vllm:generation_tokens_total", "vllm:request_queue_time_seconds_count"):
         assert metric(text, name) > 0, name
     assert metric(text, "vllm:num_requests_running") == 0 and metric(text, "vllm:num_requests_waiting") == 0
