@@ -66,7 +66,8 @@ class Passage:
 
 
 def split_passages(text: str, max_chars: int = MAX_PASSAGE_CHARS) -> list[Passage]:
-    """Paragraphs of ``text`` (blank-line separated); long ones packed from whole sentences."""
+    """Paragraphs of ``text`` (blank-line separated); long ones packed from whole sentences, a sentence longer than
+    a passage cut at a word."""
     passages: list[Passage] = []
     offset = 0
     for block in _PARAGRAPH.split(text) + [""]:
@@ -88,12 +89,21 @@ def split_passages(text: str, max_chars: int = MAX_PASSAGE_CHARS) -> list[Passag
                 passages.append(_passage(text, block_start + start, block_start + end))
                 start = piece_start
             while piece_end - start > max_chars:
-                passages.append(_passage(text, block_start + start, block_start + start + max_chars))
-                start += max_chars
+                cut = _word_end(block, start, start + max_chars)
+                passages.append(_passage(text, block_start + start, block_start + cut))
+                start = cut
             end = piece_end
         if end > start:
             passages.append(_passage(text, block_start + start, block_start + end))
     return [p for p in passages if p.text]
+
+
+def _word_end(block: str, start: int, limit: int) -> int:
+    """Where a passage from ``start`` of a sentence too long for one ends: after its last whitespace before
+    ``limit`` in its second half (cut at ``limit``, a word split between two passages matched in neither: lists,
+    tables and PDF lines have no full stops), else at ``limit`` (a run without spaces: CJK, one long token)."""
+    space = max(block.rfind(c, (start + limit) // 2, limit) for c in " \n\t")
+    return space + 1 if space > start else limit
 
 
 def _passage(text: str, start: int, end: int) -> Passage:

@@ -25,6 +25,17 @@ def test_long_paragraphs_are_cut_at_sentence_ends():
     assert all(p.text.endswith(".") for p in passages)
 
 
+def test_a_sentence_longer_than_a_passage_is_cut_at_words():
+    """Text without full stops (a list, a table's lines): each passage ends at a word, so every word is whole in
+    one passage; a run without spaces is cut at the limit."""
+    words = [f"quarterly{i} revenue{i}" for i in range(60)]
+    text = " ".join(words)
+    passages = split_passages(text, max_chars=100)
+    assert len(passages) > 5 and all(len(p.text) <= 100 for p in passages)
+    assert [w for p in passages for w in p.text.split()] == text.split()
+    assert [p.text for p in split_passages("中" * 250, max_chars=100)] == ["中" * 100, "中" * 100, "中" * 50]
+
+
 def test_bm25_ranks_the_matching_passage_first():
     index = BM25Index.from_text(STORY)
     (best, score), *_ = index.search("Which ship hit the rocks in the storm?")
