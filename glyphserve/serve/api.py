@@ -320,7 +320,9 @@ def _status_routes(router: APIRouter, service: GlyphService) -> None:
 
 
 def _document_routes(router: APIRouter, service: GlyphService) -> None:
-    @router.post("/v1/documents", status_code=201, openapi_extra=request_body(DocumentText, upload=True))
+    @router.post("/v1/documents", status_code=201, openapi_extra=request_body(
+        DocumentText, {"text": "The harbour of Kelso keeps its boats in the west basin.", "name": "harbour notes"},
+        upload=True))
     async def create_document(request: Request):
         if _media_type(request) == "multipart/form-data":
             upload = await read_upload(request)
@@ -382,7 +384,7 @@ def _document_routes(router: APIRouter, service: GlyphService) -> None:
             return Response(result, media_type="image/png")
         return FileResponse(result, media_type="image/png")
 
-    @router.patch("/v1/documents/{document_id}", openapi_extra=request_body(DocumentName))
+    @router.patch("/v1/documents/{document_id}", openapi_extra=request_body(DocumentName, {"name": "Q3 report"}))
     async def rename_document(document_id: str, request: Request):
         path_id(document_id)
         try:
@@ -399,7 +401,8 @@ def _document_routes(router: APIRouter, service: GlyphService) -> None:
 
 
 def _chat_routes(router: APIRouter, service: GlyphService) -> None:
-    @router.post("/v1/documents/{document_id}/chat", openapi_extra=request_body(DocumentChat))
+    @router.post("/v1/documents/{document_id}/chat", openapi_extra=request_body(
+        DocumentChat, {"question": "Where are the boats kept?", "max_tokens": 256}))
     async def chat(document_id: str, request: Request):
         path_id(document_id)
         try:
@@ -431,7 +434,10 @@ def _chat_routes(router: APIRouter, service: GlyphService) -> None:
 
         return sse_response(events(), items)
 
-    @router.post("/v1/chat/completions", openapi_extra=request_body(oai.ChatCompletionRequest))
+    @router.post("/v1/chat/completions", openapi_extra=request_body(
+        oai.ChatCompletionRequest, {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "The harbour of Kelso keeps its boats in the west basin."},
+            {"type": "text", "text": "Where are the boats kept?"}]}], "max_tokens": 256}))
     async def chat_completions(request: Request):
         try:
             body = oai.ChatCompletionRequest.model_validate_json(await json_body(request))

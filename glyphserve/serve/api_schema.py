@@ -29,11 +29,13 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
         "code": {"type": "string"}}}}}
 
 
-def request_body(model: type[BaseModel], upload: bool = False) -> dict[str, Any]:
-    """A route's ``openapi_extra``: its JSON body is a ``model`` (or, with ``upload``, a file as
-    multipart/form-data)."""
+def request_body(model: type[BaseModel], example: dict[str, Any], upload: bool = False) -> dict[str, Any]:
+    """A route's ``openapi_extra``: its JSON body is a ``model``, shown as ``example`` (a body the route answers as
+    it stands: Swagger's own, built from the schema, sent a system message of null content), or, with ``upload``,
+    a file as multipart/form-data. Models are told apart by class name."""
     _BODIES[model.__name__] = model
-    content: dict[str, Any] = {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)},
+                                                    "example": example}}
     if upload:
         content["multipart/form-data"] = {"schema": _UPLOAD}
     return {"requestBody": {"required": True, "content": content}}

@@ -370,6 +370,17 @@ def test_the_openapi_document_describes_the_bodies_and_errors_as_sent(client):
     responses = [op["responses"] for ops in doc["paths"].values() for op in ops.values()]
     assert all("422" not in r and r["400"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Error"} for r in responses)
+    # each example body, sent as Swagger's "Try it out" sends it, is answered
+    example = {key: content["application/json"]["example"] for key, content in bodies.items()}
+    created = client.post("/v1/documents", json=example[("/v1/documents", "post")])
+    assert created.status_code in (200, 201), created.text
+    doc_id = created.json()["id"]
+    for (path, method), body in example.items():
+        if path != "/v1/documents":
+            answered = client.request(method.upper(), path.replace("{document_id}", doc_id), json=body)
+            assert answered.status_code == 200, (path, answered.text)
+    completion = client.post("/v1/chat/completions", json=example[("/v1/chat/completions", "post")]).json()
+    assert "west basin" in completion["choices"][0]["message"]["content"]
     wrong = client.post("/v1/chat/completions", json={"messages": "nope"})
     assert wrong.status_code == 400 and set(wrong.json()["error"]) == set(schemas["Error"]["properties"]["error"][
         "properties"])
