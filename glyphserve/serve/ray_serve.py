@@ -64,6 +64,7 @@ from glyphserve.serve.weights import resolve_model
 
 APP_NAME = "glyphserve"
 TAKE_DOWN_S = 15.0  # seconds a stopping server waits for Ray to take its application down
+RAY_PROBE_S = 3.0  # seconds a stopping server waits to hear Ray is still there before taking its application down
 ENGINE_DEPLOYMENT = "GlyphEngine"
 FRONT_DEPLOYMENT = "GlyphFront"
 MAX_ATTEMPTS = 3  # sends of one request: the first, and retries after its replica died
@@ -617,9 +618,10 @@ def run(config: ServeConfig) -> int:
     # Ray Serve's progress lines on this console repeat what the server prints (its log files keep them).
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     stop = threading.Event()
+    stopped_by: list[int] = []  # the signal that stopped the server
     grace = None  # seconds for answers in flight, once the application is up and asked to stop
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _: (stopped_by.append(signum), stop.set()))
     try:
         serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly")
         print(f"glyphserve: deploying {config.replicas} engine replica(s) on Ray Serve ...", flush=True)
@@ -633,17 +635,40 @@ def run(config: ServeConfig) -> int:
         grace = config.shutdown_timeout
     finally:
         # Bounded: stopped with its whole process group (systemd's default, `timeout`), Ray's own processes are gone
-        # first, and taking the application down waited 60 s for them before failing.
-        down = threading.Thread(target=_take_down, args=(grace,), daemon=True)
-        down.start()
-        waited = TAKE_DOWN_S + (grace + SHUTDOWN_SEND_S if grace is not None else 0)
-        down.join(waited)
-        if down.is_alive():
-            print(f"glyphserve: Ray did not answer within {waited:g} s (stopped with this server?); leaving",
-                  file=sys.stderr, flush=True)
+        # first, and taking the application down waited 60 s for them before failing; so Ray is asked first whether
+        # it still answers (it did not, and the server left only after 30 s of waiting: a new user's trial).
+        if _answers_within(serve.status, RAY_PROBE_S):
+            down = threading.Thread(target=_take_down, args=(grace,), daemon=True)
+            down.start()
+            waited = TAKE_DOWN_S + (grace + SHUTDOWN_SEND_S if grace is not None else 0)
+            down.join(waited)
+            if down.is_alive():
+                print(f"glyphserve: Ray did not answer within {waited:g} s (stopped with this server?); leaving",
+                      file=sys.stderr, flush=True)
+            else:
+                disconnect()
         else:
-            disconnect()
+            print(f"glyphserve: Ray did not answer within {RAY_PROBE_S:g} s (stopped with this server?); leaving",
+                  file=sys.stderr, flush=True)
+    if stopped_by:  # ended by the signal, as the one-machine server (uvicorn) is: a shell shows 130 or 143
+        signal.signal(stopped_by[0], signal.SIG_DFL)
+        os.kill(os.getpid(), stopped_by[0])
     return 0
+
+
+def _answers_within(call, seconds: float) -> bool:
+    """Whether ``call()`` returns (or raises) within ``seconds``, on a thread of its own."""
+    done = threading.Event()
+
+    def probe() -> None:
+        try:
+            call()
+        except Exception:  # an error is an answer: Ray is there to give it
+            pass
+        done.set()
+
+    threading.Thread(target=probe, daemon=True).start()
+    return done.wait(seconds)
 
 
 def _take_down(grace: float | None) -> None:

@@ -381,4 +381,5 @@ def test_stopping_the_server_ends_an_answer_in_flight_with_an_error_event(server
     assert rest[-1] == "data: [DONE]", rest[-3:]
     error = json.loads(rest[-2].removeprefix("data: "))["error"]
     assert error["code"] == "shutting_down" and "cut off" in error["message"]
-    assert server.process.wait(timeout=60) in (0, 130) and time.monotonic() - stopped < 30, server.log()[-3000:]
+    # ended by the signal, as the one-machine server is (a shell shows 130)
+    assert server.process.wait(timeout=60) == -signal.SIGINT and time.monotonic() - stopped < 30, server.log()[-3000:]
