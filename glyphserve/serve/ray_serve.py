@@ -130,6 +130,8 @@ class ReplicaReport:
     pid: int
     node: str
     engine: dict[str, float] = field(default_factory=dict)
+    dtype: str = ""  # its engine's, as loaded (``--dtype auto``: bfloat16 on a GPU, float32 on a CPU)
+    quantize: str | None = None
 
 
 class EngineReplica:
@@ -145,7 +147,8 @@ class EngineReplica:
         self.scheduler = Scheduler(EngineBackend(engine), queue_size=queue_size, max_batch=engine_config.max_num_seqs,
                                    timeout=timeout)
         self.where = ReplicaReport(serve.get_replica_context().replica_id.unique_id, os.getpid(),
-                                   ray.get_runtime_context().get_node_id())
+                                   ray.get_runtime_context().get_node_id(),
+                                   dtype=str(engine.dtype).removeprefix("torch."), quantize=engine_config.quantize)
         self._calls: dict[str, ChatJob] = {}  # by call id, while they run (chat and stop share the replica's loop)
         # Ids of stops that found no call running here: one that has not begun yet ends as it begins (the others,
         # calls already ended, fall out of the bounded memory).
@@ -204,7 +207,7 @@ class _ReplicaState:
     def to_dict(self) -> dict:
         return {"id": self.report.replica, "pid": self.report.pid, "node": self.report.node, "lost": self.lost,
                 "requests": self.requests, "recent_documents": list(reversed(self.documents)),
-                "engine": self.report.engine}
+                "dtype": self.report.dtype, "quantize": self.report.quantize, "engine": self.report.engine}
 
 
 class ServeReplicas:
@@ -228,7 +231,12 @@ class ServeReplicas:
         application = serve.status().applications.get(APP_NAME)
         deployment = application.deployments.get(ENGINE_DEPLOYMENT) if application else None
         running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+        # The engines' dtype and quantization as the one-machine server's /health says them (every replica loads
+        # with the same settings: the first that answered tells; none yet, as configured).
+        first = next(iter(self.replicas.values()), None)
         return {"backend": "ray", "replicas_running": running, **self.counters,
+                "dtype": first.report.dtype if first else self.config.dtype,
+                "quantize": first.report.quantize if first else self.config.quantize,
                 "replicas": [state.to_dict() for state in self.replicas.values()]}
 
     def stats(self) -> dict:

@@ -237,6 +237,9 @@ def test_sixteen_concurrent_chats_equal_answers_alone_each_document_on_one_repli
     assert all(len(owners[d["id"]]) == 1 for d in documents), owners
     health = _health(server)
     assert health["backend"] == "ray" and health["replicas_running"] == 2 and health["retries"] == 0
+    # the engines' dtype and quantization, as the one-machine server's /health says them
+    assert (health["dtype"], health["quantize"]) == ("float32", None)
+    assert all((r["dtype"], r["quantize"]) == ("float32", None) for r in health["replicas"])
     assert all(r["engine"]["requests"] > 0 for r in health["replicas"])
     metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     assert 'glyphserve_http_requests_total{' in metrics and "route=\"/v1/documents/{document_id}/chat\"" in metrics
