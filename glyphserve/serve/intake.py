@@ -52,6 +52,7 @@ class RenderOptions:
 TEXT_THREADS = 2
 RENDER_THREADS = 2
 MAX_ORIGINAL_NAME = 4096  # characters of a raw upload name kept as metadata
+PASTED_NAME = "pasted text"  # the name of pasted text sent without one
 
 
 class DocumentIntake:
@@ -133,9 +134,10 @@ class DocumentIntake:
             if stored is not None:
                 return stored, True
             # that upload was cancelled or failed on the server's side: this one tries itself
-        # A file's own name loses its folders; a name typed for it (the name field, pasted text's) is kept as typed.
+        # A file's own name loses its folders; a name typed for it (the name field, pasted text's) is kept as typed;
+        # pasted text without one is "pasted text", as the web UI always called it (the API said null).
         shown = (clean_filename(name) if name == filename else clean_name(name or "", MAX_NAME_CHARS)) or \
-            document.source_name
+            document.source_name or PASTED_NAME
         original = name if name and name != shown else None
         # (a task: this request going away must not cancel the rendering others may wait for)
         work = asyncio.ensure_future(self.renders.run(client, functools.partial(

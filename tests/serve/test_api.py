@@ -83,6 +83,8 @@ def test_document_lifecycle(client):
     assert blank.status_code == 400 and "needs a visible character" in blank.json()["error"]["message"]
     typed = upload_text(client, "A second text with a typed name.", name="Plans/2025 draft")
     assert typed["document"]["name"] == "Plans/2025 draft"  # typed: not a path to cut
+    unnamed = client.post("/v1/documents", json={"text": "A third text, sent without a name."}).json()
+    assert unnamed["document"]["name"] == "pasted text"  # as the web UI calls it
     too_long = client.patch(f"/v1/documents/{doc_id}", json={"name": "n" * 201})
     assert too_long.status_code == 400 and "at most 200 characters, this one 201" in too_long.json()["error"]["message"]
     assert client.get(f"/v1/documents/{doc_id}").json()["document"]["name"] == "Sales 1/2 final"
