@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from glyphserve.batch.inputs import BatchDocument
 from glyphserve.batch.prefetch import Item, ItemError, Prefetcher, RenderOptions
 from glyphserve.batch.progress import Progress, format_duration
 from glyphserve.batch.results import ResultLog, item_record
+from glyphserve.engine.commands import in_cli_words
 from glyphserve.errors import ConfigError, EngineOutOfMemoryError
 
 # After this many good batches at a reduced size, try doubling it again (one huge
@@ -152,26 +152,10 @@ class Tally:
             self._engine_failures = 0
 
 
-# The engine's context-overflow advice names the API's request fields and ask's flags (glyphserve.engine.planner);
-# a batch row names batch's own options instead.
-_BATCH_WORDS = (
-    (re.compile(r"Ask about fewer or smaller pages, keep the first (\d+) \(truncate_pages\), or, for a stored "
-                r"document, let the pages that match the question be chosen \(page_selection retrieve\)"),
-     r"Keep the first \1 (--page-selection first), or let the pages that match the question be chosen "
-     r"(--page-selection retrieve, the default)"),
-    (re.compile(r"or ask about the first (\d+) of (\d+) pages"),
-     r"or keep the first \1 of \2 pages (--page-selection first)"),
-    (re.compile(r"\bmax_tokens\b"), "--max-new-tokens"),
-)
-
-
 def item_error(exc: BaseException) -> ItemError:
-    """The results' error for ``exc``, its advice in batch's words."""
+    """The results' error for ``exc``, its advice naming batch's flags."""
     error = ItemError.from_exception(exc)
-    message = error.message
-    for pattern, words in _BATCH_WORDS:
-        message = pattern.sub(words, message)
-    return dataclasses.replace(error, message=message)
+    return dataclasses.replace(error, message=in_cli_words(error.message))
 
 
 class ItemAnswerer:

@@ -269,7 +269,7 @@ def test_documents_longer_than_the_context_read_the_pages_that_match(tiny_model_
     assert record["error"]["code"] == "context_length_exceeded", record["error"]
     assert re.search(r"plus --max-new-tokens 6 = \d+, but the context holds 1400: only the first \d+ of \d+ pages "
                      r"fit\. Keep the first \d+ \(--page-selection first\), or let the pages that match the question "
-                     r"be chosen \(--page-selection retrieve, the default\)$", record["error"]["message"]), \
+                     r"be chosen \(--page-selection retrieve\)$", record["error"]["message"]), \
         record["error"]["message"]
 
 
