@@ -102,8 +102,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.engines is not None and (args.ray is None or args.engines < 1):
         raise ConfigError("--engines N (N >= 1) goes with --ray")
     # The input first (the command's first word): a missing folder is reported as such, model or not.
-    documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None,
-                                  exclude=_own_outputs(args))
+    documents = collect_documents(args.input, load_questions(args.questions, note=_note) if args.questions else None,
+                                  exclude=_own_outputs(args), note=_note)
     _check_outputs(args, documents)
     check_local_flags(args)
     args.backend = answerer_kind(args, otherwise=None)
