@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -22,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Answer questions about every document of a folder, a glob or a JSONL manifest "
             '({"id", "path" or "text", "questions": [...]} per line). Results are appended to '
-            "OUTPUT as they finish; rerunning with the same OUTPUT skips what is done."
+            "OUTPUT as they finish; rerunning with the same OUTPUT skips what is done (refused when that OUTPUT "
+            "was answered by another backend, model or settings)."
         ),
     )
     parser.add_argument("input", metavar="INPUT", help="a folder, a glob (quote it), a file, or a .jsonl manifest")
@@ -53,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     page_selection_argument(run, note=": a row records the error")
     run.add_argument("--retry-failed", action="store_true",
                      help="also retry items recorded with an error (server-side errors are always retried)")
+    run.add_argument("--allow-mixed", action="store_true",
+                     help="resume even when OUTPUT's rows were answered by another backend, model or settings "
+                          "(refused otherwise, as one file would then mix answers; each row records what answered "
+                          "it, in answered_by)")
 
     run.add_argument("--parquet", metavar="RESULTS.parquet",
                      help="also write every result of OUTPUT as a Parquet table when the run ends (needs pyarrow, "
@@ -96,8 +102,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.engines is not None and (args.ray is None or args.engines < 1):
         raise ConfigError("--engines N (N >= 1) goes with --ray")
     # The input first (the command's first word): a missing folder is reported as such, model or not.
-    documents = collect_documents(args.input, load_questions(args.questions) if args.questions else None,
-                                  exclude=_own_outputs(args))
+    documents = collect_documents(args.input, load_questions(args.questions, note=_note) if args.questions else None,
+                                  exclude=_own_outputs(args), note=_note)
     _check_outputs(args, documents)
     check_local_flags(args)
     args.backend = answerer_kind(args, otherwise=None)
@@ -114,13 +120,25 @@ def _run(args: argparse.Namespace) -> int:
             engine = dataclasses.replace(engine, model=resolve_model(engine.model))
     else:
         load_engine = engine_loader(args, max_num_seqs=args.batch_size)
+
+    def answerer():  # (called once -o is known to hold results: a file refused is so before servers are asked)
+        return run_answerer(args, load_engine() if args.backend == "openai" else None)
+
     terminate = _TerminateAsInterrupt()
     try:
-        with terminate, ResultLog(args.output, retry_failed=args.retry_failed) as log:
+        with terminate, ResultLog(args.output, retry_failed=args.retry_failed, answerer=answerer,
+                                  allow_mixed=args.allow_mixed) as log:
             if log.torn_bytes:
-                print(f"batch: removed a torn last line ({log.torn_bytes} bytes) from {log.path}", file=sys.stderr)
+                _note(f"removed a torn last line ({log.torn_bytes} bytes) from {log.path}")
             if log.retrying:
-                print(f"batch: retrying {log.retrying} questions that failed last time", file=sys.stderr)
+                _note(f"retrying {log.retrying} questions that failed last time")
+            if log.others:
+                _note(f"--allow-mixed: {log.path} holds {sum(log.others.values())} rows answered otherwise than "
+                      f"this run answers ({log.answerer.flags()}); each row says what answered it, in answered_by")
+            if log.unrecorded:
+                _note(f"{log.unrecorded} rows of {log.path} do not say what answered them (written before glyphserve "
+                      f"recorded it), so they are not compared with this run ({log.answerer.flags()}): if another "
+                      "backend, model or settings answered them, stop and give -o another file")
             if args.ray is not None:
                 from glyphserve.batch.ray_data import RayBatchOptions, run_on_ray
 
@@ -132,11 +150,41 @@ def _run(args: argparse.Namespace) -> int:
         return 128 + signal.SIGTERM
     print(summary.text())
     if args.parquet:
-        rows = write_parquet(args.output, args.parquet)
+        try:
+            rows = write_parquet(args.output, args.parquet)
+        except ConfigError as exc:  # (checked before the run; the disk may have filled since)
+            exc.message += (f"; the results are in {args.output}: rerun the same command with --parquet naming "
+                            "another file to write the table (a finished run only writes it)")
+            raise
         print(f"batch: {rows} results written to {args.parquet}")
     if summary.interrupted:
         return 128 + signal.SIGTERM if terminate.received else 130
     return 1 if summary.stopped else 0
+
+
+def _note(message: str) -> None:
+    print(f"batch: {message}", file=sys.stderr)
+
+
+def run_answerer(args: argparse.Namespace, remote=None):
+    """What answers this run, as its rows record it (``glyphserve.batch.results.Answerer``); ``remote``: the
+    servers' client, loaded (the name their /v1/models gives the model, when --remote-model does not)."""
+    from pathlib import Path
+
+    from glyphserve.batch.results import Answerer
+
+    render = {"preset": args.preset, "dpi": args.dpi, "newline": args.newline}
+    if args.backend == "extractive":  # (no model: the generation flags change nothing, pages are not selected)
+        return Answerer("extractive", **render)
+    if remote is not None:
+        model = ", ".join(remote.models) or None
+    elif args.random_weights:
+        model = Answerer.RANDOM_WEIGHTS.format(args.random_weights)
+    else:  # a folder by its absolute path (a rerun from another directory is the same model), else the Hub id
+        model = str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().exists() else args.model
+    return Answerer(args.backend, model, quantize=args.quantize, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos,
+                    max_context=args.max_context, page_selection=args.page_selection, **render)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -179,7 +227,8 @@ def _own_outputs(args: argparse.Namespace) -> list:
 
 
 def _check_outputs(args: argparse.Namespace, documents) -> None:
-    """-o and --parquet write files: neither may be a file this run reads, nor the other."""
+    """-o and --parquet write files: neither may be a file this run reads, nor the other; and --parquet must be
+    a path its table can be written to."""
     from pathlib import Path
 
     from glyphserve.batch.results import written_files
@@ -197,6 +246,35 @@ def _check_outputs(args: argparse.Namespace, documents) -> None:
         flag = outputs.get(Path(path).resolve()) if path else None
         if flag:
             raise ConfigError(f"{flag} is {what}, which this run reads: give the results a file of their own")
+    if args.parquet:
+        _check_parquet(Path(args.parquet))
+
+
+def _check_parquet(path) -> None:
+    """--parquet is written when the run ends, maybe hours later: a table that could not be written then is
+    refused now (pyarrow missing, a folder, someone's other file, a place that cannot be written). Its folder is
+    made now, as the results file's is."""
+    import importlib.util
+    import tempfile
+
+    from glyphserve.batch.results import holds_parquet
+    from glyphserve.errors import ConfigError
+
+    if importlib.util.find_spec("pyarrow") is None:
+        raise ConfigError("--parquet needs pyarrow: pip install 'glyphserve[cluster]'")
+    if path.is_dir():
+        raise ConfigError(f"--parquet {path} is a folder: give the table a file (e.g. {path / 'results.parquet'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):  # (the table is written beside its path, then renamed)
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--parquet {path}: cannot make its folder, a file stands in its path") from None
+    except OSError as exc:
+        raise ConfigError(f"--parquet {path}: cannot write in its folder {path.parent}: {exc.strerror}") from None
+    if not holds_parquet(path):
+        raise ConfigError(f"--parquet {path} holds something other than a Parquet table (or cannot be read); it was "
+                          "left as it is: give the table a file of its own")
 
 
 # Batch, unlike ask, serve and eval, answers extractively only when asked to.
@@ -219,13 +297,15 @@ def local_engine(args: argparse.Namespace, *, max_num_seqs: int):
 
 def engine_loader(args: argparse.Namespace, *, max_num_seqs: int):
     """A function that loads what answers (an engine here, the servers' client, or the extractive answers): checked
-    now, loaded later."""
+    now, loaded later (the servers' client once, whatever the calls)."""
     if args.backend == "openai":
         from glyphserve.engine.remote import RemoteConfig, RemoteEngine
 
         config = RemoteConfig(args.endpoint, model=args.remote_model, api_key=args.remote_api_key,
                               max_concurrency=max(16, max_num_seqs), max_context=args.max_context)
-        return lambda: RemoteEngine.load(config)
+        # Connected once, at the first call (a few requests, no weights): the rows record the model the servers
+        # answer as, so a resume compares it with the file's before anything runs, and the run answers with it.
+        return functools.cache(lambda: RemoteEngine.load(config))
     if args.backend == "extractive":
         from glyphserve.batch.extractive import ExtractiveAnswers
 

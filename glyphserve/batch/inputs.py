@@ -6,7 +6,8 @@ import csv
 import glob
 import io
 import json
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,13 @@ class BatchDocument:
     text: str | None = None
 
 
-def load_questions(path: str | Path) -> list[str]:
+def load_questions(path: str | Path, *, note: Callable[[str], None] | None = None) -> list[str]:
     """Questions from a file: a JSON list (of strings, or of objects with a "question"), JSON Lines (an object
     with a "question" per line; a .jsonl file, or any whose first line is such an object), a .csv or .tsv table
-    with a ``question`` column, or else plain text, one question per line. Any text encoding, as documents."""
+    with a ``question`` column, or else plain text, one question per line. Any text encoding, as documents.
+
+    A question the file repeats (alike once stripped) is kept once: a results row is one document and one
+    question, so two would be one row; ``note`` is told how many were merged."""
     file = Path(path)
     raw = _read_text(file, "questions file")
     where = f"questions file {file}"
@@ -47,7 +51,7 @@ def load_questions(path: str | Path) -> list[str]:
         _no_blank(questions, where)
     else:
         questions = raw.splitlines()  # (blank lines are spacing)
-    questions = _unique(q.strip() for q in questions)
+    questions = _merged(questions, where, note)
     if not questions:
         raise ConfigError(f"{where} holds no questions")
     return questions
@@ -123,20 +127,22 @@ def _csv_questions(raw: str, delimiter: str, where: str) -> list[str]:
 
 
 def collect_documents(source: str, shared_questions: list[str] | None = None,
-                      exclude: Iterable[str | Path] = ()) -> list[BatchDocument]:
+                      exclude: Iterable[str | Path] = (), *,
+                      note: Callable[[str], None] | None = None) -> list[BatchDocument]:
     """Expand INPUT (a folder, a glob, a single file or a ``.jsonl`` manifest) into documents.
 
     Folder and glob inputs take every regular, non-hidden file but those in ``exclude`` (the run's own
     outputs, which may lie among its inputs); their ids are the paths relative to the folder (or as the glob
     matched them), so reruns find the same ids. Manifest lines carry their own questions; ``shared_questions``
-    are added to every document.
+    are added to every document. A question a document would be asked twice (a manifest line repeating one, or
+    listing one of the shared ones) is asked once, ``note`` told how often that happened.
     """
     shared = _unique(shared_questions or [])
     excluded = {Path(p).resolve() for p in exclude}
     path = Path(source)
     left_out: list[Path] = []
     if path.is_file() and path.suffix.lower() == ".jsonl":
-        documents = _read_manifest(path, shared)
+        documents = _read_manifest(path, shared, note)
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
         left_out = [p for p in files if p.resolve() in excluded]
@@ -164,18 +170,29 @@ def collect_documents(source: str, shared_questions: list[str] | None = None,
 MANIFEST_ERRORS_SHOWN = 10
 
 
-def _read_manifest(path: Path, shared: list[str]) -> list[BatchDocument]:
+def _read_manifest(path: Path, shared: list[str], note: Callable[[str], None] | None) -> list[BatchDocument]:
     documents: list[BatchDocument] = []
     seen: set[str] = set()
     errors: list[str] = []
+    merged = 0  # questions a line asks twice (in its list, or its list and the shared questions)
+    first: str | None = None  # where the first was
     lines = _read_text(path, "manifest").splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            documents.append(_manifest_entry(line, path, shared, seen))
+            document, asked = _manifest_entry(line, path, shared, seen)
         except ConfigError as exc:
             errors.append(f"line {number}: {exc}")
+            continue
+        documents.append(document)
+        if asked > len(document.questions):
+            merged += asked - len(document.questions)
+            first = first or f"line {number}"
+    if merged and not errors and note is not None:
+        note(f"manifest {path}: {merged} question{'s' * (merged > 1)} a line asks twice (its 'questions' listing "
+             f"one twice, or one that --questions adds too; first on {first}) asked once for its document: a "
+             "result row is one document and one question")
     if errors:
         more = len(errors) - MANIFEST_ERRORS_SHOWN
         raise ConfigError(f"manifest {path} has {len(errors)} bad line{'s' * (len(errors) > 1)}: "
@@ -183,8 +200,9 @@ def _read_manifest(path: Path, shared: list[str]) -> list[BatchDocument]:
     return documents
 
 
-def _manifest_entry(line: str, path: Path, shared: list[str], seen: set[str]) -> BatchDocument:
-    """One manifest line as a document (``seen``: the ids so far, this one added)."""
+def _manifest_entry(line: str, path: Path, shared: list[str], seen: set[str]) -> tuple[BatchDocument, int]:
+    """One manifest line as a document (``seen``: the ids so far, this one added), and how many questions it asks
+    before the repeats are merged."""
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -211,7 +229,8 @@ def _manifest_entry(line: str, path: Path, shared: list[str], seen: set[str]) ->
         resolved = Path(doc_path)
         if not resolved.is_absolute():
             resolved = path.parent / resolved
-    return BatchDocument(doc_id, tuple(_unique([*(q.strip() for q in questions), *shared])), resolved, text)
+    asked = [*(q.strip() for q in questions), *shared]
+    return BatchDocument(doc_id, tuple(_unique(asked)), resolved, text), len(asked)
 
 
 def _hidden(relative: Path) -> bool:
@@ -228,3 +247,20 @@ def _no_blank(questions: list[str], where: str) -> None:
 
 def _unique(items) -> list[str]:
     return list(dict.fromkeys(item for item in items if item))
+
+
+def _merged(questions: list[str], where: str, note: Callable[[str], None] | None) -> list[str]:
+    """``questions`` stripped, blanks dropped and each kept once (at its first place); ``note`` told of repeats."""
+    stripped = [q.strip() for q in questions if q.strip()]
+    unique = _unique(stripped)
+    if len(unique) < len(stripped) and note is not None:
+        counts = Counter(stripped)
+        repeated = next(q for q in unique if counts[q] > 1)
+        merged = len(stripped) - len(unique)
+        note(f"{where} repeats {merged} question{'s' * (merged > 1)} (the first: {_shown(repeated)}): each is "
+             "asked once per document, as a result row is one document and one question")
+    return unique
+
+
+def _shown(question: str, limit: int = 60) -> str:
+    return repr(question if len(question) <= limit else question[: limit - 1] + "…")

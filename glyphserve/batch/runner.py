@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from glyphserve.batch.extractive import ExtractiveAnswers
 from glyphserve.batch.inputs import BatchDocument
 from glyphserve.batch.prefetch import Item, ItemError, Prefetcher, RenderOptions
 from glyphserve.batch.progress import Progress, format_duration
 from glyphserve.batch.results import ResultLog, item_record
+from glyphserve.engine.commands import in_cli_words
 from glyphserve.errors import ConfigError, EngineOutOfMemoryError
 
 # After this many good batches at a reduced size, try doubling it again (one huge
@@ -69,6 +70,7 @@ class BatchSummary:
     prompt_tokens: int = 0  # engine totals over the answered questions
     new_tokens: int = 0
     batch_size: int = 0  # the batch size at the end (lower than asked after out-of-memory)
+    extractive: bool = False  # no model answered: passages of the text (the rows' token counts are estimates)
     interrupted: bool = False
     stopped: str | None = None  # why the run gave up early, if it did
 
@@ -79,12 +81,15 @@ class BatchSummary:
     def text(self) -> str:
         state = "interrupted" if self.interrupted else f"stopped ({self.stopped})" if self.stopped else "finished"
         ratio = f" ({self.text_tokens / self.vision_tokens:.1f}x compression)" if self.vision_tokens else ""
+        if self.extractive:
+            engine = "no model ran: the answers are passages of the documents' text (extractive)"
+        else:
+            engine = f"engine: {self.prompt_tokens} prompt, {self.new_tokens} generated; batch size {self.batch_size}"
         return (
             f"batch {state} in {format_duration(self.elapsed_s)}: {self.done} answered, {self.failed} failed, "
             f"{self.skipped} skipped (already done); {self.documents_finished}/{self.documents} documents, "
             f"{self.documents_per_minute:.2f} docs/min\n"
-            f"tokens: {self.vision_tokens} vision for {self.text_tokens} text{ratio}; "
-            f"engine: {self.prompt_tokens} prompt, {self.new_tokens} generated; batch size {self.batch_size}"
+            f"tokens: {self.vision_tokens} vision for {self.text_tokens} text{ratio}; {engine}"
         )
 
 
@@ -152,26 +157,10 @@ class Tally:
             self._engine_failures = 0
 
 
-# The engine's context-overflow advice names the API's request fields and ask's flags (glyphserve.engine.planner);
-# a batch row names batch's own options instead.
-_BATCH_WORDS = (
-    (re.compile(r"Ask about fewer or smaller pages, keep the first (\d+) \(truncate_pages\), or, for a stored "
-                r"document, let the pages that match the question be chosen \(page_selection retrieve\)"),
-     r"Keep the first \1 (--page-selection first), or let the pages that match the question be chosen "
-     r"(--page-selection retrieve, the default)"),
-    (re.compile(r"or ask about the first (\d+) of (\d+) pages"),
-     r"or keep the first \1 of \2 pages (--page-selection first)"),
-    (re.compile(r"\bmax_tokens\b"), "--max-new-tokens"),
-)
-
-
 def item_error(exc: BaseException) -> ItemError:
-    """The results' error for ``exc``, its advice in batch's words."""
+    """The results' error for ``exc``, its advice naming batch's flags."""
     error = ItemError.from_exception(exc)
-    message = error.message
-    for pattern, words in _BATCH_WORDS:
-        message = pattern.sub(words, message)
-    return dataclasses.replace(error, message=message)
+    return dataclasses.replace(error, message=in_cli_words(error.message))
 
 
 class ItemAnswerer:
@@ -291,7 +280,9 @@ class BatchRunner:
         answerer = None
         try:
             prefetcher.start()
-            answerer = ItemAnswerer(self.load_engine(), self.options, tally.progress.note)
+            engine = self.load_engine()
+            summary.extractive = isinstance(engine, ExtractiveAnswers)
+            answerer = ItemAnswerer(engine, self.options, tally.progress.note)
             for prepared in prefetcher:
                 if prepared.error is not None:
                     for question in prepared.document.questions:

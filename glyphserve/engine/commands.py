@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 from glyphserve.engine.types import DEFAULT_MAX_CONTEXT, MAX_SEED, MAX_TEMPERATURE
@@ -171,6 +172,36 @@ def check_local_flags(args: argparse.Namespace) -> None:
     """--quantize goes with a model loaded here (the servers and the extractive answers have no weights of ours)."""
     if args.quantize and not (args.model or args.random_weights):
         raise ConfigError("--quantize needs --model or --random-weights (it quantizes the model's weights)")
+
+
+# The engine's and the page selection's messages name the API's request fields (max_tokens, truncate_pages,
+# page_selection, max_context) and advise what a client of the API can do (ask about a stored document); at the
+# command line the advice names the flags that do it. One table for the commands that answer: batch and eval (ask's
+# table in serve/ask.py predates it and is to give way to it).
+_CLI_WORDS = (
+    (re.compile(r"Ask about fewer or smaller pages, keep the first (\d+) \(truncate_pages\), or, for a stored "
+                r"document, let the pages that match the question be chosen \(page_selection retrieve\)"),
+     r"Keep the first \1 (--page-selection first), or let the pages that match the question be chosen "
+     r"(--page-selection retrieve)"),
+    (re.compile(r"or ask about the first (\d+) of (\d+) pages"),
+     r"or keep the first \1 of \2 pages (--page-selection first)"),
+    (re.compile(r"mode first shows nothing past a page that does not fit; use retrieve"),
+     "--page-selection first shows nothing past a page that does not fit; use --page-selection retrieve"),
+    (re.compile(r"\bmax_tokens\b"), "--max-new-tokens"),
+    (re.compile(r"max_context \(--max-model-len\)"), "--max-model-len"),
+    (re.compile(r"\(max_context, --max-model-len\)"), "(--max-model-len)"),
+    (re.compile(r"\buse a longer context\b"), "use a longer context (--max-model-len)"),
+    (re.compile(r"a document rendered at a lower dpi"), "a lower --dpi"),
+)
+
+
+def in_cli_words(message: str) -> str:
+    """``message`` (an engine's, the page selection's or a server's) with the request fields and advice it names
+    put as the command-line flags that answering commands share: ``max_tokens`` as ``--max-new-tokens``,
+    ``truncate_pages`` as ``--page-selection first``, ``max_context`` as ``--max-model-len``."""
+    for pattern, words in _CLI_WORDS:
+        message = pattern.sub(words, message)
+    return message
 
 
 def engine_config(args: argparse.Namespace, **overrides):

@@ -184,6 +184,12 @@ class RemoteEngine:
             known.append(self.config.max_context)
         return min(known, default=None)
 
+    @property
+    def models(self) -> list[str]:
+        """The model names requests go out with: ``config.model``, or those the servers' /v1/models named (one
+        not reached since the engine connected has not said)."""
+        return sorted({e.model for e in self._endpoints if e.model is not None})
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()

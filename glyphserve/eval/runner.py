@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from glyphserve.engine.commands import in_cli_words
 from glyphserve.errors import ContextOverflowError, TooManyPagesError
 from glyphserve.eval import metrics
 from glyphserve.eval.backends import Backend, ShownPages
@@ -95,9 +96,10 @@ def evaluate(
     """Render each sample's document with ``setting``, ask the backend, score the answer.
 
     Without ``page_selection`` every page is shown, and a document too long for the backend's context is
-    recorded with its error and scored 0. With modes (``first``, ``retrieve``, ``all``) each sample is asked once
-    per mode, showing the pages that mode selects for the backend's budget; a sample with ``documents`` is asked
-    as that collection (each page labelled with its document). Every other error stops the run.
+    recorded with its error (its advice naming eval's flags: --max-new-tokens, --page-selection) and scored 0.
+    With modes (``first``, ``retrieve``, ``all``) each sample is asked once per mode, showing the pages that mode
+    selects for the backend's budget; a sample with ``documents`` is asked as that collection (each page labelled
+    with its document). Every other error stops the run.
     """
     modes = list(page_selection)
     results = []
@@ -128,7 +130,8 @@ def evaluate(
                 token_source=rendered[0].stats.text_token_method,
                 vision_tokens=sum(r.stats.vision_tokens for r in rendered), pages=sum(len(r.pages) for r in rendered),
                 render_s=rendered_at - start, answer_s=answered_at - selected_at,
-                question=sample.question, answers=list(sample.answers), prediction=prediction, error=error,
+                question=sample.question, answers=list(sample.answers), prediction=prediction,
+                error=in_cli_words(error) if error is not None else None,
                 pages_shown=len(on_view) if error is None else None,
                 prompt_tokens=selection.prompt_tokens if selection and error is None else None,
                 evidence_shown=evidence <= on_view if evidence else None,

@@ -122,8 +122,12 @@ def test_without_a_model_batch_says_why_it_does_not_answer_extractively(short_do
     assert not out.exists()
 
 
-def test_backend_extractive_cites_the_passages_pages(short_docs, long_manifest, tmp_path):
+def test_backend_extractive_cites_the_passages_pages(short_docs, long_manifest, tmp_path, capsys):
     rows = _batch(tmp_path, short_docs, "extractive", "--backend", "extractive")
+    summary = capsys.readouterr().out
+    # No engine ran: the summary counts no engine tokens (the rows' are the passages' estimates).
+    assert "no model ran: the answers are passages of the documents' text (extractive)" in summary
+    assert "engine:" not in summary and "generated" not in summary
     assert [(r["id"], r["error"]) for r in rows] == [(f"report{n}.txt", None) for n in (0, 0, 1, 1)]
     ledgers = next(r for r in rows if r["id"] == "report1.txt" and "ledgers" in r["question"])
     assert ledgers["answer"].startswith("[page 1] ") and "Ines Calloway kept the ledgers" in ledgers["answer"]

@@ -248,3 +248,37 @@ def test_a_whole_last_row_without_its_newline_is_kept(tmp_path):
         assert set(log.done) == {("a", "q1"), ("b", "q1")} and log.torn_bytes == 0
         log.append(_record("c", "q1"))
     assert [r["id"] for r in read_results(path)] == ["a", "b", "c"]
+
+
+def test_repeated_questions_are_asked_once_and_said_so(tmp_path, capsys):
+    """A results row is one document and one question: a question listed twice is asked once, and the run says
+    how many were merged instead of leaving the rows fewer than the lines without a word."""
+    from glyphserve.cli import main
+
+    (tmp_path / "docs").mkdir()
+    for n in range(2):
+        (tmp_path / "docs" / f"r{n}.txt").write_text(f"Report {n}: Ines Calloway kept the ledgers.", encoding="utf-8")
+    questions = tmp_path / "q.txt"
+    questions.write_text("Who kept the ledgers?\nWhat is it?\nWho kept the ledgers?\n  What is it?  \nWhen?\n",
+                         encoding="utf-8")
+    out = tmp_path / "r.jsonl"
+    assert main(["batch", str(tmp_path / "docs"), "--questions", str(questions), "-o", str(out), "--workers", "0",
+                 "--backend", "extractive"]) == 0
+    assert (f"batch: questions file {questions} repeats 2 questions (the first: 'Who kept the ledgers?'): each is "
+            "asked once per document, as a result row is one document and one question\n") in capsys.readouterr().err
+    assert sorted((r["id"], r["question"]) for r in read_results(out)) == [
+        (f"r{n}.txt", q) for n in range(2) for q in sorted(["Who kept the ledgers?", "What is it?", "When?"])]
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in [
+        {"id": "a", "text": "Alpha.", "questions": ["When?"]},
+        {"id": "b", "text": "Beta.", "questions": ["Why?", "Why?", "When?"]},  # one twice, one --questions adds
+    ]) + "\n", encoding="utf-8")
+    (tmp_path / "once.txt").write_text("When?\n", encoding="utf-8")
+    assert main(["batch", str(manifest), "--questions", str(tmp_path / "once.txt"), "-o", str(tmp_path / "m.out"),
+                 "--workers", "0", "--backend", "extractive"]) == 0
+    err = capsys.readouterr().err
+    assert (f"batch: manifest {manifest}: 3 questions a line asks twice (its 'questions' listing one twice, or one "
+            "that --questions adds too; first on line 1) asked once for its document") in err
+    assert sorted((r["id"], r["question"]) for r in read_results(tmp_path / "m.out")) == [
+        ("a", "When?"), ("b", "When?"), ("b", "Why?")]

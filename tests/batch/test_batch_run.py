@@ -269,7 +269,7 @@ def test_documents_longer_than_the_context_read_the_pages_that_match(tiny_model_
     assert record["error"]["code"] == "context_length_exceeded", record["error"]
     assert re.search(r"plus --max-new-tokens 6 = \d+, but the context holds 1400: only the first \d+ of \d+ pages "
                      r"fit\. Keep the first \d+ \(--page-selection first\), or let the pages that match the question "
-                     r"be chosen \(--page-selection retrieve, the default\)$", record["error"]["message"]), \
+                     r"be chosen \(--page-selection retrieve\)$", record["error"]["message"]), \
         record["error"]["message"]
 
 
@@ -287,6 +287,54 @@ def test_parquet_holds_results_whose_timings_are_empty(tmp_path):
     assert write_parquet(results, tmp_path / "out.parquet") == 1
     row = pq.read_table(tmp_path / "out.parquet").to_pylist()[0]
     assert row["timings"] is None and row["error"] == failed["error"] and row["id"] == "gone.txt"
+
+
+def test_a_parquet_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, questions_file):
+    """--parquet is written when the run ends: a path it cannot go to is refused first, with nothing written,
+    not found out by a traceback once every question is answered."""
+    (tmp_path / "a.txt").write_text(PARAGRAPH.format(n=1), encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("mine\n", encoding="utf-8")
+    before = {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    out = tmp_path / "r.jsonl"
+    cases = [
+        (tmp_path, f"--parquet {tmp_path} is a folder: give the table a file (e.g. {tmp_path / 'results.parquet'})"),
+        (tmp_path / "notes.txt", f"--parquet {tmp_path / 'notes.txt'} holds something other than a Parquet table"),
+        (tmp_path / "a.txt" / "r.parquet", f"--parquet {tmp_path / 'a.txt' / 'r.parquet'}: cannot make its folder, a "
+                                           "file stands in its path"),
+    ]
+    for parquet, message in cases:
+        run = subprocess.run(_batch_cmd(str(tmp_path / "a.txt"), "--questions", str(questions_file), "-o", str(out),
+                                        "--backend", "extractive", "--parquet", str(parquet)),
+                             env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and run.stderr.startswith(f"error: {message}") and run.stdout == "", run.stderr
+        assert len(run.stderr.splitlines()) == 1 and not out.exists()
+    assert {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
+def test_a_table_that_fails_to_write_at_the_end_says_where_the_results_are(tmp_path, questions_file, capsys,
+                                                                            monkeypatch):
+    import pyarrow.parquet as pq
+
+    from glyphserve.cli import main
+
+    (tmp_path / "a.txt").write_text(PARAGRAPH.format(n=1), encoding="utf-8")
+    out, table = tmp_path / "r.jsonl", tmp_path / "r.parquet"
+    args = ["batch", str(tmp_path / "a.txt"), "--questions", str(questions_file), "-o", str(out), "--workers", "0",
+            "--backend", "extractive", "--parquet", str(table)]
+    assert main(args) == 0 and pq.read_table(table).num_rows == 2
+    earlier = table.read_bytes()
+    capsys.readouterr()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    assert main(args) == 2  # (every question done: the run only writes the table)
+    captured = capsys.readouterr()
+    assert "0 answered, 0 failed, 2 skipped" in captured.out and captured.err == (f"error: cannot write the table {table}: No space left on device; the results are in "
+                            f"{out}: rerun the same command with --parquet naming another file to write the table (a "
+                            "finished run only writes it)\n")
+    assert table.read_bytes() == earlier and not (tmp_path / "r.parquet.tmp").exists()  # the earlier table, whole
 
 
 def test_outputs_that_would_overwrite_what_the_run_reads_are_refused(tmp_path, questions_file):

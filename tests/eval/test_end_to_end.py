@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from PIL import Image
 
@@ -87,6 +88,23 @@ def test_documents_beyond_the_context_score_zero_and_are_reported(tiny_model_dir
     assert "did not fit the backend's context" in (out / "report.md").read_text()
     assert {k: data["meta"][k] for k in ("model", "device", "max_new_tokens")} == {
         "model": str(tiny_model_dir), "device": "cpu", "max_new_tokens": 4}  # what answered, in the report
+
+
+def test_errors_name_evals_flags_not_the_apis_fields(tiny_model_dir, tmp_path, capsys):
+    """The engine's advice names request fields (max_tokens, truncate_pages, page_selection, max_context); what eval
+    records and prints names the flags that do it, as ask and batch do."""
+    out = tmp_path / "eval"
+    model = ["eval", "--suite", "niah", "--lengths", "4k", "--samples", "1", "--model", str(tiny_model_dir),
+             "--device", "cpu", "-o", str(out)]
+    assert main([*model, "--max-model-len", "1000", "--max-new-tokens", "16"]) == 0
+    (sample,) = json.loads((out / "results.json").read_text())["samples"]
+    assert re.fullmatch(r"the prompt needs \d+ tokens \(\d+ pages\) plus --max-new-tokens 16 = \d+, but the context "
+                        r"holds 1000: only the first (\d+) of \d+ pages fit\. Keep the first \1 \(--page-selection "
+                        r"first\), or let the pages that match the question be chosen \(--page-selection retrieve\)",
+                        sample["error"]), sample["error"]
+    capsys.readouterr()
+    assert main([*model, "--max-model-len", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --max-model-len must be at least 1")
 
 
 def test_eval_takes_the_engine_flags_ask_batch_and_serve_take(tiny_model_dir, tmp_path, capsys):
