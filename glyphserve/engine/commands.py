@@ -176,8 +176,7 @@ def check_local_flags(args: argparse.Namespace) -> None:
 
 # The engine's and the page selection's messages name the API's request fields (max_tokens, truncate_pages,
 # page_selection, max_context) and advise what a client of the API can do (ask about a stored document); at the
-# command line the advice names the flags that do it. One table for the commands that answer: batch and eval (ask's
-# table in serve/ask.py predates it and is to give way to it).
+# command line the advice names the flags that do it. One table for the commands that answer: ask, batch and eval.
 _CLI_WORDS = (
     (re.compile(r"Ask about fewer or smaller pages, keep the first (\d+) \(truncate_pages\), or, for a stored "
                 r"document, let the pages that match the question be chosen \(page_selection retrieve\)"),

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from glyphserve.engine.commands import (REMOTE_CONTEXT, engine_arguments, model_arguments, page_selection_argument,
                                        remote_arguments, sampling_arguments)
-from glyphserve.engine.commands import check_local_flags, check_sampling
+from glyphserve.engine.commands import check_local_flags, check_sampling, in_cli_words
 from glyphserve.errors import ConfigError, GlyphserveError
 from glyphserve.render.commands import page_arguments
 
@@ -40,20 +40,12 @@ def register(subparsers) -> None:
     ask.set_defaults(func=_ask_in_cli_words)
 
 
-# The engine's and the API's errors name request fields; here they are this command's flags.
-_CLI_WORDS = (("(truncate_pages)", "(--page-selection first)"),
-              ("(page_selection retrieve)", "(--page-selection retrieve)"),
-              ("plus max_tokens", "plus --max-new-tokens"), ("lower max_tokens", "lower --max-new-tokens"),
-              ("max_context (--max-model-len)", "--max-model-len"),
-              ("(max_context, --max-model-len)", "(--max-model-len)"))
-
-
 def _ask_in_cli_words(args: argparse.Namespace) -> int:
+    """``_ask``, its errors naming this command's flags where the engine's and the API's name request fields."""
     try:
         return _ask(args)
     except GlyphserveError as exc:
-        for api, cli in _CLI_WORDS:
-            exc.message = exc.message.replace(api, cli)
+        exc.message = in_cli_words(exc.message)
         raise
 
 
