@@ -138,18 +138,99 @@ def test_the_same_file_twice_is_stored_once(browser_page, extractive_server, tmp
     page.screenshot(path=str(ARTIFACTS / "deduplicated.png"), full_page=True)
 
 
+def test_files_the_api_takes_are_taken_whatever_their_names(browser_page, extractive_server, tmp_path):
+    """The upload box refused NOTES and app.log in the page ("Invalid file type", by their names), which the API
+    takes (the type is told from the content), and the status box kept the error before beside that toast. The
+    server decides, and says why it refuses content in the toast and the status alike."""
+    from playwright.sync_api import expect
+
+    from tests.serve.conftest import make_png
+
+    page = browser_page
+    toast, status = page.locator(".toast-body"), page.locator("#status")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    notes = tmp_path / "NOTES"
+    notes.write_text("Notes without an extension.\n\n" + STORY, encoding="utf-8")
+    log = tmp_path / "app.log"
+    log.write_text("2024-05-01 12:00:03 INFO the keeper's log\n" + STORY, encoding="utf-8")
+    for named in (notes, log):
+        upload(page, empty)
+        expect(status).to_contain_text("'empty.txt' is empty", timeout=60_000)
+        upload(page, named)
+        expect(status).to_contain_text(f"Rendered {named.name} into", timeout=60_000)
+        expect(toast).to_have_count(0)
+        expect(page.locator("#pages img").first).to_be_visible()
+    assert {"NOTES", "app.log"} <= set(stored_names(extractive_server))
+
+    picture = tmp_path / "picture.txt"  # a PNG, whatever its name says
+    picture.write_bytes(make_png())
+    upload(page, picture)
+    refusal = ("'picture.txt' is a PNG image, which is not supported; supported types are PDF, DOCX, plain text and "
+               "Markdown")
+    expect(toast).to_contain_text(refusal, timeout=60_000)
+    expect(toast.locator(".toast-title")).to_have_text("Error")
+    expect(status).to_have_text(f"Error: {refusal}")
+    page.screenshot(path=str(ARTIFACTS / "unsupported-content.png"), full_page=True)
+
+
 def test_an_upload_over_the_limit_is_refused_before_it_is_sent_and_the_limit_is_shown(browser_page, extractive_server,
                                                                                      tmp_path):
+    """The UI framework refused it in the page with a toast of its own, and the status box kept the error of the
+    upload before beside it. The page refuses it before the framework sees it (picked or dropped), the status and a
+    toast headed Error saying why, and nothing is sent."""
     from playwright.sync_api import expect
 
     page = browser_page
+    sent = []
+    page.on("request", lambda request: sent.append(request.url) if "/upload" in request.url else None)
+    toast, status = page.locator(".toast-body"), page.locator("#status")
     expect(page.locator("#upload")).to_contain_text("up to 1 MiB")  # the server's --max-upload-mb
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    upload(page, empty)
+    expect(toast).to_contain_text("'empty.txt' is empty", timeout=60_000)
+    sent.clear()
+
     big = tmp_path / "big.txt"
     big.write_text("All work and no play. " * 70_000, encoding="utf-8")  # 1.5 MiB
     upload(page, big)
-    expect(page.locator(".toast-body")).to_contain_text('exceed the maximum allowed size of 1.0 Mb: "big.txt"',
-                                                        timeout=30_000)
-    assert "big.txt" not in stored_names(extractive_server)
+    refusal = ("'big.txt' was not sent: the upload is 1,540,000 bytes (1.47 MiB); this server accepts at most "
+               "1,048,576 bytes (1 MiB, --max-upload-mb)")
+    expect(status).to_have_text(f"Error: {refusal}", timeout=30_000)
+    expect(toast.locator(".toast-message-text")).to_have_text([refusal])  # the empty file's error is gone
+    expect(toast.locator(".toast-title")).to_have_text("Error")
+    page.screenshot(path=str(ARTIFACTS / "upload-over-the-limit.png"), full_page=True)
+
+    dropped = page.evaluate_handle("() => { const files = new DataTransfer(); "
+                                   "files.items.add(new File([new Uint8Array(2 ** 20 + 1)], 'dropped.txt')); "
+                                   "return files; }")
+    box = page.locator("#upload button.upload-container")
+    for event in ("dragenter", "dragover", "drop"):
+        box.dispatch_event(event, {"dataTransfer": dropped})
+    expect(status).to_contain_text("'dropped.txt' was not sent: the upload is 1,048,577 bytes", timeout=30_000)
+    expect(toast).to_contain_text("'dropped.txt' was not sent")
+    expect(toast).to_have_count(1)
+    page.wait_for_timeout(500)  # (time for an upload to start, were it to)
+    assert sent == []
+    assert not {"big.txt", "dropped.txt"} & set(stored_names(extractive_server))
+
+
+def test_an_error_toast_stays_after_the_one_it_replaced_would_have_gone(browser_page):
+    """Each action closes the toasts before it. An error that came back while they faded out joined them, and went
+    with them when the first one's 10 s ran out: a second error 9.5 s after the first showed for half a second."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    toast = page.locator(".toast-body")
+    page.locator("#send").click()  # nothing chosen: an error at once
+    expect(toast).to_contain_text("upload or select a document first")
+    page.wait_for_timeout(9_500)
+    page.locator("#question textarea").fill("Who was the keeper?")
+    page.locator("#send").click()
+    expect(toast).to_have_count(1)
+    page.wait_for_timeout(2_000)  # past the first toast's 10 s
+    expect(toast).to_contain_text("upload or select a document first")
 
 
 def test_a_successful_upload_clears_the_error_toast_of_the_one_before(browser_page, tmp_path):
