@@ -295,6 +295,54 @@ def _refused_upload(report: str | None, config: ServeConfig):
     return gr.skip()
 
 
+class _DocumentNames:
+    """Documents' names by id, as the UI's lists showed them: a page may still show a document as chosen after it was
+    deleted (in another tab, through the API), when the store no longer has its name. Each listing of the store is
+    remembered, with the names of the latest ``KEPT_DELETED`` documents gone from it."""
+
+    KEPT_DELETED = 1024
+
+    def __init__(self, service: GlyphService):
+        self._service = service
+        self._names: dict[str, str] = {}
+
+    def listed(self) -> list[DocumentRecord]:
+        """The stored documents, their names remembered."""
+        records = self._service.store.list()
+        now = {r.id: r.name or "pasted text" for r in records}
+        gone = [(d, name) for d, name in self._names.items() if d not in now]
+        self._names = dict(gone[-self.KEPT_DELETED:]) | now  # (replaced whole: handlers on threads read it)
+        return records
+
+    def deleted(self, document_ids: list[str]) -> list[str | None]:
+        """The names of those of ``document_ids`` no longer stored; None for one no listing here showed."""
+        return [self._names.get(d) for d in document_ids if _stored_record(self._service, d) is None]
+
+
+def _deleted_documents(names: list[str | None]) -> str:
+    """Deleted documents as a message names them: 'a.txt', or 'a.txt' and 'b.txt' (one never listed here: a chosen
+    document)."""
+    named = [f"'{name}'" if name is not None else "a chosen document" for name in names]
+    return named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+
+
+def _deleted_status(names: _DocumentNames, document_ids: list[str], exc: NotFoundError) -> str:
+    """The status-box text, with a toast headed Error, for an action on chosen documents that were deleted elsewhere
+    (in another tab, through the API): they are named as the lists showed them (the store's error has an id)."""
+    gone = names.deleted(document_ids)
+    if not gone:  # (not one of them)
+        return _fail(exc)
+    return _fail(GlyphserveError(f"{_deleted_documents(gone)} {'were' if len(gone) > 1 else 'was'} deleted (in "
+                                 "another tab or through the API): choose another document"))
+
+
+def _already_deleted(names: _DocumentNames, document_id: str) -> str:
+    """The status-box text when the document that Delete or Confirm delete acts on was deleted elsewhere (in another
+    tab, through the API). What the user asked for is done: no error, and no toast (a delete of its own has none)."""
+    gone = names.deleted([document_id]) or [None]
+    return _literal(f"{_deleted_documents(gone)} was already deleted (in another tab or through the API).")
+
+
 def build_ui(service: GlyphService) -> gr.Blocks:
     info = service.describe()
     if info["notice"]:
@@ -302,8 +350,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
     else:
         banner = f"Model: **{info['model']}** — answers come from the vision-language model, streamed."
 
+    names = _DocumentNames(service)
+
     def choices():
-        return [(_document_label(r), r.id) for r in service.store.list()]
+        return [(_document_label(r), r.id) for r in names.listed()]
 
     context = getattr(service.engine, "max_context", None) if service.has_model else None
 
@@ -312,15 +362,6 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         so Delete, Rename and Send never act on a document the list no longer shows as chosen (the chat as it was,
         unless ``chat`` is given)."""
         return [], [], "", gr.update(choices=choices(), value=[]), "", chat, status, "", ""
-
-    def deleted_elsewhere(exc: NotFoundError) -> str:
-        """A chosen document deleted elsewhere (another tab, the API): a toast, and the status-box text."""
-        gr.Warning("that document was deleted (in another tab or through the API): choose another")
-        return f"**Error:** {_literal(exc.message)}"
-
-    def gone(exc: NotFoundError):
-        """``deleted_elsewhere``, with the page showing the list as it is now and nothing chosen."""
-        return nothing_chosen(deleted_elsewhere(exc))
 
     def shown(records: list[DocumentRecord], status: str):
         """What the page shows for the chosen documents (one, or a collection): (documents, gallery, stats,
@@ -367,7 +408,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         try:
             records = [service.store.get(d) for d in document_ids]
         except NotFoundError as exc:
-            return gone(exc)
+            return nothing_chosen(_deleted_status(names, document_ids, exc))
         except Exception as exc:
             return _status_only(_fail(exc))
         what = ", ".join(f"**{_literal(r.name or 'pasted text')}**" for r in records)
@@ -391,7 +432,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         try:
             record = service.rename_document(one(document_ids, "rename"), name or "")
         except NotFoundError as exc:
-            return gr.update(choices=choices(), value=[]), _fail(exc)
+            return gr.update(choices=choices(), value=[]), _deleted_status(names, document_ids, exc)
         except Exception as exc:
             return gr.skip(), _fail(exc)
         return gr.update(choices=choices(), value=[record.id]), f"Renamed to **{_literal(record.name)}**."
@@ -401,8 +442,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         Confirm delete and Cancel. (``shown``'s outputs, then ``_confirming``'s.)"""
         try:
             record = service.store.get(one(document_ids, "delete"))
-        except NotFoundError as exc:
-            return *gone(exc), *_confirming(None)
+        except NotFoundError:
+            return *nothing_chosen(_already_deleted(names, document_ids[0])), *_confirming(None)
         except Exception as exc:
             return *_status_only(_fail(exc)), *_confirming(None)
         return *_status_only(_delete_question(record.name or "pasted text")), *_confirming(record.id)
@@ -415,8 +456,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 raise GlyphserveError("the chosen document changed: press Delete document again")
             name = service.store.get(document_id).name or "pasted text"
             service.delete_document(document_id)
-        except NotFoundError as exc:
-            return *gone(exc), *_confirming(None)
+        except NotFoundError:
+            return *nothing_chosen(_already_deleted(names, document_id)), *_confirming(None)
         except Exception as exc:
             return *_status_only(_fail(exc)), *_confirming(None)
         return *nothing_chosen(f"Deleted **{_literal(name)}** for every user of this server.", chat=[]), \
@@ -514,7 +555,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 before, question, gr.skip(), _fail(GlyphserveError("the server cancelled the question")), gr.skip(),
                 gr.skip(), *keep)
         except NotFoundError as exc:  # a chosen document was deleted before the question could be asked
-            yield (before, question, gr.skip(), deleted_elsewhere(exc), gr.skip(), [], [],
+            yield (before, question, gr.skip(), _deleted_status(names, document_ids, exc), gr.skip(), [], [],
                    gr.update(choices=choices(), value=[]))
         except Exception as exc:
             if mine.stop:

@@ -4,6 +4,7 @@ name, the API docs. Screenshots go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -348,11 +349,92 @@ def test_delete_acts_only_on_the_document_shown_as_chosen(browser_page, extracti
     assert httpx.delete(f"{extractive_server.url}/v1/documents/{gone}").json()["deleted"] is True
     page.locator("#question textarea").fill("Who was the keeper?")
     page.locator("#send").click()  # asked about it: said to be deleted, and nothing stays chosen
-    expect(page.locator("#status")).to_contain_text("(deleted, or never stored)")
+    expect(page.locator("#status")).to_contain_text("'gone.txt' was deleted (in another tab or through the API)")
     expect(page.locator("#pages img")).to_have_count(0)
     page.locator("#delete").click()
     expect(page.locator("#status")).to_contain_text("choose one document to delete")
     assert "keep.txt" in stored_names(extractive_server)
+
+
+def choose(page, name: str) -> None:
+    """Choose the document named ``name`` in the page's list, as it stands in the page."""
+    page.locator("#stored input").click()
+    page.get_by_role("option", name=re.compile(f"^{re.escape(name)} · ")).click()
+    page.keyboard.press("Escape")
+
+
+def test_a_document_deleted_elsewhere_is_named_alike_in_the_toast_and_the_status(extractive_server, tmp_path):
+    """Another user deleted the chosen document: the question got a toast headed Warning ("that document was
+    deleted") beside a status naming the document's id. A question, a rename or a choice from a list that still shows
+    it now gets a toast headed Error saying what the status says, naming the document; Delete and Confirm delete of a
+    document deleted meanwhile only say that it is gone already (what was asked is done)."""
+    from playwright.sync_api import expect
+
+    server = extractive_server
+
+    def document(name: str) -> Path:
+        path = tmp_path / name
+        path.write_text(f"The {name} of the keeper.\n\n" + STORY, encoding="utf-8")
+        return path
+
+    def stored_id(name: str) -> str:
+        (found,) = [d["id"] for d in httpx.get(f"{server.url}/v1/documents").json()["documents"] if d["name"] == name]
+        return found
+
+    def says_deleted(page, name: str) -> None:
+        message = f"'{name}' was deleted (in another tab or through the API): choose another document"
+        toast = page.locator(".toast-body")
+        expect(toast.locator(".toast-message-text")).to_have_text([message])
+        expect(toast.locator(".toast-title")).to_have_text("Error")
+        expect(page.locator("#status")).to_have_text(f"Error: {message}")
+        expect(page.locator("#pages img")).to_have_count(0)
+        expect(page.locator("#stored")).not_to_contain_text(name)
+
+    with chromium() as browser:
+        mine = open_ui(browser, server.url)
+        for name in ("minutes.txt", "agenda.txt", "report.txt"):
+            upload(mine, document(name))
+            expect(mine.locator("#status")).to_contain_text(f"Rendered {name}", timeout=60_000)
+        theirs = open_ui(browser, server.url)  # (its list shows the three)
+        choose(theirs, "minutes.txt")
+        expect(theirs.locator("#status")).to_contain_text("Selected minutes.txt")
+        mine.locator("#stored .remove-all").click()  # (report.txt was chosen)
+        expect(mine.locator("#pages img")).to_have_count(0)
+        choose(mine, "minutes.txt")
+        expect(mine.locator("#status")).to_contain_text("Selected minutes.txt")
+        mine.locator("#delete").click()
+        mine.locator("#confirm-delete").click()
+        expect(mine.locator("#status")).to_contain_text("Deleted minutes.txt for every user")
+        theirs.locator("#question textarea").fill("Who was the keeper?")
+        theirs.locator("#send").click()
+        says_deleted(theirs, "minutes.txt")
+        theirs.screenshot(path=str(ARTIFACTS / "deleted-elsewhere.png"), full_page=True)
+
+        choose(theirs, "agenda.txt")
+        expect(theirs.locator("#status")).to_contain_text("Selected agenda.txt")
+        httpx.delete(f"{server.url}/v1/documents/{stored_id('agenda.txt')}").raise_for_status()
+        theirs.locator("#name textarea").fill("Agenda, final")
+        theirs.locator("#rename").click()
+        says_deleted(theirs, "agenda.txt")
+
+        httpx.delete(f"{server.url}/v1/documents/{stored_id('report.txt')}").raise_for_status()
+        choose(theirs, "report.txt")  # (the page's list still shows it)
+        says_deleted(theirs, "report.txt")
+
+        for step in ("Delete", "Confirm delete"):
+            upload(mine, document("notes.txt"))
+            expect(mine.locator("#status")).to_contain_text("Rendered notes.txt", timeout=60_000)
+            if step == "Confirm delete":
+                mine.locator("#delete").click()
+                expect(mine.locator("#confirm-delete")).to_be_visible()
+            httpx.delete(f"{server.url}/v1/documents/{stored_id('notes.txt')}").raise_for_status()
+            mine.locator("#confirm-delete" if step == "Confirm delete" else "#delete").click()
+            expect(mine.locator("#status")).to_have_text(
+                "'notes.txt' was already deleted (in another tab or through the API).")
+            expect(mine.locator(".toast-body")).to_have_count(0)
+            expect(mine.locator("#pages img")).to_have_count(0)
+            expect(mine.locator("#delete")).to_be_visible()
+            expect(mine.locator("#stored")).not_to_contain_text("notes.txt")
 
 
 def test_delete_asks_first_and_says_the_document_goes_for_every_user(extractive_server, tmp_path):
@@ -395,7 +477,7 @@ def test_delete_asks_first_and_says_the_document_goes_for_every_user(extractive_
         assert "shared-notes.txt" not in stored_names(server)
         theirs.locator("#question textarea").fill("Who was the keeper?")  # gone for the other user too
         theirs.locator("#send").click()
-        expect(theirs.locator("#status")).to_contain_text("(deleted, or never stored)")
+        expect(theirs.locator("#status")).to_contain_text("'shared-notes.txt' was deleted")
 
         kept = tmp_path / "kept-notes.txt"
         kept.write_text("Notes that stay.\n\n" + STORY, encoding="utf-8")
