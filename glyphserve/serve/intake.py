@@ -47,6 +47,16 @@ class RenderOptions:
         return self
 
 
+def check_upload_size(size: int, config: ServeConfig) -> None:
+    """Refuse an upload of ``size`` bytes over ``--max-upload-mb`` (``FileTooLargeError``). (The web UI's page refuses
+    such a file before sending it, and the UI says why with this.)"""
+    if size > config.max_upload_bytes:
+        raise FileTooLargeError(
+            f"the upload is {size:,} bytes ({size / 2**20:.2f} MiB); this server accepts at most "
+            f"{config.max_upload_bytes:,} bytes ({config.max_upload_mb:g} MiB, --max-upload-mb)"
+        )
+
+
 # Files are read, and uploads rendered, on UploadQueues' threads, shared fairly among clients. Pasted text is read by
 # threads of its own (4 PDFs that took the whole --ingest-timeout held a pasted text back 58 s).
 TEXT_THREADS = 2
@@ -92,11 +102,7 @@ class DocumentIntake:
         is_file = data is not None or path is not None
         size = (len(data) if data is not None else path.stat().st_size if path is not None
                 else len((text or "").encode("utf-8")))
-        if size > self.config.max_upload_bytes:
-            raise FileTooLargeError(
-                f"the upload is {size:,} bytes ({size / 2**20:.2f} MiB); this server accepts at most "
-                f"{self.config.max_upload_bytes:,} bytes ({self.config.max_upload_mb:g} MiB, --max-upload-mb)"
-            )
+        check_upload_size(size, self.config)
         from glyphserve.render import fit_scans, resolve_config
 
         limits = self.config.ingest_limits

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import logging
 import secrets
 import shutil
@@ -27,20 +28,20 @@ from pathlib import Path
 import gradio as gr
 from fastapi import FastAPI
 
-from glyphserve.errors import GlyphserveError, NotFoundError
+from glyphserve.errors import FileTooLargeError, GlyphserveError, NotFoundError
 from glyphserve.engine.prompt import answer_room
 from glyphserve.engine.types import AnswerRequest, ChatMessage, GenerationSettings, MAX_TEMPERATURE, StreamEvent
 from glyphserve.glm4v import MESSAGE_TOKENS, PAGE_MARKER_TOKENS, PROMPT_TOKENS
 from glyphserve.serve.backends import ChatJob, Reply
 from glyphserve.serve.upload_queue import client_of
 from glyphserve.serve.scheduler import Cancelled
-from glyphserve.serve.intake import DPIS, NEWLINES, PRESETS, RenderOptions
+from glyphserve.serve.config import ServeConfig
+from glyphserve.serve.intake import DPIS, NEWLINES, PRESETS, RenderOptions, check_upload_size
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import DocumentRecord
 
 log = logging.getLogger("glyphserve.serve")
 
-FILE_TYPES = [".pdf", ".docx", ".txt", ".md", ".markdown"]
 EXAMPLE = Path(__file__).with_name("example_report.txt")
 THINKING_TITLE = "Thinking"
 # System fonts only: the default theme would link web fonts, and the UI must work offline.
@@ -49,11 +50,48 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
 ERROR_TOAST_S = 10
 # Each toast reports on an earlier action: a new action (an upload, a question...) takes them off the page, or a
 # stale error stayed up to 10 s beside the next upload's success. The UI framework has no call to dismiss a toast:
-# its close buttons are pressed. (An event's js runs before its handler and hands the handler its inputs.)
-DISMISS_TOASTS = """(...inputs) => {
-    document.querySelectorAll('[data-testid="toast-close"]').forEach((button) => button.click());
+# its close buttons are pressed. Then the action waits (up to 1 s) until they have faded out and left the page: a
+# toast shown while they fade joins them, and the timer of the earliest closes them all, so an error that came at
+# once went again within a moment (an earlier error's 10 s ran out). (An event's js runs before its handler and hands
+# the handler its inputs.)
+_CLOSE_TOASTS = """
+    const open = document.querySelectorAll('[data-testid="toast-close"]');
+    open.forEach((button) => button.click());
+    for (let waited = 0; open.length && document.querySelector('[data-testid="toast-body"]') && waited < 1000;
+         waited += 50) {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+    }"""
+DISMISS_TOASTS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
     return inputs;
+}}"""
+# The UI framework refuses a file over the size limit in the page, before sending it, with a toast and no event of
+# ours: the status box went on saying what the action before did (an earlier upload's error beside the refusal),
+# and the toasts before stayed. So the page refuses such a file first (picked, or dropped on the upload box; the
+# framework's listeners never see it) and reports it by pressing a hidden button (#upload-refused) that holds its
+# name and size: the server says why, as for any upload it refuses (``_refused_upload``). Run at page load.
+_WATCH_UPLOADS = """() => {
+    const refuse = (event, files) => {
+        const over = Array.from(files || []).find((file) => file.size > LIMIT);
+        if (!over || !(event.target instanceof Element) || !event.target.closest('#upload')) return;
+        event.stopPropagation();  // (capturing: before the upload box's own listeners)
+        event.preventDefault();
+        if (event.type === 'change') event.target.value = '';
+        const report = document.querySelector('#upload-refused');
+        report.dataset.file = JSON.stringify({name: over.name, size: over.size});
+        report.click();
+    };
+    document.addEventListener('change', (event) => refuse(event, event.target.files), true);
+    document.addEventListener('drop', (event) => refuse(event, event.dataTransfer && event.dataTransfer.files), true);
 }"""
+# The hidden button's event hands its handler the file the page refused, as the button's own value.
+REFUSED_FILE = f"""async () => {{{_CLOSE_TOASTS}
+    return [document.querySelector('#upload-refused').dataset.file || ''];
+}}"""
+
+
+def _watch_uploads(max_upload_bytes: int) -> str:
+    """The page's script that refuses a file over ``max_upload_bytes`` before the UI framework sends it."""
+    return _WATCH_UPLOADS.replace("LIMIT", str(int(max_upload_bytes)))
 
 
 _MARKDOWN_SPECIALS = {ord(c): "\\" + c for c in "\\`*_[]()!|~#"}
@@ -82,7 +120,7 @@ _UI_WORDS = (("(truncate_pages)", "(page selection: first)"),
 
 
 def _fail(exc: Exception) -> str:
-    """Show ``exc`` as a toast and return the status-box text (messages may quote names users chose)."""
+    """Show ``exc`` as a toast headed Error and return the status-box text (messages may quote names users chose)."""
     if isinstance(exc, GlyphserveError):
         message = exc.message
         for api, ui in _UI_WORDS:
@@ -243,6 +281,68 @@ def _delete_question(name: str) -> str:
             "its pages for all of them. Press **Confirm delete** to delete it, or **Cancel** to keep it.")
 
 
+def _refused_upload(report: str | None, config: ServeConfig):
+    """The status-box text, with a toast headed Error, for a file the page refused to send as larger than the upload
+    limit (``_watch_uploads``: JSON of its name and size); anything else changes nothing."""
+    try:
+        refused = json.loads(report or "")
+        name, size = str(refused["name"]), int(refused["size"])
+        check_upload_size(size, config)
+    except FileTooLargeError as exc:
+        return _fail(FileTooLargeError(f"'{name}' was not sent: {exc.message}"))
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError):
+        pass
+    return gr.skip()
+
+
+class _DocumentNames:
+    """Documents' names by id, as the UI's lists showed them: a page may still show a document as chosen after it was
+    deleted (in another tab, through the API), when the store no longer has its name. Each listing of the store is
+    remembered, with the names of the latest ``KEPT_DELETED`` documents gone from it."""
+
+    KEPT_DELETED = 1024
+
+    def __init__(self, service: GlyphService):
+        self._service = service
+        self._names: dict[str, str] = {}
+
+    def listed(self) -> list[DocumentRecord]:
+        """The stored documents, their names remembered."""
+        records = self._service.store.list()
+        now = {r.id: r.name or "pasted text" for r in records}
+        gone = [(d, name) for d, name in self._names.items() if d not in now]
+        self._names = dict(gone[-self.KEPT_DELETED:]) | now  # (replaced whole: handlers on threads read it)
+        return records
+
+    def deleted(self, document_ids: list[str]) -> list[str | None]:
+        """The names of those of ``document_ids`` no longer stored; None for one no listing here showed."""
+        return [self._names.get(d) for d in document_ids if _stored_record(self._service, d) is None]
+
+
+def _deleted_documents(names: list[str | None]) -> str:
+    """Deleted documents as a message names them: 'a.txt', or 'a.txt' and 'b.txt' (one never listed here: a chosen
+    document)."""
+    named = [f"'{name}'" if name is not None else "a chosen document" for name in names]
+    return named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+
+
+def _deleted_status(names: _DocumentNames, document_ids: list[str], exc: NotFoundError) -> str:
+    """The status-box text, with a toast headed Error, for an action on chosen documents that were deleted elsewhere
+    (in another tab, through the API): they are named as the lists showed them (the store's error has an id)."""
+    gone = names.deleted(document_ids)
+    if not gone:  # (not one of them)
+        return _fail(exc)
+    return _fail(GlyphserveError(f"{_deleted_documents(gone)} {'were' if len(gone) > 1 else 'was'} deleted (in "
+                                 "another tab or through the API): choose another document"))
+
+
+def _already_deleted(names: _DocumentNames, document_id: str) -> str:
+    """The status-box text when the document that Delete or Confirm delete acts on was deleted elsewhere (in another
+    tab, through the API). What the user asked for is done: no error, and no toast (a delete of its own has none)."""
+    gone = names.deleted([document_id]) or [None]
+    return _literal(f"{_deleted_documents(gone)} was already deleted (in another tab or through the API).")
+
+
 def build_ui(service: GlyphService) -> gr.Blocks:
     info = service.describe()
     if info["notice"]:
@@ -250,8 +350,10 @@ def build_ui(service: GlyphService) -> gr.Blocks:
     else:
         banner = f"Model: **{info['model']}** — answers come from the vision-language model, streamed."
 
+    names = _DocumentNames(service)
+
     def choices():
-        return [(_document_label(r), r.id) for r in service.store.list()]
+        return [(_document_label(r), r.id) for r in names.listed()]
 
     context = getattr(service.engine, "max_context", None) if service.has_model else None
 
@@ -260,15 +362,6 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         so Delete, Rename and Send never act on a document the list no longer shows as chosen (the chat as it was,
         unless ``chat`` is given)."""
         return [], [], "", gr.update(choices=choices(), value=[]), "", chat, status, "", ""
-
-    def deleted_elsewhere(exc: NotFoundError) -> str:
-        """A chosen document deleted elsewhere (another tab, the API): a toast, and the status-box text."""
-        gr.Warning("that document was deleted (in another tab or through the API): choose another")
-        return f"**Error:** {_literal(exc.message)}"
-
-    def gone(exc: NotFoundError):
-        """``deleted_elsewhere``, with the page showing the list as it is now and nothing chosen."""
-        return nothing_chosen(deleted_elsewhere(exc))
 
     def shown(records: list[DocumentRecord], status: str):
         """What the page shows for the chosen documents (one, or a collection): (documents, gallery, stats,
@@ -315,7 +408,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         try:
             records = [service.store.get(d) for d in document_ids]
         except NotFoundError as exc:
-            return gone(exc)
+            return nothing_chosen(_deleted_status(names, document_ids, exc))
         except Exception as exc:
             return _status_only(_fail(exc))
         what = ", ".join(f"**{_literal(r.name or 'pasted text')}**" for r in records)
@@ -339,7 +432,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         try:
             record = service.rename_document(one(document_ids, "rename"), name or "")
         except NotFoundError as exc:
-            return gr.update(choices=choices(), value=[]), _fail(exc)
+            return gr.update(choices=choices(), value=[]), _deleted_status(names, document_ids, exc)
         except Exception as exc:
             return gr.skip(), _fail(exc)
         return gr.update(choices=choices(), value=[record.id]), f"Renamed to **{_literal(record.name)}**."
@@ -349,8 +442,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         Confirm delete and Cancel. (``shown``'s outputs, then ``_confirming``'s.)"""
         try:
             record = service.store.get(one(document_ids, "delete"))
-        except NotFoundError as exc:
-            return *gone(exc), *_confirming(None)
+        except NotFoundError:
+            return *nothing_chosen(_already_deleted(names, document_ids[0])), *_confirming(None)
         except Exception as exc:
             return *_status_only(_fail(exc)), *_confirming(None)
         return *_status_only(_delete_question(record.name or "pasted text")), *_confirming(record.id)
@@ -363,8 +456,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 raise GlyphserveError("the chosen document changed: press Delete document again")
             name = service.store.get(document_id).name or "pasted text"
             service.delete_document(document_id)
-        except NotFoundError as exc:
-            return *gone(exc), *_confirming(None)
+        except NotFoundError:
+            return *nothing_chosen(_already_deleted(names, document_id)), *_confirming(None)
         except Exception as exc:
             return *_status_only(_fail(exc)), *_confirming(None)
         return *nothing_chosen(f"Deleted **{_literal(name)}** for every user of this server.", chat=[]), \
@@ -462,7 +555,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 before, question, gr.skip(), _fail(GlyphserveError("the server cancelled the question")), gr.skip(),
                 gr.skip(), *keep)
         except NotFoundError as exc:  # a chosen document was deleted before the question could be asked
-            yield (before, question, gr.skip(), deleted_elsewhere(exc), gr.skip(), [], [],
+            yield (before, question, gr.skip(), _deleted_status(names, document_ids, exc), gr.skip(), [], [],
                    gr.update(choices=choices(), value=[]))
         except Exception as exc:
             if mine.stop:
@@ -495,9 +588,12 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
                 with gr.Tab("Upload"):
-                    upload = gr.File(label=f"PDF, DOCX, TXT or Markdown, up to {service.config.max_upload_mb:g} MiB: "
-                                           "rendered as soon as it arrives",
-                                     file_types=FILE_TYPES, type="filepath", elem_id="upload")
+                    # Any file name: the server tells the type from the content, as the API does (the framework's
+                    # file_types refused NOTES and app.log by their names, in the page).
+                    upload = gr.File(label=f"PDF, DOCX, plain text or Markdown (told by its content, whatever its "
+                                           f"name), up to {service.config.max_upload_mb:g} MiB: rendered as soon as "
+                                           "it arrives", type="filepath", elem_id="upload")
+                    upload_refused = gr.Button("File refused", visible="hidden", elem_id="upload-refused")
                 with gr.Tab("Paste text"):
                     pasted = gr.Textbox(label="Text to render", lines=8, elem_id="pasted")
                     render_button = gr.Button("Render text", variant="primary", elem_id="render")
@@ -565,6 +661,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         # bound what each may have waiting; a file waits on disk, read when its turn comes.
         fair = {"js": DISMISS_TOASTS, "concurrency_limit": None}
         upload.upload(upload_file, [upload, *render_inputs], [*shown_outputs, upload], api_name="upload", **fair)
+        upload_refused.click(lambda report: _refused_upload(report, service.config), upload_refused, status,
+                             js=REFUSED_FILE, api_name=False, concurrency_limit=None)
         render_button.click(render_text, [pasted, *render_inputs], shown_outputs, api_name="render_text", **fair)
         example_button.click(load_example, render_inputs, shown_outputs, api_name="load_example", **fair)
         stored.input(select, [stored], shown_outputs, api_name="select_document", js=DISMISS_TOASTS)
@@ -668,4 +766,5 @@ def mount_ui(app: FastAPI, service: GlyphService) -> FastAPI:
         auth_message="Sign in with any user name and the server's API key as the password." if key else None,
         allowed_paths=[str(service.store.docs)], max_file_size=service.config.max_upload_bytes,
         ssr_mode=False, theme=THEME, footer_links=[], mcp_server=False,
+        js=_watch_uploads(service.config.max_upload_bytes),
     )

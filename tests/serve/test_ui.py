@@ -4,6 +4,7 @@ name, the API docs. Screenshots go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -138,18 +139,99 @@ def test_the_same_file_twice_is_stored_once(browser_page, extractive_server, tmp
     page.screenshot(path=str(ARTIFACTS / "deduplicated.png"), full_page=True)
 
 
+def test_files_the_api_takes_are_taken_whatever_their_names(browser_page, extractive_server, tmp_path):
+    """The upload box refused NOTES and app.log in the page ("Invalid file type", by their names), which the API
+    takes (the type is told from the content), and the status box kept the error before beside that toast. The
+    server decides, and says why it refuses content in the toast and the status alike."""
+    from playwright.sync_api import expect
+
+    from tests.serve.conftest import make_png
+
+    page = browser_page
+    toast, status = page.locator(".toast-body"), page.locator("#status")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    notes = tmp_path / "NOTES"
+    notes.write_text("Notes without an extension.\n\n" + STORY, encoding="utf-8")
+    log = tmp_path / "app.log"
+    log.write_text("2024-05-01 12:00:03 INFO the keeper's log\n" + STORY, encoding="utf-8")
+    for named in (notes, log):
+        upload(page, empty)
+        expect(status).to_contain_text("'empty.txt' is empty", timeout=60_000)
+        upload(page, named)
+        expect(status).to_contain_text(f"Rendered {named.name} into", timeout=60_000)
+        expect(toast).to_have_count(0)
+        expect(page.locator("#pages img").first).to_be_visible()
+    assert {"NOTES", "app.log"} <= set(stored_names(extractive_server))
+
+    picture = tmp_path / "picture.txt"  # a PNG, whatever its name says
+    picture.write_bytes(make_png())
+    upload(page, picture)
+    refusal = ("'picture.txt' is a PNG image, which is not supported; supported types are PDF, DOCX, plain text and "
+               "Markdown")
+    expect(toast).to_contain_text(refusal, timeout=60_000)
+    expect(toast.locator(".toast-title")).to_have_text("Error")
+    expect(status).to_have_text(f"Error: {refusal}")
+    page.screenshot(path=str(ARTIFACTS / "unsupported-content.png"), full_page=True)
+
+
 def test_an_upload_over_the_limit_is_refused_before_it_is_sent_and_the_limit_is_shown(browser_page, extractive_server,
                                                                                      tmp_path):
+    """The UI framework refused it in the page with a toast of its own, and the status box kept the error of the
+    upload before beside it. The page refuses it before the framework sees it (picked or dropped), the status and a
+    toast headed Error saying why, and nothing is sent."""
     from playwright.sync_api import expect
 
     page = browser_page
+    sent = []
+    page.on("request", lambda request: sent.append(request.url) if "/upload" in request.url else None)
+    toast, status = page.locator(".toast-body"), page.locator("#status")
     expect(page.locator("#upload")).to_contain_text("up to 1 MiB")  # the server's --max-upload-mb
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    upload(page, empty)
+    expect(toast).to_contain_text("'empty.txt' is empty", timeout=60_000)
+    sent.clear()
+
     big = tmp_path / "big.txt"
     big.write_text("All work and no play. " * 70_000, encoding="utf-8")  # 1.5 MiB
     upload(page, big)
-    expect(page.locator(".toast-body")).to_contain_text('exceed the maximum allowed size of 1.0 Mb: "big.txt"',
-                                                        timeout=30_000)
-    assert "big.txt" not in stored_names(extractive_server)
+    refusal = ("'big.txt' was not sent: the upload is 1,540,000 bytes (1.47 MiB); this server accepts at most "
+               "1,048,576 bytes (1 MiB, --max-upload-mb)")
+    expect(status).to_have_text(f"Error: {refusal}", timeout=30_000)
+    expect(toast.locator(".toast-message-text")).to_have_text([refusal])  # the empty file's error is gone
+    expect(toast.locator(".toast-title")).to_have_text("Error")
+    page.screenshot(path=str(ARTIFACTS / "upload-over-the-limit.png"), full_page=True)
+
+    dropped = page.evaluate_handle("() => { const files = new DataTransfer(); "
+                                   "files.items.add(new File([new Uint8Array(2 ** 20 + 1)], 'dropped.txt')); "
+                                   "return files; }")
+    box = page.locator("#upload button.upload-container")
+    for event in ("dragenter", "dragover", "drop"):
+        box.dispatch_event(event, {"dataTransfer": dropped})
+    expect(status).to_contain_text("'dropped.txt' was not sent: the upload is 1,048,577 bytes", timeout=30_000)
+    expect(toast).to_contain_text("'dropped.txt' was not sent")
+    expect(toast).to_have_count(1)
+    page.wait_for_timeout(500)  # (time for an upload to start, were it to)
+    assert sent == []
+    assert not {"big.txt", "dropped.txt"} & set(stored_names(extractive_server))
+
+
+def test_an_error_toast_stays_after_the_one_it_replaced_would_have_gone(browser_page):
+    """Each action closes the toasts before it. An error that came back while they faded out joined them, and went
+    with them when the first one's 10 s ran out: a second error 9.5 s after the first showed for half a second."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    toast = page.locator(".toast-body")
+    page.locator("#send").click()  # nothing chosen: an error at once
+    expect(toast).to_contain_text("upload or select a document first")
+    page.wait_for_timeout(9_500)
+    page.locator("#question textarea").fill("Who was the keeper?")
+    page.locator("#send").click()
+    expect(toast).to_have_count(1)
+    page.wait_for_timeout(2_000)  # past the first toast's 10 s
+    expect(toast).to_contain_text("upload or select a document first")
 
 
 def test_a_successful_upload_clears_the_error_toast_of_the_one_before(browser_page, tmp_path):
@@ -267,11 +349,92 @@ def test_delete_acts_only_on_the_document_shown_as_chosen(browser_page, extracti
     assert httpx.delete(f"{extractive_server.url}/v1/documents/{gone}").json()["deleted"] is True
     page.locator("#question textarea").fill("Who was the keeper?")
     page.locator("#send").click()  # asked about it: said to be deleted, and nothing stays chosen
-    expect(page.locator("#status")).to_contain_text("(deleted, or never stored)")
+    expect(page.locator("#status")).to_contain_text("'gone.txt' was deleted (in another tab or through the API)")
     expect(page.locator("#pages img")).to_have_count(0)
     page.locator("#delete").click()
     expect(page.locator("#status")).to_contain_text("choose one document to delete")
     assert "keep.txt" in stored_names(extractive_server)
+
+
+def choose(page, name: str) -> None:
+    """Choose the document named ``name`` in the page's list, as it stands in the page."""
+    page.locator("#stored input").click()
+    page.get_by_role("option", name=re.compile(f"^{re.escape(name)} · ")).click()
+    page.keyboard.press("Escape")
+
+
+def test_a_document_deleted_elsewhere_is_named_alike_in_the_toast_and_the_status(extractive_server, tmp_path):
+    """Another user deleted the chosen document: the question got a toast headed Warning ("that document was
+    deleted") beside a status naming the document's id. A question, a rename or a choice from a list that still shows
+    it now gets a toast headed Error saying what the status says, naming the document; Delete and Confirm delete of a
+    document deleted meanwhile only say that it is gone already (what was asked is done)."""
+    from playwright.sync_api import expect
+
+    server = extractive_server
+
+    def document(name: str) -> Path:
+        path = tmp_path / name
+        path.write_text(f"The {name} of the keeper.\n\n" + STORY, encoding="utf-8")
+        return path
+
+    def stored_id(name: str) -> str:
+        (found,) = [d["id"] for d in httpx.get(f"{server.url}/v1/documents").json()["documents"] if d["name"] == name]
+        return found
+
+    def says_deleted(page, name: str) -> None:
+        message = f"'{name}' was deleted (in another tab or through the API): choose another document"
+        toast = page.locator(".toast-body")
+        expect(toast.locator(".toast-message-text")).to_have_text([message])
+        expect(toast.locator(".toast-title")).to_have_text("Error")
+        expect(page.locator("#status")).to_have_text(f"Error: {message}")
+        expect(page.locator("#pages img")).to_have_count(0)
+        expect(page.locator("#stored")).not_to_contain_text(name)
+
+    with chromium() as browser:
+        mine = open_ui(browser, server.url)
+        for name in ("minutes.txt", "agenda.txt", "report.txt"):
+            upload(mine, document(name))
+            expect(mine.locator("#status")).to_contain_text(f"Rendered {name}", timeout=60_000)
+        theirs = open_ui(browser, server.url)  # (its list shows the three)
+        choose(theirs, "minutes.txt")
+        expect(theirs.locator("#status")).to_contain_text("Selected minutes.txt")
+        mine.locator("#stored .remove-all").click()  # (report.txt was chosen)
+        expect(mine.locator("#pages img")).to_have_count(0)
+        choose(mine, "minutes.txt")
+        expect(mine.locator("#status")).to_contain_text("Selected minutes.txt")
+        mine.locator("#delete").click()
+        mine.locator("#confirm-delete").click()
+        expect(mine.locator("#status")).to_contain_text("Deleted minutes.txt for every user")
+        theirs.locator("#question textarea").fill("Who was the keeper?")
+        theirs.locator("#send").click()
+        says_deleted(theirs, "minutes.txt")
+        theirs.screenshot(path=str(ARTIFACTS / "deleted-elsewhere.png"), full_page=True)
+
+        choose(theirs, "agenda.txt")
+        expect(theirs.locator("#status")).to_contain_text("Selected agenda.txt")
+        httpx.delete(f"{server.url}/v1/documents/{stored_id('agenda.txt')}").raise_for_status()
+        theirs.locator("#name textarea").fill("Agenda, final")
+        theirs.locator("#rename").click()
+        says_deleted(theirs, "agenda.txt")
+
+        httpx.delete(f"{server.url}/v1/documents/{stored_id('report.txt')}").raise_for_status()
+        choose(theirs, "report.txt")  # (the page's list still shows it)
+        says_deleted(theirs, "report.txt")
+
+        for step in ("Delete", "Confirm delete"):
+            upload(mine, document("notes.txt"))
+            expect(mine.locator("#status")).to_contain_text("Rendered notes.txt", timeout=60_000)
+            if step == "Confirm delete":
+                mine.locator("#delete").click()
+                expect(mine.locator("#confirm-delete")).to_be_visible()
+            httpx.delete(f"{server.url}/v1/documents/{stored_id('notes.txt')}").raise_for_status()
+            mine.locator("#confirm-delete" if step == "Confirm delete" else "#delete").click()
+            expect(mine.locator("#status")).to_have_text(
+                "'notes.txt' was already deleted (in another tab or through the API).")
+            expect(mine.locator(".toast-body")).to_have_count(0)
+            expect(mine.locator("#pages img")).to_have_count(0)
+            expect(mine.locator("#delete")).to_be_visible()
+            expect(mine.locator("#stored")).not_to_contain_text("notes.txt")
 
 
 def test_delete_asks_first_and_says_the_document_goes_for_every_user(extractive_server, tmp_path):
@@ -314,7 +477,7 @@ def test_delete_asks_first_and_says_the_document_goes_for_every_user(extractive_
         assert "shared-notes.txt" not in stored_names(server)
         theirs.locator("#question textarea").fill("Who was the keeper?")  # gone for the other user too
         theirs.locator("#send").click()
-        expect(theirs.locator("#status")).to_contain_text("(deleted, or never stored)")
+        expect(theirs.locator("#status")).to_contain_text("'shared-notes.txt' was deleted")
 
         kept = tmp_path / "kept-notes.txt"
         kept.write_text("Notes that stay.\n\n" + STORY, encoding="utf-8")
