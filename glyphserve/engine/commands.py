@@ -5,12 +5,14 @@ flag has one name, one help text and one default wherever it applies."""
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Callable
 import os
 import re
 from pathlib import Path
 
 from glyphserve.engine.types import DEFAULT_MAX_CONTEXT, MAX_SEED, MAX_TEMPERATURE
-from glyphserve.errors import ConfigError
+from glyphserve.errors import ConfigError, GlyphserveError
 
 RANDOM_WEIGHTS = ("glm-4.1v-9b",)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -192,6 +194,20 @@ _CLI_WORDS = (
     (re.compile(r"\buse a longer context\b"), "use a longer context (--max-model-len)"),
     (re.compile(r"a document rendered at a lower dpi"), "a lower --dpi"),
 )
+
+
+def speaking_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``command``, an error that stops it put ``in_cli_words`` (what ask and eval run)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except GlyphserveError as exc:
+            exc.message = in_cli_words(exc.message)
+            raise
+
+    return run
 
 
 def in_cli_words(message: str) -> str:

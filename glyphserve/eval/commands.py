@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from glyphserve.engine.commands import (answerer_argument, answerer_kind, check_local_flags, engine_arguments,
-                                       in_cli_words, max_new_tokens_argument, model_arguments, remote_arguments)
+                                       max_new_tokens_argument, model_arguments, remote_arguments, speaking_flags)
 from glyphserve.errors import ConfigError, GlyphserveError
 
 SUITES = ("niah", "niah-multi", "mdqa", "freqword", "longbench", "mrcr", "ocr")
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated dpi values (default: the preset's for accuracy suites, 72,96 for ocr)")
     p.add_argument("-o", "--output", type=Path, default=Path("eval-results"),
                    help="output folder (default eval-results)")
-    p.set_defaults(func=_run_in_cli_words)
+    p.set_defaults(func=speaking_flags(run))
 
 
 def check_output(output: Path) -> None:
@@ -167,15 +167,6 @@ def make_backend(args: argparse.Namespace):
         return backends.OpenAIBackend(args.endpoint, args.remote_model, args.remote_api_key, args.max_new_tokens,
                                       context)
     return backends.ExtractiveBackend(context=context, max_tokens=args.max_new_tokens)
-
-
-def _run_in_cli_words(args: argparse.Namespace) -> int:
-    """``run``, an error that stops it naming eval's flags (the engine's name the API's request fields)."""
-    try:
-        return run(args)
-    except GlyphserveError as exc:
-        exc.message = in_cli_words(exc.message)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:

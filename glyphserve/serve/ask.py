@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 from glyphserve.engine.commands import (REMOTE_CONTEXT, engine_arguments, model_arguments, page_selection_argument,
                                        remote_arguments, sampling_arguments)
-from glyphserve.engine.commands import check_local_flags, check_sampling, in_cli_words
-from glyphserve.errors import ConfigError, GlyphserveError
+from glyphserve.engine.commands import check_local_flags, check_sampling, speaking_flags
+from glyphserve.errors import ConfigError
 from glyphserve.render.commands import page_arguments
 
 
@@ -37,18 +37,10 @@ def register(subparsers) -> None:
     ask.add_argument("--json", action="store_true",
                      help="print the answer, the pages shown, timings and cache statistics as JSON")
     ask.add_argument("--chat", action="store_true", help="then read follow-up questions from stdin until EOF")
-    ask.set_defaults(func=_ask_in_cli_words)
+    ask.set_defaults(func=_ask)
 
 
-def _ask_in_cli_words(args: argparse.Namespace) -> int:
-    """``_ask``, its errors naming this command's flags where the engine's and the API's name request fields."""
-    try:
-        return _ask(args)
-    except GlyphserveError as exc:
-        exc.message = in_cli_words(exc.message)
-        raise
-
-
+@speaking_flags
 def _ask(args: argparse.Namespace) -> int:
     from glyphserve.engine import AnswerRequest, ChatMessage, GenerationSettings, engine_page
     from glyphserve.engine.prompt import page_budget
