@@ -23,6 +23,7 @@ from glyphserve.render import clip_to_tokens, count_text_tokens
 from glyphserve.retrieve import BM25Index, Corpus, tokenize
 from glyphserve.serve.errors import NO_MODEL_HINT, InvalidRequestError
 from glyphserve.serve.retrieval import PageLayout, crop_rows, pages_for_span
+from glyphserve.serve.store import UNNAMED
 
 # A local engine steps on one thread of a process whose other threads take requests (HTTP, page choice, planning:
 # each holds the GIL for a few ms a question). Python hands the GIL to a waiting thread only after its holder has
@@ -304,7 +305,7 @@ class ExtractiveBackend:
             return ""
         if len(documents) == 1:
             return f"[page {citation.page}] "
-        name = next(d.name for d in documents if d.document_id == citation.document) or "pasted text"
+        name = next(d.name for d in documents if d.document_id == citation.document) or UNNAMED
         return f"[{name}, page {citation.page}] "
 
     def stream_batch(

@@ -20,7 +20,7 @@ from glyphserve.ingest import MAX_NAME_CHARS, Document, clean_filename, clean_na
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.errors import InvalidRequestError, RetryLaterError
 from glyphserve.serve.metrics import Metrics
-from glyphserve.serve.store import DocumentFiles, DocumentRecord, DocumentStore
+from glyphserve.serve.store import UNNAMED, DocumentFiles, DocumentRecord, DocumentStore
 from glyphserve.serve.upload_queue import QueueLimits, UploadQueue
 
 if TYPE_CHECKING:
@@ -62,7 +62,6 @@ def check_upload_size(size: int, config: ServeConfig) -> None:
 TEXT_THREADS = 2
 RENDER_THREADS = 2
 MAX_ORIGINAL_NAME = 4096  # characters of a raw upload name kept as metadata
-PASTED_NAME = "pasted text"  # the name of pasted text sent without one
 
 
 class DocumentIntake:
@@ -143,7 +142,7 @@ class DocumentIntake:
         # A file's own name loses its folders; a name typed for it (the name field, pasted text's) is kept as typed;
         # pasted text without one is "pasted text", as the web UI always called it (the API said null).
         shown = (clean_filename(name) if name == filename else clean_name(name or "", MAX_NAME_CHARS)) or \
-            document.source_name or PASTED_NAME
+            document.source_name or UNNAMED
         original = name if name and name != shown else None
         # (a task: this request going away must not cancel the rendering others may wait for)
         work = asyncio.ensure_future(self.renders.run(client, functools.partial(

@@ -16,7 +16,7 @@ import prometheus_client
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from glyphserve.serve.backends import Reply
+from glyphserve.serve.backends import ExtractiveBackend, Reply
 
 prometheus_client.disable_created_metrics()
 
@@ -193,7 +193,7 @@ class Metrics:
         c.ttft.labels(model).observe(queued + timings.time_to_first_token)
         # Token latencies of generated answers only: the extractive backend's passages have no tokens in time (its
         # 239 zero gaps pulled a dashboard's every inter-token quantile to 0).
-        if answer.new_tokens > 1 and reply.backend != "extractive":
+        if answer.new_tokens > 1 and reply.backend != ExtractiveBackend.name:
             per_token = (timings.total - timings.time_to_first_token) / (answer.new_tokens - 1)
             c.request_tpot.labels(model).observe(per_token)
             # Each token's interval where the engine timed them (a step's read-back), else the request's mean

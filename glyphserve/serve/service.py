@@ -272,7 +272,7 @@ class GlyphService:
         selection = select_pages(
             [self.pages.selectable(r.id) for r in records], mode=job.page_selection if budget else "all",
             question=request.question, history=[m.content for m in request.history], budget=budget,
-            titles=[r.name or "pasted text" for r in records] if len(records) > 1 else None,
+            titles=[r.title for r in records] if len(records) > 1 else None,
         )
         files = self.pages.files([(records[p.document].id, p.number) for p in selection.pages],
                                  request.settings.use_cache)

@@ -128,6 +128,9 @@ def check_id(document_id: str) -> str:
     return document_id
 
 
+UNNAMED = "pasted text"  # the name of pasted text sent without one, and of unnamed documents stored before
+
+
 @dataclass
 class DocumentRecord:
     id: str
@@ -136,6 +139,11 @@ class DocumentRecord:
     created: float
     pages: int
     summary: dict  # compression figures and render settings
+
+    @property
+    def title(self) -> str:
+        """The name shown for it: its own, else ``UNNAMED`` (pasted text stored before it was named so)."""
+        return self.name or UNNAMED
 
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "kind": self.kind, "created": self.created,

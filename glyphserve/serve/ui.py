@@ -143,7 +143,7 @@ def _error_toast(message: str) -> None:
 
 
 def _document_label(record: DocumentRecord) -> str:
-    return f"{record.name or 'pasted text'} · {record.pages} page{'s' if record.pages != 1 else ''} · {record.id[:8]}"
+    return f"{record.title} · {record.pages} page{'s' if record.pages != 1 else ''} · {record.id[:8]}"
 
 
 def _stats_markdown(record: DocumentRecord) -> str:
@@ -217,7 +217,7 @@ def _stored_record(service: GlyphService, document_id: str) -> DocumentRecord | 
 
 def _names(service: GlyphService, document_ids: list[str]) -> dict[str, str]:
     records = {d: _stored_record(service, d) for d in document_ids}
-    return {d: (r.name or "pasted text") if r is not None else "a deleted document" for d, r in records.items()}
+    return {d: r.title if r is not None else "a deleted document" for d, r in records.items()}
 
 
 def _gallery_items(service: GlyphService, document_ids: list[str], shown_pages: list | None = None):
@@ -229,7 +229,7 @@ def _gallery_items(service: GlyphService, document_ids: list[str], shown_pages: 
         record = _stored_record(service, document_id)
         if record is None:  # deleted meanwhile (another tab, the API): its pages are gone
             continue
-        name = record.name or "pasted text"
+        name = record.title
         for n, path in enumerate(service.store.pages(document_id), 1):
             caption = f"page {n}" if len(document_ids) == 1 else f"{name} · page {n}"
             items.append((str(path), f"● {caption} · shown" if (document_id, n) in marked else caption))
@@ -309,7 +309,7 @@ class _DocumentNames:
     def listed(self) -> list[DocumentRecord]:
         """The stored documents, their names remembered."""
         records = self._service.store.list()
-        now = {r.id: r.name or "pasted text" for r in records}
+        now = {r.id: r.title for r in records}
         gone = [(d, name) for d, name in self._names.items() if d not in now]
         self._names = dict(gone[-self.KEPT_DELETED:]) | now  # (replaced whole: handlers on threads read it)
         return records
@@ -367,7 +367,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         """What the page shows for the chosen documents (one, or a collection): (documents, gallery, stats,
         dropdown, name box, chat, status, answer stats, evidence)."""
         ids = [r.id for r in records]
-        stats_text = "\n\n".join((f"**{_literal(r.name or 'pasted text')}**\n\n" if len(records) > 1 else "")
+        stats_text = "\n\n".join((f"**{_literal(r.title)}**\n\n" if len(records) > 1 else "")
                                   + _stats_markdown(r) for r in records)
         return (ids, _gallery_items(service, ids), stats_text, gr.update(choices=choices(), value=ids),
                 records[0].name or "" if len(records) == 1 else "", [], status, "", "")
@@ -377,7 +377,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             record, duplicate = await service.add_document(options=options, **source)
         except Exception as exc:
             return _status_only(_fail(exc))
-        name = record.name or "pasted text"
+        name = record.title
         status = (f"**{_literal(name)}** was already stored with these settings: showing it." if duplicate
                   else f"Rendered **{_literal(name)}** into {record.pages} page(s).")
         return shown([record], status + _warmth_note(service, record.id, context))
@@ -411,7 +411,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             return nothing_chosen(_deleted_status(names, document_ids, exc))
         except Exception as exc:
             return _status_only(_fail(exc))
-        what = ", ".join(f"**{_literal(r.name or 'pasted text')}**" for r in records)
+        what = ", ".join(f"**{_literal(r.title)}**" for r in records)
         together = (" Questions go to all of them together." if len(records) > 1
                     else _warmth_note(service, records[0].id, context))
         return shown(records, f"Selected {what}." + together)
@@ -446,7 +446,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             return *nothing_chosen(_already_deleted(names, document_ids[0])), *_confirming(None)
         except Exception as exc:
             return *_status_only(_fail(exc)), *_confirming(None)
-        return *_status_only(_delete_question(record.name or "pasted text")), *_confirming(record.id)
+        return *_status_only(_delete_question(record.title)), *_confirming(record.id)
 
     def delete(document_ids, awaiting):
         """Confirm delete: deletes the document Delete asked about, if it is still the one chosen."""
@@ -454,7 +454,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             document_id = one(document_ids, "delete")
             if document_id != awaiting:  # (the choice changed while Confirm delete showed)
                 raise GlyphserveError("the chosen document changed: press Delete document again")
-            name = service.store.get(document_id).name or "pasted text"
+            name = service.store.get(document_id).title
             service.delete_document(document_id)
         except NotFoundError:
             return *nothing_chosen(_already_deleted(names, document_id)), *_confirming(None)
