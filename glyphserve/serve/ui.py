@@ -37,6 +37,7 @@ from glyphserve.serve.upload_queue import client_of
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.intake import DPIS, NEWLINES, PRESETS, RenderOptions, check_upload_size
+from glyphserve.serve.page_scripts import DISMISS_TOASTS, KEEP_EVENT_STREAM, REFUSED_FILE, watch_uploads
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import DocumentRecord
 
@@ -48,52 +49,6 @@ THINKING_TITLE = "Thinking"
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
 ERROR_TOAST_S = 10
-# Each toast reports on an earlier action: a new action (an upload, a question...) takes them off the page, or a
-# stale error stayed up to 10 s beside the next upload's success. The UI framework has no call to dismiss a toast:
-# its close buttons are pressed. Then the action waits (up to 1 s) until they have faded out and left the page: a
-# toast shown while they fade joins them, and the timer of the earliest closes them all, so an error that came at
-# once went again within a moment (an earlier error's 10 s ran out). (An event's js runs before its handler and hands
-# the handler its inputs.)
-_CLOSE_TOASTS = """
-    const open = document.querySelectorAll('[data-testid="toast-close"]');
-    open.forEach((button) => button.click());
-    for (let waited = 0; open.length && document.querySelector('[data-testid="toast-body"]') && waited < 1000;
-         waited += 50) {
-        await new Promise((resolve) => setTimeout(resolve, 50));
-    }"""
-DISMISS_TOASTS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
-    return inputs;
-}}"""
-# The UI framework refuses a file over the size limit in the page, before sending it, with a toast and no event of
-# ours: the status box went on saying what the action before did (an earlier upload's error beside the refusal),
-# and the toasts before stayed. So the page refuses such a file first (picked, or dropped on the upload box; the
-# framework's listeners never see it) and reports it by pressing a hidden button (#upload-refused) that holds its
-# name and size: the server says why, as for any upload it refuses (``_refused_upload``). Run at page load.
-_WATCH_UPLOADS = """() => {
-    const refuse = (event, files) => {
-        const over = Array.from(files || []).find((file) => file.size > LIMIT);
-        if (!over || !(event.target instanceof Element) || !event.target.closest('#upload')) return;
-        event.stopPropagation();  // (capturing: before the upload box's own listeners)
-        event.preventDefault();
-        if (event.type === 'change') event.target.value = '';
-        const report = document.querySelector('#upload-refused');
-        report.dataset.file = JSON.stringify({name: over.name, size: over.size});
-        report.click();
-    };
-    document.addEventListener('change', (event) => refuse(event, event.target.files), true);
-    document.addEventListener('drop', (event) => refuse(event, event.dataTransfer && event.dataTransfer.files), true);
-}"""
-# The hidden button's event hands its handler the file the page refused, as the button's own value.
-REFUSED_FILE = f"""async () => {{{_CLOSE_TOASTS}
-    return [document.querySelector('#upload-refused').dataset.file || ''];
-}}"""
-
-
-def _watch_uploads(max_upload_bytes: int) -> str:
-    """The page's script that refuses a file over ``max_upload_bytes`` before the UI framework sends it."""
-    return _WATCH_UPLOADS.replace("LIMIT", str(int(max_upload_bytes)))
-
-
 _MARKDOWN_SPECIALS = {ord(c): "\\" + c for c in "\\`*_[]()!|~#"}
 
 
@@ -283,7 +238,7 @@ def _delete_question(name: str) -> str:
 
 def _refused_upload(report: str | None, config: ServeConfig):
     """The status-box text, with a toast headed Error, for a file the page refused to send as larger than the upload
-    limit (``_watch_uploads``: JSON of its name and size); anything else changes nothing."""
+    limit (``page_scripts.watch_uploads``: JSON of its name and size); anything else changes nothing."""
     try:
         refused = json.loads(report or "")
         name, size = str(refused["name"]), int(refused["size"])
@@ -766,5 +721,5 @@ def mount_ui(app: FastAPI, service: GlyphService) -> FastAPI:
         auth_message="Sign in with any user name and the server's API key as the password." if key else None,
         allowed_paths=[str(service.store.docs)], max_file_size=service.config.max_upload_bytes,
         ssr_mode=False, theme=THEME, footer_links=[], mcp_server=False,
-        js=_watch_uploads(service.config.max_upload_bytes),
+        js=watch_uploads(service.config.max_upload_bytes), head=KEEP_EVENT_STREAM,
     )

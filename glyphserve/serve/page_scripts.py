@@ -1,0 +1,132 @@
+"""The scripts the web UI runs in the page: what the UI framework (Gradio) offers no call for.
+
+Each is a constant the UI hands the framework (an event's ``js``, the page's ``js`` or ``head``), tested in a real
+browser (tests/serve/test_ui.py, tests/serve/test_page_scripts.py).
+"""
+
+from __future__ import annotations
+
+# Each toast reports on an earlier action: a new action (an upload, a question...) takes them off the page, or a
+# stale error stayed up to 10 s beside the next upload's success. The UI framework has no call to dismiss a toast:
+# its close buttons are pressed. Then the action waits (up to 1 s) until they have faded out and left the page: a
+# toast shown while they fade joins them, and the timer of the earliest closes them all, so an error that came at
+# once went again within a moment (an earlier error's 10 s ran out). (An event's js runs before its handler and hands
+# the handler its inputs.)
+_CLOSE_TOASTS = """
+    const open = document.querySelectorAll('[data-testid="toast-close"]');
+    open.forEach((button) => button.click());
+    for (let waited = 0; open.length && document.querySelector('[data-testid="toast-body"]') && waited < 1000;
+         waited += 50) {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+    }"""
+DISMISS_TOASTS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
+    return inputs;
+}}"""
+# The UI framework refuses a file over the size limit in the page, before sending it, with a toast and no event of
+# ours: the status box went on saying what the action before did (an earlier upload's error beside the refusal),
+# and the toasts before stayed. So the page refuses such a file first (picked, or dropped on the upload box; the
+# framework's listeners never see it) and reports it by pressing a hidden button (#upload-refused) that holds its
+# name and size: the server says why, as for any upload it refuses (``_refused_upload``). Run at page load.
+_WATCH_UPLOADS = """() => {
+    const refuse = (event, files) => {
+        const over = Array.from(files || []).find((file) => file.size > LIMIT);
+        if (!over || !(event.target instanceof Element) || !event.target.closest('#upload')) return;
+        event.stopPropagation();  // (capturing: before the upload box's own listeners)
+        event.preventDefault();
+        if (event.type === 'change') event.target.value = '';
+        const report = document.querySelector('#upload-refused');
+        report.dataset.file = JSON.stringify({name: over.name, size: over.size});
+        report.click();
+    };
+    document.addEventListener('change', (event) => refuse(event, event.target.files), true);
+    document.addEventListener('drop', (event) => refuse(event, event.dataTransfer && event.dataTransfer.files), true);
+}"""
+# The hidden button's event hands its handler the file the page refused, as the button's own value.
+REFUSED_FILE = f"""async () => {{{_CLOSE_TOASTS}
+    return [document.querySelector('#upload-refused').dataset.file || ''];
+}}"""
+
+
+def watch_uploads(max_upload_bytes: int) -> str:
+    """The page's script that refuses a file over ``max_upload_bytes`` before the UI framework sends it."""
+    return _WATCH_UPLOADS.replace("LIMIT", str(int(max_upload_bytes)))
+
+
+# The UI framework's page runs each event by a request that joins the server's queue (answered with the event's id)
+# and reads what the events of the page send on one event stream, which the server closes once none of them is left.
+# Two events racing lose one: the server closes the stream as one event ends, just before a second event's join
+# reaches the queue, and when the join's answer reaches the page before the stream's close does, the page takes the
+# stream as open for the new event and waits for it forever (its every box said "pending"). A proxy between page and
+# server (Ray Serve's, in CI: a join took 0.6 s while the page load's list of documents ended) widens the window to
+# the stream's delay; the framework's own script never opens the stream again. So the page keeps its stream: fetch
+# is wrapped, the events joined are followed by their ids, and a close that comes while one of them has not ended is
+# not handed on: the stream is opened again for the same session and read on as one, and what the queue held for
+# the page arrives on it. (A join still under way at the close finds the stream closed and opens it itself.)
+KEEP_EVENT_STREAM = """<script>
+(() => {
+    const send = window.fetch.bind(window);
+    const joined = new Set();  // events joined, not ended
+    const ended = new Set();  // events ended before their join was answered
+    const CLOSE = 'data: {"msg":"close_stream","event_id":null}\\n\\n';
+    const urlOf = (input) => (input instanceof Request ? input.url : String(input));
+    const read = (message) => {
+        if (!message.startsWith('data: ')) return null;
+        try { return JSON.parse(message.slice(6)); } catch (error) { return null; }
+    };
+    window.fetch = async (input, init) => {
+        const url = urlOf(input);
+        if (url.includes('/queue/join')) {
+            const response = await send(input, init);
+            if (response.ok) {
+                try {
+                    const id = (await response.clone().json()).event_id;
+                    if (id && !ended.delete(id)) joined.add(id);
+                } catch (error) { /* not the queue's answer: nothing to follow */ }
+            }
+            return response;
+        }
+        if (!url.includes('/queue/data')) return send(input, init);
+        const again = input instanceof Request ? new Request(input) : null;
+        const first = await send(input, init);
+        if (!first.ok || !first.body) return first;
+        const encoder = new TextEncoder();
+        const stream = new ReadableStream({
+            async start(controller) {
+                let response = first;
+                try {
+                    for (;;) {
+                        const reader = response.body.getReader();
+                        const decoder = new TextDecoder();
+                        let buffer = '', reopen = false;
+                        for (;;) {
+                            const {value, done} = await reader.read();
+                            if (done) break;
+                            buffer += decoder.decode(value, {stream: true});
+                            for (let end = buffer.indexOf('\\n\\n'); end >= 0; end = buffer.indexOf('\\n\\n')) {
+                                const message = buffer.slice(0, end + 2);
+                                buffer = buffer.slice(end + 2);
+                                const data = read(message);
+                                if (data && data.msg === 'process_completed' && data.event_id
+                                        && !joined.delete(data.event_id)) ended.add(data.event_id);
+                                if (data && data.msg === 'close_stream' && joined.size) reopen = true;
+                                else controller.enqueue(encoder.encode(message));
+                            }
+                        }
+                        if (buffer) controller.enqueue(encoder.encode(buffer));
+                        if (!reopen) break;
+                        response = await (again ? send(new Request(again)) : send(input, init));
+                        if (!response.ok || !response.body) {  // the server has no such session: close as it would
+                            controller.enqueue(encoder.encode(CLOSE));
+                            break;
+                        }
+                    }
+                    controller.close();
+                } catch (error) {
+                    controller.error(error);
+                }
+            },
+        });
+        return new Response(stream, {status: first.status, statusText: first.statusText, headers: first.headers});
+    };
+})();
+</script>"""
