@@ -116,12 +116,14 @@ KEEP_EVENT_STREAM = """<script>
                         if (!reopen) break;
                         response = await (again ? send(new Request(again)) : send(input, init));
                         if (!response.ok || !response.body) {  // the server has no such session: close as it would
+                            joined.clear();
                             controller.enqueue(encoder.encode(CLOSE));
                             break;
                         }
                     }
                     controller.close();
-                } catch (error) {
+                } catch (error) {  // the page fails every event waiting on the stream
+                    joined.clear();
                     controller.error(error);
                 }
             },

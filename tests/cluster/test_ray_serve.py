@@ -308,12 +308,13 @@ def test_the_web_ui_uploads_and_answers_through_the_replicas(server, tmp_path):
             page.goto(server.url)
             page.locator("#upload input[type=file]").set_input_files(str(document))
             try:
-                # Generous: two replicas, the front and Chromium share CI's two cores (CI once saw a minute pass)
+                # Generous: two replicas, the front and Chromium share CI's two cores. (CI saw the upload's
+                # answer never come: the UI framework's race that page_scripts.KEEP_EVENT_STREAM now keeps off.)
                 expect(page.locator("#pages img").first).to_be_visible(timeout=180_000)
                 page.locator("#question textarea").fill("Who kept the lighthouse?")
                 page.locator("#send").click()
                 expect(page.locator("#answer-stats")).to_contain_text("Timings", timeout=60_000)  # streamed
-            except AssertionError as exc:  # what the front was doing (CI once saw an upload take over a minute)
+            except AssertionError as exc:  # what the front was doing
                 raise AssertionError(f"{exc}\n--- server ---\n{server.log()[-3000:]}\n--- front ---\n"
                                      f"{_front_log()[-6000:]}") from None
             page.screenshot(path=str(ARTIFACTS / "ray-serve-chat.png"), full_page=True)
