@@ -27,7 +27,7 @@ from glyphserve.engine.model_runner import ModelRunner, StepInputs
 # Captured passes every this many tokens: a pass pads to the next one (at 1,000 tokens, ~20% more products, while
 # its eager launches cost the host more than the device's whole pass).
 PASS_BUCKET_TOKENS = 256
-# Passes are captured up to this many tokens (or the step's budget, ``max_num_batched_tokens``): past ~2,000
+# Passes are captured up to this many tokens (or the largest step, ``startup.pass_graph_tokens``): past ~2,000
 # tokens the device's share of a pass outgrows the host's eager launches, and each bucket is one more capture.
 PASS_GRAPH_TOKENS = 2048
 

@@ -403,3 +403,18 @@ def test_a_closed_cuda_engine_gives_the_device_memory_back(tiny_model_dir):
     held_and_left()  # what the process keeps once a GPU has been used (its own state, not an engine's)
     held, left = held_and_left()
     assert left < max(held // 20, 1 << 20), (held, left)
+
+
+def test_prompt_passes_are_captured_only_as_large_as_a_step_can_be():
+    """A captured pass bigger than any step never replays, and its graph's memory is held for good: an engine of one
+    sequence never prefills beside a decode, so its prompt budget bounds its passes; with more, the larger budget."""
+    from glyphserve.engine import EngineConfig
+    from glyphserve.engine.pass_graphs import PASS_GRAPH_TOKENS
+    from glyphserve.engine.startup import pass_graph_tokens
+
+    one = EngineConfig(model="m", max_num_seqs=1, max_prefill_tokens=1024, max_num_batched_tokens=2048)
+    assert pass_graph_tokens(one, max_context=8192) == 1024
+    assert pass_graph_tokens(one, max_context=512) == 512  # a prompt step holds at most a context
+    many = EngineConfig(model="m", max_num_seqs=8, max_prefill_tokens=1024, max_num_batched_tokens=1536)
+    assert pass_graph_tokens(many, max_context=8192) == 1536
+    assert pass_graph_tokens(EngineConfig(model="m"), max_context=16384) == PASS_GRAPH_TOKENS
