@@ -50,6 +50,11 @@ BUSY_RETRY_AFTER_S = 5  # a request refused while the bodies in flight fill thei
 # A body must come at least this fast on average once --body-timeout has passed: one that trickled a byte every
 # few seconds kept its share of the bodies' budget for good (a few such clients refused every other body).
 MIN_BODY_BYTES_PER_S = 16 * 1024
+# Bodies this small (a question, a web UI event) draw on a reserve of their own when the bodies in flight fill their
+# budget: uploads held it whole and every chat request and every event of the web UI (a few hundred bytes each) got
+# 503 server_busy, the UI unusable for all of its users while a few large files came in.
+SMALL_BODY_BYTES = 64 * 1024
+SMALL_BODIES_BYTES = 16 * 2**20  # the reserve: 256 such bodies at their largest, thousands of questions
 
 
 class _Body:
@@ -58,6 +63,7 @@ class _Body:
     def __init__(self):
         self.seen = 0  # bytes
         self.held = 0  # bytes of the budget: its announced length at once, more if more came
+        self.small = False  # held in the small bodies' reserve
         self.started: float | None = None  # its first read
         self.done = False  # the last chunk came (or the client left)
 
@@ -74,7 +80,8 @@ class ServiceMiddleware:
     A body gets ``--body-timeout`` for its next bytes, and past that must average ``MIN_BODY_BYTES_PER_S`` (20
     clients that stopped 44 MiB into an upload held 880 MiB for as long as they kept their connections); the
     bodies of all requests in flight hold at most ``--max-bodies-mb`` together, an announced length taken from it
-    at once: a request that does not fit beside the others is refused with 503 ``server_busy``."""
+    at once: a request that does not fit beside the others is refused with 503 ``server_busy``, unless its body is
+    small (``SMALL_BODY_BYTES``: a question, a web UI event), which a reserve of its own then holds."""
 
     def __init__(self, app, service: GlyphService):
         self.app = app
@@ -83,6 +90,7 @@ class ServiceMiddleware:
         self.body_timeout = service.config.body_timeout
         self.bodies_limit = max(service.config.max_bodies_bytes, self.limit)  # one largest request fits alone
         self.bodies = 0  # body bytes of the requests in flight (touched on the event loop alone)
+        self.small_bodies = 0  # of those, the bytes held in the small bodies' reserve
         key = service.config.api_key
         self.expected = f"Bearer {key}".encode() if key else None
 
@@ -123,7 +131,10 @@ class ServiceMiddleware:
                 return
             await self.app(scope, self._limited(receive, scope, body, sized=sized), send)
         finally:
-            self.bodies -= body.held
+            if body.small:
+                self.small_bodies -= body.held
+            else:
+                self.bodies -= body.held
 
     def _refusal(self, scope) -> GlyphserveError | None:
         headers = dict(scope["headers"])
@@ -140,11 +151,28 @@ class ServiceMiddleware:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if not length.isdigit():
             return None
-        if self.bodies and self.bodies + int(length) > self.bodies_limit:
-            return self._busy()
-        body.held = int(length)
-        self.bodies += body.held
-        return None
+        return None if self._take(body, int(length)) else self._busy()
+
+    def _take(self, body: _Body, n: int) -> bool:
+        """Hold ``n`` more bytes for ``body``: from the bodies' budget (never refused to the only body), else, for a
+        body within ``SMALL_BODY_BYTES``, from the small bodies' reserve; False where neither has room. A small body
+        that outgrows the reserve's bound moves to the budget whole."""
+        if body.small:
+            if body.held + n <= SMALL_BODY_BYTES and self.small_bodies + n <= SMALL_BODIES_BYTES:
+                self.small_bodies += n
+                body.held += n
+                return True
+            self.small_bodies -= body.held
+            n, body.held, body.small = n + body.held, 0, False
+        if self.bodies == body.held or self.bodies + n <= self.bodies_limit:
+            self.bodies += n
+            body.held += n
+            return True
+        if body.held == 0 and n <= SMALL_BODY_BYTES and self.small_bodies + n <= SMALL_BODIES_BYTES:
+            self.small_bodies += n
+            body.held, body.small = n, True
+            return True
+        return False
 
     def _busy(self) -> BodiesFullError:
         return BodiesFullError(f"the requests in flight hold {self.bodies / 2**20:.0f} MiB of bodies, this server's "
@@ -173,11 +201,8 @@ class ServiceMiddleware:
                 return message
             if sized and body.seen > self.limit:
                 raise self._too_large(scope)
-            if body.seen > body.held:  # more than announced, or none was
-                self.bodies += body.seen - body.held
-                body.held = body.seen
-                if self.bodies > self.bodies_limit and self.bodies > body.held:
-                    raise self._busy()
+            if body.seen > body.held and not self._take(body, body.seen - body.held):  # more than announced, or
+                raise self._busy()  # none was
             return message
 
         return wrapped

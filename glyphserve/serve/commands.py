@@ -85,7 +85,8 @@ def register(subparsers) -> None:
                              "answered 408 (default 30)")
     limits.add_argument("--max-bodies-mb", type=float, default=None, metavar="MB",
                         help="MiB the bodies of all requests in flight may hold together, at least one largest "
-                             "upload; past it, 503 server_busy (default: 16 times --max-upload-mb)")
+                             "upload; past it, 503 server_busy, but for bodies of 64 KiB at most (questions, web UI "
+                             "events: 16 MiB of their own) (default: 16 times --max-upload-mb)")
     serve.add_argument("--queue-size", type=int, default=64,
                        help="requests allowed to wait for the model; past it, 429 (default 64)")
     serve.add_argument("--request-timeout", type=float, default=300,

@@ -132,3 +132,36 @@ KEEP_EVENT_STREAM = """<script>
     };
 })();
 </script>"""
+
+# A file whose upload request the server refuses (503 while the bodies in flight fill their budget, 408 for a body
+# that stalls) got the UI framework's toast "HTTP 503: " and the server's JSON error body, raw, and the status box
+# went on saying what the action before did. The failed response's body becomes the server's message alone (the
+# toast reads "HTTP 503: the server is busy ..."), and the page reports the refusal by pressing the hidden button
+# (#upload-refused) with the files' names and the message, for the status box (``ui._refused_upload``).
+REPORT_FAILED_UPLOADS = """<script>
+(() => {
+    const send = window.fetch.bind(window);
+    window.fetch = async (input, init) => {
+        const response = await send(input, init);
+        const url = input instanceof Request ? input.url : String(input);
+        if (response.ok || !url.includes('/gradio_api/upload')) return response;
+        let message = '';
+        try {
+            const body = await response.clone().json();
+            message = (body && body.error && body.error.message) || '';
+        } catch (error) { /* not the server's error body: the framework's own words */ }
+        if (!message) return response;
+        const form = init && init.body instanceof FormData ? init.body : null;
+        const names = form ? form.getAll('files').map((file) => file.name).filter(Boolean) : [];
+        const report = document.querySelector('#upload-refused');
+        if (report) {
+            report.dataset.file = JSON.stringify({name: names.join(', '), status: response.status, message});
+            report.click();
+        }
+        return new Response(message, {status: response.status, statusText: response.statusText,
+                                      headers: {'content-type': 'text/plain; charset=utf-8'}});
+    };
+})();
+</script>"""
+# The page's head: its scripts that wrap fetch, each on its own paths.
+PAGE_HEAD = KEEP_EVENT_STREAM + REPORT_FAILED_UPLOADS

@@ -37,7 +37,7 @@ from glyphserve.serve.upload_queue import client_of
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.intake import DPIS, NEWLINES, PRESETS, RenderOptions, check_upload_size
-from glyphserve.serve.page_scripts import DISMISS_TOASTS, KEEP_EVENT_STREAM, REFUSED_FILE, watch_uploads
+from glyphserve.serve.page_scripts import PAGE_HEAD, DISMISS_TOASTS, REFUSED_FILE, watch_uploads
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import DocumentRecord
 
@@ -77,14 +77,18 @@ _UI_WORDS = (("(truncate_pages)", "(page selection: first)"),
 def _fail(exc: Exception) -> str:
     """Show ``exc`` as a toast headed Error and return the status-box text (messages may quote names users chose)."""
     if isinstance(exc, GlyphserveError):
-        message = exc.message
-        for api, ui in _UI_WORDS:
-            message = message.replace(api, ui)
+        message = _in_ui_words(exc.message)
     else:
         log.error("UI action failed", exc_info=exc)
         message = "internal error; the server log has the details"
     _error_toast(html.escape(message, quote=False))
     return f"**Error:** {_literal(message)}"
+
+
+def _in_ui_words(message: str) -> str:
+    for api, ui in _UI_WORDS:
+        message = message.replace(api, ui)
+    return message
 
 
 def _error_toast(message: str) -> None:
@@ -237,11 +241,18 @@ def _delete_question(name: str) -> str:
 
 
 def _refused_upload(report: str | None, config: ServeConfig):
-    """The status-box text, with a toast headed Error, for a file the page refused to send as larger than the upload
-    limit (``page_scripts.watch_uploads``: JSON of its name and size); anything else changes nothing."""
+    """The status-box text for a file the page did not send (JSON of its name and more): one larger than the upload
+    limit, refused in the page (``page_scripts.watch_uploads``: its size; with a toast headed Error), or one whose
+    request the server refused (``page_scripts.REPORT_FAILED_UPLOADS``: the server's message, which the UI
+    framework's own toast shows); anything else changes nothing."""
     try:
         refused = json.loads(report or "")
-        name, size = str(refused["name"]), int(refused["size"])
+        name = str(refused["name"])
+        if "message" in refused:
+            message = _in_ui_words(str(refused["message"])[:2000])
+            said = f"'{name}' was not sent: {message}" if name else message
+            return f"**Error:** {_literal(said)}"
+        size = int(refused["size"])
         check_upload_size(size, config)
     except FileTooLargeError as exc:
         return _fail(FileTooLargeError(f"'{name}' was not sent: {exc.message}"))
@@ -721,5 +732,5 @@ def mount_ui(app: FastAPI, service: GlyphService) -> FastAPI:
         auth_message="Sign in with any user name and the server's API key as the password." if key else None,
         allowed_paths=[str(service.store.docs)], max_file_size=service.config.max_upload_bytes,
         ssr_mode=False, theme=THEME, footer_links=[], mcp_server=False,
-        js=watch_uploads(service.config.max_upload_bytes), head=KEEP_EVENT_STREAM,
+        js=watch_uploads(service.config.max_upload_bytes), head=PAGE_HEAD,
     )

@@ -101,15 +101,23 @@ def until(condition, seconds: float = 20):
 
 def test_bodies_in_flight_past_their_budget_are_refused_at_once_and_freed_when_they_end(small):
     held = []
-    for _ in range(4):  # ~3.8 MiB announced, taken from the budget when each head arrives
+    for _ in range(4):  # 4 MiB announced, taken from the budget when each head arrives: all of it
         sock = connect(small)
-        sock.sendall(head("/v1/documents", 1_000_000) + b'{"text": "')
+        sock.sendall(head("/v1/documents", 2**20) + b'{"text": "')
         held.append(sock)
     post = lambda: HTTP.post(f"{small.url}/v1/documents", json={"text": "x" * 900_000})  # noqa: E731
     refused = until(lambda: (r := post()).status_code == 503 and r)
     code, message = error(refused)
     assert code == "server_busy" and "--max-bodies-mb" in message and refused.headers["retry-after"] == "5"
     assert HTTP.get(f"{small.url}/health").status_code == 200  # a request without a body goes through
+    # and a small one, from a reserve of its own (a question, a web UI event), announced or chunked
+    assert HTTP.post(f"{small.url}/v1/documents", json={"text": "A small note."}).status_code in (200, 201)
+    chunked = HTTP.post(f"{small.url}/v1/documents", headers={"Content-Type": "application/json"},
+                        content=iter([b'{"text": "Another ', b'small note."}']))
+    assert chunked.status_code in (200, 201), chunked.text
+    past = HTTP.post(f"{small.url}/v1/documents", headers={"Content-Type": "application/json"},
+                     content=iter([b'{"text": "', b"y" * 300_000, b'"}']))  # grows past the reserve's bound
+    assert error(past)[0] == "server_busy"
     for sock in held:
         sock.close()
     assert until(lambda: post().status_code in (200, 201))

@@ -146,3 +146,44 @@ def test_a_file_two_users_upload_at_once_is_read_by_both(slow_server, slow_pdf, 
         assert {error(future.result())[0] for future in sent} == {"ingest_timeout"}
     copies = [path for path in slow_server.cache.rglob(shared.name) if path.read_bytes() == shared.read_bytes()]
     assert copies == []  # gone once both were done with it
+
+
+def test_an_upload_request_the_server_refuses_is_said_in_its_words_in_the_toast_and_the_status(tmp_path_factory,
+                                                                                                tmp_path):
+    """A file whose request the server refused (here 503: other clients' bodies in flight fill their budget) got
+    the UI framework's toast "HTTP 503: " with the server's JSON error body raw, and the status box went on saying
+    what the action before did. Now both say the server's message; once the bodies are gone, the file goes up."""
+    from playwright.sync_api import expect
+
+    from tests.hostile.test_connections import connect, head, until
+
+    server = Server(tmp_path_factory.mktemp("bodies") / "data", "--max-upload-mb", "1", "--max-bodies-mb", "2")
+    server.start()
+    document = tmp_path / "note.txt"
+    document.write_text("A note sent while the server is busy.\n\n" + STORY * 300, encoding="utf-8")  # 115 KB: no
+    # small body, which a reserve of its own would take in (as it takes the page's events)
+    held = []
+    try:
+        with chromium() as browser:
+            page = open_ui(browser, server.url)
+            for _ in range(2):  # 2 MiB announced, held: the budget is full
+                sock = connect(server)
+                sock.sendall(head("/v1/documents", 2**20) + b'{"text": "')
+                held.append(sock)
+            assert until(lambda: HTTP.post(f"{server.url}/v1/documents", json={"text": "x" * 200_000}).status_code
+                         == 503)  # both heads taken in
+            upload(page, document)
+            status, toast = page.locator("#status"), page.locator(".toast-body")
+            said = "the requests in flight hold 2 MiB of bodies, this server's 2 MiB for them (--max-bodies-mb)"
+            expect(status).to_contain_text(f"'note.txt' was not sent: {said}", timeout=30_000)
+            expect(toast).to_contain_text(f"HTTP 503: {said}")
+            assert "{" not in toast.first.inner_text()
+            page.screenshot(path=str(ARTIFACTS / "upload-refused-by-the-server.png"), full_page=True)
+            for sock in held:
+                sock.close()
+            upload(page, document)
+            expect(status).to_contain_text("Rendered note.txt", timeout=60_000)
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
