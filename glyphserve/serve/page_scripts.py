@@ -85,7 +85,8 @@ KEEP_EVENT_STREAM = """<script>
             }
             return response;
         }
-        if (!url.includes('/queue/data')) return send(input, init);
+        const method = (init && init.method) || (input instanceof Request ? input.method : 'GET');
+        if (!url.includes('/queue/data') || method.toUpperCase() !== 'GET') return send(input, init);
         const again = input instanceof Request ? new Request(input) : null;
         const first = await send(input, init);
         if (!first.ok || !first.body) return first;
@@ -97,7 +98,7 @@ KEEP_EVENT_STREAM = """<script>
                     for (;;) {
                         const reader = response.body.getReader();
                         const decoder = new TextDecoder();
-                        let buffer = '', reopen = false;
+                        let buffer = '', reopen = false, closed = false;
                         for (;;) {
                             const {value, done} = await reader.read();
                             if (done) break;
@@ -108,14 +109,32 @@ KEEP_EVENT_STREAM = """<script>
                                 const data = read(message);
                                 if (data && data.msg === 'process_completed' && data.event_id
                                         && !joined.delete(data.event_id)) ended.add(data.event_id);
+                                if (data && data.msg === 'close_stream') closed = true;
                                 if (data && data.msg === 'close_stream' && joined.size) reopen = true;
                                 else controller.enqueue(encoder.encode(message));
                             }
                         }
                         if (buffer) controller.enqueue(encoder.encode(buffer));
-                        if (!reopen) break;
-                        response = await (again ? send(new Request(again)) : send(input, init));
-                        if (!response.ok || !response.body) {  // the server has no such session: close as it would
+                        // A stream that ended without the server's close (a proxy's timeout, a replica gone) left
+                        // the framework's script taking it as open for good, every later event waiting: closed here
+                        // as the server would, the next event opens it again (and gets what the queue held).
+                        if (!closed || !reopen) {
+                            if (!closed) {
+                                joined.clear();
+                                controller.enqueue(encoder.encode(CLOSE));
+                            }
+                            break;
+                        }
+                        response = null;
+                        for (let wait = 250; wait <= 1000 && !response; wait *= 2) {  // a proxy's error: tried again
+                            const next = await (again ? send(new Request(again)) : send(input, init));
+                            if (next.ok && next.body) response = next;
+                            else {
+                                if (next.body) next.body.cancel().catch(() => {});
+                                await new Promise((resolve) => setTimeout(resolve, wait));
+                            }
+                        }
+                        if (!response) {  // close as the server would: the next event opens the stream again
                             joined.clear();
                             controller.enqueue(encoder.encode(CLOSE));
                             break;
