@@ -14,6 +14,7 @@ document is deleted.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import html
 import json
@@ -49,6 +50,9 @@ THINKING_TITLE = "Thinking"
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
 ERROR_TOAST_S = 10
+# An upload's copy stays this long after its last reader is done, for another upload of the same file whose handler
+# has not started yet (``_UploadCopies``).
+UPLOAD_COPY_GRACE_S = 30
 _MARKDOWN_SPECIALS = {ord(c): "\\" + c for c in "\\`*_[]()!|~#"}
 
 
@@ -354,6 +358,9 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         if not file_path:
             return (gr.skip(),) * 10
         path = Path(file_path)
+        if not path.is_file():  # (the framework's copy gone: a cache cleared under the server)
+            return (*_status_only(_fail(GlyphserveError(f"'{path.name}' was not found on the server after its "
+                                                        "upload: upload it again"))), None)
         with copies.held(path, Path(demo.GRADIO_CACHE)):  # (read from it when its turn comes)
             shown_now = await add(RenderOptions(preset, int(dpi), newline), path=path, filename=path.name,
                                   name=path.name, client=client_of(request))
@@ -474,8 +481,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 thinking["metadata"]["status"] = "done"
             if thinking is None and answer is None:  # nothing came: the question goes back to its box
                 return before, question, gr.skip(), "Stopped before any answer came.", gr.skip(), gr.skip(), *keep
-            return history, "", gr.skip(), "Stopped: what came of the answer stays in the chat.", gr.skip(), \
-                gr.skip(), *keep
+            return history, gr.skip(), gr.skip(), "Stopped: what came of the answer stays in the chat.", \
+                gr.skip(), gr.skip(), *keep
 
         try:
             yield history, "", "", "Answering…", "", gr.skip(), *keep  # (inside: a close here still unregisters)
@@ -509,11 +516,12 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                             done = ("Done. A document it was about was deleted meanwhile: the answer is kept here, "
                                     "the document's pages are gone.")
                             chosen = (left, gr.update(choices=choices(), value=left))
-                        yield (history, "", _reply_markdown(item, _names(service, document_ids)), done,
+                        yield (history, gr.skip(), _reply_markdown(item, _names(service, document_ids)), done,
                                _evidence(service, item), _gallery_items(service, document_ids, item.pages_shown),
                                *chosen)
                         return
-                    yield history, "", "", "Answering…", "", gr.skip(), *keep
+                    # (the question box as the user left it: the next question may be typed meanwhile)
+                    yield history, gr.skip(), "", "Answering…", "", gr.skip(), *keep
             finally:
                 await items.aclose()
         except Cancelled:  # Stop took it out of the queue, or ended it at a token; or the server is closing
@@ -676,11 +684,14 @@ def _text(content) -> str:
 
 
 class _UploadCopies:
-    """The UI framework's copies of uploads (``cache/<hash of the content>/<name>``), each removed once the uploads
-    reading it are done (the document stored, or refused): the same file uploaded again meanwhile, by any user, is
-    the same copy. Used on the event loop alone."""
+    """The UI framework's copies of uploads (``cache/<hash of the content>/<name>``), each removed ``grace_s`` after
+    the last upload reading it is done (the document stored, or refused), unless another takes it meanwhile: the same
+    file uploaded again, by any user, is the same copy, written before that upload's handler starts (three users
+    sending one file at once: the first done removed it under the others, whose handlers then found no file). Used on
+    the event loop alone."""
 
-    def __init__(self):
+    def __init__(self, grace_s: float = UPLOAD_COPY_GRACE_S):
+        self.grace_s = grace_s
         self._readers: Counter[Path] = Counter()
 
     @contextmanager
@@ -692,7 +703,11 @@ class _UploadCopies:
             self._readers[path] -= 1
             if not self._readers[path]:
                 del self._readers[path]
-                _remove_upload_copy(path, cache)
+                asyncio.get_running_loop().call_later(self.grace_s, self._remove, path, cache)
+
+    def _remove(self, path: Path, cache: Path) -> None:
+        if not self._readers.get(path):
+            _remove_upload_copy(path, cache)
 
 
 def _remove_upload_copy(path: Path, cache: Path) -> None:

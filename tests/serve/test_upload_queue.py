@@ -236,3 +236,31 @@ def test_a_client_with_nothing_in_hand_goes_before_another_clients_next_file():
             await files.end(f"a{i}", a[i])
 
     run(test, QueueLimits(budget=30, threads=2, per_client=2))
+
+
+def test_an_uploads_copy_stays_its_grace_for_another_upload_of_the_same_file(tmp_path):
+    """The UI framework writes one copy of a file for every upload of it (by its content): the first upload done
+    removed it under another whose handler had not started yet (three users sending one file at once: "internal
+    error" for two). The copy goes ``grace_s`` after its last reader, unless another took it meanwhile."""
+    from glyphserve.serve.ui import _UploadCopies
+
+    cache = tmp_path / "cache"
+    copy = cache / "0123abcd" / "note.txt"
+    copy.parent.mkdir(parents=True)
+    copy.write_text("a note")
+    copies = _UploadCopies(grace_s=0.2)
+
+    async def main():
+        with copies.held(copy, cache):
+            pass
+        assert copy.exists()  # the first upload done: another may still come for it
+        await asyncio.sleep(0.1)
+        with copies.held(copy, cache):  # ... and does, within the grace
+            await asyncio.sleep(0.2)  # (past the first grace: still held)
+            assert copy.exists()
+        await asyncio.sleep(0.1)
+        assert copy.exists()
+        await asyncio.sleep(0.2)
+        assert not copy.exists() and not copy.parent.exists()
+
+    asyncio.run(main())
