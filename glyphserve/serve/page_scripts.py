@@ -118,13 +118,12 @@ KEEP_EVENT_STREAM = """<script>
                         // A stream that ended without the server's close (a proxy's timeout, a replica gone) left
                         // the framework's script taking it as open for good, every later event waiting: closed here
                         // as the server would, the next event opens it again (and gets what the queue held).
-                        if (!closed || !reopen) {
-                            if (!closed) {
-                                joined.clear();
-                                controller.enqueue(encoder.encode(CLOSE));
-                            }
+                        if (!closed) {
+                            joined.clear();
+                            controller.enqueue(encoder.encode(CLOSE));
                             break;
                         }
+                        if (!reopen) break;
                         response = null;
                         for (let wait = 250; wait <= 1000 && !response; wait *= 2) {  // a proxy's error: tried again
                             const next = await (again ? send(new Request(again)) : send(input, init));

@@ -104,3 +104,15 @@ def error(response) -> tuple[str, str]:
     """(code, message) of an error answer (OpenAI's shape)."""
     body = response.json()["error"]
     return body["code"], body["message"]
+
+
+def copy_gone(server: Server, document: Path) -> bool:
+    """Whether the UI framework's copy of ``document`` leaves the server's cache within its grace and a margin."""
+    from glyphserve.serve.ui import UPLOAD_COPY_GRACE_S
+
+    deadline = time.monotonic() + UPLOAD_COPY_GRACE_S + 30
+    while any(path.read_bytes() == document.read_bytes() for path in server.cache.rglob(document.name)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True

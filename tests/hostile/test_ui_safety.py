@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.serve.test_ui import ARGS, CHROMIUM
-from tests.hostile.conftest import HTTP
+from tests.hostile.conftest import HTTP, copy_gone
 from tests.servers import free_port
-from tests.hostile.test_ui_uploads import copy_gone
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from glyphserve.bench import hostile_files
-from tests.hostile.conftest import HTTP, error
+from tests.hostile.conftest import HTTP, copy_gone, error
 from tests.hostile.test_uploads import WHITE_BOX, files_in_flight
 from tests.serve.conftest import STORY
 from tests.serve.test_ui import ARTIFACTS, CHROMIUM, chromium, open_ui, upload
@@ -145,18 +145,6 @@ def test_a_file_two_users_upload_at_once_is_read_by_both(slow_server, slow_pdf, 
         expect(waiting.locator("#status")).to_contain_text("shared.txt was already stored", timeout=BUDGET_S * 4000)
         assert {error(future.result())[0] for future in sent} == {"ingest_timeout"}
     assert copy_gone(slow_server, shared)  # once both were done with it (and its grace passed)
-
-
-def copy_gone(server: Server, document: Path) -> bool:
-    """Whether the UI framework's copy of ``document`` leaves the server's cache within its grace and a margin."""
-    from glyphserve.serve.ui import UPLOAD_COPY_GRACE_S
-
-    deadline = time.monotonic() + UPLOAD_COPY_GRACE_S + 30
-    while any(path.read_bytes() == document.read_bytes() for path in server.cache.rglob(document.name)):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
 
 
 def test_three_users_uploading_one_new_file_at_once_each_get_its_document(slow_server, tmp_path):
