@@ -8,8 +8,8 @@ traceback; the user's next action takes the toasts off the page.
 What users supplied (document names, the document's text in passages and answers, questions) is shown as
 text, never as HTML or Markdown: an uploader's ``<img src=...>`` or ``![](...)`` would otherwise make every
 viewer's browser fetch a URL of the uploader's choosing. The UI framework keeps copies of files (the upload,
-every page a gallery shows): the upload's is removed once the upload is stored or refused, the pages' when the
-document is deleted.
+every page a gallery shows): the upload's is removed ``UPLOAD_COPY_GRACE_S`` after the upload is stored or refused,
+the pages' when the document is deleted.
 """
 
 from __future__ import annotations
