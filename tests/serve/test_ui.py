@@ -75,6 +75,30 @@ def upload(page, path: Path) -> None:
     page.locator("#upload input[type=file]").set_input_files(str(path))
 
 
+def set_slider(page, elem_id: str, value: str) -> None:
+    """Set the slider ``#elem_id`` to ``value``, by its bar and by its number box in turn, until its state holds it.
+
+    Each way is read back from the other box, which shows the slider's state, not what was typed into the first. Set
+    again until it holds: under load the accordion's slider, just opened, sometimes let a setting go (once, on CI's
+    two cores, 40 settings of the bar in 10 s: the number stayed 0), hence the report of both boxes if none held."""
+    bar = page.locator(f"#{elem_id} input[type=range]")
+    number = page.locator(f"#{elem_id} input[type=number]")
+    for attempt in range(40):
+        if attempt % 2:
+            number.fill(value)
+            number.press("Tab")  # the box's value is taken (and bounded) as it loses focus
+            if bar.input_value() == value:
+                return
+        else:
+            bar.fill(value)
+            if number.input_value() == value:
+                return
+        page.wait_for_timeout(250)
+    raise AssertionError(f"the slider #{elem_id} never held {value}: bar {bar.input_value()!r}, "
+                         f"number {number.input_value()!r}, focus on "
+                         f"{page.evaluate('document.activeElement && document.activeElement.outerHTML')[:200]}")
+
+
 def stored_names(server) -> list[str]:
     return [d["name"] for d in httpx.get(f"{server.url}/v1/documents").json()["documents"]]
 
@@ -103,14 +127,7 @@ def test_upload_renders_at_once_and_the_chat_shows_evidence_and_settings(browser
     expect(page.locator("#temperature")).to_contain_text("0 answers greedily")
     # The slider reaches the API's highest temperature (it stopped at 1.5), and an answer at it comes.
     expect(page.locator("#temperature input[type=range]")).to_have_attribute("max", f"{MAX_TEMPERATURE:g}")
-    # (Set again until it holds: under load the accordion's slider, just opened, sometimes let a first setting go.)
-    highest = f"{MAX_TEMPERATURE:g}"
-    for _ in range(40):
-        page.locator("#temperature input[type=range]").fill(highest)
-        if page.locator("#temperature input[type=number]").input_value() == highest:
-            break
-        page.wait_for_timeout(250)
-    expect(page.locator("#temperature input[type=number]")).to_have_value(highest)
+    set_slider(page, "temperature", f"{MAX_TEMPERATURE:g}")
     page.locator("#use-cache input").uncheck()
 
     page.locator("#question textarea").fill("Which schooner hit the rocks?")
