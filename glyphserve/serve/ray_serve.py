@@ -71,6 +71,7 @@ MAX_ATTEMPTS = 3  # sends of one request: the first, and retries after its repli
 RECENT_DOCUMENTS = 32  # document keys listed per replica in /health
 STOPPED_CALLS = 4096  # ids of stops that found no call running, remembered per replica
 STOP_TIMEOUT_S = 60.0  # a stop waits this long for a slot on its replica
+REPORT_TIMEOUT_S = 5.0  # /v1/models waits this long for a replica to say its context (before any request came)
 
 log = logging.getLogger("glyphserve.serve")
 
@@ -132,6 +133,7 @@ class ReplicaReport:
     engine: dict[str, float] = field(default_factory=dict)
     dtype: str = ""  # its engine's, as loaded (``--dtype auto``: bfloat16 on a GPU, float32 on a CPU)
     quantize: str | None = None
+    max_context: int | None = None  # its engine's context (prompt + answer tokens): the model's unless configured
 
 
 class EngineReplica:
@@ -148,7 +150,8 @@ class EngineReplica:
                                    timeout=timeout)
         self.where = ReplicaReport(serve.get_replica_context().replica_id.unique_id, os.getpid(),
                                    ray.get_runtime_context().get_node_id(),
-                                   dtype=str(engine.dtype).removeprefix("torch."), quantize=engine_config.quantize)
+                                   dtype=str(engine.dtype).removeprefix("torch."), quantize=engine_config.quantize,
+                                   max_context=engine.max_context)
         self._calls: dict[str, ChatJob] = {}  # by call id, while they run (chat and stop share the replica's loop)
         # Ids of stops that found no call running here: one that has not begun yet ends as it begins (the others,
         # calls already ended, fall out of the bounded memory).
@@ -190,6 +193,10 @@ class EngineReplica:
             return False
         return self.scheduler.cancel(job)
 
+    def report(self) -> ReplicaReport:
+        """Where this replica runs and what its engine holds (asked by the front before any request came)."""
+        return self.where
+
     def check_health(self) -> None:
         if not self.scheduler.alive:
             raise RuntimeError("the engine's scheduler thread stopped")
@@ -221,6 +228,7 @@ class ServeReplicas:
         self.replicas: dict[str, _ReplicaState] = {}
         self.counters = {"requests": 0, "retries": 0, "resumed": 0, "stops": 0}
         self._stopping: set[asyncio.Task] = set()  # stops in flight (the loop keeps only weak references)
+        self._max_context: int | None = None  # as the replicas report it (``stats``)
 
     def make_scheduler(self, hooks: SchedulerHooks) -> ReplicaScheduler:
         return ReplicaScheduler(self, hooks, self.config.request_timeout)
@@ -240,12 +248,21 @@ class ServeReplicas:
                 "replicas": [state.to_dict() for state in self.replicas.values()]}
 
     def stats(self) -> dict:
-        return {"max_context": self.config.max_model_len}
+        """The replicas' context: as configured, else as the first replica to report says (each loads the same
+        model with the same settings), asked of a replica while none has; None while none answers. Blocks up to
+        ``REPORT_TIMEOUT_S``: call it on a worker thread (``/v1/models`` does)."""
+        if self.config.max_model_len is None and self._max_context is None:
+            try:
+                self._max_context = self._stops.report.remote().result(timeout_s=REPORT_TIMEOUT_S).max_context
+            except Exception as exc:  # no replica up yet, or all full past the timeout: asked again next time
+                log.info("no replica reported its context: %s", type(exc).__name__)
+        return {"max_context": self.config.max_model_len or self._max_context}
 
     def seen(self, report: ReplicaReport, key: str, first: bool) -> None:
         state = self.replicas.get(report.replica)
         if state is None:
             state = self.replicas[report.replica] = _ReplicaState(report)
+        self._max_context = self._max_context or report.max_context
         if first:
             state.requests += 1
             state.documents[key] = None

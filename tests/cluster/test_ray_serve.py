@@ -20,7 +20,7 @@ from tests.servers import Server
 
 pytest.importorskip("ray")
 
-from glyphserve.engine.types import AnswerRequest, StreamEvent  # noqa: E402
+from glyphserve.engine.types import DEFAULT_MAX_CONTEXT, AnswerRequest, StreamEvent  # noqa: E402
 from glyphserve.serve.backends import ChatJob  # noqa: E402
 from glyphserve.serve.ray_serve import FRONT_DEPLOYMENT  # noqa: E402  (needs Ray)
 
@@ -217,6 +217,14 @@ def _owners(server: Server) -> dict[str, set[str]]:
         for document_id in replica["recent_documents"]:
             owners.setdefault(document_id, set()).add(replica["id"])
     return owners
+
+
+def test_the_model_list_says_the_replicas_context(server, tiny_model_dir):
+    """As the one-machine server does, before any question has reached a replica too (the front asks one): it said
+    ``max_model_len: null`` (a new user's trial)."""
+    positions = json.loads((tiny_model_dir / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    cards = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+    assert [card["max_model_len"] for card in cards] == [min(positions, DEFAULT_MAX_CONTEXT)]
 
 
 def test_sixteen_concurrent_chats_equal_answers_alone_each_document_on_one_replica(server, documents):
