@@ -606,7 +606,9 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     use_cache = gr.Checkbox(value=True, label="Use caches", elem_id="use-cache",
                                             info="Reuse the pages' vision features and the document's prefix: "
                                                  "follow-up questions start at once")
-                    longest = min(8192, context or 8192)
+                    # At most half the context, so that the top answers (the whole context, a small one's top,
+                    # left no room for a page: every question refused), in the slider's steps of 16.
+                    longest = max(16, min(8192, context // 2 // 16 * 16)) if context else 8192
                     max_tokens = gr.Slider(16, longest, value=min(GenerationSettings.max_tokens, longest),
                                            step=16, label="Maximum answer tokens (max_tokens)", elem_id="max-tokens",
                                            info="Glyph thinks before it answers: long answers need room, and "

@@ -636,6 +636,34 @@ def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir
         server.stop()
 
 
+def test_the_answer_length_sliders_top_answers(tmp_path, tiny_model_dir):
+    """The answer-length slider stops at half the model's context (the tiny model's 4,096 tokens), so that its top
+    leaves room for the pages: it stopped at the whole context, where every question was refused."""
+    from playwright.sync_api import expect
+
+    from tests.serve.conftest import Server
+    from tests.serve.test_api import upload_text
+
+    server = Server(tmp_path / "data", str(tiny_model_dir), "--device", "cpu").start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            upload_text(client, STORY)
+            context = client.get("/v1/models").json()["data"][0]["max_model_len"]
+        with ui_page(server.url) as page:
+            page.locator("#stored input").click()
+            page.locator("ul[role=listbox] li").first.click()
+            expect(page.locator("#pages img")).not_to_have_count(0, timeout=30_000)
+            page.locator("#settings").click()
+            top = page.locator("#max-tokens input[type=range]")
+            expect(top).to_have_attribute("max", str(context // 2))
+            set_slider(page, "max-tokens", str(context // 2))
+            page.locator("#question textarea").fill("Who rowed out?")
+            page.locator("#send").click()
+            expect(page.locator("#status")).to_contain_text("Done.", timeout=60_000)
+    finally:
+        server.stop()
+
+
 def _metric(client: httpx.Client, name: str) -> float:
     line = next(line for line in client.get("/metrics").text.splitlines() if line.startswith(name))
     return float(line.split()[-1])
