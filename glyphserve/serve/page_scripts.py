@@ -22,15 +22,44 @@ _CLOSE_TOASTS = """
 DISMISS_TOASTS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
     return inputs;
 }}"""
+# A question sent while a file was on its way (picked, sent, rendered) was asked about the document chosen before,
+# or refused ("upload or select a document first") with the upload's status written over the refusal: the handler
+# reads the chosen documents as it starts, and the upload chooses its document as it ends. So the page counts its
+# uploads in flight (``window.glyphserveUploads``: from the file picked or dropped on the upload box, ``_WATCH_UPLOADS``,
+# until the upload's event has ended, UPLOAD_ENDED, or its request failed, REPORT_FAILED_UPLOADS), and a question waits
+# for them, at most UPLOAD_WAIT_S (a count a lost request never ended), before its handler runs.
+UPLOAD_WAIT_S = 300
+ASK_AFTER_UPLOADS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
+    if (window.glyphserveUploads) await window.glyphserveUploads.idle({UPLOAD_WAIT_S * 1000});
+    return inputs;
+}}"""
+UPLOAD_ENDED = "() => { if (window.glyphserveUploads) window.glyphserveUploads.ended(); }"
 # The UI framework refuses a file over the size limit in the page, before sending it, with a toast and no event of
 # ours: the status box went on saying what the action before did (an earlier upload's error beside the refusal),
 # and the toasts before stayed. So the page refuses such a file first (picked, or dropped on the upload box; the
 # framework's listeners never see it) and reports it by pressing a hidden button (#upload-refused) that holds its
-# name and size: the server says why, as for any upload it refuses (``_refused_upload``). Run at page load.
+# name and size: the server says why, as for any upload it refuses (``_refused_upload``). A file it takes is counted
+# in flight (ASK_AFTER_UPLOADS). Run at page load.
 _WATCH_UPLOADS = """() => {
+    const uploads = window.glyphserveUploads = {
+        count: 0,
+        waiting: [],
+        began() { this.count += 1; },
+        ended() {
+            this.count = Math.max(0, this.count - 1);
+            if (!this.count) this.waiting.splice(0).forEach((wake) => wake());
+        },
+        idle(most) {
+            return this.count ? new Promise((wake) => { this.waiting.push(wake); setTimeout(wake, most); }) : null;
+        },
+    };
     const refuse = (event, files) => {
-        const over = Array.from(files || []).find((file) => file.size > LIMIT);
-        if (!over || !(event.target instanceof Element) || !event.target.closest('#upload')) return;
+        if (!(event.target instanceof Element) || !event.target.closest('#upload') || !files || !files.length) return;
+        const over = Array.from(files).find((file) => file.size > LIMIT);
+        if (!over) {
+            uploads.began();
+            return;
+        }
         event.stopPropagation();  // (capturing: before the upload box's own listeners)
         event.preventDefault();
         if (event.type === 'change') event.target.value = '';
@@ -160,9 +189,17 @@ REPORT_FAILED_UPLOADS = """<script>
 (() => {
     const send = window.fetch.bind(window);
     window.fetch = async (input, init) => {
-        const response = await send(input, init);
         const url = input instanceof Request ? input.url : String(input);
-        if (response.ok || !url.includes('/gradio_api/upload')) return response;
+        if (!url.includes('/gradio_api/upload')) return send(input, init);
+        let response;
+        try {
+            response = await send(input, init);
+        } catch (error) {  // no answer: the upload's event will not come (ASK_AFTER_UPLOADS)
+            if (window.glyphserveUploads) window.glyphserveUploads.ended();
+            throw error;
+        }
+        if (response.ok) return response;
+        if (window.glyphserveUploads) window.glyphserveUploads.ended();
         let message = '';
         try {
             const body = await response.clone().json();

@@ -38,7 +38,8 @@ from glyphserve.serve.upload_queue import client_of
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.intake import DPIS, NEWLINES, PRESETS, RenderOptions, check_upload_size
-from glyphserve.serve.page_scripts import PAGE_HEAD, DISMISS_TOASTS, REFUSED_FILE, watch_uploads
+from glyphserve.serve.page_scripts import (ASK_AFTER_UPLOADS, DISMISS_TOASTS, PAGE_HEAD, REFUSED_FILE, UPLOAD_ENDED,
+                                           watch_uploads)
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import DocumentRecord
 
@@ -636,7 +637,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         # upload queues share their threads fairly among users, told apart as the API's clients are (client_of), and
         # bound what each may have waiting; a file waits on disk, read when its turn comes.
         fair = {"js": DISMISS_TOASTS, "concurrency_limit": None}
-        upload.upload(upload_file, [upload, *render_inputs], [*shown_outputs, upload], api_name="upload", **fair)
+        upload.upload(upload_file, [upload, *render_inputs], [*shown_outputs, upload], api_name="upload", **fair
+                      ).then(None, js=UPLOAD_ENDED, api_name=False)  # (questions sent meanwhile wait for it)
         upload_refused.click(lambda report: _refused_upload(report, service.config), upload_refused, status,
                              js=REFUSED_FILE, api_name=False, concurrency_limit=None)
         render_button.click(render_text, [pasted, *render_inputs], shown_outputs, api_name="render_text", **fair)
@@ -656,7 +658,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         # (the document list last: the named endpoint's earlier parameters keep their places)
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection, stored]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]
-        asking = {"js": DISMISS_TOASTS, "concurrency_limit": service.config.queue_size}
+        asking = {"js": ASK_AFTER_UPLOADS, "concurrency_limit": service.config.queue_size}
         send.click(chat, chat_inputs, chat_outputs, api_name="chat", **asking)
         question.submit(chat, chat_inputs, chat_outputs, api_name=False, **asking)
         # Stop withdraws the session's question from the scheduler (a queued question leaves the queue, a running

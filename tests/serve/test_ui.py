@@ -144,6 +144,28 @@ def test_upload_renders_at_once_and_the_chat_shows_evidence_and_settings(browser
     expect(page.locator("#chat")).not_to_contain_text("Albatross")
 
 
+def test_a_question_sent_as_a_file_uploads_is_asked_about_that_file(browser_page, tmp_path):
+    """Sent at once after the file is picked, before the upload has chosen its document: it was refused ("upload or
+    select a document first", on a page with none chosen before) or asked about the document chosen before."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    first = tmp_path / "before.txt"
+    first.write_text("The document before.\n\n" + STORY, encoding="utf-8")
+    upload(page, first)
+    expect(page.locator("#status")).to_contain_text("Rendered before.txt", timeout=60_000)
+    page.locator("#question textarea").fill("What was the ferry called?")
+    # Thirty copies: a second or so of rendering, to send the question in.
+    document = tmp_path / "ferry.txt"
+    document.write_text("The ferry was called the Morning Star.\n\n" + "\n\n".join([STORY] * 30), encoding="utf-8")
+    upload(page, document)
+    page.locator("#question textarea").press("Enter")
+    expect(page.locator("#status")).to_contain_text("Done.", timeout=60_000)
+    expect(page.locator("#chat")).to_contain_text("Morning Star")
+    expect(page.locator("#status")).not_to_contain_text("Rendered")  # the answer's status, not the upload's
+    assert page.locator("#stored").inner_text().count("ferry.txt") == 1
+
+
 def test_the_same_file_twice_is_stored_once(browser_page, extractive_server, tmp_path):
     from playwright.sync_api import expect
 
