@@ -343,15 +343,15 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         return (ids, _gallery_items(service, ids), stats_text, gr.update(choices=choices(), value=ids),
                 records[0].name or "" if len(records) == 1 else "", [], status, "", "")
 
-    async def add(options: RenderOptions, **source):
+    async def add(options: RenderOptions, request: gr.Request, **source):
         try:
-            record, duplicate = await service.add_document(options=options, **source)
+            record, duplicate = await service.add_document(options=options, client=client_of(request), **source)
         except Exception as exc:
             return _status_only(_fail(exc))
         name = record.title
         status = (f"**{_literal(name)}** was already stored with these settings: showing it." if duplicate
                   else f"Rendered **{_literal(name)}** into {record.pages} page(s).")
-        return shown([record], status + _warmth_note(service, record.id, context))
+        return shown([record], status + _warmth_note(service, record.id, context) + leave(request, [record.id]))
 
     copies = _UploadCopies()
 
@@ -363,24 +363,24 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             return (*_status_only(_fail(GlyphserveError(f"'{path.name}' was not found on the server after its "
                                                         "upload: upload it again"))), None)
         with copies.held(path, Path(demo.GRADIO_CACHE)):  # (read from it when its turn comes)
-            shown_now = await add(RenderOptions(preset, int(dpi), newline), path=path, filename=path.name,
-                                  name=path.name, client=client_of(request))
+            shown_now = await add(RenderOptions(preset, int(dpi), newline), request, path=path, filename=path.name,
+                                  name=path.name)
         return (*shown_now, None)  # and the upload box empties
 
     async def render_text(pasted, preset, dpi, newline, request: gr.Request):
         if not pasted or not pasted.strip():
             return _status_only(_fail(GlyphserveError("paste some text first")))
-        return await add(RenderOptions(preset, int(dpi), newline), text=pasted, client=client_of(request))
+        return await add(RenderOptions(preset, int(dpi), newline), request, text=pasted)
 
     async def load_example(preset, dpi, newline, request: gr.Request):
-        return await add(RenderOptions(preset, int(dpi), newline), data=EXAMPLE.read_bytes(), filename=EXAMPLE.name,
-                         name=EXAMPLE.name, client=client_of(request))
+        return await add(RenderOptions(preset, int(dpi), newline), request, data=EXAMPLE.read_bytes(),
+                         filename=EXAMPLE.name, name=EXAMPLE.name)
 
-    def select(document_ids):
+    async def select(document_ids, request: gr.Request):
         if not document_ids:
             return nothing_chosen("No document chosen: choose one from the list, or upload one.")
         try:
-            records = [service.store.get(d) for d in document_ids]
+            records = await asyncio.to_thread(lambda: [service.store.get(d) for d in document_ids])
         except NotFoundError as exc:
             return nothing_chosen(_deleted_status(names, document_ids, exc))
         except Exception as exc:
@@ -388,7 +388,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         what = ", ".join(f"**{_literal(r.title)}**" for r in records)
         together = (" Questions go to all of them together." if len(records) > 1
                     else _warmth_note(service, records[0].id, context))
-        return shown(records, f"Selected {what}." + together)
+        return shown(records, f"Selected {what}." + together + leave(request, document_ids))
 
     def cleared(document_ids):
         """The list emptied by its clear-all button, which the UI framework reports as a change but not as input:
@@ -478,6 +478,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         thinking = answer = None
 
         def stopped():
+            if mine.left:  # the page shows other documents now, with a chat of their own (``leave``)
+                return (gr.skip(),) * 8
             if thinking is not None:
                 thinking["metadata"]["status"] = "done"
             if thinking is None and answer is None:  # nothing came: the question goes back to its box
@@ -545,6 +547,19 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 questions.remove(mine)
             if not questions:
                 asked.pop(session, None)
+
+    def leave(request: gr.Request, document_ids: list[str]) -> str:
+        """Stop this session's questions about other documents than ``document_ids``, now shown in their place with
+        a chat of their own: an answer that went on wrote its conversation and its documents' pages over theirs (a
+        file uploaded while an answer came). The status's sentence on it. On the event loop, as ``stop_asked``."""
+        left = False
+        for mine in asked.get(request.session_hash if request is not None else "", []):
+            job = mine.job
+            if (job.documents or [job.document_id]) != document_ids and not mine.stop:
+                mine.stop = mine.left = True
+                service.scheduler.cancel(job)
+                left = True
+        return " The answer in progress, about the document shown before, was stopped." if left else ""
 
     async def stop_asked(request: gr.Request):
         """Stop this session's questions: a waiting one leaves the queue, a running one ends at its next token, one
@@ -673,10 +688,12 @@ def build_ui(service: GlyphService) -> gr.Blocks:
 
 @dataclass
 class _Asked:
-    """A session's question in flight, and whether its Stop was pressed."""
+    """A session's question in flight, whether its Stop was pressed, and whether the page left it for other
+    documents (``leave``)."""
 
     job: ChatJob
     stop: bool = False
+    left: bool = False
 
 
 def _text(content) -> str:

@@ -5,6 +5,8 @@ name, the API docs. Screenshots go to test-artifacts/ui/."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -309,8 +311,6 @@ def test_a_page_left_open_across_a_server_restart_asks_about_the_document_it_sho
     """The server restarted: the UI framework's per-session state is gone. The framework reloads the page once it
     has reconnected (a fresh page, nothing stale shown); a question sent before that is about the document the
     page still shows (it said "upload or select a document first")."""
-    import time
-
     from playwright.sync_api import Error, expect
 
     from tests.serve.conftest import Server
@@ -598,38 +598,15 @@ def test_a_question_over_several_documents_marks_the_pages_it_cites(browser_page
 def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir):
     """With the engine busy (one sequence at a time, a long answer streaming through the API), a question asked in
     the UI waits in the queue; Stop takes it out (a cancelled request), and the server goes on."""
-    import threading
-    import time
-
     from playwright.sync_api import expect
 
     from tests.serve.conftest import Server
     from tests.serve.test_api import upload_text
 
     server = Server(tmp_path / "data", str(tiny_model_dir), "--device", "cpu", "--max-num-seqs", "1").start()
-    busy = threading.Event()
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
-            document = upload_text(client, STORY)["id"]
-
-            def occupy():
-                body = {"messages": [{"role": "user", "content": "Tell the whole story."}], "document": document,
-                        "max_tokens": 3500, "ignore_eos": True, "stream": True}
-                with httpx.Client(base_url=server.url, timeout=120) as own, \
-                        own.stream("POST", "/v1/chat/completions", json=body) as reply:
-                    for _ in reply.iter_lines():
-                        busy.set()
-                        if stop_reading.is_set():
-                            return
-
-            stop_reading = threading.Event()
-            # Three long answers on one sequence: one runs, two wait, so the UI's question waits behind ~10,000
-            # tokens of work however fast the machine decodes (with one, a fast machine had finished it).
-            readers = [threading.Thread(target=occupy) for _ in range(3)]
-            for reader in readers:
-                reader.start()
-            assert busy.wait(60)
-            with ui_page(server.url) as page:
+            with busy_engine(server, upload_text(client, STORY)), ui_page(server.url) as page:
                 page.locator("#stored input").click()
                 page.locator("ul[role=listbox] li").first.click()
                 expect(page.locator("#pages img")).not_to_have_count(0, timeout=30_000)
@@ -644,18 +621,82 @@ def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir
                 # and is back in its box, to send again
                 expect(page.locator("#question textarea")).to_have_value("Who rowed out?")
                 expect(page.locator("#chat")).not_to_contain_text("Who rowed out?")
-                deadline = time.monotonic() + 60
-                while _metric(client, "glyphserve_requests_cancelled_total") < cancelled + 1:
-                    assert time.monotonic() < deadline, "the stopped question was never cancelled"
-                    time.sleep(0.1)
+                _wait_for_metric(client, "glyphserve_requests_cancelled_total", cancelled + 1)
                 assert _metric(client, "glyphserve_requests_cancelled_total") == cancelled + 1  # it, and only it
                 page.screenshot(path=str(ARTIFACTS / "stopped.png"), full_page=True)
-            stop_reading.set()
-            for reader in readers:
-                reader.join(60)
             assert client.get("/health").json()["status"] == "ok"
     finally:
         server.stop()
+
+
+def test_a_file_uploaded_while_an_answer_comes_stops_it_and_keeps_its_own_chat(tmp_path, tiny_model_dir):
+    """The page shows the new file with a chat of its own: the answer about the document before went on, and wrote
+    its conversation and that document's pages over the new one's (a new user's trial)."""
+    from playwright.sync_api import expect
+
+    from tests.serve.conftest import Server
+    from tests.serve.test_api import upload_text
+
+    server = Server(tmp_path / "data", str(tiny_model_dir), "--device", "cpu", "--max-num-seqs", "1").start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            with busy_engine(server, upload_text(client, STORY)), ui_page(server.url) as page:
+                page.locator("#stored input").click()
+                page.locator("ul[role=listbox] li").first.click()
+                expect(page.locator("#pages img")).not_to_have_count(0, timeout=30_000)
+                cancelled = _metric(client, "glyphserve_requests_cancelled_total")
+                page.locator("#question textarea").fill("Who rowed out?")
+                page.locator("#send").click()
+                expect(page.locator("#status")).to_contain_text("Answering", timeout=30_000)
+                document = tmp_path / "next.txt"
+                document.write_text("The next document.\n\n" + STORY, encoding="utf-8")
+                upload(page, document)
+                expect(page.locator("#status")).to_contain_text("Rendered next.txt", timeout=60_000)
+                expect(page.locator("#status")).to_contain_text("The answer in progress, about the document shown "
+                                                                "before, was stopped.")
+                _wait_for_metric(client, "glyphserve_requests_cancelled_total", cancelled + 1)
+                page.wait_for_timeout(500)  # (an answer going on would write within this)
+                expect(page.locator("#chat")).not_to_contain_text("Who rowed out?")
+                expect(page.locator("#status")).to_contain_text("Rendered next.txt")
+            assert client.get("/health").json()["status"] == "ok"
+    finally:
+        server.stop()
+
+
+@contextmanager
+def busy_engine(server, document: dict):
+    """Three long answers about ``document`` streamed through the API on a server of one sequence: one runs, two
+    wait, so a question asked meanwhile waits behind ~10,000 tokens of work however fast the machine decodes (with
+    one, a fast machine had finished it). They are left when the block ends."""
+    busy, leave = threading.Event(), threading.Event()
+
+    def occupy():
+        body = {"messages": [{"role": "user", "content": "Tell the whole story."}], "document": document["id"],
+                "max_tokens": 3500, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=server.url, timeout=120) as own, \
+                own.stream("POST", "/v1/chat/completions", json=body) as reply:
+            for _ in reply.iter_lines():
+                busy.set()
+                if leave.is_set():
+                    return
+
+    readers = [threading.Thread(target=occupy) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        assert busy.wait(60)
+        yield
+    finally:
+        leave.set()
+        for reader in readers:
+            reader.join(60)
+
+
+def _wait_for_metric(client: httpx.Client, name: str, value: float, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while _metric(client, name) < value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.1)
 
 
 def test_the_answer_length_sliders_top_answers(tmp_path, tiny_model_dir):
