@@ -26,20 +26,22 @@ DISMISS_TOASTS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
 # or refused ("upload or select a document first") with the upload's status written over the refusal: the handler
 # reads the chosen documents as it starts, and the upload chooses its document as it ends. So the page counts its
 # uploads in flight (``window.glyphserveUploads``: from the file picked or dropped on the upload box, ``_WATCH_UPLOADS``,
-# until the upload's event has ended, UPLOAD_ENDED, or its request failed, REPORT_FAILED_UPLOADS), and a question waits
-# for them, at most UPLOAD_WAIT_S (a count a lost request never ended), before its handler runs.
+# until the upload's event has ended, UPLOAD_ENDED, or its request failed, REPORT_FAILED_UPLOADS), and a question
+# first waits for them, at most UPLOAD_WAIT_S (then the count is dropped: a request lost uncounted never ends it), in
+# an event of its own: the question's handler follows it, given its inputs as they are then (the emptied chat: an
+# event's own js hands on the inputs as they were before it waited, the chat about the document before).
 UPLOAD_WAIT_S = 300
-ASK_AFTER_UPLOADS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
+WAIT_FOR_UPLOADS = f"""async () => {{{_CLOSE_TOASTS}
     if (window.glyphserveUploads) await window.glyphserveUploads.idle({UPLOAD_WAIT_S * 1000});
-    return inputs;
 }}"""
 UPLOAD_ENDED = "() => { if (window.glyphserveUploads) window.glyphserveUploads.ended(); }"
 # The UI framework refuses a file over the size limit in the page, before sending it, with a toast and no event of
 # ours: the status box went on saying what the action before did (an earlier upload's error beside the refusal),
 # and the toasts before stayed. So the page refuses such a file first (picked, or dropped on the upload box; the
 # framework's listeners never see it) and reports it by pressing a hidden button (#upload-refused) that holds its
-# name and size: the server says why, as for any upload it refuses (``_refused_upload``). A file it takes is counted
-# in flight (ASK_AFTER_UPLOADS). Run at page load.
+# name and size: the server says why, as for any upload it refuses (``_refused_upload``). A file the upload box takes
+# (picked, or dropped on its button: the box's label takes none) is counted in flight (WAIT_FOR_UPLOADS). Run at page
+# load.
 _WATCH_UPLOADS = """() => {
     const uploads = window.glyphserveUploads = {
         count: 0,
@@ -50,14 +52,23 @@ _WATCH_UPLOADS = """() => {
             if (!this.count) this.waiting.splice(0).forEach((wake) => wake());
         },
         idle(most) {
-            return this.count ? new Promise((wake) => { this.waiting.push(wake); setTimeout(wake, most); }) : null;
+            if (!this.count) return null;
+            return new Promise((wake) => {
+                this.waiting.push(wake);
+                setTimeout(() => {  // still waiting: the count is dropped
+                    if (this.waiting.includes(wake)) {
+                        this.count = 1;
+                        this.ended();
+                    }
+                }, most);
+            });
         },
     };
     const refuse = (event, files) => {
         if (!(event.target instanceof Element) || !event.target.closest('#upload') || !files || !files.length) return;
         const over = Array.from(files).find((file) => file.size > LIMIT);
         if (!over) {
-            uploads.began();
+            if (event.target.closest('#upload .upload-container')) uploads.began();
             return;
         }
         event.stopPropagation();  // (capturing: before the upload box's own listeners)
@@ -184,17 +195,19 @@ KEEP_EVENT_STREAM = """<script>
 # that stalls) got the UI framework's toast "HTTP 503: " and the server's JSON error body, raw, and the status box
 # went on saying what the action before did. The failed response's body becomes the server's message alone (the
 # toast reads "HTTP 503: the server is busy ..."), and the page reports the refusal by pressing the hidden button
-# (#upload-refused) with the files' names and the message, for the status box (``ui._refused_upload``).
+# (#upload-refused) with the files' names and the message, for the status box (``ui._refused_upload``). An upload
+# request failed, or not answered, ends its count in flight (WAIT_FOR_UPLOADS). The upload's request alone: the
+# framework's reads of its progress (``upload_progress``) are aborted at times while the upload goes on.
 REPORT_FAILED_UPLOADS = """<script>
 (() => {
     const send = window.fetch.bind(window);
     window.fetch = async (input, init) => {
-        const url = input instanceof Request ? input.url : String(input);
-        if (!url.includes('/gradio_api/upload')) return send(input, init);
+        const url = new URL(input instanceof Request ? input.url : String(input), window.location.href);
+        if (!url.pathname.endsWith('/gradio_api/upload')) return send(input, init);
         let response;
         try {
             response = await send(input, init);
-        } catch (error) {  // no answer: the upload's event will not come (ASK_AFTER_UPLOADS)
+        } catch (error) {  // no answer: the upload's event will not come
             if (window.glyphserveUploads) window.glyphserveUploads.ended();
             throw error;
         }

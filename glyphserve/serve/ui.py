@@ -38,7 +38,7 @@ from glyphserve.serve.upload_queue import client_of
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.intake import DPIS, NEWLINES, PRESETS, RenderOptions, check_upload_size
-from glyphserve.serve.page_scripts import (ASK_AFTER_UPLOADS, DISMISS_TOASTS, PAGE_HEAD, REFUSED_FILE, UPLOAD_ENDED,
+from glyphserve.serve.page_scripts import (DISMISS_TOASTS, PAGE_HEAD, REFUSED_FILE, UPLOAD_ENDED, WAIT_FOR_UPLOADS,
                                            watch_uploads)
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import DocumentRecord
@@ -378,9 +378,14 @@ def build_ui(service: GlyphService) -> gr.Blocks:
 
     async def select(document_ids, request: gr.Request):
         if not document_ids:
-            return nothing_chosen("No document chosen: choose one from the list, or upload one.")
+            return await asyncio.to_thread(nothing_chosen, "No document chosen: choose one from the list, or upload "
+                                                           "one.")
+        return await asyncio.to_thread(selected, document_ids, leave(request, document_ids))
+
+    def selected(document_ids, stopped: str):
+        """The page for the chosen documents; ``stopped``: what ``leave`` said (the store is read off the loop)."""
         try:
-            records = await asyncio.to_thread(lambda: [service.store.get(d) for d in document_ids])
+            records = [service.store.get(d) for d in document_ids]
         except NotFoundError as exc:
             return nothing_chosen(_deleted_status(names, document_ids, exc))
         except Exception as exc:
@@ -388,7 +393,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         what = ", ".join(f"**{_literal(r.title)}**" for r in records)
         together = (" Questions go to all of them together." if len(records) > 1
                     else _warmth_note(service, records[0].id, context))
-        return shown(records, f"Selected {what}." + together + leave(request, document_ids))
+        return shown(records, f"Selected {what}." + together + stopped)
 
     def cleared(document_ids):
         """The list emptied by its clear-all button, which the UI framework reports as a change but not as input:
@@ -472,7 +477,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                       documents=list(document_ids) if len(document_ids) > 1 else None, page_selection=page_selection)
         before = list(history)
         history.append({"role": "user", "content": _plain(question)})
-        session = request.session_hash if request is not None else ""
+        session = _session(request)
         mine = _Asked(job)
         asked.setdefault(session, []).append(mine)
         thinking = answer = None
@@ -553,9 +558,9 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         a chat of their own: an answer that went on wrote its conversation and its documents' pages over theirs (a
         file uploaded while an answer came). The status's sentence on it. On the event loop, as ``stop_asked``."""
         left = False
-        for mine in asked.get(request.session_hash if request is not None else "", []):
+        for mine in asked.get(_session(request), []):
             job = mine.job
-            if (job.documents or [job.document_id]) != document_ids and not mine.stop:
+            if set(job.documents or [job.document_id]) != set(document_ids) and not mine.stop:
                 mine.stop = mine.left = True
                 service.scheduler.cancel(job)
                 left = True
@@ -565,7 +570,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         """Stop this session's questions: a waiting one leaves the queue, a running one ends at its next token, one
         still being prepared is not asked; each question's own handler then shows what came (nothing here: a
         question may have just ended). On the event loop: Ray Serve's scheduler cancels on it."""
-        for mine in asked.get(request.session_hash if request is not None else "", []):
+        for mine in asked.get(_session(request), []):
             mine.stop = True
             service.scheduler.cancel(mine.job)
 
@@ -673,9 +678,12 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         # (the document list last: the named endpoint's earlier parameters keep their places)
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection, stored]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]
-        asking = {"js": ASK_AFTER_UPLOADS, "concurrency_limit": service.config.queue_size}
-        send.click(chat, chat_inputs, chat_outputs, api_name="chat", **asking)
-        question.submit(chat, chat_inputs, chat_outputs, api_name=False, **asking)
+        # A question first waits, in the page, for the uploads in flight (WAIT_FOR_UPLOADS); its handler follows.
+        asking = {"concurrency_limit": service.config.queue_size}
+        send.click(None, js=WAIT_FOR_UPLOADS, api_name=False).then(chat, chat_inputs, chat_outputs, api_name="chat",
+                                                                   **asking)
+        question.submit(None, js=WAIT_FOR_UPLOADS, api_name=False).then(chat, chat_inputs, chat_outputs,
+                                                                        api_name=False, **asking)
         # Stop withdraws the session's question from the scheduler (a queued question leaves the queue, a running
         # one ends at its next token), and the question's handler shows the outcome: the UI framework's own
         # cancelling (cancels=) sometimes left the answer running, or the status at "Answering…" for good.
@@ -694,6 +702,11 @@ class _Asked:
     job: ChatJob
     stop: bool = False
     left: bool = False
+
+
+def _session(request: gr.Request | None) -> str:
+    """The page's session (its questions in flight are kept by it)."""
+    return request.session_hash if request is not None else ""
 
 
 def _text(content) -> str:
