@@ -27,20 +27,34 @@ DISMISS_TOASTS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
 # reads the chosen documents as it starts, and the upload chooses its document as it ends. So the page counts its
 # uploads in flight (``window.glyphserveUploads``: from the file picked or dropped on the upload box, ``_WATCH_UPLOADS``,
 # until the upload's event has ended, UPLOAD_ENDED, or its request failed, REPORT_FAILED_UPLOADS), and a question
-# first waits for them, at most UPLOAD_WAIT_S (then the count is dropped: a request lost uncounted never ends it), in
-# an event of its own: the question's handler follows it, given its inputs as they are then (the emptied chat: an
-# event's own js hands on the inputs as they were before it waited, the chat about the document before).
+# waits for them, at most UPLOAD_WAIT_S (then the count is dropped: a request lost uncounted never ends it), before
+# its handler runs. The inputs it hands on are the page's as the question was sent, but for the chat: the one the
+# upload emptied, if it did so meanwhile (showing its document), or the conversation about the document before went
+# with the question and came back over the new document's chat.
 UPLOAD_WAIT_S = 300
-WAIT_FOR_UPLOADS = f"""async () => {{{_CLOSE_TOASTS}
-    if (window.glyphserveUploads) await window.glyphserveUploads.idle({UPLOAD_WAIT_S * 1000});
+_ASK_AFTER_UPLOADS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
+    const uploads = window.glyphserveUploads;
+    if (uploads && uploads.count) {{
+        await uploads.idle({UPLOAD_WAIT_S * 1000});
+        if (!document.querySelector('#chat .message-row')) inputs[CHAT] = [];
+    }}
+    return inputs;
 }}"""
+
+
+def ask_after_uploads(chat_input: int) -> str:
+    """A question's script (its event's ``js``): it waits for the uploads in flight; ``chat_input`` is the place of
+    the chat among the event's inputs."""
+    return _ASK_AFTER_UPLOADS.replace("CHAT", str(int(chat_input)))
+
+
 UPLOAD_ENDED = "() => { if (window.glyphserveUploads) window.glyphserveUploads.ended(); }"
 # The UI framework refuses a file over the size limit in the page, before sending it, with a toast and no event of
 # ours: the status box went on saying what the action before did (an earlier upload's error beside the refusal),
 # and the toasts before stayed. So the page refuses such a file first (picked, or dropped on the upload box; the
 # framework's listeners never see it) and reports it by pressing a hidden button (#upload-refused) that holds its
 # name and size: the server says why, as for any upload it refuses (``_refused_upload``). A file the upload box takes
-# (picked, or dropped on its button: the box's label takes none) is counted in flight (WAIT_FOR_UPLOADS). Run at page
+# (picked, or dropped on its button: the box's label takes none) is counted in flight (``ask_after_uploads``). Run at page
 # load.
 _WATCH_UPLOADS = """() => {
     const uploads = window.glyphserveUploads = {
@@ -196,7 +210,7 @@ KEEP_EVENT_STREAM = """<script>
 # went on saying what the action before did. The failed response's body becomes the server's message alone (the
 # toast reads "HTTP 503: the server is busy ..."), and the page reports the refusal by pressing the hidden button
 # (#upload-refused) with the files' names and the message, for the status box (``ui._refused_upload``). An upload
-# request failed, or not answered, ends its count in flight (WAIT_FOR_UPLOADS). The upload's request alone: the
+# request failed, or not answered, ends its count in flight (``ask_after_uploads``). The upload's request alone: the
 # framework's reads of its progress (``upload_progress``) are aborted at times while the upload goes on.
 REPORT_FAILED_UPLOADS = """<script>
 (() => {

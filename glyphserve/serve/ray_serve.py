@@ -125,7 +125,8 @@ class DocumentAffinityRouter(RequestRouter):
 
 @dataclass
 class ReplicaReport:
-    """Sent by a replica before a request's first token (where it runs) and before its Reply (its counters)."""
+    """Sent by a replica before a request's first token (where it runs) and before its Reply (its counters), and
+    given when the front asks (``EngineReplica.report``: its context)."""
 
     replica: str
     pid: int

@@ -133,11 +133,16 @@ class GlyphService:
         """``/v1/models`` entries, one per served name (vLLM's fields)."""
         info = self.describe()
         root = self.config.model or self.config.random_weights or info["model"]
-        max_len = None
-        if self.has_model:  # a front reports the least its replicas hold (None unless each says)
-            max_len = self.engine.max_context if self.remote else self.engine.stats().get("max_context")
         return [{"id": name, "object": "model", "created": self.created, "owned_by": "glyphserve", "root": root,
-                 "parent": None, "max_model_len": max_len, "backend": info["backend"]} for name in self.model_names]
+                 "parent": None, "max_model_len": self.max_context(), "backend": info["backend"]}
+                for name in self.model_names]
+
+    def max_context(self) -> int | None:
+        """The model's context (prompt + answer tokens); None without a model or while unknown. A front reports the
+        least its servers hold (None unless each says); engine replicas are asked (blocking: call it off the loop)."""
+        if not self.has_model:
+            return None
+        return self.engine.max_context if self.remote else self.engine.stats().get("max_context")
 
     def close(self) -> None:
         from glyphserve.ingest import shutdown_parsers

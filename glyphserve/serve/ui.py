@@ -38,7 +38,7 @@ from glyphserve.serve.upload_queue import client_of
 from glyphserve.serve.scheduler import Cancelled
 from glyphserve.serve.config import ServeConfig
 from glyphserve.serve.intake import DPIS, NEWLINES, PRESETS, RenderOptions, check_upload_size
-from glyphserve.serve.page_scripts import (DISMISS_TOASTS, PAGE_HEAD, REFUSED_FILE, UPLOAD_ENDED, WAIT_FOR_UPLOADS,
+from glyphserve.serve.page_scripts import (DISMISS_TOASTS, PAGE_HEAD, REFUSED_FILE, UPLOAD_ENDED, ask_after_uploads,
                                            watch_uploads)
 from glyphserve.serve.service import GlyphService
 from glyphserve.serve.store import DocumentRecord
@@ -627,9 +627,7 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                     use_cache = gr.Checkbox(value=True, label="Use caches", elem_id="use-cache",
                                             info="Reuse the pages' vision features and the document's prefix: "
                                                  "follow-up questions start at once")
-                    # At most half the context, so that the top answers (the whole context, a small one's top,
-                    # left no room for a page: every question refused), in the slider's steps of 16.
-                    longest = max(16, min(8192, context // 2 // 16 * 16)) if context else 8192
+                    longest = _longest_answer(context)
                     max_tokens = gr.Slider(16, longest, value=min(GenerationSettings.max_tokens, longest),
                                            step=16, label="Maximum answer tokens (max_tokens)", elem_id="max-tokens",
                                            info="Glyph thinks before it answers: long answers need room, and "
@@ -678,12 +676,9 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         # (the document list last: the named endpoint's earlier parameters keep their places)
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection, stored]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]
-        # A question first waits, in the page, for the uploads in flight (WAIT_FOR_UPLOADS); its handler follows.
-        asking = {"concurrency_limit": service.config.queue_size}
-        send.click(None, js=WAIT_FOR_UPLOADS, api_name=False).then(chat, chat_inputs, chat_outputs, api_name="chat",
-                                                                   **asking)
-        question.submit(None, js=WAIT_FOR_UPLOADS, api_name=False).then(chat, chat_inputs, chat_outputs,
-                                                                        api_name=False, **asking)
+        asking = {"js": ask_after_uploads(chat_inputs.index(chatbot)), "concurrency_limit": service.config.queue_size}
+        send.click(chat, chat_inputs, chat_outputs, api_name="chat", **asking)
+        question.submit(chat, chat_inputs, chat_outputs, api_name=False, **asking)
         # Stop withdraws the session's question from the scheduler (a queued question leaves the queue, a running
         # one ends at its next token), and the question's handler shows the outcome: the UI framework's own
         # cancelling (cancels=) sometimes left the answer running, or the status at "Answering…" for good.
@@ -691,6 +686,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         clear.click(lambda: ([], "", "", ""), None, [chatbot, answer_stats, evidence_html, status],
                     api_name="clear_chat", js=DISMISS_TOASTS)
         demo.load(lambda: gr.update(choices=choices()), None, stored, api_name="list_documents")
+        if service.has_model and context is None:  # (engine replicas: known once one of them is up)
+            demo.load(lambda: _answer_length_slider(service.max_context()), None, max_tokens, api_name=False)
     return demo
 
 
@@ -702,6 +699,20 @@ class _Asked:
     job: ChatJob
     stop: bool = False
     left: bool = False
+
+
+def _longest_answer(context: int | None) -> int:
+    """The answer-length slider's top: at most half the context, so that the top answers (the whole context, a
+    small one's top, left no room for a page: every question refused), in the slider's steps of 16."""
+    return max(16, min(8192, context // 2 // 16 * 16)) if context else 8192
+
+
+def _answer_length_slider(context: int | None):
+    """The answer-length slider for ``context``, learnt after the page was built (nothing while still unknown)."""
+    if not context:
+        return gr.skip()
+    longest = _longest_answer(context)
+    return gr.update(maximum=longest, value=min(GenerationSettings.max_tokens, longest))
 
 
 def _session(request: gr.Request | None) -> str:
