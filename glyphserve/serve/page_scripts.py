@@ -30,9 +30,16 @@ DISMISS_TOASTS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
 # waits for them, at most UPLOAD_WAIT_S (then the count is dropped: a request lost uncounted never ends it), before
 # its handler runs. The inputs it hands on are the page's as the question was sent, but for the chat: the one the
 # upload emptied, if it did so meanwhile (showing its document), or the conversation about the document before went
-# with the question and came back over the new document's chat.
+# with the question and came back over the new document's chat. The question box is emptied in the page as the
+# question is sent, not by its handler as it starts: a question that waited had its handler wipe the next one,
+# typed meanwhile.
 UPLOAD_WAIT_S = 300
-_ASK_AFTER_UPLOADS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
+_ASK_AFTER_UPLOADS = f"""async (...inputs) => {{
+    const box = document.querySelector('#question textarea');
+    if (box && box.value === inputs[QUESTION]) {{
+        box.value = '';
+        box.dispatchEvent(new Event('input', {{bubbles: true}}));
+    }}{_CLOSE_TOASTS}
     const uploads = window.glyphserveUploads;
     if (uploads && uploads.count) {{
         await uploads.idle({UPLOAD_WAIT_S * 1000});
@@ -42,10 +49,10 @@ _ASK_AFTER_UPLOADS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
 }}"""
 
 
-def ask_after_uploads(chat_input: int) -> str:
-    """A question's script (its event's ``js``): it waits for the uploads in flight; ``chat_input`` is the place of
-    the chat among the event's inputs."""
-    return _ASK_AFTER_UPLOADS.replace("CHAT", str(int(chat_input)))
+def ask_after_uploads(question_input: int, chat_input: int) -> str:
+    """A question's script (its event's ``js``): it empties the question box and waits for the uploads in flight;
+    ``question_input`` and ``chat_input`` are the places of the question and the chat among the event's inputs."""
+    return _ASK_AFTER_UPLOADS.replace("QUESTION", str(int(question_input))).replace("CHAT", str(int(chat_input)))
 
 
 UPLOAD_ENDED = "() => { if (window.glyphserveUploads) window.glyphserveUploads.ended(); }"

@@ -457,11 +457,11 @@ def build_ui(service: GlyphService) -> gr.Blocks:
             try:
                 document_ids = [d for d in listed if _stored_record(service, d) is not None]
             except Exception as exc:  # the store failing (its message is the user's to read)
-                yield history, gr.skip(), gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
+                yield history, question, gr.skip(), _fail(exc), gr.skip(), gr.skip(), *keep
                 return
             keep = (document_ids, gr.skip())
         if not document_ids:
-            yield (history, gr.skip(), gr.skip(), _fail(GlyphserveError("upload or select a document first")),
+            yield (history, question, gr.skip(), _fail(GlyphserveError("upload or select a document first")),
                    gr.skip(), gr.skip(), *keep)
             return
         if not question or not question.strip():
@@ -493,7 +493,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
                 gr.skip(), gr.skip(), *keep
 
         try:
-            yield history, "", "", "Answering…", "", gr.skip(), *keep  # (inside: a close here still unregisters)
+            # (the question box was emptied in the page as it was sent: ``ask_after_uploads``)
+            yield history, gr.skip(), "", "Answering…", "", gr.skip(), *keep  # (inside: a close still unregisters)
             prepared = await service.prepare(job)  # (pages chosen and read: Stop may come meanwhile)
             if mine.stop:
                 yield stopped()
@@ -676,7 +677,8 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         # (the document list last: the named endpoint's earlier parameters keep their places)
         chat_inputs = [question, chatbot, document, use_cache, max_tokens, temperature, page_selection, stored]
         chat_outputs = [chatbot, question, answer_stats, status, evidence_html, gallery, document, stored]
-        asking = {"js": ask_after_uploads(chat_inputs.index(chatbot)), "concurrency_limit": service.config.queue_size}
+        asking = {"js": ask_after_uploads(chat_inputs.index(question), chat_inputs.index(chatbot)),
+                  "concurrency_limit": service.config.queue_size}
         send.click(chat, chat_inputs, chat_outputs, api_name="chat", **asking)
         question.submit(chat, chat_inputs, chat_outputs, api_name=False, **asking)
         # Stop withdraws the session's question from the scheduler (a queued question leaves the queue, a running

@@ -166,7 +166,14 @@ def test_a_question_sent_as_a_file_uploads_is_asked_about_that_file(browser_page
     document.write_text("The ferry was called the Morning Star.\n\n" + "\n\n".join([STORY] * 30), encoding="utf-8")
     upload(page, document)
     page.locator("#question textarea").press("Enter")
+    # Its box is emptied as it is sent, and the next question, typed while it waits for the upload, stays there
+    # (the handler emptied the box as it began, wiping it).
+    expect(page.locator("#question textarea")).to_have_value("")
+    assert page.evaluate("window.glyphserveUploads.count") == 1  # (still waiting: the file renders for a second)
+    page.locator("#question textarea").fill("Who was its captain?")
+    page.locator("#question textarea").blur()  # (the page does not write into a box being typed in)
     expect(page.locator("#status")).to_contain_text("Done.", timeout=60_000)
+    expect(page.locator("#question textarea")).to_have_value("Who was its captain?")
     expect(page.locator("#chat")).to_contain_text("Morning Star")
     expect(page.locator("#chat")).not_to_contain_text("schooner")  # a chat of its own
     expect(page.locator("#status")).not_to_contain_text("Rendered")  # the answer's status, not the upload's
