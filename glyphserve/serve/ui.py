@@ -453,6 +453,14 @@ def build_ui(service: GlyphService) -> gr.Blocks:
         is no conversation to send with the next question); Stop ends it with what was answered kept."""
         history = list(history or [])
         keep = (gr.skip(),) * 2  # the chosen documents and the list, as they are
+        if any(not a.stop for a in asked.get(_session(request), [])):
+            # One answer at a time in a page (the framework ignores Send during Send's answer, not Enter): two
+            # answers came into one chat, each writing its conversation over the other's. Refused in a toast (the
+            # answer's status stays) with the question back in its box, to send again.
+            _fail(GlyphserveError("an answer is still coming: send the next question once it has ended, or press "
+                                  "Stop first"))
+            yield gr.skip(), question, *(gr.skip(),) * 6
+            return
         if not document_ids and listed:  # the session's state was lost (a server restart), the page still shows them
             try:
                 document_ids = [d for d in listed if _stored_record(service, d) is not None]

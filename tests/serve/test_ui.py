@@ -627,6 +627,14 @@ def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir
                 page.locator("#send").click()
                 expect(page.locator("#status")).to_contain_text("Answering", timeout=30_000)
                 assert client.get("/health").json()["queue_depth"] >= 1  # it waits behind the API's answers
+                # A second question meanwhile (Enter, beside Send's answer) is refused, back in its box: it came
+                # into the same chat, each answer writing its conversation over the other's.
+                page.locator("#question textarea").fill("And who steered?")
+                page.locator("#question textarea").press("Enter")
+                expect(page.locator(".toast-body")).to_contain_text("an answer is still coming", timeout=30_000)
+                expect(page.locator("#question textarea")).to_have_value("And who steered?")
+                expect(page.locator("#chat")).not_to_contain_text("And who steered?")
+                expect(page.locator("#status")).to_contain_text("Answering")
                 page.locator("#stop").click()
                 expect(page.locator("#status")).to_contain_text("Stopped before any answer came", timeout=30_000)
                 # nothing was answered: the question leaves the chat (no conversation to send with the next one)
