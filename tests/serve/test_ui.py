@@ -101,6 +101,17 @@ def set_slider(page, elem_id: str, value: str) -> None:
                          f"{page.evaluate('document.activeElement && document.activeElement.outerHTML')[:200]}")
 
 
+def upload_story(page, path: Path, first_line: str) -> Path:
+    """Upload ``first_line`` and the story as the file ``path`` (a name and content of its own: not another test's
+    upload), once it is rendered."""
+    from playwright.sync_api import expect
+
+    path.write_text(f"{first_line}\n\n{STORY}", encoding="utf-8")
+    upload(page, path)
+    expect(page.locator("#status")).to_contain_text(f"Rendered {path.name}", timeout=60_000)
+    return path
+
+
 def stored_names(server) -> list[str]:
     return [d["name"] for d in httpx.get(f"{server.url}/v1/documents").json()["documents"]]
 
@@ -153,10 +164,7 @@ def test_a_question_sent_as_a_file_uploads_is_asked_about_that_file(browser_page
     from playwright.sync_api import expect
 
     page = browser_page
-    first = tmp_path / "before.txt"
-    first.write_text("The document before.\n\n" + STORY, encoding="utf-8")
-    upload(page, first)
-    expect(page.locator("#status")).to_contain_text("Rendered before.txt", timeout=60_000)
+    upload_story(page, tmp_path / "before.txt", "The document before.")
     page.locator("#question textarea").fill("Which schooner hit the rocks?")
     page.locator("#send").click()
     expect(page.locator("#status")).to_contain_text("Done.", timeout=60_000)
@@ -184,10 +192,7 @@ def test_the_same_file_twice_is_stored_once(browser_page, extractive_server, tmp
     from playwright.sync_api import expect
 
     page = browser_page
-    document = tmp_path / "twice.txt"
-    document.write_text("A document uploaded twice.\n\n" + STORY, encoding="utf-8")
-    upload(page, document)
-    expect(page.locator("#status")).to_contain_text("Rendered twice.txt", timeout=60_000)
+    document = upload_story(page, tmp_path / "twice.txt", "A document uploaded twice.")
     count = stored_names(extractive_server).count("twice.txt")
     # The upload box empties once the file is stored (the UI framework's copy of it is gone).
     expect(page.locator("#upload button[aria-label='Clear']")).to_have_count(0)
@@ -363,10 +368,7 @@ def test_rename_and_delete(browser_page, extractive_server, tmp_path):
     from playwright.sync_api import expect
 
     page = browser_page
-    document = tmp_path / "draft.txt"
-    document.write_text("A document to rename and delete.\n\n" + STORY, encoding="utf-8")
-    upload(page, document)
-    expect(page.locator("#status")).to_contain_text("Rendered draft.txt", timeout=60_000)
+    upload_story(page, tmp_path / "draft.txt", "A document to rename and delete.")
     page.locator("#name textarea").fill("Final report")
     page.locator("#rename").click()
     expect(page.locator("#status")).to_contain_text("Renamed to Final report")
@@ -385,10 +387,7 @@ def test_delete_acts_only_on_the_document_shown_as_chosen(browser_page, extracti
     from playwright.sync_api import expect
 
     page = browser_page
-    document = tmp_path / "keep.txt"
-    document.write_text("A document that must survive.\n\n" + STORY, encoding="utf-8")
-    upload(page, document)
-    expect(page.locator("#status")).to_contain_text("Rendered keep.txt", timeout=60_000)
+    upload_story(page, tmp_path / "keep.txt", "A document that must survive.")
     page.locator("#stored .remove-all").click()
     expect(page.locator("#pages img")).to_have_count(0)
     expect(page.locator("#name textarea")).to_have_value("")
@@ -396,10 +395,7 @@ def test_delete_acts_only_on_the_document_shown_as_chosen(browser_page, extracti
     expect(page.locator("#status")).to_contain_text("choose one document to delete")
     assert "keep.txt" in stored_names(extractive_server)
 
-    other = tmp_path / "gone.txt"
-    other.write_text("A document deleted through the API.\n\n" + STORY, encoding="utf-8")
-    upload(page, other)
-    expect(page.locator("#status")).to_contain_text("Rendered gone.txt", timeout=60_000)
+    upload_story(page, tmp_path / "gone.txt", "A document deleted through the API.")
     (gone,) = [d["id"] for d in httpx.get(f"{extractive_server.url}/v1/documents").json()["documents"]
                if d["name"] == "gone.txt"]
     assert httpx.delete(f"{extractive_server.url}/v1/documents/{gone}").json()["deleted"] is True
@@ -612,46 +608,45 @@ def test_stop_takes_a_waiting_question_out_of_the_queue(tmp_path, tiny_model_dir
     the UI waits in the queue; Stop takes it out (a cancelled request), and the server goes on."""
     from playwright.sync_api import expect
 
-    from tests.serve.conftest import Server
-    from tests.serve.test_api import upload_text
-
-    server = Server(tmp_path / "data", str(tiny_model_dir), "--device", "cpu", "--max-num-seqs", "1").start()
-    try:
-        with httpx.Client(base_url=server.url, timeout=120) as client:
-            with busy_engine(server, upload_text(client, STORY)), ui_page(server.url) as page:
-                page.locator("#stored input").click()
-                page.locator("ul[role=listbox] li").first.click()
-                expect(page.locator("#pages img")).not_to_have_count(0, timeout=30_000)
-                cancelled = _metric(client, "glyphserve_requests_cancelled_total")
-                page.locator("#question textarea").fill("Who rowed out?")
-                page.locator("#send").click()
-                expect(page.locator("#status")).to_contain_text("Answering", timeout=30_000)
-                assert client.get("/health").json()["queue_depth"] >= 1  # it waits behind the API's answers
-                # A second question meanwhile (Enter, beside Send's answer) is refused, back in its box: it came
-                # into the same chat, each answer writing its conversation over the other's.
-                page.locator("#question textarea").fill("And who steered?")
-                page.locator("#question textarea").press("Enter")
-                expect(page.locator(".toast-body")).to_contain_text("an answer is still coming", timeout=30_000)
-                expect(page.locator("#question textarea")).to_have_value("And who steered?")
-                expect(page.locator("#chat")).not_to_contain_text("And who steered?")
-                expect(page.locator("#status")).to_contain_text("Answering")
-                page.locator("#stop").click()
-                expect(page.locator("#status")).to_contain_text("Stopped before any answer came", timeout=30_000)
-                # nothing was answered: the question leaves the chat (no conversation to send with the next one)
-                # and is back in its box, to send again
-                expect(page.locator("#question textarea")).to_have_value("Who rowed out?")
-                expect(page.locator("#chat")).not_to_contain_text("Who rowed out?")
-                _wait_for_metric(client, "glyphserve_requests_cancelled_total", cancelled + 1)
-                assert _metric(client, "glyphserve_requests_cancelled_total") == cancelled + 1  # it, and only it
-                page.screenshot(path=str(ARTIFACTS / "stopped.png"), full_page=True)
-            assert client.get("/health").json()["status"] == "ok"
-    finally:
-        server.stop()
+    with question_waiting(tmp_path, tiny_model_dir) as (client, page, cancelled):
+        # A second question meanwhile (Enter, beside Send's answer) is refused, back in its box: it came into the
+        # same chat, each answer writing its conversation over the other's.
+        page.locator("#question textarea").fill("And who steered?")
+        page.locator("#question textarea").press("Enter")
+        expect(page.locator(".toast-body")).to_contain_text("an answer is still coming", timeout=30_000)
+        expect(page.locator("#question textarea")).to_have_value("And who steered?")
+        expect(page.locator("#chat")).not_to_contain_text("And who steered?")
+        expect(page.locator("#status")).to_contain_text("Answering")
+        page.locator("#stop").click()
+        expect(page.locator("#status")).to_contain_text("Stopped before any answer came", timeout=30_000)
+        # nothing was answered: the question leaves the chat (no conversation to send with the next one) and is
+        # back in its box, to send again
+        expect(page.locator("#question textarea")).to_have_value("Who rowed out?")
+        expect(page.locator("#chat")).not_to_contain_text("Who rowed out?")
+        _wait_for_metric(client, "glyphserve_requests_cancelled_total", cancelled + 1)
+        assert _metric(client, "glyphserve_requests_cancelled_total") == cancelled + 1  # it, and only it
+        page.screenshot(path=str(ARTIFACTS / "stopped.png"), full_page=True)
 
 
 def test_a_file_uploaded_while_an_answer_comes_stops_it_and_keeps_its_own_chat(tmp_path, tiny_model_dir):
     """The page shows the new file with a chat of its own: the answer about the document before went on, and wrote
     its conversation and that document's pages over the new one's (a new user's trial)."""
+    from playwright.sync_api import expect
+
+    with question_waiting(tmp_path, tiny_model_dir) as (client, page, cancelled):
+        upload_story(page, tmp_path / "next.txt", "The next document.")
+        expect(page.locator("#status")).to_contain_text("The answer in progress, about the document shown before, "
+                                                        "was stopped.")
+        _wait_for_metric(client, "glyphserve_requests_cancelled_total", cancelled + 1)
+        expect(page.locator("#chat")).not_to_contain_text("Who rowed out?")
+        expect(page.locator("#status")).to_contain_text("Rendered next.txt")
+
+
+@contextmanager
+def question_waiting(tmp_path: Path, tiny_model_dir: Path):
+    """A tiny-model server of one sequence kept busy (``busy_engine``), its page showing the stored story and the
+    question "Who rowed out?" sent there, waiting in the queue: yields (API client, page, cancelled requests before
+    it). The server is checked healthy after the block."""
     from playwright.sync_api import expect
 
     from tests.serve.conftest import Server
@@ -668,15 +663,8 @@ def test_a_file_uploaded_while_an_answer_comes_stops_it_and_keeps_its_own_chat(t
                 page.locator("#question textarea").fill("Who rowed out?")
                 page.locator("#send").click()
                 expect(page.locator("#status")).to_contain_text("Answering", timeout=30_000)
-                document = tmp_path / "next.txt"
-                document.write_text("The next document.\n\n" + STORY, encoding="utf-8")
-                upload(page, document)
-                expect(page.locator("#status")).to_contain_text("Rendered next.txt", timeout=60_000)
-                expect(page.locator("#status")).to_contain_text("The answer in progress, about the document shown "
-                                                                "before, was stopped.")
-                _wait_for_metric(client, "glyphserve_requests_cancelled_total", cancelled + 1)
-                expect(page.locator("#chat")).not_to_contain_text("Who rowed out?")
-                expect(page.locator("#status")).to_contain_text("Rendered next.txt")
+                assert client.get("/health").json()["queue_depth"] >= 1  # it waits behind the API's answers
+                yield client, page, cancelled
             assert client.get("/health").json()["status"] == "ok"
     finally:
         server.stop()
