@@ -25,14 +25,14 @@ DISMISS_TOASTS = f"""async (...inputs) => {{{_CLOSE_TOASTS}
 # A question sent while a file was on its way (picked, sent, rendered) was asked about the document chosen before,
 # or refused ("upload or select a document first") with the upload's status written over the refusal: the handler
 # reads the chosen documents as it starts, and the upload chooses its document as it ends. So the page counts its
-# uploads in flight (``window.glyphserveUploads``: from the file picked or dropped on the upload box, ``_WATCH_UPLOADS``,
-# until the upload's event has ended, UPLOAD_ENDED, or its request failed, REPORT_FAILED_UPLOADS), and a question
-# waits for them, at most UPLOAD_WAIT_S (then the count is dropped: a request lost uncounted never ends it), before
-# its handler runs. The inputs it hands on are the page's as the question was sent, but for the chat: the one the
-# upload emptied, if it did so meanwhile (showing its document), or the conversation about the document before went
-# with the question and came back over the new document's chat. The question box is emptied in the page as the
-# question is sent, not by its handler as it starts: a question that waited had its handler wipe the next one,
-# typed meanwhile.
+# uploads in flight (``window.glyphserveUploads``: from the file picked or dropped on the upload box,
+# ``_WATCH_UPLOADS``, until the upload's event has ended, UPLOAD_ENDED, or its request failed,
+# REPORT_FAILED_UPLOADS), and a question waits for them, at most UPLOAD_WAIT_S (then the count is dropped: a request
+# lost uncounted never ends it), before its handler runs. The inputs it hands on are the page's as the question was
+# sent, but for the chat: the one the upload emptied, if it did so meanwhile (showing its document), or the
+# conversation about the document before went with the question and came back over the new document's chat. The
+# question box is emptied in the page as the question is sent, not by its handler as it starts: a question that
+# waited had its handler wipe the next one, typed meanwhile.
 UPLOAD_WAIT_S = 300
 _ASK_AFTER_UPLOADS = f"""async (...inputs) => {{
     const box = document.querySelector('#question textarea');
@@ -61,8 +61,8 @@ UPLOAD_ENDED = "() => { if (window.glyphserveUploads) window.glyphserveUploads.e
 # and the toasts before stayed. So the page refuses such a file first (picked, or dropped on the upload box; the
 # framework's listeners never see it) and reports it by pressing a hidden button (#upload-refused) that holds its
 # name and size: the server says why, as for any upload it refuses (``_refused_upload``). A file the upload box takes
-# (picked, or dropped on its button: the box's label takes none) is counted in flight (``ask_after_uploads``). Run at page
-# load.
+# (picked, or dropped on its button: the box's label takes none) is counted in flight (``ask_after_uploads``). Run
+# at page load.
 _WATCH_UPLOADS = """() => {
     const uploads = window.glyphserveUploads = {
         count: 0,
