@@ -4,6 +4,7 @@ name, the API docs. Screenshots go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -81,11 +82,13 @@ def set_slider(page, elem_id: str, value: str) -> None:
     """Set the slider ``#elem_id`` to ``value``, by its bar and by its number box in turn, until its state holds it.
 
     Each way is read back from the other box, which shows the slider's state, not what was typed into the first. Set
-    again until it holds: under load the accordion's slider, just opened, sometimes let a setting go (once, on CI's
-    two cores, 40 settings of the bar in 10 s: the number stayed 0), hence the report of both boxes if none held."""
+    again until it holds, for up to a minute: under load the accordion's slider, just opened, sometimes let a setting
+    go (once, on CI's two cores, 40 settings of the bar in 10 s: the number stayed 0), hence the report of both boxes,
+    the focus and the page's images still loading if none held."""
     bar = page.locator(f"#{elem_id} input[type=range]")
     number = page.locator(f"#{elem_id} input[type=number]")
-    for attempt in range(40):
+    deadline = time.monotonic() + 60
+    for attempt in itertools.count():
         if attempt % 2:
             number.fill(value)
             number.press("Tab")  # the box's value is taken (and bounded) as it loses focus
@@ -95,10 +98,13 @@ def set_slider(page, elem_id: str, value: str) -> None:
             bar.fill(value)
             if number.input_value() == value:
                 return
+        if time.monotonic() > deadline:
+            break
         page.wait_for_timeout(250)
+    state = page.evaluate("""() => ({focus: document.activeElement && document.activeElement.outerHTML.slice(0, 200),
+                                     loading: Array.from(document.images).filter((image) => !image.complete).length})""")
     raise AssertionError(f"the slider #{elem_id} never held {value}: bar {bar.input_value()!r}, "
-                         f"number {number.input_value()!r}, focus on "
-                         f"{page.evaluate('document.activeElement && document.activeElement.outerHTML')[:200]}")
+                         f"number {number.input_value()!r}, {state}")
 
 
 def upload_story(page, path: Path, first_line: str) -> Path:
