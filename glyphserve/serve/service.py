@@ -133,9 +133,9 @@ class GlyphService:
         """``/v1/models`` entries, one per served name (vLLM's fields)."""
         info = self.describe()
         root = self.config.model or self.config.random_weights or info["model"]
+        max_len = self.max_context()  # (once: engine replicas may be asked for it)
         return [{"id": name, "object": "model", "created": self.created, "owned_by": "glyphserve", "root": root,
-                 "parent": None, "max_model_len": self.max_context(), "backend": info["backend"]}
-                for name in self.model_names]
+                 "parent": None, "max_model_len": max_len, "backend": info["backend"]} for name in self.model_names]
 
     def max_context(self) -> int | None:
         """The model's context (prompt + answer tokens); None without a model or while unknown. A front reports the
